@@ -1,0 +1,63 @@
+// Package natstest starts real embedded nats-servers with JetStream for tests.
+package natstest
+
+import (
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/embedded"
+)
+
+// Server is a running embedded server for one test.
+type Server struct {
+	*server.Server
+	// URL is the client URL (nats://127.0.0.1:port).
+	URL string
+	// StoreDir is where JetStream keeps its files; a restarted server
+	// given the same dir finds its streams again.
+	StoreDir string
+}
+
+// Start runs a JetStream-enabled server on a random loopback port with its
+// store in t.TempDir(); it is shut down when the test ends. tune may adjust
+// options (TLS, auth) before start.
+func Start(t testing.TB, tune ...func(*server.Options)) *Server {
+	t.Helper()
+	return StartDir(t, t.TempDir(), tune...)
+}
+
+// StartDir is Start with a given store directory, for restart tests.
+func StartDir(t testing.TB, dir string, tune ...func(*server.Options)) *Server {
+	t.Helper()
+	s, err := embedded.Start(embedded.Options{Port: -1, StoreDir: dir, Tune: func(o *server.Options) {
+		for _, f := range tune {
+			f(o)
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+	})
+	return &Server{Server: s, URL: s.ClientURL(), StoreDir: dir}
+}
+
+// Connect opens a client connection closed when the test ends.
+func (s *Server) Connect(t testing.TB, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(s.URL, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
