@@ -1,0 +1,303 @@
+package dedupe
+
+import (
+	"context"
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// MemoryConfig configures NewMemory. Zero or negative fields take the
+// defaults.
+type MemoryConfig struct {
+	// Size bounds the number of keys kept (reservations and commits
+	// together); the least recently used key is evicted beyond it.
+	// Default DefaultSize.
+	Size int
+	// TTL is how long a committed key is remembered. Default DefaultTTL.
+	TTL time.Duration
+	// ReserveTTL is how long a reservation lives without Commit or
+	// Release. Default DefaultReserveTTL.
+	ReserveTTL time.Duration
+	// Now, when set, replaces the monotonic clock (tests, simulations). It
+	// must be safe for concurrent use.
+	Now func() time.Time
+}
+
+// memShards spreads keys over independent locks so that hundreds of
+// goroutines rarely wait for each other; a power of two so the shard is a
+// mask of the hash.
+const memShards = 64
+
+// Memory is a bounded in-process Store: 64 shards, each a map into a slab of
+// entries linked in LRU order. After warm-up, Reserve, Commit and Release
+// allocate nothing: entries are reused from the slab.
+//
+// A Memory store only deduplicates what passes through this process, and
+// only for keys it still holds: a key evicted before its TTL (more than Size
+// keys within the window) may be reserved and forwarded again. Size it for
+// the peak rate times TTL. The JetStream sink's Nats-Msg-Id duplicate window
+// still drops such a repeat within that window.
+//
+// Safe for concurrent use. Close makes every later call return ErrClosed.
+type Memory struct {
+	ttl, reserveTTL int64
+	clock           func() time.Time
+	base            time.Time
+	seed            maphash.Seed
+	closed          atomic.Bool
+	evictions       atomic.Uint64
+	shards          [memShards]memShard
+}
+
+var _ Store = (*Memory)(nil)
+
+const (
+	stateReserved uint8 = iota + 1
+	stateCommitted
+)
+
+// nilIdx marks the end of a list.
+const nilIdx int32 = -1
+
+type memEntry struct {
+	key        string
+	expires    int64 // on the store's clock, nanoseconds
+	prev, next int32 // LRU links (slab indices); next also links the free list
+	state      uint8
+}
+
+type memShard struct {
+	mu         sync.Mutex
+	index      map[string]int32
+	slab       []memEntry
+	head, tail int32 // most and least recently used
+	free       int32 // free list of slab slots (released keys)
+	limit      int
+	// pad keeps two shards' locks off one cache line.
+	_ [40]byte
+}
+
+// NewMemory returns an empty Memory store. It starts no goroutines: expiry is
+// checked when a key is looked up, and expired entries are reused first
+// because they sit at the cold end of the LRU list.
+func NewMemory(cfg MemoryConfig) *Memory {
+	if cfg.Size <= 0 {
+		cfg.Size = DefaultSize
+	}
+	if cfg.TTL <= 0 {
+		cfg.TTL = DefaultTTL
+	}
+	if cfg.ReserveTTL <= 0 {
+		cfg.ReserveTTL = DefaultReserveTTL
+	}
+	m := &Memory{
+		ttl:        int64(cfg.TTL),
+		reserveTTL: int64(cfg.ReserveTTL),
+		clock:      cfg.Now,
+		seed:       maphash.MakeSeed(),
+	}
+	if m.clock != nil {
+		m.base = m.clock()
+	} else {
+		m.base = time.Now()
+	}
+	limit := (cfg.Size + memShards - 1) / memShards
+	for i := range m.shards {
+		s := &m.shards[i]
+		s.index = make(map[string]int32)
+		s.head, s.tail, s.free = nilIdx, nilIdx, nilIdx
+		s.limit = limit
+	}
+	return m
+}
+
+// now reads the monotonic clock (time.Since keeps wall-clock jumps from
+// expiring keys early or late).
+func (m *Memory) now() int64 {
+	if m.clock != nil {
+		return int64(m.clock().Sub(m.base))
+	}
+	return int64(time.Since(m.base))
+}
+
+func (m *Memory) shard(key string) *memShard {
+	return &m.shards[maphash.String(m.seed, key)&(memShards-1)]
+}
+
+// Reserve implements Store. It never blocks on I/O; ctx is not consulted.
+func (m *Memory) Reserve(_ context.Context, key string) (Outcome, error) {
+	if m.closed.Load() {
+		return 0, ErrClosed
+	}
+	now := m.now()
+	s := m.shard(key)
+	s.mu.Lock()
+	if s.index == nil { // closed while we waited for the lock
+		s.mu.Unlock()
+		return 0, ErrClosed
+	}
+	if i, ok := s.index[key]; ok {
+		e := &s.slab[i]
+		out := Reserved
+		if e.expires > now {
+			out = InFlight
+			if e.state == stateCommitted {
+				out = Duplicate
+			}
+		} else {
+			e.state = stateReserved
+			e.expires = now + m.reserveTTL
+		}
+		s.moveToFront(i)
+		s.mu.Unlock()
+		return out, nil
+	}
+	if s.insert(key, stateReserved, now+m.reserveTTL, now) {
+		m.evictions.Add(1)
+	}
+	s.mu.Unlock()
+	return Reserved, nil
+}
+
+// Commit implements Store. A key that is not present (evicted, expired, or
+// never reserved) is inserted as committed.
+func (m *Memory) Commit(_ context.Context, key string) error {
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	now := m.now()
+	s := m.shard(key)
+	s.mu.Lock()
+	if s.index == nil {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	if i, ok := s.index[key]; ok {
+		e := &s.slab[i]
+		e.state = stateCommitted
+		e.expires = now + m.ttl
+		s.moveToFront(i)
+		s.mu.Unlock()
+		return nil
+	}
+	if s.insert(key, stateCommitted, now+m.ttl, now) {
+		m.evictions.Add(1)
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// Release implements Store. Only a reservation is removed; a committed key
+// stays committed. Within one process the store cannot tell callers apart:
+// the caller that got Reserved is the one expected to Release (the bridge
+// handles a key on one lane at a time).
+func (m *Memory) Release(_ context.Context, key string) error {
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	s := m.shard(key)
+	s.mu.Lock()
+	if s.index == nil {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	if i, ok := s.index[key]; ok && s.slab[i].state == stateReserved {
+		delete(s.index, key)
+		s.unlink(i)
+		s.slab[i] = memEntry{next: s.free}
+		s.free = i
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// Close drops every key; later calls return ErrClosed. It never fails.
+func (m *Memory) Close(context.Context) error {
+	m.closed.Store(true)
+	for i := range m.shards {
+		s := &m.shards[i]
+		s.mu.Lock()
+		s.index, s.slab = nil, nil
+		s.head, s.tail, s.free = nilIdx, nilIdx, nilIdx
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// Len returns the number of keys held, expired ones included until reused.
+func (m *Memory) Len() int {
+	n := 0
+	for i := range m.shards {
+		s := &m.shards[i]
+		s.mu.Lock()
+		n += len(s.index)
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// Evictions returns how many unexpired keys were dropped to stay within
+// Size since the store was made. Each one weakens deduplication for its key
+// (see Memory); a growing count means Size is too small for rate × TTL.
+func (m *Memory) Evictions() uint64 { return m.evictions.Load() }
+
+// insert adds key, reusing a free slot, growing the slab up to the limit,
+// or recycling the least recently used entry. It reports whether an
+// unexpired entry was evicted. The caller holds s.mu.
+func (s *memShard) insert(key string, state uint8, expires, now int64) (evicted bool) {
+	var i int32
+	switch {
+	case s.free != nilIdx:
+		i = s.free
+		s.free = s.slab[i].next
+	case len(s.slab) < s.limit:
+		s.slab = append(s.slab, memEntry{})
+		i = int32(len(s.slab) - 1)
+	default:
+		i = s.tail
+		evicted = s.slab[i].expires > now
+		delete(s.index, s.slab[i].key)
+		s.unlink(i)
+	}
+	s.slab[i] = memEntry{key: key, expires: expires, state: state, prev: nilIdx, next: nilIdx}
+	s.index[key] = i
+	s.pushFront(i)
+	return evicted
+}
+
+func (s *memShard) pushFront(i int32) {
+	e := &s.slab[i]
+	e.prev, e.next = nilIdx, s.head
+	if s.head != nilIdx {
+		s.slab[s.head].prev = i
+	}
+	s.head = i
+	if s.tail == nilIdx {
+		s.tail = i
+	}
+}
+
+func (s *memShard) unlink(i int32) {
+	e := &s.slab[i]
+	if e.prev != nilIdx {
+		s.slab[e.prev].next = e.next
+	} else {
+		s.head = e.next
+	}
+	if e.next != nilIdx {
+		s.slab[e.next].prev = e.prev
+	} else {
+		s.tail = e.prev
+	}
+	e.prev, e.next = nilIdx, nilIdx
+}
+
+func (s *memShard) moveToFront(i int32) {
+	if s.head == i {
+		return
+	}
+	s.unlink(i)
+	s.pushFront(i)
+}

@@ -1,0 +1,157 @@
+package dedupe
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+)
+
+// fakeClock is a manually advanced clock for the memory store.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Unix(1_700_000_000, 0)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+func TestMemoryConformance(t *testing.T) {
+	clock := newFakeClock()
+	testStore(t, harness{
+		open: func(t *testing.T) Store {
+			m := NewMemory(MemoryConfig{Size: 10_000, TTL: suiteTTL, ReserveTTL: suiteReserveTTL, Now: clock.Now})
+			t.Cleanup(func() { _ = m.Close(context.Background()) })
+			return m
+		},
+		tick: func() { clock.Advance(100 * time.Millisecond) },
+		now:  clock.Now,
+	})
+}
+
+func TestMemoryWindows(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	m := NewMemory(MemoryConfig{Size: 100, TTL: time.Minute, ReserveTTL: 10 * time.Second, Now: clock.Now})
+	mustReserve(t, m, "r", Reserved)
+	mustReserve(t, m, "c", Reserved)
+	must(t, m.Commit(ctx, "c"))
+
+	clock.Advance(10*time.Second - time.Nanosecond)
+	mustReserve(t, m, "r", InFlight)
+	clock.Advance(time.Nanosecond)
+	mustReserve(t, m, "r", Reserved) // expired exactly at ReserveTTL
+
+	clock.Advance(50*time.Second - time.Nanosecond)
+	mustReserve(t, m, "c", Duplicate) // commit lasts TTL from Commit, not ReserveTTL
+	clock.Advance(time.Nanosecond)
+	mustReserve(t, m, "c", Reserved)
+}
+
+func TestMemoryEviction(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	// 64 shards of 2 entries each.
+	m := NewMemory(MemoryConfig{Size: 2 * memShards, TTL: time.Hour, ReserveTTL: time.Hour, Now: clock.Now})
+	const n = 10_000
+	for i := 0; i < n; i++ {
+		k := fmt.Sprint("key-", i)
+		mustReserve(t, m, k, Reserved)
+		must(t, m.Commit(ctx, k))
+	}
+	if got := m.Len(); got != 2*memShards {
+		t.Fatalf("Len = %d, want the bound %d", got, 2*memShards)
+	}
+	if got := m.Evictions(); got != n-2*memShards {
+		t.Fatalf("Evictions = %d, want %d", got, n-2*memShards)
+	}
+	// The most recent key of some shard is kept; the first ones are gone:
+	// an evicted key can be reserved (and forwarded) again.
+	mustReserve(t, m, fmt.Sprint("key-", n-1), Duplicate)
+	mustReserve(t, m, "key-0", Reserved)
+}
+
+func TestMemoryEvictsLeastRecentlyUsed(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	m := NewMemory(MemoryConfig{Size: memShards, TTL: time.Hour, ReserveTTL: time.Hour, Now: clock.Now})
+	// One entry per shard: find three keys of one shard.
+	s0 := m.shard("k0")
+	keys := []string{"k0"}
+	for i := 1; len(keys) < 3; i++ {
+		if k := fmt.Sprint("k", i); m.shard(k) == s0 {
+			keys = append(keys, k)
+		}
+	}
+	m2 := NewMemory(MemoryConfig{Size: 2 * memShards, TTL: time.Hour, ReserveTTL: time.Hour, Now: clock.Now})
+	m2.seed = m.seed // same shard layout as m
+	a, b, c := keys[0], keys[1], keys[2]
+	must(t, m2.Commit(ctx, a))
+	must(t, m2.Commit(ctx, b))
+	mustReserve(t, m2, a, Duplicate) // touch a: b is now least recently used
+	must(t, m2.Commit(ctx, c))       // evicts b
+	mustReserve(t, m2, a, Duplicate)
+	mustReserve(t, m2, c, Duplicate)
+	mustReserve(t, m2, b, Reserved)
+}
+
+func TestMemoryExpiredEntriesAreNotEvictions(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	m := NewMemory(MemoryConfig{Size: memShards, TTL: time.Second, ReserveTTL: time.Second, Now: clock.Now})
+	for i := 0; i < 1000; i++ {
+		must(t, m.Commit(ctx, fmt.Sprint("k", i)))
+		clock.Advance(2 * time.Second)
+	}
+	if got := m.Evictions(); got != 0 {
+		t.Fatalf("Evictions = %d, want 0 (only expired keys were replaced)", got)
+	}
+}
+
+func TestMemoryZeroAllocs(t *testing.T) {
+	ctx := context.Background()
+	m := NewMemory(MemoryConfig{Size: 4096, TTL: time.Minute, ReserveTTL: time.Second})
+	keys := make([]string, 16_384) // 4× the size: steady eviction
+	for i := range keys {
+		keys[i] = fmt.Sprintf("ORDERS:%d", i)
+	}
+	i := 0
+	cycle := func() {
+		k := keys[i%len(keys)]
+		i++
+		if _, err := m.Reserve(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Commit(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 2 * len(keys) { // warm-up: slabs and maps at full size
+		cycle()
+	}
+	if a := testing.AllocsPerRun(10_000, cycle); a > 0.01 {
+		t.Fatalf("Reserve+Commit allocates %.3f times per call, want 0", a)
+	}
+}
+
+func TestMemoryDefaults(t *testing.T) {
+	m := NewMemory(MemoryConfig{})
+	if m.ttl != int64(DefaultTTL) || m.reserveTTL != int64(DefaultReserveTTL) {
+		t.Fatalf("defaults: ttl %v reserveTTL %v", time.Duration(m.ttl), time.Duration(m.reserveTTL))
+	}
+	if got := m.shards[0].limit * memShards; got < DefaultSize {
+		t.Fatalf("capacity %d < DefaultSize", got)
+	}
+}
