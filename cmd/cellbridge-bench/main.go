@@ -1,0 +1,444 @@
+// Command cellbridge-bench measures cellbridge side by side with a bare
+// nats.go consume → publish → ack pipe and with watermill, each on a fresh
+// embedded nats-server with JetStream file storage, and writes
+// bench/results.json. See `make bench` and `make soak`.
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+)
+
+type config struct {
+	n          int
+	rounds     int
+	out        string
+	variants   string
+	soak       time.Duration
+	soakRate   float64
+	cpuprofile string
+	memprofile bool
+	seed       uint64
+	rules      string
+	tune       map[string]string
+	latency    bool
+	faults     bool
+	faultN     int
+}
+
+func main() {
+	var (
+		cfg       config
+		childSpec string
+		childOut  string
+		tunes     multiFlag
+	)
+	flag.IntVar(&cfg.n, "n", 200000, "events per run")
+	flag.IntVar(&cfg.rounds, "rounds", 3, "alternating rounds of the main variants (medians are reported)")
+	flag.StringVar(&cfg.out, "out", "", "write results JSON here (e.g. bench/results.json)")
+	flag.StringVar(&cfg.variants, "variants", "A,B,C,D", "main variants in run order: A pipe, B cellbridge, C cellbridge+KV, D watermill")
+	flag.DurationVar(&cfg.soak, "soak", 0, "soak mode: run B at half load for this long, report RSS and goroutines every minute")
+	flag.Float64Var(&cfg.soakRate, "soak-rate", 0, "soak offered load in msg/s (default: half of pipe_msgs_per_s from bench/results.json, else 40000)")
+	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the timed phase of each variant's first run to PREFIX-<variant>.pprof")
+	flag.BoolVar(&cfg.memprofile, "memprofile", false, "with -cpuprofile: also write PREFIX-<variant>.allocs.pprof")
+	flag.Uint64Var(&cfg.seed, "seed", 1, "event generation seed")
+	flag.StringVar(&cfg.rules, "rules", "bench/rules", "rule directory (same for all variants)")
+	flag.Var(&tunes, "tune", "variant tuning, VARIANT:k=v,k=v (repeatable), e.g. A:window=8000,mode=fetch")
+	flag.BoolVar(&cfg.latency, "latency", true, "measure B's end-to-end latency at half of A's median rate")
+	flag.BoolVar(&cfg.faults, "faults", true, "run the fault variants B-fault and D-fault")
+	flag.IntVar(&cfg.faultN, "fault-n", 0, "events for the fault runs (default -n)")
+	flag.StringVar(&childSpec, "child", "", "internal: run one variant in this process (JSON spec)")
+	flag.StringVar(&childOut, "child-out", "", "internal: result file of -child")
+	flag.Parse()
+	cfg.tune = tunes.m
+
+	if childSpec != "" {
+		os.Exit(childMain(childSpec, childOut))
+	}
+	if cfg.soak > 0 {
+		os.Exit(soakMain(cfg))
+	}
+	if err := benchMain(cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "cellbridge-bench:", err)
+		os.Exit(1)
+	}
+}
+
+type multiFlag struct{ m map[string]string }
+
+func (f *multiFlag) String() string { return fmt.Sprint(f.m) }
+func (f *multiFlag) Set(s string) error {
+	v, t, ok := strings.Cut(s, ":")
+	if !ok {
+		return fmt.Errorf("want VARIANT:k=v,...")
+	}
+	if f.m == nil {
+		f.m = map[string]string{}
+	}
+	f.m[v] = t
+	return nil
+}
+
+func childMain(specJSON, out string) int {
+	var spec childSpec
+	if err := json.Unmarshal([]byte(specJSON), &spec); err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	var res *childResult
+	var err error
+	if spec.Soak != "" {
+		err = runSoak(spec)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "soak:", err)
+			return 1
+		}
+		return 0
+	}
+	res, err = runChild(spec)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "child %s: %v\n", spec.Variant, err)
+		return 1
+	}
+	if err := writeResult(out, res); err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	return 0
+}
+
+// runResult is one child run as the parent sees it.
+type runResult struct {
+	childResult
+	Round      int     `json:"round"`
+	MaxRSSMB   float64 `json:"max_rss_mb_process"` // getrusage of the child: whole life incl. pre-publish
+	WallSecond float64 `json:"wall_seconds"`
+}
+
+// spawn runs one variant in a child process (a re-exec of this binary) so
+// that each run has a fresh server, its own heap and its own peak RSS.
+func spawn(spec childSpec, logw io.Writer) (*runResult, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	b, _ := json.Marshal(spec)
+	f, err := os.CreateTemp("", "cellbridge-bench-result-*.json")
+	if err != nil {
+		return nil, err
+	}
+	f.Close()
+	defer os.Remove(f.Name())
+	cmd := exec.Command(self, "-child", string(b), "-child-out", f.Name())
+	cmd.Stdout = logw
+	cmd.Stderr = logw
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("variant %s: %w", spec.Variant, err)
+	}
+	raw, err := os.ReadFile(f.Name())
+	if err != nil {
+		return nil, err
+	}
+	r := &runResult{WallSecond: time.Since(start).Seconds()}
+	if err := json.Unmarshal(raw, &r.childResult); err != nil {
+		return nil, err
+	}
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		r.MaxRSSMB = float64(ru.Maxrss) / 1024
+	}
+	return r, nil
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+var variantNames = map[string]string{
+	"A":       "A  bare pipe (nats.go jetstream)",
+	"B":       "B  cellbridge, memory dedupe",
+	"C":       "C  cellbridge, JetStream KV dedupe",
+	"D":       "D  watermill + watermill-nats",
+	"B-fault": "B-fault  cellbridge, 1st attempt of every 1000th fails",
+	"D-fault": "D-fault  watermill, 1st attempt of every 1000th fails",
+	"B-lat":   "B-latency  cellbridge at half of A's rate",
+}
+
+func benchMain(cfg config) error {
+	start := time.Now()
+	variants := strings.Split(cfg.variants, ",")
+	avail := map[string]bool{"A": true, "D": true, "B": bridgeAvailable, "C": bridgeAvailable}
+	var notes []string
+	var main []string
+	for _, v := range variants {
+		v = strings.TrimSpace(v)
+		if !avail[v] {
+			notes = append(notes, fmt.Sprintf("variant %s skipped: %s", v, bridgeMissing))
+			continue
+		}
+		main = append(main, v)
+	}
+	log := os.Stderr
+	rules, _ := filepath.Abs(cfg.rules)
+	if _, err := loadCellTable(rules); err != nil {
+		return err
+	}
+	if err := checkRulesAgainstRouter(rules); err != nil {
+		return err
+	}
+	runs := map[string][]*runResult{}
+	mkSpec := func(v string, round int) childSpec {
+		s := childSpec{Variant: v, N: cfg.n, Seed: cfg.seed, Rules: rules, Tune: cfg.tune[strings.TrimSuffix(strings.TrimSuffix(v, "-fault"), "-lat")]}
+		if cfg.cpuprofile != "" && round == 1 {
+			s.CPUProfile = cfg.cpuprofile + "-" + v + ".pprof"
+			if cfg.memprofile {
+				s.MemProfile = cfg.cpuprofile + "-" + v + ".allocs.pprof"
+			}
+		}
+		return s
+	}
+	fmt.Fprintf(log, "cellbridge-bench: N=%d rounds=%d variants=%s (each run: child process, fresh embedded nats-server, file storage)\n",
+		cfg.n, cfg.rounds, strings.Join(main, " "))
+	for round := 1; round <= cfg.rounds; round++ {
+		for _, v := range main {
+			r, err := spawn(mkSpec(v, round), log)
+			if err != nil {
+				return err
+			}
+			r.Round = round
+			runs[v] = append(runs[v], r)
+			fmt.Fprintf(log, "  round %d %-2s %9.0f msg/s  %6.2fs  cpu %5.1f us/msg  rss %5.0f MiB  load %s verified=%v %s\n",
+				round, v, r.MsgsPerS, r.Seconds, r.CPUus, r.PeakRSSMB, loadAvg(), r.Verified, r.VerifyNote)
+		}
+	}
+	med := func(v string) float64 {
+		var xs []float64
+		for _, r := range runs[v] {
+			xs = append(xs, r.MsgsPerS)
+		}
+		return median(xs)
+	}
+	// Fault variants: one run each (budget), N events.
+	if cfg.faults {
+		fn := cfg.faultN
+		if fn == 0 {
+			fn = cfg.n
+		}
+		for _, v := range []string{"B-fault", "D-fault"} {
+			base := strings.TrimSuffix(v, "-fault")
+			if !avail[base] {
+				notes = append(notes, fmt.Sprintf("%s skipped: %s", v, bridgeMissing))
+				continue
+			}
+			s := mkSpec(v, 0)
+			s.N, s.Fault = fn, true
+			r, err := spawn(s, log)
+			if err != nil {
+				return err
+			}
+			runs[v] = append(runs[v], r)
+			fmt.Fprintf(log, "  fault  %-7s delivered %d of %d (unique %d) injected=%v  %s\n",
+				v, r.Delivered, r.N, r.Unique, r.Extra["injected_faults"], r.VerifyNote)
+		}
+	}
+	// Latency: B at half of A's median rate.
+	halfRate := med("A") / 2
+	if cfg.latency && halfRate > 0 {
+		if avail["B"] {
+			s := mkSpec("B-lat", 0)
+			s.Variant = "B"
+			s.Rate = halfRate
+			s.N = min(cfg.n, int(halfRate*4)) // ~4 s of offered load
+			r, err := spawn(s, log)
+			if err != nil {
+				return err
+			}
+			runs["B-lat"] = append(runs["B-lat"], r)
+			fmt.Fprintf(log, "  latency B at %.0f msg/s: %v verified=%v\n", halfRate, r.LatencyMS, r.Verified)
+		} else {
+			notes = append(notes, "latency at half load skipped: "+bridgeMissing)
+		}
+	}
+	rocketNote := rocketMQStatus()
+	notes = append(notes, rocketNote)
+
+	res := buildResults(cfg, main, runs, med, notes, time.Since(start))
+	printTable(os.Stdout, cfg, main, runs, med, res, notes)
+	if cfg.out != "" {
+		b, _ := json.MarshalIndent(res, "", "  ")
+		if err := os.WriteFile(cfg.out, append(b, '\n'), 0o644); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stdout, "\nwrote %s (%.0fs total)\n", cfg.out, time.Since(start).Seconds())
+	}
+	return nil
+}
+
+func ratio(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return float64(int(a/b*1000+0.5)) / 1000
+}
+
+func buildResults(cfg config, main []string, runs map[string][]*runResult, med func(string) float64, notes []string, took time.Duration) map[string]any {
+	pipe, br, kv, wm := med("A"), med("B"), med("C"), med("D")
+	res := map[string]any{
+		"n":                         cfg.n,
+		"rounds":                    cfg.rounds,
+		"order":                     strings.Join(main, " "),
+		"pipe_msgs_per_s":           round0(pipe),
+		"bridge_msgs_per_s":         round0(br),
+		"bridge_kv_msgs_per_s":      round0(kv),
+		"watermill_msgs_per_s":      round0(wm),
+		"ratio_bridge_vs_pipe":      ratio(br, pipe),
+		"ratio_bridge_kv_vs_pipe":   ratio(kv, pipe),
+		"ratio_bridge_vs_watermill": ratio(br, wm),
+		"machine": map[string]any{
+			"cores":      runtime.NumCPU(),
+			"gomaxprocs": runtime.GOMAXPROCS(0),
+			"go":         runtime.Version(),
+			"os_arch":    runtime.GOOS + "/" + runtime.GOARCH,
+		},
+		"rss_note":      "peak RSS = VmHWM of the child process during the timed phase; the embedded nats-server runs in the same process as the variant (as the embedded default does)",
+		"notes":         notes,
+		"total_seconds": round0(took.Seconds()),
+	}
+	rss := map[string]float64{}
+	allocs := map[string]float64{}
+	per := map[string]any{}
+	for v, rs := range runs {
+		var r []float64
+		var rsv []float64
+		var al []float64
+		for _, x := range rs {
+			r = append(r, round0(x.MsgsPerS))
+			rsv = append(rsv, x.PeakRSSMB)
+			if x.N > 0 {
+				al = append(al, float64(x.Mallocs)/float64(x.N))
+			}
+		}
+		rss[v] = round1(median(rsv))
+		allocs[v] = round1(median(al))
+		per[v] = rs
+	}
+	res["peak_rss_mb"] = rss["B"]
+	res["peak_rss_mb_by_variant"] = rss
+	res["allocs_per_msg"] = allocs["B"]
+	res["allocs_per_msg_by_variant"] = allocs
+	res["allocs_note"] = "process-wide heap allocations (runtime.MemStats.Mallocs delta over the timed phase) / N; they include the embedded nats-server's own allocations, so the bridge's share is allocs_per_msg - allocs_per_msg_by_variant.A"
+	if lr, ok := runs["B-lat"]; ok && len(lr) > 0 && lr[0].LatencyMS != nil {
+		res["p99_latency_ms_half_load"] = round2(lr[0].LatencyMS["p99"])
+		res["p50_latency_ms_half_load"] = round2(lr[0].LatencyMS["p50"])
+		res["latency_offered_msgs_per_s"] = round0(med("A") / 2)
+		res["latency_note"] = "producer publish call → message stored in the cell stream (cell stream timestamp vs producer's time header), includes the source store and the sink store"
+	} else {
+		res["p99_latency_ms_half_load"] = nil
+	}
+	for _, v := range []string{"B-fault", "D-fault"} {
+		if rs, ok := runs[v]; ok && len(rs) > 0 {
+			key := map[string]string{"B-fault": "bridge_fault", "D-fault": "watermill_fault"}[v]
+			res[key+"_delivered"] = rs[0].Delivered
+			res[key+"_unique"] = rs[0].Unique
+			res[key+"_n"] = rs[0].N
+			res[key+"_injected"] = rs[0].Extra["injected_faults"]
+		}
+	}
+	settings := map[string]string{}
+	for v, rs := range runs {
+		if len(rs) > 0 && rs[0].Settings != "" {
+			settings[v] = rs[0].Settings
+		}
+	}
+	res["settings"] = settings
+	res["runs"] = per
+	return res
+}
+
+func round0(x float64) float64 { return float64(int64(x + 0.5)) }
+func round1(x float64) float64 { return float64(int64(x*10+0.5)) / 10 }
+func round2(x float64) float64 { return float64(int64(x*100+0.5)) / 100 }
+
+func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runResult, med func(string) float64, res map[string]any, notes []string) {
+	fmt.Fprintf(w, "cellbridge-bench  N=%d  rounds=%d (alternating %s)  cores=%d GOMAXPROCS=%d %s\n",
+		cfg.n, cfg.rounds, strings.Join(main, " "), runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version())
+	fmt.Fprintln(w, "each run: child process with a fresh embedded nats-server (JetStream, file storage) in the same process as the variant;")
+	fmt.Fprintln(w, "timing: start of consumption until the cell streams hold N (events pre-published to ORDERS before timing)")
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "variant\tmedian msg/s\truns msg/s\tvs pipe\tpeak RSS MiB\tallocs/msg\tverified\t")
+	pipe := med("A")
+	for _, v := range main {
+		var xs []string
+		ok := true
+		for _, r := range runs[v] {
+			xs = append(xs, fmt.Sprintf("%.0f", r.MsgsPerS))
+			ok = ok && r.Verified
+		}
+		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.3f\t%.0f\t%.1f\t%v\t\n", variantNames[v], med(v), strings.Join(xs, " "),
+			ratio(med(v), pipe), res["peak_rss_mb_by_variant"].(map[string]float64)[v],
+			res["allocs_per_msg_by_variant"].(map[string]float64)[v], ok)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "allocs_per_msg", "peak_rss_mb"} {
+		if v, ok := res[k]; ok {
+			fmt.Fprintf(w, "%-28s %v\n", k, v)
+		}
+	}
+	for _, v := range []string{"B-fault", "D-fault"} {
+		if rs, ok := runs[v]; ok && len(rs) > 0 {
+			r := rs[0]
+			fmt.Fprintf(w, "%-52s ends with %d of %d (unique %d, injected failures %v)%s\n", variantNames[v], r.Delivered, r.N, r.Unique,
+				r.Extra["injected_faults"], map[bool]string{true: "", false: "  ← " + r.VerifyNote}[r.Verified])
+		}
+	}
+	if rs, ok := runs["B-lat"]; ok && len(rs) > 0 {
+		r := rs[0]
+		fmt.Fprintf(w, "%s: offered %.0f msg/s, %d msgs: p50 %.2f ms p90 %.2f ms p99 %.2f ms max %.2f ms (verified=%v)\n", variantNames["B-lat"],
+			med("A")/2, r.N, r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "settings:")
+	for _, v := range append(append([]string{}, main...), "B-fault", "D-fault") {
+		if rs, ok := runs[v]; ok && len(rs) > 0 && rs[0].Settings != "" {
+			fmt.Fprintf(w, "  %s: %s\n", v, rs[0].Settings)
+		}
+	}
+	for _, n := range notes {
+		fmt.Fprintln(w, "note:", n)
+	}
+}
+
+// loadAvg is the 1-minute load average: the harness prints it with every run
+// because other work on the machine distorts throughput.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "?"
+	}
+	return f[0]
+}

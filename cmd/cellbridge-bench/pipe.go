@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/tidwall/gjson"
+)
+
+// faultInjector decides which attempts fail in the fault variants: the first
+// attempt of every 1000th order (order % 1000 == 0), exactly once each.
+type faultInjector struct {
+	mu     sync.Mutex
+	failed map[int]bool
+	count  atomic.Int64
+}
+
+// errInjected is the sink error the harness injects.
+var errInjected = errors.New("bench: injected sink failure")
+
+func (f *faultInjector) shouldFail(order int) bool {
+	if f == nil || order < 0 || order%1000 != 0 {
+		return false
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.failed == nil {
+		f.failed = map[int]bool{}
+	}
+	if f.failed[order] {
+		return false
+	}
+	f.failed[order] = true
+	f.count.Add(1)
+	return true
+}
+
+func (f *faultInjector) injected() int64 {
+	if f == nil {
+		return 0
+	}
+	return f.count.Load()
+}
+
+// pending is one forwarded message waiting for its publish ack before the
+// source message is acknowledged.
+type pending struct {
+	f   jetstream.PubAckFuture
+	src jetstream.Msg
+}
+
+// runPipe is variant A: the minimal correct consume → publish → ack loop with
+// nats.go's jetstream API. No rules engine (the cell is computed inline from
+// the same table), no dedupe store, no metrics. Tuning (-tune):
+//
+//	window=N   publishes in flight (WithPublishAsyncMaxPending), default 4000
+//	mode=consume|fetch   pull Consume callback, or a Fetch(batch) loop
+//	pull=N     PullMaxMessages for Consume / batch size for Fetch
+//	ack=async|double   Ack() or DoubleAck() (AckSync) on the source
+//	conns=1|2  one connection, or separate consume and publish connections
+func runPipe(ctx context.Context, e *env) error {
+	window := e.tuneInt("window", 4000)
+	mode := e.tuneStr("mode", "consume")
+	pull := e.tuneInt("pull", 1000)
+	ackMode := e.tuneStr("ack", "async")
+	conns := e.tuneInt("conns", 1)
+	e.settings = fmt.Sprintf("mode=%s window=%d pull=%d ack=%s conns=%d", mode, window, pull, ackMode, conns)
+
+	nc, err := nats.Connect(e.url)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	pnc := nc
+	if conns > 1 {
+		if pnc, err = nats.Connect(e.url); err != nil {
+			return err
+		}
+		defer pnc.Close()
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	pjs, err := jetstream.New(pnc, jetstream.WithPublishAsyncMaxPending(window))
+	if err != nil {
+		return err
+	}
+	cons, err := js.CreateOrUpdateConsumer(ctx, "ORDERS", jetstream.ConsumerConfig{
+		Durable:       "pipe",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		MaxAckPending: 4 * (window + pull),
+		AckWait:       30 * time.Second,
+	})
+	if err != nil {
+		return err
+	}
+
+	// forward publishes one source message to its cell; nil future = routed
+	// nowhere (no usable key), acknowledged as-is for the benchmark's purpose
+	// would be wrong, so it is terminated instead.
+	forward := func(m jetstream.Msg) (jetstream.PubAckFuture, error) {
+		id := gjson.GetBytes(m.Data(), "user.id")
+		sh, ok := shardOf([]byte(id.Str))
+		if !ok {
+			return nil, errors.New("no usable key")
+		}
+		msgID := m.Headers().Get(nats.MsgIdHdr)
+		if msgID == "" {
+			md, err := m.Metadata()
+			if err != nil {
+				return nil, err
+			}
+			msgID = fmt.Sprintf("ORDERS:%d", md.Sequence.Stream)
+		}
+		if e.faults != nil {
+			if order, _, ok := parseEvent(m.Data()); ok && e.faults.shouldFail(order) {
+				return nil, errInjected
+			}
+		}
+		out := &nats.Msg{Subject: e.table.subject[sh], Data: m.Data(), Header: nats.Header{nats.MsgIdHdr: []string{msgID}}}
+		return pjs.PublishMsgAsync(out, jetstream.WithStallWait(time.Minute))
+	}
+	settle := func(p pending) {
+		select {
+		case <-p.f.Ok():
+			if ackMode == "double" {
+				_ = p.src.DoubleAck(ctx)
+			} else {
+				_ = p.src.Ack()
+			}
+		case <-p.f.Err():
+			_ = p.src.Nak()
+		}
+	}
+
+	switch mode {
+	case "fetch":
+		batch := make([]pending, 0, pull)
+		for ctx.Err() == nil {
+			b, err := cons.Fetch(pull, jetstream.FetchMaxWait(500*time.Millisecond))
+			if err != nil {
+				return err
+			}
+			for m := range b.Messages() {
+				f, err := forward(m)
+				if err != nil {
+					_ = m.Nak()
+					continue
+				}
+				batch = append(batch, pending{f, m})
+			}
+			for _, p := range batch {
+				settle(p)
+			}
+			batch = batch[:0]
+		}
+		return nil
+	default:
+		q := make(chan pending, window)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for p := range q {
+				settle(p)
+			}
+		}()
+		cc, err := cons.Consume(func(m jetstream.Msg) {
+			f, err := forward(m)
+			if err != nil {
+				_ = m.Nak()
+				return
+			}
+			q <- pending{f, m}
+		}, jetstream.PullMaxMessages(pull))
+		if err != nil {
+			return err
+		}
+		<-ctx.Done()
+		cc.Drain()
+		<-cc.Closed()
+		close(q)
+		<-done
+		return nil
+	}
+}
+
+// latencySummary reduces latency samples (ms) to p50/p90/p99/max.
+func latencySummary(v []float64) map[string]float64 {
+	sort.Float64s(v)
+	q := func(p float64) float64 {
+		i := int(p * float64(len(v)-1))
+		return v[i]
+	}
+	return map[string]float64{"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": v[len(v)-1], "samples": float64(len(v))}
+}

@@ -1,0 +1,201 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/embedded"
+)
+
+// soakMain runs the soak in a child process (fresh heap, its own RSS) and
+// passes its output and exit code through.
+func soakMain(cfg config) int {
+	rate := cfg.soakRate
+	if rate <= 0 {
+		rate = 40000
+		if b, err := os.ReadFile("bench/results.json"); err == nil {
+			var r struct {
+				Pipe float64 `json:"pipe_msgs_per_s"`
+			}
+			if json.Unmarshal(b, &r) == nil && r.Pipe > 0 {
+				rate = r.Pipe / 2
+			}
+		}
+	}
+	rules, _ := filepath.Abs(cfg.rules)
+	spec := childSpec{Variant: "B", Seed: cfg.seed, Rules: rules, Rate: rate, Soak: cfg.soak.String(), N: 100000,
+		Tune: cfg.tune["B"]}
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	b, _ := json.Marshal(spec)
+	cmd := exec.Command(self, "-child", string(b))
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		if ee, ok := err.(*exec.ExitError); ok {
+			return ee.ExitCode()
+		}
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// runSoak runs variant B at a fixed offered load for spec.Soak, printing RSS
+// and goroutines every minute and at the end. It fails when the goroutine
+// count keeps growing or forwarding falls behind the offered load.
+func runSoak(spec childSpec) error {
+	dur, err := time.ParseDuration(spec.Soak)
+	if err != nil {
+		return err
+	}
+	fn, err := variantByName(spec.Variant)
+	if err != nil {
+		return err
+	}
+	table, err := loadCellTable(spec.Rules)
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("", "cellbridge-soak-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	srv, err := embedded.Start(embedded.Options{Port: -1, StoreDir: dir})
+	if err != nil {
+		return err
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192))
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	// Bounded streams: the soak is about the bridge's memory, not the disk.
+	if err := createStreams(ctx, js, table, 500_000); err != nil {
+		return err
+	}
+	e := &env{url: srv.ClientURL(), srv: srv, table: table, spec: spec, tune: parseTune(spec.Tune)}
+	evs := genEvents(spec.N, spec.Seed)
+	vctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	var verr error
+	wg.Add(1)
+	go func() { defer wg.Done(); verr = fn(vctx, e) }()
+
+	var sent int64
+	var sentMu sync.Mutex
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		start := time.Now()
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		var i int64
+		for {
+			select {
+			case <-vctx.Done():
+				return
+			case <-tick.C:
+			}
+			due := int64(time.Since(start).Seconds() * spec.Rate)
+			for ; i < due; i++ {
+				ev := evs[i%int64(len(evs))]
+				m := &nats.Msg{Subject: "orders.created", Data: ev.body, Header: nats.Header{nats.MsgIdHdr: []string{"s-" + strconv.FormatInt(i, 10)}}}
+				if _, err := js.PublishMsgAsync(m, jetstream.WithStallWait(time.Minute)); err != nil {
+					fmt.Fprintln(os.Stderr, "soak producer:", err)
+					return
+				}
+			}
+			sentMu.Lock()
+			sent = i
+			sentMu.Unlock()
+		}
+	}()
+
+	fmt.Printf("soak: cellbridge (B) at %.0f msg/s offered for %s; embedded nats-server in the same process\n", spec.Rate, dur)
+	fmt.Printf("%8s %10s %10s %12s %12s %10s\n", "elapsed", "rss MiB", "goroutines", "published", "forwarded", "backlog")
+	var gs []int
+	t0 := time.Now()
+	tick := time.NewTicker(time.Minute)
+	defer tick.Stop()
+	end := time.After(dur)
+	report := func() {
+		runtime.GC()
+		g := runtime.NumGoroutine()
+		gs = append(gs, g)
+		sentMu.Lock()
+		p := sent
+		sentMu.Unlock()
+		fwd := forwardedTotal(srv)
+		fmt.Printf("%8s %10.1f %10d %12d %12d %10d\n", time.Since(t0).Round(time.Second), readRSSMB(), g, p, fwd, p-fwd)
+	}
+	done := false
+	for !done {
+		select {
+		case <-tick.C:
+			report()
+		case <-end:
+			done = true
+		case <-ctx.Done():
+			done = true
+		}
+	}
+	report()
+	cancel()
+	wg.Wait()
+	if verr != nil && vctx.Err() == nil {
+		return verr
+	}
+	if len(gs) >= 2 {
+		first, last := gs[0], gs[len(gs)-1]
+		if len(gs) >= 3 {
+			first = gs[1] // after the first minute's warm-up
+		}
+		if last > first+max(50, first/2) {
+			return fmt.Errorf("goroutines grew from %d to %d", first, last)
+		}
+	}
+	fmt.Println("soak: goroutines flat:", gs)
+	return nil
+}
+
+// forwardedTotal is the number of messages the cell streams have received
+// (their last sequence numbers: the streams are bounded and drop old ones).
+func forwardedTotal(srv *server.Server) int64 {
+	d, err := srv.JszAccount(&server.JSzOptions{Account: server.DEFAULT_GLOBAL_ACCOUNT, Streams: true})
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, s := range d.Streams {
+		if strings.HasPrefix(s.Name, "CELL_") {
+			n += int64(s.State.LastSeq)
+		}
+	}
+	return n
+}
