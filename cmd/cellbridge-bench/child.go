@@ -47,15 +47,15 @@ type childResult struct {
 	Misrouted  int                `json:"misrouted"`
 	Verified   bool               `json:"verified"`
 	VerifyNote string             `json:"verify_note,omitempty"`
-	Mallocs    uint64             `json:"mallocs"`       // process-wide heap allocations during the timed phase
-	HeapBytes  uint64             `json:"alloc_bytes"`   // process-wide bytes allocated during the timed phase
-	PeakRSSMB  float64            `json:"peak_rss_mb"`   // VmHWM of the run phase (server + variant)
+	Mallocs    uint64             `json:"mallocs"`     // process-wide heap allocations during the timed phase
+	HeapBytes  uint64             `json:"alloc_bytes"` // process-wide bytes allocated during the timed phase
+	PeakRSSMB  float64            `json:"peak_rss_mb"` // VmHWM of the run phase (server + variant)
 	LatencyMS  map[string]float64 `json:"latency_ms,omitempty"`
 	CPUus      float64            `json:"cpu_us_per_msg"` // process CPU (user+sys, server included) per forwarded message
 
-	Settings   string             `json:"settings,omitempty"`
-	Redeliver  int                `json:"redelivered,omitempty"`
-	Extra      map[string]any     `json:"extra,omitempty"`
+	Settings  string         `json:"settings,omitempty"`
+	Redeliver int            `json:"redelivered,omitempty"`
+	Extra     map[string]any `json:"extra,omitempty"`
 }
 
 // env is what a variant gets: a fresh server with the source stream already
