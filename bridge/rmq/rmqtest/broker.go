@@ -160,6 +160,7 @@ type Broker struct {
 	opaque atomic.Int32
 	netWG  sync.WaitGroup // accept loops, connections and their helpers
 	bgWG   sync.WaitGroup // housekeeping
+	pullWG sync.WaitGroup // held pulls; counted apart so that stopNetwork can wait for their answers
 	rr     uint64         // round-robin counter for queue and producer choice
 }
 
@@ -285,6 +286,7 @@ func (b *Broker) stopNetwork() {
 		conns = append(conns, c)
 	}
 	b.mu.Unlock()
+	b.pullWG.Wait()
 	for _, ln := range lns {
 		if ln != nil {
 			ln.Close()

@@ -37,6 +37,7 @@ const (
 	resSystemError        = 1
 	resNotSupported       = 3
 	resMessageIllegal     = 13
+	resServiceUnavailable = 14
 	resTopicNotExist      = 17
 	resPullNotFound       = 19
 	resPullRetryImmediate = 20
@@ -439,6 +440,15 @@ func (b *Broker) handlePull(c *conn, req *command) {
 		return
 	}
 
+	b.mu.Lock()
+	netStop := b.netStop
+	b.mu.Unlock()
+	select {
+	case <-netStop:
+		c.respond(req, response(resServiceUnavailable, "broker is restarting"))
+		return
+	default:
+	}
 	resp, notify := b.pullOnce(&a)
 	if resp != nil {
 		c.respond(req, resp)
@@ -449,9 +459,19 @@ func (b *Broker) handlePull(c *conn, req *command) {
 		return
 	}
 	// Long polling: hold the request until a message arrives in the queue or the suspend time ends.
-	b.netWG.Add(1)
+	b.mu.Lock()
+	select {
+	case <-netStop:
+		b.mu.Unlock()
+		c.respond(req, response(resServiceUnavailable, "broker is restarting"))
+		return
+	default:
+	}
+	// Added under b.mu, which stopNetwork holds to close netStop: no Add races with its Wait.
+	b.pullWG.Add(1)
+	b.mu.Unlock()
 	go func() {
-		defer b.netWG.Done()
+		defer b.pullWG.Done()
 		timer := time.NewTimer(suspend)
 		defer timer.Stop()
 		for {
@@ -469,6 +489,12 @@ func (b *Broker) handlePull(c *conn, req *command) {
 				c.respond(req, resp)
 				return
 			case <-c.closed:
+				return
+			case <-netStop:
+				// Restart or Close: answer now with a code the client backs off from (3s) instead of
+				// leaving the pull to its 30s timeout, as the client never fails a request whose
+				// connection closed. The connection closes once every held pull is answered.
+				c.respond(req, response(resServiceUnavailable, "broker is restarting"))
 				return
 			}
 		}
