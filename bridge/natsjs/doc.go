@@ -1,0 +1,86 @@
+// Package natsjs connects the bridge to NATS JetStream: connections
+// (Connect), a durable pull-consumer Source, an asynchronous publishing Sink
+// and stream provisioning for the embedded default and tests
+// (EnsureStreams).
+//
+// # Source
+//
+// A Source owns one durable pull consumer per topic rule: explicit acks,
+// the rule's subject as filter, AckWait and MaxAckPending from the config,
+// and no delivery limit (MaxDeliver -1). The limit stays off because two
+// kinds of messages are redelivered on purpose and without end: held
+// messages (their shard is blocked during a switch and must never be
+// dropped or dead-lettered) and messages whose sink keeps failing (not the
+// message's fault). Poison messages do not rely on a delivery limit either:
+// the bridge sends them to the DLQ and acks them.
+//
+// Run consumes with Consume (PullMaxMessages = FetchBatch; a new pull goes
+// out when half the batch is used), so the client always has a batch
+// buffered and the server never waits for a request. Each message reaches
+// the handler as a bridge.Message without copying: Header is the message's
+// header map (nil when it has none) and Body its data. SourceID is the
+// producer's Nats-Msg-Id if set, else "<stream>:<stream sequence>" — both
+// stable across redeliveries, which is what the idempotency key needs.
+//
+// How each bridge.Ack outcome maps to JetStream:
+//
+//	nil                 Ack              done for good
+//	*bridge.HoldError   NakWithDelay(d)  redelivered after d (held shard)
+//	bridge.ErrInProgress InProgress      AckWait restarts; not final, may repeat
+//	any other error     Nak              redelivered at once
+//
+// Acks are not confirmed (no AckSync): a lost ack only means the message is
+// redelivered after AckWait, and the redelivery is recognised by its
+// idempotency key (dedupe store, then the target stream's duplicate
+// window). A round trip per message would cost throughput and buy nothing.
+//
+// AckWait must exceed the time the bridge may hold a message before
+// settling it; the bridge sends ErrInProgress for messages that take longer
+// (a sink being retried), which restarts AckWait on the server. A message
+// whose replica dies is redelivered after AckWait to another replica.
+//
+// The consumer's NumPending is reported through SourceConfig.Backlog every
+// BacklogInterval: from the latest delivery's metadata while messages flow,
+// from a consumer info request when they do not.
+//
+// # Sink
+//
+// PublishAsync publishes with PublishMsgAsync, setting Nats-Msg-Id to the
+// idempotency key, and returns; one goroutine per broker waits for the acks
+// in publish order and calls done. A per-broker counting semaphore bounds
+// the publishes not yet resolved (SinkConfig.MaxPending); PublishAsync
+// blocks there, which is the bridge's back-pressure. The JetStream context
+// should come from NewJetStream: its own limit is not lower than the
+// Sink's (so the client library never stalls and fails a publish), and an
+// ack timeout fails a publish whose ack is lost instead of holding it
+// forever. done must not block and must not call PublishAsync on the same
+// Sink (it runs on the goroutine that frees the slots).
+//
+// A PubAck flagged Duplicate is reported as *DuplicateError, which wraps
+// bridge.ErrDuplicate: the message is stored, by the earlier publish.
+//
+// Each target broker name maps to its own JetStream context, so a cell may
+// live on its own NATS cluster.
+//
+// # Exactly once and the duplicate window
+//
+// The source message is acked only after the sink confirmed the publish,
+// so nothing is lost; the republished message carries a deterministic
+// Nats-Msg-Id, so a repeat is dropped. Two layers drop repeats: the dedupe
+// store (reserve, publish, commit) and the target stream's duplicate window
+// (StreamConfig.Duplicates, set by EnsureStreams, default 2m). The window
+// closes the gap the store cannot: a publish that reached the stream but
+// whose ack (or the commit after it) was lost, for instance when a replica
+// was killed between publish and commit. Its retry comes within AckWait plus
+// the sink's retry backoff, so the window must be longer than that.
+//
+// # Connections
+//
+// Connect never gives up reconnecting (backoff 100ms doubling to 5s, with
+// jitter), keeps a reconnect buffer for publishes and acks issued while the
+// link is down, pings every 10s so that a dead link is noticed within about
+// 30s, and logs one line per state change while reporting it through
+// BrokerConfig.OnStateChange. Publishes whose acks were outstanding when
+// the link dropped fail with a disconnect error and are retried by the
+// bridge; the duplicate window drops those that had been stored.
+package natsjs

@@ -1,0 +1,213 @@
+package natsjs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// StreamOptions tunes EnsureStreams.
+type StreamOptions struct {
+	// Broker limits provisioning to sources and targets on this broker
+	// name; empty means every NATS source and target in the table.
+	Broker string
+	// Duplicates is the Nats-Msg-Id duplicate window of every stream.
+	// Default 2m. It must cover the longest time between a publish and its
+	// retry (sink backoff, a crashed replica's AckWait), or a retried
+	// message can be stored twice when the dedupe store is lost.
+	Duplicates time.Duration
+	// Replicas defaults to 1 (a single embedded server).
+	Replicas int
+}
+
+// DLQStream is the stream EnsureStreams creates for DLQ targets.
+const DLQStream = "DLQ"
+
+// CellStream names the target stream of a cell: CELL_<CELL>.
+func CellStream(cell string) string { return "CELL_" + strings.ToUpper(cell) }
+
+// StreamPlan is one stream EnsureStreams provisions.
+type StreamPlan struct {
+	Name     string
+	Subjects []string
+}
+
+// PlanStreams lists the streams the table needs on opts.Broker: each rule's
+// source stream with its subject; per cell a CELL_<CELL> stream capturing
+// every rule's target subject rendered for that cell ({shard} and {topic}
+// become the wildcard "*"); and one DLQ stream capturing the DLQ subjects,
+// widened to "<first token>.>" (e.g. "dlq.>") when that overlaps nothing
+// else. Subjects covered by another subject of the same stream are dropped,
+// since the server refuses overlaps. The result is sorted by name.
+func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
+	want := map[string][]string{}
+	add := func(stream, subj string) {
+		if stream != "" && subj != "" && !slices.Contains(want[stream], subj) {
+			want[stream] = append(want[stream], subj)
+		}
+	}
+	on := func(broker string) bool { return opts.Broker == "" || broker == opts.Broker }
+	var dlq []string
+	for _, r := range table.Rules() {
+		if r.Source.IsNATS() && on(r.Source.Broker) {
+			subj := r.Source.Subject
+			if subj == "" {
+				subj = r.Source.Stream + ".>"
+			}
+			add(r.Source.Stream, subj)
+		}
+		if r.Target.Subject != "" {
+			for _, c := range table.Cells() {
+				if on(r.Render(c.Name, -1).Broker) {
+					add(CellStream(c.Name), subjectFilter(r.Target.Subject, c.Name))
+				}
+			}
+		}
+		if r.DLQ != nil && r.DLQ.Subject != "" && on(r.DLQ.Broker) && !slices.Contains(dlq, r.DLQ.Subject) {
+			dlq = append(dlq, r.DLQ.Subject)
+		}
+	}
+	for _, subj := range dlq {
+		wide := subj
+		if first, _, ok := strings.Cut(subj, "."); ok {
+			wide = first + ".>"
+		}
+		if overlapsAny(wide, want) {
+			wide = subj
+		}
+		add(DLQStream, wide)
+	}
+	plans := make([]StreamPlan, 0, len(want))
+	for name, subjects := range want {
+		plans = append(plans, StreamPlan{Name: name, Subjects: minimalSubjects(subjects)})
+	}
+	slices.SortFunc(plans, func(a, b StreamPlan) int { return strings.Compare(a.Name, b.Name) })
+	return plans
+}
+
+// EnsureStreams creates the streams PlanStreams lists, or updates existing
+// ones: their subjects become the union of the existing and the planned
+// ones, and the duplicate window is set. File storage. It is meant for the
+// embedded default and tests; in production the streams are usually owned
+// by their producers and consumers. It stops at the first failure.
+func EnsureStreams(ctx context.Context, js jetstream.JetStream, table *router.Table, opts StreamOptions) error {
+	if opts.Duplicates <= 0 {
+		opts.Duplicates = 2 * time.Minute
+	}
+	if opts.Replicas <= 0 {
+		opts.Replicas = 1
+	}
+	for _, p := range PlanStreams(table, opts) {
+		if err := ensureStream(ctx, js, p, opts); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func ensureStream(ctx context.Context, js jetstream.JetStream, p StreamPlan, opts StreamOptions) error {
+	cfg := jetstream.StreamConfig{
+		Name:       p.Name,
+		Subjects:   p.Subjects,
+		Storage:    jetstream.FileStorage,
+		Replicas:   opts.Replicas,
+		Duplicates: opts.Duplicates,
+	}
+	st, err := js.Stream(ctx, p.Name)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		_, err = js.CreateStream(ctx, cfg)
+	case err == nil:
+		old := st.CachedInfo().Config
+		old.Subjects = minimalSubjects(append(slices.Clone(old.Subjects), p.Subjects...))
+		old.Duplicates = opts.Duplicates
+		_, err = js.UpdateStream(ctx, old)
+	}
+	if err != nil {
+		return fmt.Errorf("natsjs: stream %s %v: %w", p.Name, p.Subjects, err)
+	}
+	return nil
+}
+
+// subjectFilter renders a subject template into the filter that captures
+// every subject it can produce for one cell: {cell} is filled in, and a
+// token holding {shard} or {topic} becomes "*".
+func subjectFilter(tmpl, cell string) string {
+	tokens := strings.Split(tmpl, ".")
+	for i, t := range tokens {
+		t = strings.ReplaceAll(t, "{cell}", cell)
+		if strings.Contains(t, "{") {
+			t = "*"
+		}
+		tokens[i] = t
+	}
+	return strings.Join(tokens, ".")
+}
+
+// covers reports whether every subject matched by b is matched by a.
+func covers(a, b string) bool {
+	at, bt := strings.Split(a, "."), strings.Split(b, ".")
+	for i, t := range at {
+		if t == ">" {
+			return len(bt) > i
+		}
+		if i >= len(bt) || bt[i] == ">" {
+			return false
+		}
+		if t != "*" && (t != bt[i] || bt[i] == "*") {
+			return false
+		}
+	}
+	return len(at) == len(bt)
+}
+
+// overlaps reports whether some subject matches both a and b.
+func overlaps(a, b string) bool {
+	at, bt := strings.Split(a, "."), strings.Split(b, ".")
+	for i := 0; i < len(at) && i < len(bt); i++ {
+		if at[i] == ">" || bt[i] == ">" {
+			return true
+		}
+		if at[i] != "*" && bt[i] != "*" && at[i] != bt[i] {
+			return false
+		}
+	}
+	return len(at) == len(bt)
+}
+
+func overlapsAny(subj string, streams map[string][]string) bool {
+	for _, subjects := range streams {
+		for _, s := range subjects {
+			if overlaps(subj, s) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// minimalSubjects drops duplicates and subjects covered by another one.
+func minimalSubjects(in []string) []string {
+	out := make([]string, 0, len(in))
+	for i, s := range in {
+		keep := true
+		for j, o := range in {
+			if i != j && covers(o, s) && (!covers(s, o) || j < i) {
+				keep = false
+				break
+			}
+		}
+		if keep {
+			out = append(out, s)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
