@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/cellbridge/cellbridge/router"
 )
 
 // Config is the bridge configuration file of `cellbridge run -config FILE`.
@@ -843,8 +845,9 @@ func (c *Config) Validate() error {
 	if d.ReserveTTL.D() < 100*time.Millisecond {
 		bad("dedupe.reserveTTL", "must be at least 100ms, got %s", d.ReserveTTL)
 	}
-	if d.ReserveTTL > d.TTL {
-		bad("dedupe.reserveTTL", "must not exceed dedupe.ttl (%s), got %s", d.TTL, d.ReserveTTL)
+	// The KV store's per-message TTL counts whole seconds: compare rounded up.
+	if rounded := (d.ReserveTTL.D() + time.Second - 1).Truncate(time.Second); rounded >= d.TTL.D() {
+		bad("dedupe.reserveTTL", "must be less than dedupe.ttl (%s) after rounding up to whole seconds, got %s", d.TTL, d.ReserveTTL)
 	}
 
 	if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
@@ -1004,4 +1007,83 @@ func (c *Config) validateRocketMQ(p string, b *Broker, bad func(string, string, 
 	default:
 		bad(p+".exactlyOnce", "unknown mode %q (want none or transactional)", b.ExactlyOnce)
 	}
+}
+
+// brokerType returns the type of broker name, as the running bridge sees it:
+// the embedded default has exactly one NATS broker named "nats".
+func (c *Config) brokerType(name string) (string, bool) {
+	if c.Embedded() {
+		return BrokerNATS, name == "nats"
+	}
+	b := c.Brokers[name]
+	if b == nil {
+		return "", false
+	}
+	return b.Type, true
+}
+
+// CheckRules cross-checks the rules against the brokers: every broker a rule
+// names as source, target (rendered for every cell when it holds {cell}) or
+// DLQ must exist and be of the rule's kind. Problems are located in the rule
+// files (where the broker is named) and listed all at once as ConfigErrors.
+func (c *Config) CheckRules(t *router.Table) error {
+	var errs ConfigErrors
+	known := "brokers: " + strings.Join(c.brokerNames(), ", ")
+	if c.Embedded() {
+		known = "the embedded default has only the broker \"nats\""
+	}
+	where := "config " + c.File
+	check := func(r *router.Rule, field, broker, wantType, context string) {
+		typ, ok := c.brokerType(broker)
+		switch {
+		case !ok:
+			errs = append(errs, Problem{File: r.File, Line: r.Line, Field: r.Name + "." + field,
+				Msg: fmt.Sprintf("broker %q%s is not defined in %s (%s)", broker, context, where, known)})
+		case typ != wantType:
+			errs = append(errs, Problem{File: r.File, Line: r.Line, Field: r.Name + "." + field,
+				Msg: fmt.Sprintf("broker %q%s is of type %s in %s, but the rule needs a %s broker", broker, context, typ, where, wantType)})
+		}
+	}
+	kind := func(subject string) string {
+		if subject != "" {
+			return BrokerNATS
+		}
+		return BrokerRocketMQ
+	}
+	for _, r := range t.Rules() {
+		srcType := BrokerRocketMQ
+		if r.Source.IsNATS() {
+			srcType = BrokerNATS
+		}
+		check(r, "source.broker", r.Source.Broker, srcType, "")
+		seen := map[string]bool{}
+		for _, cell := range t.Cells() {
+			tg := r.Render(cell.Name, -1)
+			if seen[tg.Broker] {
+				continue
+			}
+			seen[tg.Broker] = true
+			ctx := ""
+			if tg.Broker != r.Target.Broker {
+				ctx = fmt.Sprintf(" (target broker %q for cell %s)", r.Target.Broker, cell.Name)
+			}
+			check(r, "target.broker", tg.Broker, kind(tg.Subject), ctx)
+		}
+		if r.DLQ != nil {
+			check(r, "dlq.broker", r.DLQ.Broker, kind(r.DLQ.Subject), "")
+		}
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return errs
+}
+
+func (c *Config) brokerNames() []string {
+	names := make([]string, 0, len(c.Brokers))
+	for n := range c.Brokers {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cellbridge/cellbridge/router"
 )
 
 // writeConfig writes body to dir/config.yaml with an existing rules dir next
@@ -260,7 +262,8 @@ func TestConfigErrors(t *testing.T) {
 		{"dedupe bucket on memory", "dedupe: {store: memory, bucket: b}\n", []string{"dedupe.bucket: only valid for store jetstream"}},
 		{"dedupe memory size", "dedupe: {store: memory, size: -1}\n", []string{"dedupe.size: must be positive"}},
 		{"dedupe ttl", "dedupe: {ttl: 10ms}\n", []string{"dedupe.ttl: must be at least 1s"}},
-		{"dedupe reserveTTL", "dedupe: {ttl: 1m, reserveTTL: 2m}\n", []string{"dedupe.reserveTTL: must not exceed dedupe.ttl"}},
+		{"dedupe reserveTTL", "dedupe: {ttl: 1m, reserveTTL: 2m}\n", []string{"dedupe.reserveTTL: must be less than dedupe.ttl"}},
+		{"dedupe reserveTTL rounds", "dedupe: {ttl: 2s, reserveTTL: 1500ms}\n", []string{"dedupe.reserveTTL: must be less than dedupe.ttl"}},
 		{"http listen", "http: {listen: localhost}\n", []string{"config.yaml:1: http.listen: want host:port"}},
 		{"http port", "http: {listen: \":99999\"}\n", []string{"http.listen: invalid port"}},
 		{"pipeline zero", "pipeline: {maxInFlight: 0}\n", []string{"pipeline.maxInFlight: must be positive"}},
@@ -378,3 +381,86 @@ func FuzzParseConfig(f *testing.F) {
 }
 
 func reflectValue(c *Config) reflect.Value { return reflect.ValueOf(c).Elem() }
+
+// exampleRules copies deploy/rules into a temp dir, applying the given
+// old→new replacements to every file, and returns the dir.
+func exampleRules(t testing.TB, replace ...string) string {
+	t.Helper()
+	src := filepath.Join("..", "..", "deploy", "rules")
+	dst := t.TempDir()
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := strings.NewReplacer(replace...)
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), []byte(r.Replace(string(b))), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dst
+}
+
+func TestConfigCheckRules(t *testing.T) {
+	natsB := "  nats: {type: nats, url: nats://127.0.0.1:4222}\n"
+	rmqB := "  rmq: {type: rocketmq, nameservers: [\"127.0.0.1:9876\"]}\n"
+	cellB := "  nats-rz00: {type: nats, url: nats://a:1}\n  nats-rz01: {type: nats, url: nats://a:1}\n  nats-rz10: {type: nats, url: nats://a:1}\n  nats-gz00: {type: nats, url: nats://a:1}\n"
+	for _, tc := range []struct {
+		name    string
+		brokers string
+		replace []string
+		want    []string // empty: valid
+	}{
+		{"valid", natsB, nil, nil},
+		{"embedded valid", "", nil, nil},
+		{"source broker unknown", natsB, []string{"broker: nats               #", "broker: nats-src #"},
+			[]string{"orders.yaml:", "orders.source.broker: broker \"nats-src\" is not defined in config"}},
+		{"source broker wrong type", natsB + rmqB, []string{"broker: nats               #", "broker: rmq #"},
+			[]string{"orders.source.broker: broker \"rmq\" is of type rocketmq", "needs a nats broker"}},
+		{"dlq broker unknown", natsB, []string{"broker: nats\n  subject: dlq.payments", "broker: gone\n  subject: dlq.payments"},
+			[]string{"payments.dlq.broker: broker \"gone\" is not defined"}},
+		{"cell broker template ok", natsB + cellB, []string{"broker: nats\n  subject: \"cell.{cell}.orders\"", "broker: \"nats-{cell}\"\n  subject: \"cell.{cell}.orders\""}, nil},
+		{"cell broker template missing", natsB + "  nats-rz00: {type: nats, url: nats://a:1}\n",
+			[]string{"broker: nats\n  subject: \"cell.{cell}.orders\"", "broker: \"nats-{cell}\"\n  subject: \"cell.{cell}.orders\""},
+			[]string{"orders.target.broker: broker \"nats-rz01\" (target broker \"nats-{cell}\" for cell rz01) is not defined",
+				"broker \"nats-rz10\"", "broker \"nats-gz00\""}},
+		{"embedded only has nats", "", []string{"broker: nats               #", "broker: other #"},
+			[]string{"the embedded default has only the broker \"nats\""}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rules := exampleRules(t, tc.replace...)
+			body := "rules: " + rules + "\n"
+			if tc.brokers != "" {
+				body += "brokers:\n" + tc.brokers
+			}
+			p := writeConfig(t, t.TempDir(), body)
+			c, err := LoadConfig(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tbl, err := router.Load(rules)
+			if err != nil {
+				t.Fatalf("rules: %v", err)
+			}
+			err = c.CheckRules(tbl)
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatalf("unexpected: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("missing %q in:\n%v", w, err)
+				}
+			}
+		})
+	}
+}
