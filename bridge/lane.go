@@ -1,0 +1,265 @@
+package bridge
+
+import (
+	"sync"
+	"time"
+
+	"github.com/cellbridge/cellbridge/router"
+)
+
+const (
+	phaseDispatch uint8 = iota
+	phaseComplete
+)
+
+// task is one message in the pipeline, from Handle to its final ack. Fields
+// without a comment are owned by whichever goroutine holds the task as its
+// lane's active message (one at a time; hand-offs go through channels or
+// lane.mu).
+type task struct {
+	p    *Pipeline
+	m    *Message
+	ack  Ack
+	rs   *ruleState
+	lane *lane
+	done func(error) // t.published, bound once
+
+	d         router.Decision
+	laneKey   string // d.Key, or SourceID when there is no key
+	idKey     string // idempotency key
+	storeKey  string // key reserved in the dedupe store
+	poison    string // DLQ reason found by the bridge itself
+	dlq       bool   // being dead-lettered
+	dlqReason string
+	dlqTarget router.Target
+	arrived   int64 // unix ns
+	hops      int
+	attempt   int
+	reserved  bool
+	counted   bool // holds an in-flight budget slot
+	phase     uint8
+	err       error
+	ss        *sinkState
+
+	out      Outgoing
+	hv       [6]string   // backing store of the forward header values
+	orig     [6][]string // original values of forwardHeaders
+	origHad  uint8
+	hdrSaved bool
+
+	prev, next *task // ruleState arrival list, guarded by rs.mu
+	qnext      *task // lane queue or park queue, guarded by lane.mu
+
+	mu       sync.Mutex // guards settled, lastBeat, timer and ack calls
+	settled  bool
+	lastBeat int64
+	timer    *time.Timer
+}
+
+// lane serialises messages whose keys hash to it: at most one (active) is
+// between dispatch and settle; the others wait in FIFO order. Parked (held)
+// messages wait per (rule, key) so that a held key never blocks other keys
+// of the lane.
+type lane struct {
+	mu           sync.Mutex
+	active       *task
+	qhead, qtail *task
+	parked       map[parkKey]*parkQ // nil when nothing is parked
+}
+
+type parkKey struct{ rule, key string }
+
+type parkQ struct {
+	rule, key  string
+	head, tail *task
+	n          int
+	shard      int
+	overflow   bool // a message of this key was refused (MaxHeld): refuse later ones too
+}
+
+func (l *lane) push(t *task) {
+	if l.qtail == nil {
+		l.qhead = t
+	} else {
+		l.qtail.qnext = t
+	}
+	l.qtail = t
+}
+
+// popLocked takes the next queued message whose key is not parked; queued
+// messages of parked keys join their park queue (order). Messages refused
+// for lack of park space are returned for a Hold ack outside the lock.
+func (p *Pipeline) popLocked(l *lane) (*task, []*task) {
+	var over []*task
+	for l.qhead != nil {
+		t := l.qhead
+		l.qhead = t.qnext
+		if l.qhead == nil {
+			l.qtail = nil
+		}
+		t.qnext = nil
+		if l.parked != nil && t.poison == "" && !t.dlq {
+			if q := l.parked[parkKey{t.m.Rule, t.laneKey}]; q != nil {
+				if !p.parkLocked(l, t) {
+					over = append(over, t)
+				}
+				continue
+			}
+		}
+		return t, over
+	}
+	return nil, over
+}
+
+// parkLocked parks t behind the other parked messages of its key. It returns
+// false (and parks nothing) when MaxHeld is reached; the caller then settles
+// t with Hold(HoldDelay).
+func (p *Pipeline) parkLocked(l *lane, t *task) bool {
+	k := parkKey{t.m.Rule, t.laneKey}
+	q := l.parked[k]
+	if q == nil {
+		q = &parkQ{rule: k.rule, key: k.key, shard: t.d.Shard}
+		if l.parked == nil {
+			l.parked = make(map[parkKey]*parkQ)
+			p.parkMu.Lock()
+			p.parkedLanes[l] = struct{}{}
+			p.parkMu.Unlock()
+		}
+		l.parked[k] = q
+	}
+	if t.counted {
+		t.counted = false
+		p.budget.release(1)
+	}
+	t.rs.met.held.Inc()
+	if q.overflow || p.heldN.Load() >= int64(p.cfg.MaxHeld) {
+		q.overflow = true
+		return false
+	}
+	if q.tail == nil {
+		q.head = t
+	} else {
+		q.tail.qnext = t
+	}
+	q.tail = t
+	q.n++
+	p.heldN.Add(1)
+	t.rs.held.Add(1)
+	return true
+}
+
+// parkActive parks the lane's active message t (its route became held) and
+// returns the lane's next message.
+func (p *Pipeline) parkActive(t *task) *task {
+	l := t.lane
+	l.mu.Lock()
+	if l.active == t {
+		l.active = nil
+	}
+	ok := p.parkLocked(l, t)
+	n, over := p.popLocked(l)
+	l.active = n
+	l.mu.Unlock()
+	if !ok {
+		p.settle(t, Hold(p.cfg.HoldDelay))
+	}
+	for _, o := range over {
+		p.settle(o, Hold(p.cfg.HoldDelay))
+	}
+	return n
+}
+
+// recheckParked re-resolves every park queue's key against the current table
+// and releases the queues that are no longer held: their messages go to the
+// front of their lane, in their original order, ahead of anything that
+// arrived later.
+func (p *Pipeline) recheckParked() {
+	tbl := p.rules.Load()
+	if tbl == nil {
+		return
+	}
+	p.parkMu.Lock()
+	lanes := make([]*lane, 0, len(p.parkedLanes))
+	for l := range p.parkedLanes {
+		lanes = append(lanes, l)
+	}
+	p.parkMu.Unlock()
+	for _, l := range lanes {
+		var start *task
+		var over []*task
+		l.mu.Lock()
+		for k, q := range l.parked {
+			if tbl.Resolve(q.rule, q.key).Reason == router.ReasonHeld {
+				continue
+			}
+			delete(l.parked, k)
+			if q.n == 0 {
+				continue
+			}
+			for t := q.head; t != nil; t = t.qnext {
+				t.d.Version = -1 // route again at dispatch
+				t.counted = true
+				t.rs.held.Add(-1)
+			}
+			p.heldN.Add(-int64(q.n))
+			p.budget.force(q.n)
+			q.tail.qnext = l.qhead
+			if l.qhead == nil {
+				l.qtail = q.tail
+			}
+			l.qhead = q.head
+		}
+		if len(l.parked) == 0 {
+			l.parked = nil
+			p.parkMu.Lock()
+			delete(p.parkedLanes, l)
+			p.parkMu.Unlock()
+		}
+		if l.active == nil {
+			start, over = p.popLocked(l)
+			l.active = start
+		}
+		l.mu.Unlock()
+		for _, o := range over {
+			p.settle(o, Hold(p.cfg.HoldDelay))
+		}
+		if start != nil {
+			p.enqueue(start, phaseDispatch)
+		}
+	}
+}
+
+// track adds t to the rule's arrival-ordered list of unacknowledged messages.
+func (rs *ruleState) track(t *task) {
+	rs.mu.Lock()
+	t.prev = rs.tail
+	if rs.tail == nil {
+		rs.head = t
+	} else {
+		rs.tail.next = t
+	}
+	rs.tail = t
+	rs.n++
+	rs.mu.Unlock()
+}
+
+func (rs *ruleState) untrack(t *task) {
+	rs.mu.Lock()
+	if t.prev == nil {
+		if rs.head == t {
+			rs.head = t.next
+		}
+	} else {
+		t.prev.next = t.next
+	}
+	if t.next == nil {
+		if rs.tail == t {
+			rs.tail = t.prev
+		}
+	} else {
+		t.next.prev = t.prev
+	}
+	t.prev, t.next = nil, nil
+	rs.n--
+	rs.mu.Unlock()
+}

@@ -1,0 +1,337 @@
+package bridge
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+)
+
+// sweeper runs the periodic work: releasing parked messages after a rules
+// change (and every HeldRecheck), ErrInProgress heartbeats, the gauges that
+// are cheaper to sample than to maintain per message, and readiness.
+func (p *Pipeline) sweeper() {
+	defer p.wg.Done()
+	tick := min(100*time.Millisecond, p.cfg.AckWait/4, p.cfg.HeldRecheck)
+	tk := time.NewTicker(tick)
+	defer tk.Stop()
+	var lastVer int64 = -1
+	var lastRecheck, lastBeat, lastGauge time.Time
+	beatEvery := p.cfg.AckWait / 4
+	for {
+		select {
+		case <-p.quit:
+			return
+		case <-p.recheck:
+			p.recheckParked()
+			lastRecheck = time.Now()
+		case <-tk.C:
+			now := time.Now()
+			if t := p.rules.Load(); t != nil && (t.Version() != lastVer || now.Sub(lastRecheck) >= p.cfg.HeldRecheck) {
+				lastVer = t.Version()
+				p.recheckParked()
+				lastRecheck = now
+			}
+			if now.Sub(lastBeat) >= beatEvery {
+				p.heartbeat()
+				lastBeat = now
+			}
+			if now.Sub(lastGauge) >= 500*time.Millisecond {
+				p.updateGauges()
+				p.health.Ready()
+				lastGauge = now
+			}
+		}
+	}
+}
+
+// heartbeat sends ErrInProgress for every unacknowledged message that has
+// not been acknowledged or heartbeaten for AckWait/2, so that sources do
+// not redeliver messages that are parked, retrying or queued behind one.
+func (p *Pipeline) heartbeat() {
+	now := p.clock.Now().UnixNano()
+	limit := int64(p.cfg.AckWait / 2)
+	var due []*task
+	for _, rs := range p.ruleStates.load() {
+		rs.mu.Lock()
+		for t := rs.head; t != nil && now-t.arrived >= limit; t = t.next {
+			due = append(due, t)
+		}
+		rs.mu.Unlock()
+	}
+	for _, t := range due {
+		t.mu.Lock()
+		if !t.settled && now-max(t.arrived, t.lastBeat) >= limit {
+			t.lastBeat = now
+			_ = t.ack(context.Background(), ErrInProgress)
+		}
+		t.mu.Unlock()
+	}
+}
+
+// RuleStatus is the state of one topic rule in Status.
+type RuleStatus struct {
+	Rule                    string      `json:"rule"`
+	InFlight                int         `json:"inFlight"`
+	Held                    int         `json:"held"`
+	HeldOldestAgeSeconds    float64     `json:"heldOldestAgeSeconds"`
+	OldestUnackedAgeSeconds float64     `json:"oldestUnackedAgeSeconds"`
+	Backlog                 int64       `json:"backlog"`
+	HeldShards              []ShardHeld `json:"heldShards,omitempty"`
+	LastProgress            time.Time   `json:"lastProgress"`
+	_                       struct{}    `json:"-"`
+}
+
+// ShardHeld counts parked messages of one shard.
+type ShardHeld struct {
+	Shard            int     `json:"shard"`
+	Held             int     `json:"held"`
+	OldestAgeSeconds float64 `json:"oldestAgeSeconds"`
+}
+
+// Status is a snapshot of the pipeline for /status.
+type Status struct {
+	RulesVersion int64        `json:"rulesVersion"`
+	RulesLoaded  bool         `json:"rulesLoaded"`
+	Ready        bool         `json:"ready"`
+	NotReady     string       `json:"notReady,omitempty"`
+	InFlight     int          `json:"inFlight"`
+	MaxInFlight  int          `json:"maxInFlight"`
+	Held         int64        `json:"held"`
+	MaxHeld      int          `json:"maxHeld"`
+	Rules        []RuleStatus `json:"rules"`
+}
+
+type heldStats struct {
+	n      int
+	oldest int64
+	shards map[int]*ShardHeld
+}
+
+// collectHeld walks the park queues (only lanes with parked messages).
+func (p *Pipeline) collectHeld(now int64, perShard bool) map[string]*heldStats {
+	out := map[string]*heldStats{}
+	p.parkMu.Lock()
+	lanes := make([]*lane, 0, len(p.parkedLanes))
+	for l := range p.parkedLanes {
+		lanes = append(lanes, l)
+	}
+	p.parkMu.Unlock()
+	for _, l := range lanes {
+		l.mu.Lock()
+		for _, q := range l.parked {
+			if q.n == 0 {
+				continue
+			}
+			hs := out[q.rule]
+			if hs == nil {
+				hs = &heldStats{oldest: now}
+				out[q.rule] = hs
+			}
+			hs.n += q.n
+			hs.oldest = min(hs.oldest, q.head.arrived)
+			if perShard {
+				if hs.shards == nil {
+					hs.shards = map[int]*ShardHeld{}
+				}
+				sh := hs.shards[q.shard]
+				if sh == nil {
+					sh = &ShardHeld{Shard: q.shard}
+					hs.shards[q.shard] = sh
+				}
+				sh.Held += q.n
+				sh.OldestAgeSeconds = max(sh.OldestAgeSeconds, time.Duration(now-q.head.arrived).Seconds())
+			}
+		}
+		l.mu.Unlock()
+	}
+	return out
+}
+
+func (rs *ruleState) snapshot(now int64) (n int, oldest float64) {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if rs.head != nil {
+		from := rs.head.arrived
+		if !rs.head.m.Time.IsZero() {
+			from = min(from, rs.head.m.Time.UnixNano())
+		}
+		oldest = time.Duration(now - from).Seconds()
+	}
+	return rs.n, oldest
+}
+
+func (p *Pipeline) updateGauges() {
+	now := p.clock.Now().UnixNano()
+	held := p.collectHeld(now, false)
+	for name, rs := range p.ruleStates.load() {
+		n, oldest := rs.snapshot(now)
+		h := int(rs.held.Load())
+		rs.met.inFlight.Set(float64(n - h))
+		rs.met.oldest.Set(oldest)
+		rs.met.heldN.Set(float64(h))
+		if hs := held[name]; hs != nil {
+			rs.met.heldOldest.Set(time.Duration(now - hs.oldest).Seconds())
+		} else {
+			rs.met.heldOldest.Set(0)
+		}
+	}
+}
+
+// Status returns a snapshot: rules version, and per rule the messages in
+// flight, parked (with their age, per shard) and the source backlog.
+func (p *Pipeline) Status() Status {
+	now := p.clock.Now().UnixNano()
+	st := Status{MaxInFlight: p.cfg.MaxInFlight, MaxHeld: p.cfg.MaxHeld, Held: p.heldN.Load(), InFlight: p.budget.used()}
+	if t := p.rules.Load(); t != nil {
+		st.RulesVersion, st.RulesLoaded = t.Version(), true
+	}
+	st.Ready, st.NotReady = p.health.Ready()
+	if st.Ready {
+		st.NotReady = ""
+	}
+	held := p.collectHeld(now, true)
+	for name, rs := range p.ruleStates.load() {
+		n, oldest := rs.snapshot(now)
+		h := int(rs.held.Load())
+		r := RuleStatus{Rule: name, InFlight: n - h, Held: h, OldestUnackedAgeSeconds: oldest,
+			Backlog: rs.hl.backlog.Load(), LastProgress: time.Unix(0, rs.hl.lastProgress.Load()).UTC()}
+		if hs := held[name]; hs != nil {
+			r.HeldOldestAgeSeconds = time.Duration(now - hs.oldest).Seconds()
+			for _, sh := range hs.shards {
+				r.HeldShards = append(r.HeldShards, *sh)
+			}
+			sort.Slice(r.HeldShards, func(i, j int) bool { return r.HeldShards[i].Shard < r.HeldShards[j].Shard })
+		}
+		st.Rules = append(st.Rules, r)
+	}
+	sort.Slice(st.Rules, func(i, j int) bool { return st.Rules[i].Rule < st.Rules[j].Rule })
+	return st
+}
+
+func (p *Pipeline) unacked() int {
+	n := 0
+	for _, rs := range p.ruleStates.load() {
+		rs.mu.Lock()
+		n += rs.n
+		rs.mu.Unlock()
+	}
+	return n
+}
+
+// Drain stops intake and finishes what is in flight: new Handle calls
+// negative-ack at once; parked messages, messages queued behind others and
+// messages waiting for a retry are negative-acked (redelivered later, to
+// this or another replica); messages whose publish has started are acked
+// when the sink confirms. When ctx ends first (or, without a ctx deadline,
+// after Config.DrainTimeout) the remaining messages are negative-acked and
+// Drain returns an error saying how many. Nothing is acknowledged that was
+// not confirmed by a sink. Drain is idempotent; call it after the sources
+// stopped fetching.
+func (p *Pipeline) Drain(ctx context.Context) error {
+	p.drainOnce.Do(func() { p.drainErr = p.drain(ctx) })
+	return p.drainErr
+}
+
+func (p *Pipeline) drain(ctx context.Context) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, p.cfg.DrainTimeout)
+		defer cancel()
+	}
+	p.closing.Store(true)
+	close(p.closeCh)
+	poll := time.NewTicker(2 * time.Millisecond)
+	defer poll.Stop()
+	// Handle calls still running finish their intake step (the budget wait
+	// returns at once; a blocked PublishAsync returns when the sink frees up
+	// or at the deadline).
+	for p.handling.Load() > 0 && ctx.Err() == nil {
+		select {
+		case <-poll.C:
+		case <-ctx.Done():
+		}
+	}
+	p.draining.Store(true)
+	var nack []*task
+	for i := range p.lanes {
+		l := &p.lanes[i]
+		l.mu.Lock()
+		for t := l.qhead; t != nil; {
+			nx := t.qnext
+			t.qnext = nil
+			nack = append(nack, t)
+			t = nx
+		}
+		l.qhead, l.qtail = nil, nil
+		for k, q := range l.parked {
+			for t := q.head; t != nil; {
+				nx := t.qnext
+				t.qnext = nil
+				nack = append(nack, t)
+				t.rs.held.Add(-1)
+				p.heldN.Add(-1)
+				t = nx
+			}
+			delete(l.parked, k)
+		}
+		l.parked = nil
+		if a := l.active; a != nil {
+			a.mu.Lock()
+			if a.timer != nil && a.timer.Stop() {
+				// The retry will not fire: nobody else owns a now.
+				a.timer = nil
+				l.active = nil
+				nack = append(nack, a)
+			}
+			a.mu.Unlock()
+		}
+		l.mu.Unlock()
+	}
+	p.parkMu.Lock()
+	clear(p.parkedLanes)
+	p.parkMu.Unlock()
+	for _, t := range nack {
+		p.settle(t, errDraining)
+	}
+	for p.unacked() > 0 && ctx.Err() == nil {
+		select {
+		case <-poll.C:
+		case <-ctx.Done():
+		}
+	}
+	if ctx.Err() == nil {
+		return nil
+	}
+	// Deadline: negative-ack what is still unconfirmed. A confirmation that
+	// arrives later still commits its key, so the redelivery is a duplicate.
+	var left []*task
+	for _, rs := range p.ruleStates.load() {
+		rs.mu.Lock()
+		for t := rs.head; t != nil; t = t.next {
+			left = append(left, t)
+		}
+		rs.mu.Unlock()
+	}
+	for _, t := range left {
+		p.settle(t, errDraining)
+	}
+	p.cancel()
+	if len(left) == 0 {
+		return nil
+	}
+	return fmt.Errorf("bridge: drain: %d messages unconfirmed at the deadline were negatively acknowledged: %w", len(left), ctx.Err())
+}
+
+// Close drains (see Drain) and then stops the pipeline's goroutines. It
+// does not close the sources, sinks or the dedupe store: the caller closes
+// sinks and the store after Close returned. Idempotent.
+func (p *Pipeline) Close(ctx context.Context) error {
+	err := p.Drain(ctx)
+	p.closeOnce.Do(func() {
+		close(p.quit)
+		p.wg.Wait()
+		p.cancel()
+	})
+	return err
+}

@@ -1,0 +1,233 @@
+package bridge
+
+import (
+	"runtime"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// MetricDesc describes one exported metric. MetricList is the single source
+// of truth for names, types and labels: the README table and the deploy
+// tests read it.
+type MetricDesc struct {
+	Name   string   `json:"name"`
+	Type   string   `json:"type"` // counter, gauge, histogram
+	Labels []string `json:"labels"`
+	Help   string   `json:"help"`
+}
+
+// Outcome label values of cellbridge_messages_total.
+const (
+	OutcomeForwarded = "forwarded"
+	OutcomeDuplicate = "duplicate"
+	OutcomeHeld      = "held"
+	OutcomeDLQ       = "dlq"
+	OutcomeRetried   = "retried"
+)
+
+// DLQ reason label values of cellbridge_dlq_total (also the first word of
+// the Cell-Error header).
+const (
+	DLQMissingKey  = "missing_key"
+	DLQBadKey      = "bad_key"
+	DLQBadBody     = "bad_body"
+	DLQTooLarge    = "too_large"
+	DLQTooManyHops = "too_many_hops"
+	DLQNoRoute     = "no_route"
+)
+
+// DLQReasons lists every cellbridge_dlq_total reason value.
+var DLQReasons = []string{DLQMissingKey, DLQBadKey, DLQBadBody, DLQTooLarge, DLQTooManyHops, DLQNoRoute}
+
+// Connection roles of cellbridge_connection_up.
+const (
+	RoleSource = "source"
+	RoleSink   = "sink"
+	RoleDedupe = "dedupe"
+)
+
+// Metric names.
+const (
+	MetricMessages          = "cellbridge_messages_total"
+	MetricForwarded         = "cellbridge_forwarded_total"
+	MetricDLQ               = "cellbridge_dlq_total"
+	MetricLatency           = "cellbridge_latency_seconds"
+	MetricInFlight          = "cellbridge_in_flight"
+	MetricOldestUnackedAge  = "cellbridge_oldest_unacked_age_seconds"
+	MetricHeldMessages      = "cellbridge_held_messages"
+	MetricHeldOldestAge     = "cellbridge_held_oldest_age_seconds"
+	MetricSourceBacklog     = "cellbridge_source_backlog_messages"
+	MetricSinkPublishErrors = "cellbridge_sink_publish_errors_total"
+	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
+	MetricRulesVersion      = "cellbridge_rules_version"
+	MetricRulesLastReload   = "cellbridge_rules_last_reload_timestamp_seconds"
+	MetricRulesReloadFails  = "cellbridge_rules_reload_failures_total"
+	MetricConnectionUp      = "cellbridge_connection_up"
+	MetricReady             = "cellbridge_ready"
+	MetricBuildInfo         = "cellbridge_build_info"
+)
+
+// MetricList is every cellbridge_ metric, in README order. Labels never hold
+// a key or a message id.
+var MetricList = []MetricDesc{
+	{MetricMessages, "counter", []string{"rule", "outcome"}, "Messages by topic rule and outcome (forwarded, duplicate, held, dlq, retried)."},
+	{MetricForwarded, "counter", []string{"rule", "cell"}, "Messages forwarded and confirmed, by topic rule and target cell."},
+	{MetricDLQ, "counter", []string{"rule", "reason"}, "Messages sent to the dead-letter target, by reason (missing_key, bad_key, bad_body, too_large, too_many_hops, no_route)."},
+	{MetricLatency, "histogram", []string{"rule", "cell"}, "Seconds from the source broker storing a message to the sink confirming its copy."},
+	{MetricInFlight, "gauge", []string{"rule"}, "Messages accepted and not yet settled, excluding parked (held) ones."},
+	{MetricOldestUnackedAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message not yet acknowledged to the source (freshness)."},
+	{MetricHeldMessages, "gauge", []string{"rule"}, "Messages parked because their shard is blocked (held)."},
+	{MetricHeldOldestAge, "gauge", []string{"rule"}, "Age in seconds of the oldest parked (held) message."},
+	{MetricSourceBacklog, "gauge", []string{"rule"}, "Messages pending at the source, not yet delivered to the bridge (e.g. consumer NumPending)."},
+	{MetricSinkPublishErrors, "counter", []string{"broker"}, "Failed publish attempts by target broker (each is retried)."},
+	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, commit, release)."},
+	{MetricRulesVersion, "gauge", nil, "Version of the rules table in use."},
+	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
+	{MetricRulesReloadFails, "counter", nil, "Rule reloads refused (invalid files or a lower version)."},
+	{MetricConnectionUp, "gauge", []string{"broker", "role"}, "1 while the connection to a broker is up, by role (source, sink, dedupe)."},
+	{MetricReady, "gauge", nil, "1 while /readyz answers 200."},
+	{MetricBuildInfo, "gauge", []string{"version", "goversion"}, "Always 1; labels carry the build version and Go version."},
+}
+
+// LatencyBuckets are the cellbridge_latency_seconds buckets: 0.5ms to ~16s.
+var LatencyBuckets = prometheus.ExponentialBuckets(0.0005, 2, 16)
+
+// Metrics holds the collectors, registered in their own Registry (plus the
+// Go and process collectors). Safe for concurrent use; create one per
+// process with NewMetrics and share it between the pipeline, the health
+// tracker and the HTTP handler.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	Messages          *prometheus.CounterVec
+	Forwarded         *prometheus.CounterVec
+	DLQ               *prometheus.CounterVec
+	Latency           *prometheus.HistogramVec
+	InFlight          *prometheus.GaugeVec
+	OldestUnackedAge  *prometheus.GaugeVec
+	HeldMessages      *prometheus.GaugeVec
+	HeldOldestAge     *prometheus.GaugeVec
+	SourceBacklog     *prometheus.GaugeVec
+	SinkPublishErrors *prometheus.CounterVec
+	DedupeErrors      *prometheus.CounterVec
+	RulesVersion      prometheus.Gauge
+	RulesLastReload   prometheus.Gauge
+	RulesReloadFails  prometheus.Counter
+	ConnectionUp      *prometheus.GaugeVec
+	Ready             prometheus.Gauge
+	BuildInfo         *prometheus.GaugeVec
+
+	rules cowMap[*ruleMetrics]
+}
+
+// NewMetrics creates and registers every metric of MetricList. version is
+// the build version for cellbridge_build_info.
+func NewMetrics(version string) *Metrics {
+	m := &Metrics{Registry: prometheus.NewRegistry()}
+	byName := make(map[string]MetricDesc, len(MetricList))
+	for _, d := range MetricList {
+		byName[d.Name] = d
+	}
+	counter := func(name string) *prometheus.CounterVec {
+		d := byName[name]
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: d.Name, Help: d.Help}, d.Labels)
+	}
+	gauge := func(name string) *prometheus.GaugeVec {
+		d := byName[name]
+		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: d.Name, Help: d.Help}, d.Labels)
+	}
+	m.Messages = counter(MetricMessages)
+	m.Forwarded = counter(MetricForwarded)
+	m.DLQ = counter(MetricDLQ)
+	m.Latency = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: MetricLatency, Help: byName[MetricLatency].Help, Buckets: LatencyBuckets,
+	}, byName[MetricLatency].Labels)
+	m.InFlight = gauge(MetricInFlight)
+	m.OldestUnackedAge = gauge(MetricOldestUnackedAge)
+	m.HeldMessages = gauge(MetricHeldMessages)
+	m.HeldOldestAge = gauge(MetricHeldOldestAge)
+	m.SourceBacklog = gauge(MetricSourceBacklog)
+	m.SinkPublishErrors = counter(MetricSinkPublishErrors)
+	m.DedupeErrors = counter(MetricDedupeErrors)
+	m.RulesVersion = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesVersion, Help: byName[MetricRulesVersion].Help})
+	m.RulesLastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesLastReload, Help: byName[MetricRulesLastReload].Help})
+	m.RulesReloadFails = prometheus.NewCounter(prometheus.CounterOpts{Name: MetricRulesReloadFails, Help: byName[MetricRulesReloadFails].Help})
+	m.ConnectionUp = gauge(MetricConnectionUp)
+	m.Ready = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricReady, Help: byName[MetricReady].Help})
+	m.BuildInfo = gauge(MetricBuildInfo)
+	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge,
+		m.HeldMessages, m.HeldOldestAge, m.SourceBacklog, m.SinkPublishErrors, m.DedupeErrors,
+		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if version == "" {
+		version = "dev"
+	}
+	m.BuildInfo.WithLabelValues(version, runtime.Version()).Set(1)
+	for _, op := range []string{"reserve", "commit", "release"} {
+		m.DedupeErrors.WithLabelValues(op) // export zeros so rate() works from the start
+	}
+	return m
+}
+
+// ruleMetrics caches the label children of one rule so that the hot path
+// never hashes label values.
+type ruleMetrics struct {
+	forwarded, duplicate, held, dlqOut, retried prometheus.Counter
+	dlq                                         [6]prometheus.Counter // by DLQReasons index
+	inFlight, oldest, heldN, heldOldest         prometheus.Gauge
+	backlog                                     prometheus.Gauge
+
+	m     *Metrics
+	name  string
+	cells cowMap[*cellMetrics]
+}
+
+type cellMetrics struct {
+	cell      string
+	forwarded prometheus.Counter
+	latency   prometheus.Observer
+}
+
+// rule returns the cached children for a rule name, creating them once.
+func (m *Metrics) rule(name string) *ruleMetrics {
+	return m.rules.get(name, func() *ruleMetrics {
+		r := &ruleMetrics{
+			m: m, name: name,
+			forwarded:  m.Messages.WithLabelValues(name, OutcomeForwarded),
+			duplicate:  m.Messages.WithLabelValues(name, OutcomeDuplicate),
+			held:       m.Messages.WithLabelValues(name, OutcomeHeld),
+			dlqOut:     m.Messages.WithLabelValues(name, OutcomeDLQ),
+			retried:    m.Messages.WithLabelValues(name, OutcomeRetried),
+			inFlight:   m.InFlight.WithLabelValues(name),
+			oldest:     m.OldestUnackedAge.WithLabelValues(name),
+			heldN:      m.HeldMessages.WithLabelValues(name),
+			heldOldest: m.HeldOldestAge.WithLabelValues(name),
+			backlog:    m.SourceBacklog.WithLabelValues(name),
+		}
+		for i, reason := range DLQReasons {
+			r.dlq[i] = m.DLQ.WithLabelValues(name, reason)
+		}
+		return r
+	})
+}
+
+// cell returns the cached children for (rule, cell).
+func (r *ruleMetrics) cell(name string) *cellMetrics {
+	return r.cells.get(name, func() *cellMetrics {
+		return &cellMetrics{
+			cell:      name,
+			forwarded: r.m.Forwarded.WithLabelValues(r.name, name),
+			latency:   r.m.Latency.WithLabelValues(r.name, name),
+		}
+	})
+}
+
+func (r *ruleMetrics) dlqReason(reason string) prometheus.Counter {
+	for i, s := range DLQReasons {
+		if s == reason {
+			return r.dlq[i]
+		}
+	}
+	return r.dlq[len(r.dlq)-1]
+}

@@ -1,0 +1,723 @@
+package bridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// SinkLookup returns the Sink that publishes to a broker name (as rendered
+// in a router.Target). DLQ targets use the same lookup. It is called once per
+// broker name; the result is cached for the pipeline's lifetime.
+type SinkLookup func(broker string) (Sink, bool)
+
+// StaticSinks is a SinkLookup over a fixed map.
+func StaticSinks(m map[string]Sink) SinkLookup {
+	return func(b string) (Sink, bool) {
+		s, ok := m[b]
+		return s, ok
+	}
+}
+
+// Deps are the pipeline's collaborators. Rules, Dedupe and Sinks are
+// required; the others default.
+type Deps struct {
+	Rules   *router.Holder // current rules table (nil table: nothing is forwarded, messages are held)
+	Dedupe  dedupe.Store   // idempotency-key store; the pipeline never closes it
+	Sinks   SinkLookup     // broker name → Sink; the pipeline never closes them
+	Metrics *Metrics       // nil: NewMetrics("")
+	Health  *Health        // nil: NewHealth(Metrics, Log, Clock)
+	Log     *slog.Logger   // nil: slog.Default()
+	Clock   Clock          // nil: SystemClock
+}
+
+var (
+	errDraining = errors.New("bridge: pipeline draining")
+	errInFlight = errors.New("bridge: idempotency key reserved elsewhere")
+	errNoKey    = errors.New("bridge: message has neither Cell-Msg-Id nor SourceID")
+)
+
+// Pipeline routes messages from sources to sinks. Create it with New, give
+// Handle (or Run) to sources, call Close on shutdown after the sources
+// stopped fetching. All methods are safe for concurrent use.
+type Pipeline struct {
+	cfg    Config
+	rules  *router.Holder
+	store  dedupe.Store
+	sinks  SinkLookup
+	met    *Metrics
+	health *Health
+	log    *slog.Logger
+	clock  Clock
+	inline bool // dispatch on the calling goroutine (local dedupe store)
+
+	storeFailing atomic.Bool
+
+	ctx    context.Context // store calls and publishes; cancelled at the drain deadline
+	cancel context.CancelFunc
+
+	seed   maphash.Seed
+	lanes  []lane
+	budget budget
+	jobs   chan *task // never closed; capacity > tasks alive, so sends never block
+
+	heldN       atomic.Int64
+	parkMu      sync.Mutex
+	parkedLanes map[*lane]struct{}
+
+	ruleStates cowMap[*ruleState]
+	sinkStates cowMap[*sinkState]
+	ver        atomic.Pointer[verString]
+	shardStr   []string
+
+	closing   atomic.Bool
+	closeCh   chan struct{} // closed when intake stops
+	draining  atomic.Bool
+	handling  atomic.Int64
+	recheck   chan struct{}
+	quit      chan struct{}
+	wg        sync.WaitGroup
+	drainOnce sync.Once
+	drainErr  error
+	closeOnce sync.Once
+}
+
+type verString struct {
+	v int64
+	s string
+}
+
+type sinkState struct {
+	name    string
+	what    string // "publishing to broker NAME", for health
+	sink    Sink
+	failing atomic.Bool
+	errs    interface{ Inc() }
+}
+
+// ruleState is per topic rule: metric children, health record and the
+// list of unacknowledged messages in arrival order (freshness, heartbeats,
+// drain).
+type ruleState struct {
+	name string
+	met  *ruleMetrics
+	hl   *ruleHealth
+
+	mu         sync.Mutex
+	head, tail *task
+	n          int
+	held       atomic.Int64
+}
+
+// New validates cfg (after defaults) and starts the pipeline's goroutines
+// (workers and one sweeper). Close stops them.
+func New(cfg Config, d Deps) (*Pipeline, error) {
+	cfg = cfg.WithDefaults()
+	_, local := d.Dedupe.(*dedupe.Memory)
+	if cfg.Workers == 0 {
+		cfg.Workers = defaultWorkers(local)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if d.Rules == nil || d.Dedupe == nil || d.Sinks == nil {
+		return nil, errors.New("bridge: New needs Deps.Rules, Deps.Dedupe and Deps.Sinks")
+	}
+	if d.Log == nil {
+		d.Log = slog.Default()
+	}
+	if d.Clock == nil {
+		d.Clock = SystemClock
+	}
+	if d.Metrics == nil {
+		d.Metrics = NewMetrics("")
+	}
+	if d.Health == nil {
+		d.Health = NewHealth(d.Metrics, d.Log, d.Clock)
+	}
+	p := &Pipeline{
+		cfg: cfg, rules: d.Rules, store: d.Dedupe, sinks: d.Sinks, met: d.Metrics, health: d.Health,
+		log: d.Log, clock: d.Clock, inline: local,
+		seed:        maphash.MakeSeed(),
+		lanes:       make([]lane, cfg.Lanes),
+		jobs:        make(chan *task, cfg.MaxInFlight+cfg.MaxHeld+1024),
+		parkedLanes: map[*lane]struct{}{},
+		closeCh:     make(chan struct{}),
+		recheck:     make(chan struct{}, 1),
+		quit:        make(chan struct{}),
+	}
+	p.budget.max = cfg.MaxInFlight
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.shardStr = make([]string, 10000)
+	for i := range p.shardStr {
+		p.shardStr[i] = strconv.Itoa(i)
+	}
+	p.health.progressTimeout.Store(int64(cfg.ProgressTimeout))
+	loaded := func() (int64, bool) {
+		if t := p.rules.Load(); t != nil {
+			return t.Version(), true
+		}
+		return 0, false
+	}
+	p.health.rulesLoaded.Store(&loaded)
+	if t := p.rules.Load(); t != nil {
+		p.met.RulesVersion.Set(float64(t.Version()))
+		p.met.RulesLastReload.Set(float64(p.clock.Now().UnixNano()) / 1e9)
+		for _, r := range t.Rules() {
+			p.ruleState(r.Name)
+		}
+	}
+	p.wg.Add(cfg.Workers + 1)
+	for range cfg.Workers {
+		go p.worker()
+	}
+	go p.sweeper()
+	return p, nil
+}
+
+// Metrics returns the pipeline's metrics.
+func (p *Pipeline) Metrics() *Metrics { return p.met }
+
+// Health returns the pipeline's health tracker (a Reporter for adapters).
+func (p *Pipeline) Health() *Health { return p.health }
+
+// Rules returns the rules holder.
+func (p *Pipeline) Rules() *router.Holder { return p.rules }
+
+// Config returns the effective configuration (defaults applied).
+func (p *Pipeline) Config() Config { return p.cfg }
+
+var _ Handler = (*Pipeline)(nil).Handle
+
+// Run runs src with the pipeline's Handle until ctx is cancelled, then
+// returns src.Run's result. It does not close src.
+func (p *Pipeline) Run(ctx context.Context, src Source) error {
+	return src.Run(ctx, p.Handle)
+}
+
+// RulesReloaded records one outcome of the rules watcher (the fields of
+// router.ReloadEvent): metrics, one log line, and, after a successful load,
+// an immediate re-resolution of parked messages. Wire it as the watcher's
+// callback: func(ev router.ReloadEvent) { p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At) }.
+func (p *Pipeline) RulesReloaded(version, previous int64, err error, at time.Time) {
+	if err != nil {
+		p.met.RulesReloadFails.Inc()
+		p.log.Error("rules reload refused; keeping the running table", "version", version, "running", previous, "err", err)
+		return
+	}
+	p.met.RulesVersion.Set(float64(version))
+	if at.IsZero() {
+		at = p.clock.Now()
+	}
+	p.met.RulesLastReload.Set(float64(at.UnixNano()) / 1e9)
+	p.log.Info("rules reloaded", "version", version, "previous", previous)
+	if t := p.rules.Load(); t != nil {
+		for _, r := range t.Rules() {
+			p.ruleState(r.Name)
+		}
+	}
+	select {
+	case p.recheck <- struct{}{}:
+	default:
+	}
+}
+
+// Handle is the pipeline's Handler: it takes ownership of m and settles it
+// through ack exactly once (plus ErrInProgress heartbeats). It blocks while
+// MaxInFlight messages are in flight and, with the in-memory dedupe store,
+// while the sink applies back-pressure. It returns ctx's error (after
+// negative-acknowledging m) when ctx ends while it waits, otherwise nil.
+func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
+	p.handling.Add(1)
+	defer p.handling.Add(-1)
+	if p.closing.Load() {
+		ack(context.Background(), errDraining)
+		return nil
+	}
+	tbl := p.rules.Load()
+	if tbl == nil {
+		ack(context.Background(), Hold(p.cfg.HoldDelay))
+		return nil
+	}
+	t := &task{p: p, m: m, ack: ack, arrived: p.clock.Now().UnixNano()}
+	t.done = t.published
+	t.rs = p.ruleState(m.Rule)
+	t.hops = hopsOf(m.Header)
+	switch {
+	case int64(len(m.Body)) > int64(p.cfg.MaxMessageBytes):
+		t.poison = DLQTooLarge
+	case t.hops >= p.cfg.MaxHops:
+		t.poison = DLQTooManyHops
+	}
+	if t.poison == "" {
+		t.d = tbl.Route(m.Rule, &m.Message)
+	} else {
+		t.d = router.Decision{Topic: m.Rule, Shard: -1, Version: tbl.Version(), Reason: router.ReasonDLQ}
+	}
+	t.idKey = idKeyOf(m)
+	t.laneKey = t.d.Key
+	if t.laneKey == "" {
+		// No key, no order to keep: spread keyless messages over all lanes.
+		t.laneKey = m.SourceID
+	}
+	l := &p.lanes[maphash.String(p.seed, t.laneKey)%uint64(len(p.lanes))]
+	t.lane = l
+	held := t.poison == "" && t.d.Reason == router.ReasonHeld
+	if !held {
+		if err := p.budget.acquire(ctx, p.closeCh); err != nil {
+			ack(context.Background(), err)
+			if errors.Is(err, errDraining) {
+				return nil
+			}
+			return err
+		}
+		t.counted = true
+	}
+	t.rs.track(t)
+
+	l.mu.Lock()
+	if t.poison == "" && (held || (l.parked != nil && l.parked[parkKey{m.Rule, t.laneKey}] != nil)) {
+		ok := p.parkLocked(l, t)
+		l.mu.Unlock()
+		if !ok {
+			p.settle(t, Hold(p.cfg.HoldDelay))
+		}
+		return nil
+	}
+	if l.active != nil {
+		l.push(t)
+		l.mu.Unlock()
+		return nil
+	}
+	l.active = t
+	l.mu.Unlock()
+	if p.inline {
+		p.run(t)
+	} else {
+		p.enqueue(t, phaseDispatch)
+	}
+	return nil
+}
+
+func (p *Pipeline) worker() {
+	defer p.wg.Done()
+	for {
+		select {
+		case t := <-p.jobs:
+			if t.phase == phaseComplete {
+				p.run(p.complete(t))
+			} else {
+				p.run(t)
+			}
+		case <-p.quit:
+			return
+		}
+	}
+}
+
+func (p *Pipeline) enqueue(t *task, phase uint8) {
+	t.phase = phase
+	p.jobs <- t
+}
+
+// run dispatches t and, while dispatch finishes messages synchronously
+// (duplicates, parking, drain), the lane's following messages.
+func (p *Pipeline) run(t *task) {
+	for t != nil {
+		t = p.dispatch(t)
+	}
+}
+
+// dispatch moves the lane's active message t one step: route again if the
+// rules changed, then park, dead-letter or forward it. It returns the lane's
+// next message when t is finished, nil while t is pending (publish or retry).
+func (p *Pipeline) dispatch(t *task) *task {
+	if p.draining.Load() {
+		p.settle(t, errDraining)
+		return p.next(t)
+	}
+	if t.poison == "" && !t.dlq {
+		tbl := p.rules.Load()
+		if tbl.Version() != t.d.Version {
+			t.d = tbl.Route(t.m.Rule, &t.m.Message)
+		}
+		if t.d.Reason == router.ReasonHeld {
+			return p.parkActive(t)
+		}
+	}
+	if t.dlq || t.poison != "" || t.d.Reason == router.ReasonDLQ {
+		return p.toDLQ(t)
+	}
+	ss := p.sink(t.d.Target.Broker)
+	if ss == nil {
+		t.poison = DLQNoRoute
+		return p.toDLQ(t)
+	}
+	t.storeKey = t.idKey
+	if t.storeKey == "" {
+		p.log.Error("message without idempotency key; the source adapter must set SourceID; holding it", "rule", t.m.Rule)
+		p.settle(t, Hold(p.cfg.HoldDelay))
+		return p.next(t)
+	}
+	return p.reserveAndPublish(t, ss)
+}
+
+func (p *Pipeline) toDLQ(t *task) *task {
+	if !t.dlq {
+		t.dlq = true
+		t.dlqReason = t.poison
+		if t.dlqReason == "" {
+			t.dlqReason = dlqReasonOf(t.d)
+		}
+		t.dlqTarget = t.d.Target
+		if t.poison != "" || t.d.Reason != router.ReasonDLQ || t.dlqTarget.Broker == "" {
+			t.dlqTarget = router.Target{}
+			if tbl := p.rules.Load(); tbl != nil {
+				if r := tbl.Rule(t.m.Rule); r != nil && r.DLQ != nil {
+					t.dlqTarget = *r.DLQ
+				}
+			}
+		}
+		t.storeKey = ""
+		if t.idKey != "" {
+			t.storeKey = t.idKey + "\x00dlq"
+		}
+	}
+	ss := p.sink(t.dlqTarget.Broker)
+	if ss == nil {
+		p.log.Error("poison message but no usable DLQ target; holding it",
+			"rule", t.m.Rule, "reason", t.dlqReason, "source_id", t.m.SourceID, "dlq_broker", t.dlqTarget.Broker)
+		p.settle(t, Hold(p.cfg.HoldDelay))
+		return p.next(t)
+	}
+	return p.reserveAndPublish(t, ss)
+}
+
+func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
+	if t.storeKey != "" && !t.reserved {
+		o, err := p.store.Reserve(p.ctx, t.storeKey)
+		if err != nil {
+			p.met.DedupeErrors.WithLabelValues("reserve").Inc()
+			p.storeFailing.Store(true)
+			p.health.failed("dedupe store", err)
+			return p.retry(t)
+		}
+		if p.storeFailing.Load() && p.storeFailing.CompareAndSwap(true, false) {
+			p.health.recovered("dedupe store")
+		}
+		switch o {
+		case dedupe.Duplicate:
+			t.rs.met.duplicate.Inc()
+			t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
+			p.settle(t, nil)
+			return p.next(t)
+		case dedupe.InFlight:
+			return p.retry(t)
+		}
+		t.reserved = true
+	}
+	t.ss = ss
+	if t.dlq {
+		p.prepareDLQ(t)
+	} else {
+		p.prepareForward(t)
+	}
+	ss.sink.PublishAsync(p.ctx, &t.out, t.done)
+	return nil
+}
+
+// published is the sink's done callback; it must not block.
+func (t *task) published(err error) {
+	t.err = err
+	t.p.enqueue(t, phaseComplete)
+}
+
+// complete handles a publish result on a worker goroutine.
+func (p *Pipeline) complete(t *task) *task {
+	err := t.err
+	t.err = nil
+	ss := t.ss
+	if err == nil || errors.Is(err, ErrDuplicate) {
+		if ss.failing.Load() && ss.failing.CompareAndSwap(true, false) {
+			p.health.recovered(ss.what)
+		}
+		if t.reserved {
+			t.reserved = false
+			if cerr := p.store.Commit(p.ctx, t.storeKey); cerr != nil {
+				// The sink has the message; a redelivery would be published
+				// again and dropped by the sink's own dedupe window.
+				p.met.DedupeErrors.WithLabelValues("commit").Inc()
+				p.log.Debug("dedupe commit failed", "rule", t.m.Rule, "err", cerr)
+			}
+		}
+		now := p.clock.Now()
+		rm := t.rs.met
+		if t.dlq {
+			rm.dlqOut.Inc()
+			rm.dlqReason(t.dlqReason).Inc()
+			p.log.Warn("message dead-lettered", "rule", t.m.Rule, "reason", t.dlqReason, "explain", t.explain(),
+				"source_id", t.m.SourceID, "dlq_broker", t.dlqTarget.Broker, "dlq", t.dlqTarget.Subject+t.dlqTarget.Topic)
+		} else {
+			rm.forwarded.Inc()
+			cm := rm.cell(t.d.Cell)
+			cm.forwarded.Inc()
+			from := t.m.Time
+			if from.IsZero() {
+				from = time.Unix(0, t.arrived)
+			}
+			cm.latency.Observe(now.Sub(from).Seconds())
+		}
+		t.rs.hl.lastProgress.Store(now.UnixNano())
+		p.settle(t, nil)
+		return p.next(t)
+	}
+	ss.errs.Inc()
+	ss.failing.Store(true)
+	p.health.failed(ss.what, err)
+	if t.reserved {
+		t.reserved = false
+		if rerr := p.store.Release(p.ctx, t.storeKey); rerr != nil {
+			// The reservation expires by itself after the store's ReserveTTL.
+			p.met.DedupeErrors.WithLabelValues("release").Inc()
+		}
+	}
+	return p.retry(t)
+}
+
+// retry schedules another attempt of the lane's active message t after a
+// capped exponential backoff; the lane waits meanwhile (order).
+func (p *Pipeline) retry(t *task) *task {
+	if p.draining.Load() {
+		p.settle(t, errDraining)
+		return p.next(t)
+	}
+	t.rs.met.retried.Inc()
+	d := p.cfg.Retry.Initial << min(t.attempt, 30)
+	if d > p.cfg.Retry.Max || d <= 0 {
+		d = p.cfg.Retry.Max
+	}
+	t.attempt++
+	t.mu.Lock()
+	if !t.settled {
+		t.timer = time.AfterFunc(d, t.retryNow)
+	}
+	t.mu.Unlock()
+	return nil
+}
+
+func (t *task) retryNow() {
+	t.mu.Lock()
+	t.timer = nil
+	t.mu.Unlock()
+	t.p.enqueue(t, phaseDispatch)
+}
+
+// next makes the lane's following message active after t finished (settled
+// or parked) and returns it, or nil when the lane is idle.
+func (p *Pipeline) next(t *task) *task {
+	l := t.lane
+	l.mu.Lock()
+	if l.active == t {
+		l.active = nil
+	}
+	if l.active != nil {
+		l.mu.Unlock()
+		return nil
+	}
+	n, over := p.popLocked(l)
+	l.active = n
+	l.mu.Unlock()
+	for _, o := range over {
+		p.settle(o, Hold(p.cfg.HoldDelay))
+	}
+	return n
+}
+
+// settle gives t its final result exactly once and releases what it holds.
+func (p *Pipeline) settle(t *task, result error) {
+	t.mu.Lock()
+	if t.settled {
+		t.mu.Unlock()
+		return
+	}
+	t.settled = true
+	if t.timer != nil {
+		t.timer.Stop()
+		t.timer = nil
+	}
+	if err := t.ack(context.Background(), result); err != nil {
+		p.log.Debug("source ack failed; the message will be redelivered and deduplicated", "rule", t.m.Rule, "err", err)
+	}
+	t.mu.Unlock()
+	t.rs.untrack(t)
+	if t.counted {
+		t.counted = false
+		p.budget.release(1)
+	}
+}
+
+func (p *Pipeline) ruleState(name string) *ruleState {
+	return p.ruleStates.get(name, func() *ruleState {
+		return &ruleState{name: name, met: p.met.rule(name), hl: p.health.rule(name)}
+	})
+}
+
+// sink returns the cached sink state of a broker; nil when there is none.
+func (p *Pipeline) sink(broker string) *sinkState {
+	if broker == "" {
+		return nil
+	}
+	return p.sinkStates.get(broker, func() *sinkState {
+		s, ok := p.sinks(broker)
+		if !ok || s == nil {
+			p.log.Error("no sink for broker; its messages go to the DLQ (no_route)", "broker", broker)
+			return nil
+		}
+		return &sinkState{name: broker, what: "publishing to broker " + broker, sink: s,
+			errs: p.met.SinkPublishErrors.WithLabelValues(broker)}
+	})
+}
+
+func (p *Pipeline) versionString(v int64) string {
+	if c := p.ver.Load(); c != nil && c.v == v {
+		return c.s
+	}
+	c := &verString{v: v, s: strconv.FormatInt(v, 10)}
+	p.ver.Store(c)
+	return c.s
+}
+
+func (p *Pipeline) shardString(s int) string {
+	if s >= 0 && s < len(p.shardStr) {
+		return p.shardStr[s]
+	}
+	return strconv.Itoa(s)
+}
+
+// hopsOf parses Cell-Hops without allocating; absent or malformed counts 0.
+func hopsOf(h map[string][]string) int {
+	v := headerValue(h, HeaderHops)
+	n := 0
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if c < '0' || c > '9' || n > 1<<20 {
+			return 0
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n
+}
+
+// headerValue looks a header up exactly, then case-insensitively (as the
+// router does); the first value counts.
+func headerValue(h map[string][]string, name string) string {
+	if len(h) == 0 {
+		return ""
+	}
+	if vs, ok := h[name]; ok {
+		if len(vs) > 0 {
+			return vs[0]
+		}
+		return ""
+	}
+	for k, vs := range h {
+		if len(k) == len(name) && len(vs) > 0 && strings.EqualFold(k, name) {
+			return vs[0]
+		}
+	}
+	return ""
+}
+
+// idKeyOf is the idempotency key: an incoming Cell-Msg-Id, else SourceID.
+func idKeyOf(m *Message) string {
+	if v := headerValue(m.Header, HeaderMsgID); v != "" {
+		return v
+	}
+	return m.SourceID
+}
+
+// forwardHeaders are the headers the bridge sets, in task.hv order.
+var forwardHeaders = [6]string{HeaderMsgID, HeaderCell, HeaderShard, HeaderRulesVersion, HeaderSource, HeaderHops}
+
+// saveHeaders remembers the original values of the headers the bridge
+// overwrites, so that a DLQ copy carries the original headers.
+func (t *task) saveHeaders() {
+	if t.hdrSaved {
+		return
+	}
+	t.hdrSaved = true
+	if t.m.Header == nil {
+		t.m.Header = make(map[string][]string, 8)
+		return
+	}
+	for i, name := range forwardHeaders {
+		if v, ok := t.m.Header[name]; ok {
+			t.orig[i] = v
+			t.origHad |= 1 << i
+		}
+	}
+}
+
+func (p *Pipeline) prepareForward(t *task) {
+	t.saveHeaders()
+	h := t.m.Header
+	t.hv = [6]string{t.idKey, t.d.Cell, p.shardString(t.d.Shard), p.versionString(t.d.Version), t.m.Source, itoa(t.hops + 1)}
+	for i, name := range forwardHeaders {
+		h[name] = t.hv[i : i+1 : i+1]
+	}
+	t.out = Outgoing{Target: t.d.Target, MsgID: t.idKey, Header: h, Body: t.m.Body}
+}
+
+func (p *Pipeline) prepareDLQ(t *task) {
+	t.saveHeaders()
+	h := t.m.Header
+	for i, name := range forwardHeaders {
+		if t.origHad&(1<<i) != 0 {
+			h[name] = t.orig[i]
+		} else {
+			delete(h, name)
+		}
+	}
+	h[HeaderError] = []string{t.dlqReason + ": " + t.explain()}
+	id := t.idKey
+	if id == "" {
+		id = t.m.SourceID
+	}
+	t.out = Outgoing{Target: t.dlqTarget, MsgID: id, Header: h, Body: t.m.Body}
+}
+
+func (t *task) explain() string {
+	switch t.dlqReason {
+	case DLQTooLarge:
+		return fmt.Sprintf("body is %d bytes, over the limit of %d", len(t.m.Body), t.p.cfg.MaxMessageBytes)
+	case DLQTooManyHops:
+		return fmt.Sprintf("%s is %d, at or over the limit of %d", HeaderHops, t.hops, t.p.cfg.MaxHops)
+	case DLQNoRoute:
+		if t.d.Explain == "" {
+			return "no sink for target broker " + strconv.Quote(t.d.Target.Broker)
+		}
+	}
+	if t.d.Explain != "" {
+		return t.d.Explain
+	}
+	return "no route"
+}
+
+// dlqReasonOf is the cellbridge_dlq_total reason of a router DLQ decision:
+// the router's Cause (missing_key, bad_key, bad_body, no_route).
+func dlqReasonOf(d router.Decision) string {
+	if d.Cause != "" {
+		return d.Cause
+	}
+	return DLQNoRoute
+}
