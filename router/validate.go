@@ -1,0 +1,320 @@
+package router
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// Limits and defaults of the rule schema.
+const (
+	// MaxShards bounds the shard space so that compiled tables stay small
+	// (one entry per shard and topic rule).
+	MaxShards = 100000
+
+	StateActive = "active" // the cell serves its shards
+	StateDown   = "down"   // the cell is gone; its shards go to its failover cell
+
+	OnMissingKeyDLQ    = "dlq"    // default: events without a usable key go to the rule's dlq
+	OnMissingKeyGlobal = "global" // events without a usable key go to the global cell
+
+	ShardDigits = "digits" // characters [from:to) of the key as a decimal number
+	ShardMod    = "mod"    // the whole key as an unsigned decimal integer
+	ShardFNV1a  = "fnv1a"  // 32-bit FNV-1a of the key bytes
+)
+
+var (
+	reName       = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
+	reRange      = regexp.MustCompile(`^([0-9]+)(?:-([0-9]+))?$`)
+	reHeaderName = regexp.MustCompile("^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+	reJSONPath   = regexp.MustCompile(`^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$`)
+	reRMQTopic   = regexp.MustCompile(`^[%|A-Za-z0-9_-]{1,127}$`)
+	reBroker     = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+)
+
+// Range is an inclusive range of shard numbers.
+type Range struct{ From, To int }
+
+// String renders "7" or "40-44", the syntax of rule files.
+func (r Range) String() string {
+	if r.From == r.To {
+		return strconv.Itoa(r.From)
+	}
+	return strconv.Itoa(r.From) + "-" + strconv.Itoa(r.To)
+}
+
+// Len is the number of shards in r.
+func (r Range) Len() int { return r.To - r.From + 1 }
+
+// ParseRange parses "7" or "40-44".
+func ParseRange(s string) (Range, error) {
+	m := reRange.FindStringSubmatch(s)
+	if m == nil {
+		return Range{}, fmt.Errorf("malformed shard range %q: want N or N-M", s)
+	}
+	from, err1 := strconv.Atoi(m[1])
+	to, err2 := from, error(nil)
+	if m[2] != "" {
+		to, err2 = strconv.Atoi(m[2])
+	}
+	if err1 != nil || err2 != nil {
+		return Range{}, fmt.Errorf("shard range %q out of range", s)
+	}
+	if from > to {
+		return Range{}, fmt.Errorf("malformed shard range %q: start after end", s)
+	}
+	return Range{from, to}, nil
+}
+
+// runs groups the indices i in [0,n) with ok(i) into ranges.
+func runs(n int, ok func(i int) bool) []Range {
+	var out []Range
+	for i := 0; i < n; i++ {
+		if !ok(i) {
+			continue
+		}
+		j := i
+		for j+1 < n && ok(j+1) {
+			j++
+		}
+		out = append(out, Range{i, j})
+		i = j
+	}
+	return out
+}
+
+func rangesString(rs []Range) string {
+	s := make([]string, len(rs))
+	for i, r := range rs {
+		s[i] = r.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+func shardWord(n int) string {
+	if n == 1 {
+		return "shard"
+	}
+	return "shards"
+}
+
+// validateCellMap checks the CellMap document and returns a table holding
+// what is valid of it, so that topic rules can be checked against it even
+// when the map has problems.
+func validateCellMap(d *doc, cm *cellMapDoc) *Table {
+	t := &Table{cellIdx: map[string]int{}, globalIdx: -1, pins: map[string]int{}, cm: d}
+	switch {
+	case !d.present("version"):
+		d.errorf("version", "missing: a positive integer that increases with every change")
+	case cm.Version <= 0:
+		d.errorf("version", "must be a positive integer, not %d", cm.Version)
+	}
+	t.version = cm.Version
+	switch {
+	case !d.present("shards"):
+		d.errorf("shards", "missing: the size of the shard space, e.g. 100")
+	case cm.Shards < 1 || cm.Shards > MaxShards:
+		d.errorf("shards", "must be between 1 and %d, not %d", MaxShards, cm.Shards)
+	default:
+		t.shards = cm.Shards
+	}
+
+	if len(cm.Cells) == 0 {
+		d.errorf("cells", "at least one cell is required")
+	}
+	firstAt := map[string]string{}
+	for i, c := range cm.Cells {
+		p := fmt.Sprintf("cells[%d]", i)
+		switch {
+		case c.Name == "":
+			d.errorf(p+".name", "missing")
+			continue
+		case !reName.MatchString(c.Name):
+			d.errorf(p+".name", "%q is not a valid cell name (letters, digits, '_' and '-', at most 64)", c.Name)
+			continue
+		}
+		if first, dup := firstAt[c.Name]; dup {
+			d.errorf(p+".name", "duplicate cell %q (first at %s)", c.Name, first)
+			continue
+		}
+		firstAt[c.Name] = fmt.Sprintf("%s.name, line %d", p, d.lineOf(p+".name"))
+		state := c.State
+		if state == "" {
+			state = StateActive
+		}
+		if state != StateActive && state != StateDown {
+			d.errorf(p+".state", "unknown state %q: must be %s or %s", c.State, StateActive, StateDown)
+			state = StateActive
+		}
+		t.cellIdx[c.Name] = len(t.cells)
+		t.cells = append(t.cells, Cell{Name: c.Name, City: c.City, State: state, Failover: c.Failover})
+		t.cellPath = append(t.cellPath, p)
+	}
+	for i := range t.cells {
+		c, p := &t.cells[i], t.cellPath[i]
+		if c.Failover == "" {
+			if c.State == StateDown {
+				d.errorf(p+".state", "cell %s is down but has no failover cell", c.Name)
+			}
+			continue
+		}
+		fi, ok := t.cellIdx[c.Failover]
+		switch {
+		case c.Failover == c.Name:
+			d.errorf(p+".failover", "cell %s cannot fail over to itself", c.Name)
+		case !ok:
+			d.errorf(p+".failover", "unknown cell %q", c.Failover)
+		case t.cells[fi].State == StateDown:
+			d.errorf(p+".failover", "failover cell %s is down", c.Failover)
+		}
+	}
+
+	if cm.Global != "" {
+		if gi, ok := t.cellIdx[cm.Global]; ok {
+			t.global, t.globalIdx = cm.Global, gi
+		} else {
+			d.errorf("global", "unknown cell %q", cm.Global)
+		}
+	}
+
+	t.validateCoverage(d, cm)
+
+	for i, pn := range cm.Pins {
+		p := fmt.Sprintf("pins[%d]", i)
+		if pn.Key == "" {
+			d.errorf(p+".key", "missing")
+		}
+		ci, ok := t.cellIdx[pn.Cell]
+		switch {
+		case pn.Cell == "":
+			d.errorf(p+".cell", "missing")
+		case !ok:
+			d.errorf(p+".cell", "unknown cell %q", pn.Cell)
+		}
+		if pn.Key == "" || !ok {
+			continue
+		}
+		if first, dup := t.pins[pn.Key]; dup {
+			d.errorf(p+".key", "key %q is pinned twice (first to %s)", pn.Key, t.pinList[first].Cell)
+			continue
+		}
+		t.pins[pn.Key] = len(t.pinList)
+		t.pinList = append(t.pinList, Pin{Key: pn.Key, Cell: pn.Cell})
+		t.pinCell = append(t.pinCell, int32(ci))
+	}
+
+	if t.shards > 0 {
+		t.blocked = make([]bool, t.shards)
+	}
+	for i, s := range cm.Blocked {
+		p := fmt.Sprintf("blocked[%d]", i)
+		r, err := ParseRange(s)
+		if err != nil {
+			d.errorf(p, "%v", err)
+			continue
+		}
+		if t.shards == 0 {
+			continue
+		}
+		if r.To >= t.shards {
+			d.errorf(p, "range %s is outside the shard space 0-%d", r, t.shards-1)
+			continue
+		}
+		twice := runs(r.To+1, func(s int) bool { return s >= r.From && t.blocked[s] })
+		if len(twice) > 0 {
+			d.errorf(p, "%s %s already blocked by an earlier entry", shardWord(len(twice)), rangesString(twice))
+		}
+		for s := r.From; s <= r.To; s++ {
+			t.blocked[s] = true
+		}
+	}
+	return t
+}
+
+// validateCoverage checks that every shard has exactly one owner.
+func (t *Table) validateCoverage(d *doc, cm *cellMapDoc) {
+	if t.shards > 0 {
+		t.owner = make([]int32, t.shards)
+		for i := range t.owner {
+			t.owner[i] = -1
+		}
+	}
+	for i, c := range cm.Cells {
+		ci, known := t.cellIdx[c.Name]
+		if known && t.cellPath[ci] != fmt.Sprintf("cells[%d]", i) {
+			known = false // a duplicate entry; already reported
+		}
+		for j, s := range c.Shards {
+			p := fmt.Sprintf("cells[%d].shards[%d]", i, j)
+			r, err := ParseRange(s)
+			if err != nil {
+				d.errorf(p, "%v", err)
+				continue
+			}
+			if t.shards == 0 || !known {
+				continue
+			}
+			if r.To >= t.shards {
+				d.errorf(p, "range %s is outside the shard space 0-%d", r, t.shards-1)
+				continue
+			}
+			// Shards already owned, grouped by their previous owner.
+			for prev := range t.cells {
+				twice := runs(r.To+1, func(s int) bool { return s >= r.From && t.owner[s] == int32(prev) })
+				if len(twice) == 0 {
+					continue
+				}
+				n := 0
+				for _, x := range twice {
+					n += x.Len()
+				}
+				if prev == ci {
+					d.errorf(p, "%s %s listed twice for cell %s", shardWord(n), rangesString(twice), c.Name)
+				} else {
+					d.errorf(p, "%s %s covered twice: by %s and by %s", shardWord(n), rangesString(twice), t.cells[prev].Name, c.Name)
+				}
+			}
+			for s := r.From; s <= r.To; s++ {
+				if t.owner[s] < 0 {
+					t.owner[s] = int32(ci)
+					t.cells[ci].Shards = appendShard(t.cells[ci].Shards, s)
+				}
+			}
+		}
+	}
+	if t.shards > 0 && len(t.cells) > 0 {
+		if holes := runs(t.shards, func(s int) bool { return t.owner[s] < 0 }); len(holes) > 0 {
+			n := 0
+			for _, x := range holes {
+				n += x.Len()
+			}
+			d.errorf("cells", "%s %s not covered by any cell", shardWord(n), rangesString(holes))
+		}
+	}
+}
+
+// appendShard adds shard s to the sorted ranges rs, merging neighbours.
+func appendShard(rs []Range, s int) []Range {
+	for i := range rs {
+		switch {
+		case s >= rs[i].From && s <= rs[i].To:
+			return rs
+		case s == rs[i].To+1:
+			rs[i].To = s
+			if i+1 < len(rs) && rs[i+1].From == s+1 {
+				rs[i].To = rs[i+1].To
+				rs = append(rs[:i+1], rs[i+2:]...)
+			}
+			return rs
+		case s == rs[i].From-1:
+			rs[i].From = s
+			return rs
+		case s < rs[i].From:
+			rs = append(rs[:i+1], rs[i:]...)
+			rs[i] = Range{s, s}
+			return rs
+		}
+	}
+	return append(rs, Range{s, s})
+}

@@ -1,0 +1,360 @@
+package router
+
+import (
+	"fmt"
+	"strings"
+)
+
+const (
+	kindNATS     = "a NATS subject"
+	kindRocketMQ = "a RocketMQ topic"
+)
+
+// brokerUse remembers how a broker name was first used: a broker is either
+// NATS (subjects) or RocketMQ (topics), never both.
+type brokerUse struct {
+	kind  string
+	where string
+}
+
+type ruleChecker struct {
+	t       *Table
+	names   map[string]string
+	brokers map[string]brokerUse
+}
+
+func validateRules(t *Table, rules []parsedRule) {
+	c := &ruleChecker{t: t, names: map[string]string{}, brokers: map[string]brokerUse{}}
+	for i := range rules {
+		c.check(rules[i].doc, &rules[i].tr)
+	}
+}
+
+func (c *ruleChecker) useBroker(d *doc, path, broker, kind string) {
+	where := fmt.Sprintf("%s:%d (%s)", d.file, d.lineOf(path), path)
+	if u, ok := c.brokers[broker]; ok && u.kind != kind {
+		d.errorf(path, "broker %q is used for %s here but for %s at %s; a broker is either NATS or RocketMQ",
+			broker, kind, u.kind, u.where)
+		return
+	}
+	if _, ok := c.brokers[broker]; !ok {
+		c.brokers[broker] = brokerUse{kind: kind, where: where}
+	}
+}
+
+func (c *ruleChecker) check(d *doc, r *topicRuleDoc) {
+	switch {
+	case r.Name == "":
+		d.errorf("name", "missing: the topic rule's name")
+	case !reName.MatchString(r.Name):
+		d.errorf("name", "%q is not a valid name (letters, digits, '_' and '-', at most 64)", r.Name)
+	default:
+		where := fmt.Sprintf("%s:%d", d.file, d.lineOf("name"))
+		if first, dup := c.names[r.Name]; dup {
+			d.errorf("name", "duplicate topic rule %q (first at %s)", r.Name, first)
+		} else {
+			c.names[r.Name] = where
+		}
+	}
+	sourceNATS := c.checkSource(d, r)
+	c.checkKey(d, r, sourceNATS)
+	c.checkShard(d, r)
+
+	onMissing := r.OnMissingKey
+	switch onMissing {
+	case "", OnMissingKeyDLQ:
+		if r.DLQ == nil {
+			if d.present("onMissingKey") {
+				d.errorf("dlq", "missing: required when onMissingKey is dlq")
+			} else {
+				d.errorf("dlq", "missing: required when onMissingKey is dlq (the default; or set onMissingKey: global)")
+			}
+		}
+	case OnMissingKeyGlobal:
+		if c.t.globalIdx < 0 && c.t.cm != nil && !c.t.cm.present("global") {
+			d.errorf("onMissingKey", "global needs a global cell, but the CellMap names none")
+		}
+	default:
+		d.errorf("onMissingKey", "unknown value %q: must be %s or %s", onMissing, OnMissingKeyDLQ, OnMissingKeyGlobal)
+	}
+
+	if !d.present("target") {
+		d.errorf("target", "missing: where events go, e.g. {broker: nats, subject: \"cell.{cell}.%s\"}", r.Name)
+	} else if t := c.checkTarget(d, "target", r.Target, true, r.Name); t != nil {
+		if onMissing == OnMissingKeyGlobal {
+			for _, f := range []struct {
+				path string
+				t    tmpl
+			}{{"target.broker", t.broker}, {"target.subject", t.subject}, {"target.topic", t.topic}} {
+				if f.t.has(phShard) {
+					d.errorf(f.path, "{shard} cannot be rendered for events without a key (onMissingKey: global)")
+				}
+			}
+		}
+		if sourceNATS && t.subject != nil && checkSubject(r.Source.Subject, true) == nil {
+			c.checkLoop(d, "target.subject", r, t)
+		}
+	}
+	if r.DLQ != nil {
+		if t := c.checkTarget(d, "dlq", *r.DLQ, false, r.Name); t != nil && sourceNATS && t.subject != nil &&
+			checkSubject(r.Source.Subject, true) == nil {
+			subj := t.subject.render("", "", r.Name)
+			if t.broker.render("", "", r.Name) == r.Source.Broker &&
+				subjectMatches(r.Source.Subject, strings.Split(subj, "."), func(a, b string) bool { return a == b }) {
+				d.errorf("dlq.subject", "%q is matched by the source subject filter %q: dead letters would be consumed again (routing loop)",
+					subj, r.Source.Subject)
+			}
+		}
+	}
+}
+
+// checkSource validates the source and reports whether it is NATS.
+func (c *ruleChecker) checkSource(d *doc, r *topicRuleDoc) bool {
+	s := r.Source
+	if !d.present("source") {
+		d.errorf("source", "missing: e.g. {broker: nats, stream: ORDERS, subject: \"orders.>\"}")
+		return false
+	}
+	if s.Broker == "" {
+		d.errorf("source.broker", "missing: the broker name from the bridge config")
+	} else if !reBroker.MatchString(s.Broker) {
+		d.errorf("source.broker", "%q is not a valid broker name (letters, digits, '_' and '-')", s.Broker)
+	}
+	if s.Group != "" && !reName.MatchString(s.Group) {
+		d.errorf("source.group", "%q is not a valid consumer group name (letters, digits, '_' and '-', at most 64)", s.Group)
+	}
+	isNATS := s.Stream != "" || s.Subject != ""
+	isRMQ := s.Topic != "" || s.Tags != ""
+	switch {
+	case isNATS && isRMQ:
+		d.errorf("source", "has NATS fields (stream, subject) and RocketMQ fields (topic, tags); a source is one or the other")
+		return false
+	case !isNATS && !isRMQ:
+		d.errorf("source", "needs stream and subject (NATS JetStream) or topic (RocketMQ)")
+		return false
+	case isNATS:
+		if s.Stream == "" {
+			d.errorf("source.stream", "missing: the JetStream stream to consume")
+		} else if !reBroker.MatchString(s.Stream) {
+			d.errorf("source.stream", "%q is not a valid stream name (letters, digits, '_' and '-')", s.Stream)
+		}
+		if s.Subject == "" {
+			d.errorf("source.subject", "missing: the subject filter of the consumer, e.g. \"orders.>\"")
+		} else if err := checkSubject(s.Subject, true); err != nil {
+			d.errorf("source.subject", "%v", err)
+		}
+		if s.Broker != "" {
+			c.useBroker(d, "source.broker", s.Broker, kindNATS)
+		}
+	default:
+		if s.Topic == "" {
+			d.errorf("source.topic", "missing: the RocketMQ topic to consume")
+		} else if !reRMQTopic.MatchString(s.Topic) {
+			d.errorf("source.topic", "%q is not a valid RocketMQ topic (letters, digits, '%%', '|', '_' and '-', at most 127)", s.Topic)
+		}
+		if d.present("source.tags") && strings.TrimSpace(s.Tags) == "" {
+			d.errorf("source.tags", "empty: omit it or give a tag expression such as \"TagA || TagB\"")
+		}
+		if s.Broker != "" {
+			c.useBroker(d, "source.broker", s.Broker, kindRocketMQ)
+		}
+	}
+	return isNATS
+}
+
+func (c *ruleChecker) checkKey(d *doc, r *topicRuleDoc, sourceNATS bool) {
+	if !d.present("key") {
+		d.errorf("key", "missing: one of header, json, subjectToken, rocketmqKeys")
+		return
+	}
+	var set []string
+	for _, f := range []string{"header", "json", "subjectToken", "rocketmqKeys"} {
+		if d.present("key." + f) {
+			set = append(set, f)
+		}
+	}
+	switch {
+	case len(set) == 0:
+		d.errorf("key", "needs exactly one of header, json, subjectToken, rocketmqKeys")
+		return
+	case len(set) > 1:
+		d.errorf("key", "conflicting key sources %s: exactly one of header, json, subjectToken, rocketmqKeys", strings.Join(set, ", "))
+		return
+	}
+	k := r.Key
+	switch set[0] {
+	case "header":
+		if !reHeaderName.MatchString(k.Header) {
+			d.errorf("key.header", "%q is not a valid header name", k.Header)
+		}
+	case "json":
+		if !reJSONPath.MatchString(k.JSON) {
+			d.errorf("key.json", "%q is not a dotted path such as user.id or items.0.uid", k.JSON)
+		}
+	case "subjectToken":
+		if k.SubjectToken == 0 {
+			d.errorf("key.subjectToken", "must be a token position: 1 is the first token, -1 the last")
+		}
+	case "rocketmqKeys":
+		if !k.RocketMQKeys {
+			d.errorf("key.rocketmqKeys", "must be true when given")
+		} else if sourceNATS {
+			d.errorf("key.rocketmqKeys", "needs a RocketMQ source (NATS messages have no keys)")
+		}
+	}
+}
+
+func (c *ruleChecker) checkShard(d *doc, r *topicRuleDoc) {
+	if !d.present("shard") {
+		d.errorf("shard", "missing: e.g. {func: digits, from: -3, to: -1}, {func: mod} or {func: fnv1a}")
+		return
+	}
+	f := r.Shard
+	switch f.Func {
+	case "":
+		d.errorf("shard.func", "missing: digits, mod or fnv1a")
+	case ShardMod, ShardFNV1a:
+		for _, p := range []string{"shard.from", "shard.to"} {
+			if d.present(p) {
+				d.errorf(p, "only applies to func: digits")
+			}
+		}
+	case ShardDigits:
+		if !d.present("shard.from") {
+			d.errorf("shard.from", "missing: digits needs from (and to), e.g. from: -3, to: -1")
+			return
+		}
+		toSet := d.present("shard.to")
+		var width int
+		switch {
+		case f.From >= 0 && !toSet:
+			d.errorf("shard.to", "missing: required when from is not negative")
+			return
+		case f.From >= 0 && f.To <= f.From:
+			d.errorf("shard.to", "must be greater than from (%d)", f.From)
+			return
+		case f.From < 0 && toSet && f.To >= 0:
+			d.errorf("shard.to", "must be negative like from (counted from the end of the key), or omitted for the end of the key")
+			return
+		case f.From < 0 && toSet && f.To <= f.From:
+			d.errorf("shard.to", "must be greater than from (%d)", f.From)
+			return
+		case f.From < 0 && !toSet:
+			width = -f.From
+		default:
+			width = f.To - f.From
+		}
+		if width > 9 {
+			d.errorf("shard.from", "digits takes at most 9 characters, not %d", width)
+			return
+		}
+		if c.t.shards > 0 && pow10(width) < c.t.shards {
+			d.errorf("shard.from", "%d digits give %d values, fewer than the %d shards", width, pow10(width), c.t.shards)
+		}
+	default:
+		d.errorf("shard.func", "unknown function %q: must be digits, mod or fnv1a", f.Func)
+	}
+}
+
+func pow10(n int) int {
+	p := 1
+	for range n {
+		p *= 10
+	}
+	return p
+}
+
+type targetTmpl struct{ broker, subject, topic tmpl }
+
+// checkTarget validates a target (full: {cell} and {shard} allowed, as in
+// `target`; otherwise only {topic}, as in `dlq`) and returns its parsed
+// templates, or nil when it is invalid.
+func (c *ruleChecker) checkTarget(d *doc, path string, td targetDoc, full bool, topic string) *targetTmpl {
+	var out targetTmpl
+	ok := true
+	parse := func(field, s string) tmpl {
+		t, err := parseTemplate(s)
+		if err != nil {
+			d.errorf(path+"."+field, "%v", err)
+			ok = false
+			return nil
+		}
+		if !full && (t.has(phCell) || t.has(phShard)) {
+			d.errorf(path+"."+field, "only {topic} may be used here ({cell} and {shard} are unknown for dead letters)")
+			ok = false
+		}
+		return t
+	}
+	if td.Broker == "" {
+		d.errorf(path+".broker", "missing: the broker name from the bridge config")
+		ok = false
+	} else {
+		out.broker = parse("broker", td.Broker)
+	}
+	switch {
+	case td.Subject != "" && td.Topic != "":
+		d.errorf(path, "has both subject (NATS) and topic (RocketMQ); give one")
+		return nil
+	case td.Subject == "" && td.Topic == "":
+		d.errorf(path, "needs subject (NATS) or topic (RocketMQ)")
+		return nil
+	case td.Subject != "":
+		out.subject = parse("subject", td.Subject)
+	default:
+		out.topic = parse("topic", td.Topic)
+	}
+	if !ok {
+		return nil
+	}
+	// Render for every cell so that a cell name cannot make a target invalid.
+	cells := []string{""}
+	if full && len(c.t.cells) > 0 {
+		cells = cells[:0]
+		for _, cl := range c.t.cells {
+			cells = append(cells, cl.Name)
+		}
+	}
+	shards := max(c.t.shards, 1)
+	kind := kindNATS
+	if out.topic != nil {
+		kind = kindRocketMQ
+	}
+	seen := map[string]bool{}
+	for _, cell := range cells {
+		sh := shardText(0, shards)
+		b := out.broker.render(cell, sh, topic)
+		if !reBroker.MatchString(b) {
+			d.errorf(path+".broker", "renders to %q, not a valid broker name (letters, digits, '_' and '-')", b)
+			return nil
+		}
+		if !seen[b] {
+			seen[b] = true
+			c.useBroker(d, path+".broker", b, kind)
+		}
+		if out.subject != nil {
+			if err := checkSubject(out.subject.render(cell, sh, topic), false); err != nil {
+				d.errorf(path+".subject", "%v", err)
+				return nil
+			}
+		} else if tp := out.topic.render(cell, sh, topic); !reRMQTopic.MatchString(tp) {
+			d.errorf(path+".topic", "renders to %q, not a valid RocketMQ topic (letters, digits, '%%', '|', '_' and '-', at most 127)", tp)
+			return nil
+		}
+	}
+	return &out
+}
+
+// checkLoop reports a target subject that the rule's own source filter would
+// consume again.
+func (c *ruleChecker) checkLoop(d *doc, path string, r *topicRuleDoc, t *targetTmpl) {
+	for _, cl := range c.t.cells {
+		if t.broker.render(cl.Name, "0", r.Name) != r.Source.Broker {
+			continue
+		}
+		if templateLoops(r.Source.Subject, t.subject, cl.Name, r.Name, max(c.t.shards, 1)) {
+			d.errorf(path, "%q for cell %s is matched by the source subject filter %q on the same broker: forwarded events would be consumed again (routing loop)",
+				r.Target.Subject, cl.Name, r.Source.Subject)
+			return
+		}
+	}
+}
