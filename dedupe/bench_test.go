@@ -6,6 +6,10 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/natstest"
 )
 
 // benchCycle is the bridge's hot path for one new message: Reserve, then
@@ -87,4 +91,77 @@ func BenchmarkMemoryDuplicate(b *testing.B) {
 			i++
 		}
 	})
+}
+
+// BenchmarkKV runs the bridge's hot path (Reserve, Commit on fresh keys)
+// against an embedded server with file storage, 64 × GOMAXPROCS goroutines
+// sharing one connection.
+func BenchmarkKV(b *testing.B) {
+	for _, st := range []struct {
+		name    string
+		storage jetstream.StorageType
+	}{{"file", jetstream.FileStorage}, {"memory", jetstream.MemoryStorage}} {
+		b.Run(st.name, func(b *testing.B) {
+			srv := natstest.Start(b)
+			_, js := srv.Connect(b)
+			kv, err := NewJetStream(context.Background(), js, KVConfig{Bucket: "bench", Storage: st.storage})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer kv.Close(context.Background())
+			benchCycle(b, kv, nil)
+		})
+	}
+}
+
+// BenchmarkKVLibrary is the same protocol written with nats.go's KeyValue
+// API (Create with a key TTL, then Put), for comparison with KV's own
+// pipelined publishes.
+func BenchmarkKVLibrary(b *testing.B) {
+	ctx := context.Background()
+	srv := natstest.Start(b)
+	_, js := srv.Connect(b)
+	bucket, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench", TTL: DefaultTTL, LimitMarkerTTL: time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	benchCycle(b, libraryStore{bucket}, nil)
+}
+
+type libraryStore struct{ kv jetstream.KeyValue }
+
+func (s libraryStore) Reserve(ctx context.Context, key string) (Outcome, error) {
+	_, err := s.kv.Create(ctx, EncodeKey(key), []byte("r"), jetstream.KeyTTL(DefaultReserveTTL))
+	return Reserved, err
+}
+
+func (s libraryStore) Commit(ctx context.Context, key string) error {
+	_, err := s.kv.Put(ctx, EncodeKey(key), []byte("c"))
+	return err
+}
+func (libraryStore) Release(context.Context, string) error { return nil }
+func (libraryStore) Close(context.Context) error           { return nil }
+
+// BenchmarkJetStreamPublish is the floor: one awaited publish per op to a
+// plain stream through nats.go (two such per message is KV's cost).
+func BenchmarkJetStreamPublish(b *testing.B) {
+	ctx := context.Background()
+	srv := natstest.Start(b)
+	_, js := srv.Connect(b)
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "BENCH", Subjects: []string{"bench.>"}}); err != nil {
+		b.Fatal(err)
+	}
+	data := []byte("c")
+	b.ReportAllocs()
+	b.SetParallelism(64)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := js.Publish(ctx, "bench.x", data); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
 }

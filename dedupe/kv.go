@@ -1,0 +1,351 @@
+package dedupe
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// KVConfig configures NewJetStream. Zero fields take the defaults.
+type KVConfig struct {
+	// Bucket names the key-value bucket (stream KV_<Bucket>); required,
+	// [A-Za-z0-9_-]+. Every replica of the bridge names the same bucket.
+	Bucket string
+	// TTL is how long a committed key is remembered (the bucket's max age).
+	// Default DefaultTTL. It must exceed ReserveTTL.
+	TTL time.Duration
+	// ReserveTTL is how long a reservation lives without Commit or Release
+	// (a per-message TTL, so whole seconds: rounded up, at least 1s).
+	// Default DefaultReserveTTL.
+	ReserveTTL time.Duration
+	// Replicas of the bucket's stream when it is created. Default 1.
+	Replicas int
+	// Storage of the bucket's stream when it is created. The default,
+	// jetstream.FileStorage, keeps the keys across server restarts.
+	Storage jetstream.StorageType
+	// Timeout bounds each round trip when ctx has no earlier deadline.
+	// Default 5s.
+	Timeout time.Duration
+}
+
+// KV is a Store in a JetStream key-value bucket shared by every replica of
+// the bridge. It is safe for concurrent use; calls from many goroutines are
+// pipelined on the one connection. It owns one subscription (for
+// acknowledgements), ended by Close; the connection stays the caller's.
+//
+// Protocol (one message per key, the bucket keeps only the latest):
+//
+//   - Reserve publishes the value "r<replica token>" with
+//     Nats-Expected-Last-Subject-Sequence: 0 (the server stores it only if
+//     the key has no message: an atomic create) and Nats-TTL: ReserveTTL (the
+//     server deletes it by itself when it expires). Stored: Reserved, one
+//     round trip. Refused: the key exists, and one direct get reads it: "c"
+//     → Duplicate; a reservation → InFlight; a delete or purge marker → the
+//     create is repeated expecting the marker's revision.
+//   - Commit publishes "c" with no expectation and no per-message TTL, so
+//     the bucket's max age (TTL) counts from the commit: one round trip,
+//     whose acknowledgement is awaited (Commit returns nil only once the
+//     commit is stored). It overwrites whatever is there, including a
+//     reservation that expired and was taken by another replica: the fact
+//     it records, the message is stored downstream, holds regardless.
+//   - Release reads the key and, when it still holds this replica's
+//     reservation, writes a purge marker expecting exactly that revision,
+//     so it can never remove a commit or another replica's reservation.
+//
+// All compare-and-set decisions are made by the stream leader, so replicas
+// on different connections (or servers of a cluster) agree. A direct get
+// may be served by a lagging replica of the stream; a stale read can only
+// turn into InFlight (retry later) or into a refused create that is retried.
+type KV struct {
+	bucket     string
+	prefix     string // "$KV.<bucket>."
+	stream     jetstream.Stream
+	pipe       *pipe
+	reserveHdr nats.Header // shared, read only
+	reserveTTL string      // Nats-TTL value
+	reserveVal []byte      // "r" + token
+	closed     atomic.Bool
+}
+
+var _ Store = (*KV)(nil)
+
+var bucketName = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+
+// Header names and values of the KV layout (as written by nats.go's KV).
+const (
+	hdrExpectLastSubjSeq = "Nats-Expected-Last-Subject-Sequence"
+	hdrTTL               = "Nats-TTL"
+	hdrKVOperation       = "KV-Operation"
+	hdrMarkerReason      = "Nats-Marker-Reason"
+	hdrRollup            = "Nats-Rollup"
+)
+
+var committedVal = []byte("c")
+
+// NewJetStream opens the bucket cfg.Bucket, creating it when missing, and
+// returns a KV store on js's connection. An existing bucket is adapted:
+// per-message TTLs are enabled and its max age set to cfg.TTL (the last
+// replica to start decides the window), other settings are left alone.
+// The connection must support headers. Errors name the bucket.
+func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, error) {
+	if !bucketName.MatchString(cfg.Bucket) {
+		return nil, fmt.Errorf("dedupe: bucket %q: invalid name, want [A-Za-z0-9_-]+", cfg.Bucket)
+	}
+	if cfg.TTL <= 0 {
+		cfg.TTL = DefaultTTL
+	}
+	if cfg.ReserveTTL <= 0 {
+		cfg.ReserveTTL = DefaultReserveTTL
+	}
+	// The server's per-message TTL counts whole seconds.
+	cfg.ReserveTTL = (cfg.ReserveTTL + time.Second - 1).Truncate(time.Second)
+	if cfg.TTL <= cfg.ReserveTTL {
+		return nil, fmt.Errorf("dedupe: bucket %q: ttl %v must exceed reserveTTL %v", cfg.Bucket, cfg.TTL, cfg.ReserveTTL)
+	}
+	if cfg.Replicas <= 0 {
+		cfg.Replicas = 1
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 5 * time.Second
+	}
+	nc := js.Conn()
+	if !nc.HeadersSupported() {
+		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, nats.ErrHeadersNotSupported)
+	}
+	stream, err := ensureBucket(ctx, js, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
+	}
+	var token [8]byte
+	_, _ = rand.Read(token[:]) // never fails (crypto/rand panics instead)
+	p, err := newPipe(nc, cfg.Timeout)
+	if err != nil {
+		return nil, fmt.Errorf("dedupe: bucket %q: subscribe for acknowledgements: %w", cfg.Bucket, err)
+	}
+	ttl := strconv.FormatInt(int64(cfg.ReserveTTL/time.Second), 10) + "s"
+	return &KV{
+		bucket:     cfg.Bucket,
+		prefix:     "$KV." + cfg.Bucket + ".",
+		stream:     stream,
+		pipe:       p,
+		reserveTTL: ttl,
+		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
+		reserveVal: []byte("r" + hex.EncodeToString(token[:])),
+	}, nil
+}
+
+// ensureBucket creates the bucket's stream or adapts an existing one.
+//
+// The stream is laid out exactly as nats.go lays out a KV bucket (so `nats
+// kv` and jetstream.KeyValue work on it) with per-message TTLs allowed but
+// without subject delete markers: nothing here reads markers left by
+// expiry, and writing one per expired key would double the server's writes.
+func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jetstream.Stream, error) {
+	name := "KV_" + cfg.Bucket
+	dup := 2 * time.Minute
+	if cfg.TTL < dup {
+		dup = cfg.TTL
+	}
+	scfg := jetstream.StreamConfig{
+		Name:              name,
+		Subjects:          []string{"$KV." + cfg.Bucket + ".>"},
+		MaxMsgsPerSubject: 1,
+		MaxBytes:          -1,
+		MaxMsgs:           -1,
+		MaxMsgSize:        -1,
+		MaxAge:            cfg.TTL,
+		Storage:           cfg.Storage,
+		Replicas:          cfg.Replicas,
+		AllowRollup:       true,
+		DenyDelete:        true,
+		Duplicates:        dup,
+		MaxConsumers:      -1,
+		AllowDirect:       true,
+		Discard:           jetstream.DiscardNew,
+		AllowMsgTTL:       true,
+	}
+	s, err := js.CreateStream(ctx, scfg)
+	if err == nil {
+		return s, nil
+	}
+	if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		return nil, fmt.Errorf("create stream: %w", err)
+	}
+	s, err = js.Stream(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("open stream: %w", err)
+	}
+	have := s.CachedInfo().Config
+	if len(have.Subjects) != 1 || have.Subjects[0] != scfg.Subjects[0] {
+		return nil, fmt.Errorf("stream %s is not a key-value bucket (subjects %v)", name, have.Subjects)
+	}
+	if have.AllowMsgTTL && have.MaxAge == cfg.TTL && (have.Duplicates <= cfg.TTL) {
+		return s, nil
+	}
+	have.AllowMsgTTL = true
+	have.MaxAge = cfg.TTL
+	if have.Duplicates > cfg.TTL {
+		have.Duplicates = cfg.TTL
+	}
+	if s, err = js.UpdateStream(ctx, have); err != nil {
+		return nil, fmt.Errorf("update stream: %w", err)
+	}
+	return s, nil
+}
+
+// subject returns the bucket subject of key; one allocation.
+func (kv *KV) subject(key string) string {
+	var b strings.Builder
+	b.Grow(len(kv.prefix) + encodedKeyLen(key))
+	b.WriteString(kv.prefix)
+	appendKey(&b, key)
+	return b.String()
+}
+
+// opErr wraps err with the operation and bucket (never the key: callers
+// log these errors).
+func (kv *KV) opErr(op string, err error) error {
+	return fmt.Errorf("dedupe: %s in bucket %q: %w", op, kv.bucket, err)
+}
+
+// isWrongLastSeq reports a failed expected-sequence check (10164 on
+// replicated streams).
+func isWrongLastSeq(err error) bool {
+	var ae *jetstream.APIError
+	return errors.As(err, &ae) && (ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// maxReserveAttempts bounds the create-read-create loop: each failed
+// attempt means another writer changed the key in between, and after a few
+// the key is busy enough to call InFlight.
+const maxReserveAttempts = 4
+
+// Reserve implements Store: one round trip for a new key, two or three for
+// a key that exists.
+func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
+	if kv.closed.Load() {
+		return 0, kv.opErr("reserve", ErrClosed)
+	}
+	subj := kv.subject(key)
+	hdr := kv.reserveHdr
+	for range maxReserveAttempts {
+		err := kv.pipe.publish(ctx, subj, hdr, kv.reserveVal)
+		if err == nil {
+			return Reserved, nil
+		}
+		if !isWrongLastSeq(err) {
+			return 0, kv.opErr("reserve", err)
+		}
+		st, rev, err := kv.lookup(ctx, subj)
+		if err != nil {
+			return 0, kv.opErr("reserve", err)
+		}
+		switch st {
+		case kvCommitted:
+			return Duplicate, nil
+		case kvReserved, kvOurs:
+			return InFlight, nil
+		case kvAbsent: // expired between the create and the read
+			hdr = kv.reserveHdr
+		case kvMarker: // released or deleted: create on top of the marker
+			hdr = nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
+		}
+	}
+	return InFlight, nil
+}
+
+// Commit implements Store: one round trip, awaited.
+func (kv *KV) Commit(ctx context.Context, key string) error {
+	if kv.closed.Load() {
+		return kv.opErr("commit", ErrClosed)
+	}
+	if err := kv.pipe.publish(ctx, kv.subject(key), nil, committedVal); err != nil {
+		return kv.opErr("commit", err)
+	}
+	return nil
+}
+
+// Release implements Store: a read, then (if the reservation is still this
+// replica's) a purge marker conditional on its revision. The marker carries
+// a short TTL so that it does not outlive its use.
+func (kv *KV) Release(ctx context.Context, key string) error {
+	if kv.closed.Load() {
+		return kv.opErr("release", ErrClosed)
+	}
+	subj := kv.subject(key)
+	st, rev, err := kv.lookup(ctx, subj)
+	if err != nil {
+		return kv.opErr("release", err)
+	}
+	if st != kvOurs {
+		return nil
+	}
+	hdr := nats.Header{
+		hdrKVOperation:       {"PURGE"},
+		hdrRollup:            {"sub"},
+		hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)},
+		hdrTTL:               {"1s"},
+	}
+	err = kv.pipe.publish(ctx, subj, hdr, nil)
+	if err != nil && !isWrongLastSeq(err) { // changed meanwhile: no longer ours
+		return kv.opErr("release", err)
+	}
+	return nil
+}
+
+// Close ends the store's subscription; calls in flight return ErrClosed.
+// The connection is left open.
+func (kv *KV) Close(context.Context) error {
+	kv.closed.Store(true)
+	if err := kv.pipe.close(); err != nil {
+		return kv.opErr("close", err)
+	}
+	return nil
+}
+
+type kvState uint8
+
+const (
+	kvAbsent kvState = iota
+	kvMarker
+	kvCommitted
+	kvReserved // by another replica
+	kvOurs     // reserved by this replica
+)
+
+// lookup reads the latest message of a key with a direct get.
+func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, error) {
+	m, err := kv.stream.GetLastMsgForSubject(ctx, subj)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return kvAbsent, 0, nil
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	if m.Header.Get(hdrKVOperation) != "" || m.Header.Get(hdrMarkerReason) != "" {
+		return kvMarker, m.Sequence, nil
+	}
+	switch {
+	case bytes.Equal(m.Data, committedVal):
+		return kvCommitted, m.Sequence, nil
+	case bytes.Equal(m.Data, kv.reserveVal):
+		return kvOurs, m.Sequence, nil
+	case len(m.Data) > 0 && m.Data[0] == 'r':
+		return kvReserved, m.Sequence, nil
+	}
+	// Not written by this package: refuse to guess. Calling it a duplicate
+	// could drop a message; an error keeps it unacknowledged and counted.
+	return 0, 0, fmt.Errorf("unexpected value at revision %d", m.Sequence)
+}
