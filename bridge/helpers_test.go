@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -17,25 +16,21 @@ import (
 	"github.com/cellbridge/cellbridge/router"
 )
 
-// rulesDoc is a small rule set: cells rz00 (0-49), rz01 (50-99), global
-// gz00; topic t keyed by header X-User-Id (digits -3..-1) with a DLQ; topic
-// g like t but onMissingKey global.
-func rulesDoc(version int, blocked string, rz00 string) string {
-	if rz00 == "" {
-		rz00 = "0-49"
+// rulesDoc is a small rule set: cells rz00 (shards 0..split-1), rz01
+// (split..99), global gz00; topic t keyed by header X-User-Id (digits
+// -3..-1) with a DLQ; topic g like t but onMissingKey global. blocked is a
+// YAML list body such as `"40-44"`.
+func rulesDoc(version int, blocked string, split int) string {
+	if split == 0 {
+		split = 50
 	}
-	rz01 := "50-99"
-	if rz00 != "0-49" {
-		rz01 = "0-39,50-99"
-	}
-	var b strings.Builder
-	fmt.Fprintf(&b, `kind: CellMap
+	return fmt.Sprintf(`kind: CellMap
 version: %d
 shards: 100
 global: gz00
 cells:
-  - {name: rz00, state: active, failover: rz01, shards: [%s]}
-  - {name: rz01, state: active, failover: rz00, shards: [%s]}
+  - {name: rz00, state: active, failover: rz01, shards: ["0-%d"]}
+  - {name: rz01, state: active, failover: rz00, shards: ["%d-99"]}
   - {name: gz00, state: active}
 blocked: [%s]
 ---
@@ -56,19 +51,7 @@ shard: {func: digits, from: -3, to: -1}
 target: {broker: nats, subject: "cell.{cell}.g"}
 onMissingKey: global
 dlq: {broker: nats, subject: dlq.g}
-`, version, quoteList(rz00), quoteList(rz01), quoteList(blocked))
-	return b.String()
-}
-
-func quoteList(s string) string {
-	if s == "" {
-		return ""
-	}
-	parts := strings.Split(s, ",")
-	for i, p := range parts {
-		parts[i] = `"` + p + `"`
-	}
-	return strings.Join(parts, ", ")
+`, version, split-1, split, blocked)
 }
 
 func table(t testing.TB, doc string) *router.Table {

@@ -49,7 +49,7 @@ func TestOutcomes(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, Config{MaxMessageBytes: 1000}, rulesDoc(7, "", ""), nil, nil)
+			e := newEnv(t, Config{MaxMessageBytes: 1000}, rulesDoc(7, "", 0), nil, nil)
 			body := tc.body
 			if body == "" {
 				body = `{"n":1}`
@@ -137,7 +137,7 @@ func TestOutcomes(t *testing.T) {
 }
 
 func TestDuplicateIsAckedNotPublished(t *testing.T) {
-	e := newEnv(t, Config{}, rulesDoc(1, "", ""), nil, nil)
+	e := newEnv(t, Config{}, rulesDoc(1, "", 0), nil, nil)
 	m1, a1 := msg("t", keyFor(3, 1), "{}")
 	m2, a2 := msg("t", keyFor(3, 1), "{}")
 	m2.SourceID = m1.SourceID // a redelivery
@@ -165,7 +165,7 @@ func TestDuplicateIsAckedNotPublished(t *testing.T) {
 func TestSinkDuplicateCountsAsConfirmed(t *testing.T) {
 	s := newTestSink()
 	s.fail = func(o *Outgoing, attempt int) error { return fmt.Errorf("pub ack: %w", ErrDuplicate) }
-	e := newEnv(t, Config{}, rulesDoc(1, "", ""), s, nil)
+	e := newEnv(t, Config{}, rulesDoc(1, "", 0), s, nil)
 	m, a := msg("t", keyFor(3, 1), "{}")
 	_ = e.p.Handle(context.Background(), m, a.ack)
 	if err := a.result(t); err != nil {
@@ -197,7 +197,7 @@ func TestPerKeyOrderUnderConcurrency(t *testing.T) {
 				store = wrapStore{store} // not *dedupe.Memory: exercises the worker pool
 			}
 			e := newEnv(t, Config{MaxInFlight: 64, Workers: workers, Lanes: 16, Retry: RetryConfig{Initial: time.Millisecond, Max: 4 * time.Millisecond}},
-				rulesDoc(1, "", ""), s, store)
+				rulesDoc(1, "", 0), s, store)
 			const producers, keysPer, perKey = 4, 8, 40
 			var acks sync.Map
 			var wg sync.WaitGroup
@@ -257,7 +257,7 @@ func TestDLQPublishFailureRetried(t *testing.T) {
 		}
 		return nil
 	}
-	e := newEnv(t, Config{Retry: RetryConfig{Initial: time.Millisecond, Max: 2 * time.Millisecond}}, rulesDoc(1, "", ""), s, nil)
+	e := newEnv(t, Config{Retry: RetryConfig{Initial: time.Millisecond, Max: 2 * time.Millisecond}}, rulesDoc(1, "", 0), s, nil)
 	m, a := msg("t", "", "{}")
 	_ = e.p.Handle(context.Background(), m, a.ack)
 	if err := a.result(t); err != nil {
@@ -286,7 +286,7 @@ func TestSinkFailureRetriedAndReadiness(t *testing.T) {
 		return nil
 	}
 	e := newEnv(t, Config{AckWait: 40 * time.Millisecond, Retry: RetryConfig{Initial: time.Millisecond, Max: 5 * time.Millisecond}},
-		rulesDoc(1, "", ""), s, nil)
+		rulesDoc(1, "", 0), s, nil)
 	m, a := msg("t", keyFor(20, 1), "{}")
 	m2, a2 := msg("t", keyFor(20, 1), "{}") // queued behind m
 	_ = e.p.Handle(context.Background(), m, a.ack)
@@ -343,7 +343,7 @@ func TestDedupeStoreFailureAndInFlightRetried(t *testing.T) {
 	st := &flakyStore{Store: dedupe.NewMemory(dedupe.MemoryConfig{})}
 	st.reserveErrs.Store(2)
 	st.inFlight.Store(2)
-	e := newEnv(t, Config{Retry: RetryConfig{Initial: time.Millisecond, Max: 2 * time.Millisecond}}, rulesDoc(1, "", ""), nil, st)
+	e := newEnv(t, Config{Retry: RetryConfig{Initial: time.Millisecond, Max: 2 * time.Millisecond}}, rulesDoc(1, "", 0), nil, st)
 	m, a := msg("t", keyFor(20, 1), "{}")
 	_ = e.p.Handle(context.Background(), m, a.ack)
 	if err := a.result(t); err != nil {

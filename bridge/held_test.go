@@ -1,0 +1,161 @@
+package bridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// subjectsOf returns, for messages with X-User-Id key, the subjects and
+// bodies in confirm order.
+func subjectsOf(got []published, key string) []string {
+	var out []string
+	for _, g := range got {
+		if v := g.Header["X-User-Id"]; len(v) == 1 && v[0] == key {
+			out = append(out, g.Subject+" "+g.Body)
+		}
+	}
+	return out
+}
+
+func handle(t *testing.T, e *env, rule, key, body string) *ackRec {
+	t.Helper()
+	m, a := msg(rule, key, body)
+	if err := e.p.Handle(context.Background(), m, a.ack); err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// A switch: messages of a key queued when its shard gets blocked are parked
+// in order behind each other, later arrivals of the key park behind them,
+// other keys keep flowing, nothing is acked or published while blocked, and
+// the new table releases them in order to the new owner.
+func TestHeldParkedAndReleasedInOrder(t *testing.T) {
+	s := newTestSink()
+	s.block = make(chan struct{})
+	e := newEnv(t, Config{AckWait: 40 * time.Millisecond, HeldRecheck: time.Hour}, rulesDoc(1, "", 0), s, nil)
+	a := keyFor(42, 1)
+	b := keyFor(10, 2)
+	a1 := handle(t, e, "t", a, "a1") // publishing (sink blocked)
+	a2 := handle(t, e, "t", a, "a2") // queued behind a1
+	a3 := handle(t, e, "t", a, "a3")
+	e.hold.Store(table(t, rulesDoc(2, `"40-44"`, 0))) // block shards 40-44
+	close(s.block)
+	if err := a1.result(t); err != nil { // published before the block: confirmed, acked
+		t.Fatal(err)
+	}
+	eventually(t, "a2, a3 parked", func() bool { return e.p.Status().Held == 2 })
+	a4 := handle(t, e, "t", a, "a4") // arrives while held: parked behind a3
+	if h := e.p.Status().Held; h != 3 {
+		t.Fatalf("held %d, want 3", h)
+	}
+	var bs []*ackRec
+	for i := range 5 {
+		bs = append(bs, handle(t, e, "t", b, fmt.Sprintf("b%d", i)))
+	}
+	for _, x := range bs {
+		if err := x.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "heartbeats for parked messages", func() bool { return a2.beats() > 0 && a4.beats() > 0 })
+	for _, x := range []*ackRec{a2, a3, a4} {
+		if x.isSettled() {
+			t.Fatal("a held message was settled")
+		}
+	}
+	if got := subjectsOf(s.published(), a); len(got) != 1 {
+		t.Fatalf("published while held: %v", got)
+	}
+	st := e.p.Status()
+	var rs RuleStatus
+	for _, r := range st.Rules {
+		if r.Rule == "t" {
+			rs = r
+		}
+	}
+	if rs.Held != 3 || len(rs.HeldShards) != 1 || rs.HeldShards[0].Shard != 42 || rs.HeldShards[0].Held != 3 {
+		t.Fatalf("status %+v", rs)
+	}
+	eventually(t, "held gauge", func() bool { return value(e.p.met.HeldMessages.WithLabelValues("t")) == 3 })
+	if n := counter(t, e, "t", OutcomeHeld); n != 3 {
+		t.Fatalf("held outcome %v", n)
+	}
+
+	// Step 3 of a switch: shards 40-49 now belong to rz01, unblocked. The
+	// sweeper notices the version change by itself (HeldRecheck is 1h).
+	e.hold.Store(table(t, rulesDoc(3, "", 40)))
+	for _, x := range []*ackRec{a2, a3, a4} {
+		if err := x.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a5 := handle(t, e, "t", a, "a5")
+	if err := a5.result(t); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"cell.rz00.t a1", "cell.rz01.t a2", "cell.rz01.t a3", "cell.rz01.t a4", "cell.rz01.t a5"}
+	if got := subjectsOf(s.published(), a); strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("order across the switch:\n got %v\nwant %v", got, want)
+	}
+	for _, g := range s.published() {
+		if g.Body == "a2" && g.Header[HeaderRulesVersion][0] != "3" {
+			t.Fatalf("released message stamped with version %v", g.Header[HeaderRulesVersion])
+		}
+	}
+	if st := e.p.Status(); st.Held != 0 {
+		t.Fatalf("held %d after release", st.Held)
+	}
+}
+
+// Beyond MaxHeld a held message is negatively acknowledged with HoldDelay;
+// later messages of the same key are refused too until the key is released.
+func TestHeldOverflowFallsBackToHold(t *testing.T) {
+	e := newEnv(t, Config{MaxHeld: 2, HoldDelay: 3 * time.Second, HeldRecheck: time.Hour}, rulesDoc(1, `"40-44"`, 0), nil, nil)
+	a := keyFor(41, 1)
+	a1 := handle(t, e, "t", a, "a1")
+	a2 := handle(t, e, "t", a, "a2")
+	a3 := handle(t, e, "t", a, "a3")
+	if d, ok := HoldDelay(a3.result(t)); !ok || d != 3*time.Second {
+		t.Fatalf("a3 not held back with the hold delay")
+	}
+	if a1.isSettled() || a2.isSettled() {
+		t.Fatal("parked messages settled")
+	}
+	c := keyFor(43, 2) // another key: the parked set is full
+	c1 := handle(t, e, "t", c, "c1")
+	if _, ok := HoldDelay(c1.result(t)); !ok {
+		t.Fatal("c1 not held back")
+	}
+	e.hold.Store(table(t, rulesDoc(2, "", 0)))
+	e.p.RulesReloaded(2, 1, nil, time.Now())
+	for _, x := range []*ackRec{a1, a2} {
+		if err := x.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := subjectsOf(e.sink.published(), a); strings.Join(got, ",") != "cell.rz00.t a1,cell.rz00.t a2" {
+		t.Fatalf("got %v", got)
+	}
+	// The key is no longer parked: its redelivered message flows again.
+	a3b := handle(t, e, "t", a, "a3")
+	if err := a3b.result(t); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A refused reload is counted and changes nothing.
+func TestReloadRefusedCounted(t *testing.T) {
+	e := newEnv(t, Config{}, rulesDoc(1, "", 0), nil, nil)
+	e.p.RulesReloaded(1, 2, errors.New("lower version"), time.Now())
+	if v := value(e.p.met.RulesReloadFails); v != 1 {
+		t.Fatalf("reload failures %v", v)
+	}
+	if v := value(e.p.met.RulesVersion); v != 1 {
+		t.Fatalf("rules version %v", v)
+	}
+}

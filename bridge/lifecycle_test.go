@@ -1,0 +1,262 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// Drain: intake stops, queued and parked messages are negatively acked, the
+// message whose publish started is acked once the sink confirms.
+func TestDrainFinishesInFlightNacksTheRest(t *testing.T) {
+	s := newTestSink()
+	s.block = make(chan struct{})
+	e := newEnv(t, Config{}, rulesDoc(1, `"40-44"`, 0), s, nil)
+	a1 := handle(t, e, "t", keyFor(10, 1), "a1") // publishing
+	a2 := handle(t, e, "t", keyFor(10, 1), "a2") // queued
+	h1 := handle(t, e, "t", keyFor(42, 2), "h1") // parked
+	closed := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		closed <- e.p.Close(ctx)
+	}()
+	for _, x := range []*ackRec{a2, h1} {
+		if err := x.result(t); !errors.Is(err, errDraining) {
+			t.Fatalf("queued/parked message: %v, want a negative ack", err)
+		}
+	}
+	if a1.isSettled() {
+		t.Fatal("in-flight message settled before the sink confirmed")
+	}
+	late := handle(t, e, "t", keyFor(11, 3), "late")
+	if err := late.result(t); err == nil {
+		t.Fatal("message handed over during drain was acked")
+	}
+	close(s.block)
+	if err := a1.result(t); err != nil {
+		t.Fatalf("in-flight message: %v", err)
+	}
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	if got := s.published(); len(got) != 1 || got[0].Body != "a1" {
+		t.Fatalf("published %+v", got)
+	}
+}
+
+// At the drain deadline unconfirmed messages are negatively acked, never
+// acked, and Close says how many.
+func TestDrainDeadlineNacks(t *testing.T) {
+	s := newTestSink()
+	s.block = make(chan struct{}) // never confirms
+	e := newEnv(t, Config{}, rulesDoc(1, "", 0), s, nil)
+	a1 := handle(t, e, "t", keyFor(10, 1), "a1")
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	err := e.p.Close(ctx)
+	if err == nil || !strings.Contains(err.Error(), "1 messages unconfirmed") {
+		t.Fatalf("Close: %v", err)
+	}
+	if r := a1.result(t); r == nil {
+		t.Fatal("unconfirmed message acked")
+	}
+}
+
+// A source blocked in Handle on the in-flight budget is released by ctx.
+func TestHandleBackPressureHonoursCtx(t *testing.T) {
+	s := newTestSink()
+	s.block = make(chan struct{})
+	defer close(s.block)
+	e := newEnv(t, Config{MaxInFlight: 1}, rulesDoc(1, "", 0), s, nil)
+	handle(t, e, "t", keyFor(10, 1), "a1")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	m, a := msg("t", keyFor(11, 2), "a2")
+	if err := e.p.Handle(ctx, m, a.ack); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Handle: %v", err)
+	}
+	if r := a.result(t); r == nil {
+		t.Fatal("message refused by back-pressure was acked")
+	}
+}
+
+// chanSource is a Source over a channel, for Run.
+type chanSource struct{ ch chan *Message }
+
+func (c *chanSource) Run(ctx context.Context, h Handler) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case m := <-c.ch:
+			if err := h(ctx, m, func(context.Context, error) error { return nil }); err != nil {
+				return nil
+			}
+		}
+	}
+}
+func (c *chanSource) Close(context.Context) error { return nil }
+
+var _ Source = (*chanSource)(nil)
+
+func TestRunAndReadiness(t *testing.T) {
+	e := newEnv(t, Config{ProgressTimeout: 30 * time.Millisecond}, rulesDoc(1, "", 0), nil, nil)
+	src := &chanSource{ch: make(chan *Message)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.p.Run(ctx, src) }()
+	m, _ := msg("t", keyFor(5, 1), "x")
+	src.ch <- m
+	eventually(t, "forwarded", func() bool { return len(e.sink.published()) == 1 })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	h := e.p.Health()
+	h.ConnectionChanged("nats", RoleSource, true)
+	if ok, why := h.Ready(); !ok {
+		t.Fatalf("not ready: %s", why)
+	}
+	h.ConnectionChanged("nats", RoleSink, false)
+	if ok, why := h.Ready(); ok || !strings.Contains(why, "sink connection to broker nats is down") {
+		t.Fatalf("ready=%v %q", ok, why)
+	}
+	h.ConnectionChanged("nats", RoleSink, true)
+	h.Backlog("t", 10)
+	eventually(t, "stuck backlog reported", func() bool {
+		ok, why := h.Ready()
+		return !ok && strings.Contains(why, "rule t: 10 messages waiting at the source but nothing forwarded")
+	})
+	if v := value(e.p.met.Ready); v != 0 {
+		t.Fatalf("ready gauge %v", v)
+	}
+	h.Backlog("t", 0)
+	if ok, why := h.Ready(); !ok {
+		t.Fatalf("not ready: %s", why)
+	}
+}
+
+func TestHTTP(t *testing.T) {
+	e := newEnv(t, Config{}, rulesDoc(4, "", 0), nil, nil)
+	a := handle(t, e, "t", keyFor(60, 1), "x")
+	if err := a.result(t); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(NewHTTP(e.p))
+	defer srv.Close()
+	get := func(path string) (int, string) {
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for _, tc := range []struct {
+		path string
+		code int
+		want string
+	}{
+		{"/healthz", 200, "ok"},
+		{"/readyz", 200, "ready"},
+		{"/route?topic=t&key=" + keyFor(60, 9), 200, `"cell": "rz01"`},
+		{"/route?topic=t&key=", 200, `"reason": "dlq"`},
+		{"/route?key=1", 400, "missing query parameter topic"},
+		{"/route?topic=zzz&key=1", 400, `unknown topic rule "zzz"; known rules: g, t`},
+		{"/route?topic=t", 400, "missing query parameter key"},
+		{"/status", 200, `"rulesVersion": 4`},
+		{"/metrics", 200, `cellbridge_forwarded_total{cell="rz01",rule="t"} 1`},
+	} {
+		code, body := get(tc.path)
+		if code != tc.code || !strings.Contains(body, tc.want) {
+			t.Errorf("%s: %d %q, want %d containing %q", tc.path, code, body, tc.code, tc.want)
+		}
+	}
+	_, body := get("/route?topic=t&key=" + keyFor(60, 9))
+	var d router.Decision
+	if err := json.Unmarshal([]byte(body), &d); err != nil || d.Target.Subject != "cell.rz01.t" || d.Version != 4 {
+		t.Fatalf("decision %+v %v", d, err)
+	}
+}
+
+// MetricList names exactly the collectors of Metrics.
+func TestMetricListMatchesCollectors(t *testing.T) {
+	m := NewMetrics("test")
+	re := regexp.MustCompile(`fqName: "([^"]+)".*variableLabels: \{([^}]*)\}`)
+	got := map[string]string{}
+	v := reflect.ValueOf(m).Elem()
+	for i := range v.NumField() {
+		if !v.Type().Field(i).IsExported() {
+			continue
+		}
+		c, ok := v.Field(i).Interface().(prometheus.Collector)
+		if !ok || v.Type().Field(i).Name == "Registry" {
+			continue
+		}
+		ch := make(chan *prometheus.Desc, 4)
+		c.Describe(ch)
+		close(ch)
+		for d := range ch {
+			sm := re.FindStringSubmatch(d.String())
+			if sm == nil {
+				t.Fatalf("cannot parse %s", d)
+			}
+			got[sm[1]] = sm[2]
+		}
+	}
+	for _, d := range MetricList {
+		labels := append([]string(nil), d.Labels...)
+		sort.Strings(labels)
+		l, ok := got[d.Name]
+		if !ok {
+			t.Errorf("%s listed but not collected", d.Name)
+			continue
+		}
+		have := strings.Split(l, ",")
+		if l == "" {
+			have = nil
+		}
+		sort.Strings(have)
+		if strings.Join(have, ",") != strings.Join(labels, ",") {
+			t.Errorf("%s labels %v, listed %v", d.Name, have, labels)
+		}
+		if !strings.HasPrefix(d.Name, "cellbridge_") {
+			t.Errorf("%s lacks the prefix", d.Name)
+		}
+		delete(got, d.Name)
+	}
+	for n := range got {
+		t.Errorf("%s collected but not in MetricList", n)
+	}
+}
+
+func TestConfigValidateNamesFields(t *testing.T) {
+	err := Config{MaxInFlight: -1, Retry: RetryConfig{Initial: time.Second, Max: time.Millisecond}}.WithDefaults().Validate()
+	if err == nil || !strings.Contains(err.Error(), "pipeline.maxInFlight") || !strings.Contains(err.Error(), "pipeline.retry.max") {
+		t.Fatalf("%v", err)
+	}
+	var b ByteSize
+	for in, want := range map[string]ByteSize{"1MiB": 1 << 20, "512KiB": 512 << 10, "1000": 1000, "2 MB": 2000000} {
+		if err := b.UnmarshalText([]byte(in)); err != nil || b != want {
+			t.Errorf("%q: %d %v", in, b, err)
+		}
+	}
+	if err := b.UnmarshalText([]byte("1XB")); err == nil {
+		t.Error("1XB accepted")
+	}
+}
