@@ -80,7 +80,7 @@ type rendering struct {
 	account    *corev1.ServiceAccount
 	pdb        *policyv1.PodDisruptionBudget
 	hpa        *autoscalingv2.HorizontalPodAutoscaler // nil when the overlay has none
-	configMaps map[string]*corev1.ConfigMap          // by rendered name
+	configMaps map[string]*corev1.ConfigMap           // by rendered name
 	monitor    *serviceMonitor
 	rules      *prometheusRule
 }
