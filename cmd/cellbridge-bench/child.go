@@ -440,6 +440,11 @@ func sourceSettled(srv *server.Server) bool {
 // latency mode it also computes producer-publish → cell-store latency.
 func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResult) error {
 	seen := make([]uint8, e.spec.N)
+	var latDump *os.File
+	if p := os.Getenv("BENCH_LATDUMP"); p != "" && e.spec.Rate > 0 {
+		latDump, _ = os.Create(p + "-" + e.spec.Variant)
+		defer latDump.Close()
+	}
 	var lat []float64
 	cells := e.table.cells
 	for _, c := range cells {
@@ -486,6 +491,9 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 					if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
 						if md, err := m.Metadata(); err == nil {
 							lat = append(lat, float64(md.Timestamp.UnixNano()-ns)/1e6)
+							if latDump != nil {
+								fmt.Fprintf(latDump, "%d %.3f\n", order, lat[len(lat)-1])
+							}
 						}
 					}
 				}

@@ -180,6 +180,7 @@ var variantNames = map[string]string{
 	"D":       "D  watermill + watermill-nats",
 	"B-fault": "B-fault  cellbridge, 1st attempt of every 1000th fails",
 	"D-fault": "D-fault  watermill, 1st attempt of every 1000th fails",
+	"A-lat":   "A-latency  bare pipe at half of A's rate",
 	"B-lat":   "B-latency  cellbridge at half of A's rate",
 }
 
@@ -260,22 +261,26 @@ func benchMain(cfg config) error {
 				v, r.Delivered, r.N, r.Unique, r.Extra["injected_faults"], r.VerifyNote)
 		}
 	}
-	// Latency: B at half of A's median rate.
+	// Latency at half of A's median rate: the pipe first, as the reference
+	// for "added" latency, then cellbridge.
 	halfRate := med("A") / 2
 	if cfg.latency && halfRate > 0 {
-		if avail["B"] {
-			s := mkSpec("B-lat", 0)
-			s.Variant = "B"
+		for _, v := range []string{"A", "B"} {
+			if !avail[v] {
+				notes = append(notes, "latency of "+v+" at half load skipped: "+bridgeMissing)
+				continue
+			}
+			s := mkSpec(v+"-lat", 0)
+			s.Variant = v
 			s.Rate = halfRate
 			s.N = min(cfg.n, int(halfRate*4)) // ~4 s of offered load
 			r, err := spawn(s, log)
 			if err != nil {
 				return err
 			}
-			runs["B-lat"] = append(runs["B-lat"], r)
-			fmt.Fprintf(log, "  latency B at %.0f msg/s: %v verified=%v\n", halfRate, r.LatencyMS, r.Verified)
-		} else {
-			notes = append(notes, "latency at half load skipped: "+bridgeMissing)
+			runs[v+"-lat"] = append(runs[v+"-lat"], r)
+			fmt.Fprintf(log, "  latency %s at %.0f msg/s: p50 %.2f p90 %.2f p99 %.2f max %.2f ms verified=%v\n", v, halfRate,
+				r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
 		}
 	}
 	rocketNote := rocketMQStatus()
@@ -350,7 +355,12 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 		res["p99_latency_ms_half_load"] = round2(lr[0].LatencyMS["p99"])
 		res["p50_latency_ms_half_load"] = round2(lr[0].LatencyMS["p50"])
 		res["latency_offered_msgs_per_s"] = round0(med("A") / 2)
-		res["latency_note"] = "producer publish call → message stored in the cell stream (cell stream timestamp vs producer's time header), includes the source store and the sink store"
+		res["latency_note"] = "producer publish call → message stored in the cell stream (cell stream timestamp vs producer's time header), includes the source store and the sink store; pipe_* is the bare pipe at the same load, so the latency cellbridge adds is the difference"
+		if pr, ok := runs["A-lat"]; ok && len(pr) > 0 && pr[0].LatencyMS != nil {
+			res["pipe_p99_latency_ms_half_load"] = round2(pr[0].LatencyMS["p99"])
+			res["pipe_p50_latency_ms_half_load"] = round2(pr[0].LatencyMS["p50"])
+			res["p99_added_latency_ms_half_load"] = round2(lr[0].LatencyMS["p99"] - pr[0].LatencyMS["p99"])
+		}
 	} else {
 		res["p99_latency_ms_half_load"] = nil
 	}
@@ -400,7 +410,7 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "allocs_per_msg", "peak_rss_mb"} {
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "allocs_per_msg", "peak_rss_mb"} {
 		if v, ok := res[k]; ok {
 			fmt.Fprintf(w, "%-28s %v\n", k, v)
 		}
@@ -412,10 +422,12 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 				r.Extra["injected_faults"], map[bool]string{true: "", false: "  ← " + r.VerifyNote}[r.Verified])
 		}
 	}
-	if rs, ok := runs["B-lat"]; ok && len(rs) > 0 {
-		r := rs[0]
-		fmt.Fprintf(w, "%s: offered %.0f msg/s, %d msgs: p50 %.2f ms p90 %.2f ms p99 %.2f ms max %.2f ms (verified=%v)\n", variantNames["B-lat"],
-			med("A")/2, r.N, r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
+	for _, v := range []string{"A-lat", "B-lat"} {
+		if rs, ok := runs[v]; ok && len(rs) > 0 {
+			r := rs[0]
+			fmt.Fprintf(w, "%s: offered %.0f msg/s, %d msgs: p50 %.2f ms p90 %.2f ms p99 %.2f ms max %.2f ms (verified=%v)\n", variantNames[v],
+				med("A")/2, r.N, r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
+		}
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "settings:")

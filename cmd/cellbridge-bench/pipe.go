@@ -112,20 +112,25 @@ func runPipe(ctx context.Context, e *env) error {
 		if !ok {
 			return nil, errors.New("no usable key")
 		}
-		msgID := m.Headers().Get(nats.MsgIdHdr)
-		if msgID == "" {
+		// Original headers are kept; the producer's Nats-Msg-Id, when it
+		// set one, is the idempotency key, else the stream sequence.
+		hdr := m.Headers()
+		if hdr.Get(nats.MsgIdHdr) == "" {
 			md, err := m.Metadata()
 			if err != nil {
 				return nil, err
 			}
-			msgID = fmt.Sprintf("ORDERS:%d", md.Sequence.Stream)
+			hdr = nats.Header{nats.MsgIdHdr: []string{fmt.Sprintf("ORDERS:%d", md.Sequence.Stream)}}
+			for k, v := range m.Headers() {
+				hdr[k] = v
+			}
 		}
 		if e.faults != nil {
 			if order, _, ok := parseEvent(m.Data()); ok && e.faults.shouldFail(order) {
 				return nil, errInjected
 			}
 		}
-		out := &nats.Msg{Subject: e.table.subject[sh], Data: m.Data(), Header: nats.Header{nats.MsgIdHdr: []string{msgID}}}
+		out := &nats.Msg{Subject: e.table.subject[sh], Data: m.Data(), Header: hdr}
 		return pjs.PublishMsgAsync(out, jetstream.WithStallWait(time.Minute))
 	}
 	settle := func(p pending) {
