@@ -174,8 +174,7 @@ func (p *Pipeline) parkActive(t *task) *task {
 // front of their lane, in their original order, ahead of anything that
 // arrived later.
 func (p *Pipeline) recheckParked() {
-	tbl := p.rules.Load()
-	if tbl == nil {
+	if p.rules.Load() == nil {
 		return
 	}
 	p.parkMu.Lock()
@@ -188,6 +187,10 @@ func (p *Pipeline) recheckParked() {
 		var start *task
 		var over []*task
 		l.mu.Lock()
+		// Load the table under the lane lock: every message parked in this
+		// lane was parked under this table or an older one, so a release
+		// never acts on a table older than the decision that parked.
+		tbl := p.rules.Load()
 		for k, q := range l.parked {
 			if tbl.Resolve(q.rule, q.key).Reason == router.ReasonHeld {
 				continue
