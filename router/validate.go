@@ -44,6 +44,18 @@ func (r Range) String() string {
 	return strconv.Itoa(r.From) + "-" + strconv.Itoa(r.To)
 }
 
+// MarshalText renders the range like String (JSON: "40-44").
+func (r Range) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
+
+// UnmarshalText parses the syntax of ParseRange.
+func (r *Range) UnmarshalText(b []byte) error {
+	v, err := ParseRange(string(b))
+	if err == nil {
+		*r = v
+	}
+	return err
+}
+
 // Len is the number of shards in r.
 func (r Range) Len() int { return r.To - r.From + 1 }
 

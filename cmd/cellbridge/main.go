@@ -62,10 +62,14 @@ func register(c *command) {
 		panic("cellbridge: command registered twice: " + c.name)
 	}
 	if c.flags == nil {
-		c.flags = flag.NewFlagSet(c.name, flag.ContinueOnError)
+		c.flags = newFlagSet(c.name)
 	}
 	commands[c.name] = c
 }
+
+// newFlagSet returns an empty flag set for command name, configured the way
+// realMain expects (errors are returned, not fatal).
+func newFlagSet(name string) *flag.FlagSet { return flag.NewFlagSet(name, flag.ContinueOnError) }
 
 // flagResetter is implemented by repeatable flag values so that realMain can
 // clear them between invocations.

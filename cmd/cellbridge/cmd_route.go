@@ -1,0 +1,132 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// stringFlag is a string flag that remembers whether it was given, so that
+// `-key ""` (an explicitly empty key) differs from no -key.
+type stringFlag struct {
+	v   string
+	set bool
+}
+
+func (f *stringFlag) String() string     { return f.v }
+func (f *stringFlag) Set(s string) error { f.v, f.set = s, true; return nil }
+func (f *stringFlag) Reset()             { *f = stringFlag{} }
+
+// headerFlag collects repeated -header K=V flags.
+type headerFlag struct{ h map[string][]string }
+
+func (f *headerFlag) String() string { return "" }
+func (f *headerFlag) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("want NAME=VALUE, got %q", s)
+	}
+	if f.h == nil {
+		f.h = map[string][]string{}
+	}
+	f.h[k] = append(f.h[k], v)
+	return nil
+}
+func (f *headerFlag) Reset() { f.h = nil }
+
+var routeFlags struct {
+	rules, topic, body, subject, keys string
+	key                               stringFlag
+	header                            headerFlag
+	pretty                            bool
+}
+
+func init() {
+	fs := newFlagSet("route")
+	f := &routeFlags
+	fs.StringVar(&f.rules, "rules", "deploy/rules", "rules `DIR`")
+	fs.StringVar(&f.topic, "topic", "", "topic rule `NAME` (required)")
+	fs.Var(&f.key, "key", "the shard `KEY`, already extracted (\"\" = no key)")
+	fs.Var(&f.header, "header", "message header `NAME=VALUE` (repeatable); instead of -key")
+	fs.StringVar(&f.body, "body", "", "message body from `FILE`; instead of -key")
+	fs.StringVar(&f.subject, "subject", "", "message `SUBJECT` (NATS subject or RocketMQ topic); instead of -key")
+	fs.StringVar(&f.keys, "keys", "", "RocketMQ message `KEYS` (space separated); instead of -key")
+	fs.BoolVar(&f.pretty, "pretty", false, "indent the JSON")
+	register(&command{
+		name:    "route",
+		summary: "show where an event goes: the routing decision as JSON",
+		usage: `Usage: cellbridge route [-rules DIR] -topic NAME -key KEY
+       cellbridge route [-rules DIR] -topic NAME [-header NAME=VALUE]... [-body FILE] [-subject S] [-keys K]
+
+Prints the router's decision for one event as one JSON object: topic, key,
+shard, cell, target (broker and subject or topic), rules version, reason
+(owner, pin, failover, held, global, dlq) and an explanation. With -key the
+key is taken as given; with the message flags it is extracted exactly as the
+bridge does (header, JSON body field, subject token or RocketMQ keys, as the
+topic rule says). A decision to dead-letter is still a decision: exit 0.
+
+Examples:
+  cellbridge route -topic payments -key 2088000000012345
+  cellbridge route -topic payments -header X-User-Id=2088000000012345
+  echo '{"user":{"id":2088000000012345}}' > /tmp/order.json
+  cellbridge route -topic orders -body /tmp/order.json`,
+		flags: fs,
+		run:   runRoute,
+	})
+}
+
+func runRoute(_ context.Context, args []string, stdout, stderr io.Writer) int {
+	f := &routeFlags
+	if len(args) > 0 {
+		return usageError(stderr, "route", "unexpected arguments: %s", strings.Join(args, " "))
+	}
+	if f.topic == "" {
+		return usageError(stderr, "route", "-topic is required")
+	}
+	fromMessage := f.header.h != nil || f.body != "" || f.subject != "" || f.keys != ""
+	if f.key.set == fromMessage {
+		return usageError(stderr, "route", "give either -key or the message (-header, -body, -subject, -keys)")
+	}
+	t, code := loadRules(f.rules, "route", stderr)
+	if t == nil {
+		return code
+	}
+	if t.Rule(f.topic) == nil {
+		var names []string
+		for _, r := range t.Rules() {
+			names = append(names, r.Name)
+		}
+		fmt.Fprintf(stderr, "cellbridge route: no topic rule %q in %s (known: %s)\n", f.topic, f.rules, strings.Join(names, ", "))
+		return exitError
+	}
+	var d router.Decision
+	if f.key.set {
+		d = t.Resolve(f.topic, f.key.v)
+	} else {
+		m := &router.Message{Subject: f.subject, Header: f.header.h, Keys: f.keys}
+		if f.body != "" {
+			b, err := os.ReadFile(f.body)
+			if err != nil {
+				fmt.Fprintf(stderr, "cellbridge route: %v\n", err)
+				return exitError
+			}
+			m.Body = b
+		}
+		d = t.Route(f.topic, m)
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetEscapeHTML(false)
+	if f.pretty {
+		enc.SetIndent("", "  ")
+	}
+	if err := enc.Encode(d); err != nil {
+		fmt.Fprintf(stderr, "cellbridge route: %v\n", err)
+		return exitError
+	}
+	return exitOK
+}

@@ -1,0 +1,300 @@
+package router
+
+import (
+	"fmt"
+	"io"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Move is a set of shards whose serving cell (the owner, or its failover
+// cell when the owner is down) differs between two tables.
+type Move struct {
+	From   string  `json:"from"` // serving cell in the old table
+	To     string  `json:"to"`   // serving cell in the new table
+	Ranges []Range `json:"ranges"`
+	Count  int     `json:"count"`
+	Share  float64 `json:"share"` // Count / shards, 0..1
+	// Failover is true when From is down in the new table: the shards move
+	// because their cell is gone, so there is nothing to hold them for.
+	Failover bool `json:"failover"`
+	// AlreadyBlocked is true when the old table already blocks every shard
+	// of the move (step 1 of the switch was applied).
+	AlreadyBlocked bool `json:"alreadyBlocked"`
+}
+
+// PinChange is a pinned key whose cell changes; From or To is "" when the
+// pin is added or removed. Cells are serving cells (failover applied).
+type PinChange struct {
+	Key  string `json:"key"`
+	From string `json:"from"`
+	To   string `json:"to"`
+}
+
+// DiffReport is what changes between two rule tables and how to switch
+// safely. It is computed by Diff and shared by the CLI and status tooling.
+type DiffReport struct {
+	OldVersion int64 `json:"oldVersion"`
+	NewVersion int64 `json:"newVersion"`
+	Shards     int   `json:"shards"` // of the new table
+	// Resharded is true when the shard counts differ: shard numbers mean
+	// different keys, so every shard must be treated as moving.
+	Resharded bool        `json:"resharded"`
+	OldShards int         `json:"oldShards"`
+	Moves     []Move      `json:"moves"`
+	Moved     int         `json:"moved"` // shards changing serving cell, in all
+	Pins      []PinChange `json:"pins"`
+	Other     []string    `json:"other"` // other changes, one human-readable line each
+	// Block is the blocked list to apply first (with the old owners) so that
+	// nothing of a moving shard is forwarded while its data catches up: the
+	// shards of every move that is not a failover, in the old shard space.
+	Block []Range `json:"block"`
+}
+
+// Changed reports whether routing differs in any way.
+func (r DiffReport) Changed() bool {
+	return r.Resharded || len(r.Moves) > 0 || len(r.Pins) > 0 || len(r.Other) > 0
+}
+
+// BlockedList renders Block as the rule-file value, e.g. ["40-44", "60"].
+func (r DiffReport) BlockedList() string {
+	s := make([]string, len(r.Block))
+	for i, b := range r.Block {
+		s[i] = strconv.Quote(b.String())
+	}
+	return "[" + strings.Join(s, ", ") + "]"
+}
+
+// Diff compares two valid tables. It does not modify them.
+func Diff(old, new *Table) DiffReport {
+	r := DiffReport{OldVersion: old.version, NewVersion: new.version, Shards: new.shards, OldShards: old.shards}
+	if old.shards != new.shards {
+		r.Resharded = true
+		r.Block = []Range{{0, old.shards - 1}}
+		r.Other = append(r.Other, fmt.Sprintf("shard count %d → %d: every key may change shard", old.shards, new.shards))
+	} else {
+		r.Moves = diffMoves(old, new)
+		planned := make([]bool, old.shards)
+		for _, m := range r.Moves {
+			r.Moved += m.Count
+			if m.Failover {
+				continue
+			}
+			for _, rg := range m.Ranges {
+				for s := rg.From; s <= rg.To; s++ {
+					planned[s] = true
+				}
+			}
+		}
+		r.Block = runs(old.shards, func(s int) bool { return planned[s] })
+	}
+	r.Pins = diffPins(old, new)
+	r.Other = append(r.Other, diffOther(old, new)...)
+	return r
+}
+
+func diffMoves(old, new *Table) []Move {
+	type pair struct{ from, to string }
+	byPair := map[pair][]bool{}
+	var order []pair
+	for s := 0; s < new.shards; s++ {
+		from, to := old.route[s].cell, new.route[s].cell
+		if from == to {
+			continue
+		}
+		p := pair{from, to}
+		if byPair[p] == nil {
+			byPair[p] = make([]bool, new.shards)
+			order = append(order, p)
+		}
+		byPair[p][s] = true
+	}
+	sort.Slice(order, func(i, j int) bool {
+		if order[i].from != order[j].from {
+			return order[i].from < order[j].from
+		}
+		return order[i].to < order[j].to
+	})
+	moves := make([]Move, 0, len(order))
+	for _, p := range order {
+		set := byPair[p]
+		m := Move{From: p.from, To: p.to, Ranges: runs(new.shards, func(s int) bool { return set[s] })}
+		m.AlreadyBlocked = true
+		for _, rg := range m.Ranges {
+			m.Count += rg.Len()
+			for s := rg.From; s <= rg.To; s++ {
+				m.AlreadyBlocked = m.AlreadyBlocked && old.blocked[s]
+			}
+		}
+		m.Share = float64(m.Count) / float64(new.shards)
+		if c, ok := new.Cell(p.from); ok && c.State == StateDown {
+			m.Failover = true
+		}
+		moves = append(moves, m)
+	}
+	return moves
+}
+
+func diffPins(old, new *Table) []PinChange {
+	cellOf := func(t *Table) map[string]string {
+		m := make(map[string]string, len(t.pinList))
+		for i, p := range t.pinList {
+			m[p.Key] = t.pinRoute[i].cell
+		}
+		return m
+	}
+	o, n := cellOf(old), cellOf(new)
+	var out []PinChange
+	for k, c := range o {
+		if n[k] != c {
+			out = append(out, PinChange{Key: k, From: c, To: n[k]})
+		}
+	}
+	for k, c := range n {
+		if _, ok := o[k]; !ok {
+			out = append(out, PinChange{Key: k, To: c})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out
+}
+
+// diffOther lists changes that move no shard by themselves but matter to an
+// operator: cells, failover cells, the global cell, blocked shards, topic rules.
+func diffOther(old, new *Table) []string {
+	var out []string
+	for _, oc := range old.cells {
+		nc, ok := new.Cell(oc.Name)
+		if !ok {
+			out = append(out, fmt.Sprintf("cell %s removed", oc.Name))
+			continue
+		}
+		if oc.State != nc.State {
+			out = append(out, fmt.Sprintf("cell %s: state %s → %s", oc.Name, oc.State, nc.State))
+		}
+		if oc.Failover != nc.Failover {
+			out = append(out, fmt.Sprintf("cell %s: failover %s → %s", oc.Name, orNone(oc.Failover), orNone(nc.Failover)))
+		}
+	}
+	for _, nc := range new.cells {
+		if _, ok := old.cellIdx[nc.Name]; !ok {
+			out = append(out, fmt.Sprintf("cell %s added (%s)", nc.Name, nc.State))
+		}
+	}
+	if old.global != new.global {
+		out = append(out, fmt.Sprintf("global cell %s → %s", orNone(old.global), orNone(new.global)))
+	}
+	if ob, nb := rangesString(old.Blocked()), rangesString(new.Blocked()); ob != nb {
+		out = append(out, fmt.Sprintf("blocked [%s] → [%s]", ob, nb))
+	}
+	for _, or := range old.rules {
+		nr := new.byName[or.Name]
+		switch {
+		case nr == nil:
+			out = append(out, fmt.Sprintf("topic rule %s removed", or.Name))
+		case !sameRule(or, nr):
+			out = append(out, fmt.Sprintf("topic rule %s changed", or.Name))
+		}
+	}
+	for _, nr := range new.rules {
+		if old.byName[nr.Name] == nil {
+			out = append(out, fmt.Sprintf("topic rule %s added", nr.Name))
+		}
+	}
+	return out
+}
+
+func sameRule(a, b *Rule) bool {
+	return a.Source == b.Source && a.Key == b.Key && a.Shard == b.Shard && a.Target == b.Target &&
+		a.OnMissingKey == b.OnMissingKey && reflect.DeepEqual(a.DLQ, b.DLQ)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "(none)"
+	}
+	return s
+}
+
+// WriteText prints the report for an operator: the moves per (old → new)
+// cell pair with their share of all shards, pin changes, other changes, and
+// the three-step switch plan with the blocked list to apply first.
+func (r DiffReport) WriteText(w io.Writer) error {
+	ew := &errWriter{w: w}
+	ew.printf("rules version %d → %d, %d shards\n", r.OldVersion, r.NewVersion, r.Shards)
+	if !r.Changed() {
+		ew.printf("no changes: every shard, pin and topic rule routes the same way\n")
+		return ew.err
+	}
+	if r.NewVersion <= r.OldVersion {
+		ew.printf("warning: the new version %d is not higher than %d: a running bridge refuses it\n", r.NewVersion, r.OldVersion)
+	}
+	if len(r.Moves) > 0 {
+		ew.printf("\nshards changing cell (old → new):\n")
+		for _, m := range r.Moves {
+			note := ""
+			switch {
+			case m.Failover:
+				note = "  (failover: " + m.From + " is down; nothing to block)"
+			case m.AlreadyBlocked:
+				note = "  (already blocked in the old rules)"
+			}
+			ew.printf("  %-6s → %-6s  %-20s %4d %s  %5.1f%%%s\n", m.From, m.To, rangesString(m.Ranges), m.Count,
+				shardWord(m.Count), 100*m.Share, note)
+		}
+		ew.printf("  total: %d of %d shards (%.1f%%) change cell\n", r.Moved, r.Shards, 100*float64(r.Moved)/float64(max(r.Shards, 1)))
+	} else if !r.Resharded {
+		ew.printf("\nno shard changes cell\n")
+	}
+	if len(r.Pins) > 0 {
+		ew.printf("\npins:\n")
+		for _, p := range r.Pins {
+			switch {
+			case p.From == "":
+				ew.printf("  %s: added → %s\n", p.Key, p.To)
+			case p.To == "":
+				ew.printf("  %s: removed (was %s)\n", p.Key, p.From)
+			default:
+				ew.printf("  %s: %s → %s\n", p.Key, p.From, p.To)
+			}
+		}
+	}
+	if len(r.Other) > 0 {
+		ew.printf("\nother changes:\n")
+		for _, o := range r.Other {
+			ew.printf("  %s\n", o)
+		}
+	}
+	ew.printf("\n")
+	if len(r.Block) == 0 {
+		ew.printf("switch: nothing to block; apply the new rules directly (with a version above %d)\n", r.OldVersion)
+		return ew.err
+	}
+	ew.printf("switch plan:\n")
+	ew.printf("  1. apply the OLD rules with version %d and\n       blocked: %s\n", r.OldVersion+1, r.BlockedList())
+	ew.printf("  2. wait until the data of those shards has caught up in their new cells\n")
+	ew.printf("     (held messages stay in the bridge; cellbridge status shows them)\n")
+	ew.printf("  3. apply the NEW rules with version %d or higher, without those shards in blocked\n", r.OldVersion+2)
+	if r.NewVersion < r.OldVersion+2 {
+		ew.printf("     note: the new rules say version %d; raise it to at least %d\n", r.NewVersion, r.OldVersion+2)
+	}
+	for _, p := range r.Pins {
+		if p.From != "" {
+			ew.printf("  pinned key %s moves too; blocked covers shards, not keys\n", p.Key)
+		}
+	}
+	return ew.err
+}
+
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) printf(format string, a ...any) {
+	if e.err == nil {
+		_, e.err = fmt.Fprintf(e.w, format, a...)
+	}
+}
