@@ -109,6 +109,7 @@ const (
 	defaultMaxRetry  = 16
 	dlqQueues        = 1
 	notifyOnewayFlag = flagOneway
+	drainTime        = 100 * time.Millisecond
 )
 
 // delayLevels are the real broker's default messageDelayLevel.
@@ -286,12 +287,17 @@ func (b *Broker) stopNetwork() {
 		conns = append(conns, c)
 	}
 	b.mu.Unlock()
-	b.pullWG.Wait()
 	for _, ln := range lns {
 		if ln != nil {
 			ln.Close()
 		}
 	}
+	// Held pulls answer "service not available" now. The client never fails a request whose
+	// connection closed (it waits for the request's own timeout, 30s for pulls), so for a moment every
+	// request still arriving gets the same answer before the connections close: the client then
+	// backs off 3s and reconnects instead of hanging.
+	b.pullWG.Wait()
+	time.Sleep(drainTime)
 	for _, c := range conns {
 		c.close()
 	}

@@ -22,6 +22,7 @@ type member struct {
 	c        *conn     // nil when detached by Restart
 	detached time.Time // when Restart detached it
 	model    string
+	beats    int // heartbeats received, for tests
 }
 
 // subscription is a TAG subscription expression, compiled.
@@ -110,6 +111,7 @@ func (b *Broker) handleHeartbeat(c *conn, req *command) *command {
 			m.c = c
 			m.detached = time.Time{}
 		}
+		g.members[hb.ClientID].beats++
 		for _, s := range cd.Subs {
 			g.subs[s.Topic] = parseSubscription(s.Topic, s.SubString, s.ExpType)
 		}

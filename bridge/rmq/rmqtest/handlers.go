@@ -48,7 +48,14 @@ const (
 func (b *Broker) dispatch(c *conn, req *command) {
 	b.mu.Lock()
 	b.requests[req.Code]++
+	netStop := b.netStop
 	b.mu.Unlock()
+	select {
+	case <-netStop:
+		c.respond(req, response(resServiceUnavailable, "broker is restarting"))
+		return
+	default:
+	}
 	if c.nameServer {
 		switch req.Code {
 		case reqGetRouteInfoByTopic:
