@@ -1,0 +1,263 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// The crash tests run the real binary (`cellbridge run -config FILE`) as a
+// subprocess against a test nats-server, kill it with SIGKILL mid-stream and
+// check from what arrived in the cell streams that every event took effect
+// exactly once. They take about a minute together; -short skips them.
+
+const (
+	crashEvents      = 50_000
+	crashPoisonEvery = 150 // 333 poison events: missing key, bad key, bad JSON
+	crashKills       = 5
+)
+
+// crashSeed is logged so that a failure can be replayed with
+// CELLBRIDGE_CRASH_SEED.
+func crashSeed(t *testing.T) uint64 {
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("CELLBRIDGE_CRASH_SEED"); s != "" {
+		if _, err := fmt.Sscan(s, &seed); err != nil {
+			t.Fatalf("CELLBRIDGE_CRASH_SEED: %v", err)
+		}
+	}
+	t.Logf("seed %d (replay with CELLBRIDGE_CRASH_SEED=%d)", seed, seed)
+	return seed
+}
+
+// crashEnv is a test server with the example rules' streams, loaded with
+// events, and a config file for the bridge.
+type crashEnv struct {
+	t      *testing.T
+	js     jetstream.JetStream
+	table  *router.Table
+	exp    published
+	config string
+	dir    string
+}
+
+func newCrashEnv(t *testing.T, seed uint64, n int, dedupeYAML string) *crashEnv {
+	env := newTestEnv(t)
+	js, rules, table := env.js, env.rules, env.table
+	start := time.Now()
+	exp := publishEvents(t, js, table, seed, n, crashPoisonEvery)
+	fwd, dlq := exp.counts()
+	t.Logf("published %d events (%d routable, %d poison) in %v", len(exp), fwd, dlq, time.Since(start).Round(time.Millisecond))
+	dir := t.TempDir()
+	// Short ack wait and reservation TTL: messages a killed process held
+	// come back within seconds, which keeps the test short.
+	cfg := writeFile(t, dir, "config.yaml", fmt.Sprintf(`rules: %s
+brokers:
+  nats: {type: nats, url: %q}
+dedupe: %s
+pipeline:
+  ackWait: 2s
+  drainTimeout: 10s
+  retry: {initial: 50ms, max: 500ms}
+log: {level: info, format: json}
+`, rules, env.url, dedupeYAML))
+	return &crashEnv{t: t, js: js, table: table, exp: exp, config: cfg, dir: dir}
+}
+
+// proc is one bridge subprocess.
+type proc struct {
+	cmd  *exec.Cmd
+	http string
+	log  string
+	done chan error
+}
+
+func (e *crashEnv) start(name string) *proc {
+	t := e.t
+	port := freePort(t)
+	logPath := filepath.Join(e.dir, name+".log")
+	f, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bridgeBinary(t), "run", "-config", e.config, "-http", fmt.Sprintf("127.0.0.1:%d", port))
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, http: fmt.Sprintf("http://127.0.0.1:%d", port), log: logPath, done: make(chan error, 1)}
+	go func() { p.done <- cmd.Wait(); f.Close() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-p.done
+	})
+	eventually(t, 30*time.Second, name+" serving /healthz", func() bool {
+		select {
+		case err := <-p.done:
+			t.Fatalf("%s exited early: %v\n%s", name, err, readTail(logPath))
+		default:
+		}
+		resp, err := http.Get(p.http + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return p
+}
+
+func (p *proc) kill(t *testing.T) {
+	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-p.done
+	p.done <- nil // for the cleanup
+}
+
+// stop ends the process gracefully and requires exit code 0.
+func (p *proc) stop(t *testing.T) {
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-p.done:
+		p.done <- nil
+		if err != nil {
+			t.Fatalf("graceful stop: %v\n%s", err, readTail(p.log))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("no exit within 30s of SIGTERM\n%s", readTail(p.log))
+	}
+}
+
+func readTail(path string) string {
+	b, _ := os.ReadFile(path)
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return string(b)
+}
+
+// progress is the number of messages that reached a cell stream or the DLQ.
+func (e *crashEnv) progress() uint64 {
+	c, d := arrived(e.t, e.js, e.table)
+	return c + d
+}
+
+// waitDone waits until every event arrived and the source consumers hold
+// nothing unacknowledged.
+func (e *crashEnv) waitDone(within time.Duration, p *proc) {
+	fwd, dlq := e.exp.counts()
+	eventually(e.t, within, "every event forwarded and acknowledged", func() bool {
+		select {
+		case err := <-p.done:
+			p.done <- err
+			e.t.Fatalf("bridge exited: %v\n%s", err, readTail(p.log))
+		default:
+		}
+		c, d := arrived(e.t, e.js, e.table)
+		return c >= uint64(fwd) && d >= uint64(dlq) && consumersIdle(e.t, e.js, e.table)
+	})
+}
+
+func (e *crashEnv) verify() {
+	t := e.t
+	v := verifyExactlyOnce(t, e.js, e.table, e.exp)
+	fwd, dlq := e.exp.counts()
+	t.Logf("arrived: %v (expected %d forwarded, %d dlq)", v, fwd, dlq)
+	if len(v.Problems) > 0 {
+		t.Fatalf("exactly-once violated:\n%s", strings.Join(v.Problems, "\n"))
+	}
+	sum := 0
+	for _, n := range v.PerCell {
+		sum += n
+	}
+	if sum != fwd || v.DLQ != dlq {
+		t.Fatalf("arrived %d forwarded + %d dlq, want %d + %d", sum, v.DLQ, fwd, dlq)
+	}
+	for _, kind := range []string{poisonMissingKey, poisonBadKey, poisonBadBody} {
+		if v.DLQByReason[kind] == 0 {
+			t.Errorf("no DLQ message with Cell-Error %s: %v", kind, v.DLQByReason)
+		}
+	}
+}
+
+// killPoints picks n increasing progress thresholds between 5% and 90% of
+// total: the bridge is killed as soon as that many messages arrived, so
+// every kill lands mid-stream whatever the machine's speed.
+func killPoints(rnd *rand.Rand, n int, total uint64) []uint64 {
+	pts := make([]uint64, n)
+	for i := range pts {
+		pts[i] = total/20 + uint64(rnd.Float64()*float64(total*85/100))
+	}
+	sort.Slice(pts, func(i, j int) bool { return pts[i] < pts[j] })
+	return pts
+}
+
+// TestCrashKill9 kills the bridge with SIGKILL at five random moments while
+// it works through 50,000 events, restarting it each time.
+func TestCrashKill9(t *testing.T) {
+	if testing.Short() {
+		t.Skip("crash test: skipped with -short")
+	}
+	seed := crashSeed(t)
+	rnd := rand.New(rand.NewPCG(seed, 1))
+	e := newCrashEnv(t, seed, crashEvents, "{store: memory}")
+	start := time.Now()
+	for i, at := range killPoints(rnd, crashKills, uint64(len(e.exp))) {
+		p := e.start(fmt.Sprintf("run%d", i+1))
+		eventually(t, 90*time.Second, fmt.Sprintf("progress %d before kill %d", at, i+1), func() bool {
+			return e.progress() >= at
+		})
+		// A little jitter so the kill does not always follow a stream
+		// info round trip.
+		time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond)
+		p.kill(t)
+		t.Logf("kill -9 #%d at %d of %d messages arrived (%v)", i+1, e.progress(), len(e.exp), time.Since(start).Round(time.Millisecond))
+	}
+	p := e.start("final")
+	e.waitDone(90*time.Second, p)
+	p.stop(t)
+	t.Logf("done %v after start", time.Since(start).Round(time.Millisecond))
+	e.verify()
+}
+
+// TestCrashTwoReplicas runs two bridge processes on the same durable
+// consumers with the shared JetStream KV dedupe store and kills one of them
+// mid-stream; the other finishes the work.
+func TestCrashTwoReplicas(t *testing.T) {
+	if testing.Short() {
+		t.Skip("crash test: skipped with -short")
+	}
+	seed := crashSeed(t)
+	rnd := rand.New(rand.NewPCG(seed, 2))
+	e := newCrashEnv(t, seed, crashEvents, "{store: jetstream, bucket: crash-dedupe, ttl: 5m, reserveTTL: 2s}")
+	start := time.Now()
+	a := e.start("replica-a")
+	b := e.start("replica-b")
+	at := killPoints(rnd, 1, uint64(len(e.exp)))[0]
+	eventually(t, 90*time.Second, fmt.Sprintf("progress %d before the kill", at), func() bool { return e.progress() >= at })
+	a.kill(t)
+	t.Logf("kill -9 replica-a at %d of %d messages arrived (%v)", e.progress(), len(e.exp), time.Since(start).Round(time.Millisecond))
+	e.waitDone(90*time.Second, b)
+	b.stop(t)
+	t.Logf("done %v after start", time.Since(start).Round(time.Millisecond))
+	if !bytes.Contains([]byte(readTail(b.log)), []byte("bridge stopped")) {
+		t.Errorf("replica-b log lacks the shutdown line:\n%s", readTail(b.log))
+	}
+	e.verify()
+}

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/cellbridge/cellbridge/internal/embedded"
+)
+
+// defaultNATSPort is the embedded server's preferred client port, so that the
+// usual tools (nats CLI) find it without flags.
+const defaultNATSPort = 4222
+
+// startEmbedded starts the in-process nats-server of the embedded default
+// with its JetStream store under dataDir. port is the preferred client port
+// (0: 4222); when it is taken a free port is used instead (the caller prints
+// the URL). -1 asks for a random port. tune may adjust the options (tests).
+func startEmbedded(dataDir string, port int, tune func(*server.Options)) (*server.Server, error) {
+	if port == 0 {
+		port = defaultNATSPort
+	}
+	if port > 0 && !portFree("127.0.0.1", port) {
+		port = -1
+	}
+	// The server keeps its files in <StoreDir>/jetstream.
+	store, err := filepath.Abs(dataDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(store, 0o755); err != nil {
+		return nil, fmt.Errorf("embedded nats-server: data dir: %w", err)
+	}
+	return embedded.Start(embedded.Options{Host: "127.0.0.1", Port: port, StoreDir: store, Tune: tune})
+}
+
+// portFree reports whether host:port can be listened on right now. The
+// server binds it a moment later; losing that race only costs a failed start
+// with a clear error.
+func portFree(host string, port int) bool {
+	l, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+	if err != nil {
+		return false
+	}
+	l.Close()
+	return true
+}
+
+// exampleRulesDir finds deploy/rules for the embedded default: under the
+// working directory, next to the binary (or its parent, for bin/), or in the
+// source tree the binary was built from (go run).
+func exampleRulesDir() (string, error) {
+	var candidates []string
+	if wd, err := os.Getwd(); err == nil {
+		candidates = append(candidates, wd)
+	}
+	if exe, err := os.Executable(); err == nil {
+		if exe, err := filepath.EvalSymlinks(exe); err == nil {
+			d := filepath.Dir(exe)
+			candidates = append(candidates, d, filepath.Dir(d))
+		}
+	}
+	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
+		candidates = append(candidates, filepath.Join(filepath.Dir(file), "..", ".."))
+	}
+	for _, c := range candidates {
+		d := filepath.Join(c, "deploy", "rules")
+		if st, err := os.Stat(d); err == nil && st.IsDir() {
+			return filepath.Clean(d), nil
+		}
+	}
+	return "", errors.New("cannot find the example rules (deploy/rules) next to the working directory or the binary; pass -rules DIR")
+}

@@ -1,0 +1,404 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// binDir holds the cellbridge binary the subprocess tests build once.
+var (
+	binDir   string
+	binOnce  sync.Once
+	binPath  string
+	binError error
+)
+
+// bridgeBinary builds ./cmd/cellbridge once per test binary run (without
+// -race: the subprocess is the system under load, not under inspection).
+func bridgeBinary(t testing.TB) string {
+	t.Helper()
+	binOnce.Do(func() {
+		binPath = filepath.Join(binDir, "cellbridge")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			binError = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if binError != nil {
+		t.Fatal(binError)
+	}
+	return binPath
+}
+
+// eventually polls cond every 10ms until it holds or within passes.
+func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %s", within, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func testCtx(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// expectation is where one published event must end up.
+type expectation struct {
+	EventID string
+	Topic   string
+	Cell    string // "" for DLQ
+	Subject string // target subject (cell subject or DLQ subject)
+	Poison  string // dlq reason kind; "" for routable
+	Shard   int
+}
+
+// published maps Cell-Msg-Id (the bridge derives it from stream:sequence)
+// to its expectation.
+type published map[string]expectation
+
+func (p published) counts() (forwarded, dlq int) {
+	for _, e := range p {
+		if e.Cell == "" {
+			dlq++
+		} else {
+			forwarded++
+		}
+	}
+	return
+}
+
+// publishEvents publishes n sample events (seeded) to the source streams and
+// returns where each must land according to the rules table. extra, when
+// set, may change each event before it is published.
+func publishEvents(t testing.TB, js jetstream.JetStream, table *router.Table, seed uint64, n, poisonEvery int) published {
+	t.Helper()
+	ctx := testCtx(t, 2*time.Minute)
+	gen := newEventGen(seed, poisonEvery)
+	exp := make(published, n)
+	type pend struct {
+		f jetstream.PubAckFuture
+		e expectation
+	}
+	var window []pend
+	flush := func() {
+		for _, p := range window {
+			select {
+			case ack := <-p.f.Ok():
+				exp[ack.Stream+":"+fmt.Sprint(ack.Sequence)] = p.e
+			case err := <-p.f.Err():
+				t.Fatalf("publish %s: %v", p.e.EventID, err)
+			case <-ctx.Done():
+				t.Fatal("publish: timeout")
+			}
+		}
+		window = window[:0]
+	}
+	for range n {
+		ev := gen.next()
+		d := table.Route(ev.Topic, &router.Message{Subject: ev.Subject, Header: ev.Header, Body: ev.Body})
+		e := expectation{EventID: ev.ID, Topic: ev.Topic, Poison: ev.Poison, Shard: d.Shard, Subject: d.Target.Subject}
+		switch {
+		case d.Reason == router.ReasonDLQ:
+			if ev.Poison == "" {
+				t.Fatalf("event %s routed to the DLQ but is not poison: %+v", ev.ID, d)
+			}
+		case ev.Poison != "":
+			t.Fatalf("poison event %s (%s) not routed to the DLQ: %+v", ev.ID, ev.Poison, d)
+		default:
+			e.Cell = d.Cell
+		}
+		f, err := js.PublishMsgAsync(ev.Msg())
+		if err != nil {
+			t.Fatal(err)
+		}
+		window = append(window, pend{f, e})
+		if len(window) == 2000 {
+			flush()
+		}
+	}
+	flush()
+	return exp
+}
+
+// testEnv is a test server holding the example rules' streams, with a copy
+// of the example rules the test may change.
+type testEnv struct {
+	url   string
+	js    jetstream.JetStream
+	rules string
+	table *router.Table
+}
+
+func newTestEnv(t testing.TB) *testEnv {
+	t.Helper()
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	rules := exampleRules(t)
+	table, err := router.Load(rules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ensureStreams(t, js, table)
+	return &testEnv{url: srv.URL, js: js, rules: rules, table: table}
+}
+
+// ensureStreams creates the example rules' streams on a test server.
+func ensureStreams(t testing.TB, js jetstream.JetStream, table *router.Table) {
+	t.Helper()
+	if err := natsjs.EnsureStreams(testCtx(t, 30*time.Second), js, table, natsjs.StreamOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// streamCount returns a stream's message count (0 when it does not exist).
+func streamCount(t testing.TB, js jetstream.JetStream, name string) uint64 {
+	t.Helper()
+	st, err := js.Stream(testCtx(t, 10*time.Second), name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(testCtx(t, 10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Msgs
+}
+
+// arrived is the number of messages in every cell stream and in the DLQ.
+func arrived(t testing.TB, js jetstream.JetStream, table *router.Table) (cells, dlq uint64) {
+	t.Helper()
+	for _, c := range table.Cells() {
+		cells += streamCount(t, js, natsjs.CellStream(c.Name))
+	}
+	return cells, streamCount(t, js, natsjs.DLQStream)
+}
+
+// consumersIdle reports whether every source consumer has nothing pending
+// and nothing unacknowledged.
+func consumersIdle(t testing.TB, js jetstream.JetStream, table *router.Table) bool {
+	t.Helper()
+	for _, r := range table.Rules() {
+		c, err := js.Consumer(testCtx(t, 10*time.Second), r.Source.Stream, r.Source.Group)
+		if err != nil {
+			return false
+		}
+		info, err := c.Info(testCtx(t, 10*time.Second))
+		if err != nil || info.NumPending != 0 || info.NumAckPending != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// readStream returns every message of a stream, in order.
+func readStream(t testing.TB, js jetstream.JetStream, name string) []jetstream.Msg {
+	t.Helper()
+	ctx := testCtx(t, time.Minute)
+	st, err := js.Stream(ctx, name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := int(info.State.Msgs)
+	if want == 0 {
+		return nil
+	}
+	c, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []jetstream.Msg
+	for len(out) < want {
+		batch, err := c.Fetch(min(want-len(out), 1000), jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for m := range batch.Messages() {
+			out = append(out, m)
+			n++
+		}
+		if batch.Error() != nil {
+			t.Fatal(batch.Error())
+		}
+		if n == 0 {
+			t.Fatalf("stream %s: read %d of %d messages", name, len(out), want)
+		}
+	}
+	return out
+}
+
+// verification is the outcome of checking the streams against what was
+// published.
+type verification struct {
+	PerCell     map[string]int
+	DLQ         int
+	DLQByReason map[string]int
+	Problems    []string
+}
+
+// verifyExactlyOnce reads every cell stream and the DLQ and checks that each
+// published event is in its owning cell's subject (or the DLQ) exactly once,
+// counted both by the Cell-Msg-Id header and by the event id in the payload
+// (the X-Event-Id header for bodies that are not JSON), with nothing missing.
+func verifyExactlyOnce(t testing.TB, js jetstream.JetStream, table *router.Table, exp published) verification {
+	t.Helper()
+	v := verification{PerCell: map[string]int{}, DLQByReason: map[string]int{}}
+	byMsgID := map[string]int{}
+	byEventID := map[string]int{}
+	problem := func(format string, a ...any) {
+		if len(v.Problems) < 20 {
+			v.Problems = append(v.Problems, fmt.Sprintf(format, a...))
+		}
+	}
+	check := func(stream, cell string, m jetstream.Msg) {
+		h := m.Headers()
+		id := h.Get(bridge.HeaderMsgID)
+		if cell == "" && id == "" {
+			// DLQ copies keep the original headers: the idempotency key
+			// is only in Nats-Msg-Id there.
+			id = h.Get(jetstream.MsgIDHeader)
+		}
+		byMsgID[id]++
+		e, ok := exp[id]
+		if !ok {
+			problem("%s: message with unknown %s %q", stream, bridge.HeaderMsgID, id)
+			return
+		}
+		eventID := h.Get("X-Event-Id")
+		var body struct{ ID string }
+		if json.Unmarshal(m.Data(), &body) == nil {
+			eventID = body.ID
+		} else if e.Poison != poisonBadBody {
+			problem("%s: %s: body is not JSON", stream, id)
+		}
+		byEventID[eventID]++
+		if eventID != e.EventID {
+			problem("%s: %s carries event %q, want %q", stream, id, eventID, e.EventID)
+		}
+		if m.Subject() != e.Subject {
+			problem("%s: %s on subject %s, want %s", stream, id, m.Subject(), e.Subject)
+		}
+		if e.Cell != cell {
+			problem("%s: %s (event %s) in cell %q, want %q", stream, id, e.EventID, cell, e.Cell)
+		}
+		if got := h.Get(jetstream.MsgIDHeader); got != id {
+			problem("%s: %s: Nats-Msg-Id %q", stream, id, got)
+		}
+		if cell != "" && h.Get(bridge.HeaderCell) != cell {
+			problem("%s: %s: %s %q", stream, id, bridge.HeaderCell, h.Get(bridge.HeaderCell))
+		}
+		if cell == "" && h.Get(bridge.HeaderError) == "" {
+			problem("%s: %s: DLQ message without %s", stream, id, bridge.HeaderError)
+		}
+	}
+	for _, c := range table.Cells() {
+		for _, m := range readStream(t, js, natsjs.CellStream(c.Name)) {
+			v.PerCell[c.Name]++
+			check(natsjs.CellStream(c.Name), c.Name, m)
+		}
+	}
+	for _, m := range readStream(t, js, natsjs.DLQStream) {
+		v.DLQ++
+		v.DLQByReason[strings.SplitN(m.Headers().Get(bridge.HeaderError), ":", 2)[0]]++
+		check(natsjs.DLQStream, "", m)
+	}
+	dupID, dupEvent, missing := 0, 0, 0
+	for id, n := range byMsgID {
+		if n > 1 {
+			dupID++
+			problem("%s %s arrived %d times", bridge.HeaderMsgID, id, n)
+		}
+	}
+	for id, n := range byEventID {
+		if n > 1 {
+			dupEvent++
+			problem("event %s arrived %d times", id, n)
+		}
+	}
+	for id, e := range exp {
+		if byMsgID[id] == 0 {
+			missing++
+			problem("missing: %s (event %s, cell %q)", id, e.EventID, e.Cell)
+		}
+	}
+	if dupID+dupEvent+missing > 0 {
+		problem("summary: %d duplicate msg ids, %d duplicate event ids, %d missing", dupID, dupEvent, missing)
+	}
+	return v
+}
+
+func (v verification) String() string {
+	cells := make([]string, 0, len(v.PerCell))
+	for c, n := range v.PerCell {
+		cells = append(cells, fmt.Sprintf("%s=%d", c, n))
+	}
+	sort.Strings(cells)
+	return fmt.Sprintf("cells[%s] dlq=%d %v", strings.Join(cells, " "), v.DLQ, v.DLQByReason)
+}
+
+// writeFile writes a file under dir and returns its path.
+func writeFile(t testing.TB, dir, name, body string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// publishOne publishes one message to a source stream and returns its
+// Cell-Msg-Id as the bridge derives it (stream:sequence).
+func publishOne(t testing.TB, js jetstream.JetStream, m *nats.Msg) string {
+	t.Helper()
+	ack, err := js.PublishMsg(testCtx(t, 10*time.Second), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%s:%d", ack.Stream, ack.Sequence)
+}
