@@ -226,9 +226,23 @@ func TestDelayedMessage(t *testing.T) {
 type txListener struct {
 	mu      sync.Mutex
 	checked map[string]int
+	b       *Broker
+	// invisible records, per body, whether the half message was held back while the local
+	// transaction ran: in HalfMessages and not in its topic.
+	invisible map[string]bool
 }
 
 func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
+	half, visible := false, false
+	for _, h := range l.b.HalfMessages() {
+		half = half || string(h.Body) == string(m.Body)
+	}
+	for _, v := range l.b.Messages(m.Topic) {
+		visible = visible || string(v.Body) == string(m.Body)
+	}
+	l.mu.Lock()
+	l.invisible[string(m.Body)] = half && !visible
+	l.mu.Unlock()
 	switch {
 	case strings.HasPrefix(string(m.Body), "commit"):
 		return primitive.CommitMessageState
@@ -262,7 +276,7 @@ func TestTransactions(t *testing.T) {
 	if err := b.CreateTopic(topic, 2); err != nil {
 		t.Fatal(err)
 	}
-	l := &txListener{checked: map[string]int{}}
+	l := &txListener{checked: map[string]int{}, invisible: map[string]bool{}, b: b}
 	tp, err := producer.NewTransactionProducer(l,
 		producer.WithNsResolver(primitive.NewPassthroughResolver([]string{b.NameServerAddr()})),
 		producer.WithGroupName("pg-tx"),
@@ -294,6 +308,13 @@ func TestTransactions(t *testing.T) {
 	if l.checks("commit") != 0 || l.checks("unknown") != 1 || l.checks("unknown-twice") != 2 {
 		t.Fatalf("check-backs: %v", l.checked)
 	}
+	l.mu.Lock()
+	for body, ok := range l.invisible {
+		if !ok {
+			t.Errorf("half message %q was visible before its commit", body)
+		}
+	}
+	l.mu.Unlock()
 	for _, m := range b.Messages(topic) {
 		if _, ok := m.Properties["TRAN_MSG"]; ok {
 			t.Fatalf("committed message keeps TRAN_MSG: %v", m.Properties)

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -99,6 +100,24 @@ func TestRawPullCodes(t *testing.T) {
 		}
 		if r := rc.call(reqGetMaxOffset, map[string]string{"topic": "raw", "queueId": "0"}, nil, ser); r.ext("offset") != strconv.FormatInt(base+1, 10) {
 			t.Fatalf("max offset: %v", r)
+		}
+		if r := rc.call(reqGetMinOffset, map[string]string{"topic": "raw", "queueId": "0"}, nil, ser); r.ext("offset") != "0" {
+			t.Fatalf("min offset: %v", r)
+		}
+		search := func(ts int64) string {
+			return rc.call(reqSearchOffsetByTimestamp, map[string]string{"topic": "raw", "queueId": "0", "timestamp": strconv.FormatInt(ts, 10)}, nil, ser).ext("offset")
+		}
+		if got := search(0); got != "0" {
+			t.Fatalf("search from the epoch: %s", got)
+		}
+		if got := search(time.Now().Add(time.Hour).UnixMilli()); got != strconv.FormatInt(base+1, 10) {
+			t.Fatalf("search from the future: %s", got)
+		}
+		if r := rc.call(reqGetConsumerListByGroup, map[string]string{"consumerGroup": "nobody"}, nil, ser); r.Code != resSystemError {
+			t.Fatalf("consumer list of an empty group: %v", r)
+		}
+		if r := rc.call(reqGetRouteInfoByTopic, map[string]string{"topic": "raw"}, nil, ser); r.Code != resSuccess || !strings.Contains(string(r.Body), b.BrokerAddr()) {
+			t.Fatalf("route from the broker port: %v %s", r, r.Body)
 		}
 		if r := rc.call(9999, nil, nil, ser); r.Code != resNotSupported {
 			t.Fatalf("unknown code: %v", r)
