@@ -1,0 +1,292 @@
+package deploy
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"gopkg.in/yaml.v3"
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/cellbridge/cellbridge/router"
+)
+
+var (
+	binDir    string // holds the cellbridge binary built for these tests; removed by TestMain
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+// cellbridgeBinary builds cmd/cellbridge once per test binary: the tests run the real command, as the
+// image does.
+func cellbridgeBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		if binDir, buildErr = os.MkdirTemp("", "cellbridge-deploy-test-"); buildErr != nil {
+			return
+		}
+		binPath = filepath.Join(binDir, "cellbridge")
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, "go", "build", "-o", binPath, "github.com/cellbridge/cellbridge/cmd/cellbridge").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/cellbridge: %w\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// podFS lays out, under a temporary root, the files the bridge container sees: every ConfigMap volume
+// with its keys, every file the config names on a Secret volume (a generated CA certificate, since the
+// real Secret is not in the manifests), and the emptyDirs. It returns the root, the config file path
+// with every absolute path in it moved under the root, and the container's environment with a
+// placeholder for every value that comes from a Secret.
+func podFS(t *testing.T, r *rendering) (root, config string, env []string) {
+	t.Helper()
+	root = t.TempDir()
+	c := container(t, r)
+	for _, m := range c.VolumeMounts {
+		dir := filepath.Join(root, m.MountPath)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		v := volume(r, m.Name)
+		if v != nil && v.ConfigMap != nil {
+			cm := r.configMaps[v.ConfigMap.Name]
+			if cm == nil {
+				t.Fatalf("volume %s: ConfigMap %s is not rendered", m.Name, v.ConfigMap.Name)
+			}
+			writeConfigMap(t, dir, cm)
+		}
+	}
+	raw, _ := configOf(t, r)
+	var doc yaml.Node
+	if err := yaml.Unmarshal([]byte(raw), &doc); err != nil {
+		t.Fatal(err)
+	}
+	var walk func(n *yaml.Node)
+	walk = func(n *yaml.Node) {
+		if n.Kind == yaml.ScalarNode && strings.HasPrefix(n.Value, "/") {
+			p := filepath.Join(root, n.Value)
+			if m := mountFor(c, n.Value); m != nil && volume(r, m.Name) != nil && volume(r, m.Name).Secret != nil {
+				if err := os.WriteFile(p, testCACert(t), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			n.Value = p
+		}
+		for _, k := range n.Content {
+			walk(k)
+		}
+	}
+	walk(&doc)
+	b, err := yaml.Marshal(&doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	config = filepath.Join(root, argValue(c.Args, "-config"))
+	if err := os.WriteFile(config, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
+	for _, e := range c.Env {
+		switch {
+		case e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil:
+			env = append(env, e.Name+"=secret-from-"+e.ValueFrom.SecretKeyRef.Name)
+		case e.ValueFrom == nil:
+			env = append(env, e.Name+"="+e.Value)
+		}
+	}
+	return root, config, env
+}
+
+// writeConfigMap writes a ConfigMap's keys into dir the way the kubelet does: the files live in a
+// timestamped directory, ..data points at it, and each key is a symlink through ..data.
+func writeConfigMap(t *testing.T, dir string, cm *corev1.ConfigMap) {
+	t.Helper()
+	files := map[string][]byte{}
+	for k, v := range cm.Data {
+		files[k] = []byte(v)
+	}
+	for k, v := range cm.BinaryData {
+		files[k] = v
+	}
+	atomicWrite(t, dir, files)
+}
+
+var atomicSeq int
+
+// atomicWrite reproduces the kubelet's atomic writer: new files in a fresh ..<timestamp> directory, a
+// ..data_tmp symlink to it renamed over ..data (the one atomic step a watcher sees), user-visible
+// symlinks for new keys, stale ones removed, then the old directory deleted.
+func atomicWrite(t *testing.T, dir string, files map[string][]byte) {
+	t.Helper()
+	atomicSeq++
+	ts := fmt.Sprintf("..%s.%d", time.Now().UTC().Format("2006_01_02_15_04_05"), atomicSeq)
+	if err := os.Mkdir(filepath.Join(dir, ts), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range files {
+		if err := os.WriteFile(filepath.Join(dir, ts, k), v, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old, _ := os.Readlink(filepath.Join(dir, "..data"))
+	tmp := filepath.Join(dir, "..data_tmp")
+	if err := os.Symlink(ts, tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+	for k := range files {
+		link := filepath.Join(dir, k)
+		if _, err := os.Lstat(link); err == nil {
+			continue
+		}
+		if err := os.Symlink(filepath.Join("..data", k), link); err != nil {
+			t.Fatal(err)
+		}
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if n := e.Name(); !strings.HasPrefix(n, "..") {
+			if _, ok := files[n]; !ok {
+				os.Remove(filepath.Join(dir, n))
+			}
+		}
+	}
+	if old != "" {
+		os.RemoveAll(filepath.Join(dir, old))
+	}
+}
+
+var (
+	caOnce sync.Once
+	caPEM  []byte
+)
+
+// testCACert returns a self-signed CA certificate in PEM, standing in for a Secret's ca.crt.
+func testCACert(t *testing.T) []byte {
+	t.Helper()
+	caOnce.Do(func() {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			panic(err)
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cellbridge deploy test CA"},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			panic(err)
+		}
+		caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	})
+	return caPEM
+}
+
+// runCellbridge runs the binary to completion and returns its exit code and output.
+func runCellbridge(t *testing.T, env []string, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, cellbridgeBinary(t), args...)
+	cmd.Env = env
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode(), out.String()
+	} else if err != nil {
+		t.Fatalf("cellbridge %s: %v", strings.Join(args, " "), err)
+	}
+	return 0, out.String()
+}
+
+// TestConfigPassesBridgeCheck runs `cellbridge run -check` on each overlay's config and rules, laid
+// out as the container sees them: the bridge's own strict parser accepts the config, every ${VAR}
+// resolves from the environment the Deployment sets, every file it names exists, and the rules agree
+// with the brokers.
+func TestConfigPassesBridgeCheck(t *testing.T) {
+	forEachOverlay(t, func(t *testing.T, r *rendering) {
+		_, config, env := podFS(t, r)
+		code, out := runCellbridge(t, env, "run", "-config", config, "-check")
+		if code != 0 || !strings.HasPrefix(out, "ok:") {
+			t.Fatalf("cellbridge run -check: exit %d\n%s", code, out)
+		}
+		t.Log(strings.TrimSpace(out))
+	})
+}
+
+// TestRulesConfigMapIsValid: the rules ConfigMap, written out as the kubelet writes it, loads with the
+// router and passes `cellbridge validate`, and holds exactly the example rules.
+func TestRulesConfigMapIsValid(t *testing.T) {
+	src, err := router.Load(rulesSrcDir)
+	if err != nil {
+		t.Fatalf("deploy/rules: %v", err)
+	}
+	forEachOverlay(t, func(t *testing.T, r *rendering) {
+		cm := r.configMaps[rulesCMName]
+		if cm == nil {
+			t.Fatalf("no ConfigMap %s", rulesCMName)
+		}
+		dir := t.TempDir()
+		writeConfigMap(t, dir, cm)
+		table, err := router.Load(dir)
+		if err != nil {
+			t.Fatalf("router.Load of the rules ConfigMap: %v", err)
+		}
+		if table.Version() != src.Version() {
+			t.Errorf("ConfigMap rules version %d, deploy/rules has %d", table.Version(), src.Version())
+		}
+		names, err := ruleFiles(rulesSrcDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var keys []string
+		for k := range cm.Data {
+			keys = append(keys, k)
+			want, _ := os.ReadFile(filepath.Join(rulesSrcDir, k))
+			if string(want) != cm.Data[k] {
+				t.Errorf("ConfigMap key %s differs from deploy/rules/%s", k, k)
+			}
+		}
+		sort.Strings(keys)
+		if strings.Join(keys, ",") != strings.Join(names, ",") {
+			t.Errorf("ConfigMap keys %v, deploy/rules has %v", keys, names)
+		}
+		if code, out := runCellbridge(t, os.Environ(), "validate", dir); code != 0 {
+			t.Errorf("cellbridge validate: exit %d\n%s", code, out)
+		}
+	})
+}
