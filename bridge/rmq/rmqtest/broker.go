@@ -198,7 +198,7 @@ type lockState struct {
 	until    time.Time
 }
 
-// ErrClosed is returned by operations on a closed Broker.
+// ErrClosed is returned by Start and Restart on a closed Broker.
 var ErrClosed = errors.New("rmqtest: broker closed")
 
 // New creates a broker that does not listen yet. The TBW102 default topic exists from the start.
@@ -223,7 +223,8 @@ func New(opts Options) *Broker {
 }
 
 // Start listens on the name server and broker ports and starts serving. It returns an error when a
-// port cannot be bound or the broker was started or closed before. ctx bounds nothing but the call.
+// port cannot be bound or the broker was started before, and ErrClosed after Close. Binding does not
+// block, so ctx is only checked on entry.
 func (b *Broker) Start(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -233,8 +234,12 @@ func (b *Broker) Start(ctx context.Context) error {
 	b.mu.Lock()
 	st := b.state
 	b.mu.Unlock()
-	if st != 0 {
-		return errors.New("rmqtest: Start called twice or after Close")
+	switch st {
+	case 0:
+	case 3:
+		return ErrClosed
+	default:
+		return errors.New("rmqtest: Start called twice")
 	}
 	if err := b.listen(b.opts.NameServerPort, b.opts.BrokerPort); err != nil {
 		return err
@@ -341,9 +346,14 @@ func (b *Broker) Restart(ctx context.Context) error {
 	b.lifeMu.Lock()
 	defer b.lifeMu.Unlock()
 	b.mu.Lock()
-	if b.state != 1 {
+	switch b.state {
+	case 1:
+	case 3:
 		b.mu.Unlock()
-		return errors.New("rmqtest: Restart needs a running broker")
+		return ErrClosed
+	default:
+		b.mu.Unlock()
+		return errors.New("rmqtest: Restart needs a started broker")
 	}
 	b.state = 2
 	nsPort := b.nsLn.Addr().(*net.TCPAddr).Port
