@@ -165,3 +165,36 @@ func BenchmarkJetStreamPublish(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
 }
+
+// BenchmarkKVDuplicate is the redelivery path: Reserve on committed keys
+// (a refused create, then a direct get).
+func BenchmarkKVDuplicate(b *testing.B) {
+	ctx := context.Background()
+	srv := natstest.Start(b)
+	_, js := srv.Connect(b)
+	kv, err := NewJetStream(ctx, js, KVConfig{Bucket: "bench"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer kv.Close(ctx)
+	keys := make([]string, 1024)
+	for i := range keys {
+		keys[i] = "ORDERS:" + strconv.Itoa(i)
+		if err := kv.Commit(ctx, keys[i]); err != nil {
+			b.Fatal(err)
+		}
+	}
+	var n atomic.Uint64
+	b.ReportAllocs()
+	b.SetParallelism(64)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if o, err := kv.Reserve(ctx, keys[n.Add(1)&1023]); o != Duplicate || err != nil {
+				b.Fatal(o, err)
+			}
+		}
+	})
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "ops/s")
+}

@@ -26,8 +26,13 @@
 //	              release, or crash (its reservation expires after
 //	              ReserveTTL and the retry gets Reserved).
 //	  Reserved  → publish; wait for the sink's confirmation;
-//	              confirmed → Commit(key), then ack the source message;
-//	              failed    → Release(key), negative-ack; a retry reserves again.
+//	              confirmed → Commit(key), then ack the source message (also
+//	                          when Commit failed: the message is stored
+//	                          downstream, and a redelivery would only be
+//	                          published again);
+//	              failed    → Release(key), negative-ack; a retry reserves
+//	                          again (if Release failed, once the
+//	                          reservation expired).
 //	  error     → negative-ack and retry; nothing was published.
 //
 // Why this forwards once:
@@ -38,8 +43,8 @@
 //   - While one holder publishes, every other attempt at the same key sees
 //     InFlight and does not publish, so two replicas never publish the same
 //     key concurrently while the reservation lives. ReserveTTL must therefore
-//     exceed the longest publish-and-confirm time; the bridge's publish
-//     timeout is kept below it.
+//     exceed the longest publish-and-confirm time: the caller's publish
+//     timeout must stay below it.
 //   - A holder that crashes between Reserve and Commit leaves a reservation
 //     that expires after ReserveTTL; the redelivered message then reserves
 //     and publishes. If the crash came after the sink stored the message but
@@ -49,7 +54,8 @@
 //     transactional messages). The store narrows the window of doubt to
 //     those crashes; the sink's window closes it.
 //   - A failed Commit (error) leaves the reservation, which expires; the
-//     same sink window covers the redelivery.
+//     same sink window covers a redelivery, which needs a lost source ack
+//     on top of the lost commit.
 //   - After TTL a committed key is forgotten; redeliveries later than TTL
 //     are forwarded again. TTL must exceed the longest redelivery delay of
 //     the source (ack wait × retries, plus hold delays).
@@ -65,10 +71,51 @@
 // # KV (JetStream key-value bucket)
 //
 // KV keeps keys in a JetStream stream laid out as a key-value bucket
-// (KV_<bucket>, subjects $KV.<bucket>.<encoded key>, one message per key)
-// shared by every replica, and survives restarts of the bridge and, with
-// file storage, of the server. See NewJetStream for the protocol and the
-// reasons it is correct and cheap.
+// (KV_<bucket>, subjects $KV.<bucket>.<encoded key>, one message per key,
+// max age = TTL, per-message TTLs allowed) shared by every replica. With
+// file storage it survives restarts of the bridge and of the server.
+//
+// The protocol and why it satisfies the contract:
+//
+//   - Reserve = publish "r<replica token>" with
+//     Nats-Expected-Last-Subject-Sequence: 0 and Nats-TTL: ReserveTTL. The
+//     stream leader stores it only if the key has no message, so of any
+//     number of concurrent Reserves on any number of connections exactly one
+//     is stored: exactly one caller gets Reserved. The server removes the
+//     message after ReserveTTL by itself, so a crashed holder's reservation
+//     frees itself with no cleanup by anyone. When the create is refused,
+//     one read (direct get) tells committed ("c": Duplicate) from reserved
+//     ("r…": InFlight) from a delete/purge marker (the create is repeated
+//     expecting the marker's revision, again atomic).
+//   - Commit = publish "c" with no expectation and no per-message TTL: it
+//     replaces the reservation (one message per key) and lives for the
+//     bucket's max age, i.e. TTL from the commit. It is unconditional on
+//     purpose: it runs only after the sink confirmed, so "this key is
+//     stored downstream" is true even if the caller's reservation expired
+//     and another replica holds the key now; that replica's publish is then
+//     a duplicate the sink drops, and its Release cannot remove the commit.
+//   - Release = read the key; if it still holds this replica's token, write
+//     a purge marker expecting that exact revision (and a 1s TTL so the
+//     marker does not linger). A commit or another replica's reservation
+//     has another revision, so the conditional write is refused: Release
+//     can never undo a commit or free someone else's reservation.
+//
+// Cost and throughput. A new key costs two round trips, each one stored
+// message: Reserve (create) and Commit (overwrite); Release and the
+// Duplicate/InFlight answers cost a read more. Both are JetStream publishes
+// whose acknowledgements the caller awaits (Commit returns nil only once the
+// commit is stored: a commit that is fire-and-forget would silently hand
+// the guarantee to the sink's duplicate window whenever it is lost). The
+// waits do not serialise callers: requests from all goroutines are
+// pipelined on the one connection, and acknowledgements come back on one
+// shared reply subscription to reusable call slots, so the client adds no
+// per-request inbox, channel, timer or JSON decoding. The server's work
+// (two stored messages per forwarded message) is what bounds the rate; see
+// BenchmarkKV.
+//
+// No subject delete markers are configured: nothing here needs them, and the
+// server would write one more message for every key that expires. A bucket
+// made elsewhere with markers works too (Reserve writes over them).
 //
 // Keys are never written to logs or metrics labels by this package (they can
 // be user ids); errors returned to the caller name the operation and bucket,

@@ -40,33 +40,17 @@ type KVConfig struct {
 }
 
 // KV is a Store in a JetStream key-value bucket shared by every replica of
-// the bridge. It is safe for concurrent use; calls from many goroutines are
-// pipelined on the one connection. It owns one subscription (for
-// acknowledgements), ended by Close; the connection stays the caller's.
-//
-// Protocol (one message per key, the bucket keeps only the latest):
-//
-//   - Reserve publishes the value "r<replica token>" with
-//     Nats-Expected-Last-Subject-Sequence: 0 (the server stores it only if
-//     the key has no message: an atomic create) and Nats-TTL: ReserveTTL (the
-//     server deletes it by itself when it expires). Stored: Reserved, one
-//     round trip. Refused: the key exists, and one direct get reads it: "c"
-//     → Duplicate; a reservation → InFlight; a delete or purge marker → the
-//     create is repeated expecting the marker's revision.
-//   - Commit publishes "c" with no expectation and no per-message TTL, so
-//     the bucket's max age (TTL) counts from the commit: one round trip,
-//     whose acknowledgement is awaited (Commit returns nil only once the
-//     commit is stored). It overwrites whatever is there, including a
-//     reservation that expired and was taken by another replica: the fact
-//     it records, the message is stored downstream, holds regardless.
-//   - Release reads the key and, when it still holds this replica's
-//     reservation, writes a purge marker expecting exactly that revision,
-//     so it can never remove a commit or another replica's reservation.
-//
-// All compare-and-set decisions are made by the stream leader, so replicas
-// on different connections (or servers of a cluster) agree. A direct get
-// may be served by a lagging replica of the stream; a stale read can only
-// turn into InFlight (retry later) or into a refused create that is retried.
+// the bridge; the package documentation describes its protocol and why it
+// is correct. It is safe for concurrent use, and calls from many goroutines
+// are pipelined on the one connection. Errors name the operation and the
+// bucket, never the key, and wrap the cause (context errors,
+// nats.ErrNoResponders when JetStream or the bucket is gone, a
+// *jetstream.APIError the stream returned). It owns one subscription (for
+// acknowledgements), ended by Close; the connection stays the caller's. A
+// direct get may be served by a lagging replica of a clustered stream; a
+// stale read can only turn into InFlight (retry later) or into a refused
+// conditional write that is retried, because every decision that changes a
+// key is a compare-and-set made by the stream leader.
 type KV struct {
 	bucket     string
 	prefix     string // "$KV.<bucket>."

@@ -2,8 +2,10 @@ package dedupe
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -143,4 +145,205 @@ func TestKVServerRestart(t *testing.T) {
 	mustReserve(t, kv2, "committed", Duplicate)
 	mustReserve(t, kv2, "reserved", InFlight)
 	mustReserve(t, kv2, "new", InFlight)
+}
+
+func TestKVConfigErrors(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "KV_taken", Subjects: []string{"taken.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name string
+		cfg  KVConfig
+		want string
+	}{
+		{"empty bucket", KVConfig{}, "invalid name"},
+		{"bad bucket", KVConfig{Bucket: "a.b"}, "invalid name"},
+		{"ttl not above reserveTTL", KVConfig{Bucket: "b", TTL: time.Second, ReserveTTL: time.Second}, "must exceed"},
+		{"reserveTTL rounds up to a second", KVConfig{Bucket: "b", TTL: time.Second, ReserveTTL: time.Millisecond}, "must exceed"},
+		{"stream is not a bucket", KVConfig{Bucket: "taken"}, "not a key-value bucket"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			kv, err := NewJetStream(ctx, js, tc.cfg)
+			if err == nil {
+				_ = kv.Close(ctx)
+				t.Fatal("no error")
+			}
+			if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "bucket") {
+				t.Fatalf("error %q, want it to name the bucket and say %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestKVExistingBucket opens buckets made by nats.go's KeyValue API: one
+// without per-key TTLs (adapted on open) and one with limit markers (whose
+// expiry markers Reserve must write over).
+func TestKVExistingBucket(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+
+	t.Run("plain bucket is adapted", func(t *testing.T) {
+		bucket := newBucket()
+		lib, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, TTL: time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		kv := openKV(t, js, suiteKVConfig(bucket))
+		mustReserve(t, kv, "ORDERS:1", Reserved)
+		must(t, kv.Commit(ctx, "ORDERS:1"))
+		e, err := lib.Get(ctx, EncodeKey("ORDERS:1"))
+		if err != nil || string(e.Value()) != "c" {
+			t.Fatalf("library view of the commit: %v, %v", e, err)
+		}
+		st, err := lib.Status(ctx)
+		must(t, err)
+		if st.TTL() != suiteTTL {
+			t.Fatalf("bucket TTL %v, want %v", st.TTL(), suiteTTL)
+		}
+	})
+
+	t.Run("bucket with limit markers", func(t *testing.T) {
+		bucket := newBucket()
+		if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, TTL: suiteTTL, LimitMarkerTTL: 5 * time.Second}); err != nil {
+			t.Fatal(err)
+		}
+		kv := openKV(t, js, suiteKVConfig(bucket))
+		mustReserve(t, kv, "k", Reserved)
+		// Expiry leaves a marker; the next Reserve writes over it.
+		h := harness{tick: func() { time.Sleep(50 * time.Millisecond) }}
+		h.eventually(t, "the reservation to expire into a marker", func() bool {
+			o, err := kv.Reserve(ctx, "k")
+			must(t, err)
+			return o == Reserved
+		})
+		mustReserve(t, kv, "k", InFlight)
+	})
+}
+
+func TestKVErrors(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	bucket := newBucket()
+	kv := openKV(t, js, suiteKVConfig(bucket))
+	const secret = "user-2088000000000042"
+
+	checkErr := func(t *testing.T, err error, op string, target error) {
+		t.Helper()
+		if err == nil {
+			t.Fatalf("%s: no error", op)
+		}
+		if target != nil && !errors.Is(err, target) {
+			t.Fatalf("%s: %v does not wrap %v", op, err, target)
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, op) || !strings.Contains(msg, bucket) {
+			t.Fatalf("error %q does not name op %q and bucket %q", msg, op, bucket)
+		}
+		if strings.Contains(msg, secret) || strings.Contains(msg, EncodeKey(secret)) {
+			t.Fatalf("error %q contains the key", msg)
+		}
+	}
+
+	t.Run("cancelled context", func(t *testing.T) {
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		_, err := kv.Reserve(cctx, secret)
+		checkErr(t, err, "reserve", context.Canceled)
+		checkErr(t, kv.Commit(cctx, secret), "commit", context.Canceled)
+		checkErr(t, kv.Release(cctx, secret), "release", context.Canceled)
+	})
+
+	t.Run("value not written by this package", func(t *testing.T) {
+		lib, err := js.KeyValue(ctx, bucket)
+		must(t, err)
+		_, err = lib.PutString(ctx, EncodeKey(secret), "something else")
+		must(t, err)
+		_, err = kv.Reserve(ctx, secret)
+		checkErr(t, err, "reserve", nil)
+	})
+
+	t.Run("bucket deleted", func(t *testing.T) {
+		must(t, js.DeleteKeyValue(ctx, bucket))
+		_, err := kv.Reserve(ctx, secret)
+		checkErr(t, err, "reserve", nats.ErrNoResponders)
+		checkErr(t, kv.Commit(ctx, secret), "commit", nats.ErrNoResponders)
+	})
+}
+
+// TestPipe covers the acknowledgement plumbing on its own: timeouts, late
+// replies to abandoned calls, and Close waking waiters.
+func TestPipe(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	nc, _ := srv.Connect(t)
+	responder, _ := srv.Connect(t)
+	// "slow.<n>" answers after n×10 ms with an error naming n; "never"
+	// does not answer.
+	sub, err := responder.Subscribe("slow.*", func(m *nats.Msg) {
+		n := m.Subject[len("slow."):]
+		d, _ := time.ParseDuration(n + "0ms")
+		time.AfterFunc(d, func() {
+			_ = m.Respond([]byte(`{"error":{"code":400,"err_code":1,"description":"` + n + `"}}`))
+		})
+	})
+	must(t, err)
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	_, err = responder.Subscribe("never", func(*nats.Msg) {})
+	must(t, err)
+	must(t, responder.Flush())
+
+	p, err := newPipe(nc, 150*time.Millisecond)
+	must(t, err)
+
+	describe := func(err error) string {
+		var ae *jetstream.APIError
+		if errors.As(err, &ae) {
+			return ae.Description
+		}
+		return fmt.Sprint(err)
+	}
+	// A call that times out is abandoned; its late reply must not reach the
+	// next caller.
+	if err := p.publish(ctx, "slow.30", nil, nil); !errors.Is(err, errTimeout) {
+		t.Fatalf("slow.30 with a 150ms timeout: %v, want errTimeout", err)
+	}
+	for i := 0; i < 5; i++ {
+		if got := describe(p.publish(ctx, "slow.1", nil, nil)); got != "1" {
+			t.Fatalf("reply %q, want the reply to this call (1)", got)
+		}
+	}
+	// Many calls in flight at once each get their own reply.
+	parallel(t, 50, func(w int) error {
+		subj := fmt.Sprint("slow.", w%5)
+		if got := describe(p.publish(ctx, subj, nil, nil)); got != fmt.Sprint(w%5) {
+			return fmt.Errorf("%s got reply %q", subj, got)
+		}
+		return nil
+	})
+	// Close wakes a waiter.
+	done := make(chan error, 1)
+	go func() { done <- p.publish(ctx, "never", nil, []byte("x")) }()
+	h := harness{tick: func() { time.Sleep(5 * time.Millisecond) }}
+	h.eventually(t, "the call to be in flight", func() bool {
+		p.freeMu.Lock()
+		free := len(p.free)
+		p.freeMu.Unlock()
+		p.callsMu.RLock()
+		defer p.callsMu.RUnlock()
+		return len(p.calls) > free
+	})
+	must(t, p.close())
+	if err := <-done; !errors.Is(err, ErrClosed) {
+		t.Fatalf("waiter woken by close: %v, want ErrClosed", err)
+	}
+	if err := p.publish(ctx, "slow.1", nil, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("publish after close: %v", err)
+	}
+	must(t, p.close())
 }
