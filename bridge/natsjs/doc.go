@@ -16,7 +16,11 @@
 //
 // Run consumes with Consume (PullMaxMessages = FetchBatch; a new pull goes
 // out when half the batch is used), so the client always has a batch
-// buffered and the server never waits for a request. Each message reaches
+// buffered and the server never waits for a request. Pull requests expire
+// after 5s instead of the library's 30s: after the consumer sat at
+// MaxAckPending, the client's idea of what it has requested can drift from
+// the server's, and an expiring request (or missing heartbeat) is what
+// resynchronises them. Each message reaches
 // the handler as a bridge.Message without copying: Header is the message's
 // header map (nil when it has none) and Body its data. SourceID is the
 // producer's Nats-Msg-Id if set, else "<stream>:<stream sequence>" — both

@@ -1,0 +1,359 @@
+package natsjs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/natstest"
+)
+
+// got is one delivery seen by a test handler.
+type got struct {
+	m   *bridge.Message
+	ack bridge.Ack
+	at  time.Time
+}
+
+// collector is a bridge.Handler that records deliveries and optionally
+// settles them.
+type collector struct {
+	mu     sync.Mutex
+	seen   []got
+	settle func(g got) // nil: leave unsettled
+}
+
+func (c *collector) handle(_ context.Context, m *bridge.Message, ack bridge.Ack) error {
+	g := got{m: m, ack: ack, at: time.Now()}
+	c.mu.Lock()
+	c.seen = append(c.seen, g)
+	settle := c.settle
+	c.mu.Unlock()
+	if settle != nil {
+		settle(g)
+	}
+	return nil
+}
+
+func (c *collector) all() []got {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]got(nil), c.seen...)
+}
+
+// of returns the deliveries of the message whose body is body.
+func (c *collector) of(body string) []got {
+	var out []got
+	for _, g := range c.all() {
+		if string(g.m.Body) == body {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+func newSource(t testing.TB, js jetstream.JetStream, cfg SourceConfig) *Source {
+	t.Helper()
+	if cfg.Stream == "" {
+		cfg.Stream, cfg.Subject, cfg.Durable, cfg.Rule, cfg.Broker = "ORDERS", "orders.>", "cellbridge-orders", "orders", "nats"
+	}
+	s, err := NewSource(testCtx(t), js, cfg, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// run starts s.Run and returns a stop function that cancels it, checks
+// that it returned nil and closes s.
+func run(t testing.TB, s *Source, h bridge.Handler) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run(ctx, h) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-errc; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+			if err := s.Close(testCtx(t)); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+func publish(t testing.TB, js jetstream.JetStream, subject, body string, hdr nats.Header) {
+	t.Helper()
+	if _, err := js.PublishMsg(testCtx(t), &nats.Msg{Subject: subject, Data: []byte(body), Header: hdr}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSourceDeliversFields(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	before := time.Now().Add(-time.Second)
+	publish(t, js, "orders.created", `{"user":{"id":"2088000000000042"}}`,
+		nats.Header{"Nats-Msg-Id": {"o-1"}, "X-User-Id": {"2088000000000042"}})
+	publish(t, js, "orders.paid", "plain", nil)
+
+	c := &collector{settle: func(g got) {
+		if err := g.ack(context.Background(), nil); err != nil {
+			t.Errorf("ack: %v", err)
+		}
+	}}
+	src := newSource(t, js, SourceConfig{})
+	run(t, src, c.handle)
+	eventually(t, 10*time.Second, "two deliveries", func() bool { return len(c.all()) == 2 })
+
+	first, second := c.all()[0].m, c.all()[1].m
+	if first.Subject != "orders.created" || string(first.Body) != `{"user":{"id":"2088000000000042"}}` ||
+		first.Header["X-User-Id"][0] != "2088000000000042" || first.Rule != "orders" || first.Source != "nats/ORDERS" ||
+		first.SourceID != "o-1" || first.Deliveries != 1 || first.Time.Before(before) || first.Time.After(time.Now()) {
+		t.Errorf("first message: %+v", first)
+	}
+	if second.SourceID != "ORDERS:2" || second.Subject != "orders.paid" || second.Header != nil || second.Deliveries != 1 {
+		t.Errorf("second message: %+v", second)
+	}
+	// Acked: nothing comes back, and the consumer has nothing pending.
+	cons, err := js.Consumer(testCtx(t), "ORDERS", "cellbridge-orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "acks recorded", func() bool {
+		info, err := cons.Info(testCtx(t))
+		return err == nil && info.NumAckPending == 0 && info.AckFloor.Stream == 2
+	})
+	cfg := cons.CachedInfo().Config
+	if cfg.MaxDeliver != -1 || cfg.AckPolicy != jetstream.AckExplicitPolicy || cfg.FilterSubject != "orders.>" {
+		t.Errorf("consumer config: %+v", cfg)
+	}
+}
+
+func TestSourceAckOutcomes(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	const hold = 400 * time.Millisecond
+	c := &collector{}
+	c.settle = func(g got) {
+		var err error
+		switch {
+		case g.m.Deliveries > 1 || string(g.m.Body) == "ack":
+			err = nil
+		case string(g.m.Body) == "nak":
+			err = errors.New("sink failed")
+		case string(g.m.Body) == "hold":
+			err = bridge.Hold(hold)
+		}
+		if aerr := g.ack(context.Background(), err); aerr != nil {
+			t.Errorf("ack(%v): %v", err, aerr)
+		}
+	}
+	src := newSource(t, js, SourceConfig{AckWait: time.Minute})
+	run(t, src, c.handle)
+	for _, body := range []string{"ack", "nak", "hold"} {
+		publish(t, js, "orders."+body, body, nil)
+	}
+	eventually(t, 10*time.Second, "nak redelivered", func() bool { return len(c.of("nak")) == 2 })
+	eventually(t, 10*time.Second, "hold redelivered", func() bool { return len(c.of("hold")) == 2 })
+	h := c.of("hold")
+	if h[1].m.Deliveries != 2 || h[1].m.SourceID != h[0].m.SourceID {
+		t.Errorf("held message redelivered as %+v", h[1].m)
+	}
+	if d := h[1].at.Sub(h[0].at); d < hold*3/4 {
+		t.Errorf("held message came back after %s, before its delay of %s", d, hold)
+	}
+	if n := c.of("nak"); n[1].m.Deliveries != 2 {
+		t.Errorf("nak'ed message redelivered with Deliveries %d", n[1].m.Deliveries)
+	}
+	// Everything is settled for good now; the acked message came once.
+	cons, err := js.Consumer(testCtx(t), "ORDERS", "cellbridge-orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "all acked", func() bool {
+		info, err := cons.Info(testCtx(t))
+		return err == nil && info.NumAckPending == 0 && info.NumPending == 0
+	})
+	if n := len(c.of("ack")); n != 1 {
+		t.Errorf("acked message delivered %d times", n)
+	}
+	// A second final call is refused: settling happens once.
+	if err := c.of("ack")[0].ack(context.Background(), nil); !errors.Is(err, jetstream.ErrMsgAlreadyAckd) {
+		t.Errorf("second ack: err = %v, want ErrMsgAlreadyAckd", err)
+	}
+}
+
+func TestSourceInProgressExtendsAckWait(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	const ackWait, busy = 500 * time.Millisecond, 1500 * time.Millisecond
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait)
+	c := &collector{}
+	c.settle = func(g got) {
+		if g.m.Deliveries > 1 {
+			_ = g.ack(context.Background(), nil)
+			return
+		}
+		// Work "longer than AckWait", signalling progress, then give up
+		// without a final ack: the message must come back only afterwards.
+		wg.Go(func() {
+			for end := time.Now().Add(busy); time.Now().Before(end); time.Sleep(ackWait / 5) {
+				if err := g.ack(context.Background(), bridge.ErrInProgress); err != nil {
+					t.Errorf("in progress: %v", err)
+				}
+			}
+		})
+	}
+	src := newSource(t, js, SourceConfig{AckWait: ackWait})
+	run(t, src, c.handle)
+	publish(t, js, "orders.slow", "slow", nil)
+	eventually(t, 10*time.Second, "redelivered after progress stopped", func() bool { return len(c.of("slow")) == 2 })
+	d := c.of("slow")
+	if gap := d[1].at.Sub(d[0].at); gap < busy {
+		t.Errorf("redelivered after %s although progress was signalled for %s (AckWait %s)", gap, busy, ackWait)
+	}
+}
+
+func TestSourceDurableResumesAfterRestart(t *testing.T) {
+	srv := natstest.Start(t)
+	nc, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	for i := 1; i <= 5; i++ {
+		publish(t, js, "orders.x", fmt.Sprint(i), nil)
+	}
+	ackAll := func(g got) { _ = g.ack(context.Background(), nil) }
+	c1 := &collector{settle: ackAll}
+	stop := run(t, newSource(t, js, SourceConfig{}), c1.handle)
+	eventually(t, 10*time.Second, "first five", func() bool { return len(c1.all()) == 5 })
+	stop()
+	// Acks are asynchronous: make sure they reached the server before it
+	// goes down.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	cons, err := js.Consumer(testCtx(t), "ORDERS", "cellbridge-orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "acks stored", func() bool {
+		info, err := cons.Info(testCtx(t))
+		return err == nil && info.AckFloor.Stream == 5
+	})
+	nc.Close()
+	srv.Shutdown()
+	srv.WaitForShutdown()
+
+	srv2 := natstest.StartDir(t, srv.StoreDir)
+	_, js2 := srv2.Connect(t)
+	for i := 6; i <= 8; i++ {
+		publish(t, js2, "orders.x", fmt.Sprint(i), nil)
+	}
+	c2 := &collector{settle: ackAll}
+	run(t, newSource(t, js2, SourceConfig{}), c2.handle)
+	eventually(t, 10*time.Second, "the rest", func() bool { return len(c2.all()) == 3 })
+	for i, g := range c2.all() {
+		if want := fmt.Sprint(i + 6); string(g.m.Body) != want || g.m.SourceID != "ORDERS:"+want || g.m.Deliveries != 1 {
+			t.Errorf("after restart delivery %d: body %q id %s deliveries %d", i, g.m.Body, g.m.SourceID, g.m.Deliveries)
+		}
+	}
+}
+
+func TestSourceReportsBacklog(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	for i := range 50 {
+		publish(t, js, "orders.x", fmt.Sprint(i), nil)
+	}
+	var mu sync.Mutex
+	var last uint64 = 1 << 63
+	backlog := func(n uint64) { mu.Lock(); last = n; mu.Unlock() }
+	reported := func() uint64 { mu.Lock(); defer mu.Unlock(); return last }
+	// Nothing is acked and at most 10 may be pending: 40 stay undelivered.
+	c := &collector{}
+	src := newSource(t, js, SourceConfig{MaxAckPending: 10, FetchBatch: 10, Backlog: backlog, BacklogInterval: 20 * time.Millisecond})
+	run(t, src, c.handle)
+	eventually(t, 10*time.Second, "ten delivered", func() bool { return len(c.all()) == 10 })
+	eventually(t, 10*time.Second, "backlog 40", func() bool { return reported() == 40 })
+	c.mu.Lock()
+	c.settle = func(g got) { _ = g.ack(context.Background(), nil) }
+	c.mu.Unlock()
+	for _, g := range c.all() {
+		_ = g.ack(context.Background(), nil)
+	}
+	eventually(t, 10*time.Second, "backlog 0", func() bool {
+		return reported() == 0
+	})
+}
+
+func TestSourceRunLifecycle(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	src := newSource(t, js, SourceConfig{})
+	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
+
+	errc := make(chan error, 1)
+	go func() { errc <- src.Run(context.Background(), c.handle) }()
+	publish(t, js, "orders.x", "1", nil)
+	eventually(t, 10*time.Second, "delivered", func() bool { return len(c.all()) == 1 })
+	if err := src.Run(context.Background(), c.handle); err == nil || !strings.Contains(err.Error(), "already running") {
+		t.Fatalf("second Run: err = %v", err)
+	}
+	if err := src.Close(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("Run after Close: %v", err)
+	}
+	if err := src.Run(context.Background(), c.handle); err != nil {
+		t.Fatalf("Run after Close: %v", err)
+	}
+}
+
+func TestSourceRecreatesDeletedConsumer(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
+	run(t, newSource(t, js, SourceConfig{}), c.handle)
+	publish(t, js, "orders.x", "before", nil)
+	eventually(t, 10*time.Second, "delivered", func() bool { return len(c.of("before")) == 1 })
+	if err := js.DeleteConsumer(testCtx(t), "ORDERS", "cellbridge-orders"); err != nil {
+		t.Fatal(err)
+	}
+	publish(t, js, "orders.x", "after", nil)
+	eventually(t, 20*time.Second, "delivered after the consumer was recreated", func() bool { return len(c.of("after")) >= 1 })
+}
+
+func TestSourceConfigErrors(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	for _, cfg := range []SourceConfig{
+		{Durable: "d"},
+		{Stream: "ORDERS"},
+		{Stream: "MISSING", Durable: "d"},
+	} {
+		if _, err := NewSource(testCtx(t), js, cfg, quiet); err == nil {
+			t.Errorf("NewSource(%+v) succeeded", cfg)
+		}
+	}
+}
