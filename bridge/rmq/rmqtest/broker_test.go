@@ -1,6 +1,7 @@
 package rmqtest
 
 import (
+	"bytes"
 	"fmt"
 	"testing"
 	"time"
@@ -28,19 +29,28 @@ func TestSendReceive(t *testing.T) {
 		batch = append(batch, m)
 	}
 	p.send(t, batch...)
-	if got := len(b.Messages(topic)); got != 15 {
-		t.Fatalf("stored %d messages, want 15", got)
+	// Bodies over 4 KiB travel zlib-compressed (sysFlag bit 0).
+	big := bytes.Repeat([]byte("large-"), 2000)
+	p.send(t, primitive.NewMessage(topic, big))
+	stored := b.Messages(topic)
+	if len(stored) != 16 {
+		t.Fatalf("stored %d messages, want 16", len(stored))
+	}
+	for _, m := range stored {
+		if len(m.Body) == len(big) && (!bytes.Equal(m.Body, big) || m.SysFlag&1 == 0) {
+			t.Fatalf("large body: sysFlag %d, equal %v", m.SysFlag, bytes.Equal(m.Body, big))
+		}
 	}
 
 	var r received
 	newConsumer(t, b, "cg-basic", topic, "*", &r)
-	eventually(t, 15*time.Second, "15 messages", func() bool { return r.count() >= 15 })
+	eventually(t, 15*time.Second, "16 messages", func() bool { return r.count() >= 16 })
 	seen := map[string]*primitive.MessageExt{}
 	for _, m := range r.snapshot() {
 		seen[string(m.Body)] = m
 	}
-	if len(seen) != 15 {
-		t.Fatalf("got %d distinct bodies, want 15", len(seen))
+	if len(seen) != 16 || seen[string(big)] == nil {
+		t.Fatalf("got %d distinct bodies, want 16 with the large one", len(seen))
 	}
 	m := seen["single-3"]
 	if m.GetTags() != "tA" || m.GetKeys() != "k3" || m.GetProperty("X-User") != "3" {

@@ -144,3 +144,26 @@ func TestLongPollDoesNotSpin(t *testing.T) {
 	p.send(t, primitive.NewMessage(topic, []byte("wake")))
 	eventually(t, 5*time.Second, "woken pull delivers", func() bool { return r.count() == 1 })
 }
+
+func TestLongPollHoldsPastUnmatched(t *testing.T) {
+	b := startBroker(t, Options{})
+	const topic = "quiet-tags"
+	if err := b.CreateTopic(topic, 1); err != nil {
+		t.Fatal(err)
+	}
+	p := newProducer(t, b, "pg-quiet-tags")
+	var r received
+	newConsumer(t, b, "cg-quiet-tags", topic, "A", &r)
+	eventually(t, 10*time.Second, "pulls held", func() bool { return b.Requests(CodePullMessage) >= 2 })
+	time.Sleep(200 * time.Millisecond) // let the initial round settle; not synchronization
+	before := b.Requests(CodePullMessage)
+	sendN(t, p, topic, "skip", 20, "B")
+	if d := b.Requests(CodePullMessage) - before; d > 3 {
+		t.Fatalf("%d pulls for 20 unmatched messages: held pulls were answered", d)
+	}
+	sendN(t, p, topic, "take", 1, "A")
+	eventually(t, 5*time.Second, "matching message", func() bool { return r.count() == 1 })
+	if got := string(r.snapshot()[0].Body); got != "take-0" {
+		t.Fatalf("got %q", got)
+	}
+}

@@ -484,7 +484,14 @@ func (b *Broker) handlePull(c *conn, req *command) {
 		for {
 			select {
 			case <-notify:
-				if resp, notify = b.pullOnce(&a); resp != nil {
+				resp, notify = b.pullOnce(&a)
+				if resp != nil && resp.Code == resPullRetryImmediate && notify != nil {
+					// Only messages the subscription skips arrived: keep holding past them, as the
+					// real broker wakes held pulls for matching tags only.
+					a.offset, _ = strconv.ParseInt(resp.ext("nextBeginOffset"), 10, 64)
+					continue
+				}
+				if resp != nil {
 					c.respond(req, resp)
 					return
 				}
@@ -570,7 +577,12 @@ func (b *Broker) pullOnce(a *pullArgs) (*command, <-chan struct{}) {
 		found++
 	}
 	if found == 0 {
-		return pullResponse(resPullRetryImmediate, next, maxOff), nil
+		// No match in the scanned range; the notify channel lets a held pull wait past it.
+		var notify <-chan struct{}
+		if next == maxOff {
+			notify = q.notify
+		}
+		return pullResponse(resPullRetryImmediate, next, maxOff), notify
 	}
 	r := pullResponse(resSuccess, next, maxOff)
 	r.Body = body
