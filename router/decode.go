@@ -44,7 +44,12 @@ type doc struct {
 	line  int            // line of the document's first key
 	lines map[string]int // field path → line, for every field present
 	probs *problems
+	// nodes bounds the work per document: aliases can make a small file
+	// expand into a huge tree ("billion laughs").
+	nodes int
 }
+
+const maxNodesPerDoc = 200000
 
 // present reports whether the field path was written in the document.
 func (d *doc) present(path string) bool { _, ok := d.lines[path]; return ok }
@@ -84,6 +89,12 @@ func (d *doc) decode(n *yaml.Node, v reflect.Value, path string) {
 	if n.Kind == yaml.AliasNode && n.Alias != nil {
 		n = n.Alias
 	}
+	if d.nodes++; d.nodes > maxNodesPerDoc {
+		if d.nodes == maxNodesPerDoc+1 {
+			d.errorf(path, "document too large (more than %d values after expanding aliases)", maxNodesPerDoc)
+		}
+		return
+	}
 	d.lines[path] = n.Line
 	switch v.Kind() {
 	case reflect.Pointer:
@@ -100,6 +111,9 @@ func (d *doc) decode(n *yaml.Node, v reflect.Value, path string) {
 		}
 		d.decodeStruct(n, v, path)
 	case reflect.Slice:
+		if isNull(n) {
+			return // `pins:` with every entry commented out means none
+		}
 		if n.Kind != yaml.SequenceNode {
 			d.errorf(path, "must be a list, not %s", describe(n))
 			return

@@ -48,14 +48,26 @@ func (r *Rule) resolve(key string) Decision {
 	}
 	t := r.t
 	sr := &t.route[shard]
-	target := &r.byShard[shard]
-	if sr.reason != ReasonHeld && r.pinned[shard] {
+	if sr.reason != ReasonHeld && r.pinned != nil && r.pinned[shard] {
 		if pi, ok := t.pins[key]; ok {
-			sr, target = &t.pinRoute[pi], &r.pinTargets[pi]
+			sr = &t.pinRoute[pi]
+			return r.decision(key, shard, sr, r.pinTargets[pi])
 		}
 	}
-	return Decision{Topic: r.Name, Key: key, Shard: shard, Cell: sr.cell, Target: *target,
-		Version: t.version, Reason: sr.reason, Explain: sr.explain}
+	var target Target
+	switch {
+	case sr.reason == ReasonHeld:
+	case r.byShard != nil:
+		target = r.byShard[shard]
+	default:
+		target = r.cellTargets[sr.cellIdx]
+	}
+	return r.decision(key, shard, sr, target)
+}
+
+func (r *Rule) decision(key string, shard int, sr *shardRoute, target Target) Decision {
+	return Decision{Topic: r.Name, Key: key, Shard: shard, Cell: sr.cell, Target: target,
+		Version: r.t.version, Reason: sr.reason, Explain: sr.explain}
 }
 
 // unusable builds the onMissingKey decision for a key that cannot be used.

@@ -88,9 +88,10 @@ type Rule struct {
 	Line         int
 
 	t            *Table
-	byShard      []Target // per shard: the target of the cell serving it (zero when held)
+	cellTargets  []Target // per cell index: the rendered target (targets without {shard})
+	byShard      []Target // per shard, only for targets with {shard}: the serving cell's target
 	pinTargets   []Target // per pin of the table
-	pinned       []bool   // per shard: some pinned key falls into it (skips the pin lookup otherwise)
+	pinned       []bool   // per shard, only when there are pins: a pinned key falls into it
 	globalTarget Target
 	missing      Decision // template for an empty key
 }
@@ -126,6 +127,7 @@ func renderTarget(tt TargetTemplate, cell, shard, topic string) Target {
 
 // shardRoute is the table's precomputed answer for one shard.
 type shardRoute struct {
+	cellIdx int32  // index of cell
 	cell    string // the cell serving the shard (owner, or its failover when down)
 	reason  Reason // owner, failover or held
 	explain string
@@ -258,7 +260,7 @@ func (t *Table) compile(rules []parsedRule) {
 		o := t.owner[s]
 		e := t.effective(o)
 		r := &t.route[s]
-		r.cell = t.cells[e].Name
+		r.cellIdx, r.cell = e, t.cells[e].Name
 		switch {
 		case t.blocked[s]:
 			r.reason = ReasonHeld
@@ -275,7 +277,7 @@ func (t *Table) compile(rules []parsedRule) {
 	for i, p := range t.pinList {
 		e := t.effective(t.pinCell[i])
 		r := &t.pinRoute[i]
-		r.cell = t.cells[e].Name
+		r.cellIdx, r.cell = e, t.cells[e].Name
 		if e != t.pinCell[i] {
 			r.reason = ReasonFailover
 			r.explain = fmt.Sprintf("key pinned to %s, which is down: failover to %s", p.Cell, r.cell)
@@ -327,23 +329,23 @@ func compileRule(t *Table, pr parsedRule) *Rule {
 		}
 	}
 	// One rendered target per cell, shared by every shard of the cell unless
-	// the target names {shard}.
-	cellTargets := make([]Target, len(t.cells))
+	// the target names {shard}; then one per shard.
+	r.cellTargets = make([]Target, len(t.cells))
 	for i, c := range t.cells {
-		cellTargets[i] = renderTarget(r.Target, c.Name, "", r.Name)
+		r.cellTargets[i] = renderTarget(r.Target, c.Name, "", r.Name)
 	}
-	r.byShard = make([]Target, t.shards)
-	for s := range r.byShard {
-		switch {
-		case t.route[s].reason == ReasonHeld:
-		case perShard:
-			r.byShard[s] = renderTarget(r.Target, t.route[s].cell, shardText(s, t.shards), r.Name)
-		default:
-			r.byShard[s] = cellTargets[t.cellIdx[t.route[s].cell]]
+	if perShard {
+		r.byShard = make([]Target, t.shards)
+		for s := range r.byShard {
+			if t.route[s].reason != ReasonHeld {
+				r.byShard[s] = renderTarget(r.Target, t.route[s].cell, shardText(s, t.shards), r.Name)
+			}
 		}
 	}
 	r.pinTargets = make([]Target, len(t.pinList))
-	r.pinned = make([]bool, t.shards)
+	if len(t.pinList) > 0 {
+		r.pinned = make([]bool, t.shards)
+	}
 	for i, p := range t.pinList {
 		s, _, _ := r.shardOf(p.Key)
 		if s < 0 {
@@ -353,13 +355,13 @@ func compileRule(t *Table, pr parsedRule) *Rule {
 		if perShard {
 			r.pinTargets[i] = renderTarget(r.Target, t.pinRoute[i].cell, shardText(s, t.shards), r.Name)
 		} else {
-			r.pinTargets[i] = cellTargets[t.cellIdx[t.pinRoute[i].cell]]
+			r.pinTargets[i] = r.cellTargets[t.pinRoute[i].cellIdx]
 		}
 	}
 	r.missing = Decision{Topic: r.Name, Shard: -1, Version: t.version, Cause: CauseMissingKey}
 	if r.OnMissingKey == OnMissingKeyGlobal {
 		gi := t.effective(int32(t.globalIdx))
-		r.globalTarget = cellTargets[gi]
+		r.globalTarget = r.cellTargets[gi]
 		r.missing.Reason = ReasonGlobal
 		r.missing.Cell = t.cells[gi].Name
 		r.missing.Target = r.globalTarget

@@ -219,6 +219,7 @@ func validateCellMap(d *doc, cm *cellMapDoc) *Table {
 	if t.shards > 0 {
 		t.blocked = make([]bool, t.shards)
 	}
+	budget := 4*t.shards + 1000
 	for i, s := range cm.Blocked {
 		p := fmt.Sprintf("blocked[%d]", i)
 		r, err := ParseRange(s)
@@ -233,12 +234,28 @@ func validateCellMap(d *doc, cm *cellMapDoc) *Table {
 			d.errorf(p, "range %s is outside the shard space 0-%d", r, t.shards-1)
 			continue
 		}
-		twice := runs(r.To+1, func(s int) bool { return s >= r.From && t.blocked[s] })
-		if len(twice) > 0 {
-			d.errorf(p, "%s %s already blocked by an earlier entry", shardWord(len(twice)), rangesString(twice))
+		if budget -= r.Len(); budget < 0 {
+			if budget+r.Len() >= 0 {
+				d.errorf(p, "the blocked ranges overlap too much to check further")
+			}
+			continue
 		}
+		var twice []Range
+		n := 0
 		for s := r.From; s <= r.To; s++ {
-			t.blocked[s] = true
+			if !t.blocked[s] {
+				t.blocked[s] = true
+				continue
+			}
+			n++
+			if k := len(twice); k > 0 && twice[k-1].To == s-1 {
+				twice[k-1].To = s
+			} else {
+				twice = append(twice, Range{s, s})
+			}
+		}
+		if n > 0 {
+			d.errorf(p, "%s %s already blocked by an earlier entry", shardWord(n), rangesString(twice))
 		}
 	}
 	return t
@@ -252,6 +269,7 @@ func (t *Table) validateCoverage(d *doc, cm *cellMapDoc) {
 			t.owner[i] = -1
 		}
 	}
+	budget := 4*t.shards + 1000
 	for i, c := range cm.Cells {
 		ci, known := t.cellIdx[c.Name]
 		if known && t.cellPath[ci] != fmt.Sprintf("cells[%d]", i) {
@@ -271,28 +289,59 @@ func (t *Table) validateCoverage(d *doc, cm *cellMapDoc) {
 				d.errorf(p, "range %s is outside the shard space 0-%d", r, t.shards-1)
 				continue
 			}
+			// Marking is linear in the range, so a file of many huge
+			// overlapping ranges is cut short instead of taking minutes.
+			if budget -= r.Len(); budget < 0 {
+				if budget+r.Len() >= 0 {
+					d.errorf(p, "the shard ranges overlap too much to check further; fix the overlaps reported above")
+				}
+				continue
+			}
 			// Shards already owned, grouped by their previous owner.
+			var twice map[int32][]Range
+			for s := r.From; s <= r.To; s++ {
+				prev := t.owner[s]
+				if prev < 0 {
+					t.owner[s] = int32(ci)
+					continue
+				}
+				if twice == nil {
+					twice = map[int32][]Range{}
+				}
+				rs := twice[prev]
+				if n := len(rs); n > 0 && rs[n-1].To == s-1 {
+					rs[n-1].To = s
+				} else {
+					rs = append(rs, Range{s, s})
+				}
+				twice[prev] = rs
+			}
 			for prev := range t.cells {
-				twice := runs(r.To+1, func(s int) bool { return s >= r.From && t.owner[s] == int32(prev) })
-				if len(twice) == 0 {
+				rs := twice[int32(prev)]
+				if len(rs) == 0 {
 					continue
 				}
 				n := 0
-				for _, x := range twice {
+				for _, x := range rs {
 					n += x.Len()
 				}
 				if prev == ci {
-					d.errorf(p, "%s %s listed twice for cell %s", shardWord(n), rangesString(twice), c.Name)
+					d.errorf(p, "%s %s listed twice for cell %s", shardWord(n), rangesString(rs), c.Name)
 				} else {
-					d.errorf(p, "%s %s covered twice: by %s and by %s", shardWord(n), rangesString(twice), t.cells[prev].Name, c.Name)
+					d.errorf(p, "%s %s covered twice: by %s and by %s", shardWord(n), rangesString(rs), t.cells[prev].Name, c.Name)
 				}
 			}
-			for s := r.From; s <= r.To; s++ {
-				if t.owner[s] < 0 {
-					t.owner[s] = int32(ci)
-					t.cells[ci].Shards = appendShard(t.cells[ci].Shards, s)
-				}
-			}
+		}
+	}
+	for s, o := range t.owner {
+		if o < 0 {
+			continue
+		}
+		c := &t.cells[o]
+		if n := len(c.Shards); n > 0 && c.Shards[n-1].To == s-1 {
+			c.Shards[n-1].To = s
+		} else {
+			c.Shards = append(c.Shards, Range{s, s})
 		}
 	}
 	if t.shards > 0 && len(t.cells) > 0 {
@@ -304,29 +353,4 @@ func (t *Table) validateCoverage(d *doc, cm *cellMapDoc) {
 			d.errorf("cells", "%s %s not covered by any cell", shardWord(n), rangesString(holes))
 		}
 	}
-}
-
-// appendShard adds shard s to the sorted ranges rs, merging neighbours.
-func appendShard(rs []Range, s int) []Range {
-	for i := range rs {
-		switch {
-		case s >= rs[i].From && s <= rs[i].To:
-			return rs
-		case s == rs[i].To+1:
-			rs[i].To = s
-			if i+1 < len(rs) && rs[i+1].From == s+1 {
-				rs[i].To = rs[i+1].To
-				rs = append(rs[:i+1], rs[i+2:]...)
-			}
-			return rs
-		case s == rs[i].From-1:
-			rs[i].From = s
-			return rs
-		case s < rs[i].From:
-			rs = append(rs[:i+1], rs[i:]...)
-			rs[i] = Range{s, s}
-			return rs
-		}
-	}
-	return append(rs, Range{s, s})
 }
