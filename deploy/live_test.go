@@ -241,7 +241,7 @@ func withVersion(t *testing.T, files map[string][]byte, version int, extra strin
 
 // TestLiveBridge runs the real binary with the rendered rules ConfigMap laid out as the kubelet mounts
 // it, routes real events through it, and checks what deploy/ depends on:
-//   - the probe paths answer (and /status, /route);
+//   - the probe paths of every overlay answer 200 (and /status, /route, /metrics);
 //   - a ConfigMap update (the ..data symlink swap) is loaded without a restart while events flow, and
 //     every event still arrives exactly once in its cell;
 //   - an invalid update and a lower version are refused, the previous rules stay in use, and the
@@ -260,7 +260,12 @@ func TestLiveBridge(t *testing.T) {
 	}
 	b := startBridge(t, rules)
 
-	for _, p := range []string{"/healthz", "/readyz", "/status", "/route?topic=orders&key=2088000000012345"} {
+	// Every probe of every overlay is answered by the binary, and so are the paths the runbook uses.
+	paths := []string{"/status", "/route?topic=orders&key=2088000000012345", "/metrics"}
+	for _, dir := range overlays {
+		paths = append(paths, probePaths(container(t, render(t, dir)))...)
+	}
+	for _, p := range paths {
 		if code, body := b.get(t, p); code != http.StatusOK {
 			t.Errorf("GET %s: %d %s", p, code, body)
 		}
