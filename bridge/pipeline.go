@@ -205,10 +205,14 @@ func (p *Pipeline) Run(ctx context.Context, src Source) error {
 	return src.Run(ctx, p.Handle)
 }
 
-// RulesReloaded records one outcome of the rules watcher (the fields of
-// router.ReloadEvent): metrics, one log line, and, after a successful load,
-// an immediate re-resolution of parked messages. Wire it as the watcher's
-// callback: func(ev router.ReloadEvent) { p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At) }.
+// Reloaded is the router watcher's callback (router.NewWatcher(dir, holder,
+// p.Reloaded, log)): it records the outcome in the metrics, logs one line
+// and, after a successful load, re-resolves parked messages at once.
+func (p *Pipeline) Reloaded(ev router.ReloadEvent) {
+	p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At)
+}
+
+// RulesReloaded is Reloaded with the event's fields as arguments.
 func (p *Pipeline) RulesReloaded(version, previous int64, err error, at time.Time) {
 	if err != nil {
 		p.met.RulesReloadFails.Inc()
@@ -436,10 +440,20 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 	return nil
 }
 
-// published is the sink's done callback; it must not block.
+// published is the sink's done callback; it must not block. With a local
+// dedupe store a confirmation is completed right here (commit, ack: neither
+// waits), saving a goroutine hand-off per message; the lane's next message
+// and every failure go to the workers, because dispatching may block.
 func (t *task) published(err error) {
+	p := t.p
+	if p.inline && err == nil {
+		if n := p.complete(t); n != nil {
+			p.enqueue(n, phaseDispatch)
+		}
+		return
+	}
 	t.err = err
-	t.p.enqueue(t, phaseComplete)
+	p.enqueue(t, phaseComplete)
 }
 
 // complete handles a publish result on a worker goroutine.
