@@ -94,22 +94,21 @@ func (o *Options) withDefaults() Options {
 
 // Well-known topic names.
 const (
-	defaultTopic     = "TBW102"
-	scheduleTopic    = "SCHEDULE_TOPIC_XXXX"
-	retryPrefix      = "%RETRY%"
-	dlqPrefix        = "%DLQ%"
-	maxDelayLevel    = 18
-	brokerVersion    = 433 // a 4.9.x version ordinal; the client only checks it is >= V4_1_0
-	maxPullBytes     = 256 << 10
-	maxScanPerPull   = 16000
-	writeTimeout     = 5 * time.Second
-	permReadWrite    = 6
-	permAll          = 7
-	permWrite        = 2
-	defaultMaxRetry  = 16
-	dlqQueues        = 1
-	notifyOnewayFlag = flagOneway
-	drainTime        = 100 * time.Millisecond
+	defaultTopic    = "TBW102"
+	scheduleTopic   = "SCHEDULE_TOPIC_XXXX"
+	retryPrefix     = "%RETRY%"
+	dlqPrefix       = "%DLQ%"
+	maxDelayLevel   = 18
+	brokerVersion   = 433 // a 4.9.x version ordinal; the client only checks it is >= V4_1_0
+	maxPullBytes    = 256 << 10
+	maxScanPerPull  = 16000
+	writeTimeout    = 5 * time.Second
+	permReadWrite   = 6
+	permAll         = 7
+	permWrite       = 2
+	defaultMaxRetry = 16
+	dlqQueues       = 1
+	drainTime       = 100 * time.Millisecond
 )
 
 // delayLevels are the real broker's default messageDelayLevel.

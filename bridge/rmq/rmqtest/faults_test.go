@@ -60,7 +60,11 @@ func TestDelaySends(t *testing.T) {
 	}
 	// The delayed send is still stored when its delay ends (the client gave up, the broker did not):
 	// exactly the duplicate-after-timeout case a bridge must tolerate.
-	eventually(t, 5*time.Second, "late store", func() bool { return len(b.Messages(topic)) == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := b.WaitMessages(ctx, topic, 1); err != nil {
+		t.Fatal(err)
+	}
 	b.DelaySends(50 * time.Millisecond)
 	start := time.Now()
 	fast.send(t, primitive.NewMessage(topic, []byte("delayed")))

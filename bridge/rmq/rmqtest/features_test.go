@@ -113,7 +113,11 @@ func TestRebalance(t *testing.T) {
 	var ra, rb received
 	ca := newConsumer(t, b, group, topic, "*", &ra)
 	cb := newConsumer(t, b, group, topic, "*", &rb)
-	eventually(t, 10*time.Second, "two members", func() bool { return len(b.Consumers(group)) == 2 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.WaitConsumers(ctx, group, 2); err != nil {
+		t.Fatal(err)
+	}
 
 	// Each consumer owns two queues once both rebalanced after the membership notification.
 	sendN(t, p, topic, "split", 40, "")

@@ -1,6 +1,7 @@
 package rmqtest
 
 import (
+	"context"
 	"fmt"
 	"sort"
 	"strings"
@@ -193,4 +194,43 @@ func (b *Broker) FailSends(n int, code int16) {
 	b.failN = max(n, 0)
 	b.failCode = code
 	b.mu.Unlock()
+}
+
+// WaitConsumers blocks until the group has exactly n members or ctx ends (then it returns an error
+// wrapping ctx.Err() and the last member list).
+func (b *Broker) WaitConsumers(ctx context.Context, group string, n int) error {
+	return b.waitFor(ctx, func() (bool, string) {
+		m := b.Consumers(group)
+		return len(m) == n, fmt.Sprintf("group %s has %d members %v, want %d", group, len(m), m, n)
+	})
+}
+
+// WaitMessages blocks until the topic holds at least n messages or ctx ends (then it returns an
+// error wrapping ctx.Err()).
+func (b *Broker) WaitMessages(ctx context.Context, topicName string, n int64) error {
+	return b.waitFor(ctx, func() (bool, string) {
+		var sum int64
+		for _, off := range b.QueueOffsets(topicName) {
+			sum += off
+		}
+		return sum >= n, fmt.Sprintf("topic %s holds %d messages, want %d", topicName, sum, n)
+	})
+}
+
+// waitFor polls cond every 10ms; the broker has no change feed for these conditions and tests only
+// need them at human time scales.
+func (b *Broker) waitFor(ctx context.Context, cond func() (bool, string)) error {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		ok, state := cond()
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("rmqtest: %s: %w", state, ctx.Err())
+		case <-t.C:
+		}
+	}
 }
