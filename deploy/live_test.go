@@ -53,7 +53,6 @@ func freePort(t *testing.T) int {
 func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 	t.Helper()
 	b := &liveBridge{
-		addr:     fmt.Sprintf("127.0.0.1:%d", freePort(t)),
 		rulesDir: filepath.Join(t.TempDir(), "rules"),
 		exited:   make(chan error, 1),
 	}
@@ -62,14 +61,16 @@ func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 	}
 	atomicWrite(t, b.rulesDir, rulesFiles)
 	b.cmd = exec.Command(cellbridgeBinary(t), "run", "-data", filepath.Join(t.TempDir(), "data"),
-		"-http", b.addr, "-nats-port", strconv.Itoa(freePort(t)), "-rules", b.rulesDir)
+		"-http", "127.0.0.1:0", "-nats-port", strconv.Itoa(freePort(t)), "-rules", b.rulesDir)
 	b.cmd.Env = append(os.Environ(), "GOMEMLIMIT=460MiB")
 	stderr, err := b.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	b.cmd.Stdout = io.Discard
-	urlSeen := make(chan string, 1)
+	// The bridge logs the addresses it really listens on: HTTP on a port the kernel picked, NATS on the
+	// preferred port or, when that is taken meanwhile, another free one.
+	urlSeen, addrSeen := make(chan string, 1), make(chan string, 1)
 	if err := b.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -80,11 +81,20 @@ func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 			b.mu.Lock()
 			b.stderr.WriteString(line + "\n")
 			b.mu.Unlock()
-			var rec struct{ Msg, URL string }
-			if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "embedded nats-server started" {
-				select {
-				case urlSeen <- rec.URL:
-				default:
+			var rec struct{ Msg, URL, Addr string }
+			if json.Unmarshal([]byte(line), &rec) == nil {
+				// Never block: the scanner must keep draining stderr, or the bridge stalls on logging.
+				switch rec.Msg {
+				case "embedded nats-server started":
+					select {
+					case urlSeen <- rec.URL:
+					default:
+					}
+				case "http listening":
+					select {
+					case addrSeen <- rec.Addr:
+					default:
+					}
 				}
 			}
 		}
@@ -99,12 +109,16 @@ func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 			t.Logf("cellbridge stderr:\n%s", b.log())
 		}
 	})
-	select {
-	case b.natsURL = <-urlSeen:
-	case err := <-b.exited:
-		t.Fatalf("cellbridge run exited at start: %v\n%s", err, b.log())
-	case <-time.After(time.Minute):
-		t.Fatalf("cellbridge run did not start its nats-server within a minute\n%s", b.log())
+	timeout := time.After(time.Minute)
+	for b.natsURL == "" || b.addr == "" {
+		select {
+		case b.natsURL = <-urlSeen:
+		case b.addr = <-addrSeen:
+		case err := <-b.exited:
+			t.Fatalf("cellbridge run exited at start: %v\n%s", err, b.log())
+		case <-timeout:
+			t.Fatalf("cellbridge run logged no HTTP address and nats-server URL within a minute\n%s", b.log())
+		}
 	}
 	b.eventually(t, time.Minute, "/readyz answers 200", func() (bool, string) {
 		code, body := b.get(t, "/readyz")
