@@ -145,6 +145,9 @@ func (p *Pipeline) parkLocked(l *lane, t *task) bool {
 	q.n++
 	p.heldN.Add(1)
 	t.rs.held.Add(1)
+	// Parking is progress for readiness: a rule whose traffic is all held
+	// during a switch is not stuck.
+	t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
 	return true
 }
 

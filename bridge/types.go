@@ -93,8 +93,10 @@ type Outgoing struct {
 	// MsgID is the idempotency key: the Nats-Msg-Id on JetStream, the message
 	// Keys on RocketMQ.
 	MsgID string
-	// Header holds every header to send, Cell-* included. Sinks must not
-	// modify it.
+	// Header holds every header to send, Cell-* included. It is the source
+	// message's own map, owned by the pipeline until the final ack: a sink
+	// may add its broker's idempotency header in place (Nats-Msg-Id =
+	// MsgID) instead of copying the map, and must not change anything else.
 	Header map[string][]string
 	// Body is the payload, not copied from the source message.
 	Body []byte
