@@ -33,7 +33,8 @@ type liveBridge struct {
 	addr     string // HTTP host:port
 	natsURL  string
 	rulesDir string
-	exited   chan error
+	exited   chan struct{} // closed when the process has exited; waitErr is then set
+	waitErr  error
 
 	mu     sync.Mutex
 	stderr strings.Builder
@@ -54,7 +55,7 @@ func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 	t.Helper()
 	b := &liveBridge{
 		rulesDir: filepath.Join(t.TempDir(), "rules"),
-		exited:   make(chan error, 1),
+		exited:   make(chan struct{}),
 	}
 	if err := os.Mkdir(b.rulesDir, 0o755); err != nil {
 		t.Fatal(err)
@@ -98,10 +99,13 @@ func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 				}
 			}
 		}
-		b.exited <- b.cmd.Wait()
+		b.waitErr = b.cmd.Wait()
+		close(b.exited)
 	}()
 	t.Cleanup(func() {
-		if b.cmd.ProcessState == nil {
+		select {
+		case <-b.exited:
+		default:
 			b.cmd.Process.Kill()
 			<-b.exited
 		}
@@ -114,8 +118,8 @@ func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 		select {
 		case b.natsURL = <-urlSeen:
 		case b.addr = <-addrSeen:
-		case err := <-b.exited:
-			t.Fatalf("cellbridge run exited at start: %v\n%s", err, b.log())
+		case <-b.exited:
+			t.Fatalf("cellbridge run exited at start: %v\n%s", b.waitErr, b.log())
 		case <-timeout:
 			t.Fatalf("cellbridge run logged no HTTP address and nats-server URL within a minute\n%s", b.log())
 		}
@@ -223,9 +227,9 @@ func (b *liveBridge) stop(t *testing.T, within time.Duration) {
 		t.Fatal(err)
 	}
 	select {
-	case err := <-b.exited:
-		if err != nil {
-			t.Errorf("cellbridge run after SIGTERM: %v", err)
+	case <-b.exited:
+		if b.waitErr != nil {
+			t.Errorf("cellbridge run after SIGTERM: %v", b.waitErr)
 		}
 	case <-time.After(within):
 		t.Fatalf("cellbridge run did not exit within %v of SIGTERM", within)
