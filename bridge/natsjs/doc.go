@@ -44,8 +44,10 @@
 // whose replica dies is redelivered after AckWait to another replica.
 //
 // The consumer's NumPending is reported through SourceConfig.Backlog every
-// BacklogInterval: from the latest delivery's metadata while messages flow,
-// from a consumer info request when they do not.
+// BacklogInterval from a consumer info request, which also tracks the ack
+// floor. An existing durable keeps its deliver policy (an operator may create
+// it with DeliverNew to skip history); one deleted while the bridge runs is
+// recreated starting after that ack floor rather than replaying the stream.
 //
 // # Sink
 //

@@ -42,8 +42,9 @@ type SourceConfig struct {
 	// Default 1024.
 	FetchBatch int
 	// Backlog, when set, receives the consumer's pending count (messages
-	// not yet delivered) every BacklogInterval while Run runs. It is
-	// called from one goroutine and must not block.
+	// not yet delivered) every BacklogInterval while Run runs (from a
+	// consumer info request; skipped when that fails). It is called from
+	// one goroutine and must not block.
 	Backlog func(n uint64)
 	// BacklogInterval defaults to 2s.
 	BacklogInterval time.Duration
@@ -86,10 +87,9 @@ type Source struct {
 	stopped sync.Once
 	runDone chan struct{} // non-nil while Run runs; closed when it returns (guarded by mu)
 
-	// pending is the consumer's NumPending as of the latest delivery; fresh
-	// says a delivery updated it since the last Backlog report.
-	pending atomic.Uint64
-	fresh   atomic.Bool
+	// ackFloor is the consumer's ack floor (stream sequence) as last seen
+	// by monitor; a consumer lost while running is recreated above it.
+	ackFloor atomic.Uint64
 }
 
 var _ bridge.Source = (*Source)(nil)
@@ -111,14 +111,19 @@ func NewSource(ctx context.Context, js jetstream.JetStream, cfg SourceConfig, lo
 		source: cfg.Broker + "/" + cfg.Stream,
 		stop:   make(chan struct{}),
 	}
-	if _, err := s.ensureConsumer(ctx); err != nil {
+	if _, err := s.ensureConsumer(ctx, 0); err != nil {
 		return nil, err
 	}
 	return s, nil
 }
 
-func (s *Source) ensureConsumer(ctx context.Context) (jetstream.Consumer, error) {
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, jetstream.ConsumerConfig{
+// ensureConsumer creates or updates the durable. Where it starts is kept
+// from an existing consumer (the server refuses to change it, and an
+// operator may have created the durable with DeliverNew to skip history);
+// a new one starts at the stream's first message, or after floor when the
+// consumer vanished while running, so that its history is not replayed.
+func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Consumer, error) {
+	cfg := jetstream.ConsumerConfig{
 		Durable:     s.cfg.Durable,
 		Description: "cellbridge rule " + s.cfg.Rule,
 		AckPolicy:   jetstream.AckExplicitPolicy,
@@ -130,7 +135,14 @@ func (s *Source) ensureConsumer(ctx context.Context) (jetstream.Consumer, error)
 		AckWait:       s.cfg.AckWait,
 		MaxAckPending: s.cfg.MaxAckPending,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
-	})
+	}
+	if old, err := s.js.Consumer(ctx, s.cfg.Stream, s.cfg.Durable); err == nil {
+		oc := old.CachedInfo().Config
+		cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
+	} else if floor > 0 {
+		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+	}
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("natsjs: source %s: consumer %s: %w", s.cfg.Stream, s.cfg.Durable, err)
 	}
@@ -147,7 +159,9 @@ func (s *Source) ensureConsumer(ctx context.Context) (jetstream.Consumer, error)
 // returns it has stopped fetching; messages it fetched but h did not take
 // are not acked and come back after AckWait, and acks of messages h did take
 // keep working as long as the connection is open. If the consumer disappears
-// (deleted by an operator) Run creates it again and goes on.
+// (deleted by an operator) Run creates it again, starting after the last ack
+// floor it saw (redelivering what was in flight, which deduplication drops),
+// and goes on.
 func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 	s.mu.Lock()
 	if s.runDone != nil {
@@ -183,7 +197,7 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		case <-ctx.Done():
 		}
 	})
-	wg.Go(func() { s.reportBacklog(ctx) })
+	wg.Go(func() { s.monitor(ctx) })
 
 	delay := reconnectMin
 	for {
@@ -218,7 +232,7 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		case <-t.C:
 		}
 		delay = min(2*delay, reconnectMax)
-		if c, err := s.ensureConsumer(ctx); err == nil {
+		if c, err := s.ensureConsumer(ctx, s.ackFloor.Load()); err == nil {
 			cons, delay = c, reconnectMin
 		}
 	}
@@ -257,8 +271,6 @@ func (s *Source) deliver(ctx context.Context, msg jetstream.Msg, h bridge.Handle
 		Time:       meta.Timestamp,
 		Deliveries: int(meta.NumDelivered),
 	}
-	s.pending.Store(meta.NumPending)
-	s.fresh.Store(true)
 	// An error means ctx is done: the message stays unacked and is
 	// redelivered after AckWait (to this or another replica).
 	_ = h(ctx, &d.m, d.ack)
@@ -310,27 +322,13 @@ func (d *delivery) ack(_ context.Context, err error) error {
 	return nil
 }
 
-// reportBacklog publishes the consumer's NumPending. While messages flow the
-// latest delivery's metadata carries it for free; when none arrived since
-// the last report it asks the server (one request per interval).
-func (s *Source) reportBacklog(ctx context.Context) {
-	if s.cfg.Backlog == nil {
-		return
-	}
+// monitor asks the server for the consumer's state every BacklogInterval:
+// NumPending feeds Backlog, and the ack floor is remembered for recreating
+// a lost consumer. One request per interval is nothing next to the acks.
+func (s *Source) monitor(ctx context.Context) {
 	t := time.NewTicker(s.cfg.BacklogInterval)
 	defer t.Stop()
-	for first := true; ; first = false {
-		if !first {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-		}
-		if s.fresh.Swap(false) {
-			s.cfg.Backlog(s.pending.Load())
-			continue
-		}
+	for {
 		s.mu.Lock()
 		cons := s.cons
 		s.mu.Unlock()
@@ -338,7 +336,15 @@ func (s *Source) reportBacklog(ctx context.Context) {
 		info, err := cons.Info(ictx)
 		cancel()
 		if err == nil {
-			s.cfg.Backlog(info.NumPending)
+			s.ackFloor.Store(info.AckFloor.Stream)
+			if s.cfg.Backlog != nil {
+				s.cfg.Backlog(info.NumPending)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 		}
 	}
 }

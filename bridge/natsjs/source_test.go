@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -329,19 +330,56 @@ func TestSourceRunLifecycle(t *testing.T) {
 	}
 }
 
-func TestSourceRecreatesDeletedConsumer(t *testing.T) {
+func TestSourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
 	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
-	run(t, newSource(t, js, SourceConfig{}), c.handle)
-	publish(t, js, "orders.x", "before", nil)
-	eventually(t, 10*time.Second, "delivered", func() bool { return len(c.of("before")) == 1 })
+	var backlog atomic.Int64
+	run(t, newSource(t, js, SourceConfig{BacklogInterval: 20 * time.Millisecond, Backlog: func(n uint64) { backlog.Add(1) }}), c.handle)
+	for _, b := range []string{"1", "2", "3"} {
+		publish(t, js, "orders.x", b, nil)
+	}
+	eventually(t, 10*time.Second, "delivered", func() bool { return len(c.all()) == 3 })
+	// Let the source observe the ack floor.
+	cons, err := js.Consumer(testCtx(t), "ORDERS", "cellbridge-orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "acks stored", func() bool {
+		info, err := cons.Info(testCtx(t))
+		return err == nil && info.AckFloor.Stream == 3
+	})
+	seen := backlog.Load()
+	eventually(t, 5*time.Second, "two more backlog reports", func() bool { return backlog.Load() >= seen+2 })
+
 	if err := js.DeleteConsumer(testCtx(t), "ORDERS", "cellbridge-orders"); err != nil {
 		t.Fatal(err)
 	}
 	publish(t, js, "orders.x", "after", nil)
-	eventually(t, 20*time.Second, "delivered after the consumer was recreated", func() bool { return len(c.of("after")) >= 1 })
+	eventually(t, 20*time.Second, "delivered after the consumer was recreated", func() bool { return len(c.of("after")) == 1 })
+	if n := len(c.all()); n != 4 {
+		t.Fatalf("%d deliveries: the recreated consumer replayed the stream", n)
+	}
+}
+
+func TestSourceKeepsExistingDeliverPolicy(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	publish(t, js, "orders.x", "history", nil)
+	if _, err := js.CreateConsumer(testCtx(t), "ORDERS", jetstream.ConsumerConfig{
+		Durable: "cellbridge-orders", AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
+	run(t, newSource(t, js, SourceConfig{}), c.handle)
+	publish(t, js, "orders.x", "new", nil)
+	eventually(t, 10*time.Second, "new delivered", func() bool { return len(c.of("new")) == 1 })
+	if len(c.of("history")) != 0 {
+		t.Fatal("history was delivered although the durable was created with DeliverNew")
+	}
 }
 
 func TestSourceConfigErrors(t *testing.T) {
