@@ -281,9 +281,7 @@ func (r DiffReport) WriteText(w io.Writer) error {
 		ew.printf("     note: the new rules say version %d; raise it to at least %d\n", r.NewVersion, r.OldVersion+2)
 	}
 	for _, p := range r.Pins {
-		if p.From != "" {
-			ew.printf("  pinned key %s moves too; blocked covers shards, not keys\n", p.Key)
-		}
+		ew.printf("  note: pinned key %s changes cell too; blocked holds whole shards, not single keys\n", p.Key)
 	}
 	return ew.err
 }

@@ -198,11 +198,13 @@ func loadFiles(dir string, files []ruleFile) (*Table, error) {
 	if len(rules) == 0 && len(p.list) == 0 {
 		p.add(dir, 0, "", "no kind: %s document", KindTopicRule)
 	}
-	var t *Table
+	// Topic rules are checked even without a CellMap, so that every
+	// problem is reported at once.
+	t := &Table{cellIdx: map[string]int{}, globalIdx: -1, pins: map[string]int{}}
 	if len(maps) > 0 {
 		t = validateCellMap(maps[0].doc, &maps[0].cm)
-		validateRules(t, rules)
 	}
+	validateRules(t, rules)
 	if len(p.list) > 0 {
 		e := p.sorted()
 		return nil, &e

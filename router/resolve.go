@@ -48,10 +48,15 @@ func (r *Rule) resolve(key string) Decision {
 	}
 	t := r.t
 	sr := &t.route[shard]
-	if sr.reason != ReasonHeld && r.pinned != nil && r.pinned[shard] {
+	if r.pinned != nil && r.pinned[shard] {
 		if pi, ok := t.pins[key]; ok {
-			sr = &t.pinRoute[pi]
-			return r.decision(key, shard, sr, r.pinTargets[pi])
+			if sr.reason == ReasonHeld { // blocking comes before pins
+				pr := &t.pinRoute[pi]
+				held := shardRoute{cellIdx: pr.cellIdx, cell: pr.cell, reason: ReasonHeld,
+					explain: fmt.Sprintf("shard %d is blocked (a cell switch is in progress; the key is pinned to %s): hold and retry", shard, pr.cell)}
+				return r.decision(key, shard, &held, Target{})
+			}
+			return r.decision(key, shard, &t.pinRoute[pi], r.pinTargets[pi])
 		}
 	}
 	var target Target

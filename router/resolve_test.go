@@ -27,6 +27,7 @@ func TestResolveReasons(t *testing.T) {
 		{"pinned cell down", down, "pay", "12345", Decision{Shard: 5, Cell: "a1", Reason: ReasonFailover, Target: Target{"nats", "cell.a1.pay", ""}}},
 		{"held", blocked, "pay", "13", Decision{Shard: 3, Cell: "a0", Reason: ReasonHeld}},
 		{"held before pin", blocked, "pay", "12345", Decision{Shard: 5, Cell: "a1", Reason: ReasonHeld}},
+		{"held pin names the pinned cell", mustParse(t, variant(t, "blocked: []", `blocked: ["5"]`, `{key: "12345", cell: a1}`, `{key: "12345", cell: a0}`)), "pay", "12345", Decision{Shard: 5, Cell: "a0", Reason: ReasonHeld}},
 		{"not blocked neighbour", blocked, "pay", "14", Decision{Shard: 4, Cell: "a0", Reason: ReasonOwner, Target: Target{"nats", "cell.a0.pay", ""}}},
 		{"missing key global", base, "pay", "", Decision{Shard: -1, Cell: "gz00", Reason: ReasonGlobal, Cause: CauseMissingKey, Target: Target{"nats", "cell.gz00.pay", ""}}},
 		{"bad key global (mod)", base, "pay", "12a", Decision{Shard: -1, Cell: "gz00", Reason: ReasonGlobal, Cause: CauseBadKey, Target: Target{"nats", "cell.gz00.pay", ""}}},

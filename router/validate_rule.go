@@ -308,6 +308,9 @@ func (c *ruleChecker) checkTarget(d *doc, path string, td targetDoc, full bool, 
 	}
 	// Render for every cell so that a cell name cannot make a target invalid.
 	cells := []string{""}
+	if full {
+		cells[0] = "cell" // a stand-in when the CellMap is missing or has no valid cell
+	}
 	if full && len(c.t.cells) > 0 {
 		cells = cells[:0]
 		for _, cl := range c.t.cells {

@@ -37,6 +37,7 @@ func TestValidation(t *testing.T) {
 		{"missing kind", variant(t, "kind: TopicRule\nname: pay", "name: pay"), []string{"t.yaml:22: kind: missing"}},
 		{"second cellmap", baseRules + "---\nkind: CellMap\nversion: 1\nshards: 1\ncells: [{name: x, shards: [0]}]\n", []string{"t.yaml:30: kind: a second CellMap document (the first is at t.yaml:1)"}},
 		{"no topic rules", strings.Split(baseRules, "---")[0], []string{"no kind: TopicRule document"}},
+		{"rules checked without a cellmap", "kind: TopicRule\nname: x\n", []string{"no kind: CellMap document", "t.yaml:1: source: missing"}},
 
 		// Version and shard space.
 		{"version zero", variant(t, "version: 3", "version: 0"), []string{"t.yaml:2: version: must be a positive integer, not 0"}},
@@ -213,7 +214,7 @@ func TestLoadDirectory(t *testing.T) {
 		dir := t.TempDir()
 		writeFiles(t, dir, map[string]string{"rules.yaml": parts[1]})
 		_, err := Load(dir)
-		if err == nil || !strings.Contains(err.Error(), "no kind: CellMap document") {
+		if err == nil || !strings.Contains(err.Error(), "no kind: CellMap document") || strings.Count(err.Error(), "\n") != 0 {
 			t.Fatalf("got %v", err)
 		}
 	})
