@@ -40,7 +40,9 @@ func TestKVConformance(t *testing.T) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	testStore(t, harness{
-		open: func(t *testing.T) Store { return openKV(t, js, suiteKVConfig(newBucket())) },
+		open: func(t *testing.T, ttl, reserveTTL time.Duration) Store {
+			return openKV(t, js, KVConfig{Bucket: newBucket(), TTL: ttl, ReserveTTL: reserveTTL})
+		},
 		tick: func() { time.Sleep(50 * time.Millisecond) }, // poll interval against the server's clock
 		now:  time.Now,
 	})
@@ -93,7 +95,9 @@ func TestKVTwoReplicas(t *testing.T) {
 	t.Run("concurrent reserve across replicas has one winner", func(t *testing.T) {
 		const workers, keys = 32, 40
 		var won [keys]atomic.Int32
-		stores := []Store{a, b}
+		// Long windows: no reservation may expire mid-test on a slow machine.
+		long := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
+		stores := []Store{openKV(t, jsA, long), openKV(t, jsB, long)}
 		parallel(t, workers, func(w int) error {
 			s := stores[w%2]
 			for k := 0; k < keys; k++ {

@@ -135,6 +135,9 @@ func (p *pipe) publish(ctx context.Context, subj string, hdr nats.Header, data [
 		return ErrClosed
 	default:
 	}
+	if err := ctx.Err(); err != nil {
+		return err // send nothing that nobody will wait for
+	}
 	c := p.get()
 	c.msg.Subject, c.msg.Header, c.msg.Data = subj, hdr, data
 	if err := p.nc.PublishMsg(&c.msg); err != nil {

@@ -31,8 +31,8 @@ func (c *fakeClock) Advance(d time.Duration) {
 func TestMemoryConformance(t *testing.T) {
 	clock := newFakeClock()
 	testStore(t, harness{
-		open: func(t *testing.T) Store {
-			m := NewMemory(MemoryConfig{Size: 10_000, TTL: suiteTTL, ReserveTTL: suiteReserveTTL, Now: clock.Now})
+		open: func(t *testing.T, ttl, reserveTTL time.Duration) Store {
+			m := NewMemory(MemoryConfig{Size: 10_000, TTL: ttl, ReserveTTL: reserveTTL, Now: clock.Now})
 			t.Cleanup(func() { _ = m.Close(context.Background()) })
 			return m
 		},

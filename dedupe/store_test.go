@@ -20,9 +20,9 @@ const (
 
 // harness makes stores for testStore.
 type harness struct {
-	// open returns a fresh, empty store with suiteTTL and suiteReserveTTL,
-	// closed when the test ends.
-	open func(t *testing.T) Store
+	// open returns a fresh, empty store with the given windows, closed
+	// when the test ends.
+	open func(t *testing.T, ttl, reserveTTL time.Duration) Store
 	// tick lets time pass between two polls: a fake clock step for the
 	// memory store, a short wait for a server-backed one.
 	tick func()
@@ -97,7 +97,7 @@ func testStore(t *testing.T, h harness) {
 		}
 		for _, tc := range cases {
 			t.Run(tc.name, func(t *testing.T) {
-				s := h.open(t)
+				s := h.open(t, suiteTTL, suiteReserveTTL)
 				for i, st := range tc.steps {
 					switch st.op {
 					case "reserve":
@@ -120,7 +120,7 @@ func testStore(t *testing.T, h harness) {
 	})
 
 	t.Run("odd keys are distinct", func(t *testing.T) {
-		s := h.open(t)
+		s := h.open(t, suiteTTL, suiteReserveTTL)
 		for _, k := range oddKeys {
 			mustReserve(t, s, k, Reserved)
 		}
@@ -145,7 +145,7 @@ func testStore(t *testing.T, h harness) {
 	})
 
 	t.Run("reservation expires", func(t *testing.T) {
-		s := h.open(t)
+		s := h.open(t, suiteTTL, suiteReserveTTL)
 		mustReserve(t, s, "crashed", Reserved)
 		mustReserve(t, s, "crashed", InFlight)
 		h.eventually(t, "reservation to expire", func() bool {
@@ -160,7 +160,7 @@ func testStore(t *testing.T, h harness) {
 	})
 
 	t.Run("commit outlives the reservation window and then expires", func(t *testing.T) {
-		s := h.open(t)
+		s := h.open(t, suiteTTL, suiteReserveTTL)
 		mustReserve(t, s, "done", Reserved)
 		must(t, s.Commit(ctx, "done"))
 		start := h.now()
@@ -186,7 +186,7 @@ func testStore(t *testing.T, h harness) {
 	})
 
 	t.Run("concurrent reserve has one winner", func(t *testing.T) {
-		s := h.open(t)
+		s := h.open(t, time.Hour, 30*time.Minute) // no expiry mid-test, however slow the machine
 		const workers, keys = 32, 50
 		var reserved [keys]atomic.Int32
 		parallel(t, workers, func(w int) error {
@@ -212,7 +212,7 @@ func testStore(t *testing.T, h harness) {
 	t.Run("concurrent full cycles", func(t *testing.T) {
 		// Workers race through reserve → commit | release on shared keys;
 		// every key must end committed exactly once as seen by winners.
-		s := h.open(t)
+		s := h.open(t, time.Hour, 30*time.Minute) // no expiry mid-test, however slow the machine
 		const workers, keys = 16, 40
 		var commits [keys]atomic.Int32
 		parallel(t, workers, func(w int) error {
@@ -250,7 +250,7 @@ func testStore(t *testing.T, h harness) {
 	})
 
 	t.Run("closed", func(t *testing.T) {
-		s := h.open(t)
+		s := h.open(t, suiteTTL, suiteReserveTTL)
 		must(t, s.Close(ctx))
 		if _, err := s.Reserve(ctx, "k"); !errors.Is(err, ErrClosed) {
 			t.Errorf("Reserve after Close: %v, want ErrClosed", err)
