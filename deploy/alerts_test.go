@@ -91,6 +91,20 @@ func runPromtool(t *testing.T, args ...string) {
 	t.Logf("promtool %s:\n%s", strings.Join(args, " "), out)
 }
 
+// writeYAML writes v as YAML into a file of the test's temporary directory and returns its path.
+func writeYAML(t *testing.T, name string, v any) string {
+	t.Helper()
+	b, err := yaml.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(f, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
 // TestAlertRulesPromtool runs promtool on the rule file, on the groups of the PrometheusRule every
 // overlay renders, and the rule unit tests (deploy/alerts/*_test.yaml).
 func TestAlertRulesPromtool(t *testing.T) {
@@ -102,15 +116,7 @@ func TestAlertRulesPromtool(t *testing.T) {
 		if !reflect.DeepEqual(r.rules.Spec, src) {
 			t.Fatalf("the rendered PrometheusRule's groups differ from %s", alertsFile)
 		}
-		b, err := yaml.Marshal(r.rules.Spec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := filepath.Join(t.TempDir(), "prometheusrule.rules.yaml")
-		if err := os.WriteFile(f, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		runPromtool(t, "check", "rules", f)
+		runPromtool(t, "check", "rules", writeYAML(t, "prometheusrule.rules.yaml", r.rules.Spec))
 	})
 
 	tests, err := filepath.Glob("alerts/*_test.yaml")

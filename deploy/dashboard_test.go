@@ -4,12 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
-
-	"gopkg.in/yaml.v3"
 )
 
 const dashboardFile = "grafana/cellbridge.json"
@@ -165,13 +162,5 @@ func TestDashboard(t *testing.T) {
 		g.Rules = append(g.Rules, rule{Record: fmt.Sprintf("dashboard:query_%d", i), Expr: grafanaVars.Replace(e)})
 	}
 	rf.Groups = []ruleGroup{g}
-	b, err := yaml.Marshal(rf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := filepath.Join(t.TempDir(), "dashboard.rules.yaml")
-	if err := os.WriteFile(f, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	runPromtool(t, "check", "rules", f)
+	runPromtool(t, "check", "rules", writeYAML(t, "dashboard.rules.yaml", rf))
 }

@@ -545,13 +545,5 @@ func checkReloadAlertFires(t *testing.T, before, after float64) {
 			},
 		}},
 	}
-	b, err := json.Marshal(test) // JSON is YAML
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := filepath.Join(t.TempDir(), "reload_test.yaml")
-	if err := os.WriteFile(f, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	runPromtool(t, "test", "rules", f)
+	runPromtool(t, "test", "rules", writeYAML(t, "reload_test.yaml", test))
 }
