@@ -185,8 +185,9 @@ func withMsgID(h map[string][]string, id string) nats.Header {
 }
 
 // complete resolves one broker's publishes in publish order. Waiting in order
-// costs nothing extra: the broker acks a connection's publishes in order, so
-// the head of the queue is always the next ack to arrive.
+// costs little: a stream acks its publishes in order, and different streams
+// on one server answer within about the same time, so an ack that arrives
+// before the head's waits only as long as the head takes.
 func (s *Sink) complete(b *brokerSink) {
 	defer close(b.exited)
 	for p := range b.queue {
