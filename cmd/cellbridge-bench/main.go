@@ -123,6 +123,7 @@ type runResult struct {
 	childResult
 	Round      int     `json:"round"`
 	MaxRSSMB   float64 `json:"max_rss_mb_process"` // getrusage of the child: whole life incl. pre-publish
+	LoadAvg    string  `json:"load_avg_1m"`        // machine load when the run ended (other work distorts msg/s)
 	WallSecond float64 `json:"wall_seconds"`
 }
 
@@ -151,7 +152,7 @@ func spawn(spec childSpec, logw io.Writer) (*runResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &runResult{WallSecond: time.Since(start).Seconds()}
+	r := &runResult{WallSecond: time.Since(start).Seconds(), LoadAvg: loadAvg()}
 	if err := json.Unmarshal(raw, &r.childResult); err != nil {
 		return nil, err
 	}
@@ -228,7 +229,7 @@ func benchMain(cfg config) error {
 			r.Round = round
 			runs[v] = append(runs[v], r)
 			fmt.Fprintf(log, "  round %d %-2s %9.0f msg/s  %6.2fs  cpu %5.1f us/msg  rss %5.0f MiB  load %s verified=%v %s\n",
-				round, v, r.MsgsPerS, r.Seconds, r.CPUus, r.PeakRSSMB, loadAvg(), r.Verified, r.VerifyNote)
+				round, v, r.MsgsPerS, r.Seconds, r.CPUus, r.PeakRSSMB, r.LoadAvg, r.Verified, r.VerifyNote)
 		}
 	}
 	med := func(v string) float64 {
@@ -330,12 +331,15 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 	}
 	rss := map[string]float64{}
 	allocs := map[string]float64{}
+	cpu := map[string]float64{}
 	per := map[string]any{}
 	for v, rs := range runs {
 		var r []float64
 		var rsv []float64
 		var al []float64
+		var cp []float64
 		for _, x := range rs {
+			cp = append(cp, x.CPUus)
 			r = append(r, round0(x.MsgsPerS))
 			rsv = append(rsv, x.PeakRSSMB)
 			if x.N > 0 {
@@ -344,10 +348,27 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 		}
 		rss[v] = round1(median(rsv))
 		allocs[v] = round1(median(al))
+		cpu[v] = round1(median(cp))
 		per[v] = rs
 	}
 	res["peak_rss_mb"] = rss["B"]
 	res["peak_rss_mb_by_variant"] = rss
+	res["cpu_us_per_msg_by_variant"] = cpu
+	res["cpu_note"] = "process CPU time (user+sys, embedded server included) per forwarded message over the timed phase, median of the rounds; unlike msg/s it hardly moves with other load on the machine, so the cpu ratios estimate the throughput ratios on an idle, CPU-bound machine"
+	if cpu["B"] > 0 {
+		res["cpu_ratio_bridge_vs_pipe"] = ratio(cpu["A"], cpu["B"])
+		res["cpu_ratio_bridge_vs_watermill"] = ratio(cpu["D"], cpu["B"])
+	}
+	if cpu["C"] > 0 {
+		res["cpu_ratio_bridge_kv_vs_pipe"] = ratio(cpu["A"], cpu["C"])
+	}
+	var loads []string
+	for _, v := range main {
+		for _, x := range runs[v] {
+			loads = append(loads, x.LoadAvg)
+		}
+	}
+	res["load_avg_1m_per_run"] = strings.Join(loads, " ")
 	res["allocs_per_msg"] = allocs["B"]
 	res["allocs_per_msg_by_variant"] = allocs
 	res["allocs_note"] = "process-wide heap allocations (runtime.MemStats.Mallocs delta over the timed phase) / N; they include the embedded nats-server's own allocations, so the bridge's share is allocs_per_msg - allocs_per_msg_by_variant.A"
@@ -393,9 +414,10 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 		cfg.n, cfg.rounds, strings.Join(main, " "), runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version())
 	fmt.Fprintln(w, "each run: child process with a fresh embedded nats-server (JetStream, file storage) in the same process as the variant;")
 	fmt.Fprintln(w, "timing: start of consumption until the cell streams hold N (events pre-published to ORDERS before timing)")
+	fmt.Fprintf(w, "machine load (1-min load average) at the end of each run: %v\n", res["load_avg_1m_per_run"])
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "variant\tmedian msg/s\truns msg/s\tvs pipe\tpeak RSS MiB\tallocs/msg\tverified\t")
+	fmt.Fprintln(tw, "variant\tmedian msg/s\truns msg/s\tvs pipe\tCPU us/msg\tpeak RSS MiB\tallocs/msg\tverified\t")
 	pipe := med("A")
 	for _, v := range main {
 		var xs []string
@@ -404,13 +426,13 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 			xs = append(xs, fmt.Sprintf("%.0f", r.MsgsPerS))
 			ok = ok && r.Verified
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.3f\t%.0f\t%.1f\t%v\t\n", variantNames[v], med(v), strings.Join(xs, " "),
-			ratio(med(v), pipe), res["peak_rss_mb_by_variant"].(map[string]float64)[v],
+		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.3f\t%.1f\t%.0f\t%.1f\t%v\t\n", variantNames[v], med(v), strings.Join(xs, " "),
+			ratio(med(v), pipe), res["cpu_us_per_msg_by_variant"].(map[string]float64)[v], res["peak_rss_mb_by_variant"].(map[string]float64)[v],
 			res["allocs_per_msg_by_variant"].(map[string]float64)[v], ok)
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "allocs_per_msg", "peak_rss_mb"} {
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "allocs_per_msg", "peak_rss_mb"} {
 		if v, ok := res[k]; ok {
 			fmt.Fprintf(w, "%-28s %v\n", k, v)
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -65,13 +66,18 @@ type pending struct {
 //	pull=N     PullMaxMessages for Consume / batch size for Fetch
 //	ack=async|double   Ack() or DoubleAck() (AckSync) on the source
 //	conns=1|2  one connection, or separate consume and publish connections
+//	cellhdrs=1 also add cellbridge's six Cell-* headers (an experiment)
 func runPipe(ctx context.Context, e *env) error {
 	window := e.tuneInt("window", 4000)
 	mode := e.tuneStr("mode", "consume")
 	pull := e.tuneInt("pull", 1000)
 	ackMode := e.tuneStr("ack", "async")
 	conns := e.tuneInt("conns", 1)
+	cellHdrs := e.tuneInt("cellhdrs", 0) == 1
 	e.settings = fmt.Sprintf("mode=%s window=%d pull=%d ack=%s conns=%d", mode, window, pull, ackMode, conns)
+	if cellHdrs {
+		e.settings += " cellhdrs=1"
+	}
 
 	nc, err := nats.Connect(e.url)
 	if err != nil {
@@ -129,6 +135,16 @@ func runPipe(ctx context.Context, e *env) error {
 			if order, _, ok := parseEvent(m.Data()); ok && e.faults.shouldFail(order) {
 				return nil, errInjected
 			}
+		}
+		if cellHdrs {
+			// Experiment only: the same routing headers cellbridge adds, to
+			// separate the cost of bigger messages from the pipeline's own.
+			hdr["Cell-Msg-Id"] = hdr[nats.MsgIdHdr]
+			hdr["Cell-Name"] = []string{e.table.byShard[sh]}
+			hdr["Cell-Shard"] = []string{strconv.Itoa(sh)}
+			hdr["Cell-Rules-Version"] = []string{"1"}
+			hdr["Cell-Source"] = []string{"nats/ORDERS"}
+			hdr["Cell-Hops"] = []string{"1"}
 		}
 		out := &nats.Msg{Subject: e.table.subject[sh], Data: m.Data(), Header: hdr}
 		return pjs.PublishMsgAsync(out, jetstream.WithStallWait(time.Minute))
