@@ -116,11 +116,36 @@ type consumerHandle struct {
 	c interface {
 		Shutdown() error
 	}
+	b    *Broker
 	name string
 	once sync.Once
 }
 
-func (c *consumerHandle) shutdown() { c.once.Do(func() { _ = c.c.Shutdown() }) }
+// shutdown stops the consumer once no rebalance is in flight: the client reads its "closed" flag
+// without synchronization in requests a rebalance makes, so a Shutdown racing a rebalance (started
+// by Start or by a membership notification) trips the race detector inside the client.
+func (c *consumerHandle) shutdown() {
+	c.once.Do(func() {
+		quiesce(c.b)
+		_ = c.c.Shutdown()
+	})
+}
+
+// quiesce waits (up to 5s) until the requests a rebalance makes (consumer list, offset queries)
+// have stopped for 150ms.
+func quiesce(b *Broker) {
+	activity := func() int64 {
+		return b.Requests(reqGetConsumerListByGroup) + b.Requests(reqQueryConsumerOffset) + b.Requests(reqGetMaxOffset)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	last, since := activity(), time.Now()
+	for time.Now().Before(deadline) && time.Since(since) < 150*time.Millisecond {
+		time.Sleep(10 * time.Millisecond)
+		if n := activity(); n != last {
+			last, since = n, time.Now()
+		}
+	}
+}
 
 func newConsumer(t testing.TB, b *Broker, group, topic, expr string, r *received, opts ...consumer.Option) *consumerHandle {
 	t.Helper()
@@ -141,7 +166,7 @@ func newConsumer(t testing.TB, b *Broker, group, topic, expr string, r *received
 	if err := c.Start(); err != nil {
 		t.Fatalf("start consumer: %v", err)
 	}
-	h := &consumerHandle{c: c, name: name}
+	h := &consumerHandle{c: c, b: b, name: name}
 	t.Cleanup(h.shutdown)
 	return h
 }
