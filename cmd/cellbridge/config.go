@@ -276,14 +276,42 @@ func LoadConfig(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	c, err := ParseConfig(path, data)
-	if err != nil {
-		return nil, err
+	c, perrs := parseConfig(path, data)
+	if c == nil {
+		return nil, perrs // not even YAML
 	}
-	if err := c.Validate(); err != nil {
-		return nil, err
+	verr := c.Validate()
+	if len(perrs) == 0 {
+		if verr != nil {
+			return nil, verr
+		}
+		return c, nil
 	}
-	return c, nil
+	// Report the rest of the file's problems too, except those that only
+	// follow from a field that failed to decode (it stayed zero).
+	all := perrs
+	var ve ConfigErrors
+	if errors.As(verr, &ve) {
+		for _, p := range ve {
+			if !coveredBy(p.Field, perrs) {
+				all = append(all, p)
+			}
+		}
+	}
+	sort.SliceStable(all, func(i, j int) bool { return all[i].Line < all[j].Line })
+	return nil, all
+}
+
+// coveredBy reports whether field, or a parent or child of it, already has a
+// problem in errs.
+func coveredBy(field string, errs ConfigErrors) bool {
+	for _, p := range errs {
+		if p.Field == field || strings.HasPrefix(field, p.Field+".") || strings.HasPrefix(p.Field, field+".") ||
+			strings.HasPrefix(field, p.Field+"[") {
+			return true
+		}
+	}
+	return false
 }
 
 // DefaultConfig is the built-in configuration (no file): the embedded
@@ -299,6 +327,16 @@ func DefaultConfig() *Config {
 // and applies defaults. It does not run Validate. file names the source in
 // errors and anchors relative paths.
 func ParseConfig(file string, data []byte) (*Config, error) {
+	c, errs := parseConfig(file, data)
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	return c, nil
+}
+
+// parseConfig decodes what it can: it returns the config (nil only when
+// data is not YAML at all) and the decoding problems.
+func parseConfig(file string, data []byte) (*Config, ConfigErrors) {
 	c := &Config{File: file, pos: map[string]int{}}
 	d := &decoder{file: file, base: filepath.Dir(file), pos: c.pos}
 	var doc yaml.Node
@@ -319,12 +357,9 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 			d.decode(root, reflect.ValueOf(c).Elem(), "")
 		}
 	}
-	if len(d.errs) > 0 {
-		return nil, d.errs
-	}
 	c.resolvePaths()
 	c.applyDefaults()
-	return c, nil
+	return c, d.errs
 }
 
 var yamlLineRE = regexp.MustCompile(`^line (\d+): `)

@@ -224,6 +224,7 @@ func TestConfigErrors(t *testing.T) {
 		{"list wanted", "brokers:\n  r: {type: rocketmq, nameservers: \"a:1\"}\n", []string{"brokers.r.nameservers: want a list"}},
 		{"string wanted", "rules: {a: 1}\n", []string{"rules: want a string, got a mapping"}},
 		{"several at once", "pipeline:\n  workers: x\n  fetchBatch: y\n", []string{"config.yaml:2: pipeline.workers", "config.yaml:3: pipeline.fetchBatch"}},
+		{"decode and validation problems together", "pipeline:\n  workers: x\n  maxHops: 0\n", []string{"config.yaml:2: pipeline.workers: want an integer", "config.yaml:3: pipeline.maxHops: must be positive"}},
 		{"env unset", nats[:len(nats)-2] + ", user: u, password: \"${CB_UNSET_PW}\"}\n", []string{"config.yaml:2: brokers.nats.password: environment variable CB_UNSET_PW is not set"}},
 		{"env malformed", "http: {listen: \"${CB_SET\"}\n", []string{"http.listen: malformed ${...} reference"}},
 		{"secret file missing", nats[:len(nats)-2] + ", token: \"file:/nonexistent/tok\"}\n", []string{"brokers.nats.token: reading secret file: /nonexistent/tok: no such file"}},
