@@ -40,7 +40,9 @@ const memShards = 64
 // the peak rate times TTL. The JetStream sink's Nats-Msg-Id duplicate window
 // still drops such a repeat within that window.
 //
-// Safe for concurrent use. Close makes every later call return ErrClosed.
+// It keeps the key strings it is given, without copying them (Go strings
+// never change). Safe for concurrent use. Close makes every later call
+// return ErrClosed.
 type Memory struct {
 	ttl, reserveTTL int64
 	clock           func() time.Time
