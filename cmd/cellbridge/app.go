@@ -224,6 +224,9 @@ type brokers struct {
 
 func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.Health, log *slog.Logger) *brokers {
 	b := &brokers{roles: brokerRoles(o.cfg, o.table), conns: map[string]*nats.Conn{}, js: map[string]jetstream.JetStream{}}
+	for _, f := range o.cfg.inlineSecrets {
+		log.Warn("secret written in clear in the config file; prefer ${ENV_VAR} or file:/path", "field", f)
+	}
 	for name := range o.cfg.Brokers {
 		if b.roles[name] == nil {
 			log.Warn("broker not used by any rule or the dedupe store; not connecting", "broker", name)

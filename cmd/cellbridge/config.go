@@ -37,6 +37,9 @@ type Config struct {
 	// pos maps a dotted field path (brokers.nats.url) to its line in File,
 	// so that semantic errors found after decoding still name a line.
 	pos map[string]int
+	// inlineSecrets lists secret fields written in clear in the file (the
+	// bridge warns about them at start-up).
+	inlineSecrets []string
 }
 
 // Broker is one named broker connection. The fields of the other type must
@@ -357,6 +360,7 @@ func parseConfig(file string, data []byte) (*Config, ConfigErrors) {
 			d.decode(root, reflect.ValueOf(c).Elem(), "")
 		}
 	}
+	c.inlineSecrets = d.inline
 	c.resolvePaths()
 	c.applyDefaults()
 	return c, d.errs
@@ -527,10 +531,11 @@ func setScalar(f reflect.Value, s string) error {
 // decoder is the strict YAML decoder: it walks the node tree itself so that
 // it can report every problem (not only the first) with its line and field.
 type decoder struct {
-	file string
-	base string // directory for relative file: secrets
-	pos  map[string]int
-	errs ConfigErrors
+	file   string
+	base   string // directory for relative file: secrets
+	pos    map[string]int
+	errs   ConfigErrors
+	inline []string // secret fields given in clear
 }
 
 func (d *decoder) errorf(n *yaml.Node, path, format string, args ...any) {
@@ -666,7 +671,11 @@ func (d *decoder) scalar(n *yaml.Node, v reflect.Value, path string) {
 		}
 	}
 	if v.Type() == secretType {
-		if f, ok := strings.CutPrefix(s, "file:"); ok {
+		f, ok := strings.CutPrefix(s, "file:")
+		if !ok && !expanded && s != "" {
+			d.inline = append(d.inline, path)
+		}
+		if ok {
 			if !filepath.IsAbs(f) {
 				f = filepath.Join(d.base, f)
 			}

@@ -338,6 +338,9 @@ func TestConfigSecrets(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			if inline := len(c.inlineSecrets) > 0; inline != (tc.name == "inline" || strings.HasPrefix(tc.name, "lone") || strings.HasPrefix(tc.name, "dollar")) {
+				t.Errorf("inline secrets %v", c.inlineSecrets)
+			}
 			if got := c.Brokers["nats"].Token.Value(); got != tc.want {
 				t.Errorf("token = %q, want %q", got, tc.want)
 			}
