@@ -12,48 +12,119 @@ const (
 	phaseComplete
 )
 
-// task is one message in the pipeline, from Handle to its final ack. Fields
-// without a comment are owned by whichever goroutine holds the task as its
-// lane's active message (one at a time; hand-offs go through channels or
-// lane.mu).
+// task is one message in the pipeline, from Handle to its final ack. Tasks
+// are pooled: after the final ack, once nothing refers to them any more
+// (recycle), they serve the next message; the few references that may
+// outlive a message (a heartbeat's snapshot) only act under mu after
+// checking settled, and an ErrInProgress sent to a reused task's new message
+// is harmless.
 type task struct {
+	taskData
 	p    *Pipeline
+	done func(error) // t.published, bound once per pooled task
+
+	mu       sync.Mutex // guards settled, lastBeat, timer, arrived writes and ack calls
+	settled  bool
+	lastBeat int64
+	timer    *time.Timer
+}
+
+// taskData is the per-message state, zeroed on reuse. Its fields are owned
+// by whichever goroutine holds the task as its lane's active message (one at
+// a time; hand-offs go through the jobs channel or lane.mu).
+type taskData struct {
 	m    *Message
 	ack  Ack
 	rs   *ruleState
 	lane *lane
-	done func(error) // t.published, bound once
 
-	d         router.Decision
-	laneKey   string // d.Key, or SourceID when there is no key
-	idKey     string // idempotency key
-	storeKey  string // key reserved in the dedupe store
-	poison    string // DLQ reason found by the bridge itself
-	dlq       bool   // being dead-lettered
-	dlqReason string
-	dlqTarget router.Target
-	arrived   int64 // unix ns
-	hops      int
-	attempt   int
-	reserved  bool
-	counted   bool // holds an in-flight budget slot
-	phase     uint8
-	err       error
-	ss        *sinkState
+	d        router.Decision
+	laneKey  string     // d.Key, or SourceID when there is no key
+	idKey    string     // idempotency key
+	storeKey string     // key reserved in the dedupe store
+	poison   string     // DLQ reason found by the bridge itself
+	dlq      bool       // being dead-lettered
+	x        *taskExtra // rare-path state, nil on the hot path
+	arrived  int64      // unix ns
+	hops     int
+	attempt  int
+	reserved bool
+	counted  bool // holds an in-flight budget slot
+	phase    uint8
+	err      error
+	ss       *sinkState
 
 	out      Outgoing
-	hv       [6]string   // backing store of the forward header values
-	orig     [6][]string // original values of forwardHeaders
-	origHad  uint8
+	hv       [6]string // backing store of the forward header values
 	hdrSaved bool
 
 	prev, next *task // ruleState arrival list, guarded by rs.mu
 	qnext      *task // lane queue or park queue, guarded by lane.mu
+}
 
-	mu       sync.Mutex // guards settled, lastBeat, timer and ack calls
-	settled  bool
-	lastBeat int64
-	timer    *time.Timer
+// taskExtra holds what only dead-lettered or multi-hop messages need, so
+// that the pooled task stays small (fewer cache lines per message).
+type taskExtra struct {
+	dlqReason string
+	dlqTarget router.Target
+	orig      [6][]string // original values of forwardHeaders
+	origHad   uint8
+}
+
+func (t *task) extra() *taskExtra {
+	if t.x == nil {
+		t.x = &taskExtra{}
+	}
+	return t.x
+}
+
+var taskPool sync.Pool
+
+func init() {
+	// Set here, not in the declaration: published refers back to the pool.
+	taskPool.New = func() any {
+		t := &task{}
+		t.done = t.published
+		return t
+	}
+}
+
+// newTask takes a pooled task for m.
+func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
+	t := taskPool.Get().(*task)
+	t.mu.Lock()
+	t.taskData = taskData{m: m, ack: ack, arrived: now}
+	t.p = p
+	t.settled = false
+	t.lastBeat = 0
+	t.timer = nil
+	t.mu.Unlock()
+	return t
+}
+
+// recycle returns a settled task that is in no lane, queue, timer or
+// channel to the pool.
+func (p *Pipeline) recycle(t *task) {
+	t.mu.Lock()
+	t.taskData = taskData{}
+	t.mu.Unlock()
+	taskPool.Put(t)
+}
+
+// finish settles the lane's active message t, makes the lane's next message
+// active, recycles t and returns the next message.
+func (p *Pipeline) finish(t *task, result error) *task {
+	p.settle(t, result)
+	n := p.next(t)
+	p.recycle(t)
+	return n
+}
+
+// refuse settles a message that is in no lane (held beyond MaxHeld) and
+// recycles it.
+func (p *Pipeline) refuse(t *task, result error) {
+	p.settle(t, result)
+	p.recycle(t)
 }
 
 // lane serialises messages whose keys hash to it: at most one (active) is
@@ -164,10 +235,10 @@ func (p *Pipeline) parkActive(t *task) *task {
 	l.active = n
 	l.mu.Unlock()
 	if !ok {
-		p.settle(t, Hold(p.cfg.HoldDelay))
+		p.refuse(t, Hold(p.cfg.HoldDelay))
 	}
 	for _, o := range over {
-		p.settle(o, Hold(p.cfg.HoldDelay))
+		p.refuse(o, Hold(p.cfg.HoldDelay))
 	}
 	return n
 }
@@ -227,7 +298,7 @@ func (p *Pipeline) recheckParked() {
 		}
 		l.mu.Unlock()
 		for _, o := range over {
-			p.settle(o, Hold(p.cfg.HoldDelay))
+			p.refuse(o, Hold(p.cfg.HoldDelay))
 		}
 		if start != nil {
 			p.enqueue(start, phaseDispatch)

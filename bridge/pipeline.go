@@ -253,8 +253,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		ack(context.Background(), Hold(p.cfg.HoldDelay))
 		return nil
 	}
-	t := &task{p: p, m: m, ack: ack, arrived: p.clock.Now().UnixNano()}
-	t.done = t.published
+	t := p.newTask(m, ack, p.clock.Now().UnixNano())
 	t.rs = p.ruleState(m.Rule)
 	t.hops = hopsOf(m.Header)
 	switch {
@@ -294,7 +293,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		ok := p.parkLocked(l, t)
 		l.mu.Unlock()
 		if !ok {
-			p.settle(t, Hold(p.cfg.HoldDelay))
+			p.refuse(t, Hold(p.cfg.HoldDelay))
 		}
 		return nil
 	}
@@ -347,8 +346,7 @@ func (p *Pipeline) run(t *task) {
 // next message when t is finished, nil while t is pending (publish or retry).
 func (p *Pipeline) dispatch(t *task) *task {
 	if p.draining.Load() {
-		p.settle(t, errDraining)
-		return p.next(t)
+		return p.finish(t, errDraining)
 	}
 	if t.poison == "" && !t.dlq {
 		tbl := p.rules.Load()
@@ -370,8 +368,7 @@ func (p *Pipeline) dispatch(t *task) *task {
 	t.storeKey = t.idKey
 	if t.storeKey == "" {
 		p.log.Error("message without idempotency key; the source adapter must set SourceID; holding it", "rule", t.m.Rule)
-		p.settle(t, Hold(p.cfg.HoldDelay))
-		return p.next(t)
+		return p.finish(t, Hold(p.cfg.HoldDelay))
 	}
 	return p.reserveAndPublish(t, ss)
 }
@@ -379,16 +376,17 @@ func (p *Pipeline) dispatch(t *task) *task {
 func (p *Pipeline) toDLQ(t *task) *task {
 	if !t.dlq {
 		t.dlq = true
-		t.dlqReason = t.poison
-		if t.dlqReason == "" {
-			t.dlqReason = dlqReasonOf(t.d)
+		t.extra()
+		t.x.dlqReason = t.poison
+		if t.x.dlqReason == "" {
+			t.x.dlqReason = dlqReasonOf(t.d)
 		}
-		t.dlqTarget = t.d.Target
-		if t.poison != "" || t.d.Reason != router.ReasonDLQ || t.dlqTarget.Broker == "" {
-			t.dlqTarget = router.Target{}
+		t.x.dlqTarget = t.d.Target
+		if t.poison != "" || t.d.Reason != router.ReasonDLQ || t.x.dlqTarget.Broker == "" {
+			t.x.dlqTarget = router.Target{}
 			if tbl := p.rules.Load(); tbl != nil {
 				if r := tbl.Rule(t.m.Rule); r != nil && r.DLQ != nil {
-					t.dlqTarget = *r.DLQ
+					t.x.dlqTarget = *r.DLQ
 				}
 			}
 		}
@@ -397,12 +395,11 @@ func (p *Pipeline) toDLQ(t *task) *task {
 			t.storeKey = t.idKey + "\x00dlq"
 		}
 	}
-	ss := p.sink(t.dlqTarget.Broker)
+	ss := p.sink(t.x.dlqTarget.Broker)
 	if ss == nil {
 		p.log.Error("poison message but no usable DLQ target; holding it",
-			"rule", t.m.Rule, "reason", t.dlqReason, "source_id", t.m.SourceID, "dlq_broker", t.dlqTarget.Broker)
-		p.settle(t, Hold(p.cfg.HoldDelay))
-		return p.next(t)
+			"rule", t.m.Rule, "reason", t.x.dlqReason, "source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker)
+		return p.finish(t, Hold(p.cfg.HoldDelay))
 	}
 	return p.reserveAndPublish(t, ss)
 }
@@ -423,8 +420,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 		case dedupe.Duplicate:
 			t.rs.met.duplicate.Inc()
 			t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
-			p.settle(t, nil)
-			return p.next(t)
+			return p.finish(t, nil)
 		case dedupe.InFlight:
 			return p.retry(t)
 		}
@@ -478,9 +474,9 @@ func (p *Pipeline) complete(t *task) *task {
 		rm := t.rs.met
 		if t.dlq {
 			rm.dlqOut.Inc()
-			rm.dlqReason(t.dlqReason).Inc()
-			p.log.Warn("message dead-lettered", "rule", t.m.Rule, "reason", t.dlqReason, "explain", t.explain(),
-				"source_id", t.m.SourceID, "dlq_broker", t.dlqTarget.Broker, "dlq", t.dlqTarget.Subject+t.dlqTarget.Topic)
+			rm.dlqReason(t.x.dlqReason).Inc()
+			p.log.Warn("message dead-lettered", "rule", t.m.Rule, "reason", t.x.dlqReason, "explain", t.explain(),
+				"source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker, "dlq", t.x.dlqTarget.Subject+t.x.dlqTarget.Topic)
 		} else {
 			rm.forwarded.Inc()
 			cm := rm.cell(t.d.Cell)
@@ -492,8 +488,7 @@ func (p *Pipeline) complete(t *task) *task {
 			cm.latency.Observe(now.Sub(from).Seconds())
 		}
 		t.rs.hl.lastProgress.Store(now.UnixNano())
-		p.settle(t, nil)
-		return p.next(t)
+		return p.finish(t, nil)
 	}
 	ss.errs.Inc()
 	ss.failing.Store(true)
@@ -512,8 +507,7 @@ func (p *Pipeline) complete(t *task) *task {
 // capped exponential backoff; the lane waits meanwhile (order).
 func (p *Pipeline) retry(t *task) *task {
 	if p.draining.Load() {
-		p.settle(t, errDraining)
-		return p.next(t)
+		return p.finish(t, errDraining)
 	}
 	t.rs.met.retried.Inc()
 	d := p.cfg.Retry.Initial << min(t.attempt, 30)
@@ -552,7 +546,7 @@ func (p *Pipeline) next(t *task) *task {
 	l.active = n
 	l.mu.Unlock()
 	for _, o := range over {
-		p.settle(o, Hold(p.cfg.HoldDelay))
+		p.refuse(o, Hold(p.cfg.HoldDelay))
 	}
 	return n
 }
@@ -676,8 +670,9 @@ func (t *task) saveHeaders() {
 	}
 	for i, name := range forwardHeaders {
 		if v, ok := t.m.Header[name]; ok {
-			t.orig[i] = v
-			t.origHad |= 1 << i
+			x := t.extra()
+			x.orig[i] = v
+			x.origHad |= 1 << i
 		}
 	}
 }
@@ -696,22 +691,22 @@ func (p *Pipeline) prepareDLQ(t *task) {
 	t.saveHeaders()
 	h := t.m.Header
 	for i, name := range forwardHeaders {
-		if t.origHad&(1<<i) != 0 {
-			h[name] = t.orig[i]
+		if t.x.origHad&(1<<i) != 0 {
+			h[name] = t.x.orig[i]
 		} else {
 			delete(h, name)
 		}
 	}
-	h[HeaderError] = []string{t.dlqReason + ": " + t.explain()}
+	h[HeaderError] = []string{t.x.dlqReason + ": " + t.explain()}
 	id := t.idKey
 	if id == "" {
 		id = t.m.SourceID
 	}
-	t.out = Outgoing{Target: t.dlqTarget, MsgID: id, Header: h, Body: t.m.Body}
+	t.out = Outgoing{Target: t.x.dlqTarget, MsgID: id, Header: h, Body: t.m.Body}
 }
 
 func (t *task) explain() string {
-	switch t.dlqReason {
+	switch t.x.dlqReason {
 	case DLQTooLarge:
 		return fmt.Sprintf("body is %d bytes, over the limit of %d", len(t.m.Body), t.p.cfg.MaxMessageBytes)
 	case DLQTooManyHops:
