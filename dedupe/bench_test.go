@@ -22,12 +22,14 @@ import (
 // key has been evicted (Memory) before it comes round again; for stores
 // that never evict, ring must exceed b.N (nil keys: fresh keys are made,
 // one allocation per op that belongs to the caller).
-func benchCycle(b *testing.B, s Store, keys []string) {
+func benchCycle(b *testing.B, s Store, keys []string) { benchCycleP(b, s, keys, 64) }
+
+func benchCycleP(b *testing.B, s Store, keys []string, par int) {
 	ctx := context.Background()
 	var seq atomic.Uint64
 	prefix := "ORDERS:" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":"
 	b.ReportAllocs()
-	b.SetParallelism(64)
+	b.SetParallelism(par)
 	cpu := startCPU(b)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
@@ -94,22 +96,28 @@ func BenchmarkMemoryDuplicate(b *testing.B) {
 }
 
 // BenchmarkKV runs the bridge's hot path (Reserve, Commit on fresh keys)
-// against an embedded server with file storage, 64 × GOMAXPROCS goroutines
-// sharing one connection.
+// against an embedded server, p × GOMAXPROCS goroutines sharing one
+// connection: p=1 shows the round-trip bound, p=64 the pipelined rate.
 func BenchmarkKV(b *testing.B) {
-	for _, st := range []struct {
+	for _, bc := range []struct {
 		name    string
 		storage jetstream.StorageType
-	}{{"file", jetstream.FileStorage}, {"memory", jetstream.MemoryStorage}} {
-		b.Run(st.name, func(b *testing.B) {
+		par     int
+	}{
+		{"file/p=1", jetstream.FileStorage, 1},
+		{"file/p=8", jetstream.FileStorage, 8},
+		{"file/p=64", jetstream.FileStorage, 64},
+		{"memory/p=64", jetstream.MemoryStorage, 64},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
 			srv := natstest.Start(b)
 			_, js := srv.Connect(b)
-			kv, err := NewJetStream(context.Background(), js, KVConfig{Bucket: "bench", Storage: st.storage})
+			kv, err := NewJetStream(context.Background(), js, KVConfig{Bucket: "bench", Storage: bc.storage})
 			if err != nil {
 				b.Fatal(err)
 			}
 			defer kv.Close(context.Background())
-			benchCycle(b, kv, nil)
+			benchCycleP(b, kv, nil, bc.par)
 		})
 	}
 }
