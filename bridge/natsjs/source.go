@@ -255,10 +255,10 @@ type delivery struct {
 }
 
 func (s *Source) deliver(ctx context.Context, msg jetstream.Msg, h bridge.Handler) {
-	meta, err := msg.Metadata()
-	if err != nil {
+	meta, ok := parseAck(msg.Reply())
+	if !ok {
 		// Not a JetStream delivery: nothing to ack and nothing to route.
-		s.log.Warn("nats message without JetStream metadata", "subject", msg.Subject(), "err", err)
+		s.log.Warn("nats message without JetStream metadata", "subject", msg.Subject(), "reply", msg.Reply())
 		return
 	}
 	d := &delivery{msg: msg}
@@ -266,10 +266,10 @@ func (s *Source) deliver(ctx context.Context, msg jetstream.Msg, h bridge.Handle
 	d.m = bridge.Message{
 		Message:    router.Message{Subject: msg.Subject(), Header: hdr, Body: msg.Data()},
 		Rule:       s.cfg.Rule,
-		SourceID:   sourceID(hdr, meta),
+		SourceID:   sourceID(hdr, &meta),
 		Source:     s.source,
-		Time:       meta.Timestamp,
-		Deliveries: int(meta.NumDelivered),
+		Time:       time.Unix(0, meta.timestamp),
+		Deliveries: int(meta.delivered),
 	}
 	// An error means ctx is done: the message stays unacked and is
 	// redelivered after AckWait (to this or another replica).
@@ -279,26 +279,11 @@ func (s *Source) deliver(ctx context.Context, msg jetstream.Msg, h bridge.Handle
 // sourceID is the producer's Nats-Msg-Id when it set one (it already
 // identifies the event across the producer's own retries), else the
 // message's place in the stream.
-func sourceID(h nats.Header, meta *jetstream.MsgMetadata) string {
+func sourceID(h nats.Header, meta *ackMeta) string {
 	if v := h[jetstream.MsgIDHeader]; len(v) > 0 && v[0] != "" {
 		return v[0]
 	}
-	return meta.Stream + ":" + uitoa(meta.Sequence.Stream)
-}
-
-// uitoa formats without the strconv + concatenation double allocation.
-func uitoa(n uint64) string {
-	var b [20]byte
-	i := len(b)
-	for {
-		i--
-		b[i] = byte('0' + n%10)
-		n /= 10
-		if n == 0 {
-			break
-		}
-	}
-	return string(b[i:])
+	return meta.stream + ":" + meta.streamSeq
 }
 
 // ack maps the bridge's outcome onto JetStream. Acks are fire-and-forget
