@@ -68,15 +68,15 @@ func (r DiffReport) BlockedList() string {
 }
 
 // Diff compares two valid tables. It does not modify them.
-func Diff(old, new *Table) DiffReport {
-	r := DiffReport{OldVersion: old.version, NewVersion: new.version, Shards: new.shards, OldShards: old.shards}
-	if old.shards != new.shards {
+func Diff(prev, next *Table) DiffReport {
+	r := DiffReport{OldVersion: prev.version, NewVersion: next.version, Shards: next.shards, OldShards: prev.shards}
+	if prev.shards != next.shards {
 		r.Resharded = true
-		r.Block = []Range{{0, old.shards - 1}}
-		r.Other = append(r.Other, fmt.Sprintf("shard count %d → %d: every key may change shard", old.shards, new.shards))
+		r.Block = []Range{{0, prev.shards - 1}}
+		r.Other = append(r.Other, fmt.Sprintf("shard count %d → %d: every key may change shard", prev.shards, next.shards))
 	} else {
-		r.Moves = diffMoves(old, new)
-		planned := make([]bool, old.shards)
+		r.Moves = diffMoves(prev, next)
+		planned := make([]bool, prev.shards)
 		for _, m := range r.Moves {
 			r.Moved += m.Count
 			if m.Failover {
@@ -88,25 +88,25 @@ func Diff(old, new *Table) DiffReport {
 				}
 			}
 		}
-		r.Block = runs(old.shards, func(s int) bool { return planned[s] })
+		r.Block = runs(prev.shards, func(s int) bool { return planned[s] })
 	}
-	r.Pins = diffPins(old, new)
-	r.Other = append(r.Other, diffOther(old, new)...)
+	r.Pins = diffPins(prev, next)
+	r.Other = append(r.Other, diffOther(prev, next)...)
 	return r
 }
 
-func diffMoves(old, new *Table) []Move {
+func diffMoves(prev, next *Table) []Move {
 	type pair struct{ from, to string }
 	byPair := map[pair][]bool{}
 	var order []pair
-	for s := 0; s < new.shards; s++ {
-		from, to := old.route[s].cell, new.route[s].cell
+	for s := 0; s < next.shards; s++ {
+		from, to := prev.route[s].cell, next.route[s].cell
 		if from == to {
 			continue
 		}
 		p := pair{from, to}
 		if byPair[p] == nil {
-			byPair[p] = make([]bool, new.shards)
+			byPair[p] = make([]bool, next.shards)
 			order = append(order, p)
 		}
 		byPair[p][s] = true
@@ -120,16 +120,16 @@ func diffMoves(old, new *Table) []Move {
 	moves := make([]Move, 0, len(order))
 	for _, p := range order {
 		set := byPair[p]
-		m := Move{From: p.from, To: p.to, Ranges: runs(new.shards, func(s int) bool { return set[s] })}
+		m := Move{From: p.from, To: p.to, Ranges: runs(next.shards, func(s int) bool { return set[s] })}
 		m.AlreadyBlocked = true
 		for _, rg := range m.Ranges {
 			m.Count += rg.Len()
 			for s := rg.From; s <= rg.To; s++ {
-				m.AlreadyBlocked = m.AlreadyBlocked && old.blocked[s]
+				m.AlreadyBlocked = m.AlreadyBlocked && prev.blocked[s]
 			}
 		}
-		m.Share = float64(m.Count) / float64(new.shards)
-		if c, ok := new.Cell(p.from); ok && c.State == StateDown {
+		m.Share = float64(m.Count) / float64(next.shards)
+		if c, ok := next.Cell(p.from); ok && c.State == StateDown {
 			m.Failover = true
 		}
 		moves = append(moves, m)
@@ -137,7 +137,7 @@ func diffMoves(old, new *Table) []Move {
 	return moves
 }
 
-func diffPins(old, new *Table) []PinChange {
+func diffPins(prev, next *Table) []PinChange {
 	cellOf := func(t *Table) map[string]string {
 		m := make(map[string]string, len(t.pinList))
 		for i, p := range t.pinList {
@@ -145,7 +145,7 @@ func diffPins(old, new *Table) []PinChange {
 		}
 		return m
 	}
-	o, n := cellOf(old), cellOf(new)
+	o, n := cellOf(prev), cellOf(next)
 	var out []PinChange
 	for k, c := range o {
 		if n[k] != c {
@@ -163,10 +163,10 @@ func diffPins(old, new *Table) []PinChange {
 
 // diffOther lists changes that move no shard by themselves but matter to an
 // operator: cells, failover cells, the global cell, blocked shards, topic rules.
-func diffOther(old, new *Table) []string {
+func diffOther(prev, next *Table) []string {
 	var out []string
-	for _, oc := range old.cells {
-		nc, ok := new.Cell(oc.Name)
+	for _, oc := range prev.cells {
+		nc, ok := next.Cell(oc.Name)
 		if !ok {
 			out = append(out, fmt.Sprintf("cell %s removed", oc.Name))
 			continue
@@ -178,19 +178,19 @@ func diffOther(old, new *Table) []string {
 			out = append(out, fmt.Sprintf("cell %s: failover %s → %s", oc.Name, orNone(oc.Failover), orNone(nc.Failover)))
 		}
 	}
-	for _, nc := range new.cells {
-		if _, ok := old.cellIdx[nc.Name]; !ok {
+	for _, nc := range next.cells {
+		if _, ok := prev.cellIdx[nc.Name]; !ok {
 			out = append(out, fmt.Sprintf("cell %s added (%s)", nc.Name, nc.State))
 		}
 	}
-	if old.global != new.global {
-		out = append(out, fmt.Sprintf("global cell %s → %s", orNone(old.global), orNone(new.global)))
+	if prev.global != next.global {
+		out = append(out, fmt.Sprintf("global cell %s → %s", orNone(prev.global), orNone(next.global)))
 	}
-	if ob, nb := rangesString(old.Blocked()), rangesString(new.Blocked()); ob != nb {
+	if ob, nb := rangesString(prev.Blocked()), rangesString(next.Blocked()); ob != nb {
 		out = append(out, fmt.Sprintf("blocked [%s] → [%s]", ob, nb))
 	}
-	for _, or := range old.rules {
-		nr := new.byName[or.Name]
+	for _, or := range prev.rules {
+		nr := next.byName[or.Name]
 		switch {
 		case nr == nil:
 			out = append(out, fmt.Sprintf("topic rule %s removed", or.Name))
@@ -198,8 +198,8 @@ func diffOther(old, new *Table) []string {
 			out = append(out, fmt.Sprintf("topic rule %s changed", or.Name))
 		}
 	}
-	for _, nr := range new.rules {
-		if old.byName[nr.Name] == nil {
+	for _, nr := range next.rules {
+		if prev.byName[nr.Name] == nil {
 			out = append(out, fmt.Sprintf("topic rule %s added", nr.Name))
 		}
 	}

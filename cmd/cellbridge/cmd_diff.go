@@ -49,11 +49,11 @@ func runDiff(_ context.Context, args []string, stdout, stderr io.Writer) int {
 	if old == nil {
 		return code
 	}
-	new, code := loadRules(args[1], "diff", stderr)
-	if new == nil {
+	next, code := loadRules(args[1], "diff", stderr)
+	if next == nil {
 		return code
 	}
-	r := router.Diff(old, new)
+	r := router.Diff(old, next)
 	if diffFlags.json {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
