@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"slices"
 	"sync"
 	"syscall"
@@ -82,6 +83,7 @@ func runBridge(ctx context.Context, o *runOptions) error {
 	var code int
 	select {
 	case <-ctx.Done():
+		forceOnSecondSignal(o.log)
 	case sig := <-app.Wait():
 		code = sig.ExitCode
 	}
@@ -94,6 +96,14 @@ func runBridge(ctx context.Context, o *runOptions) error {
 		return errors.New("stopped after a component failed (see the log)")
 	}
 	return nil
+}
+
+// forceOnSecondSignal restores the default action of SIGINT and SIGTERM
+// once the first one started the graceful stop, so that a second Ctrl-C
+// ends a drain that takes too long.
+func forceOnSecondSignal(log *slog.Logger) {
+	signal.Reset(os.Interrupt, syscall.SIGTERM)
+	log.Info("stopping: draining in-flight messages (a second SIGINT/SIGTERM exits at once)")
 }
 
 // stopTimeout covers the drain plus closing everything else.
@@ -233,7 +243,14 @@ func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.
 		}
 	}
 	lc.Append(fx.Hook{
-		OnStart: func(ctx context.Context) error {
+		OnStart: func(ctx context.Context) (err error) {
+			defer func() {
+				if err != nil { // fx does not call OnStop after a failed OnStart
+					for _, nc := range b.conns {
+						nc.Close()
+					}
+				}
+			}()
 			for _, name := range slices.Sorted(maps.Keys(b.roles)) {
 				bc, typ := natsBrokerConfig(o.cfg, name, e.url)
 				if typ != BrokerNATS {

@@ -135,7 +135,10 @@ func runDemo(ctx context.Context, o *runOptions, stdout io.Writer) error {
 		case <-app.Wait():
 		}
 	}
-	fmt.Fprintln(stdout, "stopping: draining in-flight messages, closing connections ...")
+	if ctx.Err() != nil {
+		forceOnSecondSignal(o.log)
+	}
+	fmt.Fprintln(stdout, "stopping: draining in-flight messages, closing connections (Ctrl-C again to force) ...")
 	stopCtx, cancel := context.WithTimeout(context.Background(), stopTimeout(o.cfg))
 	defer cancel()
 	if err := app.Stop(stopCtx); err != nil {

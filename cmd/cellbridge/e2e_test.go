@@ -382,3 +382,56 @@ pipeline:
 		}
 	})
 }
+
+// TestE2EOrderPerKey publishes many events for a few keys and checks that
+// each key's events arrive in its cell in publish order, while different
+// keys are processed concurrently (JetStream KV store: the worker path).
+func TestE2EOrderPerKey(t *testing.T) {
+	env := newTestEnv(t)
+	cfg := writeFile(t, t.TempDir(), "config.yaml", fmt.Sprintf(`rules: %s
+brokers:
+  nats: {type: nats, url: %q}
+dedupe: {store: jetstream, bucket: order}
+http: {listen: "127.0.0.1:0"}
+`, env.rules, env.url))
+	const keys, perKey = 24, 150
+	var futs []jetstream.PubAckFuture
+	for i := range keys * perKey {
+		user := fmt.Sprintf("2088%012d", (i%keys)*7919+i%keys) // 24 users spread over the shards
+		m := orderMsg("orders.created", user, fmt.Sprintf("%s-%06d", user, i/keys))
+		f, err := env.js.PublishMsgAsync(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		futs = append(futs, f)
+	}
+	for _, f := range futs {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			t.Fatal(err)
+		}
+	}
+	startInProcess(t, cfg, nil)
+	eventually(t, 60*time.Second, "all forwarded", func() bool {
+		c, _ := arrived(t, env.js, env.table)
+		return c >= keys*perKey
+	})
+	last := map[string]int{}
+	for _, c := range env.table.Cells() {
+		for _, m := range readStream(t, env.js, natsjs.CellStream(c.Name)) {
+			user, n, _ := strings.Cut(m.Headers().Get("X-Event-Id"), "-")
+			seq, _ := strconv.Atoi(n)
+			if prev, ok := last[user]; ok && seq != prev+1 {
+				t.Fatalf("key %s: event %d arrived after %d", user, seq, prev)
+			}
+			if _, ok := last[user]; !ok && seq != 0 {
+				t.Fatalf("key %s: first event to arrive is %d", user, seq)
+			}
+			last[user] = seq
+		}
+	}
+	if len(last) != keys {
+		t.Fatalf("%d keys arrived, want %d", len(last), keys)
+	}
+}
