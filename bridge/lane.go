@@ -58,8 +58,9 @@ type taskData struct {
 	hv       [6]string // backing store of the forward header values
 	hdrSaved bool
 
-	prev, next *task // ruleState arrival list, guarded by rs.mu
-	qnext      *task // lane queue or park queue, guarded by lane.mu
+	prev, next *task  // ruleState arrival list, guarded by rs.mu
+	qnext      *task  // lane queue or park queue, guarded by lane.mu
+	seq        uint64 // arrival order in the lane; queues are sorted by it
 }
 
 // taskExtra holds what only dead-lettered or multi-hop messages need, so
@@ -133,6 +134,7 @@ func (p *Pipeline) refuse(t *task, result error) {
 // of the lane.
 type lane struct {
 	mu           sync.Mutex
+	seq          uint64 // last arrival number given out
 	active       *task
 	qhead, qtail *task
 	parked       map[parkKey]*parkQ // nil when nothing is parked
@@ -146,6 +148,30 @@ type parkQ struct {
 	n          int
 	shard      int
 	overflow   bool // a message of this key was refused (MaxHeld): refuse later ones too
+}
+
+// merge inserts the seq-ordered list starting at h into the lane queue in
+// seq order: released messages go ahead of every later arrival but stay
+// behind older messages of their key still queued.
+func (l *lane) merge(h *task) {
+	var head, tail *task
+	a := l.qhead
+	for a != nil || h != nil {
+		var t *task
+		if h == nil || (a != nil && a.seq < h.seq) {
+			t, a = a, a.qnext
+		} else {
+			t, h = h, h.qnext
+		}
+		t.qnext = nil
+		if tail == nil {
+			head = t
+		} else {
+			tail.qnext = t
+		}
+		tail = t
+	}
+	l.qhead, l.qtail = head, tail
 }
 
 func (l *lane) push(t *task) {
@@ -207,12 +233,26 @@ func (p *Pipeline) parkLocked(l *lane, t *task) bool {
 		q.overflow = true
 		return false
 	}
-	if q.tail == nil {
-		q.head = t
-	} else {
+	// Keep the park queue in arrival order: an older message of the key
+	// (queued in the lane, or active and re-routed after a retry) can be
+	// parked after a younger one that was parked on arrival.
+	switch {
+	case q.tail == nil:
+		q.head, q.tail = t, t
+	case q.tail.seq < t.seq:
 		q.tail.qnext = t
+		q.tail = t
+	case t.seq < q.head.seq:
+		t.qnext = q.head
+		q.head = t
+	default:
+		prev := q.head
+		for prev.qnext.seq < t.seq {
+			prev = prev.qnext
+		}
+		t.qnext = prev.qnext
+		prev.qnext = t
 	}
-	q.tail = t
 	q.n++
 	p.heldN.Add(1)
 	t.rs.held.Add(1)
@@ -244,9 +284,9 @@ func (p *Pipeline) parkActive(t *task) *task {
 }
 
 // recheckParked re-resolves every park queue's key against the current table
-// and releases the queues that are no longer held: their messages go to the
-// front of their lane, in their original order, ahead of anything that
-// arrived later.
+// and releases the queues that are no longer held: their messages are merged
+// into their lane's queue by arrival order, ahead of anything that arrived
+// later.
 func (p *Pipeline) recheckParked() {
 	if p.rules.Load() == nil {
 		return
@@ -280,11 +320,7 @@ func (p *Pipeline) recheckParked() {
 			}
 			p.heldN.Add(-int64(q.n))
 			p.budget.force(q.n)
-			q.tail.qnext = l.qhead
-			if l.qhead == nil {
-				l.qtail = q.tail
-			}
-			l.qhead = q.head
+			l.merge(q.head)
 		}
 		if len(l.parked) == 0 {
 			l.parked = nil

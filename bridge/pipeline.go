@@ -289,6 +289,8 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	t.rs.track(t)
 
 	l.mu.Lock()
+	l.seq++
+	t.seq = l.seq
 	if t.poison == "" && (held || (l.parked != nil && l.parked[parkKey{m.Rule, t.laneKey}] != nil)) {
 		ok := p.parkLocked(l, t)
 		l.mu.Unlock()
