@@ -187,6 +187,11 @@ func connOptions(cfg BrokerConfig, log *slog.Logger) ([]nats.Option, error) {
 	}
 	switch {
 	case cfg.Creds != "":
+		// Read now, so that a wrong path is a config error, not a
+		// failed handshake.
+		if _, err := os.Stat(cfg.Creds); err != nil {
+			return nil, fmt.Errorf("%w: broker %q: creds: %w", ErrConfig, cfg.Name, err)
+		}
 		opts = append(opts, nats.UserCredentials(cfg.Creds))
 	case cfg.User != "":
 		opts = append(opts, nats.UserInfo(cfg.User, cfg.Password))
