@@ -155,3 +155,131 @@ func TestMemoryDefaults(t *testing.T) {
 		t.Fatalf("capacity %d < DefaultSize", got)
 	}
 }
+
+// checkInvariants walks every shard: the LRU list and the free list
+// together hold each slab slot once, and the index points at live entries.
+func checkInvariants(t *testing.T, m *Memory) {
+	t.Helper()
+	for si := range m.shards {
+		s := &m.shards[si]
+		s.mu.Lock()
+		seen := make(map[int32]bool)
+		prev := nilIdx
+		for i := s.head; i != nilIdx; i = s.slab[i].next {
+			if seen[i] || s.slab[i].prev != prev {
+				s.mu.Unlock()
+				t.Fatalf("shard %d: LRU list broken at slot %d", si, i)
+			}
+			seen[i] = true
+			if j, ok := s.index[s.slab[i].key]; !ok || j != i {
+				s.mu.Unlock()
+				t.Fatalf("shard %d: slot %d not indexed", si, i)
+			}
+			prev = i
+		}
+		if s.tail != prev || len(seen) != len(s.index) {
+			s.mu.Unlock()
+			t.Fatalf("shard %d: tail %d (want %d), %d listed vs %d indexed", si, s.tail, prev, len(seen), len(s.index))
+		}
+		for i := s.free; i != nilIdx; i = s.slab[i].next {
+			if seen[i] {
+				s.mu.Unlock()
+				t.Fatalf("shard %d: slot %d both free and in use", si, i)
+			}
+			seen[i] = true
+		}
+		if len(seen) != len(s.slab) || len(s.slab) > s.limit {
+			s.mu.Unlock()
+			t.Fatalf("shard %d: %d slots accounted for, slab %d, limit %d", si, len(seen), len(s.slab), s.limit)
+		}
+		s.mu.Unlock()
+	}
+}
+
+// TestMemoryStress hammers a small store from many goroutines (eviction,
+// expiry, release and reuse of slots all at once) under -race, then checks
+// its internal lists.
+func TestMemoryStress(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	m := NewMemory(MemoryConfig{Size: 4 * memShards, TTL: time.Second, ReserveTTL: 300 * time.Millisecond, Now: clock.Now})
+	parallel(t, 16, func(w int) error {
+		for i := 0; i < 3000; i++ {
+			k := fmt.Sprint("k", (i*31+w*7)%1000)
+			switch i % 4 {
+			case 0, 1:
+				if _, err := m.Reserve(ctx, k); err != nil {
+					return err
+				}
+			case 2:
+				if err := m.Commit(ctx, k); err != nil {
+					return err
+				}
+			case 3:
+				if err := m.Release(ctx, k); err != nil {
+					return err
+				}
+			}
+			if w == 0 && i%50 == 0 {
+				clock.Advance(100 * time.Millisecond)
+			}
+		}
+		return nil
+	})
+	checkInvariants(t, m)
+}
+
+// FuzzMemoryModel runs random operation sequences against the store and
+// against a plain map model; with Size large enough never to evict, every
+// outcome must agree.
+func FuzzMemoryModel(f *testing.F) {
+	f.Add([]byte{0, 0, 1, 0, 2, 0, 3, 0, 0, 0, 4, 9, 0, 0})
+	f.Add([]byte{0, 1, 4, 20, 0, 1, 1, 1, 2, 1, 0, 1, 4, 255, 0, 1})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		const ttl, rttl = 10 * time.Second, 3 * time.Second
+		m := NewMemory(MemoryConfig{Size: 1 << 12, TTL: ttl, ReserveTTL: rttl, Now: clock.Now})
+		type state struct {
+			committed bool
+			expires   time.Time
+		}
+		model := map[string]state{}
+		for len(ops) >= 2 {
+			op, arg := ops[0]%5, ops[1]
+			ops = ops[2:]
+			key := fmt.Sprint("k", arg%8)
+			now := clock.Now()
+			st, ok := model[key]
+			live := ok && now.Before(st.expires)
+			switch op {
+			case 0: // reserve
+				want := Reserved
+				if live {
+					want = InFlight
+					if st.committed {
+						want = Duplicate
+					}
+				} else {
+					model[key] = state{expires: now.Add(rttl)}
+				}
+				if got, err := m.Reserve(ctx, key); err != nil || got != want {
+					t.Fatalf("Reserve(%s) = %v, %v; model says %v", key, got, err, want)
+				}
+			case 1: // commit
+				model[key] = state{committed: true, expires: now.Add(ttl)}
+				must(t, m.Commit(ctx, key))
+			case 2: // release
+				if ok && !st.committed {
+					delete(model, key)
+				}
+				must(t, m.Release(ctx, key))
+			case 3: // a second passes
+				clock.Advance(time.Second)
+			case 4: // arg × 100ms pass
+				clock.Advance(time.Duration(arg) * 100 * time.Millisecond)
+			}
+		}
+		checkInvariants(t, m)
+	})
+}
