@@ -51,7 +51,7 @@ var body = []byte(`{"order":123456,"user":{"id":"2088000000012345"},"amount":420
 // headers the pipeline sets and waits for every ack. "idset" is the header
 // map already carrying Nats-Msg-Id (sent as is); "copy" lacks it, so the
 // Sink sends a copy; "noacktimeout" uses a JetStream context without the
-// per-publish ack timer.
+// per-publish ack timer. BenchmarkRawPublish is the reference.
 func BenchmarkSinkPublish(b *testing.B) {
 	for _, v := range []struct {
 		name       string
@@ -208,5 +208,57 @@ func BenchmarkSourceConsume(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
 		})
+	}
+}
+
+// BenchmarkRawPublish is the hand-written equivalent of the Sink: async
+// publishes with 4096 in flight, one goroutine waiting for the futures in
+// order.
+func BenchmarkRawPublish(b *testing.B) {
+	nc, id := benchServer(b)
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(4096))
+	if err != nil {
+		b.Fatal(err)
+	}
+	stream := "BENCH_RAW_" + id
+	subject := "bench.raw." + id
+	benchStream(b, js, stream, subject)
+	msgs := make([]*nats.Msg, b.N)
+	for i := range msgs {
+		key := fmt.Sprintf("ORDERS:%d", i)
+		msgs[i] = &nats.Msg{Subject: subject, Data: body, Header: nats.Header{
+			"Nats-Msg-Id": {key}, "Cell-Msg-Id": {key}, "Cell-Name": {"rz00"}, "Cell-Shard": {"34"},
+			"Cell-Rules-Version": {"1"}, "Cell-Source": {"nats/ORDERS"}, "Cell-Hops": {"1"},
+		}}
+	}
+	futs := make(chan jetstream.PubAckFuture, 4096)
+	var failed atomic.Int64
+	waited := make(chan struct{})
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	go func() {
+		defer close(waited)
+		for f := range futs {
+			select {
+			case <-f.Ok():
+			case <-f.Err():
+				failed.Add(1)
+			}
+		}
+	}()
+	for _, m := range msgs {
+		f, err := js.PublishMsgAsync(m, jetstream.WithStallWait(time.Minute))
+		if err != nil {
+			b.Fatal(err)
+		}
+		futs <- f
+	}
+	close(futs)
+	<-waited
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+	b.StopTimer()
+	if n := failed.Load(); n > 0 {
+		b.Fatalf("%d publishes failed", n)
 	}
 }
