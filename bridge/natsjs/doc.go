@@ -16,22 +16,28 @@
 //
 // Run consumes with Consume (PullMaxMessages = FetchBatch; a new pull goes
 // out when half the batch is used), so the client always has a batch
-// buffered and the server never waits for a request. Pull requests expire
-// after 5s instead of the library's 30s: after the consumer sat at
-// MaxAckPending, the client's idea of what it has requested can drift from
-// the server's, and an expiring request (or missing heartbeat) is what
-// resynchronises them. Each message reaches
-// the handler as a bridge.Message without copying: Header is the message's
-// header map (nil when it has none) and Body its data. SourceID is the
-// producer's Nats-Msg-Id if set, else "<stream>:<stream sequence>" — both
-// stable across redeliveries, which is what the idempotency key needs.
+// buffered and the server never waits for a request. The handler runs on the
+// subscription's goroutine, in stream order, and may block: that is the
+// bridge's back-pressure, and it also holds back new pulls. Pull requests
+// expire after 5s instead of the library's 30s: after the consumer sat at
+// MaxAckPending the client's idea of what it has requested can drift from
+// the server's, and an expiring request (or a missing heartbeat) is what
+// puts them back in step.
+//
+// Each message reaches the handler as a bridge.Message without copying:
+// Header is the message's header map (nil when it has none) and Body its
+// data. SourceID is the producer's Nats-Msg-Id if set, else
+// "<stream>:<stream sequence>"; both are stable across redeliveries, which is
+// what the idempotency key needs. Time, Deliveries and the sequence are read
+// from the ack subject by a parser that does not allocate (the client's
+// Metadata allocates per message and costs three times as much).
 //
 // How each bridge.Ack outcome maps to JetStream:
 //
-//	nil                 Ack              done for good
-//	*bridge.HoldError   NakWithDelay(d)  redelivered after d (held shard)
-//	bridge.ErrInProgress InProgress      AckWait restarts; not final, may repeat
-//	any other error     Nak              redelivered at once
+//	nil                   Ack              done for good
+//	*bridge.HoldError     NakWithDelay(d)  redelivered after d (held shard)
+//	bridge.ErrInProgress  InProgress       AckWait restarts; not final, may repeat
+//	any other error       Nak              redelivered at once
 //
 // Acks are not confirmed (no AckSync): a lost ack only means the message is
 // redelivered after AckWait, and the redelivery is recognised by its
@@ -51,16 +57,20 @@
 //
 // # Sink
 //
-// PublishAsync publishes with PublishMsgAsync, setting Nats-Msg-Id to the
-// idempotency key, and returns; one goroutine per broker waits for the acks
-// in publish order and calls done. A per-broker counting semaphore bounds
-// the publishes not yet resolved (SinkConfig.MaxPending); PublishAsync
-// blocks there, which is the bridge's back-pressure. The JetStream context
-// should come from NewJetStream: its own limit is not lower than the
-// Sink's (so the client library never stalls and fails a publish), and an
-// ack timeout fails a publish whose ack is lost instead of holding it
-// forever. done must not block and must not call PublishAsync on the same
-// Sink (it runs on the goroutine that frees the slots).
+// PublishAsync publishes with PublishMsgAsync and returns; one goroutine per
+// broker waits for the acks in publish order and calls done. The message
+// carries Nats-Msg-Id = the idempotency key: the bridge's header map is sent
+// as is when it already holds that value, else a shallow copy with it (the
+// map is the bridge's and is not modified). A per-broker counting semaphore
+// bounds the publishes not yet resolved (SinkConfig.MaxPending);
+// PublishAsync blocks there, which is the bridge's back-pressure. The
+// JetStream context should come from NewJetStream: its own limit is not
+// lower than the Sink's (so the client library never stalls and fails a
+// publish), and an ack timeout fails a publish whose ack is lost instead of
+// holding it forever. done must not block and must not call PublishAsync on
+// the same Sink (it runs on the goroutine that frees the slots). Close waits
+// for the outstanding acks within its context; it leaves the connections to
+// their owner, since the source and the dedupe store share them.
 //
 // A PubAck flagged Duplicate is reported as *DuplicateError, which wraps
 // bridge.ErrDuplicate: the message is stored, by the earlier publish.
@@ -77,8 +87,12 @@
 // (StreamConfig.Duplicates, set by EnsureStreams, default 2m). The window
 // closes the gap the store cannot: a publish that reached the stream but
 // whose ack (or the commit after it) was lost, for instance when a replica
-// was killed between publish and commit. Its retry comes within AckWait plus
-// the sink's retry backoff, so the window must be longer than that.
+// was killed between publish and commit. The repeat comes after the source's
+// AckWait (the dead replica's delivery must time out) and, when the store
+// still holds the dead replica's reservation, after its ReserveTTL, plus the
+// sink's retry backoff; the window must be longer than that sum (30s + 30s +
+// 5s with the defaults). A longer window costs the server memory for the ids
+// it remembers, nothing else.
 //
 // # Connections
 //
