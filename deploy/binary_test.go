@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"math/big"
 	"os"
@@ -41,21 +42,34 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// cellbridgeBinary builds cmd/cellbridge once per test binary: the tests run the real command, as the
-// image does.
+// cellbridgeBinary builds cmd/cellbridge once per test binary, with the Dockerfile's own build line:
+// the tests run the binary the image ships.
 func cellbridgeBinary(t *testing.T) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		if binDir, buildErr = os.MkdirTemp("", "cellbridge-deploy-test-"); buildErr != nil {
+		// Stays the error if this function ends early (t.Fatal while reading the Dockerfile).
+		buildErr = errors.New("building cellbridge failed in an earlier test")
+		var err error
+		if binDir, err = os.MkdirTemp("", "cellbridge-deploy-test-"); err != nil {
+			buildErr = err
 			return
 		}
 		binPath = filepath.Join(binDir, "cellbridge")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, "go", "build", "-o", binPath, "github.com/cellbridge/cellbridge/cmd/cellbridge").CombinedOutput()
+		env, argv, err := dockerBuild(readDockerfile(t), builtVersion, binPath)
 		if err != nil {
-			buildErr = fmt.Errorf("go build ./cmd/cellbridge: %w\n%s", err, out)
+			buildErr = err
+			return
 		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+		cmd.Dir = ".." // the Dockerfile builds in a copy of the repository root
+		cmd.Env = append(os.Environ(), env...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("%s %s: %w\n%s", strings.Join(env, " "), strings.Join(argv, " "), err, out)
+			return
+		}
+		buildErr = nil
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)

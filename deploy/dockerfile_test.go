@@ -2,8 +2,12 @@ package deploy
 
 import (
 	"bufio"
+	"bytes"
+	"debug/elf"
 	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -132,4 +136,110 @@ func TestDockerfile(t *testing.T) {
 			}
 		}
 	}
+}
+
+// dockerBuild returns the Dockerfile's own `go build` command line (environment assignments, then the
+// argv), with the ${VERSION} build argument set to version and -o pointing at out.
+func dockerBuild(df *dockerfile, version, out string) (env, argv []string, err error) {
+	var line string
+	for _, l := range df.lines {
+		if strings.HasPrefix(strings.ToUpper(l), "RUN ") && strings.Contains(l, "go build") {
+			for _, part := range strings.Split(strings.TrimSpace(l[4:]), "&&") {
+				if strings.Contains(part, "go build") {
+					line = part
+				}
+			}
+		}
+	}
+	words, err := shellWords(strings.ReplaceAll(line, "${VERSION}", version))
+	if err != nil {
+		return nil, nil, fmt.Errorf("go build line %q: %w", line, err)
+	}
+	for len(words) > 0 && strings.Contains(words[0], "=") {
+		env = append(env, words[0])
+		words = words[1:]
+	}
+	if len(words) < 2 || words[0] != "go" || words[1] != "build" {
+		return nil, nil, fmt.Errorf("go build line %q: want VAR=... go build ...", line)
+	}
+	i := slices.Index(words, "-o")
+	if i < 0 || i+1 >= len(words) {
+		return nil, nil, fmt.Errorf("go build line %q has no -o", line)
+	}
+	words[i+1] = out
+	return env, words, nil
+}
+
+// builtVersion is the version the tests' binary is built with (the Dockerfile's VERSION build arg).
+const builtVersion = "deploy-test"
+
+// TestDockerfileBuildsStaticBinary checks the binary that the Dockerfile's own `go build` line produces
+// (cellbridgeBinary builds it that way; there is no container engine here) for what the distroless
+// static image needs: statically linked (no ELF interpreter, no shared libraries), built with -trimpath
+// (no build-machine paths inside), and reporting the version passed in through -ldflags.
+func TestDockerfileBuildsStaticBinary(t *testing.T) {
+	out := cellbridgeBinary(t)
+	f, err := elf.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			t.Error("the binary names an ELF interpreter: it is dynamically linked")
+		}
+	}
+	if libs, _ := f.ImportedLibraries(); len(libs) > 0 {
+		t.Errorf("the binary needs shared libraries %v", libs)
+	}
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(bin, []byte(root+"/")) {
+		t.Errorf("the binary contains the build directory %s: -trimpath missing", root)
+	}
+	v, err := exec.Command(out, "-version").CombinedOutput()
+	if err != nil || !strings.Contains(string(v), builtVersion) {
+		t.Errorf("cellbridge -version = %q (%v), want the -ldflags version %s", v, err, builtVersion)
+	}
+}
+
+// shellWords splits a command line the way sh does for plain words and double- or single-quoted
+// strings (enough for a Dockerfile RUN line; no expansions).
+func shellWords(s string) ([]string, error) {
+	var words []string
+	var cur strings.Builder
+	inWord := false
+	var quote rune
+	for _, r := range s {
+		switch {
+		case quote != 0 && r == quote:
+			quote = 0
+		case quote != 0:
+			cur.WriteRune(r)
+		case r == '"' || r == '\'':
+			quote, inWord = r, true
+		case r == ' ' || r == '\t':
+			if inWord {
+				words = append(words, cur.String())
+				cur.Reset()
+				inWord = false
+			}
+		default:
+			cur.WriteRune(r)
+			inWord = true
+		}
+	}
+	if quote != 0 {
+		return nil, fmt.Errorf("unterminated %c quote", quote)
+	}
+	if inWord {
+		words = append(words, cur.String())
+	}
+	return words, nil
 }
