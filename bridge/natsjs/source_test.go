@@ -204,7 +204,7 @@ func TestSourceInProgressExtendsAckWait(t *testing.T) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
-	const ackWait, busy = 500 * time.Millisecond, 1500 * time.Millisecond
+	const ackWait, busy = time.Second, 1500 * time.Millisecond
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)
 	c := &collector{}
@@ -216,7 +216,7 @@ func TestSourceInProgressExtendsAckWait(t *testing.T) {
 		// Work "longer than AckWait", signalling progress, then give up
 		// without a final ack: the message must come back only afterwards.
 		wg.Go(func() {
-			for end := time.Now().Add(busy); time.Now().Before(end); time.Sleep(ackWait / 5) {
+			for end := time.Now().Add(busy); time.Now().Before(end); time.Sleep(ackWait / 10) {
 				if err := g.ack(context.Background(), bridge.ErrInProgress); err != nil {
 					t.Errorf("in progress: %v", err)
 				}
