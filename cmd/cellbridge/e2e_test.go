@@ -274,7 +274,16 @@ pipeline:
 		if err != nil {
 			t.Fatal(err)
 		}
-		v2 := strings.Replace(strings.Replace(string(cellmap), "version: 1", "version: 2", 1), "blocked: []", `blocked: ["34"]`, 1)
+		replace := func(s string, oldNew ...string) string {
+			for i := 0; i < len(oldNew); i += 2 {
+				if !strings.Contains(s, oldNew[i]) {
+					t.Fatalf("cellmap.yaml no longer contains %q; update the test", oldNew[i])
+				}
+				s = strings.Replace(s, oldNew[i], oldNew[i+1], 1)
+			}
+			return s
+		}
+		v2 := replace(string(cellmap), "version: 1", "version: 2", "blocked: []", `blocked: ["34"]`)
 		writeRules(t, rules, "cellmap.yaml", v2)
 		eventually(t, 10*time.Second, "rules version 2 loaded", func() bool {
 			return metric(t, b.base, "cellbridge_rules_version", nil) == 2
@@ -289,8 +298,8 @@ pipeline:
 			}
 		}
 		// Version 3 unblocks shard 34 and moves it to rz10.
-		v3 := strings.Replace(strings.Replace(string(cellmap), "version: 1", "version: 3", 1), `shards: ["66-99"]`, `shards: ["34", "66-99"]`, 1)
-		v3 = strings.Replace(v3, `shards: ["33-65"]`, `shards: ["33", "35-65"]`, 1)
+		v3 := replace(string(cellmap), "version: 1", "version: 3", `shards: ["66-99"]`, `shards: ["34", "66-99"]`,
+			`shards: ["33-65"]`, `shards: ["33", "35-65"]`)
 		writeRules(t, rules, "cellmap.yaml", v3)
 		m := findMsg(t, js, cellStream("rz10"), id)
 		if got := m.Headers().Get(bridge.HeaderRulesVersion); got != "3" {
