@@ -3,63 +3,69 @@ package bridge
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 )
 
-// budget bounds the messages in flight. Unlike a channel semaphore it may be
-// over-committed (force): released parked messages re-enter the in-flight set
-// from goroutines that must not block.
+// budget bounds the messages in flight. Taking and returning a slot is one
+// atomic add while the budget is not exhausted; only waiters use the mutex.
+// Unlike a channel semaphore it may be over-committed (force): released
+// parked messages re-enter the in-flight set from goroutines that must not
+// block.
 type budget struct {
-	mu   sync.Mutex
-	n    int
-	max  int
-	wait chan struct{} // closed when n drops below max; nil when no waiter
+	n       atomic.Int64
+	max     int64
+	waiters atomic.Int64
+	mu      sync.Mutex
+	wait    chan struct{} // closed when slots were returned; nil when nobody waits
 }
 
 // acquire takes one slot, waiting while the budget is exhausted. It returns
 // ctx's error, or errDraining when stop is closed first.
 func (b *budget) acquire(ctx context.Context, stop <-chan struct{}) error {
 	for {
-		b.mu.Lock()
-		if b.n < b.max {
-			b.n++
-			b.mu.Unlock()
+		if b.n.Add(1) <= b.max {
 			return nil
 		}
+		b.n.Add(-1)
+		b.mu.Lock()
+		b.waiters.Add(1)
 		if b.wait == nil {
 			b.wait = make(chan struct{})
 		}
 		w := b.wait
+		// Check again after announcing the wait: a release either saw the
+		// waiter count or freed the slot before this load.
+		free := b.n.Load() < b.max
 		b.mu.Unlock()
-		select {
-		case <-w:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-stop:
-			return errDraining
+		if !free {
+			select {
+			case <-w:
+			case <-ctx.Done():
+				b.waiters.Add(-1)
+				return ctx.Err()
+			case <-stop:
+				b.waiters.Add(-1)
+				return errDraining
+			}
 		}
+		b.waiters.Add(-1)
 	}
 }
 
 // release returns k slots.
 func (b *budget) release(k int) {
-	b.mu.Lock()
-	b.n -= k
-	if b.wait != nil && b.n < b.max {
-		close(b.wait)
-		b.wait = nil
+	b.n.Add(-int64(k))
+	if b.waiters.Load() > 0 {
+		b.mu.Lock()
+		if b.wait != nil {
+			close(b.wait)
+			b.wait = nil
+		}
+		b.mu.Unlock()
 	}
-	b.mu.Unlock()
 }
 
 // force takes k slots without waiting.
-func (b *budget) force(k int) {
-	b.mu.Lock()
-	b.n += k
-	b.mu.Unlock()
-}
+func (b *budget) force(k int) { b.n.Add(int64(k)) }
 
-func (b *budget) used() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.n
-}
+func (b *budget) used() int { return int(b.n.Load()) }

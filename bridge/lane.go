@@ -23,7 +23,9 @@ type task struct {
 	p    *Pipeline
 	done func(error) // t.published, bound once per pooled task
 
-	mu       sync.Mutex // guards settled, lastBeat, timer, arrived writes and ack calls
+	mu       sync.Mutex // guards ack, settled, lastBeat, timer; arrived is written under it
+	ack      Ack        // nil once settled
+	arrived  int64      // unix ns; read without mu only while the task is live
 	settled  bool
 	lastBeat int64
 	timer    *time.Timer
@@ -34,7 +36,6 @@ type task struct {
 // a time; hand-offs go through the jobs channel or lane.mu).
 type taskData struct {
 	m    *Message
-	ack  Ack
 	rs   *ruleState
 	lane *lane
 
@@ -94,7 +95,9 @@ func init() {
 func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 	t := taskPool.Get().(*task)
 	t.mu.Lock()
-	t.taskData = taskData{m: m, ack: ack, arrived: now}
+	t.taskData = taskData{m: m}
+	t.ack = ack
+	t.arrived = now
 	t.p = p
 	t.settled = false
 	t.lastBeat = 0
@@ -104,11 +107,10 @@ func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 }
 
 // recycle returns a settled task that is in no lane, queue, timer or
-// channel to the pool.
+// channel to the pool. taskData is cleared without the lock: a stale
+// heartbeat reference reads only the fields under mu.
 func (p *Pipeline) recycle(t *task) {
-	t.mu.Lock()
 	t.taskData = taskData{}
-	t.mu.Unlock()
 	taskPool.Put(t)
 }
 

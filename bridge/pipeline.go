@@ -156,7 +156,7 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		recheck:     make(chan struct{}, 1),
 		quit:        make(chan struct{}),
 	}
-	p.budget.max = cfg.MaxInFlight
+	p.budget.max = int64(cfg.MaxInFlight)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.shardStr = make([]string, 10000)
 	for i := range p.shardStr {
@@ -568,6 +568,7 @@ func (p *Pipeline) settle(t *task, result error) {
 	if err := t.ack(context.Background(), result); err != nil {
 		p.log.Debug("source ack failed; the message will be redelivered and deduplicated", "rule", t.m.Rule, "err", err)
 	}
+	t.ack = nil // drop the source's closure (and its message) before the task is pooled
 	t.mu.Unlock()
 	t.rs.untrack(t)
 	if t.counted {
