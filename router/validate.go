@@ -222,22 +222,8 @@ func validateCellMap(d *doc, cm *cellMapDoc) *Table {
 	budget := 4*t.shards + 1000
 	for i, s := range cm.Blocked {
 		p := fmt.Sprintf("blocked[%d]", i)
-		r, err := ParseRange(s)
-		if err != nil {
-			d.errorf(p, "%v", err)
-			continue
-		}
-		if t.shards == 0 {
-			continue
-		}
-		if r.To >= t.shards {
-			d.errorf(p, "range %s is outside the shard space 0-%d", r, t.shards-1)
-			continue
-		}
-		if budget -= r.Len(); budget < 0 {
-			if budget+r.Len() >= 0 {
-				d.errorf(p, "the blocked ranges overlap too much to check further")
-			}
+		r, ok := t.checkRange(d, p, s, true, &budget)
+		if !ok {
 			continue
 		}
 		var twice []Range
@@ -261,6 +247,32 @@ func validateCellMap(d *doc, cm *cellMapDoc) *Table {
 	return t
 }
 
+// checkRange parses the shard range s at path p and checks it against the
+// shard space. use is false when the range belongs to an entry already
+// reported as invalid: it is parsed but not used. Marking shards is linear in
+// the range, so budget cuts a file of many huge overlapping ranges short
+// instead of letting it take minutes.
+func (t *Table) checkRange(d *doc, p, s string, use bool, budget *int) (Range, bool) {
+	r, err := ParseRange(s)
+	switch {
+	case err != nil:
+		d.errorf(p, "%v", err)
+		return r, false
+	case t.shards == 0 || !use:
+		return r, false
+	case r.To >= t.shards:
+		d.errorf(p, "range %s is outside the shard space 0-%d", r, t.shards-1)
+		return r, false
+	}
+	if *budget -= r.Len(); *budget < 0 {
+		if *budget+r.Len() >= 0 {
+			d.errorf(p, "the ranges overlap too much to check further; fix the overlaps reported above")
+		}
+		return r, false
+	}
+	return r, true
+}
+
 // validateCoverage checks that every shard has exactly one owner.
 func (t *Table) validateCoverage(d *doc, cm *cellMapDoc) {
 	if t.shards > 0 {
@@ -277,24 +289,8 @@ func (t *Table) validateCoverage(d *doc, cm *cellMapDoc) {
 		}
 		for j, s := range c.Shards {
 			p := fmt.Sprintf("cells[%d].shards[%d]", i, j)
-			r, err := ParseRange(s)
-			if err != nil {
-				d.errorf(p, "%v", err)
-				continue
-			}
-			if t.shards == 0 || !known {
-				continue
-			}
-			if r.To >= t.shards {
-				d.errorf(p, "range %s is outside the shard space 0-%d", r, t.shards-1)
-				continue
-			}
-			// Marking is linear in the range, so a file of many huge
-			// overlapping ranges is cut short instead of taking minutes.
-			if budget -= r.Len(); budget < 0 {
-				if budget+r.Len() >= 0 {
-					d.errorf(p, "the shard ranges overlap too much to check further; fix the overlaps reported above")
-				}
+			r, ok := t.checkRange(d, p, s, known, &budget)
+			if !ok {
 				continue
 			}
 			// Shards already owned, grouped by their previous owner.

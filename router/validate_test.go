@@ -53,6 +53,7 @@ func TestValidation(t *testing.T) {
 		{"listed twice", variant(t, `["0-4"]`, `["0-4", "4"]`), []string{"t.yaml:6: cells[0].shards[1]: shard 4 listed twice for cell a0"}},
 		{"range outside", variant(t, `"5-9"`, `"5-10"`), []string{"t.yaml:7: cells[1].shards[0]: range 5-10 is outside the shard space 0-9"}},
 		{"range malformed", variant(t, `"5-9"`, `"5..9"`), []string{`t.yaml:7: cells[1].shards[0]: malformed shard range "5..9"`}},
+		{"overlap budget", variant(t, `["0-4"]`, "["+strings.Repeat(`"0-9", `, 120)+`"0"]`), []string{"the ranges overlap too much to check further"}},
 		{"range reversed", variant(t, `"5-9"`, `"9-5"`), []string{`malformed shard range "9-5": start after end`}},
 
 		// Cells.
