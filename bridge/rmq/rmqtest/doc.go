@@ -61,4 +61,19 @@
 // Not implemented: SQL92 filters (pulls answer 1), timer messages (TIMER_DELIVER_MS is stored as a
 // plain property and delivered at once), message deletion and retention, broadcasting offsets,
 // client expiry without a closed connection, ACL.
+//
+// # Client behaviour seen against this broker (rocketmq-client-go v2.1.3-0.20251226070945-2173d070fd1b)
+//
+//   - Heartbeats go out at Start, after each rebalance that changed the queues, 1s after the client
+//     started and then every 30s; rebalances run at Start, on NOTIFY_CONSUMER_IDS_CHANGED and every
+//     20s. Offsets are committed with each pull (when the in-memory offset is > 0), every 5s (first
+//     after 10s) and on Shutdown; a Shutdown right after the callback returned may miss the last
+//     offsets, so those messages are delivered again.
+//   - A request whose connection closes is not failed: it waits for its own timeout (pulls 30s,
+//     sends SendMsgTimeout). DropConnections therefore stalls the dropped client's pulls for up to
+//     30s, which is what a network failure does too.
+//   - The race detector reports two data races inside the client: Shutdown racing a rebalance (the
+//     client's closed flag), and the orderly push consumer's process queue (WithConsumerOrder).
+//     Shut consumers down once rebalances settled, and do not use the orderly push consumer in
+//     -race tests; queue locks are tested at the protocol level here.
 package rmqtest
