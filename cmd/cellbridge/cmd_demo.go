@@ -35,6 +35,7 @@ func init() {
 	fs := newFlagSet("demo")
 	f := &demoFlags
 	f.runFlags.register(fs, false)
+	fs.StringVar(&f.config, "config", "", "configuration `FILE` without brokers (pipeline, dedupe, http, log settings for the embedded bridge)")
 	fs.IntVar(&f.n, "n", 20000, "events to publish")
 	fs.IntVar(&f.rate, "rate", 2000, "events per second (0: as fast as the server takes them)")
 	fs.DurationVar(&f.interval, "interval", time.Second, "how often the table refreshes")
@@ -43,7 +44,7 @@ func init() {
 	register(&command{
 		name:    "demo",
 		summary: "run the embedded bridge and watch sample events being routed to their cells",
-		usage: `Usage: cellbridge demo [-n N] [-rate R] [-keep=false] [-data DIR] [-http ADDR]
+		usage: `Usage: cellbridge demo [-n N] [-rate R] [-keep=false] [-data DIR] [-http ADDR] [-config FILE]
 
 Starts the embedded default bridge in this process (in-process NATS server
 with JetStream under -data, the example rules, the KV dedupe store), publishes
@@ -57,7 +58,9 @@ outcome counters.
 When every event has arrived it prints the final table and how to check an
 event with 'cellbridge route', and keeps the bridge running for curl
 (/metrics, /readyz, /route, /status) until Ctrl-C; -keep=false exits instead.
-The bridge's log goes to DIR/cellbridge.log.`,
+The bridge's log goes to DIR/cellbridge.log. -config may tune the embedded
+bridge (pipeline, dedupe, http, log) but must not name brokers; for example
+'dedupe: {store: memory}' shows the bridge without the KV store round trips.`,
 		flags: fs,
 		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			if len(args) > 0 {
