@@ -53,8 +53,8 @@ func TestDelaySends(t *testing.T) {
 	if err := b.CreateTopic(topic, 1); err != nil {
 		t.Fatal(err)
 	}
-	fast := newProducer(t, b, "pg-slow", producer.WithSendMsgTimeout(200*time.Millisecond), producer.WithRetry(0))
-	b.DelaySends(time.Second)
+	fast := newProducer(t, b, "pg-slow", producer.WithSendMsgTimeout(100*time.Millisecond), producer.WithRetry(0))
+	b.DelaySends(400 * time.Millisecond)
 	if _, err := fast.Producer.SendSync(context.Background(), primitive.NewMessage(topic, []byte("late"))); err == nil {
 		t.Fatal("send within timeout despite the delay")
 	}
