@@ -84,3 +84,20 @@ func BenchmarkLoad(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkRouteJSONFront is the same body with the user first: the common
+// case where the key is near the start costs a fraction of the worst case.
+func BenchmarkRouteJSONFront(b *testing.B) {
+	t := benchTable(b)
+	body := body1KiB()
+	user := `"user":{"name":"someone","id":2088000000012345678}`
+	s := strings.Replace(string(body), ","+user, "", 1)
+	m := &Message{Subject: "orders.created", Body: []byte("{" + user + "," + s[1:])}
+	b.SetBytes(int64(len(m.Body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if d := t.Route("orders", m); d.Reason != ReasonOwner {
+			b.Fatal(d.Explain)
+		}
+	}
+}

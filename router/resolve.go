@@ -172,8 +172,8 @@ func (r *Rule) Extract(m *Message) (key, cause, why string) {
 		}
 		return tok, "", ""
 	default:
-		for _, f := range strings.Fields(m.Keys) {
-			return f, "", ""
+		if k := firstKey(m.Keys); k != "" {
+			return k, "", ""
 		}
 		return "", CauseMissingKey, "no key: the message has no RocketMQ keys"
 	}
@@ -208,6 +208,15 @@ func (r *Rule) extractJSON(body []byte) (key, cause, why string) {
 		return "", CauseBadKey, "json field " + path + " is an array, not a string or number"
 	}
 	return "", CauseBadKey, "json field " + path + " is an object, not a string or number"
+}
+
+// firstKey returns the first of the space-separated RocketMQ keys.
+func firstKey(keys string) string {
+	keys = strings.TrimLeft(keys, " ")
+	if i := strings.IndexByte(keys, ' '); i >= 0 {
+		return keys[:i]
+	}
+	return keys
 }
 
 // headerValue looks name up exactly, then case-insensitively; the first
