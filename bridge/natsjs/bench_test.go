@@ -123,18 +123,20 @@ func BenchmarkSinkPublish(b *testing.B) {
 }
 
 // BenchmarkSourceConsume consumes and acks b.N stored messages through the
-// Source, per FetchBatch; "raw" is the same loop on the bare jetstream
-// Consume API, the reference for the adapter's own cost.
+// Source, per FetchBatch; "rawconsume" and "rawmessages" are the same loop on
+// the bare jetstream Consume callback and Messages iterator, the references
+// for the adapter's own cost (and the reason the Source uses Consume).
 func BenchmarkSourceConsume(b *testing.B) {
 	for _, v := range []struct {
 		name  string
 		batch int
-		raw   bool
+		raw   string // "": the Source; "consume" or "messages": the bare API
 	}{
-		{"batch256", 256, false},
-		{"batch1024", 1024, false},
-		{"batch4096", 4096, false},
-		{"raw1024", 1024, true},
+		{"batch256", 256, ""},
+		{"batch1024", 1024, ""},
+		{"batch4096", 4096, ""},
+		{"rawconsume1024", 1024, "consume"},
+		{"rawmessages1024", 1024, "messages"},
 	} {
 		b.Run(v.name, func(b *testing.B) {
 			nc, id := benchServer(b)
@@ -168,23 +170,38 @@ func BenchmarkSourceConsume(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			start := time.Now()
-			if v.raw {
+			if v.raw != "" {
 				cons, err := js.CreateOrUpdateConsumer(context.Background(), stream, jetstream.ConsumerConfig{
 					Durable: "bench", AckPolicy: jetstream.AckExplicitPolicy, MaxAckPending: cfg.MaxAckPending,
 				})
 				if err != nil {
 					b.Fatal(err)
 				}
-				cc, err := cons.Consume(func(m jetstream.Msg) {
-					_ = m.Ack()
-					count()
-				}, jetstream.PullMaxMessages(v.batch))
-				if err != nil {
-					b.Fatal(err)
+				if v.raw == "consume" {
+					cc, err := cons.Consume(func(m jetstream.Msg) {
+						_ = m.Ack()
+						count()
+					}, jetstream.PullMaxMessages(v.batch))
+					if err != nil {
+						b.Fatal(err)
+					}
+					<-all
+					cc.Stop()
+					<-cc.Closed()
+				} else {
+					it, err := cons.Messages(jetstream.PullMaxMessages(v.batch))
+					if err != nil {
+						b.Fatal(err)
+					}
+					for range b.N {
+						m, err := it.Next()
+						if err != nil {
+							b.Fatal(err)
+						}
+						_ = m.Ack()
+					}
+					it.Stop()
 				}
-				<-all
-				cc.Stop()
-				<-cc.Closed()
 			} else {
 				src, err := NewSource(context.Background(), js, cfg, quiet)
 				if err != nil {
