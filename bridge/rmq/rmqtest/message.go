@@ -6,11 +6,11 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"hash/crc32"
 	"io"
 	"net"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -300,4 +300,4 @@ func tagsHash(s string) int32 {
 	return h
 }
 
-func fmtInt(n int64) string { return fmt.Sprintf("%d", n) }
+func fmtInt(n int64) string { return strconv.FormatInt(n, 10) }
