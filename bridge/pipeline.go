@@ -615,18 +615,22 @@ func (p *Pipeline) shardString(s int) string {
 	return strconv.Itoa(s)
 }
 
-// hopsOf parses Cell-Hops without allocating; absent or malformed counts 0.
+// hopsOf parses Cell-Hops without allocating: absent or not a decimal
+// number counts 0; a huge number is capped (and is over any hop limit).
 func hopsOf(h map[string][]string) int {
+	const limit = 1 << 20
 	v := headerValue(h, HeaderHops)
 	n := 0
 	for i := 0; i < len(v); i++ {
 		c := v[i]
-		if c < '0' || c > '9' || n > 1<<20 {
+		if c < '0' || c > '9' {
 			return 0
 		}
-		n = n*10 + int(c-'0')
+		if n < limit {
+			n = n*10 + int(c-'0')
+		}
 	}
-	return n
+	return min(n, limit)
 }
 
 // headerValue looks a header up exactly, then case-insensitively (as the
