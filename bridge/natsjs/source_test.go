@@ -395,3 +395,36 @@ func TestSourceConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestSourceReplicasShareDurable runs two Sources (two bridge replicas) on
+// one durable: together they see every message once, and both take part.
+func TestSourceReplicasShareDurable(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	_, js2 := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	ackAll := func(g got) { _ = g.ack(context.Background(), nil) }
+	a, b := &collector{settle: ackAll}, &collector{settle: ackAll}
+	run(t, newSource(t, js, SourceConfig{FetchBatch: 10}), a.handle)
+	run(t, newSource(t, js2, SourceConfig{FetchBatch: 10}), b.handle)
+	const n = 400
+	for i := range n {
+		publish(t, js, "orders.x", fmt.Sprint(i), nil)
+	}
+	eventually(t, 20*time.Second, "all delivered", func() bool { return len(a.all())+len(b.all()) >= n })
+	seen := map[string]int{}
+	for _, g := range append(a.all(), b.all()...) {
+		seen[g.m.SourceID]++
+	}
+	if len(seen) != n {
+		t.Fatalf("%d distinct messages, want %d", len(seen), n)
+	}
+	for id, c := range seen {
+		if c != 1 {
+			t.Fatalf("%s delivered %d times", id, c)
+		}
+	}
+	if len(a.all()) == 0 || len(b.all()) == 0 {
+		t.Fatalf("one replica did all the work: %d / %d", len(a.all()), len(b.all()))
+	}
+}
