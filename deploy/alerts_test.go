@@ -238,3 +238,39 @@ func markdownAnchors(doc string) map[string]bool {
 	}
 	return anchors
 }
+
+// TestRunbook: the operations sections exist, every in-page link resolves, and every alert's section
+// says what it means, what to check and what to do.
+func TestRunbook(t *testing.T) {
+	b, err := os.ReadFile(runbookFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(b)
+	anchors := markdownAnchors(doc)
+	for _, a := range []string{"switch-shards-between-cells", "a-cell-is-down", "change-the-rules"} {
+		if !anchors[a] {
+			t.Errorf("docs/runbook.md has no section #%s", a)
+		}
+	}
+	for _, m := range regexp.MustCompile(`\]\(#([^)]+)\)`).FindAllStringSubmatch(doc, -1) {
+		if !anchors[m[1]] {
+			t.Errorf("docs/runbook.md links to #%s, which is no heading", m[1])
+		}
+	}
+	for _, a := range alerts(loadAlertRules(t)) {
+		_, section, ok := strings.Cut(doc, "\n### "+a.Alert+"\n")
+		if !ok {
+			t.Errorf("docs/runbook.md has no section ### %s", a.Alert)
+			continue
+		}
+		if i := strings.Index(section, "\n#"); i >= 0 {
+			section = section[:i]
+		}
+		for _, part := range []string{"**Meaning.**", "**Check.**", "**Do.**"} {
+			if !strings.Contains(section, part) {
+				t.Errorf("runbook section %s lacks %s", a.Alert, part)
+			}
+		}
+	}
+}
