@@ -178,7 +178,7 @@ func validateCellMap(d *doc, cm *cellMapDoc) *Table {
 		case !ok:
 			d.errorf(p+".failover", "unknown cell %q", c.Failover)
 		case t.cells[fi].State == StateDown:
-			d.errorf(p+".failover", "failover cell %s is down", c.Failover)
+			d.errorf(p+".failover", "failover cell %s is down: name a live failover cell for %s (or none)", c.Failover, c.Name)
 		}
 	}
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -48,6 +49,21 @@ func cliCopyRules(t *testing.T, edits map[string][]string) string {
 		}
 	}
 	return dir
+}
+
+// cliLineOf returns the 1-based line of the first occurrence of text in an
+// example rule file, so that tests survive edits to the comments.
+func cliLineOf(t *testing.T, file, text string) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(cliExampleRules, file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.Index(string(b), text)
+	if i < 0 {
+		t.Fatalf("%s: %q not found", file, text)
+	}
+	return strings.Count(string(b[:i]), "\n") + 1
 }
 
 func TestCLIHelpAndUsage(t *testing.T) {
@@ -106,8 +122,8 @@ func TestCLIValidate(t *testing.T) {
 		t.Fatalf("exit %d, stdout %q", code, out)
 	}
 	for _, want := range []string{
-		filepath.Join(broken, "cellmap.yaml") + `:36: cells[1].failover: unknown cell "rz99"`,
-		filepath.Join(broken, "orders.yaml") + ":11: key: conflicting key sources header, json",
+		fmt.Sprintf("%s:%d: cells[1].failover: unknown cell \"rz99\"", filepath.Join(broken, "cellmap.yaml"), cliLineOf(t, "cellmap.yaml", "failover: rz00")),
+		fmt.Sprintf("%s:%d: key: conflicting key sources header, json", filepath.Join(broken, "orders.yaml"), cliLineOf(t, "orders.yaml", "key:")),
 		"2 problems",
 	} {
 		if !strings.Contains(errOut, want) {
