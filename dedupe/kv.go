@@ -54,7 +54,7 @@ type KVConfig struct {
 type KV struct {
 	bucket     string
 	prefix     string // "$KV.<bucket>."
-	stream     jetstream.Stream
+	getPrefix  string // direct get of the last message of a subject: + subject
 	pipe       *pipe
 	reserveHdr nats.Header // shared, read only
 	reserveTTL string      // Nats-TTL value
@@ -107,8 +107,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 	if !nc.HeadersSupported() {
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, nats.ErrHeadersNotSupported)
 	}
-	stream, err := ensureBucket(ctx, js, cfg)
-	if err != nil {
+	if err := ensureBucket(ctx, js, cfg); err != nil {
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
 	}
 	var token [8]byte
@@ -121,7 +120,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 	return &KV{
 		bucket:     cfg.Bucket,
 		prefix:     "$KV." + cfg.Bucket + ".",
-		stream:     stream,
+		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
 		pipe:       p,
 		reserveTTL: ttl,
 		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
@@ -135,7 +134,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 // kv` and jetstream.KeyValue work on it) with per-message TTLs allowed but
 // without subject delete markers: nothing here reads markers left by
 // expiry, and writing one per expired key would double the server's writes.
-func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jetstream.Stream, error) {
+func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) error {
 	name := "KV_" + cfg.Bucket
 	dup := 2 * time.Minute
 	if cfg.TTL < dup {
@@ -159,33 +158,46 @@ func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (je
 		Discard:           jetstream.DiscardNew,
 		AllowMsgTTL:       true,
 	}
-	s, err := js.CreateStream(ctx, scfg)
+	_, err := js.CreateStream(ctx, scfg)
 	if err == nil {
-		return s, nil
+		return nil
 	}
 	if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		return nil, fmt.Errorf("create stream: %w", err)
+		return fmt.Errorf("create stream: %w", err)
 	}
-	s, err = js.Stream(ctx, name)
+	s, err := js.Stream(ctx, name)
 	if err != nil {
-		return nil, fmt.Errorf("open stream: %w", err)
+		return fmt.Errorf("open stream: %w", err)
 	}
 	have := s.CachedInfo().Config
 	if len(have.Subjects) != 1 || have.Subjects[0] != scfg.Subjects[0] {
-		return nil, fmt.Errorf("stream %s is not a key-value bucket (subjects %v)", name, have.Subjects)
+		return fmt.Errorf("stream %s is not a key-value bucket (subjects %v)", name, have.Subjects)
 	}
-	if have.AllowMsgTTL && have.MaxAge == cfg.TTL && (have.Duplicates <= cfg.TTL) {
-		return s, nil
+	if have.AllowMsgTTL && have.AllowDirect && have.MaxAge == cfg.TTL && have.Duplicates <= cfg.TTL {
+		return nil
 	}
 	have.AllowMsgTTL = true
+	have.AllowDirect = true // lookups are direct gets
 	have.MaxAge = cfg.TTL
 	if have.Duplicates > cfg.TTL {
 		have.Duplicates = cfg.TTL
 	}
-	if s, err = js.UpdateStream(ctx, have); err != nil {
-		return nil, fmt.Errorf("update stream: %w", err)
+	if _, err := js.UpdateStream(ctx, have); err != nil {
+		return fmt.Errorf("update stream: %w", err)
 	}
-	return s, nil
+	return nil
+}
+
+// apiPrefix is the JetStream API prefix js sends requests to, as nats.go
+// derives it from a domain or a custom prefix.
+func apiPrefix(o jetstream.JetStreamOptions) string {
+	switch {
+	case o.Domain != "":
+		return "$JS." + o.Domain + ".API."
+	case o.APIPrefix != "":
+		return strings.TrimSuffix(o.APIPrefix, ".") + "."
+	}
+	return jetstream.DefaultAPIPrefix
 }
 
 // subject returns the bucket subject of key; one allocation.
@@ -309,27 +321,40 @@ const (
 	kvOurs     // reserved by this replica
 )
 
-// lookup reads the latest message of a key with a direct get.
+// lookup reads the latest message of a key with a direct get (through the
+// pipe: one round trip, no per-request subscription or JSON).
 func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, error) {
-	m, err := kv.stream.GetLastMsgForSubject(ctx, subj)
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return kvAbsent, 0, nil
-	}
+	m, err := kv.pipe.request(ctx, kv.getPrefix+subj, nil, nil)
 	if err != nil {
 		return 0, 0, err
 	}
+	if len(m.Data) == 0 {
+		switch status := m.Header.Get("Status"); status {
+		case "":
+		case "404":
+			return kvAbsent, 0, nil
+		case "503":
+			return 0, 0, nats.ErrNoResponders
+		default:
+			return 0, 0, fmt.Errorf("direct get: status %s %s", status, m.Header.Get("Description"))
+		}
+	}
+	seq, err := strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("direct get: bad %s header: %w", jetstream.SequenceHeader, err)
+	}
 	if m.Header.Get(hdrKVOperation) != "" || m.Header.Get(hdrMarkerReason) != "" {
-		return kvMarker, m.Sequence, nil
+		return kvMarker, seq, nil
 	}
 	switch {
 	case bytes.Equal(m.Data, committedVal):
-		return kvCommitted, m.Sequence, nil
+		return kvCommitted, seq, nil
 	case bytes.Equal(m.Data, kv.reserveVal):
-		return kvOurs, m.Sequence, nil
+		return kvOurs, seq, nil
 	case len(m.Data) > 0 && m.Data[0] == 'r':
-		return kvReserved, m.Sequence, nil
+		return kvReserved, seq, nil
 	}
 	// Not written by this package: refuse to guess. Calling it a duplicate
 	// could drop a message; an error keeps it unacknowledged and counted.
-	return 0, 0, fmt.Errorf("unexpected value at revision %d", m.Sequence)
+	return 0, 0, fmt.Errorf("unexpected value at revision %d", seq)
 }

@@ -351,3 +351,66 @@ func TestPipe(t *testing.T) {
 	}
 	must(t, p.close())
 }
+
+// TestKVDomain uses a JetStream domain, whose API subjects differ
+// ($JS.<domain>.API.…): lookups must follow js's prefix.
+func TestKVDomain(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t, func(o *server.Options) { o.JetStreamDomain = "hub" })
+	nc, _ := srv.Connect(t)
+	js, err := jetstream.NewWithDomain(nc, "hub")
+	must(t, err)
+	kv := openKV(t, js, suiteKVConfig(newBucket()))
+	mustReserve(t, kv, "k", Reserved)
+	mustReserve(t, kv, "k", InFlight) // needs a lookup
+	must(t, kv.Release(ctx, "k"))
+	mustReserve(t, kv, "k", Reserved)
+	must(t, kv.Commit(ctx, "k"))
+	mustReserve(t, kv, "k", Duplicate)
+}
+
+func TestPubAckError(t *testing.T) {
+	status := func(code string) nats.Header { return nats.Header{"Status": {code}} }
+	cases := []struct {
+		name   string
+		hdr    nats.Header
+		data   string
+		wantOK bool
+		want   error // errors.Is target when not ok
+		code   jetstream.ErrorCode
+	}{
+		{"ack", nil, `{"stream":"KV_b","seq":12}`, true, nil, 0},
+		{"ack in a domain called error", nil, `{"stream":"KV_b","domain":"error","seq":12}`, true, nil, 0},
+		{"wrong last sequence", nil, `{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 5"},"stream":"KV_b","seq":0}`, false, nil, jetstream.JSErrCodeStreamWrongLastSequence},
+		{"wrong last sequence, replicated", nil, `{"error":{"code":400,"err_code":10164,"description":"wrong last sequence"}}`, false, nil, jetstream.JSErrCodeStreamWrongLastSequenceConstant},
+		{"other API error", nil, `{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}`, false, nil, 10077},
+		{"no responders", status("503"), "", false, nats.ErrNoResponders, 0},
+		{"other status", status("408"), "", false, nil, 0},
+		{"malformed", nil, `{"error":`, false, nil, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			err := pubAckError(&nats.Msg{Header: tc.hdr, Data: []byte(tc.data)})
+			if tc.wantOK {
+				if err != nil {
+					t.Fatalf("error %v, want success", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if tc.want != nil && !errors.Is(err, tc.want) {
+				t.Fatalf("%v, want %v", err, tc.want)
+			}
+			var ae *jetstream.APIError
+			if tc.code != 0 && (!errors.As(err, &ae) || ae.ErrorCode != tc.code) {
+				t.Fatalf("%v, want API error code %d", err, tc.code)
+			}
+			wantWLS := tc.code == jetstream.JSErrCodeStreamWrongLastSequence || tc.code == jetstream.JSErrCodeStreamWrongLastSequenceConstant
+			if isWrongLastSeq(err) != wantWLS {
+				t.Fatalf("isWrongLastSeq(%v) = %v", err, !wantWLS)
+			}
+		})
+	}
+}

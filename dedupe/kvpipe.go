@@ -15,12 +15,12 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// pipe sends JetStream publishes and waits for their acknowledgements over
-// one shared reply subscription, so that any number of goroutines keep
-// requests in flight on the connection at once (pipelining), at a fraction
-// of the client work of jetstream.PublishMsg: no per-request inbox, channel
-// or timer is made (calls are reused), and a successful PubAck is recognised
-// without decoding its JSON.
+// pipe sends requests (JetStream publishes and direct gets) and waits for
+// their replies over one shared reply subscription, so that any number of
+// goroutines keep requests in flight on the connection at once
+// (pipelining), at a fraction of the client work of jetstream.PublishMsg:
+// no per-request inbox, channel or timer is made (calls are reused), and a
+// successful PubAck or a refused create is recognised without decoding JSON.
 type pipe struct {
 	nc      *nats.Conn
 	sub     *nats.Subscription
@@ -130,19 +130,28 @@ var errTimeout = errors.New("no acknowledgement from JetStream")
 // a failed expected-sequence check), and another error when the outcome is
 // unknown.
 func (p *pipe) publish(ctx context.Context, subj string, hdr nats.Header, data []byte) error {
+	m, err := p.request(ctx, subj, hdr, data)
+	if err != nil {
+		return err
+	}
+	return pubAckError(m)
+}
+
+// request sends one message and returns the reply to it.
+func (p *pipe) request(ctx context.Context, subj string, hdr nats.Header, data []byte) (*nats.Msg, error) {
 	select {
 	case <-p.done:
-		return ErrClosed
+		return nil, ErrClosed
 	default:
 	}
 	if err := ctx.Err(); err != nil {
-		return err // send nothing that nobody will wait for
+		return nil, err // send nothing that nobody will wait for
 	}
 	c := p.get()
 	c.msg.Subject, c.msg.Header, c.msg.Data = subj, hdr, data
 	if err := p.nc.PublishMsg(&c.msg); err != nil {
 		p.put(c)
-		return err
+		return nil, err
 	}
 	c.timer.Reset(p.timeout)
 	var err error
@@ -150,7 +159,7 @@ func (p *pipe) publish(ctx context.Context, subj string, hdr nats.Header, data [
 	case m := <-c.reply:
 		c.timer.Stop()
 		p.put(c)
-		return pubAckError(m)
+		return m, nil
 	case <-ctx.Done():
 		err = ctx.Err()
 	case <-c.timer.C:
@@ -160,8 +169,12 @@ func (p *pipe) publish(ctx context.Context, subj string, hdr nats.Header, data [
 	}
 	c.timer.Stop()
 	p.abandon(c)
-	return err
+	return nil, err
 }
+
+// errWrongLastSeq is the stream's refusal of an expected-sequence check.
+var errWrongLastSeq error = &jetstream.APIError{Code: 400, ErrorCode: jetstream.JSErrCodeStreamWrongLastSequence,
+	Description: "wrong last sequence"}
 
 // pubAckError reads a publish acknowledgement.
 func pubAckError(m *nats.Msg) error {
@@ -176,6 +189,11 @@ func pubAckError(m *nats.Msg) error {
 	// may be called "error", hence the decode to be sure.)
 	if !bytes.Contains(m.Data, []byte(`"error"`)) {
 		return nil
+	}
+	// A refused create is the common error (every Duplicate and InFlight
+	// starts with one): recognise it without decoding.
+	if bytes.Contains(m.Data, []byte(`"err_code":10071,`)) {
+		return errWrongLastSeq
 	}
 	var r struct {
 		Error *jetstream.APIError `json:"error"`
