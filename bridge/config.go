@@ -23,7 +23,9 @@ type Config struct {
 	// the caller's goroutine), otherwise 256 (each store round trip occupies
 	// one worker).
 	Workers int `yaml:"workers"`
-	// FetchBatch is passed to sources (messages per fetch). Default 256.
+	// FetchBatch is passed to sources (messages requested ahead). Default
+	// 1024: with 256 a JetStream Consume loop waits for refills and the
+	// pipeline idles (measured with cmd/cellbridge-bench).
 	FetchBatch int `yaml:"fetchBatch"`
 	// HoldDelay is the redelivery delay of a held message that could not be
 	// parked (MaxHeld reached) or that cannot be routed yet (no rules, no
@@ -95,7 +97,7 @@ func (c Config) WithDefaults() Config {
 		c.MaxInFlight = 4096
 	}
 	if c.FetchBatch == 0 {
-		c.FetchBatch = 256
+		c.FetchBatch = 1024
 	}
 	if c.HoldDelay == 0 {
 		c.HoldDelay = 5 * time.Second
