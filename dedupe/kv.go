@@ -78,10 +78,12 @@ const (
 var committedVal = []byte("c")
 
 // NewJetStream opens the bucket cfg.Bucket, creating it when missing, and
-// returns a KV store on js's connection. An existing bucket is adapted:
-// per-message TTLs are enabled and its max age set to cfg.TTL (the last
-// replica to start decides the window), other settings are left alone.
-// The connection must support headers. Errors name the bucket.
+// returns a KV store on js's connection (js's domain or API prefix is
+// honoured). An existing bucket is adapted: per-message TTLs and direct gets
+// are enabled and its max age set to cfg.TTL (the last replica to start
+// decides the window); other settings, replicas and storage included, are
+// left alone. The connection must support headers. Errors name the bucket.
+// The store must be closed with Close.
 func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, error) {
 	if !bucketName.MatchString(cfg.Bucket) {
 		return nil, fmt.Errorf("dedupe: bucket %q: invalid name, want [A-Za-z0-9_-]+", cfg.Bucket)

@@ -12,8 +12,9 @@ import (
 // defaults.
 type MemoryConfig struct {
 	// Size bounds the number of keys kept (reservations and commits
-	// together); the least recently used key is evicted beyond it.
-	// Default DefaultSize.
+	// together), rounded up to a multiple of 64 (the shards); the least
+	// recently used key of a shard is evicted beyond it. Default
+	// DefaultSize.
 	Size int
 	// TTL is how long a committed key is remembered. Default DefaultTTL.
 	TTL time.Duration
