@@ -159,3 +159,27 @@ func TestReloadRefusedCounted(t *testing.T) {
 		t.Fatalf("rules version %v", v)
 	}
 }
+
+// A target broker without a sink dead-letters with no_route; a rule whose
+// DLQ broker has no sink either holds the message (never acks it).
+func TestNoRouteAndNoDLQ(t *testing.T) {
+	doc := strings.Replace(rulesDoc(1, "", 0), `target: {broker: nats, subject: "cell.{cell}.t"}`, `target: {broker: "nats-{cell}", subject: "cell.{cell}.t"}`, 1)
+	e := newEnv(t, Config{HoldDelay: time.Second}, doc, nil, nil)
+	a := handle(t, e, "t", keyFor(10, 1), "x")
+	if err := a.result(t); err != nil {
+		t.Fatal(err)
+	}
+	got := e.sink.published()
+	if len(got) != 1 || got[0].Subject != "dlq.t" || !strings.HasPrefix(got[0].Header[HeaderError][0], "no_route: ") {
+		t.Fatalf("published %+v", got)
+	}
+	doc = strings.Replace(doc, `dlq: {broker: nats, subject: dlq.t}`, `dlq: {broker: nowhere, subject: dlq.t}`, 1)
+	e2 := newEnv(t, Config{HoldDelay: time.Second}, doc, nil, nil)
+	b := handle(t, e2, "t", "", "y") // missing key → DLQ, whose broker has no sink
+	if d, ok := HoldDelay(b.result(t)); !ok || d != time.Second {
+		t.Fatal("message without a usable DLQ was not held back")
+	}
+	if n := len(e2.sink.published()); n != 0 {
+		t.Fatalf("published %d", n)
+	}
+}
