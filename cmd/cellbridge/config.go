@@ -154,7 +154,7 @@ var configDefaults = []defaultEntry{
 	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (the consumer's MaxAckPending is maxInFlight+maxHeld)"},
 	{"pipeline.lanes", "", "ordering lanes: 4 x maxInFlight (one key always uses one lane; one message per lane between publish and confirm)"},
 	{"pipeline.workers", "", "goroutines that reserve/commit/ack: GOMAXPROCS with the memory store, 256 with jetstream (each KV round trip holds one)"},
-	{"pipeline.fetchBatch", "256", "messages per source fetch"},
+	{"pipeline.fetchBatch", "1024", "messages requested ahead from the source (pull batch)"},
 	{"pipeline.holdDelay", "5s", "redelivery delay of held messages that could not be parked"},
 	{"pipeline.retry.initial", "100ms", "first sink/dedupe retry delay (doubles each time)"},
 	{"pipeline.retry.max", "5s", "retry delay cap"},
@@ -916,9 +916,6 @@ func (c *Config) Validate() error {
 	positive("pipeline.fetchBatch", pl.FetchBatch)
 	positive("pipeline.maxHops", pl.MaxHops)
 	positive("pipeline.maxHeld", pl.MaxHeld)
-	if pl.FetchBatch > pl.MaxInFlight && pl.MaxInFlight > 0 {
-		bad("pipeline.fetchBatch", "must not exceed pipeline.maxInFlight (%d), got %d", pl.MaxInFlight, pl.FetchBatch)
-	}
 	if pl.MaxInFlight > 1_000_000 {
 		bad("pipeline.maxInFlight", "must be at most 1000000, got %d", pl.MaxInFlight)
 	}

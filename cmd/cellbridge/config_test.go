@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -51,7 +52,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"workers", pl.Workers, 0},
 		{"lanes", pl.Lanes, 0},
 		{"heldRecheck", pl.HeldRecheck.D(), time.Second},
-		{"fetchBatch", pl.FetchBatch, 256},
+		{"fetchBatch", pl.FetchBatch, 1024},
 		{"holdDelay", pl.HoldDelay.D(), 5 * time.Second},
 		{"retry.initial", pl.Retry.Initial.D(), 100 * time.Millisecond},
 		{"retry.max", pl.Retry.Max.D(), 5 * time.Second},
@@ -74,6 +75,17 @@ func TestConfigDefaults(t *testing.T) {
 		if e.Value != "" && !fieldByPath(reflectValue(c), e.Field).IsValid() {
 			t.Errorf("defaults table names unknown field %s", e.Field)
 		}
+	}
+}
+
+// TestConfigDefaultsMatchBridge keeps the documented defaults equal to the
+// pipeline's own (bridge.Config.WithDefaults), so that a config file that
+// sets nothing behaves like a pipeline built without one.
+func TestConfigDefaultsMatchBridge(t *testing.T) {
+	got := DefaultConfig().bridgeConfig().WithDefaults()
+	want := bridge.Config{}.WithDefaults()
+	if got != want {
+		t.Fatalf("defaults differ from the pipeline's:\n config: %+v\n bridge: %+v", got, want)
 	}
 }
 
@@ -274,7 +286,6 @@ func TestConfigErrors(t *testing.T) {
 		{"drain", "pipeline: {drainTimeout: 0s}\n", []string{"pipeline.drainTimeout: must be at least 1ms"}},
 		{"pipeline hops", "pipeline: {maxHops: 0}\n", []string{"pipeline.maxHops: must be positive"}},
 		{"pipeline held", "pipeline: {maxHeld: 0}\n", []string{"pipeline.maxHeld: must be positive"}},
-		{"fetch over in-flight", "pipeline: {maxInFlight: 10, fetchBatch: 20}\n", []string{"pipeline.fetchBatch: must not exceed pipeline.maxInFlight"}},
 		{"in-flight huge", "pipeline: {maxInFlight: 2000000}\n", []string{"pipeline.maxInFlight: must be at most"}},
 		{"hold delay", "pipeline: {holdDelay: 1ms}\n", []string{"pipeline.holdDelay: must be at least 10ms"}},
 		{"retry order", "pipeline: {retry: {initial: 2s, max: 1s}}\n", []string{"pipeline.retry.initial: must not exceed pipeline.retry.max"}},
