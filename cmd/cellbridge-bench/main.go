@@ -35,6 +35,7 @@ type config struct {
 	latency    bool
 	faults     bool
 	faultN     int
+	extra      bool
 }
 
 func main() {
@@ -58,6 +59,7 @@ func main() {
 	flag.BoolVar(&cfg.latency, "latency", true, "measure B's end-to-end latency at half of A's median rate")
 	flag.BoolVar(&cfg.faults, "faults", true, "run the fault variants B-fault and D-fault")
 	flag.IntVar(&cfg.faultN, "fault-n", 0, "events for the fault runs (default -n)")
+	flag.BoolVar(&cfg.extra, "ref-headers", true, "one extra run of the pipe sending cellbridge's Cell-* headers too (reference)")
 	flag.StringVar(&childSpec, "child", "", "internal: run one variant in this process (JSON spec)")
 	flag.StringVar(&childOut, "child-out", "", "internal: result file of -child")
 	flag.Parse()
@@ -182,6 +184,7 @@ var variantNames = map[string]string{
 	"B-fault": "B-fault  cellbridge, 1st attempt of every 1000th fails",
 	"D-fault": "D-fault  watermill, 1st attempt of every 1000th fails",
 	"A-lat":   "A-latency  bare pipe at half of A's rate",
+	"A-hdrs":  "A-hdrs  bare pipe + the six Cell-* headers (reference, 1 run)",
 	"B-lat":   "B-latency  cellbridge at half of A's rate",
 }
 
@@ -238,6 +241,19 @@ func benchMain(cfg config) error {
 			xs = append(xs, r.MsgsPerS)
 		}
 		return median(xs)
+	}
+	// Reference: the pipe also sending cellbridge's six Cell-* headers, to
+	// separate the cost of bigger messages from the pipeline's own. One run.
+	if cfg.extra && avail["A"] {
+		s := mkSpec("A-hdrs", 0)
+		s.Variant = "A"
+		s.Tune = strings.Trim(s.Tune+",cellhdrs=1", ",")
+		r, err := spawn(s, log)
+		if err != nil {
+			return err
+		}
+		runs["A-hdrs"] = append(runs["A-hdrs"], r)
+		fmt.Fprintf(log, "  ref    A-hdrs %9.0f msg/s  cpu %5.1f us/msg  load %s verified=%v\n", r.MsgsPerS, r.CPUus, r.LoadAvg, r.Verified)
 	}
 	// Fault variants: one run each (budget), N events.
 	if cfg.faults {
@@ -362,6 +378,9 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 	if cpu["C"] > 0 {
 		res["cpu_ratio_bridge_kv_vs_pipe"] = ratio(cpu["A"], cpu["C"])
 	}
+	if cpu["A-hdrs"] > 0 && cpu["B"] > 0 {
+		res["cpu_ratio_bridge_vs_pipe_with_cell_headers"] = ratio(cpu["A-hdrs"], cpu["B"])
+	}
 	var loads []string
 	for _, v := range main {
 		for _, x := range runs[v] {
@@ -430,9 +449,14 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 			ratio(med(v), pipe), res["cpu_us_per_msg_by_variant"].(map[string]float64)[v], res["peak_rss_mb_by_variant"].(map[string]float64)[v],
 			res["allocs_per_msg_by_variant"].(map[string]float64)[v], ok)
 	}
+	if rs, ok := runs["A-hdrs"]; ok && len(rs) > 0 {
+		r := rs[0]
+		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.3f\t%.1f\t%.0f\t%.1f\t%v\t\n", variantNames["A-hdrs"], r.MsgsPerS, r.MsgsPerS,
+			ratio(r.MsgsPerS, pipe), r.CPUus, r.PeakRSSMB, float64(r.Mallocs)/float64(max(r.N, 1)), r.Verified)
+	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "allocs_per_msg", "peak_rss_mb"} {
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "allocs_per_msg", "peak_rss_mb"} {
 		if v, ok := res[k]; ok {
 			fmt.Fprintf(w, "%-28s %v\n", k, v)
 		}

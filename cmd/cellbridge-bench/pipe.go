@@ -70,7 +70,7 @@ type pending struct {
 func runPipe(ctx context.Context, e *env) error {
 	window := e.tuneInt("window", 4000)
 	mode := e.tuneStr("mode", "consume")
-	pull := e.tuneInt("pull", 1000)
+	pull := e.tuneInt("pull", 2000)
 	ackMode := e.tuneStr("ack", "async")
 	conns := e.tuneInt("conns", 1)
 	cellHdrs := e.tuneInt("cellhdrs", 0) == 1
