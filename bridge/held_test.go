@@ -78,7 +78,8 @@ func TestHeldParkedAndReleasedInOrder(t *testing.T) {
 			rs = r
 		}
 	}
-	if rs.Held != 3 || len(rs.HeldShards) != 1 || rs.HeldShards[0].Shard != 42 || rs.HeldShards[0].Held != 3 {
+	if rs.Held != 3 || len(rs.HeldShards) != 1 || rs.HeldShards[0].Shard != 42 || rs.HeldShards[0].Held != 3 ||
+		len(rs.HeldRanges) != 1 || rs.HeldRanges[0].Shards != "42" {
 		t.Fatalf("status %+v", rs)
 	}
 	eventually(t, "held gauge", func() bool { return value(e.p.met.HeldMessages.WithLabelValues("t")) == 3 })
@@ -181,5 +182,13 @@ func TestNoRouteAndNoDLQ(t *testing.T) {
 	}
 	if n := len(e2.sink.published()); n != 0 {
 		t.Fatalf("published %d", n)
+	}
+}
+
+func TestHeldRanges(t *testing.T) {
+	got := heldRanges([]ShardHeld{{40, 2, 1}, {41, 1, 3}, {42, 1, 2}, {50, 4, 5}})
+	want := []RangeHeld{{"40-42", 40, 42, 4, 3}, {"50", 50, 50, 4, 5}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("%v, want %v", got, want)
 	}
 }

@@ -78,6 +78,7 @@ type RuleStatus struct {
 	OldestUnackedAgeSeconds float64     `json:"oldestUnackedAgeSeconds"`
 	Backlog                 int64       `json:"backlog"`
 	HeldShards              []ShardHeld `json:"heldShards,omitempty"`
+	HeldRanges              []RangeHeld `json:"heldRanges,omitempty"`
 	LastProgress            time.Time   `json:"lastProgress"`
 	_                       struct{}    `json:"-"`
 }
@@ -87,6 +88,38 @@ type ShardHeld struct {
 	Shard            int     `json:"shard"`
 	Held             int     `json:"held"`
 	OldestAgeSeconds float64 `json:"oldestAgeSeconds"`
+}
+
+// RangeHeld sums parked messages over a run of consecutive shards that all
+// hold some ("40-44"), the unit a switch blocks.
+type RangeHeld struct {
+	Shards           string  `json:"shards"`
+	From             int     `json:"from"`
+	To               int     `json:"to"`
+	Held             int     `json:"held"`
+	OldestAgeSeconds float64 `json:"oldestAgeSeconds"`
+}
+
+// heldRanges merges per-shard counts (sorted by shard) into runs.
+func heldRanges(shards []ShardHeld) []RangeHeld {
+	var out []RangeHeld
+	for _, sh := range shards {
+		if n := len(out); n > 0 && out[n-1].To == sh.Shard-1 {
+			r := &out[n-1]
+			r.To = sh.Shard
+			r.Held += sh.Held
+			r.OldestAgeSeconds = max(r.OldestAgeSeconds, sh.OldestAgeSeconds)
+			continue
+		}
+		out = append(out, RangeHeld{From: sh.Shard, To: sh.Shard, Held: sh.Held, OldestAgeSeconds: sh.OldestAgeSeconds})
+	}
+	for i := range out {
+		out[i].Shards = itoa(out[i].From)
+		if out[i].To != out[i].From {
+			out[i].Shards += "-" + itoa(out[i].To)
+		}
+	}
+	return out
 }
 
 // Status is a snapshot of the pipeline for /status.
@@ -202,6 +235,7 @@ func (p *Pipeline) Status() Status {
 				r.HeldShards = append(r.HeldShards, *sh)
 			}
 			sort.Slice(r.HeldShards, func(i, j int) bool { return r.HeldShards[i].Shard < r.HeldShards[j].Shard })
+			r.HeldRanges = heldRanges(r.HeldShards)
 		}
 		st.Rules = append(st.Rules, r)
 	}
