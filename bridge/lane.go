@@ -308,7 +308,15 @@ func (p *Pipeline) recheckParked() {
 		// never acts on a table older than the decision that parked.
 		tbl := p.rules.Load()
 		for k, q := range l.parked {
-			if tbl.Resolve(q.rule, q.key).Reason == router.ReasonHeld {
+			var d router.Decision
+			if q.head != nil {
+				// Route the oldest message itself: its key is what the
+				// current table extracts, even if the rule's key changed.
+				d = tbl.Route(q.head.m.Rule, &q.head.m.Message)
+			} else {
+				d = tbl.Resolve(q.rule, q.key)
+			}
+			if d.Reason == router.ReasonHeld {
 				continue
 			}
 			delete(l.parked, k)

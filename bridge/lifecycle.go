@@ -364,8 +364,20 @@ func (p *Pipeline) Close(ctx context.Context) error {
 	err := p.Drain(ctx)
 	p.closeOnce.Do(func() {
 		close(p.quit)
-		p.wg.Wait()
+		stopped := make(chan struct{})
+		go func() {
+			p.wg.Wait()
+			close(stopped)
+		}()
+		select {
+		case <-stopped:
+		case <-ctx.Done():
+			// A worker is stuck in a store call: end it.
+			p.cancelSettle()
+			<-stopped
+		}
 		p.cancel()
+		p.cancelSettle()
 	})
 	return err
 }

@@ -63,8 +63,13 @@ type Pipeline struct {
 
 	storeFailing atomic.Bool
 
-	ctx    context.Context // store calls and publishes; cancelled at the drain deadline
+	ctx    context.Context // Reserve and publishes; cancelled at the drain deadline
 	cancel context.CancelFunc
+	// settleCtx is for Commit and Release, which record what already
+	// happened (a confirmed or failed publish): it outlives the drain
+	// deadline and ends when Close gives up waiting for the workers.
+	settleCtx    context.Context
+	cancelSettle context.CancelFunc
 
 	seed   maphash.Seed
 	lanes  []lane
@@ -158,6 +163,7 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 	}
 	p.budget.max = int64(cfg.MaxInFlight)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.settleCtx, p.cancelSettle = context.WithCancel(context.Background())
 	p.shardStr = make([]string, 10000)
 	for i := range p.shardStr {
 		p.shardStr[i] = strconv.Itoa(i)
@@ -279,6 +285,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	if !held {
 		if err := p.budget.acquire(ctx, p.closeCh); err != nil {
 			ack(context.Background(), err)
+			p.recycle(t)
 			if errors.Is(err, errDraining) {
 				return nil
 			}
@@ -351,8 +358,7 @@ func (p *Pipeline) dispatch(t *task) *task {
 		return p.finish(t, errDraining)
 	}
 	if t.poison == "" && !t.dlq {
-		tbl := p.rules.Load()
-		if tbl.Version() != t.d.Version {
+		if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
 			t.d = tbl.Route(t.m.Rule, &t.m.Message)
 		}
 		if t.d.Reason == router.ReasonHeld {
@@ -465,7 +471,7 @@ func (p *Pipeline) complete(t *task) *task {
 		}
 		if t.reserved {
 			t.reserved = false
-			if cerr := p.store.Commit(p.ctx, t.storeKey); cerr != nil {
+			if cerr := p.store.Commit(p.settleCtx, t.storeKey); cerr != nil {
 				// The sink has the message; a redelivery would be published
 				// again and dropped by the sink's own dedupe window.
 				p.met.DedupeErrors.WithLabelValues("commit").Inc()
@@ -497,7 +503,7 @@ func (p *Pipeline) complete(t *task) *task {
 	p.health.failed(ss.what, err)
 	if t.reserved {
 		t.reserved = false
-		if rerr := p.store.Release(p.ctx, t.storeKey); rerr != nil {
+		if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
 			// The reservation expires by itself after the store's ReserveTTL.
 			p.met.DedupeErrors.WithLabelValues("release").Inc()
 		}
