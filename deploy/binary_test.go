@@ -6,12 +6,14 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -203,30 +205,52 @@ func atomicWrite(t *testing.T, dir string, files map[string][]byte) {
 }
 
 var (
-	caOnce sync.Once
-	caPEM  []byte
+	pkiOnce    sync.Once
+	caPEM      []byte
+	serverCert tls.Certificate
 )
 
-// testCACert returns a self-signed CA certificate in PEM, standing in for a Secret's ca.crt.
-func testCACert(t *testing.T) []byte {
+// testPKI makes a CA (standing in for a Secret's ca.crt) and a server certificate for 127.0.0.1 that it
+// signed, for a TLS-enabled test NATS server.
+func testPKI(t *testing.T) (ca []byte, server tls.Certificate) {
 	t.Helper()
-	caOnce.Do(func() {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			panic(err)
+	pkiOnce.Do(func() {
+		must := func(err error) {
+			if err != nil {
+				panic(err)
+			}
 		}
-		tmpl := &x509.Certificate{
+		caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		must(err)
+		caTmpl := &x509.Certificate{
 			SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cellbridge deploy test CA"},
 			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
 		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-		if err != nil {
-			panic(err)
+		caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+		must(err)
+		caCert, err := x509.ParseCertificate(caDER)
+		must(err)
+		caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		must(err)
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "nats"},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, DNSNames: []string{"localhost"},
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		}
-		caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+		must(err)
+		serverCert = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 	})
-	return caPEM
+	return caPEM, serverCert
+}
+
+func testCACert(t *testing.T) []byte {
+	ca, _ := testPKI(t)
+	return ca
 }
 
 // runCellbridge runs the binary to completion and returns its exit code and output.

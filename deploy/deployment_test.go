@@ -28,12 +28,18 @@ type bridgeConfig struct {
 			Cert string `yaml:"cert"`
 			Key  string `yaml:"key"`
 		} `yaml:"tls"`
+		URL       string `yaml:"url"`
+		User      string `yaml:"user"`
 		Creds     string `yaml:"creds"`
 		Password  string `yaml:"password"`
 		Token     string `yaml:"token"`
 		AccessKey string `yaml:"accessKey"`
 		SecretKey string `yaml:"secretKey"`
 	} `yaml:"brokers"`
+	Dedupe struct {
+		Store  string `yaml:"store"`
+		Bucket string `yaml:"bucket"`
+	} `yaml:"dedupe"`
 	HTTP struct {
 		Listen string `yaml:"listen"`
 	} `yaml:"http"`

@@ -50,20 +50,28 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// startBridge starts the binary and waits until /readyz answers 200.
+// startBridge starts `cellbridge run` on the embedded default, with rulesFiles laid out like a
+// mounted ConfigMap, and waits until /readyz answers 200.
 func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 	t.Helper()
-	b := &liveBridge{
-		rulesDir: filepath.Join(t.TempDir(), "rules"),
-		exited:   make(chan struct{}),
-	}
-	if err := os.Mkdir(b.rulesDir, 0o755); err != nil {
+	rulesDir := filepath.Join(t.TempDir(), "rules")
+	if err := os.Mkdir(rulesDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	atomicWrite(t, b.rulesDir, rulesFiles)
-	b.cmd = exec.Command(cellbridgeBinary(t), "run", "-data", filepath.Join(t.TempDir(), "data"),
-		"-http", "127.0.0.1:0", "-nats-port", strconv.Itoa(freePort(t)), "-rules", b.rulesDir)
-	b.cmd.Env = append(os.Environ(), "GOMEMLIMIT=460MiB")
+	atomicWrite(t, rulesDir, rulesFiles)
+	b := startProcess(t, append(os.Environ(), "GOMEMLIMIT=460MiB"), true, "run", "-data", filepath.Join(t.TempDir(), "data"),
+		"-http", "127.0.0.1:0", "-nats-port", strconv.Itoa(freePort(t)), "-rules", rulesDir)
+	b.rulesDir = rulesDir
+	return b
+}
+
+// startProcess runs the binary with args (which must include -http 127.0.0.1:0) and env, and waits
+// until /readyz answers 200. With embedded it also waits for the embedded nats-server's URL.
+func startProcess(t *testing.T, env []string, embedded bool, args ...string) *liveBridge {
+	t.Helper()
+	b := &liveBridge{exited: make(chan struct{})}
+	b.cmd = exec.Command(cellbridgeBinary(t), args...)
+	b.cmd.Env = env
 	stderr, err := b.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -114,14 +122,14 @@ func startBridge(t *testing.T, rulesFiles map[string][]byte) *liveBridge {
 		}
 	})
 	timeout := time.After(time.Minute)
-	for b.natsURL == "" || b.addr == "" {
+	for (embedded && b.natsURL == "") || b.addr == "" {
 		select {
 		case b.natsURL = <-urlSeen:
 		case b.addr = <-addrSeen:
 		case <-b.exited:
 			t.Fatalf("cellbridge run exited at start: %v\n%s", b.waitErr, b.log())
 		case <-timeout:
-			t.Fatalf("cellbridge run logged no HTTP address and nats-server URL within a minute\n%s", b.log())
+			t.Fatalf("cellbridge run logged no HTTP address (or nats-server URL) within a minute\n%s", b.log())
 		}
 	}
 	b.eventually(t, time.Minute, "/readyz answers 200", func() (bool, string) {
@@ -236,6 +244,23 @@ func (b *liveBridge) stop(t *testing.T, within time.Duration) {
 	}
 }
 
+// event returns the i-th test event of a batch for the example rules: orders keyed by the user id in
+// the JSON body, payments keyed by the X-User-Id header, and every 50th an order without a user id (to
+// be dead-lettered as missing_key). The user ids make shard = i % 100, so every cell gets events.
+func event(batch string, i int) (msg *nats.Msg, id string, poison bool) {
+	id = fmt.Sprintf("%s-%d", batch, i)
+	user := 2088000000000000 + int64(i)*10
+	switch {
+	case i%50 == 49:
+		return &nats.Msg{Subject: "orders.created", Data: []byte(fmt.Sprintf(`{"id":%q}`, id))}, id, true
+	case i%2 == 0:
+		return &nats.Msg{Subject: "orders.created", Data: []byte(fmt.Sprintf(`{"id":%q,"user":{"id":%d}}`, id, user))}, id, false
+	default:
+		return &nats.Msg{Subject: "payments.settled", Header: nats.Header{"X-User-Id": {strconv.FormatInt(user, 10)}},
+			Data: []byte(fmt.Sprintf(`{"id":%q}`, id))}, id, false
+	}
+}
+
 var cellMapVersion = regexp.MustCompile(`(?m)^version:\s*\d+`)
 
 // withVersion returns the rules files with the CellMap's version replaced (and extra appended to it).
@@ -308,25 +333,14 @@ func TestLiveBridge(t *testing.T) {
 	published := map[string]string{} // event id → batch
 	poison := 0
 	publish := func(batch string, i int) {
-		id := fmt.Sprintf("%s-%d", batch, i)
-		user := 2088000000000000 + int64(i)*10 // shard = i % 100: every cell gets events
-		var msg *nats.Msg
-		switch {
-		case i%50 == 49: // no user id: dead-lettered (missing_key)
-			msg = &nats.Msg{Subject: "orders.created", Data: []byte(fmt.Sprintf(`{"id":%q}`, id))}
-		case i%2 == 0:
-			msg = &nats.Msg{Subject: "orders.created", Data: []byte(fmt.Sprintf(`{"id":%q,"user":{"id":%d}}`, id, user))}
-		default:
-			msg = &nats.Msg{Subject: "payments.settled", Header: nats.Header{"X-User-Id": {strconv.FormatInt(user, 10)}},
-				Data: []byte(fmt.Sprintf(`{"id":%q}`, id))}
-		}
+		msg, id, poisonous := event(batch, i)
 		if _, err := js.PublishMsg(ctx, msg); err != nil {
 			t.Errorf("publish %s: %v", id, err)
 			return
 		}
 		pubMu.Lock()
 		defer pubMu.Unlock()
-		if i%50 == 49 {
+		if poisonous {
 			poison++
 		} else {
 			published[id] = batch
