@@ -176,7 +176,15 @@ func runSoak(spec childSpec) error {
 			done = true
 		}
 	}
-	report()
+	if time.Since(lastReport) > 5*time.Second {
+		report()
+	}
+	sentMu.Lock()
+	backlog := sent - forwardedTotal(srv)
+	sentMu.Unlock()
+	if float64(backlog) > spec.Rate*10 {
+		fmt.Printf("soak: warning: forwarding fell behind the offered load (backlog %d, more than 10 s of load); RSS then includes the server's backlog\n", backlog)
+	}
 	cancel()
 	wg.Wait()
 	if verr != nil && vctx.Err() == nil {
