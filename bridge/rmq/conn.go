@@ -1,0 +1,140 @@
+package rmq
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+
+	"github.com/apache/rocketmq-client-go/v2/primitive"
+	"github.com/apache/rocketmq-client-go/v2/rlog"
+)
+
+// BrokerConfig is how to reach one RocketMQ cluster (a `type: rocketmq`
+// broker of the bridge configuration).
+type BrokerConfig struct {
+	// Name is the broker name in the bridge configuration; it appears in
+	// Message.Source, instance names, logs and errors.
+	Name string
+	// NameServers are IP:port addresses. Host names are refused: the client
+	// rejects them at its first request, long after start-up, and its
+	// domain resolver calls a vendor host over HTTP.
+	NameServers []string
+	// AccessKey and SecretKey, both or neither, sign every request (ACL).
+	AccessKey, SecretKey string
+	// Namespace prefixes topics and groups on the server side.
+	Namespace string
+	// InstancePrefix starts every client instance name; default
+	// "cellbridge". The client pools connections per IP@instance name, so
+	// every producer and consumer gets its own name (prefix, broker, pid,
+	// counter).
+	InstancePrefix string
+	// Transactional makes the sink publish half messages committed through
+	// the dedupe store (exactlyOnce: transactional); sources ignore it.
+	Transactional bool
+}
+
+// Validate reports the first problem of c, naming the field.
+func (c BrokerConfig) Validate() error {
+	if len(c.NameServers) == 0 {
+		return fmt.Errorf("rocketmq broker %q: nameservers: at least one IP:port required", c.Name)
+	}
+	for i, ns := range c.NameServers {
+		host, port, err := net.SplitHostPort(ns)
+		if err != nil {
+			return fmt.Errorf("rocketmq broker %q: nameservers[%d]: want IP:port, got %q: %w", c.Name, i, ns, err)
+		}
+		if net.ParseIP(host) == nil {
+			return fmt.Errorf("rocketmq broker %q: nameservers[%d]: %q is not an IP address; the RocketMQ client accepts IP:port only (resolve the host name in the deployment, e.g. a Service ClusterIP)", c.Name, i, ns)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("rocketmq broker %q: nameservers[%d]: bad port in %q", c.Name, i, ns)
+		}
+	}
+	if (c.AccessKey == "") != (c.SecretKey == "") {
+		return fmt.Errorf("rocketmq broker %q: accessKey and secretKey go together", c.Name)
+	}
+	return nil
+}
+
+func (c BrokerConfig) resolver() primitive.NsResolver {
+	// Never the default resolver: it fetches name servers from a vendor host.
+	return primitive.NewPassthroughResolver(append([]string(nil), c.NameServers...))
+}
+
+func (c BrokerConfig) credentials() (primitive.Credentials, bool) {
+	return primitive.Credentials{AccessKey: c.AccessKey, SecretKey: c.SecretKey}, c.AccessKey != ""
+}
+
+var instanceSeq atomic.Int64
+
+// instanceName is unique per client in this process and names what it is
+// for, so that broker-side connection lists are readable.
+func (c BrokerConfig) instanceName(role string) string {
+	p := c.InstancePrefix
+	if p == "" {
+		p = "cellbridge"
+	}
+	return fmt.Sprintf("%s-%s-%s-%d-%d", p, sanitize(c.Name), role, os.Getpid(), instanceSeq.Add(1))
+}
+
+// sanitize keeps characters RocketMQ accepts in group and instance names.
+func sanitize(s string) string {
+	return strings.Map(func(r rune) rune {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_', r == '%':
+			return r
+		}
+		return '_'
+	}, s)
+}
+
+// ErrClosed is returned (or passed to done) after Close.
+var ErrClosed = errors.New("rmq: closed")
+
+// SetLogger routes the RocketMQ client's logging (a process-wide setting of
+// the client) to log. The client's Info lines (rebalances, every pull
+// state change) go to Debug; Warning to Warn; Error and Fatal to Error.
+// Safe to call more than once; the last call wins.
+func SetLogger(log *slog.Logger) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	rlog.SetLogger(&slogAdapter{log: log.With("component", "rocketmq-client")})
+}
+
+type slogAdapter struct{ log *slog.Logger }
+
+func (a *slogAdapter) emit(level slog.Level, msg string, fields map[string]any) {
+	ctx := context.Background()
+	if !a.log.Enabled(ctx, level) || (msg == "" && len(fields) == 0) {
+		return
+	}
+	attrs := make([]slog.Attr, 0, len(fields))
+	for k, v := range fields {
+		if e, ok := v.(error); ok {
+			v = e.Error()
+		}
+		attrs = append(attrs, slog.Any(k, v))
+	}
+	a.log.LogAttrs(ctx, level, msg, attrs...)
+}
+
+func (a *slogAdapter) Debug(msg string, f map[string]any)   { a.emit(slog.LevelDebug, msg, f) }
+func (a *slogAdapter) Info(msg string, f map[string]any)    { a.emit(slog.LevelDebug, msg, f) }
+func (a *slogAdapter) Warning(msg string, f map[string]any) { a.emit(slog.LevelWarn, msg, f) }
+func (a *slogAdapter) Error(msg string, f map[string]any)   { a.emit(slog.LevelError, msg, f) }
+func (a *slogAdapter) Fatal(msg string, f map[string]any)   { a.emit(slog.LevelError, msg, f) }
+
+// Level is ignored: the slog handler's level decides.
+func (a *slogAdapter) Level(string) {}
+
+// OutputPath is ignored: output goes wherever the slog handler writes.
+func (a *slogAdapter) OutputPath(string) error { return nil }
+
+var _ rlog.Logger = (*slogAdapter)(nil)

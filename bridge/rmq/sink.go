@@ -1,0 +1,337 @@
+package rmq
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/apache/rocketmq-client-go/v2/primitive"
+	"github.com/apache/rocketmq-client-go/v2/producer"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/dedupe"
+)
+
+// SinkConfig configures a Sink.
+type SinkConfig struct {
+	// Brokers are the target brokers; each gets one long-lived producer
+	// (transactional when BrokerConfig.Transactional).
+	Brokers []BrokerConfig
+	// Dedupe is the bridge's idempotency-key store; required when a broker
+	// is transactional (local transactions commit it, check-backs read it).
+	// The Sink never closes it.
+	Dedupe dedupe.Store
+	// Group is the producer group name; default "cellbridge-<broker>". The
+	// broker sends transaction check-backs to any producer of the group, so
+	// every replica (and every restart) of one bridge must use the same.
+	Group string
+	// MaxPending bounds publishes queued or being sent; PublishAsync blocks
+	// beyond it. Default 4096.
+	MaxPending int
+	// Workers is the number of goroutines sending (each send waits for the
+	// broker's answer). Default 64.
+	Workers int
+	// Retries is how many more times a failed send is tried, each time as
+	// a new message (new unique id) after RetryBackoff. Default 2.
+	Retries int
+	// RetryBackoff is the pause between attempts. Default 100ms.
+	RetryBackoff time.Duration
+	// SendTimeout bounds one attempt. Default 3s.
+	SendTimeout time.Duration
+}
+
+func (c *SinkConfig) defaults() error {
+	if len(c.Brokers) == 0 {
+		return errors.New("rmq: SinkConfig needs at least one broker")
+	}
+	for _, b := range c.Brokers {
+		if err := b.Validate(); err != nil {
+			return err
+		}
+		if b.Transactional && c.Dedupe == nil {
+			return fmt.Errorf("rmq: broker %q: exactlyOnce transactional needs the dedupe store", b.Name)
+		}
+	}
+	if c.MaxPending <= 0 {
+		c.MaxPending = 4096
+	}
+	if c.Workers <= 0 {
+		c.Workers = 64
+	}
+	if c.Retries < 0 {
+		c.Retries = 0
+	} else if c.Retries == 0 {
+		c.Retries = 2
+	}
+	if c.RetryBackoff <= 0 {
+		c.RetryBackoff = 100 * time.Millisecond
+	}
+	if c.SendTimeout <= 0 {
+		c.SendTimeout = 3 * time.Second
+	}
+	return nil
+}
+
+// target is one producer.
+type target struct {
+	name     string
+	tx       bool
+	send     func(ctx context.Context, m *primitive.Message) error
+	shutdown func() error
+}
+
+type job struct {
+	ctx  context.Context
+	t    *target
+	m    *bridge.Outgoing
+	done func(error)
+}
+
+// Sink publishes to RocketMQ brokers: Keys = the idempotency key, the
+// headers (Cell-* included) as user properties. See the package docs for
+// the transactional mode. All methods are safe for concurrent use.
+type Sink struct {
+	cfg     SinkConfig
+	log     *slog.Logger
+	targets map[string]*target
+
+	jobs    chan *job
+	quit    chan struct{}
+	workers sync.WaitGroup
+
+	mu      sync.RWMutex
+	closed  bool
+	pending sync.WaitGroup // accepted publishes whose done was not called yet
+	once    sync.Once
+	err     error
+}
+
+var _ bridge.Sink = (*Sink)(nil)
+
+// NewSink starts one producer per broker and the send workers. On error
+// nothing is left running.
+func NewSink(cfg SinkConfig, log *slog.Logger) (*Sink, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Sink{cfg: cfg, log: log, targets: map[string]*target{},
+		jobs: make(chan *job, cfg.MaxPending), quit: make(chan struct{})}
+	for _, bc := range cfg.Brokers {
+		t, err := s.newTarget(bc)
+		if err != nil {
+			for _, t := range s.targets {
+				_ = t.shutdown()
+			}
+			return nil, err
+		}
+		s.targets[bc.Name] = t
+	}
+	s.workers.Add(cfg.Workers)
+	for range cfg.Workers {
+		go s.worker()
+	}
+	return s, nil
+}
+
+func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
+	group := s.cfg.Group
+	if group == "" {
+		group = "cellbridge-" + sanitize(bc.Name)
+	}
+	opts := []producer.Option{
+		producer.WithNsResolver(bc.resolver()),
+		producer.WithGroupName(group),
+		producer.WithInstanceName(bc.instanceName("sink")),
+		producer.WithSendMsgTimeout(s.cfg.SendTimeout),
+		// The client's own retry re-sends the same message (same unique
+		// id) to another queue after a timeout; the sink retries with a
+		// new message instead, so that a transaction id never names two
+		// half messages.
+		producer.WithRetry(0),
+	}
+	if bc.Namespace != "" {
+		opts = append(opts, producer.WithNamespace(bc.Namespace))
+	}
+	if c, ok := bc.credentials(); ok {
+		opts = append(opts, producer.WithCredentials(c))
+	}
+	t := &target{name: bc.Name, tx: bc.Transactional}
+	if bc.Transactional {
+		l := &txListener{store: s.cfg.Dedupe, log: s.log.With("broker", bc.Name), timeout: s.cfg.SendTimeout}
+		p, err := producer.NewTransactionProducer(l, opts...)
+		if err != nil {
+			return nil, fmt.Errorf("rmq: broker %q: new transactional producer: %w", bc.Name, err)
+		}
+		if err := p.Start(); err != nil {
+			return nil, fmt.Errorf("rmq: broker %q: start transactional producer: %w", bc.Name, err)
+		}
+		t.shutdown = p.Shutdown
+		t.send = func(ctx context.Context, m *primitive.Message) error {
+			res, err := p.SendMessageInTransaction(ctx, m)
+			if err != nil {
+				return err
+			}
+			if res.State != primitive.CommitMessageState {
+				// Not committed locally: the half message is rolled back
+				// (by end-transaction or, failing that, by the check-back).
+				return fmt.Errorf("half message not committed (send status %d, local state %d)", res.Status, res.State)
+			}
+			return nil
+		}
+		return t, nil
+	}
+	p, err := producer.NewDefaultProducer(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("rmq: broker %q: new producer: %w", bc.Name, err)
+	}
+	if err := p.Start(); err != nil {
+		return nil, fmt.Errorf("rmq: broker %q: start producer: %w", bc.Name, err)
+	}
+	t.shutdown = p.Shutdown
+	t.send = func(ctx context.Context, m *primitive.Message) error {
+		res, err := p.SendSync(ctx, m)
+		if err != nil {
+			return err
+		}
+		if res.Status != primitive.SendOK {
+			// Flush or replication timeouts: stored on the master but not
+			// as durable as asked; sent again, and the copy is told apart
+			// by its Keys.
+			return fmt.Errorf("send status %d", res.Status)
+		}
+		return nil
+	}
+	return t, nil
+}
+
+// PublishAsync queues m for a send worker; it blocks while MaxPending
+// publishes are queued or in progress. done gets nil once the broker stored
+// the message (transactional: the half message is committed locally and
+// the commit sent), otherwise the last attempt's error.
+func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(error)) {
+	t := s.targets[m.Target.Broker]
+	if t == nil {
+		done(fmt.Errorf("rmq: no producer for broker %q", m.Target.Broker))
+		return
+	}
+	if m.Target.Topic == "" {
+		done(fmt.Errorf("rmq: broker %q: target without topic", m.Target.Broker))
+		return
+	}
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		done(ErrClosed)
+		return
+	}
+	s.pending.Add(1)
+	s.mu.RUnlock()
+	select {
+	case s.jobs <- &job{ctx: ctx, t: t, m: m, done: done}:
+	case <-ctx.Done():
+		s.pending.Done()
+		done(ctx.Err())
+	case <-s.quit:
+		s.pending.Done()
+		done(ErrClosed)
+	}
+}
+
+func (s *Sink) worker() {
+	defer s.workers.Done()
+	for {
+		select {
+		case j := <-s.jobs:
+			j.done(s.publish(j))
+			s.pending.Done()
+		case <-s.quit:
+			return
+		}
+	}
+}
+
+func (s *Sink) publish(j *job) error {
+	var err error
+	for attempt := 0; attempt <= s.cfg.Retries; attempt++ {
+		if attempt > 0 {
+			t := time.NewTimer(s.cfg.RetryBackoff)
+			select {
+			case <-t.C:
+			case <-j.ctx.Done():
+				t.Stop()
+				return fmt.Errorf("rmq: broker %q: %w (after: %w)", j.t.name, j.ctx.Err(), err)
+			case <-s.quit:
+				t.Stop()
+				return fmt.Errorf("rmq: broker %q: %w (after: %w)", j.t.name, ErrClosed, err)
+			}
+		}
+		ctx, cancel := context.WithTimeout(j.ctx, s.cfg.SendTimeout)
+		err = j.t.send(ctx, outgoingMessage(j.m))
+		cancel()
+		if err == nil {
+			return nil
+		}
+		s.log.Debug("rocketmq send failed", "broker", j.t.name, "topic", j.m.Target.Topic, "attempt", attempt+1, "err", err)
+	}
+	return fmt.Errorf("rmq: broker %q: send to %s: %w", j.t.name, j.m.Target.Topic, err)
+}
+
+// outgoingMessage builds a new client message (and so a new unique id):
+// Keys = the idempotency key, every header with a usable name and value as
+// a user property (first value only: properties hold one value).
+func outgoingMessage(m *bridge.Outgoing) *primitive.Message {
+	msg := primitive.NewMessage(m.Target.Topic, m.Body)
+	for k, vs := range m.Header {
+		if len(vs) == 0 || k == "" || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
+			continue
+		}
+		msg.WithProperty(k, vs[0])
+	}
+	if m.MsgID != "" {
+		msg.WithProperty(primitive.PropertyKeys, m.MsgID)
+	}
+	return msg
+}
+
+// Close stops accepting publishes, waits (within ctx) for the pending ones
+// to call done, and shuts the producers down. Publishes still queued when
+// ctx ends get ErrClosed.
+func (s *Sink) Close(ctx context.Context) error {
+	s.once.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		idle := make(chan struct{})
+		go func() { s.pending.Wait(); close(idle) }()
+		var errs []error
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			errs = append(errs, fmt.Errorf("rmq: sink close: pending publishes: %w", ctx.Err()))
+		}
+		close(s.quit)
+		s.workers.Wait()
+		for drained := false; !drained; {
+			select {
+			case j := <-s.jobs:
+				j.done(ErrClosed)
+				s.pending.Done()
+			case <-idle:
+				drained = true
+			}
+		}
+		for _, t := range s.targets {
+			if err := t.shutdown(); err != nil {
+				errs = append(errs, fmt.Errorf("rmq: broker %q: shutdown: %w", t.name, err))
+			}
+		}
+		s.err = errors.Join(errs...)
+	})
+	return s.err
+}
