@@ -26,6 +26,7 @@ import (
 
 const (
 	crashEvents      = 50_000
+	replicaEvents    = 30_000 // the KV store's round trips make this run slower per event
 	crashPoisonEvery = 150 // 333 poison events: missing key, bad key, bad JSON
 	crashKills       = 5
 )
@@ -238,14 +239,14 @@ func TestCrashKill9(t *testing.T) {
 
 // TestCrashTwoReplicas runs two bridge processes on the same durable
 // consumers with the shared JetStream KV dedupe store and kills one of them
-// mid-stream; the other finishes the work.
+// mid-stream (30,000 events); the other finishes the work.
 func TestCrashTwoReplicas(t *testing.T) {
 	if testing.Short() {
 		t.Skip("crash test: skipped with -short")
 	}
 	seed := crashSeed(t)
 	rnd := rand.New(rand.NewPCG(seed, 2))
-	e := newCrashEnv(t, seed, crashEvents, "{store: jetstream, bucket: crash-dedupe, ttl: 5m, reserveTTL: 2s}")
+	e := newCrashEnv(t, seed, replicaEvents, "{store: jetstream, bucket: crash-dedupe, ttl: 5m, reserveTTL: 2s}")
 	start := time.Now()
 	a := e.start("replica-a")
 	b := e.start("replica-b")
