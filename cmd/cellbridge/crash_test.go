@@ -27,7 +27,7 @@ import (
 const (
 	crashEvents      = 50_000
 	replicaEvents    = 30_000 // the KV store's round trips make this run slower per event
-	crashPoisonEvery = 150 // 333 poison events: missing key, bad key, bad JSON
+	crashPoisonEvery = 150    // 333 poison events: missing key, bad key, bad JSON
 	crashKills       = 5
 )
 
