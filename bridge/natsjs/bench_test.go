@@ -44,6 +44,15 @@ func benchStream(b *testing.B, js jetstream.JetStream, name string, subjects ...
 	b.Cleanup(func() { _ = js.DeleteStream(context.Background(), name) })
 }
 
+// reportRate adds msgs/s and the process CPU per message (cpu-ns/msg; only
+// the client's when the server is external) since start.
+func reportRate(b *testing.B, start time.Time, cpu time.Duration) {
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+	if used := processCPU() - cpu; used > 0 {
+		b.ReportMetric(float64(used.Nanoseconds())/float64(b.N), "cpu-ns/msg")
+	}
+}
+
 // body is a ~100-byte JSON event like the ones the bridge routes.
 var body = []byte(`{"order":123456,"user":{"id":"2088000000012345"},"amount":4200,"currency":"CNY","ts":1764000000}`)
 
@@ -68,11 +77,11 @@ func BenchmarkSinkPublish(b *testing.B) {
 			nc, id := benchServer(b)
 			var js jetstream.JetStream
 			var err error
-			if v.ackTimeout {
-				js, err = NewJetStream(nc, JetStreamConfig{MaxPending: v.pending})
-			} else {
-				js, err = jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(v.pending))
+			cfg := JetStreamConfig{MaxPending: v.pending}
+			if !v.ackTimeout {
+				cfg.AckTimeout = -1
 			}
+			js, err = NewJetStream(nc, cfg)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -108,12 +117,12 @@ func BenchmarkSinkPublish(b *testing.B) {
 			ctx := context.Background()
 			b.ReportAllocs()
 			b.ResetTimer()
-			start := time.Now()
+			start, cpu := time.Now(), processCPU()
 			for i := range msgs {
 				sink.PublishAsync(ctx, &msgs[i], done)
 			}
 			wg.Wait()
-			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+			reportRate(b, start, cpu)
 			b.StopTimer()
 			if n := failed.Load(); n > 0 {
 				b.Fatalf("%d publishes failed", n)
@@ -169,7 +178,7 @@ func BenchmarkSourceConsume(b *testing.B) {
 				FetchBatch: v.batch, MaxAckPending: 4 * (4096 + v.batch)}
 			b.ReportAllocs()
 			b.ResetTimer()
-			start := time.Now()
+			start, cpu := time.Now(), processCPU()
 			if v.raw != "" {
 				cons, err := js.CreateOrUpdateConsumer(context.Background(), stream, jetstream.ConsumerConfig{
 					Durable: "bench", AckPolicy: jetstream.AckExplicitPolicy, MaxAckPending: cfg.MaxAckPending,
@@ -223,7 +232,7 @@ func BenchmarkSourceConsume(b *testing.B) {
 				}
 				_ = src.Close(context.Background())
 			}
-			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+			reportRate(b, start, cpu)
 		})
 	}
 }
@@ -253,7 +262,7 @@ func BenchmarkRawPublish(b *testing.B) {
 	waited := make(chan struct{})
 	b.ReportAllocs()
 	b.ResetTimer()
-	start := time.Now()
+	start, cpu := time.Now(), processCPU()
 	go func() {
 		defer close(waited)
 		for f := range futs {
@@ -273,7 +282,7 @@ func BenchmarkRawPublish(b *testing.B) {
 	}
 	close(futs)
 	<-waited
-	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+	reportRate(b, start, cpu)
 	b.StopTimer()
 	if n := failed.Load(); n > 0 {
 		b.Fatalf("%d publishes failed", n)

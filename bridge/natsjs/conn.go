@@ -294,7 +294,9 @@ type JetStreamConfig struct {
 	// AckTimeout fails an async publish whose ack has not arrived in time
 	// (the message may or may not be stored; the bridge retries and the
 	// duplicate window absorbs a repeat). Without it a lost ack would hold
-	// its message forever. Default 30s.
+	// its message, and a pending slot, until the connection drops. Default
+	// 30s; negative turns it off, which saves the client a timer per publish
+	// (about 0.3µs of CPU, see BenchmarkSinkPublish/noacktimeout).
 	AckTimeout time.Duration
 }
 
@@ -304,12 +306,14 @@ func NewJetStream(nc *nats.Conn, cfg JetStreamConfig) (jetstream.JetStream, erro
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = defaultMaxPending
 	}
-	if cfg.AckTimeout <= 0 {
-		cfg.AckTimeout = 30 * time.Second
+	opts := []jetstream.JetStreamOpt{jetstream.WithPublishAsyncMaxPending(cfg.MaxPending)}
+	switch {
+	case cfg.AckTimeout == 0:
+		opts = append(opts, jetstream.WithPublishAsyncTimeout(30*time.Second))
+	case cfg.AckTimeout > 0:
+		opts = append(opts, jetstream.WithPublishAsyncTimeout(cfg.AckTimeout))
 	}
-	js, err := jetstream.New(nc,
-		jetstream.WithPublishAsyncMaxPending(cfg.MaxPending),
-		jetstream.WithPublishAsyncTimeout(cfg.AckTimeout))
+	js, err := jetstream.New(nc, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("natsjs: jetstream: %w", err)
 	}
