@@ -33,7 +33,7 @@ build:
 
 ## image: the container image (needs a container engine)
 image:
-	docker build -t cellbridge:$(VERSION) .
+	docker build --build-arg VERSION=$(VERSION) -t cellbridge:$(VERSION) .
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
