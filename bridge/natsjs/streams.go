@@ -20,8 +20,9 @@ type StreamOptions struct {
 	Broker string
 	// Duplicates is the Nats-Msg-Id duplicate window of every stream.
 	// Default 2m. It must cover the longest time between a publish and its
-	// retry (sink backoff, a crashed replica's AckWait), or a retried
-	// message can be stored twice when the dedupe store is lost.
+	// repeat: the source's AckWait plus the dedupe store's ReserveTTL plus
+	// the sink retry backoff (a replica killed between publish and commit),
+	// or that repeat is stored twice.
 	Duplicates time.Duration
 	// Replicas defaults to 1 (a single embedded server).
 	Replicas int
