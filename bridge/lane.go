@@ -95,7 +95,7 @@ func init() {
 func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 	t := taskPool.Get().(*task)
 	t.mu.Lock()
-	t.taskData = taskData{m: m}
+	t.m = m // taskData is zero: new, or cleared by recycle
 	t.ack = ack
 	t.arrived = now
 	t.p = p
