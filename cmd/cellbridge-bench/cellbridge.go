@@ -159,7 +159,3 @@ func checkRulesAgainstRouter(dir string) error {
 	}
 	return nil
 }
-
-func rocketMQStatus() string {
-	return "RocketMQ comparison: not available yet (bridge/rmq not present)"
-}

@@ -36,6 +36,9 @@ type config struct {
 	faults     bool
 	faultN     int
 	extra      bool
+	rmqN       int
+	rmqRounds  int
+	rmqRules   string
 }
 
 func main() {
@@ -59,6 +62,9 @@ func main() {
 	flag.BoolVar(&cfg.latency, "latency", true, "measure B's end-to-end latency at half of A's median rate")
 	flag.BoolVar(&cfg.faults, "faults", true, "run the fault variants B-fault and D-fault")
 	flag.IntVar(&cfg.faultN, "fault-n", 0, "events for the fault runs (default -n)")
+	flag.IntVar(&cfg.rmqN, "rmq-n", 20000, "events per RocketMQ run (the in-process broker and the client's synchronous sends are slower than JetStream)")
+	flag.IntVar(&cfg.rmqRounds, "rmq-rounds", 3, "alternating rounds of the RocketMQ comparison (0: skip)")
+	flag.StringVar(&cfg.rmqRules, "rmq-rules", "bench/rules-rmq", "rule directory of the RocketMQ comparison")
 	flag.BoolVar(&cfg.extra, "ref-headers", true, "one extra run of the pipe sending cellbridge's Cell-* headers too (reference)")
 	flag.StringVar(&childSpec, "child", "", "internal: run one variant in this process (JSON spec)")
 	flag.StringVar(&childOut, "child-out", "", "internal: result file of -child")
@@ -108,7 +114,11 @@ func childMain(specJSON, out string) int {
 		}
 		return 0
 	}
-	res, err = runChild(spec)
+	if strings.HasPrefix(spec.Variant, "R-") {
+		res, err = runRMQChild(spec)
+	} else {
+		res, err = runChild(spec)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "child %s: %v\n", spec.Variant, err)
 		return 1
@@ -184,6 +194,8 @@ var variantNames = map[string]string{
 	"B-fault": "B-fault  cellbridge, 1st attempt of every 1000th fails",
 	"D-fault": "D-fault  watermill, 1st attempt of every 1000th fails",
 	"A-lat":   "A-latency  bare pipe at half of A's rate",
+	"R-A":     "R-A  RocketMQ bare client loop (push consumer, SendSync)",
+	"R-B":     "R-B  RocketMQ cellbridge, memory dedupe",
 	"A-hdrs":  "A-hdrs  bare pipe + the six Cell-* headers (reference, 1 run)",
 	"B-lat":   "B-latency  cellbridge at half of A's rate",
 }
@@ -300,8 +312,25 @@ func benchMain(cfg config) error {
 				r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
 		}
 	}
-	rocketNote := rocketMQStatus()
-	notes = append(notes, rocketNote)
+	// RocketMQ: bare client loop vs cellbridge through the in-process broker.
+	if cfg.rmqRounds > 0 {
+		rrules, _ := filepath.Abs(cfg.rmqRules)
+		for round := 1; round <= cfg.rmqRounds; round++ {
+			for _, v := range []string{"R-A", "R-B"} {
+				s := childSpec{Variant: v, N: cfg.rmqN, Seed: cfg.seed, Rules: rrules, Tune: cfg.tune[v]}
+				r, err := spawn(s, log)
+				if err != nil {
+					return err
+				}
+				r.Round = round
+				runs[v] = append(runs[v], r)
+				fmt.Fprintf(log, "  rmq round %d %-3s %9.0f msg/s  %6.2fs  cpu %5.1f us/msg  rss %5.0f MiB  load %s verified=%v %s\n",
+					round, v, r.MsgsPerS, r.Seconds, r.CPUus, r.PeakRSSMB, r.LoadAvg, r.Verified, r.VerifyNote)
+			}
+		}
+	} else {
+		notes = append(notes, "RocketMQ comparison skipped (-rmq-rounds 0)")
+	}
 
 	res := buildResults(cfg, main, runs, med, notes, time.Since(start))
 	printTable(os.Stdout, cfg, main, runs, med, res, notes)
@@ -413,6 +442,19 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 			res[key+"_injected"] = rs[0].Extra["injected_faults"]
 		}
 	}
+	if len(runs["R-A"]) > 0 {
+		var ra, rb []float64
+		for _, x := range runs["R-A"] {
+			ra = append(ra, x.MsgsPerS)
+		}
+		for _, x := range runs["R-B"] {
+			rb = append(rb, x.MsgsPerS)
+		}
+		res["rmq_n"] = cfg.rmqN
+		res["rmq_pipe_msgs_per_s"] = round0(median(ra))
+		res["rmq_bridge_msgs_per_s"] = round0(median(rb))
+		res["rmq_ratio_bridge_vs_pipe"] = ratio(median(rb), median(ra))
+	}
 	settings := map[string]string{}
 	for v, rs := range runs {
 		if len(rs) > 0 && rs[0].Settings != "" {
@@ -449,6 +491,23 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 			ratio(med(v), pipe), res["cpu_us_per_msg_by_variant"].(map[string]float64)[v], res["peak_rss_mb_by_variant"].(map[string]float64)[v],
 			res["allocs_per_msg_by_variant"].(map[string]float64)[v], ok)
 	}
+	for _, v := range []string{"R-A", "R-B"} {
+		if rs, ok := runs[v]; ok && len(rs) > 0 {
+			var xs []string
+			var ms, cp, rss, al []float64
+			ok := true
+			for _, r := range rs {
+				xs = append(xs, fmt.Sprintf("%.0f", r.MsgsPerS))
+				ms = append(ms, r.MsgsPerS)
+				cp = append(cp, r.CPUus)
+				rss = append(rss, r.PeakRSSMB)
+				al = append(al, float64(r.Mallocs)/float64(max(r.N, 1)))
+				ok = ok && r.Verified
+			}
+			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%.1f\t%.0f\t%.1f\t%v\t\n", variantNames[v], median(ms), strings.Join(xs, " "),
+				"n/a", median(cp), median(rss), median(al), ok)
+		}
+	}
 	if rs, ok := runs["A-hdrs"]; ok && len(rs) > 0 {
 		r := rs[0]
 		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.3f\t%.1f\t%.0f\t%.1f\t%v\t\n", variantNames["A-hdrs"], r.MsgsPerS, r.MsgsPerS,
@@ -456,7 +515,7 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "allocs_per_msg", "peak_rss_mb"} {
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "rmq_n", "rmq_ratio_bridge_vs_pipe", "allocs_per_msg", "peak_rss_mb"} {
 		if v, ok := res[k]; ok {
 			fmt.Fprintf(w, "%-28s %v\n", k, v)
 		}
@@ -477,7 +536,7 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "settings:")
-	for _, v := range append(append([]string{}, main...), "B-fault", "D-fault") {
+	for _, v := range append(append([]string{}, main...), "B-fault", "D-fault", "R-A", "R-B") {
 		if rs, ok := runs[v]; ok && len(rs) > 0 && rs[0].Settings != "" {
 			fmt.Fprintf(w, "  %s: %s\n", v, rs[0].Settings)
 		}

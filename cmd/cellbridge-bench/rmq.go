@@ -1,0 +1,300 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/apache/rocketmq-client-go/v2/consumer"
+	"github.com/apache/rocketmq-client-go/v2/primitive"
+	"github.com/apache/rocketmq-client-go/v2/producer"
+	"github.com/tidwall/gjson"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/rmq"
+	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// The RocketMQ comparison runs through the in-process broker of
+// bridge/rmq/rmqtest (real wire protocol, driven by the real
+// rocketmq-client-go): R-A is a bare consume → produce loop, R-B cellbridge
+// with the memory dedupe store. Same method as the NATS variants: events
+// pre-published to topic "orders", timing until the cell topics hold N,
+// every message verified.
+
+func rmqCellTopic(cell string) string { return "cell_" + cell + "_orders" }
+
+func init() {
+	// The client logs every rebalance and pull at info level.
+	rmq.SetLogger(slog.New(slog.DiscardHandler))
+}
+
+func runRMQChild(spec childSpec) (*childResult, error) {
+	table, err := loadCellTable(spec.Rules)
+	if err != nil {
+		return nil, err
+	}
+	ctx := context.Background()
+	b := rmqtest.New(rmqtest.Options{MaxSuspend: time.Second})
+	if err := b.Start(ctx); err != nil {
+		return nil, err
+	}
+	defer func() { _ = b.Close(context.Background()) }()
+	if err := b.CreateTopic("orders", 4); err != nil {
+		return nil, err
+	}
+	for _, c := range table.cells {
+		if err := b.CreateTopic(rmqCellTopic(c), 4); err != nil {
+			return nil, err
+		}
+	}
+	ns := b.NameServerAddr()
+	evs := genEvents(spec.N, spec.Seed)
+	if err := rmqPrePublish(ctx, ns, evs); err != nil {
+		return nil, err
+	}
+	runtime.GC()
+	resetPeakRSS()
+	count := func() int {
+		n := 0
+		for _, c := range table.cells {
+			for _, o := range b.QueueOffsets(rmqCellTopic(c)) {
+				n += int(o)
+			}
+		}
+		return n
+	}
+	e := &env{table: table, spec: spec, tune: parseTune(spec.Tune)}
+	var ms0, ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	cpu0 := cpuTime()
+	vctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	var verr error
+	wg.Add(1)
+	t0 := time.Now()
+	go func() {
+		defer wg.Done()
+		switch spec.Variant {
+		case "R-A":
+			verr = runRMQPipe(vctx, e, ns)
+		default:
+			verr = runRMQBridge(vctx, e, ns)
+		}
+	}()
+	deadline := time.Now().Add(time.Duration(spec.N/500+60) * time.Second)
+	n := 0
+	for {
+		n = count()
+		if n >= spec.N || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(pollEvery)
+	}
+	t1 := time.Now()
+	cpu1 := cpuTime()
+	runtime.ReadMemStats(&ms1)
+	peak := readPeakRSSMB()
+	time.Sleep(300 * time.Millisecond)
+	cancel()
+	wg.Wait()
+	if verr != nil && !errors.Is(verr, context.Canceled) {
+		return nil, fmt.Errorf("variant %s: %w", spec.Variant, verr)
+	}
+	res := &childResult{Variant: spec.Variant, N: spec.N, Seconds: t1.Sub(t0).Seconds(), PeakRSSMB: peak,
+		Mallocs: ms1.Mallocs - ms0.Mallocs, HeapBytes: ms1.TotalAlloc - ms0.TotalAlloc, Settings: e.settings,
+		CPUus: float64(cpu1-cpu0) / 1e3 / float64(max(n, 1))}
+	res.MsgsPerS = float64(n) / res.Seconds
+	// Verify: every order exactly once, each in its cell's topic.
+	seen := make([]uint8, spec.N)
+	for _, c := range table.cells {
+		for _, m := range b.Messages(rmqCellTopic(c)) {
+			res.Delivered++
+			order, user, ok := parseEvent(m.Body)
+			if !ok || order < 0 || order >= spec.N {
+				res.Misrouted++
+				continue
+			}
+			if sh, ok := shardOf(user); !ok || table.byShard[sh] != c {
+				res.Misrouted++
+			}
+			if seen[order] < 255 {
+				seen[order]++
+			}
+		}
+	}
+	dups := 0
+	for _, s := range seen {
+		if s > 0 {
+			res.Unique++
+		}
+		if s > 1 {
+			dups += int(s) - 1
+		}
+	}
+	var notes []string
+	if res.Delivered != spec.N {
+		notes = append(notes, fmt.Sprintf("cell topics hold %d, want %d", res.Delivered, spec.N))
+	}
+	if dups > 0 {
+		notes = append(notes, fmt.Sprintf("%d duplicates", dups))
+	}
+	if res.Misrouted > 0 {
+		notes = append(notes, fmt.Sprintf("%d in the wrong cell", res.Misrouted))
+	}
+	res.Verified = len(notes) == 0
+	res.VerifyNote = strings.Join(notes, "; ")
+	return res, nil
+}
+
+// rmqPrePublish stores the events in topic "orders" from 32 concurrent
+// synchronous senders (the client has no pipelined send).
+func rmqPrePublish(ctx context.Context, ns string, evs []event) error {
+	p, err := producer.NewDefaultProducer(
+		producer.WithNsResolver(primitive.NewPassthroughResolver([]string{ns})),
+		producer.WithGroupName("bench-producer"),
+		producer.WithInstanceName(fmt.Sprintf("bench-pre-%d", os.Getpid())),
+	)
+	if err != nil {
+		return err
+	}
+	if err := p.Start(); err != nil {
+		return err
+	}
+	defer func() { _ = p.Shutdown() }()
+	var wg sync.WaitGroup
+	errc := make(chan error, 1)
+	const senders = 32
+	for w := 0; w < senders; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := w; i < len(evs); i += senders {
+				m := primitive.NewMessage("orders", evs[i].body)
+				m.WithKeys([]string{evs[i].id})
+				if _, err := p.SendSync(ctx, m); err != nil {
+					select {
+					case errc <- fmt.Errorf("pre-publish: %w", err):
+					default:
+					}
+					return
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return nil
+	}
+}
+
+// runRMQPipe is the bare loop: a push consumer whose callback computes the
+// cell inline and sends each message synchronously to the cell topic (Keys =
+// the source message id, the idempotency key), returning ConsumeSuccess
+// after all sends of the batch succeeded. Tuning: goroutines=N
+// (ConsumeGoroutineNums, default 128), batch=N (ConsumeMessageBatchMaxSize,
+// default 4), pull=N (PullBatchSize, default 128); the defaults were the
+// best of 32/1/4 per batch and 64/128/256 goroutines tried.
+func runRMQPipe(ctx context.Context, e *env, ns string) error {
+	gor := e.tuneInt("goroutines", 128)
+	batch := e.tuneInt("batch", 4)
+	pull := e.tuneInt("pull", 128)
+	e.settings = fmt.Sprintf("push consumer ConsumeGoroutineNums=%d ConsumeMessageBatchMaxSize=%d PullBatchSize=%d; SendSync per message", gor, batch, pull)
+	res := primitive.NewPassthroughResolver([]string{ns})
+	p, err := producer.NewDefaultProducer(producer.WithNsResolver(res), producer.WithGroupName("bench-pipe"),
+		producer.WithInstanceName(fmt.Sprintf("bench-pipe-p-%d", os.Getpid())))
+	if err != nil {
+		return err
+	}
+	if err := p.Start(); err != nil {
+		return err
+	}
+	defer func() { _ = p.Shutdown() }()
+	c, err := consumer.NewPushConsumer(consumer.WithNsResolver(res), consumer.WithGroupName("bench-pipe"),
+		consumer.WithInstance(fmt.Sprintf("bench-pipe-c-%d", os.Getpid())),
+		consumer.WithConsumeFromWhere(consumer.ConsumeFromFirstOffset),
+		consumer.WithConsumeGoroutineNums(gor), consumer.WithConsumeMessageBatchMaxSize(batch),
+		consumer.WithPullBatchSize(int32(pull)))
+	if err != nil {
+		return err
+	}
+	err = c.Subscribe("orders", consumer.MessageSelector{}, func(cctx context.Context, msgs ...*primitive.MessageExt) (consumer.ConsumeResult, error) {
+		for _, m := range msgs {
+			id := gjson.GetBytes(m.Body, "user.id")
+			sh, ok := shardOf([]byte(id.Str))
+			if !ok {
+				continue // no usable key: dropped (the pipe has no DLQ)
+			}
+			out := primitive.NewMessage(rmqCellTopic(e.table.byShard[sh]), m.Body)
+			out.WithKeys([]string{m.MsgId})
+			if _, err := p.SendSync(ctx, out); err != nil {
+				return consumer.ConsumeRetryLater, nil
+			}
+		}
+		return consumer.ConsumeSuccess, nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := c.Start(); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return c.Shutdown()
+}
+
+// runRMQBridge is cellbridge with the RocketMQ source and sink of
+// bridge/rmq and the memory dedupe store, wired as cmd/cellbridge does.
+func runRMQBridge(ctx context.Context, e *env, ns string) error {
+	log := slog.New(slog.DiscardHandler)
+	table, err := router.Load(e.spec.Rules)
+	if err != nil {
+		return err
+	}
+	rule := table.Rule("orders")
+	if rule == nil {
+		return errors.New("bench rules-rmq: no topic rule \"orders\"")
+	}
+	cfg := bridge.Config{MaxInFlight: e.tuneInt("inflight", 0), FetchBatch: e.tuneInt("fetch", 0),
+		Workers: e.tuneInt("workers", 0)}.WithDefaults()
+	bc := rmq.BrokerConfig{Name: "rmq", NameServers: []string{ns}, InstancePrefix: "bench"}
+	store := dedupe.NewMemory(dedupe.MemoryConfig{Size: 1_000_000, TTL: 10 * time.Minute, ReserveTTL: 30 * time.Second})
+	sink, err := rmq.NewSink(rmq.SinkConfig{Brokers: []rmq.BrokerConfig{bc}, Dedupe: store, MaxPending: cfg.MaxInFlight}, log)
+	if err != nil {
+		return err
+	}
+	met := bridge.NewMetrics("bench")
+	health := bridge.NewHealth(met, log, nil)
+	p, err := bridge.New(cfg, bridge.Deps{Rules: router.NewHolder(table), Dedupe: store,
+		Sinks: bridge.StaticSinks(map[string]bridge.Sink{"rmq": sink}), Metrics: met, Health: health, Log: log})
+	if err != nil {
+		return err
+	}
+	eff := p.Config()
+	src, err := rmq.NewSource(bc, rmq.SourceConfig{Rule: rule.Name, Topic: rule.Source.Topic, Tags: rule.Source.Tags,
+		Group: rule.Source.Group, FetchBatch: eff.FetchBatch,
+		Backlog: func(n int64) { health.Backlog(rule.Name, n) }}, log)
+	if err != nil {
+		return err
+	}
+	e.settings = fmt.Sprintf("rmq source FetchBatch=%d, rmq sink (64 send workers), maxInFlight=%d workers=%d, memory dedupe",
+		min(eff.FetchBatch, 1024), eff.MaxInFlight, eff.Workers)
+	runErr := p.Run(ctx, src)
+	dctx, cancel := context.WithTimeout(context.Background(), eff.DrainTimeout)
+	defer cancel()
+	return errors.Join(runErr, p.Close(dctx), src.Close(dctx), sink.Close(dctx), store.Close(dctx))
+}
+
+func rocketMQStatus() string { return "" }
