@@ -1,0 +1,259 @@
+package rmq
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/apache/rocketmq-client-go/v2/primitive"
+	"github.com/apache/rocketmq-client-go/v2/producer"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+func newSink(t *testing.T, cfg SinkConfig) *Sink {
+	t.Helper()
+	s, err := NewSink(cfg, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := s.Close(ctx); err != nil {
+			t.Errorf("sink close: %v", err)
+		}
+	})
+	return s
+}
+
+func outgoing(topic, id string, extra ...string) *bridge.Outgoing {
+	h := map[string][]string{
+		bridge.HeaderMsgID: {id}, bridge.HeaderCell: {"rz01"}, bridge.HeaderShard: {"42"},
+		bridge.HeaderRulesVersion: {"3"}, bridge.HeaderSource: {"nats/ORDERS"}, bridge.HeaderHops: {"1"},
+		"X-User-Id": {"2088"}, "DELAY": {"3"}, "Bad\x01Name": {"x"}, "Empty": {},
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		h[extra[i]] = []string{extra[i+1]}
+	}
+	return &bridge.Outgoing{Target: router.Target{Broker: "rmq-test", Topic: topic}, MsgID: id, Header: h, Body: []byte("payload " + id)}
+}
+
+func publish(t *testing.T, s *Sink, m *bridge.Outgoing) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	return bridge.Publish(ctx, s, m)
+}
+
+func TestSinkPropertiesAndKeys(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{brokerConfig(b)}})
+	if err := publish(t, s, outgoing("cell_rz01_orders", "ORDERS:7")); err != nil {
+		t.Fatal(err)
+	}
+	ms := b.Messages("cell_rz01_orders")
+	if len(ms) != 1 {
+		t.Fatalf("stored %d messages", len(ms))
+	}
+	m := ms[0]
+	if m.Keys != "ORDERS:7" || string(m.Body) != "payload ORDERS:7" {
+		t.Errorf("keys %q body %q", m.Keys, m.Body)
+	}
+	for k, v := range map[string]string{"Cell-Msg-Id": "ORDERS:7", "Cell-Name": "rz01", "Cell-Shard": "42",
+		"Cell-Rules-Version": "3", "Cell-Source": "nats/ORDERS", "Cell-Hops": "1", "X-User-Id": "2088"} {
+		if m.Properties[k] != v {
+			t.Errorf("property %s = %q, want %q", k, m.Properties[k], v)
+		}
+	}
+	if _, ok := m.Properties["DELAY"]; ok {
+		t.Error("a header named like a system property was sent")
+	}
+	for k := range m.Properties {
+		if strings.Contains(k, "Bad") || k == "Empty" {
+			t.Errorf("unusable header sent: %q", k)
+		}
+	}
+	if err := publish(t, s, &bridge.Outgoing{Target: router.Target{Broker: "other", Topic: "x"}}); err == nil {
+		t.Error("publish to an unknown broker succeeded")
+	}
+}
+
+func TestSinkRetriesFailedSends(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	if err := b.CreateTopic("retried", 2); err != nil {
+		t.Fatal(err)
+	}
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{brokerConfig(b)}, Retries: 2, RetryBackoff: 10 * time.Millisecond})
+	b.FailSends(2, 14) // service not available, twice
+	if err := publish(t, s, outgoing("retried", "id-1")); err != nil {
+		t.Fatalf("publish after two failed attempts: %v", err)
+	}
+	if n := len(b.Messages("retried")); n != 1 {
+		t.Fatalf("stored %d messages, want 1", n)
+	}
+	b.FailSends(3, 1)
+	err := publish(t, s, outgoing("retried", "id-2"))
+	if err == nil || !strings.Contains(err.Error(), "CODE: 1") {
+		t.Fatalf("publish after three failed attempts: %v, want the broker's error", err)
+	}
+	if n := len(b.Messages("retried")); n != 1 {
+		t.Fatalf("stored %d messages, want 1", n)
+	}
+}
+
+// Many concurrent publishes through a small pending limit all complete.
+func TestSinkBackPressure(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{brokerConfig(b)}, MaxPending: 4, Workers: 2})
+	var wg sync.WaitGroup
+	errs := make(chan error, 200)
+	for i := range 200 {
+		wg.Add(1)
+		s.PublishAsync(context.Background(), outgoing("bp", seqBody(i)), func(err error) {
+			errs <- err
+			wg.Done()
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(b.Messages("bp")); n != 200 {
+		t.Fatalf("stored %d", n)
+	}
+}
+
+func TestSinkTransactionalCommit(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Minute, ReserveTTL: 5 * time.Second})
+	defer store.Close(context.Background())
+	bc := brokerConfig(b)
+	bc.Transactional = true
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
+	// As the pipeline does: reserve, publish, (commit).
+	if o, _ := store.Reserve(context.Background(), "k-1"); o != dedupe.Reserved {
+		t.Fatal(o)
+	}
+	if err := publish(t, s, outgoing("txn", "k-1")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the committed message", func() bool { return len(b.Messages("txn")) == 1 })
+	if o, _ := store.Reserve(context.Background(), "k-1"); o != dedupe.Duplicate {
+		t.Fatalf("key after the local transaction: %v, want committed (Duplicate)", o)
+	}
+	if hm := b.HalfMessages(); len(hm) != 0 {
+		t.Fatalf("unresolved half messages: %d", len(hm))
+	}
+	// A DLQ copy commits its own key.
+	if err := publish(t, s, outgoing("txn-dlq", "k-1", bridge.HeaderError, "bad_key: x")); err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := store.Reserve(context.Background(), "k-1\x00dlq"); o != dedupe.Duplicate {
+		t.Fatalf("dlq key: %v", o)
+	}
+}
+
+// A producer that dies after the half message (before or after its local
+// transaction) leaves the outcome to the broker's check-back, which the
+// sink answers from the dedupe store.
+func TestSinkTransactionalCheckBack(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{TransactionCheckDelay: 200 * time.Millisecond, TransactionCheckInterval: 100 * time.Millisecond})
+	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Minute, ReserveTTL: time.Minute})
+	defer store.Close(context.Background())
+	ctx := context.Background()
+	bc := brokerConfig(b)
+	bc.Transactional = true
+
+	// The crashed producers: same group as the sink, local transactions as
+	// the sink's up to a point, then gone without end-transaction.
+	const topic = "checked"
+	dead := func(key string, executed bool) {
+		t.Helper()
+		l := &crashingListener{store: store, executed: executed}
+		p, err := producer.NewTransactionProducer(l,
+			producer.WithNsResolver(bc.resolver()),
+			producer.WithGroupName("cellbridge-"+bc.Name),
+			producer.WithInstanceName(bc.instanceName("crashed")),
+			producer.WithRetry(0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Start(); err != nil {
+			t.Fatal(err)
+		}
+		m := outgoingMessage(outgoing(topic, key))
+		if _, err := p.SendMessageInTransaction(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+		_ = p.Shutdown()
+	}
+	// 1: local transaction committed, end-transaction lost → commit.
+	_, _ = store.Reserve(ctx, "done")
+	dead("done", true)
+	// 2: died before its local transaction; reservation alive → unknown
+	// until the reservation is gone, then rollback.
+	_, _ = store.Reserve(ctx, "alive")
+	dead("alive", false)
+	// 3: died before its local transaction, and another attempt committed
+	// the key since → rollback.
+	dead("other", false)
+	_ = store.Commit(ctx, "other")
+	if n := len(b.HalfMessages()); n != 3 {
+		t.Fatalf("half messages: %d, want 3", n)
+	}
+
+	// The restarted sink: the only producer of the group now. A producer
+	// learns the broker's address (and heartbeats to it) with its first
+	// send; from then on the broker sends it check-backs.
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
+	_, _ = store.Reserve(ctx, "warm")
+	if err := publish(t, s, outgoing("warm", "warm")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "check-backs to resolve two half messages", func() bool {
+		return len(b.HalfMessages()) == 1
+	})
+	ms := b.Messages(topic)
+	if len(ms) != 1 || ms[0].Keys != "done" {
+		t.Fatalf("committed: %+v", ms)
+	}
+	if hm := b.HalfMessages(); hm[0].Keys != "alive" {
+		t.Fatalf("still unresolved: %q, want the reserved one", hm[0].Keys)
+	}
+	_ = store.Release(ctx, "alive")
+	waitFor(t, 10*time.Second, "the last half message to be rolled back", func() bool { return len(b.HalfMessages()) == 0 })
+	if n := len(b.Messages(topic)); n != 1 {
+		t.Fatalf("topic holds %d messages, want 1", n)
+	}
+	if n := len(b.DiscardedHalfMessages()); n != 0 {
+		t.Fatalf("%d half messages ran out of check-backs", n)
+	}
+}
+
+// crashingListener plays a sink that dies after sending its half message:
+// with executed, after its local transaction committed the store.
+type crashingListener struct {
+	store    dedupe.Store
+	executed bool
+}
+
+func (l *crashingListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
+	if l.executed {
+		real := &txListener{store: l.store, log: testLog(nil), timeout: time.Second}
+		real.ExecuteLocalTransaction(m)
+	}
+	return primitive.UnkonwnState // no commit reaches the broker
+}
+
+func (l *crashingListener) CheckLocalTransaction(*primitive.MessageExt) primitive.LocalTransactionState {
+	return primitive.UnkonwnState
+}

@@ -1,0 +1,208 @@
+package rmq
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apache/rocketmq-client-go/v2/primitive"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+)
+
+func TestSourceMessageFields(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	const topic = "orders"
+	if err := b.CreateTopic(topic, 1); err != nil {
+		t.Fatal(err)
+	}
+	m := msg(topic, `{"user":{"id":"42"}}`, "X-User-Id", "2088000000000042", "Cell-Msg-Id", "upstream-1")
+	m.WithTag("A")
+	m.WithKeys([]string{"k1", "k2"})
+	other := msg(topic, "skipped")
+	other.WithTag("B")
+	before := time.Now().Add(-time.Second)
+	send(t, b, m, other, msg(topic, "plain"))
+
+	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "orders", Topic: topic, Tags: "A", Group: "cg-fields"}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := newRecorder(func(*bridge.Message) (error, bool) { return nil, true })
+	runSource(t, src, rec.handle)
+	waitFor(t, 15*time.Second, "the tagged message", func() bool { return len(rec.snapshot()) >= 1 })
+
+	g := rec.snapshot()[0].m
+	stored := b.Messages(topic)[0]
+	if g.Rule != "orders" || g.Subject != topic || string(g.Body) != `{"user":{"id":"42"}}` {
+		t.Fatalf("rule/subject/body: %+v", g)
+	}
+	if g.Source != "rmq-test/"+topic {
+		t.Errorf("Source = %q", g.Source)
+	}
+	if g.SourceID != stored.Properties[primitive.PropertyUniqueClientMessageIdKeyIndex] || g.SourceID == "" {
+		t.Errorf("SourceID = %q, want UNIQ_KEY %q", g.SourceID, stored.Properties["UNIQ_KEY"])
+	}
+	if g.Keys != "k1 k2" {
+		t.Errorf("Keys = %q", g.Keys)
+	}
+	if g.Time.Before(before) || g.Time.After(time.Now()) {
+		t.Errorf("Time = %v", g.Time)
+	}
+	if g.Deliveries != 1 {
+		t.Errorf("Deliveries = %d", g.Deliveries)
+	}
+	if v := g.Header["X-User-Id"]; len(v) != 1 || v[0] != "2088000000000042" {
+		t.Errorf("header X-User-Id = %v", v)
+	}
+	if v := g.Header["Cell-Msg-Id"]; len(v) != 1 || v[0] != "upstream-1" {
+		t.Errorf("header Cell-Msg-Id = %v", v)
+	}
+	for k := range g.Header {
+		if systemProps[k] {
+			t.Errorf("system property %s passed on as a header", k)
+		}
+	}
+}
+
+// Offsets never pass a message the pipeline has not settled with nil: a
+// message left unsettled at shutdown is read again by the group.
+func TestSourceOffsetStopsAtUnsettled(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	const topic, group = "offsets", "cg-offsets"
+	if err := b.CreateTopic(topic, 1); err != nil {
+		t.Fatal(err)
+	}
+	var ms []*primitive.Message
+	for i := range 10 {
+		ms = append(ms, msg(topic, seqBody(i)))
+	}
+	send(t, b, ms...)
+
+	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: topic, Group: group, FetchBatch: 1}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := newRecorder(func(m *bridge.Message) (error, bool) {
+		return nil, string(m.Body) != seqBody(3) // m003 stays in the pipeline
+	})
+	stop := runSource(t, src, rec.handle)
+	waitFor(t, 15*time.Second, "10 messages", func() bool { return len(rec.snapshot()) == 10 })
+	if got := bodies(rec.snapshot()); strings.Join(got, ",") != "m000,m001,m002,m003,m004,m005,m006,m007,m008,m009" {
+		t.Fatalf("order: %v", got)
+	}
+	stop()
+	// Settled after the source stopped: dropped, not acknowledged.
+	_ = rec.snapshot()[3].ack(context.Background(), errors.New("draining"))
+	// Close persists with a oneway request: poll for the broker to store it.
+	waitCommitted(t, b, group, topic, 3) // the first unsettled message
+
+	// The group's next consumer starts at the unsettled message.
+	src2, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: topic, Group: group}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec2 := newRecorder(func(*bridge.Message) (error, bool) { return nil, true })
+	stop2 := runSource(t, src2, rec2.handle)
+	waitFor(t, 15*time.Second, "the redelivery", func() bool { return len(rec2.snapshot()) == 7 })
+	if got := bodies(rec2.snapshot()); got[0] != seqBody(3) {
+		t.Fatalf("second consumer starts at %v", got)
+	}
+	stop2()
+	waitCommitted(t, b, group, topic, 10)
+}
+
+// A hold or a plain negative ack hands the message again (locally, with
+// Deliveries counting up); the offset moves only after the final nil.
+func TestSourceHoldAndNack(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	const topic, group = "held", "cg-held"
+	if err := b.CreateTopic(topic, 1); err != nil {
+		t.Fatal(err)
+	}
+	send(t, b, msg(topic, "held"), msg(topic, "nacked"), msg(topic, "fine"))
+	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: topic, Group: group, Redeliver: 20 * time.Millisecond}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := newRecorder(func(m *bridge.Message) (error, bool) {
+		switch {
+		case m.Deliveries > 1:
+			return nil, true
+		case string(m.Body) == "held":
+			return bridge.Hold(50 * time.Millisecond), true
+		case string(m.Body) == "nacked":
+			return errors.New("sink down"), true
+		}
+		return bridge.ErrInProgress, true // not final: must not count
+	})
+	stop := runSource(t, src, rec.handle)
+	waitFor(t, 15*time.Second, "redeliveries", func() bool { return len(rec.snapshot()) >= 5 })
+	gs := rec.snapshot()
+	n := map[string]int{}
+	for _, g := range gs {
+		n[string(g.m.Body)] = max(n[string(g.m.Body)], g.m.Deliveries)
+	}
+	if n["held"] != 2 || n["nacked"] != 2 || n["fine"] != 1 {
+		t.Fatalf("deliveries: %v", n)
+	}
+	// "fine" only got ErrInProgress: the batch is open, the offset stays.
+	for _, g := range gs {
+		if string(g.m.Body) == "fine" {
+			_ = g.ack(context.Background(), nil)
+		}
+	}
+	stop()
+	waitCommitted(t, b, group, topic, 3)
+}
+
+func TestSourceWaitsForTopic(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: "late", Group: "cg-late", StartRetry: 50 * time.Millisecond}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := newRecorder(func(*bridge.Message) (error, bool) { return nil, true })
+	runSource(t, src, rec.handle)
+	time.Sleep(100 * time.Millisecond) // let a start attempt fail (not a synchronization)
+	send(t, b, msg("late", "x"))
+	waitFor(t, 15*time.Second, "the message of a topic created after start", func() bool { return len(rec.snapshot()) == 1 })
+}
+
+func TestBrokerConfigValidate(t *testing.T) {
+	for _, tc := range []struct {
+		ns   []string
+		want string
+	}{
+		{nil, "at least one"},
+		{[]string{"localhost:9876"}, "not an IP address"},
+		{[]string{"10.0.0.1"}, "want IP:port"},
+		{[]string{"10.0.0.1:0"}, "bad port"},
+		{[]string{"10.0.0.1:9876", "[::1]:9876"}, ""},
+	} {
+		err := BrokerConfig{Name: "x", NameServers: tc.ns}.Validate()
+		if (tc.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%v: err = %v, want %q", tc.ns, err, tc.want)
+		}
+	}
+	if err := (BrokerConfig{Name: "x", NameServers: []string{"1.2.3.4:1"}, AccessKey: "a"}).Validate(); err == nil {
+		t.Error("accessKey without secretKey accepted")
+	}
+}
+
+// waitCommitted waits until queue 0's committed offset is want, and fails
+// at once when it goes past want.
+func waitCommitted(t *testing.T, b *rmqtest.Broker, group, topic string, want int64) {
+	t.Helper()
+	var off int64
+	waitFor(t, 5*time.Second, "committed offset", func() bool {
+		off, _ = b.CommittedOffset(group, topic, 0)
+		if off > want {
+			t.Fatalf("committed offset %d is past %d", off, want)
+		}
+		return off == want
+	})
+}
