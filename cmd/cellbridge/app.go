@@ -140,6 +140,7 @@ func appOptions(o *runOptions) fx.Option {
 			newEmbeddedNATS,
 			newBrokers,
 			newDedupe,
+			newRMQ,
 			newSinks,
 			newSources,
 			newPipeline,
@@ -253,6 +254,9 @@ func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.
 			}()
 			for _, name := range slices.Sorted(maps.Keys(b.roles)) {
 				bc, typ := natsBrokerConfig(o.cfg, name, e.url)
+				if typ == BrokerRocketMQ {
+					continue // RocketMQ clients belong to rmqComp (rmq.go)
+				}
 				if typ != BrokerNATS {
 					return fmt.Errorf("broker %q: type %s is not supported by this build", name, typ)
 				}
@@ -347,25 +351,28 @@ type sinksComp struct {
 	lookup bridge.SinkLookup
 }
 
-func newSinks(lc fx.Lifecycle, o *runOptions, b *brokers, log *slog.Logger) *sinksComp {
+func newSinks(lc fx.Lifecycle, o *runOptions, b *brokers, rq *rmqComp, log *slog.Logger) *sinksComp {
 	s := &sinksComp{}
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
 			js := map[string]jetstream.JetStream{}
 			for name, roles := range b.roles {
-				if slices.Contains(roles, roleSink) {
+				if slices.Contains(roles, roleSink) && b.js[name] != nil {
 					js[name] = b.js[name]
 				}
 			}
-			sink, err := natsjs.NewSink(js, natsjs.SinkConfig{MaxPending: sinkMaxPending(o.cfg)}, log.With("component", "sink"))
-			if err != nil {
-				return err
-			}
-			s.nats = sink
 			m := map[string]bridge.Sink{}
-			for name := range js {
-				m[name] = sink
+			if len(js) > 0 {
+				sink, err := natsjs.NewSink(js, natsjs.SinkConfig{MaxPending: sinkMaxPending(o.cfg)}, log.With("component", "sink"))
+				if err != nil {
+					return err
+				}
+				s.nats = sink
+				for name := range js {
+					m[name] = sink
+				}
 			}
+			rq.addSinks(m)
 			s.lookup = bridge.StaticSinks(m)
 			return nil
 		},
@@ -385,14 +392,20 @@ type sourcesComp struct {
 	list  []bridge.Source
 }
 
-func newSources(lc fx.Lifecycle, o *runOptions, b *brokers, health *bridge.Health, log *slog.Logger) *sourcesComp {
+func newSources(lc fx.Lifecycle, o *runOptions, b *brokers, rq *rmqComp, health *bridge.Health, log *slog.Logger) *sourcesComp {
 	s := &sourcesComp{}
 	pl := o.cfg.Pipeline
 	lc.Append(fx.Hook{
 		OnStart: func(ctx context.Context) error {
 			for _, r := range o.table.Rules() {
 				if !r.Source.IsNATS() {
-					return fmt.Errorf("rule %s: RocketMQ sources are not supported by this build", r.Name)
+					src, err := rq.newSource(r)
+					if err != nil {
+						return err
+					}
+					s.rules = append(s.rules, r.Name)
+					s.list = append(s.list, src)
+					continue
 				}
 				rule := r.Name
 				src, err := natsjs.NewSource(ctx, b.js[r.Source.Broker], natsjs.SourceConfig{
