@@ -56,6 +56,10 @@ func IgnoreClientGoroutines() []goleak.Option {
 		// Pull loops end only after their in-flight pull returns (up to 30s) or an error back-off.
 		goleak.IgnoreAnyFunction(mod + "consumer.(*pushConsumer).pullMessage"),
 		goleak.IgnoreAnyFunction(mod + "consumer.(*pushConsumer).pullMessage.func1"),
+		goleak.IgnoreAnyFunction(mod + "consumer.(*defaultPullConsumer).pullMessage"),
+		goleak.IgnoreAnyFunction(mod + "consumer.(*defaultPullConsumer).pullMessage.func1"),
+		// The pull consumer's dispatcher starts each queue's pull loop on a goroutine of its own.
+		goleak.IgnoreAnyFunction(mod + "consumer.(*defaultPullConsumer).Start.func1.1.1"),
 		// Requests in flight when the client shut its connections wait for their own timeout: closing
 		// a connection does not fail its pending futures.
 		goleak.IgnoreAnyFunction(mod + "internal/remote.(*ResponseFuture).waitResponse"),
