@@ -192,3 +192,39 @@ func TestHeldRanges(t *testing.T) {
 		t.Fatalf("%v, want %v", got, want)
 	}
 }
+
+// Keys that share a lane do not wait for each other: with one lane, a key
+// whose publish hangs does not delay another key; its own later messages
+// wait behind it.
+func TestKeysSharingALaneDoNotBlockEachOther(t *testing.T) {
+	s := newTestSink()
+	a, b := keyFor(10, 1), keyFor(20, 2)
+	s.block, s.blockOf = make(chan struct{}), a
+	e := newEnv(t, Config{Lanes: 1}, rulesDoc(1, "", 0), s, nil)
+	a1 := handle(t, e, "t", a, "a1")
+	a2 := handle(t, e, "t", a, "a2")
+	var bs []*ackRec
+	for i := range 5 {
+		bs = append(bs, handle(t, e, "t", b, fmt.Sprintf("b%d", i)))
+	}
+	for _, x := range bs {
+		if err := x.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if a1.isSettled() || a2.isSettled() {
+		t.Fatal("a settled while its publish hangs")
+	}
+	if got := subjectsOf(s.published(), a); len(got) != 0 {
+		t.Fatalf("a2 published before a1 confirmed: %v", got)
+	}
+	close(s.block)
+	for _, x := range []*ackRec{a1, a2} {
+		if err := x.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := subjectsOf(s.published(), a); strings.Join(got, ",") != "cell.rz00.t a1,cell.rz00.t a2" {
+		t.Fatalf("got %v", got)
+	}
+}

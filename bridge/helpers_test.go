@@ -81,6 +81,7 @@ type testSink struct {
 	delay   time.Duration // max random delay before done; 0: done at once
 	fail    func(o *Outgoing, attempt int) error
 	block   chan struct{} // when non-nil, confirms wait for it to close
+	blockOf string        // when set, only messages with this X-User-Id wait for block
 	mu      sync.Mutex
 	got     []published
 	tries   map[string]int
@@ -124,7 +125,7 @@ func (s *testSink) PublishAsync(ctx context.Context, o *Outgoing, done func(erro
 		s.mu.Unlock()
 		done(err)
 	}
-	if s.block != nil {
+	if s.block != nil && (s.blockOf == "" || s.blockOf == key) {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()

@@ -114,8 +114,8 @@ func (p *Pipeline) recycle(t *task) {
 	taskPool.Put(t)
 }
 
-// finish settles the lane's active message t, makes the lane's next message
-// active, recycles t and returns the next message.
+// finish settles the active message t, makes the next message of its key
+// active, recycles t and returns that message.
 func (p *Pipeline) finish(t *task, result error) *task {
 	p.settle(t, result)
 	n := p.next(t)
@@ -130,16 +130,53 @@ func (p *Pipeline) refuse(t *task, result error) {
 	p.recycle(t)
 }
 
-// lane serialises messages whose keys hash to it: at most one (active) is
-// between dispatch and settle; the others wait in FIFO order. Parked (held)
-// messages wait per (rule, key) so that a held key never blocks other keys
-// of the lane.
+// lane serialises the messages of each key that hashes to it: per key at
+// most one message is active (between dispatch and settle); later messages of
+// that key wait in the lane's queue, in arrival order. Keys that merely
+// share the lane do not wait for each other (a hash collision costs a short
+// scan, never a round trip). Parked (held) messages wait per (rule, key).
 type lane struct {
 	mu           sync.Mutex
-	seq          uint64 // last arrival number given out
-	active       *task
-	qhead, qtail *task
+	seq          uint64             // last arrival number given out
+	active       []*task            // of pairwise different keys; usually 0 or 1
+	qhead, qtail *task              // waiting messages, in seq order
 	parked       map[parkKey]*parkQ // nil when nothing is parked
+}
+
+// activeKey reports whether a message of key is active.
+func (l *lane) activeKey(key string) bool {
+	for _, a := range l.active {
+		if a.laneKey == key {
+			return true
+		}
+	}
+	return false
+}
+
+// busy reports whether a message of key is active or queued: a new message
+// of key must queue behind it.
+func (l *lane) busy(key string) bool {
+	if l.activeKey(key) {
+		return true
+	}
+	for q := l.qhead; q != nil; q = q.qnext {
+		if q.laneKey == key {
+			return true
+		}
+	}
+	return false
+}
+
+func (l *lane) removeActive(t *task) {
+	for i, a := range l.active {
+		if a == t {
+			last := len(l.active) - 1
+			l.active[i] = l.active[last]
+			l.active[last] = nil
+			l.active = l.active[:last]
+			return
+		}
+	}
 }
 
 type parkKey struct{ rule, key string }
@@ -185,16 +222,31 @@ func (l *lane) push(t *task) {
 	l.qtail = t
 }
 
-// popLocked takes the next queued message whose key is not parked; queued
-// messages of parked keys join their park queue (order). Messages refused
-// for lack of park space are returned for a Hold ack outside the lock.
-func (p *Pipeline) popLocked(l *lane) (*task, []*task) {
+// nextOfKeyLocked activates the oldest queued message of key, after the
+// key's active message finished or was parked. Queued messages of the key
+// whose (rule, key) is parked join their park queue on the way (order).
+// Messages refused for lack of park space are returned for a Hold ack
+// outside the lock. Messages of other keys are not affected: they wait only
+// for their own key.
+func (p *Pipeline) nextOfKeyLocked(l *lane, key string) (*task, []*task) {
 	var over []*task
-	for l.qhead != nil {
-		t := l.qhead
-		l.qhead = t.qnext
-		if l.qhead == nil {
-			l.qtail = nil
+	if l.activeKey(key) {
+		return nil, nil
+	}
+	var prev *task
+	for t := l.qhead; t != nil; {
+		nx := t.qnext
+		if t.laneKey != key {
+			prev, t = t, nx
+			continue
+		}
+		if prev == nil {
+			l.qhead = nx
+		} else {
+			prev.qnext = nx
+		}
+		if l.qtail == t {
+			l.qtail = prev
 		}
 		t.qnext = nil
 		if l.parked != nil && t.poison == "" && !t.dlq {
@@ -202,9 +254,11 @@ func (p *Pipeline) popLocked(l *lane) (*task, []*task) {
 				if !p.parkLocked(l, t) {
 					over = append(over, t)
 				}
+				t = nx
 				continue
 			}
 		}
+		l.active = append(l.active, t)
 		return t, over
 	}
 	return nil, over
@@ -269,12 +323,9 @@ func (p *Pipeline) parkLocked(l *lane, t *task) bool {
 func (p *Pipeline) parkActive(t *task) *task {
 	l := t.lane
 	l.mu.Lock()
-	if l.active == t {
-		l.active = nil
-	}
+	l.removeActive(t)
 	ok := p.parkLocked(l, t)
-	n, over := p.popLocked(l)
-	l.active = n
+	n, over := p.nextOfKeyLocked(l, t.laneKey)
 	l.mu.Unlock()
 	if !ok {
 		p.refuse(t, Hold(p.cfg.HoldDelay))
@@ -300,8 +351,7 @@ func (p *Pipeline) recheckParked() {
 	}
 	p.parkMu.Unlock()
 	for _, l := range lanes {
-		var start *task
-		var over []*task
+		var start, over []*task
 		l.mu.Lock()
 		// Load the table under the lane lock: every message parked in this
 		// lane was parked under this table or an older one, so a release
@@ -331,6 +381,11 @@ func (p *Pipeline) recheckParked() {
 			p.heldN.Add(-int64(q.n))
 			p.budget.force(q.n)
 			l.merge(q.head)
+			n, ov := p.nextOfKeyLocked(l, q.key)
+			if n != nil {
+				start = append(start, n)
+			}
+			over = append(over, ov...)
 		}
 		if len(l.parked) == 0 {
 			l.parked = nil
@@ -338,16 +393,12 @@ func (p *Pipeline) recheckParked() {
 			delete(p.parkedLanes, l)
 			p.parkMu.Unlock()
 		}
-		if l.active == nil {
-			start, over = p.popLocked(l)
-			l.active = start
-		}
 		l.mu.Unlock()
 		for _, o := range over {
 			p.refuse(o, Hold(p.cfg.HoldDelay))
 		}
-		if start != nil {
-			p.enqueue(start, phaseDispatch)
+		for _, n := range start {
+			p.enqueue(n, phaseDispatch)
 		}
 	}
 }

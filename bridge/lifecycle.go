@@ -310,15 +310,21 @@ func (p *Pipeline) drain(ctx context.Context) error {
 			delete(l.parked, k)
 		}
 		l.parked = nil
-		if a := l.active; a != nil {
+		for i := 0; i < len(l.active); {
+			a := l.active[i]
 			a.mu.Lock()
-			if a.timer != nil && a.timer.Stop() {
+			stopped := a.timer != nil && a.timer.Stop()
+			if stopped {
 				// The retry will not fire: nobody else owns a now.
 				a.timer = nil
-				l.active = nil
-				nack = append(nack, a)
 			}
 			a.mu.Unlock()
+			if stopped {
+				l.removeActive(a)
+				nack = append(nack, a)
+				continue
+			}
+			i++
 		}
 		l.mu.Unlock()
 	}

@@ -306,12 +306,12 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		}
 		return nil
 	}
-	if l.active != nil {
+	if l.busy(t.laneKey) {
 		l.push(t)
 		l.mu.Unlock()
 		return nil
 	}
-	l.active = t
+	l.active = append(l.active, t)
 	l.mu.Unlock()
 	if p.inline {
 		p.run(t)
@@ -538,20 +538,13 @@ func (t *task) retryNow() {
 	t.p.enqueue(t, phaseDispatch)
 }
 
-// next makes the lane's following message active after t finished (settled
-// or parked) and returns it, or nil when the lane is idle.
+// next makes the following message of t's key active after t finished
+// (settled) and returns it, or nil when none waits.
 func (p *Pipeline) next(t *task) *task {
 	l := t.lane
 	l.mu.Lock()
-	if l.active == t {
-		l.active = nil
-	}
-	if l.active != nil {
-		l.mu.Unlock()
-		return nil
-	}
-	n, over := p.popLocked(l)
-	l.active = n
+	l.removeActive(t)
+	n, over := p.nextOfKeyLocked(l, t.laneKey)
 	l.mu.Unlock()
 	for _, o := range over {
 		p.refuse(o, Hold(p.cfg.HoldDelay))
