@@ -32,7 +32,7 @@ type task struct {
 }
 
 // taskData is the per-message state, zeroed on reuse. Its fields are owned
-// by whichever goroutine holds the task as its lane's active message (one at
+// by whichever goroutine holds the task as an active message of its lane (one at
 // a time; hand-offs go through the jobs channel or lane.mu).
 type taskData struct {
 	m    *Message
@@ -318,8 +318,8 @@ func (p *Pipeline) parkLocked(l *lane, t *task) bool {
 	return true
 }
 
-// parkActive parks the lane's active message t (its route became held) and
-// returns the lane's next message.
+// parkActive parks the active message t (its route became held) and
+// returns the next message of its key to dispatch.
 func (p *Pipeline) parkActive(t *task) *task {
 	l := t.lane
 	l.mu.Lock()

@@ -350,7 +350,7 @@ func (p *Pipeline) run(t *task) {
 	}
 }
 
-// dispatch moves the lane's active message t one step: route again if the
+// dispatch moves the active message t one step: route again if the
 // rules changed, then park, dead-letter or forward it. It returns the lane's
 // next message when t is finished, nil while t is pending (publish or retry).
 func (p *Pipeline) dispatch(t *task) *task {
@@ -446,7 +446,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 
 // published is the sink's done callback; it must not block. With a local
 // dedupe store a confirmation is completed right here (commit, ack: neither
-// waits), saving a goroutine hand-off per message; the lane's next message
+// waits), saving a goroutine hand-off per message; the key's next message
 // and every failure go to the workers, because dispatching may block.
 func (t *task) published(err error) {
 	p := t.p
@@ -511,8 +511,8 @@ func (p *Pipeline) complete(t *task) *task {
 	return p.retry(t)
 }
 
-// retry schedules another attempt of the lane's active message t after a
-// capped exponential backoff; the lane waits meanwhile (order).
+// retry schedules another attempt of the active message t after a
+// capped exponential backoff; later messages of its key wait meanwhile (order).
 func (p *Pipeline) retry(t *task) *task {
 	if p.draining.Load() {
 		return p.finish(t, errDraining)
