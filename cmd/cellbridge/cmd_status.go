@@ -1,0 +1,188 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/cellbridge/cellbridge/bridge"
+)
+
+var statusFlags struct {
+	addr    string
+	jsonOut bool
+	timeout time.Duration
+}
+
+func init() {
+	fs := newFlagSet("status")
+	f := &statusFlags
+	fs.StringVar(&f.addr, "addr", "http://127.0.0.1:9090", "the bridge's HTTP `URL` (or host:port)")
+	fs.BoolVar(&f.jsonOut, "json", false, "print /status as the bridge sends it (JSON)")
+	fs.DurationVar(&f.timeout, "timeout", 5*time.Second, "give up after this long")
+	register(&command{
+		name:    "status",
+		summary: "show a running bridge's rules version, in-flight, held (per shard range) and backlog",
+		usage: `Usage: cellbridge status [-addr http://127.0.0.1:9090] [-json]
+
+Reads /status of a running bridge and prints: readiness (and why not), the
+rules version it routes with, and per topic rule the messages in flight, the
+messages held because their shard is blocked (per shard range, with the age
+of the oldest), the age of the oldest unacknowledged message and the backlog
+at the source. During a cell switch this is step 2's view: the held ranges
+should be exactly the blocked ones, and they drain after the unblocking rules.
+
+Each replica answers for itself: in Kubernetes, port-forward one pod at a time
+(kubectl -n cellbridge port-forward pod/POD 9090:9090).
+
+Exit status 0 when the bridge answered (ready or not), 1 when it cannot be
+reached or answers with an error.`,
+		flags: fs,
+		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+			if len(args) > 0 {
+				return usageError(stderr, "status", "unexpected arguments: %s", strings.Join(args, " "))
+			}
+			base, err := bridgeBaseURL(f.addr)
+			if err != nil {
+				return usageError(stderr, "status", "-addr: %v", err)
+			}
+			ctx, cancel := context.WithTimeout(ctx, f.timeout)
+			defer cancel()
+			body, err := fetchStatus(ctx, base)
+			if err != nil {
+				fmt.Fprintf(stderr, "cellbridge status: %v\n", err)
+				return exitError
+			}
+			if f.jsonOut {
+				_, _ = stdout.Write(body)
+				return exitOK
+			}
+			var st bridge.Status
+			if err := json.Unmarshal(body, &st); err != nil {
+				fmt.Fprintf(stderr, "cellbridge status: %s/status is not a bridge status: %v\n", base, err)
+				return exitError
+			}
+			writeStatus(stdout, base, st, time.Now())
+			return exitOK
+		},
+	})
+}
+
+// bridgeBaseURL accepts http(s)://host:port[/prefix] or host:port.
+func bridgeBaseURL(addr string) (string, error) {
+	if !strings.Contains(addr, "://") {
+		addr = "http://" + addr
+	}
+	u, err := url.Parse(addr)
+	if err != nil {
+		return "", err
+	}
+	if u.Host == "" {
+		return "", fmt.Errorf("no host in %q", addr)
+	}
+	return strings.TrimRight(u.String(), "/"), nil
+}
+
+// fetchStatus GETs base/status; its errors say what an operator should
+// check.
+func fetchStatus(ctx context.Context, base string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/status", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		var op *net.OpError
+		switch {
+		case errors.Is(err, context.DeadlineExceeded):
+			return nil, fmt.Errorf("no answer from the bridge at %s within %s", base, statusFlags.timeout)
+		case errors.As(err, &op):
+			return nil, fmt.Errorf("cannot reach the bridge at %s: %v\n(is it running, and is this its HTTP address? pass -addr; in Kubernetes port-forward a pod first)", base, op.Err)
+		}
+		return nil, fmt.Errorf("cannot reach the bridge at %s: %w", base, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return nil, fmt.Errorf("reading %s/status: %w", base, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s/status answered %s: %s", base, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return body, nil
+}
+
+// writeStatus prints st for an operator.
+func writeStatus(w io.Writer, base string, st bridge.Status, now time.Time) {
+	switch {
+	case !st.RulesLoaded:
+		fmt.Fprintf(w, "bridge %s: NOT READY, no rules loaded\n", base)
+	case st.Ready:
+		fmt.Fprintf(w, "bridge %s: ready, rules version %d\n", base, st.RulesVersion)
+	default:
+		fmt.Fprintf(w, "bridge %s: NOT READY, rules version %d\n", base, st.RulesVersion)
+	}
+	if !st.Ready && st.NotReady != "" {
+		for _, l := range strings.Split(strings.TrimSpace(st.NotReady), "\n") {
+			fmt.Fprintf(w, "  not ready: %s\n", l)
+		}
+	}
+	fmt.Fprintf(w, "in flight %d of %d, held %d of %d\n", st.InFlight, st.MaxInFlight, st.Held, st.MaxHeld)
+	if len(st.Rules) == 0 {
+		fmt.Fprintln(w, "\nno topic rule has seen a message yet")
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 2, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "rule\tin flight\theld\toldest held\toldest unacked\tbacklog\tlast forward\t\n")
+	for _, r := range st.Rules {
+		oldestHeld := "-"
+		if r.Held > 0 {
+			oldestHeld = age(r.HeldOldestAgeSeconds)
+		}
+		last := "never"
+		if !r.LastProgress.IsZero() && r.LastProgress.Unix() > 0 {
+			last = age(now.Sub(r.LastProgress).Seconds()) + " ago"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%s\t\n", r.Rule, r.InFlight, r.Held, oldestHeld,
+			age(r.OldestUnackedAgeSeconds), r.Backlog, last)
+	}
+	_ = tw.Flush()
+
+	fmt.Fprintln(w, "\nheld by shard range (blocked shards; they flow when the rules unblock them):")
+	found := false
+	tw = tabwriter.NewWriter(w, 2, 0, 2, ' ', 0)
+	for _, r := range st.Rules {
+		for _, h := range r.HeldRanges {
+			found = true
+			fmt.Fprintf(tw, "  %s\tshards %s\t%d held\toldest %s\n", r.Rule, h.Shards, h.Held, age(h.OldestAgeSeconds))
+		}
+	}
+	_ = tw.Flush()
+	if !found {
+		fmt.Fprintln(w, "  none")
+	}
+}
+
+// age renders seconds as 0.4s, 12s, 3m05s or 2h10m.
+func age(sec float64) string {
+	d := time.Duration(sec * float64(time.Second))
+	switch {
+	case d < 10*time.Second:
+		return fmt.Sprintf("%.1fs", sec)
+	case d < time.Minute:
+		return fmt.Sprintf("%.0fs", sec)
+	case d < time.Hour:
+		return fmt.Sprintf("%dm%02ds", int(d.Minutes()), int(d.Seconds())%60)
+	default:
+		return fmt.Sprintf("%dh%02dm", int(d.Hours()), int(d.Minutes())%60)
+	}
+}

@@ -1,0 +1,176 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/drill"
+)
+
+// drillTestConfig is a modest load for the race detector on two cores:
+// ~1000 events/s for ~12s.
+func drillTestConfig(t *testing.T) drill.Config {
+	return drill.Config{
+		Rate: 1000, KeysPerShard: 2,
+		Before: 1500 * time.Millisecond, Blocked: 2500 * time.Millisecond, After: 1500 * time.Millisecond,
+		Settle: 30 * time.Second, Progress: testWriter{t}, TempDir: t.TempDir(),
+	}
+}
+
+// testWriter sends progress lines to the test log.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// checkDrillReport asserts every guarantee the drill checks, and that each
+// check had something to check (a drill that moved nothing proves nothing).
+func checkDrillReport(t *testing.T, rep *drill.Report, v0 int64) {
+	t.Helper()
+	var text bytes.Buffer
+	_ = rep.WriteText(&text)
+	t.Logf("drill report:\n%s", text.String())
+	for _, kind := range []string{
+		drill.KindBlockedForwarded, drill.KindLost, drill.KindDuplicate, drill.KindMsgID, drill.KindOrder,
+		drill.KindWrongCell, drill.KindOthersStalled, drill.KindHeldNotGrowing, drill.KindHeldOutside,
+		drill.KindNotDrained, drill.KindDownCell, drill.KindLowerAccepted, drill.KindDLQ,
+		drill.KindFailoverBlocks, drill.KindUnknownVersion, drill.KindCollect,
+	} {
+		if n := rep.Count(kind); n > 0 {
+			t.Errorf("%d violations of %s", n, kind)
+		}
+	}
+	if !rep.OK() {
+		t.Fatalf("violations: %+v", rep.Violations)
+	}
+	if !strings.Contains(text.String(), "violations: none") {
+		t.Error("the report does not say 'violations: none'")
+	}
+	if rep.Published < 5000 || rep.Arrived != rep.Published {
+		t.Errorf("published %d, arrived %d", rep.Published, rep.Arrived)
+	}
+	// Four versions: start, blocked, new owners, failover.
+	if len(rep.Phases) != 4 {
+		t.Fatalf("phases: %d, want 4", len(rep.Phases))
+	}
+	for i, p := range rep.Phases {
+		if p.Version != v0+int64(i) {
+			t.Errorf("phase %d (%s): version %d, want %d", i, p.Name, p.Version, v0+int64(i))
+		}
+	}
+	sw := rep.Switch
+	if sw.HeldMax == 0 || sw.HeldAtUnblock <= sw.HeldFirst || sw.HeldEvents == 0 || sw.Drained.IsZero() {
+		t.Errorf("switch: held %d → %d (max %d), %d held events, drained %v", sw.HeldFirst, sw.HeldAtUnblock, sw.HeldMax, sw.HeldEvents, sw.Drained)
+	}
+	if len(sw.HeldRanges) != 1 || sw.HeldRanges[0].Shards != sw.Range {
+		t.Errorf("held ranges in /status %+v, want exactly %s", sw.HeldRanges, sw.Range)
+	}
+	if sw.OthersArrived == 0 || sw.ForwardedWhileBlocked == 0 {
+		t.Errorf("other shards while blocked: %d arrived, forwarded grew %d", sw.OthersArrived, sw.ForwardedWhileBlocked)
+	}
+	// While blocked, the old owner got events of its other shards, and the
+	// new owner got nothing of the range (checked by the drill per event);
+	// after the switch the new owner has the range.
+	blocked := rep.Phases[1]
+	if blocked.PerCell[sw.From] == 0 || blocked.PerCell[sw.To] == 0 {
+		t.Errorf("blocked version per cell %v", blocked.PerCell)
+	}
+	fo := rep.Failover
+	if rep.Phases[3].PerCell[fo.Down] != 0 {
+		t.Errorf("failover version sent %d events to the down cell %s", rep.Phases[3].PerCell[fo.Down], fo.Down)
+	}
+	if rep.Phases[3].PerCell[fo.To] == 0 || len(fo.Moves) == 0 || !fo.Moves[0].Failover {
+		t.Errorf("failover: %+v, per cell %v", fo, rep.Phases[3].PerCell)
+	}
+	if len(fo.FailoverFixes) == 0 {
+		t.Errorf("failover: no other cell's failover was fixed; the example rules have one pointing at %s", fo.Down)
+	}
+	if rep.Refused.RunningAfter != v0+2 || rep.Refused.FailuresAfter <= rep.Refused.FailuresBefore {
+		t.Errorf("lower version: %+v", rep.Refused)
+	}
+	if rep.KeysMoved == 0 {
+		t.Error("no key moved cell: the order check across the switch checked nothing")
+	}
+}
+
+// TestDrillNATS runs the drill against the embedded default (NATS → NATS),
+// built by the same code as `cellbridge drill`: a planned switch of 22-32
+// from rz00 to rz10 in three steps, a lower version, and rz10 failing over to
+// rz01 (gz00's failover rz10 must change to validate).
+func TestDrillNATS(t *testing.T) {
+	data := t.TempDir()
+	dc := drillTestConfig(t)
+	dc.Move, dc.To, dc.Down = "22-32", "rz10", "rz10"
+	var stderr bytes.Buffer
+	rep, err := runDrill(testCtx(t, 2*time.Minute), &runFlags{data: data + "/nats", http: "127.0.0.1:0", natsPort: -1}, data, dc, &stderr)
+	if err != nil {
+		t.Fatalf("drill: %v\n%s", err, stderr.String())
+	}
+	checkDrillReport(t, rep, 1)
+	if rep.Switch.From != "rz00" || rep.Switch.To != "rz10" || rep.Failover.To != "rz01" {
+		t.Errorf("switch %s → %s, failover → %s", rep.Switch.From, rep.Switch.To, rep.Failover.To)
+	}
+	// Report JSON round-trips (the -json output).
+	b, err := json.Marshal(rep)
+	if err != nil || !bytes.Contains(b, []byte(`"Violations":null`)) {
+		t.Errorf("json: %v %s", err, b[:min(len(b), 200)])
+	}
+}
+
+// TestStatusCommand runs `cellbridge status` against a bridge that holds
+// messages of a blocked shard, in text and JSON, and against nothing.
+func TestStatusCommand(t *testing.T) {
+	env := newTestEnv(t)
+	writeRules(t, env.rules, "cellmap.yaml", strings.Replace(readFileT(t, env.rules+"/cellmap.yaml"), "blocked: []", `blocked: ["34"]`, 1))
+	cfg := writeFile(t, t.TempDir(), "config.yaml", fmt.Sprintf(`rules: %s
+brokers:
+  nats: {type: nats, url: %q}
+dedupe: {store: memory}
+http: {listen: "127.0.0.1:0"}
+`, env.rules, env.url))
+	b := startInProcess(t, cfg, nil)
+	// 2088000000012345: shard 34 (blocked); 2088000000000105: shard 10.
+	publishOne(t, env.js, orderMsg("orders.created", "2088000000012345", "st-1"))
+	publishOne(t, env.js, orderMsg("orders.created", "2088000000012345", "st-2"))
+	publishOne(t, env.js, orderMsg("orders.created", "2088000000000105", "st-3"))
+	eventually(t, 20*time.Second, "two held in /status", func() bool { return b.info.Pipeline.Status().Held == 2 })
+
+	code, out, errOut := runCLI(t, "status", "-addr", b.base)
+	if code != 0 {
+		t.Fatalf("status: exit %d\n%s%s", code, out, errOut)
+	}
+	for _, want := range []string{"rules version 1", "held 2 of", "orders", "shards 34", "2 held", "oldest "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status output lacks %q:\n%s", want, out)
+		}
+	}
+	t.Logf("cellbridge status:\n%s", out)
+
+	code, out, _ = runCLI(t, "status", "-json", "-addr", strings.TrimPrefix(b.base, "http://"))
+	var st bridge.Status
+	if code != 0 || json.Unmarshal([]byte(out), &st) != nil || st.RulesVersion != 1 || st.Held != 2 {
+		t.Errorf("status -json: exit %d, %+v\n%s", code, st, out)
+	}
+
+	code, _, errOut = runCLI(t, "status", "-addr", fmt.Sprintf("127.0.0.1:%d", freePort(t)))
+	if code != exitError || !strings.Contains(errOut, "cannot reach the bridge") {
+		t.Errorf("unreachable: exit %d, %q", code, errOut)
+	}
+}
+
+func readFileT(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

@@ -1,0 +1,747 @@
+package drill
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// Config describes the running bridge and the drill to run against it.
+type Config struct {
+	// BridgeURL is the bridge's HTTP base URL (http://127.0.0.1:9090).
+	BridgeURL string
+	// JetStream reaches the broker that holds the cell streams
+	// (natsjs.CellStream) and the DLQ stream. The caller owns its
+	// connection.
+	JetStream jetstream.JetStream
+	// RulesDir is the directory the bridge's watcher reloads.
+	RulesDir string
+	// Topic is the topic rule to load; "" picks the first rule by name.
+	Topic string
+	// Publisher sends the events to the rule's source; nil publishes to
+	// the rule's JetStream stream with JetStream.
+	Publisher Publisher
+
+	Rate         int // events per second (default 2000)
+	KeysPerShard int // keys per shard (default 2)
+
+	// Move is the shard range of the planned switch ("22-32"); "" takes
+	// the upper third of the first cell's last range. To is its new owner
+	// ("" = the last active cell that owns shards). Down is the cell the
+	// failover marks down ("" = To).
+	Move, To, Down string
+
+	// Phase lengths: load before the switch, the blocked step, and after
+	// each step (defaults 2s, 3s, 2s).
+	Before, Blocked, After time.Duration
+	// Settle bounds each wait for the bridge (a reload, a drain, the last
+	// arrivals); default 30s.
+	Settle time.Duration
+	// InFlightSlack is how long after a rules change a copy decided under
+	// the previous rules may still arrive (its publish had started);
+	// arrivals later than that count as violations. Default 2s.
+	InFlightSlack time.Duration
+
+	// Progress receives one line per step; nil discards.
+	Progress io.Writer
+	// TempDir is scratch space for validating rules ("" = os.TempDir()).
+	TempDir string
+}
+
+func (c *Config) defaults() {
+	if c.Rate <= 0 {
+		c.Rate = 2000
+	}
+	if c.KeysPerShard <= 0 {
+		c.KeysPerShard = 2
+	}
+	if c.Before <= 0 {
+		c.Before = 2 * time.Second
+	}
+	if c.Blocked <= 0 {
+		c.Blocked = 3 * time.Second
+	}
+	if c.After <= 0 {
+		c.After = 2 * time.Second
+	}
+	if c.Settle <= 0 {
+		c.Settle = 30 * time.Second
+	}
+	if c.InFlightSlack <= 0 {
+		c.InFlightSlack = 2 * time.Second
+	}
+	if c.Progress == nil {
+		c.Progress = io.Discard
+	}
+	if c.TempDir == "" {
+		c.TempDir = os.TempDir()
+	}
+}
+
+// drill is one run.
+type drill struct {
+	cfg   Config
+	run   string
+	start time.Time
+	bc    *bridgeClient
+	rd    *RulesDir
+	rule  *router.Rule
+	col   *collector
+
+	tables map[int64]*router.Table // by version: what each Cell-Rules-Version routed with
+
+	mu     sync.Mutex
+	events []*Event
+	ids    map[string]*Event
+	msgIDs map[string]string // payload id → the Cell-Msg-Id the publisher expects
+	pubErr error
+
+	rep *Report
+}
+
+// Run runs the drill against a running bridge and returns its report. The
+// error is for a drill that could not be carried out (bridge unreachable,
+// rules invalid, publishing failed); violations of the guarantees are in the
+// report. Run leaves the rules directory at the failover version.
+func Run(ctx context.Context, cfg Config) (*Report, error) {
+	cfg.defaults()
+	d := &drill{cfg: cfg, run: fmt.Sprintf("drill%d", time.Now().UnixNano()%1e9), start: time.Now(),
+		bc: newBridgeClient(cfg.BridgeURL), tables: map[int64]*router.Table{},
+		ids: map[string]*Event{}, msgIDs: map[string]string{}}
+	return d.runAll(ctx)
+}
+
+func (d *drill) logf(format string, a ...any) {
+	fmt.Fprintf(d.cfg.Progress, "[%5.1fs] %s\n", time.Since(d.start).Seconds(), fmt.Sprintf(format, a...))
+}
+
+func (d *drill) runAll(ctx context.Context) (*Report, error) {
+	cfg := d.cfg
+	var err error
+	if d.rd, err = OpenRulesDir(cfg.RulesDir); err != nil {
+		return nil, err
+	}
+	files0, err := ReadRuleFiles(cfg.RulesDir)
+	if err != nil {
+		return nil, err
+	}
+	t0, err := router.Load(cfg.RulesDir)
+	if err != nil {
+		return nil, fmt.Errorf("drill: the running rules: %w", err)
+	}
+	v0 := t0.Version()
+	d.tables[v0] = t0
+	if err := d.pickRule(t0); err != nil {
+		return nil, err
+	}
+	plan, err := d.plan(t0)
+	if err != nil {
+		return nil, err
+	}
+	d.rep = &Report{Run: d.run, Topic: d.rule.Name, Rate: cfg.Rate, Mode: map[bool]string{true: "ConfigMap ..data symlink swap", false: "atomic rename per file"}[d.rd.configMap]}
+	for _, c := range t0.Cells() {
+		d.rep.Cells = append(d.rep.Cells, c.Name)
+	}
+
+	// The bridge must run the rules we start from.
+	st, err := d.waitStatus(ctx, "the bridge to run rules version "+fmt.Sprint(v0), func(st bridge.Status) bool {
+		return st.RulesLoaded && st.RulesVersion == v0
+	})
+	if err != nil {
+		return nil, err
+	}
+	_ = st
+
+	keys, err := pickKeys(t0, d.rule.Name, cfg.KeysPerShard)
+	if err != nil {
+		return nil, err
+	}
+	if d.col, err = startCollector(ctx, cfg.JetStream, d.run, cellStreams(d.rep.Cells)); err != nil {
+		return nil, err
+	}
+	defer d.col.stop()
+
+	pub := cfg.Publisher
+	if pub == nil {
+		if !d.rule.Source.IsNATS() {
+			return nil, fmt.Errorf("drill: topic rule %s consumes RocketMQ; give Config.Publisher", d.rule.Name)
+		}
+		np := NewNATSPublisher(cfg.JetStream)
+		defer np.Close(context.Background())
+		pub = np
+	}
+	d.logf("load: %d events/s over %d keys (%d per shard) on topic rule %s, source %s",
+		cfg.Rate, len(keys), cfg.KeysPerShard, d.rule.Name, sourceName(d.rule))
+	lctx, stopLoad := context.WithCancel(ctx)
+	loadDone := make(chan error, 1)
+	go func() { loadDone <- d.load(lctx, pub, keys, t0) }()
+	loadStopped := false
+	stop := func() error {
+		if loadStopped {
+			return nil
+		}
+		loadStopped = true
+		stopLoad()
+		err := <-loadDone
+		fctx, cancel := context.WithTimeout(ctx, cfg.Settle)
+		defer cancel()
+		if ferr := pub.Flush(fctx); ferr != nil && err == nil {
+			err = fmt.Errorf("drill: flushing the publisher: %w", ferr)
+		}
+		return err
+	}
+	defer stop()
+
+	if err := d.scenario(ctx, files0, t0, plan); err != nil {
+		return nil, err
+	}
+	if err := stop(); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	perr := d.pubErr
+	d.mu.Unlock()
+	if perr != nil {
+		return nil, perr
+	}
+	if err := d.waitAllArrived(ctx); err != nil {
+		return nil, err
+	}
+	d.analyze()
+	return d.rep, nil
+}
+
+func sourceName(r *router.Rule) string {
+	if r.Source.IsNATS() {
+		return "nats stream " + r.Source.Stream
+	}
+	return "rocketmq topic " + r.Source.Topic
+}
+
+func (d *drill) pickRule(t *router.Table) error {
+	rules := t.Rules()
+	if len(rules) == 0 {
+		return errors.New("drill: the rules have no topic rule")
+	}
+	d.rule = rules[0]
+	if d.cfg.Topic != "" {
+		if d.rule = t.Rule(d.cfg.Topic); d.rule == nil {
+			return fmt.Errorf("drill: no topic rule %q in the running rules", d.cfg.Topic)
+		}
+	}
+	if d.rule.Target.Subject == "" {
+		return fmt.Errorf("drill: topic rule %s targets RocketMQ; the drill reads NATS cell streams", d.rule.Name)
+	}
+	return nil
+}
+
+// switchPlan is what the drill will do, decided from the starting rules.
+type switchPlan struct {
+	move     router.Range
+	from, to string
+	down     string
+}
+
+func (d *drill) plan(t *router.Table) (switchPlan, error) {
+	var p switchPlan
+	var active []router.Cell
+	for _, c := range t.Cells() {
+		if c.State != router.StateDown && len(c.Shards) > 0 {
+			active = append(active, c)
+		}
+	}
+	if len(active) < 3 {
+		return p, fmt.Errorf("drill: needs three active cells that own shards; the rules have %d", len(active))
+	}
+	if d.cfg.Move != "" {
+		r, err := router.ParseRange(d.cfg.Move)
+		if err != nil {
+			return p, fmt.Errorf("drill: -move: %w", err)
+		}
+		p.move = r
+	} else {
+		last := active[0].Shards[len(active[0].Shards)-1]
+		n := max(1, last.Len()/3)
+		p.move = router.Range{From: last.To - n + 1, To: last.To}
+	}
+	if p.move.To >= t.Shards() {
+		return p, fmt.Errorf("drill: shard range %s is outside [0, %d)", p.move, t.Shards())
+	}
+	p.from = t.Owner(p.move.From)
+	for s := p.move.From; s <= p.move.To; s++ {
+		if t.Owner(s) != p.from || t.IsBlocked(s) {
+			return p, fmt.Errorf("drill: shards %s must all belong to one cell and not be blocked", p.move)
+		}
+	}
+	p.to = d.cfg.To
+	if p.to == "" {
+		for i := len(active) - 1; i >= 0; i-- {
+			if active[i].Name != p.from {
+				p.to = active[i].Name
+				break
+			}
+		}
+	}
+	if c, ok := t.Cell(p.to); !ok || c.State == router.StateDown || p.to == p.from {
+		return p, fmt.Errorf("drill: new owner %q must be another active cell", p.to)
+	}
+	p.down = d.cfg.Down
+	if p.down == "" {
+		p.down = p.to
+	}
+	if c, ok := t.Cell(p.down); !ok || c.State == router.StateDown {
+		return p, fmt.Errorf("drill: cell to fail %q must be an active cell", p.down)
+	}
+	return p, nil
+}
+
+// load publishes events at the configured rate until ctx ends.
+func (d *drill) load(ctx context.Context, pub Publisher, keys []string, t0 *router.Table) error {
+	seq := make(map[string]int, len(keys))
+	shard := make(map[string]int, len(keys))
+	for _, k := range keys {
+		shard[k] = t0.Resolve(d.rule.Name, k).Shard
+	}
+	subject := sourceSubject(d.rule)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	start := time.Now()
+	n := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		due := int(time.Since(start).Seconds() * float64(d.cfg.Rate))
+		for ; n < due; n++ {
+			k := keys[n%len(keys)]
+			seq[k]++
+			e := &Event{ID: fmt.Sprintf("%s-%07d", d.run, n+1), Key: k, Seq: seq[k], Shard: shard[k], Subject: subject, Published: time.Now()}
+			if err := buildEvent(d.rule, d.run, e); err != nil {
+				return err
+			}
+			d.mu.Lock()
+			d.events = append(d.events, e)
+			d.ids[e.ID] = e
+			d.mu.Unlock()
+			err := pub.PublishAsync(ctx, e, func(msgID string, err error) {
+				d.mu.Lock()
+				defer d.mu.Unlock()
+				if err != nil && d.pubErr == nil {
+					d.pubErr = fmt.Errorf("drill: publishing event %s: %w", e.ID, err)
+				}
+				if msgID != "" {
+					d.msgIDs[e.ID] = msgID
+				}
+			})
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				d.mu.Lock()
+				// The event was not handed over: it is not expected.
+				d.events = d.events[:len(d.events)-1]
+				delete(d.ids, e.ID)
+				if d.pubErr == nil {
+					d.pubErr = err
+				}
+				d.mu.Unlock()
+				return err
+			}
+		}
+	}
+}
+
+// sourceSubject is a concrete subject for a NATS source filter
+// ("orders.>" → "orders.drill"), or the RocketMQ topic.
+func sourceSubject(r *router.Rule) string {
+	if !r.Source.IsNATS() {
+		return r.Source.Topic
+	}
+	toks := strings.Split(r.Source.Subject, ".")
+	for i, t := range toks {
+		if t == "*" || t == ">" {
+			toks[i] = "drill"
+		}
+	}
+	return strings.Join(toks, ".")
+}
+
+// snapshotEvents returns the events published so far.
+func (d *drill) snapshotEvents() []*Event {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.events)
+}
+
+// waitStatus polls /status every 20ms until ok holds or Settle passes.
+func (d *drill) waitStatus(ctx context.Context, what string, ok func(bridge.Status) bool) (bridge.Status, error) {
+	deadline := time.Now().Add(d.cfg.Settle)
+	var last error
+	for {
+		st, err := d.bc.Status(ctx)
+		if err == nil && ok(st) {
+			return st, nil
+		}
+		if err != nil {
+			last = err
+		}
+		if time.Now().After(deadline) {
+			if last != nil {
+				return st, fmt.Errorf("drill: waiting for %s: %w", what, last)
+			}
+			return st, fmt.Errorf("drill: waiting for %s: not within %s (bridge runs version %d)", what, d.cfg.Settle, st.RulesVersion)
+		}
+		select {
+		case <-ctx.Done():
+			return st, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// apply writes files and records the phase; it returns when the bridge runs
+// version v.
+func (d *drill) apply(ctx context.Context, name string, v int64, files map[string][]byte) (*Phase, error) {
+	t, err := LoadFiles(d.cfg.TempDir, files)
+	if err != nil {
+		return nil, fmt.Errorf("drill: rules for %s do not validate:\n%w", name, err)
+	}
+	ph := &Phase{Name: name, Version: v}
+	d.tables[v] = t
+	ph.Written = time.Now()
+	if err := d.rd.Apply(files); err != nil {
+		return nil, err
+	}
+	if _, err := d.waitStatus(ctx, fmt.Sprintf("rules version %d (%s)", v, name), func(st bridge.Status) bool {
+		return st.RulesVersion == v
+	}); err != nil {
+		return nil, err
+	}
+	ph.Effective = time.Now()
+	d.rep.Phases = append(d.rep.Phases, ph)
+	d.logf("%s: rules version %d written, running after %s", name, v, ph.Effective.Sub(ph.Written).Round(time.Millisecond))
+	return ph, nil
+}
+
+func sleepCtx(ctx context.Context, dur time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(dur):
+		return nil
+	}
+}
+
+// heldIn sums the held messages of the rule's ranges that overlap blocked.
+func heldIn(st bridge.Status, rule string, blocked []router.Range) (n int, oldest float64, outside []string) {
+	for _, r := range st.Rules {
+		if r.Rule != rule {
+			continue
+		}
+		for _, h := range r.HeldShards {
+			in := false
+			for _, b := range blocked {
+				in = in || (h.Shard >= b.From && h.Shard <= b.To)
+			}
+			if !in {
+				outside = append(outside, fmt.Sprint(h.Shard))
+				continue
+			}
+			n += h.Held
+			oldest = max(oldest, h.OldestAgeSeconds)
+		}
+	}
+	return n, oldest, outside
+}
+
+func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *router.Table, p switchPlan) error {
+	cfg := d.cfg
+	v0 := t0.Version()
+	rep := d.rep
+	rep.Phases = append(rep.Phases, &Phase{Name: "start", Version: v0})
+	d.logf("before: rules version %d; running %s", v0, cfg.Before)
+	if err := sleepCtx(ctx, cfg.Before); err != nil {
+		return err
+	}
+
+	// Planned switch. The target mapping first, so that router.Diff says
+	// what to block.
+	owners := Owners(t0)
+	for s := p.move.From; s <= p.move.To; s++ {
+		owners[s] = p.to
+	}
+	targetFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
+	if err != nil {
+		return err
+	}
+	target, err := LoadFiles(cfg.TempDir, targetFiles)
+	if err != nil {
+		return fmt.Errorf("drill: the switched rules do not validate:\n%w", err)
+	}
+	diff := router.Diff(t0, target)
+	if len(diff.Block) == 0 {
+		return errors.New("drill: router.Diff finds nothing to block for the switch")
+	}
+	sw := &rep.Switch
+	sw.Range, sw.From, sw.To, sw.Blocked = p.move.String(), p.from, p.to, diff.Block
+	blockFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 1, Blocked: diff.Block})
+	if err != nil {
+		return err
+	}
+	fwdBefore, _ := d.bc.Metric(ctx, bridge.MetricForwarded, map[string]string{"rule": d.rule.Name})
+	ph, err := d.apply(ctx, "switch step 1: block "+diff.BlockedList(), v0+1, blockFiles)
+	if err != nil {
+		return err
+	}
+	sw.BlockEffective = ph.Effective
+	fwdAtBlock, _ := d.bc.Metric(ctx, bridge.MetricForwarded, map[string]string{"rule": d.rule.Name})
+	_ = fwdBefore
+
+	// Step 2: wait, watching the held messages of the blocked ranges.
+	end := time.Now().Add(cfg.Blocked)
+	var first, last int
+	samples := 0
+	for time.Now().Before(end) {
+		st, err := d.bc.Status(ctx)
+		if err == nil {
+			n, oldest, outside := heldIn(st, d.rule.Name, diff.Block)
+			if samples == 0 {
+				first = n
+			}
+			samples++
+			last = n
+			sw.HeldMax = max(sw.HeldMax, n)
+			sw.HeldOldestSeconds = max(sw.HeldOldestSeconds, oldest)
+			if len(outside) > 0 {
+				d.violate(KindHeldOutside, "held messages in shards %s, which are not blocked", strings.Join(outside, ","))
+			}
+			for _, r := range st.Rules {
+				if r.Rule == d.rule.Name {
+					sw.HeldRanges = r.HeldRanges
+				}
+			}
+		}
+		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	sw.HeldFirst, sw.HeldAtUnblock = first, last
+	d.logf("switch step 2: held in %s grew %d → %d (oldest %.1fs) while blocked for %s",
+		diff.BlockedList(), first, last, sw.HeldOldestSeconds, cfg.Blocked)
+	if samples < 2 || last <= first || last == 0 {
+		d.violate(KindHeldNotGrowing, "held messages of the blocked shards did not grow while blocked (%d → %d over %d samples)", first, last, samples)
+	}
+	fwdAtUnblock, _ := d.bc.Metric(ctx, bridge.MetricForwarded, map[string]string{"rule": d.rule.Name})
+	sw.ForwardedWhileBlocked = int(fwdAtUnblock - fwdAtBlock)
+	if fwdAtUnblock <= fwdAtBlock {
+		d.violate(KindOthersStalled, "%s{rule=%q} did not grow while the range was blocked (%.0f → %.0f)", bridge.MetricForwarded, d.rule.Name, fwdAtBlock, fwdAtUnblock)
+	}
+
+	// Step 3: the new owners, nothing blocked. Drained when nothing is held
+	// and every event of the range published before now has arrived.
+	// The held events: those of the blocked shards published so far that
+	// have not arrived anywhere.
+	var heldIDs []string
+	for _, e := range d.snapshotEvents() {
+		if inRanges(e.Shard, diff.Block) && d.col.countArrived([]string{e.ID}) == 0 {
+			heldIDs = append(heldIDs, e.ID)
+		}
+	}
+	ph, err = d.apply(ctx, "switch step 3: new owners, unblock", v0+2, targetFiles)
+	if err != nil {
+		return err
+	}
+	sw.UnblockWritten, sw.UnblockEffective = ph.Written, ph.Effective
+	deadline := time.Now().Add(cfg.Settle)
+	for {
+		st, err := d.bc.Status(ctx)
+		if err == nil {
+			n, _, _ := heldIn(st, d.rule.Name, diff.Block)
+			if n == 0 && d.col.countArrived(heldIDs) == len(heldIDs) {
+				sw.Drained = time.Now()
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			d.violate(KindNotDrained, "%d of %d events of the blocked shards arrived within %s of unblocking",
+				d.col.countArrived(heldIDs), len(heldIDs), cfg.Settle)
+			break
+		}
+		if err := sleepCtx(ctx, 10*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	sw.HeldEvents = len(heldIDs)
+	if !sw.Drained.IsZero() {
+		d.logf("switch step 3: drained %d events of %s to %s %s after writing the rules (%s after the bridge ran them)",
+			len(heldIDs), diff.BlockedList(), p.to, sw.Drained.Sub(sw.UnblockWritten).Round(time.Millisecond),
+			sw.Drained.Sub(sw.UnblockEffective).Round(time.Millisecond))
+	}
+	if err := sleepCtx(ctx, cfg.After); err != nil {
+		return err
+	}
+
+	// A lower version must be refused.
+	rf := &rep.Refused
+	rf.Version, rf.Running = v0, v0+2
+	lowFiles, err := EditCellMap(targetFiles, CellMapEdit{Version: v0, State: map[string]string{p.down: router.StateDown},
+		Failover: failoverFixes(target, p.down)})
+	if err != nil {
+		return err
+	}
+	rf.FailuresBefore, err = d.bc.Metric(ctx, bridge.MetricRulesReloadFails, nil)
+	if err != nil {
+		return fmt.Errorf("drill: reading %s: %w", bridge.MetricRulesReloadFails, err)
+	}
+	if err := d.rd.Apply(lowFiles); err != nil {
+		return err
+	}
+	deadline = time.Now().Add(cfg.Settle)
+	for {
+		rf.FailuresAfter, _ = d.bc.Metric(ctx, bridge.MetricRulesReloadFails, nil)
+		if rf.FailuresAfter > rf.FailuresBefore || time.Now().After(deadline) {
+			break
+		}
+		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	if st, err := d.bc.Status(ctx); err == nil {
+		rf.RunningAfter = st.RulesVersion
+	}
+	if rf.FailuresAfter <= rf.FailuresBefore {
+		d.violate(KindLowerAccepted, "no refusal counted in %s within %s of writing version %d", bridge.MetricRulesReloadFails, cfg.Settle, v0)
+	}
+	if rf.RunningAfter != v0+2 {
+		d.violate(KindLowerAccepted, "after writing version %d the bridge runs version %d, want %d", v0, rf.RunningAfter, v0+2)
+	}
+	d.logf("lower version: rules version %d written over %d: refused (%s %.0f → %.0f), still running %d",
+		v0, v0+2, bridge.MetricRulesReloadFails, rf.FailuresBefore, rf.FailuresAfter, rf.RunningAfter)
+	// Put the running rules back on disk, as an operator undoes a mistake.
+	if err := d.rd.Apply(targetFiles); err != nil {
+		return err
+	}
+
+	// Disaster failover: the cell is down, every cell that failed over to
+	// it gets another failover, and nothing is blocked.
+	fo := &rep.Failover
+	fo.Down = p.down
+	if c, ok := target.Cell(p.down); ok {
+		fo.To = c.Failover
+	}
+	fixes := failoverFixes(target, p.down)
+	for _, c := range target.Cells() {
+		if f, ok := fixes[c.Name]; ok {
+			fo.FailoverFixes = append(fo.FailoverFixes, fmt.Sprintf("%s: failover %s → %s", c.Name, c.Failover, f))
+		}
+	}
+	failFiles, err := EditCellMap(targetFiles, CellMapEdit{Version: v0 + 3, State: map[string]string{p.down: router.StateDown}, Failover: fixes})
+	if err != nil {
+		return err
+	}
+	failT, err := LoadFiles(cfg.TempDir, failFiles)
+	if err != nil {
+		return fmt.Errorf("drill: the failover rules do not validate:\n%w", err)
+	}
+	fd := router.Diff(target, failT)
+	fo.Moves = fd.Moves
+	if len(fd.Block) != 0 {
+		d.violate(KindFailoverBlocks, "router.Diff wants %s blocked for a failover", fd.BlockedList())
+	}
+	ph, err = d.apply(ctx, "failover: "+p.down+" down", v0+3, failFiles)
+	if err != nil {
+		return err
+	}
+	fo.Effective = ph.Effective
+	d.logf("after the failover: load for %s more", cfg.After+cfg.Before)
+	return sleepCtx(ctx, cfg.After+cfg.Before)
+}
+
+// failoverFixes returns, for every cell whose failover is down, a live
+// replacement: down's own failover cell, or else another active cell.
+func failoverFixes(t *router.Table, down string) map[string]string {
+	dc, _ := t.Cell(down)
+	fixes := map[string]string{}
+	for _, c := range t.Cells() {
+		if c.Name == down || c.Failover != down {
+			continue
+		}
+		repl := dc.Failover
+		if repl == "" || repl == c.Name || repl == down {
+			repl = ""
+			for _, o := range t.Cells() {
+				if o.Name != c.Name && o.Name != down && o.State != router.StateDown && len(o.Shards) > 0 {
+					repl = o.Name
+					break
+				}
+			}
+		}
+		if repl != "" {
+			fixes[c.Name] = repl
+		}
+	}
+	return fixes
+}
+
+func inRanges(s int, rs []router.Range) bool {
+	for _, r := range rs {
+		if s >= r.From && s <= r.To {
+			return true
+		}
+	}
+	return false
+}
+
+// waitAllArrived waits until every published event arrived somewhere and
+// the bridge holds nothing in flight, then a moment longer for stragglers
+// (a duplicate would arrive after its original).
+func (d *drill) waitAllArrived(ctx context.Context) error {
+	events := d.snapshotEvents()
+	deadline := time.Now().Add(d.cfg.Settle)
+	for d.col.distinct() < len(events) && time.Now().Before(deadline) {
+		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	_, _ = d.waitStatus(ctx, "nothing in flight", func(st bridge.Status) bool { return st.InFlight == 0 && st.Held == 0 })
+	d.logf("load stopped: %d events published, %d arrived", len(events), d.col.distinct())
+	return sleepCtx(ctx, 500*time.Millisecond)
+}
+
+// analyze checks everything that arrived and completes the report.
+func (d *drill) analyze() {
+	in := checkInput{
+		topic: d.rule.Name, arrivals: d.col.snapshot(), tables: d.tables, phases: d.rep.Phases,
+		blocked: d.rep.Switch.Blocked, blockEffective: d.rep.Switch.BlockEffective, unblockWritten: d.rep.Switch.UnblockWritten,
+		down: d.rep.Failover.Down, failEffective: d.rep.Failover.Effective, slack: d.cfg.InFlightSlack,
+	}
+	if n := len(d.rep.Phases); n > 0 {
+		in.failVersion = d.rep.Phases[n-1].Version
+	}
+	d.mu.Lock()
+	in.events = slices.Clone(d.events)
+	in.msgIDs = maps.Clone(d.msgIDs)
+	d.mu.Unlock()
+	checkArrivals(in, d.rep)
+	d.col.mu.Lock()
+	d.rep.Foreign = d.col.foreign
+	errs := slices.Clone(d.col.errs)
+	d.col.mu.Unlock()
+	for _, err := range errs {
+		d.violate(KindCollect, "%v", err)
+	}
+}

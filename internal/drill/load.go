@@ -1,0 +1,226 @@
+package drill
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// Event is one drill event published to the topic rule's source.
+type Event struct {
+	ID    string // payload id, unique in the run: "<run>-<n>"
+	Key   string // shard key
+	Seq   int    // per-key sequence number, from 1
+	Shard int    // under the rules the drill started with
+	// Subject is the NATS subject, or the RocketMQ topic, to publish to.
+	Subject string
+	Header  map[string][]string
+	Body    []byte
+	// Published is when the event was handed to the publisher.
+	Published time.Time
+}
+
+// Publisher sends drill events to the source of the topic rule under test.
+type Publisher interface {
+	// PublishAsync sends e and calls done once with the result: nil when
+	// the source broker stored it, and msgID, the idempotency key the bridge
+	// derives for it (its Cell-Msg-Id), or "" when the publisher cannot
+	// know it. The drill calls PublishAsync from one goroutine in event
+	// order; the publisher must keep that order per key at the source.
+	// done may run on any goroutine and must not block.
+	PublishAsync(ctx context.Context, e *Event, done func(msgID string, err error)) error
+	// Flush returns when every done callback has run, or ctx ends.
+	Flush(ctx context.Context) error
+}
+
+// payload is the JSON body of a drill event. The key is also placed where the
+// topic rule reads it (see buildEvent).
+type payload struct {
+	ID   string `json:"id"`
+	Key  string `json:"key"`
+	Seq  int    `json:"seq"`
+	Run  string `json:"drill"`
+	Sent int64  `json:"sentUnixNano"`
+}
+
+// buildEvent fills e's subject, header and body so that rule reads e.Key as
+// the shard key.
+func buildEvent(rule *router.Rule, run string, e *Event) error {
+	p := payload{ID: e.ID, Key: e.Key, Seq: e.Seq, Run: run, Sent: e.Published.UnixNano()}
+	body := map[string]any{}
+	b, _ := json.Marshal(p)
+	_ = json.Unmarshal(b, &body)
+	e.Header = map[string][]string{}
+	switch k := rule.Key; {
+	case k.JSON != "":
+		// Nest the key under the dotted path; a number when it is all
+		// digits, as producers of user ids do.
+		parts := strings.Split(k.JSON, ".")
+		m := body
+		for _, p := range parts[:len(parts)-1] {
+			next, _ := m[p].(map[string]any)
+			if next == nil {
+				next = map[string]any{}
+				m[p] = next
+			}
+			m = next
+		}
+		if isDigits(e.Key) {
+			m[parts[len(parts)-1]] = json.Number(e.Key)
+		} else {
+			m[parts[len(parts)-1]] = e.Key
+		}
+	case k.Header != "":
+		e.Header[k.Header] = []string{e.Key}
+	case k.RocketMQKeys:
+		// The publisher puts e.Key into the message keys.
+	default:
+		return fmt.Errorf("drill: topic rule %s reads its key from the %s; the drill supports json, header and RocketMQ keys", rule.Name, k)
+	}
+	e.Header["X-Drill-Seq"] = []string{fmt.Sprint(e.Seq)}
+	var err error
+	e.Body, err = json.Marshal(body)
+	return err
+}
+
+func isDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// pickKeys returns perShard keys for every shard of the rule under t (keys
+// are 16-digit user ids, as in the example rules), or an error when the rule's
+// shard function does not spread them over every shard.
+func pickKeys(t *router.Table, rule string, perShard int) ([]string, error) {
+	n := t.Shards()
+	got := make([][]string, n)
+	missing := n
+	for i := 0; missing > 0 && i < 200*n*perShard; i++ {
+		k := fmt.Sprintf("2077%012d", uint64(i)*7919+13)
+		d := t.Resolve(rule, k)
+		if d.Shard < 0 || d.Shard >= n || len(got[d.Shard]) >= perShard {
+			continue
+		}
+		got[d.Shard] = append(got[d.Shard], k)
+		if len(got[d.Shard]) == perShard {
+			missing--
+		}
+	}
+	if missing > 0 {
+		return nil, fmt.Errorf("drill: could not find %d keys for each of the %d shards of rule %s", perShard, n, rule)
+	}
+	var keys []string
+	// Interleave shards so that every moment of the load touches all of them.
+	for j := range perShard {
+		for s := range n {
+			keys = append(keys, got[s][j])
+		}
+	}
+	return keys, nil
+}
+
+// NATSPublisher publishes drill events to a JetStream stream.
+type NATSPublisher struct {
+	js jetstream.JetStream
+
+	once    sync.Once
+	futs    chan natsPending
+	done    chan struct{}
+	wg      sync.WaitGroup
+	pending atomic.Int64 // published, done not yet called
+}
+
+type natsPending struct {
+	f    jetstream.PubAckFuture
+	done func(string, error)
+}
+
+var _ Publisher = (*NATSPublisher)(nil)
+
+// NewNATSPublisher publishes with js (whose connection the caller owns).
+// Close it after the last Flush.
+func NewNATSPublisher(js jetstream.JetStream) *NATSPublisher {
+	p := &NATSPublisher{js: js, futs: make(chan natsPending, 4096), done: make(chan struct{})}
+	p.wg.Add(1)
+	go p.collect()
+	return p
+}
+
+// collect waits for the acks in publish order, so that done runs in order.
+func (p *NATSPublisher) collect() {
+	defer p.wg.Done()
+	for pf := range p.futs {
+		select {
+		case ack := <-pf.f.Ok():
+			pf.done(fmt.Sprintf("%s:%d", ack.Stream, ack.Sequence), nil)
+		case err := <-pf.f.Err():
+			pf.done("", err)
+		case <-p.done:
+			pf.done("", errors.New("drill: publisher closed"))
+		}
+		p.pending.Add(-1)
+	}
+}
+
+// PublishAsync implements Publisher: the idempotency key is the source
+// stream and sequence ("ORDERS:42"), as the bridge derives it.
+func (p *NATSPublisher) PublishAsync(ctx context.Context, e *Event, done func(string, error)) error {
+	m := &nats.Msg{Subject: e.Subject, Header: nats.Header(e.Header), Data: e.Body}
+	f, err := p.js.PublishMsgAsync(m)
+	if err != nil {
+		return fmt.Errorf("drill: publish: %w", err)
+	}
+	p.pending.Add(1)
+	select {
+	case p.futs <- natsPending{f, done}: // the buffer bounds the unacknowledged window
+		return nil
+	case <-ctx.Done():
+		p.pending.Add(-1)
+		return ctx.Err()
+	}
+}
+
+// Flush implements Publisher.
+func (p *NATSPublisher) Flush(ctx context.Context) error {
+	for p.pending.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// Close stops the ack collector; pending callbacks get an error.
+func (p *NATSPublisher) Close(ctx context.Context) error {
+	p.once.Do(func() {
+		close(p.done)
+		close(p.futs)
+	})
+	stopped := make(chan struct{})
+	go func() { p.wg.Wait(); close(stopped) }()
+	select {
+	case <-stopped:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

@@ -1,0 +1,254 @@
+package drill
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/natsjs"
+)
+
+// Arrival is one drill event as found in a cell stream (or the DLQ).
+type Arrival struct {
+	Cell      string    // cell whose stream holds it; "" for the DLQ
+	Stream    string    // stream name
+	Subject   string    // subject it was published on
+	StreamSeq uint64    // sequence in that stream
+	Stored    time.Time // when the stream stored it (server clock)
+	MsgID     string    // Cell-Msg-Id
+	Version   int64     // Cell-Rules-Version (0 when absent)
+	ID        string    // payload id
+	Key       string
+	Seq       int
+}
+
+// collector follows the cell streams and the DLQ with ordered consumers and
+// keeps every drill event that arrives.
+type collector struct {
+	run string
+
+	mu       sync.Mutex
+	arrivals []Arrival
+	byID     map[string]int // arrivals per payload id
+	foreign  int            // messages of other runs or not from the drill
+	errs     []error
+
+	ccs []jetstream.ConsumeContext
+}
+
+// startCollector starts consuming streams (cell name → stream; "" for the
+// DLQ) from their current end: only what arrives from now on is seen.
+func startCollector(ctx context.Context, js jetstream.JetStream, run string, streams map[string]string) (*collector, error) {
+	c := &collector{run: run, byID: map[string]int{}}
+	for cell, stream := range streams {
+		oc, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverNewPolicy})
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			continue
+		}
+		if err != nil {
+			c.stop()
+			return nil, fmt.Errorf("drill: following stream %s: %w", stream, err)
+		}
+		cc, err := oc.Consume(func(m jetstream.Msg) { c.add(cell, stream, m) },
+			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+				if errors.Is(err, jetstream.ErrNoHeartbeat) {
+					return // the ordered consumer recreates itself
+				}
+				c.mu.Lock()
+				if len(c.errs) < 10 {
+					c.errs = append(c.errs, fmt.Errorf("stream %s: %w", stream, err))
+				}
+				c.mu.Unlock()
+			}))
+		if err != nil {
+			c.stop()
+			return nil, fmt.Errorf("drill: following stream %s: %w", stream, err)
+		}
+		c.ccs = append(c.ccs, cc)
+	}
+	return c, nil
+}
+
+func (c *collector) add(cell, stream string, m jetstream.Msg) {
+	var p payload
+	if json.Unmarshal(m.Data(), &p) != nil || p.Run != c.run {
+		c.mu.Lock()
+		c.foreign++
+		c.mu.Unlock()
+		return
+	}
+	a := Arrival{Cell: cell, Stream: stream, Subject: m.Subject(), ID: p.ID, Key: p.Key, Seq: p.Seq}
+	if md, err := m.Metadata(); err == nil {
+		a.StreamSeq, a.Stored = md.Sequence.Stream, md.Timestamp
+	}
+	h := m.Headers()
+	a.MsgID = h.Get(bridge.HeaderMsgID)
+	if a.MsgID == "" {
+		a.MsgID = h.Get(jetstream.MsgIDHeader) // DLQ copies keep the original headers
+	}
+	a.Version, _ = strconv.ParseInt(h.Get(bridge.HeaderRulesVersion), 10, 64)
+	c.mu.Lock()
+	c.arrivals = append(c.arrivals, a)
+	c.byID[a.ID]++
+	c.mu.Unlock()
+}
+
+// count returns how many distinct payload ids of ids arrived.
+func (c *collector) countArrived(ids []string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, id := range ids {
+		if c.byID[id] > 0 {
+			n++
+		}
+	}
+	return n
+}
+
+// distinct is the number of distinct payload ids that arrived.
+func (c *collector) distinct() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.byID)
+}
+
+// snapshot returns a copy of the arrivals so far.
+func (c *collector) snapshot() []Arrival {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]Arrival(nil), c.arrivals...)
+}
+
+func (c *collector) stop() {
+	for _, cc := range c.ccs {
+		cc.Stop()
+	}
+	for _, cc := range c.ccs {
+		select {
+		case <-cc.Closed():
+		case <-time.After(5 * time.Second):
+		}
+	}
+	c.ccs = nil
+}
+
+// cellStreams maps every cell of the rules (and "" for the DLQ) to the
+// stream the embedded default captures its subjects in.
+func cellStreams(cells []string) map[string]string {
+	m := map[string]string{"": natsjs.DLQStream}
+	for _, c := range cells {
+		m[c] = natsjs.CellStream(c)
+	}
+	return m
+}
+
+// bridgeClient reads a running bridge's /status and /metrics.
+type bridgeClient struct {
+	base string
+	hc   *http.Client
+}
+
+func newBridgeClient(base string) *bridgeClient {
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	return &bridgeClient{base: strings.TrimRight(base, "/"), hc: &http.Client{Timeout: 5 * time.Second}}
+}
+
+func (b *bridgeClient) get(ctx context.Context, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.base+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := b.hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return body, nil
+}
+
+// Status fetches /status.
+func (b *bridgeClient) Status(ctx context.Context) (bridge.Status, error) {
+	var st bridge.Status
+	body, err := b.get(ctx, "/status")
+	if err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal(body, &st); err != nil {
+		return st, fmt.Errorf("/status: %w", err)
+	}
+	return st, nil
+}
+
+// Metric returns the sum of every sample of the named metric in /metrics
+// whose labels include want (nil: all samples).
+func (b *bridgeClient) Metric(ctx context.Context, name string, want map[string]string) (float64, error) {
+	body, err := b.get(ctx, "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	return sumMetric(string(body), name, want), nil
+}
+
+// sumMetric sums the samples of a metric in the Prometheus text format.
+func sumMetric(text, name string, want map[string]string) float64 {
+	var sum float64
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name) {
+			continue
+		}
+		rest := line[len(name):]
+		labels := map[string]string{}
+		if strings.HasPrefix(rest, "{") {
+			end := strings.Index(rest, "}")
+			if end < 0 {
+				continue
+			}
+			for _, kv := range strings.Split(rest[1:end], ",") {
+				if k, v, ok := strings.Cut(kv, "="); ok {
+					labels[k] = strings.Trim(v, `"`)
+				}
+			}
+			rest = rest[end+1:]
+		} else if !strings.HasPrefix(rest, " ") {
+			continue // a longer name
+		}
+		match := true
+		for k, v := range want {
+			if labels[k] != v {
+				match = false
+			}
+		}
+		if !match {
+			continue
+		}
+		f, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		if err == nil {
+			sum += f
+		}
+	}
+	return sum
+}

@@ -1,0 +1,237 @@
+package drill
+
+import (
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// Violation kinds, one per guarantee the drill checks.
+const (
+	KindBlockedForwarded = "blocked_forwarded" // a blocked shard's event reached a cell while blocked
+	KindLost             = "lost"              // a published event never arrived
+	KindDuplicate        = "duplicate"         // an event (payload id or Cell-Msg-Id) arrived more than once
+	KindMsgID            = "msg_id"            // Cell-Msg-Id is not the one derived from the source
+	KindOrder            = "order"             // a key's events arrived out of sequence
+	KindWrongCell        = "wrong_cell"        // an event is not in the cell its rules version routes it to
+	KindOthersStalled    = "others_stalled"    // other shards did not flow while a range was blocked
+	KindHeldNotGrowing   = "held_not_growing"  // the held count of the blocked range did not grow
+	KindHeldOutside      = "held_outside"      // messages held in shards that are not blocked
+	KindNotDrained       = "not_drained"       // held events did not arrive after unblocking
+	KindDownCell         = "down_cell"         // an event reached the down cell after the failover
+	KindLowerAccepted    = "lower_version"     // a lower rules version was not refused
+	KindDLQ              = "dlq"               // a drill event was dead-lettered
+	KindFailoverBlocks   = "failover_blocks"   // Diff asks to block a failover
+	KindUnknownVersion   = "unknown_version"   // an arrival carries a rules version the drill never wrote
+	KindCollect          = "stream_read"       // reading a cell stream failed
+)
+
+// Violation is one broken guarantee.
+type Violation struct {
+	Kind   string `json:"kind"`
+	Detail string `json:"detail"`
+}
+
+// Phase is one rules version of the drill.
+type Phase struct {
+	Name      string    `json:"name"`
+	Version   int64     `json:"version"`
+	Written   time.Time `json:"written"`   // zero for the starting rules
+	Effective time.Time `json:"effective"` // when /status first reported the version
+	// PerCell counts the events stamped with this version, by cell.
+	PerCell map[string]int `json:"perCell"`
+	// Tail counts events stamped with this version that arrived after the
+	// next version was running (their publish had started before).
+	Tail int `json:"tail"`
+}
+
+// SwitchReport is the planned switch.
+type SwitchReport struct {
+	Range, From, To string
+	Blocked         []router.Range
+	BlockEffective  time.Time
+	// Held messages of the blocked ranges in /status: at the first sample
+	// of the blocked step, the largest, and at the last sample before
+	// unblocking; the age of the oldest.
+	HeldFirst, HeldMax, HeldAtUnblock int
+	HeldOldestSeconds                 float64
+	HeldRanges                        []bridge.RangeHeld
+	// HeldEvents is the number of events of the blocked shards that were
+	// published but had not arrived anywhere when the unblocking rules were
+	// written.
+	HeldEvents                       int
+	UnblockWritten, UnblockEffective time.Time
+	Drained                          time.Time // zero when not drained
+	// Others: events of the other shards offered and arrived while the
+	// range was blocked, and cellbridge_forwarded_total's growth then.
+	OthersOffered, OthersArrived int
+	ForwardedWhileBlocked        int
+}
+
+// RefusedReport is the lower-version check.
+type RefusedReport struct {
+	Version, Running, RunningAfter int64
+	FailuresBefore, FailuresAfter  float64
+}
+
+// FailoverReport is the disaster failover.
+type FailoverReport struct {
+	Down, To      string
+	FailoverFixes []string
+	Moves         []router.Move
+	Effective     time.Time
+	// InDownAfter counts events that arrived in the down cell after the
+	// failover was running (decided before it).
+	InDownAfter int
+}
+
+// Report is the outcome of a drill.
+type Report struct {
+	Run       string
+	Topic     string
+	Rate      int
+	Mode      string // how rules were written
+	Cells     []string
+	Published int
+	Arrived   int // distinct events that arrived
+	Foreign   int // other messages seen in the streams (not this run)
+	Phases    []*Phase
+	Switch    SwitchReport
+	Refused   RefusedReport
+	Failover  FailoverReport
+	// PerKeyMoved counts keys whose events arrived in more than one cell
+	// (they crossed the switch or the failover) with order kept.
+	KeysMoved  int
+	Violations []Violation
+}
+
+func (d *drill) violate(kind, format string, a ...any) {
+	d.rep.Violations = append(d.rep.Violations, Violation{Kind: kind, Detail: fmt.Sprintf(format, a...)})
+}
+
+// OK reports whether the drill found no violation.
+func (r *Report) OK() bool { return len(r.Violations) == 0 }
+
+// Count returns the number of violations of a kind.
+func (r *Report) Count(kind string) int {
+	n := 0
+	for _, v := range r.Violations {
+		if v.Kind == kind {
+			n++
+		}
+	}
+	return n
+}
+
+func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
+
+// WriteText prints the report for an operator.
+func (r *Report) WriteText(w io.Writer) error {
+	ew := &errWriter{w: w}
+	ew.printf("cellbridge drill %s: topic rule %s, %d events/s, rules written by %s\n", r.Run, r.Topic, r.Rate, r.Mode)
+	ew.printf("published %d events, %d arrived\n\n", r.Published, r.Arrived)
+
+	ew.printf("events per cell by the rules version stamped on them (Cell-Rules-Version):\n")
+	tw := tabwriter.NewWriter(w, 2, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "version\t")
+	for _, c := range r.Cells {
+		fmt.Fprintf(tw, "%s\t", c)
+	}
+	fmt.Fprint(tw, "after next\t \tphase\n")
+	for _, p := range r.Phases {
+		fmt.Fprintf(tw, "%d\t", p.Version)
+		for _, c := range r.Cells {
+			fmt.Fprintf(tw, "%d\t", p.PerCell[c])
+		}
+		lag := ""
+		if !p.Written.IsZero() {
+			lag = " (running " + ms(p.Effective.Sub(p.Written)) + " after the write)"
+		}
+		fmt.Fprintf(tw, "%d\t \t%s\n", p.Tail, p.Name+lag)
+	}
+	_ = tw.Flush()
+	ew.printf("  (after next: arrived after the next version was running; their publish had started before)\n")
+
+	s := r.Switch
+	ew.printf("\nplanned switch of shards %s: %s → %s\n", s.Range, s.From, s.To)
+	ew.printf("  blocked (router.Diff): %s\n", rangesText(s.Blocked))
+	ew.printf("  held while blocked (/status): %d → %d (max %d), oldest %.1fs", s.HeldFirst, s.HeldAtUnblock, s.HeldMax, s.HeldOldestSeconds)
+	for _, h := range s.HeldRanges {
+		ew.printf("; range %s: %d", h.Shards, h.Held)
+	}
+	ew.printf("\n")
+	ew.printf("  other shards while blocked: %d of %d offered events arrived; %s grew by %d\n",
+		s.OthersArrived, s.OthersOffered, bridge.MetricForwarded, s.ForwardedWhileBlocked)
+	if !s.Drained.IsZero() {
+		ew.printf("  unblock → drained: %s after writing the rules, %s after the bridge ran them (%d held events, all in %s)\n",
+			ms(s.Drained.Sub(s.UnblockWritten)), ms(s.Drained.Sub(s.UnblockEffective)), s.HeldEvents, s.To)
+	} else {
+		ew.printf("  unblock → drained: NOT DRAINED\n")
+	}
+
+	f := r.Refused
+	ew.printf("\nlower version: wrote version %d while %d ran: running %d afterwards, %s %.0f → %.0f\n",
+		f.Version, f.Running, f.RunningAfter, bridge.MetricRulesReloadFails, f.FailuresBefore, f.FailuresAfter)
+
+	fo := r.Failover
+	ew.printf("\nfailover: %s down → %s\n", fo.Down, fo.To)
+	for _, x := range fo.FailoverFixes {
+		ew.printf("  failover fixed so the rules validate: %s\n", x)
+	}
+	for _, m := range fo.Moves {
+		ew.printf("  %s → %s: shards %s (failover: %v)\n", m.From, m.To, rangesText(m.Ranges), m.Failover)
+	}
+	ew.printf("  arrived in %s after the failover was running: %d (decided before it)\n", fo.Down, fo.InDownAfter)
+	ew.printf("\nkeys that moved cell with their order kept: %d\n", r.KeysMoved)
+
+	if len(r.Violations) == 0 {
+		ew.printf("\nviolations: none\n")
+		return ew.err
+	}
+	ew.printf("\nviolations: %d\n", len(r.Violations))
+	kinds := map[string]int{}
+	for _, v := range r.Violations {
+		kinds[v.Kind]++
+	}
+	names := make([]string, 0, len(kinds))
+	for k := range kinds {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, k := range names {
+		ew.printf("  %s: %d\n", k, kinds[k])
+	}
+	for i, v := range r.Violations {
+		if i == 30 {
+			ew.printf("  ... %d more\n", len(r.Violations)-i)
+			break
+		}
+		ew.printf("  - %s: %s\n", v.Kind, v.Detail)
+	}
+	return ew.err
+}
+
+func rangesText(rs []router.Range) string {
+	s := make([]string, len(rs))
+	for i, r := range rs {
+		s[i] = r.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) printf(format string, a ...any) {
+	if e.err == nil {
+		_, e.err = fmt.Fprintf(e.w, format, a...)
+	}
+}
