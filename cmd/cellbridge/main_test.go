@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"go.uber.org/goleak"
+
+	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 )
 
 func TestMain(m *testing.M) {
@@ -20,7 +22,9 @@ func TestMain(m *testing.M) {
 	if code == 0 {
 		// Every in-process bridge (fxtest, demo) must have stopped all of
 		// its goroutines, the embedded servers' included.
-		if err := goleak.Find(); err != nil {
+		// The RocketMQ client leaves goroutines behind by design (listed,
+		// with reasons, by rmqtest).
+		if err := goleak.Find(rmqtest.IgnoreClientGoroutines()...); err != nil {
 			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
 			code = 1
 		}
