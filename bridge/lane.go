@@ -22,6 +22,10 @@ type task struct {
 	taskData
 	p    *Pipeline
 	done func(error) // t.published, bound once per pooled task
+	// hdr is a header map the task lends to messages that arrive without
+	// one; it is cleared and kept when the task is recycled (the source
+	// and the sink are done with the message by then).
+	hdr map[string][]string
 
 	mu       sync.Mutex // guards ack, settled, lastBeat, timer; arrived is written under it
 	ack      Ack        // nil once settled
@@ -58,6 +62,7 @@ type taskData struct {
 	out      Outgoing
 	hv       [6]string // backing store of the forward header values
 	hdrSaved bool
+	lentHdr  bool // m.Header is t.hdr
 
 	prev, next *task  // ruleState arrival list, guarded by rs.mu
 	qnext      *task  // lane queue or park queue, guarded by lane.mu
@@ -110,6 +115,9 @@ func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 // channel to the pool. taskData is cleared without the lock: a stale
 // heartbeat reference reads only the fields under mu.
 func (p *Pipeline) recycle(t *task) {
+	if t.lentHdr {
+		clear(t.hdr)
+	}
 	t.taskData = taskData{}
 	taskPool.Put(t)
 }

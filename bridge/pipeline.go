@@ -671,7 +671,10 @@ func (t *task) saveHeaders() {
 	}
 	t.hdrSaved = true
 	if t.m.Header == nil {
-		t.m.Header = make(map[string][]string, 8)
+		if t.hdr == nil {
+			t.hdr = make(map[string][]string, 8)
+		}
+		t.m.Header, t.lentHdr = t.hdr, true
 		return
 	}
 	for i, name := range forwardHeaders {

@@ -112,7 +112,8 @@ type Sink interface {
 	// blocks while the sink's pending limit is reached (back-pressure), and
 	// calls done with ctx's error if ctx ends first. done runs on a sink
 	// goroutine (or the caller's, for immediate failures) and must not block.
-	// The caller does not modify m until done was called.
+	// The caller does not modify m until done was called; the sink must not
+	// use m (or its Header map) after calling done.
 	PublishAsync(ctx context.Context, m *Outgoing, done func(error))
 	// Close waits for pending publishes (calling their done) within ctx and
 	// releases the sink's connections.
