@@ -194,6 +194,14 @@ func runChild(spec childSpec) (*childResult, error) {
 	}()
 	var prodErr chan error
 	if spec.Rate > 0 {
+		// Start the load once the variant consumes (its consumer exists and
+		// had a moment to issue its first pull), so that start-up does not
+		// count as latency.
+		for wait := time.Now().Add(10 * time.Second); !sourceHasConsumer(srv) && time.Now().Before(wait); {
+			time.Sleep(pollEvery)
+		}
+		time.Sleep(200 * time.Millisecond)
+		t0 = time.Now()
 		prodErr = make(chan error, 1)
 		go func() { prodErr <- pacedPublish(vctx, e.url, e.events, spec.Rate) }()
 	}
@@ -409,6 +417,20 @@ func cellCount(srv *server.Server) int {
 		}
 	}
 	return n
+}
+
+// sourceHasConsumer reports whether ORDERS has a consumer yet.
+func sourceHasConsumer(srv *server.Server) bool {
+	d, err := srv.JszAccount(&server.JSzOptions{Account: server.DEFAULT_GLOBAL_ACCOUNT, Streams: true, Consumer: true})
+	if err != nil {
+		return false
+	}
+	for _, s := range d.Streams {
+		if s.Name == "ORDERS" {
+			return len(s.Consumer) > 0
+		}
+	}
+	return false
 }
 
 // sourceSettled reports whether every consumer of ORDERS has nothing pending

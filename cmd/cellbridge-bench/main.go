@@ -21,24 +21,25 @@ import (
 )
 
 type config struct {
-	n          int
-	rounds     int
-	out        string
-	variants   string
-	soak       time.Duration
-	soakRate   float64
-	cpuprofile string
-	memprofile bool
-	seed       uint64
-	rules      string
-	tune       map[string]string
-	latency    bool
-	faults     bool
-	faultN     int
-	extra      bool
-	rmqN       int
-	rmqRounds  int
-	rmqRules   string
+	n           int
+	rounds      int
+	out         string
+	variants    string
+	soak        time.Duration
+	soakRate    float64
+	cpuprofile  string
+	memprofile  bool
+	seed        uint64
+	rules       string
+	tune        map[string]string
+	latency     bool
+	faults      bool
+	faultN      int
+	extra       bool
+	latencyRate float64
+	rmqN        int
+	rmqRounds   int
+	rmqRules    string
 }
 
 func main() {
@@ -61,6 +62,7 @@ func main() {
 	flag.Var(&tunes, "tune", "variant tuning, VARIANT:k=v,k=v (repeatable), e.g. A:window=8000,mode=fetch")
 	flag.BoolVar(&cfg.latency, "latency", true, "measure B's end-to-end latency at half of A's median rate")
 	flag.BoolVar(&cfg.faults, "faults", true, "run the fault variants B-fault and D-fault")
+	flag.Float64Var(&cfg.latencyRate, "latency-rate", 0, "offered load of the latency runs in msg/s (default: half of A's median)")
 	flag.IntVar(&cfg.faultN, "fault-n", 0, "events for the fault runs (default -n)")
 	flag.IntVar(&cfg.rmqN, "rmq-n", 20000, "events per RocketMQ run (the in-process broker and the client's synchronous sends are slower than JetStream)")
 	flag.IntVar(&cfg.rmqRounds, "rmq-rounds", 3, "alternating rounds of the RocketMQ comparison (0: skip)")
@@ -135,7 +137,8 @@ type runResult struct {
 	childResult
 	Round      int     `json:"round"`
 	MaxRSSMB   float64 `json:"max_rss_mb_process"` // getrusage of the child: whole life incl. pre-publish
-	LoadAvg    string  `json:"load_avg_1m"`        // machine load when the run ended (other work distorts msg/s)
+	LoadAvg    string  `json:"load_avg_1m"`
+	Offered    float64 `json:"offered_msgs_per_s,omitempty"` // latency runs        // machine load when the run ended (other work distorts msg/s)
 	WallSecond float64 `json:"wall_seconds"`
 }
 
@@ -193,11 +196,9 @@ var variantNames = map[string]string{
 	"D":       "D  watermill + watermill-nats",
 	"B-fault": "B-fault  cellbridge, 1st attempt of every 1000th fails",
 	"D-fault": "D-fault  watermill, 1st attempt of every 1000th fails",
-	"A-lat":   "A-latency  bare pipe at half of A's rate",
 	"R-A":     "R-A  RocketMQ bare client loop (push consumer, SendSync)",
 	"R-B":     "R-B  RocketMQ cellbridge, memory dedupe",
 	"A-hdrs":  "A-hdrs  bare pipe + the six Cell-* headers (reference, 1 run)",
-	"B-lat":   "B-latency  cellbridge at half of A's rate",
 }
 
 func benchMain(cfg config) error {
@@ -290,26 +291,36 @@ func benchMain(cfg config) error {
 				v, r.Delivered, r.N, r.Unique, r.Extra["injected_faults"], r.VerifyNote)
 		}
 	}
-	// Latency at half of A's median rate: the pipe first, as the reference
-	// for "added" latency, then cellbridge.
+	// Latency at half of A's median rate (the target) and at 30% of it
+	// (headroom left for the paced producer, which shares the machine): the
+	// pipe first, as the reference for "added" latency, then cellbridge.
 	halfRate := med("A") / 2
+	if cfg.latencyRate > 0 {
+		halfRate = cfg.latencyRate
+	}
 	if cfg.latency && halfRate > 0 {
-		for _, v := range []string{"A", "B"} {
-			if !avail[v] {
-				notes = append(notes, "latency of "+v+" at half load skipped: "+bridgeMissing)
-				continue
+		for _, lv := range []struct {
+			suffix string
+			rate   float64
+		}{{"-lat", halfRate}, {"-lat30", med("A") * 0.3}} {
+			for _, v := range []string{"A", "B"} {
+				if !avail[v] {
+					notes = append(notes, "latency of "+v+" skipped: "+bridgeMissing)
+					continue
+				}
+				s := mkSpec(v+lv.suffix, 0)
+				s.Variant = v
+				s.Rate = lv.rate
+				s.N = min(cfg.n, int(lv.rate*4)) // ~4 s of offered load
+				r, err := spawn(s, log)
+				if err != nil {
+					return err
+				}
+				r.Offered = lv.rate
+				runs[v+lv.suffix] = append(runs[v+lv.suffix], r)
+				fmt.Fprintf(log, "  latency %s at %.0f msg/s: p50 %.2f p90 %.2f p99 %.2f max %.2f ms verified=%v\n", v, lv.rate,
+					r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
 			}
-			s := mkSpec(v+"-lat", 0)
-			s.Variant = v
-			s.Rate = halfRate
-			s.N = min(cfg.n, int(halfRate*4)) // ~4 s of offered load
-			r, err := spawn(s, log)
-			if err != nil {
-				return err
-			}
-			runs[v+"-lat"] = append(runs[v+"-lat"], r)
-			fmt.Fprintf(log, "  latency %s at %.0f msg/s: p50 %.2f p90 %.2f p99 %.2f max %.2f ms verified=%v\n", v, halfRate,
-				r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
 		}
 	}
 	// RocketMQ: bare client loop vs cellbridge through the in-process broker.
@@ -420,18 +431,23 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 	res["allocs_per_msg"] = allocs["B"]
 	res["allocs_per_msg_by_variant"] = allocs
 	res["allocs_note"] = "process-wide heap allocations (runtime.MemStats.Mallocs delta over the timed phase) / N; they include the embedded nats-server's own allocations, so the bridge's share is allocs_per_msg - allocs_per_msg_by_variant.A"
-	if lr, ok := runs["B-lat"]; ok && len(lr) > 0 && lr[0].LatencyMS != nil {
-		res["p99_latency_ms_half_load"] = round2(lr[0].LatencyMS["p99"])
-		res["p50_latency_ms_half_load"] = round2(lr[0].LatencyMS["p50"])
-		res["latency_offered_msgs_per_s"] = round0(med("A") / 2)
-		res["latency_note"] = "producer publish call → message stored in the cell stream (cell stream timestamp vs producer's time header), includes the source store and the sink store; pipe_* is the bare pipe at the same load, so the latency cellbridge adds is the difference"
-		if pr, ok := runs["A-lat"]; ok && len(pr) > 0 && pr[0].LatencyMS != nil {
-			res["pipe_p99_latency_ms_half_load"] = round2(pr[0].LatencyMS["p99"])
-			res["pipe_p50_latency_ms_half_load"] = round2(pr[0].LatencyMS["p50"])
-			res["p99_added_latency_ms_half_load"] = round2(lr[0].LatencyMS["p99"] - pr[0].LatencyMS["p99"])
+	res["latency_note"] = "producer publish call → message stored in the cell stream (cell stream timestamp vs the producer's time header), so it includes the source store and the sink store; the paced producer runs in the same process and shares the 2 cores; pipe_* is the bare pipe at the same load, the latency cellbridge adds is the difference"
+	for _, lv := range []struct{ suffix, key string }{{"-lat", "half_load"}, {"-lat30", "30pct_load"}} {
+		lr, ok := runs["B"+lv.suffix]
+		if !ok || len(lr) == 0 || lr[0].LatencyMS == nil {
+			if lv.key == "half_load" {
+				res["p99_latency_ms_half_load"] = nil
+			}
+			continue
 		}
-	} else {
-		res["p99_latency_ms_half_load"] = nil
+		res["p99_latency_ms_"+lv.key] = round2(lr[0].LatencyMS["p99"])
+		res["p50_latency_ms_"+lv.key] = round2(lr[0].LatencyMS["p50"])
+		res["latency_offered_msgs_per_s_"+lv.key] = round0(lr[0].Offered)
+		if pr, ok := runs["A"+lv.suffix]; ok && len(pr) > 0 && pr[0].LatencyMS != nil {
+			res["pipe_p99_latency_ms_"+lv.key] = round2(pr[0].LatencyMS["p99"])
+			res["pipe_p50_latency_ms_"+lv.key] = round2(pr[0].LatencyMS["p50"])
+			res["p99_added_latency_ms_"+lv.key] = round2(lr[0].LatencyMS["p99"] - pr[0].LatencyMS["p99"])
+		}
 	}
 	for _, v := range []string{"B-fault", "D-fault"} {
 		if rs, ok := runs[v]; ok && len(rs) > 0 {
@@ -515,7 +531,7 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "rmq_n", "rmq_ratio_bridge_vs_pipe", "allocs_per_msg", "peak_rss_mb"} {
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "p99_latency_ms_30pct_load", "pipe_p99_latency_ms_30pct_load", "p99_added_latency_ms_30pct_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "rmq_n", "rmq_ratio_bridge_vs_pipe", "allocs_per_msg", "peak_rss_mb"} {
 		if v, ok := res[k]; ok {
 			fmt.Fprintf(w, "%-28s %v\n", k, v)
 		}
@@ -527,11 +543,11 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 				r.Extra["injected_faults"], map[bool]string{true: "", false: "  ← " + r.VerifyNote}[r.Verified])
 		}
 	}
-	for _, v := range []string{"A-lat", "B-lat"} {
+	for _, v := range []string{"A-lat", "B-lat", "A-lat30", "B-lat30"} {
 		if rs, ok := runs[v]; ok && len(rs) > 0 {
 			r := rs[0]
-			fmt.Fprintf(w, "%s: offered %.0f msg/s, %d msgs: p50 %.2f ms p90 %.2f ms p99 %.2f ms max %.2f ms (verified=%v)\n", variantNames[v],
-				med("A")/2, r.N, r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
+			fmt.Fprintf(w, "latency %-2s at %6.0f msg/s offered (%d msgs): p50 %7.2f ms  p90 %7.2f ms  p99 %7.2f ms  max %7.2f ms (verified=%v)\n",
+				r.Variant, r.Offered, r.N, r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
 		}
 	}
 	fmt.Fprintln(w)

@@ -296,5 +296,3 @@ func runRMQBridge(ctx context.Context, e *env, ns string) error {
 	defer cancel()
 	return errors.Join(runErr, p.Close(dctx), src.Close(dctx), sink.Close(dctx), store.Close(dctx))
 }
-
-func rocketMQStatus() string { return "" }
