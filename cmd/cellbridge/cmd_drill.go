@@ -138,13 +138,47 @@ func runDrillCommand(ctx context.Context, stdout, stderr io.Writer) (*drill.Repo
 	return runDrill(ctx, &rf, data, dc, stderr)
 }
 
-// runDrill copies the rules named by rf (default: the example rules) into a
-// ConfigMap-style directory under data, starts the embedded default bridge
-// on it with the app's own construction (appOptions), runs the drill with dc
-// (the bridge's addresses and the rules directory filled in) and stops the
-// bridge. The bridge logs to data/cellbridge.log.
+// runDrill runs the drill of `cellbridge drill`: the embedded default bridge
+// (rules copied from rf.rules, default the example rules), with dc's load,
+// publishing to the topic rule's JetStream stream.
 func runDrill(ctx context.Context, rf *runFlags, data string, dc drill.Config, stderr io.Writer) (*drill.Report, error) {
+	o, err := prepareDrill(rf, data, stderr)
+	if err != nil {
+		return nil, err
+	}
+	if !o.cfg.Embedded() {
+		return nil, errors.New("the drill runs the embedded default only: -config must not name brokers")
+	}
+	return drillApp(ctx, o, data, func(info runInfo) (drill.Config, func(), error) {
+		nc, err := nats.Connect(info.NATSURL, nats.Name("cellbridge-drill"))
+		if err != nil {
+			return dc, nil, err
+		}
+		js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(2048))
+		if err != nil {
+			nc.Close()
+			return dc, nil, err
+		}
+		dc.JetStream = js
+		return dc, nc.Close, nil
+	})
+}
+
+// prepareDrill copies the rules named by rf (default: the example rules)
+// into a ConfigMap-style directory data/rules, which the bridge then
+// watches, and prepares the bridge as `cellbridge run` does (rf.config may
+// name brokers).
+func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*runOptions, error) {
 	src := rf.rules
+	if src == "" {
+		cfgRules := ""
+		if rf.config != "" {
+			if c, err := LoadConfig(rf.config); err == nil {
+				cfgRules = c.Rules
+			}
+		}
+		src = cfgRules
+	}
 	if src == "" {
 		d, err := exampleRulesDir()
 		if err != nil {
@@ -166,22 +200,7 @@ func runDrill(ctx context.Context, rf *runFlags, data string, dc drill.Config, s
 	if o == nil {
 		return nil, fmt.Errorf("cannot start the bridge (exit %d)", code)
 	}
-	if !o.cfg.Embedded() {
-		return nil, errors.New("the drill runs the embedded default only: -config must not name brokers")
-	}
-	return drillApp(ctx, o, data, func(info runInfo) (drill.Config, func(), error) {
-		nc, err := nats.Connect(info.NATSURL, nats.Name("cellbridge-drill"))
-		if err != nil {
-			return dc, nil, err
-		}
-		js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(2048))
-		if err != nil {
-			nc.Close()
-			return dc, nil, err
-		}
-		dc.JetStream = js
-		return dc, nc.Close, nil
-	})
+	return o, nil
 }
 
 // drillApp starts the app of o (logging to data/cellbridge.log), lets

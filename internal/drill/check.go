@@ -95,6 +95,10 @@ func checkArrivals(in checkInput, rep *Report) {
 			}
 		}
 		inBlocked := inRanges(e.Shard, in.blocked)
+		if !in.blockEffective.IsZero() && inBlocked && a.Stored.After(in.blockEffective) && a.Stored.Before(in.unblockWritten) {
+			rep.Switch.TailAfterBlock++
+			rep.Switch.TailAfterBlockLast = max(rep.Switch.TailAfterBlockLast, a.Stored.Sub(in.blockEffective))
+		}
 		if !in.blockEffective.IsZero() && inBlocked && a.Stored.After(in.blockEffective.Add(in.slack)) && a.Stored.Before(in.unblockWritten) {
 			violate(KindBlockedForwarded, "event %s (shard %d) reached %s %s after the block was running, before the unblock was written",
 				a.ID, e.Shard, a.Cell, ms(a.Stored.Sub(in.blockEffective)))
@@ -116,7 +120,7 @@ func checkArrivals(in checkInput, rep *Report) {
 	rep.Arrived = len(byID)
 
 	for _, e := range in.events {
-		if !in.blockEffective.IsZero() && !inRanges(e.Shard, in.blocked) && !e.Published.Before(in.blockEffective) && e.Published.Before(in.unblockWritten) {
+		if !in.blockEffective.IsZero() && !inRanges(e.Shard, in.blocked) && !e.Stored.Before(in.blockEffective) && e.Stored.Before(in.unblockWritten) {
 			rep.Switch.OthersOffered++
 		}
 		switch n := byID[e.ID]; {

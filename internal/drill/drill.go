@@ -338,27 +338,31 @@ func (d *drill) load(ctx context.Context, pub Publisher, keys []string, t0 *rout
 			d.ids[e.ID] = e
 			d.mu.Unlock()
 			err := pub.PublishAsync(ctx, e, func(msgID string, err error) {
+				now := time.Now()
 				d.mu.Lock()
 				defer d.mu.Unlock()
 				if err != nil && d.pubErr == nil {
 					d.pubErr = fmt.Errorf("drill: publishing event %s: %w", e.ID, err)
+				}
+				if err == nil {
+					e.Stored = now
 				}
 				if msgID != "" {
 					d.msgIDs[e.ID] = msgID
 				}
 			})
 			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
 				d.mu.Lock()
-				// The event was not handed over: it is not expected.
+				// Not handed over (PublishAsync's contract): not expected.
 				d.events = d.events[:len(d.events)-1]
 				delete(d.ids, e.ID)
-				if d.pubErr == nil {
+				if d.pubErr == nil && ctx.Err() == nil {
 					d.pubErr = err
 				}
 				d.mu.Unlock()
+				if ctx.Err() != nil {
+					return nil
+				}
 				return err
 			}
 		}
@@ -553,14 +557,16 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 
 	// Step 3: the new owners, nothing blocked. Drained when nothing is held
 	// and every event of the range published before now has arrived.
-	// The held events: those of the blocked shards published so far that
-	// have not arrived anywhere.
+	// The held events: those of the blocked shards that the source has
+	// stored so far and that have not arrived anywhere.
 	var heldIDs []string
-	for _, e := range d.snapshotEvents() {
-		if inRanges(e.Shard, diff.Block) && d.col.countArrived([]string{e.ID}) == 0 {
+	d.mu.Lock()
+	for _, e := range d.events {
+		if inRanges(e.Shard, diff.Block) && !e.Stored.IsZero() && d.col.countArrived([]string{e.ID}) == 0 {
 			heldIDs = append(heldIDs, e.ID)
 		}
 	}
+	d.mu.Unlock()
 	ph, err = d.apply(ctx, "switch step 3: new owners, unblock", v0+2, targetFiles)
 	if err != nil {
 		return err

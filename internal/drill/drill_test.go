@@ -204,6 +204,7 @@ func (s *scenario) send(shard int, pub, at float64, cell string, v int64) *Event
 	s.seq[k]++
 	e := &Event{ID: "e" + twoDigits(s.n/100) + twoDigits(s.n%100), Key: k, Seq: s.seq[k], Shard: shard,
 		Published: s.base.Add(time.Duration(pub * float64(time.Second)))}
+	e.Stored = e.Published
 	s.in.events = append(s.in.events, e)
 	s.in.msgIDs[e.ID] = "ORDERS:" + e.ID
 	if cell != "-" {

@@ -26,8 +26,9 @@ type Event struct {
 	Subject string
 	Header  map[string][]string
 	Body    []byte
-	// Published is when the event was handed to the publisher.
-	Published time.Time
+	// Published is when the event was handed to the publisher; Stored
+	// when the source confirmed it (zero until then, or when it failed).
+	Published, Stored time.Time
 }
 
 // Publisher sends drill events to the source of the topic rule under test.
@@ -187,14 +188,12 @@ func (p *NATSPublisher) PublishAsync(ctx context.Context, e *Event, done func(st
 	if err != nil {
 		return fmt.Errorf("drill: publish: %w", err)
 	}
+	// The message is sent: its answer must be collected whatever ctx says.
+	// collect drains futs as acks arrive (or time out), and the buffer
+	// bounds the unacknowledged window.
 	p.pending.Add(1)
-	select {
-	case p.futs <- natsPending{f, done}: // the buffer bounds the unacknowledged window
-		return nil
-	case <-ctx.Done():
-		p.pending.Add(-1)
-		return ctx.Err()
-	}
+	p.futs <- natsPending{f, done}
+	return nil
 }
 
 // Flush implements Publisher.

@@ -68,10 +68,15 @@ type SwitchReport struct {
 	HeldEvents                       int
 	UnblockWritten, UnblockEffective time.Time
 	Drained                          time.Time // zero when not drained
-	// Others: events of the other shards offered and arrived while the
-	// range was blocked, and cellbridge_forwarded_total's growth then.
+	// Others: events of the other shards stored at the source, and
+	// arrived in their cells, while the range was blocked, and cellbridge_forwarded_total's growth then.
 	OthersOffered, OthersArrived int
 	ForwardedWhileBlocked        int
+	// TailAfterBlock counts events of the blocked shards that arrived after
+	// the block was running, decided under the previous rules (their
+	// publish had started), and how long after the last one arrived.
+	TailAfterBlock     int
+	TailAfterBlockLast time.Duration
 }
 
 // RefusedReport is the lower-version check.
@@ -166,7 +171,12 @@ func (r *Report) WriteText(w io.Writer) error {
 		ew.printf("; range %s: %d", h.Shards, h.Held)
 	}
 	ew.printf("\n")
-	ew.printf("  other shards while blocked: %d of %d offered events arrived; %s grew by %d\n",
+	ew.printf("  arrived after the block was running, decided before it (publish in flight): %d", s.TailAfterBlock)
+	if s.TailAfterBlock > 0 {
+		ew.printf(", the last %s after", ms(s.TailAfterBlockLast))
+	}
+	ew.printf("\n")
+	ew.printf("  other shards while blocked: %d events arrived (%d stored at the source meanwhile); %s grew by %d\n",
 		s.OthersArrived, s.OthersOffered, bridge.MetricForwarded, s.ForwardedWhileBlocked)
 	if !s.Drained.IsZero() {
 		ew.printf("  unblock → drained: %s after writing the rules, %s after the bridge ran them (%d held events, all in %s)\n",
