@@ -152,9 +152,13 @@ func checkRulesAgainstRouter(dir string) error {
 	for s := 0; s < own.shards; s++ {
 		key := fmt.Sprintf("2088000000%04d%d", s, 7)
 		d := t.Resolve("orders", key)
-		if d.Shard != s || d.Cell != own.byShard[s] || d.Target.Subject != own.subject[s] {
-			return fmt.Errorf("rules %s: shard %d: router says shard %d cell %s subject %s, the harness %s %s",
-				dir, s, d.Shard, d.Cell, d.Target.Subject, own.byShard[s], own.subject[s])
+		want, got := own.subject[s], d.Target.Subject
+		if d.Target.Topic != "" { // a RocketMQ rule
+			want, got = rmqCellTopic(own.byShard[s]), d.Target.Topic
+		}
+		if d.Shard != s || d.Cell != own.byShard[s] || got != want {
+			return fmt.Errorf("rules %s: shard %d: router says shard %d cell %s target %s, the harness %s %s",
+				dir, s, d.Shard, d.Cell, got, own.byShard[s], want)
 		}
 	}
 	return nil

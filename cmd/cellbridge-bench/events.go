@@ -158,7 +158,7 @@ func parseEvent(b []byte) (order int, user []byte, ok bool) {
 		return 0, nil, false
 	}
 	p := k + len(ko)
-	for p < len(b) && b[p] >= '0' && b[p] <= '9' {
+	for p < len(b) && b[p] >= '0' && b[p] <= '9' && p-k-len(ko) < 9 {
 		order = order*10 + int(b[p]-'0')
 		p++
 	}

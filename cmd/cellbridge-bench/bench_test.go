@@ -1,0 +1,83 @@
+package main
+
+import (
+	"bytes"
+	"path/filepath"
+	"strconv"
+	"testing"
+)
+
+func TestRulesAgreeWithRouter(t *testing.T) {
+	for _, dir := range []string{"../../bench/rules", "../../bench/rules-rmq"} {
+		abs, err := filepath.Abs(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := checkRulesAgainstRouter(abs); err != nil {
+			t.Errorf("%s: %v", dir, err)
+		}
+	}
+}
+
+func TestEventsRoundTrip(t *testing.T) {
+	evs := genEvents(1000, 7)
+	again := genEvents(1000, 7)
+	cells := map[int]bool{}
+	for i, e := range evs {
+		if !bytes.Equal(e.body, again[i].body) {
+			t.Fatalf("event %d differs between runs with the same seed", i)
+		}
+		order, user, ok := parseEvent(e.body)
+		if !ok || order != i || string(user) != e.user || len(e.user) != 16 {
+			t.Fatalf("event %d: parse = %d %q %v; body %s", i, order, user, ok, e.body)
+		}
+		if orderOfMsgID(e.id) != i {
+			t.Fatalf("event %d: id %q", i, e.id)
+		}
+		sh, ok := shardOf(user)
+		want, _ := strconv.Atoi(e.user[13:15])
+		if !ok || sh != want {
+			t.Fatalf("event %d: shard %d %v, want %d", i, sh, ok, want)
+		}
+		cells[sh/25] = true
+		if n := len(e.body); n < 80 || n > 120 {
+			t.Errorf("event %d is %d bytes, want about 100", i, n)
+		}
+	}
+	if len(cells) != 4 {
+		t.Errorf("1000 events reach %d of 4 cells", len(cells))
+	}
+}
+
+// TestVariantsSmoke runs each NATS variant once on a few events through the
+// same child code the harness uses (fresh embedded server, verification).
+func TestVariantsSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts servers")
+	}
+	rules, _ := filepath.Abs("../../bench/rules")
+	for _, v := range []string{"A", "B", "D", "B-fault"} {
+		t.Run(v, func(t *testing.T) {
+			res, err := runChild(childSpec{Variant: v, N: 3000, Seed: 3, Rules: rules, Fault: v == "B-fault"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !res.Verified {
+				t.Fatalf("not verified: %s", res.VerifyNote)
+			}
+		})
+	}
+}
+
+func FuzzParseEvent(f *testing.F) {
+	f.Add([]byte(`{"user":{"id":"2088000000001234"},"order":17}`))
+	f.Add([]byte(`{"order":`))
+	f.Add([]byte(`"id":"`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		order, user, ok := parseEvent(b)
+		if ok && (order < 0 || bytes.IndexByte(user, '"') >= 0) {
+			t.Fatalf("parse(%q) = %d %q", b, order, user)
+		}
+		_, _ = shardOf(user)
+	})
+}
