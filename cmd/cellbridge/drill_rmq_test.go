@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -28,7 +27,7 @@ type rmqPublisher struct {
 	send    func(ctx context.Context, m *primitive.Message) (*primitive.SendResult, error)
 	jobs    []chan rmqJob
 	wg      sync.WaitGroup
-	pending atomic.Int64
+	pending drill.Pending
 }
 
 type rmqJob struct {
@@ -107,16 +106,7 @@ func (p *rmqPublisher) PublishAsync(ctx context.Context, e *drill.Event, done fu
 	}
 }
 
-func (p *rmqPublisher) Flush(ctx context.Context) error {
-	for p.pending.Load() > 0 {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
-	return nil
-}
+func (p *rmqPublisher) Flush(ctx context.Context) error { return p.pending.Wait(ctx) }
 
 // TestDrillRocketMQToNATS runs the drill with a RocketMQ source (the
 // in-process test broker, driven by the real client) and NATS cell streams,

@@ -145,7 +145,7 @@ type NATSPublisher struct {
 	futs    chan natsPending
 	done    chan struct{}
 	wg      sync.WaitGroup
-	pending atomic.Int64 // published, done not yet called
+	pending Pending
 }
 
 type natsPending struct {
@@ -197,8 +197,21 @@ func (p *NATSPublisher) PublishAsync(ctx context.Context, e *Event, done func(st
 }
 
 // Flush implements Publisher.
-func (p *NATSPublisher) Flush(ctx context.Context) error {
-	for p.pending.Load() > 0 {
+func (p *NATSPublisher) Flush(ctx context.Context) error { return p.pending.Wait(ctx) }
+
+// Pending counts events handed to a publisher whose done callback has not
+// run yet; publishers use it to implement Flush. Safe for concurrent use.
+type Pending struct{ n atomic.Int64 }
+
+// Add changes the count by delta (+1 when handed over, -1 after done).
+func (p *Pending) Add(delta int64) { p.n.Add(delta) }
+
+// Load returns the count.
+func (p *Pending) Load() int64 { return p.n.Load() }
+
+// Wait polls until the count is zero or ctx ends.
+func (p *Pending) Wait(ctx context.Context) error {
+	for p.n.Load() > 0 {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
