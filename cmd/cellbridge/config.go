@@ -149,7 +149,7 @@ var configDefaults = []defaultEntry{
 	{"dedupe.ttl", "10m", "how long a committed key suppresses a repeat"},
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this"},
 	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
-	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (the consumer's MaxAckPending is maxInFlight+maxHeld)"},
+	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (the NATS consumer's MaxAckPending is maxInFlight+maxHeld+fetchBatch)"},
 	{"pipeline.lanes", "", "ordering lanes: 4 x maxInFlight (one key always uses one lane; one message per lane between publish and confirm)"},
 	{"pipeline.workers", "", "goroutines that reserve/commit/ack: GOMAXPROCS with the memory store, 256 with jetstream (each KV round trip holds one)"},
 	{"pipeline.fetchBatch", "1024", "messages requested ahead from the source (pull batch)"},
