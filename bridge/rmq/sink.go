@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 
@@ -173,14 +174,21 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		}
 		t.shutdown = p.Shutdown
 		t.send = func(ctx context.Context, m *primitive.Message) error {
-			res, err := p.SendMessageInTransaction(ctx, m)
+			slot, err := l.claimSlot(ctx, storeKeyOf(m.GetProperty(primitive.PropertyKeys), m.GetProperties()))
 			if err != nil {
 				return err
 			}
-			if res.State != primitive.CommitMessageState {
-				// Not committed locally: the half message is rolled back
-				// (by end-transaction or, failing that, by the check-back).
-				return fmt.Errorf("half message not committed (send status %d, local state %d)", res.Status, res.State)
+			m.WithProperty(HeaderTxSlot, strconv.Itoa(slot))
+			res, err := p.SendMessageInTransaction(ctx, m)
+			if err == nil && res.State != primitive.CommitMessageState {
+				err = fmt.Errorf("half message not committed (send status %d, local state %d)", res.Status, res.State)
+			}
+			if err != nil {
+				// Undecided: give the slot up (it stays used, so it is
+				// never taken again); a half message stored after all is
+				// rolled back by end-transaction or its check-back.
+				_ = l.store.Release(context.WithoutCancel(ctx), decidedKey(storeKeyOf(m.GetProperty(primitive.PropertyKeys), m.GetProperties()), slot))
+				return err
 			}
 			return nil
 		}
@@ -274,8 +282,8 @@ func (s *Sink) publish(j *job) error {
 		ctx, cancel := context.WithTimeout(j.ctx, s.cfg.SendTimeout)
 		err = j.t.send(ctx, outgoingMessage(j.m))
 		cancel()
-		if err == nil {
-			return nil
+		if err == nil || errors.Is(err, bridge.ErrDuplicate) {
+			return err
 		}
 		s.log.Debug("rocketmq send failed", "broker", j.t.name, "topic", j.m.Target.Topic, "attempt", attempt+1, "err", err)
 	}
@@ -288,7 +296,7 @@ func (s *Sink) publish(j *job) error {
 func outgoingMessage(m *bridge.Outgoing) *primitive.Message {
 	msg := primitive.NewMessage(m.Target.Topic, m.Body)
 	for k, vs := range m.Header {
-		if len(vs) == 0 || k == "" || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
+		if len(vs) == 0 || k == "" || k == HeaderTxSlot || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
 			continue
 		}
 		msg.WithProperty(k, vs[0])

@@ -2,6 +2,8 @@ package rmq
 
 import (
 	"context"
+	"errors"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -172,14 +174,15 @@ func TestSinkTransactionalCheckBack(t *testing.T) {
 	ctx := context.Background()
 	bc := brokerConfig(b)
 	bc.Transactional = true
+	l := &txListener{store: store, log: testLog(t), timeout: time.Second}
 
-	// The crashed producers: same group as the sink, local transactions as
-	// the sink's up to a point, then gone without end-transaction.
+	// The crashed bridges: same producer group as the sink; each claims a
+	// slot and sends its half message as the sink does, runs the local
+	// transaction or not, and is gone without end-transaction.
 	const topic = "checked"
 	dead := func(key string, executed bool) {
 		t.Helper()
-		l := &crashingListener{store: store, executed: executed}
-		p, err := producer.NewTransactionProducer(l,
+		p, err := producer.NewTransactionProducer(&crashingListener{real: l, executed: executed},
 			producer.WithNsResolver(bc.resolver()),
 			producer.WithGroupName("cellbridge-"+bc.Name),
 			producer.WithInstanceName(bc.instanceName("crashed")),
@@ -190,23 +193,26 @@ func TestSinkTransactionalCheckBack(t *testing.T) {
 		if err := p.Start(); err != nil {
 			t.Fatal(err)
 		}
+		slot, err := l.claimSlot(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
 		m := outgoingMessage(outgoing(topic, key))
+		m.WithProperty(HeaderTxSlot, strconv.Itoa(slot))
 		if _, err := p.SendMessageInTransaction(ctx, m); err != nil {
 			t.Fatal(err)
 		}
 		_ = p.Shutdown()
 	}
-	// 1: local transaction committed, end-transaction lost → commit.
-	_, _ = store.Reserve(ctx, "done")
+	// 1: decided, end-transaction lost → commit (and the key is committed).
 	dead("done", true)
-	// 2: died before its local transaction; reservation alive → unknown
-	// until the reservation is gone, then rollback.
-	_, _ = store.Reserve(ctx, "alive")
+	// 2: died before its local transaction: unknown while its slot is
+	// still reserved, rollback once it is not.
 	dead("alive", false)
-	// 3: died before its local transaction, and another attempt committed
-	// the key since → rollback.
-	dead("other", false)
-	_ = store.Commit(ctx, "other")
+	// 3: died before its local transaction, slot expired (released here),
+	// and a later attempt of the same key delivers it → rollback, one copy.
+	dead("retried", false)
+	_ = store.Release(ctx, decidedKey("retried", 0))
 	if n := len(b.HalfMessages()); n != 3 {
 		t.Fatalf("half messages: %d, want 3", n)
 	}
@@ -215,41 +221,50 @@ func TestSinkTransactionalCheckBack(t *testing.T) {
 	// learns the broker's address (and heartbeats to it) with its first
 	// send; from then on the broker sends it check-backs.
 	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
-	_, _ = store.Reserve(ctx, "warm")
-	if err := publish(t, s, outgoing("warm", "warm")); err != nil {
+	if err := publish(t, s, outgoing(topic, "retried")); err != nil { // takes slot 1
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "check-backs to resolve two half messages", func() bool {
 		return len(b.HalfMessages()) == 1
 	})
-	ms := b.Messages(topic)
-	if len(ms) != 1 || ms[0].Keys != "done" {
-		t.Fatalf("committed: %+v", ms)
+	keys := map[string]int{}
+	for _, m := range b.Messages(topic) {
+		keys[m.Keys]++
+	}
+	if len(keys) != 2 || keys["done"] != 1 || keys["retried"] != 1 {
+		t.Fatalf("committed: %v, want done and retried once each", keys)
+	}
+	if o, _ := store.Reserve(ctx, "done"); o != dedupe.Duplicate {
+		t.Errorf("key of the committed half: %v, want committed by the check-back", o)
 	}
 	if hm := b.HalfMessages(); hm[0].Keys != "alive" {
-		t.Fatalf("still unresolved: %q, want the reserved one", hm[0].Keys)
+		t.Fatalf("still unresolved: %q, want the one whose slot is reserved", hm[0].Keys)
 	}
-	_ = store.Release(ctx, "alive")
+	_ = store.Release(ctx, decidedKey("alive", 0)) // its reservation expires
 	waitFor(t, 10*time.Second, "the last half message to be rolled back", func() bool { return len(b.HalfMessages()) == 0 })
-	if n := len(b.Messages(topic)); n != 1 {
-		t.Fatalf("topic holds %d messages, want 1", n)
+	if n := len(b.Messages(topic)); n != 2 {
+		t.Fatalf("topic holds %d messages, want 2", n)
 	}
 	if n := len(b.DiscardedHalfMessages()); n != 0 {
 		t.Fatalf("%d half messages ran out of check-backs", n)
 	}
+	// A later attempt of a decided message is a duplicate, not a send.
+	err := publish(t, s, outgoing(topic, "done"))
+	if !errors.Is(err, bridge.ErrDuplicate) {
+		t.Fatalf("publishing a decided message again: %v, want ErrDuplicate", err)
+	}
 }
 
 // crashingListener plays a sink that dies after sending its half message:
-// with executed, after its local transaction committed the store.
+// with executed, after its local transaction.
 type crashingListener struct {
-	store    dedupe.Store
+	real     *txListener
 	executed bool
 }
 
 func (l *crashingListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
 	if l.executed {
-		real := &txListener{store: l.store, log: testLog(nil), timeout: time.Second}
-		real.ExecuteLocalTransaction(m)
+		l.real.ExecuteLocalTransaction(m)
 	}
 	return primitive.UnkonwnState // no commit reaches the broker
 }
