@@ -13,6 +13,7 @@ import (
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 	"github.com/apache/rocketmq-client-go/v2/producer"
+	"github.com/apache/rocketmq-client-go/v2/rlog"
 	"github.com/nats-io/nats.go"
 
 	"github.com/cellbridge/cellbridge/bridge"
@@ -40,6 +41,12 @@ type rmqEnv struct {
 }
 
 var rmqInstance atomic.Int64
+
+func init() {
+	// The test's own RocketMQ clients log through logrus at Info until an
+	// in-process bridge routes the client's logging to its logger.
+	rlog.SetLogLevel("error")
+}
 
 func newRMQEnv(t *testing.T, opts rmqtest.Options, ordersRule string) *rmqEnv {
 	t.Helper()

@@ -1,0 +1,410 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apache/rocketmq-client-go/v2/primitive"
+	"github.com/apache/rocketmq-client-go/v2/producer"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// The RocketMQ crash tests run `cellbridge run` as a subprocess; the rmqtest
+// broker and the nats-server run in the test process, so they survive the
+// kills. Each kills the bridge with SIGKILL several times during 20,000
+// events and checks that every event is in its owning cell exactly once.
+
+const (
+	rmqCrashEvents   = 20_000
+	rmqCrashKills    = 4
+	rmqReplicaEvents = 10_000
+	rmqSourceQueues  = 4
+	rmqSendBatch     = 200
+	rmqTopicOrders   = "orders"
+	rmqTopicPayments = "payments"
+)
+
+// rmqRulesDir writes the example cell map plus orders and payments rules
+// (the example rules' keys and shards) with the given source and target
+// kinds ("rmq" or "nats").
+func rmqRulesDir(t *testing.T, src, sink string) string {
+	t.Helper()
+	dir := exampleRules(t)
+	for _, f := range []string{"orders.yaml", "payments.yaml"} {
+		if err := os.Remove(filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range []struct{ name, stream, key string }{
+		{"orders", "ORDERS", "{json: user.id}"},
+		{"payments", "PAYMENTS", "{header: X-User-Id}"},
+	} {
+		var b strings.Builder
+		fmt.Fprintf(&b, "kind: TopicRule\nname: %s\n", r.name)
+		if src == "rmq" {
+			fmt.Fprintf(&b, "source: {broker: rmq, topic: %s, group: cellbridge-%s}\n", r.name, r.name)
+		} else {
+			fmt.Fprintf(&b, "source: {broker: nats, stream: %s, subject: \"%s.>\", group: cellbridge-%s}\n", r.stream, r.name, r.name)
+		}
+		fmt.Fprintf(&b, "key: %s\nshard: {func: digits, from: -3, to: -1}\nonMissingKey: dlq\n", r.key)
+		if sink == "rmq" {
+			fmt.Fprintf(&b, "target: {broker: rmq, topic: \"cell_{cell}_%s\"}\ndlq: {broker: rmq, topic: dlq_%s}\n", r.name, r.name)
+		} else {
+			fmt.Fprintf(&b, "target: {broker: nats, subject: \"cell.{cell}.%s\"}\ndlq: {broker: nats, subject: dlq.%s}\n", r.name, r.name)
+		}
+		writeFile(t, dir, r.name+".yaml", b.String())
+	}
+	return dir
+}
+
+// newRMQCrashEnv starts the brokers, writes rules and config, and returns a
+// crashEnv whose start/kill/stop run the bridge binary.
+func newRMQCrashEnv(t *testing.T, opts rmqtest.Options, src, sink, dedupeYAML string) (*crashEnv, *rmqtest.Broker) {
+	t.Helper()
+	if opts.MaxSuspend == 0 {
+		opts.MaxSuspend = time.Second
+	}
+	b := rmqtest.StartTB(t, opts)
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	rules := rmqRulesDir(t, src, sink)
+	table, err := router.Load(rules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ensureStreams(t, js, table)
+	if src == "rmq" {
+		for _, topic := range []string{rmqTopicOrders, rmqTopicPayments} {
+			if err := b.CreateTopic(topic, rmqSourceQueues); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	dir := t.TempDir()
+	cfg := writeFile(t, dir, "config.yaml", fmt.Sprintf(`rules: %s
+brokers:
+  nats: {type: nats, url: %q}
+  rmq: {type: rocketmq, nameservers: [%q], instancePrefix: crash, exactlyOnce: %s}
+dedupe: %s
+pipeline:
+  ackWait: 2s
+  drainTimeout: 10s
+  retry: {initial: 50ms, max: 500ms}
+log: {level: info, format: json}
+`, rules, srv.URL, b.NameServerAddr(), map[bool]string{true: "transactional", false: "none"}[sink == "rmq"], dedupeYAML))
+	return &crashEnv{t: t, js: js, table: table, config: cfg, dir: dir}, b
+}
+
+// publishRMQEvents stores n sample events in the source topics (batches of
+// one topic each) and returns where each must land, keyed by the
+// idempotency key the bridge derives (the unique message id).
+func publishRMQEvents(t *testing.T, b *rmqtest.Broker, table *router.Table, seed uint64, n int) published {
+	t.Helper()
+	p, err := producer.NewDefaultProducer(
+		producer.WithNsResolver(primitive.NewPassthroughResolver([]string{b.NameServerAddr()})),
+		producer.WithGroupName("test-crash-producer"),
+		producer.WithInstanceName(fmt.Sprintf("test-crash-%d-%d", os.Getpid(), rmqInstance.Add(1))),
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = p.Shutdown() }()
+	gen := newEventGen(seed, crashPoisonEvery)
+	exp := make(published, n)
+	type pend struct {
+		m *primitive.Message
+		e expectation
+	}
+	batches := map[string][]pend{}
+	flush := func(topic string) {
+		ps := batches[topic]
+		if len(ps) == 0 {
+			return
+		}
+		msgs := make([]*primitive.Message, len(ps))
+		for i, x := range ps {
+			msgs[i] = x.m
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		res, err := p.SendSync(ctx, msgs...)
+		if err != nil || res.Status != primitive.SendOK {
+			t.Fatalf("send batch: %v %v", res, err)
+		}
+		for _, x := range ps {
+			id := x.m.GetProperty(primitive.PropertyUniqueClientMessageIdKeyIndex)
+			if id == "" {
+				t.Fatal("sent message without UNIQ_KEY")
+			}
+			exp[id] = x.e
+		}
+		batches[topic] = ps[:0]
+	}
+	for range n {
+		ev := gen.next()
+		d := table.Route(ev.Topic, &router.Message{Subject: ev.Topic, Header: ev.Header, Body: ev.Body})
+		e := expectation{EventID: ev.ID, Topic: ev.Topic, Poison: ev.Poison, Shard: d.Shard, Subject: d.Target.Subject + d.Target.Topic}
+		switch {
+		case d.Reason == router.ReasonDLQ:
+			if ev.Poison == "" {
+				t.Fatalf("event %s routed to the DLQ but is not poison: %+v", ev.ID, d)
+			}
+		case ev.Poison != "":
+			t.Fatalf("poison event %s (%s) not routed to the DLQ: %+v", ev.ID, ev.Poison, d)
+		default:
+			e.Cell = d.Cell
+		}
+		m := primitive.NewMessage(ev.Topic, ev.Body)
+		// The client sets no unique id on the messages of a batch; a
+		// producer that wants one per message sets it itself.
+		m.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, primitive.CreateUniqID())
+		for k := range ev.Header {
+			m.WithProperty(k, ev.Header.Get(k))
+		}
+		batches[ev.Topic] = append(batches[ev.Topic], pend{m, e})
+		if len(batches[ev.Topic]) == rmqSendBatch {
+			flush(ev.Topic)
+		}
+	}
+	flush(rmqTopicOrders)
+	flush(rmqTopicPayments)
+	return exp
+}
+
+// nextKill picks the progress at which to kill the bridge that just
+// started: a random share of what is left, so that every run forwards
+// something and every kill lands mid-stream, whatever the machine's speed.
+func nextKill(rnd *rand.Rand, now, total uint64, killsLeft int) uint64 {
+	left := total - min(now, total)
+	step := left / uint64(killsLeft+1)
+	return now + step/4 + uint64(rnd.Float64()*float64(step))
+}
+
+// rmqSourceDone reports whether every queue of the source topics has its
+// committed offset at the queue's end.
+func rmqSourceDone(b *rmqtest.Broker) bool {
+	for _, topic := range []string{rmqTopicOrders, rmqTopicPayments} {
+		for q, max := range b.QueueOffsets(topic) {
+			if off, _ := b.CommittedOffset("cellbridge-"+topic, topic, q); off != max {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// TestCrashKill9RocketMQSource: RocketMQ → NATS (memory dedupe store: the
+// cell streams' Nats-Msg-Id window drops what a restarted bridge forwards
+// again), kill -9 four times during 20,000 events.
+func TestCrashKill9RocketMQSource(t *testing.T) {
+	if testing.Short() {
+		t.Skip("crash test: skipped with -short")
+	}
+	seed := crashSeed(t)
+	rnd := rand.New(rand.NewPCG(seed, 3))
+	e, b := newRMQCrashEnv(t, rmqtest.Options{}, "rmq", "nats", "{store: memory}")
+	start := time.Now()
+	e.exp = publishRMQEvents(t, b, e.table, seed, rmqCrashEvents)
+	fwd, dlq := e.exp.counts()
+	t.Logf("published %d events (%d routable, %d poison) in %v", len(e.exp), fwd, dlq, time.Since(start).Round(time.Millisecond))
+	start = time.Now()
+	for i := range rmqCrashKills {
+		p := e.start(fmt.Sprintf("run%d", i+1))
+		at := nextKill(rnd, e.progress(), uint64(len(e.exp)), rmqCrashKills-i)
+		eventually(t, 60*time.Second, fmt.Sprintf("progress %d before kill %d", at, i+1), func() bool {
+			return e.progress() >= at
+		})
+		time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond) // jitter, not synchronization
+		p.kill(t)
+		t.Logf("kill -9 #%d at %d of %d messages arrived (%v)", i+1, e.progress(), len(e.exp), time.Since(start).Round(time.Millisecond))
+	}
+	p := e.start("final")
+	eventually(t, 60*time.Second, "every event forwarded", func() bool {
+		c, d := arrived(t, e.js, e.table)
+		return c >= uint64(fwd) && d >= uint64(dlq)
+	})
+	p.stop(t) // persists the offsets
+	eventually(t, 10*time.Second, "source offsets at the end of every queue", func() bool { return rmqSourceDone(b) })
+	t.Logf("done %v after start", time.Since(start).Round(time.Millisecond))
+	e.verify()
+}
+
+// TestCrashKill9RocketMQTransactionalSink: NATS → RocketMQ with
+// exactlyOnce: transactional and the JetStream KV dedupe store, kill -9
+// four times during 20,000 events; half messages left by the killed
+// bridges are resolved by check-backs answered by the next one.
+func TestCrashKill9RocketMQTransactionalSink(t *testing.T) {
+	if testing.Short() {
+		t.Skip("crash test: skipped with -short")
+	}
+	seed := crashSeed(t)
+	rnd := rand.New(rand.NewPCG(seed, 4))
+	e, b := newRMQCrashEnv(t, rmqtest.Options{TransactionCheckDelay: time.Second, TransactionCheckInterval: 500 * time.Millisecond},
+		"nats", "rmq", "{store: jetstream, bucket: rmq-crash, ttl: 5m, reserveTTL: 2s}")
+	start := time.Now()
+	e.exp = publishEvents(t, e.js, e.table, seed, rmqCrashEvents, crashPoisonEvery)
+	fwd, dlq := e.exp.counts()
+	t.Logf("published %d events (%d routable, %d poison) in %v", len(e.exp), fwd, dlq, time.Since(start).Round(time.Millisecond))
+	progress := func() uint64 {
+		var n int64
+		for _, topic := range rmqTargetTopics(e.table) {
+			for _, q := range b.QueueOffsets(topic) {
+				n += q
+			}
+		}
+		return uint64(n)
+	}
+	start = time.Now()
+	halfSeen := 0
+	for i := range rmqCrashKills {
+		p := e.start(fmt.Sprintf("run%d", i+1))
+		at := nextKill(rnd, progress(), uint64(len(e.exp)), rmqCrashKills-i)
+		eventually(t, 60*time.Second, fmt.Sprintf("progress %d before kill %d", at, i+1), func() bool { return progress() >= at })
+		time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond) // jitter, not synchronization
+		p.kill(t)
+		halfSeen += len(b.HalfMessages())
+		t.Logf("kill -9 #%d at %d of %d messages arrived, %d half messages open (%v)", i+1, progress(), len(e.exp),
+			len(b.HalfMessages()), time.Since(start).Round(time.Millisecond))
+	}
+	p := e.start("final")
+	eventually(t, 60*time.Second, "every event forwarded, no half message open, sources acknowledged", func() bool {
+		return progress() >= uint64(len(e.exp)) && len(b.HalfMessages()) == 0 && consumersIdle(t, e.js, e.table)
+	})
+	p.stop(t)
+	t.Logf("done %v after start; half messages open right after the kills: %d; discarded: %d",
+		time.Since(start).Round(time.Millisecond), halfSeen, len(b.DiscardedHalfMessages()))
+	if os.Getenv("CELLBRIDGE_KEEP_LOGS") != "" {
+		t.Logf("logs in %s", e.dir)
+		t.Cleanup(func() { _ = os.CopyFS("/tmp/rmq-crash-logs", os.DirFS(e.dir)) })
+	}
+	verifyRMQExactlyOnce(t, b, e.table, e.exp)
+}
+
+// rmqTargetTopics lists every cell and DLQ topic of the rules.
+func rmqTargetTopics(table *router.Table) []string {
+	var out []string
+	for _, r := range table.Rules() {
+		for _, c := range table.Cells() {
+			out = append(out, r.Render(c.Name, -1).Topic)
+		}
+		if r.DLQ != nil {
+			out = append(out, r.DLQ.Topic)
+		}
+	}
+	return out
+}
+
+// verifyRMQExactlyOnce checks the RocketMQ target topics as
+// verifyExactlyOnce checks NATS streams: each event in its owning cell's
+// topic (or the DLQ topic) exactly once, counted by the idempotency key
+// (Keys, equal to Cell-Msg-Id on forwarded messages) and by the event id.
+func verifyRMQExactlyOnce(t *testing.T, b *rmqtest.Broker, table *router.Table, exp published) {
+	t.Helper()
+	byKey, byEvent := map[string]int{}, map[string]int{}
+	var problems []string
+	problem := func(format string, a ...any) {
+		if len(problems) < 20 {
+			problems = append(problems, fmt.Sprintf(format, a...))
+		}
+	}
+	perCell := map[string]int{}
+	dlqN, dlqReasons := 0, map[string]int{}
+	for _, r := range table.Rules() {
+		check := func(topic, cell string, m rmqtest.Message) {
+			id := m.Keys
+			byKey[id]++
+			e, ok := exp[id]
+			if !ok {
+				problem("%s: message with unknown key %q", topic, id)
+				return
+			}
+			if cell != "" && m.Properties[bridge.HeaderMsgID] != id {
+				problem("%s: %s: Cell-Msg-Id %q", topic, id, m.Properties[bridge.HeaderMsgID])
+			}
+			eventID := m.Properties["X-Event-Id"]
+			var body struct{ ID string }
+			if json.Unmarshal(m.Body, &body) == nil {
+				eventID = body.ID
+			}
+			byEvent[eventID]++
+			if eventID != e.EventID {
+				problem("%s: %s carries event %q, want %q", topic, id, eventID, e.EventID)
+			}
+			if e.Cell != cell || e.Topic != r.Name {
+				problem("%s: %s (event %s) in cell %q of %s, want %q of %s", topic, id, e.EventID, cell, r.Name, e.Cell, e.Topic)
+			}
+			if cell != "" && m.Properties[bridge.HeaderCell] != cell {
+				problem("%s: %s: Cell-Name %q", topic, id, m.Properties[bridge.HeaderCell])
+			}
+			if cell == "" && m.Properties[bridge.HeaderError] == "" {
+				problem("%s: %s: DLQ message without Cell-Error", topic, id)
+			}
+		}
+		for _, c := range table.Cells() {
+			topic := r.Render(c.Name, -1).Topic
+			for _, m := range b.Messages(topic) {
+				perCell[c.Name]++
+				check(topic, c.Name, m)
+			}
+		}
+		for _, m := range b.Messages(r.DLQ.Topic) {
+			dlqN++
+			dlqReasons[strings.SplitN(m.Properties[bridge.HeaderError], ":", 2)[0]]++
+			check(r.DLQ.Topic, "", m)
+		}
+	}
+	dup, dupEvent, missing := 0, 0, 0
+	for id, n := range byKey {
+		if n > 1 {
+			dup++
+			var copies []string
+			for _, topic := range rmqTargetTopics(table) {
+				for _, m := range b.Messages(topic) {
+					if m.Keys == id {
+						copies = append(copies, fmt.Sprintf("%s q%d@%d uniq=%s", topic, m.QueueID, m.QueueOffset, m.MsgID))
+					}
+				}
+			}
+			problem("key %s arrived %d times: %s", id, n, strings.Join(copies, "; "))
+		}
+	}
+	for id, n := range byEvent {
+		if n > 1 {
+			dupEvent++
+			problem("event %s arrived %d times", id, n)
+		}
+	}
+	for id, e := range exp {
+		if byKey[id] == 0 {
+			missing++
+			problem("missing: %s (event %s, cell %q)", id, e.EventID, e.Cell)
+		}
+	}
+	fwd, dlq := exp.counts()
+	sum := 0
+	for _, n := range perCell {
+		sum += n
+	}
+	t.Logf("arrived: cells %v dlq=%d %v (expected %d forwarded, %d dlq); by Cell-Msg-Id/Keys: %d distinct, %d duplicated; by event id: %d distinct, %d duplicated; missing %d",
+		perCell, dlqN, dlqReasons, fwd, dlq, len(byKey), dup, len(byEvent), dupEvent, missing)
+	if len(problems) > 0 {
+		t.Fatalf("exactly-once violated:\n%s", strings.Join(problems, "\n"))
+	}
+	if sum != fwd || dlqN != dlq {
+		t.Fatalf("arrived %d forwarded + %d dlq, want %d + %d", sum, dlqN, fwd, dlq)
+	}
+}
