@@ -46,8 +46,12 @@ func storeKeyOf(keys string, props map[string]string) string {
 	return keys
 }
 
-func decidedKey(storeKey string, slot int) string { return storeKey + "\x00tx-decided\x00" + strconv.Itoa(slot) }
-func usedKey(storeKey string, slot int) string    { return storeKey + "\x00tx-used\x00" + strconv.Itoa(slot) }
+func decidedKey(storeKey string, slot int) string {
+	return storeKey + "\x00tx-decided\x00" + strconv.Itoa(slot)
+}
+func usedKey(storeKey string, slot int) string {
+	return storeKey + "\x00tx-used\x00" + strconv.Itoa(slot)
+}
 
 // txListener commits decided(slot) inside the local transaction and answers
 // check-backs from it.
