@@ -88,30 +88,44 @@
 // # Transactional sink (exactlyOnce: transactional)
 //
 // The producer is a transaction producer in group "cellbridge-<broker>"
-// (the same in every replica and after a restart, since the broker sends
-// check-backs to any producer of the group). For each message:
+// (the same in every replica and after a restart: the broker sends
+// check-backs to any producer of the group that heartbeats to it, which a
+// producer does from its first send on). Every half message of one
+// idempotency key K gets an attempt slot n, carried in the Cell-Tx-Slot
+// property, and two records in the dedupe store: used(K,n) and
+// decided(K,n). For each message:
 //
-//  1. the pipeline reserves the idempotency key in the dedupe store;
-//  2. the sink sends a half message (invisible to consumers);
-//  3. the local transaction commits the transaction key (idempotency key +
-//     the half message's unique id) and then the idempotency key;
-//  4. the sink ends the transaction with commit; the pipeline commits the
-//     key again and acknowledges the source.
+//  1. the pipeline reserves K in the dedupe store;
+//  2. the sink claims the first slot n whose decided(K,n) it can reserve
+//     and that was never used, and commits used(K,n); a committed
+//     decided(K,m) instead means an earlier attempt already delivered the
+//     message: the sink reports a duplicate (bridge.ErrDuplicate);
+//  3. it sends the half message (invisible to consumers);
+//  4. the local transaction commits decided(K,n) — one write, which is the
+//     decision — and then K;
+//  5. the sink ends the transaction with commit; the pipeline commits K
+//     again and acknowledges the source.
 //
-// If the bridge dies or the end-transaction is lost, the broker checks the
-// half message back (after its transaction timeout, 6s on a real broker):
-// committed transaction key → commit; idempotency key still reserved (an
-// attempt may still be running) → unknown, asked again later; key committed
-// by another attempt, or neither committed nor reserved (the attempt died
-// before step 3) → rollback. The source message, redelivered, is either a
-// duplicate in the store (step 3 happened) or published again once the dead
-// attempt's reservation expired. So each idempotency key becomes visible in
-// the target topic once — with the dedupe store's TTL as the window, a
-// shared (JetStream KV) store across replicas, and one caveat: a sender
-// that stalls between steps 2 and 3 for longer than the reservation TTL
-// while a check-back rolls its half message back loses that send's commit;
-// the reservation TTL must exceed the send timeout by a wide margin.
-// Visibility after a lost end-transaction waits for the check-back.
+// A check-back (the broker asks when no end-transaction arrived, after its
+// transaction timeout, 6s on a real broker) answers from decided(K,n):
+// committed → commit (and commit K, in case the bridge died between the
+// two writes of step 4); still reserved → unknown, asked again later (the
+// attempt may be alive); neither → rollback. Because a slot is never
+// reused and only the local transaction decides a slot, at most one half
+// message per key is ever committed, whatever was killed when: a bridge
+// killed before step 4 leaves an undecided slot (rolled back once its
+// reservation expired, and the redelivered message takes the next slot);
+// one killed after step 4 leaves a decided slot (committed by the
+// check-back, and the redelivered message is a duplicate at step 2). A
+// failed send gives its slot's reservation up at once.
+//
+// The records live for the dedupe store's TTL, and the store must be
+// shared by all replicas (JetStream KV). One caveat remains: a bridge that
+// stalls between steps 3 and 4 for longer than the reservation TTL, while
+// a check-back rolls its half message back, commits a decision the broker
+// no longer acts on, and that message is lost; keep the reservation TTL
+// well above the send timeout. After a lost end-transaction, the message
+// becomes visible when its check-back commits it.
 //
 // # Client pitfalls handled here
 //
