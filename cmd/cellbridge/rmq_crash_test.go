@@ -408,3 +408,50 @@ func verifyRMQExactlyOnce(t *testing.T, b *rmqtest.Broker, table *router.Table, 
 		t.Fatalf("arrived %d forwarded + %d dlq, want %d + %d", sum, dlqN, fwd, dlq)
 	}
 }
+
+// TestRebalanceRocketMQTwoReplicas runs two bridge processes in one
+// consumer group (RocketMQ → NATS, shared JetStream KV dedupe store) and
+// stops one of them gracefully mid-stream: its queues move to the other,
+// which reads them from the committed offsets. Nothing is lost, and the
+// messages read twice are dropped by the dedupe store or the cell
+// streams' Nats-Msg-Id window (each event is in its cell once).
+func TestRebalanceRocketMQTwoReplicas(t *testing.T) {
+	if testing.Short() {
+		t.Skip("crash test: skipped with -short")
+	}
+	seed := crashSeed(t)
+	rnd := rand.New(rand.NewPCG(seed, 5))
+	e, b := newRMQCrashEnv(t, rmqtest.Options{}, "rmq", "nats", "{store: jetstream, bucket: rmq-rebalance, ttl: 5m, reserveTTL: 2s}")
+	e.exp = publishRMQEvents(t, b, e.table, seed, rmqReplicaEvents)
+	fwd, dlq := e.exp.counts()
+	start := time.Now()
+	a := e.start("replica-a")
+	r := e.start("replica-b")
+	eventually(t, 30*time.Second, "both replicas in each group", func() bool {
+		return len(b.Consumers("cellbridge-orders")) == 2 && len(b.Consumers("cellbridge-payments")) == 2
+	})
+	at := nextKill(rnd, e.progress(), uint64(len(e.exp)), 1)
+	eventually(t, 60*time.Second, fmt.Sprintf("progress %d before the stop", at), func() bool { return e.progress() >= at })
+	forwarded := func(p *proc) float64 {
+		return metric(t, p.http, "cellbridge_messages_total", map[string]string{"rule": "orders", "outcome": "forwarded"}) +
+			metric(t, p.http, "cellbridge_messages_total", map[string]string{"rule": "payments", "outcome": "forwarded"})
+	}
+	fa := forwarded(a)
+	a.stop(t)
+	t.Logf("replica-a stopped at %d of %d messages arrived, after forwarding %.0f (%v)", e.progress(), len(e.exp), fa, time.Since(start).Round(time.Millisecond))
+	eventually(t, 60*time.Second, "every event forwarded", func() bool {
+		c, d := arrived(t, e.js, e.table)
+		return c >= uint64(fwd) && d >= uint64(dlq)
+	})
+	fb := forwarded(r)
+	dups := metric(t, r.http, "cellbridge_messages_total", map[string]string{"rule": "orders", "outcome": "duplicate"}) +
+		metric(t, r.http, "cellbridge_messages_total", map[string]string{"rule": "payments", "outcome": "duplicate"})
+	r.stop(t)
+	eventually(t, 10*time.Second, "source offsets at the end of every queue", func() bool { return rmqSourceDone(b) })
+	t.Logf("done %v after start; replica-a forwarded %.0f, replica-b %.0f (+%.0f dropped as duplicates by the dedupe store)",
+		time.Since(start).Round(time.Millisecond), fa, fb, dups)
+	if fa == 0 || fb == 0 {
+		t.Errorf("work not shared: replica-a forwarded %.0f, replica-b %.0f", fa, fb)
+	}
+	e.verify()
+}
