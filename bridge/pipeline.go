@@ -711,6 +711,11 @@ func (p *Pipeline) prepareDLQ(t *task) {
 	if id == "" {
 		id = t.m.SourceID
 	}
+	// The event's idempotency key travels on the DLQ copy too, so an
+	// operator can trace it and a replay keeps its identity.
+	if _, ok := h[HeaderMsgID]; !ok && id != "" {
+		h[HeaderMsgID] = []string{id}
+	}
 	t.out = Outgoing{Target: t.x.dlqTarget, MsgID: id, Header: h, Body: t.m.Body}
 }
 

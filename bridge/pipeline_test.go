@@ -107,6 +107,9 @@ func TestOutcomes(t *testing.T) {
 				if _, ok := g.Header[HeaderCell]; ok {
 					t.Errorf("DLQ copy carries routing header Cell-Name")
 				}
+				if id := g.Header[HeaderMsgID]; len(id) != 1 || id[0] != wantID {
+					t.Errorf("DLQ copy Cell-Msg-Id %q, want %q", id, wantID)
+				}
 				if got := value(e.p.met.DLQ.WithLabelValues(tc.rule, tc.reason)); got != 1 {
 					t.Errorf("dlq_total{reason=%s} = %v", tc.reason, got)
 				}
