@@ -174,3 +174,15 @@ func readFileT(t *testing.T, path string) string {
 	}
 	return string(b)
 }
+
+func TestDrillUsage(t *testing.T) {
+	for _, args := range [][]string{{"drill", "-rate", "0"}, {"drill", "extra"}, {"status", "extra"}} {
+		if code, _, errOut := runCLI(t, args...); code != exitUsage {
+			t.Errorf("%v: exit %d, want %d (%s)", args, code, exitUsage, errOut)
+		}
+	}
+	code, out, _ := runCLI(t, "drill", "-h")
+	if code != exitOK || !strings.Contains(out, "LOWER version") || !strings.Contains(out, "-move") {
+		t.Errorf("drill -h: exit %d\n%s", code, out)
+	}
+}

@@ -44,7 +44,8 @@ type Config struct {
 	Move, To, Down string
 
 	// Phase lengths: load before the switch, the blocked step, and after
-	// each step (defaults 2s, 3s, 2s).
+	// the switch (defaults 2s, 3s, 2s); after the failover the load goes on
+	// for 2×After.
 	Before, Blocked, After time.Duration
 	// Settle bounds each wait for the bridge (a reload, a drain, the last
 	// arrivals); default 30s.
@@ -673,8 +674,8 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 		return err
 	}
 	fo.Effective = ph.Effective
-	d.logf("after the failover: load for %s more", cfg.After+cfg.Before)
-	return sleepCtx(ctx, cfg.After+cfg.Before)
+	d.logf("after the failover: load for %s more", 2*cfg.After)
+	return sleepCtx(ctx, 2*cfg.After)
 }
 
 // failoverFixes returns, for every cell whose failover is down, a live
