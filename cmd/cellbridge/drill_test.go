@@ -120,7 +120,7 @@ func TestDrillNATS(t *testing.T) {
 	}
 	// Report JSON round-trips (the -json output).
 	b, err := json.Marshal(rep)
-	if err != nil || !bytes.Contains(b, []byte(`"Violations":null`)) {
+	if err != nil || !bytes.Contains(b, []byte(`"violations":null`)) {
 		t.Errorf("json: %v %s", err, b[:min(len(b), 200)])
 	}
 }

@@ -53,67 +53,78 @@ type Phase struct {
 
 // SwitchReport is the planned switch.
 type SwitchReport struct {
-	Range, From, To string
-	Blocked         []router.Range
-	BlockEffective  time.Time
+	Range          string         `json:"range"`
+	From           string         `json:"from"`
+	To             string         `json:"to"`
+	Blocked        []router.Range `json:"blocked"` // router.Diff's block list
+	BlockEffective time.Time      `json:"blockEffective"`
 	// Held messages of the blocked ranges in /status: at the first sample
 	// of the blocked step, the largest, and at the last sample before
-	// unblocking; the age of the oldest.
-	HeldFirst, HeldMax, HeldAtUnblock int
-	HeldOldestSeconds                 float64
-	HeldRanges                        []bridge.RangeHeld
+	// unblocking; the age of the oldest; the ranges of the last sample.
+	HeldFirst         int                `json:"heldFirst"`
+	HeldMax           int                `json:"heldMax"`
+	HeldAtUnblock     int                `json:"heldAtUnblock"`
+	HeldOldestSeconds float64            `json:"heldOldestSeconds"`
+	HeldRanges        []bridge.RangeHeld `json:"heldRanges"`
 	// HeldEvents is the number of events of the blocked shards that were
-	// published but had not arrived anywhere when the unblocking rules were
-	// written.
-	HeldEvents                       int
-	UnblockWritten, UnblockEffective time.Time
-	Drained                          time.Time // zero when not drained
+	// stored at the source but had not arrived anywhere when the unblocking
+	// rules were written.
+	HeldEvents       int       `json:"heldEvents"`
+	UnblockWritten   time.Time `json:"unblockWritten"`
+	UnblockEffective time.Time `json:"unblockEffective"`
+	Drained          time.Time `json:"drained"` // zero when not drained
 	// Others: events of the other shards stored at the source, and
-	// arrived in their cells, while the range was blocked, and cellbridge_forwarded_total's growth then.
-	OthersOffered, OthersArrived int
-	ForwardedWhileBlocked        int
+	// arrived in their cells, while the range was blocked, and
+	// cellbridge_forwarded_total's growth then.
+	OthersOffered         int `json:"othersOffered"`
+	OthersArrived         int `json:"othersArrived"`
+	ForwardedWhileBlocked int `json:"forwardedWhileBlocked"`
 	// TailAfterBlock counts events of the blocked shards that arrived after
 	// the block was running, decided under the previous rules (their
 	// publish had started), and how long after the last one arrived.
-	TailAfterBlock     int
-	TailAfterBlockLast time.Duration
+	TailAfterBlock     int           `json:"tailAfterBlock"`
+	TailAfterBlockLast time.Duration `json:"tailAfterBlockLastNanos"`
 }
 
 // RefusedReport is the lower-version check.
 type RefusedReport struct {
-	Version, Running, RunningAfter int64
-	FailuresBefore, FailuresAfter  float64
+	Version        int64   `json:"version"`      // written
+	Running        int64   `json:"running"`      // running when written
+	RunningAfter   int64   `json:"runningAfter"` // running afterwards
+	FailuresBefore float64 `json:"failuresBefore"`
+	FailuresAfter  float64 `json:"failuresAfter"`
 }
 
 // FailoverReport is the disaster failover.
 type FailoverReport struct {
-	Down, To      string
-	FailoverFixes []string
-	Moves         []router.Move
-	Effective     time.Time
+	Down          string        `json:"down"`
+	To            string        `json:"to"`            // the down cell's failover
+	FailoverFixes []string      `json:"failoverFixes"` // other cells' failovers changed to validate
+	Moves         []router.Move `json:"moves"`         // router.Diff of the failover
+	Effective     time.Time     `json:"effective"`
 	// InDownAfter counts events that arrived in the down cell after the
 	// failover was running (decided before it).
-	InDownAfter int
+	InDownAfter int `json:"inDownAfter"`
 }
 
 // Report is the outcome of a drill.
 type Report struct {
-	Run       string
-	Topic     string
-	Rate      int
-	Mode      string // how rules were written
-	Cells     []string
-	Published int
-	Arrived   int // distinct events that arrived
-	Foreign   int // other messages seen in the streams (not this run)
-	Phases    []*Phase
-	Switch    SwitchReport
-	Refused   RefusedReport
-	Failover  FailoverReport
-	// PerKeyMoved counts keys whose events arrived in more than one cell
-	// (they crossed the switch or the failover) with order kept.
-	KeysMoved  int
-	Violations []Violation
+	Run       string         `json:"run"`
+	Topic     string         `json:"topic"`
+	Rate      int            `json:"rate"`
+	Mode      string         `json:"mode"` // how rules were written
+	Cells     []string       `json:"cells"`
+	Published int            `json:"published"`
+	Arrived   int            `json:"arrived"` // distinct events that arrived
+	Foreign   int            `json:"foreign"` // other messages seen in the streams (not this run)
+	Phases    []*Phase       `json:"phases"`
+	Switch    SwitchReport   `json:"switch"`
+	Refused   RefusedReport  `json:"refused"`
+	Failover  FailoverReport `json:"failover"`
+	// KeysMoved counts keys whose events arrived in more than one cell
+	// (they crossed the switch or the failover) with their order kept.
+	KeysMoved  int         `json:"keysMoved"`
+	Violations []Violation `json:"violations"`
 }
 
 func (d *drill) violate(kind, format string, a ...any) {
