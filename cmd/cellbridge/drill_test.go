@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -184,5 +187,38 @@ func TestDrillUsage(t *testing.T) {
 	code, out, _ := runCLI(t, "drill", "-h")
 	if code != exitOK || !strings.Contains(out, "LOWER version") || !strings.Contains(out, "-move") {
 		t.Errorf("drill -h: exit %d\n%s", code, out)
+	}
+}
+
+// TestStatusOutput renders a bridge that is not ready and holds two ranges,
+// and a bridge that is still starting (503).
+func TestStatusOutput(t *testing.T) {
+	st := bridge.Status{RulesVersion: 7, RulesLoaded: true, NotReady: "sink nats keeps failing\nrule orders: backlog without progress",
+		InFlight: 3, MaxInFlight: 4096, Held: 12, MaxHeld: 10000,
+		Rules: []bridge.RuleStatus{{Rule: "orders", InFlight: 3, Held: 12, HeldOldestAgeSeconds: 754, OldestUnackedAgeSeconds: 754, Backlog: 420,
+			HeldRanges: []bridge.RangeHeld{{Shards: "40-44", From: 40, To: 44, Held: 10, OldestAgeSeconds: 754}, {Shards: "60", From: 60, To: 60, Held: 2, OldestAgeSeconds: 9.5}}}}}
+	var starting atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if starting.Load() {
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		_ = json.NewEncoder(w).Encode(st)
+	}))
+	defer srv.Close()
+	code, out, errOut := runCLI(t, "status", "-addr", srv.URL)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	for _, want := range []string{"NOT READY, rules version 7", "not ready: sink nats keeps failing", "not ready: rule orders: backlog without progress",
+		"held 12 of 10000", "420", "12m34s", "shards 40-44", "10 held", "shards 60", "oldest 9.5s"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	starting.Store(true)
+	code, _, errOut = runCLI(t, "status", "-addr", srv.URL)
+	if code != exitError || !strings.Contains(errOut, "503") || !strings.Contains(errOut, "starting") {
+		t.Errorf("starting: exit %d, %q", code, errOut)
 	}
 }
