@@ -57,7 +57,7 @@ func checkDrillReport(t *testing.T, rep *drill.Report, v0 int64) {
 	if !strings.Contains(text.String(), "violations: none") {
 		t.Error("the report does not say 'violations: none'")
 	}
-	if rep.Published < 5000 || rep.Arrived != rep.Published {
+	if rep.Published < 3000 || rep.Arrived != rep.Published {
 		t.Errorf("published %d, arrived %d", rep.Published, rep.Arrived)
 	}
 	// Four versions: start, blocked, new owners, failover.
