@@ -287,16 +287,17 @@ func (s *connState) set(up bool, msg string, args ...any) {
 
 // JetStreamConfig tunes the JetStream context the Sink publishes through.
 type JetStreamConfig struct {
-	// MaxPending caps unacknowledged async publishes on the context. Give it
-	// at least the SinkConfig.MaxPending of every Sink sharing it, so the
-	// Sink's own (blocking) limit is the one that applies. Default 4096.
+	// MaxPending is the Sink's pending limit (SinkConfig.MaxPending) the
+	// context must allow. The client's own cap is twice that: the Sink's
+	// (blocking) limit is the one that applies, and acks the Sink gave up on
+	// (SinkConfig.AckTimeout) may stay in the client's table until the
+	// connection reconnects without stalling the Sink. Default 4096.
 	MaxPending int
-	// AckTimeout fails an async publish whose ack has not arrived in time
-	// (the message may or may not be stored; the bridge retries and the
-	// duplicate window absorbs a repeat). Without it a lost ack would hold
-	// its message, and a pending slot, until the connection drops. Default
-	// 30s; negative turns it off, which saves the client a timer per publish
-	// (about 0.3µs of CPU, see BenchmarkSinkPublish/noacktimeout).
+	// AckTimeout, when positive, also makes the client library fail an async
+	// publish whose ack has not arrived in time, with one timer per publish
+	// (about 0.3µs of CPU, see BenchmarkSinkPublish). The Sink enforces its
+	// own SinkConfig.AckTimeout on the head of its in-order queue without a
+	// timer per publish, so the default (0 or negative) leaves it off.
 	AckTimeout time.Duration
 }
 
@@ -306,11 +307,8 @@ func NewJetStream(nc *nats.Conn, cfg JetStreamConfig) (jetstream.JetStream, erro
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = defaultMaxPending
 	}
-	opts := []jetstream.JetStreamOpt{jetstream.WithPublishAsyncMaxPending(cfg.MaxPending)}
-	switch {
-	case cfg.AckTimeout == 0:
-		opts = append(opts, jetstream.WithPublishAsyncTimeout(30*time.Second))
-	case cfg.AckTimeout > 0:
+	opts := []jetstream.JetStreamOpt{jetstream.WithPublishAsyncMaxPending(2 * cfg.MaxPending)}
+	if cfg.AckTimeout > 0 {
 		opts = append(opts, jetstream.WithPublishAsyncTimeout(cfg.AckTimeout))
 	}
 	js, err := jetstream.New(nc, opts...)

@@ -59,15 +59,17 @@
 //
 // PublishAsync publishes with PublishMsgAsync and returns; one goroutine per
 // broker waits for the acks in publish order and calls done. The message
-// carries Nats-Msg-Id = the idempotency key: the bridge's header map is sent
-// as is when it already holds that value, else a shallow copy with it (the
-// map is the bridge's and is not modified). A per-broker counting semaphore
-// bounds the publishes not yet resolved (SinkConfig.MaxPending);
-// PublishAsync blocks there, which is the bridge's back-pressure. The
-// JetStream context should come from NewJetStream: its own limit is not
-// lower than the Sink's (so the client library never stalls and fails a
-// publish), and an ack timeout fails a publish whose ack is lost instead of
-// holding it forever. done must not block and must not call PublishAsync on
+// carries Nats-Msg-Id = the idempotency key, set in the bridge's header map
+// itself (bridge.Outgoing allows a sink its own idempotency header), so no
+// map is copied per message. A per-broker counting semaphore bounds the
+// publishes not yet resolved (SinkConfig.MaxPending); PublishAsync blocks
+// there, which is the bridge's back-pressure. The JetStream context should
+// come from NewJetStream: its own limit is above the Sink's (so the client
+// library never stalls and fails a publish). A publish whose ack is lost
+// fails after SinkConfig.AckTimeout instead of holding its message forever:
+// the completion goroutine checks that deadline on the head of its in-order
+// queue with one reused timer, rather than the client library arming a timer
+// per publish. done must not block and must not call PublishAsync on
 // the same Sink (it runs on the goroutine that frees the slots). Close waits
 // for the outstanding acks within its context; it leaves the connections to
 // their owner, since the source and the dedupe store share them.

@@ -5,8 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -14,7 +14,10 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 )
 
-const defaultMaxPending = 4096
+const (
+	defaultMaxPending = 4096
+	defaultAckTimeout = 30 * time.Second
+)
 
 var (
 	// ErrClosed is passed to done for publishes started after Close, and
@@ -50,6 +53,14 @@ type SinkConfig struct {
 	// delivered to done yet; PublishAsync blocks at the cap. Default 4096
 	// (enough to keep a 2-core broker busy; more only adds memory).
 	MaxPending int
+	// AckTimeout fails a publish whose ack has not arrived this long after
+	// PublishAsync sent it (the message may or may not be stored; the bridge
+	// retries and the target's duplicate window absorbs a repeat). Without
+	// it a lost ack would hold its message, and a pending slot, until the
+	// connection drops. The completion goroutine checks it on the head of
+	// its in-order queue with one reused timer, so it costs no timer per
+	// publish. Default 30s; negative turns it off.
+	AckTimeout time.Duration
 }
 
 // Sink publishes to JetStream streams on one or more brokers; it implements
@@ -59,7 +70,8 @@ type SinkConfig struct {
 // goroutines; the JetStream contexts and their connections stay the
 // caller's, because the source and the dedupe store usually share them.
 type Sink struct {
-	brokers map[string]*brokerSink
+	brokers    map[string]*brokerSink
+	ackTimeout time.Duration // <= 0: none
 
 	// mu makes "check closed, take a slot, publish, enqueue" atomic with
 	// respect to Close, so nothing is enqueued after the queues are closed.
@@ -85,6 +97,7 @@ type brokerSink struct {
 type pending struct {
 	fut  jetstream.PubAckFuture
 	done func(error)
+	sent time.Time // when it was handed to the client (AckTimeout)
 }
 
 // NewSink returns a Sink publishing to conns, keyed by broker name (the
@@ -99,10 +112,14 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = defaultMaxPending
 	}
+	if cfg.AckTimeout == 0 {
+		cfg.AckTimeout = defaultAckTimeout
+	}
 	s := &Sink{
-		brokers: make(map[string]*brokerSink, len(conns)),
-		closing: make(chan struct{}),
-		abort:   make(chan struct{}),
+		brokers:    make(map[string]*brokerSink, len(conns)),
+		ackTimeout: cfg.AckTimeout,
+		closing:    make(chan struct{}),
+		abort:      make(chan struct{}),
 	}
 	for name, js := range conns {
 		if js == nil {
@@ -123,11 +140,10 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 	return s, nil
 }
 
-// PublishAsync implements bridge.Sink. Nats-Msg-Id is set to m.MsgID; the
-// header map is sent as is when it already holds that value (the pipeline
-// sets it), else a copy with it is sent: m is never modified. m.Header and
-// m.Body are not copied otherwise, so the caller must leave them alone until
-// done has run. PublishAsync blocks while MaxPending publishes to the target
+// PublishAsync implements bridge.Sink. Nats-Msg-Id is set to m.MsgID in
+// m.Header itself (bridge.Outgoing allows a sink its idempotency header; a
+// nil map is replaced by a new one); nothing else in m is changed or copied,
+// so the caller must leave m.Header and m.Body alone until done has run. PublishAsync blocks while MaxPending publishes to the target
 // broker are unresolved, until ctx is done (done gets ctx's error) or Close
 // starts (done gets ErrClosed). done is called exactly once: on the broker's
 // completion goroutine, or before PublishAsync returns for failures that
@@ -158,55 +174,98 @@ func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(e
 			return
 		}
 	}
-	fut, err := b.js.PublishMsgAsync(&nats.Msg{Subject: m.Target.Subject, Header: withMsgID(m.Header, m.MsgID), Data: m.Body})
+	setMsgID(m, m.MsgID)
+	var sent time.Time
+	if s.ackTimeout > 0 {
+		sent = time.Now()
+	}
+	fut, err := b.js.PublishMsgAsync(&nats.Msg{Subject: m.Target.Subject, Header: m.Header, Data: m.Body})
 	if err != nil {
 		<-b.slots
 		done(fmt.Errorf("natsjs: publish to broker %q subject %q: %w", b.name, m.Target.Subject, err))
 		return
 	}
-	b.queue <- pending{fut: fut, done: done}
+	b.queue <- pending{fut: fut, done: done, sent: sent}
 }
 
-// withMsgID returns h with Nats-Msg-Id = id: h itself when it already says
-// so, else a shallow copy (the bridge's headers are not ours to change).
-// The copy shares the Cell-Msg-Id value slice when it holds the same id.
-func withMsgID(h map[string][]string, id string) nats.Header {
+// setMsgID makes m.Header say Nats-Msg-Id = id, in place: no copy of the
+// map per message. It reuses the Cell-Msg-Id value slice when that holds the
+// same id, so the common case allocates nothing.
+func setMsgID(m *bridge.Outgoing, id string) {
+	h := m.Header
 	if v := h[jetstream.MsgIDHeader]; len(v) == 1 && v[0] == id {
-		return h
+		return
 	}
-	c := make(nats.Header, len(h)+1)
-	maps.Copy(c, h)
+	if h == nil {
+		h = make(map[string][]string, 1)
+		m.Header = h
+	}
 	if v := h[bridge.HeaderMsgID]; len(v) == 1 && v[0] == id {
-		c[jetstream.MsgIDHeader] = v
+		h[jetstream.MsgIDHeader] = v
 	} else {
-		c[jetstream.MsgIDHeader] = []string{id}
+		h[jetstream.MsgIDHeader] = []string{id}
 	}
-	return c
 }
 
 // complete resolves one broker's publishes in publish order. Waiting in order
 // costs little: a stream acks its publishes in order, and different streams
 // on one server answer within about the same time, so an ack that arrives
 // before the head's waits only as long as the head takes.
+//
+// AckTimeout is enforced on the head of the queue only, with one timer per
+// broker that stays armed across heads: publishes were sent in queue order,
+// so no later publish is due before the head. When the timer fires for a
+// head that is not due yet (it was armed for an earlier one), it is re-armed
+// for the head's own deadline, so it fires at most about once per AckTimeout
+// while acks flow.
 func (s *Sink) complete(b *brokerSink) {
 	defer close(b.exited)
+	var dl deadline
+	if s.ackTimeout > 0 {
+		dl.t = time.NewTimer(time.Hour)
+		dl.t.Stop()
+		defer dl.t.Stop()
+	}
 	for p := range b.queue {
-		p.done(s.wait(b, p.fut))
+		p.done(s.wait(b, &p, &dl))
 		<-b.slots
 	}
 }
 
-func (s *Sink) wait(b *brokerSink, fut jetstream.PubAckFuture) error {
-	select {
-	case ack := <-fut.Ok():
-		if ack.Duplicate {
-			return &DuplicateError{Broker: b.name, Stream: ack.Stream, Seq: ack.Sequence}
+// deadline is the completion goroutine's reused ack-timeout timer.
+type deadline struct {
+	t     *time.Timer // nil: no AckTimeout
+	armed bool        // t runs (and has not been received from)
+}
+
+func (s *Sink) wait(b *brokerSink, p *pending, dl *deadline) error {
+	fut := p.fut
+	for {
+		var timeout <-chan time.Time
+		if dl.t != nil {
+			if !dl.armed {
+				dl.t.Reset(time.Until(p.sent.Add(s.ackTimeout)))
+				dl.armed = true
+			}
+			timeout = dl.t.C
 		}
-		return nil
-	case err := <-fut.Err():
-		return fmt.Errorf("natsjs: publish to broker %q subject %q: %w", b.name, fut.Msg().Subject, err)
-	case <-s.abort:
-		return fmt.Errorf("%w before the ack arrived (broker %q)", ErrClosed, b.name)
+		select {
+		case ack := <-fut.Ok():
+			if ack.Duplicate {
+				return &DuplicateError{Broker: b.name, Stream: ack.Stream, Seq: ack.Sequence}
+			}
+			return nil
+		case err := <-fut.Err():
+			return fmt.Errorf("natsjs: publish to broker %q subject %q: %w", b.name, fut.Msg().Subject, err)
+		case <-s.abort:
+			return fmt.Errorf("%w before the ack arrived (broker %q)", ErrClosed, b.name)
+		case <-timeout:
+			dl.armed = false
+			if time.Since(p.sent) >= s.ackTimeout {
+				return fmt.Errorf("natsjs: publish to broker %q subject %q: no ack within %v: %w",
+					b.name, fut.Msg().Subject, s.ackTimeout, jetstream.ErrAsyncPublishTimeout)
+			}
+		}
 	}
 }
 

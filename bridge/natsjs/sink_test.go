@@ -88,8 +88,9 @@ func TestSinkPublishesWithMsgIDAndHeaders(t *testing.T) {
 	if err := bridge.Publish(testCtx(t), sink, m); err != nil {
 		t.Fatal(err)
 	}
-	if _, set := m.Header["Nats-Msg-Id"]; set || len(m.Header) != 3 {
-		t.Fatalf("the sink changed the caller's headers: %v", m.Header)
+	// The sink sets its idempotency header in place and touches nothing else.
+	if v := m.Header["Nats-Msg-Id"]; len(v) != 1 || v[0] != "ORDERS:1" || len(m.Header) != 4 {
+		t.Fatalf("headers after publish: %v", m.Header)
 	}
 	got, err := st.GetMsg(testCtx(t), 1)
 	if err != nil {
@@ -282,5 +283,45 @@ func TestSinkCloseDeadlineResolvesPending(t *testing.T) {
 	}
 	if err := res.err(1); !errors.Is(err, ErrClosed) {
 		t.Fatalf("pending publish: err = %v, want ErrClosed", err)
+	}
+}
+
+// A publish whose ack never comes (a plain subscriber takes the subject, so
+// there is no "no responders" answer either) fails with the client's
+// ErrAsyncPublishTimeout after SinkConfig.AckTimeout, and so does the one
+// queued behind it; a stream publish after them still succeeds.
+func TestSinkAckTimeoutOnHead(t *testing.T) {
+	srv := natstest.Start(t)
+	nc, _ := srv.Connect(t)
+	js, err := NewJetStream(nc, JetStreamConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	createStream(t, js, "CELL_RZ00", "cell.rz00.>")
+	sub, err := nc.SubscribeSync("lost.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{AckTimeout: 300 * time.Millisecond})
+	errs := make(chan error, 2)
+	for i := range 2 {
+		sink.PublishAsync(testCtx(t), out("nats", "lost.x", fmt.Sprint("L", i), "x"), func(err error) { errs <- err })
+	}
+	for range 2 {
+		select {
+		case err := <-errs:
+			if !errors.Is(err, jetstream.ErrAsyncPublishTimeout) {
+				t.Fatalf("err = %v, want ErrAsyncPublishTimeout", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("no timeout reported")
+		}
+	}
+	if err := bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "ok", "x")); err != nil {
+		t.Fatal(err)
 	}
 }
