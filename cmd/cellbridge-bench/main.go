@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -318,6 +319,10 @@ func benchMain(cfg config) error {
 				}
 				r.Offered = lv.rate
 				runs[v+lv.suffix] = append(runs[v+lv.suffix], r)
+				if l, err := strconv.ParseFloat(r.LoadAvg, 64); err == nil && l > float64(runtime.NumCPU()) {
+					notes = append(notes, fmt.Sprintf("latency run %s at %.0f msg/s ended at load %.1f on %d cores: other work was competing for the CPUs, the latency figures of this run measure queueing behind it",
+						v, lv.rate, l, runtime.NumCPU()))
+				}
 				fmt.Fprintf(log, "  latency %s at %.0f msg/s: p50 %.2f p90 %.2f p99 %.2f max %.2f ms verified=%v\n", v, lv.rate,
 					r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"], r.Verified)
 			}
