@@ -71,3 +71,25 @@ const (
 	DefaultReserveTTL = 30 * time.Second
 	DefaultSize       = 1_000_000
 )
+
+// Handle names the slot a HandleStore reserved a key in, so that the commit
+// after the publish need not look the key up again. The zero Handle names
+// nothing (CommitHandle then looks the key up). A Handle is only a hint: a
+// store checks that it still names the key's slot before using it.
+type Handle struct {
+	shard uint32
+	idx   int32
+	gen   uint32
+}
+
+// HandleStore is an optional fast path of a Store. The bridge uses it when
+// the store implements it; the outcomes are exactly those of Reserve and
+// Commit.
+type HandleStore interface {
+	Store
+	// ReserveHandle is Reserve, also returning a Handle for CommitHandle.
+	ReserveHandle(ctx context.Context, key string) (Outcome, Handle, error)
+	// CommitHandle is Commit(ctx, key), using h (from ReserveHandle for the
+	// same key) to find the key's entry when h still names it.
+	CommitHandle(ctx context.Context, key string, h Handle) error
+}

@@ -54,7 +54,10 @@ type Memory struct {
 	shards          [memShards]memShard
 }
 
-var _ Store = (*Memory)(nil)
+var (
+	_ Store       = (*Memory)(nil)
+	_ HandleStore = (*Memory)(nil)
+)
 
 const (
 	stateReserved uint8 = iota + 1
@@ -66,8 +69,9 @@ const nilIdx int32 = -1
 
 type memEntry struct {
 	key        string
-	expires    int64 // on the store's clock, nanoseconds
-	prev, next int32 // LRU links (slab indices); next also links the free list
+	expires    int64  // on the store's clock, nanoseconds
+	prev, next int32  // LRU links (slab indices); next also links the free list
+	gen        uint32 // bumped whenever the slot gets a new key or is freed (Handle)
 	state      uint8
 }
 
@@ -109,7 +113,12 @@ func NewMemory(cfg MemoryConfig) *Memory {
 	limit := (cfg.Size + memShards - 1) / memShards
 	for i := range m.shards {
 		s := &m.shards[i]
-		s.index = make(map[string]int32)
+		// Pre-sized for the first keys so warm-up does not rehash a
+		// small map many times; not for the whole limit, which most
+		// deployments never reach.
+		n := min(limit, memPresize)
+		s.index = make(map[string]int32, n)
+		s.slab = make([]memEntry, 0, n)
 		s.head, s.tail, s.free = nilIdx, nilIdx, nilIdx
 		s.limit = limit
 	}
@@ -125,21 +134,37 @@ func (m *Memory) now() int64 {
 	return int64(time.Since(m.base))
 }
 
+// memPresize is how many keys each shard's map and slab have room for
+// before they first grow.
+const memPresize = 4096
+
+func (m *Memory) shardIndex(key string) int {
+	return int(maphash.String(m.seed, key) & (memShards - 1))
+}
+
 func (m *Memory) shard(key string) *memShard {
-	return &m.shards[maphash.String(m.seed, key)&(memShards-1)]
+	return &m.shards[m.shardIndex(key)]
 }
 
 // Reserve implements Store. It never blocks on I/O; ctx is not consulted.
-func (m *Memory) Reserve(_ context.Context, key string) (Outcome, error) {
+func (m *Memory) Reserve(ctx context.Context, key string) (Outcome, error) {
+	o, _, err := m.ReserveHandle(ctx, key)
+	return o, err
+}
+
+// ReserveHandle implements HandleStore: Reserve, plus the slot of the key
+// for CommitHandle.
+func (m *Memory) ReserveHandle(_ context.Context, key string) (Outcome, Handle, error) {
 	if m.closed.Load() {
-		return 0, ErrClosed
+		return 0, Handle{}, ErrClosed
 	}
 	now := m.now()
-	s := m.shard(key)
+	si := m.shardIndex(key)
+	s := &m.shards[si]
 	s.mu.Lock()
 	if s.index == nil { // closed while we waited for the lock
 		s.mu.Unlock()
-		return 0, ErrClosed
+		return 0, Handle{}, ErrClosed
 	}
 	if i, ok := s.index[key]; ok {
 		e := &s.slab[i]
@@ -153,15 +178,48 @@ func (m *Memory) Reserve(_ context.Context, key string) (Outcome, error) {
 			e.state = stateReserved
 			e.expires = now + m.reserveTTL
 		}
+		h := Handle{shard: uint32(si), idx: i, gen: e.gen}
 		s.moveToFront(i)
 		s.mu.Unlock()
-		return out, nil
+		return out, h, nil
 	}
-	if s.insert(key, stateReserved, now+m.reserveTTL, now) {
+	i, evicted := s.insert(key, stateReserved, now+m.reserveTTL, now)
+	if evicted {
 		m.evictions.Add(1)
 	}
+	h := Handle{shard: uint32(si), idx: i, gen: s.slab[i].gen}
 	s.mu.Unlock()
-	return Reserved, nil
+	return Reserved, h, nil
+}
+
+// CommitHandle implements HandleStore: Commit(key), without looking key up
+// when h still names its slot (the slot's generation and key match); else
+// it falls back to the lookup. The result is the same as Commit's either way.
+func (m *Memory) CommitHandle(ctx context.Context, key string, h Handle) error {
+	if h.gen == 0 || h.shard >= memShards {
+		return m.Commit(ctx, key)
+	}
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	now := m.now()
+	s := &m.shards[h.shard]
+	s.mu.Lock()
+	if s.index == nil {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	if int(h.idx) < len(s.slab) {
+		if e := &s.slab[h.idx]; e.gen == h.gen && e.key == key {
+			e.state = stateCommitted
+			e.expires = now + m.ttl
+			s.moveToFront(h.idx)
+			s.mu.Unlock()
+			return nil
+		}
+	}
+	s.mu.Unlock()
+	return m.Commit(ctx, key)
 }
 
 // Commit implements Store. A key that is not present (evicted, expired, or
@@ -185,7 +243,7 @@ func (m *Memory) Commit(_ context.Context, key string) error {
 		s.mu.Unlock()
 		return nil
 	}
-	if s.insert(key, stateCommitted, now+m.ttl, now) {
+	if _, evicted := s.insert(key, stateCommitted, now+m.ttl, now); evicted {
 		m.evictions.Add(1)
 	}
 	s.mu.Unlock()
@@ -209,7 +267,7 @@ func (m *Memory) Release(_ context.Context, key string) error {
 	if i, ok := s.index[key]; ok && s.slab[i].state == stateReserved {
 		delete(s.index, key)
 		s.unlink(i)
-		s.slab[i] = memEntry{next: s.free}
+		s.slab[i] = memEntry{next: s.free, gen: s.slab[i].gen + 1}
 		s.free = i
 	}
 	s.mu.Unlock()
@@ -247,10 +305,11 @@ func (m *Memory) Len() int {
 func (m *Memory) Evictions() uint64 { return m.evictions.Load() }
 
 // insert adds key, reusing a free slot, growing the slab up to the limit,
-// or recycling the least recently used entry. It reports whether an
-// unexpired entry was evicted. The caller holds s.mu.
-func (s *memShard) insert(key string, state uint8, expires, now int64) (evicted bool) {
-	var i int32
+// or recycling the least recently used entry. It returns the slot and
+// reports whether an unexpired entry was evicted. The slot's generation
+// moves on, so a Handle to its previous key no longer matches. The caller
+// holds s.mu.
+func (s *memShard) insert(key string, state uint8, expires, now int64) (i int32, evicted bool) {
 	switch {
 	case s.free != nilIdx:
 		i = s.free
@@ -264,10 +323,14 @@ func (s *memShard) insert(key string, state uint8, expires, now int64) (evicted 
 		delete(s.index, s.slab[i].key)
 		s.unlink(i)
 	}
-	s.slab[i] = memEntry{key: key, expires: expires, state: state, prev: nilIdx, next: nilIdx}
+	gen := s.slab[i].gen + 1
+	if gen == 0 { // 0 is the zero Handle's: never a live generation
+		gen = 1
+	}
+	s.slab[i] = memEntry{key: key, expires: expires, state: state, prev: nilIdx, next: nilIdx, gen: gen}
 	s.index[key] = i
 	s.pushFront(i)
-	return evicted
+	return i, evicted
 }
 
 func (s *memShard) pushFront(i int32) {

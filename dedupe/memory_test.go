@@ -283,3 +283,53 @@ func FuzzMemoryModel(f *testing.F) {
 		checkInvariants(t, m)
 	})
 }
+
+// CommitHandle commits through the remembered slot, and a handle whose slot
+// went to another key (released, then reused) is never applied to that key:
+// it falls back to committing its own key by lookup.
+func TestMemoryCommitHandle(t *testing.T) {
+	ctx := context.Background()
+	m := NewMemory(MemoryConfig{Size: 64}) // one slot per shard
+	o, h, err := m.ReserveHandle(ctx, "a")
+	if err != nil || o != Reserved {
+		t.Fatalf("reserve a = %v, %v", o, err)
+	}
+	if err := m.CommitHandle(ctx, "a", h); err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := m.Reserve(ctx, "a"); o != Duplicate {
+		t.Fatalf("after CommitHandle: %v, want duplicate", o)
+	}
+
+	// A stale handle: "b" released, its slot reused by a key of the same shard.
+	_, hb, _ := m.ReserveHandle(ctx, "b")
+	if err := m.Release(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	other := ""
+	for i := 0; other == ""; i++ {
+		if k := fmt.Sprint("k", i); m.shardIndex(k) == m.shardIndex("b") {
+			other = k
+		}
+	}
+	if o, _ := m.Reserve(ctx, other); o != Reserved {
+		t.Fatalf("reserve %s = %v", other, o)
+	}
+	if err := m.CommitHandle(ctx, "b", hb); err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := m.Reserve(ctx, "b"); o != Duplicate {
+		t.Fatalf("b after stale CommitHandle: %v, want duplicate", o)
+	}
+	// b's commit took b's one-slot shard back from the other key, which
+	// must not have been committed on the way.
+	if o, _ := m.Reserve(ctx, other); o == Duplicate {
+		t.Fatalf("%s was committed through b's stale handle", other)
+	}
+	if err := m.CommitHandle(ctx, "z", Handle{}); err != nil { // zero handle: plain Commit
+		t.Fatal(err)
+	}
+	if o, _ := m.Reserve(ctx, "z"); o != Duplicate {
+		t.Fatalf("z = %v", o)
+	}
+}
