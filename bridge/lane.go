@@ -4,6 +4,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -54,7 +55,8 @@ type taskData struct {
 	hops     int
 	attempt  int
 	reserved bool
-	counted  bool // holds an in-flight budget slot
+	handle   dedupe.Handle // of the reservation, when the store is a dedupe.HandleStore
+	counted  bool          // holds an in-flight budget slot
 	phase    uint8
 	err      error
 	ss       *sinkState

@@ -54,6 +54,7 @@ type Pipeline struct {
 	cfg    Config
 	rules  *router.Holder
 	store  dedupe.Store
+	hstore dedupe.HandleStore // store's fast path, nil when it has none
 	sinks  SinkLookup
 	met    *Metrics
 	health *Health
@@ -161,6 +162,7 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		recheck:     make(chan struct{}, 1),
 		quit:        make(chan struct{}),
 	}
+	p.hstore, _ = d.Dedupe.(dedupe.HandleStore)
 	p.budget.max = int64(cfg.MaxInFlight)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.settleCtx, p.cancelSettle = context.WithCancel(context.Background())
@@ -414,7 +416,15 @@ func (p *Pipeline) toDLQ(t *task) *task {
 
 func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 	if t.storeKey != "" && !t.reserved {
-		o, err := p.store.Reserve(p.ctx, t.storeKey)
+		var o dedupe.Outcome
+		var err error
+		if p.hstore != nil {
+			// The handle lets the commit skip a lookup of a key that
+			// thousands of others went through since (a cold map bucket).
+			o, t.handle, err = p.hstore.ReserveHandle(p.ctx, t.storeKey)
+		} else {
+			o, err = p.store.Reserve(p.ctx, t.storeKey)
+		}
 		if err != nil {
 			p.met.DedupeErrors.WithLabelValues("reserve").Inc()
 			p.storeFailing.Store(true)
@@ -471,7 +481,13 @@ func (p *Pipeline) complete(t *task) *task {
 		}
 		if t.reserved {
 			t.reserved = false
-			if cerr := p.store.Commit(p.settleCtx, t.storeKey); cerr != nil {
+			var cerr error
+			if p.hstore != nil {
+				cerr = p.hstore.CommitHandle(p.settleCtx, t.storeKey, t.handle)
+			} else {
+				cerr = p.store.Commit(p.settleCtx, t.storeKey)
+			}
+			if cerr != nil {
 				// The sink has the message; a redelivery would be published
 				// again and dropped by the sink's own dedupe window.
 				p.met.DedupeErrors.WithLabelValues("commit").Inc()
