@@ -42,7 +42,7 @@ func (s *faultSink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done f
 // sink sized by maxInFlight, source consumer with MaxAckPending =
 // maxInFlight+maxHeld+fetchBatch, live metrics registry and health), on the
 // rules in bench/rules. Tuning (-tune B:... or C:...): inflight=N, fetch=N,
-// workers=N.
+// workers=N, acktimeout=-1 (no ack timeout on the JetStream context).
 func runCellbridge(ctx context.Context, e *env) error {
 	kv := e.spec.Variant == "C" || e.spec.Variant == "C-fault"
 	log := slog.New(slog.DiscardHandler)
@@ -68,7 +68,11 @@ func runCellbridge(ctx context.Context, e *env) error {
 		return err
 	}
 	defer nc.Close()
-	js, err := natsjs.NewJetStream(nc, natsjs.JetStreamConfig{MaxPending: cfg.MaxInFlight})
+	jcfg := natsjs.JetStreamConfig{MaxPending: cfg.MaxInFlight}
+	if e.tuneInt("acktimeout", 0) < 0 {
+		jcfg.AckTimeout = -1 // experiment: no per-publish timer in nats.go
+	}
+	js, err := natsjs.NewJetStream(nc, jcfg)
 	if err != nil {
 		return err
 	}
