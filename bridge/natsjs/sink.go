@@ -72,6 +72,7 @@ type SinkConfig struct {
 type Sink struct {
 	brokers    map[string]*brokerSink
 	ackTimeout time.Duration // <= 0: none
+	epoch      time.Time     // origin of pending.sent: a monotonic reading is half the cost of time.Now
 
 	// mu makes "check closed, take a slot, publish, enqueue" atomic with
 	// respect to Close, so nothing is enqueued after the queues are closed.
@@ -97,7 +98,7 @@ type brokerSink struct {
 type pending struct {
 	fut  jetstream.PubAckFuture
 	done func(error)
-	sent time.Time // when it was handed to the client (AckTimeout)
+	sent time.Duration // when it was handed to the client, on the Sink's monotonic clock (AckTimeout)
 }
 
 // NewSink returns a Sink publishing to conns, keyed by broker name (the
@@ -118,6 +119,7 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 	s := &Sink{
 		brokers:    make(map[string]*brokerSink, len(conns)),
 		ackTimeout: cfg.AckTimeout,
+		epoch:      time.Now(),
 		closing:    make(chan struct{}),
 		abort:      make(chan struct{}),
 	}
@@ -175,9 +177,9 @@ func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(e
 		}
 	}
 	setMsgID(m, m.MsgID)
-	var sent time.Time
+	var sent time.Duration
 	if s.ackTimeout > 0 {
-		sent = time.Now()
+		sent = time.Since(s.epoch)
 	}
 	fut, err := b.js.PublishMsgAsync(&nats.Msg{Subject: m.Target.Subject, Header: m.Header, Data: m.Body})
 	if err != nil {
@@ -244,7 +246,7 @@ func (s *Sink) wait(b *brokerSink, p *pending, dl *deadline) error {
 		var timeout <-chan time.Time
 		if dl.t != nil {
 			if !dl.armed {
-				dl.t.Reset(time.Until(p.sent.Add(s.ackTimeout)))
+				dl.t.Reset(p.sent + s.ackTimeout - time.Since(s.epoch))
 				dl.armed = true
 			}
 			timeout = dl.t.C
@@ -261,7 +263,7 @@ func (s *Sink) wait(b *brokerSink, p *pending, dl *deadline) error {
 			return fmt.Errorf("%w before the ack arrived (broker %q)", ErrClosed, b.name)
 		case <-timeout:
 			dl.armed = false
-			if time.Since(p.sent) >= s.ackTimeout {
+			if time.Since(s.epoch)-p.sent >= s.ackTimeout {
 				return fmt.Errorf("natsjs: publish to broker %q subject %q: no ack within %v: %w",
 					b.name, fut.Msg().Subject, s.ackTimeout, jetstream.ErrAsyncPublishTimeout)
 			}
