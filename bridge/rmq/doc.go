@@ -131,7 +131,12 @@
 //
 // Shutdown does not wait for running callbacks and leaves goroutines
 // behind: the bridge drains its pipeline before Source.Close and
-// Sink.Close. The client logs through logrus by default: SetLogger replaces
+// Sink.Close. Source.Close persists the offsets, then sends one
+// synchronous request to each broker (the offsets are oneway requests, and
+// Shutdown's close right behind them can reset the connection before the
+// broker read them), and does not shut down within a second of Start (the
+// client's first rebalance runs on its own goroutine and races with
+// Shutdown). The client logs through logrus by default: SetLogger replaces
 // it process-wide. Tests run the real client against rmqtest; the orderly
 // push consumer (racy under -race) is not used.
 package rmq

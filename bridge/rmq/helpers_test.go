@@ -121,7 +121,7 @@ func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 
 // runSource runs src until the returned stop is called; stop also closes
 // src and reports Run's error.
-func runSource(t testing.TB, src *Source, h bridge.Handler) (stop func()) {
+func runSource(t testing.TB, b *rmqtest.Broker, src *Source, h bridge.Handler) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
@@ -129,6 +129,7 @@ func runSource(t testing.TB, src *Source, h bridge.Handler) (stop func()) {
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
+			quiesce(b)
 			cancel()
 			if err := <-errc; err != nil {
 				t.Errorf("Run: %v", err)
@@ -161,3 +162,20 @@ func bodies(gs []got) []string {
 }
 
 func seqBody(i int) string { return fmt.Sprintf("m%03d", i) }
+
+// quiesce waits (up to 5s) until the broker saw no rebalance traffic for
+// 150ms: the client's Shutdown races with a running rebalance (see
+// rmqtest's package docs), so consumers are shut down once rebalances
+// settled.
+func quiesce(b *rmqtest.Broker) {
+	const getConsumerList, queryOffset = 38, 14
+	activity := func() int64 { return b.Requests(getConsumerList) + b.Requests(queryOffset) }
+	deadline := time.Now().Add(5 * time.Second)
+	last, since := activity(), time.Now()
+	for time.Now().Before(deadline) && time.Since(since) < 150*time.Millisecond {
+		time.Sleep(10 * time.Millisecond)
+		if n := activity(); n != last {
+			last, since = n, time.Now()
+		}
+	}
+}

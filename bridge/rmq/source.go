@@ -62,6 +62,10 @@ func (c *SourceConfig) defaults() error {
 	return nil
 }
 
+// startSettle is how long after Start Close waits before shutting the
+// client down (see Close).
+const startSettle = time.Second
+
 // pullConsumer is the part of the client's pull consumer the Source uses.
 type pullConsumer interface {
 	Subscribe(topic string, selector consumer.MessageSelector) error
@@ -69,6 +73,7 @@ type pullConsumer interface {
 	Poll(ctx context.Context, timeout time.Duration) (*consumer.ConsumeRequest, error)
 	ACK(ctx context.Context, cr *consumer.ConsumeRequest, result consumer.ConsumeResult)
 	PersistOffset(ctx context.Context, topic string) error
+	OffsetForTimestamp(mq *primitive.MessageQueue, timestamp int64) (int64, error)
 	Shutdown() error
 }
 
@@ -83,6 +88,7 @@ type Source struct {
 	source string
 
 	pc      pullConsumer // set by Run before the first message
+	started time.Time    // when pc started
 	runCtx  context.Context
 	handler bridge.Handler
 
@@ -92,7 +98,8 @@ type Source struct {
 	wg      sync.WaitGroup // redelivery goroutines
 	closed  atomic.Bool
 
-	backlog map[primitive.MessageQueue]int64 // Run goroutine only
+	backlog map[primitive.MessageQueue]int64  // Run goroutine only
+	brokers map[string]primitive.MessageQueue // a queue per broker name seen (guarded by mu)
 }
 
 var _ bridge.Source = (*Source)(nil)
@@ -113,6 +120,7 @@ func NewSource(bc BrokerConfig, cfg SourceConfig, log *slog.Logger) (*Source, er
 		log:     log.With("rule", cfg.Rule, "topic", cfg.Topic, "group", cfg.Group),
 		timers:  map[*time.Timer]struct{}{},
 		backlog: map[primitive.MessageQueue]int64{},
+		brokers: map[string]primitive.MessageQueue{},
 	}, nil
 }
 
@@ -171,7 +179,7 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		return err
 	}
 	s.mu.Lock()
-	s.pc, s.runCtx, s.handler = pc, ctx, h
+	s.pc, s.runCtx, s.handler, s.started = pc, ctx, h, time.Now()
 	s.mu.Unlock()
 	defer s.stop()
 	for ctx.Err() == nil {
@@ -183,6 +191,13 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		b := &batch{cr: cr}
 		b.left.Store(int32(len(msgs)))
 		s.trackBacklog(cr.GetMQ(), msgs)
+		if mq := cr.GetMQ(); mq != nil {
+			s.mu.Lock()
+			if _, ok := s.brokers[mq.BrokerName]; !ok {
+				s.brokers[mq.BrokerName] = *mq
+			}
+			s.mu.Unlock()
+		}
 		for _, ext := range msgs {
 			d := &delivery{s: s, b: b, ext: ext}
 			if err := s.hand(ctx, d); err != nil {
@@ -215,15 +230,35 @@ func (s *Source) Close(ctx context.Context) error {
 	}
 	s.stop()
 	s.mu.Lock()
-	pc := s.pc
+	pc, started := s.pc, s.started
 	s.mu.Unlock()
 	if pc == nil {
 		return nil
+	}
+	// The client runs its first rebalance on a goroutine of its own after
+	// Start, and Shutdown races with a running rebalance (the client's
+	// closed flag is unsynchronized): give that rebalance time to finish.
+	if d := time.Until(started.Add(startSettle)); d > 0 {
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
 	}
 	// Shutdown persists too, but only after it stopped the client's
 	// loops; persisting first keeps the last acknowledgements even when
 	// Shutdown's own attempt finds the connection gone.
 	perr := pc.PersistOffset(ctx, s.cfg.Topic)
+	// Offsets go out as oneway requests, and Shutdown closes the
+	// connections right after: a close with unread data resets the
+	// connection, and the broker may lose the frames it had not read yet.
+	// A synchronous request to each broker behind them is a barrier.
+	s.mu.Lock()
+	for _, mq := range s.brokers {
+		_, _ = pc.OffsetForTimestamp(&mq, time.Now().UnixMilli())
+	}
+	s.mu.Unlock()
 	serr := pc.Shutdown()
 	if err := errors.Join(perr, serr); err != nil {
 		return fmt.Errorf("rmq: rule %s: close consumer: %w", s.cfg.Rule, err)
