@@ -80,7 +80,7 @@ func (r *rmqComp) brokerConfig(name string) rmq.BrokerConfig {
 		Transactional: b.ExactlyOnce == "transactional"}
 }
 
-// sinks adds the RocketMQ sink under each RocketMQ target broker name.
+// addSinks adds the RocketMQ sink under each RocketMQ target broker name.
 func (r *rmqComp) addSinks(m map[string]bridge.Sink) {
 	if r.sink == nil {
 		return
