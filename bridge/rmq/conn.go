@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
@@ -100,19 +101,29 @@ var ErrClosed = errors.New("rmq: closed")
 // SetLogger routes the RocketMQ client's logging (a process-wide setting of
 // the client) to log. The client's Info lines (rebalances, every pull
 // state change) go to Debug; Warning to Warn; Error and Fatal to Error.
-// Safe to call more than once; the last call wins.
+// The first call installs the adapter in the client, which reads its
+// logger without synchronization: make it before the process creates any
+// RocketMQ client. Later calls only switch the target logger (safely, at
+// any time).
 func SetLogger(log *slog.Logger) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	rlog.SetLogger(&slogAdapter{log: log.With("component", "rocketmq-client")})
+	logTarget.Store(log.With("component", "rocketmq-client"))
+	logOnce.Do(func() { rlog.SetLogger(&slogAdapter{}) })
 }
 
-type slogAdapter struct{ log *slog.Logger }
+var (
+	logOnce   sync.Once
+	logTarget atomic.Pointer[slog.Logger]
+)
+
+type slogAdapter struct{}
 
 func (a *slogAdapter) emit(level slog.Level, msg string, fields map[string]any) {
 	ctx := context.Background()
-	if !a.log.Enabled(ctx, level) || (msg == "" && len(fields) == 0) {
+	log := logTarget.Load()
+	if log == nil || !log.Enabled(ctx, level) || (msg == "" && len(fields) == 0) {
 		return
 	}
 	attrs := make([]slog.Attr, 0, len(fields))
@@ -122,7 +133,7 @@ func (a *slogAdapter) emit(level slog.Level, msg string, fields map[string]any) 
 		}
 		attrs = append(attrs, slog.Any(k, v))
 	}
-	a.log.LogAttrs(ctx, level, msg, attrs...)
+	log.LogAttrs(ctx, level, msg, attrs...)
 }
 
 func (a *slogAdapter) Debug(msg string, f map[string]any)   { a.emit(slog.LevelDebug, msg, f) }
