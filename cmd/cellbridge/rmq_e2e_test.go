@@ -13,11 +13,11 @@ import (
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 	"github.com/apache/rocketmq-client-go/v2/producer"
-	"github.com/apache/rocketmq-client-go/v2/rlog"
 	"github.com/nats-io/nats.go"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/bridge/rmq"
 	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/router"
@@ -43,9 +43,10 @@ type rmqEnv struct {
 var rmqInstance atomic.Int64
 
 func init() {
-	// The test's own RocketMQ clients log through logrus at Info until an
-	// in-process bridge routes the client's logging to its logger.
-	rlog.SetLogLevel("error")
+	// Install the client's log adapter before any client exists (the
+	// client reads its logger without synchronization); in-process bridges
+	// then only switch its target.
+	rmq.SetLogger(slog.New(slog.DiscardHandler))
 }
 
 func newRMQEnv(t *testing.T, opts rmqtest.Options, ordersRule string) *rmqEnv {
