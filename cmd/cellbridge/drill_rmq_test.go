@@ -142,8 +142,12 @@ http: {listen: "127.0.0.1:0"}
 	dc.Rate = 600 // the RocketMQ producer under the race detector is slower than JetStream's
 	dc.Move, dc.To, dc.Down = "22-32", "rz10", "rz10"
 	dc.JetStream = js
-	dc.Publisher = newRMQPublisher(t, env.b.NameServerAddr())
-	rep, err := drillApp(testCtx(t, 2*time.Minute), o, data, func(runInfo) (drill.Config, func(), error) { return dc, nil, nil })
+	rep, err := drillApp(testCtx(t, 2*time.Minute), o, data, func(runInfo) (drill.Config, func(), error) {
+		// Only now: the bridge has routed the client's process-wide
+		// logging (rmq.SetLogger) before this client starts.
+		dc.Publisher = newRMQPublisher(t, env.b.NameServerAddr())
+		return dc, nil, nil
+	})
 	if err != nil {
 		t.Fatalf("drill: %v\nbridge log: %s", err, tail(readFileT(t, filepath.Join(data, "cellbridge.log")), 4000))
 	}
