@@ -304,6 +304,9 @@ func benchMain(cfg config) error {
 			suffix string
 			rate   float64
 		}{{"-lat", halfRate}, {"-lat30", med("A") * 0.3}} {
+			if lv.rate <= 0 { // no A runs to take the rate from
+				continue
+			}
 			for _, v := range []string{"A", "B"} {
 				if !avail[v] {
 					notes = append(notes, "latency of "+v+" skipped: "+bridgeMissing)
