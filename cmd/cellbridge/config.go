@@ -54,7 +54,7 @@ type Broker struct {
 	Token    Secret     `yaml:"token"`
 
 	// RocketMQ.
-	Nameservers    []string `yaml:"nameservers"` // host:port of each name server
+	Nameservers    []string `yaml:"nameservers"` // IP:port of each name server
 	AccessKey      Secret   `yaml:"accessKey"`
 	SecretKey      Secret   `yaml:"secretKey"`
 	Namespace      string   `yaml:"namespace"`
@@ -677,13 +677,17 @@ func (c *Config) validateNATS(p string, b *Broker, bad func(string, string, ...a
 
 func (c *Config) validateRocketMQ(p string, b *Broker, bad func(string, string, ...any)) {
 	if len(b.Nameservers) == 0 {
-		bad(p+".nameservers", "required for type rocketmq (a list of host:port)")
+		bad(p+".nameservers", "required for type rocketmq (a list of IP:port)")
 	}
 	for i, ns := range b.Nameservers {
 		host, port, err := net.SplitHostPort(ns)
 		n, perr := strconv.Atoi(port)
-		if err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
-			bad(fmt.Sprintf("%s.nameservers[%d]", p, i), "want host:port, got %q", ns)
+		switch {
+		case err != nil || host == "" || perr != nil || n < 1 || n > 65535:
+			bad(fmt.Sprintf("%s.nameservers[%d]", p, i), "want IP:port, got %q", ns)
+		case net.ParseIP(host) == nil:
+			// The RocketMQ client only accepts IP addresses here.
+			bad(fmt.Sprintf("%s.nameservers[%d]", p, i), "want IP:port (the RocketMQ client refuses host names), got %q", ns)
 		}
 	}
 	if (b.AccessKey == "") != (b.SecretKey == "") {

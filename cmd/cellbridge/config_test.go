@@ -182,8 +182,8 @@ func TestConfigDedupeDefaults(t *testing.T) {
 	}{
 		{"embedded", "", DedupeJetStream, "nats"},
 		{"broker named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", DedupeJetStream, "nats"},
-		{"only nats broker", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"r:1\"]}}", DedupeJetStream, "a"},
-		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"r:1\"]}}", DedupeMemory, ""},
+		{"only nats broker", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", DedupeJetStream, "a"},
+		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", DedupeMemory, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConfig("c.yaml", []byte(tc.brokers))
@@ -260,14 +260,15 @@ func TestConfigErrors(t *testing.T) {
 		{"password without user", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, password: p}\n", []string{"brokers.a.user: required with password"}},
 		{"two auth methods", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, token: t, user: u, password: p}\n", []string{"brokers.a: choose one authentication"}},
 		{"rmq nameservers missing", "rules: rules\nbrokers:\n  r: {type: rocketmq}\n", []string{"brokers.r.nameservers: required"}},
-		{"rmq nameserver bad", "rules: rules\nbrokers:\n  r:\n    type: rocketmq\n    nameservers:\n      - ok:9876\n      - nohost\n", []string{"config.yaml:7: brokers.r.nameservers[1]: want host:port"}},
-		{"rmq keys pair", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"a:1\"], accessKey: a}\n", []string{"brokers.r.secretKey: required with accessKey"}},
-		{"rmq exactlyOnce", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"a:1\"], exactlyOnce: always}\n", []string{"brokers.r.exactlyOnce: unknown mode"}},
-		{"nats field on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"a:1\"], url: nats://x:1}\n", []string{"brokers.r.url: only valid for type nats"}},
+		{"rmq nameserver bad", "rules: rules\nbrokers:\n  r:\n    type: rocketmq\n    nameservers:\n      - 10.0.0.1:9876\n      - nohost\n", []string{"config.yaml:7: brokers.r.nameservers[1]: want IP:port"}},
+		{"rmq nameserver host name", "rules: rules\nbrokers:\n  r:\n    type: rocketmq\n    nameservers:\n      - namesrv.local:9876\n", []string{"config.yaml:6: brokers.r.nameservers[0]: want IP:port (the RocketMQ client refuses host names)"}},
+		{"rmq keys pair", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], accessKey: a}\n", []string{"brokers.r.secretKey: required with accessKey"}},
+		{"rmq exactlyOnce", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: always}\n", []string{"brokers.r.exactlyOnce: unknown mode"}},
+		{"nats field on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], url: nats://x:1}\n", []string{"brokers.r.url: only valid for type nats"}},
 		{"dedupe store", "dedupe: {store: redis}\n", []string{"config.yaml:1: dedupe.store: unknown store \"redis\""}},
 		{"dedupe unknown broker", "rules: rules\n" + nats + "dedupe: {store: jetstream, broker: other}\n", []string{"dedupe.broker: unknown broker \"other\""}},
-		{"dedupe rmq broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"a:1\"]}\ndedupe: {store: jetstream, broker: r}\n", []string{"dedupe.broker: broker \"r\" is of type rocketmq"}},
-		{"dedupe no broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"a:1\"]}\ndedupe: {store: jetstream}\n", []string{"dedupe.broker: required for store jetstream"}},
+		{"dedupe rmq broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream, broker: r}\n", []string{"dedupe.broker: broker \"r\" is of type rocketmq"}},
+		{"dedupe no broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream}\n", []string{"dedupe.broker: required for store jetstream"}},
 		{"dedupe embedded broker", "dedupe: {store: jetstream, broker: x}\n", []string{"dedupe.broker: the embedded default has only"}},
 		{"dedupe bucket", "dedupe: {bucket: \"a.b\"}\n", []string{"dedupe.bucket: invalid KV bucket name"}},
 		{"dedupe replicas", "dedupe: {replicas: 7}\n", []string{"dedupe.replicas: must be 1..5"}},
