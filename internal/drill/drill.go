@@ -472,48 +472,83 @@ func heldIn(st bridge.Status, rule string, blocked []router.Range) (n int, oldes
 }
 
 func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *router.Table, p switchPlan) error {
-	cfg := d.cfg
 	v0 := t0.Version()
-	rep := d.rep
-	rep.Phases = append(rep.Phases, &Phase{Name: "start", Version: v0})
-	d.logf("before: rules version %d; running %s", v0, cfg.Before)
-	if err := sleepCtx(ctx, cfg.Before); err != nil {
+	d.rep.Phases = append(d.rep.Phases, &Phase{Name: "start", Version: v0})
+	d.logf("before: rules version %d; running %s", v0, d.cfg.Before)
+	if err := sleepCtx(ctx, d.cfg.Before); err != nil {
 		return err
 	}
+	targetFiles, target, err := d.switchRange(ctx, files0, t0, p)
+	if err != nil {
+		return err
+	}
+	if err := sleepCtx(ctx, d.cfg.After); err != nil {
+		return err
+	}
+	if err := d.refuseLower(ctx, targetFiles, target, p.down, v0); err != nil {
+		return err
+	}
+	if err := d.failover(ctx, targetFiles, target, p.down); err != nil {
+		return err
+	}
+	d.logf("after the failover: load for %s more", 2*d.cfg.After)
+	return sleepCtx(ctx, 2*d.cfg.After)
+}
 
-	// Planned switch. The target mapping first, so that router.Diff says
-	// what to block.
+// switchRange moves p.move to p.to in the three steps and returns the
+// switched rule files and table (version n+2).
+func (d *drill) switchRange(ctx context.Context, files0 map[string][]byte, t0 *router.Table, p switchPlan) (map[string][]byte, *router.Table, error) {
+	v0 := t0.Version()
+	// The target mapping first, so that router.Diff says what to block.
 	owners := Owners(t0)
 	for s := p.move.From; s <= p.move.To; s++ {
 		owners[s] = p.to
 	}
 	targetFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	target, err := LoadFiles(cfg.TempDir, targetFiles)
+	target, err := LoadFiles(d.cfg.TempDir, targetFiles)
 	if err != nil {
-		return fmt.Errorf("drill: the switched rules do not validate:\n%w", err)
+		return nil, nil, fmt.Errorf("drill: the switched rules do not validate:\n%w", err)
 	}
 	diff := router.Diff(t0, target)
 	if len(diff.Block) == 0 {
-		return errors.New("drill: router.Diff finds nothing to block for the switch")
+		return nil, nil, errors.New("drill: router.Diff finds nothing to block for the switch")
 	}
-	sw := &rep.Switch
+	sw := &d.rep.Switch
 	sw.Range, sw.From, sw.To, sw.Blocked = p.move.String(), p.from, p.to, diff.Block
+
+	// Step 1: the current owners and the block list.
 	blockFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 1, Blocked: diff.Block})
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	ph, err := d.apply(ctx, "switch step 1: block "+diff.BlockedList(), v0+1, blockFiles)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	sw.BlockEffective = ph.Effective
-	fwdAtBlock, _ := d.bc.Metric(ctx, bridge.MetricForwarded, map[string]string{"rule": d.rule.Name})
+	if err := d.watchBlocked(ctx, diff); err != nil {
+		return nil, nil, err
+	}
+	if err := d.unblock(ctx, diff, v0+2, targetFiles); err != nil {
+		return nil, nil, err
+	}
+	return targetFiles, target, nil
+}
 
-	// Step 2: wait, watching the held messages of the blocked ranges.
-	end := time.Now().Add(cfg.Blocked)
+// watchBlocked is step 2: for Config.Blocked it samples /status, expecting
+// the held messages of the blocked ranges (and nothing else) to grow and the
+// other shards to keep being forwarded.
+func (d *drill) watchBlocked(ctx context.Context, diff router.DiffReport) error {
+	sw := &d.rep.Switch
+	forwarded := func() float64 {
+		v, _ := d.bc.Metric(ctx, bridge.MetricForwarded, map[string]string{"rule": d.rule.Name})
+		return v
+	}
+	fwdAtBlock := forwarded()
+	end := time.Now().Add(d.cfg.Blocked)
 	var first, last int
 	samples := 0
 	for time.Now().Before(end) {
@@ -542,20 +577,24 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 	}
 	sw.HeldFirst, sw.HeldAtUnblock = first, last
 	d.logf("switch step 2: held in %s grew %d → %d (oldest %.1fs) while blocked for %s",
-		diff.BlockedList(), first, last, sw.HeldOldestSeconds, cfg.Blocked)
+		diff.BlockedList(), first, last, sw.HeldOldestSeconds, d.cfg.Blocked)
 	if samples < 2 || last <= first || last == 0 {
 		d.violate(KindHeldNotGrowing, "held messages of the blocked shards did not grow while blocked (%d → %d over %d samples)", first, last, samples)
 	}
-	fwdAtUnblock, _ := d.bc.Metric(ctx, bridge.MetricForwarded, map[string]string{"rule": d.rule.Name})
+	fwdAtUnblock := forwarded()
 	sw.ForwardedWhileBlocked = int(fwdAtUnblock - fwdAtBlock)
 	if fwdAtUnblock <= fwdAtBlock {
 		d.violate(KindOthersStalled, "%s{rule=%q} did not grow while the range was blocked (%.0f → %.0f)", bridge.MetricForwarded, d.rule.Name, fwdAtBlock, fwdAtUnblock)
 	}
+	return nil
+}
 
-	// Step 3: the new owners, nothing blocked. Drained when nothing is held
-	// and every event of the range published before now has arrived.
-	// The held events: those of the blocked shards that the source has
-	// stored so far and that have not arrived anywhere.
+// unblock is step 3: the new owners, nothing blocked. Drained is when
+// nothing is held and every held event has arrived: those of the blocked
+// shards that the source had stored and that had not arrived anywhere when
+// the rules were written.
+func (d *drill) unblock(ctx context.Context, diff router.DiffReport, v int64, targetFiles map[string][]byte) error {
+	sw := &d.rep.Switch
 	var heldIDs []string
 	d.mu.Lock()
 	for _, e := range d.events {
@@ -564,45 +603,45 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 		}
 	}
 	d.mu.Unlock()
-	ph, err = d.apply(ctx, "switch step 3: new owners, unblock", v0+2, targetFiles)
+	sw.HeldEvents = len(heldIDs)
+	ph, err := d.apply(ctx, "switch step 3: new owners, unblock", v, targetFiles)
 	if err != nil {
 		return err
 	}
 	sw.UnblockWritten, sw.UnblockEffective = ph.Written, ph.Effective
-	deadline := time.Now().Add(cfg.Settle)
+	deadline := time.Now().Add(d.cfg.Settle)
 	for {
 		st, err := d.bc.Status(ctx)
 		if err == nil {
-			n, _, _ := heldIn(st, d.rule.Name, diff.Block)
-			if n == 0 && d.col.countArrived(heldIDs) == len(heldIDs) {
+			if n, _, _ := heldIn(st, d.rule.Name, diff.Block); n == 0 && d.col.countArrived(heldIDs) == len(heldIDs) {
 				sw.Drained = time.Now()
 				break
 			}
 		}
 		if time.Now().After(deadline) {
 			d.violate(KindNotDrained, "%d of %d events of the blocked shards arrived within %s of unblocking",
-				d.col.countArrived(heldIDs), len(heldIDs), cfg.Settle)
-			break
+				d.col.countArrived(heldIDs), len(heldIDs), d.cfg.Settle)
+			return nil
 		}
 		if err := sleepCtx(ctx, 10*time.Millisecond); err != nil {
 			return err
 		}
 	}
-	sw.HeldEvents = len(heldIDs)
-	if !sw.Drained.IsZero() {
-		d.logf("switch step 3: drained %d events of %s to %s %s after writing the rules (%s after the bridge ran them)",
-			len(heldIDs), diff.BlockedList(), p.to, sw.Drained.Sub(sw.UnblockWritten).Round(time.Millisecond),
-			sw.Drained.Sub(sw.UnblockEffective).Round(time.Millisecond))
-	}
-	if err := sleepCtx(ctx, cfg.After); err != nil {
-		return err
-	}
+	d.logf("switch step 3: drained %d events of %s to %s %s after writing the rules (%s after the bridge ran them)",
+		len(heldIDs), diff.BlockedList(), sw.To, sw.Drained.Sub(sw.UnblockWritten).Round(time.Millisecond),
+		sw.Drained.Sub(sw.UnblockEffective).Round(time.Millisecond))
+	return nil
+}
 
-	// A lower version must be refused.
-	rf := &rep.Refused
-	rf.Version, rf.Running = v0, v0+2
-	lowFiles, err := EditCellMap(targetFiles, CellMapEdit{Version: v0, State: map[string]string{p.down: router.StateDown},
-		Failover: failoverFixes(target, p.down)})
+// refuseLower writes the failover rules with version lower (below the
+// running n+2, as a stale file would be) and expects a refusal: the
+// running version stays and the reload-failure counter grows. Then it puts
+// the running rules back, as an operator undoes a mistake.
+func (d *drill) refuseLower(ctx context.Context, running map[string][]byte, target *router.Table, down string, lower int64) error {
+	rf := &d.rep.Refused
+	rf.Version, rf.Running = lower, target.Version()
+	lowFiles, err := EditCellMap(running, CellMapEdit{Version: lower, State: map[string]string{down: router.StateDown},
+		Failover: failoverFixes(target, down)})
 	if err != nil {
 		return err
 	}
@@ -613,7 +652,7 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 	if err := d.rd.Apply(lowFiles); err != nil {
 		return err
 	}
-	deadline = time.Now().Add(cfg.Settle)
+	deadline := time.Now().Add(d.cfg.Settle)
 	for {
 		rf.FailuresAfter, _ = d.bc.Metric(ctx, bridge.MetricRulesReloadFails, nil)
 		if rf.FailuresAfter > rf.FailuresBefore || time.Now().After(deadline) {
@@ -627,36 +666,37 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 		rf.RunningAfter = st.RulesVersion
 	}
 	if rf.FailuresAfter <= rf.FailuresBefore {
-		d.violate(KindLowerAccepted, "no refusal counted in %s within %s of writing version %d", bridge.MetricRulesReloadFails, cfg.Settle, v0)
+		d.violate(KindLowerAccepted, "no refusal counted in %s within %s of writing version %d", bridge.MetricRulesReloadFails, d.cfg.Settle, lower)
 	}
-	if rf.RunningAfter != v0+2 {
-		d.violate(KindLowerAccepted, "after writing version %d the bridge runs version %d, want %d", v0, rf.RunningAfter, v0+2)
+	if rf.RunningAfter != rf.Running {
+		d.violate(KindLowerAccepted, "after writing version %d the bridge runs version %d, want %d", lower, rf.RunningAfter, rf.Running)
 	}
 	d.logf("lower version: rules version %d written over %d: refused (%s %.0f → %.0f), still running %d",
-		v0, v0+2, bridge.MetricRulesReloadFails, rf.FailuresBefore, rf.FailuresAfter, rf.RunningAfter)
-	// Put the running rules back on disk, as an operator undoes a mistake.
-	if err := d.rd.Apply(targetFiles); err != nil {
-		return err
-	}
+		lower, rf.Running, bridge.MetricRulesReloadFails, rf.FailuresBefore, rf.FailuresAfter, rf.RunningAfter)
+	return d.rd.Apply(running)
+}
 
-	// Disaster failover: the cell is down, every cell that failed over to
-	// it gets another failover, and nothing is blocked.
-	fo := &rep.Failover
-	fo.Down = p.down
-	if c, ok := target.Cell(p.down); ok {
+// failover marks down as down (every cell that failed over to it gets
+// another failover) with the next version; router.Diff must see failovers
+// only, nothing to block.
+func (d *drill) failover(ctx context.Context, running map[string][]byte, target *router.Table, down string) error {
+	fo := &d.rep.Failover
+	fo.Down = down
+	if c, ok := target.Cell(down); ok {
 		fo.To = c.Failover
 	}
-	fixes := failoverFixes(target, p.down)
+	fixes := failoverFixes(target, down)
 	for _, c := range target.Cells() {
 		if f, ok := fixes[c.Name]; ok {
 			fo.FailoverFixes = append(fo.FailoverFixes, fmt.Sprintf("%s: failover %s → %s", c.Name, c.Failover, f))
 		}
 	}
-	failFiles, err := EditCellMap(targetFiles, CellMapEdit{Version: v0 + 3, State: map[string]string{p.down: router.StateDown}, Failover: fixes})
+	v := target.Version() + 1
+	failFiles, err := EditCellMap(running, CellMapEdit{Version: v, State: map[string]string{down: router.StateDown}, Failover: fixes})
 	if err != nil {
 		return err
 	}
-	failT, err := LoadFiles(cfg.TempDir, failFiles)
+	failT, err := LoadFiles(d.cfg.TempDir, failFiles)
 	if err != nil {
 		return fmt.Errorf("drill: the failover rules do not validate:\n%w", err)
 	}
@@ -665,13 +705,12 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 	if len(fd.Block) != 0 {
 		d.violate(KindFailoverBlocks, "router.Diff wants %s blocked for a failover", fd.BlockedList())
 	}
-	ph, err = d.apply(ctx, "failover: "+p.down+" down", v0+3, failFiles)
+	ph, err := d.apply(ctx, "failover: "+down+" down", v, failFiles)
 	if err != nil {
 		return err
 	}
 	fo.Effective = ph.Effective
-	d.logf("after the failover: load for %s more", 2*cfg.After)
-	return sleepCtx(ctx, 2*cfg.After)
+	return nil
 }
 
 // failoverFixes returns, for every cell whose failover is down, a live
