@@ -55,7 +55,7 @@ func main() {
 	flag.StringVar(&cfg.out, "out", "", "write results JSON here (e.g. bench/results.json)")
 	flag.StringVar(&cfg.variants, "variants", "A,B,C,D", "main variants in run order: A pipe, B cellbridge, C cellbridge+KV, D watermill")
 	flag.DurationVar(&cfg.soak, "soak", 0, "soak mode: run B at half load for this long, report RSS and goroutines every minute")
-	flag.Float64Var(&cfg.soakRate, "soak-rate", 0, "soak offered load in msg/s (default: half of pipe_msgs_per_s from bench/results.json, else 40000)")
+	flag.Float64Var(&cfg.soakRate, "soak-rate", 0, "soak offered load in msg/s (default: 30% of pipe_msgs_per_s from bench/results.json, else 30000)")
 	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the timed phase of each variant's first run to PREFIX-<variant>.pprof")
 	flag.BoolVar(&cfg.memprofile, "memprofile", false, "with -cpuprofile: also write PREFIX-<variant>.allocs.pprof")
 	flag.Uint64Var(&cfg.seed, "seed", 1, "event generation seed")
