@@ -102,7 +102,7 @@ func runSoak(spec childSpec) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	// Bounded streams: the soak is about the bridge's memory, not the disk.
-	if err := createStreams(ctx, js, table, 500_000); err != nil {
+	if err := createStreams(ctx, js, table, 100_000); err != nil {
 		return err
 	}
 	e := &env{url: srv.ClientURL(), srv: srv, table: table, spec: spec, tune: parseTune(spec.Tune)}
@@ -190,6 +190,13 @@ func runSoak(spec childSpec) error {
 	}
 	if time.Since(lastReport) > 5*time.Second {
 		report()
+	}
+	if p := os.Getenv("BENCH_HEAP"); p != "" {
+		if f, err := os.Create(p); err == nil {
+			runtime.GC()
+			_ = pprof.Lookup("heap").WriteTo(f, 0)
+			f.Close()
+		}
 	}
 	sentMu.Lock()
 	backlog := sent - forwardedTotal(srv)
