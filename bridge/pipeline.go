@@ -427,13 +427,10 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 		}
 		if err != nil {
 			p.met.DedupeErrors.WithLabelValues("reserve").Inc()
-			p.storeFailing.Store(true)
-			p.health.failed("dedupe store", err)
+			markFailed(p.health, &p.storeFailing, "dedupe store", err)
 			return p.retry(t)
 		}
-		if p.storeFailing.Load() && p.storeFailing.CompareAndSwap(true, false) {
-			p.health.recovered("dedupe store")
-		}
+		markRecovered(p.health, &p.storeFailing, "dedupe store")
 		switch o {
 		case dedupe.Duplicate:
 			t.rs.met.duplicate.Inc()
@@ -476,9 +473,7 @@ func (p *Pipeline) complete(t *task) *task {
 	t.err = nil
 	ss := t.ss
 	if err == nil || errors.Is(err, ErrDuplicate) {
-		if ss.failing.Load() && ss.failing.CompareAndSwap(true, false) {
-			p.health.recovered(ss.what)
-		}
+		markRecovered(p.health, &ss.failing, ss.what)
 		if t.reserved {
 			t.reserved = false
 			var cerr error
@@ -515,8 +510,7 @@ func (p *Pipeline) complete(t *task) *task {
 		return p.finish(t, nil)
 	}
 	ss.errs.Inc()
-	ss.failing.Store(true)
-	p.health.failed(ss.what, err)
+	markFailed(p.health, &ss.failing, ss.what, err)
 	if t.reserved {
 		t.reserved = false
 		if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
@@ -525,6 +519,25 @@ func (p *Pipeline) complete(t *task) *task {
 		}
 	}
 	return p.retry(t)
+}
+
+// markFailed records a failure of what in h, then sets flag, the fast-path
+// hint that markRecovered has something to clear. In this order a success
+// that takes the flag meanwhile cannot clear the record before it is
+// written: the flag is set again after it, and the next success clears it
+// (flag first, a concurrent success could clear first and leave the record
+// for good, keeping /readyz at 503 while publishes flow).
+func markFailed(h *Health, flag *atomic.Bool, what string, err error) {
+	h.failed(what, err)
+	flag.Store(true)
+}
+
+// markRecovered clears what's failure after a success, once per failure
+// streak (the flag keeps the hot path to one atomic load).
+func markRecovered(h *Health, flag *atomic.Bool, what string) {
+	if flag.Load() && flag.CompareAndSwap(true, false) {
+		h.recovered(what)
+	}
 }
 
 // retry schedules another attempt of the active message t after a
