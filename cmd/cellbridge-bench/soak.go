@@ -44,7 +44,11 @@ func soakMain(cfg config) int {
 		}
 	}
 	rules, _ := filepath.Abs(cfg.rules)
-	spec := childSpec{Variant: "B", Seed: cfg.seed, Rules: rules, Rate: rate, Soak: cfg.soak.String(), N: 100000,
+	variant := "B"
+	if v := os.Getenv("BENCH_SOAK_VARIANT"); v != "" {
+		variant = v // e.g. A: the pipe under the same soak, to tell server memory from bridge memory
+	}
+	spec := childSpec{Variant: variant, Seed: cfg.seed, Rules: rules, Rate: rate, Soak: cfg.soak.String(), N: 100000,
 		Tune: cfg.tune["B"]}
 	self, err := os.Executable()
 	if err != nil {
@@ -144,8 +148,8 @@ func runSoak(spec childSpec) error {
 		}
 	}()
 
-	fmt.Printf("soak: cellbridge (B) at %.0f msg/s offered for %s; embedded nats-server in the same process\n", spec.Rate, dur)
-	fmt.Printf("%8s %10s %10s %12s %12s %10s %6s\n", "elapsed", "rss MiB", "goroutines", "published", "forwarded", "backlog", "load")
+	fmt.Printf("soak: variant %s at %.0f msg/s offered for %s; embedded nats-server in the same process\n", spec.Variant, spec.Rate, dur)
+	fmt.Printf("%8s %10s %10s %10s %12s %12s %10s %6s\n", "elapsed", "rss MiB", "heap MiB", "goroutines", "published", "forwarded", "backlog", "load")
 	// Goroutines are sampled every 5s; the verdict compares the lowest count
 	// of the last quarter with the highest of the first half (after the
 	// first minute's warm-up), so transient bursts do not count as growth.
@@ -164,8 +168,10 @@ func runSoak(spec childSpec) error {
 		p := sent
 		sentMu.Unlock()
 		fwd := forwardedTotal(srv)
-		fmt.Printf("%8s %10.1f %10d %12d %12d %10d %6s\n", time.Since(t0).Round(time.Second), readRSSMB(),
-			runtime.NumGoroutine(), p, fwd, p-fwd, loadAvg())
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		fmt.Printf("%8s %10.1f %10.1f %10d %12d %12d %10d %6s\n", time.Since(t0).Round(time.Second), readRSSMB(),
+			float64(ms.HeapAlloc)/(1<<20), runtime.NumGoroutine(), p, fwd, p-fwd, loadAvg())
 	}
 	done := false
 	for !done {
