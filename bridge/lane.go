@@ -60,6 +60,7 @@ type taskData struct {
 	phase    uint8
 	err      error
 	ss       *sinkState
+	failedOn *sinkState // broker whose publish of this message failed last (sinkState.waiting)
 
 	out      Outgoing
 	hv       [6]string // backing store of the forward header values
@@ -117,6 +118,7 @@ func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 // channel to the pool. taskData is cleared without the lock: a stale
 // heartbeat reference reads only the fields under mu.
 func (p *Pipeline) recycle(t *task) {
+	p.leaveSink(t)
 	if t.lentHdr {
 		clear(t.hdr)
 	}

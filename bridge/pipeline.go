@@ -109,6 +109,12 @@ type sinkState struct {
 	sink    Sink
 	failing atomic.Bool
 	errs    interface{ Inc() }
+	// waiting counts messages whose last attempt failed on this broker
+	// and that have not moved on (confirmed here, routed elsewhere,
+	// settled). When it drops to zero nothing will publish here to prove
+	// the broker works again (a failover moved its shards), so the failure
+	// is cleared instead of keeping /readyz at 503 for good.
+	waiting atomic.Int64
 }
 
 // ruleState is per topic rule: metric children, health record and the
@@ -441,6 +447,9 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 		}
 		t.reserved = true
 	}
+	if t.failedOn != nil && t.failedOn != ss {
+		p.leaveSink(t)
+	}
 	t.ss = ss
 	if t.dlq {
 		p.prepareDLQ(t)
@@ -510,6 +519,13 @@ func (p *Pipeline) complete(t *task) *task {
 		return p.finish(t, nil)
 	}
 	ss.errs.Inc()
+	if t.failedOn != ss {
+		p.leaveSink(t)
+		// Count first: a message leaving the broker meanwhile must not see
+		// zero and clear the failure recorded next.
+		ss.waiting.Add(1)
+		t.failedOn = ss
+	}
 	markFailed(p.health, &ss.failing, ss.what, err)
 	if t.reserved {
 		t.reserved = false
@@ -537,6 +553,19 @@ func markFailed(h *Health, flag *atomic.Bool, what string, err error) {
 func markRecovered(h *Health, flag *atomic.Bool, what string) {
 	if flag.Load() && flag.CompareAndSwap(true, false) {
 		h.recovered(what)
+	}
+}
+
+// leaveSink records that t no longer waits for the broker its last attempt
+// failed on; the last message to leave clears the broker's failure.
+func (p *Pipeline) leaveSink(t *task) {
+	ss := t.failedOn
+	if ss == nil {
+		return
+	}
+	t.failedOn = nil
+	if ss.waiting.Add(-1) == 0 {
+		markRecovered(p.health, &ss.failing, ss.what)
 	}
 }
 
