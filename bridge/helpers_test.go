@@ -247,12 +247,24 @@ func newEnv(t testing.TB, cfg Config, doc string, sink *testSink, store dedupe.S
 	if sink == nil {
 		sink = newTestSink()
 	}
+	e := newEnvSinks(t, cfg, doc, map[string]*testSink{"nats": sink}, store)
+	e.sink = sink
+	return e
+}
+
+// newEnvSinks is newEnv with one test sink per broker name.
+func newEnvSinks(t testing.TB, cfg Config, doc string, sinks map[string]*testSink, store dedupe.Store) *env {
+	t.Helper()
 	if store == nil {
 		store = dedupe.NewMemory(dedupe.MemoryConfig{})
 	}
+	m := make(map[string]Sink, len(sinks))
+	for name, s := range sinks {
+		m[name] = s
+	}
 	h := router.NewHolder(table(t, doc))
 	p, err := New(cfg, Deps{
-		Rules: h, Dedupe: store, Sinks: StaticSinks(map[string]Sink{"nats": sink}),
+		Rules: h, Dedupe: store, Sinks: StaticSinks(m),
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {
@@ -262,10 +274,12 @@ func newEnv(t testing.TB, cfg Config, doc string, sink *testSink, store dedupe.S
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		_ = p.Close(ctx)
-		_ = sink.Close(ctx)
+		for _, s := range sinks {
+			_ = s.Close(ctx)
+		}
 		_ = store.Close(ctx)
 	})
-	return &env{p: p, sink: sink, hold: h, store: store}
+	return &env{p: p, hold: h, store: store}
 }
 
 // eventually polls cond until it holds or 10s pass.

@@ -3,14 +3,9 @@ package bridge
 import (
 	"context"
 	"errors"
-	"io"
-	"log/slog"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/cellbridge/cellbridge/dedupe"
-	"github.com/cellbridge/cellbridge/router"
 )
 
 // A broker that failed is reported on /readyz only while messages still
@@ -24,29 +19,16 @@ func TestReadinessRecoversWhenFailingBrokerIsNoLongerUsed(t *testing.T) {
 	}
 	dead, alive := newTestSink(), newTestSink()
 	dead.fail = func(*Outgoing, int) error { return errors.New("connection refused") }
-	store := dedupe.NewMemory(dedupe.MemoryConfig{})
-	h := router.NewHolder(table(t, doc(1, 50)))
-	p, err := New(Config{AckWait: 40 * time.Millisecond, Retry: RetryConfig{Initial: time.Millisecond, Max: 5 * time.Millisecond}}, Deps{
-		Rules: h, Dedupe: store,
-		Sinks: StaticSinks(map[string]Sink{"rz00": dead, "rz01": alive, "nats": alive}),
-		Log:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = p.Close(ctx)
-		_ = store.Close(ctx)
-	})
+	e := newEnvSinks(t, Config{AckWait: 40 * time.Millisecond, Retry: RetryConfig{Initial: time.Millisecond, Max: 5 * time.Millisecond}},
+		doc(1, 50), map[string]*testSink{"rz00": dead, "rz01": alive, "nats": alive}, nil)
+	p := e.p
 	m, a := msg("t", keyFor(20, 1), "{}") // shard 20: rz00 under version 1
 	_ = p.Handle(context.Background(), m, a.ack)
 	eventually(t, "rz00 reported failing", func() bool {
 		_, why := p.Health().Ready()
 		return strings.Contains(why, "publishing to broker rz00 keeps failing")
 	})
-	h.Store(table(t, doc(2, 10))) // failover: shard 20 moves to rz01
+	e.hold.Store(table(t, doc(2, 10))) // failover: shard 20 moves to rz01
 	if err := a.result(t); err != nil {
 		t.Fatal(err)
 	}
