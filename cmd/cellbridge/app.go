@@ -477,9 +477,18 @@ func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *route
 			return nil
 		},
 		OnStop: func(ctx context.Context) error {
-			// Stop fetching first, then finish what is in flight.
+			// Stop fetching first, then finish what is in flight. A Handle
+			// blocked on a full sink can hold a source's Run past the
+			// cancel; the wait is bounded by the stop deadline, and Close
+			// below settles whatever is still in flight.
 			cancel()
-			wg.Wait()
+			ran := make(chan struct{})
+			go func() { wg.Wait(); close(ran) }()
+			select {
+			case <-ran:
+			case <-ctx.Done():
+				log.Warn("sources did not stop before the stop deadline; draining anyway")
+			}
 			dctx, dcancel := context.WithTimeout(ctx, o.cfg.Pipeline.DrainTimeout.D())
 			defer dcancel()
 			err := pc.p.Close(dctx)
