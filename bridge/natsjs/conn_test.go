@@ -115,7 +115,7 @@ func TestConnectToken(t *testing.T) {
 }
 
 func TestConnectTLSWithClientCert(t *testing.T) {
-	p := newPKI(t)
+	p := natstest.NewPKI(t)
 	srv := natstest.Start(t, func(o *server.Options) {
 		tc, err := server.GenTLSConfig(&server.TLSConfigOpts{
 			CertFile: p.ServerCert, KeyFile: p.ServerKey, CaFile: p.CA, Verify: true,
@@ -161,7 +161,7 @@ func TestConnectTLSWithClientCert(t *testing.T) {
 }
 
 func TestConnectConfigErrors(t *testing.T) {
-	p := newPKI(t)
+	p := natstest.NewPKI(t)
 	for _, tc := range []struct {
 		name string
 		cfg  BrokerConfig

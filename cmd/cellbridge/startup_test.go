@@ -2,16 +2,8 @@ package main
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -28,61 +20,13 @@ import (
 	"github.com/cellbridge/cellbridge/router"
 )
 
-// certFiles writes a throwaway CA and, signed by it, a server certificate
-// for 127.0.0.1 and a client certificate, as PEM files in dir.
-func certFiles(t *testing.T, dir string) (ca, srvCert, srvKey, cliCert, cliKey string) {
-	t.Helper()
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	write := func(name, typ string, der []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	caKey := newKey()
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "e2e CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	ca = write("ca.pem", "CERTIFICATE", caDER)
-	leaf := func(serial int64, usage x509.ExtKeyUsage, name string) (string, string) {
-		k := newKey()
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
-			IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &k.PublicKey, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kder, err := x509.MarshalECPrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return write(name+".pem", "CERTIFICATE", der), write(name+"-key.pem", "EC PRIVATE KEY", kder)
-	}
-	srvCert, srvKey = leaf(2, x509.ExtKeyUsageServerAuth, "server")
-	cliCert, cliKey = leaf(3, x509.ExtKeyUsageClientAuth, "client")
-	return
-}
-
 // TestE2ETLSAndCredentials runs the bridge against a server that requires
 // TLS with a client certificate and a user/password, the password coming
 // from the environment.
 func TestE2ETLSAndCredentials(t *testing.T) {
-	dir := t.TempDir()
-	ca, sc, sk, cc, ck := certFiles(t, dir)
+	pki := natstest.NewPKI(t)
+	dir := filepath.Dir(pki.CA) // the config names the PEM files relative to itself
+	ca, sc, sk, cc, ck := pki.CA, pki.ServerCert, pki.ServerKey, pki.ClientCert, pki.ClientKey
 	srv := natstest.Start(t, func(o *server.Options) {
 		tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: sc, KeyFile: sk, CaFile: ca, Verify: true})
 		if err != nil {

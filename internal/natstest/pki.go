@@ -1,4 +1,4 @@
-package natsjs
+package natstest
 
 import (
 	"crypto/ecdsa"
@@ -15,13 +15,15 @@ import (
 	"time"
 )
 
-// pki is a throwaway CA with a server and a client certificate, written as
-// PEM files into a test's temporary directory.
-type pki struct {
+// PKI is a throwaway CA with a server certificate (for 127.0.0.1 and
+// localhost) and a client certificate, written as PEM files into a test's
+// temporary directory, for TLS tests against embedded servers.
+type PKI struct {
 	CA, ServerCert, ServerKey, ClientCert, ClientKey string
 }
 
-func newPKI(t testing.TB) pki {
+// NewPKI creates the CA and both certificates (valid for one hour).
+func NewPKI(t testing.TB) PKI {
 	t.Helper()
 	dir := t.TempDir()
 	caKey := newKey(t)
@@ -65,7 +67,7 @@ func newPKI(t testing.TB) pki {
 		return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 			pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
 	}
-	p := pki{
+	p := PKI{
 		CA:         filepath.Join(dir, "ca.pem"),
 		ServerCert: filepath.Join(dir, "server.pem"),
 		ServerKey:  filepath.Join(dir, "server-key.pem"),
