@@ -446,6 +446,20 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 			return p.retry(t)
 		}
 		t.reserved = true
+		// A remote store's round trip is long enough for a rules reload
+		// to land in between: a message decided under the old table must
+		// not be published after the new one (a shard that was just
+		// blocked, or moved). Give the reservation back and decide again.
+		if !t.dlq && t.poison == "" {
+			if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
+				t.reserved = false
+				if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
+					// The reservation expires by itself after ReserveTTL.
+					p.met.DedupeErrors.WithLabelValues("release").Inc()
+				}
+				return p.dispatch(t)
+			}
+		}
 	}
 	if t.failedOn != nil && t.failedOn != ss {
 		p.leaveSink(t)
