@@ -83,6 +83,10 @@ func TestHeldParkedAndReleasedInOrder(t *testing.T) {
 		t.Fatalf("status %+v", rs)
 	}
 	eventually(t, "held gauge", func() bool { return value(e.p.met.HeldMessages.WithLabelValues("t")) == 3 })
+	eventually(t, "held gauge of the blocked range 40-44", func() bool {
+		return value(e.p.met.HeldRange.WithLabelValues("t", "40-44")) == 3 &&
+			value(e.p.met.HeldRangeOldest.WithLabelValues("t", "40-44")) > 0
+	})
 	if n := counter(t, e, "t", OutcomeHeld); n != 3 {
 		t.Fatalf("held outcome %v", n)
 	}
@@ -99,6 +103,9 @@ func TestHeldParkedAndReleasedInOrder(t *testing.T) {
 	if err := a5.result(t); err != nil {
 		t.Fatal(err)
 	}
+	eventually(t, "the range gauge gone once 40-44 is no longer blocked", func() bool {
+		return seriesOf(t, e, MetricHeldRange) == 0
+	})
 	want := []string{"cell.rz00.t a1", "cell.rz01.t a2", "cell.rz01.t a3", "cell.rz01.t a4", "cell.rz01.t a5"}
 	if got := subjectsOf(s.published(), a); strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Fatalf("order across the switch:\n got %v\nwant %v", got, want)
@@ -227,4 +234,19 @@ func TestKeysSharingALaneDoNotBlockEachOther(t *testing.T) {
 	if got := subjectsOf(s.published(), a); strings.Join(got, ",") != "cell.rz00.t a1,cell.rz00.t a2" {
 		t.Fatalf("got %v", got)
 	}
+}
+
+// seriesOf counts the series of a metric in the pipeline's registry.
+func seriesOf(t testing.TB, e *env, name string) int {
+	t.Helper()
+	mfs, err := e.p.met.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return len(mf.GetMetric())
+		}
+	}
+	return 0
 }

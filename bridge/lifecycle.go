@@ -196,7 +196,8 @@ func (rs *ruleState) snapshot(now int64) (n int, oldest float64) {
 
 func (p *Pipeline) updateGauges() {
 	now := p.clock.Now().UnixNano()
-	held := p.collectHeld(now, false)
+	held := p.collectHeld(now, true)
+	p.updateRangeGauges(held)
 	for name, rs := range p.ruleStates.load() {
 		n, oldest := rs.snapshot(now)
 		h := int(rs.held.Load())
@@ -208,6 +209,53 @@ func (p *Pipeline) updateGauges() {
 		} else {
 			rs.met.heldOldest.Set(0)
 		}
+	}
+}
+
+// updateRangeGauges sets the held gauges per rule and blocked range of the
+// running table. The label values are the table's own blocked: entries, so
+// there are few and they stay put for the length of a switch; ranges no
+// longer blocked disappear.
+func (p *Pipeline) updateRangeGauges(held map[string]*heldStats) {
+	type agg struct {
+		n      int
+		oldest float64
+	}
+	got := map[[2]string]*agg{}
+	if tbl := p.rules.Load(); tbl != nil {
+		blocked := tbl.Blocked()
+		for rule, hs := range held {
+			for shard, sh := range hs.shards {
+				for _, r := range blocked {
+					if shard < r.From || shard > r.To {
+						continue
+					}
+					k := [2]string{rule, r.String()}
+					a := got[k]
+					if a == nil {
+						a = &agg{}
+						got[k] = a
+					}
+					a.n += sh.Held
+					a.oldest = max(a.oldest, sh.OldestAgeSeconds)
+					break
+				}
+			}
+		}
+	}
+	p.rangeMu.Lock()
+	defer p.rangeMu.Unlock()
+	for k := range p.rangeSeen {
+		if got[k] == nil {
+			p.met.HeldRange.DeleteLabelValues(k[0], k[1])
+			p.met.HeldRangeOldest.DeleteLabelValues(k[0], k[1])
+			delete(p.rangeSeen, k)
+		}
+	}
+	for k, a := range got {
+		p.met.HeldRange.WithLabelValues(k[0], k[1]).Set(float64(a.n))
+		p.met.HeldRangeOldest.WithLabelValues(k[0], k[1]).Set(a.oldest)
+		p.rangeSeen[k] = struct{}{}
 	}
 }
 

@@ -58,6 +58,8 @@ const (
 	MetricOldestUnackedAge  = "cellbridge_oldest_unacked_age_seconds"
 	MetricHeldMessages      = "cellbridge_held_messages"
 	MetricHeldOldestAge     = "cellbridge_held_oldest_age_seconds"
+	MetricHeldRange         = "cellbridge_held_range_messages"
+	MetricHeldRangeOldest   = "cellbridge_held_range_oldest_age_seconds"
 	MetricSourceBacklog     = "cellbridge_source_backlog_messages"
 	MetricSinkPublishErrors = "cellbridge_sink_publish_errors_total"
 	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
@@ -80,6 +82,8 @@ var MetricList = []MetricDesc{
 	{MetricOldestUnackedAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message not yet acknowledged to the source (freshness)."},
 	{MetricHeldMessages, "gauge", []string{"rule"}, "Messages parked because their shard is blocked (held)."},
 	{MetricHeldOldestAge, "gauge", []string{"rule"}, "Age in seconds of the oldest parked (held) message."},
+	{MetricHeldRange, "gauge", []string{"rule", "shards"}, "Messages parked per blocked shard range of the running rules (shards is a blocked: entry, e.g. 40-44)."},
+	{MetricHeldRangeOldest, "gauge", []string{"rule", "shards"}, "Age in seconds of the oldest parked message per blocked shard range."},
 	{MetricSourceBacklog, "gauge", []string{"rule"}, "Messages pending at the source, not yet delivered to the bridge (e.g. consumer NumPending)."},
 	{MetricSinkPublishErrors, "counter", []string{"broker"}, "Failed publish attempts by target broker (each is retried)."},
 	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, commit, release)."},
@@ -109,6 +113,8 @@ type Metrics struct {
 	OldestUnackedAge  *prometheus.GaugeVec
 	HeldMessages      *prometheus.GaugeVec
 	HeldOldestAge     *prometheus.GaugeVec
+	HeldRange         *prometheus.GaugeVec
+	HeldRangeOldest   *prometheus.GaugeVec
 	SourceBacklog     *prometheus.GaugeVec
 	SinkPublishErrors *prometheus.CounterVec
 	DedupeErrors      *prometheus.CounterVec
@@ -148,6 +154,8 @@ func NewMetrics(version string) *Metrics {
 	m.OldestUnackedAge = gauge(MetricOldestUnackedAge)
 	m.HeldMessages = gauge(MetricHeldMessages)
 	m.HeldOldestAge = gauge(MetricHeldOldestAge)
+	m.HeldRange = gauge(MetricHeldRange)
+	m.HeldRangeOldest = gauge(MetricHeldRangeOldest)
 	m.SourceBacklog = gauge(MetricSourceBacklog)
 	m.SinkPublishErrors = counter(MetricSinkPublishErrors)
 	m.DedupeErrors = counter(MetricDedupeErrors)
@@ -158,7 +166,7 @@ func NewMetrics(version string) *Metrics {
 	m.Ready = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricReady, Help: byName[MetricReady].Help})
 	m.BuildInfo = gauge(MetricBuildInfo)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge,
-		m.HeldMessages, m.HeldOldestAge, m.SourceBacklog, m.SinkPublishErrors, m.DedupeErrors,
+		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors, m.DedupeErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if version == "" {

@@ -79,6 +79,8 @@ type Pipeline struct {
 
 	heldN       atomic.Int64
 	parkMu      sync.Mutex
+	rangeMu     sync.Mutex             // guards rangeSeen (updateGauges may run from the sweeper and from tests)
+	rangeSeen   map[[2]string]struct{} // (rule, blocked range) series of the held range gauges
 	parkedLanes map[*lane]struct{}
 
 	ruleStates cowMap[*ruleState]
@@ -164,6 +166,7 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		lanes:       make([]lane, cfg.Lanes),
 		jobs:        make(chan *task, cfg.MaxInFlight+cfg.MaxHeld+1024),
 		parkedLanes: map[*lane]struct{}{},
+		rangeSeen:   map[[2]string]struct{}{},
 		closeCh:     make(chan struct{}),
 		recheck:     make(chan struct{}, 1),
 		quit:        make(chan struct{}),
