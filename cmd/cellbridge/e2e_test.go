@@ -1,12 +1,12 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -23,6 +23,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/drill"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -106,41 +107,9 @@ func get(t testing.TB, url string) (int, string) {
 func metric(t testing.TB, base, name string, labels map[string]string) float64 {
 	t.Helper()
 	_, body := get(t, base+"/metrics")
-	sc := bufio.NewScanner(strings.NewReader(body))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name) {
-			continue
-		}
-		rest := line[len(name):]
-		got := map[string]string{}
-		if strings.HasPrefix(rest, "{") {
-			end := strings.Index(rest, "}")
-			for _, kv := range strings.Split(rest[1:end], ",") {
-				if k, v, ok := strings.Cut(kv, "="); ok {
-					got[k] = strings.Trim(v, `"`)
-				}
-			}
-			rest = rest[end+1:]
-		} else if !strings.HasPrefix(rest, " ") {
-			continue // a longer metric name
-		}
-		if len(got) != len(labels) {
-			continue
-		}
-		match := true
-		for k, v := range labels {
-			if got[k] != v {
-				match = false
-			}
-		}
-		if match {
-			f, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			if err != nil {
-				t.Fatalf("metric %s: %q: %v", name, line, err)
-			}
-			return f
+	for _, s := range drill.MetricSamples(body, name) {
+		if maps.Equal(s.Labels, labels) {
+			return s.Value
 		}
 	}
 	return 0

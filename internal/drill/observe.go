@@ -1,7 +1,6 @@
 package drill
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
@@ -210,45 +211,60 @@ func (b *bridgeClient) Metric(ctx context.Context, name string, want map[string]
 	return sumMetric(string(body), name, want), nil
 }
 
-// sumMetric sums the samples of a metric in the Prometheus text format.
+// sumMetric sums the samples of a metric in the Prometheus text format whose
+// labels include want.
 func sumMetric(text, name string, want map[string]string) float64 {
 	var sum float64
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name) {
-			continue
-		}
-		rest := line[len(name):]
-		labels := map[string]string{}
-		if strings.HasPrefix(rest, "{") {
-			end := strings.Index(rest, "}")
-			if end < 0 {
-				continue
-			}
-			for _, kv := range strings.Split(rest[1:end], ",") {
-				if k, v, ok := strings.Cut(kv, "="); ok {
-					labels[k] = strings.Trim(v, `"`)
-				}
-			}
-			rest = rest[end+1:]
-		} else if !strings.HasPrefix(rest, " ") {
-			continue // a longer name
-		}
+	for _, s := range MetricSamples(text, name) {
 		match := true
 		for k, v := range want {
-			if labels[k] != v {
+			if s.Labels[k] != v {
 				match = false
 			}
 		}
-		if !match {
-			continue
-		}
-		f, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-		if err == nil {
-			sum += f
+		if match {
+			sum += s.Value
 		}
 	}
 	return sum
+}
+
+// Sample is one sample of a counter or gauge.
+type Sample struct {
+	Labels map[string]string
+	Value  float64
+}
+
+// MetricSamples returns the samples of the counter or gauge name in a
+// /metrics body (Prometheus text format); none when it is absent or the
+// body does not parse.
+func MetricSamples(text, name string) []Sample {
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(text))
+	if err != nil {
+		return nil
+	}
+	mf := fams[name]
+	if mf == nil {
+		return nil
+	}
+	var out []Sample
+	for _, m := range mf.GetMetric() {
+		s := Sample{Labels: map[string]string{}}
+		for _, lp := range m.GetLabel() {
+			s.Labels[lp.GetName()] = lp.GetValue()
+		}
+		switch {
+		case m.GetCounter() != nil:
+			s.Value = m.GetCounter().GetValue()
+		case m.GetGauge() != nil:
+			s.Value = m.GetGauge().GetValue()
+		case m.GetUntyped() != nil:
+			s.Value = m.GetUntyped().GetValue()
+		default:
+			continue
+		}
+		out = append(out, s)
+	}
+	return out
 }
