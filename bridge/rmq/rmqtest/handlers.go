@@ -50,11 +50,8 @@ func (b *Broker) dispatch(c *conn, req *command) {
 	b.requests[req.Code]++
 	netStop := b.netStop
 	b.mu.Unlock()
-	select {
-	case <-netStop:
-		c.respond(req, response(resServiceUnavailable, "broker is restarting"))
+	if refuseIfStopping(c, req, netStop) {
 		return
-	default:
 	}
 	if c.nameServer {
 		switch req.Code {
@@ -450,11 +447,8 @@ func (b *Broker) handlePull(c *conn, req *command) {
 	b.mu.Lock()
 	netStop := b.netStop
 	b.mu.Unlock()
-	select {
-	case <-netStop:
-		c.respond(req, response(resServiceUnavailable, "broker is restarting"))
+	if refuseIfStopping(c, req, netStop) {
 		return
-	default:
 	}
 	resp, notify := b.pullOnce(&a)
 	if resp != nil {
@@ -470,7 +464,7 @@ func (b *Broker) handlePull(c *conn, req *command) {
 	select {
 	case <-netStop:
 		b.mu.Unlock()
-		c.respond(req, response(resServiceUnavailable, "broker is restarting"))
+		c.respond(req, restartingResponse())
 		return
 	default:
 	}
@@ -508,11 +502,28 @@ func (b *Broker) handlePull(c *conn, req *command) {
 				// Restart or Close: answer now with a code the client backs off from (3s) instead of
 				// leaving the pull to its 30s timeout, as the client never fails a request whose
 				// connection closed. The connection closes once every held pull is answered.
-				c.respond(req, response(resServiceUnavailable, "broker is restarting"))
+				c.respond(req, restartingResponse())
 				return
 			}
 		}
 	}()
+}
+
+// refuseIfStopping answers req with restartingResponse when netStop is
+// closed (Restart or Close under way) and reports whether it did.
+func refuseIfStopping(c *conn, req *command, netStop <-chan struct{}) bool {
+	select {
+	case <-netStop:
+		c.respond(req, restartingResponse())
+		return true
+	default:
+		return false
+	}
+}
+
+// restartingResponse is a code the client backs off from (3s) and retries.
+func restartingResponse() *command {
+	return response(resServiceUnavailable, "broker is restarting")
 }
 
 // notFound is the PULL_NOT_FOUND answer at the request's offset.
