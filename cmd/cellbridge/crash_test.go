@@ -153,6 +153,19 @@ func readTail(path string) string {
 	return string(b)
 }
 
+// runUntilKilled starts bridge run n, waits until progress reaches the
+// point killAt picks (called once the bridge has started), and kills it
+// with SIGKILL.
+func (e *crashEnv) runUntilKilled(n int, rnd *rand.Rand, within time.Duration, progress, killAt func() uint64) {
+	p := e.start(fmt.Sprintf("run%d", n))
+	at := killAt()
+	eventually(e.t, within, fmt.Sprintf("progress %d before kill %d", at, n), func() bool { return progress() >= at })
+	// A little jitter so the kill does not always follow a stream info
+	// round trip (jitter, not synchronization).
+	time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond)
+	p.kill(e.t)
+}
+
 // progress is the number of messages that reached a cell stream or the DLQ.
 func (e *crashEnv) progress() uint64 {
 	c, d := arrived(e.t, e.js, e.table)
@@ -220,14 +233,7 @@ func TestCrashKill9(t *testing.T) {
 	e := newCrashEnv(t, seed, crashEvents, "{store: memory}")
 	start := time.Now()
 	for i, at := range killPoints(rnd, crashKills, uint64(len(e.exp))) {
-		p := e.start(fmt.Sprintf("run%d", i+1))
-		eventually(t, 90*time.Second, fmt.Sprintf("progress %d before kill %d", at, i+1), func() bool {
-			return e.progress() >= at
-		})
-		// A little jitter so the kill does not always follow a stream
-		// info round trip.
-		time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond)
-		p.kill(t)
+		e.runUntilKilled(i+1, rnd, 90*time.Second, e.progress, func() uint64 { return at })
 		t.Logf("kill -9 #%d at %d of %d messages arrived (%v)", i+1, e.progress(), len(e.exp), time.Since(start).Round(time.Millisecond))
 	}
 	p := e.start("final")

@@ -223,13 +223,9 @@ func TestCrashKill9RocketMQSource(t *testing.T) {
 	t.Logf("published %d events (%d routable, %d poison) in %v", len(e.exp), fwd, dlq, time.Since(start).Round(time.Millisecond))
 	start = time.Now()
 	for i := range rmqCrashKills {
-		p := e.start(fmt.Sprintf("run%d", i+1))
-		at := nextKill(rnd, e.progress(), uint64(len(e.exp)), rmqCrashKills-i)
-		eventually(t, 60*time.Second, fmt.Sprintf("progress %d before kill %d", at, i+1), func() bool {
-			return e.progress() >= at
+		e.runUntilKilled(i+1, rnd, 60*time.Second, e.progress, func() uint64 {
+			return nextKill(rnd, e.progress(), uint64(len(e.exp)), rmqCrashKills-i)
 		})
-		time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond) // jitter, not synchronization
-		p.kill(t)
 		t.Logf("kill -9 #%d at %d of %d messages arrived (%v)", i+1, e.progress(), len(e.exp), time.Since(start).Round(time.Millisecond))
 	}
 	p := e.start("final")
@@ -274,11 +270,9 @@ func TestCrashKill9RocketMQTransactionalSink(t *testing.T) {
 	start = time.Now()
 	halfSeen := 0
 	for i := range rmqCrashKills {
-		p := e.start(fmt.Sprintf("run%d", i+1))
-		at := nextKill(rnd, progress(), uint64(len(e.exp)), rmqCrashKills-i)
-		eventually(t, 60*time.Second, fmt.Sprintf("progress %d before kill %d", at, i+1), func() bool { return progress() >= at })
-		time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond) // jitter, not synchronization
-		p.kill(t)
+		e.runUntilKilled(i+1, rnd, 60*time.Second, progress, func() uint64 {
+			return nextKill(rnd, progress(), uint64(len(e.exp)), rmqCrashKills-i)
+		})
 		halfSeen += len(b.HalfMessages())
 		t.Logf("kill -9 #%d at %d of %d messages arrived, %d half messages open (%v)", i+1, progress(), len(e.exp),
 			len(b.HalfMessages()), time.Since(start).Round(time.Millisecond))
