@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestRulesAgreeWithRouter(t *testing.T) {
@@ -56,7 +58,7 @@ func TestVariantsSmoke(t *testing.T) {
 		t.Skip("starts servers")
 	}
 	rules, _ := filepath.Abs("../../bench/rules")
-	for _, v := range []string{"A", "B", "D", "B-fault"} {
+	for _, v := range []string{"A", "A-kv1", "A-kv2", "B", "D", "B-fault"} {
 		t.Run(v, func(t *testing.T) {
 			res, err := runChild(childSpec{Variant: v, N: 3000, Seed: 3, Rules: rules, Fault: v == "B-fault"})
 			if err != nil {
@@ -65,7 +67,22 @@ func TestVariantsSmoke(t *testing.T) {
 			if !res.Verified {
 				t.Fatalf("not verified: %s", res.VerifyNote)
 			}
+			// The KV references also checked their bucket: one key per event.
+			if kvWritesOf(v) > 0 && res.Extra["kv_subjects"] != uint64(3000) {
+				t.Fatalf("KV bucket keys = %v, want 3000", res.Extra["kv_subjects"])
+			}
 		})
+	}
+}
+
+func TestKVNote(t *testing.T) {
+	if n := kvNote("b", jetstream.StreamState{Msgs: 5, NumSubjects: 5}, 5); n != "" {
+		t.Errorf("full bucket: %q", n)
+	}
+	for _, st := range []jetstream.StreamState{{Msgs: 4, NumSubjects: 4}, {Msgs: 5, NumSubjects: 4}, {Msgs: 6, NumSubjects: 6}} {
+		if kvNote("b", st, 5) == "" {
+			t.Errorf("%+v passes for 5 keys", st)
+		}
 	}
 }
 

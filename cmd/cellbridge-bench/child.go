@@ -73,6 +73,9 @@ type env struct {
 	// settings is filled by the variant with a human-readable description of
 	// its configuration, reported in the output.
 	settings string
+	// kvBucket is set by the KV references (A-kv1, A-kv2): verification
+	// then also wants that bucket to hold N keys.
+	kvBucket string
 }
 
 // variantFunc runs until ctx is cancelled and then shuts down cleanly.
@@ -80,7 +83,7 @@ type variantFunc func(ctx context.Context, e *env) error
 
 func variantByName(name string) (variantFunc, error) {
 	switch strings.TrimSuffix(name, "-fault") {
-	case "A":
+	case "A", "A-kv1", "A-kv2":
 		return runPipe, nil
 	case "D":
 		return runWatermill, nil
@@ -461,6 +464,27 @@ func sourceSettled(srv *server.Server) bool {
 // order exactly once, each in the cell the rule assigns to its user id. In
 // latency mode it also computes producer-publish → cell-store latency.
 func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResult) error {
+	var notes []string
+	// The KV bucket first: the KV references' keys carry a 30s TTL
+	// (A-kv1's reservations), and reading the cell streams takes a while.
+	if e.kvBucket != "" {
+		s, err := js.Stream(ctx, "KV_"+e.kvBucket)
+		if err != nil {
+			return err
+		}
+		info, err := s.Info(ctx)
+		if err != nil {
+			return err
+		}
+		st := info.State
+		if res.Extra == nil {
+			res.Extra = map[string]any{}
+		}
+		res.Extra["kv_msgs"], res.Extra["kv_subjects"], res.Extra["kv_stored_total"] = st.Msgs, st.NumSubjects, st.LastSeq
+		if n := kvNote(e.kvBucket, st, e.spec.N); n != "" {
+			notes = append(notes, n)
+		}
+	}
 	seen := make([]uint8, e.spec.N)
 	var latDump *os.File
 	if p := os.Getenv("BENCH_LATDUMP"); p != "" && e.spec.Rate > 0 {
@@ -532,7 +556,6 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 			dups += int(s) - 1
 		}
 	}
-	var notes []string
 	if res.Delivered != e.spec.N {
 		notes = append(notes, fmt.Sprintf("cell streams hold %d, want %d", res.Delivered, e.spec.N))
 	}
@@ -551,6 +574,15 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 		res.LatencyMS = latencySummary(lat)
 	}
 	return nil
+}
+
+// kvNote says what is wrong with a KV reference's bucket at the end of a run
+// ("" when nothing is): it must hold one message under each of n keys.
+func kvNote(bucket string, st jetstream.StreamState, n int) string {
+	if st.Msgs == uint64(n) && st.NumSubjects == uint64(n) {
+		return ""
+	}
+	return fmt.Sprintf("KV bucket %s holds %d messages under %d keys, want %d", bucket, st.Msgs, st.NumSubjects, n)
 }
 
 // writeResult stores a child's result where the parent reads it.

@@ -37,6 +37,7 @@ type config struct {
 	faults      bool
 	faultN      int
 	extra       bool
+	refKV       bool
 	latencyRate float64
 	rmqN        int
 	rmqRounds   int
@@ -56,7 +57,7 @@ func main() {
 	flag.StringVar(&cfg.variants, "variants", "A,B,C,D", "main variants in run order: A pipe, B cellbridge, C cellbridge+KV, D watermill")
 	flag.DurationVar(&cfg.soak, "soak", 0, "soak mode: run B at half load for this long, report RSS and goroutines every minute")
 	flag.Float64Var(&cfg.soakRate, "soak-rate", 0, "soak offered load in msg/s (default: 30% of pipe_msgs_per_s from bench/results.json, else 30000)")
-	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the timed phase of each variant's first run to PREFIX-<variant>.pprof")
+	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the timed phase of each variant's first run (and of each reference run) to PREFIX-<variant>.pprof")
 	flag.BoolVar(&cfg.memprofile, "memprofile", false, "with -cpuprofile: also write PREFIX-<variant>.allocs.pprof")
 	flag.Uint64Var(&cfg.seed, "seed", 1, "event generation seed")
 	flag.StringVar(&cfg.rules, "rules", "bench/rules", "rule directory (same for all variants)")
@@ -68,7 +69,8 @@ func main() {
 	flag.IntVar(&cfg.rmqN, "rmq-n", 20000, "events per RocketMQ run (the in-process broker and the client's synchronous sends are slower than JetStream)")
 	flag.IntVar(&cfg.rmqRounds, "rmq-rounds", 3, "alternating rounds of the RocketMQ comparison (0: skip)")
 	flag.StringVar(&cfg.rmqRules, "rmq-rules", "bench/rules-rmq", "rule directory of the RocketMQ comparison")
-	flag.BoolVar(&cfg.extra, "ref-headers", true, "one extra run of the pipe sending cellbridge's Cell-* headers too (reference)")
+	flag.BoolVar(&cfg.extra, "ref-headers", true, "one extra run of the pipe sending cellbridge's Cell-* headers too (reference A-hdrs)")
+	flag.BoolVar(&cfg.refKV, "ref-kv", true, "one run each of the pipe with per-message KV writes (references A-kv1: one atomic create in a bucket laid out as dedupe's, awaited before the cell publish; A-kv2: also an overwrite \"c\" after the cell PubAck, awaited before the source ack = the minimal loop of C's protocol); tune with -tune A-kv1:... / A-kv2:...")
 	flag.StringVar(&childSpec, "child", "", "internal: run one variant in this process (JSON spec)")
 	flag.StringVar(&childOut, "child-out", "", "internal: result file of -child")
 	flag.Parse()
@@ -200,7 +202,12 @@ var variantNames = map[string]string{
 	"R-A":     "R-A  RocketMQ bare client loop (push consumer, SendSync)",
 	"R-B":     "R-B  RocketMQ cellbridge, memory dedupe",
 	"A-hdrs":  "A-hdrs  bare pipe + the six Cell-* headers (reference, 1 run)",
+	"A-kv1":   "A-kv1  bare pipe + 1 KV create/msg (reference, 1 run)",
+	"A-kv2":   "A-kv2  bare pipe + KV create + overwrite/msg (reference, 1 run)",
 }
+
+// refVariants are the one-run references of the pipe, in run and print order.
+var refVariants = []string{"A-hdrs", "A-kv1", "A-kv2"}
 
 func benchMain(cfg config) error {
 	start := time.Now()
@@ -259,7 +266,7 @@ func benchMain(cfg config) error {
 	// Reference: the pipe also sending cellbridge's six Cell-* headers, to
 	// separate the cost of bigger messages from the pipeline's own. One run.
 	if cfg.extra && avail["A"] {
-		s := mkSpec("A-hdrs", 0)
+		s := mkSpec("A-hdrs", 1)
 		s.Variant = "A"
 		s.Tune = strings.Trim(s.Tune+",cellhdrs=1", ",")
 		r, err := spawn(s, log)
@@ -268,6 +275,23 @@ func benchMain(cfg config) error {
 		}
 		runs["A-hdrs"] = append(runs["A-hdrs"], r)
 		fmt.Fprintf(log, "  ref    A-hdrs %9.0f msg/s  cpu %5.1f us/msg  load %s verified=%v\n", r.MsgsPerS, r.CPUus, r.LoadAvg, r.Verified)
+	}
+	// References for the KV dedupe store: what any design pays for an atomic
+	// per-key record in a JetStream KV bucket shared by replicas, without
+	// cellbridge's code. A-kv1: one create per message; A-kv2: create and
+	// overwrite, the two writes of C's protocol. One run each.
+	if cfg.refKV && avail["A"] {
+		for _, v := range []string{"A-kv1", "A-kv2"} {
+			r, err := spawn(mkSpec(v, 1), log)
+			if err != nil {
+				return err
+			}
+			runs[v] = append(runs[v], r)
+			if !r.Verified {
+				notes = append(notes, fmt.Sprintf("reference %s not verified: %s", v, r.VerifyNote))
+			}
+			fmt.Fprintf(log, "  ref    %-6s %9.0f msg/s  cpu %5.1f us/msg  load %s verified=%v %s\n", v, r.MsgsPerS, r.CPUus, r.LoadAvg, r.Verified, r.VerifyNote)
+		}
 	}
 	// Fault variants: one run each (budget), N events.
 	if cfg.faults {
@@ -431,6 +455,26 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 	if cpu["A-hdrs"] > 0 && cpu["B"] > 0 {
 		res["cpu_ratio_bridge_vs_pipe_with_cell_headers"] = ratio(cpu["A-hdrs"], cpu["B"])
 	}
+	// The KV references: their ratio to the pipe is the floor any design
+	// with that many KV writes per message pays; C against A-kv2 is what
+	// cellbridge costs on top of the same protocol.
+	for _, k := range []struct{ v, key string }{{"A-kv1", "pipe_kv1"}, {"A-kv2", "pipe_kv2"}} {
+		rs := runs[k.v]
+		if len(rs) == 0 {
+			continue
+		}
+		res[k.key+"_msgs_per_s"] = round0(rs[0].MsgsPerS)
+		res["ratio_"+k.key+"_vs_pipe"] = ratio(rs[0].MsgsPerS, pipe)
+		if cpu[k.v] > 0 && cpu["A"] > 0 {
+			res["cpu_ratio_"+k.key+"_vs_pipe"] = ratio(cpu["A"], cpu[k.v])
+		}
+	}
+	if rs := runs["A-kv2"]; len(rs) > 0 && kv > 0 {
+		res["ratio_bridge_kv_vs_pipe_kv2"] = ratio(kv, rs[0].MsgsPerS)
+		if cpu["C"] > 0 {
+			res["cpu_ratio_bridge_kv_vs_pipe_kv2"] = ratio(cpu["A-kv2"], cpu["C"])
+		}
+	}
 	var loads []string
 	for _, v := range main {
 		for _, x := range runs[v] {
@@ -501,6 +545,9 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 		cfg.n, cfg.rounds, strings.Join(main, " "), runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version())
 	fmt.Fprintln(w, "each run: child process with a fresh embedded nats-server (JetStream, file storage) in the same process as the variant;")
 	fmt.Fprintln(w, "timing: start of consumption until the cell streams hold N (events pre-published to ORDERS before timing)")
+	fmt.Fprintln(w, "references (one run each, after the rounds; \"vs pipe\" against A's median): A-hdrs = A + cellbridge's six Cell-* headers;")
+	fmt.Fprintln(w, "  A-kv1 = A + per message one atomic KV create (expected last subject seq 0, TTL 30s) awaited before the cell publish;")
+	fmt.Fprintln(w, "  A-kv2 = A-kv1 + a KV overwrite \"c\" after the cell PubAck, awaited before the source ack (C's protocol, minimal loop)")
 	fmt.Fprintf(w, "machine load (1-min load average) at the end of each run: %v\n", res["load_avg_1m_per_run"])
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
@@ -534,14 +581,16 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 				"n/a", median(cp), median(rss), median(al), ok)
 		}
 	}
-	if rs, ok := runs["A-hdrs"]; ok && len(rs) > 0 {
-		r := rs[0]
-		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.3f\t%.1f\t%.0f\t%.1f\t%v\t\n", variantNames["A-hdrs"], r.MsgsPerS, r.MsgsPerS,
-			ratio(r.MsgsPerS, pipe), r.CPUus, r.PeakRSSMB, float64(r.Mallocs)/float64(max(r.N, 1)), r.Verified)
+	for _, v := range refVariants {
+		if rs, ok := runs[v]; ok && len(rs) > 0 {
+			r := rs[0]
+			fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.3f\t%.1f\t%.0f\t%.1f\t%v\t\n", variantNames[v], r.MsgsPerS, r.MsgsPerS,
+				ratio(r.MsgsPerS, pipe), r.CPUus, r.PeakRSSMB, float64(r.Mallocs)/float64(max(r.N, 1)), r.Verified)
+		}
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "p99_latency_ms_30pct_load", "pipe_p99_latency_ms_30pct_load", "p99_added_latency_ms_30pct_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "rmq_n", "rmq_ratio_bridge_vs_pipe", "allocs_per_msg", "peak_rss_mb"} {
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "p99_latency_ms_30pct_load", "pipe_p99_latency_ms_30pct_load", "p99_added_latency_ms_30pct_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "ratio_pipe_kv1_vs_pipe", "cpu_ratio_pipe_kv1_vs_pipe", "ratio_pipe_kv2_vs_pipe", "cpu_ratio_pipe_kv2_vs_pipe", "ratio_bridge_kv_vs_pipe_kv2", "cpu_ratio_bridge_kv_vs_pipe_kv2", "rmq_n", "rmq_ratio_bridge_vs_pipe", "allocs_per_msg", "peak_rss_mb"} {
 		if v, ok := res[k]; ok {
 			fmt.Fprintf(w, "%-28s %v\n", k, v)
 		}
@@ -562,7 +611,7 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "settings:")
-	for _, v := range append(append([]string{}, main...), "B-fault", "D-fault", "R-A", "R-B") {
+	for _, v := range append(append(append([]string{}, main...), "B-fault", "D-fault", "R-A", "R-B"), refVariants...) {
 		if rs, ok := runs[v]; ok && len(rs) > 0 && rs[0].Settings != "" {
 			fmt.Fprintf(w, "  %s: %s\n", v, rs[0].Settings)
 		}

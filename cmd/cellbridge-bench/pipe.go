@@ -67,87 +67,36 @@ type pending struct {
 //	ack=async|double   Ack() or DoubleAck() (AckSync) on the source
 //	conns=1|2  one connection, or separate consume and publish connections
 //	cellhdrs=1 also add cellbridge's six Cell-* headers (an experiment)
+//	kv=1|2     the KV references A-kv1 and A-kv2 (runPipeKV); the default
+//	           follows the variant name
 func runPipe(ctx context.Context, e *env) error {
-	window := e.tuneInt("window", 4000)
+	if w := e.tuneInt("kv", kvWritesOf(e.spec.Variant)); w > 0 {
+		return runPipeKV(ctx, e, w)
+	}
 	mode := e.tuneStr("mode", "consume")
-	pull := e.tuneInt("pull", 2000)
 	ackMode := e.tuneStr("ack", "async")
-	conns := e.tuneInt("conns", 1)
 	cellHdrs := e.tuneInt("cellhdrs", 0) == 1
-	e.settings = fmt.Sprintf("mode=%s window=%d pull=%d ack=%s conns=%d", mode, window, pull, ackMode, conns)
+	pc, err := openPipe(ctx, e)
+	if err != nil {
+		return err
+	}
+	defer pc.close()
+	e.settings = fmt.Sprintf("mode=%s window=%d pull=%d ack=%s conns=%d", mode, pc.window, pc.pull, ackMode, pc.conns)
 	if cellHdrs {
 		e.settings += " cellhdrs=1"
 	}
 
-	nc, err := nats.Connect(e.url)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	pnc := nc
-	if conns > 1 {
-		if pnc, err = nats.Connect(e.url); err != nil {
-			return err
-		}
-		defer pnc.Close()
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
-	pjs, err := jetstream.New(pnc, jetstream.WithPublishAsyncMaxPending(window))
-	if err != nil {
-		return err
-	}
-	cons, err := js.CreateOrUpdateConsumer(ctx, "ORDERS", jetstream.ConsumerConfig{
-		Durable:       "pipe",
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		MaxAckPending: 4 * (window + pull),
-		AckWait:       30 * time.Second,
-	})
-	if err != nil {
-		return err
-	}
-
-	// forward publishes one source message to its cell; nil future = routed
-	// nowhere (no usable key), acknowledged as-is for the benchmark's purpose
-	// would be wrong, so it is terminated instead.
 	forward := func(m jetstream.Msg) (jetstream.PubAckFuture, error) {
-		id := gjson.GetBytes(m.Data(), "user.id")
-		sh, ok := shardOf([]byte(id.Str))
-		if !ok {
-			return nil, errors.New("no usable key")
-		}
-		// Original headers are kept; the producer's Nats-Msg-Id, when it
-		// set one, is the idempotency key, else the stream sequence.
-		hdr := m.Headers()
-		if hdr.Get(nats.MsgIdHdr) == "" {
-			md, err := m.Metadata()
-			if err != nil {
-				return nil, err
-			}
-			hdr = nats.Header{nats.MsgIdHdr: []string{fmt.Sprintf("ORDERS:%d", md.Sequence.Stream)}}
-			for k, v := range m.Headers() {
-				hdr[k] = v
-			}
+		out, err := cellMsg(e, m, cellHdrs)
+		if err != nil {
+			return nil, err
 		}
 		if e.faults != nil {
 			if order, _, ok := parseEvent(m.Data()); ok && e.faults.shouldFail(order) {
 				return nil, errInjected
 			}
 		}
-		if cellHdrs {
-			// Experiment only: the same routing headers cellbridge adds, to
-			// separate the cost of bigger messages from the pipeline's own.
-			hdr["Cell-Msg-Id"] = hdr[nats.MsgIdHdr]
-			hdr["Cell-Name"] = []string{e.table.byShard[sh]}
-			hdr["Cell-Shard"] = []string{strconv.Itoa(sh)}
-			hdr["Cell-Rules-Version"] = []string{"1"}
-			hdr["Cell-Source"] = []string{"nats/ORDERS"}
-			hdr["Cell-Hops"] = []string{"1"}
-		}
-		out := &nats.Msg{Subject: e.table.subject[sh], Data: m.Data(), Header: hdr}
-		return pjs.PublishMsgAsync(out, jetstream.WithStallWait(time.Minute))
+		return pc.pjs.PublishMsgAsync(out, jetstream.WithStallWait(time.Minute))
 	}
 	settle := func(p pending) {
 		select {
@@ -164,9 +113,9 @@ func runPipe(ctx context.Context, e *env) error {
 
 	switch mode {
 	case "fetch":
-		batch := make([]pending, 0, pull)
+		batch := make([]pending, 0, pc.pull)
 		for ctx.Err() == nil {
-			b, err := cons.Fetch(pull, jetstream.FetchMaxWait(500*time.Millisecond))
+			b, err := pc.cons.Fetch(pc.pull, jetstream.FetchMaxWait(500*time.Millisecond))
 			if err != nil {
 				return err
 			}
@@ -185,7 +134,7 @@ func runPipe(ctx context.Context, e *env) error {
 		}
 		return nil
 	default:
-		q := make(chan pending, window)
+		q := make(chan pending, pc.window)
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
@@ -193,24 +142,122 @@ func runPipe(ctx context.Context, e *env) error {
 				settle(p)
 			}
 		}()
-		cc, err := cons.Consume(func(m jetstream.Msg) {
+		// A message with no usable key (none in the bench's events) or a
+		// failed publish call is negatively acknowledged.
+		err := pc.consume(ctx, func(m jetstream.Msg) {
 			f, err := forward(m)
 			if err != nil {
 				_ = m.Nak()
 				return
 			}
 			q <- pending{f, m}
-		}, jetstream.PullMaxMessages(pull))
-		if err != nil {
-			return err
-		}
-		<-ctx.Done()
-		cc.Drain()
-		<-cc.Closed()
+		})
 		close(q)
 		<-done
-		return nil
+		return err
 	}
+}
+
+// pipeConn is what the pipe loops share: the connections, the JetStream
+// context they publish with (at most window publishes in flight) and the
+// durable pull consumer on ORDERS.
+type pipeConn struct {
+	window, pull, conns int
+	nc, pnc             *nats.Conn
+	pjs                 jetstream.JetStream
+	cons                jetstream.Consumer
+}
+
+// openPipe connects and creates the consumer, tuned by window, pull and
+// conns (see runPipe).
+func openPipe(ctx context.Context, e *env) (*pipeConn, error) {
+	pc := &pipeConn{window: e.tuneInt("window", 4000), pull: e.tuneInt("pull", 2000), conns: e.tuneInt("conns", 1)}
+	var err error
+	if pc.nc, err = nats.Connect(e.url); err != nil {
+		return nil, err
+	}
+	pc.pnc = pc.nc
+	if pc.conns > 1 {
+		if pc.pnc, err = nats.Connect(e.url); err != nil {
+			pc.close()
+			return nil, err
+		}
+	}
+	js, err := jetstream.New(pc.nc)
+	if err == nil {
+		pc.pjs, err = jetstream.New(pc.pnc, jetstream.WithPublishAsyncMaxPending(pc.window))
+	}
+	if err == nil {
+		pc.cons, err = js.CreateOrUpdateConsumer(ctx, "ORDERS", jetstream.ConsumerConfig{
+			Durable:       "pipe",
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			MaxAckPending: 4 * (pc.window + pc.pull),
+			AckWait:       30 * time.Second,
+		})
+	}
+	if err != nil {
+		pc.close()
+		return nil, err
+	}
+	return pc, nil
+}
+
+func (pc *pipeConn) close() {
+	if pc.pnc != nil && pc.pnc != pc.nc {
+		pc.pnc.Close()
+	}
+	if pc.nc != nil {
+		pc.nc.Close()
+	}
+}
+
+// consume runs a pull Consume with handler until ctx is cancelled, then
+// drains it: when consume returns, handler is not running and will not run
+// again.
+func (pc *pipeConn) consume(ctx context.Context, handler func(jetstream.Msg)) error {
+	cc, err := pc.cons.Consume(handler, jetstream.PullMaxMessages(pc.pull))
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	cc.Drain()
+	<-cc.Closed()
+	return nil
+}
+
+// cellMsg is the message the pipe publishes for source message m: its body
+// to the cell subject of its key (computed inline with gjson and the same
+// digits rule), the original headers kept, the producer's Nats-Msg-Id (else
+// "ORDERS:<stream seq>") as the idempotency key, and with cellHdrs the six
+// routing headers cellbridge adds.
+func cellMsg(e *env, m jetstream.Msg, cellHdrs bool) (*nats.Msg, error) {
+	id := gjson.GetBytes(m.Data(), "user.id")
+	sh, ok := shardOf([]byte(id.Str))
+	if !ok {
+		return nil, errors.New("no usable key")
+	}
+	hdr := m.Headers()
+	if hdr.Get(nats.MsgIdHdr) == "" {
+		md, err := m.Metadata()
+		if err != nil {
+			return nil, err
+		}
+		hdr = nats.Header{nats.MsgIdHdr: []string{fmt.Sprintf("ORDERS:%d", md.Sequence.Stream)}}
+		for k, v := range m.Headers() {
+			hdr[k] = v
+		}
+	}
+	if cellHdrs {
+		// Experiment only: the same routing headers cellbridge adds, to
+		// separate the cost of bigger messages from the pipeline's own.
+		hdr["Cell-Msg-Id"] = hdr[nats.MsgIdHdr]
+		hdr["Cell-Name"] = []string{e.table.byShard[sh]}
+		hdr["Cell-Shard"] = []string{strconv.Itoa(sh)}
+		hdr["Cell-Rules-Version"] = []string{"1"}
+		hdr["Cell-Source"] = []string{"nats/ORDERS"}
+		hdr["Cell-Hops"] = []string{"1"}
+	}
+	return &nats.Msg{Subject: e.table.subject[sh], Data: m.Data(), Header: hdr}, nil
 }
 
 // latencySummary reduces latency samples (ms) to p50/p90/p99/max.
