@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -72,6 +73,39 @@ func TestVariantsSmoke(t *testing.T) {
 				t.Fatalf("KV bucket keys = %v, want 3000", res.Extra["kv_subjects"])
 			}
 		})
+	}
+}
+
+// TestLatencySmoke runs a paced latency run of B: every event arrives and
+// gets a latency sample, and the percentiles are ordered.
+func TestLatencySmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts servers")
+	}
+	rules, _ := filepath.Abs("../../bench/rules")
+	res, err := runChild(childSpec{Variant: "B", N: 2000, Seed: 4, Rules: rules, Rate: 4000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Verified {
+		t.Fatalf("not verified: %s", res.VerifyNote)
+	}
+	l := res.LatencyMS
+	if l == nil || !(l["p50"] > 0 && l["p50"] <= l["p99"] && l["p99"] <= l["max"]) {
+		t.Fatalf("latency summary %v", l)
+	}
+}
+
+func TestLatencyMedianAndOrder(t *testing.T) {
+	if got := strings.Join(latencyOrder(3), ""); got != "ABABAB" {
+		t.Errorf("order %q", got)
+	}
+	rs := []*runResult{{}, {}, {}}
+	for i, p99 := range []float64{30, 10, 20} {
+		rs[i].LatencyMS = map[string]float64{"p99": p99}
+	}
+	if m := latencyMedian(rs, "p99"); m != 20 {
+		t.Errorf("median %v, want 20", m)
 	}
 }
 
