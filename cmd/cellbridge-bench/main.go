@@ -141,8 +141,8 @@ func childMain(specJSON, out string) int {
 type runResult struct {
 	childResult
 	Round      int     `json:"round"`
-	MaxRSSMB   float64 `json:"max_rss_mb_process"` // getrusage of the child: whole life incl. pre-publish
-	LoadAvg    string  `json:"load_avg_1m"` // machine load when the run ended (other work distorts msg/s)
+	MaxRSSMB   float64 `json:"max_rss_mb_process"`           // getrusage of the child: whole life incl. pre-publish
+	LoadAvg    string  `json:"load_avg_1m"`                  // machine load when the run ended (other work distorts msg/s)
 	Offered    float64 `json:"offered_msgs_per_s,omitempty"` // latency runs
 	WallSecond float64 `json:"wall_seconds"`
 }
