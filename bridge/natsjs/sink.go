@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
@@ -49,62 +49,51 @@ func (e *DuplicateError) Unwrap() error { return bridge.ErrDuplicate }
 
 // SinkConfig tunes a Sink.
 type SinkConfig struct {
-	// MaxPending caps the publishes per broker whose ack has not been
-	// delivered to done yet; PublishAsync blocks at the cap. Default 4096
-	// (enough to keep a 2-core broker busy; more only adds memory).
+	// MaxPending caps the publishes per broker whose done has not returned
+	// yet; PublishAsync blocks at the cap. Default 4096 (enough to keep a
+	// 2-core broker busy; more only adds memory), at most 1<<20. Each broker
+	// holds a table of MaxPending slots of about 64 bytes.
 	MaxPending int
 	// AckTimeout fails a publish whose ack has not arrived this long after
-	// PublishAsync sent it (the message may or may not be stored; the bridge
-	// retries and the target's duplicate window absorbs a repeat). Without
-	// it a lost ack would hold its message, and a pending slot, until the
-	// connection drops. The completion goroutine checks it on the head of
-	// its in-order queue with one reused timer, so it costs no timer per
-	// publish. Default 30s; negative turns it off.
+	// PublishAsync sent it, with an error wrapping
+	// jetstream.ErrAsyncPublishTimeout (the message may or may not be
+	// stored; the bridge retries and the target's duplicate window absorbs
+	// a repeat). Without it a lost ack would hold its message, and a pending
+	// slot, forever. One goroutine per broker sweeps the slot table every
+	// AckTimeout/4 (within 100ms..1s, never more than AckTimeout), so the
+	// failure comes between AckTimeout and AckTimeout plus two sweeps, and no
+	// timer is armed per publish. Default 30s; negative turns it off.
 	AckTimeout time.Duration
 }
 
 // Sink publishes to JetStream streams on one or more brokers; it implements
-// bridge.Sink. Each broker gets one completion goroutine that waits for the
-// publish acks in publish order and calls done, so there is no goroutine per
-// message. PublishAsync is safe for concurrent use. Close stops the Sink's
-// goroutines; the JetStream contexts and their connections stay the
-// caller's, because the source and the dedupe store usually share them.
+// bridge.Sink. It publishes with core NATS and reads the acks itself: one
+// reply subscription per broker, whose callback calls done, so no goroutine
+// runs per message and none is woken per message beyond the client's
+// subscription goroutine. Completion order is the order the acks arrive,
+// not publish order. PublishAsync is safe for concurrent use. Close stops
+// the Sink's goroutines and subscriptions; the JetStream contexts and their
+// connections stay the caller's, because the source and the dedupe store
+// usually share them.
 type Sink struct {
-	brokers    map[string]*brokerSink
-	ackTimeout time.Duration // <= 0: none
-	epoch      time.Time     // origin of pending.sent: a monotonic reading is half the cost of time.Now
-
-	// mu makes "check closed, take a slot, publish, enqueue" atomic with
-	// respect to Close, so nothing is enqueued after the queues are closed.
-	mu        sync.RWMutex
-	closed    bool
-	closing   chan struct{} // closed first by Close: wakes blocked publishers
-	abort     chan struct{} // closed when Close's ctx expires: stop waiting for acks
+	brokers map[string]*publisher
+	// closed is set first by Close: PublishAsync fails fast without
+	// touching a broker (each broker's own flag, under its mutex, is what
+	// makes "not closed, take a slot" atomic with respect to Close).
+	closed    atomic.Bool
+	closing   chan struct{} // closed by Close: wakes blocked publishers
 	closeOnce sync.Once
-	abortOnce sync.Once
+	stopOnce  sync.Once
 }
 
 var _ bridge.Sink = (*Sink)(nil)
 
-type brokerSink struct {
-	name   string
-	js     jetstream.JetStream
-	slots  chan struct{} // counting semaphore: one token per unresolved publish
-	queue  chan pending  // publish order; capacity == slots, so sends never block
-	exited chan struct{}
-}
-
-// pending is one publish awaiting its ack.
-type pending struct {
-	fut  jetstream.PubAckFuture
-	done func(error)
-	sent time.Duration // when it was handed to the client, on the Sink's monotonic clock (AckTimeout)
-}
-
 // NewSink returns a Sink publishing to conns, keyed by broker name (the
-// Target.Broker values the router renders). Create each JetStream context
-// with NewJetStream so its own pending limit is not lower than MaxPending.
-// log is unused today and kept for parity with the other constructors.
+// Target.Broker values the router renders). It publishes on each context's
+// connection (js.Conn()) and subscribes there to a fresh inbox for the acks;
+// the contexts' own async-publish settings do not apply. Several names may
+// share one connection. log is unused today and kept for parity with the
+// other constructors.
 func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Logger) (*Sink, error) {
 	_ = log
 	if len(conns) == 0 {
@@ -113,31 +102,30 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = defaultMaxPending
 	}
+	if cfg.MaxPending > maxSlots {
+		return nil, fmt.Errorf("natsjs: sink: MaxPending %d over %d", cfg.MaxPending, maxSlots)
+	}
 	if cfg.AckTimeout == 0 {
 		cfg.AckTimeout = defaultAckTimeout
 	}
-	s := &Sink{
-		brokers:    make(map[string]*brokerSink, len(conns)),
-		ackTimeout: cfg.AckTimeout,
-		epoch:      time.Now(),
-		closing:    make(chan struct{}),
-		abort:      make(chan struct{}),
-	}
 	for name, js := range conns {
-		if js == nil {
+		if js == nil || js.Conn() == nil {
 			return nil, fmt.Errorf("natsjs: sink: broker %q: nil JetStream", name)
 		}
 	}
+	s := &Sink{
+		brokers: make(map[string]*publisher, len(conns)),
+		closing: make(chan struct{}),
+	}
 	for name, js := range conns {
-		b := &brokerSink{
-			name:   name,
-			js:     js,
-			slots:  make(chan struct{}, cfg.MaxPending),
-			queue:  make(chan pending, cfg.MaxPending),
-			exited: make(chan struct{}),
+		p, err := newPublisher(name, js.Conn(), cfg.MaxPending, cfg.AckTimeout, s.closing)
+		if err != nil {
+			for _, p := range s.brokers {
+				p.shutdown()
+			}
+			return nil, err
 		}
-		s.brokers[name] = b
-		go s.complete(b)
+		s.brokers[name] = p
 	}
 	return s, nil
 }
@@ -145,49 +133,33 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 // PublishAsync implements bridge.Sink. Nats-Msg-Id is set to m.MsgID in
 // m.Header itself (bridge.Outgoing allows a sink its idempotency header; a
 // nil map is replaced by a new one); nothing else in m is changed or copied,
-// so the caller must leave m.Header and m.Body alone until done has run. PublishAsync blocks while MaxPending publishes to the target
-// broker are unresolved, until ctx is done (done gets ctx's error) or Close
-// starts (done gets ErrClosed). done is called exactly once: on the broker's
-// completion goroutine, or before PublishAsync returns for failures that
-// happen before anything was sent (unknown broker, ctx, closed, a client
-// error).
+// and m is not used after PublishAsync returns. PublishAsync blocks while
+// MaxPending publishes to the target broker are unresolved, until ctx is
+// done (done gets ctx's error) or Close starts (done gets ErrClosed).
+//
+// done is called exactly once: on the broker's ack subscription goroutine
+// (the result), on its sweep goroutine (AckTimeout, or the connection
+// dropped: the ack is lost with it, so the publish fails with an error
+// wrapping nats.ErrDisconnected or nats.ErrConnectionClosed), on a Close
+// whose ctx ended, or before PublishAsync returns for failures found before
+// or while sending (unknown broker, ctx, closed, a client error). Results:
+// nil when the stream stored the message; *DuplicateError when it dropped
+// it as a repeat; an error wrapping jetstream.ErrNoStreamResponse (and
+// nats.ErrNoResponders) when no stream captures the subject; one wrapping
+// the server's *jetstream.APIError when the stream refused it. done must not
+// block, and must not call PublishAsync on the same Sink: the goroutine
+// running it frees the slot only after it returns.
 func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(error)) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed {
+	if s.closed.Load() {
 		done(ErrClosed)
 		return
 	}
-	b := s.brokers[m.Target.Broker]
-	if b == nil {
+	p := s.brokers[m.Target.Broker]
+	if p == nil {
 		done(fmt.Errorf("%w %q (subject %q)", ErrUnknownBroker, m.Target.Broker, m.Target.Subject))
 		return
 	}
-	select {
-	case b.slots <- struct{}{}:
-	default:
-		select {
-		case b.slots <- struct{}{}:
-		case <-ctx.Done():
-			done(fmt.Errorf("natsjs: publish to broker %q: %w", b.name, ctx.Err()))
-			return
-		case <-s.closing:
-			done(ErrClosed)
-			return
-		}
-	}
-	setMsgID(m, m.MsgID)
-	var sent time.Duration
-	if s.ackTimeout > 0 {
-		sent = time.Since(s.epoch)
-	}
-	fut, err := b.js.PublishMsgAsync(&nats.Msg{Subject: m.Target.Subject, Header: m.Header, Data: m.Body})
-	if err != nil {
-		<-b.slots
-		done(fmt.Errorf("natsjs: publish to broker %q subject %q: %w", b.name, m.Target.Subject, err))
-		return
-	}
-	b.queue <- pending{fut: fut, done: done, sent: sent}
+	p.publish(ctx, m, done)
 }
 
 // setMsgID makes m.Header say Nats-Msg-Id = id, in place: no copy of the
@@ -209,93 +181,38 @@ func setMsgID(m *bridge.Outgoing, id string) {
 	}
 }
 
-// complete resolves one broker's publishes in publish order. Waiting in order
-// costs little: a stream acks its publishes in order, and different streams
-// on one server answer within about the same time, so an ack that arrives
-// before the head's waits only as long as the head takes.
-//
-// AckTimeout is enforced on the head of the queue only, with one timer per
-// broker that stays armed across heads: publishes were sent in queue order,
-// so no later publish is due before the head. When the timer fires for a
-// head that is not due yet (it was armed for an earlier one), it is re-armed
-// for the head's own deadline, so it fires at most about once per AckTimeout
-// while acks flow.
-func (s *Sink) complete(b *brokerSink) {
-	defer close(b.exited)
-	var dl deadline
-	if s.ackTimeout > 0 {
-		dl.t = time.NewTimer(time.Hour)
-		dl.t.Stop()
-		defer dl.t.Stop()
-	}
-	for p := range b.queue {
-		p.done(s.wait(b, &p, &dl))
-		<-b.slots
-	}
-}
-
-// deadline is the completion goroutine's reused ack-timeout timer.
-type deadline struct {
-	t     *time.Timer // nil: no AckTimeout
-	armed bool        // t runs (and has not been received from)
-}
-
-func (s *Sink) wait(b *brokerSink, p *pending, dl *deadline) error {
-	fut := p.fut
-	for {
-		var timeout <-chan time.Time
-		if dl.t != nil {
-			if !dl.armed {
-				dl.t.Reset(p.sent + s.ackTimeout - time.Since(s.epoch))
-				dl.armed = true
-			}
-			timeout = dl.t.C
-		}
-		select {
-		case ack := <-fut.Ok():
-			if ack.Duplicate {
-				return &DuplicateError{Broker: b.name, Stream: ack.Stream, Seq: ack.Sequence}
-			}
-			return nil
-		case err := <-fut.Err():
-			return fmt.Errorf("natsjs: publish to broker %q subject %q: %w", b.name, fut.Msg().Subject, err)
-		case <-s.abort:
-			return fmt.Errorf("%w before the ack arrived (broker %q)", ErrClosed, b.name)
-		case <-timeout:
-			dl.armed = false
-			if time.Since(s.epoch)-p.sent >= s.ackTimeout {
-				return fmt.Errorf("natsjs: publish to broker %q subject %q: no ack within %v: %w",
-					b.name, fut.Msg().Subject, s.ackTimeout, jetstream.ErrAsyncPublishTimeout)
-			}
-		}
-	}
-}
-
 // Close stops accepting publishes (blocked and later PublishAsync calls get
 // ErrClosed), waits until every accepted publish has been resolved and its
-// done called, then stops the Sink's goroutines. If ctx ends first, the
-// publishes still waiting for their ack are resolved with ErrClosed (they
-// may or may not be stored) and Close returns ctx's error. It does not close
-// the connections. Close is idempotent and safe for concurrent use.
+// done has returned, then stops the Sink's goroutines and drops its ack
+// subscriptions. If ctx ends first, the publishes still waiting for their
+// ack are resolved with ErrClosed (they may or may not be stored; one still
+// inside the client's PublishMsg is resolved as soon as that returns) and
+// Close returns ctx's error. It does not close the connections. Close is
+// idempotent and safe for concurrent use.
 func (s *Sink) Close(ctx context.Context) error {
 	s.closeOnce.Do(func() {
+		s.closed.Store(true)
 		close(s.closing)
-		s.mu.Lock()
-		s.closed = true
-		for _, b := range s.brokers {
-			close(b.queue)
+		for _, p := range s.brokers {
+			p.close()
 		}
-		s.mu.Unlock()
 	})
 	var err error
-	for _, b := range s.brokers {
+	for _, p := range s.brokers {
 		select {
-		case <-b.exited:
+		case <-p.drain:
 		case <-ctx.Done():
 			err = fmt.Errorf("natsjs: sink close: %w", ctx.Err())
-			s.abortOnce.Do(func() { close(s.abort) })
-			<-b.exited
+			p.failAll(func(subject string) error {
+				return fmt.Errorf("%w before the ack arrived (broker %q subject %q)", ErrClosed, p.name, subject)
+			})
+			<-p.drain
 		}
 	}
+	s.stopOnce.Do(func() {
+		for _, p := range s.brokers {
+			p.shutdown()
+		}
+	})
 	return err
 }

@@ -4,11 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
@@ -79,10 +80,7 @@ func out(broker, subject, id string, body string) *bridge.Outgoing {
 }
 
 func TestSinkPublishesWithMsgIDAndHeaders(t *testing.T) {
-	srv := natstest.Start(t)
-	_, js := srv.Connect(t)
-	st := createStream(t, js, "CELL_RZ00", "cell.rz00.>")
-	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{})
+	sink, st := streamSink(t, SinkConfig{})
 
 	m := out("nats", "cell.rz00.orders", "ORDERS:1", `{"n":1}`)
 	if err := bridge.Publish(testCtx(t), sink, m); err != nil {
@@ -109,10 +107,7 @@ func TestSinkPublishesWithMsgIDAndHeaders(t *testing.T) {
 }
 
 func TestSinkReportsDuplicateAndStoresOnce(t *testing.T) {
-	srv := natstest.Start(t)
-	_, js := srv.Connect(t)
-	st := createStream(t, js, "CELL_RZ00", "cell.rz00.>")
-	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{})
+	sink, st := streamSink(t, SinkConfig{})
 
 	if err := bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "ORDERS:7", "a")); err != nil {
 		t.Fatal(err)
@@ -134,10 +129,7 @@ func TestSinkReportsDuplicateAndStoresOnce(t *testing.T) {
 }
 
 func TestSinkHeaderlessMessage(t *testing.T) {
-	srv := natstest.Start(t)
-	_, js := srv.Connect(t)
-	st := createStream(t, js, "CELL_RZ00", "cell.rz00.>")
-	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{})
+	sink, st := streamSink(t, SinkConfig{})
 	m := &bridge.Outgoing{Target: router.Target{Broker: "nats", Subject: "cell.rz00.x"}, MsgID: "k1", Body: []byte("b")}
 	if err := bridge.Publish(testCtx(t), sink, m); err != nil {
 		t.Fatal(err)
@@ -162,7 +154,8 @@ func TestSinkErrors(t *testing.T) {
 	}
 	// No stream captures the subject: the server answers "no responders".
 	err = bridge.Publish(testCtx(t), sink, out("nats", "nowhere.x", "y", "b"))
-	if !errors.Is(err, jetstream.ErrNoStreamResponse) {
+	if !errors.Is(err, jetstream.ErrNoStreamResponse) || !errors.Is(err, nats.ErrNoResponders) ||
+		!strings.Contains(err.Error(), `broker "nats" subject "nowhere.x"`) {
 		t.Fatalf("no stream: err = %v", err)
 	}
 	if errors.Is(err, bridge.ErrDuplicate) {
@@ -170,40 +163,56 @@ func TestSinkErrors(t *testing.T) {
 	}
 }
 
-// TestSinkBackPressure fills the pending limit with publishes whose acks
-// take a while (no stream: the client retries "no responders" twice, 250ms
-// apart) and checks that the next PublishAsync returns only after a slot was
-// freed by a completion.
+// TestSinkBackPressure fills the pending limit with publishes a fake stream
+// has not answered and checks that the next PublishAsync blocks until a
+// completion has freed a slot.
 func TestSinkBackPressure(t *testing.T) {
-	srv := natstest.Start(t)
-	_, js := srv.Connect(t)
-	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{MaxPending: 2})
+	sink, nc, sub := fakeSink(t, SinkConfig{MaxPending: 2, AckTimeout: -1})
 	res := newResult()
 	ctx := testCtx(t)
-	sink.PublishAsync(ctx, out("nats", "nowhere.1", "1", "b"), res.done(1))
-	sink.PublishAsync(ctx, out("nats", "nowhere.2", "2", "b"), res.done(2))
-	sink.PublishAsync(ctx, out("nats", "nowhere.3", "3", "b"), res.done(3))
-	res.note("third returned")
+	sink.PublishAsync(ctx, out("nats", "fake.1", "1", "b"), res.done(1))
+	sink.PublishAsync(ctx, out("nats", "fake.2", "2", "b"), res.done(2))
+	returned := make(chan struct{})
+	go func() {
+		defer close(returned)
+		sink.PublishAsync(ctx, out("nats", "fake.3", "3", "b"), res.done(3))
+		res.note("third returned")
+	}()
+	p := sink.brokers["nats"]
+	eventually(t, 10*time.Second, "third publish blocked", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.waiters == 1
+	})
+	answer(t, nc, nextMsg(t, sub).Reply, `{"stream":"FAKE","seq":1}`)
+	<-returned
+	for range 2 {
+		answer(t, nc, nextMsg(t, sub).Reply, `{"stream":"FAKE","seq":2}`)
+	}
 	eventually(t, 10*time.Second, "all done", func() bool { return res.count() == 3 })
 	res.mu.Lock()
 	defer res.mu.Unlock()
-	if res.log[0] != "done 1" || !slices.Contains(res.log[1:], "third returned") {
+	if res.log[0] != "done 1" || res.log[1] != "third returned" {
 		t.Fatalf("order %v: the third publish did not wait for a free slot", res.log)
 	}
 }
 
 func TestSinkBlockedPublishHonoursContext(t *testing.T) {
-	srv := natstest.Start(t)
-	_, js := srv.Connect(t)
-	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{MaxPending: 1})
+	sink, _, _ := fakeSink(t, SinkConfig{MaxPending: 1, AckTimeout: -1})
 	res := newResult()
-	sink.PublishAsync(testCtx(t), out("nats", "nowhere.1", "1", "b"), res.done(1))
+	sink.PublishAsync(testCtx(t), out("nats", "fake.1", "1", "b"), res.done(1))
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	sink.PublishAsync(ctx, out("nats", "nowhere.2", "2", "b"), res.done(2))
-	eventually(t, 10*time.Second, "both done", func() bool { return res.count() == 2 })
+	sink.PublishAsync(ctx, out("nats", "fake.2", "2", "b"), res.done(2))
 	if err := res.err(2); !errors.Is(err, context.Canceled) {
 		t.Fatalf("blocked publish: err = %v, want context.Canceled", err)
+	}
+	// The unanswered publish is resolved by Close's deadline.
+	if err := sink.Close(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Close: err = %v, want context.Canceled", err)
+	}
+	if err := res.err(1); !errors.Is(err, ErrClosed) {
+		t.Fatalf("pending publish: err = %v, want ErrClosed", err)
 	}
 }
 
@@ -268,14 +277,10 @@ func TestSinkCloseWaitsForPendingAcks(t *testing.T) {
 }
 
 func TestSinkCloseDeadlineResolvesPending(t *testing.T) {
-	srv := natstest.Start(t)
-	_, js := srv.Connect(t)
-	sink, err := NewSink(map[string]jetstream.JetStream{"nats": js}, SinkConfig{}, quiet)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sink, nc, sub := fakeSink(t, SinkConfig{AckTimeout: -1})
 	res := newResult()
-	sink.PublishAsync(testCtx(t), out("nats", "nowhere.1", "1", "b"), res.done(1))
+	sink.PublishAsync(testCtx(t), out("nats", "fake.1", "1", "b"), res.done(1))
+	m := nextMsg(t, sub)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	if err := sink.Close(ctx); !errors.Is(err, context.Canceled) {
@@ -284,19 +289,21 @@ func TestSinkCloseDeadlineResolvesPending(t *testing.T) {
 	if err := res.err(1); !errors.Is(err, ErrClosed) {
 		t.Fatalf("pending publish: err = %v, want ErrClosed", err)
 	}
+	// Its ack arriving now changes nothing (done ran once: result panics otherwise).
+	answer(t, nc, m.Reply, `{"stream":"FAKE","seq":1}`)
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // A publish whose ack never comes (a plain subscriber takes the subject, so
-// there is no "no responders" answer either) fails with the client's
-// ErrAsyncPublishTimeout after SinkConfig.AckTimeout, and so does the one
-// queued behind it; a stream publish after them still succeeds.
-func TestSinkAckTimeoutOnHead(t *testing.T) {
+// there is no "no responders" answer either) fails with
+// jetstream.ErrAsyncPublishTimeout after SinkConfig.AckTimeout, and so does
+// the one behind it; their slots are free again, so with MaxPending 2 a
+// stream publish after them goes through.
+func TestSinkAckTimeout(t *testing.T) {
 	srv := natstest.Start(t)
-	nc, _ := srv.Connect(t)
-	js, err := NewJetStream(nc, JetStreamConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	nc, js := srv.Connect(t)
 	createStream(t, js, "CELL_RZ00", "cell.rz00.>")
 	sub, err := nc.SubscribeSync("lost.>")
 	if err != nil {
@@ -306,22 +313,275 @@ func TestSinkAckTimeoutOnHead(t *testing.T) {
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{AckTimeout: 300 * time.Millisecond})
+	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{MaxPending: 2, AckTimeout: 300 * time.Millisecond})
 	errs := make(chan error, 2)
 	for i := range 2 {
 		sink.PublishAsync(testCtx(t), out("nats", "lost.x", fmt.Sprint("L", i), "x"), func(err error) { errs <- err })
 	}
 	for range 2 {
-		select {
-		case err := <-errs:
-			if !errors.Is(err, jetstream.ErrAsyncPublishTimeout) {
-				t.Fatalf("err = %v, want ErrAsyncPublishTimeout", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("no timeout reported")
+		if err := recv(t, errs); !errors.Is(err, jetstream.ErrAsyncPublishTimeout) || !strings.Contains(err.Error(), `"lost.x"`) {
+			t.Fatalf("err = %v, want ErrAsyncPublishTimeout naming the subject", err)
 		}
 	}
 	if err := bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "ok", "x")); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// streamSink starts a server with stream CELL_RZ00 on cell.rz00.> and
+// returns a Sink publishing there as broker "nats" (closed when the test ends).
+func streamSink(t *testing.T, cfg SinkConfig) (*Sink, jetstream.Stream) {
+	t.Helper()
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	st := createStream(t, js, "CELL_RZ00", "cell.rz00.>")
+	return newSink(t, map[string]jetstream.JetStream{"nats": js}, cfg), st
+}
+
+// fakeSink starts a server where a plain subscriber (returned, on the Sink's
+// connection nc) stands in for a stream on fake.>, and a Sink as broker
+// "nats" (closed when the test ends; closing it earlier is fine).
+func fakeSink(t *testing.T, cfg SinkConfig) (*Sink, *nats.Conn, *nats.Subscription) {
+	t.Helper()
+	srv := natstest.Start(t)
+	nc, js := srv.Connect(t)
+	sub := fakeStream(t, nc, "fake.>")
+	return newSink(t, map[string]jetstream.JetStream{"nats": js}, cfg), nc, sub
+}
+
+// fakeStream takes subject on nc with a plain subscriber, so the test
+// decides when and how publishes to it are answered.
+func fakeStream(t *testing.T, nc *nats.Conn, subject string) *nats.Subscription {
+	t.Helper()
+	sub, err := nc.SubscribeSync(subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return sub
+}
+
+func nextMsg(t *testing.T, sub *nats.Subscription) *nats.Msg {
+	t.Helper()
+	m, err := sub.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// recv waits for the result a done callback sends on errs.
+func recv(t *testing.T, errs <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-errs:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("publish not resolved")
+		return nil
+	}
+}
+
+func answer(t *testing.T, nc *nats.Conn, reply, body string) {
+	t.Helper()
+	if err := nc.Publish(reply, []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// With one slot, the second publish reuses the first one's slot. A late
+// answer to the first publish's reply subject (and one with a token that
+// names no slot) must not resolve the second: only its own answer does.
+func TestSinkIgnoresStaleAckForReusedSlot(t *testing.T) {
+	sink, nc, sub := fakeSink(t, SinkConfig{MaxPending: 1, AckTimeout: -1})
+	res := newResult()
+	ctx := testCtx(t)
+
+	sink.PublishAsync(ctx, out("nats", "fake.1", "1", "a"), res.done(1))
+	first := nextMsg(t, sub)
+	answer(t, nc, first.Reply, `{"stream":"FAKE","seq":1}`)
+	eventually(t, 10*time.Second, "first resolved", func() bool { return res.count() == 1 })
+	if err := res.err(1); err != nil {
+		t.Fatalf("first publish: %v", err)
+	}
+
+	sink.PublishAsync(ctx, out("nats", "fake.2", "2", "a"), res.done(2))
+	second := nextMsg(t, sub)
+	if second.Reply == first.Reply {
+		t.Fatalf("reused slot got the same reply subject %q", second.Reply)
+	}
+	prefix := first.Reply[:strings.LastIndexByte(first.Reply, '.')+1]
+	answer(t, nc, first.Reply, `{"error":{"code":400,"err_code":10071,"description":"stale"}}`)
+	answer(t, nc, prefix+"zz", `{"stream":"FAKE","seq":9}`)
+	answer(t, nc, prefix+"not-a-token", `{"stream":"FAKE","seq":9}`)
+	// Acks arrive in the order they were sent: the stale ones come first.
+	answer(t, nc, second.Reply, `{"stream":"FAKE","seq":2,"duplicate":true}`)
+	eventually(t, 10*time.Second, "second resolved", func() bool { return res.count() == 2 })
+	var dup *DuplicateError
+	if err := res.err(2); !errors.As(err, &dup) || dup.Seq != 2 || dup.Stream != "FAKE" || dup.Broker != "nats" {
+		t.Fatalf("second publish: err = %v, want its own ack (duplicate of seq 2)", err)
+	}
+}
+
+// Each kind of answer a stream (or something posing as one) may give maps
+// to the documented result.
+func TestSinkAckShapes(t *testing.T) {
+	sink, nc, sub := fakeSink(t, SinkConfig{AckTimeout: -1})
+	for _, c := range []struct {
+		name, body string
+		hdr        nats.Header
+		check      func(error) bool
+	}{
+		{"stored", `{"stream":"FAKE","seq":3}`, nil, func(err error) bool { return err == nil }},
+		{"stored with domain", ` { "stream" : "FAKE" , "domain":"hub", "seq" : 4 } `, nil, func(err error) bool { return err == nil }},
+		{"escaped stream", `{"stream":"F\u0041KE","seq":5,"duplicate":true}`, nil, func(err error) bool {
+			var dup *DuplicateError
+			return errors.As(err, &dup) && dup.Stream == "FAKE" && dup.Seq == 5
+		}},
+		{"api error", `{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},"stream":"FAKE"}`, nil, func(err error) bool {
+			var api *jetstream.APIError
+			return errors.As(err, &api) && api.ErrorCode == 10077 && strings.Contains(err.Error(), "maximum messages exceeded")
+		}},
+		{"no stream name", `{"seq":1}`, nil, func(err error) bool { return errors.Is(err, jetstream.ErrInvalidJSAck) }},
+		{"not json", `ok`, nil, func(err error) bool { return errors.Is(err, jetstream.ErrInvalidJSAck) }},
+		{"no responders", "", nats.Header{"Status": {"503"}}, func(err error) bool { return errors.Is(err, jetstream.ErrNoStreamResponse) }},
+		{"other status", "", nats.Header{"Status": {"408"}, "Description": {"Request Timeout"}}, func(err error) bool {
+			return errors.Is(err, jetstream.ErrInvalidJSAck) && strings.Contains(err.Error(), "Request Timeout")
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			errs := make(chan error, 1)
+			sink.PublishAsync(testCtx(t), out("nats", "fake.x", c.name, "x"), func(err error) { errs <- err })
+			m := nextMsg(t, sub)
+			if err := nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: c.hdr, Data: []byte(c.body)}); err != nil {
+				t.Fatal(err)
+			}
+			err := recv(t, errs)
+			if !c.check(err) {
+				t.Fatalf("err = %v", err)
+			}
+			if err != nil && !errors.As(err, new(*DuplicateError)) && !strings.Contains(err.Error(), `broker "nats" subject "fake.x"`) {
+				t.Fatalf("error does not name broker and subject: %v", err)
+			}
+		})
+	}
+}
+
+// A stream's refusal reaches done as the server's API error, named with
+// broker, subject and the server's description, and is not a duplicate.
+func TestSinkStreamRefusal(t *testing.T) {
+	sink, st := streamSink(t, SinkConfig{})
+	m := out("nats", "cell.rz00.orders", "ORDERS:1", "x")
+	m.Header[jetstream.ExpectedLastSeqHeader] = []string{"5"}
+	err := bridge.Publish(testCtx(t), sink, m)
+	var api *jetstream.APIError
+	if !errors.As(err, &api) || api.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
+		t.Fatalf("err = %v, want the server's wrong-last-sequence error", err)
+	}
+	for _, want := range []string{`broker "nats"`, `subject "cell.rz00.orders"`, api.Description} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not contain %q", err, want)
+		}
+	}
+	if errors.Is(err, bridge.ErrDuplicate) {
+		t.Fatal("a refusal must not look like a duplicate")
+	}
+	if n := streamMsgs(t, st); n != 0 {
+		t.Fatalf("stream holds %d messages, want 0", n)
+	}
+}
+
+// Close waits for an ack that arrives after it started, and a publish
+// blocked at the cap when Close starts gets ErrClosed.
+func TestSinkCloseWaitsForLateAck(t *testing.T) {
+	sink, nc, sub := fakeSink(t, SinkConfig{MaxPending: 1, AckTimeout: -1})
+	res := newResult()
+	sink.PublishAsync(testCtx(t), out("nats", "fake.1", "1", "x"), res.done(1))
+	m := nextMsg(t, sub)
+	blocked := make(chan struct{})
+	go func() {
+		defer close(blocked)
+		sink.PublishAsync(testCtx(t), out("nats", "fake.2", "2", "x"), res.done(2))
+	}()
+	p := sink.brokers["nats"]
+	eventually(t, 10*time.Second, "second publish blocked", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.waiters == 1
+	})
+	closed := make(chan error, 1)
+	go func() { closed <- sink.Close(testCtx(t)) }()
+	<-blocked
+	if err := res.err(2); !errors.Is(err, ErrClosed) {
+		t.Fatalf("blocked publish: err = %v, want ErrClosed", err)
+	}
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) before the outstanding ack arrived", err)
+	default:
+	}
+	answer(t, nc, m.Reply, `{"stream":"FAKE","seq":1}`)
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return after the ack")
+	}
+	if err := res.err(1); err != nil {
+		t.Fatalf("outstanding publish: %v", err)
+	}
+}
+
+// When the connection drops, the publishes waiting for an ack fail at once
+// (their acks are lost with the connection) instead of after AckTimeout.
+func TestSinkFailsPendingOnDisconnect(t *testing.T) {
+	srv := natstest.Start(t)
+	nc, js := srv.Connect(t)
+	sub := fakeStream(t, nc, "fake.>")
+	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{AckTimeout: -1})
+	errs := make(chan error, 1)
+	sink.PublishAsync(testCtx(t), out("nats", "fake.1", "1", "x"), func(err error) { errs <- err })
+	nextMsg(t, sub)
+	srv.Shutdown()
+	if err := recv(t, errs); !errors.Is(err, nats.ErrDisconnected) {
+		t.Fatalf("err = %v, want nats.ErrDisconnected", err)
+	}
+}
+
+// Publishers on several goroutines, squeezed through a few slots, all get
+// their own result: every message is stored once, and publishing them all
+// again yields a duplicate for each.
+func TestSinkConcurrentPublishers(t *testing.T) {
+	sink, st := streamSink(t, SinkConfig{MaxPending: 8})
+	const workers, each = 4, 250
+	for round, want := range []func(error) bool{
+		func(err error) bool { return err == nil },
+		func(err error) bool { return errors.Is(err, bridge.ErrDuplicate) },
+	} {
+		res := newResult()
+		var wg sync.WaitGroup
+		for w := range workers {
+			wg.Go(func() {
+				for i := range each {
+					n := w*each + i
+					sink.PublishAsync(testCtx(t), out("nats", "cell.rz00.o", fmt.Sprint("k", n), "x"), res.done(n))
+				}
+			})
+		}
+		wg.Wait()
+		eventually(t, 30*time.Second, "all resolved", func() bool { return res.count() == workers*each })
+		for n := range workers * each {
+			if err := res.err(n); !want(err) {
+				t.Fatalf("round %d publish %d: err = %v", round, n, err)
+			}
+		}
+	}
+	if got := streamMsgs(t, st); got != workers*each {
+		t.Fatalf("stream holds %d, want %d", got, workers*each)
 	}
 }
