@@ -488,7 +488,7 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 	seen := make([]uint8, e.spec.N)
 	var latDump *os.File
 	if p := os.Getenv("BENCH_LATDUMP"); p != "" && e.spec.Rate > 0 {
-		latDump, _ = os.Create(p + "-" + e.spec.Variant)
+		latDump, _ = os.Create(fmt.Sprintf("%s-%s-%.0f", p, e.spec.Variant, e.spec.Rate))
 		defer latDump.Close()
 	}
 	var lat []float64
