@@ -285,23 +285,23 @@ func (s *connState) set(up bool, msg string, args ...any) {
 	}
 }
 
-// JetStreamConfig tunes the JetStream context the Sink publishes through.
+// JetStreamConfig tunes the client library's asynchronous publishing on a
+// JetStream context. The Sink does not use it (it publishes with core NATS
+// and keeps its own table of pending acks, see SinkConfig); the settings
+// matter only for other code that calls PublishMsgAsync on the context.
 type JetStreamConfig struct {
-	// MaxPending is the Sink's pending limit (SinkConfig.MaxPending) the
-	// context must allow. The client's own cap is twice that: the Sink's
-	// (blocking) limit is the one that applies, and acks the Sink gave up on
-	// (SinkConfig.AckTimeout) may stay in the client's table until the
-	// connection reconnects without stalling the Sink. Default 4096.
+	// MaxPending sizes the client library's async publish window: twice
+	// this value, so that a caller sharing the Sink's MaxPending never
+	// stalls in the library first. Default 4096.
 	MaxPending int
-	// AckTimeout, when positive, also makes the client library fail an async
-	// publish whose ack has not arrived in time, with one timer per publish
-	// (about 0.3µs of CPU, see BenchmarkSinkPublish). The Sink enforces its
-	// own SinkConfig.AckTimeout on the head of its in-order queue without a
-	// timer per publish, so the default (0 or negative) leaves it off.
+	// AckTimeout, when positive, makes the client library fail an async
+	// publish whose ack has not arrived in time, with one timer per
+	// publish. Off by default.
 	AckTimeout time.Duration
 }
 
-// NewJetStream returns a JetStream context for nc configured for the Sink.
+// NewJetStream returns a JetStream context for nc for the Source, the Sink
+// and the dedupe store.
 // It owns no goroutines of its own beyond those of nc.
 func NewJetStream(nc *nats.Conn, cfg JetStreamConfig) (jetstream.JetStream, error) {
 	if cfg.MaxPending <= 0 {

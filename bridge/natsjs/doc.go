@@ -57,22 +57,31 @@
 //
 // # Sink
 //
-// PublishAsync publishes with PublishMsgAsync and returns; one goroutine per
-// broker waits for the acks in publish order and calls done. The message
-// carries Nats-Msg-Id = the idempotency key, set in the bridge's header map
-// itself (bridge.Outgoing allows a sink its own idempotency header), so no
-// map is copied per message. A per-broker counting semaphore bounds the
-// publishes not yet resolved (SinkConfig.MaxPending); PublishAsync blocks
-// there, which is the bridge's back-pressure. The JetStream context should
-// come from NewJetStream: its own limit is above the Sink's (so the client
-// library never stalls and fails a publish). A publish whose ack is lost
-// fails after SinkConfig.AckTimeout instead of holding its message forever:
-// the completion goroutine checks that deadline on the head of its in-order
-// queue with one reused timer, rather than the client library arming a timer
-// per publish. done must not block and must not call PublishAsync on
-// the same Sink (it runs on the goroutine that frees the slots). Close waits
-// for the outstanding acks within its context; it leaves the connections to
-// their owner, since the source and the dedupe store share them.
+// PublishAsync publishes with core NATS on the JetStream context's
+// connection and asks for the PubAck on a per-broker inbox; it does not go
+// through the client library's async publish (no future, channel, map entry
+// or JSON decoding per message). A fixed table of SinkConfig.MaxPending
+// slots holds the publishes awaiting their ack; each reply subject carries
+// its slot and a generation, so an ack that arrives after its slot timed out
+// and was reused is recognised and ignored. PublishAsync blocks while the
+// table is full, which is the bridge's back-pressure. The ack subscription's
+// callback parses the PubAck with a small scanner (encoding/json only for
+// error replies), and calls done, in ack order: the pipeline keeps one
+// message per key in flight, so completion order across keys does not
+// matter. The message carries Nats-Msg-Id = the idempotency key, set in the
+// bridge's header map itself (bridge.Outgoing allows a sink its own
+// idempotency header), so no map is copied per message.
+//
+// A publish whose ack is lost fails after SinkConfig.AckTimeout instead of
+// holding its slot forever: one sweep goroutine per broker checks the table
+// a few times per AckTimeout, so there is no timer per publish. The same
+// goroutine fails the outstanding publishes at once when the connection
+// drops (their acks cannot arrive any more; the bridge retries them and the
+// target's duplicate window drops those that had been stored). done must
+// not block and must not call PublishAsync on the same Sink (it runs on the
+// ack subscription's goroutine). Close waits for the outstanding acks within
+// its context; it leaves the connections to their owner, since the source
+// and the dedupe store share them.
 //
 // A PubAck flagged Duplicate is reported as *DuplicateError, which wraps
 // bridge.ErrDuplicate: the message is stored, by the earlier publish.
