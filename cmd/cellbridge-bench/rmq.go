@@ -181,7 +181,7 @@ func rmqPrePublish(ctx context.Context, ns string, evs []event) error {
 			for i := w; i < len(evs); i += senders {
 				m := primitive.NewMessage("orders", evs[i].body)
 				m.WithKeys([]string{evs[i].id})
-				if _, err := p.SendSync(ctx, m); err != nil {
+				if err := sendRetrying(ctx, p, m); err != nil {
 					select {
 					case errc <- fmt.Errorf("pre-publish: %w", err):
 					default:
@@ -198,6 +198,27 @@ func rmqPrePublish(ctx context.Context, ns string, evs []event) error {
 	default:
 		return nil
 	}
+}
+
+// sendRetrying sends m, retrying for up to about 2s. A fresh producer that
+// many goroutines share can briefly know a topic's queues but not yet its
+// broker's address ("route info not found"); pre-publishing is not timed, so
+// it simply tries again.
+func sendRetrying(ctx context.Context, p interface {
+	SendSync(context.Context, ...*primitive.Message) (*primitive.SendResult, error)
+}, m *primitive.Message) error {
+	var err error
+	for range 40 {
+		if _, err = p.SendSync(ctx, m); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return err
 }
 
 // runRMQPipe is the bare loop: a push consumer whose callback computes the
