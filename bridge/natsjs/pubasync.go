@@ -386,38 +386,51 @@ func (p *publisher) sweep() {
 
 // failAll fails every outstanding publish with errFor(its subject): the
 // pending ones now, the ones still sending once PublishMsg has returned.
-func (p *publisher) failAll(errFor func(subject string) error) {
+// It reports how many it failed.
+func (p *publisher) failAll(errFor func(subject string) error) int {
 	var due []uint32
+	marked := 0
 	p.mu.Lock()
 	for i := range p.slots {
-		if p.fail(&p.slots[i], errFor) {
+		switch p.fail(&p.slots[i], errFor) {
+		case failNow:
 			due = append(due, uint32(i))
+		case failLater:
+			marked++
 		}
 	}
 	p.mu.Unlock()
 	p.resolve(due, errFor)
+	return len(due) + marked
 }
 
-// fail moves a pending slot into resolving and reports true (the caller
-// calls its done), or marks a sending slot failing with errFor(subject) for
-// PublishAsync to resolve; other slots are left alone. p.mu is held: only
-// one failure sets failErr, and PublishAsync reads it only after seeing the
-// failing phase stored after it.
-func (p *publisher) fail(sl *slot, errFor func(subject string) error) bool {
+// What fail did with a slot.
+const (
+	failNone  = iota // not outstanding, or failed already
+	failNow          // moved into resolving: the caller calls its done
+	failLater        // marked failing: PublishAsync resolves it
+)
+
+// fail moves a pending slot into resolving (failNow: the caller calls its
+// done), or marks a sending slot failing with errFor(subject) for
+// PublishAsync to resolve (failLater); other slots are left alone (failNone).
+// p.mu is held: only one failure sets failErr, and PublishAsync reads it
+// only after seeing the failing phase stored after it.
+func (p *publisher) fail(sl *slot, errFor func(subject string) error) int {
 	for {
 		w := sl.word.Load()
 		switch w & 7 {
 		case phPending:
 			if sl.word.CompareAndSwap(w, w&^7|phResolving) {
-				return true
+				return failNow
 			}
 		case phSending:
 			sl.failErr = errFor(sl.subject)
 			if sl.word.CompareAndSwap(w, w&^7|phFailing) {
-				return false
+				return failLater
 			}
 		default:
-			return false
+			return failNone
 		}
 		// Lost a race: the publish became pending, or its ack claimed it.
 	}

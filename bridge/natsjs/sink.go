@@ -187,7 +187,8 @@ func setMsgID(m *bridge.Outgoing, id string) {
 // subscriptions. If ctx ends first, the publishes still waiting for their
 // ack are resolved with ErrClosed (they may or may not be stored; one still
 // inside the client's PublishMsg is resolved as soon as that returns) and
-// Close returns ctx's error. It does not close the connections. Close is
+// Close returns ctx's error; when none was left to cut short it returns nil.
+// It does not close the connections. Close is
 // idempotent and safe for concurrent use.
 func (s *Sink) Close(ctx context.Context) error {
 	s.closeOnce.Do(func() {
@@ -202,10 +203,14 @@ func (s *Sink) Close(ctx context.Context) error {
 		select {
 		case <-p.drain:
 		case <-ctx.Done():
-			err = fmt.Errorf("natsjs: sink close: %w", ctx.Err())
-			p.failAll(func(subject string) error {
+			// Only a publish cut short makes an error: the broker may
+			// have drained meanwhile (select picks at random when both
+			// are ready), or hold only publishes whose done is running.
+			if p.failAll(func(subject string) error {
 				return fmt.Errorf("%w before the ack arrived (broker %q subject %q)", ErrClosed, p.name, subject)
-			})
+			}) > 0 {
+				err = fmt.Errorf("natsjs: sink close: %w", ctx.Err())
+			}
 			<-p.drain
 		}
 	}

@@ -585,3 +585,27 @@ func TestSinkConcurrentPublishers(t *testing.T) {
 		t.Fatalf("stream holds %d, want %d", got, workers*each)
 	}
 }
+
+// A Close whose ctx has already ended returns nil when nothing was left to
+// resolve: no publish was cut short, so there is no error to report.
+func TestSinkCloseExpiredContextNothingPending(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "CELL_RZ00", "cell.rz00.>")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	// Two brokers, each drained; repeated because a wrong answer would
+	// come from a random choice.
+	for i := range 20 {
+		sink, err := NewSink(map[string]jetstream.JetStream{"a": js, "b": js}, SinkConfig{}, quiet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := bridge.Publish(testCtx(t), sink, out("a", "cell.rz00.o", fmt.Sprint(i), "x")); err != nil && !errors.Is(err, bridge.ErrDuplicate) {
+			t.Fatal(err)
+		}
+		if err := sink.Close(ctx); err != nil {
+			t.Fatalf("round %d: Close with nothing pending: %v", i, err)
+		}
+	}
+}
