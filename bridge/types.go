@@ -96,7 +96,9 @@ type Outgoing struct {
 	// Header holds every header to send, Cell-* included. It is the source
 	// message's own map, owned by the pipeline until the final ack: a sink
 	// may add its broker's idempotency header in place (Nats-Msg-Id =
-	// MsgID) instead of copying the map, and must not change anything else.
+	// MsgID) instead of copying the map, and remove headers its broker
+	// would act on as control headers (JetStream's Nats-*, set by the
+	// producer for the source stream); it must not change anything else.
 	Header map[string][]string
 	// Body is the payload, not copied from the source message.
 	Body []byte

@@ -70,7 +70,10 @@
 // message per key in flight, so completion order across keys does not
 // matter. The message carries Nats-Msg-Id = the idempotency key, set in the
 // bridge's header map itself (bridge.Outgoing allows a sink its own
-// idempotency header), so no map is copied per message.
+// idempotency header), so no map is copied per message; the source's other
+// Nats-* headers (JetStream control headers the producer set for the source
+// stream, such as Nats-Expected-Stream) are removed, because the target
+// stream would act on them.
 //
 // A publish whose ack is lost fails after SinkConfig.AckTimeout instead of
 // holding its slot forever: one sweep goroutine per broker checks the table

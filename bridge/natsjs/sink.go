@@ -131,8 +131,9 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 }
 
 // PublishAsync implements bridge.Sink. Nats-Msg-Id is set to m.MsgID in
-// m.Header itself (bridge.Outgoing allows a sink its idempotency header; a
-// nil map is replaced by a new one); nothing else in m is changed or copied,
+// m.Header itself and the source's other Nats-* (JetStream control) headers
+// are removed from it (bridge.Outgoing allows a sink both; a nil map is
+// replaced by a new one); nothing else in m is changed or copied,
 // and m is not used after PublishAsync returns. PublishAsync blocks while
 // MaxPending publishes to the target broker are unresolved, until ctx is
 // done (done gets ctx's error) or Close starts (done gets ErrClosed).
@@ -165,8 +166,22 @@ func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(e
 // setMsgID makes m.Header say Nats-Msg-Id = id, in place: no copy of the
 // map per message. It reuses the Cell-Msg-Id value slice when that holds the
 // same id, so the common case allocates nothing.
+//
+// It also removes every other header named Nats-*: those are JetStream's
+// control headers (Nats-Expected-Stream, Nats-Expected-Last-Sequence,
+// Nats-Rollup, Nats-TTL, Nats-Batch-*, Nats-Trace-*, ...). A producer sets
+// them for the source stream; carried over, the target stream would act on
+// them: refuse every copy (an expected stream or sequence that is the
+// source's, so the message would be retried for ever and block its key),
+// purge the subject, expire the copy or trace it. Only the sink's own
+// Nats-Msg-Id is meant for the target.
 func setMsgID(m *bridge.Outgoing, id string) {
 	h := m.Header
+	for k := range h {
+		if len(k) > len(natsHeaderPrefix) && k[:len(natsHeaderPrefix)] == natsHeaderPrefix && k != jetstream.MsgIDHeader {
+			delete(h, k)
+		}
+	}
 	if v := h[jetstream.MsgIDHeader]; len(v) == 1 && v[0] == id {
 		return
 	}
@@ -180,6 +195,9 @@ func setMsgID(m *bridge.Outgoing, id string) {
 		h[jetstream.MsgIDHeader] = []string{id}
 	}
 }
+
+// natsHeaderPrefix starts the names of the headers JetStream acts on.
+const natsHeaderPrefix = "Nats-"
 
 // Close stops accepting publishes (blocked and later PublishAsync calls get
 // ErrClosed), waits until every accepted publish has been resolved and its

@@ -473,13 +473,18 @@ func TestSinkAckShapes(t *testing.T) {
 // A stream's refusal reaches done as the server's API error, named with
 // broker, subject and the server's description, and is not a duplicate.
 func TestSinkStreamRefusal(t *testing.T) {
-	sink, st := streamSink(t, SinkConfig{})
-	m := out("nats", "cell.rz00.orders", "ORDERS:1", "x")
-	m.Header[jetstream.ExpectedLastSeqHeader] = []string{"5"}
-	err := bridge.Publish(testCtx(t), sink, m)
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	st, err := js.CreateStream(testCtx(t), jetstream.StreamConfig{Name: "CELL_RZ00", Subjects: []string{"cell.rz00.>"}, MaxMsgSize: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{})
+	m := out("nats", "cell.rz00.orders", "ORDERS:1", strings.Repeat("x", 200))
+	err = bridge.Publish(testCtx(t), sink, m)
 	var api *jetstream.APIError
-	if !errors.As(err, &api) || api.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
-		t.Fatalf("err = %v, want the server's wrong-last-sequence error", err)
+	if !errors.As(err, &api) || api.ErrorCode != jetstream.JSErrCodeStreamMessageExceedsMaximum {
+		t.Fatalf("err = %v, want the server's message-too-large error", err)
 	}
 	for _, want := range []string{`broker "nats"`, `subject "cell.rz00.orders"`, api.Description} {
 		if !strings.Contains(err.Error(), want) {
@@ -491,6 +496,42 @@ func TestSinkStreamRefusal(t *testing.T) {
 	}
 	if n := streamMsgs(t, st); n != 0 {
 		t.Fatalf("stream holds %d messages, want 0", n)
+	}
+}
+
+// The producer's JetStream control headers on the source message are not
+// carried to the target: with them the target stream would refuse every copy
+// (an expected stream or last sequence that is the source's) or act on them
+// (rollup, TTL). Other headers and the sink's Nats-Msg-Id stay.
+func TestSinkDropsSourceControlHeaders(t *testing.T) {
+	sink, st := streamSink(t, SinkConfig{})
+	m := out("nats", "cell.rz00.orders", "ORDERS:1", "x")
+	m.Header[jetstream.ExpectedStreamHeader] = []string{"ORDERS"}
+	m.Header[jetstream.ExpectedLastSeqHeader] = []string{"5"}
+	m.Header[jetstream.ExpectedLastSubjSeqHeader] = []string{"7"}
+	m.Header["Nats-Rollup"] = []string{"sub"}
+	m.Header["Nats-TTL"] = []string{"1s"}
+	m.Header["X-User-Id"] = []string{"2088000000012345"}
+	if err := bridge.Publish(testCtx(t), sink, m); err != nil {
+		t.Fatalf("publish with the source's control headers: %v", err)
+	}
+	if n := streamMsgs(t, st); n != 1 {
+		t.Fatalf("stream holds %d messages, want 1", n)
+	}
+	got, err := st.GetLastMsgForSubject(testCtx(t), "cell.rz00.orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range got.Header {
+		if strings.HasPrefix(k, "Nats-") && k != jetstream.MsgIDHeader {
+			t.Errorf("stored copy carries control header %s", k)
+		}
+	}
+	if v := got.Header.Get(jetstream.MsgIDHeader); v != "ORDERS:1" {
+		t.Errorf("Nats-Msg-Id = %q, want ORDERS:1", v)
+	}
+	if v := got.Header.Get("X-User-Id"); v != "2088000000012345" {
+		t.Errorf("X-User-Id = %q, want it kept", v)
 	}
 }
 
