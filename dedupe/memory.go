@@ -31,9 +31,10 @@ type MemoryConfig struct {
 // mask of the hash.
 const memShards = 64
 
-// Memory is a bounded in-process Store: 64 shards, each a map into a slab of
-// entries linked in LRU order. After warm-up, Reserve, Commit and Release
-// allocate nothing: entries are reused from the slab.
+// Memory is a bounded in-process Store: 64 shards, each a hash index (see
+// memIndex) into a slab of entries linked in LRU order. A key is hashed once:
+// the hash picks the shard and the index slot. After warm-up, Reserve,
+// Commit and Release allocate nothing: entries are reused from the slab.
 //
 // A Memory store only deduplicates what passes through this process, and
 // only for keys it still holds: a key evicted before its TTL (more than Size
@@ -67,23 +68,29 @@ const (
 // nilIdx marks the end of a list.
 const nilIdx int32 = -1
 
+// memEntry is a slab slot's state. Its key is in the shard's keys, at the
+// same index: without it the entry is pointer-free and 32 bytes (half a cache
+// line), and the garbage collector, which runs often in a busy bridge, scans
+// 16 bytes a key instead of the whole entry.
 type memEntry struct {
-	key        string
 	expires    int64  // on the store's clock, nanoseconds
 	prev, next int32  // LRU links (slab indices); next also links the free list
 	gen        uint32 // bumped whenever the slot gets a new key or is freed (Handle)
+	fp         uint32 // the key's fingerprint, so eviction finds its index slot without hashing
 	state      uint8
 }
 
 type memShard struct {
 	mu         sync.Mutex
-	index      map[string]int32
+	index      memIndex // slots nil once closed
 	slab       []memEntry
-	head, tail int32 // most and least recently used
-	free       int32 // free list of slab slots (released keys)
+	keys       []string // keys[i] is slab[i]'s key ("" when free)
+	head, tail int32    // most and least recently used
+	free       int32    // free list of slab slots (released keys)
 	limit      int
-	// pad keeps two shards' locks off one cache line.
-	_ [40]byte
+	// pad rounds a shard up to two cache lines, so that no two shards'
+	// locks share one.
+	_ [8]byte
 }
 
 // NewMemory returns an empty Memory store. It starts no goroutines: expiry is
@@ -114,11 +121,12 @@ func NewMemory(cfg MemoryConfig) *Memory {
 	for i := range m.shards {
 		s := &m.shards[i]
 		// Pre-sized for the first keys so warm-up does not rehash a
-		// small map many times; not for the whole limit, which most
+		// small index many times; not for the whole limit, which most
 		// deployments never reach.
 		n := min(limit, memPresize)
-		s.index = make(map[string]int32, n)
+		s.index.init(n)
 		s.slab = make([]memEntry, 0, n)
+		s.keys = make([]string, 0, n)
 		s.head, s.tail, s.free = nilIdx, nilIdx, nilIdx
 		s.limit = limit
 	}
@@ -134,12 +142,21 @@ func (m *Memory) now() int64 {
 	return int64(time.Since(m.base))
 }
 
-// memPresize is how many keys each shard's map and slab have room for
+// memPresize is how many keys each shard's index and slab have room for
 // before they first grow.
 const memPresize = 4096
 
+// hash returns key's shard and its fingerprint within the shard's index:
+// disjoint bits of one hash, so the fingerprints of one shard's keys are as
+// varied as the hash.
+func (m *Memory) hash(key string) (shard int, fp uint32) {
+	h := maphash.String(m.seed, key)
+	return int(h & (memShards - 1)), uint32(h >> 32)
+}
+
 func (m *Memory) shardIndex(key string) int {
-	return int(maphash.String(m.seed, key) & (memShards - 1))
+	si, _ := m.hash(key)
+	return si
 }
 
 func (m *Memory) shard(key string) *memShard {
@@ -159,14 +176,15 @@ func (m *Memory) ReserveHandle(_ context.Context, key string) (Outcome, Handle, 
 		return 0, Handle{}, ErrClosed
 	}
 	now := m.now()
-	si := m.shardIndex(key)
+	si, fp := m.hash(key)
 	s := &m.shards[si]
 	s.mu.Lock()
-	if s.index == nil { // closed while we waited for the lock
+	if s.index.slots == nil { // closed while we waited for the lock
 		s.mu.Unlock()
 		return 0, Handle{}, ErrClosed
 	}
-	if i, ok := s.index[key]; ok {
+	i, p := s.index.find(fp, key, s.keys)
+	if i != nilIdx {
 		e := &s.slab[i]
 		out := Reserved
 		if e.expires > now {
@@ -183,7 +201,7 @@ func (m *Memory) ReserveHandle(_ context.Context, key string) (Outcome, Handle, 
 		s.mu.Unlock()
 		return out, h, nil
 	}
-	i, evicted := s.insert(key, stateReserved, now+m.reserveTTL, now)
+	i, evicted := s.insert(key, fp, p, stateReserved, now+m.reserveTTL, now)
 	if evicted {
 		m.evictions.Add(1)
 	}
@@ -205,12 +223,12 @@ func (m *Memory) CommitHandle(ctx context.Context, key string, h Handle) error {
 	now := m.now()
 	s := &m.shards[h.shard]
 	s.mu.Lock()
-	if s.index == nil {
+	if s.index.slots == nil {
 		s.mu.Unlock()
 		return ErrClosed
 	}
 	if int(h.idx) < len(s.slab) {
-		if e := &s.slab[h.idx]; e.gen == h.gen && e.key == key {
+		if e := &s.slab[h.idx]; e.gen == h.gen && s.keys[h.idx] == key {
 			e.state = stateCommitted
 			e.expires = now + m.ttl
 			s.moveToFront(h.idx)
@@ -229,13 +247,15 @@ func (m *Memory) Commit(_ context.Context, key string) error {
 		return ErrClosed
 	}
 	now := m.now()
-	s := m.shard(key)
+	si, fp := m.hash(key)
+	s := &m.shards[si]
 	s.mu.Lock()
-	if s.index == nil {
+	if s.index.slots == nil {
 		s.mu.Unlock()
 		return ErrClosed
 	}
-	if i, ok := s.index[key]; ok {
+	i, p := s.index.find(fp, key, s.keys)
+	if i != nilIdx {
 		e := &s.slab[i]
 		e.state = stateCommitted
 		e.expires = now + m.ttl
@@ -243,7 +263,7 @@ func (m *Memory) Commit(_ context.Context, key string) error {
 		s.mu.Unlock()
 		return nil
 	}
-	if _, evicted := s.insert(key, stateCommitted, now+m.ttl, now); evicted {
+	if _, evicted := s.insert(key, fp, p, stateCommitted, now+m.ttl, now); evicted {
 		m.evictions.Add(1)
 	}
 	s.mu.Unlock()
@@ -258,16 +278,18 @@ func (m *Memory) Release(_ context.Context, key string) error {
 	if m.closed.Load() {
 		return ErrClosed
 	}
-	s := m.shard(key)
+	si, fp := m.hash(key)
+	s := &m.shards[si]
 	s.mu.Lock()
-	if s.index == nil {
+	if s.index.slots == nil {
 		s.mu.Unlock()
 		return ErrClosed
 	}
-	if i, ok := s.index[key]; ok && s.slab[i].state == stateReserved {
-		delete(s.index, key)
+	if i, p := s.index.find(fp, key, s.keys); i != nilIdx && s.slab[i].state == stateReserved {
+		s.index.removeAt(p)
 		s.unlink(i)
 		s.slab[i] = memEntry{next: s.free, gen: s.slab[i].gen + 1}
+		s.keys[i] = "" // not kept alive by a free slot
 		s.free = i
 	}
 	s.mu.Unlock()
@@ -280,7 +302,7 @@ func (m *Memory) Close(context.Context) error {
 	for i := range m.shards {
 		s := &m.shards[i]
 		s.mu.Lock()
-		s.index, s.slab = nil, nil
+		s.index, s.slab, s.keys = memIndex{}, nil, nil
 		s.head, s.tail, s.free = nilIdx, nilIdx, nilIdx
 		s.mu.Unlock()
 	}
@@ -293,7 +315,7 @@ func (m *Memory) Len() int {
 	for i := range m.shards {
 		s := &m.shards[i]
 		s.mu.Lock()
-		n += len(s.index)
+		n += s.index.n
 		s.mu.Unlock()
 	}
 	return n
@@ -304,31 +326,43 @@ func (m *Memory) Len() int {
 // (see Memory); a growing count means Size is too small for rate × TTL.
 func (m *Memory) Evictions() uint64 { return m.evictions.Load() }
 
-// insert adds key, reusing a free slot, growing the slab up to the limit,
-// or recycling the least recently used entry. It returns the slot and
+// insert adds key (absent, hashed to fp; p is the empty index position
+// find returned for it), reusing a free slot, growing the slab up to the
+// limit, or recycling the least recently used entry. It returns the slot and
 // reports whether an unexpired entry was evicted. The slot's generation
 // moves on, so a Handle to its previous key no longer matches. The caller
 // holds s.mu.
-func (s *memShard) insert(key string, state uint8, expires, now int64) (i int32, evicted bool) {
+func (s *memShard) insert(key string, fp, p uint32, state uint8, expires, now int64) (i int32, evicted bool) {
+	moved := false // p no longer valid
 	switch {
 	case s.free != nilIdx:
 		i = s.free
 		s.free = s.slab[i].next
 	case len(s.slab) < s.limit:
 		s.slab = append(s.slab, memEntry{})
+		s.keys = append(s.keys, "")
 		i = int32(len(s.slab) - 1)
 	default:
 		i = s.tail
 		evicted = s.slab[i].expires > now
-		delete(s.index, s.slab[i].key)
+		s.index.remove(s.slab[i].fp, i)
 		s.unlink(i)
+		moved = true
+	}
+	if s.index.full() {
+		s.index.grow()
+		moved = true
+	}
+	if moved {
+		p = s.index.vacant(fp)
 	}
 	gen := s.slab[i].gen + 1
 	if gen == 0 { // 0 is the zero Handle's: never a live generation
 		gen = 1
 	}
-	s.slab[i] = memEntry{key: key, expires: expires, state: state, prev: nilIdx, next: nilIdx, gen: gen}
-	s.index[key] = i
+	s.slab[i] = memEntry{expires: expires, state: state, prev: nilIdx, next: nilIdx, gen: gen, fp: fp}
+	s.keys[i] = key
+	s.index.set(p, fp, i)
 	s.pushFront(i)
 	return i, evicted
 }

@@ -3,7 +3,10 @@ package dedupe
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -171,15 +174,24 @@ func checkInvariants(t *testing.T, m *Memory) {
 				t.Fatalf("shard %d: LRU list broken at slot %d", si, i)
 			}
 			seen[i] = true
-			if j, ok := s.index[s.slab[i].key]; !ok || j != i {
+			e, key := &s.slab[i], s.keys[i]
+			if hs, fp := m.hash(key); hs != si || fp != e.fp {
 				s.mu.Unlock()
-				t.Fatalf("shard %d: slot %d not indexed", si, i)
+				t.Fatalf("shard %d: slot %d holds %q of shard %d, fingerprint %x (want %x)", si, i, key, hs, e.fp, fp)
+			}
+			if j, _ := s.index.find(e.fp, key, s.keys); j != i {
+				s.mu.Unlock()
+				t.Fatalf("shard %d: slot %d not indexed (found %d)", si, i, j)
 			}
 			prev = i
 		}
-		if s.tail != prev || len(seen) != len(s.index) {
+		if err := checkIndex(&s.index, s.slab); err != nil {
 			s.mu.Unlock()
-			t.Fatalf("shard %d: tail %d (want %d), %d listed vs %d indexed", si, s.tail, prev, len(seen), len(s.index))
+			t.Fatalf("shard %d: %v", si, err)
+		}
+		if s.tail != prev || len(seen) != s.index.n {
+			s.mu.Unlock()
+			t.Fatalf("shard %d: tail %d (want %d), %d listed vs %d indexed", si, s.tail, prev, len(seen), s.index.n)
 		}
 		for i := s.free; i != nilIdx; i = s.slab[i].next {
 			if seen[i] {
@@ -187,8 +199,12 @@ func checkInvariants(t *testing.T, m *Memory) {
 				t.Fatalf("shard %d: slot %d both free and in use", si, i)
 			}
 			seen[i] = true
+			if s.keys[i] != "" {
+				s.mu.Unlock()
+				t.Fatalf("shard %d: free slot %d keeps key %q", si, i, s.keys[i])
+			}
 		}
-		if len(seen) != len(s.slab) || len(s.slab) > s.limit {
+		if len(seen) != len(s.slab) || len(s.keys) != len(s.slab) || len(s.slab) > s.limit {
 			s.mu.Unlock()
 			t.Fatalf("shard %d: %d slots accounted for, slab %d, limit %d", si, len(seen), len(s.slab), s.limit)
 		}
@@ -229,58 +245,220 @@ func TestMemoryStress(t *testing.T) {
 	checkInvariants(t, m)
 }
 
-// FuzzMemoryModel runs random operation sequences against the store and
-// against a plain map model; with Size large enough never to evict, every
-// outcome must agree.
-func FuzzMemoryModel(f *testing.F) {
-	f.Add([]byte{0, 0, 1, 0, 2, 0, 3, 0, 0, 0, 4, 9, 0, 0})
-	f.Add([]byte{0, 1, 4, 20, 0, 1, 1, 1, 2, 1, 0, 1, 4, 255, 0, 1})
-	f.Fuzz(func(t *testing.T, ops []byte) {
-		ctx := context.Background()
-		clock := newFakeClock()
-		const ttl, rttl = 10 * time.Second, 3 * time.Second
-		m := NewMemory(MemoryConfig{Size: 1 << 12, TTL: ttl, ReserveTTL: rttl, Now: clock.Now})
-		type state struct {
-			committed bool
-			expires   time.Time
-		}
-		model := map[string]state{}
-		for len(ops) >= 2 {
-			op, arg := ops[0]%5, ops[1]
-			ops = ops[2:]
-			key := fmt.Sprint("k", arg%8)
-			now := clock.Now()
-			st, ok := model[key]
-			live := ok && now.Before(st.expires)
-			switch op {
-			case 0: // reserve
-				want := Reserved
-				if live {
-					want = InFlight
-					if st.committed {
-						want = Duplicate
-					}
-				} else {
-					model[key] = state{expires: now.Add(rttl)}
+// memModel is the reference the store is checked against: the contract of
+// doc.go, plus Memory's LRU bound, written as plainly as possible (maps, and
+// a linear scan for the least recently used key of a shard).
+type memModel struct {
+	ttl, rttl time.Duration
+	limit     int
+	shard     func(key string) int
+	shards    [memShards]map[string]*modelEntry
+	stamp     uint64 // LRU clock: bumped on every use
+	evictions uint64
+}
+
+type modelEntry struct {
+	committed bool
+	expires   time.Time
+	used      uint64
+}
+
+func newMemModel(m *Memory, size int, ttl, rttl time.Duration) *memModel {
+	md := &memModel{ttl: ttl, rttl: rttl, limit: (size + memShards - 1) / memShards, shard: m.shardIndex}
+	for i := range md.shards {
+		md.shards[i] = map[string]*modelEntry{}
+	}
+	return md
+}
+
+func (md *memModel) len() int {
+	n := 0
+	for _, s := range md.shards {
+		n += len(s)
+	}
+	return n
+}
+
+func (md *memModel) use(e *modelEntry) {
+	md.stamp++
+	e.used = md.stamp
+}
+
+// put sets key's state, inserting it (and evicting its shard's least
+// recently used key when the shard is full) when absent.
+func (md *memModel) put(key string, committed bool, expires, now time.Time) {
+	s := md.shards[md.shard(key)]
+	e, ok := s[key]
+	if !ok {
+		if len(s) >= md.limit {
+			var lru string
+			for k, o := range s {
+				if lru == "" || o.used < s[lru].used {
+					lru = k
 				}
-				if got, err := m.Reserve(ctx, key); err != nil || got != want {
-					t.Fatalf("Reserve(%s) = %v, %v; model says %v", key, got, err, want)
-				}
-			case 1: // commit
-				model[key] = state{committed: true, expires: now.Add(ttl)}
-				must(t, m.Commit(ctx, key))
-			case 2: // release
-				if ok && !st.committed {
-					delete(model, key)
-				}
-				must(t, m.Release(ctx, key))
-			case 3: // a second passes
-				clock.Advance(time.Second)
-			case 4: // arg × 100ms pass
-				clock.Advance(time.Duration(arg) * 100 * time.Millisecond)
 			}
+			if s[lru].expires.After(now) {
+				md.evictions++
+			}
+			delete(s, lru)
 		}
-		checkInvariants(t, m)
+		e = &modelEntry{}
+		s[key] = e
+	}
+	e.committed, e.expires = committed, expires
+	md.use(e)
+}
+
+func (md *memModel) reserve(key string, now time.Time) Outcome {
+	e, ok := md.shards[md.shard(key)][key]
+	if ok && e.expires.After(now) {
+		md.use(e)
+		if e.committed {
+			return Duplicate
+		}
+		return InFlight
+	}
+	md.put(key, false, now.Add(md.rttl), now)
+	return Reserved
+}
+
+func (md *memModel) commit(key string, now time.Time) { md.put(key, true, now.Add(md.ttl), now) }
+
+func (md *memModel) release(key string) {
+	s := md.shards[md.shard(key)]
+	if e, ok := s[key]; ok && !e.committed {
+		delete(s, key)
+	}
+}
+
+// memOp is one step of a model run: op selects the call, arg the key (or
+// the time that passes).
+type memOp struct {
+	op  uint8
+	arg uint32
+}
+
+const memOps = 8
+
+// runMemModel applies ops to a fresh store of the given size and to the
+// model, failing at the first outcome, Len or Evictions that differ, and
+// checking the store's internal structure every check steps and at the end.
+// Handles are kept per key and used both rightly and wrongly (another key's,
+// possibly stale): CommitHandle must always act exactly like Commit.
+func runMemModel(t *testing.T, size int, ops []memOp, check int) {
+	t.Helper()
+	ctx := context.Background()
+	clock := newFakeClock()
+	const ttl, rttl = 10 * time.Second, 3 * time.Second
+	m := NewMemory(MemoryConfig{Size: size, TTL: ttl, ReserveTTL: rttl, Now: clock.Now})
+	defer m.Close(ctx)
+	md := newMemModel(m, size, ttl, rttl)
+	handles := map[string]Handle{}
+	var last Handle // most recent handle of any key
+	for n, o := range ops {
+		key := "k" + strconv.FormatUint(uint64(o.arg), 10)
+		now := clock.Now()
+		switch o.op % memOps {
+		case 0:
+			want := md.reserve(key, now)
+			if got, err := m.Reserve(ctx, key); err != nil || got != want {
+				t.Fatalf("op %d: Reserve(%s) = %v, %v; model says %v", n, key, got, err, want)
+			}
+		case 1:
+			want := md.reserve(key, now)
+			got, h, err := m.ReserveHandle(ctx, key)
+			if err != nil || got != want {
+				t.Fatalf("op %d: ReserveHandle(%s) = %v, %v; model says %v", n, key, got, err, want)
+			}
+			handles[key], last = h, h
+		case 2:
+			md.commit(key, now)
+			must(t, m.Commit(ctx, key))
+		case 3:
+			md.commit(key, now)
+			must(t, m.CommitHandle(ctx, key, handles[key]))
+		case 4: // someone else's handle, or a stale one of the same slot
+			md.commit(key, now)
+			must(t, m.CommitHandle(ctx, key, last))
+		case 5:
+			md.release(key)
+			must(t, m.Release(ctx, key))
+		case 6:
+			clock.Advance(time.Duration(o.arg%64) * 100 * time.Millisecond)
+		case 7:
+			clock.Advance(time.Duration(o.arg%4) * time.Second)
+		}
+		// The key's shard holds what the model's does (cheaper than Len
+		// after every step: one lock, not 64).
+		si := m.shardIndex(key)
+		s := &m.shards[si]
+		s.mu.Lock()
+		got := s.index.n
+		s.mu.Unlock()
+		if want := len(md.shards[si]); got != want {
+			t.Fatalf("op %d: shard %d holds %d keys, model %d", n, si, got, want)
+		}
+		if got, want := m.Evictions(), md.evictions; got != want {
+			t.Fatalf("op %d: Evictions = %d, model says %d", n, got, want)
+		}
+		if check > 0 && n%check == 0 {
+			checkInvariants(t, m)
+		}
+	}
+	if got, want := m.Len(), md.len(); got != want {
+		t.Fatalf("Len = %d, model has %d", got, want)
+	}
+	checkInvariants(t, m)
+}
+
+// TestMemoryModel checks long random operation sequences against the
+// model: small stores where every shard evicts all the time, and a large
+// one whose indexes grow several times over.
+func TestMemoryModel(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		size, keys int
+		ops, check int
+	}{
+		{"tiny", memShards, 4 * memShards, 100_000, 1000},
+		{"small", 8 * memShards, 20 * memShards, 200_000, 5000},
+		{"growing", 3 * memShards * memPresize, 4 * memShards * memPresize, 300_000, 100_000},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(tc.size), uint64(tc.ops)))
+			ops := make([]memOp, tc.ops)
+			for i := range ops {
+				// Mostly reserves and commits, as in the bridge; fewer
+				// releases and clock steps.
+				op := uint8(rng.IntN(memOps + 4))
+				if op >= memOps {
+					op -= memOps // 0..3 twice as often
+				}
+				ops[i] = memOp{op: op, arg: uint32(rng.IntN(tc.keys))}
+			}
+			runMemModel(t, tc.size, ops, tc.check)
+		})
+	}
+}
+
+// FuzzMemoryModel runs operation sequences from the fuzzer against the
+// model. The first byte picks the size (1 to 4 keys per shard), each
+// following pair an operation and its key (one of 256: several per shard,
+// so shards evict).
+func FuzzMemoryModel(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 1, 0, 2, 0, 3, 0, 0, 0, 4, 9, 0, 0})
+	f.Add([]byte{1, 0, 1, 4, 20, 0, 1, 1, 1, 2, 1, 0, 1, 4, 255, 0, 1})
+	f.Add([]byte{3, 1, 7, 3, 7, 5, 7, 1, 7, 4, 9, 6, 40, 0, 7, 2, 7})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if len(b) == 0 {
+			return
+		}
+		size := (1 + int(b[0]%4)) * memShards
+		var ops []memOp
+		for b = b[1:]; len(b) >= 2; b = b[2:] {
+			ops = append(ops, memOp{op: b[0], arg: uint32(b[1])})
+		}
+		runMemModel(t, size, ops, 0)
 	})
 }
 
@@ -332,4 +510,86 @@ func TestMemoryCommitHandle(t *testing.T) {
 	if o, _ := m.Reserve(ctx, "z"); o != Duplicate {
 		t.Fatalf("z = %v", o)
 	}
+}
+
+// BenchmarkMemoryBridge models the bridge's use of the store: every message
+// reserves a key never seen before, and commits it through its handle once
+// the sink confirmed, here memBenchLag operations later (about the
+// pipeline's in-flight window), so the entry has gone cold by then.
+// "fill" starts empty with the default Size and never evicts (a replica's
+// first TTL window); "steady" runs past a smaller Size, so each insert also
+// evicts the least recently used key. Two goroutines, like a busy bridge.
+func BenchmarkMemoryBridge(b *testing.B) {
+	b.Run("fill", func(b *testing.B) {
+		keys := benchKeys("fill:", b.N)
+		benchBridge(b, NewMemory(MemoryConfig{}), func(n int) string { return keys[n] })
+	})
+	b.Run("steady", func(b *testing.B) {
+		const size = 1 << 18
+		m := NewMemory(MemoryConfig{Size: size})
+		// A ring four times the size: a key is long evicted when it comes
+		// round again, so every Reserve is a miss, as with fresh keys.
+		keys := benchKeys("steady:", 4*size)
+		for i := range 2 * size { // warm-up: slab full, evicting
+			k := keys[2*size+i]
+			_, _ = m.Reserve(context.Background(), k)
+			_ = m.Commit(context.Background(), k)
+		}
+		benchBridge(b, m, func(n int) string { return keys[n%len(keys)] })
+	})
+}
+
+// memBenchLag is how many operations pass between a key's Reserve and its
+// Commit in BenchmarkMemoryBridge.
+const memBenchLag = 4000
+
+func benchKeys(prefix string, n int) []string {
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = prefix + strconv.Itoa(i)
+	}
+	return keys
+}
+
+func benchBridge(b *testing.B, m *Memory, key func(n int) string) {
+	ctx := context.Background()
+	defer m.Close(ctx)
+	const workers = 2
+	type pending struct {
+		key string
+		h   Handle
+	}
+	var seq atomic.Int64
+	var wg sync.WaitGroup
+	b.ReportAllocs()
+	cpu := startCPU(b)
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ring := make([]pending, memBenchLag/workers)
+			for j := 0; ; j++ {
+				n := int(seq.Add(1)) - 1
+				if n >= b.N {
+					break
+				}
+				p := &ring[j%len(ring)]
+				if p.key != "" {
+					if err := m.CommitHandle(ctx, p.key, p.h); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+				k := key(n)
+				o, h, err := m.ReserveHandle(ctx, k)
+				if err != nil || o != Reserved {
+					b.Errorf("ReserveHandle(%q) = %v, %v", k, o, err)
+					return
+				}
+				*p = pending{k, h}
+			}
+		}()
+	}
+	wg.Wait()
+	cpu.stop()
 }
