@@ -111,8 +111,11 @@
 // # Connections
 //
 // Connect never gives up reconnecting (backoff 100ms doubling to 5s, with
-// jitter), keeps a reconnect buffer for publishes and acks issued while the
-// link is down, pings every 10s so that a dead link is noticed within about
+// jitter), keeps a reconnect buffer for acks and the dedupe store's requests
+// issued while the link is down (the Sink does not use it: a publish made
+// while the link is down fails at once and the bridge retries it, so no
+// stale copy is sent when the link returns, possibly after the message was
+// published again or its shard moved), pings every 10s so that a dead link is noticed within about
 // 30s, and logs one line per state change while reporting it through
 // BrokerConfig.OnStateChange. Publishes whose acks were outstanding when
 // the link dropped fail with a disconnect error and are retried by the

@@ -38,14 +38,22 @@ import (
 // The phase and generation share one atomic word, so the ack path claims a
 // slot with a compare-and-swap and takes the mutex only to free it.
 type publisher struct {
-	name       string
-	nc         *nats.Conn
-	prefix     string // unique inbox + "."; the reply token follows it
-	sub        *nats.Subscription
-	status     chan nats.Status // RECONNECTING and CLOSED events of nc
-	closing    <-chan struct{}  // the Sink's: closed when Close starts
-	ackTimeout time.Duration    // <= 0: none
-	expiry     int64            // sweep ticks after which a pending publish has exceeded ackTimeout
+	name   string
+	nc     *nats.Conn
+	prefix string // unique inbox + "."; the reply token follows it
+	sub    *nats.Subscription
+	status chan nats.Status // RECONNECTING, CLOSED and CONNECTED events of nc
+	// down is set while nc is not connected (from status events): a
+	// publish then fails at once instead of waiting in the client's
+	// reconnect buffer. A buffered copy would be sent whenever the link
+	// comes back, possibly minutes later, after the bridge (or another
+	// replica, once AckWait redelivered the source message) has published
+	// the message again, and after the target's duplicate window or a
+	// change of the message's cell.
+	down       atomic.Bool
+	closing    <-chan struct{} // the Sink's: closed when Close starts
+	ackTimeout time.Duration   // <= 0: none
+	expiry     int64           // sweep ticks after which a pending publish has exceeded ackTimeout
 	sweepEvery time.Duration
 
 	slots []slot // fixed; indexed by the reply token
@@ -142,9 +150,25 @@ func newPublisher(name string, nc *nats.Conn, maxPending int, ackTimeout time.Du
 		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("natsjs: sink: broker %q: ack subscription: %w", name, err)
 	}
-	p.status = nc.StatusChanged(nats.RECONNECTING, nats.CLOSED)
+	p.status = nc.StatusChanged(nats.RECONNECTING, nats.CLOSED, nats.CONNECTED)
 	go p.run()
 	return p, nil
+}
+
+// errLinkDown fails a publish made while the connection is down; it is not
+// handed to the client, so no copy of it can arrive later.
+var errLinkDown = fmt.Errorf("connection down, not sent: %w", nats.ErrDisconnected)
+
+// linkBack reports whether the connection is up again although down is
+// still set, and clears down then. The status listener drops events when its
+// buffer is full, so a lost CONNECTED must not keep the sink failing
+// publishes: each publish while down asks the connection itself.
+func (p *publisher) linkBack() bool {
+	if !p.nc.IsConnected() {
+		return false
+	}
+	p.down.Store(false)
+	return true
 }
 
 // publish implements PublishAsync for this broker (see Sink.PublishAsync).
@@ -156,9 +180,13 @@ func (p *publisher) publish(ctx context.Context, m *bridge.Outgoing, done func(e
 		return
 	}
 	setMsgID(m, m.MsgID)
-	var buf [64]byte
-	reply := string(p.appendReply(buf[:0], i, gen))
-	err = p.nc.PublishMsg(&nats.Msg{Subject: subject, Reply: reply, Header: nats.Header(m.Header), Data: m.Body})
+	if p.down.Load() && !p.linkBack() {
+		err = errLinkDown
+	} else {
+		var buf [64]byte
+		reply := string(p.appendReply(buf[:0], i, gen))
+		err = p.nc.PublishMsg(&nats.Msg{Subject: subject, Reply: reply, Header: nats.Header(m.Header), Data: m.Body})
+	}
 	sl := &p.slots[i]
 	if err == nil {
 		if sl.word.CompareAndSwap(word(gen, phSending), word(gen, phPending)) {
@@ -349,6 +377,11 @@ func (p *publisher) run() {
 				status = nil
 				continue
 			}
+			if st == nats.CONNECTED {
+				p.down.Store(false)
+				continue
+			}
+			p.down.Store(true)
 			cause := nats.ErrDisconnected
 			if st == nats.CLOSED {
 				cause = nats.ErrConnectionClosed

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -648,5 +650,49 @@ func TestSinkCloseExpiredContextNothingPending(t *testing.T) {
 		if err := sink.Close(ctx); err != nil {
 			t.Fatalf("round %d: Close with nothing pending: %v", i, err)
 		}
+	}
+}
+
+// A publish made while the connection is down fails at once and is not left
+// in the client's reconnect buffer: no copy of it reaches the stream when the
+// server is back (by then the bridge, or another replica, may have published
+// it again, past the duplicate window or into another cell). Publishing works
+// again after the reconnect.
+func TestSinkDoesNotBufferWhileDisconnected(t *testing.T) {
+	srv := natstest.Start(t)
+	port := srv.Addr().(*net.TCPAddr).Port
+	nc, js := srv.Connect(t, nats.MaxReconnects(-1), nats.ReconnectWait(20*time.Millisecond))
+	createStream(t, js, "CELL_RZ00", "cell.rz00.>")
+	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{})
+	if err := bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "before", "x")); err != nil {
+		t.Fatal(err)
+	}
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	p := sink.brokers["nats"]
+	eventually(t, 10*time.Second, "sink sees the link down", p.down.Load)
+	err := bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "during", "x"))
+	if !errors.Is(err, nats.ErrDisconnected) {
+		t.Fatalf("publish while down: err = %v, want nats.ErrDisconnected", err)
+	}
+	natstest.StartDir(t, srv.StoreDir, func(o *server.Options) { o.Port = port })
+	eventually(t, 10*time.Second, "reconnected", nc.IsConnected)
+	eventually(t, 10*time.Second, "publish after the reconnect", func() bool {
+		return bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "after", "x")) == nil
+	})
+	st, err := js.Stream(testCtx(t), "CELL_RZ00")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for seq := uint64(1); seq <= 3; seq++ {
+		m, err := st.GetMsg(testCtx(t), seq)
+		if err != nil {
+			break
+		}
+		seen[m.Header.Get(jetstream.MsgIDHeader)] = true
+	}
+	if !seen["before"] || !seen["after"] || seen["during"] {
+		t.Fatalf("stream holds %v, want before and after, not during", seen)
 	}
 }
