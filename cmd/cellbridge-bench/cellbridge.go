@@ -42,7 +42,7 @@ func (s *faultSink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done f
 // sink sized by maxInFlight, source consumer with MaxAckPending =
 // maxInFlight+maxHeld+fetchBatch, live metrics registry and health), on the
 // rules in bench/rules. Tuning (-tune B:... or C:...): inflight=N, fetch=N,
-// workers=N, acktimeout=-1 (no ack timeout on the JetStream context).
+// workers=N, lanes=N, acktimeout=-1 (no ack timeout on the JetStream context).
 func runCellbridge(ctx context.Context, e *env) error {
 	kv := e.spec.Variant == "C" || e.spec.Variant == "C-fault"
 	log := slog.New(slog.DiscardHandler)
@@ -61,6 +61,7 @@ func runCellbridge(ctx context.Context, e *env) error {
 		MaxInFlight: e.tuneInt("inflight", 0),
 		FetchBatch:  e.tuneInt("fetch", 0),
 		Workers:     e.tuneInt("workers", 0),
+		Lanes:       e.tuneInt("lanes", 0),
 	}.WithDefaults()
 
 	nc, err := natsjs.Connect(ctx, natsjs.BrokerConfig{Name: "nats", URL: e.url}, log)
