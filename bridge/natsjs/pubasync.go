@@ -136,8 +136,11 @@ func newPublisher(name string, nc *nats.Conn, maxPending int, ackTimeout time.Du
 		// timeout fires while a sweep stays a rare scan of the table.
 		p.sweepEvery = min(max(ackTimeout/4, min(100*time.Millisecond, ackTimeout)), time.Second)
 		// A slot taken during tick t was sent no earlier than the start of
-		// tick t, so expiry ticks later at least ackTimeout has passed.
-		p.expiry = int64((ackTimeout+p.sweepEvery-1)/p.sweepEvery) + 1
+		// tick t, so expiry ticks later at least ackTimeout has passed; one
+		// tick more because a ticker keeps one tick while the sweep
+		// goroutine is busy and delivers it late, so two ticks can be
+		// counted within one period.
+		p.expiry = int64((ackTimeout+p.sweepEvery-1)/p.sweepEvery) + 2
 	}
 	sub, err := nc.Subscribe(p.prefix+"*", p.onAck)
 	if err != nil {

@@ -61,7 +61,7 @@ type SinkConfig struct {
 	// a repeat). Without it a lost ack would hold its message, and a pending
 	// slot, forever. One goroutine per broker sweeps the slot table every
 	// AckTimeout/4 (within 100ms..1s, never more than AckTimeout), so the
-	// failure comes between AckTimeout and AckTimeout plus two sweeps, and no
+	// failure comes between AckTimeout and AckTimeout plus three sweeps, and no
 	// timer is armed per publish. Default 30s; negative turns it off.
 	AckTimeout time.Duration
 }
