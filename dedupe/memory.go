@@ -228,7 +228,10 @@ func (m *Memory) CommitHandle(ctx context.Context, key string, h Handle) error {
 		return ErrClosed
 	}
 	if int(h.idx) < len(s.slab) {
-		if e := &s.slab[h.idx]; e.gen == h.gen && s.keys[h.idx] == key {
+		// A free slot (state 0) is never the key's, even when its
+		// generation has wrapped round to h's and key is "", which is
+		// what a free slot's key reads as.
+		if e := &s.slab[h.idx]; e.gen == h.gen && e.state != 0 && s.keys[h.idx] == key {
 			e.state = stateCommitted
 			e.expires = now + m.ttl
 			s.moveToFront(h.idx)

@@ -593,3 +593,78 @@ func benchBridge(b *testing.B, m *Memory, key func(n int) string) {
 	wg.Wait()
 	cpu.stop()
 }
+
+// A Handle whose slot was freed by Release is never applied to the free
+// slot, even when the slot's generation has come round to the handle's
+// again (2^32 reuses, set directly here) and the key is "" (what a free
+// slot's key reads as): the commit must land on the key's own entry, and the
+// free slot must stay off the LRU list.
+func TestMemoryCommitHandleFreeSlot(t *testing.T) {
+	ctx := context.Background()
+	m := NewMemory(MemoryConfig{Size: 2 * memShards})
+	o, h, err := m.ReserveHandle(ctx, "")
+	if err != nil || o != Reserved {
+		t.Fatalf("reserve \"\" = %v, %v", o, err)
+	}
+	must(t, m.Release(ctx, ""))
+	s := &m.shards[h.shard]
+	s.mu.Lock()
+	s.slab[h.idx].gen = h.gen // the generation wrapped round to the handle's
+	s.mu.Unlock()
+	must(t, m.CommitHandle(ctx, "", h))
+	mustReserve(t, m, "", Duplicate)
+	checkInvariants(t, m)
+}
+
+// collidingKeys returns two different keys of one shard of m with the same
+// fingerprint (a birthday search over one shard's 32-bit fingerprints:
+// about 2^16 keys of that shard, 2^22 hashes).
+func collidingKeys(m *Memory) (string, string) {
+	seen := map[uint32]string{}
+	for i := 0; ; i++ {
+		k := "c" + strconv.Itoa(i)
+		if si, fp := m.hash(k); si == 0 {
+			if o, ok := seen[fp]; ok {
+				return o, k
+			}
+			seen[fp] = k
+		}
+	}
+}
+
+// Two keys with one fingerprint in one shard are two entries: each is
+// found by its full key, committing or releasing one leaves the other as it
+// was, and evicting one keeps the other reachable.
+func TestMemoryFingerprintCollision(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	m := NewMemory(MemoryConfig{Size: 2 * memShards, TTL: time.Hour, ReserveTTL: time.Hour, Now: clock.Now})
+	a, b := collidingKeys(m)
+	mustReserve(t, m, a, Reserved)
+	mustReserve(t, m, b, Reserved) // not InFlight: a's entry is not b's
+	must(t, m.Commit(ctx, a))
+	mustReserve(t, m, b, InFlight) // not Duplicate: a's commit is not b's
+	must(t, m.Release(ctx, b))
+	mustReserve(t, m, a, Duplicate)
+	mustReserve(t, m, b, Reserved)
+	must(t, m.Release(ctx, a)) // a commit: no-op
+	mustReserve(t, m, a, Duplicate)
+	checkInvariants(t, m)
+
+	// Shard 0 holds two keys: a third evicts the least recently used (b,
+	// reserved before a was last touched), and a stays found behind it.
+	c := ""
+	for i := 0; c == ""; i++ {
+		if k := "d" + strconv.Itoa(i); m.shardIndex(k) == 0 {
+			c = k
+		}
+	}
+	must(t, m.Commit(ctx, c))
+	mustReserve(t, m, a, Duplicate)
+	mustReserve(t, m, b, Reserved) // evicted, so reserved anew (evicting c)
+	mustReserve(t, m, a, Duplicate)
+	if got := m.Evictions(); got != 2 {
+		t.Fatalf("Evictions = %d, want 2", got)
+	}
+	checkInvariants(t, m)
+}
