@@ -150,7 +150,7 @@ var configDefaults = []defaultEntry{
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this"},
 	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
 	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (the NATS consumer's MaxAckPending is maxInFlight+maxHeld+fetchBatch)"},
-	{"pipeline.lanes", "", "ordering lanes: 4 x maxInFlight (one key always uses one lane; one message per lane between publish and confirm)"},
+	{"pipeline.lanes", "", "ordering lanes: maxInFlight/4, at least 1 (one key always uses one lane; one message per key between publish and confirm; keys sharing a lane do not wait for each other)"},
 	{"pipeline.workers", "", "goroutines that reserve/commit/ack: GOMAXPROCS with the memory store, 256 with jetstream (each KV round trip holds one)"},
 	{"pipeline.fetchBatch", "1024", "messages requested ahead from the source (pull batch)"},
 	{"pipeline.holdDelay", "5s", "redelivery delay of held messages that could not be parked"},
