@@ -485,7 +485,7 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 			notes = append(notes, n)
 		}
 	}
-	seen := make([]uint8, e.spec.N)
+	tl := newTally(e.table, res, e.spec.N)
 	var latDump *os.File
 	if p := os.Getenv("BENCH_LATDUMP"); p != "" && e.spec.Rate > 0 {
 		latDump, _ = os.Create(fmt.Sprintf("%s-%s-%.0f", p, e.spec.Variant, e.spec.Rate))
@@ -520,17 +520,9 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 				it.Stop()
 				return fmt.Errorf("verify %s: %w", c, err)
 			}
-			res.Delivered++
-			order, user, ok := parseEvent(m.Data())
-			if !ok || order < 0 || order >= e.spec.N {
-				res.Misrouted++
+			order, ok := tl.add(c, m.Data())
+			if !ok {
 				continue
-			}
-			if sh, ok := shardOf(user); !ok || e.table.byShard[sh] != c {
-				res.Misrouted++
-			}
-			if seen[order] < 255 {
-				seen[order]++
 			}
 			if e.spec.Rate > 0 {
 				if v := m.Headers().Get(pubTimeHdr); v != "" {
@@ -547,27 +539,7 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 		}
 		it.Stop()
 	}
-	dups := 0
-	for _, s := range seen {
-		if s > 0 {
-			res.Unique++
-		}
-		if s > 1 {
-			dups += int(s) - 1
-		}
-	}
-	if res.Delivered != e.spec.N {
-		notes = append(notes, fmt.Sprintf("cell streams hold %d, want %d", res.Delivered, e.spec.N))
-	}
-	if dups > 0 {
-		notes = append(notes, fmt.Sprintf("%d duplicates", dups))
-	}
-	if res.Unique != e.spec.N {
-		notes = append(notes, fmt.Sprintf("%d orders missing", e.spec.N-res.Unique))
-	}
-	if res.Misrouted > 0 {
-		notes = append(notes, fmt.Sprintf("%d in the wrong cell", res.Misrouted))
-	}
+	notes = append(notes, tl.notes("cell streams")...)
 	res.Verified = len(notes) == 0
 	res.VerifyNote = strings.Join(notes, "; ")
 	if len(lat) > 0 {

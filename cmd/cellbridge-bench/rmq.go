@@ -115,42 +115,13 @@ func runRMQChild(spec childSpec) (*childResult, error) {
 		CPUus: float64(cpu1-cpu0) / 1e3 / float64(max(n, 1))}
 	res.MsgsPerS = float64(n) / res.Seconds
 	// Verify: every order exactly once, each in its cell's topic.
-	seen := make([]uint8, spec.N)
+	tl := newTally(table, res, spec.N)
 	for _, c := range table.cells {
 		for _, m := range b.Messages(rmqCellTopic(c)) {
-			res.Delivered++
-			order, user, ok := parseEvent(m.Body)
-			if !ok || order < 0 || order >= spec.N {
-				res.Misrouted++
-				continue
-			}
-			if sh, ok := shardOf(user); !ok || table.byShard[sh] != c {
-				res.Misrouted++
-			}
-			if seen[order] < 255 {
-				seen[order]++
-			}
+			tl.add(c, m.Body)
 		}
 	}
-	dups := 0
-	for _, s := range seen {
-		if s > 0 {
-			res.Unique++
-		}
-		if s > 1 {
-			dups += int(s) - 1
-		}
-	}
-	var notes []string
-	if res.Delivered != spec.N {
-		notes = append(notes, fmt.Sprintf("cell topics hold %d, want %d", res.Delivered, spec.N))
-	}
-	if dups > 0 {
-		notes = append(notes, fmt.Sprintf("%d duplicates", dups))
-	}
-	if res.Misrouted > 0 {
-		notes = append(notes, fmt.Sprintf("%d in the wrong cell", res.Misrouted))
-	}
+	notes := tl.notes("cell topics")
 	res.Verified = len(notes) == 0
 	res.VerifyNote = strings.Join(notes, "; ")
 	return res, nil
