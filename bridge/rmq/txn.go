@@ -108,17 +108,27 @@ func slotOf(props map[string]string) (int, bool) {
 	return n, err == nil && n >= 0 && n < maxTxSlots
 }
 
+// txKeys reads a half message's store key and attempt slot from its
+// properties; ok is false for a message the bridge did not send (no Keys,
+// no valid slot), which is rolled back.
+func txKeys(props map[string]string) (key string, slot int, ok bool) {
+	keys := props[primitive.PropertyKeys]
+	slot, ok = slotOf(props)
+	if keys == "" || !ok {
+		return "", 0, false
+	}
+	return storeKeyOf(keys, props), slot, true
+}
+
 // ExecuteLocalTransaction runs right after the half message was stored:
 // committing decided(slot) is the decision.
 func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
-	keys := m.GetProperty(primitive.PropertyKeys)
-	slot, ok := slotOf(m.GetProperties())
-	if keys == "" || !ok {
+	key, slot, ok := txKeys(m.GetProperties())
+	if !ok {
 		return primitive.RollbackMessageState
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
 	defer cancel()
-	key := storeKeyOf(keys, m.GetProperties())
 	if err := l.store.Commit(ctx, decidedKey(key, slot)); err != nil {
 		l.log.Warn("transactional send: dedupe commit failed; rolling back", "err", err)
 		return primitive.RollbackMessageState
@@ -140,14 +150,12 @@ func (l *txListener) CheckLocalTransaction(m *primitive.MessageExt) primitive.Lo
 }
 
 func (l *txListener) check(m *primitive.MessageExt) primitive.LocalTransactionState {
-	keys := m.GetProperty(primitive.PropertyKeys)
-	slot, ok := slotOf(m.GetProperties())
-	if keys == "" || !ok {
+	key, slot, ok := txKeys(m.GetProperties())
+	if !ok {
 		return primitive.RollbackMessageState
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
 	defer cancel()
-	key := storeKeyOf(keys, m.GetProperties())
 	dk := decidedKey(key, slot)
 	o, err := l.store.Reserve(ctx, dk)
 	switch {
