@@ -92,6 +92,32 @@ type expectation struct {
 // to its expectation.
 type published map[string]expectation
 
+// onceEach checks that every expected idempotency key arrived (byID counts
+// arrivals per key) and that no key and no event id (byEvent) arrived twice;
+// each finding goes to problem, a repeated key described by dupKey. It
+// returns the number of repeated keys, repeated events and missing keys.
+func (exp published) onceEach(byID, byEvent map[string]int, problem func(string, ...any), dupKey func(id string, n int) string) (dupID, dupEvent, missing int) {
+	for id, n := range byID {
+		if n > 1 {
+			dupID++
+			problem("%s", dupKey(id, n))
+		}
+	}
+	for id, n := range byEvent {
+		if n > 1 {
+			dupEvent++
+			problem("event %s arrived %d times", id, n)
+		}
+	}
+	for id, e := range exp {
+		if byID[id] == 0 {
+			missing++
+			problem("missing: %s (event %s, cell %q)", id, e.EventID, e.Cell)
+		}
+	}
+	return dupID, dupEvent, missing
+}
+
 func (p published) counts() (forwarded, dlq int) {
 	for _, e := range p {
 		if e.Cell == "" {
@@ -348,25 +374,9 @@ func verifyExactlyOnce(t testing.TB, js jetstream.JetStream, table *router.Table
 		v.DLQByReason[strings.SplitN(m.Headers().Get(bridge.HeaderError), ":", 2)[0]]++
 		check(natsjs.DLQStream, "", m)
 	}
-	dupID, dupEvent, missing := 0, 0, 0
-	for id, n := range byMsgID {
-		if n > 1 {
-			dupID++
-			problem("%s %s arrived %d times", bridge.HeaderMsgID, id, n)
-		}
-	}
-	for id, n := range byEventID {
-		if n > 1 {
-			dupEvent++
-			problem("event %s arrived %d times", id, n)
-		}
-	}
-	for id, e := range exp {
-		if byMsgID[id] == 0 {
-			missing++
-			problem("missing: %s (event %s, cell %q)", id, e.EventID, e.Cell)
-		}
-	}
+	dupID, dupEvent, missing := exp.onceEach(byMsgID, byEventID, problem, func(id string, n int) string {
+		return fmt.Sprintf("%s %s arrived %d times", bridge.HeaderMsgID, id, n)
+	})
 	if dupID+dupEvent+missing > 0 {
 		problem("summary: %d duplicate msg ids, %d duplicate event ids, %d missing", dupID, dupEvent, missing)
 	}

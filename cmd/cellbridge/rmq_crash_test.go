@@ -364,33 +364,17 @@ func verifyRMQExactlyOnce(t *testing.T, b *rmqtest.Broker, table *router.Table, 
 			check(r.DLQ.Topic, "", m)
 		}
 	}
-	dup, dupEvent, missing := 0, 0, 0
-	for id, n := range byKey {
-		if n > 1 {
-			dup++
-			var copies []string
-			for _, topic := range rmqTargetTopics(table) {
-				for _, m := range b.Messages(topic) {
-					if m.Keys == id {
-						copies = append(copies, fmt.Sprintf("%s q%d@%d uniq=%s", topic, m.QueueID, m.QueueOffset, m.MsgID))
-					}
+	dup, dupEvent, missing := exp.onceEach(byKey, byEvent, problem, func(id string, n int) string {
+		var copies []string
+		for _, topic := range rmqTargetTopics(table) {
+			for _, m := range b.Messages(topic) {
+				if m.Keys == id {
+					copies = append(copies, fmt.Sprintf("%s q%d@%d uniq=%s", topic, m.QueueID, m.QueueOffset, m.MsgID))
 				}
 			}
-			problem("key %s arrived %d times: %s", id, n, strings.Join(copies, "; "))
 		}
-	}
-	for id, n := range byEvent {
-		if n > 1 {
-			dupEvent++
-			problem("event %s arrived %d times", id, n)
-		}
-	}
-	for id, e := range exp {
-		if byKey[id] == 0 {
-			missing++
-			problem("missing: %s (event %s, cell %q)", id, e.EventID, e.Cell)
-		}
-	}
+		return fmt.Sprintf("key %s arrived %d times: %s", id, n, strings.Join(copies, "; "))
+	})
 	fwd, dlq := exp.counts()
 	sum := 0
 	for _, n := range perCell {
