@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/poll"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -285,11 +286,5 @@ func newEnvSinks(t testing.TB, cfg Config, doc string, sinks map[string]*testSin
 // eventually polls cond until it holds or 10s pass.
 func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for: %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
+	poll.Eventually(t, 10*time.Second, what, cond)
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/poll"
 )
 
 func init() {
@@ -108,16 +109,7 @@ func (r *recorder) snapshot() []got {
 }
 
 // waitFor polls cond until it holds or the deadline passes.
-func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+var waitFor = poll.Eventually
 
 // runSource runs src until the returned stop is called; stop also closes
 // src and reports Run's error.

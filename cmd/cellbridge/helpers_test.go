@@ -21,6 +21,7 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/internal/poll"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -49,17 +50,8 @@ func bridgeBinary(t testing.TB) string {
 	return binPath
 }
 
-// eventually polls cond every 10ms until it holds or within passes.
-func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %s: %s", within, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// eventually waits for cond (see poll.Eventually).
+var eventually = poll.Eventually
 
 func testCtx(t testing.TB, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
