@@ -51,7 +51,6 @@ type taskData struct {
 	poison   string     // DLQ reason found by the bridge itself
 	dlq      bool       // being dead-lettered
 	x        *taskExtra // rare-path state, nil on the hot path
-	arrived  int64      // unix ns
 	hops     int
 	attempt  int
 	reserved bool
