@@ -25,6 +25,7 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -39,7 +40,7 @@ import (
 
 // runOptions is everything `run` decided before the app is built.
 type runOptions struct {
-	cfg      *Config
+	cfg      *config.Config
 	table    *router.Table // loaded and cross-checked against cfg
 	rulesDir string
 	dataDir  string // embedded default: JetStream store parent
@@ -107,7 +108,7 @@ func forceOnSecondSignal(log *slog.Logger) {
 }
 
 // stopTimeout covers the drain plus closing everything else.
-func stopTimeout(c *Config) time.Duration { return c.Pipeline.DrainTimeout.D() + 15*time.Second }
+func stopTimeout(c *config.Config) time.Duration { return c.Pipeline.DrainTimeout.D() + 15*time.Second }
 
 // appOptions is the fx graph; tests build it with fxtest.
 func appOptions(o *runOptions) fx.Option {
@@ -204,7 +205,7 @@ const (
 
 // brokerRoles lists, per broker name, the roles the rules and the dedupe
 // store give it. Brokers nothing uses are not connected.
-func brokerRoles(cfg *Config, t *router.Table) map[string][]string {
+func brokerRoles(cfg *config.Config, t *router.Table) map[string][]string {
 	roles := map[string][]string{}
 	add := func(b, role string) {
 		if b != "" && !slices.Contains(roles[b], role) {
@@ -220,7 +221,7 @@ func brokerRoles(cfg *Config, t *router.Table) map[string][]string {
 			add(r.DLQ.Broker, roleSink)
 		}
 	}
-	if cfg.Dedupe.Store == DedupeJetStream {
+	if cfg.Dedupe.Store == config.DedupeJetStream {
 		add(cfg.Dedupe.Broker, roleDedupe)
 	}
 	return roles
@@ -235,7 +236,7 @@ type brokers struct {
 
 func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.Health, log *slog.Logger) *brokers {
 	b := &brokers{roles: brokerRoles(o.cfg, o.table), conns: map[string]*nats.Conn{}, js: map[string]jetstream.JetStream{}}
-	for _, f := range o.cfg.inlineSecrets {
+	for _, f := range o.cfg.InlineSecrets() {
 		log.Warn("secret written in clear in the config file; prefer ${ENV_VAR} or file:/path", "field", f)
 	}
 	for name := range o.cfg.Brokers {
@@ -254,10 +255,10 @@ func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.
 			}()
 			for _, name := range slices.Sorted(maps.Keys(b.roles)) {
 				bc, typ := natsBrokerConfig(o.cfg, name, e.url)
-				if typ == BrokerRocketMQ {
+				if typ == config.BrokerRocketMQ {
 					continue // RocketMQ clients belong to rmqComp (rmq.go)
 				}
-				if typ != BrokerNATS {
+				if typ != config.BrokerNATS {
 					return fmt.Errorf("broker %q: type %s is not supported by this build", name, typ)
 				}
 				roles := b.roles[name]
@@ -302,9 +303,9 @@ func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.
 
 // natsBrokerConfig maps a configured (or the embedded) broker onto the
 // adapter's connection config.
-func natsBrokerConfig(cfg *Config, name, embeddedURL string) (natsjs.BrokerConfig, string) {
+func natsBrokerConfig(cfg *config.Config, name, embeddedURL string) (natsjs.BrokerConfig, string) {
 	if cfg.Embedded() {
-		return natsjs.BrokerConfig{Name: name, URL: embeddedURL}, BrokerNATS
+		return natsjs.BrokerConfig{Name: name, URL: embeddedURL}, config.BrokerNATS
 	}
 	b := cfg.Brokers[name]
 	bc := natsjs.BrokerConfig{Name: name, URL: b.URL, Creds: b.Creds, User: b.User,
@@ -317,7 +318,7 @@ func natsBrokerConfig(cfg *Config, name, embeddedURL string) (natsjs.BrokerConfi
 
 // sinkMaxPending bounds unconfirmed publishes per broker: the pipeline
 // never has more than maxInFlight messages between publish and confirm.
-func sinkMaxPending(c *Config) int { return c.Pipeline.MaxInFlight }
+func sinkMaxPending(c *config.Config) int { return c.Pipeline.MaxInFlight }
 
 // dedupeComp owns the dedupe store.
 type dedupeComp struct{ store dedupe.Store }
@@ -328,9 +329,9 @@ func newDedupe(lc fx.Lifecycle, o *runOptions, b *brokers, health *bridge.Health
 	lc.Append(fx.Hook{
 		OnStart: func(ctx context.Context) error {
 			switch c.Store {
-			case DedupeMemory:
+			case config.DedupeMemory:
 				d.store = dedupe.NewMemory(dedupe.MemoryConfig{Size: c.Size, TTL: c.TTL.D(), ReserveTTL: c.ReserveTTL.D()})
-			case DedupeJetStream:
+			case config.DedupeJetStream:
 				s, err := newKVStore(ctx, b.js[c.Broker], c)
 				if err != nil {
 					return fmt.Errorf("dedupe store (jetstream bucket %s on broker %s): %w", c.Bucket, c.Broker, err)
@@ -455,7 +456,7 @@ func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *route
 	)
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
-			p, err := bridge.New(o.cfg.bridgeConfig(), bridge.Deps{Rules: holder, Dedupe: d.store, Sinks: sinks.lookup,
+			p, err := bridge.New(o.cfg.Pipeline.Bridge(), bridge.Deps{Rules: holder, Dedupe: d.store, Sinks: sinks.lookup,
 				Metrics: m, Health: health, Log: log})
 			if err != nil {
 				return err
@@ -497,26 +498,6 @@ func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *route
 		},
 	})
 	return pc
-}
-
-// bridgeConfig maps the pipeline section onto bridge.Config.
-func (c *Config) bridgeConfig() bridge.Config {
-	p := c.Pipeline
-	return bridge.Config{
-		MaxInFlight:     p.MaxInFlight,
-		Workers:         p.Workers,
-		FetchBatch:      p.FetchBatch,
-		HoldDelay:       p.HoldDelay.D(),
-		MaxHeld:         p.MaxHeld,
-		HeldRecheck:     p.HeldRecheck.D(),
-		Retry:           bridge.RetryConfig{Initial: p.Retry.Initial.D(), Max: p.Retry.Max.D()},
-		MaxMessageBytes: bridge.ByteSize(p.MaxMessageBytes),
-		MaxHops:         p.MaxHops,
-		DrainTimeout:    p.DrainTimeout.D(),
-		ProgressTimeout: p.ProgressTimeout.D(),
-		AckWait:         p.AckWait.D(),
-		Lanes:           p.Lanes,
-	}
 }
 
 // watcherComp reloads the rules on change.
@@ -642,7 +623,7 @@ func newHTTPServer(lc fx.Lifecycle, o *runOptions, log *slog.Logger) *httpServer
 		OnStart: func(context.Context) error {
 			addr := o.cfg.HTTP.Listen
 			l, err := net.Listen("tcp", addr)
-			if err != nil && !o.cfg.set("http.listen") && isAddrInUse(err) {
+			if err != nil && !o.cfg.IsSet("http.listen") && isAddrInUse(err) {
 				// The default port is taken (another bridge, a dev tool):
 				// take any free port rather than failing the demo.
 				l, err = net.Listen("tcp", "127.0.0.1:0")
@@ -674,6 +655,6 @@ func newHTTPServer(lc fx.Lifecycle, o *runOptions, log *slog.Logger) *httpServer
 func isAddrInUse(err error) bool { return errors.Is(err, syscall.EADDRINUSE) }
 
 // newKVStore opens the JetStream KV dedupe store.
-func newKVStore(ctx context.Context, js jetstream.JetStream, c DedupeConfig) (dedupe.Store, error) {
+func newKVStore(ctx context.Context, js jetstream.JetStream, c config.DedupeConfig) (dedupe.Store, error) {
 	return dedupe.NewJetStream(ctx, js, dedupe.KVConfig{Bucket: c.Bucket, TTL: c.TTL.D(), ReserveTTL: c.ReserveTTL.D(), Replicas: c.Replicas})
 }

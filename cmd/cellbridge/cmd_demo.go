@@ -19,6 +19,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -117,7 +118,7 @@ func runDemo(ctx context.Context, o *runOptions, stdout io.Writer) error {
 		return err
 	}
 	defer lf.Close()
-	o.log = newLogger(LogConfig{Level: o.cfg.Log.Level, Format: "text"}, lf)
+	o.log = newLogger(config.LogConfig{Level: o.cfg.Log.Level, Format: "text"}, lf)
 	o.stdout = stdout
 	d := &demo{o: o, out: stdout, term: isTerminal(stdout), expected: map[string]map[string]int{}}
 	o.started = func(ri runInfo) { d.info = ri }

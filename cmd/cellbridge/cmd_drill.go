@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/fx"
 
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/internal/drill"
 )
 
@@ -173,7 +174,7 @@ func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*runOptions, err
 	if src == "" {
 		cfgRules := ""
 		if rf.config != "" {
-			if c, err := LoadConfig(rf.config); err == nil {
+			if c, err := config.Load(rf.config); err == nil {
 				cfgRules = c.Rules
 			}
 		}
@@ -214,7 +215,7 @@ func drillApp(ctx context.Context, o *runOptions, data string, prepare func(runI
 	}
 	defer lf.Close()
 	if o.log == nil {
-		o.log = newLogger(LogConfig{Level: o.cfg.Log.Level, Format: "json"}, lf)
+		o.log = newLogger(config.LogConfig{Level: o.cfg.Log.Level, Format: "json"}, lf)
 	}
 	var info runInfo
 	o.started = func(ri runInfo) { info = ri }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"strings"
 
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -63,7 +64,7 @@ pipeline.drainTimeout, then close connections (exit 0).`,
 				return usageError(stderr, "run", "unexpected arguments: %s", strings.Join(args, " "))
 			}
 			if runCmd.defaults {
-				printDefaults(stdout)
+				config.WriteDefaults(stdout)
 				return exitOK
 			}
 			o, code := prepareRun(runCmd, stderr)
@@ -90,7 +91,7 @@ pipeline.drainTimeout, then close connections (exit 0).`,
 // and returns nil and the exit code.
 func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
 	fail := func(what string, err error) (*runOptions, int) {
-		var ce ConfigErrors
+		var ce config.Errors
 		var re *router.Errors
 		switch {
 		case errors.As(err, &ce), errors.As(err, &re):
@@ -100,17 +101,16 @@ func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
 		}
 		return nil, exitError
 	}
-	cfg := DefaultConfig()
+	cfg := config.Default()
 	if f.config != "" {
-		c, err := LoadConfig(f.config)
+		c, err := config.Load(f.config)
 		if err != nil {
 			return fail("configuration", err)
 		}
 		cfg = c
 	}
 	if f.http != "" {
-		cfg.HTTP.Listen = f.http
-		cfg.pos["http.listen"] = 0 // explicitly chosen: no fallback port
+		cfg.OverrideHTTPListen(f.http) // explicitly chosen: no fallback port
 		if err := cfg.Validate(); err != nil {
 			return fail("-http", err)
 		}
@@ -137,16 +137,3 @@ func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
 }
 
 func indent(s string) string { return "  " + strings.ReplaceAll(s, "\n", "\n  ") }
-
-// printDefaults writes the defaults table as Markdown (for the README).
-func printDefaults(w io.Writer) {
-	fmt.Fprintln(w, "| field | default | meaning |")
-	fmt.Fprintln(w, "|---|---|---|")
-	for _, e := range configDefaults {
-		v := "`" + e.Value + "`"
-		if e.Value == "" {
-			v = "(computed)"
-		}
-		fmt.Fprintf(w, "| `%s` | %s | %s |\n", e.Field, v, strings.ReplaceAll(e.Doc, "|", "\\|"))
-	}
-}

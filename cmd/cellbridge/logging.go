@@ -4,11 +4,13 @@ import (
 	"io"
 	"log/slog"
 	"os"
+
+	"github.com/cellbridge/cellbridge/internal/config"
 )
 
 // newLogger returns the process logger: JSON when format is json, or when it
 // is auto and w is not a terminal (log collectors parse it); text otherwise.
-func newLogger(cfg LogConfig, w io.Writer) *slog.Logger {
+func newLogger(cfg config.LogConfig, w io.Writer) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.Level)) // validated; "" stays info
 	opts := &slog.HandlerOptions{Level: level}

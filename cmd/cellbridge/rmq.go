@@ -11,6 +11,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -65,7 +66,7 @@ func newRMQ(lc fx.Lifecycle, o *runOptions, d *dedupeComp, health *bridge.Health
 func (r *rmqComp) brokerNames() []string {
 	var names []string
 	for name := range r.roles {
-		if b := r.o.cfg.Brokers[name]; b != nil && b.Type == BrokerRocketMQ {
+		if b := r.o.cfg.Brokers[name]; b != nil && b.Type == config.BrokerRocketMQ {
 			names = append(names, name)
 		}
 	}

@@ -1,8 +1,9 @@
-package main
+package config
 
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -14,11 +15,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/router"
 )
 
 // Config is the bridge configuration file of `cellbridge run -config FILE`.
-// It is built by LoadConfig / ParseConfig (strict YAML, environment and file
+// It is built by Load / Parse (strict YAML, environment and file
 // secrets resolved, defaults applied) and is read-only afterwards.
 type Config struct {
 	// Rules is the rule directory; a relative path is relative to the
@@ -258,11 +260,11 @@ func (p Problem) String() string {
 	return b.String()
 }
 
-// ConfigErrors lists every problem of a config file, in file order.
-type ConfigErrors []Problem
+// Errors lists every problem of a config file, in file order.
+type Errors []Problem
 
 // Error prints one problem per line.
-func (e ConfigErrors) Error() string {
+func (e Errors) Error() string {
 	s := make([]string, len(e))
 	for i, p := range e {
 		s[i] = p.String()
@@ -270,9 +272,9 @@ func (e ConfigErrors) Error() string {
 	return strings.Join(s, "\n")
 }
 
-// LoadConfig reads, parses, resolves and validates the config file at path.
-// The error is ConfigErrors (every problem) or an I/O error.
-func LoadConfig(path string) (*Config, error) {
+// Load reads, parses, resolves and validates the config file at path.
+// The error is Errors (every problem) or an I/O error.
+func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
@@ -291,7 +293,7 @@ func LoadConfig(path string) (*Config, error) {
 	// Report the rest of the file's problems too, except those that only
 	// follow from a field that failed to decode (it stayed zero).
 	all := perrs
-	var ve ConfigErrors
+	var ve Errors
 	if errors.As(verr, &ve) {
 		for _, p := range ve {
 			if !coveredBy(p.Field, perrs) {
@@ -305,7 +307,7 @@ func LoadConfig(path string) (*Config, error) {
 
 // coveredBy reports whether field, or a parent or child of it, already has a
 // problem in errs.
-func coveredBy(field string, errs ConfigErrors) bool {
+func coveredBy(field string, errs Errors) bool {
 	for _, p := range errs {
 		if p.Field == field || strings.HasPrefix(field, p.Field+".") || strings.HasPrefix(p.Field, field+".") ||
 			strings.HasPrefix(field, p.Field+"[") {
@@ -315,19 +317,19 @@ func coveredBy(field string, errs ConfigErrors) bool {
 	return false
 }
 
-// DefaultConfig is the built-in configuration (no file): the embedded
+// Default is the built-in configuration (no file): the embedded
 // default with every default applied.
-func DefaultConfig() *Config {
+func Default() *Config {
 	c := &Config{File: "(built-in)", pos: map[string]int{}}
 	c.applyDefaults()
 	return c
 }
 
-// ParseConfig decodes data strictly (unknown fields, wrong types and
+// Parse decodes data strictly (unknown fields, wrong types and
 // duplicate keys are errors), expands ${ENV} references, reads file: secrets
 // and applies defaults. It does not run Validate. file names the source in
 // errors and anchors relative paths.
-func ParseConfig(file string, data []byte) (*Config, error) {
+func Parse(file string, data []byte) (*Config, error) {
 	c, errs := parseConfig(file, data)
 	if len(errs) > 0 {
 		return nil, errs
@@ -356,6 +358,21 @@ func (c *Config) line(path string) int {
 
 // set reports whether the file set path.
 func (c *Config) set(path string) bool { _, ok := c.pos[path]; return ok }
+
+// IsSet reports whether path (a dotted field path such as "http.listen")
+// was chosen explicitly: written in the file or overridden.
+func (c *Config) IsSet(path string) bool { return c.set(path) }
+
+// OverrideHTTPListen sets http.listen as if the file had set it (a
+// command-line flag wins over the file); call Validate afterwards.
+func (c *Config) OverrideHTTPListen(addr string) {
+	c.HTTP.Listen = addr
+	c.pos["http.listen"] = 0
+}
+
+// InlineSecrets lists the secret fields written in clear in the file, so
+// that the bridge can warn about them.
+func (c *Config) InlineSecrets() []string { return c.inlineSecrets }
 
 func (c *Config) resolvePaths() {
 	abs := func(p *string) {
@@ -431,11 +448,11 @@ var (
 	bucketRE     = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 )
 
-// Validate checks every field and returns ConfigErrors listing every
+// Validate checks every field and returns Errors listing every
 // problem, or nil. It reads nothing but the TLS and creds files it checks
 // for readability; rule cross-checks are in CheckRules.
 func (c *Config) Validate() error {
-	var errs ConfigErrors
+	var errs Errors
 	bad := func(field, format string, args ...any) {
 		errs = append(errs, Problem{File: c.File, Line: c.line(field), Field: field, Msg: fmt.Sprintf(format, args...)})
 	}
@@ -720,9 +737,9 @@ func (c *Config) brokerType(name string) (string, bool) {
 // CheckRules cross-checks the rules against the brokers: every broker a rule
 // names as source, target (rendered for every cell when it holds {cell}) or
 // DLQ must exist and be of the rule's kind. Problems are located in the rule
-// files (where the broker is named) and listed all at once as ConfigErrors.
+// files (where the broker is named) and listed all at once as Errors.
 func (c *Config) CheckRules(t *router.Table) error {
-	var errs ConfigErrors
+	var errs Errors
 	known := "brokers: " + strings.Join(c.brokerNames(), ", ")
 	if c.Embedded() {
 		known = "the embedded default has only the broker \"nats\""
@@ -781,4 +798,37 @@ func (c *Config) brokerNames() []string {
 	}
 	sort.Strings(names)
 	return names
+}
+
+// Bridge maps the pipeline section onto bridge.Config.
+func (p PipelineConfig) Bridge() bridge.Config {
+	return bridge.Config{
+		MaxInFlight:     p.MaxInFlight,
+		Workers:         p.Workers,
+		FetchBatch:      p.FetchBatch,
+		HoldDelay:       p.HoldDelay.D(),
+		MaxHeld:         p.MaxHeld,
+		HeldRecheck:     p.HeldRecheck.D(),
+		Retry:           bridge.RetryConfig{Initial: p.Retry.Initial.D(), Max: p.Retry.Max.D()},
+		MaxMessageBytes: bridge.ByteSize(p.MaxMessageBytes),
+		MaxHops:         p.MaxHops,
+		DrainTimeout:    p.DrainTimeout.D(),
+		ProgressTimeout: p.ProgressTimeout.D(),
+		AckWait:         p.AckWait.D(),
+		Lanes:           p.Lanes,
+	}
+}
+
+// WriteDefaults writes the defaults table as Markdown (the README copies
+// it; `cellbridge run -defaults` prints it).
+func WriteDefaults(w io.Writer) {
+	fmt.Fprintln(w, "| field | default | meaning |")
+	fmt.Fprintln(w, "|---|---|---|")
+	for _, e := range configDefaults {
+		v := "`" + e.Value + "`"
+		if e.Value == "" {
+			v = "(computed)"
+		}
+		fmt.Fprintf(w, "| `%s` | %s | %s |\n", e.Field, v, strings.ReplaceAll(e.Doc, "|", "\\|"))
+	}
 }

@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"errors"
@@ -29,7 +29,7 @@ func writeConfig(t *testing.T, dir, body string) string {
 }
 
 func TestConfigDefaults(t *testing.T) {
-	c := DefaultConfig()
+	c := Default()
 	if err := c.Validate(); err != nil {
 		t.Fatalf("built-in config invalid: %v", err)
 	}
@@ -82,7 +82,7 @@ func TestConfigDefaults(t *testing.T) {
 // pipeline's own (bridge.Config.WithDefaults), so that a config file that
 // sets nothing behaves like a pipeline built without one.
 func TestConfigDefaultsMatchBridge(t *testing.T) {
-	got := DefaultConfig().bridgeConfig().WithDefaults()
+	got := Default().Pipeline.Bridge().WithDefaults()
 	want := bridge.Config{}.WithDefaults()
 	if got != want {
 		t.Fatalf("defaults differ from the pipeline's:\n config: %+v\n bridge: %+v", got, want)
@@ -138,7 +138,7 @@ pipeline:
   maxHeld: 50
 log: {level: debug, format: json}
 `)
-	c, err := LoadConfig(p)
+	c, err := Load(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +186,7 @@ func TestConfigDedupeDefaults(t *testing.T) {
 		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", DedupeMemory, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := ParseConfig("c.yaml", []byte(tc.brokers))
+			c, err := Parse("c.yaml", []byte(tc.brokers))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -199,7 +199,7 @@ func TestConfigDedupeDefaults(t *testing.T) {
 
 func TestConfigEmptyFile(t *testing.T) {
 	for _, body := range []string{"", "# nothing\n", "---\n"} {
-		c, err := ParseConfig("c.yaml", []byte(body))
+		c, err := Parse("c.yaml", []byte(body))
 		if err != nil {
 			t.Fatalf("%q: %v", body, err)
 		}
@@ -210,7 +210,7 @@ func TestConfigEmptyFile(t *testing.T) {
 }
 
 // TestConfigErrors checks that each mistake is reported as
-// "file:line: field: message" — parse errors by ParseConfig, the rest by
+// "file:line: field: message" — parse errors by Parse, the rest by
 // Validate.
 func TestConfigErrors(t *testing.T) {
 	t.Setenv("CB_SET", "x")
@@ -299,10 +299,10 @@ func TestConfigErrors(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := writeConfig(t, t.TempDir(), tc.body)
-			_, err := LoadConfig(p)
-			var ce ConfigErrors
+			_, err := Load(p)
+			var ce Errors
 			if !errors.As(err, &ce) {
-				t.Fatalf("want ConfigErrors, got %v", err)
+				t.Fatalf("want Errors, got %v", err)
 			}
 			text := strings.ReplaceAll(err.Error(), p, "config.yaml")
 			lines := strings.Split(text, "\n")
@@ -346,7 +346,7 @@ func TestConfigSecrets(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := writeConfig(t, dir, fmt.Sprintf("rules: rules\nbrokers:\n  nats: {type: nats, url: \"${CB_URL}\", token: %q}\n", tc.value))
-			c, err := LoadConfig(p)
+			c, err := Load(p)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -363,7 +363,7 @@ func TestConfigSecrets(t *testing.T) {
 	}
 	// Numbers may come from the environment although YAML sees a string.
 	t.Setenv("CB_WORKERS", "12")
-	c, err := ParseConfig("c.yaml", []byte("pipeline: {workers: \"${CB_WORKERS}\"}\n"))
+	c, err := Parse("c.yaml", []byte("pipeline: {workers: \"${CB_WORKERS}\"}\n"))
 	if err != nil || c.Pipeline.Workers != 12 {
 		t.Fatalf("workers from env: %v %v", c, err)
 	}
@@ -389,7 +389,7 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add([]byte("pipeline: {maxMessageBytes: 1MiB, retry: {initial: 1s}}\n"))
 	f.Add([]byte("a: &x {b: 1}\nc: *x\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c, err := ParseConfig("f.yaml", data)
+		c, err := Parse("f.yaml", data)
 		if err == nil {
 			_ = c.Validate()
 		}
@@ -465,7 +465,7 @@ func TestConfigCheckRules(t *testing.T) {
 				body += "brokers:\n" + tc.brokers
 			}
 			p := writeConfig(t, t.TempDir(), body)
-			c, err := LoadConfig(p)
+			c, err := Load(p)
 			if err != nil {
 				t.Fatal(err)
 			}

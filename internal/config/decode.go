@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"errors"
@@ -20,7 +20,7 @@ import (
 
 // parseConfig decodes what it can: it returns the config (nil only when
 // data is not YAML at all) and the decoding problems.
-func parseConfig(file string, data []byte) (*Config, ConfigErrors) {
+func parseConfig(file string, data []byte) (*Config, Errors) {
 	c := &Config{File: file, pos: map[string]int{}}
 	d := &decoder{file: file, base: filepath.Dir(file), pos: c.pos}
 	var doc yaml.Node
@@ -31,7 +31,7 @@ func parseConfig(file string, data []byte) (*Config, ConfigErrors) {
 			line, _ = strconv.Atoi(m[1])
 			msg = msg[len(m[0]):]
 		}
-		return nil, ConfigErrors{{File: file, Line: line, Msg: msg}}
+		return nil, Errors{{File: file, Line: line, Msg: msg}}
 	}
 	if len(doc.Content) > 0 {
 		root := doc.Content[0]
@@ -124,7 +124,7 @@ type decoder struct {
 	file   string
 	base   string // directory for relative file: secrets
 	pos    map[string]int
-	errs   ConfigErrors
+	errs   Errors
 	inline []string // secret fields given in clear
 }
 
