@@ -19,6 +19,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -85,8 +86,8 @@ bridge (pipeline, dedupe, http, log) but must not name brokers; for example
 
 // demo is one run of the demo: the publisher and the monitor.
 type demo struct {
-	o     *runOptions
-	info  runInfo
+	o     *app.Options
+	info  app.Info
 	out   io.Writer
 	term  bool
 	js    jetstream.JetStream
@@ -105,47 +106,47 @@ type demo struct {
 
 const dlqRow = "DLQ"
 
-func runDemo(ctx context.Context, o *runOptions, stdout io.Writer) error {
-	if !o.cfg.Embedded() {
+func runDemo(ctx context.Context, o *app.Options, stdout io.Writer) error {
+	if !o.Config.Embedded() {
 		return errors.New("the demo runs the embedded default only")
 	}
-	if err := os.MkdirAll(o.dataDir, 0o755); err != nil {
+	if err := os.MkdirAll(o.DataDir, 0o755); err != nil {
 		return err
 	}
-	logPath := filepath.Join(o.dataDir, "cellbridge.log")
+	logPath := filepath.Join(o.DataDir, "cellbridge.log")
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
 	defer lf.Close()
-	o.log = newLogger(config.LogConfig{Level: o.cfg.Log.Level, Format: "text"}, lf)
-	o.stdout = stdout
-	d := &demo{o: o, out: stdout, term: isTerminal(stdout), expected: map[string]map[string]int{}}
-	o.started = func(ri runInfo) { d.info = ri }
+	o.Log = app.NewLogger(config.LogConfig{Level: o.Config.Log.Level, Format: "text"}, lf)
+	o.Stdout = stdout
+	d := &demo{o: o, out: stdout, term: app.IsTerminal(stdout), expected: map[string]map[string]int{}}
+	o.Started = func(ri app.Info) { d.info = ri }
 
-	app := fx.New(appOptions(o), fx.StartTimeout(startTimeout), fx.StopTimeout(stopTimeout(o.cfg)))
-	sctx, cancel := context.WithTimeout(ctx, startTimeout)
-	err = app.Start(sctx)
+	fa := fx.New(app.Module(o), fx.StartTimeout(app.StartTimeout), fx.StopTimeout(app.StopTimeout(o.Config)))
+	sctx, cancel := context.WithTimeout(ctx, app.StartTimeout)
+	err = fa.Start(sctx)
 	cancel()
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "bridge running (rules %s, version %d); its log: %s\n", o.rulesDir, o.table.Version(), logPath)
+	fmt.Fprintf(stdout, "bridge running (rules %s, version %d); its log: %s\n", o.RulesDir, o.Rules.Version(), logPath)
 	derr := d.run(ctx)
 	if derr == nil && demoFlags.keep {
 		fmt.Fprintln(stdout, "\nThe bridge keeps running: press Ctrl-C to stop it.")
 		select {
 		case <-ctx.Done():
-		case <-app.Wait():
+		case <-fa.Wait():
 		}
 	}
 	if ctx.Err() != nil {
-		forceOnSecondSignal(o.log)
+		app.ForceOnSecondSignal(o.Log)
 	}
 	fmt.Fprintln(stdout, "stopping: draining in-flight messages, closing connections (Ctrl-C again to force) ...")
-	stopCtx, cancel := context.WithTimeout(context.Background(), stopTimeout(o.cfg))
+	stopCtx, cancel := context.WithTimeout(context.Background(), app.StopTimeout(o.Config))
 	defer cancel()
-	if err := app.Stop(stopCtx); err != nil {
+	if err := fa.Stop(stopCtx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	fmt.Fprintln(stdout, "stopped cleanly.")
@@ -167,7 +168,7 @@ func (d *demo) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, c := range d.o.table.Cells() {
+	for _, c := range d.o.Rules.Cells() {
 		d.cells = append(d.cells, c.Name)
 	}
 	if d.baseline, err = d.arrived(ctx); err != nil {
@@ -266,7 +267,7 @@ func (d *demo) publish(ctx context.Context, n, rate int) error {
 			}
 		}
 		ev := gen.next()
-		dec := d.o.table.Route(ev.Topic, &router.Message{Subject: ev.Subject, Header: ev.Header, Body: ev.Body})
+		dec := d.o.Rules.Route(ev.Topic, &router.Message{Subject: ev.Subject, Header: ev.Header, Body: ev.Body})
 		f, err := d.js.PublishMsgAsync(ev.Msg())
 		if err != nil {
 			return fmt.Errorf("publishing sample events: %w", err)
@@ -361,7 +362,7 @@ func (d *demo) draw(counts map[string]map[string]uint64, final bool) uint64 {
 	d.mu.Unlock()
 
 	topics := []string{}
-	for _, r := range d.o.table.Rules() {
+	for _, r := range d.o.Rules.Rules() {
 		topics = append(topics, r.Name)
 	}
 	sort.Strings(topics)
@@ -468,7 +469,7 @@ func (d *demo) printHelp() {
 	d.mu.Lock()
 	ex, dec := d.example, d.exampleD
 	d.mu.Unlock()
-	rules := d.o.rulesDir
+	rules := d.o.RulesDir
 	if wd, err := os.Getwd(); err == nil {
 		if rel, err := filepath.Rel(wd, rules); err == nil && !strings.HasPrefix(rel, "..") {
 			rules = rel

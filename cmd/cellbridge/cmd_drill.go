@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/fx"
 
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/internal/drill"
 )
@@ -147,10 +148,10 @@ func runDrill(ctx context.Context, rf *runFlags, data string, dc drill.Config, s
 	if err != nil {
 		return nil, err
 	}
-	if !o.cfg.Embedded() {
+	if !o.Config.Embedded() {
 		return nil, errors.New("the drill runs the embedded default only: -config must not name brokers")
 	}
-	return drillApp(ctx, o, data, func(info runInfo) (drill.Config, func(), error) {
+	return drillApp(ctx, o, data, func(info app.Info) (drill.Config, func(), error) {
 		nc, err := nats.Connect(info.NATSURL, nats.Name("cellbridge-drill"))
 		if err != nil {
 			return dc, nil, err
@@ -169,7 +170,7 @@ func runDrill(ctx context.Context, rf *runFlags, data string, dc drill.Config, s
 // into a ConfigMap-style directory data/rules, which the bridge then
 // watches, and prepares the bridge as `cellbridge run` does (rf.config may
 // name brokers).
-func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*runOptions, error) {
+func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*app.Options, error) {
 	src := rf.rules
 	if src == "" {
 		cfgRules := ""
@@ -181,7 +182,7 @@ func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*runOptions, err
 		src = cfgRules
 	}
 	if src == "" {
-		d, err := exampleRulesDir()
+		d, err := app.ExampleRulesDir()
 		if err != nil {
 			return nil, err
 		}
@@ -207,29 +208,29 @@ func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*runOptions, err
 // drillApp starts the app of o (logging to data/cellbridge.log), lets
 // prepare fill in the drill's connections from the started bridge, runs the
 // drill, and stops the app. prepare's cleanup runs before the app stops.
-func drillApp(ctx context.Context, o *runOptions, data string, prepare func(runInfo) (drill.Config, func(), error)) (*drill.Report, error) {
+func drillApp(ctx context.Context, o *app.Options, data string, prepare func(app.Info) (drill.Config, func(), error)) (*drill.Report, error) {
 	logPath := filepath.Join(data, "cellbridge.log")
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	defer lf.Close()
-	if o.log == nil {
-		o.log = newLogger(config.LogConfig{Level: o.cfg.Log.Level, Format: "json"}, lf)
+	if o.Log == nil {
+		o.Log = app.NewLogger(config.LogConfig{Level: o.Config.Log.Level, Format: "json"}, lf)
 	}
-	var info runInfo
-	o.started = func(ri runInfo) { info = ri }
-	app := fx.New(appOptions(o), fx.StartTimeout(startTimeout), fx.StopTimeout(stopTimeout(o.cfg)))
-	sctx, cancel := context.WithTimeout(ctx, startTimeout)
-	err = app.Start(sctx)
+	var info app.Info
+	o.Started = func(ri app.Info) { info = ri }
+	fa := fx.New(app.Module(o), fx.StartTimeout(app.StartTimeout), fx.StopTimeout(app.StopTimeout(o.Config)))
+	sctx, cancel := context.WithTimeout(ctx, app.StartTimeout)
+	err = fa.Start(sctx)
 	cancel()
 	if err != nil {
 		return nil, err
 	}
 	stopApp := func() error {
-		stopCtx, cancel := context.WithTimeout(context.Background(), stopTimeout(o.cfg))
+		stopCtx, cancel := context.WithTimeout(context.Background(), app.StopTimeout(o.Config))
 		defer cancel()
-		return app.Stop(stopCtx)
+		return fa.Stop(stopCtx)
 	}
 	dc, cleanup, err := prepare(info)
 	if err != nil {
@@ -237,13 +238,13 @@ func drillApp(ctx context.Context, o *runOptions, data string, prepare func(runI
 		return nil, err
 	}
 	dc.BridgeURL = "http://" + info.HTTPAddr
-	dc.RulesDir = o.rulesDir
+	dc.RulesDir = o.RulesDir
 	pw := dc.Progress
 	if pw == nil {
 		pw = io.Discard
 	}
 	fmt.Fprintf(pw, "bridge running: HTTP %s (cellbridge status -addr %s), rules %s, log %s\n",
-		dc.BridgeURL, dc.BridgeURL, o.rulesDir, logPath)
+		dc.BridgeURL, dc.BridgeURL, o.RulesDir, logPath)
 	rep, derr := drill.Run(ctx, dc)
 	if cleanup != nil {
 		cleanup()

@@ -8,6 +8,7 @@ import (
 	"io"
 	"strings"
 
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -32,7 +33,7 @@ func (f *runFlags) register(fs *flag.FlagSet, withConfig bool) {
 	fs.StringVar(&f.data, "data", "./data", "embedded default: `DIR` for the JetStream store")
 	fs.StringVar(&f.http, "http", "", "HTTP listen `ADDR` (overrides http.listen; default :9090)")
 	fs.StringVar(&f.rules, "rules", "", "rule `DIR` (overrides rules:; embedded default: the example rules deploy/rules)")
-	fs.IntVar(&f.natsPort, "nats-port", defaultNATSPort, "embedded default: preferred NATS client `PORT` (a free one is used when it is taken)")
+	fs.IntVar(&f.natsPort, "nats-port", app.DefaultNATSPort, "embedded default: preferred NATS client `PORT` (a free one is used when it is taken)")
 }
 
 var runCmd = &runFlags{}
@@ -73,11 +74,11 @@ pipeline.drainTimeout, then close connections (exit 0).`,
 			}
 			if runCmd.check {
 				fmt.Fprintf(stdout, "ok: config %s, rules %s version %d (%d topics, %d cells)\n",
-					o.cfg.File, o.table.Dir(), o.table.Version(), len(o.table.Rules()), len(o.table.Cells()))
+					o.Config.File, o.Rules.Dir(), o.Rules.Version(), len(o.Rules.Rules()), len(o.Rules.Cells()))
 				return exitOK
 			}
-			o.stdout = stdout
-			if err := runBridge(ctx, o); err != nil {
+			o.Stdout = stdout
+			if err := app.Run(ctx, o); err != nil {
 				fmt.Fprintf(stderr, "cellbridge run: %v\n", err)
 				return exitError
 			}
@@ -89,8 +90,8 @@ pipeline.drainTimeout, then close connections (exit 0).`,
 // prepareRun loads and cross-checks the configuration and the rules, before
 // anything connects or consumes. On failure it prints every problem to stderr
 // and returns nil and the exit code.
-func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
-	fail := func(what string, err error) (*runOptions, int) {
+func prepareRun(f *runFlags, stderr io.Writer) (*app.Options, int) {
+	fail := func(what string, err error) (*app.Options, int) {
 		var ce config.Errors
 		var re *router.Errors
 		switch {
@@ -120,7 +121,7 @@ func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
 		rules = f.rules
 	}
 	if rules == "" {
-		d, err := exampleRulesDir()
+		d, err := app.ExampleRulesDir()
 		if err != nil {
 			return fail("rules", err)
 		}
@@ -133,7 +134,7 @@ func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
 	if err := cfg.CheckRules(table); err != nil {
 		return fail("configuration for these rules", err)
 	}
-	return &runOptions{cfg: cfg, table: table, rulesDir: rules, dataDir: f.data, natsPort: f.natsPort}, exitOK
+	return &app.Options{Config: cfg, Rules: table, RulesDir: rules, DataDir: f.data, NATSPort: f.natsPort, Version: version}, exitOK
 }
 
 func indent(s string) string { return "  " + strings.ReplaceAll(s, "\n", "\n  ") }

@@ -23,6 +23,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/drill"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -47,7 +48,7 @@ func (s *syncBuffer) String() string {
 
 // inProcess is a bridge started in the test process with fxtest.
 type inProcess struct {
-	info runInfo
+	info app.Info
 	app  *fxtest.App
 	logs *syncBuffer
 	base string // http://host:port
@@ -55,7 +56,7 @@ type inProcess struct {
 
 // startInProcess runs `cellbridge run -config cfgPath` inside the test with
 // fxtest; it stops when the test ends (or earlier, with stop).
-func startInProcess(t *testing.T, cfgPath string, tune func(*runOptions)) *inProcess {
+func startInProcess(t *testing.T, cfgPath string, tune func(*app.Options)) *inProcess {
 	t.Helper()
 	var stderr bytes.Buffer
 	o, code := prepareRun(&runFlags{config: cfgPath, data: t.TempDir(), natsPort: -1}, &stderr)
@@ -63,12 +64,12 @@ func startInProcess(t *testing.T, cfgPath string, tune func(*runOptions)) *inPro
 		t.Fatalf("prepareRun: exit %d\n%s", code, stderr.String())
 	}
 	ip := &inProcess{logs: &syncBuffer{}}
-	o.log = slog.New(slog.NewJSONHandler(ip.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	o.started = func(ri runInfo) { ip.info = ri }
+	o.Log = slog.New(slog.NewJSONHandler(ip.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	o.Started = func(ri app.Info) { ip.info = ri }
 	if tune != nil {
 		tune(o)
 	}
-	ip.app = fxtest.New(t, appOptions(o), fx.StartTimeout(30*time.Second), fx.StopTimeout(30*time.Second))
+	ip.app = fxtest.New(t, app.Module(o), fx.StartTimeout(30*time.Second), fx.StopTimeout(30*time.Second))
 	ip.app.RequireStart()
 	ip.base = "http://" + ip.info.HTTPAddr
 	t.Cleanup(func() {

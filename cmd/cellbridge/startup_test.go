@@ -16,6 +16,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -73,7 +74,7 @@ http: {listen: "127.0.0.1:0"}
 	if o == nil {
 		t.Fatal(stderr.String())
 	}
-	err = runBridge(testCtx(t, 30*time.Second), o)
+	err = app.Run(testCtx(t, 30*time.Second), o)
 	if err == nil || !strings.Contains(err.Error(), `broker "nats"`) || !strings.Contains(err.Error(), "check the broker's creds") {
 		t.Fatalf("wrong password: err = %v", err)
 	}

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"errors"
@@ -14,9 +14,9 @@ import (
 	"github.com/cellbridge/cellbridge/internal/embedded"
 )
 
-// defaultNATSPort is the embedded server's preferred client port, so that the
+// DefaultNATSPort is the embedded server's preferred client port, so that the
 // usual tools (nats CLI) find it without flags.
-const defaultNATSPort = 4222
+const DefaultNATSPort = 4222
 
 // startEmbedded starts the in-process nats-server of the embedded default
 // with its JetStream store under dataDir. port is the preferred client port
@@ -24,7 +24,7 @@ const defaultNATSPort = 4222
 // the URL). -1 asks for a random port. tune may adjust the options (tests).
 func startEmbedded(dataDir string, port int, tune func(*server.Options)) (*server.Server, error) {
 	if port == 0 {
-		port = defaultNATSPort
+		port = DefaultNATSPort
 	}
 	if port > 0 && !portFree("127.0.0.1", port) {
 		port = -1
@@ -52,10 +52,10 @@ func portFree(host string, port int) bool {
 	return true
 }
 
-// exampleRulesDir finds deploy/rules for the embedded default: under the
+// ExampleRulesDir finds deploy/rules for the embedded default: under the
 // working directory, next to the binary (or its parent, for bin/), or in the
 // source tree the binary was built from (go run).
-func exampleRulesDir() (string, error) {
+func ExampleRulesDir() (string, error) {
 	var candidates []string
 	if wd, err := os.Getwd(); err == nil {
 		candidates = append(candidates, wd)

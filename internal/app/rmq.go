@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -20,15 +20,15 @@ import (
 // dedupe store started (a transactional sink commits it); its OnStop runs
 // after the pipeline drained and the sources closed.
 type rmqComp struct {
-	o      *runOptions
+	o      *Options
 	health *bridge.Health
 	log    *slog.Logger
 	roles  map[string][]string
 	sink   *rmq.Sink
 }
 
-func newRMQ(lc fx.Lifecycle, o *runOptions, d *dedupeComp, health *bridge.Health, log *slog.Logger) *rmqComp {
-	r := &rmqComp{o: o, health: health, log: log, roles: brokerRoles(o.cfg, o.table)}
+func newRMQ(lc fx.Lifecycle, o *Options, d *dedupeComp, health *bridge.Health, log *slog.Logger) *rmqComp {
+	r := &rmqComp{o: o, health: health, log: log, roles: brokerRoles(o.Config, o.Rules)}
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
 			var sinkBrokers []rmq.BrokerConfig
@@ -41,7 +41,7 @@ func newRMQ(lc fx.Lifecycle, o *runOptions, d *dedupeComp, health *bridge.Health
 			if len(sinkBrokers) == 0 {
 				return nil
 			}
-			s, err := rmq.NewSink(rmq.SinkConfig{Brokers: sinkBrokers, Dedupe: d.store, MaxPending: sinkMaxPending(o.cfg)},
+			s, err := rmq.NewSink(rmq.SinkConfig{Brokers: sinkBrokers, Dedupe: d.store, MaxPending: sinkMaxPending(o.Config)},
 				log.With("component", "sink"))
 			if err != nil {
 				return err
@@ -66,7 +66,7 @@ func newRMQ(lc fx.Lifecycle, o *runOptions, d *dedupeComp, health *bridge.Health
 func (r *rmqComp) brokerNames() []string {
 	var names []string
 	for name := range r.roles {
-		if b := r.o.cfg.Brokers[name]; b != nil && b.Type == config.BrokerRocketMQ {
+		if b := r.o.Config.Brokers[name]; b != nil && b.Type == config.BrokerRocketMQ {
 			names = append(names, name)
 		}
 	}
@@ -75,7 +75,7 @@ func (r *rmqComp) brokerNames() []string {
 }
 
 func (r *rmqComp) brokerConfig(name string) rmq.BrokerConfig {
-	b := r.o.cfg.Brokers[name]
+	b := r.o.Config.Brokers[name]
 	return rmq.BrokerConfig{Name: name, NameServers: b.Nameservers, AccessKey: b.AccessKey.Value(),
 		SecretKey: b.SecretKey.Value(), Namespace: b.Namespace, InstancePrefix: b.InstancePrefix,
 		Transactional: b.ExactlyOnce == "transactional"}
@@ -101,7 +101,7 @@ func (r *rmqComp) newSource(rule *router.Rule) (bridge.Source, error) {
 		Topic:     rule.Source.Topic,
 		Tags:      rule.Source.Tags,
 		Group:     rule.Source.Group,
-		Redeliver: r.o.cfg.Pipeline.Retry.Initial.D(),
+		Redeliver: r.o.Config.Pipeline.Retry.Initial.D(),
 		Backlog:   func(n int64) { r.health.Backlog(name, n) },
 	}, r.log.With("component", "source"))
 	if err != nil {

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -38,44 +38,46 @@ import (
 // the dedupe store, the connections, and last the embedded server. If a
 // start hook fails, fx stops the components already started.
 
-// runOptions is everything `run` decided before the app is built.
-type runOptions struct {
-	cfg      *config.Config
-	table    *router.Table // loaded and cross-checked against cfg
-	rulesDir string
-	dataDir  string // embedded default: JetStream store parent
-	natsPort int    // embedded default: preferred client port (-1: random)
-	// natsTune adjusts the embedded server's options (tests: TLS, auth).
-	natsTune func(*server.Options)
-	// stdout receives the start-up notices a person needs (URLs); nil
+// Options is everything a command decided before the bridge is built.
+type Options struct {
+	Config   *config.Config
+	Rules    *router.Table // loaded from RulesDir and cross-checked against Config
+	RulesDir string        // watched for changes
+	DataDir  string        // embedded default: JetStream store parent
+	NATSPort int           // embedded default: preferred client port (-1: random)
+	// NATSTune adjusts the embedded server's options (tests: TLS, auth).
+	NATSTune func(*server.Options)
+	// Stdout receives the start-up notices a person needs (URLs); nil
 	// discards them.
-	stdout io.Writer
-	// log is the process logger; nil: built from cfg.Log on stderr.
-	log *slog.Logger
-	// started, when set, is called once the app has started.
-	started func(runInfo)
-	// metricsVersion labels cellbridge_build_info; default the build version.
-	metricsVersion string
+	Stdout io.Writer
+	// Log is the process logger; nil: built from Config.Log on stderr.
+	Log *slog.Logger
+	// Started, when set, is called once the app has started.
+	Started func(Info)
+	// Version labels cellbridge_build_info; "" is "dev".
+	Version string
 }
 
-// runInfo describes a started bridge.
-type runInfo struct {
+// Info describes a started bridge.
+type Info struct {
 	HTTPAddr string // host:port the HTTP server listens on
 	NATSURL  string // the embedded server's client URL ("" with configured brokers)
 	Pipeline *bridge.Pipeline
 	Holder   *router.Holder
 }
 
-const startTimeout = 60 * time.Second
+// StartTimeout bounds the start of the bridge: connecting, creating the
+// dedupe bucket and the consumers.
+const StartTimeout = 60 * time.Second
 
-// runBridge runs the bridge until ctx is cancelled (SIGINT/SIGTERM) or a
+// Run runs the bridge until ctx is cancelled (SIGINT/SIGTERM) or a
 // component fails for good, then stops it gracefully.
-func runBridge(ctx context.Context, o *runOptions) error {
-	app := fx.New(appOptions(o), fx.StartTimeout(startTimeout), fx.StopTimeout(stopTimeout(o.cfg)))
+func Run(ctx context.Context, o *Options) error {
+	app := fx.New(Module(o), fx.StartTimeout(StartTimeout), fx.StopTimeout(StopTimeout(o.Config)))
 	if err := app.Err(); err != nil {
 		return err
 	}
-	sctx, cancel := context.WithTimeout(ctx, startTimeout)
+	sctx, cancel := context.WithTimeout(ctx, StartTimeout)
 	err := app.Start(sctx)
 	cancel()
 	if err != nil {
@@ -84,11 +86,11 @@ func runBridge(ctx context.Context, o *runOptions) error {
 	var code int
 	select {
 	case <-ctx.Done():
-		forceOnSecondSignal(o.log)
+		ForceOnSecondSignal(o.Log)
 	case sig := <-app.Wait():
 		code = sig.ExitCode
 	}
-	stopCtx, cancel := context.WithTimeout(context.Background(), stopTimeout(o.cfg))
+	stopCtx, cancel := context.WithTimeout(context.Background(), StopTimeout(o.Config))
 	defer cancel()
 	if err := app.Stop(stopCtx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
@@ -99,27 +101,27 @@ func runBridge(ctx context.Context, o *runOptions) error {
 	return nil
 }
 
-// forceOnSecondSignal restores the default action of SIGINT and SIGTERM
+// ForceOnSecondSignal restores the default action of SIGINT and SIGTERM
 // once the first one started the graceful stop, so that a second Ctrl-C
 // ends a drain that takes too long.
-func forceOnSecondSignal(log *slog.Logger) {
+func ForceOnSecondSignal(log *slog.Logger) {
 	signal.Reset(os.Interrupt, syscall.SIGTERM)
 	log.Info("stopping: draining in-flight messages (a second SIGINT/SIGTERM exits at once)")
 }
 
-// stopTimeout covers the drain plus closing everything else.
-func stopTimeout(c *config.Config) time.Duration { return c.Pipeline.DrainTimeout.D() + 15*time.Second }
+// StopTimeout covers the drain plus closing everything else.
+func StopTimeout(c *config.Config) time.Duration { return c.Pipeline.DrainTimeout.D() + 15*time.Second }
 
-// appOptions is the fx graph; tests build it with fxtest.
-func appOptions(o *runOptions) fx.Option {
-	if o.log == nil {
-		o.log = newLogger(o.cfg.Log, os.Stderr)
+// Module is the fx graph; tests build it with fxtest.
+func Module(o *Options) fx.Option {
+	if o.Log == nil {
+		o.Log = NewLogger(o.Config.Log, os.Stderr)
 	}
-	if o.stdout == nil {
-		o.stdout = io.Discard
+	if o.Stdout == nil {
+		o.Stdout = io.Discard
 	}
 	return fx.Options(
-		fx.Supply(o, o.cfg, o.table, o.log),
+		fx.Supply(o, o.Config, o.Rules, o.Log),
 		fx.WithLogger(func(log *slog.Logger) fxevent.Logger {
 			// fx's own events are debug-level noise for an operator;
 			// its errors are not.
@@ -129,10 +131,10 @@ func appOptions(o *runOptions) fx.Option {
 			return l
 		}),
 		fx.Provide(
-			func(o *runOptions) *bridge.Metrics {
-				v := o.metricsVersion
+			func(o *Options) *bridge.Metrics {
+				v := o.Version
 				if v == "" {
-					v = version
+					v = "dev"
 				}
 				return bridge.NewMetrics(v)
 			},
@@ -150,10 +152,10 @@ func appOptions(o *runOptions) fx.Option {
 		),
 		// Parameters are resolved in order: the HTTP server is built (and
 		// started) first and stopped last.
-		fx.Invoke(func(h *httpServer, o *runOptions, lc fx.Lifecycle, e *embeddedNATS, p *pipelineComp, _ *watcherComp) {
+		fx.Invoke(func(h *httpServer, o *Options, lc fx.Lifecycle, e *embeddedNATS, p *pipelineComp, _ *watcherComp) {
 			lc.Append(fx.StartHook(func() {
-				if o.started != nil {
-					o.started(runInfo{HTTPAddr: h.addr, NATSURL: e.url, Pipeline: p.p, Holder: p.holder})
+				if o.Started != nil {
+					o.Started(Info{HTTPAddr: h.addr, NATSURL: e.url, Pipeline: p.p, Holder: p.holder})
 				}
 			}))
 		}),
@@ -167,23 +169,23 @@ type embeddedNATS struct {
 	url string
 }
 
-func newEmbeddedNATS(lc fx.Lifecycle, o *runOptions, log *slog.Logger) *embeddedNATS {
+func newEmbeddedNATS(lc fx.Lifecycle, o *Options, log *slog.Logger) *embeddedNATS {
 	e := &embeddedNATS{}
-	if !o.cfg.Embedded() {
+	if !o.Config.Embedded() {
 		return e
 	}
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
-			srv, err := startEmbedded(o.dataDir, o.natsPort, o.natsTune)
+			srv, err := startEmbedded(o.DataDir, o.NATSPort, o.NATSTune)
 			if err != nil {
 				return err
 			}
 			e.srv, e.url = srv, srv.ClientURL()
 			log.Info("embedded nats-server started", "url", e.url, "store", srv.StoreDir())
-			if o.natsPort > 0 && o.natsPort != srv.Addr().(*net.TCPAddr).Port {
-				fmt.Fprintf(o.stdout, "port %d is taken; the embedded NATS server listens on %s\n", o.natsPort, e.url)
+			if o.NATSPort > 0 && o.NATSPort != srv.Addr().(*net.TCPAddr).Port {
+				fmt.Fprintf(o.Stdout, "port %d is taken; the embedded NATS server listens on %s\n", o.NATSPort, e.url)
 			} else {
-				fmt.Fprintf(o.stdout, "embedded NATS server (JetStream): %s\n", e.url)
+				fmt.Fprintf(o.Stdout, "embedded NATS server (JetStream): %s\n", e.url)
 			}
 			return nil
 		},
@@ -234,12 +236,12 @@ type brokers struct {
 	js    map[string]jetstream.JetStream
 }
 
-func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.Health, log *slog.Logger) *brokers {
-	b := &brokers{roles: brokerRoles(o.cfg, o.table), conns: map[string]*nats.Conn{}, js: map[string]jetstream.JetStream{}}
-	for _, f := range o.cfg.InlineSecrets() {
+func newBrokers(lc fx.Lifecycle, o *Options, e *embeddedNATS, health *bridge.Health, log *slog.Logger) *brokers {
+	b := &brokers{roles: brokerRoles(o.Config, o.Rules), conns: map[string]*nats.Conn{}, js: map[string]jetstream.JetStream{}}
+	for _, f := range o.Config.InlineSecrets() {
 		log.Warn("secret written in clear in the config file; prefer ${ENV_VAR} or file:/path", "field", f)
 	}
-	for name := range o.cfg.Brokers {
+	for name := range o.Config.Brokers {
 		if b.roles[name] == nil {
 			log.Warn("broker not used by any rule or the dedupe store; not connecting", "broker", name)
 		}
@@ -254,7 +256,7 @@ func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.
 				}
 			}()
 			for _, name := range slices.Sorted(maps.Keys(b.roles)) {
-				bc, typ := natsBrokerConfig(o.cfg, name, e.url)
+				bc, typ := natsBrokerConfig(o.Config, name, e.url)
 				if typ == config.BrokerRocketMQ {
 					continue // RocketMQ clients belong to rmqComp (rmq.go)
 				}
@@ -272,14 +274,14 @@ func newBrokers(lc fx.Lifecycle, o *runOptions, e *embeddedNATS, health *bridge.
 					return err
 				}
 				b.conns[name] = nc
-				js, err := natsjs.NewJetStream(nc, natsjs.JetStreamConfig{MaxPending: sinkMaxPending(o.cfg)})
+				js, err := natsjs.NewJetStream(nc, natsjs.JetStreamConfig{MaxPending: sinkMaxPending(o.Config)})
 				if err != nil {
 					return err
 				}
 				b.js[name] = js
 			}
-			if o.cfg.Embedded() {
-				if err := natsjs.EnsureStreams(ctx, b.js["nats"], o.table, natsjs.StreamOptions{Broker: "nats"}); err != nil {
+			if o.Config.Embedded() {
+				if err := natsjs.EnsureStreams(ctx, b.js["nats"], o.Rules, natsjs.StreamOptions{Broker: "nats"}); err != nil {
 					return fmt.Errorf("embedded default: creating streams: %w", err)
 				}
 			}
@@ -323,9 +325,9 @@ func sinkMaxPending(c *config.Config) int { return c.Pipeline.MaxInFlight }
 // dedupeComp owns the dedupe store.
 type dedupeComp struct{ store dedupe.Store }
 
-func newDedupe(lc fx.Lifecycle, o *runOptions, b *brokers, health *bridge.Health, log *slog.Logger) *dedupeComp {
+func newDedupe(lc fx.Lifecycle, o *Options, b *brokers, health *bridge.Health, log *slog.Logger) *dedupeComp {
 	d := &dedupeComp{}
-	c := o.cfg.Dedupe
+	c := o.Config.Dedupe
 	lc.Append(fx.Hook{
 		OnStart: func(ctx context.Context) error {
 			switch c.Store {
@@ -352,7 +354,7 @@ type sinksComp struct {
 	lookup bridge.SinkLookup
 }
 
-func newSinks(lc fx.Lifecycle, o *runOptions, b *brokers, rq *rmqComp, log *slog.Logger) *sinksComp {
+func newSinks(lc fx.Lifecycle, o *Options, b *brokers, rq *rmqComp, log *slog.Logger) *sinksComp {
 	s := &sinksComp{}
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
@@ -364,7 +366,7 @@ func newSinks(lc fx.Lifecycle, o *runOptions, b *brokers, rq *rmqComp, log *slog
 			}
 			m := map[string]bridge.Sink{}
 			if len(js) > 0 {
-				sink, err := natsjs.NewSink(js, natsjs.SinkConfig{MaxPending: sinkMaxPending(o.cfg)}, log.With("component", "sink"))
+				sink, err := natsjs.NewSink(js, natsjs.SinkConfig{MaxPending: sinkMaxPending(o.Config)}, log.With("component", "sink"))
 				if err != nil {
 					return err
 				}
@@ -393,12 +395,12 @@ type sourcesComp struct {
 	list  []bridge.Source
 }
 
-func newSources(lc fx.Lifecycle, o *runOptions, b *brokers, rq *rmqComp, health *bridge.Health, log *slog.Logger) *sourcesComp {
+func newSources(lc fx.Lifecycle, o *Options, b *brokers, rq *rmqComp, health *bridge.Health, log *slog.Logger) *sourcesComp {
 	s := &sourcesComp{}
-	pl := o.cfg.Pipeline
+	pl := o.Config.Pipeline
 	lc.Append(fx.Hook{
 		OnStart: func(ctx context.Context) error {
-			for _, r := range o.table.Rules() {
+			for _, r := range o.Rules.Rules() {
 				if !r.Source.IsNATS() {
 					src, err := rq.newSource(r)
 					if err != nil {
@@ -447,7 +449,7 @@ type pipelineComp struct {
 	holder *router.Holder
 }
 
-func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *router.Holder, m *bridge.Metrics,
+func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *Options, holder *router.Holder, m *bridge.Metrics,
 	health *bridge.Health, d *dedupeComp, sinks *sinksComp, srcs *sourcesComp, hs *httpServer, log *slog.Logger) *pipelineComp {
 	pc := &pipelineComp{holder: holder}
 	var (
@@ -456,7 +458,7 @@ func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *route
 	)
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
-			p, err := bridge.New(o.cfg.Pipeline.Bridge(), bridge.Deps{Rules: holder, Dedupe: d.store, Sinks: sinks.lookup,
+			p, err := bridge.New(o.Config.Pipeline.Bridge(), bridge.Deps{Rules: holder, Dedupe: d.store, Sinks: sinks.lookup,
 				Metrics: m, Health: health, Log: log})
 			if err != nil {
 				return err
@@ -474,7 +476,7 @@ func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *route
 					}
 				})
 			}
-			log.Info("bridge running", "rules_version", o.table.Version(), "topics", srcs.rules, "dedupe", o.cfg.Dedupe.Store)
+			log.Info("bridge running", "rules_version", o.Rules.Version(), "topics", srcs.rules, "dedupe", o.Config.Dedupe.Store)
 			return nil
 		},
 		OnStop: func(ctx context.Context) error {
@@ -490,7 +492,7 @@ func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *route
 			case <-ctx.Done():
 				log.Warn("sources did not stop before the stop deadline; draining anyway")
 			}
-			dctx, dcancel := context.WithTimeout(ctx, o.cfg.Pipeline.DrainTimeout.D())
+			dctx, dcancel := context.WithTimeout(ctx, o.Config.Pipeline.DrainTimeout.D())
 			defer dcancel()
 			err := pc.p.Close(dctx)
 			log.Info("bridge stopped")
@@ -503,7 +505,7 @@ func newPipeline(lc fx.Lifecycle, sd fx.Shutdowner, o *runOptions, holder *route
 // watcherComp reloads the rules on change.
 type watcherComp struct{ w *router.Watcher }
 
-func newWatcher(lc fx.Lifecycle, o *runOptions, pc *pipelineComp, log *slog.Logger) *watcherComp {
+func newWatcher(lc fx.Lifecycle, o *Options, pc *pipelineComp, log *slog.Logger) *watcherComp {
 	wc := &watcherComp{}
 	var wg sync.WaitGroup
 	var cancel context.CancelFunc
@@ -518,9 +520,9 @@ func newWatcher(lc fx.Lifecycle, o *runOptions, pc *pipelineComp, log *slog.Logg
 			// The pipeline logs each outcome (one line per reload); the
 			// watcher's own lines about the same outcome drop to debug.
 			wlog := slog.New(&demoteHandler{Handler: log.Handler(), msgs: []string{"rules reloaded", "rules reload refused"}})
-			w, err := router.NewWatcher(o.rulesDir, pc.holder, onReload, wlog.With("component", "rules"))
+			w, err := router.NewWatcher(o.RulesDir, pc.holder, onReload, wlog.With("component", "rules"))
 			if err != nil {
-				return fmt.Errorf("watching rules %s: %w", o.rulesDir, err)
+				return fmt.Errorf("watching rules %s: %w", o.RulesDir, err)
 			}
 			wc.w = w
 			var ctx context.Context
@@ -569,16 +571,16 @@ func (d *demoteHandler) WithGroup(name string) slog.Handler {
 // checkReloaded warns about what a reloaded table asks for that the running
 // bridge cannot do without a restart: new topic rules (no source consumes
 // them) and brokers the configuration does not define.
-func checkReloaded(o *runOptions, t *router.Table, log *slog.Logger) {
+func checkReloaded(o *Options, t *router.Table, log *slog.Logger) {
 	if t == nil {
 		return
 	}
 	for _, r := range t.Rules() {
-		if o.table.Rule(r.Name) == nil {
+		if o.Rules.Rule(r.Name) == nil {
 			log.Warn("reloaded rules add a topic rule; restart the bridge to consume it", "rule", r.Name)
 		}
 	}
-	if err := o.cfg.CheckRules(t); err != nil {
+	if err := o.Config.CheckRules(t); err != nil {
 		log.Error("reloaded rules name brokers the configuration lacks; their messages cannot be published", "problems", err.Error())
 	}
 }
@@ -614,21 +616,21 @@ func (a *atomicHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	http.Error(w, "starting", http.StatusServiceUnavailable)
 }
 
-func newHTTPServer(lc fx.Lifecycle, o *runOptions, log *slog.Logger) *httpServer {
+func newHTTPServer(lc fx.Lifecycle, o *Options, log *slog.Logger) *httpServer {
 	hs := &httpServer{}
 	srv := &http.Server{Handler: &hs.handler, ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	var wg sync.WaitGroup
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
-			addr := o.cfg.HTTP.Listen
+			addr := o.Config.HTTP.Listen
 			l, err := net.Listen("tcp", addr)
-			if err != nil && !o.cfg.IsSet("http.listen") && isAddrInUse(err) {
+			if err != nil && !o.Config.IsSet("http.listen") && isAddrInUse(err) {
 				// The default port is taken (another bridge, a dev tool):
 				// take any free port rather than failing the demo.
 				l, err = net.Listen("tcp", "127.0.0.1:0")
 				if err == nil {
-					fmt.Fprintf(o.stdout, "port %s is taken; HTTP listens on %s\n", addr, l.Addr())
+					fmt.Fprintf(o.Stdout, "port %s is taken; HTTP listens on %s\n", addr, l.Addr())
 				}
 			}
 			if err != nil {
