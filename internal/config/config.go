@@ -567,42 +567,13 @@ func (c *Config) Validate() error {
 		bad("http.listen", "invalid port %q", port)
 	}
 
-	pl := c.Pipeline
-	positive := func(field string, v int) {
-		if v < 1 {
-			bad(field, "must be positive, got %d", v)
+	// The pipeline's bounds are the pipeline's own (bridge.Config.Validate):
+	// written once, for this file and for every other caller of bridge.New.
+	var fe bridge.ConfigErrors
+	if errors.As(c.Pipeline.Bridge().Validate(), &fe) {
+		for _, f := range fe {
+			bad("pipeline."+f.Field, "%s", f.Msg)
 		}
-	}
-	positive("pipeline.maxInFlight", pl.MaxInFlight)
-	if pl.Workers < 0 {
-		bad("pipeline.workers", "must not be negative (0: automatic), got %d", pl.Workers)
-	}
-	if pl.Lanes < 0 {
-		bad("pipeline.lanes", "must not be negative (0: automatic), got %d", pl.Lanes)
-	}
-	positive("pipeline.fetchBatch", pl.FetchBatch)
-	positive("pipeline.maxHops", pl.MaxHops)
-	positive("pipeline.maxHeld", pl.MaxHeld)
-	if pl.MaxInFlight > 1_000_000 {
-		bad("pipeline.maxInFlight", "must be at most 1000000, got %d", pl.MaxInFlight)
-	}
-	minDur := func(field string, v Duration, lo time.Duration) {
-		if v.D() < lo {
-			bad(field, "must be at least %s, got %s", lo, v)
-		}
-	}
-	minDur("pipeline.holdDelay", pl.HoldDelay, 10*time.Millisecond)
-	minDur("pipeline.retry.initial", pl.Retry.Initial, time.Millisecond)
-	minDur("pipeline.retry.max", pl.Retry.Max, time.Millisecond)
-	if pl.Retry.Initial > pl.Retry.Max {
-		bad("pipeline.retry.initial", "must not exceed pipeline.retry.max (%s), got %s", pl.Retry.Max, pl.Retry.Initial)
-	}
-	minDur("pipeline.drainTimeout", pl.DrainTimeout, time.Millisecond)
-	minDur("pipeline.heldRecheck", pl.HeldRecheck, 10*time.Millisecond)
-	minDur("pipeline.progressTimeout", pl.ProgressTimeout, time.Second)
-	minDur("pipeline.ackWait", pl.AckWait, time.Second)
-	if pl.MaxMessageBytes < 1 || pl.MaxMessageBytes > 64<<20 {
-		bad("pipeline.maxMessageBytes", "must be between 1 byte and 64MiB, got %d", pl.MaxMessageBytes)
 	}
 
 	switch c.Log.Level {
@@ -810,7 +781,7 @@ func (p PipelineConfig) Bridge() bridge.Config {
 		MaxHeld:         p.MaxHeld,
 		HeldRecheck:     p.HeldRecheck.D(),
 		Retry:           bridge.RetryConfig{Initial: p.Retry.Initial.D(), Max: p.Retry.Max.D()},
-		MaxMessageBytes: bridge.ByteSize(p.MaxMessageBytes),
+		MaxMessageBytes: int64(p.MaxMessageBytes),
 		MaxHops:         p.MaxHops,
 		DrainTimeout:    p.DrainTimeout.D(),
 		ProgressTimeout: p.ProgressTimeout.D(),

@@ -283,7 +283,7 @@ func TestConfigErrors(t *testing.T) {
 		{"pipeline zero", "pipeline: {maxInFlight: 0}\n", []string{"pipeline.maxInFlight: must be positive"}},
 		{"pipeline workers", "pipeline: {workers: -1}\n", []string{"pipeline.workers: must not be negative"}},
 		{"pipeline lanes", "pipeline: {lanes: -1}\n", []string{"pipeline.lanes: must not be negative"}},
-		{"held recheck", "pipeline: {heldRecheck: 1ms}\n", []string{"pipeline.heldRecheck: must be at least 10ms"}},
+		{"held recheck", "pipeline: {heldRecheck: 500us}\n", []string{"pipeline.heldRecheck: must be at least 1ms"}},
 		{"drain", "pipeline: {drainTimeout: 0s}\n", []string{"pipeline.drainTimeout: must be at least 1ms"}},
 		{"pipeline hops", "pipeline: {maxHops: 0}\n", []string{"pipeline.maxHops: must be positive"}},
 		{"pipeline held", "pipeline: {maxHeld: 0}\n", []string{"pipeline.maxHeld: must be positive"}},
@@ -291,8 +291,8 @@ func TestConfigErrors(t *testing.T) {
 		{"hold delay", "pipeline: {holdDelay: 1ms}\n", []string{"pipeline.holdDelay: must be at least 10ms"}},
 		{"retry order", "pipeline: {retry: {initial: 2s, max: 1s}}\n", []string{"pipeline.retry.initial: must not exceed pipeline.retry.max"}},
 		{"retry zero", "pipeline:\n  retry:\n    max: 0s\n", []string{"config.yaml:3: pipeline.retry.max: must be at least 1ms"}},
-		{"progress", "pipeline: {progressTimeout: 10ms}\n", []string{"pipeline.progressTimeout: must be at least 1s"}},
-		{"ackWait", "pipeline: {ackWait: 10ms}\n", []string{"pipeline.ackWait: must be at least 1s"}},
+		{"progress", "pipeline: {progressTimeout: 500us}\n", []string{"pipeline.progressTimeout: must be at least 1ms"}},
+		{"ackWait", "pipeline: {ackWait: 3ms}\n", []string{"pipeline.ackWait: must be at least 4ms"}},
 		{"max bytes", "pipeline: {maxMessageBytes: 1GiB}\n", []string{"pipeline.maxMessageBytes: must be between"}},
 		{"log level", "log: {level: loud}\n", []string{"config.yaml:1: log.level: unknown level"}},
 		{"log format", "log: {format: xml}\n", []string{"log.format: unknown format"}},
@@ -370,18 +370,31 @@ func TestConfigSecrets(t *testing.T) {
 }
 
 func TestByteSize(t *testing.T) {
-	for in, want := range map[string]int64{"1": 1, "1B": 1, "2KiB": 2048, "1MiB": 1 << 20, "3 MB": 3e6, "1k": 1024, "4GiB": 4 << 30} {
+	for in, want := range map[string]int64{"1": 1, "1B": 1, "2KiB": 2048, "1MiB": 1 << 20, "3 MB": 3e6, "1k": 1024, "4GiB": 4 << 30,
+		"512KiB": 512 << 10, "1000": 1000, "2 MB": 2000000} {
 		var b ByteSize
 		if err := b.parseScalar(in); err != nil || int64(b) != want {
 			t.Errorf("%q = %d, %v; want %d", in, b, err, want)
 		}
 	}
-	for _, in := range []string{"", "MiB", "1XB", "-1", "1.5MiB", "99999999999999999999"} {
+	for _, in := range []string{"", "MiB", "1XB", "-1", "1.5MiB", "99999999999999999999", "9999999999999GiB", "8700000000GiB"} {
 		var b ByteSize
 		if err := b.parseScalar(in); err == nil {
 			t.Errorf("%q accepted as %d", in, b)
 		}
 	}
+}
+
+func FuzzByteSize(f *testing.F) {
+	for _, s := range []string{"1MiB", "512KiB", "1000", "2 MB", "", "-1", "9999999999999GiB", "8700000000GiB", "1XB"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		var b ByteSize
+		if err := b.parseScalar(s); err == nil && b < 0 {
+			t.Fatalf("%q parsed to negative %d", s, b)
+		}
+	})
 }
 
 func FuzzParseConfig(f *testing.F) {
