@@ -18,8 +18,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"go.uber.org/fx"
-	"go.uber.org/fx/fxtest"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
@@ -46,16 +44,17 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// inProcess is a bridge started in the test process with fxtest.
+// inProcess is a bridge started in the test process (package app).
 type inProcess struct {
-	info app.Info
-	app  *fxtest.App
-	logs *syncBuffer
-	base string // http://host:port
+	info     app.Info
+	a        *app.App
+	stopOnce sync.Once
+	logs     *syncBuffer
+	base     string // http://host:port
 }
 
-// startInProcess runs `cellbridge run -config cfgPath` inside the test with
-// fxtest; it stops when the test ends (or earlier, with stop).
+// startInProcess runs `cellbridge run -config cfgPath` inside the test; it
+// stops when the test ends (or earlier, with stop).
 func startInProcess(t *testing.T, cfgPath string, tune func(*app.Options)) *inProcess {
 	t.Helper()
 	var stderr bytes.Buffer
@@ -65,20 +64,33 @@ func startInProcess(t *testing.T, cfgPath string, tune func(*app.Options)) *inPr
 	}
 	ip := &inProcess{logs: &syncBuffer{}}
 	o.Log = slog.New(slog.NewJSONHandler(ip.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	o.Started = func(ri app.Info) { ip.info = ri }
 	if tune != nil {
 		tune(o)
 	}
-	ip.app = fxtest.New(t, app.Module(o), fx.StartTimeout(30*time.Second), fx.StopTimeout(30*time.Second))
-	ip.app.RequireStart()
+	a, err := app.Start(testCtx(t, 30*time.Second), *o)
+	if err != nil {
+		t.Fatalf("start: %v\nbridge log:\n%s", err, tail(ip.logs.String(), 6000))
+	}
+	ip.a, ip.info = a, a.Info
 	ip.base = "http://" + ip.info.HTTPAddr
 	t.Cleanup(func() {
-		ip.app.RequireStop()
+		ip.stop(t)
 		if t.Failed() {
 			t.Logf("bridge log:\n%s", tail(ip.logs.String(), 6000))
 		}
 	})
 	return ip
+}
+
+// stop stops the bridge (once) and fails the test if it does not stop
+// cleanly within 30s.
+func (ip *inProcess) stop(t testing.TB) {
+	t.Helper()
+	ip.stopOnce.Do(func() {
+		if err := ip.a.Stop(testCtx(t, 30*time.Second)); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
 }
 
 func tail(s string, n int) string {

@@ -24,7 +24,7 @@ import (
 	"github.com/cellbridge/cellbridge/router"
 )
 
-// The RocketMQ pairs run `cellbridge run` in-process (fxtest) with one
+// The RocketMQ pairs run `cellbridge run` in-process (package app) with one
 // config each, against an rmqtest broker and a test nats-server, and walk
 // through forwarded, DLQ and held-then-released, as TestE2E does for
 // NATS → NATS.

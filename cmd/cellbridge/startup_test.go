@@ -74,7 +74,7 @@ http: {listen: "127.0.0.1:0"}
 	if o == nil {
 		t.Fatal(stderr.String())
 	}
-	err = app.Run(testCtx(t, 30*time.Second), o)
+	err = app.Run(testCtx(t, 30*time.Second), *o)
 	if err == nil || !strings.Contains(err.Error(), `broker "nats"`) || !strings.Contains(err.Error(), "check the broker's creds") {
 		t.Fatalf("wrong password: err = %v", err)
 	}
@@ -154,7 +154,7 @@ pipeline: {ackWait: 2s, drainTimeout: 10s}
 		c, d := arrived(t, env.js, env.table)
 		return c+d >= 500
 	})
-	first.app.RequireStop()
+	first.stop(t)
 	c, d := arrived(t, env.js, env.table)
 	t.Logf("stopped at %d of %d arrived", c+d, len(exp))
 	if !strings.Contains(first.logs.String(), `"msg":"bridge stopped"`) {
@@ -167,7 +167,7 @@ pipeline: {ackWait: 2s, drainTimeout: 10s}
 		c, d := arrived(t, env.js, env.table)
 		return c >= uint64(fwd) && d >= uint64(dlq) && consumersIdle(t, env.js, env.table)
 	})
-	second.app.RequireStop()
+	second.stop(t)
 	v := verifyExactlyOnce(t, env.js, env.table, exp)
 	if len(v.Problems) > 0 {
 		t.Fatalf("after a graceful restart:\n%s", strings.Join(v.Problems, "\n"))

@@ -1,8 +1,10 @@
 package app
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -10,9 +12,40 @@ import (
 	"strconv"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"go.uber.org/fx"
 
 	"github.com/cellbridge/cellbridge/internal/embedded"
 )
+
+// embeddedNATS is the in-process server of the embedded default; it is
+// inert (no server, no URL) when brokers are configured.
+type embeddedNATS struct {
+	url string
+}
+
+func newEmbeddedNATS(lc fx.Lifecycle, res *resources, o *Options, log *slog.Logger) (*embeddedNATS, error) {
+	e := &embeddedNATS{}
+	if !o.Config.Embedded() {
+		return e, nil
+	}
+	srv, err := startEmbedded(o.DataDir, o.NATSPort, o.NATSTune)
+	if err != nil {
+		return nil, err
+	}
+	res.add(lc, func(context.Context) error {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+		return nil
+	})
+	e.url = srv.ClientURL()
+	log.Info("embedded nats-server started", "url", e.url, "store", srv.StoreDir())
+	if o.NATSPort > 0 && o.NATSPort != srv.Addr().(*net.TCPAddr).Port {
+		fmt.Fprintf(o.Stdout, "port %d is taken; the embedded NATS server listens on %s\n", o.NATSPort, e.url)
+	} else {
+		fmt.Fprintf(o.Stdout, "embedded NATS server (JetStream): %s\n", e.url)
+	}
+	return e, nil
+}
 
 // DefaultNATSPort is the embedded server's preferred client port, so that the
 // usual tools (nats CLI) find it without flags.

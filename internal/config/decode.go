@@ -18,11 +18,12 @@ import (
 // every problem is reported with its line and field path, and so that
 // environment references and file: secrets are resolved per field.
 
-// parseConfig decodes what it can: it returns the config (nil only when
-// data is not YAML at all) and the decoding problems.
-func parseConfig(file string, data []byte) (*Config, Errors) {
+// parse decodes what it can: it returns the config (nil only when data is
+// not YAML at all) and the decoding problems. template leaves ${...} and
+// file: references as written.
+func parse(file string, data []byte, template bool) (*Config, Errors) {
 	c := &Config{File: file, pos: map[string]int{}}
-	d := &decoder{file: file, base: filepath.Dir(file), pos: c.pos}
+	d := &decoder{file: file, base: filepath.Dir(file), pos: c.pos, template: template}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		msg := strings.TrimPrefix(err.Error(), "yaml: ")
@@ -42,7 +43,6 @@ func parseConfig(file string, data []byte) (*Config, Errors) {
 		}
 	}
 	c.inlineSecrets = d.inline
-	c.resolvePaths()
 	c.applyDefaults()
 	return c, d.errs
 }
@@ -121,18 +121,23 @@ func setScalar(f reflect.Value, s string) error {
 // decoder is the strict YAML decoder: it walks the node tree itself so that
 // it can report every problem (not only the first) with its line and field.
 type decoder struct {
-	file   string
-	base   string // directory for relative file: secrets
-	pos    map[string]int
-	errs   Errors
-	inline []string // secret fields given in clear
+	file     string
+	base     string // directory of relative paths and file: secrets
+	template bool   // leave ${...} and file: as written
+	pos      map[string]int
+	errs     Errors
+	inline   []string // secret fields given in clear
 }
 
 func (d *decoder) errorf(n *yaml.Node, path, format string, args ...any) {
 	d.errs = append(d.errs, Problem{File: d.file, Line: n.Line, Field: path, Msg: fmt.Sprintf(format, args...)})
 }
 
-var secretType = reflect.TypeFor[Secret]()
+var (
+	secretType = reflect.TypeFor[Secret]()
+	pathType   = reflect.TypeFor[Path]()
+	brokerType = reflect.TypeFor[Broker]()
+)
 
 func kindName(n *yaml.Node) string {
 	switch n.Kind {
@@ -175,6 +180,10 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 		}
 		d.decode(n, v.Elem(), path)
 	case reflect.Struct:
+		if v.Type() == brokerType {
+			d.broker(n, v.Addr().Interface().(*Broker), path)
+			return
+		}
 		if _, ok := v.Addr().Interface().(scalarParser); ok {
 			d.scalar(n, v, path)
 			return
@@ -247,8 +256,10 @@ func (d *decoder) scalar(n *yaml.Node, v reflect.Value, path string) {
 		d.errorf(n, path, "want %s, got %s", wantName(v), kindName(n))
 		return
 	}
-	s, expanded, err := expandEnv(n.Value)
-	if err != nil {
+	s, expanded, err := n.Value, false, error(nil)
+	if d.template {
+		expanded = strings.Contains(s, "${") // a reference, as written
+	} else if s, expanded, err = expandEnv(n.Value); err != nil {
 		d.errorf(n, path, "%v", err)
 		return
 	}
@@ -265,7 +276,7 @@ func (d *decoder) scalar(n *yaml.Node, v reflect.Value, path string) {
 		if !ok && !expanded && s != "" {
 			d.inline = append(d.inline, path)
 		}
-		if ok {
+		if ok && !d.template {
 			if !filepath.IsAbs(f) {
 				f = filepath.Join(d.base, f)
 			}
@@ -277,9 +288,47 @@ func (d *decoder) scalar(n *yaml.Node, v reflect.Value, path string) {
 			s = strings.TrimRight(string(b), "\r\n")
 		}
 	}
+	if v.Type() == pathType && s != "" && !filepath.IsAbs(s) && d.file != "" {
+		s = filepath.Join(d.base, s)
+	}
 	if err := setScalar(v, s); err != nil {
 		d.errorf(n, path, "%v", err)
 	}
+}
+
+// broker decodes one broker: its type selects the kind whose settings struct
+// the other fields decode into. Fields of another kind are named as such;
+// with a missing or unknown type only the type is reported (by Validate).
+func (d *decoder) broker(n *yaml.Node, b *Broker, path string) {
+	if n.Kind != yaml.MappingNode {
+		d.errorf(n, path, "want a mapping, got %s", kindName(n))
+		return
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if kn := n.Content[i]; kn.Kind == yaml.ScalarNode && kn.Value == "type" {
+			d.decode(n.Content[i+1], reflect.ValueOf(&b.Type).Elem(), join(path, "type"))
+		}
+	}
+	k, ok := BrokerKindOf(b.Type)
+	if ok {
+		b.Settings = k.NewSettings()
+	}
+	d.mapping(n, path, func(key string, kn, vn *yaml.Node) {
+		if key == "type" || !ok {
+			return
+		}
+		v := reflect.ValueOf(b.Settings).Elem()
+		i, found := yamlField(v.Type(), key)
+		if !found {
+			if others := otherKindsField(b.Type, key); len(others) > 0 {
+				d.errorf(kn, join(path, key), "only valid for type %s", strings.Join(others, ", "))
+			} else {
+				d.errorf(kn, join(path, key), "unknown field (known: type, %s)", strings.Join(yamlFieldNames(v.Type()), ", "))
+			}
+			return
+		}
+		d.decode(vn, v.Field(i), join(path, key))
+	})
 }
 
 // readSecretFile reads a small regular file (a mounted secret); devices and

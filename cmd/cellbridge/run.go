@@ -13,34 +13,24 @@ import (
 	"github.com/cellbridge/cellbridge/router"
 )
 
-// runFlags are the flags of `cellbridge run`; `demo` shares most of them.
+// runFlags are the flags that choose the bridge to run; `demo` and `drill`
+// share them.
 type runFlags struct {
 	config   string
 	data     string
 	http     string
 	rules    string
 	natsPort int
-	check    bool
-	defaults bool
 }
 
-func (f *runFlags) register(fs *flag.FlagSet, withConfig bool) {
-	if withConfig {
-		fs.StringVar(&f.config, "config", "", "bridge configuration `FILE` (YAML); without it, or without brokers in it, the embedded default runs")
-		fs.BoolVar(&f.check, "check", false, "validate the configuration and the rules against each other, then exit (0 valid, 1 invalid)")
-		fs.BoolVar(&f.defaults, "defaults", false, "print every configuration field's default as a Markdown table, then exit")
-	}
+func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.data, "data", "./data", "embedded default: `DIR` for the JetStream store")
 	fs.StringVar(&f.http, "http", "", "HTTP listen `ADDR` (overrides http.listen; default :9090)")
 	fs.StringVar(&f.rules, "rules", "", "rule `DIR` (overrides rules:; embedded default: the example rules deploy/rules)")
 	fs.IntVar(&f.natsPort, "nats-port", app.DefaultNATSPort, "embedded default: preferred NATS client `PORT` (a free one is used when it is taken)")
 }
 
-var runCmd = &runFlags{}
-
 func init() {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	runCmd.register(fs, true)
 	register(&command{
 		name:    "run",
 		summary: "run the bridge (embedded NATS server and example rules when no brokers are configured)",
@@ -59,32 +49,43 @@ The configuration and the rules are checked before anything connects: every
 problem is printed as file:line: field: message and the exit code is 1.
 SIGINT/SIGTERM stop fetching, finish in-flight messages within
 pipeline.drainTimeout, then close connections (exit 0).`,
-		flags: fs,
-		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-			if len(args) > 0 {
-				return usageError(stderr, "run", "unexpected arguments: %s", strings.Join(args, " "))
-			}
-			if runCmd.defaults {
-				config.WriteDefaults(stdout)
-				return exitOK
-			}
-			o, code := prepareRun(runCmd, stderr)
-			if o == nil {
-				return code
-			}
-			if runCmd.check {
-				fmt.Fprintf(stdout, "ok: config %s, rules %s version %d (%d topics, %d cells)\n",
-					o.Config.File, o.Rules.Dir(), o.Rules.Version(), len(o.Rules.Rules()), len(o.Rules.Cells()))
-				return exitOK
-			}
-			o.Stdout = stdout
-			if err := app.Run(ctx, o); err != nil {
-				fmt.Fprintf(stderr, "cellbridge run: %v\n", err)
-				return exitError
-			}
-			return exitOK
-		},
+		flags: runCommand,
 	})
+}
+
+func runCommand(fs *flag.FlagSet) runFunc {
+	var (
+		f               runFlags
+		check, defaults bool
+	)
+	fs.StringVar(&f.config, "config", "", "bridge configuration `FILE` (YAML); without it, or without brokers in it, the embedded default runs")
+	fs.BoolVar(&check, "check", false, "validate the configuration and the rules against each other, then exit (0 valid, 1 invalid)")
+	fs.BoolVar(&defaults, "defaults", false, "print every configuration field's default as a Markdown table, then exit")
+	f.register(fs)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+		if len(args) > 0 {
+			return usageError(stderr, "run", "unexpected arguments: %s", strings.Join(args, " "))
+		}
+		if defaults {
+			config.WriteDefaults(stdout)
+			return exitOK
+		}
+		o, code := prepareRun(&f, stderr)
+		if o == nil {
+			return code
+		}
+		if check {
+			fmt.Fprintf(stdout, "ok: config %s, rules %s version %d (%d topics, %d cells)\n",
+				o.Config.File, o.Rules.Dir(), o.Rules.Version(), len(o.Rules.Rules()), len(o.Rules.Cells()))
+			return exitOK
+		}
+		o.Stdout = stdout
+		if err := app.Run(ctx, *o); err != nil {
+			fmt.Fprintf(stderr, "cellbridge run: %v\n", err)
+			return exitError
+		}
+		return exitOK
+	}
 }
 
 // prepareRun loads and cross-checks the configuration and the rules, before
@@ -116,7 +117,7 @@ func prepareRun(f *runFlags, stderr io.Writer) (*app.Options, int) {
 			return fail("-http", err)
 		}
 	}
-	rules := cfg.Rules
+	rules := string(cfg.Rules)
 	if f.rules != "" {
 		rules = f.rules
 	}

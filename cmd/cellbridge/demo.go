@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -15,7 +16,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"go.uber.org/fx"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
@@ -24,7 +24,8 @@ import (
 	"github.com/cellbridge/cellbridge/router"
 )
 
-var demoFlags struct {
+// demoFlags are the flags of `cellbridge demo`.
+type demoFlags struct {
 	runFlags
 	n        int
 	rate     int
@@ -34,15 +35,6 @@ var demoFlags struct {
 }
 
 func init() {
-	fs := newFlagSet("demo")
-	f := &demoFlags
-	f.runFlags.register(fs, false)
-	fs.StringVar(&f.config, "config", "", "configuration `FILE` without brokers (pipeline, dedupe, http, log settings for the embedded bridge)")
-	fs.IntVar(&f.n, "n", 20000, "events to publish")
-	fs.IntVar(&f.rate, "rate", 2000, "events per second (0: as fast as the server takes them)")
-	fs.DurationVar(&f.interval, "interval", time.Second, "how often the table refreshes")
-	fs.BoolVar(&f.keep, "keep", true, "keep the bridge running after the last event arrived, until Ctrl-C (false: exit)")
-	fs.Uint64Var(&f.seed, "seed", 0, "seed of the sample events (0: from the clock)")
 	register(&command{
 		name:    "demo",
 		summary: "run the embedded bridge and watch sample events being routed to their cells",
@@ -63,29 +55,41 @@ event with 'cellbridge route', and keeps the bridge running for curl
 The bridge's log goes to DIR/cellbridge.log. -config may tune the embedded
 bridge (pipeline, dedupe, http, log) but must not name brokers; for example
 'dedupe: {store: memory}' shows the bridge without the KV store round trips.`,
-		flags: fs,
-		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-			if len(args) > 0 {
-				return usageError(stderr, "demo", "unexpected arguments: %s", strings.Join(args, " "))
-			}
-			if f.n < 0 || f.rate < 0 || f.interval <= 0 {
-				return usageError(stderr, "demo", "-n and -rate must not be negative, -interval must be positive")
-			}
-			o, code := prepareRun(&f.runFlags, stderr)
-			if o == nil {
-				return code
-			}
-			if err := runDemo(ctx, o, stdout); err != nil {
-				fmt.Fprintf(stderr, "cellbridge demo: %v\n", err)
-				return exitError
-			}
-			return exitOK
-		},
+		flags: demoCommand,
 	})
+}
+
+func demoCommand(fs *flag.FlagSet) runFunc {
+	f := &demoFlags{}
+	f.runFlags.register(fs)
+	fs.StringVar(&f.config, "config", "", "configuration `FILE` without brokers (pipeline, dedupe, http, log settings for the embedded bridge)")
+	fs.IntVar(&f.n, "n", 20000, "events to publish")
+	fs.IntVar(&f.rate, "rate", 2000, "events per second (0: as fast as the server takes them)")
+	fs.DurationVar(&f.interval, "interval", time.Second, "how often the table refreshes")
+	fs.BoolVar(&f.keep, "keep", true, "keep the bridge running after the last event arrived, until Ctrl-C (false: exit)")
+	fs.Uint64Var(&f.seed, "seed", 0, "seed of the sample events (0: from the clock)")
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+		if len(args) > 0 {
+			return usageError(stderr, "demo", "unexpected arguments: %s", strings.Join(args, " "))
+		}
+		if f.n < 0 || f.rate < 0 || f.interval <= 0 {
+			return usageError(stderr, "demo", "-n and -rate must not be negative, -interval must be positive")
+		}
+		o, code := prepareRun(&f.runFlags, stderr)
+		if o == nil {
+			return code
+		}
+		if err := runDemo(ctx, o, f, stdout); err != nil {
+			fmt.Fprintf(stderr, "cellbridge demo: %v\n", err)
+			return exitError
+		}
+		return exitOK
+	}
 }
 
 // demo is one run of the demo: the publisher and the monitor.
 type demo struct {
+	f     *demoFlags
 	o     *app.Options
 	info  app.Info
 	out   io.Writer
@@ -106,7 +110,7 @@ type demo struct {
 
 const dlqRow = "DLQ"
 
-func runDemo(ctx context.Context, o *app.Options, stdout io.Writer) error {
+func runDemo(ctx context.Context, o *app.Options, f *demoFlags, stdout io.Writer) error {
 	if !o.Config.Embedded() {
 		return errors.New("the demo runs the embedded default only")
 	}
@@ -121,23 +125,18 @@ func runDemo(ctx context.Context, o *app.Options, stdout io.Writer) error {
 	defer lf.Close()
 	o.Log = app.NewLogger(config.LogConfig{Level: o.Config.Log.Level, Format: "text"}, lf)
 	o.Stdout = stdout
-	d := &demo{o: o, out: stdout, term: app.IsTerminal(stdout), expected: map[string]map[string]int{}}
-	o.Started = func(ri app.Info) { d.info = ri }
-
-	fa := fx.New(app.Module(o), fx.StartTimeout(app.StartTimeout), fx.StopTimeout(app.StopTimeout(o.Config)))
-	sctx, cancel := context.WithTimeout(ctx, app.StartTimeout)
-	err = fa.Start(sctx)
-	cancel()
+	a, err := app.Start(ctx, *o)
 	if err != nil {
 		return err
 	}
+	d := &demo{f: f, o: o, info: a.Info, out: stdout, term: app.IsTerminal(stdout), expected: map[string]map[string]int{}}
 	fmt.Fprintf(stdout, "bridge running (rules %s, version %d); its log: %s\n", o.RulesDir, o.Rules.Version(), logPath)
 	derr := d.run(ctx)
-	if derr == nil && demoFlags.keep {
+	if derr == nil && f.keep {
 		fmt.Fprintln(stdout, "\nThe bridge keeps running: press Ctrl-C to stop it.")
 		select {
 		case <-ctx.Done():
-		case <-fa.Wait():
+		case <-a.Failed():
 		}
 	}
 	if ctx.Err() != nil {
@@ -146,7 +145,7 @@ func runDemo(ctx context.Context, o *app.Options, stdout io.Writer) error {
 	fmt.Fprintln(stdout, "stopping: draining in-flight messages, closing connections (Ctrl-C again to force) ...")
 	stopCtx, cancel := context.WithTimeout(context.Background(), app.StopTimeout(o.Config))
 	defer cancel()
-	if err := fa.Stop(stopCtx); err != nil {
+	if err := a.Stop(stopCtx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	fmt.Fprintln(stdout, "stopped cleanly.")
@@ -174,7 +173,7 @@ func (d *demo) run(ctx context.Context) error {
 	if d.baseline, err = d.arrived(ctx); err != nil {
 		return err
 	}
-	n, rate := demoFlags.n, demoFlags.rate
+	n, rate := d.f.n, d.f.rate
 	fmt.Fprintf(d.out, "publishing %d sample events to ORDERS (orders.*) and PAYMENTS (payments.*) on %s at %s\n\n",
 		n, d.info.NATSURL, rateText(rate))
 	d.started = time.Now()
@@ -207,7 +206,7 @@ func (d *demo) run(ctx context.Context) error {
 			doneAt = time.Now()
 			break
 		}
-		if time.Since(lastDraw) >= demoFlags.interval {
+		if time.Since(lastDraw) >= d.f.interval {
 			lastDraw = time.Now()
 			d.draw(counts, false)
 		}
@@ -236,7 +235,7 @@ func rateText(rate int) string {
 // publish sends n events at rate per second (0: flat out), waiting for the
 // server's acks in windows.
 func (d *demo) publish(ctx context.Context, n, rate int) error {
-	gen := newEventGen(demoSeed(), 500)
+	gen := newEventGen(d.seed(), 500)
 	const window = 1000
 	var futs []jetstream.PubAckFuture
 	wait := func() error {
@@ -297,9 +296,9 @@ func (d *demo) publish(ctx context.Context, n, rate int) error {
 	return wait()
 }
 
-func demoSeed() uint64 {
-	if demoFlags.seed != 0 {
-		return demoFlags.seed
+func (d *demo) seed() uint64 {
+	if d.f.seed != 0 {
+		return d.f.seed
 	}
 	return uint64(time.Now().UnixNano())
 }
@@ -414,7 +413,7 @@ func (d *demo) draw(counts map[string]map[string]uint64, final bool) uint64 {
 	elapsed := time.Since(d.started)
 	rate := float64(total) / max(elapsed.Seconds(), 0.001)
 	head := fmt.Sprintf("published %d/%d  arrived %d (cells %d, DLQ %d)  %.0f msgs/s  %s",
-		published, demoFlags.n, total, cellTotal, total-cellTotal, rate, elapsed.Truncate(100*time.Millisecond))
+		published, d.f.n, total, cellTotal, total-cellTotal, rate, elapsed.Truncate(100*time.Millisecond))
 	var oc []string
 	for _, k := range []string{"forwarded", "duplicate", "held", "dlq", "retried"} {
 		oc = append(oc, fmt.Sprintf("%s %.0f", k, outcomes[k]))

@@ -1,0 +1,366 @@
+package app
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// The configuration file as the broker kinds of this package define it.
+
+// natsOf returns the settings of NATS broker name.
+func natsOf(t *testing.T, c *config.Config, name string) *NATSBroker {
+	t.Helper()
+	s, ok := c.Brokers[name].Settings.(*NATSBroker)
+	if !ok {
+		t.Fatalf("broker %s: settings %T", name, c.Brokers[name].Settings)
+	}
+	return s
+}
+
+// rmqOf returns the settings of RocketMQ broker name.
+func rmqOf(t *testing.T, c *config.Config, name string) *RocketMQBroker {
+	t.Helper()
+	s, ok := c.Brokers[name].Settings.(*RocketMQBroker)
+	if !ok {
+		t.Fatalf("broker %s: settings %T", name, c.Brokers[name].Settings)
+	}
+	return s
+}
+
+// writeConfig writes body to dir/config.yaml with an existing rules dir next
+// to it, and returns the path.
+func writeConfig(t *testing.T, dir, body string) string {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Join(dir, "rules"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestConfigFull(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"ca.pem", "cert.pem", "key.pem", "user.creds"} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "sk"), []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("CB_TEST_PASSWORD", "pa$$word")
+	t.Setenv("CB_TEST_AK", "ak-1")
+	p := writeConfig(t, dir, `
+rules: ./rules
+brokers:
+  nats:
+    type: nats
+    url: "nats://127.0.0.1:4222, tls://10.0.0.2:4222"
+    tls: {ca: ca.pem, cert: cert.pem, key: key.pem}
+    user: bridge
+    password: ${CB_TEST_PASSWORD}
+  edge:
+    type: nats
+    url: nats://edge:4222
+    creds: user.creds
+  rmq-hz:
+    type: rocketmq
+    nameservers: ["10.1.0.5:9876", "10.1.0.6:9876"]
+    accessKey: ${CB_TEST_AK}
+    secretKey: file:sk
+    namespace: prod
+    instancePrefix: cb
+    exactlyOnce: transactional
+dedupe: {store: jetstream, broker: nats, bucket: dd, ttl: 15m, replicas: 3}
+http: {listen: "127.0.0.1:9191"}
+pipeline:
+  maxInFlight: 1_000
+  workers: 8
+  fetchBatch: 100
+  holdDelay: 250ms
+  retry: {initial: 10ms, max: 1s}
+  maxMessageBytes: 512KiB
+  maxHops: 2
+  drainTimeout: 5s
+  progressTimeout: 30s
+  ackWait: 1m
+  maxHeld: 50
+log: {level: debug, format: json}
+`)
+	c, err := config.Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(c.Rules) != filepath.Join(dir, "rules") {
+		t.Errorf("rules = %q", c.Rules)
+	}
+	n := natsOf(t, c, "nats")
+	if n.Password.Value() != "pa$$word" || n.User != "bridge" {
+		t.Errorf("nats auth = %q/%q", n.User, n.Password.Value())
+	}
+	if string(n.TLS.CA) != filepath.Join(dir, "ca.pem") {
+		t.Errorf("tls.ca = %q (want relative to the config file)", n.TLS.CA)
+	}
+	if edge := natsOf(t, c, "edge"); string(edge.Creds) != filepath.Join(dir, "user.creds") {
+		t.Errorf("creds = %q", edge.Creds)
+	}
+	r := rmqOf(t, c, "rmq-hz")
+	if r.AccessKey.Value() != "ak-1" || r.SecretKey.Value() != "s3cret" || r.ExactlyOnce != "transactional" ||
+		len(r.Nameservers) != 2 || r.Namespace != "prod" || r.InstancePrefix != "cb" {
+		t.Errorf("rocketmq broker = %+v", r)
+	}
+	if got := fmt.Sprintf("%v %+v %#v", r.SecretKey, r.SecretKey, r.SecretKey); strings.Contains(got, "s3cret") {
+		t.Errorf("secret leaks through fmt: %s", got)
+	}
+	if c.Dedupe.Bucket != "dd" || c.Dedupe.TTL.D() != 15*time.Minute || c.Dedupe.Replicas != 3 {
+		t.Errorf("dedupe = %+v", c.Dedupe)
+	}
+	pl := c.Pipeline
+	if pl.MaxInFlight != 1000 || pl.MaxMessageBytes != 512<<10 || pl.Retry.Initial.D() != 10*time.Millisecond ||
+		pl.AckWait.D() != time.Minute || pl.MaxHeld != 50 || pl.HoldDelay.D() != 250*time.Millisecond {
+		t.Errorf("pipeline = %+v", pl)
+	}
+	if c.Embedded() {
+		t.Error("config with brokers is embedded")
+	}
+}
+
+func TestConfigDedupeDefaults(t *testing.T) {
+	for _, tc := range []struct {
+		name, brokers, store, broker string
+	}{
+		{"embedded", "", config.DedupeJetStream, "nats"},
+		{"broker named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", config.DedupeJetStream, "nats"},
+		{"only nats broker", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "a"},
+		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeMemory, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := config.Parse("c.yaml", []byte(tc.brokers))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Dedupe.Store != tc.store || c.Dedupe.Broker != tc.broker {
+				t.Errorf("dedupe = %s/%s, want %s/%s", c.Dedupe.Store, c.Dedupe.Broker, tc.store, tc.broker)
+			}
+		})
+	}
+}
+
+// TestBrokerConfigErrors checks the configuration problems of broker
+// settings, kinds and the brokers the dedupe store names, each reported as
+// "file:line: field: message".
+func TestBrokerConfigErrors(t *testing.T) {
+	nats := "brokers:\n  nats: {type: nats, url: nats://127.0.0.1:4222}\n"
+	for _, tc := range []struct {
+		name string
+		body string
+		want []string // substrings, each of one problem line
+	}{
+		{"unknown broker field", "brokers:\n  nats:\n    type: nats\n    url: nats://a:1\n    pass: x\n", []string{"config.yaml:5: brokers.nats.pass: unknown field"}},
+		{"duplicate broker", nats + "  nats: {type: nats, url: nats://b:1}\n", []string{"config.yaml:3: brokers.nats: duplicate key (first at line 2)"}},
+		{"list wanted", "brokers:\n  r: {type: rocketmq, nameservers: \"a:1\"}\n", []string{"brokers.r.nameservers: want a list"}},
+		{"env unset", nats[:len(nats)-2] + ", user: u, password: \"${CB_UNSET_PW}\"}\n", []string{"config.yaml:2: brokers.nats.password: environment variable CB_UNSET_PW is not set"}},
+		{"secret file missing", nats[:len(nats)-2] + ", token: \"file:/nonexistent/tok\"}\n", []string{"brokers.nats.token: reading secret file: /nonexistent/tok: no such file"}},
+		{"rules required", nats, []string{"config.yaml: rules: required when brokers are configured"}},
+		{"broker type missing", "rules: rules\nbrokers:\n  a: {url: nats://a:1}\n", []string{"config.yaml:3: brokers.a.type: required"}},
+		{"broker type unknown", "rules: rules\nbrokers:\n  a: {type: kafka}\n", []string{"brokers.a.type: unknown broker type \"kafka\""}},
+		{"broker empty", "rules: rules\nbrokers:\n  a:\n", []string{"config.yaml:3: brokers.a: empty broker"}},
+		{"broker name", "rules: rules\nbrokers:\n  \"a b\": {type: nats, url: nats://a:1}\n", []string{"brokers.a b: broker names use"}},
+		{"nats url missing", "rules: rules\nbrokers:\n  a: {type: nats}\n", []string{"brokers.a.url: required for type nats"}},
+		{"nats url scheme", "rules: rules\nbrokers:\n  a: {type: nats, url: \"http://a:1\"}\n", []string{"brokers.a.url: unsupported scheme \"http\""}},
+		{"nats url bad", "rules: rules\nbrokers:\n  a: {type: nats, url: \"a:1\"}\n", []string{"brokers.a.url: "}},
+		{"nats url empty item", "rules: rules\nbrokers:\n  a: {type: nats, url: \"nats://a:1,\"}\n", []string{"brokers.a.url: empty URL in list"}},
+		{"rmq field on nats", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, namespace: x}\n", []string{"brokers.a.namespace: only valid for type rocketmq"}},
+		{"tls cert without key", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, tls: {cert: /etc/hostname}}\n", []string{"brokers.a.tls: cert and key go together"}},
+		{"tls empty", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, tls: {}}\n", []string{"brokers.a.tls: empty"}},
+		{"tls file missing", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, tls: {ca: /nonexistent/ca.pem}}\n", []string{"brokers.a.tls.ca: cannot read file: /nonexistent/ca.pem"}},
+		{"creds missing", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, creds: /nonexistent/u.creds}\n", []string{"brokers.a.creds: cannot read file"}},
+		{"user without password", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, user: u}\n", []string{"brokers.a.password: required with user"}},
+		{"password without user", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, password: p}\n", []string{"brokers.a.user: required with password"}},
+		{"two auth methods", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, token: t, user: u, password: p}\n", []string{"brokers.a: choose one authentication"}},
+		{"rmq nameservers missing", "rules: rules\nbrokers:\n  r: {type: rocketmq}\n", []string{"brokers.r.nameservers: required"}},
+		{"rmq nameserver bad", "rules: rules\nbrokers:\n  r:\n    type: rocketmq\n    nameservers:\n      - 10.0.0.1:9876\n      - nohost\n", []string{"config.yaml:7: brokers.r.nameservers[1]: want IP:port"}},
+		{"rmq nameserver host name", "rules: rules\nbrokers:\n  r:\n    type: rocketmq\n    nameservers:\n      - namesrv.local:9876\n", []string{"config.yaml:6: brokers.r.nameservers[0]: want IP:port (the RocketMQ client refuses host names)"}},
+		{"rmq keys pair", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], accessKey: a}\n", []string{"brokers.r.secretKey: required with accessKey"}},
+		{"rmq exactlyOnce", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: always}\n", []string{"brokers.r.exactlyOnce: unknown mode"}},
+		{"nats field on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], url: nats://x:1}\n", []string{"brokers.r.url: only valid for type nats"}},
+		{"dedupe unknown broker", "rules: rules\n" + nats + "dedupe: {store: jetstream, broker: other}\n", []string{"dedupe.broker: unknown broker \"other\""}},
+		{"dedupe rmq broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream, broker: r}\n", []string{"dedupe.broker: broker \"r\" is of type rocketmq"}},
+		{"dedupe no broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream}\n", []string{"dedupe.broker: required for store jetstream"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeConfig(t, t.TempDir(), tc.body)
+			_, err := config.Load(p)
+			var ce config.Errors
+			if !errors.As(err, &ce) {
+				t.Fatalf("want config.Errors, got %v", err)
+			}
+			text := strings.ReplaceAll(err.Error(), p, "config.yaml")
+			lines := strings.Split(text, "\n")
+			if len(lines) < len(tc.want) {
+				t.Errorf("got %d problems, want at least %d:\n%s", len(lines), len(tc.want), text)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(text, w) {
+					t.Errorf("missing %q in:\n%s", w, text)
+				}
+			}
+			for _, l := range lines {
+				if !strings.HasPrefix(l, "config.yaml") {
+					t.Errorf("problem does not start with the file name: %q", l)
+				}
+			}
+		})
+	}
+}
+
+func TestConfigSecrets(t *testing.T) {
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "token")
+	if err := os.WriteFile(tok, []byte("tok-from-file\r\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("CB_TOKEN_DIR", dir)
+	t.Setenv("CB_URL", "nats://h:4222")
+	for _, tc := range []struct {
+		name, value, want string
+	}{
+		{"inline", "plain", "plain"},
+		{"env", "${CB_TOKEN_DIR}", dir},
+		{"env default", "${CB_NOPE:-fallback}", "fallback"},
+		{"env set beats default", "${CB_TOKEN_DIR:-fallback}", dir},
+		{"file absolute", "file:" + tok, "tok-from-file"},
+		{"file relative to config", "file:token", "tok-from-file"},
+		{"file path from env", "file:${CB_TOKEN_DIR}/token", "tok-from-file"},
+		{"dollar escape", "a$$b", "a$b"},
+		{"lone dollar kept", "a$b", "a$b"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeConfig(t, dir, fmt.Sprintf("rules: rules\nbrokers:\n  nats: {type: nats, url: \"${CB_URL}\", token: %q}\n", tc.value))
+			c, err := config.Load(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if inline := len(c.InlineSecrets()) > 0; inline != (tc.name == "inline" || strings.HasPrefix(tc.name, "lone") || strings.HasPrefix(tc.name, "dollar")) {
+				t.Errorf("inline secrets %v", c.InlineSecrets())
+			}
+			if got := natsOf(t, c, "nats").Token.Value(); got != tc.want {
+				t.Errorf("token = %q, want %q", got, tc.want)
+			}
+			if u := natsOf(t, c, "nats").URL; u != "nats://h:4222" {
+				t.Errorf("url = %q", u)
+			}
+		})
+	}
+	// Numbers may come from the environment although YAML sees a string.
+	t.Setenv("CB_WORKERS", "12")
+	c, err := config.Parse("c.yaml", []byte("pipeline: {workers: \"${CB_WORKERS}\"}\n"))
+	if err != nil || c.Pipeline.Workers != 12 {
+		t.Fatalf("workers from env: %v %v", c, err)
+	}
+}
+
+// exampleRules copies deploy/rules into a temp dir, applying the given
+// old→new replacements to every file, and returns the dir.
+func exampleRules(t testing.TB, replace ...string) string {
+	t.Helper()
+	src := filepath.Join("..", "..", "deploy", "rules")
+	dst := t.TempDir()
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := strings.NewReplacer(replace...)
+	used := make([]bool, len(replace)/2)
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < len(replace); i += 2 {
+			used[i/2] = used[i/2] || strings.Contains(string(b), replace[i])
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), []byte(r.Replace(string(b))), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The example rules may be edited; a replacement that no longer
+	// matches would silently test the unmodified rules.
+	for i, ok := range used {
+		if !ok {
+			t.Fatalf("deploy/rules no longer contains %q; update the test", replace[2*i])
+		}
+	}
+	return dst
+}
+
+func TestConfigCheckRules(t *testing.T) {
+	natsB := "  nats: {type: nats, url: nats://127.0.0.1:4222}\n"
+	rmqB := "  rmq: {type: rocketmq, nameservers: [\"127.0.0.1:9876\"]}\n"
+	cellB := "  nats-rz00: {type: nats, url: nats://a:1}\n  nats-rz01: {type: nats, url: nats://a:1}\n  nats-rz10: {type: nats, url: nats://a:1}\n  nats-gz00: {type: nats, url: nats://a:1}\n"
+	for _, tc := range []struct {
+		name    string
+		brokers string
+		replace []string
+		want    []string // empty: valid
+	}{
+		{"valid", natsB, nil, nil},
+		{"embedded valid", "", nil, nil},
+		{"source broker unknown", natsB, []string{"broker: nats               #", "broker: nats-src #"},
+			[]string{"orders.yaml:", "orders.source.broker: broker \"nats-src\" is not defined in config"}},
+		{"source broker wrong type", natsB + rmqB, []string{"broker: nats               #", "broker: rmq #"},
+			[]string{"orders.source.broker: broker \"rmq\" is of type rocketmq", "needs a nats broker"}},
+		{"dlq broker unknown", natsB, []string{"broker: nats\n  subject: dlq.payments", "broker: gone\n  subject: dlq.payments"},
+			[]string{"payments.dlq.broker: broker \"gone\" is not defined"}},
+		{"cell broker template ok", natsB + cellB, []string{"broker: nats\n  subject: \"cell.{cell}.orders\"", "broker: \"nats-{cell}\"\n  subject: \"cell.{cell}.orders\""}, nil},
+		{"cell broker template missing", natsB + "  nats-rz00: {type: nats, url: nats://a:1}\n",
+			[]string{"broker: nats\n  subject: \"cell.{cell}.orders\"", "broker: \"nats-{cell}\"\n  subject: \"cell.{cell}.orders\""},
+			[]string{"orders.target.broker: broker \"nats-rz01\" (target broker \"nats-{cell}\" for cell rz01) is not defined",
+				"broker \"nats-rz10\"", "broker \"nats-gz00\""}},
+		{"embedded only has nats", "", []string{"broker: nats               #", "broker: other #"},
+			[]string{"the embedded default has only the broker \"nats\""}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rules := exampleRules(t, tc.replace...)
+			body := "rules: " + rules + "\n"
+			if tc.brokers != "" {
+				body += "brokers:\n" + tc.brokers
+			}
+			p := writeConfig(t, t.TempDir(), body)
+			c, err := config.Load(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tbl, err := router.Load(rules)
+			if err != nil {
+				t.Fatalf("rules: %v", err)
+			}
+			err = c.CheckRules(tbl)
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatalf("unexpected: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("missing %q in:\n%v", w, err)
+				}
+			}
+		})
+	}
+}
