@@ -17,7 +17,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/config"
@@ -143,9 +142,7 @@ func runDemo(ctx context.Context, o *app.Options, f *demoFlags, stdout io.Writer
 		app.ForceOnSecondSignal(o.Log)
 	}
 	fmt.Fprintln(stdout, "stopping: draining in-flight messages, closing connections (Ctrl-C again to force) ...")
-	stopCtx, cancel := context.WithTimeout(context.Background(), app.StopTimeout(o.Config))
-	defer cancel()
-	if err := a.Stop(stopCtx); err != nil {
+	if err := a.Shutdown(); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	fmt.Fprintln(stdout, "stopped cleanly.")
@@ -409,7 +406,7 @@ func (d *demo) draw(counts map[string]map[string]uint64, final bool) uint64 {
 	}
 	tw.Flush()
 
-	outcomes := d.outcomes()
+	outcomes := d.info.Outcomes()
 	elapsed := time.Since(d.started)
 	rate := float64(total) / max(elapsed.Seconds(), 0.001)
 	head := fmt.Sprintf("published %d/%d  arrived %d (cells %d, DLQ %d)  %.0f msgs/s  %s",
@@ -431,28 +428,6 @@ func (d *demo) draw(counts map[string]map[string]uint64, final bool) uint64 {
 	fmt.Fprint(d.out, text)
 	d.lines = strings.Count(text, "\n")
 	return total
-}
-
-// outcomes sums cellbridge_messages_total by outcome over all rules.
-func (d *demo) outcomes() map[string]float64 {
-	out := map[string]float64{}
-	mfs, err := d.info.Pipeline.Metrics().Registry.Gather()
-	if err != nil {
-		return out
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != bridge.MetricMessages {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "outcome" {
-					out[l.GetValue()] += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return out
 }
 
 // printHelp says how to check the numbers by hand.

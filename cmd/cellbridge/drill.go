@@ -225,14 +225,9 @@ func drillApp(ctx context.Context, o *app.Options, data string, prepare func(app
 		return nil, err
 	}
 	info := a.Info
-	stopApp := func() error {
-		stopCtx, cancel := context.WithTimeout(context.Background(), app.StopTimeout(o.Config))
-		defer cancel()
-		return a.Stop(stopCtx)
-	}
 	dc, cleanup, err := prepare(info)
 	if err != nil {
-		_ = stopApp()
+		_ = a.Shutdown()
 		return nil, err
 	}
 	dc.BridgeURL = "http://" + info.HTTPAddr
@@ -247,7 +242,7 @@ func drillApp(ctx context.Context, o *app.Options, data string, prepare func(app
 	if cleanup != nil {
 		cleanup()
 	}
-	if err := stopApp(); err != nil && derr == nil {
+	if err := a.Shutdown(); err != nil && derr == nil {
 		derr = fmt.Errorf("stopping the bridge: %w", err)
 	}
 	return rep, derr

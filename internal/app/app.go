@@ -51,6 +51,29 @@ type Info struct {
 	Holder   *router.Holder
 }
 
+// Outcomes returns cellbridge_messages_total by outcome, summed over every
+// topic rule: what the bridge did with the messages it took.
+func (i Info) Outcomes() map[string]float64 {
+	out := map[string]float64{}
+	mfs, err := i.Pipeline.Metrics().Registry.Gather()
+	if err != nil {
+		return out
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != bridge.MetricMessages {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "outcome" {
+					out[l.GetValue()] += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return out
+}
+
 // StartTimeout bounds the start of the bridge: connecting, creating the
 // dedupe bucket and the consumers.
 const StartTimeout = 60 * time.Second
@@ -65,6 +88,7 @@ type App struct {
 	fx     *fx.App
 	res    *resources
 	failed *failure
+	cfg    *config.Config
 }
 
 // failure is closed once, when a component fails for good.
@@ -92,7 +116,7 @@ func Start(ctx context.Context, o Options) (*App, error) {
 	}
 	sctx, cancel := context.WithTimeout(ctx, StartTimeout)
 	defer cancel()
-	a := &App{res: &resources{}, failed: &failure{ch: make(chan struct{})}}
+	a := &App{res: &resources{}, failed: &failure{ch: make(chan struct{})}, cfg: o.Config}
 	a.fx = fx.New(module(sctx, &o, a.res, a.failed), fx.Populate(&a.Info),
 		fx.StartTimeout(StartTimeout), fx.StopTimeout(StopTimeout(o.Config)))
 	err := a.fx.Err()
@@ -119,6 +143,13 @@ func (a *App) Failed() <-chan struct{} { return a.failed.ch }
 // server. ctx bounds all of it.
 func (a *App) Stop(ctx context.Context) error { return a.fx.Stop(ctx) }
 
+// Shutdown stops the bridge within StopTimeout of its configuration.
+func (a *App) Shutdown() error {
+	ctx, cancel := context.WithTimeout(context.Background(), StopTimeout(a.cfg))
+	defer cancel()
+	return a.Stop(ctx)
+}
+
 // Run runs the bridge until ctx is cancelled (SIGINT/SIGTERM) or a
 // component fails for good, then stops it gracefully.
 func Run(ctx context.Context, o Options) error {
@@ -133,9 +164,7 @@ func Run(ctx context.Context, o Options) error {
 	case <-a.Failed():
 		failed = true
 	}
-	stopCtx, cancel := context.WithTimeout(context.Background(), StopTimeout(o.Config))
-	defer cancel()
-	if err := a.Stop(stopCtx); err != nil {
+	if err := a.Shutdown(); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	if failed {

@@ -364,3 +364,37 @@ func TestConfigCheckRules(t *testing.T) {
 		})
 	}
 }
+
+// TestBrokerPaths: the files a broker's settings name, resolved against the
+// configuration file, for checks such as "every file is on a Secret volume".
+func TestBrokerPaths(t *testing.T) {
+	c, err := config.ParseTemplate("/etc/cellbridge/config.yaml", []byte(`rules: rules
+brokers:
+  a: {type: nats, url: "nats://a:1", creds: a.creds, tls: {ca: /tls/ca.pem}}
+  b: {type: nats, url: "nats://b:1", user: u, password: "${PW}"}
+  r: {type: rocketmq, nameservers: ["127.0.0.1:1"], secretKey: "file:sk", accessKey: ak}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]map[string]string{
+		"a": {"creds": "/etc/cellbridge/a.creds", "tls.ca": "/tls/ca.pem"},
+		"b": {},
+		"r": {},
+	} {
+		if got := c.Brokers[name].Paths(); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s: paths %v, want %v", name, got, want)
+		}
+	}
+	if string(c.Rules) != "/etc/cellbridge/rules" {
+		t.Errorf("rules = %q", c.Rules)
+	}
+	// A template keeps references as written and reads no file; only the
+	// access key is inline.
+	if got := fmt.Sprint(c.InlineSecrets()); got != "[brokers.r.accessKey]" {
+		t.Errorf("inline secrets %s", got)
+	}
+	if pw := natsOf(t, c, "b").Password.Value(); pw != "${PW}" {
+		t.Errorf("password = %q", pw)
+	}
+}

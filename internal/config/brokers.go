@@ -22,6 +22,45 @@ type Broker struct {
 	Settings BrokerSettings
 }
 
+// Paths returns every file path the broker's settings name (fields of type
+// Path, resolved against the configuration file), by field path relative
+// to the broker ("creds", "tls.ca").
+func (b *Broker) Paths() map[string]string {
+	out := map[string]string{}
+	if b == nil || b.Settings == nil {
+		return out
+	}
+	var walk func(v reflect.Value, prefix string)
+	walk = func(v reflect.Value, prefix string) {
+		for v.Kind() == reflect.Pointer {
+			if v.IsNil() {
+				return
+			}
+			v = v.Elem()
+		}
+		if v.Kind() != reflect.Struct {
+			return
+		}
+		for i := range v.NumField() {
+			f := v.Type().Field(i)
+			tag := strings.Split(f.Tag.Get("yaml"), ",")[0]
+			if !f.IsExported() || tag == "" || tag == "-" {
+				continue
+			}
+			switch fv := v.Field(i); {
+			case fv.Type() == pathType:
+				if fv.String() != "" {
+					out[prefix+tag] = fv.String()
+				}
+			default:
+				walk(fv, prefix+tag+".")
+			}
+		}
+	}
+	walk(reflect.ValueOf(b.Settings), "")
+	return out
+}
+
 // BrokerSettings is the settings struct of one broker kind, a pointer to a
 // struct whose exported fields carry `yaml` tags. Fields of type Secret are
 // credentials (${ENV}, file:/path or inline); fields of type Path are files
