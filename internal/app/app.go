@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"go.uber.org/dig"
 	"go.uber.org/fx"
 	"go.uber.org/fx/fxevent"
 
@@ -119,7 +120,9 @@ func Start(ctx context.Context, o Options) (*App, error) {
 	a := &App{res: &resources{}, failed: &failure{ch: make(chan struct{})}, cfg: o.Config}
 	a.fx = fx.New(module(sctx, &o, a.res, a.failed), fx.Populate(&a.Info),
 		fx.StartTimeout(StartTimeout), fx.StopTimeout(StopTimeout(o.Config)))
-	err := a.fx.Err()
+	// A constructor's error reaches fx.Err wrapped in the graph's
+	// description; the constructor's own says what failed.
+	err := dig.RootCause(a.fx.Err())
 	if err == nil {
 		err = a.fx.Start(sctx)
 	}

@@ -205,7 +205,7 @@ func (b *brokers) jetStream(name string) (jetstream.JetStream, error) {
 	}
 	nc, ok := c.(*natsClient)
 	if !ok {
-		return nil, fmt.Errorf("broker %q is of type %s, not %s", name, b.kindOf[name], config.NATSType)
+		return nil, fmt.Errorf("broker %q is of type %s, not %s", name, b.typeOf[name], config.NATSType)
 	}
 	return nc.js[name], nil
 }

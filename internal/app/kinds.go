@@ -109,13 +109,13 @@ func brokerRoles(cfg *config.Config, t *router.Table) map[string][]string {
 // brokers holds the connected kinds and which kind each broker is.
 type brokers struct {
 	roles   map[string][]string
-	kindOf  map[string]string     // broker name → type
+	typeOf  map[string]string     // broker name → type
 	clients map[string]kindClient // type → client
 }
 
 // client returns the client of broker name's kind.
 func (b *brokers) client(name string) (kindClient, error) {
-	c := b.clients[b.kindOf[name]]
+	c := b.clients[b.typeOf[name]]
 	if c == nil {
 		return nil, fmt.Errorf("broker %q is not connected (no rule uses it)", name)
 	}
@@ -127,7 +127,7 @@ func (b *brokers) client(name string) (kindClient, error) {
 // server; its streams are created here, as the example rules need them.
 func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *embeddedNATS, health *bridge.Health, log *slog.Logger) (*brokers, error) {
 	cfg := o.Config
-	b := &brokers{roles: brokerRoles(cfg, o.Rules), kindOf: map[string]string{}, clients: map[string]kindClient{}}
+	b := &brokers{roles: brokerRoles(cfg, o.Rules), typeOf: map[string]string{}, clients: map[string]kindClient{}}
 	for _, f := range cfg.InlineSecrets() {
 		log.Warn("secret written in clear in the config file; prefer ${ENV_VAR} or file:/path", "field", f)
 	}
@@ -142,7 +142,7 @@ func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *em
 			log.Warn("broker not used by any rule or the dedupe store; not connecting", "broker", name)
 			continue
 		}
-		b.kindOf[name] = cb.Type
+		b.typeOf[name] = cb.Type
 		byKind[cb.Type] = append(byKind[cb.Type], usedBroker{name: name, settings: cb.Settings, roles: b.roles[name]})
 	}
 	env := kindEnv{cfg: cfg, health: health, log: log}

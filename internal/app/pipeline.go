@@ -44,8 +44,8 @@ func newDedupe(ctx startCtx, lc fx.Lifecycle, res *resources, cfg *config.Config
 func newSinks(lc fx.Lifecycle, res *resources, o *Options, b *brokers, store dedupe.Store) (bridge.SinkLookup, error) {
 	byKind := map[string][]string{}
 	for name, roles := range b.roles {
-		if slices.Contains(roles, roleSink) && b.kindOf[name] != "" {
-			byKind[b.kindOf[name]] = append(byKind[b.kindOf[name]], name)
+		if slices.Contains(roles, roleSink) && b.typeOf[name] != "" {
+			byKind[b.typeOf[name]] = append(byKind[b.typeOf[name]], name)
 		}
 	}
 	m := map[string]bridge.Sink{}

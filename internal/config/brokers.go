@@ -111,8 +111,8 @@ func RegisterBrokerKind(k BrokerKind) {
 	kinds.m[k.Type] = k
 }
 
-// BrokerKindOf returns the registered kind of type typ.
-func BrokerKindOf(typ string) (BrokerKind, bool) {
+// brokerKindOf returns the registered kind of type typ.
+func brokerKindOf(typ string) (BrokerKind, bool) {
 	kinds.RLock()
 	defer kinds.RUnlock()
 	k, ok := kinds.m[typ]
@@ -185,7 +185,7 @@ func (c *Config) validateBrokers(bad func(field, format string, args ...any)) {
 			bad(p, "empty broker (want at least type)")
 			continue
 		}
-		if _, ok := BrokerKindOf(b.Type); !ok {
+		if _, ok := brokerKindOf(b.Type); !ok {
 			if b.Type == "" {
 				bad(p+".type", "required: %s", kindList())
 			} else {
@@ -249,12 +249,12 @@ func (c *Config) CheckRules(t *router.Table) error {
 	where := "config " + c.File
 	check := func(r *router.Rule, field, broker, context string, serves func(BrokerKind) bool) {
 		typ, ok := c.brokerType(broker)
-		k, known2 := BrokerKindOf(typ)
+		k, knownKind := brokerKindOf(typ)
 		switch {
 		case !ok:
 			errs = append(errs, Problem{File: r.File, Line: r.Line, Field: r.Name + "." + field,
 				Msg: fmt.Sprintf("broker %q%s is not defined in %s (%s)", broker, context, where, known)})
-		case !known2 || !serves(k):
+		case !knownKind || !serves(k):
 			errs = append(errs, Problem{File: r.File, Line: r.Line, Field: r.Name + "." + field,
 				Msg: fmt.Sprintf("broker %q%s is of type %s in %s, but the rule needs a %s broker", broker, context, typ, where, servingKind(serves))})
 		}

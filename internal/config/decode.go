@@ -309,7 +309,7 @@ func (d *decoder) broker(n *yaml.Node, b *Broker, path string) {
 			d.decode(n.Content[i+1], reflect.ValueOf(&b.Type).Elem(), join(path, "type"))
 		}
 	}
-	k, ok := BrokerKindOf(b.Type)
+	k, ok := brokerKindOf(b.Type)
 	if ok {
 		b.Settings = k.NewSettings()
 	}

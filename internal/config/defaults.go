@@ -7,8 +7,8 @@ import (
 	"strings"
 )
 
-// DefaultRow is one row of the defaults table.
-type DefaultRow struct {
+// defaultRow is one row of the defaults table.
+type defaultRow struct {
 	Field string // dotted field path, e.g. "pipeline.maxInFlight"
 	Value string // as written in the file; "" for a computed default (Doc says how)
 	Doc   string
@@ -17,7 +17,7 @@ type DefaultRow struct {
 // defaults is the single table of defaults: applyDefaults reads it,
 // `cellbridge run -defaults` prints it (WriteDefaults), and the README copies
 // it (a test compares them).
-var defaults = []DefaultRow{
+var defaults = []defaultRow{
 	{"rules", "", "rule directory; required with brokers; built-in: the example rules (deploy/rules)"},
 	{"brokers", "", "none: the embedded default (in-process nats-server with JetStream, broker name `nats`)"},
 	{"dedupe.store", "", "`jetstream` when a NATS broker exists (and for the embedded default), else `memory`"},
@@ -45,9 +45,6 @@ var defaults = []DefaultRow{
 	{"log.level", "info", "debug | info | warn | error"},
 	{"log.format", "auto", "auto (JSON when stderr is not a terminal) | json | text"},
 }
-
-// Defaults returns a copy of the defaults table, in documentation order.
-func Defaults() []DefaultRow { return append([]DefaultRow(nil), defaults...) }
 
 // WriteDefaults writes the defaults table as Markdown: the README's table
 // and the output of `cellbridge run -defaults`.
