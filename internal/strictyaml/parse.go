@@ -45,9 +45,24 @@ func Documents(file string, data []byte) ([]*yaml.Node, Errors) {
 		}
 	}
 	if err != nil {
-		return roots, Errors{SyntaxProblem(file, err)}
+		p := SyntaxProblem(file, err)
+		// A parser error in a collection that starts on the first line is
+		// reported at the 0-based line of the mistake, which the fix-up
+		// can move past the end of the file.
+		p.Line = min(p.Line, lineCount(data))
+		return roots, Errors{p}
 	}
 	return roots, nil
+}
+
+// lineCount returns the number of lines of data that hold any character,
+// counting "\n", "\r\n" and a lone "\r" as line breaks, as yaml.v3 does.
+func lineCount(data []byte) int {
+	n := bytes.Count(data, []byte("\n")) + bytes.Count(data, []byte("\r")) - bytes.Count(data, []byte("\r\n"))
+	if len(data) > 0 && data[len(data)-1] != '\n' && data[len(data)-1] != '\r' {
+		n++
+	}
+	return n
 }
 
 // Parse returns every document of data as a yaml.DocumentNode, empty ones

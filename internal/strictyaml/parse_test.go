@@ -22,7 +22,8 @@ func TestDocuments(t *testing.T) {
 		{"several", "a: 1\n---\n---\n~\n---\nb: 2\n", []int{1, 6}, nil},
 		{"scanner error", "a: 1\nb: \"x\n", nil, []string{"f.yaml:2: invalid YAML: found unexpected end of stream"}},
 		{"parser error", "a: 1\nb: [1, 2\nc: 3\n", nil, []string{"f.yaml:2: invalid YAML: did not find expected ',' or ']' (in the collection starting on this line)"}},
-		{"error after a document", "a: 1\n---\nb: [\n", []int{1}, []string{"f.yaml:4: invalid YAML: did not find expected node content (in the collection starting on this line)"}},
+		{"error after a document", "a: 1\n---\nb: [\n", []int{1}, []string{"f.yaml:3: invalid YAML: did not find expected node content (in the collection starting on this line)"}},
+		{"parser error on the last line", "rules: [", nil, []string{"f.yaml:1: invalid YAML: did not find expected node content (in the collection starting on this line)"}},
 		{"too deep for yaml.v3", strings.Repeat("[", 10001), nil, []string{"f.yaml: invalid YAML: exceeded max depth of 10000"}},
 		{"unknown anchor", "a: *x\n", nil, []string{"f.yaml: invalid YAML: unknown anchor 'x' referenced"}},
 	} {
