@@ -362,6 +362,9 @@ func (p *Pipeline) dispatch(t *task) *task {
 	if p.draining.Load() {
 		return p.finish(t, errDraining)
 	}
+	if t.m.Epoch.Revoked() {
+		return p.revoked(t)
+	}
 	if t.poison == "" && !t.dlq {
 		if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
 			t.d = tbl.Route(t.m.Rule, &t.m.Message)
@@ -457,6 +460,17 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 				return p.dispatch(t)
 			}
 		}
+	}
+	if t.m.Epoch.Revoked() {
+		// Revoked during a remote store's round trip: the new owner
+		// forwards the message; keep the key free for it.
+		if t.reserved {
+			t.reserved = false
+			if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
+				p.met.DedupeErrors.WithLabelValues("release").Inc()
+			}
+		}
+		return p.revoked(t)
 	}
 	if t.failedOn != nil && t.failedOn != ss {
 		p.leaveSink(t)
@@ -578,6 +592,14 @@ func (p *Pipeline) leaveSink(t *task) {
 	if ss.waiting.Add(-1) == 0 {
 		markRecovered(p.health, &ss.failing, ss.what)
 	}
+}
+
+// revoked settles the active message t, whose source epoch ended before it
+// was published: another replica re-reads and forwards it.
+func (p *Pipeline) revoked(t *task) *task {
+	p.leaveSink(t)
+	t.rs.met.revoked.Inc()
+	return p.finish(t, ErrRevoked)
 }
 
 // retry schedules another attempt of the active message t after a
