@@ -62,10 +62,7 @@ const closeSlack = 2 * time.Second
 // adapter h describes. Each contract point is a subtest with a fixture of
 // its own.
 func TestSink(t *testing.T, h SinkHarness) {
-	for _, c := range []struct {
-		name string
-		run  func(t *testing.T, h SinkHarness, fx SinkFixture)
-	}{
+	runPoints(t, h, h.Open, []point[SinkHarness, SinkFixture]{
 		{"StoresBodyHeadersAndMsgID", sinkStoresBodyHeadersAndMsgID},
 		{"DoneExactlyOnce", sinkDoneExactlyOnce},
 		{"Duplicate", sinkDuplicate},
@@ -73,9 +70,7 @@ func TestSink(t *testing.T, h SinkHarness) {
 		{"BlockedPublishHonoursContext", sinkBlockedPublishHonoursContext},
 		{"CloseWaitsForPending", sinkCloseWaitsForPending},
 		{"CloseWithinContext", sinkCloseWithinContext},
-	} {
-		t.Run(c.name, func(t *testing.T) { c.run(t, h, h.Open(t)) })
-	}
+	})
 }
 
 // openSink returns a sink of fx and a close function that closes it once

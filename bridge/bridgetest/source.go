@@ -77,10 +77,7 @@ const (
 // the adapter h describes. Each contract point is a subtest with a fixture
 // of its own.
 func TestSource(t *testing.T, h SourceHarness) {
-	for _, c := range []struct {
-		name string
-		run  func(t *testing.T, h SourceHarness, fx SourceFixture)
-	}{
+	runPoints(t, h, h.Open, []point[SourceHarness, SourceFixture]{
 		{"MessageFields", sourceMessageFields},
 		{"Order", sourceOrder},
 		{"AckIsFinal", sourceAckIsFinal},
@@ -92,8 +89,19 @@ func TestSource(t *testing.T, h SourceHarness) {
 		{"AckBehindUnsettled", sourceAckBehindUnsettled},
 		{"BlockedHandlerCancel", sourceBlockedHandlerCancel},
 		{"CancelledBeforeRun", sourceCancelledBeforeRun},
-	} {
-		t.Run(c.name, func(t *testing.T) { c.run(t, h, h.Open(t)) })
+	})
+}
+
+// point is one contract point: a subtest given the harness and a fixture
+// of its own.
+type point[H, F any] struct {
+	name string
+	run  func(t *testing.T, h H, fx F)
+}
+
+func runPoints[H, F any](t *testing.T, h H, open func(*testing.T) F, points []point[H, F]) {
+	for _, p := range points {
+		t.Run(p.name, func(t *testing.T) { p.run(t, h, open(t)) })
 	}
 }
 
@@ -269,6 +277,20 @@ func marker(t *testing.T, fx SourceFixture, rec *recorder, body string) {
 	rec.waitFor(t, body, 1)
 }
 
+// nextGetsOnlyNew replaces r by the group's next source and checks that it
+// delivers a marker published now and nothing before it: every message r
+// was handed was acknowledged. lost says what it means otherwise.
+func nextGetsOnlyNew(t *testing.T, fx SourceFixture, r *running, group, lost string) {
+	t.Helper()
+	rec := newRecorder(ackNil)
+	restart(t, fx, r, group, rec.handle)
+	const body = "next-marker"
+	marker(t, fx, rec, body)
+	if got := rec.bodies(); !slices.Equal(got, []string{body}) {
+		t.Fatalf("the group's next source got %s, want only the new marker: %s", rec.trace(), lost)
+	}
+}
+
 // checkOnce fails unless every body in bodies was delivered exactly once.
 func checkOnce(t *testing.T, rec *recorder, bodies ...string) {
 	t.Helper()
@@ -355,12 +377,7 @@ func sourceAckIsFinal(t *testing.T, _ SourceHarness, fx SourceFixture) {
 	marker(t, fx, rec, "marker-1")
 	checkOnce(t, rec, acked...)
 
-	rec2 := newRecorder(ackNil)
-	restart(t, fx, r, "final", rec2.handle)
-	marker(t, fx, rec2, "marker-2")
-	if got := rec2.bodies(); !slices.Equal(got, []string{"marker-2"}) {
-		t.Fatalf("the group's next source got %q, want only the new marker: acknowledged messages came back", got)
-	}
+	nextGetsOnlyNew(t, fx, r, "final", "acknowledged messages came back")
 }
 
 func sourceNackRedelivers(t *testing.T, _ SourceHarness, fx SourceFixture) {
@@ -494,12 +511,7 @@ func sourceAcksAfterRunCount(t *testing.T, _ SourceHarness, fx SourceFixture) {
 	for _, d := range rec.all() {
 		_ = d.ack(context.Background(), nil)
 	}
-	rec2 := newRecorder(ackNil)
-	restart(t, fx, r, "drain", rec2.handle)
-	marker(t, fx, rec2, "marker")
-	if got := rec2.bodies(); !slices.Equal(got, []string{"marker"}) {
-		t.Fatalf("the group's next source got %q, want only the marker: acks after Run returned were lost", got)
-	}
+	nextGetsOnlyNew(t, fx, r, "drain", "acks after Run returned were lost")
 }
 
 func sourceBlockedHandlerCancel(t *testing.T, _ SourceHarness, fx SourceFixture) {
