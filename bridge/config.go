@@ -50,6 +50,10 @@ type Config struct {
 	// ProgressTimeout: /readyz reports not ready when a rule has a backlog
 	// but nothing made progress for this long. Default 60s.
 	ProgressTimeout time.Duration
+	// StallTimeout: /readyz reports not ready while a rule's oldest message
+	// that is accepted, not parked and not settled is older than this (a
+	// target, the dedupe store or a retry holds it up). Default 3s.
+	StallTimeout time.Duration
 	// AckWait is the sources' ack deadline; the pipeline sends ErrInProgress
 	// for every message older than AckWait/2 (every AckWait/4). Default 30s.
 	AckWait time.Duration
@@ -104,6 +108,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.ProgressTimeout == 0 {
 		c.ProgressTimeout = 60 * time.Second
+	}
+	if c.StallTimeout == 0 {
+		c.StallTimeout = 3 * time.Second
 	}
 	if c.AckWait == 0 {
 		c.AckWait = 30 * time.Second
@@ -192,6 +199,7 @@ func (c Config) Validate() error {
 	atLeast("drainTimeout", c.DrainTimeout, time.Millisecond)
 	atLeast("heldRecheck", c.HeldRecheck, time.Millisecond)
 	atLeast("progressTimeout", c.ProgressTimeout, time.Millisecond)
+	atLeast("stallTimeout", c.StallTimeout, time.Millisecond)
 	atLeast("ackWait", c.AckWait, 4*time.Millisecond)
 	if c.MaxMessageBytes < 1 || c.MaxMessageBytes > maxMessageBytesLimit {
 		bad("maxMessageBytes", "must be between 1 byte and 64MiB, got %d", c.MaxMessageBytes)

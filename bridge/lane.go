@@ -28,9 +28,10 @@ type task struct {
 	// and the sink are done with the message by then).
 	hdr map[string][]string
 
-	mu       sync.Mutex // guards ack, settled, lastBeat, timer; arrived is written under it
+	mu       sync.Mutex // guards ack, settled, lastBeat, timer; arrived and epoch are written under it
 	ack      Ack        // nil once settled
 	arrived  int64      // unix ns; read without mu only while the task is live
+	epoch    *Epoch     // m.Epoch, for heartbeats, which must not read m
 	settled  bool
 	lastBeat int64
 	timer    *time.Timer
@@ -58,8 +59,8 @@ type taskData struct {
 	counted  bool          // holds an in-flight budget slot
 	phase    uint8
 	err      error
-	ss       *sinkState
-	failedOn *sinkState // broker whose publish of this message failed last (sinkState.waiting)
+	ss       *targetState
+	failedOn *targetState // target whose publish of this message failed last (targetState.waiting)
 
 	out      Outgoing
 	hv       [6]string // backing store of the forward header values
@@ -67,6 +68,7 @@ type taskData struct {
 	lentHdr  bool // m.Header is t.hdr
 
 	prev, next *task  // ruleState arrival list, guarded by rs.mu
+	inPark     bool   // parked (held); guarded by rs.mu, for the stall age
 	qnext      *task  // lane queue or park queue, guarded by lane.mu
 	seq        uint64 // arrival order in the lane; queues are sorted by it
 }
@@ -105,6 +107,7 @@ func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 	t.m = m // taskData is zero: new, or cleared by recycle
 	t.ack = ack
 	t.arrived = now
+	t.epoch = m.Epoch
 	t.p = p
 	t.settled = false
 	t.lastBeat = 0
@@ -323,6 +326,7 @@ func (p *Pipeline) parkLocked(l *lane, t *task) bool {
 	q.n++
 	p.heldN.Add(1)
 	t.rs.held.Add(1)
+	t.rs.setParked(t, true)
 	// Parking is progress for readiness: a rule whose traffic is all held
 	// during a switch is not stuck.
 	t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
@@ -362,13 +366,14 @@ func (p *Pipeline) recheckParked() {
 	}
 	p.parkMu.Unlock()
 	for _, l := range lanes {
-		var start, over []*task
+		var start, over, revoked []*task
 		l.mu.Lock()
 		// Load the table under the lane lock: every message parked in this
 		// lane was parked under this table or an older one, so a release
 		// never acts on a table older than the decision that parked.
 		tbl := p.rules.Load()
 		for k, q := range l.parked {
+			revoked = p.dropRevokedLocked(q, revoked)
 			var d router.Decision
 			if q.head != nil {
 				// Route the oldest message itself: its key is what the
@@ -388,6 +393,7 @@ func (p *Pipeline) recheckParked() {
 				t.d.Version = -1 // route again at dispatch
 				t.counted = true
 				t.rs.held.Add(-1)
+				t.rs.setParked(t, false)
 			}
 			p.heldN.Add(-int64(q.n))
 			p.budget.force(q.n)
@@ -408,10 +414,44 @@ func (p *Pipeline) recheckParked() {
 		for _, o := range over {
 			p.refuse(o, Hold(p.cfg.HoldDelay))
 		}
+		for _, r := range revoked {
+			r.rs.met.revoked.Inc()
+			p.refuse(r, ErrRevoked)
+		}
 		for _, n := range start {
 			p.enqueue(n, phaseDispatch)
 		}
 	}
+}
+
+// dropRevokedLocked unlinks the parked messages of q whose source epoch was
+// revoked (the new owner parks its own copies) and appends them to out, to
+// be settled outside the lane lock. They would otherwise hold MaxHeld room
+// until their shard is released.
+func (p *Pipeline) dropRevokedLocked(q *parkQ, out []*task) []*task {
+	var prev *task
+	for t := q.head; t != nil; {
+		nx := t.qnext
+		if !t.m.Epoch.Revoked() {
+			prev, t = t, nx
+			continue
+		}
+		if prev == nil {
+			q.head = nx
+		} else {
+			prev.qnext = nx
+		}
+		if q.tail == t {
+			q.tail = prev
+		}
+		t.qnext = nil
+		q.n--
+		p.heldN.Add(-1)
+		t.rs.held.Add(-1)
+		out = append(out, t)
+		t = nx
+	}
+	return out
 }
 
 // track adds t to the rule's arrival-ordered list of unacknowledged messages.
@@ -426,6 +466,27 @@ func (rs *ruleState) track(t *task) {
 	rs.tail = t
 	rs.n++
 	rs.mu.Unlock()
+}
+
+// setParked marks t as parked or not, for stallAge.
+func (rs *ruleState) setParked(t *task, parked bool) {
+	rs.mu.Lock()
+	t.inPark = parked
+	rs.mu.Unlock()
+}
+
+// stallAge returns how long ago (ns before now) the oldest unsettled message
+// that is not parked arrived; 0 when there is none. Parked messages wait for
+// an operator's switch, not for the bridge, so they do not count.
+func (rs *ruleState) stallAge(now int64) int64 {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	for t := rs.head; t != nil; t = t.next {
+		if !t.inPark {
+			return max(0, now-t.arrived)
+		}
+	}
+	return 0
 }
 
 func (rs *ruleState) untrack(t *task) {

@@ -61,7 +61,9 @@ func (p *Pipeline) heartbeat() {
 	}
 	for _, t := range due {
 		t.mu.Lock()
-		if !t.settled && now-max(t.arrived, t.lastBeat) >= limit {
+		// A revoked delivery gets no heartbeat: the new owner's copy of
+		// the message is the one that must not be redelivered.
+		if !t.settled && !t.epoch.Revoked() && now-max(t.arrived, t.lastBeat) >= limit {
 			t.lastBeat = now
 			_ = t.ack(context.Background(), ErrInProgress)
 		}
@@ -203,6 +205,9 @@ func (p *Pipeline) updateGauges() {
 		h := int(rs.held.Load())
 		rs.met.inFlight.Set(float64(n - h))
 		rs.met.oldest.Set(oldest)
+		stall := rs.stallAge(now)
+		rs.hl.stall.Store(stall)
+		rs.met.stall.Set(time.Duration(stall).Seconds())
 		rs.met.heldN.Set(float64(h))
 		if hs := held[name]; hs != nil {
 			rs.met.heldOldest.Set(time.Duration(now - hs.oldest).Seconds())

@@ -82,6 +82,7 @@ type PipelineConfig struct {
 	MaxHops         int         `yaml:"maxHops"`
 	DrainTimeout    Duration    `yaml:"drainTimeout"`
 	ProgressTimeout Duration    `yaml:"progressTimeout"`
+	StallTimeout    Duration    `yaml:"stallTimeout"`
 	AckWait         Duration    `yaml:"ackWait"`
 	MaxHeld         int         `yaml:"maxHeld"`
 	HeldRecheck     Duration    `yaml:"heldRecheck"`
@@ -108,6 +109,7 @@ func (p PipelineConfig) Bridge() bridge.Config {
 		MaxHops:         p.MaxHops,
 		DrainTimeout:    p.DrainTimeout.D(),
 		ProgressTimeout: p.ProgressTimeout.D(),
+		StallTimeout:    p.StallTimeout.D(),
 		AckWait:         p.AckWait.D(),
 		Lanes:           p.Lanes,
 	}

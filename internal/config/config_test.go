@@ -58,6 +58,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"maxHops", pl.MaxHops, 4},
 		{"drainTimeout", pl.DrainTimeout.D(), 20 * time.Second},
 		{"progressTimeout", pl.ProgressTimeout.D(), 60 * time.Second},
+		{"stallTimeout", pl.StallTimeout.D(), 3 * time.Second},
 		{"ackWait", pl.AckWait.D(), 30 * time.Second},
 		{"maxHeld", pl.MaxHeld, 10000},
 		{"log.level", c.Log.Level, "info"},

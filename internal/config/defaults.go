@@ -39,6 +39,7 @@ var defaults = []defaultRow{
 	{"pipeline.maxHops", "4", "messages with more Cell-Hops go to the DLQ (too_many_hops)"},
 	{"pipeline.drainTimeout", "20s", "on shutdown: time to finish in-flight messages"},
 	{"pipeline.progressTimeout", "60s", "/readyz fails when a backlog exists and nothing was forwarded for this long"},
+	{"pipeline.stallTimeout", "3s", "/readyz fails while a rule's oldest accepted, unparked, unsettled message is older than this (a target, the dedupe store or a retry holds it up)"},
 	{"pipeline.ackWait", "30s", "source redelivery timeout (longer than the worst processing time)"},
 	{"pipeline.maxHeld", "10000", "held messages parked in memory (in order per key); beyond it they are redelivered after holdDelay"},
 	{"pipeline.heldRecheck", "1s", "how often parked messages are re-resolved without a rules change"},
