@@ -99,7 +99,7 @@ func TestRunBadStartup(t *testing.T) {
 	}{
 		{"unknown field", good + "pipeline:\n  maxInflight: 10\n", []string{"config.yaml:6: pipeline.maxInflight: unknown field"}},
 		{"several problems", good + "pipeline:\n  workers: -1\n  holdDelay: soon\n", []string{
-			"config.yaml:6: pipeline.workers", "config.yaml:7: pipeline.holdDelay: want a duration"}},
+			"config.yaml:6: pipeline.workers", "config.yaml:7: pipeline.holdDelay: must be a duration"}},
 		{"secret from unset env", strings.Replace(good, "url: ", "token: \"${CB_BAD_UNSET}\", url: ", 1), []string{
 			"config.yaml:3: brokers.nats.token: environment variable CB_BAD_UNSET is not set"}},
 		{"bad rules", strings.Replace(good, env.rules, broken, 1), []string{

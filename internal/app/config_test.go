@@ -169,7 +169,7 @@ func TestBrokerConfigErrors(t *testing.T) {
 	}{
 		{"unknown broker field", "brokers:\n  nats:\n    type: nats\n    url: nats://a:1\n    pass: x\n", []string{"config.yaml:5: brokers.nats.pass: unknown field"}},
 		{"duplicate broker", nats + "  nats: {type: nats, url: nats://b:1}\n", []string{"config.yaml:3: brokers.nats: duplicate key (first at line 2)"}},
-		{"list wanted", "brokers:\n  r: {type: rocketmq, nameservers: \"a:1\"}\n", []string{"brokers.r.nameservers: want a list"}},
+		{"list wanted", "brokers:\n  r: {type: rocketmq, nameservers: \"a:1\"}\n", []string{`brokers.r.nameservers: must be a list, not the string "a:1"`}},
 		{"env unset", nats[:len(nats)-2] + ", user: u, password: \"${CB_UNSET_PW}\"}\n", []string{"config.yaml:2: brokers.nats.password: environment variable CB_UNSET_PW is not set"}},
 		{"secret file missing", nats[:len(nats)-2] + ", token: \"file:/nonexistent/tok\"}\n", []string{"brokers.nats.token: reading secret file: /nonexistent/tok: no such file"}},
 		{"rules required", nats, []string{"config.yaml: rules: required when brokers are configured"}},
@@ -397,4 +397,107 @@ brokers:
 	if pw := natsOf(t, c, "b").Password.Value(); pw != "${PW}" {
 		t.Errorf("password = %q", pw)
 	}
+}
+
+// laughs is a "billion laughs" document: depth levels of aliases, each
+// naming the level below width times, under brokers.
+func laughs(depth, width int) []byte {
+	var b strings.Builder
+	b.WriteString("x0: &l0 {type: nats, url: \"nats://a:1\"}\n")
+	for i := 1; i <= depth; i++ {
+		fmt.Fprintf(&b, "x%d: &l%d [", i, i)
+		for j := range width {
+			if j > 0 {
+				b.WriteString(", ")
+			}
+			fmt.Fprintf(&b, "*l%d", i-1)
+		}
+		b.WriteString("]\n")
+	}
+	b.WriteString("brokers:\n")
+	for j := range width {
+		fmt.Fprintf(&b, "  b%d: *l%d\n", j, depth)
+	}
+	return []byte(b.String())
+}
+
+// TestConfigAliasBomb: small files that expand to billions of values stop
+// at the walker's budget with a clear problem, or are refused before they
+// expand (an alias where the schema wants another shape); brokers that alias
+// one mapping do not multiply the look-ahead for their types.
+func TestConfigAliasBomb(t *testing.T) {
+	// 1,000 brokers whose name servers alias one list of 100,000: 10^8
+	// values after expansion, from 300 kB.
+	var lists strings.Builder
+	lists.WriteString("x: &a [" + strings.Repeat("1, ", 100000) + "1]\nbrokers:\n")
+	for i := range 1000 {
+		fmt.Fprintf(&lists, "  b%d: {type: rocketmq, nameservers: *a}\n", i)
+	}
+	// 20,000 brokers aliasing one mapping.
+	var wide strings.Builder
+	wide.WriteString("x: &m {type: nats, url: \"nats://a:1\"}\nbrokers:\n")
+	for i := range 20000 {
+		fmt.Fprintf(&wide, "  b%d: *m\n", i)
+	}
+	for _, tc := range []struct {
+		name, want string
+		data       []byte
+	}{
+		{"aliased lists under brokers", "document too large", []byte(lists.String())},
+		{"many brokers", "brokers: more than 1000 brokers", []byte(wide.String())},
+		{"laughs under brokers", "brokers.b0: must be a mapping, not a list", laughs(9, 10)},
+		{"deep nesting", "pipeline.a: unknown field", []byte("pipeline: " + strings.Repeat("{a: ", 5000) + strings.Repeat("}", 5000) + "\n")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := config.Parse("bomb.yaml", tc.data)
+			var ce config.Errors
+			if !errors.As(err, &ce) {
+				t.Fatalf("want config.Errors, got %v", err)
+			}
+			if len(ce) > 1100 {
+				t.Fatalf("%d problems", len(ce))
+			}
+			found := false
+			for _, p := range ce {
+				if p.File != "bomb.yaml" || p.Line < 1 {
+					t.Fatalf("problem not located in the file: %+v", p)
+				}
+				found = found || strings.Contains(p.String(), tc.want)
+			}
+			if !found {
+				t.Fatalf("no problem with %q in:\n%v", tc.want, err)
+			}
+		})
+	}
+}
+
+// FuzzParseConfig feeds arbitrary files to the configuration's decoder with
+// the broker kinds of this package: it must not panic, and every problem
+// must be located in the file.
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte("rules: x\nbrokers: {a: {type: nats, url: nats://a:1}}\n"))
+	f.Add([]byte("brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], url: x}, n: {type: nats, namespace: y}}\n"))
+	f.Add([]byte("pipeline: {maxMessageBytes: 1MiB, retry: {initial: 1s}}\n"))
+	f.Add([]byte("a: &x {b: 1}\nc: *x\n"))
+	f.Add([]byte("x: &b {type: nats, url: \"nats://a:1\"}\nbrokers: {a: *b, b: *b, c: *b}\n"))
+	f.Add([]byte("brokers: {a: {type: ${CB_FUZZ_TYPE:-nats}, url: \"${CB_FUZZ_URL:-nats://a:1}\"}}\n"))
+	f.Add(laughs(4, 6))
+	f.Add([]byte("---\nrules: a\n---\nrules: b\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		lines := strings.Count(string(data), "\n") + 1
+		c, err := config.Parse("f.yaml", data)
+		if err == nil {
+			_ = c.Validate()
+			return
+		}
+		var ce config.Errors
+		if !errors.As(err, &ce) {
+			t.Fatalf("not config.Errors: %v", err)
+		}
+		for _, p := range ce {
+			if p.File != "f.yaml" || p.Line < 0 || p.Line > lines+1 || p.Msg == "" {
+				t.Fatalf("bad problem %+v (file has %d lines)", p, lines)
+			}
+		}
+	})
 }

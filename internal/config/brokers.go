@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"reflect"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -62,7 +61,8 @@ func (b *Broker) Paths() map[string]string {
 }
 
 // BrokerSettings is the settings struct of one broker kind, a pointer to a
-// struct whose exported fields carry `yaml` tags. Fields of type Secret are
+// struct whose exported fields carry `yaml` tags (none of them `type`, which
+// selects the kind). Fields of type Secret are
 // credentials (${ENV}, file:/path or inline); fields of type Path are files
 // relative to the configuration file.
 type BrokerSettings interface {
@@ -107,6 +107,17 @@ func RegisterBrokerKind(k BrokerKind) {
 	defer kinds.Unlock()
 	if _, dup := kinds.m[k.Type]; dup || k.Type == "" || k.NewSettings == nil || k.ServesSource == nil || k.ServesTarget == nil {
 		panic(fmt.Sprintf("config: broker kind %q registered twice or incomplete", k.Type))
+	}
+	// The settings share a mapping with `type:` and are decoded next to it.
+	st := reflect.TypeOf(k.NewSettings())
+	if st.Kind() != reflect.Pointer || st.Elem().Kind() != reflect.Struct {
+		panic(fmt.Sprintf("config: broker kind %q: settings must be a pointer to a struct, not %s", k.Type, st))
+	}
+	if _, ok := yamlField(st.Elem(), "type"); ok {
+		panic(fmt.Sprintf("config: broker kind %q: settings must not have a field named type", k.Type))
+	}
+	if _, ok := st.Elem().FieldByName(brokerTypeField); ok {
+		panic(fmt.Sprintf("config: broker kind %q: settings must not have a Go field named %s", k.Type, brokerTypeField))
 	}
 	kinds.m[k.Type] = k
 }
@@ -205,7 +216,7 @@ func otherKindsField(typ, field string) []string {
 		if k.Type == typ {
 			continue
 		}
-		if slices.Contains(yamlFieldNames(reflect.TypeOf(k.NewSettings()).Elem()), field) {
+		if _, ok := yamlField(reflect.TypeOf(k.NewSettings()).Elem(), field); ok {
 			out = append(out, k.Type)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
 )
 
 // Config is the bridge configuration file of `cellbridge run -config FILE`.
@@ -29,7 +30,7 @@ type Config struct {
 	File string `yaml:"-"`
 	// pos maps a dotted field path (brokers.nats.url) to its line in File,
 	// so that semantic errors found after decoding still name a line.
-	pos map[string]int
+	pos strictyaml.Positions
 	// inlineSecrets lists secret fields written in clear in the file (the
 	// bridge warns about them at start-up).
 	inlineSecrets []string
@@ -182,7 +183,7 @@ func coveredBy(field string, errs Errors) bool {
 // Default is the built-in configuration (no file): the embedded default
 // with every default applied.
 func Default() *Config {
-	c := &Config{File: "(built-in)", pos: map[string]int{}}
+	c := &Config{File: "(built-in)", pos: strictyaml.Positions{}}
 	c.applyDefaults()
 	return c
 }
@@ -216,23 +217,11 @@ func ParseTemplate(file string, data []byte) (*Config, error) {
 // brokers configured).
 func (c *Config) Embedded() bool { return len(c.Brokers) == 0 }
 
-// line returns the line of path or of its closest configured parent.
-func (c *Config) line(path string) int {
-	for path != "" {
-		if l, ok := c.pos[path]; ok {
-			return l
-		}
-		i := strings.LastIndexAny(path, ".[")
-		if i < 0 {
-			break
-		}
-		path = path[:i]
-	}
-	return 0
-}
+// line returns the line of path or of its closest written parent.
+func (c *Config) line(path string) int { return c.pos.Line(path) }
 
 // set reports whether the file set path.
-func (c *Config) set(path string) bool { _, ok := c.pos[path]; return ok }
+func (c *Config) set(path string) bool { return c.pos.Present(path) }
 
 // IsSet reports whether path (a dotted field path such as "http.listen")
 // was chosen explicitly: written in the file or overridden.

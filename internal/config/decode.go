@@ -11,43 +11,344 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
 )
 
-// The strict decoder of the configuration file. yaml.v3's own decoder stops
-// at the first error and forgets lines; this one walks the node tree so that
-// every problem is reported with its line and field path, and so that
-// environment references and file: secrets are resolved per field.
+// The configuration file is decoded by internal/strictyaml, the walker the
+// rule files use too: every problem is reported with its line and field path,
+// alias expansion and nesting are bounded. What is the configuration's own:
+// the scalar hook (${ENV} references, file: secrets, paths relative to the
+// file, the inline-secret warning) and the brokers, whose fields depend on
+// their type: the decoder reads each broker's type first and decodes the
+// document into a schema that gives every broker its kind's settings.
 
 // parse decodes what it can: it returns the config (nil only when data is
 // not YAML at all) and the decoding problems. template leaves ${...} and
 // file: references as written.
 func parse(file string, data []byte, template bool) (*Config, Errors) {
-	c := &Config{File: file, pos: map[string]int{}}
-	d := &decoder{file: file, base: filepath.Dir(file), pos: c.pos, template: template}
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
-		msg := strings.TrimPrefix(err.Error(), "yaml: ")
-		line := 0
-		if m := yamlLineRE.FindStringSubmatch(msg); m != nil {
-			line, _ = strconv.Atoi(m[1])
-			msg = msg[len(m[0]):]
-		}
-		return nil, Errors{{File: file, Line: line, Msg: msg}}
+	c := &Config{File: file, pos: strictyaml.Positions{}}
+	roots, errs := strictyaml.Documents(file, data)
+	if len(errs) > 0 {
+		return nil, errs // not YAML
 	}
-	if len(doc.Content) > 0 {
-		root := doc.Content[0]
-		if root.Kind == yaml.ScalarNode && root.Tag == "!!null" {
-			// An empty or comments-only file is the built-in configuration.
-		} else {
-			d.decode(root, reflect.ValueOf(c).Elem(), "")
+	h := &scalarHook{base: filepath.Dir(file), template: template, resolvePaths: file != ""}
+	if len(roots) > 0 {
+		root := roots[0]
+		for _, extra := range roots[1:] {
+			errs.Addf(file, extra.Line, "", "a configuration file holds one YAML document; this is another")
 		}
+		s := newSchema(root, h)
+		doc := reflect.New(s.doc)
+		pos, probs := strictyaml.Decode(file, root, doc.Interface(), strictyaml.Options{NullIsZero: true, Scalar: h.scalar})
+		c.pos = pos
+		s.fill(c, doc.Elem())
+		errs = append(errs, s.fixProblems(file, probs)...)
 	}
-	c.inlineSecrets = d.inline
+	c.inlineSecrets = h.inline
 	c.applyDefaults()
-	return c, d.errs
+	return c, errs
 }
 
-var yamlLineRE = regexp.MustCompile(`^line (\d+): `)
+// scalarHook resolves each scalar before it is stored: ${NAME} references
+// (unless template), file: secrets, relative paths; and it records the
+// secrets written in clear.
+type scalarHook struct {
+	base         string // directory of relative paths and file: secrets
+	template     bool   // leave ${...} and file: as written
+	resolvePaths bool
+	inline       []string // secret fields given in clear
+}
+
+var (
+	secretType = reflect.TypeFor[Secret]()
+	pathType   = reflect.TypeFor[Path]()
+)
+
+func (h *scalarHook) scalar(s strictyaml.Scalar) (string, bool, error) {
+	text, expanded, err := h.expand(s.Node.Value)
+	if err != nil {
+		return "", false, err
+	}
+	switch s.Type {
+	case secretType:
+		f, ok := strings.CutPrefix(text, "file:")
+		if !ok && !expanded && text != "" {
+			h.inline = append(h.inline, s.Path)
+		}
+		if ok && !h.template {
+			if !filepath.IsAbs(f) {
+				f = filepath.Join(h.base, f)
+			}
+			b, err := readSecretFile(f)
+			if err != nil {
+				return "", false, fmt.Errorf("reading secret file: %v", unwrapPathErr(err))
+			}
+			return strings.TrimRight(string(b), "\r\n"), true, nil
+		}
+	case pathType:
+		if text != "" && !filepath.IsAbs(text) && h.resolvePaths {
+			text = filepath.Join(h.base, text)
+		}
+	}
+	return text, expanded, nil
+}
+
+// expand expands ${...} references; a template keeps them, and a value that
+// holds one counts as coming from outside the file.
+func (h *scalarHook) expand(s string) (string, bool, error) {
+	if h.template {
+		return s, strings.Contains(s, "${"), nil
+	}
+	return expandEnv(s)
+}
+
+// schema is the struct type one document decodes into: Config's fields,
+// with brokers replaced by a struct that has one field per broker of the
+// document, typed by the broker's kind.
+type schema struct {
+	doc     reflect.Type
+	fields  []int // index in Config of each field of doc
+	brokers int   // index in doc of the brokers field; -1 when Config has none
+	entries []brokerEntry
+	byName  map[string]int // index in entries
+	// beyond lists the brokers beyond maxBrokers, which are not decoded.
+	beyond map[string]bool
+	line   int // of the first of them
+}
+
+// maxBrokers bounds the brokers of a configuration: the decoder builds a
+// schema field per broker, and a bridge has a handful.
+const maxBrokers = 1000
+
+// brokerEntry is one broker of the document as the schema sees it.
+type brokerEntry struct {
+	name  string
+	kind  *BrokerKind // nil: type missing or unknown
+	entry reflect.Type
+}
+
+// brokerTypeField is the Go name of the `type` field of a broker's entry;
+// the kind's settings fields follow it in their order.
+const brokerTypeField = "BrokerType"
+
+func newSchema(root *yaml.Node, h *scalarHook) *schema {
+	s := &schema{brokers: -1, byName: map[string]int{}, beyond: map[string]bool{}}
+	ct := reflect.TypeFor[Config]()
+	var fields []reflect.StructField
+	for i := range ct.NumField() {
+		f := ct.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if !f.IsExported() || name == "" || name == "-" {
+			continue
+		}
+		if name == "brokers" {
+			s.brokers = len(fields)
+			f.Type = s.brokersType(mappingValue(root, "brokers"), h)
+		}
+		s.fields = append(s.fields, i)
+		fields = append(fields, reflect.StructField{Name: f.Name, Type: f.Type, Tag: f.Tag})
+	}
+	s.doc = reflect.StructOf(fields)
+	return s
+}
+
+// brokersType returns a struct type with a field (a pointer, so that an
+// empty broker stays nil) for every broker written under n.
+func (s *schema) brokersType(n *yaml.Node, h *scalarHook) reflect.Type {
+	var fields []reflect.StructField
+	budget := strictyaml.DefaultMaxNodes // bounds the look-ahead of an aliased document
+	for i := 0; n != nil && i+1 < len(n.Content); i += 2 {
+		kn := n.Content[i]
+		name := kn.Value
+		if _, dup := s.byName[name]; dup || kn.Kind != yaml.ScalarNode || name == "" || name == "-" || strings.Contains(name, ",") {
+			continue // reported by the decoder (not a string, a duplicate) or as an unknown field
+		}
+		if len(s.entries) == maxBrokers {
+			if len(s.beyond) == 0 {
+				s.line = kn.Line
+			}
+			s.beyond[name] = true
+			continue
+		}
+		e := brokerEntry{name: name}
+		if typ, ok := peekType(n.Content[i+1], h, &budget); ok {
+			if k, ok := brokerKindOf(typ); ok {
+				e.kind = &k
+			}
+		}
+		e.entry = entryType(e.kind)
+		s.byName[name] = len(s.entries)
+		s.entries = append(s.entries, e)
+		fields = append(fields, reflect.StructField{
+			Name: fmt.Sprintf("B%d", len(fields)),
+			Type: reflect.PointerTo(e.entry),
+			Tag:  reflect.StructTag("yaml:" + strconv.Quote(name)),
+		})
+	}
+	return reflect.StructOf(fields)
+}
+
+// entryType is the struct a broker of kind k decodes into: its type, then
+// the kind's settings fields; with no kind, its type alone.
+func entryType(k *BrokerKind) reflect.Type {
+	fields := []reflect.StructField{{Name: brokerTypeField, Type: reflect.TypeFor[string](), Tag: `yaml:"type"`}}
+	if k != nil {
+		st := reflect.TypeOf(k.NewSettings()).Elem()
+		for _, i := range settingsFields(st) {
+			f := st.Field(i)
+			fields = append(fields, reflect.StructField{Name: f.Name, Type: f.Type, Tag: f.Tag})
+		}
+	}
+	return reflect.StructOf(fields)
+}
+
+// settingsFields returns the indexes of the decoded fields of a settings
+// struct type: exported, with a yaml tag.
+func settingsFields(t reflect.Type) []int {
+	var out []int
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if f.IsExported() && name != "" && name != "-" {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+// fill copies the decoded document into c.
+func (s *schema) fill(c *Config, doc reflect.Value) {
+	cv := reflect.ValueOf(c).Elem()
+	for j, i := range s.fields {
+		if j != s.brokers {
+			cv.Field(i).Set(doc.Field(j))
+		}
+	}
+	if s.brokers < 0 || !c.pos.Present("brokers") {
+		return
+	}
+	c.Brokers = map[string]*Broker{}
+	bv := doc.Field(s.brokers)
+	for i, e := range s.entries {
+		ev := bv.Field(i)
+		if !c.pos.Present("brokers." + e.name) {
+			continue // not decoded: the document is too large
+		}
+		if ev.IsNil() {
+			c.Brokers[e.name] = nil // `name:` alone; Validate reports it
+			continue
+		}
+		ev = ev.Elem()
+		b := &Broker{Type: ev.Field(0).String()}
+		if e.kind != nil {
+			b.Settings = e.kind.NewSettings()
+			sv := reflect.ValueOf(b.Settings).Elem()
+			for j, i := range settingsFields(sv.Type()) {
+				sv.Field(i).Set(ev.Field(j + 1))
+			}
+		}
+		c.Brokers[e.name] = b
+	}
+}
+
+// fixProblems words the problems of brokers as a reader expects them: a
+// field of another kind is "only valid for type X"; with a missing or
+// unknown type only the type is reported (by Validate); a name the schema
+// cannot hold is a bad broker name.
+func (s *schema) fixProblems(file string, probs Errors) Errors {
+	out := make(Errors, 0, len(probs)+1)
+	if len(s.beyond) > 0 {
+		out = append(out, Problem{File: file, Line: s.line, Field: "brokers",
+			Msg: fmt.Sprintf("more than %d brokers; the rest were not checked", maxBrokers)})
+	}
+	for _, p := range probs {
+		if s.beyond[strings.TrimPrefix(p.Field, "brokers.")] {
+			continue
+		}
+		if !strings.HasPrefix(p.Msg, "unknown field") || !strings.HasPrefix(p.Field, "brokers.") {
+			out = append(out, p)
+			continue
+		}
+		e, field := s.entryOf(p.Field)
+		switch {
+		case e == nil && !strings.Contains(strings.TrimPrefix(p.Field, "brokers."), "."):
+			p.Msg = "broker names use letters, digits, '_', '-' and '.'"
+		case e == nil || e.kind == nil:
+			continue
+		case !strings.Contains(field, "."):
+			if others := otherKindsField(e.kind.Type, field); len(others) > 0 {
+				p.Msg = "only valid for type " + strings.Join(others, ", ")
+			}
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+// entryOf returns the broker a field path "brokers.<name>.<field>" is in (a
+// name may hold dots: the longest that matches) and the field's path
+// relative to the broker.
+func (s *schema) entryOf(path string) (*brokerEntry, string) {
+	rest := strings.TrimPrefix(path, "brokers.")
+	for i := len(rest) - 1; i > 0; i-- {
+		if rest[i] != '.' {
+			continue
+		}
+		if j, ok := s.byName[rest[:i]]; ok {
+			return &s.entries[j], rest[i+1:]
+		}
+	}
+	return nil, ""
+}
+
+// peekType returns the type a broker entry names, resolved as the decoder
+// will resolve it (${ENV}), within budget pairs looked at.
+func peekType(n *yaml.Node, h *scalarHook, budget *int) (string, bool) {
+	n = resolve(n)
+	if n == nil || n.Kind != yaml.MappingNode {
+		return "", false
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if *budget--; *budget < 0 {
+			return "", false
+		}
+		if kn := n.Content[i]; kn.Kind == yaml.ScalarNode && kn.Value == "type" {
+			vn := resolve(n.Content[i+1])
+			if vn == nil || vn.Kind != yaml.ScalarNode {
+				return "", false
+			}
+			typ, _, err := h.expand(vn.Value)
+			return typ, err == nil
+		}
+	}
+	return "", false
+}
+
+// mappingValue returns the value of key in the mapping n (aliases followed).
+func mappingValue(n *yaml.Node, key string) *yaml.Node {
+	n = resolve(n)
+	if n == nil || n.Kind != yaml.MappingNode {
+		return nil
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if kn := n.Content[i]; kn.Kind == yaml.ScalarNode && kn.Value == key {
+			if v := resolve(n.Content[i+1]); v != nil && v.Kind == yaml.MappingNode {
+				return v
+			}
+			return nil
+		}
+	}
+	return nil
+}
+
+// resolve follows an alias chain to its node (nil for a dangling one).
+func resolve(n *yaml.Node) *yaml.Node {
+	for n != nil && n.Kind == yaml.AliasNode {
+		n = n.Alias
+	}
+	return n
+}
 
 // fieldByPath finds a struct field by its dotted yaml path.
 func fieldByPath(v reflect.Value, path string) reflect.Value {
@@ -70,265 +371,14 @@ func fieldByPath(v reflect.Value, path string) reflect.Value {
 	return v
 }
 
+// yamlField returns the index of the field of struct type t tagged name.
 func yamlField(t reflect.Type, name string) (int, bool) {
-	for i := range t.NumField() {
-		if !t.Field(i).IsExported() {
-			continue
-		}
-		if tag := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]; tag == name && tag != "" && tag != "-" {
+	for _, i := range settingsFields(t) {
+		if tag, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ","); tag == name {
 			return i, true
 		}
 	}
 	return 0, false
-}
-
-func yamlFieldNames(t reflect.Type) []string {
-	var s []string
-	for i := range t.NumField() {
-		if tag := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]; tag != "" && tag != "-" {
-			s = append(s, tag)
-		}
-	}
-	return s
-}
-
-// setScalar parses s into a scalar field.
-func setScalar(f reflect.Value, s string) error {
-	if p, ok := f.Addr().Interface().(scalarParser); ok {
-		return p.parseScalar(s)
-	}
-	switch f.Kind() {
-	case reflect.String:
-		f.SetString(s)
-	case reflect.Int, reflect.Int64:
-		n, err := strconv.ParseInt(strings.ReplaceAll(s, "_", ""), 10, 64)
-		if err != nil {
-			return fmt.Errorf("want an integer, got %q", s)
-		}
-		f.SetInt(n)
-	case reflect.Bool:
-		b, err := strconv.ParseBool(s)
-		if err != nil {
-			return fmt.Errorf("want true or false, got %q", s)
-		}
-		f.SetBool(b)
-	default:
-		return fmt.Errorf("unsupported field type %s", f.Type())
-	}
-	return nil
-}
-
-// decoder is the strict YAML decoder: it walks the node tree itself so that
-// it can report every problem (not only the first) with its line and field.
-type decoder struct {
-	file     string
-	base     string // directory of relative paths and file: secrets
-	template bool   // leave ${...} and file: as written
-	pos      map[string]int
-	errs     Errors
-	inline   []string // secret fields given in clear
-}
-
-func (d *decoder) errorf(n *yaml.Node, path, format string, args ...any) {
-	d.errs = append(d.errs, Problem{File: d.file, Line: n.Line, Field: path, Msg: fmt.Sprintf(format, args...)})
-}
-
-var (
-	secretType = reflect.TypeFor[Secret]()
-	pathType   = reflect.TypeFor[Path]()
-	brokerType = reflect.TypeFor[Broker]()
-)
-
-func kindName(n *yaml.Node) string {
-	switch n.Kind {
-	case yaml.MappingNode:
-		return "a mapping"
-	case yaml.SequenceNode:
-		return "a list"
-	}
-	switch n.Tag {
-	case "!!int":
-		return "an integer"
-	case "!!float":
-		return "a number"
-	case "!!bool":
-		return "a boolean"
-	case "!!str":
-		return "a string"
-	}
-	return "a " + strings.TrimPrefix(n.Tag, "!!")
-}
-
-func join(path, name string) string {
-	if path == "" {
-		return name
-	}
-	return path + "." + name
-}
-
-func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
-	for n.Kind == yaml.AliasNode {
-		n = n.Alias
-	}
-	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
-		return // leaves the zero value; a default may fill it
-	}
-	switch v.Kind() {
-	case reflect.Pointer:
-		if v.IsNil() {
-			v.Set(reflect.New(v.Type().Elem()))
-		}
-		d.decode(n, v.Elem(), path)
-	case reflect.Struct:
-		if v.Type() == brokerType {
-			d.broker(n, v.Addr().Interface().(*Broker), path)
-			return
-		}
-		if _, ok := v.Addr().Interface().(scalarParser); ok {
-			d.scalar(n, v, path)
-			return
-		}
-		if n.Kind != yaml.MappingNode {
-			d.errorf(n, path, "want a mapping, got %s", kindName(n))
-			return
-		}
-		d.mapping(n, path, func(key string, kn, vn *yaml.Node) {
-			i, ok := yamlField(v.Type(), key)
-			if !ok {
-				d.errorf(kn, join(path, key), "unknown field (known: %s)", strings.Join(yamlFieldNames(v.Type()), ", "))
-				return
-			}
-			d.decode(vn, v.Field(i), join(path, key))
-		})
-	case reflect.Map:
-		if n.Kind != yaml.MappingNode {
-			d.errorf(n, path, "want a mapping, got %s", kindName(n))
-			return
-		}
-		if v.IsNil() {
-			v.Set(reflect.MakeMap(v.Type()))
-		}
-		d.mapping(n, path, func(key string, kn, vn *yaml.Node) {
-			e := reflect.New(v.Type().Elem()).Elem()
-			d.decode(vn, e, join(path, key))
-			v.SetMapIndex(reflect.ValueOf(key), e)
-		})
-	case reflect.Slice:
-		if n.Kind != yaml.SequenceNode {
-			d.errorf(n, path, "want a list, got %s", kindName(n))
-			return
-		}
-		s := reflect.MakeSlice(v.Type(), len(n.Content), len(n.Content))
-		for i, en := range n.Content {
-			ep := fmt.Sprintf("%s[%d]", path, i)
-			d.pos[ep] = en.Line
-			d.decode(en, s.Index(i), ep)
-		}
-		v.Set(s)
-	default:
-		d.scalar(n, v, path)
-	}
-}
-
-// mapping walks a mapping's pairs, recording positions and refusing
-// duplicate and non-string keys.
-func (d *decoder) mapping(n *yaml.Node, path string, each func(key string, kn, vn *yaml.Node)) {
-	seen := map[string]int{}
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		kn, vn := n.Content[i], n.Content[i+1]
-		if kn.Kind != yaml.ScalarNode || kn.Tag == "!!merge" {
-			d.errorf(kn, path, "keys must be plain strings (no merge keys or complex keys)")
-			continue
-		}
-		key := kn.Value
-		if first, dup := seen[key]; dup {
-			d.errorf(kn, join(path, key), "duplicate key (first at line %d)", first)
-			continue
-		}
-		seen[key] = kn.Line
-		d.pos[join(path, key)] = kn.Line
-		each(key, kn, vn)
-	}
-}
-
-func (d *decoder) scalar(n *yaml.Node, v reflect.Value, path string) {
-	if n.Kind != yaml.ScalarNode {
-		d.errorf(n, path, "want %s, got %s", wantName(v), kindName(n))
-		return
-	}
-	s, expanded, err := n.Value, false, error(nil)
-	if d.template {
-		expanded = strings.Contains(s, "${") // a reference, as written
-	} else if s, expanded, err = expandEnv(n.Value); err != nil {
-		d.errorf(n, path, "%v", err)
-		return
-	}
-	// Strict types: a quoted "42" is a string, not an integer, unless it
-	// came from the environment (where everything is a string).
-	if !expanded && n.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle) != 0 && v.Kind() != reflect.String {
-		if _, ok := v.Addr().Interface().(scalarParser); !ok {
-			d.errorf(n, path, "want %s, got a string", wantName(v))
-			return
-		}
-	}
-	if v.Type() == secretType {
-		f, ok := strings.CutPrefix(s, "file:")
-		if !ok && !expanded && s != "" {
-			d.inline = append(d.inline, path)
-		}
-		if ok && !d.template {
-			if !filepath.IsAbs(f) {
-				f = filepath.Join(d.base, f)
-			}
-			b, err := readSecretFile(f)
-			if err != nil {
-				d.errorf(n, path, "reading secret file: %v", unwrapPathErr(err))
-				return
-			}
-			s = strings.TrimRight(string(b), "\r\n")
-		}
-	}
-	if v.Type() == pathType && s != "" && !filepath.IsAbs(s) && d.file != "" {
-		s = filepath.Join(d.base, s)
-	}
-	if err := setScalar(v, s); err != nil {
-		d.errorf(n, path, "%v", err)
-	}
-}
-
-// broker decodes one broker: its type selects the kind whose settings struct
-// the other fields decode into. Fields of another kind are named as such;
-// with a missing or unknown type only the type is reported (by Validate).
-func (d *decoder) broker(n *yaml.Node, b *Broker, path string) {
-	if n.Kind != yaml.MappingNode {
-		d.errorf(n, path, "want a mapping, got %s", kindName(n))
-		return
-	}
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		if kn := n.Content[i]; kn.Kind == yaml.ScalarNode && kn.Value == "type" {
-			d.decode(n.Content[i+1], reflect.ValueOf(&b.Type).Elem(), join(path, "type"))
-		}
-	}
-	k, ok := brokerKindOf(b.Type)
-	if ok {
-		b.Settings = k.NewSettings()
-	}
-	d.mapping(n, path, func(key string, kn, vn *yaml.Node) {
-		if key == "type" || !ok {
-			return
-		}
-		v := reflect.ValueOf(b.Settings).Elem()
-		i, found := yamlField(v.Type(), key)
-		if !found {
-			if others := otherKindsField(b.Type, key); len(others) > 0 {
-				d.errorf(kn, join(path, key), "only valid for type %s", strings.Join(others, ", "))
-			} else {
-				d.errorf(kn, join(path, key), "unknown field (known: type, %s)", strings.Join(yamlFieldNames(v.Type()), ", "))
-			}
-			return
-		}
-		d.decode(vn, v.Field(i), join(path, key))
-	})
 }
 
 // readSecretFile reads a small regular file (a mounted secret); devices and
@@ -353,26 +403,6 @@ func unwrapPathErr(err error) error {
 		return fmt.Errorf("%s: %w", pe.Path, pe.Err)
 	}
 	return err
-}
-
-func wantName(v reflect.Value) string {
-	switch v.Interface().(type) {
-	case Duration:
-		return "a duration"
-	case ByteSize:
-		return "a size"
-	}
-	switch v.Kind() {
-	case reflect.Int, reflect.Int64:
-		return "an integer"
-	case reflect.Bool:
-		return "a boolean"
-	case reflect.Slice:
-		return "a list"
-	case reflect.Map, reflect.Struct:
-		return "a mapping"
-	}
-	return "a string"
 }
 
 var envRE = regexp.MustCompile(`\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)

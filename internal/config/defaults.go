@@ -5,6 +5,10 @@ import (
 	"io"
 	"reflect"
 	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
 )
 
 // defaultRow is one row of the defaults table.
@@ -73,8 +77,9 @@ func (c *Config) applyDefaults() {
 		if !f.IsValid() || !f.IsZero() {
 			continue
 		}
-		if err := setScalar(f, e.Value); err != nil {
-			panic(fmt.Sprintf("config default %s=%q: %v", e.Field, e.Value, err)) // a bug in the table
+		n := &yaml.Node{Kind: yaml.ScalarNode, Value: e.Value}
+		if _, errs := strictyaml.Decode("(defaults)", n, f.Addr().Interface(), strictyaml.Options{}); len(errs) > 0 {
+			panic(fmt.Sprintf("config default %s=%q: %v", e.Field, e.Value, errs)) // a bug in the table
 		}
 	}
 	d := &c.Dedupe

@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
 )
 
 // Secret is a credential. Its String, GoString and slog value are redacted
@@ -43,10 +45,11 @@ func (d Duration) D() time.Duration { return time.Duration(d) }
 // String formats like time.Duration.
 func (d Duration) String() string { return time.Duration(d).String() }
 
-func (d *Duration) parseScalar(s string) error {
+// ParseScalar parses a duration ("250ms", "10m"); negative ones are refused.
+func (d *Duration) ParseScalar(s string) error {
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("want a duration like 500ms, 5s or 10m, got %q", s)
+		return fmt.Errorf("must be a duration like 500ms, 5s or 10m, not %q", s)
 	}
 	if v < 0 {
 		return fmt.Errorf("must not be negative, got %s", s)
@@ -62,7 +65,8 @@ type ByteSize int64
 var byteUnits = map[string]int64{"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
 	"kb": 1e3, "mb": 1e6, "gb": 1e9, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
-func (b *ByteSize) parseScalar(s string) error {
+// ParseScalar parses a size: an integer with an optional unit.
+func (b *ByteSize) ParseScalar(s string) error {
 	t := strings.TrimSpace(s)
 	i := 0
 	for i < len(t) && t[i] >= '0' && t[i] <= '9' {
@@ -71,47 +75,16 @@ func (b *ByteSize) parseScalar(s string) error {
 	n, err := strconv.ParseInt(t[:i], 10, 64)
 	unit, ok := byteUnits[strings.ToLower(strings.TrimSpace(t[i:]))]
 	if err != nil || !ok || n > (1<<62)/unit {
-		return fmt.Errorf("want a size like 1048576, 512KiB or 1MiB, got %q", s)
+		return fmt.Errorf("must be a size like 1048576, 512KiB or 1MiB, not %q", s)
 	}
 	*b = ByteSize(n * unit)
 	return nil
 }
 
-// scalarParser is implemented by field types that parse their own text.
-type scalarParser interface{ parseScalar(string) error }
+// Problem is one configuration error, located in its file: the problem
+// type of every YAML file the bridge reads (rule files too).
+type Problem = strictyaml.Problem
 
-// Problem is one configuration error, located in its file.
-type Problem struct {
-	File  string
-	Line  int // 0: not from a line (a default or a missing field)
-	Field string
-	Msg   string
-}
-
-// String formats "file:line: field: message".
-func (p Problem) String() string {
-	var b strings.Builder
-	b.WriteString(p.File)
-	if p.Line > 0 {
-		fmt.Fprintf(&b, ":%d", p.Line)
-	}
-	if p.Field != "" {
-		b.WriteString(": ")
-		b.WriteString(p.Field)
-	}
-	b.WriteString(": ")
-	b.WriteString(p.Msg)
-	return b.String()
-}
-
-// Errors lists every problem of a configuration, in file order.
-type Errors []Problem
-
-// Error prints one problem per line.
-func (e Errors) Error() string {
-	s := make([]string, len(e))
-	for i, p := range e {
-		s[i] = p.String()
-	}
-	return strings.Join(s, "\n")
-}
+// Errors lists every problem of a configuration, in file order; its text
+// has one "file:line: field: message" per line.
+type Errors = strictyaml.Errors
