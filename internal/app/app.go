@@ -140,7 +140,7 @@ func Start(ctx context.Context, o Options) (*App, error) {
 // the bridge should stop.
 func (a *App) Failed() <-chan struct{} { return a.failed.ch }
 
-// Stop stops the bridge: the rules watcher, then fetching, then the drain of
+// Stop stops the bridge: fetching, the rules watcher, the drain of
 // in-flight messages (pipeline.drainTimeout), then sources, sinks, the
 // dedupe store, the connections, the embedded server and last the HTTP
 // server. ctx bounds all of it.
@@ -192,10 +192,11 @@ type startCtx struct{ context.Context }
 
 // module is the fx graph of one bridge. Constructors build the components
 // (and fail with an error naming what failed); their OnStart hooks only
-// start loops. Parameters of the final Invoke are resolved in order, which
-// fixes the construction order, and fx runs OnStop hooks in reverse: the
-// HTTP server is built first and stopped last, so that liveness probes pass
-// while the bridge connects and drains.
+// start loops. The parameters of the first Invoke are resolved in order,
+// which fixes the construction order, and fx runs OnStop hooks in reverse:
+// the HTTP server is built first and stopped last, so that liveness probes
+// pass while the bridge connects and drains; the pipeline's fetch loops
+// (runPipeline) start last and stop first.
 func module(ctx context.Context, o *Options, res *resources, failed *failure) fx.Option {
 	return fx.Options(
 		fx.Supply(o, o.Config, o.Rules, o.Log, res, failed, startCtx{ctx}),
@@ -223,6 +224,7 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 		),
 		fx.Invoke(func(*httpServer, *embeddedNATS, *brokers, dedupe.Store, bridge.SinkLookup, *sources, *bridge.Pipeline, *router.Watcher) {
 		}),
+		fx.Invoke(runPipeline),
 	)
 }
 

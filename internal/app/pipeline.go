@@ -91,67 +91,67 @@ func newSources(ctx startCtx, lc fx.Lifecycle, res *resources, t *router.Table, 
 	return s, nil
 }
 
-// pipelineIn is what the pipeline is built from.
+// pipelineIn is what the pipeline is built from (bridge.Deps).
 type pipelineIn struct {
 	fx.In
-	Lifecycle fx.Lifecycle
-	Res       *resources
-	Options   *Options
-	Holder    *router.Holder
-	Metrics   *bridge.Metrics
-	Health    *bridge.Health
-	Store     dedupe.Store
-	Sinks     bridge.SinkLookup
-	Sources   *sources
-	HTTP      *httpServer
-	Failed    *failure
-	Log       *slog.Logger
+	Holder  *router.Holder
+	Metrics *bridge.Metrics
+	Health  *bridge.Health
+	Store   dedupe.Store
+	Sinks   bridge.SinkLookup
+	Log     *slog.Logger
 }
 
-// newPipeline builds the pipeline; its OnStart serves it over HTTP and runs
-// it over every source, its OnStop stops fetching (the drain is the
-// pipeline's close, which runs next).
-func newPipeline(in pipelineIn) (*bridge.Pipeline, error) {
-	o, log := in.Options, in.Log
-	p, err := bridge.New(o.Config.Pipeline.Bridge(), bridge.Deps{Rules: in.Holder, Dedupe: in.Store, Sinks: in.Sinks,
-		Metrics: in.Metrics, Health: in.Health, Log: log})
+// newPipeline builds the pipeline; closing it is the drain, which runs
+// after the fetch loops stopped (runPipeline) and before the sources close.
+func newPipeline(lc fx.Lifecycle, res *resources, cfg *config.Config, in pipelineIn) (*bridge.Pipeline, error) {
+	p, err := bridge.New(cfg.Pipeline.Bridge(), bridge.Deps{Rules: in.Holder, Dedupe: in.Store, Sinks: in.Sinks,
+		Metrics: in.Metrics, Health: in.Health, Log: in.Log})
 	if err != nil {
 		return nil, err
 	}
-	in.Res.add(in.Lifecycle, func(ctx context.Context) error {
-		dctx, cancel := context.WithTimeout(ctx, o.Config.Pipeline.DrainTimeout.D())
+	res.add(lc, func(ctx context.Context) error {
+		dctx, cancel := context.WithTimeout(ctx, cfg.Pipeline.DrainTimeout.D())
 		defer cancel()
 		err := p.Close(dctx)
-		log.Info("bridge stopped")
+		in.Log.Info("bridge stopped")
 		return err
 	})
+	return p, nil
+}
+
+// runPipeline registers the pipeline's loops, the last hook of the bridge:
+// its OnStart serves the pipeline over HTTP and runs it over every source
+// (a source that fails for good fails the bridge); its OnStop, the first,
+// stops fetching.
+func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources, hs *httpServer, failed *failure, log *slog.Logger) {
 	var (
 		cancel context.CancelFunc
 		wg     sync.WaitGroup
 	)
-	in.Lifecycle.Append(fx.Hook{
+	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
-			in.HTTP.handler.set(bridge.NewHTTP(p))
+			hs.handler.set(bridge.NewHTTP(p))
 			var ctx context.Context
 			ctx, cancel = context.WithCancel(context.Background())
-			for i, src := range in.Sources.list {
-				rule := in.Sources.rules[i]
+			for i, src := range srcs.list {
+				rule := srcs.rules[i]
 				wg.Go(func() {
 					if err := p.Run(ctx, src); err != nil {
 						log.Error("source stopped; shutting down", "rule", rule, "err", err)
-						in.Failed.set()
+						failed.set()
 					}
 				})
 			}
-			log.Info("bridge running", "rules_version", o.Rules.Version(), "topics", in.Sources.rules, "dedupe", o.Config.Dedupe.Store)
+			log.Info("bridge running", "rules_version", o.Rules.Version(), "topics", srcs.rules, "dedupe", o.Config.Dedupe.Store)
 			return nil
 		},
 		OnStop: func(ctx context.Context) error {
-			// Stop fetching first; the pipeline's close (the next hook)
-			// finishes what is in flight. A Handle blocked on a full sink
-			// can hold a source's Run past the cancel; the wait is bounded
-			// by the stop deadline, and the close settles whatever is
-			// still in flight.
+			// Stop fetching first; the pipeline's close then finishes
+			// what is in flight. A Handle blocked on a full sink can hold
+			// a source's Run past the cancel; the wait is bounded by the
+			// stop deadline, and the close settles whatever is still in
+			// flight.
 			cancel()
 			ran := make(chan struct{})
 			go func() { wg.Wait(); close(ran) }()
@@ -163,7 +163,6 @@ func newPipeline(in pipelineIn) (*bridge.Pipeline, error) {
 			return nil
 		},
 	})
-	return p, nil
 }
 
 // newWatcher watches the rule directory and reloads the rules on change;

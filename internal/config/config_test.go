@@ -211,3 +211,25 @@ func FuzzByteSize(f *testing.F) {
 }
 
 func reflectValue(c *Config) reflect.Value { return reflect.ValueOf(c).Elem() }
+
+// TestPipelineConfigCoversBridge: every field of bridge.Config can be set
+// from the file (a pipeline limit added to the bridge only would silently
+// keep its default).
+func TestPipelineConfigCoversBridge(t *testing.T) {
+	pt := reflect.TypeFor[PipelineConfig]()
+	bt := reflect.TypeFor[bridge.Config]()
+	for i := range bt.NumField() {
+		name := bt.Field(i).Name
+		if _, ok := pt.FieldByName(name); !ok {
+			t.Errorf("bridge.Config.%s has no field in PipelineConfig (and no row in the defaults table)", name)
+		}
+	}
+	// And the conversion sets each of them: a configuration with no field
+	// at its zero value converts to a bridge.Config with none either.
+	b := reflect.ValueOf(Default().Pipeline.Bridge())
+	for i := range b.NumField() {
+		if name := bt.Field(i).Name; b.Field(i).IsZero() && name != "Workers" && name != "Lanes" {
+			t.Errorf("PipelineConfig.Bridge leaves %s at zero", name)
+		}
+	}
+}
