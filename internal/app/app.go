@@ -127,8 +127,9 @@ func Start(ctx context.Context, o Options) (*App, error) {
 		err = a.fx.Start(sctx)
 	}
 	if err != nil {
-		// fx runs no OnStop hook of a graph it could not build: close
-		// what the constructors opened.
+		// fx runs no OnStop hook of a graph it could not build, and
+		// only those it started of a start that failed: close what the
+		// constructors opened.
 		stopCtx, cancel := context.WithTimeout(context.Background(), StopTimeout(o.Config))
 		defer cancel()
 		return nil, errors.Join(err, a.res.rollback(stopCtx))

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"go.uber.org/fx"
 
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/internal/embedded"
 )
 
@@ -50,6 +51,12 @@ func newEmbeddedNATS(lc fx.Lifecycle, res *resources, o *Options, log *slog.Logg
 // DefaultNATSPort is the embedded server's preferred client port, so that the
 // usual tools (nats CLI) find it without flags.
 const DefaultNATSPort = 4222
+
+// brokers is the embedded default's configuration of brokers: the embedded
+// server, a NATS broker named config.EmbeddedBroker.
+func (e *embeddedNATS) brokers() map[string]*config.Broker {
+	return map[string]*config.Broker{config.EmbeddedBroker: {Type: config.NATSType, Settings: &NATSBroker{URL: e.url}}}
+}
 
 // startEmbedded starts the in-process nats-server of the embedded default
 // with its JetStream store under dataDir. port is the preferred client port

@@ -133,7 +133,7 @@ func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *em
 	}
 	configured := cfg.Brokers
 	if cfg.Embedded() {
-		configured = map[string]*config.Broker{config.EmbeddedBroker: {Type: config.NATSType, Settings: &NATSBroker{URL: e.url}}}
+		configured = e.brokers()
 	}
 	byKind := map[string][]usedBroker{}
 	for _, name := range slices.Sorted(maps.Keys(configured)) {
