@@ -133,6 +133,30 @@ func (s *Source) waiting() bool {
 	return me != nil
 }
 
+// waitMode waits one BacklogInterval while the durable is in the other
+// ordering mode and in use, warning once a minute (lastWarn), and checks it
+// again; it reports true once the durable is (or was switched to) this
+// source's mode.
+func (s *Source) waitMode(ctx context.Context, lastWarn *time.Time) bool {
+	if time.Since(*lastWarn) >= time.Minute {
+		*lastWarn = time.Now()
+		s.mu.Lock()
+		me := s.conflict
+		s.mu.Unlock()
+		if me != nil {
+			s.log.Warn("nats source waiting: consumer in the other ordering mode", "err", me)
+		}
+	}
+	if !sleepCtx(ctx, s.cfg.BacklogInterval) {
+		return false
+	}
+	_, err := s.ensureConsumer(ctx, s.ackFloor.Load())
+	if err != nil && !s.waiting() {
+		s.log.Warn("nats consumer check failed while waiting", "err", err)
+	}
+	return err == nil
+}
+
 // request runs one JetStream API call with a timeout per attempt, retrying
 // attempts that timed out or found no responder (a leader election, a
 // server restarting) with backoff until ctx ends: one slow attempt never

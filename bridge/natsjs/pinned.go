@@ -231,26 +231,9 @@ func (r *pinRun) recreate() {
 // other ordering mode and in use (nothing is pulled meanwhile); it reports
 // true once the durable is (or was switched to) this source's mode.
 func (r *pinRun) waitMode() bool {
-	s := r.s
-	if time.Since(r.lastWarn) >= time.Minute {
-		r.lastWarn = time.Now()
-		s.mu.Lock()
-		me := s.conflict
-		s.mu.Unlock()
-		if me != nil {
-			s.log.Warn("nats source waiting: consumer in the other ordering mode", "err", me)
-		}
-	}
-	if !sleepCtx(r.ctx, s.cfg.BacklogInterval) {
-		return false
-	}
-	_, err := s.ensureConsumer(r.ctx, s.ackFloor.Load())
-	if err == nil {
+	if r.s.waitMode(r.ctx, &r.lastWarn) {
 		r.reason = "consumer now in this replica's ordering mode"
 		return true
-	}
-	if !s.waiting() {
-		s.log.Warn("nats consumer check failed while waiting", "err", err)
 	}
 	return false
 }
@@ -276,6 +259,7 @@ func (r *pinRun) standby() bool {
 		if !r.waitConnected() {
 			return false
 		}
+		asked := time.Now()
 		msg, err := r.probe()
 		if msg != nil {
 			pin := msg.Headers().Get(pinHeader)
@@ -299,6 +283,11 @@ func (r *pinRun) standby() bool {
 		case err == nil, errors.Is(err, context.DeadlineExceeded), errors.Is(err, jetstream.ErrPinIDMismatch),
 			errors.Is(err, jetstream.ErrConsumerLeadershipChanged), errors.Is(err, nats.ErrTimeout):
 			// Nothing for this replica; the library forgot a stale pin id.
+			// An answer that came at once (a 409, a 423) must not turn the
+			// probes into a busy loop.
+			if time.Since(asked) < s.cfg.ProbeWait/10 && !sleepCtx(r.ctx, reconnectMin) {
+				return false
+			}
 			delay = reconnectMin
 			continue
 		case errors.Is(err, jetstream.ErrConsumerDeleted), errors.Is(err, jetstream.ErrConsumerNotFound),
@@ -380,13 +369,16 @@ func (r *pinRun) acquire() *epoch {
 	start := time.Now()
 	reconnects := r.nc.Stats().Reconnects
 	delay := reconnectMin
-	for {
+	for attempt := 0; ; attempt++ {
 		if !r.waitConnected() {
 			r.hold(newEpoch(r.pin))
 			return nil
 		}
-		left := s.cfg.PinnedTTL - time.Since(start)
-		rctx, cancel := context.WithTimeout(r.ctx, max(min(s.cfg.RequestTimeout, left), 10*time.Millisecond))
+		timeout := s.cfg.RequestTimeout
+		if attempt > 0 {
+			timeout = max(min(timeout, s.cfg.PinnedTTL-time.Since(start)), 10*time.Millisecond)
+		}
+		rctx, cancel := context.WithTimeout(r.ctx, timeout)
 		resp, err := s.js.ResetConsumer(rctx, s.cfg.Stream, s.cfg.Durable)
 		cancel()
 		if err == nil {

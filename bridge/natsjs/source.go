@@ -320,46 +320,51 @@ func (s *Source) runShared(ctx context.Context, h bridge.Handler) error {
 	defer wg.Wait()
 	wg.Go(func() { s.monitor(ctx, nil) })
 
+	var lastWarn time.Time
+	for ctx.Err() == nil && s.waiting() {
+		s.waitMode(ctx, &lastWarn)
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
 	cons := s.consumer()
 	delay := reconnectMin
 	for {
-		var err error
-		if s.waiting() {
-			err = errors.New("consumer in the other ordering mode")
-		} else {
-			s.setState(transition{to: StateShared})
-			var cc jetstream.ConsumeContext
-			cc, err = cons.Consume(func(msg jetstream.Msg) { s.deliver(ctx, msg, h) },
-				jetstream.PullMaxMessages(s.cfg.FetchBatch),
-				jetstream.PullExpiry(pullExpiry),
-				jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-					if ctx.Err() == nil {
-						s.log.Warn("nats consume error", "err", err)
-					}
-				}))
-			if err == nil {
-				select {
-				case <-ctx.Done():
-					cc.Stop()
-					<-cc.Closed()
-					return nil
-				case <-cc.Closed():
-					// The library stopped consuming on its own: consumer
-					// deleted, its mode switched, or connection closed.
+		s.setState(transition{to: StateShared})
+		cc, err := cons.Consume(func(msg jetstream.Msg) { s.deliver(ctx, msg, h) },
+			jetstream.PullMaxMessages(s.cfg.FetchBatch),
+			jetstream.PullExpiry(pullExpiry),
+			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+				if ctx.Err() == nil {
+					s.log.Warn("nats consume error", "err", err)
 				}
+			}))
+		if err == nil {
+			select {
+			case <-ctx.Done():
+				cc.Stop()
+				<-cc.Closed()
+				return nil
+			case <-cc.Closed():
+				// The library stopped consuming on its own: consumer
+				// deleted, its mode switched, or connection closed.
 			}
 		}
 		if s.js.Conn().IsClosed() {
 			return fmt.Errorf("natsjs: source %s: %w", s.cfg.Stream, nats.ErrConnectionClosed)
 		}
-		if !s.waiting() {
-			s.log.Warn("nats consume stopped, recreating consumer", "err", err, "retry_in", delay)
-		}
+		s.log.Warn("nats consume stopped, recreating consumer", "err", err, "retry_in", delay)
 		if !sleepCtx(ctx, delay) {
 			return nil
 		}
 		delay = min(2*delay, reconnectMax)
-		if c, err := s.ensureConsumer(ctx, s.ackFloor.Load()); err == nil {
+		c, err := s.ensureConsumer(ctx, s.ackFloor.Load())
+		for err != nil && ctx.Err() == nil && s.waiting() {
+			if s.waitMode(ctx, &lastWarn) {
+				c, err = s.consumer(), nil
+			}
+		}
+		if err == nil {
 			cons, delay = c, reconnectMin
 		}
 	}

@@ -217,7 +217,9 @@ func sourceAckOutcomes(t *testing.T, o Ordering) {
 	}
 }
 
-func TestSourceInProgressExtendsAckWait(t *testing.T) { bothOrderings(t, sourceInProgressExtendsAckWait) }
+func TestSourceInProgressExtendsAckWait(t *testing.T) {
+	bothOrderings(t, sourceInProgressExtendsAckWait)
+}
 
 func sourceInProgressExtendsAckWait(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
@@ -252,7 +254,9 @@ func sourceInProgressExtendsAckWait(t *testing.T, o Ordering) {
 	}
 }
 
-func TestSourceDurableResumesAfterRestart(t *testing.T) { bothOrderings(t, sourceDurableResumesAfterRestart) }
+func TestSourceDurableResumesAfterRestart(t *testing.T) {
+	bothOrderings(t, sourceDurableResumesAfterRestart)
+}
 
 func sourceDurableResumesAfterRestart(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
@@ -355,7 +359,9 @@ func sourceRunLifecycle(t *testing.T, o Ordering) {
 	}
 }
 
-func TestSourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T) { bothOrderings(t, sourceRecreatesDeletedConsumerAfterAckFloor) }
+func TestSourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T) {
+	bothOrderings(t, sourceRecreatesDeletedConsumerAfterAckFloor)
+}
 
 func sourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
@@ -390,7 +396,9 @@ func sourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T, o Ordering) {
 	}
 }
 
-func TestSourceKeepsExistingDeliverPolicy(t *testing.T) { bothOrderings(t, sourceKeepsExistingDeliverPolicy) }
+func TestSourceKeepsExistingDeliverPolicy(t *testing.T) {
+	bothOrderings(t, sourceKeepsExistingDeliverPolicy)
+}
 
 func sourceKeepsExistingDeliverPolicy(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
