@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,7 +21,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/router"
 )
 
 // Settings of the takeover tests: the shortest PinnedTTL, and an AckWait
@@ -193,6 +196,21 @@ func readOut(t *testing.T, js jetstream.JetStream, fd *feed) outcome {
 	return o
 }
 
+// checkOut waits until OUT holds fd.n copies and fails the test unless they
+// are every event once, each key's in order.
+func checkOut(t *testing.T, js jetstream.JetStream, fd *feed) outcome {
+	t.Helper()
+	eventually(t, 60*time.Second, "every event in OUT", func() bool {
+		st, err := js.Stream(testCtx(t), "OUT")
+		return err == nil && st.CachedInfo().State.Msgs >= uint64(fd.n)
+	})
+	o := readOut(t, js, fd)
+	if o.missing != 0 || o.reorders != 0 || o.stored != fd.n {
+		t.Fatalf("OUT: %d stored, %d distinct, %d missing, %d per-key reorderings; want %d, 0, 0", o.stored, o.distinct, o.missing, o.reorders, fd.n)
+	}
+	return o
+}
+
 // replica is one in-process bridge replica: its own connection, Source and
 // forwarder.
 type replica struct {
@@ -238,56 +256,66 @@ func takeoverSetup(t *testing.T) (*natstest.Server, jetstream.JetStream) {
 }
 
 // TestOrderedTakeover runs two ordered replicas on one durable while events
-// flow; the active one dies (its connection closed without acking, or its
-// process killed with SIGKILL) a third of the way in. The standby takes
-// over after PinnedTTL, resets the consumer to the ack floor and forwards
-// what the dead one had taken but not acknowledged before anything newer:
-// OUT then holds every event once and each key's events in order. The
-// takeover time is measured and logged.
+// flow; a third of the way in the active one dies (its connection closed
+// without acking, or its process killed with SIGKILL) or is paused (SIGSTOP,
+// resumed with SIGCONT once the other replica took over: a stale owner that
+// may still forward what it held and what was in its socket). The standby
+// takes over after PinnedTTL, resets the consumer to the ack floor and
+// forwards what the old owner had taken but not acknowledged before
+// anything newer: OUT then holds every event once and each key's events in
+// order. The takeover time is measured and logged.
 func TestOrderedTakeover(t *testing.T) {
-	for _, how := range []string{"close-connection", "kill-9"} {
+	faults := []string{"close-connection", "kill-9"}
+	if pauseSignals[0] != nil {
+		faults = append(faults, "sigstop")
+	}
+	for _, how := range faults {
 		t.Run(how, func(t *testing.T) {
 			srv, js := takeoverSetup(t)
 			fd := newFeed(1500, 40)
-			var kill func()
-			if how == "kill-9" {
-				var active <-chan struct{}
-				kill, active = startReplicaProcess(t, srv.URL)
+			var fault, after func()
+			if how == "close-connection" {
+				a := startReplica(t, srv, orderedConfig())
+				fd.first(t, js, a.f)
+				fault = func() { a.nc.Close() }
+			} else {
+				proc, active := startReplicaProcess(t, srv.URL)
 				fd.publish(t, js, 0)
 				select {
 				case <-active:
 				case <-time.After(30 * time.Second):
 					t.Fatal("replica process did not become active")
 				}
-			} else {
-				a := startReplica(t, srv, orderedConfig())
-				fd.first(t, js, a.f)
-				kill = func() { a.nc.Close() }
+				fault = func() { _ = proc.Kill() }
+				if how == "sigstop" {
+					fault = func() { _ = proc.Signal(pauseSignals[0]) }
+					after = func() { _ = proc.Signal(pauseSignals[1]) }
+				}
 			}
 			b := startReplica(t, srv, orderedConfig())
 			eventually(t, 20*time.Second, "B in standby", func() bool { return b.state() == StateStandby })
 
-			var killedAt time.Time
+			var faultAt time.Time
 			fd.run(t, js, 1, 2*time.Millisecond, func(i int) {
 				if i == fd.n/3 {
-					killedAt = time.Now()
-					kill()
+					faultAt = time.Now()
+					fault()
+				}
+				if after != nil && b.state() == StateActive {
+					after()
+					after = nil
 				}
 			})
-			eventually(t, 60*time.Second, "every event in OUT", func() bool {
-				st, err := js.Stream(testCtx(t), "OUT")
-				return err == nil && st.CachedInfo().State.Msgs >= uint64(fd.n)
-			})
-			o := readOut(t, js, fd)
+			if after != nil {
+				t.Fatal("B did not take over from the paused replica while events flowed")
+			}
+			o := checkOut(t, js, fd)
 			first, n, dups, revoked, failed := b.f.stats()
 			st := b.src.State()
 			t.Logf("%s: takeover %s after the fault (B's first delivery), B: takeover %s, unowned %s by the advisories; "+
 				"%d deliveries, %d re-forwards dropped as duplicates, %d revoked, %d failed; max lateness %s (event %d)",
-				how, first.Sub(killedAt).Round(time.Millisecond), st.LastTakeoverDuration.Round(time.Millisecond),
+				how, first.Sub(faultAt).Round(time.Millisecond), st.LastTakeoverDuration.Round(time.Millisecond),
 				st.LastTakeoverGap.Round(time.Millisecond), n, dups, revoked, failed, o.maxLate.Round(time.Millisecond), o.lateAt)
-			if o.missing != 0 || o.reorders != 0 || o.stored != fd.n {
-				t.Fatalf("OUT: %d stored, %d distinct, %d missing, %d per-key reorderings; want %d, 0, 0", o.stored, o.distinct, o.missing, o.reorders, fd.n)
-			}
 			if st.State != StateActive || st.Takeovers != 1 || st.PinID == "" {
 				t.Errorf("B's state %+v, want active after one takeover", st)
 			}
@@ -315,8 +343,9 @@ func serverPin(t *testing.T, js jetstream.JetStream) string {
 const replicaEnv = "CELLBRIDGE_TEST_REPLICA_URL"
 
 // startReplicaProcess starts this test binary as replica A (runReplica);
-// active closes when it reports StateActive, kill sends SIGKILL.
-func startReplicaProcess(t *testing.T, url string) (kill func(), active <-chan struct{}) {
+// active closes when it reports StateActive. The process is killed when the
+// test ends.
+func startReplicaProcess(t *testing.T, url string) (proc *os.Process, active <-chan struct{}) {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -336,8 +365,6 @@ func startReplicaProcess(t *testing.T, url string) (kill func(), active <-chan s
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	var once sync.Once
-	kill = func() { once.Do(func() { _ = cmd.Process.Kill() }) }
 	isActive := make(chan struct{})
 	lines := make(chan struct{})
 	go func() {
@@ -352,12 +379,12 @@ func startReplicaProcess(t *testing.T, url string) (kill func(), active <-chan s
 		}
 	}()
 	t.Cleanup(func() {
-		kill()
+		_ = cmd.Process.Kill()
 		_ = stdin.Close()
 		<-lines
 		_ = cmd.Wait()
 	})
-	return kill, isActive
+	return cmd.Process, isActive
 }
 
 // runReplica is the replica process: an ordered Source with a forwarder
@@ -418,20 +445,13 @@ func TestOrderedReleaseHandoff(t *testing.T) {
 			took = releasedAt.Sub(start)
 		}
 	})
-	eventually(t, 60*time.Second, "every event in OUT", func() bool {
-		st, err := js.Stream(testCtx(t), "OUT")
-		return err == nil && st.CachedInfo().State.Msgs >= uint64(fd.n)
-	})
-	o := readOut(t, js, fd)
+	o := checkOut(t, js, fd)
 	first, n, dups, revoked, _ := b.f.stats()
 	st := b.src.State()
 	t.Logf("release took %s; B's first delivery %s after it (takeover %s, unowned %s by the advisories); "+
 		"B: %d deliveries, %d re-forwards dropped as duplicates, %d revoked; max lateness %s",
 		took.Round(time.Millisecond), first.Sub(releasedAt).Round(time.Millisecond), st.LastTakeoverDuration.Round(time.Millisecond),
 		st.LastTakeoverGap.Round(time.Millisecond), n, dups, revoked, o.maxLate.Round(time.Millisecond))
-	if o.missing != 0 || o.reorders != 0 || o.stored != fd.n {
-		t.Fatalf("OUT: %d stored, %d missing, %d per-key reorderings; want %d, 0, 0", o.stored, o.missing, o.reorders, fd.n)
-	}
 	if got := a.state(); got != StateStopped {
 		t.Errorf("A after Release: %s", got)
 	}
@@ -466,10 +486,7 @@ func TestOrderedBlockedHandlerKeepsPin(t *testing.T) {
 	}
 	time.Sleep(3 * testPinnedTTL) // the blocked time is the point of the test
 	close(release)
-	eventually(t, 30*time.Second, "all forwarded by A", func() bool {
-		st, err := js.Stream(testCtx(t), "OUT")
-		return err == nil && st.CachedInfo().State.Msgs == uint64(fd.n)
-	})
+	checkOut(t, js, fd)
 	if _, n, _, _, _ := b.f.stats(); n != 0 {
 		t.Errorf("the standby got %d deliveries while A's handler blocked", n)
 	}
@@ -502,14 +519,11 @@ func TestOrderedIdleTakeoverKick(t *testing.T) {
 	eventually(t, 10*time.Second, "A took the next", func() bool { _, n, _, _, _ := a.f.stats(); return n == 2 })
 	cut := time.Now()
 	a.nc.Close()
-	eventually(t, testAckWait/2, "B forwarded the rest before AckWait", func() bool {
-		st, err := js.Stream(testCtx(t), "OUT")
-		return err == nil && st.CachedInfo().State.Msgs == uint64(fd.n)
-	})
+	o := checkOut(t, js, fd)
 	first, _, _, _, _ := b.f.stats()
 	t.Logf("idle takeover: B's first delivery %s after the cut", first.Sub(cut).Round(time.Millisecond))
-	if o := readOut(t, js, fd); o.reorders != 0 || o.missing != 0 {
-		t.Fatalf("OUT: %d missing, %d reorderings", o.missing, o.reorders)
+	if o.maxLate >= testAckWait {
+		t.Errorf("an event waited %s: the dead replica's deliveries came back only after AckWait", o.maxLate)
 	}
 }
 
@@ -727,5 +741,117 @@ func TestSourceStripTokens(t *testing.T) {
 		if got := stripTokens(c.in, c.n); got != c.want {
 			t.Errorf("stripTokens(%q, %d) = %q, want %q", c.in, c.n, got, c.want)
 		}
+	}
+}
+
+// pipelineRules routes every ORDERS event, keyed by its second subject
+// token, to OUT (one cell).
+const pipelineRules = `kind: CellMap
+version: 1
+shards: 16
+cells:
+  - {name: rz00, state: active, shards: ["0-15"]}
+---
+kind: TopicRule
+name: orders
+source: {broker: nats, stream: ORDERS, subject: "orders.>", group: cellbridge-orders}
+key: {subjectToken: 2}
+shard: {func: fnv1a}
+target: {broker: nats, subject: out.rz00}
+dlq: {broker: nats, subject: out.dlq}
+`
+
+// pipelineReplica is a replica as the app builds it: one connection for
+// its Source and Sink, a bridge.Pipeline with lanes and the in-memory
+// dedupe store (each replica its own; OUT's duplicate window drops what
+// another replica stored).
+type pipelineReplica struct {
+	nc    *nats.Conn
+	src   *Source
+	first atomic.Int64 // UnixNano of the first delivery
+}
+
+func startPipelineReplica(t *testing.T, srv *natstest.Server, table *router.Table) *pipelineReplica {
+	t.Helper()
+	nc, js := srv.Connect(t)
+	sink, err := NewSink(map[string]jetstream.JetStream{"nats": js}, SinkConfig{AckTimeout: 2 * time.Second}, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := dedupe.NewMemory(dedupe.MemoryConfig{})
+	met := bridge.NewMetrics("test")
+	p, err := bridge.New(bridge.Config{AckWait: testAckWait, MaxInFlight: 256},
+		bridge.Deps{Rules: router.NewHolder(table), Dedupe: store, Sinks: bridge.StaticSinks(map[string]bridge.Sink{"nats": sink}),
+			Metrics: met, Health: bridge.NewHealth(met, quiet, nil), Log: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eff := p.Config()
+	cfg := orderedConfig()
+	cfg.MaxAckPending = eff.MaxInFlight + eff.MaxHeld + eff.FetchBatch
+	cfg.FetchBatch = eff.FetchBatch
+	r := &pipelineReplica{nc: nc, src: newSource(t, js, cfg)}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() {
+		errc <- r.src.Run(ctx, func(ctx context.Context, m *bridge.Message, ack bridge.Ack) error {
+			r.first.CompareAndSwap(0, time.Now().UnixNano())
+			return p.Handle(ctx, m, ack)
+		})
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-errc; err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			t.Errorf("Run: %v", err)
+		}
+		dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer dcancel()
+		// A replica cut off cannot confirm what it still holds: its drain
+		// ends with an error, which is what it should do.
+		_ = p.Close(dctx)
+		if err := r.src.Close(dctx); err != nil {
+			t.Errorf("source Close: %v", err)
+		}
+		_ = sink.Close(dctx)
+		_ = store.Close(dctx)
+	})
+	return r
+}
+
+// TestOrderedTakeoverPipeline is TestOrderedTakeover with the real pipeline
+// behind each Source: many keys in flight at once, so the ack floor lags and
+// the new owner re-reads messages acked above it (their copies are dropped
+// by OUT's duplicate window), and the old owner's revoked deliveries meet
+// the pipeline's epoch checks.
+func TestOrderedTakeoverPipeline(t *testing.T) {
+	table, err := router.Parse("rules.yaml", []byte(pipelineRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, js := takeoverSetup(t)
+	fd := newFeed(3000, 200)
+	a := startPipelineReplica(t, srv, table)
+	fd.publish(t, js, 0)
+	eventually(t, 20*time.Second, "A active", func() bool { return a.src.State().State == StateActive })
+	b := startPipelineReplica(t, srv, table)
+	eventually(t, 20*time.Second, "B in standby", func() bool { return b.src.State().State == StateStandby })
+
+	var cutAt time.Time
+	fd.run(t, js, 1, time.Millisecond, func(i int) {
+		if i == fd.n/3 {
+			cutAt = time.Now()
+			a.nc.Close()
+		}
+	})
+	o := checkOut(t, js, fd)
+	st := b.src.State()
+	t.Logf("takeover %s after the cut (B's first delivery), B: takeover %s, unowned %s by the advisories; max lateness %s (event %d)",
+		time.Unix(0, b.first.Load()).Sub(cutAt).Round(time.Millisecond), st.LastTakeoverDuration.Round(time.Millisecond),
+		st.LastTakeoverGap.Round(time.Millisecond), o.maxLate.Round(time.Millisecond), o.lateAt)
+	if st.State != StateActive || st.Takeovers != 1 {
+		t.Errorf("B's state %+v, want active after one takeover", st)
+	}
+	if o.maxLate >= testAckWait {
+		t.Errorf("an event waited %s: the dead replica's deliveries came back only after AckWait", o.maxLate)
 	}
 }
