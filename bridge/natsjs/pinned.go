@@ -463,7 +463,17 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 		case f := <-ep.fence:
 			r.stopConsume(ep, cc)
 			r.purge()
-			s.setState(transition{to: stateAfter(f), reason: f.reason, fence: true})
+			tr := transition{to: StateStandby, reason: f.reason, fence: true}
+			if f.next == toClosed {
+				tr.to = StateStopped
+			}
+			if f.next == toAcquire {
+				tr.to, tr.pin = StateAcquiring, ep.pin
+				if f.pin != "" {
+					tr.pin = f.pin
+				}
+			}
+			s.setState(tr)
 			return f
 		case st := <-r.status:
 			switch st {
@@ -483,13 +493,6 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 			}
 		}
 	}
-}
-
-func stateAfter(f fenceEvent) PinState {
-	if f.next == toAcquire {
-		return StateAcquiring
-	}
-	return StateStandby
 }
 
 // unpinnedSince is the time of the UNPINNED advisory received during the

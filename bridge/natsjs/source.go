@@ -304,7 +304,7 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		s.mu.Lock()
 		s.runDone, s.runCancel = nil, nil
 		s.mu.Unlock()
-		s.setState(transition{to: StateStopped})
+		s.setState(transition{to: StateStopped, reason: "Run returned"})
 		close(done)
 	}()
 	if s.cfg.Ordering == Ordered {
