@@ -463,28 +463,46 @@ func TestOrderedReleaseHandoff(t *testing.T) {
 	}
 }
 
+// backlogs records the last Backlog report.
+type backlogs struct{ last atomic.Int64 }
+
+func (b *backlogs) report(n uint64) { b.last.Store(int64(n)) }
+
 // TestOrderedBlockedHandlerKeepsPin: the handler of the active replica
 // blocks for three PinnedTTLs (a slow sink). The client library's callback
 // does not block, so the pull that renews the pin keeps going: the standby
-// gets nothing and the active replica keeps its epoch.
+// gets nothing and the active replica keeps its epoch. Meanwhile the active
+// replica reports the backlog and the standby 0 (it is not stuck).
 func TestOrderedBlockedHandlerKeepsPin(t *testing.T) {
 	srv, js := takeoverSetup(t)
 	fd := newFeed(21, 1)
-	a := startReplica(t, srv, orderedConfig())
+	var aBacklog, bBacklog backlogs
+	cfg := orderedConfig()
+	cfg.MaxAckPending, cfg.BacklogInterval = 5, 50*time.Millisecond
+	cfg.Backlog = aBacklog.report
+	a := startReplica(t, srv, cfg)
 	fd.first(t, js, a.f)
 	release := make(chan struct{})
 	var once sync.Once
 	a.f.mu.Lock()
 	a.f.block = func(*bridge.Message) { once.Do(func() { <-release }) }
 	a.f.mu.Unlock()
-	b := startReplica(t, srv, orderedConfig())
+	cfg.Backlog = bBacklog.report
+	b := startReplica(t, srv, cfg)
 	eventually(t, 20*time.Second, "B in standby", func() bool { return b.state() == StateStandby })
 	before := a.src.State()
 
 	for i := 1; i < fd.n; i++ {
 		fd.publish(t, js, i)
 	}
+	// 20 published, 5 delivered (MaxAckPending): 15 waiting.
+	eventually(t, 10*time.Second, "A reports the backlog", func() bool { return aBacklog.last.Load() == 15 })
+	bBacklog.last.Store(-1)
+	eventually(t, 10*time.Second, "the standby reports none", func() bool { return bBacklog.last.Load() == 0 })
 	time.Sleep(3 * testPinnedTTL) // the blocked time is the point of the test
+	if n := bBacklog.last.Load(); n != 0 {
+		t.Errorf("the standby reported a backlog of %d while A held the pin", n)
+	}
 	close(release)
 	checkOut(t, js, fd)
 	if _, n, _, _, _ := b.f.stats(); n != 0 {

@@ -100,7 +100,10 @@ type SourceConfig struct {
 	// Backlog, when set, receives the consumer's pending count (messages
 	// not yet delivered) every BacklogInterval while Run runs (from a
 	// consumer info request; skipped when that fails). It is called from
-	// one goroutine and must not block.
+	// one goroutine and must not block. A replica that another one serves
+	// reports 0: an ordered standby while another replica holds the pin,
+	// and a replica waiting for the other ordering mode's clients; readiness
+	// counts a backlog without progress against the replica reporting it.
 	Backlog func(n uint64)
 	// BacklogInterval defaults to 2s.
 	BacklogInterval time.Duration
@@ -524,7 +527,11 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 		if err == nil {
 			s.ackFloor.Store(info.AckFloor.Stream)
 			if s.cfg.Backlog != nil {
-				s.cfg.Backlog(info.NumPending)
+				n := info.NumPending
+				if !s.ownsBacklog(info) {
+					n = 0
+				}
+				s.cfg.Backlog(n)
 			}
 			if s.cfg.Ordering == Ordered {
 				s.checkPin(info, asked)
@@ -540,6 +547,22 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 		case <-unpinned:
 		}
 	}
+}
+
+// ownsBacklog tells whether this replica should report the consumer's
+// backlog as its own: readiness counts a backlog without progress against
+// the replica that reports it. A replica waiting for the other mode's
+// clients does not (they make the progress), nor does a standby while
+// another replica holds the pin (that one reports it); a standby reports it
+// while no replica holds the pin, when nobody serves the rule.
+func (s *Source) ownsBacklog(info *jetstream.ConsumerInfo) bool {
+	switch s.State().State {
+	case StateWaiting:
+		return false
+	case StateStandby, StateStopped:
+		return s.cfg.Ordering != Ordered || pinnedID(info, s.cfg.Group) == ""
+	}
+	return true
 }
 
 // Release ends the source's current ownership gracefully. A running Run
