@@ -49,7 +49,10 @@
 //
 // The consumer's NumPending is reported through SourceConfig.Backlog every
 // BacklogInterval from a consumer info request, which also tracks the ack
-// floor. An existing durable keeps its deliver policy (an operator may create
+// floor. A replica that another one serves reports 0 (an ordered standby
+// while another replica holds the pin, a replica waiting for the other
+// ordering mode), because readiness counts a backlog without progress
+// against the replica that reports it. An existing durable keeps its deliver policy (an operator may create
 // it with DeliverNew to skip history); one deleted while the bridge runs is
 // recreated starting after that ack floor rather than replaying the stream.
 // Every JetStream API request of the source has its own timeout
