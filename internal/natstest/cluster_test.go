@@ -61,6 +61,35 @@ func TestCluster(t *testing.T) {
 	}
 	t.Logf("meta leader %s, stream T %s, consumer T/D %s", c.Node(meta).Name, c.Node(sl).Name, c.Node(cl).Name)
 
+	// Leaders move where a test wants them.
+	to := (sl + 1) % 3
+	c.MoveStreamLeader("T", to)
+	if got := c.StreamLeader("T"); got != to {
+		t.Fatalf("stream T led by %s after moving it to %s", c.Node(got).Name, c.Node(to).Name)
+	}
+	sl = to
+	to = (cl + 1) % 3
+	c.MoveConsumerLeader("T", "D", to)
+	if got := c.ConsumerLeader("T", "D"); got != to {
+		t.Fatalf("consumer T/D led by %s after moving it to %s", c.Node(got).Name, c.Node(to).Name)
+	}
+	// The test's named connection is on exactly one server.
+	on := 0
+	for i := range 3 {
+		names, err := c.Connections(i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range names {
+			if n == t.Name() {
+				on++
+			}
+		}
+	}
+	if on != 1 {
+		t.Fatalf("the test's connection %q found on %d servers", t.Name(), on)
+	}
+
 	// kill -9 the stream's leader: another server takes the lead, the
 	// stream keeps its messages, and the killed server comes back.
 	step := time.Now()

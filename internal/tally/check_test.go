@@ -89,7 +89,9 @@ func TestCheckFindsEachViolation(t *testing.T) {
 		{"no msg id", func(s []Sent, a []Arrival) ([]Sent, []Arrival) { a[2].MsgID = ""; return s, a },
 			func(r *Result) bool { return r.NoMsgID == 1 }},
 		{"misrouted", func(s []Sent, a []Arrival) ([]Sent, []Arrival) { a[0].Cell, a[0].Stream = "b", "CELL_B"; return s, a },
-			func(r *Result) bool { return len(r.Misrouted) == 1 && r.Misrouted[0].ID == "e1" && r.Misrouted[0].Want == "a" }},
+			func(r *Result) bool {
+				return len(r.Misrouted) == 1 && r.Misrouted[0].ID == "e1" && r.Misrouted[0].Want == "a"
+			}},
 		{"dead-lettered", func(s []Sent, a []Arrival) ([]Sent, []Arrival) { a[0].Cell, a[0].Stream = "", "DLQ"; return s, a },
 			func(r *Result) bool { return len(r.Misrouted) == 1 && r.Misrouted[0].Cell == "" }},
 		{"unknown", func(s []Sent, a []Arrival) ([]Sent, []Arrival) {
@@ -103,7 +105,10 @@ func TestCheckFindsEachViolation(t *testing.T) {
 		}, func(r *Result) bool {
 			return len(r.Reordered) == 1 && r.ReorderedKeys == 1 && r.Reordered[0].ID == "e1" && r.Reordered[0].After == 3 && r.Reordered[0].AfterID == "e7"
 		}},
-		{"late", func(s []Sent, a []Arrival) ([]Sent, []Arrival) { a[3].Stored = a[3].Stored.Add(5 * time.Second); return s, a },
+		{"late", func(s []Sent, a []Arrival) ([]Sent, []Arrival) {
+			a[3].Stored = a[3].Stored.Add(5 * time.Second)
+			return s, a
+		},
 			func(r *Result) bool {
 				return len(r.Latency.Late) == 1 && r.Latency.Late[0].ID == "e4" && r.Latency.Max == 5*time.Second+10*time.Millisecond
 			}},
