@@ -17,7 +17,6 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
-	"github.com/cellbridge/cellbridge/internal/e2etest"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
 	"github.com/cellbridge/cellbridge/internal/tally"
@@ -34,7 +33,7 @@ func testCtx(t testing.TB, d time.Duration) context.Context {
 }
 
 // freePort returns a loopback port that was free a moment ago.
-var freePort = e2etest.FreePort
+func freePort(t testing.TB) int { return natstest.FreePorts(t, 1)[0] }
 
 // expectation is where one published event must end up.
 type expectation struct {

@@ -5,7 +5,6 @@ package e2etest
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -72,7 +71,7 @@ func StartBridge(t testing.TB, opts BridgeOptions) *Bridge {
 		opts.Dir = t.TempDir()
 	}
 	if opts.HTTP == "" {
-		opts.HTTP = fmt.Sprintf("127.0.0.1:%d", FreePort(t))
+		opts.HTTP = fmt.Sprintf("127.0.0.1:%d", natstest.FreePorts(t, 1)[0])
 	}
 	if opts.Timeout <= 0 {
 		opts.Timeout = 30 * time.Second
@@ -253,14 +252,3 @@ func (b *Bridge) WaitReady() {
 
 // LogTail returns the last n lines of the process's log.
 func (b *Bridge) LogTail(n int) string { return natstest.Tail(b.Log, n) }
-
-// FreePort returns a loopback port that was free a moment ago.
-func FreePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}

@@ -1,6 +1,7 @@
 package e2etest
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -105,21 +106,11 @@ func StartLoad(cfg LoadConfig) (*Load, error) {
 	if len(cfg.Keys) == 0 || cfg.Rate <= 0 || cfg.Events <= 0 {
 		return nil, fmt.Errorf("e2etest: a load of %d events over %d keys at %d/s", cfg.Events, len(cfg.Keys), cfg.Rate)
 	}
-	if cfg.Subject == "" {
-		cfg.Subject = concreteSubject(cfg.Rule.Source.Subject)
-	}
-	if cfg.Run == "" {
-		cfg.Run = fmt.Sprintf("load%d", time.Now().UnixNano()%1e9)
-	}
-	if cfg.Lanes <= 0 {
-		cfg.Lanes = 64
-	}
-	if cfg.AttemptTimeout <= 0 {
-		cfg.AttemptTimeout = 2 * time.Second
-	}
-	if cfg.Backoff <= 0 {
-		cfg.Backoff = 100 * time.Millisecond
-	}
+	cfg.Subject = cmp.Or(cfg.Subject, concreteSubject(cfg.Rule.Source.Subject))
+	cfg.Run = cmp.Or(cfg.Run, fmt.Sprintf("load%d", time.Now().UnixNano()%1e9))
+	cfg.Lanes = cmp.Or(max(cfg.Lanes, 0), 64)
+	cfg.AttemptTimeout = cmp.Or(max(cfg.AttemptTimeout, 0), 2*time.Second)
+	cfg.Backoff = cmp.Or(max(cfg.Backoff, 0), 100*time.Millisecond)
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &Load{cfg: cfg, cancel: cancel, stored: make(chan struct{}), stats: LoadStats{Errors: map[string]int{}}}
 	// Room for four times a lane's share: the schedule waits on a full

@@ -62,7 +62,7 @@ func TestKeysCoverShards(t *testing.T) {
 func TestLoadSurvivesServerRestart(t *testing.T) {
 	_, table := exampleTable(t)
 	dir := t.TempDir()
-	port := FreePort(t)
+	port := natstest.FreePorts(t, 1)[0]
 	atPort := func(o *server.Options) { o.Port = port }
 	srv := natstest.StartDir(t, dir, atPort)
 	nc, err := nats.Connect(srv.URL, natstest.ClientOptions(t.Name())...)

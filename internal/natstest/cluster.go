@@ -153,7 +153,7 @@ func StartCluster(t testing.TB, n int, opts ...ClusterOption) *Cluster {
 	// gone (cleanups run in reverse order).
 	dir := t.TempDir()
 	c := &Cluster{t: t, cfg: cfg, bin: bin, hc: &http.Client{Timeout: 2 * time.Second}}
-	ports := freePorts(t, 3*n)
+	ports := FreePorts(t, 3*n)
 	for i := range n {
 		nd := &Node{
 			Index:       i,
@@ -825,69 +825,41 @@ func (c *Cluster) JetStream() jetstream.JetStream {
 // it retries each within the cluster's timeout.
 func (c *Cluster) AddStream(cfg jetstream.StreamConfig) jetstream.Stream {
 	c.t.Helper()
-	if cfg.Replicas == 0 {
-		cfg.Replicas = min(len(c.nodes), 5)
-	}
-	js := c.JetStream()
-	var st jetstream.Stream
-	c.poll("stream "+cfg.Name+" created", func() (err error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		st, err = js.CreateOrUpdateStream(ctx, cfg)
-		return err
+	cfg.Replicas = c.replicas(cfg.Replicas)
+	return retryCreate(c, "stream "+cfg.Name, func(ctx context.Context, js jetstream.JetStream) (jetstream.Stream, error) {
+		return js.CreateOrUpdateStream(ctx, cfg)
 	})
-	return st
 }
 
 // AddKV creates or updates a key-value bucket; Replicas defaults to the
 // number of servers (at most 5). Retried like AddStream.
 func (c *Cluster) AddKV(cfg jetstream.KeyValueConfig) jetstream.KeyValue {
 	c.t.Helper()
-	if cfg.Replicas == 0 {
-		cfg.Replicas = min(len(c.nodes), 5)
+	cfg.Replicas = c.replicas(cfg.Replicas)
+	return retryCreate(c, "key-value bucket "+cfg.Bucket, func(ctx context.Context, js jetstream.JetStream) (jetstream.KeyValue, error) {
+		return js.CreateOrUpdateKeyValue(ctx, cfg)
+	})
+}
+
+// replicas is n, or every server (at most 5) when n is 0.
+func (c *Cluster) replicas(n int) int {
+	if n == 0 {
+		return min(len(c.nodes), 5)
 	}
+	return n
+}
+
+// retryCreate calls create, each attempt bounded by 5s, until it succeeds
+// within the cluster's timeout.
+func retryCreate[T any](c *Cluster, what string, create func(context.Context, jetstream.JetStream) (T, error)) T {
+	c.t.Helper()
 	js := c.JetStream()
-	var kv jetstream.KeyValue
-	c.poll("key-value bucket "+cfg.Bucket+" created", func() (err error) {
+	var v T
+	c.poll(what+" created", func() (err error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		kv, err = js.CreateOrUpdateKeyValue(ctx, cfg)
+		v, err = create(ctx, js)
 		return err
 	})
-	return kv
-}
-
-// freePorts returns n distinct loopback ports that were free a moment ago
-// (all held open at once, so none is returned twice).
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	ports := make([]int, n)
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	for i := range ports {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ls = append(ls, l)
-		ports[i] = l.Addr().(*net.TCPAddr).Port
-	}
-	return ports
-}
-
-// Tail returns the last n lines of a file (a log), or why it cannot.
-func Tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
+	return v
 }
