@@ -28,9 +28,10 @@ type task struct {
 	// and the sink are done with the message by then).
 	hdr map[string][]string
 
-	mu       sync.Mutex // guards ack, settled, lastBeat, timer; arrived is written under it
+	mu       sync.Mutex // guards ack, settled, lastBeat, timer; arrived and epoch are written under it
 	ack      Ack        // nil once settled
 	arrived  int64      // unix ns; read without mu only while the task is live
+	epoch    *Epoch     // m.Epoch, for heartbeats, which must not read m
 	settled  bool
 	lastBeat int64
 	timer    *time.Timer
@@ -51,7 +52,6 @@ type taskData struct {
 	poison   string     // DLQ reason found by the bridge itself
 	dlq      bool       // being dead-lettered
 	x        *taskExtra // rare-path state, nil on the hot path
-	arrived  int64      // unix ns
 	hops     int
 	attempt  int
 	reserved bool
@@ -106,6 +106,7 @@ func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 	t.m = m // taskData is zero: new, or cleared by recycle
 	t.ack = ack
 	t.arrived = now
+	t.epoch = m.Epoch
 	t.p = p
 	t.settled = false
 	t.lastBeat = 0
@@ -363,13 +364,14 @@ func (p *Pipeline) recheckParked() {
 	}
 	p.parkMu.Unlock()
 	for _, l := range lanes {
-		var start, over []*task
+		var start, over, revoked []*task
 		l.mu.Lock()
 		// Load the table under the lane lock: every message parked in this
 		// lane was parked under this table or an older one, so a release
 		// never acts on a table older than the decision that parked.
 		tbl := p.rules.Load()
 		for k, q := range l.parked {
+			revoked = p.dropRevokedLocked(q, revoked)
 			var d router.Decision
 			if q.head != nil {
 				// Route the oldest message itself: its key is what the
@@ -409,10 +411,44 @@ func (p *Pipeline) recheckParked() {
 		for _, o := range over {
 			p.refuse(o, Hold(p.cfg.HoldDelay))
 		}
+		for _, r := range revoked {
+			r.rs.met.revoked.Inc()
+			p.refuse(r, ErrRevoked)
+		}
 		for _, n := range start {
 			p.enqueue(n, phaseDispatch)
 		}
 	}
+}
+
+// dropRevokedLocked unlinks the parked messages of q whose source epoch was
+// revoked (the new owner parks its own copies) and appends them to out, to
+// be settled outside the lane lock. They would otherwise hold MaxHeld room
+// until their shard is released.
+func (p *Pipeline) dropRevokedLocked(q *parkQ, out []*task) []*task {
+	var prev *task
+	for t := q.head; t != nil; {
+		nx := t.qnext
+		if !t.m.Epoch.Revoked() {
+			prev, t = t, nx
+			continue
+		}
+		if prev == nil {
+			q.head = nx
+		} else {
+			prev.qnext = nx
+		}
+		if q.tail == t {
+			q.tail = prev
+		}
+		t.qnext = nil
+		q.n--
+		p.heldN.Add(-1)
+		t.rs.held.Add(-1)
+		out = append(out, t)
+		t = nx
+	}
+	return out
 }
 
 // track adds t to the rule's arrival-ordered list of unacknowledged messages.

@@ -61,7 +61,9 @@ func (p *Pipeline) heartbeat() {
 	}
 	for _, t := range due {
 		t.mu.Lock()
-		if !t.settled && now-max(t.arrived, t.lastBeat) >= limit {
+		// A revoked delivery gets no heartbeat: the new owner's copy of
+		// the message is the one that must not be redelivered.
+		if !t.settled && !t.epoch.Revoked() && now-max(t.arrived, t.lastBeat) >= limit {
 			t.lastBeat = now
 			_ = t.ack(context.Background(), ErrInProgress)
 		}

@@ -25,6 +25,9 @@ const (
 	OutcomeHeld      = "held"
 	OutcomeDLQ       = "dlq"
 	OutcomeRetried   = "retried"
+	// OutcomeRevoked counts messages dropped unpublished because their
+	// source's epoch was revoked (another replica took the source over).
+	OutcomeRevoked = "revoked"
 )
 
 // DLQ reason label values of cellbridge_dlq_total (also the first word of
@@ -74,7 +77,7 @@ const (
 // MetricList is every cellbridge_ metric, in README order. Labels never hold
 // a key or a message id.
 var MetricList = []MetricDesc{
-	{MetricMessages, "counter", []string{"rule", "outcome"}, "Messages by topic rule and outcome (forwarded, duplicate, held, dlq, retried)."},
+	{MetricMessages, "counter", []string{"rule", "outcome"}, "Messages by topic rule and outcome (forwarded, duplicate, held, dlq, retried, revoked)."},
 	{MetricForwarded, "counter", []string{"rule", "cell"}, "Messages forwarded and confirmed, by topic rule and target cell."},
 	{MetricDLQ, "counter", []string{"rule", "reason"}, "Messages sent to the dead-letter target, by reason (missing_key, bad_key, bad_body, too_large, too_many_hops, no_route)."},
 	{MetricLatency, "histogram", []string{"rule", "cell"}, "Seconds from the source broker storing a message to the sink confirming its copy."},
@@ -182,10 +185,10 @@ func NewMetrics(version string) *Metrics {
 // ruleMetrics caches the label children of one rule so that the hot path
 // never hashes label values.
 type ruleMetrics struct {
-	forwarded, duplicate, held, dlqOut, retried prometheus.Counter
-	dlq                                         [6]prometheus.Counter // by DLQReasons index
-	inFlight, oldest, heldN, heldOldest         prometheus.Gauge
-	backlog                                     prometheus.Gauge
+	forwarded, duplicate, held, dlqOut, retried, revoked prometheus.Counter
+	dlq                                                  [6]prometheus.Counter // by DLQReasons index
+	inFlight, oldest, heldN, heldOldest                  prometheus.Gauge
+	backlog                                              prometheus.Gauge
 
 	m     *Metrics
 	name  string
@@ -208,6 +211,7 @@ func (m *Metrics) rule(name string) *ruleMetrics {
 			held:       m.Messages.WithLabelValues(name, OutcomeHeld),
 			dlqOut:     m.Messages.WithLabelValues(name, OutcomeDLQ),
 			retried:    m.Messages.WithLabelValues(name, OutcomeRetried),
+			revoked:    m.Messages.WithLabelValues(name, OutcomeRevoked),
 			inFlight:   m.InFlight.WithLabelValues(name),
 			oldest:     m.OldestUnackedAge.WithLabelValues(name),
 			heldN:      m.HeldMessages.WithLabelValues(name),

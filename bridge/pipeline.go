@@ -43,8 +43,6 @@ type Deps struct {
 
 var (
 	errDraining = errors.New("bridge: pipeline draining")
-	errInFlight = errors.New("bridge: idempotency key reserved elsewhere")
-	errNoKey    = errors.New("bridge: message has neither Cell-Msg-Id nor SourceID")
 )
 
 // Pipeline routes messages from sources to sinks. Create it with New, give
@@ -137,15 +135,15 @@ type ruleState struct {
 // (workers and one sweeper). Close stops them.
 func New(cfg Config, d Deps) (*Pipeline, error) {
 	cfg = cfg.WithDefaults()
-	_, local := d.Dedupe.(*dedupe.Memory)
+	if d.Rules == nil || d.Dedupe == nil || d.Sinks == nil {
+		return nil, errors.New("bridge: New needs Deps.Rules, Deps.Dedupe and Deps.Sinks")
+	}
+	local := d.Dedupe.Local()
 	if cfg.Workers == 0 {
 		cfg.Workers = defaultWorkers(local)
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
-	}
-	if d.Rules == nil || d.Dedupe == nil || d.Sinks == nil {
-		return nil, errors.New("bridge: New needs Deps.Rules, Deps.Dedupe and Deps.Sinks")
 	}
 	if d.Log == nil {
 		d.Log = slog.Default()
@@ -222,14 +220,10 @@ func (p *Pipeline) Run(ctx context.Context, src Source) error {
 	return src.Run(ctx, p.Handle)
 }
 
-// Reloaded is the router watcher's callback (router.NewWatcher(dir, holder,
-// p.Reloaded, log)): it records the outcome in the metrics, logs one line
-// and, after a successful load, re-resolves parked messages at once.
-func (p *Pipeline) Reloaded(ev router.ReloadEvent) {
-	p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At)
-}
-
-// RulesReloaded is Reloaded with the event's fields as arguments.
+// RulesReloaded records the outcome of a rules reload (the router watcher's
+// callback passes its ReloadEvent's fields): it updates the metrics, logs
+// one line and, after a successful load, re-resolves parked messages at
+// once.
 func (p *Pipeline) RulesReloaded(version, previous int64, err error, at time.Time) {
 	if err != nil {
 		p.met.RulesReloadFails.Inc()
@@ -368,6 +362,9 @@ func (p *Pipeline) dispatch(t *task) *task {
 	if p.draining.Load() {
 		return p.finish(t, errDraining)
 	}
+	if t.m.Epoch.Revoked() {
+		return p.revoked(t)
+	}
 	if t.poison == "" && !t.dlq {
 		if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
 			t.d = tbl.Route(t.m.Rule, &t.m.Message)
@@ -463,6 +460,17 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
 				return p.dispatch(t)
 			}
 		}
+	}
+	if t.m.Epoch.Revoked() {
+		// Revoked during a remote store's round trip: the new owner
+		// forwards the message; keep the key free for it.
+		if t.reserved {
+			t.reserved = false
+			if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
+				p.met.DedupeErrors.WithLabelValues("release").Inc()
+			}
+		}
+		return p.revoked(t)
 	}
 	if t.failedOn != nil && t.failedOn != ss {
 		p.leaveSink(t)
@@ -584,6 +592,14 @@ func (p *Pipeline) leaveSink(t *task) {
 	if ss.waiting.Add(-1) == 0 {
 		markRecovered(p.health, &ss.failing, ss.what)
 	}
+}
+
+// revoked settles the active message t, whose source epoch ended before it
+// was published: another replica re-reads and forwards it.
+func (p *Pipeline) revoked(t *task) *task {
+	p.leaveSink(t)
+	t.rs.met.revoked.Inc()
+	return p.finish(t, ErrRevoked)
 }
 
 // retry schedules another attempt of the active message t after a

@@ -249,8 +249,11 @@ func TestPerKeyOrderUnderConcurrency(t *testing.T) {
 	}
 }
 
-// wrapStore hides the concrete store type (remote-store code path).
+// wrapStore presents the memory store as a remote one (worker pool code
+// path).
 type wrapStore struct{ dedupe.Store }
+
+func (wrapStore) Local() bool { return false }
 
 func TestDLQPublishFailureRetried(t *testing.T) {
 	s := newTestSink()
@@ -331,6 +334,9 @@ type flakyStore struct {
 	dedupe.Store
 	reserveErrs, inFlight atomic.Int64
 }
+
+// Local reports false: the failures stand for a remote store's.
+func (f *flakyStore) Local() bool { return false }
 
 func (f *flakyStore) Reserve(ctx context.Context, key string) (dedupe.Outcome, error) {
 	if f.reserveErrs.Add(-1) >= 0 {

@@ -14,6 +14,9 @@ type reloadingStore struct {
 	during func()
 }
 
+// Local reports false, as for the remote store it stands for.
+func (s *reloadingStore) Local() bool { return false }
+
 func (s *reloadingStore) Reserve(ctx context.Context, key string) (dedupe.Outcome, error) {
 	if f := s.during; f != nil {
 		s.during = nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/cellbridge/cellbridge/router"
@@ -51,7 +52,29 @@ type Message struct {
 	Time time.Time
 	// Deliveries is 1 on the first delivery.
 	Deliveries int
+	// Epoch, when set, is the source's claim to this delivery. A source
+	// that loses its right to forward (another replica took its consumer
+	// or partition over and re-reads from the ack floor) revokes the
+	// epoch: from then on the pipeline publishes none of the epoch's
+	// messages that have not started publishing, and settles them with
+	// ErrRevoked instead. nil means the delivery is never revoked.
+	Epoch *Epoch
 }
+
+// Epoch is a source's period of ownership of its deliveries (see
+// Message.Epoch). The zero Epoch is valid; it is safe for concurrent use.
+type Epoch struct{ revoked atomic.Bool }
+
+// Revoke ends the epoch. It is idempotent.
+func (e *Epoch) Revoke() { e.revoked.Store(true) }
+
+// Revoked reports whether Revoke was called. A nil Epoch is never revoked.
+func (e *Epoch) Revoked() bool { return e != nil && e.revoked.Load() }
+
+// ErrRevoked settles a message whose epoch was revoked before it was
+// published: the source must not treat it as a failure of the message (the
+// new owner re-reads it). A source may ignore it entirely.
+var ErrRevoked = errors.New("bridge: delivery revoked (another replica owns the source now)")
 
 // Ack settles one source message; the pipeline calls it exactly once with a
 // final result, possibly after any number of ErrInProgress calls.

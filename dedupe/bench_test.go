@@ -141,6 +141,8 @@ func BenchmarkKVLibrary(b *testing.B) {
 
 type libraryStore struct{ kv jetstream.KeyValue }
 
+func (s libraryStore) Local() bool { return false }
+
 func (s libraryStore) Reserve(ctx context.Context, key string) (Outcome, error) {
 	_, err := s.kv.Create(ctx, EncodeKey(key), []byte("r"), jetstream.KeyTTL(DefaultReserveTTL))
 	return Reserved, err

@@ -60,6 +60,13 @@ type Store interface {
 	// Close releases the store's resources. It does not close connections
 	// the store was given.
 	Close(ctx context.Context) error
+	// Local reports whether every call completes in-process without
+	// waiting on I/O. The bridge then runs a message's route, Reserve and
+	// publish on the goroutine that delivered it and completes a
+	// confirmation on the sink's goroutine; a store whose calls are round
+	// trips (Local false) gets a pool of workers instead. A wrapper that
+	// embeds a Store inherits the answer of the store it wraps.
+	Local() bool
 }
 
 // ErrClosed is returned by every Store method called after Close.
@@ -93,3 +100,7 @@ type HandleStore interface {
 	// same key) to find the key's entry when h still names it.
 	CommitHandle(ctx context.Context, key string, h Handle) error
 }
+
+// Local reports false: every call of the KV store is a round trip to the
+// JetStream server.
+func (kv *KV) Local() bool { return false }

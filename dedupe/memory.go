@@ -163,6 +163,9 @@ func (m *Memory) shard(key string) *memShard {
 	return &m.shards[m.shardIndex(key)]
 }
 
+// Local reports true: a Memory store never waits on I/O.
+func (m *Memory) Local() bool { return true }
+
 // Reserve implements Store. It never blocks on I/O; ctx is not consulted.
 func (m *Memory) Reserve(ctx context.Context, key string) (Outcome, error) {
 	o, _, err := m.ReserveHandle(ctx, key)

@@ -1,19 +1,18 @@
 package router
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
-	"reflect"
 	"sort"
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
 )
 
 // Schema of the rule files (DESIGN.md section 3). Field names are a public
@@ -180,7 +179,7 @@ type parsedRule struct {
 }
 
 func loadFiles(dir string, files []ruleFile) (*Table, error) {
-	p := &problems{}
+	p := &Errors{}
 	var maps []parsedCellMap
 	var rules []parsedRule
 	for _, f := range files {
@@ -188,15 +187,15 @@ func loadFiles(dir string, files []ruleFile) (*Table, error) {
 		maps = append(maps, m...)
 		rules = append(rules, r...)
 	}
-	if len(maps) == 0 && len(p.list) == 0 {
-		p.add(dir, 0, "", "no kind: %s document", KindCellMap)
+	if len(maps) == 0 && len(*p) == 0 {
+		p.Addf(dir, 0, "", "no kind: %s document", KindCellMap)
 	}
 	for _, m := range maps[min(1, len(maps)):] {
 		m.doc.errorf("kind", "a second %s document (the first is at %s:%d); exactly one is allowed",
 			KindCellMap, maps[0].doc.file, maps[0].doc.line)
 	}
-	if len(rules) == 0 && len(p.list) == 0 {
-		p.add(dir, 0, "", "no kind: %s document", KindTopicRule)
+	if len(rules) == 0 && len(*p) == 0 {
+		p.Addf(dir, 0, "", "no kind: %s document", KindTopicRule)
 	}
 	// Topic rules are checked even without a CellMap, so that every
 	// problem is reported at once.
@@ -205,9 +204,9 @@ func loadFiles(dir string, files []ruleFile) (*Table, error) {
 		t = validateCellMap(maps[0].doc, &maps[0].cm)
 	}
 	validateRules(t, rules)
-	if len(p.list) > 0 {
-		e := p.sorted()
-		return nil, &e
+	if len(*p) > 0 {
+		p.Sort()
+		return nil, p
 	}
 	t.compile(rules)
 	t.fingerprint = fingerprint(files)
@@ -219,45 +218,32 @@ func loadFiles(dir string, files []ruleFile) (*Table, error) {
 }
 
 // parseFile splits a file into documents and decodes each by its kind.
-func parseFile(f ruleFile, p *problems) ([]parsedCellMap, []parsedRule) {
+func parseFile(f ruleFile, p *Errors) ([]parsedCellMap, []parsedRule) {
 	var maps []parsedCellMap
 	var rules []parsedRule
-	dec := yaml.NewDecoder(bytes.NewReader(f.data))
-	for {
-		var root yaml.Node
-		err := dec.Decode(&root)
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			p.list = append(p.list, syntaxProblem(f.path, err))
-			break // the parser cannot resynchronise after a syntax error
-		}
-		if len(root.Content) == 0 {
-			continue
-		}
-		n := root.Content[0]
-		if isNull(n) {
-			continue // an empty document, e.g. a trailing `---`
-		}
-		d := &doc{file: f.path, line: n.Line, lines: map[string]int{}, probs: p}
+	roots, syntax := strictyaml.Documents(f.path, f.data)
+	// The documents before a syntax error are checked first: problems on
+	// the same line are listed in the order of the file.
+	defer func() { *p = append(*p, syntax...) }()
+	for _, n := range roots {
+		d := &doc{file: f.path, line: n.Line, pos: strictyaml.Positions{}, probs: p}
 		if n.Kind != yaml.MappingNode {
-			d.errorf("", "a rule document must be a mapping, not %s", describe(n))
+			d.errorf("", "a rule document must be a mapping, not %s", strictyaml.Describe(n))
 			continue
 		}
 		switch kind := kindOf(n); kind {
 		case KindCellMap:
-			var cm cellMapDoc
-			d.decodeStruct(n, reflect.ValueOf(&cm).Elem(), "")
-			maps = append(maps, parsedCellMap{doc: d, cm: cm})
+			m := parsedCellMap{doc: d}
+			d.decode(n, &m.cm)
+			maps = append(maps, m)
 		case KindTopicRule:
-			var tr topicRuleDoc
-			d.decodeStruct(n, reflect.ValueOf(&tr).Elem(), "")
-			rules = append(rules, parsedRule{doc: d, tr: tr})
+			r := parsedRule{doc: d}
+			d.decode(n, &r.tr)
+			rules = append(rules, r)
 		case "":
 			d.errorf("kind", "missing: must be %s or %s", KindCellMap, KindTopicRule)
 		default:
-			d.lines["kind"] = kindLine(n)
+			d.pos["kind"] = kindLine(n)
 			d.errorf("kind", "unknown kind %q: must be %s or %s", kind, KindCellMap, KindTopicRule)
 		}
 	}

@@ -2,7 +2,8 @@ package router
 
 import (
 	"fmt"
-	"strings"
+
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
 )
 
 // Message is the part of an event that key extraction reads. The router never
@@ -98,41 +99,13 @@ type Decision struct {
 	Cause string `json:"cause,omitempty"`
 }
 
-// Problem is one validation error, located in a rule file.
-type Problem struct {
-	File  string // path of the rule file ("" for the directory as a whole)
-	Line  int    // 1-based; 0 when unknown
-	Field string // field path, e.g. "cells[2].failover"; "" for the document
-	Msg   string
-}
-
-// String formats the problem as "file:line: field: message".
-func (p Problem) String() string {
-	var b strings.Builder
-	if p.File != "" {
-		b.WriteString(p.File)
-		if p.Line > 0 {
-			fmt.Fprintf(&b, ":%d", p.Line)
-		}
-		b.WriteString(": ")
-	}
-	if p.Field != "" {
-		b.WriteString(p.Field)
-		b.WriteString(": ")
-	}
-	b.WriteString(p.Msg)
-	return b.String()
-}
+// Problem is one validation error, located in a rule file: File is the path
+// of the rule file ("" for the directory as a whole), Line is 1-based (0 when
+// unknown), Field is the field path such as "cells[2].failover" ("" for the
+// document). String formats it as "file:line: field: message".
+type Problem = strictyaml.Problem
 
 // Errors lists every problem found in a rules directory, sorted by file and
-// line. Load returns it as a *Errors so callers can use errors.As.
-type Errors []Problem
-
-// Error returns one problem per line.
-func (e *Errors) Error() string {
-	lines := make([]string, len(*e))
-	for i, p := range *e {
-		lines[i] = p.String()
-	}
-	return strings.Join(lines, "\n")
-}
+// line; Error returns one problem per line. Load returns it as a *Errors;
+// errors.As finds it with a target of type *Errors or Errors.
+type Errors = strictyaml.Errors

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -14,6 +13,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -189,7 +189,7 @@ func EditCellMap(files map[string][]byte, e CellMapEdit) (map[string][]byte, err
 	for _, name := range sortedNames(files) {
 		b := files[name]
 		out[name] = b
-		docs, err := decodeDocs(b)
+		docs, err := strictyaml.Parse(b)
 		if err != nil {
 			return nil, fmt.Errorf("drill: %s: %w", name, err)
 		}
@@ -227,22 +227,6 @@ func EditCellMap(files map[string][]byte, e CellMapEdit) (map[string][]byte, err
 		return nil, fmt.Errorf("drill: no %s document in the rule files", router.KindCellMap)
 	}
 	return out, nil
-}
-
-func decodeDocs(b []byte) ([]*yaml.Node, error) {
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	var docs []*yaml.Node
-	for {
-		var n yaml.Node
-		err := dec.Decode(&n)
-		if errors.Is(err, io.EOF) {
-			return docs, nil
-		}
-		if err != nil {
-			return nil, err
-		}
-		docs = append(docs, &n)
-	}
 }
 
 func docMapping(doc *yaml.Node) *yaml.Node {
