@@ -342,18 +342,25 @@ func (c *Cluster) Shutdown(i int) {
 // answers, as with a hung machine, until Cont.
 func (c *Cluster) Stop(i int) {
 	c.t.Helper()
-	nd := c.signal(i, syscall.SIGSTOP, Running)
-	nd.mu.Lock()
-	nd.stopped = true
-	nd.mu.Unlock()
+	c.freeze(i, true)
 }
 
 // Cont resumes server i after Stop.
 func (c *Cluster) Cont(i int) {
 	c.t.Helper()
-	nd := c.signal(i, syscall.SIGCONT, Stopped)
+	c.freeze(i, false)
+}
+
+// freeze sends SIGSTOP (stop) or SIGCONT to a running or stopped server.
+func (c *Cluster) freeze(i int, stop bool) {
+	c.t.Helper()
+	sig, from := syscall.SIGCONT, Stopped
+	if stop {
+		sig, from = syscall.SIGSTOP, Running
+	}
+	nd := c.signal(i, sig, from)
 	nd.mu.Lock()
-	nd.stopped = false
+	nd.stopped = stop
 	nd.mu.Unlock()
 }
 
