@@ -767,18 +767,6 @@ func (c *Cluster) Connections(i int) ([]string, error) {
 	return names, nil
 }
 
-// ClientOptions are the options Connect uses before the caller's: every
-// server's URL, reconnect forever with short waits, and a name.
-func ClientOptions(name string) []nats.Option {
-	return []nats.Option{
-		nats.Name(name),
-		nats.Timeout(2 * time.Second),
-		nats.MaxReconnects(-1),
-		nats.ReconnectWait(100 * time.Millisecond),
-		nats.RetryOnFailedConnect(false),
-	}
-}
-
 // Connect opens a client connection to the cluster (any server; it
 // reconnects to another one when its server goes) that is closed when the
 // test ends.
