@@ -4,7 +4,6 @@ package e2etest
 
 import (
 	"context"
-	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -44,23 +43,14 @@ func TestClusterKillCellStreamLeader(t *testing.T) {
 	begin := time.Now()
 	natstest.ServerBinary(t)
 	serverBuilt := time.Since(begin)
+	BridgeBinary(t) // built once per test binary: maybe by an earlier test
 	step := time.Now()
-	BridgeBinary(t)
-	bridgeBuilt := time.Since(step)
-	step = time.Now()
 	c := natstest.StartCluster(t, 3)
 	clusterUp := time.Since(step)
-	t.Logf("nats-server binary %v (cached across runs), cellbridge binary %v, 3-node cluster ready %v",
-		serverBuilt.Round(time.Millisecond), bridgeBuilt.Round(time.Millisecond), clusterUp.Round(time.Millisecond))
+	t.Logf("nats-server binary %v (cached across runs), cellbridge binary %v (once per test binary), 3-node cluster ready %v",
+		serverBuilt.Round(time.Millisecond), BridgeBuildTime().Round(time.Millisecond), clusterUp.Round(time.Millisecond))
 
-	rules, err := filepath.Abs("../../deploy/rules")
-	if err != nil {
-		t.Fatal(err)
-	}
-	table, err := router.Load(rules)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rules, table := exampleTable(t)
 	_, js := c.Connect(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
