@@ -218,7 +218,7 @@ func isolate(t *testing.T, c *natstest.Cluster, js jetstream.JetStream, table *r
 		}
 	}
 	if victim == meta {
-		also = " and of the meta group"
+		also = " and the meta group"
 	}
 	return victim, also
 }
