@@ -1,0 +1,437 @@
+package natsjs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+const partRules = `
+kind: CellMap
+version: 1
+shards: 10
+cells:
+  - {name: c0, shards: ["0-4"]}
+  - {name: c1, shards: ["5-9"]}
+---
+kind: TopicRule
+name: ev
+source: {broker: nats, stream: EV, subject: "ev.*", group: cb-ev, partitions: 12}
+key: {subjectToken: 2}
+shard: {func: fnv1a}
+target: {broker: nats, subject: "cell.{cell}.ev"}
+dlq: {broker: nats, subject: "dlq.ev"}
+`
+
+// partTable parses partRules and provisions its streams (the source
+// stream with its partition transform).
+func partTable(t *testing.T, js jetstream.JetStream) *router.Table {
+	t.Helper()
+	table, err := router.Parse("rules.yaml", []byte(partRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := EnsureStreams(testCtx(t), js, table, StreamOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return table
+}
+
+func partConfig(table *router.Table, id string) PartitionedConfig {
+	r := table.Rule("ev")
+	return PartitionedConfig{
+		Rule: r.Name, Broker: r.Source.Broker, Stream: r.Source.Stream, Subject: r.Source.Subject,
+		Group: r.Source.Group, KeyToken: r.Key.SubjectToken, Partitions: r.Source.Partitions,
+		ReplicaID: id,
+	}
+}
+
+// testReplica is one bridge replica in the test process: its own
+// connection, partitioned source and, when it forwards, its own pipeline,
+// sink and in-memory dedupe store.
+type testReplica struct {
+	t      *testing.T
+	id     string
+	nc     *nats.Conn
+	src    *PartitionedSource
+	pipe   *bridge.Pipeline
+	sink   *Sink
+	store  *dedupe.Memory
+	cancel context.CancelFunc
+	runErr chan error
+	closed bool
+
+	releases releases
+}
+
+// slowSink delays every publish of the real sink without blocking the
+// pipeline, so that its replica always holds deliveries it has not
+// published yet: what a replica that vanishes leaves behind.
+type slowSink struct {
+	bridge.Sink
+	delay time.Duration
+}
+
+func (s slowSink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(error)) {
+	time.AfterFunc(s.delay, func() { s.Sink.PublishAsync(ctx, m, done) })
+}
+
+// releases records the outcome of every graceful Release of the
+// floorPartitions made by a replica.
+type releases struct {
+	mu   sync.Mutex
+	n    int
+	errs []error
+}
+
+func (r *releases) add(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.n++
+	if err != nil {
+		r.errs = append(r.errs, err)
+	}
+}
+
+// startReplica starts a replica; with forward, messages go through a real
+// pipeline to the cell streams (each publish delayed by slow), else they
+// are acked at once.
+func startReplica(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, slow ...time.Duration) *testReplica {
+	t.Helper()
+	nc, err := nats.Connect(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &testReplica{t: t, id: id, nc: nc, runErr: make(chan error, 1)}
+	cfg := partConfig(table, id)
+	cfg.NewPartition = floorPartitions(js, func(p *floorPartition) { p.released = r.releases.add })
+	r.src, err = NewPartitionedSource(testCtx(t), js, cfg, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := bridge.Handler(func(ctx context.Context, _ *bridge.Message, ack bridge.Ack) error { return ack(ctx, nil) })
+	if forward {
+		r.sink, err = NewSink(map[string]jetstream.JetStream{"nats": js}, SinkConfig{}, quiet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.store = dedupe.NewMemory(dedupe.MemoryConfig{})
+		var sink bridge.Sink = r.sink
+		if len(slow) > 0 {
+			sink = slowSink{Sink: r.sink, delay: slow[0]}
+		}
+		r.pipe, err = bridge.New(bridge.Config{MaxInFlight: 256}, bridge.Deps{
+			Rules: router.NewHolder(table), Dedupe: r.store, Log: quiet,
+			Sinks: bridge.StaticSinks(map[string]bridge.Sink{"nats": sink}),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h = r.pipe.Handle
+	}
+	var ctx context.Context
+	ctx, r.cancel = context.WithCancel(context.Background())
+	go func() { r.runErr <- r.src.Run(ctx, h) }()
+	t.Cleanup(r.close)
+	return r
+}
+
+// stop shuts the replica down as SIGTERM does: stop fetching, drain the
+// pipeline, give the partitions up, close.
+func (r *testReplica) stop() {
+	r.t.Helper()
+	r.cancel()
+	if err := <-r.runErr; err != nil {
+		r.t.Errorf("%s: Run: %v", r.id, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if r.pipe != nil {
+		if err := r.pipe.Close(ctx); err != nil {
+			r.t.Errorf("%s: pipeline close: %v", r.id, err)
+		}
+	}
+	if err := r.src.Close(ctx); err != nil {
+		r.t.Errorf("%s: source close: %v", r.id, err)
+	}
+	r.release(ctx)
+}
+
+// kill makes the replica vanish as kill -9 does for the others: its
+// connection closes, so it renews, pulls and publishes nothing more.
+func (r *testReplica) kill() { r.nc.Close() }
+
+// close ends whatever the replica still runs (after kill, or at the end of
+// a test) without asserting anything.
+func (r *testReplica) close() {
+	if r.closed {
+		return
+	}
+	r.cancel()
+	<-r.runErr
+	r.runErr <- nil
+	// A killed replica cannot settle anything: do not wait long for it.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if r.pipe != nil {
+		_ = r.pipe.Close(ctx)
+	}
+	_ = r.src.Close(ctx)
+	r.release(ctx)
+}
+
+func (r *testReplica) release(ctx context.Context) {
+	if r.sink != nil {
+		_ = r.sink.Close(ctx)
+	}
+	if r.store != nil {
+		_ = r.store.Close(ctx)
+	}
+	r.nc.Close()
+	r.closed = true
+}
+
+// waitBalanced waits until the live replicas hold every partition exactly
+// once between them, all active, with owned counts differing by at most
+// one, and returns how long that took.
+func waitBalanced(t *testing.T, within time.Duration, what string, n int, live ...*testReplica) time.Duration {
+	t.Helper()
+	start := time.Now()
+	var last string
+	eventually(t, within, what, func() bool {
+		seen := make([]int, n)
+		lo, hi := n, 0
+		var desc []string
+		for _, r := range live {
+			st := r.src.Status()
+			for _, o := range st.Owned {
+				if o.State != "active" {
+					return false
+				}
+				seen[o.Partition]++
+			}
+			lo, hi = min(lo, len(st.Owned)), max(hi, len(st.Owned))
+			desc = append(desc, fmt.Sprintf("%s:%d", r.id, len(st.Owned)))
+		}
+		last = strings.Join(desc, " ")
+		for _, c := range seen {
+			if c != 1 {
+				return false
+			}
+		}
+		return hi-lo <= 1
+	})
+	took := time.Since(start)
+	t.Logf("%s: balanced after %s (%s)", what, took.Round(10*time.Millisecond), last)
+	return took
+}
+
+// TestPartitionsBalance: with the default lease timings, replicas share
+// 12 partitions evenly within 15s of each membership change: three start,
+// a fourth joins, one vanishes (its connection closes, so its heartbeats
+// stop), one stops gracefully.
+func TestPartitionsBalance(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	table := partTable(t, js)
+	const within = 15 * time.Second
+	a := startReplica(t, srv, table, "a", false)
+	b := startReplica(t, srv, table, "b", false)
+	c := startReplica(t, srv, table, "c", false)
+	waitBalanced(t, within, "three replicas start", 12, a, b, c)
+
+	d := startReplica(t, srv, table, "d", false)
+	waitBalanced(t, within, "a fourth joins", 12, a, b, c, d)
+	if st := a.src.Status(); !slices.Equal(st.Members, []string{"a", "b", "c", "d"}) || st.Partitions != 12 || st.Replica != "a" {
+		t.Errorf("status of a = %+v", st)
+	}
+
+	before := a.src.Takeovers() + c.src.Takeovers() + d.src.Takeovers()
+	held := b.src.Owned()
+	b.kill()
+	waitBalanced(t, within, "b vanishes", 12, a, c, d)
+	if got := a.src.Takeovers() + c.src.Takeovers() + d.src.Takeovers() - before; got < uint64(held) {
+		t.Errorf("%d takeovers after b vanished, want at least the %d partitions it held", got, held)
+	}
+	var fromB bool
+	for _, r := range []*testReplica{a, c, d} {
+		if lt := r.src.Status().LastTakeover; lt != nil && lt.From == "b" && lt.How == "expired" {
+			fromB = true
+		}
+	}
+	if !fromB {
+		t.Error("no replica's last takeover names b's expired lease")
+	}
+
+	c.stop()
+	waitBalanced(t, within, "c stops", 12, a, d)
+	if got := a.src.Owned() + d.src.Owned(); got != 12 || a.src.Partitions() != 12 {
+		t.Errorf("a and d own %d of %d partitions", got, a.src.Partitions())
+	}
+	a.stop()
+	d.stop()
+}
+
+// TestPartitionsOrderAcrossHandovers forwards 6000 events of 200 keys
+// through real pipelines while replicas join, stop and vanish, and reads
+// the cell streams back: every event stored once, each key's events in
+// their order. Replicas a and b publish slowly, so that a hands partitions
+// over (when d joins, and when it stops) with publishes in flight, and b
+// vanishes holding deliveries it never published, which only a takeover
+// from the ack floor forwards before the newer events of their keys.
+func TestPartitionsOrderAcrossHandovers(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	table := partTable(t, js)
+	const keys, perKey = 200, 30
+	a := startReplica(t, srv, table, "a", true, 300*time.Millisecond)
+	b := startReplica(t, srv, table, "b", true, 300*time.Millisecond)
+	c := startReplica(t, srv, table, "c", true)
+
+	_, pjs := srv.Connect(t)
+	var produced sync.WaitGroup
+	produced.Go(func() {
+		ctx := context.Background()
+		seq := make([]int, keys)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; i < keys*perKey; {
+			<-tick.C
+			for range 4 {
+				k := i % keys
+				seq[k]++
+				if _, err := pjs.Publish(ctx, fmt.Sprintf("ev.k%03d", k), fmt.Appendf(nil, "k%03d %d", k, seq[k])); err != nil {
+					t.Errorf("publish: %v", err)
+					return
+				}
+				i++
+			}
+		}
+	})
+	time.Sleep(3 * time.Second)
+	d := startReplica(t, srv, table, "d", true) // partitions drain and move under load
+	time.Sleep(3 * time.Second)
+	a.stop() // graceful: drain, release
+	time.Sleep(3 * time.Second)
+	b.kill() // vanish: its leases expire
+	produced.Wait()
+
+	streams := []string{CellStream("c0"), CellStream("c1")}
+	stored := func() uint64 {
+		var n uint64
+		for _, name := range streams {
+			st, err := js.Stream(testCtx(t), name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n += st.CachedInfo().State.Msgs
+		}
+		return n
+	}
+	eventually(t, 60*time.Second, "every event forwarded", func() bool { return stored() >= keys*perKey })
+
+	next := make(map[string]int, keys)
+	total := 0
+	for _, name := range streams {
+		st, err := js.Stream(testCtx(t), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last := st.CachedInfo().State.LastSeq
+		for seq := uint64(1); seq <= last; seq++ {
+			m, err := st.GetMsg(testCtx(t), seq)
+			if err != nil {
+				t.Fatalf("%s seq %d: %v", name, seq, err)
+			}
+			key, n, _ := strings.Cut(string(m.Data), " ")
+			got, _ := strconv.Atoi(n)
+			if want := next[key] + 1; got != want {
+				t.Errorf("%s seq %d: %s event %d after event %d (duplicate or out of order)", name, seq, key, got, want-1)
+			}
+			next[key] = max(next[key], got)
+			total++
+		}
+	}
+	if total != keys*perKey {
+		t.Errorf("%d events stored, want %d", total, keys*perKey)
+	}
+	for k := range keys {
+		if key := fmt.Sprintf("k%03d", k); next[key] != perKey {
+			t.Errorf("%s: last event %d of %d", key, next[key], perKey)
+		}
+	}
+	var took uint64
+	for _, r := range []*testReplica{c, d} {
+		took += r.src.Takeovers()
+	}
+	t.Logf("%d events of %d keys read back; c and d started %d partitions", total, keys, took)
+	c.stop()
+	d.stop()
+	// Every graceful hand-over waited for the pipeline to settle.
+	var n int
+	for _, r := range []*testReplica{a, c, d} {
+		r.releases.mu.Lock()
+		n += r.releases.n
+		for _, err := range r.releases.errs {
+			t.Errorf("%s released a partition unsettled: %v", r.id, err)
+		}
+		r.releases.mu.Unlock()
+	}
+	if a.releases.n == 0 {
+		t.Error("a gave no partition up through Release, though d joined and a stopped")
+	}
+	t.Logf("%d graceful releases", n)
+}
+
+// TestPartitionedRefusesMismatch: a source on a stream without the
+// partition transform does not start, and says what to apply.
+func TestPartitionedRefusesMismatch(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	table, err := router.Parse("rules.yaml", []byte(partRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	createStream(t, js, "EV", "ev.*")
+	cfg := partConfig(table, "a")
+	cfg.NewPartition = floorPartitions(js, nil)
+	_, err = NewPartitionedSource(testCtx(t), js, cfg, quiet)
+	if !errors.Is(err, ErrTransformMismatch) || !strings.Contains(err.Error(),
+		`natsjs: partitioned source ev: natsjs: stream subject transform mismatch: stream EV has subject transform none, but needs "ev.*" → "n12.{{partition(12,1)}}.ev.{{wildcard(1)}}"; apply it with`) {
+		t.Fatalf("NewPartitionedSource on a plain stream = %v", err)
+	}
+	for _, c := range []struct {
+		edit func(*PartitionedConfig)
+		want string
+	}{
+		{func(c *PartitionedConfig) { c.NewPartition = nil }, "no partition factory"},
+		{func(c *PartitionedConfig) { c.ReplicaID = "a.b" }, `replica id "a.b": letters, digits, '_' and '-' only`},
+		{func(c *PartitionedConfig) { c.Group = "" }, "rule, stream, subject and group are required"},
+		{func(c *PartitionedConfig) { c.Leases.TTL = time.Second }, "ttl 1s is below 2s"},
+	} {
+		bad := partConfig(table, "a")
+		bad.NewPartition = cfg.NewPartition
+		c.edit(&bad)
+		if _, err := NewPartitionedSource(testCtx(t), js, bad, quiet); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("config error = %v, want %q", err, c.want)
+		}
+	}
+}
