@@ -155,11 +155,11 @@ func (b *leaseBucket) try(ctx context.Context, d time.Duration, f func(context.C
 func (b *leaseBucket) retry(ctx context.Context, attempts int, f func(context.Context) error) error {
 	var err error
 	for i := range attempts {
-		if err = b.try(ctx, b.call, f); err == nil || !transient(err) || ctx.Err() != nil {
+		if err = b.try(ctx, b.call, f); err == nil || !kvTransient(err) || ctx.Err() != nil {
 			return err
 		}
 		if i+1 < attempts {
-			if !sleepCtx(ctx, retryPause(b.beat)) {
+			if !leaseSleep(ctx, retryPause(b.beat)) {
 				return err
 			}
 		}
@@ -167,8 +167,8 @@ func (b *leaseBucket) retry(ctx context.Context, attempts int, f func(context.Co
 	return err
 }
 
-// transient reports whether a KV request may succeed when repeated.
-func transient(err error) bool {
+// kvTransient reports whether a KV request may succeed when repeated.
+func kvTransient(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, errDisconnected) || errors.Is(err, errFreed) ||
 		errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) ||
 		errors.Is(err, jetstream.ErrNoHeartbeat) || errors.Is(err, nats.ErrConnectionReconnecting) ||
@@ -178,7 +178,7 @@ func transient(err error) bool {
 // retryPause is the wait between two attempts of a failed request.
 func retryPause(beat time.Duration) time.Duration { return min(beat/4, 250*time.Millisecond) }
 
-func sleepCtx(ctx context.Context, d time.Duration) bool {
+func leaseSleep(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -351,7 +351,7 @@ func (k *keeper) run(renewed time.Time) {
 			if ctx.Err() != nil {
 				return
 			}
-			if !sleepCtx(ctx, retryPause(b.beat)) {
+			if !leaseSleep(ctx, retryPause(b.beat)) {
 				return
 			}
 		}

@@ -32,7 +32,7 @@ type floorPartition struct {
 	state   string
 	resets  int
 
-	released func(error) // when set, told every Release's result
+	released func(error) // when set, told every graceful Release's result
 }
 
 // floorPartitions is a PartitionFactory of floorPartitions on js; made
@@ -139,17 +139,19 @@ func (p *floorPartition) deliver(ctx context.Context, ep *bridge.Epoch, msg jets
 	})
 }
 
-func (p *floorPartition) Revoke() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.epoch != nil {
-		p.epoch.Revoke()
-	}
-}
-
+// Release waits for the open deliveries; when ctx ends first it revokes
+// the epoch (a lost lease: ctx is done from the start).
 func (p *floorPartition) Release(ctx context.Context) error {
+	lost := ctx.Err() != nil
 	err := p.drain(ctx)
-	if p.released != nil {
+	if err != nil {
+		p.mu.Lock()
+		if p.epoch != nil {
+			p.epoch.Revoke()
+		}
+		p.mu.Unlock()
+	}
+	if p.released != nil && !lost {
 		p.released(err)
 	}
 	return err

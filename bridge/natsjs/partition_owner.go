@@ -146,13 +146,11 @@ func (s *PartitionedSource) own(o *owner) {
 		select {
 		case <-changed:
 		case <-o.giveUp:
-			// Stop pulling, let the pipeline settle (revoked deliveries
-			// settle at once: the next owner re-reads them from the ack
-			// floor), unpin, then delete the lease: the next owner can
-			// only start after that, or after the lease's expiry.
+			// Stop pulling, let the pipeline settle what it was given,
+			// unpin, then delete the lease: the next owner can only start
+			// after that, or after the lease's expiry.
 			s.setOwnerState(o.p, "draining", part)
 			stopping()
-			part.Revoke()
 			dctx, cancel := context.WithTimeout(s.life, s.cfg.DrainTimeout)
 			if err := part.Release(dctx); err != nil {
 				log.Warn("partition handed over before its deliveries settled", "err", err)
@@ -163,18 +161,17 @@ func (s *PartitionedSource) own(o *owner) {
 			log.Info("partition released")
 			return
 		case <-k.Lost():
-			// Another replica may take the partition from now on: publish
-			// nothing more of it, and leave the consumer alone (an unpin
-			// now could unpin the next owner).
-			part.Revoke()
+			// Another replica may take the partition from now on: stop,
+			// and publish nothing more of it.
 			stopping()
+			revoke(part)
 			k.Stop()
 			log.Warn("partition lease lost; stopped consuming it")
 			ev.lost = true
 			return
 		case <-s.life.Done():
-			part.Revoke()
 			stopping()
+			revoke(part)
 			k.Stop()
 			return
 		case err := <-runDone:
@@ -193,6 +190,14 @@ func (s *PartitionedSource) own(o *owner) {
 			retry, retryT = nil, nil
 		}
 	}
+}
+
+// revoke ends part's epoch at once: Release with a ctx that is already
+// done waits for nothing.
+func revoke(part Partition) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = part.Release(ctx)
 }
 
 // viewEntry is one key of the lease bucket as this replica last saw it.

@@ -37,27 +37,27 @@ type PartitionSpec struct {
 }
 
 // Partition is one partition's consumer while this replica holds the
-// partition's lease. The PartitionedSource calls Run, then Revoke and
-// Release when it gives the partition up, or Revoke alone when it lost the
-// lease; never two of them at once, except Revoke and State, which may be
+// partition's lease (an ordered Source with the spec's durable, filter and
+// StripTokens). The PartitionedSource calls Run, and Release after Run
+// returned when it gives the partition up or lost the lease; State may be
 // called at any time.
 type Partition interface {
 	// Run consumes the partition and calls h for each message, its subject
 	// without the spec's StripTokens leading tokens, until ctx is
-	// cancelled; then it stops fetching and returns nil. It starts by
-	// taking the consumer over in order (ack floor first), and gives every
-	// delivery an Epoch that Revoke ends. Deliveries handed to h stay with
-	// h. An error means the partition cannot be consumed now; the source
-	// calls Run again after a pause while it holds the lease.
+	// cancelled; then it stops fetching and returns nil. It takes the
+	// consumer over in order (from the ack floor) before it hands anything
+	// to h, and gives every delivery an Epoch. Deliveries handed to h stay
+	// with h. An error means the partition cannot be consumed now; the
+	// source calls Run again after a pause while it holds the lease.
 	Run(ctx context.Context, h bridge.Handler) error
-	// Revoke ends the current epoch: the pipeline publishes none of the
-	// deliveries it has not started publishing. It is idempotent.
-	Revoke()
-	// Release is called after Run returned, to give the partition up: it
-	// waits (within ctx) until every delivery handed to h was settled,
-	// then lets the next owner start at once (a pinned consumer unpins).
-	// An error means it could not confirm that; the source hands the
-	// partition over anyway (the next owner's takeover keeps order).
+	// Release gives the partition up after Run returned: it waits (within
+	// ctx) until every delivery handed to h was settled, revokes the epoch
+	// of those still open when ctx ends (the pipeline publishes none of
+	// them that has not started publishing), then lets the next owner start
+	// at once (unpins, if the server still names this consumer's pin). With
+	// a ctx that is already done it revokes at once: the lease was lost.
+	// An error reports deliveries that were still open or a step that
+	// failed; the partition is handed over anyway.
 	Release(ctx context.Context) error
 	// State describes the consumer for operators, e.g. "standby" or
 	// "active".
