@@ -1,6 +1,7 @@
 package natsjs
 
 import (
+	"hash/fnv"
 	"slices"
 	"strings"
 )
@@ -95,12 +96,9 @@ func Assign(members []string, n int) []string {
 
 // fnv1a64 is the 64-bit FNV-1a hash of s.
 func fnv1a64(s string) uint64 {
-	h := uint64(14695981039346656037)
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
-		h *= 1099511628211
-	}
-	return h
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(s))
+	return h.Sum64()
 }
 
 // mix64 is the splitmix64 finaliser: it spreads FNV's weak low bits over

@@ -3,6 +3,7 @@ package natsjs
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -279,14 +280,7 @@ func (v *leaseView) expire(before time.Time) {
 	}
 }
 
-func (v *leaseView) memberList() []string {
-	out := make([]string, 0, len(v.members))
-	for id := range v.members {
-		out = append(out, id)
-	}
-	slices.Sort(out)
-	return out
-}
+func (v *leaseView) memberList() []string { return slices.Sorted(maps.Keys(v.members)) }
 
 // manager is the state of the manage goroutine; nothing else touches it.
 type manager struct {

@@ -183,11 +183,11 @@ var _ bridge.Source = (*PartitionedSource)(nil)
 // missing. Nothing is taken before Run. Each request has its own short
 // timeout within ctx.
 func NewPartitionedSource(ctx context.Context, js jetstream.JetStream, cfg PartitionedConfig, log *slog.Logger) (*PartitionedSource, error) {
-	if err := cfg.defaults(); err != nil {
-		return nil, err
-	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if err := cfg.defaults(); err != nil {
+		return nil, err
 	}
 	log = log.With("rule", cfg.Rule, "stream", cfg.Stream, "replica", cfg.ReplicaID)
 	tr, err := PartitionTransform(cfg.Subject, cfg.KeyToken, cfg.Partitions)
@@ -279,19 +279,9 @@ func (s *PartitionedSource) session() (*session, <-chan struct{}) {
 // given before another replica takes over. Run returns an error only when
 // it is already running or the connection is closed for good.
 func (s *PartitionedSource) Run(ctx context.Context, h bridge.Handler) error {
-	s.mu.Lock()
-	if s.running {
-		s.mu.Unlock()
-		return fmt.Errorf("natsjs: partitioned source %s: Run already running", s.cfg.Rule)
+	if ok, err := s.begin(); !ok {
+		return err
 	}
-	select {
-	case <-s.stop:
-		s.mu.Unlock()
-		return nil
-	default:
-	}
-	s.running = true
-	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
 		s.running = false
@@ -313,6 +303,30 @@ func (s *PartitionedSource) Run(ctx context.Context, h bridge.Handler) error {
 	cancel()
 	x.end()
 	return err
+}
+
+// begin marks Run as running; false when it may not run: already running
+// (with an error) or closed.
+func (s *PartitionedSource) begin() (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.running:
+		return false, fmt.Errorf("natsjs: partitioned source %s: Run already running", s.cfg.Rule)
+	case isClosed(s.stop):
+		return false, nil
+	}
+	s.running = true
+	return true, nil
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
 
 // Close gives every held partition up (stop, settle, release the lease)
