@@ -3,6 +3,7 @@ package natsjs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strconv"
@@ -291,10 +292,14 @@ type manager struct {
 	watch     jetstream.KeyWatcher
 	wcancel   context.CancelFunc
 	updates   <-chan jetstream.KeyValueEntry
+	heard     time.Time // the watch's last delivery (or start)
 	member    *keeper
 	owners    map[int]*owner
 	notBefore map[int]time.Time
-	settled   bool // the start-up pause is over
+	settled   bool   // the start-up pause is over
+	failing   string // the problem last reported to Failing ("" none)
+	memberErr error  // why the last announcement failed
+	watchErr  error  // why the last watch failed
 }
 
 // manage runs until Close: it keeps the membership, the watch and the
@@ -364,13 +369,35 @@ func (m *manager) ensureMember() {
 	rev, err := s.b.create(s.life, s.memberKey, s.val)
 	if err != nil {
 		if errors.Is(err, errHeld) {
+			err = fmt.Errorf("replica id %s is used by another replica: %w", s.cfg.ReplicaID, err)
 			s.log.Error("another replica uses this replica id; pick a unique one", "key", s.memberKey)
 		} else {
 			s.log.Warn("cannot announce membership; retrying", "err", err)
 		}
+		m.memberErr = fmt.Errorf("natsjs: rule %s: cannot announce this replica in lease bucket %s: %w", s.cfg.Rule, s.cfg.Leases.Bucket, err)
+		m.report()
 		return
 	}
-	m.member = s.b.keep(s.memberKey, s.val, rev, sent)
+	m.member, m.memberErr = s.b.keep(s.memberKey, s.val, rev, sent), nil
+	m.report()
+}
+
+// report tells Failing about a change of this replica's ability to take
+// part: it cannot while it is not announced or not watching.
+func (m *manager) report() {
+	err := m.memberErr
+	if err == nil {
+		err = m.watchErr
+	}
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if msg == m.failing || m.s.cfg.Failing == nil {
+		return
+	}
+	m.failing = msg
+	m.s.cfg.Failing(err)
 }
 
 // leave removes the membership so that the other replicas rebalance at
@@ -398,11 +425,18 @@ func (m *manager) ensureWatch() {
 	w, err := s.b.kv.Watch(ctx, s.prefix+">")
 	if !t.Stop() || err != nil {
 		cancel()
+		if err == nil {
+			err = context.DeadlineExceeded
+		}
 		s.log.Warn("cannot watch the lease bucket; retrying", "err", err)
+		m.watchErr = fmt.Errorf("natsjs: rule %s: cannot watch lease bucket %s: %w", s.cfg.Rule, s.cfg.Leases.Bucket, err)
+		m.report()
 		return
 	}
-	m.watch, m.wcancel, m.updates = w, cancel, w.Updates()
+	m.watch, m.wcancel, m.updates, m.heard = w, cancel, w.Updates(), time.Now()
 	m.pending, m.synced = newLeaseView(s.prefix, s.cfg.Partitions), false
+	m.watchErr = nil
+	m.report()
 }
 
 func (m *manager) stopWatch() {
@@ -416,6 +450,7 @@ func (m *manager) stopWatch() {
 // applyWatch takes one watch delivery; nil marks the end of the initial
 // values, a closed channel a watch that must be started again.
 func (m *manager) applyWatch(e jetstream.KeyValueEntry, ok bool) {
+	m.heard = time.Now()
 	switch {
 	case !ok:
 		m.stopWatch()
@@ -446,6 +481,13 @@ func (m *manager) tick() {
 		return
 	}
 	m.ensureMember()
+	if m.watch != nil && m.member != nil && time.Since(m.heard) > s.b.ttl {
+		// This replica's own renewals alone reach the watch every
+		// heartbeat: a silent watch is stuck (its stream was deleted and
+		// recreated, say) and starts again.
+		s.log.Warn("lease bucket watch silent; starting it again", "silent", time.Since(m.heard).Round(time.Millisecond))
+		m.stopWatch()
+	}
 	m.ensureWatch()
 	m.view.expire(time.Now().Add(-(s.b.ttl + s.b.beat)))
 	m.publishMembers()

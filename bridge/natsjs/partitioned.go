@@ -98,6 +98,12 @@ type PartitionedConfig struct {
 	DrainTimeout time.Duration
 	// NewPartition makes each partition's consumer. Required.
 	NewPartition PartitionFactory
+	// Failing, when set, is told why this replica cannot take part in the
+	// rule's partitions (it cannot announce itself in, or watch, the lease
+	// bucket), and nil once it can again: for the bridge's readiness
+	// (Health.SourceFailing). It is called from one goroutine, on changes
+	// only, and must not block.
+	Failing func(err error)
 }
 
 func (c *PartitionedConfig) defaults() error {

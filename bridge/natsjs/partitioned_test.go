@@ -112,6 +112,13 @@ func (r *releases) add(err error) {
 // are acked at once.
 func startReplica(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, slow ...time.Duration) *testReplica {
 	t.Helper()
+	return startTuned(t, srv, table, id, forward, nil, slow...)
+}
+
+// startTuned is startReplica with tune applied to the source's
+// configuration.
+func startTuned(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, tune func(*PartitionedConfig), slow ...time.Duration) *testReplica {
+	t.Helper()
 	nc, err := nats.Connect(srv.URL)
 	if err != nil {
 		t.Fatal(err)
@@ -123,6 +130,9 @@ func startReplica(t *testing.T, srv *natstest.Server, table *router.Table, id st
 	r := &testReplica{t: t, id: id, nc: nc, runErr: make(chan error, 1)}
 	cfg := partConfig(table, id)
 	cfg.NewPartition = floorPartitions(js, func(p *floorPartition) { p.released = r.releases.add })
+	if tune != nil {
+		tune(&cfg)
+	}
 	r.src, err = NewPartitionedSource(testCtx(t), js, cfg, quiet)
 	if err != nil {
 		t.Fatal(err)
@@ -399,6 +409,49 @@ func TestPartitionsOrderAcrossHandovers(t *testing.T) {
 		t.Error("a gave no partition up through Release, though d joined and a stopped")
 	}
 	t.Logf("%d graceful releases", n)
+}
+
+// TestPartitionedReportsFailing: a replica that cannot announce itself or
+// watch (its lease bucket was deleted) says so through Failing, and takes
+// its partitions again once the bucket is back.
+func TestPartitionedReportsFailing(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	table := partTable(t, js)
+	var mu sync.Mutex
+	var reports []error
+	a := startTuned(t, srv, table, "a", false, func(c *PartitionedConfig) {
+		c.Leases = LeaseConfig{Bucket: "leases-f", TTL: 3 * time.Second}
+		c.Failing = func(err error) {
+			mu.Lock()
+			reports = append(reports, err)
+			mu.Unlock()
+		}
+	})
+	waitBalanced(t, 15*time.Second, "a alone", 12, a)
+	ctx := testCtx(t)
+	if err := js.DeleteKeyValue(ctx, "leases-f"); err != nil {
+		t.Fatal(err)
+	}
+	last := func() (error, int) {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(reports) == 0 {
+			return nil, 0
+		}
+		return reports[len(reports)-1], len(reports)
+	}
+	eventually(t, 15*time.Second, "a reports that it cannot take part", func() bool {
+		err, n := last()
+		return n > 0 && err != nil && strings.Contains(err.Error(), "lease bucket leases-f")
+	})
+	eventually(t, 15*time.Second, "a stops its partitions", func() bool { return a.src.Owned() == 0 })
+	if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "leases-f", History: 1, TTL: 3 * time.Second, LimitMarkerTTL: 3 * time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 15*time.Second, "a reports that it is back", func() bool { err, _ := last(); return err == nil })
+	waitBalanced(t, 15*time.Second, "a takes its partitions again", 12, a)
+	a.stop()
 }
 
 // TestPartitionedRefusesMismatch: a source on a stream without the
