@@ -32,7 +32,8 @@ type floorPartition struct {
 	state   string
 	resets  int
 
-	released func(error) // when set, told every graceful Release's result
+	released func(error)       // when set, told every graceful Release's result
+	running  func(active bool) // when set, told when Run starts and stops consuming
 }
 
 // floorPartitions is a PartitionFactory of floorPartitions on js; made
@@ -79,6 +80,10 @@ func (p *floorPartition) Run(ctx context.Context, h bridge.Handler) error {
 	p.epoch, p.state = ep, "active"
 	p.resets++
 	p.mu.Unlock()
+	if p.running != nil {
+		p.running(true)
+		defer p.running(false)
+	}
 	cc, err := p.cons.Consume(func(msg jetstream.Msg) { p.deliver(ctx, ep, msg, h) },
 		jetstream.PullMaxMessages(64), jetstream.PullExpiry(time.Second))
 	if err != nil {
