@@ -545,3 +545,60 @@ func TestPartitionedRefusesMismatch(t *testing.T) {
 		}
 	}
 }
+
+// TestPartitionedRunAgain: after Run returns the partitions stay held
+// (paused) until Close; a new Run resumes them; Close releases every lease
+// and the membership.
+func TestPartitionedRunAgain(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	table := partTable(t, js)
+	cfg := partConfig(table, "a")
+	cfg.NewPartition = floorPartitions(js, nil)
+	src, err := NewPartitionedSource(testCtx(t), js, cfg, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack := func(ctx context.Context, _ *bridge.Message, ack bridge.Ack) error { return ack(ctx, nil) }
+	states := func(want string) func() bool {
+		return func() bool {
+			st := src.Status()
+			if len(st.Owned) != 12 {
+				return false
+			}
+			for _, o := range st.Owned {
+				if o.State != want {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	for round := range 2 {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- src.Run(ctx, ack) }()
+		eventually(t, 15*time.Second, fmt.Sprintf("round %d: 12 partitions active", round), states("active"))
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 5*time.Second, fmt.Sprintf("round %d: 12 partitions paused", round), states("paused"))
+	}
+	if err := src.Close(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if n := src.Owned(); n != 0 {
+		t.Errorf("%d partitions owned after Close", n)
+	}
+	kv, err := js.KeyValue(testCtx(t), DefaultLeaseBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keys, err := kv.Keys(testCtx(t)); !errors.Is(err, jetstream.ErrNoKeysFound) {
+		t.Errorf("keys left in the lease bucket after Close: %v, %v", keys, err)
+	}
+	if err := src.Run(context.Background(), ack); err != nil {
+		t.Errorf("Run after Close = %v, want nil at once", err)
+	}
+}
