@@ -51,6 +51,10 @@ type Config struct {
 	// ProgressTimeout: /readyz reports not ready when a rule has a backlog
 	// but nothing made progress for this long. Default 60s.
 	ProgressTimeout time.Duration `yaml:"progressTimeout"`
+	// StallTimeout: /readyz reports not ready while a rule's oldest message
+	// that is accepted, not parked and not settled is older than this (a
+	// target, the dedupe store or a retry holds it up). Default 3s.
+	StallTimeout time.Duration `yaml:"stallTimeout"`
 	// AckWait is the sources' ack deadline; the pipeline sends ErrInProgress
 	// for every message older than AckWait/2 (every AckWait/4). Default 30s.
 	AckWait time.Duration `yaml:"ackWait"`
@@ -131,6 +135,9 @@ func (c Config) WithDefaults() Config {
 	if c.ProgressTimeout == 0 {
 		c.ProgressTimeout = 60 * time.Second
 	}
+	if c.StallTimeout == 0 {
+		c.StallTimeout = 3 * time.Second
+	}
 	if c.AckWait == 0 {
 		c.AckWait = 30 * time.Second
 	}
@@ -190,6 +197,9 @@ func (c Config) Validate() error {
 	}
 	if c.ProgressTimeout <= 0 {
 		bad("progressTimeout", "must be positive, got %s", c.ProgressTimeout)
+	}
+	if c.StallTimeout <= 0 {
+		bad("stallTimeout", "must be positive, got %s", c.StallTimeout)
 	}
 	if c.AckWait < 4*time.Millisecond {
 		bad("ackWait", "must be at least 4ms, got %s", c.AckWait)

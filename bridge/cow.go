@@ -8,13 +8,13 @@ import (
 // cowMap is a copy-on-write map for the hot path: lookups are one atomic
 // load and a map read without locks; adding (rare: a new rule, cell or
 // broker) copies the map under a mutex.
-type cowMap[V any] struct {
+type cowMap[K comparable, V any] struct {
 	mu sync.Mutex
-	p  atomic.Pointer[map[string]V]
+	p  atomic.Pointer[map[K]V]
 }
 
 // load returns the current map (never modified; nil before the first add).
-func (c *cowMap[V]) load() map[string]V {
+func (c *cowMap[K, V]) load() map[K]V {
 	if m := c.p.Load(); m != nil {
 		return *m
 	}
@@ -22,7 +22,7 @@ func (c *cowMap[V]) load() map[string]V {
 }
 
 // get returns the value of k, adding mk() first when k is missing.
-func (c *cowMap[V]) get(k string, mk func() V) V {
+func (c *cowMap[K, V]) get(k K, mk func() V) V {
 	if v, ok := c.load()[k]; ok {
 		return v
 	}
@@ -33,7 +33,7 @@ func (c *cowMap[V]) get(k string, mk func() V) V {
 		return v
 	}
 	v := mk()
-	next := make(map[string]V, len(old)+1)
+	next := make(map[K]V, len(old)+1)
 	for key, val := range old {
 		next[key] = val
 	}

@@ -32,6 +32,9 @@ type Reporter interface {
 	ConnectionChanged(broker, role string, up bool)
 	// Backlog records how many messages of rule are pending at the source.
 	Backlog(rule string, pending int64)
+	// SourceFailing records why the source of rule cannot deliver now
+	// (err nil: it can again).
+	SourceFailing(rule string, err error)
 }
 
 var _ Reporter = (*Health)(nil)
@@ -45,18 +48,37 @@ type Health struct {
 	clock Clock
 
 	progressTimeout atomic.Int64 // ns; set by the pipeline from its config
+	stallTimeout    atomic.Int64 // ns; likewise
 	rulesLoaded     atomic.Pointer[func() (int64, bool)]
 
 	mu      sync.Mutex
-	conns   map[[2]string]bool // {broker, role} → up
-	failing map[string]string  // sink broker → last publish error
+	conns   map[[2]string]bool   // {broker, role} → up
+	failing map[string]*failRec  // what ("publishing to broker B subject S", "dedupe store") → its failure streak
+	targets map[string][2]string // what → {broker, target} of a publish target, for cellbridge_target_failing
+	sources map[string]string    // rule → why its source cannot deliver (stalled, not connected)
 	rules   map[string]*ruleHealth
 	ready   int // -1 unknown, 0, 1; for logging transitions
 }
 
+// failRec is one failure streak of a publish target or of the dedupe store.
+type failRec struct {
+	err         string
+	since, last time.Time // first and latest failure of the streak
+	// ok: a success came after the latest failure. The streak ends once
+	// no failure followed it for recoverHold, so that a target whose
+	// publishes fail and succeed by turns (a stream leader election) does
+	// not flap between ready and not ready.
+	ok bool
+}
+
+// recoverHold is how long a failing target or store must go without a
+// failure after a success before readiness reports it recovered.
+const recoverHold = time.Second
+
 type ruleHealth struct {
 	backlog      atomic.Int64
 	lastProgress atomic.Int64 // unix ns
+	stall        atomic.Int64 // ns; the stall age, sampled by the pipeline's sweeper
 }
 
 // NewHealth returns a Health reporting into m (may be nil) and logging
@@ -68,9 +90,10 @@ func NewHealth(m *Metrics, log *slog.Logger, clock Clock) *Health {
 	if clock == nil {
 		clock = SystemClock
 	}
-	h := &Health{m: m, log: log, clock: clock, conns: map[[2]string]bool{}, failing: map[string]string{},
-		rules: map[string]*ruleHealth{}, ready: -1}
+	h := &Health{m: m, log: log, clock: clock, conns: map[[2]string]bool{}, failing: map[string]*failRec{},
+		targets: map[string][2]string{}, sources: map[string]string{}, rules: map[string]*ruleHealth{}, ready: -1}
 	h.progressTimeout.Store(int64(60 * time.Second))
+	h.stallTimeout.Store(int64(3 * time.Second))
 	return h
 }
 
@@ -124,26 +147,75 @@ func (h *Health) rule(name string) *ruleHealth {
 	return r
 }
 
-// failed records that an operation (a sink broker's publishes, the dedupe
-// store) is failing; the pipeline calls it per failure and recovered once
-// on the first success after failures. Only changes are logged.
-func (h *Health) failed(what string, err error) {
+// target registers what as the failure name of the publish target
+// broker/target (a subject or topic), so that its failures also show in
+// cellbridge_target_failing.
+func (h *Health) target(what, broker, target string) {
 	h.mu.Lock()
-	_, was := h.failing[what]
-	h.failing[what] = err.Error()
+	h.targets[what] = [2]string{broker, target}
 	h.mu.Unlock()
-	if !was {
-		h.log.Warn(what+" failing; retrying", "err", err)
+	if h.m != nil {
+		h.m.TargetFailing.WithLabelValues(broker, target).Set(0)
 	}
 }
 
+// failed records that an operation (a publish target, the dedupe store) is
+// failing; the pipeline calls it per failure and recovered once on the first
+// success after failures. Only the start of a streak is logged here; its end
+// is logged by Ready once it holds (recoverHold).
+func (h *Health) failed(what string, err error) {
+	now := h.clock.Now()
+	h.mu.Lock()
+	r := h.failing[what]
+	start := r == nil
+	if start {
+		r = &failRec{since: now}
+		h.failing[what] = r
+	}
+	r.err, r.last, r.ok = err.Error(), now, false
+	tg, isTarget := h.targets[what]
+	h.mu.Unlock()
+	if start {
+		h.log.Warn(what+" failing; retrying", "err", err)
+		if isTarget && h.m != nil {
+			h.m.TargetFailing.WithLabelValues(tg[0], tg[1]).Set(1)
+		}
+	}
+}
+
+// recovered records a success of what after failures.
 func (h *Health) recovered(what string) {
 	h.mu.Lock()
-	_, was := h.failing[what]
-	delete(h.failing, what)
+	if r := h.failing[what]; r != nil {
+		r.ok = true
+	}
 	h.mu.Unlock()
-	if was {
-		h.log.Info(what + " recovered")
+}
+
+// SourceFailing records why the source of rule cannot deliver (its server
+// stopped answering, it is not connected, it cannot create its consumer);
+// err nil clears it. Adapters call it on changes; repeating is fine.
+func (h *Health) SourceFailing(rule string, err error) {
+	h.mu.Lock()
+	old, was := h.sources[rule]
+	if err != nil {
+		h.sources[rule] = err.Error()
+	} else {
+		delete(h.sources, rule)
+	}
+	h.mu.Unlock()
+	if h.m != nil {
+		v := 0.0
+		if err != nil {
+			v = 1
+		}
+		h.m.SourceFailing.WithLabelValues(rule).Set(v)
+	}
+	switch {
+	case err != nil && (!was || old != err.Error()):
+		h.log.Warn("source cannot deliver", "rule", rule, "err", err)
+	case err == nil && was:
+		h.log.Info("source delivering again", "rule", rule)
 	}
 }
 
@@ -166,10 +238,24 @@ func (h *Health) Ready() (bool, string) {
 			reasons = append(reasons, k[1]+" connection to broker "+k[0]+" is down")
 		}
 	}
-	for b, e := range h.failing {
-		reasons = append(reasons, b+" keeps failing: "+e)
+	var ended []string
+	for what, r := range h.failing {
+		if r.ok && now.Sub(r.last) >= recoverHold {
+			delete(h.failing, what)
+			ended = append(ended, what)
+			continue
+		}
+		reasons = append(reasons, what+" keeps failing: "+r.err+" (for "+now.Sub(r.since).Truncate(time.Second/10).String()+")")
 	}
+	for rule, why := range h.sources {
+		reasons = append(reasons, "source of rule "+rule+": "+why)
+	}
+	stallTimeout := time.Duration(h.stallTimeout.Load())
 	for name, r := range h.rules {
+		if s := time.Duration(r.stall.Load()); s > stallTimeout {
+			reasons = append(reasons, "rule "+name+": the oldest message accepted "+s.Truncate(time.Second/10).String()+
+				" ago is not settled yet (stallTimeout "+stallTimeout.String()+")")
+		}
 		if n := r.backlog.Load(); n > 0 {
 			idle := now.Sub(time.Unix(0, r.lastProgress.Load()))
 			if idle > timeout {
@@ -178,7 +264,21 @@ func (h *Health) Ready() (bool, string) {
 			}
 		}
 	}
+	var endedTargets [][2]string
+	for _, what := range ended {
+		if tg, ok := h.targets[what]; ok {
+			endedTargets = append(endedTargets, tg)
+		}
+	}
 	h.mu.Unlock()
+	for _, what := range ended {
+		h.log.Info(what + " recovered")
+	}
+	if h.m != nil {
+		for _, tg := range endedTargets {
+			h.m.TargetFailing.WithLabelValues(tg[0], tg[1]).Set(0)
+		}
+	}
 	sort.Strings(reasons)
 	ok := len(reasons) == 0
 	v := 0

@@ -50,7 +50,8 @@ func TestReadinessRecoversAfterConcurrentFailureAndSuccess(t *testing.T) {
 		// A later success: the broker works again.
 		markRecovered(h, &flag, what)
 		h.mu.Lock()
-		_, failing := h.failing[what]
+		r := h.failing[what]
+		failing := r != nil && !r.ok
 		delete(h.failing, what)
 		h.mu.Unlock()
 		if failing {

@@ -59,8 +59,8 @@ type taskData struct {
 	counted  bool          // holds an in-flight budget slot
 	phase    uint8
 	err      error
-	ss       *sinkState
-	failedOn *sinkState // broker whose publish of this message failed last (sinkState.waiting)
+	ss       *targetState
+	failedOn *targetState // target whose publish of this message failed last (targetState.waiting)
 
 	out      Outgoing
 	hv       [6]string // backing store of the forward header values
@@ -68,6 +68,7 @@ type taskData struct {
 	lentHdr  bool // m.Header is t.hdr
 
 	prev, next *task  // ruleState arrival list, guarded by rs.mu
+	inPark     bool   // parked (held); guarded by rs.mu, for the stall age
 	qnext      *task  // lane queue or park queue, guarded by lane.mu
 	seq        uint64 // arrival order in the lane; queues are sorted by it
 }
@@ -325,6 +326,7 @@ func (p *Pipeline) parkLocked(l *lane, t *task) bool {
 	q.n++
 	p.heldN.Add(1)
 	t.rs.held.Add(1)
+	t.rs.setParked(t, true)
 	// Parking is progress for readiness: a rule whose traffic is all held
 	// during a switch is not stuck.
 	t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
@@ -391,6 +393,7 @@ func (p *Pipeline) recheckParked() {
 				t.d.Version = -1 // route again at dispatch
 				t.counted = true
 				t.rs.held.Add(-1)
+				t.rs.setParked(t, false)
 			}
 			p.heldN.Add(-int64(q.n))
 			p.budget.force(q.n)
@@ -463,6 +466,27 @@ func (rs *ruleState) track(t *task) {
 	rs.tail = t
 	rs.n++
 	rs.mu.Unlock()
+}
+
+// setParked marks t as parked or not, for stallAge.
+func (rs *ruleState) setParked(t *task, parked bool) {
+	rs.mu.Lock()
+	t.inPark = parked
+	rs.mu.Unlock()
+}
+
+// stallAge returns how long ago (ns before now) the oldest unsettled message
+// that is not parked arrived; 0 when there is none. Parked messages wait for
+// an operator's switch, not for the bridge, so they do not count.
+func (rs *ruleState) stallAge(now int64) int64 {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	for t := rs.head; t != nil; t = t.next {
+		if !t.inPark {
+			return max(0, now-t.arrived)
+		}
+	}
+	return 0
 }
 
 func (rs *ruleState) untrack(t *task) {

@@ -205,6 +205,9 @@ func (p *Pipeline) updateGauges() {
 		h := int(rs.held.Load())
 		rs.met.inFlight.Set(float64(n - h))
 		rs.met.oldest.Set(oldest)
+		stall := rs.stallAge(now)
+		rs.hl.stall.Store(stall)
+		rs.met.stall.Set(time.Duration(stall).Seconds())
 		rs.met.heldN.Set(float64(h))
 		if hs := held[name]; hs != nil {
 			rs.met.heldOldest.Set(time.Duration(now - hs.oldest).Seconds())

@@ -59,12 +59,15 @@ const (
 	MetricLatency           = "cellbridge_latency_seconds"
 	MetricInFlight          = "cellbridge_in_flight"
 	MetricOldestUnackedAge  = "cellbridge_oldest_unacked_age_seconds"
+	MetricStallAge          = "cellbridge_stall_age_seconds"
 	MetricHeldMessages      = "cellbridge_held_messages"
 	MetricHeldOldestAge     = "cellbridge_held_oldest_age_seconds"
 	MetricHeldRange         = "cellbridge_held_range_messages"
 	MetricHeldRangeOldest   = "cellbridge_held_range_oldest_age_seconds"
 	MetricSourceBacklog     = "cellbridge_source_backlog_messages"
 	MetricSinkPublishErrors = "cellbridge_sink_publish_errors_total"
+	MetricTargetFailing     = "cellbridge_target_failing"
+	MetricSourceFailing     = "cellbridge_source_failing"
 	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
 	MetricRulesVersion      = "cellbridge_rules_version"
 	MetricRulesLastReload   = "cellbridge_rules_last_reload_timestamp_seconds"
@@ -83,12 +86,15 @@ var MetricList = []MetricDesc{
 	{MetricLatency, "histogram", []string{"rule", "cell"}, "Seconds from the source broker storing a message to the sink confirming its copy."},
 	{MetricInFlight, "gauge", []string{"rule"}, "Messages accepted and not yet settled, excluding parked (held) ones."},
 	{MetricOldestUnackedAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message not yet acknowledged to the source (freshness)."},
+	{MetricStallAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message accepted and not yet settled, parked (held) messages excluded: it grows while a target, the dedupe store or a retry holds messages up (/readyz fails beyond pipeline.stallTimeout)."},
 	{MetricHeldMessages, "gauge", []string{"rule"}, "Messages parked because their shard is blocked (held)."},
 	{MetricHeldOldestAge, "gauge", []string{"rule"}, "Age in seconds of the oldest parked (held) message."},
 	{MetricHeldRange, "gauge", []string{"rule", "shards"}, "Messages parked per blocked shard range of the running rules (shards is a blocked: entry, e.g. 40-44)."},
 	{MetricHeldRangeOldest, "gauge", []string{"rule", "shards"}, "Age in seconds of the oldest parked message per blocked shard range."},
 	{MetricSourceBacklog, "gauge", []string{"rule"}, "Messages pending at the source, not yet delivered to the bridge (e.g. consumer NumPending)."},
 	{MetricSinkPublishErrors, "counter", []string{"broker"}, "Failed publish attempts by target broker (each is retried)."},
+	{MetricTargetFailing, "gauge", []string{"broker", "target"}, "1 while publishes to a target (a subject or topic of a broker) keep failing; 0 once one was confirmed and none failed for a second."},
+	{MetricSourceFailing, "gauge", []string{"rule"}, "1 while the source of a topic rule cannot deliver (its server stopped answering, its consumer cannot be reached)."},
 	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, commit, release)."},
 	{MetricRulesVersion, "gauge", nil, "Version of the rules table in use."},
 	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
@@ -114,12 +120,15 @@ type Metrics struct {
 	Latency           *prometheus.HistogramVec
 	InFlight          *prometheus.GaugeVec
 	OldestUnackedAge  *prometheus.GaugeVec
+	StallAge          *prometheus.GaugeVec
 	HeldMessages      *prometheus.GaugeVec
 	HeldOldestAge     *prometheus.GaugeVec
 	HeldRange         *prometheus.GaugeVec
 	HeldRangeOldest   *prometheus.GaugeVec
 	SourceBacklog     *prometheus.GaugeVec
 	SinkPublishErrors *prometheus.CounterVec
+	TargetFailing     *prometheus.GaugeVec
+	SourceFailing     *prometheus.GaugeVec
 	DedupeErrors      *prometheus.CounterVec
 	RulesVersion      prometheus.Gauge
 	RulesLastReload   prometheus.Gauge
@@ -128,7 +137,7 @@ type Metrics struct {
 	Ready             prometheus.Gauge
 	BuildInfo         *prometheus.GaugeVec
 
-	rules cowMap[*ruleMetrics]
+	rules cowMap[string, *ruleMetrics]
 }
 
 // NewMetrics creates and registers every metric of MetricList. version is
@@ -155,12 +164,15 @@ func NewMetrics(version string) *Metrics {
 	}, byName[MetricLatency].Labels)
 	m.InFlight = gauge(MetricInFlight)
 	m.OldestUnackedAge = gauge(MetricOldestUnackedAge)
+	m.StallAge = gauge(MetricStallAge)
 	m.HeldMessages = gauge(MetricHeldMessages)
 	m.HeldOldestAge = gauge(MetricHeldOldestAge)
 	m.HeldRange = gauge(MetricHeldRange)
 	m.HeldRangeOldest = gauge(MetricHeldRangeOldest)
 	m.SourceBacklog = gauge(MetricSourceBacklog)
 	m.SinkPublishErrors = counter(MetricSinkPublishErrors)
+	m.TargetFailing = gauge(MetricTargetFailing)
+	m.SourceFailing = gauge(MetricSourceFailing)
 	m.DedupeErrors = counter(MetricDedupeErrors)
 	m.RulesVersion = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesVersion, Help: byName[MetricRulesVersion].Help})
 	m.RulesLastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesLastReload, Help: byName[MetricRulesLastReload].Help})
@@ -168,8 +180,9 @@ func NewMetrics(version string) *Metrics {
 	m.ConnectionUp = gauge(MetricConnectionUp)
 	m.Ready = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricReady, Help: byName[MetricReady].Help})
 	m.BuildInfo = gauge(MetricBuildInfo)
-	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge,
-		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors, m.DedupeErrors,
+	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
+		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
+		m.TargetFailing, m.SourceFailing, m.DedupeErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if version == "" {
@@ -187,12 +200,12 @@ func NewMetrics(version string) *Metrics {
 type ruleMetrics struct {
 	forwarded, duplicate, held, dlqOut, retried, revoked prometheus.Counter
 	dlq                                                  [6]prometheus.Counter // by DLQReasons index
-	inFlight, oldest, heldN, heldOldest                  prometheus.Gauge
+	inFlight, oldest, stall, heldN, heldOldest           prometheus.Gauge
 	backlog                                              prometheus.Gauge
 
 	m     *Metrics
 	name  string
-	cells cowMap[*cellMetrics]
+	cells cowMap[string, *cellMetrics]
 }
 
 type cellMetrics struct {
@@ -214,6 +227,7 @@ func (m *Metrics) rule(name string) *ruleMetrics {
 			revoked:    m.Messages.WithLabelValues(name, OutcomeRevoked),
 			inFlight:   m.InFlight.WithLabelValues(name),
 			oldest:     m.OldestUnackedAge.WithLabelValues(name),
+			stall:      m.StallAge.WithLabelValues(name),
 			heldN:      m.HeldMessages.WithLabelValues(name),
 			heldOldest: m.HeldOldestAge.WithLabelValues(name),
 			backlog:    m.SourceBacklog.WithLabelValues(name),

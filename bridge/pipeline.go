@@ -81,10 +81,10 @@ type Pipeline struct {
 	rangeSeen   map[[2]string]struct{} // (rule, blocked range) series of the held range gauges
 	parkedLanes map[*lane]struct{}
 
-	ruleStates cowMap[*ruleState]
-	sinkStates cowMap[*sinkState]
-	ver        atomic.Pointer[verString]
-	shardStr   []string
+	ruleStates   cowMap[string, *ruleState]
+	targetStates cowMap[router.Target, *targetState]
+	ver          atomic.Pointer[verString]
+	shardStr     []string
 
 	closing   atomic.Bool
 	closeCh   chan struct{} // closed when intake stops
@@ -103,16 +103,19 @@ type verString struct {
 	s string
 }
 
-type sinkState struct {
-	name    string
-	what    string // "publishing to broker NAME", for health
+// targetState is one publish target (broker plus subject or topic): its
+// sink, and the failure record that readiness reports per target, so that
+// publishes confirmed by one cell's stream never hide another that keeps
+// failing.
+type targetState struct {
+	what    string // "publishing to broker NAME subject SUBJECT", for health
 	sink    Sink
 	failing atomic.Bool
 	errs    interface{ Inc() }
-	// waiting counts messages whose last attempt failed on this broker
+	// waiting counts messages whose last attempt failed on this target
 	// and that have not moved on (confirmed here, routed elsewhere,
 	// settled). When it drops to zero nothing will publish here to prove
-	// the broker works again (a failover moved its shards), so the failure
+	// the target works again (a failover moved its shards), so the failure
 	// is cleared instead of keeping /readyz at 503 for good.
 	waiting atomic.Int64
 }
@@ -178,6 +181,7 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		p.shardStr[i] = strconv.Itoa(i)
 	}
 	p.health.progressTimeout.Store(int64(cfg.ProgressTimeout))
+	p.health.stallTimeout.Store(int64(cfg.StallTimeout))
 	loaded := func() (int64, bool) {
 		if t := p.rules.Load(); t != nil {
 			return t.Version(), true
@@ -376,7 +380,7 @@ func (p *Pipeline) dispatch(t *task) *task {
 	if t.dlq || t.poison != "" || t.d.Reason == router.ReasonDLQ {
 		return p.toDLQ(t)
 	}
-	ss := p.sink(t.d.Target.Broker)
+	ss := p.target(t.d.Target)
 	if ss == nil {
 		t.poison = DLQNoRoute
 		return p.toDLQ(t)
@@ -411,7 +415,7 @@ func (p *Pipeline) toDLQ(t *task) *task {
 			t.storeKey = t.idKey + "\x00dlq"
 		}
 	}
-	ss := p.sink(t.x.dlqTarget.Broker)
+	ss := p.target(t.x.dlqTarget)
 	if ss == nil {
 		p.log.Error("poison message but no usable DLQ target; holding it",
 			"rule", t.m.Rule, "reason", t.x.dlqReason, "source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker)
@@ -420,7 +424,7 @@ func (p *Pipeline) toDLQ(t *task) *task {
 	return p.reserveAndPublish(t, ss)
 }
 
-func (p *Pipeline) reserveAndPublish(t *task, ss *sinkState) *task {
+func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 	if t.storeKey != "" && !t.reserved {
 		var o dedupe.Outcome
 		var err error
@@ -673,19 +677,24 @@ func (p *Pipeline) ruleState(name string) *ruleState {
 	})
 }
 
-// sink returns the cached sink state of a broker; nil when there is none.
-func (p *Pipeline) sink(broker string) *sinkState {
-	if broker == "" {
+// target returns the cached state of a publish target; nil when no sink
+// serves its broker.
+func (p *Pipeline) target(tg router.Target) *targetState {
+	if tg.Broker == "" {
 		return nil
 	}
-	return p.sinkStates.get(broker, func() *sinkState {
-		s, ok := p.sinks(broker)
+	return p.targetStates.get(tg, func() *targetState {
+		s, ok := p.sinks(tg.Broker)
 		if !ok || s == nil {
-			p.log.Error("no sink for broker; its messages go to the DLQ (no_route)", "broker", broker)
+			p.log.Error("no sink for broker; its messages go to the DLQ (no_route)", "broker", tg.Broker)
 			return nil
 		}
-		return &sinkState{name: broker, what: "publishing to broker " + broker, sink: s,
-			errs: p.met.SinkPublishErrors.WithLabelValues(broker)}
+		what := "publishing to broker " + tg.Broker + " subject " + tg.Subject
+		if tg.Subject == "" {
+			what = "publishing to broker " + tg.Broker + " topic " + tg.Topic
+		}
+		p.health.target(what, tg.Broker, tg.Subject+tg.Topic)
+		return &targetState{what: what, sink: s, errs: p.met.SinkPublishErrors.WithLabelValues(tg.Broker)}
 	})
 }
 

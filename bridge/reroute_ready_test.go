@@ -26,7 +26,7 @@ func TestReadinessRecoversWhenFailingBrokerIsNoLongerUsed(t *testing.T) {
 	_ = p.Handle(context.Background(), m, a.ack)
 	eventually(t, "rz00 reported failing", func() bool {
 		_, why := p.Health().Ready()
-		return strings.Contains(why, "publishing to broker rz00 keeps failing")
+		return strings.Contains(why, "publishing to broker rz00 subject cell.rz00.t keeps failing")
 	})
 	e.hold.Store(table(t, doc(2, 10))) // failover: shard 20 moves to rz01
 	if err := a.result(t); err != nil {

@@ -107,11 +107,23 @@
 // commit is stored: a commit that is fire-and-forget would silently hand
 // the guarantee to the sink's duplicate window whenever it is lost). The
 // waits do not serialise callers: requests from all goroutines are
-// pipelined on the one connection, and acknowledgements come back on one
-// shared reply subscription to reusable call slots, so the client adds no
-// per-request inbox, channel, timer or JSON decoding. The server's work
-// (two stored messages per forwarded message) is what bounds the rate; see
-// BenchmarkKV.
+// pipelined on the one connection through the same request core as the
+// JetStream sink (internal/jspub): one shared reply subscription, a fixed
+// table of request slots, acknowledgements and refusals read by one scanner,
+// so the client adds no per-request inbox, channel, timer or JSON decoding.
+// The server's work (two stored messages per forwarded message) is what
+// bounds the rate; see BenchmarkKV.
+//
+// Failed requests. A request whose reply does not come within
+// KVConfig.Timeout fails (a sweep enforces it), and so do the requests in
+// flight when the connection drops; a request made while the connection is
+// down fails at once and is never handed to the client, so no write waits
+// in its reconnect buffer to land later. Each such failure is an error of
+// the call, which the caller handles as the protocol above says (Reserve:
+// negative-ack and retry; Commit: the reservation expires; Release: it
+// expires). None of them can break the argument: a write whose reply was
+// lost may still have been stored, and every write is either conditional
+// (Reserve, Release) or true whenever it lands (Commit).
 //
 // No subject delete markers are configured: nothing here needs them, and the
 // server would write one more message for every key that expires. A bucket

@@ -15,6 +15,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/jspub"
 )
 
 // KVConfig configures NewJetStream. Zero fields take the defaults.
@@ -34,9 +36,15 @@ type KVConfig struct {
 	// Storage of the bucket's stream when it is created. The default,
 	// jetstream.FileStorage, keeps the keys across server restarts.
 	Storage jetstream.StorageType
-	// Timeout bounds each round trip when ctx has no earlier deadline.
-	// Default 5s.
+	// Timeout fails a request whose reply has not come this long after it
+	// was sent (a sweep enforces it: the failure comes between Timeout and
+	// Timeout plus three sweeps of at most 1s each); an earlier deadline of
+	// ctx ends the wait sooner. Default 5s.
 	Timeout time.Duration
+	// MaxPending caps the requests in flight on the connection at once;
+	// more wait for a free slot (back-pressure). Default
+	// jspub.DefaultMaxPending (4096), the bridge's default in-flight limit.
+	MaxPending int
 }
 
 // KV is a Store in a JetStream key-value bucket shared by every replica of
@@ -45,8 +53,12 @@ type KVConfig struct {
 // are pipelined on the one connection. Errors name the operation and the
 // bucket, never the key, and wrap the cause (context errors,
 // nats.ErrNoResponders when JetStream or the bucket is gone, a
-// *jetstream.APIError the stream returned). It owns one subscription (for
-// acknowledgements), ended by Close; the connection stays the caller's. A
+// *jetstream.APIError the stream returned, and for failures of the request
+// itself jspub.ErrNotSent — nothing was written — or jspub.ErrNoReply — the
+// write may have happened). A request made while the connection is down
+// fails at once instead of waiting in the client's reconnect buffer. It owns
+// one subscription (for replies) and one goroutine (timeouts, connection
+// state), ended by Close; the connection stays the caller's. A
 // direct get may be served by a lagging replica of a clustered stream; a
 // stale read can only turn into InFlight (retry later) or into a refused
 // conditional write that is retried, because every decision that changes a
@@ -55,7 +67,7 @@ type KV struct {
 	bucket     string
 	prefix     string // "$KV.<bucket>."
 	getPrefix  string // direct get of the last message of a subject: + subject
-	pipe       *pipe
+	client     *jspub.Client
 	reserveHdr nats.Header // shared, read only
 	reserveTTL string      // Nats-TTL value
 	reserveVal []byte      // "r" + token
@@ -114,16 +126,16 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 	}
 	var token [8]byte
 	_, _ = rand.Read(token[:]) // never fails (crypto/rand panics instead)
-	p, err := newPipe(nc, cfg.Timeout)
+	c, err := jspub.NewClient(nc, jspub.Config{MaxPending: cfg.MaxPending, Timeout: cfg.Timeout})
 	if err != nil {
-		return nil, fmt.Errorf("dedupe: bucket %q: subscribe for acknowledgements: %w", cfg.Bucket, err)
+		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
 	}
 	ttl := strconv.FormatInt(int64(cfg.ReserveTTL/time.Second), 10) + "s"
 	return &KV{
 		bucket:     cfg.Bucket,
 		prefix:     "$KV." + cfg.Bucket + ".",
 		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
-		pipe:       p,
+		client:     c,
 		reserveTTL: ttl,
 		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
 		reserveVal: []byte("r" + hex.EncodeToString(token[:])),
@@ -212,8 +224,12 @@ func (kv *KV) subject(key string) string {
 }
 
 // opErr wraps err with the operation and bucket (never the key: callers
-// log these errors).
+// log these errors). A request refused or cut short by Close also wraps
+// ErrClosed, as the Store contract promises.
 func (kv *KV) opErr(op string, err error) error {
+	if errors.Is(err, jspub.ErrClosed) && !errors.Is(err, ErrClosed) {
+		return fmt.Errorf("dedupe: %s in bucket %q: %w (%w)", op, kv.bucket, err, ErrClosed)
+	}
 	return fmt.Errorf("dedupe: %s in bucket %q: %w", op, kv.bucket, err)
 }
 
@@ -239,7 +255,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 	subj := kv.subject(key)
 	hdr := kv.reserveHdr
 	for range maxReserveAttempts {
-		err := kv.pipe.publish(ctx, subj, hdr, kv.reserveVal)
+		_, err := kv.client.Publish(ctx, subj, hdr, kv.reserveVal)
 		if err == nil {
 			return Reserved, nil
 		}
@@ -269,7 +285,7 @@ func (kv *KV) Commit(ctx context.Context, key string) error {
 	if kv.closed.Load() {
 		return kv.opErr("commit", ErrClosed)
 	}
-	if err := kv.pipe.publish(ctx, kv.subject(key), nil, committedVal); err != nil {
+	if _, err := kv.client.Publish(ctx, kv.subject(key), nil, committedVal); err != nil {
 		return kv.opErr("commit", err)
 	}
 	return nil
@@ -296,18 +312,20 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 		hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)},
 		hdrTTL:               {"1s"},
 	}
-	err = kv.pipe.publish(ctx, subj, hdr, nil)
+	_, err = kv.client.Publish(ctx, subj, hdr, nil)
 	if err != nil && !isWrongLastSeq(err) { // changed meanwhile: no longer ours
 		return kv.opErr("release", err)
 	}
 	return nil
 }
 
-// Close ends the store's subscription; calls in flight return ErrClosed.
-// The connection is left open.
-func (kv *KV) Close(context.Context) error {
+// Close makes later calls return ErrClosed, waits for the requests in
+// flight until ctx ends (those still unanswered then return an error
+// wrapping ErrClosed), and ends the store's subscription and goroutine. The
+// connection is left open. Close is idempotent.
+func (kv *KV) Close(ctx context.Context) error {
 	kv.closed.Store(true)
-	if err := kv.pipe.close(); err != nil {
+	if err := kv.client.Close(ctx); err != nil {
 		return kv.opErr("close", err)
 	}
 	return nil
@@ -324,9 +342,9 @@ const (
 )
 
 // lookup reads the latest message of a key with a direct get (through the
-// pipe: one round trip, no per-request subscription or JSON).
+// same pipe: one round trip, no per-request subscription or JSON).
 func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, error) {
-	m, err := kv.pipe.request(ctx, kv.getPrefix+subj, nil, nil)
+	m, err := kv.client.Request(ctx, kv.getPrefix+subj, nil, nil)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -336,7 +354,7 @@ func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, error) 
 		case "404":
 			return kvAbsent, 0, nil
 		case "503":
-			return 0, 0, nats.ErrNoResponders
+			return 0, 0, jspub.ErrNoStream // wraps nats.ErrNoResponders
 		default:
 			return 0, 0, fmt.Errorf("direct get: status %s %s", status, m.Header.Get("Description"))
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/internal/jspub"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 )
 
@@ -133,15 +134,23 @@ func TestKVServerRestart(t *testing.T) {
 
 	srv.Shutdown()
 	srv.WaitForShutdown()
+	h := harness{tick: func() { time.Sleep(50 * time.Millisecond) }}
+	// While the link is down a call fails at once, and nothing of it waits
+	// in the client's reconnect buffer to be written later.
+	h.eventually(t, "the store to see the link down", func() bool { return kv.client.Stats().Down })
+	_, err := kv.Reserve(ctx, "during")
+	if !errors.Is(err, jspub.ErrNotSent) || !errors.Is(err, nats.ErrDisconnected) {
+		t.Fatalf("Reserve while disconnected: %v, want jspub.ErrNotSent and nats.ErrDisconnected", err)
+	}
 	srv2 := natstest.StartDir(t, dir, func(o *server.Options) { o.Port = port })
 
-	h := harness{tick: func() { time.Sleep(50 * time.Millisecond) }}
 	h.eventually(t, "the store to work after the reconnect", func() bool {
 		o, err := kv.Reserve(ctx, "committed")
 		return err == nil && o == Duplicate
 	})
 	mustReserve(t, kv, "reserved", InFlight)
 	mustReserve(t, kv, "new", Reserved)
+	mustReserve(t, kv, "during", Reserved)
 
 	// A replica started after the restart opens the existing bucket.
 	_, js2 := srv2.Connect(t)
@@ -280,78 +289,6 @@ func TestKVErrors(t *testing.T) {
 	})
 }
 
-// TestPipe covers the acknowledgement plumbing on its own: timeouts, late
-// replies to abandoned calls, and Close waking waiters.
-func TestPipe(t *testing.T) {
-	ctx := context.Background()
-	srv := natstest.Start(t)
-	nc, _ := srv.Connect(t)
-	responder, _ := srv.Connect(t)
-	// "slow.<n>" answers after n×10 ms with an error naming n; "never"
-	// does not answer.
-	sub, err := responder.Subscribe("slow.*", func(m *nats.Msg) {
-		n := m.Subject[len("slow."):]
-		d, _ := time.ParseDuration(n + "0ms")
-		time.AfterFunc(d, func() {
-			_ = m.Respond([]byte(`{"error":{"code":400,"err_code":1,"description":"` + n + `"}}`))
-		})
-	})
-	must(t, err)
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	_, err = responder.Subscribe("never", func(*nats.Msg) {})
-	must(t, err)
-	must(t, responder.Flush())
-
-	p, err := newPipe(nc, 150*time.Millisecond)
-	must(t, err)
-
-	describe := func(err error) string {
-		var ae *jetstream.APIError
-		if errors.As(err, &ae) {
-			return ae.Description
-		}
-		return fmt.Sprint(err)
-	}
-	// A call that times out is abandoned; its late reply must not reach the
-	// next caller.
-	if err := p.publish(ctx, "slow.30", nil, nil); !errors.Is(err, errTimeout) {
-		t.Fatalf("slow.30 with a 150ms timeout: %v, want errTimeout", err)
-	}
-	for i := 0; i < 5; i++ {
-		if got := describe(p.publish(ctx, "slow.1", nil, nil)); got != "1" {
-			t.Fatalf("reply %q, want the reply to this call (1)", got)
-		}
-	}
-	// Many calls in flight at once each get their own reply.
-	parallel(t, 50, func(w int) error {
-		subj := fmt.Sprint("slow.", w%5)
-		if got := describe(p.publish(ctx, subj, nil, nil)); got != fmt.Sprint(w%5) {
-			return fmt.Errorf("%s got reply %q", subj, got)
-		}
-		return nil
-	})
-	// Close wakes a waiter.
-	done := make(chan error, 1)
-	go func() { done <- p.publish(ctx, "never", nil, []byte("x")) }()
-	h := harness{tick: func() { time.Sleep(5 * time.Millisecond) }}
-	h.eventually(t, "the call to be in flight", func() bool {
-		p.freeMu.Lock()
-		free := len(p.free)
-		p.freeMu.Unlock()
-		p.callsMu.RLock()
-		defer p.callsMu.RUnlock()
-		return len(p.calls) > free
-	})
-	must(t, p.close())
-	if err := <-done; !errors.Is(err, ErrClosed) {
-		t.Fatalf("waiter woken by close: %v, want ErrClosed", err)
-	}
-	if err := p.publish(ctx, "slow.1", nil, nil); !errors.Is(err, ErrClosed) {
-		t.Fatalf("publish after close: %v", err)
-	}
-	must(t, p.close())
-}
-
 // TestKVDomain uses a JetStream domain, whose API subjects differ
 // ($JS.<domain>.API.…): lookups must follow js's prefix.
 func TestKVDomain(t *testing.T) {
@@ -369,47 +306,34 @@ func TestKVDomain(t *testing.T) {
 	mustReserve(t, kv, "k", Duplicate)
 }
 
-func TestPubAckError(t *testing.T) {
+// The refusals a KV write can get, as the shared reply reader returns them:
+// only a failed expected-sequence check (either code) is a lost race that
+// Reserve and Release handle; everything else is an error.
+func TestIsWrongLastSeq(t *testing.T) {
 	status := func(code string) nats.Header { return nats.Header{"Status": {code}} }
 	cases := []struct {
-		name   string
-		hdr    nats.Header
-		data   string
-		wantOK bool
-		want   error // errors.Is target when not ok
-		code   jetstream.ErrorCode
+		name string
+		hdr  nats.Header
+		data string
+		want bool
 	}{
-		{"ack", nil, `{"stream":"KV_b","seq":12}`, true, nil, 0},
-		{"ack in a domain called error", nil, `{"stream":"KV_b","domain":"error","seq":12}`, true, nil, 0},
-		{"wrong last sequence", nil, `{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 5"},"stream":"KV_b","seq":0}`, false, nil, jetstream.JSErrCodeStreamWrongLastSequence},
-		{"wrong last sequence, replicated", nil, `{"error":{"code":400,"err_code":10164,"description":"wrong last sequence"}}`, false, nil, jetstream.JSErrCodeStreamWrongLastSequenceConstant},
-		{"other API error", nil, `{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}`, false, nil, 10077},
-		{"no responders", status("503"), "", false, nats.ErrNoResponders, 0},
-		{"other status", status("408"), "", false, nil, 0},
-		{"malformed", nil, `{"error":`, false, nil, 0},
+		{"ack", nil, `{"stream":"KV_b","seq":12}`, false},
+		{"ack in a domain called error", nil, `{"stream":"KV_b","domain":"error","seq":12}`, false},
+		{"wrong last sequence", nil, `{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 5"},"stream":"KV_b","seq":0}`, true},
+		{"wrong last sequence, replicated", nil, `{"error":{"code":400,"err_code":10164,"description":"wrong last sequence"}}`, true},
+		{"other API error", nil, `{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}`, false},
+		{"no responders", status("503"), "", false},
+		{"other status", status("408"), "", false},
+		{"malformed", nil, `{"error":`, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			err := pubAckError(&nats.Msg{Header: tc.hdr, Data: []byte(tc.data)})
-			if tc.wantOK {
-				if err != nil {
-					t.Fatalf("error %v, want success", err)
-				}
-				return
+			_, err := jspub.ReadAck(&nats.Msg{Header: tc.hdr, Data: []byte(tc.data)})
+			if got := isWrongLastSeq(err); got != tc.want {
+				t.Fatalf("isWrongLastSeq(%v) = %v, want %v", err, got, tc.want)
 			}
-			if err == nil {
-				t.Fatal("no error")
-			}
-			if tc.want != nil && !errors.Is(err, tc.want) {
-				t.Fatalf("%v, want %v", err, tc.want)
-			}
-			var ae *jetstream.APIError
-			if tc.code != 0 && (!errors.As(err, &ae) || ae.ErrorCode != tc.code) {
-				t.Fatalf("%v, want API error code %d", err, tc.code)
-			}
-			wantWLS := tc.code == jetstream.JSErrCodeStreamWrongLastSequence || tc.code == jetstream.JSErrCodeStreamWrongLastSequenceConstant
-			if isWrongLastSeq(err) != wantWLS {
-				t.Fatalf("isWrongLastSeq(%v) = %v", err, !wantWLS)
+			if strings.HasPrefix(tc.name, "ack") != (err == nil) {
+				t.Fatalf("ReadAck: %v", err)
 			}
 		})
 	}

@@ -54,9 +54,9 @@ type BrokerConfig struct {
 // Reconnect and liveness settings. A bridge must outlive broker restarts and
 // network partitions, so it never gives up reconnecting; the backoff keeps a
 // fleet of replicas from hammering a recovering server, and the reconnect
-// buffer absorbs the acks and dedupe store requests issued while the link is
-// down (the Sink does not hand the client a publish while the link is down;
-// see Sink).
+// buffer absorbs the source's acks issued while the link is down (the Sink
+// and the dedupe store do not hand the client a request while the link is
+// down: their request core, internal/jspub, fails it at once).
 const (
 	reconnectMin      = 100 * time.Millisecond
 	reconnectMax      = 5 * time.Second

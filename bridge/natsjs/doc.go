@@ -59,17 +59,18 @@
 // # Sink
 //
 // PublishAsync publishes with core NATS on the JetStream context's
-// connection and asks for the PubAck on a per-broker inbox; it does not go
-// through the client library's async publish (no future, channel, map entry
-// or JSON decoding per message). A fixed table of SinkConfig.MaxPending
+// connection and asks for the PubAck on a per-broker inbox, through the
+// request core it shares with the dedupe store (internal/jspub); it does not
+// go through the client library's async publish (no future, channel, map
+// entry or JSON decoding per message). A fixed table of SinkConfig.MaxPending
 // slots holds the publishes awaiting their ack; each reply subject carries
 // its slot and a generation, so an ack that arrives after its slot timed out
 // and was reused is recognised and ignored. PublishAsync blocks while the
 // table is full, which is the bridge's back-pressure. The ack subscription's
 // callback parses the PubAck with a small scanner (encoding/json only for
-// error replies), and calls done, in ack order: the pipeline keeps one
-// message per key in flight, so completion order across keys does not
-// matter. The message carries Nats-Msg-Id = the idempotency key, set in the
+// replies of unusual shape), and calls done, in ack order: the pipeline
+// keeps one message per key in flight, so completion order across keys does
+// not matter. The message carries Nats-Msg-Id = the idempotency key, set in the
 // bridge's header map itself (bridge.Outgoing allows a sink its own
 // idempotency header), so no map is copied per message; the source's other
 // Nats-* headers (JetStream control headers the producer set for the source
@@ -134,13 +135,13 @@
 // # Connections
 //
 // Connect never gives up reconnecting (backoff 100ms doubling to 5s, with
-// jitter), keeps a reconnect buffer for acks and the dedupe store's requests
-// issued while the link is down (the Sink does not use it: a publish made
-// while the link is down fails at once and the bridge retries it, so no
-// stale copy is sent when the link returns, possibly after the message was
-// published again or its shard moved), pings every 10s so that a dead link is noticed within about
-// 30s, and logs one line per state change while reporting it through
-// BrokerConfig.OnStateChange. Publishes whose acks were outstanding when
+// jitter), keeps a reconnect buffer for the source's acks issued while the
+// link is down (the Sink and the dedupe store do not use it: a publish or a
+// store request made while the link is down fails at once and the bridge
+// retries it, so no stale copy is sent when the link returns, possibly after
+// the message was published again or its shard moved), pings every 10s so
+// that a dead link is noticed within about 30s, and logs one line per state
+// change while reporting it through BrokerConfig.OnStateChange. Publishes whose acks were outstanding when
 // the link dropped fail with a disconnect error and are retried by the
 // bridge; the duplicate window drops those that had been stored.
 package natsjs

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/jspub"
 )
 
 const (
@@ -51,8 +52,9 @@ func (e *DuplicateError) Unwrap() error { return bridge.ErrDuplicate }
 type SinkConfig struct {
 	// MaxPending caps the publishes per broker whose done has not returned
 	// yet; PublishAsync blocks at the cap. Default 4096 (enough to keep a
-	// 2-core broker busy; more only adds memory), at most 1<<20. Each broker
-	// holds a table of MaxPending slots of about 64 bytes.
+	// 2-core broker busy; more only adds memory), at most
+	// jspub.MaxPendingLimit (1<<20). Each broker holds a table of
+	// MaxPending slots of about 64 bytes.
 	MaxPending int
 	// AckTimeout fails a publish whose ack has not arrived this long after
 	// PublishAsync sent it, with an error wrapping
@@ -78,12 +80,10 @@ type SinkConfig struct {
 type Sink struct {
 	brokers map[string]*publisher
 	// closed is set first by Close: PublishAsync fails fast without
-	// touching a broker (each broker's own flag, under its mutex, is what
-	// makes "not closed, take a slot" atomic with respect to Close).
+	// touching a broker (each broker's pipe, stopped under its mutex, is
+	// what makes "not closed, take a slot" atomic with respect to Close).
 	closed    atomic.Bool
-	closing   chan struct{} // closed by Close: wakes blocked publishers
 	closeOnce sync.Once
-	stopOnce  sync.Once
 }
 
 var _ bridge.Sink = (*Sink)(nil)
@@ -102,8 +102,8 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = defaultMaxPending
 	}
-	if cfg.MaxPending > maxSlots {
-		return nil, fmt.Errorf("natsjs: sink: MaxPending %d over %d", cfg.MaxPending, maxSlots)
+	if cfg.MaxPending > jspub.MaxPendingLimit {
+		return nil, fmt.Errorf("natsjs: sink: MaxPending %d over %d", cfg.MaxPending, jspub.MaxPendingLimit)
 	}
 	if cfg.AckTimeout == 0 {
 		cfg.AckTimeout = defaultAckTimeout
@@ -113,15 +113,12 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 			return nil, fmt.Errorf("natsjs: sink: broker %q: nil JetStream", name)
 		}
 	}
-	s := &Sink{
-		brokers: make(map[string]*publisher, len(conns)),
-		closing: make(chan struct{}),
-	}
+	s := &Sink{brokers: make(map[string]*publisher, len(conns))}
 	for name, js := range conns {
-		p, err := newPublisher(name, js.Conn(), cfg.MaxPending, cfg.AckTimeout, s.closing)
+		p, err := newPublisher(name, js.Conn(), cfg.MaxPending, cfg.AckTimeout)
 		if err != nil {
 			for _, p := range s.brokers {
-				p.shutdown()
+				_ = p.pipe.Close(context.Background()) // nothing was sent: returns at once
 			}
 			return nil, err
 		}
@@ -143,13 +140,16 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 // dropped: the ack is lost with it, so the publish fails with an error
 // wrapping nats.ErrDisconnected or nats.ErrConnectionClosed), on a Close
 // whose ctx ended, or before PublishAsync returns for failures found before
-// or while sending (unknown broker, ctx, closed, a client error). Results:
-// nil when the stream stored the message; *DuplicateError when it dropped
-// it as a repeat; an error wrapping jetstream.ErrNoStreamResponse (and
-// nats.ErrNoResponders) when no stream captures the subject; one wrapping
-// the server's *jetstream.APIError when the stream refused it. done must not
-// block, and must not call PublishAsync on the same Sink: the goroutine
-// running it frees the slot only after it returns.
+// or while sending (unknown broker, ctx, closed, the connection down — the
+// message is then not handed to the client, see jspub — or a client error).
+// Results: nil when the stream stored the message; *DuplicateError when it
+// dropped it as a repeat; an error wrapping jetstream.ErrNoStreamResponse
+// (and nats.ErrNoResponders) when no stream captures the subject; one
+// wrapping the server's *jetstream.APIError when the stream refused it.
+// Failures found by the Sink itself also wrap jspub.ErrNotSent (the message
+// cannot be stored) or jspub.ErrNoReply (it may be). done must not block,
+// and must not call PublishAsync on the same Sink: the goroutine running it
+// frees the slot only after it returns.
 func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(error)) {
 	if s.closed.Load() {
 		done(ErrClosed)
@@ -203,39 +203,24 @@ const natsHeaderPrefix = "Nats-"
 // ErrClosed), waits until every accepted publish has been resolved and its
 // done has returned, then stops the Sink's goroutines and drops its ack
 // subscriptions. If ctx ends first, the publishes still waiting for their
-// ack are resolved with ErrClosed (they may or may not be stored; one still
-// inside the client's PublishMsg is resolved as soon as that returns) and
-// Close returns ctx's error; when none was left to cut short it returns nil.
-// It does not close the connections. Close is
-// idempotent and safe for concurrent use.
+// ack are resolved with an error wrapping ErrClosed (they may or may not be
+// stored; one still inside the client's PublishMsg is resolved as soon as
+// that returns) and Close returns an error wrapping ctx's error; when none
+// was left to cut short it returns nil. It does not close the connections.
+// Close is idempotent and safe for concurrent use.
 func (s *Sink) Close(ctx context.Context) error {
 	s.closeOnce.Do(func() {
 		s.closed.Store(true)
-		close(s.closing)
+		// Every broker refuses new publishes before any is waited for.
 		for _, p := range s.brokers {
-			p.close()
+			p.pipe.Stop()
 		}
 	})
-	var err error
+	var errs []error
 	for _, p := range s.brokers {
-		select {
-		case <-p.drain:
-		case <-ctx.Done():
-			// Only a publish cut short makes an error: the broker may
-			// have drained meanwhile (select picks at random when both
-			// are ready), or hold only publishes whose done is running.
-			if p.failAll(func(subject string) error {
-				return fmt.Errorf("%w before the ack arrived (broker %q subject %q)", ErrClosed, p.name, subject)
-			}) > 0 {
-				err = fmt.Errorf("natsjs: sink close: %w", ctx.Err())
-			}
-			<-p.drain
+		if err := p.pipe.Close(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("natsjs: sink close: broker %q: %w", p.name, err))
 		}
 	}
-	s.stopOnce.Do(func() {
-		for _, p := range s.brokers {
-			p.shutdown()
-		}
-	})
-	return err
+	return errors.Join(errs...)
 }

@@ -181,11 +181,7 @@ func TestSinkBackPressure(t *testing.T) {
 		res.note("third returned")
 	}()
 	p := sink.brokers["nats"]
-	eventually(t, 10*time.Second, "third publish blocked", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return p.waiters == 1
-	})
+	eventually(t, 10*time.Second, "third publish blocked", func() bool { return p.pipe.Stats().Blocked == 1 })
 	answer(t, nc, nextMsg(t, sub).Reply, `{"stream":"FAKE","seq":1}`)
 	<-returned
 	for range 2 {
@@ -550,11 +546,7 @@ func TestSinkCloseWaitsForLateAck(t *testing.T) {
 		sink.PublishAsync(testCtx(t), out("nats", "fake.2", "2", "x"), res.done(2))
 	}()
 	p := sink.brokers["nats"]
-	eventually(t, 10*time.Second, "second publish blocked", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return p.waiters == 1
-	})
+	eventually(t, 10*time.Second, "second publish blocked", func() bool { return p.pipe.Stats().Blocked == 1 })
 	closed := make(chan error, 1)
 	go func() { closed <- sink.Close(testCtx(t)) }()
 	<-blocked
@@ -670,7 +662,7 @@ func TestSinkDoesNotBufferWhileDisconnected(t *testing.T) {
 	srv.Shutdown()
 	srv.WaitForShutdown()
 	p := sink.brokers["nats"]
-	eventually(t, 10*time.Second, "sink sees the link down", p.down.Load)
+	eventually(t, 10*time.Second, "sink sees the link down", func() bool { return p.pipe.Stats().Down })
 	err := bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "during", "x"))
 	if !errors.Is(err, nats.ErrDisconnected) {
 		t.Fatalf("publish while down: err = %v, want nats.ErrDisconnected", err)

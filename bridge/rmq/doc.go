@@ -67,9 +67,10 @@
 // name (prefix-broker-sink-pid-counter: the client shares one connection
 // pool per IP@instance name, and a second client with other name servers
 // would otherwise fail). A fixed pool of Workers goroutines sends
-// synchronously; PublishAsync queues into a channel of MaxPending entries
-// and blocks when it is full, which is the bridge's back-pressure; no
-// goroutine is started per message. Each send is a new message: Keys = the
+// synchronously; PublishAsync queues for them and blocks while MaxPending
+// publishes are queued or being sent, which is the bridge's back-pressure;
+// no goroutine is started per message. Close abandons the sends still in
+// progress when its ctx ends. Each send is a new message: Keys = the
 // idempotency key, every header (Cell-Msg-Id, Cell-Name, Cell-Shard,
 // Cell-Rules-Version, Cell-Source, Cell-Hops, Cell-Error, and the source's
 // own) as a user property, first value only; headers named like a system

@@ -13,8 +13,9 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/producer"
 
 	"github.com/cellbridge/cellbridge/bridge"
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 	"github.com/cellbridge/cellbridge/internal/poll"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
 func init() {
@@ -37,7 +38,7 @@ func startBroker(t testing.TB, opts rmqtest.Options) *rmqtest.Broker {
 	if opts.MaxSuspend == 0 {
 		opts.MaxSuspend = time.Second // shutdowns do not wait long for held pulls
 	}
-	return rmqtest.StartTB(t, opts)
+	return rmqtesting.StartTB(t, opts)
 }
 
 func brokerConfig(b *rmqtest.Broker) BrokerConfig {

@@ -5,12 +5,12 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m, leakIgnores()...)
 }
 
-// leakIgnores lists the client's goroutines (rmqtest keeps the list).
-func leakIgnores() []goleak.Option { return rmqtest.IgnoreClientGoroutines() }
+// leakIgnores lists the client's goroutines (rmqtesting keeps the list).
+func leakIgnores() []goleak.Option { return rmqtesting.IgnoreClientGoroutines() }

@@ -29,8 +29,8 @@ type SinkConfig struct {
 	// broker sends transaction check-backs to any producer of the group, so
 	// every replica (and every restart) of one bridge must use the same.
 	Group string
-	// MaxPending bounds publishes queued or being sent; PublishAsync blocks
-	// beyond it. Default 4096.
+	// MaxPending bounds publishes accepted and not yet resolved (queued or
+	// being sent); PublishAsync blocks beyond it. Default 4096.
 	MaxPending int
 	// Workers is the number of goroutines sending (each send waits for the
 	// broker's answer). Default 64.
@@ -100,8 +100,13 @@ type Sink struct {
 	targets map[string]*target
 
 	jobs    chan *job
+	slots   chan struct{} // one per accepted publish whose done has not returned
 	quit    chan struct{}
 	workers sync.WaitGroup
+	// sends is the parent of every send attempt's context: Close cancels it
+	// when its ctx ends, so that sends in progress give up.
+	sends       context.Context
+	cancelSends context.CancelFunc
 
 	mu      sync.RWMutex
 	closed  bool
@@ -122,7 +127,8 @@ func NewSink(cfg SinkConfig, log *slog.Logger) (*Sink, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Sink{cfg: cfg, log: log, targets: map[string]*target{},
-		jobs: make(chan *job, cfg.MaxPending), quit: make(chan struct{})}
+		jobs: make(chan *job, cfg.MaxPending), slots: make(chan struct{}, cfg.MaxPending), quit: make(chan struct{})}
+	s.sends, s.cancelSends = context.WithCancel(context.Background())
 	for _, bc := range cfg.Brokers {
 		t, err := s.newTarget(bc)
 		if err != nil {
@@ -219,7 +225,8 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 }
 
 // PublishAsync queues m for a send worker; it blocks while MaxPending
-// publishes are queued or in progress. done gets nil once the broker stored
+// publishes are queued or in progress (until ctx ends: done gets ctx's
+// error; or Close starts: ErrClosed). done gets nil once the broker stored
 // the message (transactional: the half message is committed locally and
 // the commit sent), otherwise the last attempt's error.
 func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(error)) {
@@ -241,7 +248,9 @@ func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(e
 	s.pending.Add(1)
 	s.mu.RUnlock()
 	select {
-	case s.jobs <- &job{ctx: ctx, t: t, m: m, done: done}:
+	case s.slots <- struct{}{}:
+		// Holding a slot, the job fits in jobs (same capacity): no wait.
+		s.jobs <- &job{ctx: ctx, t: t, m: m, done: done}
 	case <-ctx.Done():
 		s.pending.Done()
 		done(ctx.Err())
@@ -251,13 +260,19 @@ func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(e
 	}
 }
 
+// finish resolves an accepted publish and frees its slot once done returned.
+func (s *Sink) finish(j *job, err error) {
+	j.done(err)
+	<-s.slots
+	s.pending.Done()
+}
+
 func (s *Sink) worker() {
 	defer s.workers.Done()
 	for {
 		select {
 		case j := <-s.jobs:
-			j.done(s.publish(j))
-			s.pending.Done()
+			s.finish(j, s.publish(j))
 		case <-s.quit:
 			return
 		}
@@ -280,10 +295,15 @@ func (s *Sink) publish(j *job) error {
 			}
 		}
 		ctx, cancel := context.WithTimeout(j.ctx, s.cfg.SendTimeout)
+		stop := context.AfterFunc(s.sends, cancel)
 		err = j.t.send(ctx, outgoingMessage(j.m))
+		stop()
 		cancel()
 		if err == nil || errors.Is(err, bridge.ErrDuplicate) {
 			return err
+		}
+		if s.sends.Err() != nil {
+			return fmt.Errorf("rmq: broker %q: %w before the broker answered (the message may be stored): %w", j.t.name, ErrClosed, err)
 		}
 		s.log.Debug("rocketmq send failed", "broker", j.t.name, "topic", j.m.Target.Topic, "attempt", attempt+1, "err", err)
 	}
@@ -308,8 +328,9 @@ func outgoingMessage(m *bridge.Outgoing) *primitive.Message {
 }
 
 // Close stops accepting publishes, waits (within ctx) for the pending ones
-// to call done, and shuts the producers down. Publishes still queued when
-// ctx ends get ErrClosed.
+// to call done, and shuts the producers down. When ctx ends first, sends in
+// progress are abandoned and they and the publishes still queued get an
+// error wrapping ErrClosed (an abandoned send may or may not be stored).
 func (s *Sink) Close(ctx context.Context) error {
 	s.once.Do(func() {
 		s.mu.Lock()
@@ -323,13 +344,13 @@ func (s *Sink) Close(ctx context.Context) error {
 		case <-ctx.Done():
 			errs = append(errs, fmt.Errorf("rmq: sink close: pending publishes: %w", ctx.Err()))
 		}
+		s.cancelSends()
 		close(s.quit)
 		s.workers.Wait()
 		for drained := false; !drained; {
 			select {
 			case j := <-s.jobs:
-				j.done(ErrClosed)
-				s.pending.Done()
+				s.finish(j, ErrClosed)
 			case <-idle:
 				drained = true
 			}

@@ -13,8 +13,8 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/producer"
 
 	"github.com/cellbridge/cellbridge/bridge"
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
 	"github.com/cellbridge/cellbridge/router"
 )
 

@@ -11,7 +11,7 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 
 	"github.com/cellbridge/cellbridge/bridge"
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
 )
 
 func TestSourceMessageFields(t *testing.T) {

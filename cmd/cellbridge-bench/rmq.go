@@ -18,13 +18,13 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
 	"github.com/cellbridge/cellbridge/router"
 )
 
 // The RocketMQ comparison runs through the in-process broker of
-// bridge/rmq/rmqtest (real wire protocol, driven by the real
+// internal/rmqtest (real wire protocol, driven by the real
 // rocketmq-client-go): R-A is a bare consume → produce loop, R-B cellbridge
 // with the memory dedupe store. Same method as the NATS variants: events
 // pre-published to topic "orders", timing until the cell topics hold N,

@@ -14,8 +14,8 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 	"github.com/apache/rocketmq-client-go/v2/producer"
 
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 	"github.com/cellbridge/cellbridge/internal/drill"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
 	"github.com/cellbridge/cellbridge/router"
 )
 

@@ -7,7 +7,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
 func TestMain(m *testing.M) {
@@ -23,8 +23,8 @@ func TestMain(m *testing.M) {
 		// Every in-process bridge (fxtest, demo) must have stopped all of
 		// its goroutines, the embedded servers' included.
 		// The RocketMQ client leaves goroutines behind by design (listed,
-		// with reasons, by rmqtest).
-		if err := goleak.Find(rmqtest.IgnoreClientGoroutines()...); err != nil {
+		// with reasons, by rmqtesting).
+		if err := goleak.Find(rmqtesting.IgnoreClientGoroutines()...); err != nil {
 			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
 			code = 1
 		}

@@ -15,8 +15,9 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/producer"
 
 	"github.com/cellbridge/cellbridge/bridge"
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -75,7 +76,7 @@ func newRMQCrashEnv(t *testing.T, opts rmqtest.Options, src, sink, dedupeYAML st
 	if opts.MaxSuspend == 0 {
 		opts.MaxSuspend = time.Second
 	}
-	b := rmqtest.StartTB(t, opts)
+	b := rmqtesting.StartTB(t, opts)
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	rules := rmqRulesDir(t, src, sink)

@@ -18,8 +18,9 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
-	"github.com/cellbridge/cellbridge/bridge/rmq/rmqtest"
 	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -54,7 +55,7 @@ func newRMQEnv(t *testing.T, opts rmqtest.Options, ordersRule string) *rmqEnv {
 	if opts.MaxSuspend == 0 {
 		opts.MaxSuspend = time.Second
 	}
-	env := &rmqEnv{b: rmqtest.StartTB(t, opts), nats: natstest.Start(t)}
+	env := &rmqEnv{b: rmqtesting.StartTB(t, opts), nats: natstest.Start(t)}
 	env.rules = exampleRules(t)
 	for _, f := range []string{"orders.yaml", "payments.yaml"} {
 		if err := os.Remove(filepath.Join(env.rules, f)); err != nil {

@@ -1,4 +1,4 @@
-package rmqtest
+package jspub
 
 import (
 	"testing"
@@ -7,5 +7,5 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m, IgnoreClientGoroutines()...)
+	goleak.VerifyTestMain(m)
 }

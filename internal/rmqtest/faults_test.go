@@ -65,9 +65,12 @@ func TestDelaySends(t *testing.T) {
 	if err := b.WaitMessages(ctx, topic, 1); err != nil {
 		t.Fatal(err)
 	}
+	// A producer with the default timeout: the 100ms one would also time out whenever the machine is
+	// slow to run the 50ms delay's goroutines (seen under -race).
+	patient := newProducer(t, b, "pg-slow")
 	b.DelaySends(50 * time.Millisecond)
 	start := time.Now()
-	fast.send(t, primitive.NewMessage(topic, []byte("delayed")))
+	patient.send(t, primitive.NewMessage(topic, []byte("delayed")))
 	if time.Since(start) < 50*time.Millisecond {
 		t.Fatal("send answered before the injected delay")
 	}

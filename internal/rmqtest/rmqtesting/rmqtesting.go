@@ -1,4 +1,4 @@
-package rmqtest
+package rmqtesting
 
 import (
 	"context"
@@ -6,21 +6,23 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
 )
 
 // StartTB starts a broker for a test and closes it in t.Cleanup. It fails the test when the broker
 // cannot start.
-func StartTB(t testing.TB, opts Options) *Broker {
+func StartTB(t testing.TB, opts rmqtest.Options) *rmqtest.Broker {
 	t.Helper()
-	b := New(opts)
+	b := rmqtest.New(opts)
 	if err := b.Start(context.Background()); err != nil {
-		t.Fatalf("rmqtest: start: %v", err)
+		t.Fatalf("rmqtesting: start: %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := b.Close(ctx); err != nil {
-			t.Errorf("rmqtest: close: %v", err)
+			t.Errorf("rmqtesting: close: %v", err)
 		}
 	})
 	return b

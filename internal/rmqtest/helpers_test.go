@@ -33,7 +33,19 @@ func startBroker(t testing.TB, opts Options) *Broker {
 	if testing.Verbose() && opts.Logf == nil {
 		opts.Logf = func(f string, a ...any) { t.Logf("broker: "+f, a...) }
 	}
-	return StartTB(t, opts)
+	// rmqtesting.StartTB, inlined: rmqtesting imports this package.
+	b := New(opts)
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatalf("rmqtest: start: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := b.Close(ctx); err != nil {
+			t.Errorf("rmqtest: close: %v", err)
+		}
+	})
+	return b
 }
 
 func newProducer(t testing.TB, b *Broker, group string, opts ...producer.Option) *producerHandle {

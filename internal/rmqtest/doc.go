@@ -10,7 +10,9 @@
 //	defer b.Close(ctx)
 //	resolver := primitive.NewPassthroughResolver([]string{b.NameServerAddr()})
 //
-// Tests use StartTB, which closes the broker in t.Cleanup, and IgnoreClientGoroutines for goleak.
+// Tests use rmqtesting.StartTB, which closes the broker in t.Cleanup, and
+// rmqtesting.IgnoreClientGoroutines for goleak; this package imports neither testing nor goleak, so
+// that binaries (the bench harness) can run the broker.
 // Every exported method is safe for concurrent use; Close stops every goroutine the broker started.
 //
 // # Protocol coverage
