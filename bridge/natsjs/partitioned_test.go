@@ -60,10 +60,10 @@ func partConfig(table *router.Table, id string) PartitionedConfig {
 	}
 }
 
-// testReplica is one bridge replica in the test process: its own
+// partReplica is one bridge replica in the test process: its own
 // connection, partitioned source and, when it forwards, its own pipeline,
 // sink and in-memory dedupe store.
-type testReplica struct {
+type partReplica struct {
 	t      *testing.T
 	id     string
 	nc     *nats.Conn
@@ -159,17 +159,17 @@ func (rt *runTracker) exemptReplica(id string) {
 	rt.mu.Unlock()
 }
 
-// startReplica starts a replica; with forward, messages go through a real
+// startPartReplica starts a replica; with forward, messages go through a real
 // pipeline to the cell streams (each publish delayed by slow), else they
 // are acked at once.
-func startReplica(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, slow ...time.Duration) *testReplica {
+func startPartReplica(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, slow ...time.Duration) *partReplica {
 	t.Helper()
-	return startTuned(t, srv, table, id, forward, nil, slow...)
+	return startPartTuned(t, srv, table, id, forward, nil, slow...)
 }
 
-// startTuned is startReplica with tune applied to the source's
+// startPartTuned is startPartReplica with tune applied to the source's
 // configuration.
-func startTuned(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, tune func(*PartitionedConfig), slow ...time.Duration) *testReplica {
+func startPartTuned(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, tune func(*PartitionedConfig), slow ...time.Duration) *partReplica {
 	t.Helper()
 	nc, err := nats.Connect(srv.URL)
 	if err != nil {
@@ -179,7 +179,7 @@ func startTuned(t *testing.T, srv *natstest.Server, table *router.Table, id stri
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &testReplica{t: t, id: id, nc: nc, runErr: make(chan error, 1)}
+	r := &partReplica{t: t, id: id, nc: nc, runErr: make(chan error, 1)}
 	cfg := partConfig(table, id)
 	cfg.NewPartition = floorPartitions(js, func(p *floorPartition) { p.released = r.releases.add })
 	if tune != nil {
@@ -218,7 +218,7 @@ func startTuned(t *testing.T, srv *natstest.Server, table *router.Table, id stri
 
 // stop shuts the replica down as SIGTERM does: stop fetching, drain the
 // pipeline, give the partitions up, close.
-func (r *testReplica) stop() {
+func (r *partReplica) stop() {
 	r.t.Helper()
 	r.cancel()
 	if err := <-r.runErr; err != nil {
@@ -239,11 +239,11 @@ func (r *testReplica) stop() {
 
 // kill makes the replica vanish as kill -9 does for the others: its
 // connection closes, so it renews, pulls and publishes nothing more.
-func (r *testReplica) kill() { r.nc.Close() }
+func (r *partReplica) kill() { r.nc.Close() }
 
 // close ends whatever the replica still runs (after kill, or at the end of
 // a test) without asserting anything.
-func (r *testReplica) close() {
+func (r *partReplica) close() {
 	if r.closed {
 		return
 	}
@@ -260,7 +260,7 @@ func (r *testReplica) close() {
 	r.release(ctx)
 }
 
-func (r *testReplica) release(ctx context.Context) {
+func (r *partReplica) release(ctx context.Context) {
 	if r.sink != nil {
 		_ = r.sink.Close(ctx)
 	}
@@ -274,7 +274,7 @@ func (r *testReplica) release(ctx context.Context) {
 // waitBalanced waits until the live replicas hold every partition exactly
 // once between them, all active, with owned counts differing by at most
 // one, and returns how long that took.
-func waitBalanced(t *testing.T, within time.Duration, what string, n int, live ...*testReplica) time.Duration {
+func waitBalanced(t *testing.T, within time.Duration, what string, n int, live ...*partReplica) time.Duration {
 	t.Helper()
 	start := time.Now()
 	var last string
@@ -317,7 +317,7 @@ func TestPartitionsBalance(t *testing.T) {
 	table := partTable(t, js)
 	const within = 15 * time.Second
 	rt := newRunTracker(t)
-	start := func(id string) *testReplica { return startTuned(t, srv, table, id, false, rt.hook(id)) }
+	start := func(id string) *partReplica { return startPartTuned(t, srv, table, id, false, rt.hook(id)) }
 	a, b, c := start("a"), start("b"), start("c")
 	waitBalanced(t, within, "three replicas start", 12, a, b, c)
 
@@ -336,7 +336,7 @@ func TestPartitionsBalance(t *testing.T) {
 		t.Errorf("%d takeovers after b vanished, want at least the %d partitions it held", got, held)
 	}
 	var fromB bool
-	for _, r := range []*testReplica{a, c, d} {
+	for _, r := range []*partReplica{a, c, d} {
 		if lt := r.src.Status().LastTakeover; lt != nil && lt.From == "b" && lt.How == "expired" {
 			fromB = true
 		}
@@ -369,9 +369,9 @@ func TestPartitionsOrderAcrossHandovers(t *testing.T) {
 	_, js := srv.Connect(t)
 	table := partTable(t, js)
 	const keys, perKey = 200, 30
-	a := startReplica(t, srv, table, "a", true, 300*time.Millisecond)
-	b := startReplica(t, srv, table, "b", true, 300*time.Millisecond)
-	c := startReplica(t, srv, table, "c", true)
+	a := startPartReplica(t, srv, table, "a", true, 300*time.Millisecond)
+	b := startPartReplica(t, srv, table, "b", true, 300*time.Millisecond)
+	c := startPartReplica(t, srv, table, "c", true)
 
 	_, pjs := srv.Connect(t)
 	var produced sync.WaitGroup
@@ -394,7 +394,7 @@ func TestPartitionsOrderAcrossHandovers(t *testing.T) {
 		}
 	})
 	time.Sleep(3 * time.Second)
-	d := startReplica(t, srv, table, "d", true) // partitions drain and move under load
+	d := startPartReplica(t, srv, table, "d", true) // partitions drain and move under load
 	time.Sleep(3 * time.Second)
 	a.stop() // graceful: drain, release
 	time.Sleep(3 * time.Second)
@@ -446,7 +446,7 @@ func TestPartitionsOrderAcrossHandovers(t *testing.T) {
 		}
 	}
 	var took uint64
-	for _, r := range []*testReplica{c, d} {
+	for _, r := range []*partReplica{c, d} {
 		took += r.src.Takeovers()
 	}
 	t.Logf("%d events of %d keys read back; c and d started %d partitions", total, keys, took)
@@ -454,7 +454,7 @@ func TestPartitionsOrderAcrossHandovers(t *testing.T) {
 	d.stop()
 	// Every graceful hand-over waited for the pipeline to settle.
 	var n int
-	for _, r := range []*testReplica{a, c, d} {
+	for _, r := range []*partReplica{a, c, d} {
 		r.releases.mu.Lock()
 		n += r.releases.n
 		for _, err := range r.releases.errs {
@@ -477,7 +477,7 @@ func TestPartitionedReportsFailing(t *testing.T) {
 	table := partTable(t, js)
 	var mu sync.Mutex
 	var reports []error
-	a := startTuned(t, srv, table, "a", false, func(c *PartitionedConfig) {
+	a := startPartTuned(t, srv, table, "a", false, func(c *PartitionedConfig) {
 		c.Leases = LeaseConfig{Bucket: "leases-f", TTL: 3 * time.Second}
 		c.Failing = func(err error) {
 			mu.Lock()
