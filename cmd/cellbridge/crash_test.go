@@ -1,21 +1,17 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/internal/e2etest"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -80,77 +76,22 @@ log: {level: info, format: json}
 
 // proc is one bridge subprocess.
 type proc struct {
-	cmd  *exec.Cmd
+	*e2etest.Bridge
 	http string
-	log  string
-	done chan error
 }
 
 func (e *crashEnv) start(name string) *proc {
-	t := e.t
-	port := freePort(t)
-	logPath := filepath.Join(e.dir, name+".log")
-	f, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bridgeBinary(t), "run", "-config", e.config, "-http", fmt.Sprintf("127.0.0.1:%d", port))
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p := &proc{cmd: cmd, http: fmt.Sprintf("http://127.0.0.1:%d", port), log: logPath, done: make(chan error, 1)}
-	go func() { p.done <- cmd.Wait(); f.Close() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-p.done
-	})
-	eventually(t, 30*time.Second, name+" serving /healthz", func() bool {
-		select {
-		case err := <-p.done:
-			t.Fatalf("%s exited early: %v\n%s", name, err, readTail(logPath))
-		default:
-		}
-		resp, err := http.Get(p.http + "/healthz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
-	return p
+	b := e2etest.StartBridge(e.t, e2etest.BridgeOptions{Name: name, Config: e.config, Dir: e.dir})
+	return &proc{Bridge: b, http: b.URL}
 }
 
-func (p *proc) kill(t *testing.T) {
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	<-p.done
-	p.done <- nil // for the cleanup
-}
+func (p *proc) kill(*testing.T) { p.Kill9() }
 
 // stop ends the process gracefully and requires exit code 0.
 func (p *proc) stop(t *testing.T) {
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
+	if err := p.Term(); err != nil {
+		t.Fatalf("graceful stop: %v\n%s", err, p.LogTail(60))
 	}
-	select {
-	case err := <-p.done:
-		p.done <- nil
-		if err != nil {
-			t.Fatalf("graceful stop: %v\n%s", err, readTail(p.log))
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatalf("no exit within 30s of SIGTERM\n%s", readTail(p.log))
-	}
-}
-
-func readTail(path string) string {
-	b, _ := os.ReadFile(path)
-	if len(b) > 4000 {
-		b = b[len(b)-4000:]
-	}
-	return string(b)
 }
 
 // runUntilKilled starts bridge run n, waits until progress reaches the
@@ -177,11 +118,8 @@ func (e *crashEnv) progress() uint64 {
 func (e *crashEnv) waitDone(within time.Duration, p *proc) {
 	fwd, dlq := e.exp.counts()
 	eventually(e.t, within, "every event forwarded and acknowledged", func() bool {
-		select {
-		case err := <-p.done:
-			p.done <- err
-			e.t.Fatalf("bridge exited: %v\n%s", err, readTail(p.log))
-		default:
+		if exited, err := p.Exited(); exited {
+			e.t.Fatalf("bridge exited: %v\n%s", err, p.LogTail(60))
 		}
 		c, d := arrived(e.t, e.js, e.table)
 		return c >= uint64(fwd) && d >= uint64(dlq) && consumersIdle(e.t, e.js, e.table)
@@ -263,8 +201,8 @@ func TestCrashTwoReplicas(t *testing.T) {
 	e.waitDone(90*time.Second, b)
 	b.stop(t)
 	t.Logf("done %v after start", time.Since(start).Round(time.Millisecond))
-	if !bytes.Contains([]byte(readTail(b.log)), []byte("bridge stopped")) {
-		t.Errorf("replica-b log lacks the shutdown line:\n%s", readTail(b.log))
+	if !strings.Contains(b.LogTail(60), "bridge stopped") {
+		t.Errorf("replica-b log lacks the shutdown line:\n%s", b.LogTail(60))
 	}
 	e.verify()
 }

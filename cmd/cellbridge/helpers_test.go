@@ -5,13 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,33 +19,9 @@ import (
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
+	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
 )
-
-// binDir holds the cellbridge binary the subprocess tests build once.
-var (
-	binDir   string
-	binOnce  sync.Once
-	binPath  string
-	binError error
-)
-
-// bridgeBinary builds ./cmd/cellbridge once per test binary run (without
-// -race: the subprocess is the system under load, not under inspection).
-func bridgeBinary(t testing.TB) string {
-	t.Helper()
-	binOnce.Do(func() {
-		binPath = filepath.Join(binDir, "cellbridge")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
-		if err != nil {
-			binError = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if binError != nil {
-		t.Fatal(binError)
-	}
-	return binPath
-}
 
 // eventually waits for cond (see poll.Eventually).
 var eventually = poll.Eventually
@@ -60,15 +33,7 @@ func testCtx(t testing.TB, d time.Duration) context.Context {
 }
 
 // freePort returns a loopback port that was free a moment ago.
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t testing.TB) int { return natstest.FreePorts(t, 1)[0] }
 
 // expectation is where one published event must end up.
 type expectation struct {
@@ -250,45 +215,11 @@ func consumersIdle(t testing.TB, js jetstream.JetStream, table *router.Table) bo
 // readStream returns every message of a stream, in order.
 func readStream(t testing.TB, js jetstream.JetStream, name string) []jetstream.Msg {
 	t.Helper()
-	ctx := testCtx(t, time.Minute)
-	st, err := js.Stream(ctx, name)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		return nil
-	}
+	msgs, err := tally.ReadStream(testCtx(t, time.Minute), js, name, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := int(info.State.Msgs)
-	if want == 0 {
-		return nil
-	}
-	c, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []jetstream.Msg
-	for len(out) < want {
-		batch, err := c.Fetch(min(want-len(out), 1000), jetstream.FetchMaxWait(5*time.Second))
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := 0
-		for m := range batch.Messages() {
-			out = append(out, m)
-			n++
-		}
-		if batch.Error() != nil {
-			t.Fatal(batch.Error())
-		}
-		if n == 0 {
-			t.Fatalf("stream %s: read %d of %d messages", name, len(out), want)
-		}
-	}
-	return out
+	return msgs
 }
 
 // verification is the outcome of checking the streams against what was

@@ -7,18 +7,13 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cellbridge/cellbridge/internal/e2etest"
 	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "cellbridge-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
 	code := m.Run()
-	os.RemoveAll(dir)
+	e2etest.RemoveBinaries()
 	if code == 0 {
 		// Every in-process bridge (fxtest, demo) must have stopped all of
 		// its goroutines, the embedded servers' included.

@@ -5,6 +5,8 @@ import (
 	"sort"
 	"time"
 
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -49,8 +51,10 @@ func checkArrivals(in checkInput, rep *Report) {
 	}()
 
 	events := make(map[string]*Event, len(in.events))
-	for _, e := range in.events {
+	sent := make([]tally.Sent, len(in.events))
+	for i, e := range in.events {
 		events[e.ID] = e
+		sent[i] = tally.Sent{ID: e.ID, Key: e.Key, Seq: e.Seq, MsgID: in.msgIDs[e.ID]}
 	}
 	phase := map[int64]int{}
 	for i, p := range in.phases {
@@ -60,15 +64,51 @@ func checkArrivals(in checkInput, rep *Report) {
 	}
 	rep.Published = len(in.events)
 
-	byID := map[string]int{}
-	byMsgID := map[string][]string{}
+	// Lost, duplicated, Cell-Msg-Id, wrong cell and order within each
+	// stream: the shared tally. A copy is placed by the rules version
+	// stamped on it; the drill's own checks below report dead-lettered
+	// copies, unknown versions and blocked shards.
+	res := tally.Check(sent, in.arrivals, tally.Options{Owner: func(a *tally.Arrival) (string, bool) {
+		t := in.tables[a.Version]
+		if a.Cell == "" || t == nil {
+			return "", false
+		}
+		d := t.Resolve(in.topic, a.Key)
+		return d.Cell, d.Reason != router.ReasonHeld
+	}})
+	rep.Arrived = res.Arrived
+	for _, a := range res.Unknown {
+		violate(KindUnknownVersion, "%s in %s: not an event this drill published", a.ID, a.Stream)
+	}
+	for _, m := range res.Misrouted {
+		violate(KindWrongCell, "event %s (key %s, shard %d) reached %s; version %d routes it to %s", m.ID, m.Key, events[m.ID].Shard, m.Cell, m.Version, m.Want)
+	}
+	for _, s := range res.Lost {
+		violate(KindLost, "event %s (key %s, seq %d, shard %d) never arrived", s.ID, s.Key, s.Seq, events[s.ID].Shard)
+	}
+	for _, d := range res.Duplicated {
+		e := events[d.ID]
+		violate(KindDuplicate, "event %s (key %s, seq %d) arrived %d times", d.ID, e.Key, e.Seq, d.Copies)
+	}
+	for _, d := range res.DuplicatedMsgIDs {
+		violate(KindDuplicate, "Cell-Msg-Id %s arrived %d times (events %v)", d.ID, d.Copies, d.Where)
+	}
+	for _, a := range res.WrongMsgID {
+		violate(KindMsgID, "event %s arrived with %s %q, want %q (derived from the source)", a.ID, bridge.HeaderMsgID, a.MsgID, in.msgIDs[a.ID])
+	}
+	if res.NoMsgID > 0 {
+		violate(KindMsgID, "%d events arrived without a Cell-Msg-Id", res.NoMsgID)
+	}
+	reordered := map[string]bool{}
+	for _, r := range res.Reordered {
+		reordered[r.Key] = true
+		violate(KindOrder, "key %s: stream %s holds seq %d (%s) after seq %d (%s)", r.Key, r.Stream, r.Seq, r.ID, r.After, r.AfterID)
+	}
+
 	byKey := map[string][]Arrival{}
 	for _, a := range in.arrivals {
-		byID[a.ID]++
-		byMsgID[a.MsgID] = append(byMsgID[a.MsgID], a.ID)
 		e := events[a.ID]
 		if e == nil {
-			violate(KindUnknownVersion, "%s in %s: not an event this drill published", a.ID, a.Stream)
 			continue
 		}
 		byKey[a.Key] = append(byKey[a.Key], a)
@@ -83,16 +123,10 @@ func checkArrivals(in checkInput, rep *Report) {
 				p.Tail++
 			}
 		}
-		t := in.tables[a.Version]
-		if t == nil {
+		if t := in.tables[a.Version]; t == nil {
 			violate(KindUnknownVersion, "event %s in %s carries rules version %d, which the drill never wrote", a.ID, a.Cell, a.Version)
-		} else {
-			switch d := t.Resolve(in.topic, a.Key); {
-			case d.Reason == router.ReasonHeld:
-				violate(KindBlockedForwarded, "event %s (key %s, shard %d) reached %s under version %d, which blocks its shard", a.ID, a.Key, e.Shard, a.Cell, a.Version)
-			case d.Cell != a.Cell:
-				violate(KindWrongCell, "event %s (key %s, shard %d) reached %s; version %d routes it to %s", a.ID, a.Key, e.Shard, a.Cell, a.Version, d.Cell)
-			}
+		} else if d := t.Resolve(in.topic, a.Key); d.Reason == router.ReasonHeld {
+			violate(KindBlockedForwarded, "event %s (key %s, shard %d) reached %s under version %d, which blocks its shard", a.ID, a.Key, e.Shard, a.Cell, a.Version)
 		}
 		inBlocked := inRanges(e.Shard, in.blocked)
 		if !in.blockEffective.IsZero() && inBlocked && a.Stored.After(in.blockEffective) && a.Stored.Before(in.unblockWritten) {
@@ -113,44 +147,20 @@ func checkArrivals(in checkInput, rep *Report) {
 					a.ID, a.Version, in.down, ms(a.Stored.Sub(in.failEffective)))
 			}
 		}
-		if want := in.msgIDs[a.ID]; want != "" && a.MsgID != want {
-			violate(KindMsgID, "event %s arrived with %s %q, want %q (derived from the source)", a.ID, "Cell-Msg-Id", a.MsgID, want)
-		}
 	}
-	rep.Arrived = len(byID)
 
 	for _, e := range in.events {
 		if !in.blockEffective.IsZero() && !inRanges(e.Shard, in.blocked) && !e.Stored.Before(in.blockEffective) && e.Stored.Before(in.unblockWritten) {
 			rep.Switch.OthersOffered++
-		}
-		switch n := byID[e.ID]; {
-		case n == 0:
-			violate(KindLost, "event %s (key %s, seq %d, shard %d) never arrived", e.ID, e.Key, e.Seq, e.Shard)
-		case n > 1:
-			violate(KindDuplicate, "event %s (key %s, seq %d) arrived %d times", e.ID, e.Key, e.Seq, n)
-		}
-	}
-	msgIDs := make([]string, 0, len(byMsgID))
-	for id := range byMsgID {
-		msgIDs = append(msgIDs, id)
-	}
-	sort.Strings(msgIDs)
-	for _, id := range msgIDs {
-		ids := byMsgID[id]
-		if id == "" {
-			violate(KindMsgID, "%d events arrived without a Cell-Msg-Id", len(ids))
-			continue
-		}
-		if len(ids) > 1 {
-			violate(KindDuplicate, "Cell-Msg-Id %s arrived %d times (events %v)", id, len(ids), ids)
 		}
 	}
 	if !in.blockEffective.IsZero() && rep.Switch.OthersArrived == 0 {
 		violate(KindOthersStalled, "no event of the other shards arrived while %s was blocked (%d offered)", rangesText(in.blocked), rep.Switch.OthersOffered)
 	}
 
-	// Per-key order: by the time each copy was stored (one server clock for
-	// every cell stream), and within each stream by its sequence.
+	// Per-key order across cells, by the time each copy was stored (one
+	// server clock for every cell stream), for keys whose streams each kept
+	// their order.
 	keys := make([]string, 0, len(byKey))
 	for k := range byKey {
 		keys = append(keys, k)
@@ -158,22 +168,8 @@ func checkArrivals(in checkInput, rep *Report) {
 	sort.Strings(keys)
 	for _, k := range keys {
 		as := byKey[k]
-		// Within each stream, by its sequence.
-		sort.SliceStable(as, func(i, j int) bool {
-			if as[i].Stream != as[j].Stream {
-				return as[i].Stream < as[j].Stream
-			}
-			return as[i].StreamSeq < as[j].StreamSeq
-		})
-		ok := true
-		for i := 1; i < len(as) && ok; i++ {
-			if a, p := as[i], as[i-1]; a.Stream == p.Stream && a.Seq <= p.Seq {
-				ok = false
-				violate(KindOrder, "key %s: stream %s holds seq %d (%s) after seq %d (%s)", k, a.Stream, a.Seq, a.ID, p.Seq, p.ID)
-			}
-		}
-		// Across cells, by the time each copy was stored.
 		sort.SliceStable(as, func(i, j int) bool { return as[i].Stored.Before(as[j].Stored) })
+		ok := !reordered[k]
 		cells := map[string]bool{}
 		for i, a := range as {
 			cells[a.Cell] = true

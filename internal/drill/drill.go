@@ -96,7 +96,7 @@ type drill struct {
 	cfg   Config
 	run   string
 	start time.Time
-	bc    *bridgeClient
+	bc    *BridgeClient
 	rd    *RulesDir
 	rule  *router.Rule
 	col   *collector
@@ -119,7 +119,7 @@ type drill struct {
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	cfg.defaults()
 	d := &drill{cfg: cfg, run: fmt.Sprintf("drill%d", time.Now().UnixNano()%1e9), start: time.Now(),
-		bc: newBridgeClient(cfg.BridgeURL), tables: map[int64]*router.Table{},
+		bc: NewBridgeClient(cfg.BridgeURL), tables: map[int64]*router.Table{},
 		ids: map[string]*Event{}, msgIDs: map[string]string{}}
 	return d.runAll(ctx)
 }

@@ -2,10 +2,8 @@ package drill
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -44,66 +43,12 @@ type Publisher interface {
 	Flush(ctx context.Context) error
 }
 
-// payload is the JSON body of a drill event. The key is also placed where the
-// topic rule reads it (see buildEvent).
-type payload struct {
-	ID   string `json:"id"`
-	Key  string `json:"key"`
-	Seq  int    `json:"seq"`
-	Run  string `json:"drill"`
-	Sent int64  `json:"sentUnixNano"`
-}
-
-// buildEvent fills e's subject, header and body so that rule reads e.Key as
-// the shard key.
+// buildEvent fills e's header and body so that rule reads e.Key as the
+// shard key (tally.Encode).
 func buildEvent(rule *router.Rule, run string, e *Event) error {
-	p := payload{ID: e.ID, Key: e.Key, Seq: e.Seq, Run: run, Sent: e.Published.UnixNano()}
-	body := map[string]any{}
-	b, _ := json.Marshal(p)
-	_ = json.Unmarshal(b, &body)
-	e.Header = map[string][]string{}
-	switch k := rule.Key; {
-	case k.JSON != "":
-		// Nest the key under the dotted path; a number when it is all
-		// digits, as producers of user ids do.
-		parts := strings.Split(k.JSON, ".")
-		m := body
-		for _, p := range parts[:len(parts)-1] {
-			next, _ := m[p].(map[string]any)
-			if next == nil {
-				next = map[string]any{}
-				m[p] = next
-			}
-			m = next
-		}
-		if isDigits(e.Key) {
-			m[parts[len(parts)-1]] = json.Number(e.Key)
-		} else {
-			m[parts[len(parts)-1]] = e.Key
-		}
-	case k.Header != "":
-		e.Header[k.Header] = []string{e.Key}
-	case k.RocketMQKeys:
-		// The publisher puts e.Key into the message keys.
-	default:
-		return fmt.Errorf("drill: topic rule %s reads its key from the %s; the drill supports json, header and RocketMQ keys", rule.Name, k)
-	}
-	e.Header["X-Drill-Seq"] = []string{fmt.Sprint(e.Seq)}
 	var err error
-	e.Body, err = json.Marshal(body)
+	e.Header, e.Body, err = tally.Encode(rule, tally.Payload{ID: e.ID, Key: e.Key, Seq: e.Seq, Run: run, Sent: e.Published.UnixNano()})
 	return err
-}
-
-func isDigits(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return true
 }
 
 // pickKeys returns perShard keys for every shard of the rule under t (keys

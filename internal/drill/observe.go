@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -18,21 +17,11 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/tally"
 )
 
 // Arrival is one drill event as found in a cell stream (or the DLQ).
-type Arrival struct {
-	Cell      string    // cell whose stream holds it; "" for the DLQ
-	Stream    string    // stream name
-	Subject   string    // subject it was published on
-	StreamSeq uint64    // sequence in that stream
-	Stored    time.Time // when the stream stored it (server clock)
-	MsgID     string    // Cell-Msg-Id
-	Version   int64     // Cell-Rules-Version (0 when absent)
-	ID        string    // payload id
-	Key       string
-	Seq       int
-}
+type Arrival = tally.Arrival
 
 // collector follows the cell streams and the DLQ with ordered consumers and
 // keeps every drill event that arrives.
@@ -82,27 +71,15 @@ func startCollector(ctx context.Context, js jetstream.JetStream, run string, str
 }
 
 func (c *collector) add(cell, stream string, m jetstream.Msg) {
-	var p payload
-	if json.Unmarshal(m.Data(), &p) != nil || p.Run != c.run {
-		c.mu.Lock()
+	a, err := tally.FromMsg(cell, stream, m)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err != nil || a.Run != c.run {
 		c.foreign++
-		c.mu.Unlock()
 		return
 	}
-	a := Arrival{Cell: cell, Stream: stream, Subject: m.Subject(), ID: p.ID, Key: p.Key, Seq: p.Seq}
-	if md, err := m.Metadata(); err == nil {
-		a.StreamSeq, a.Stored = md.Sequence.Stream, md.Timestamp
-	}
-	h := m.Headers()
-	a.MsgID = h.Get(bridge.HeaderMsgID)
-	if a.MsgID == "" {
-		a.MsgID = h.Get(jetstream.MsgIDHeader) // DLQ copies keep the original headers
-	}
-	a.Version, _ = strconv.ParseInt(h.Get(bridge.HeaderRulesVersion), 10, 64)
-	c.mu.Lock()
 	c.arrivals = append(c.arrivals, a)
 	c.byID[a.ID]++
-	c.mu.Unlock()
 }
 
 // count returns how many distinct payload ids of ids arrived.
@@ -155,41 +132,67 @@ func cellStreams(cells []string) map[string]string {
 	return m
 }
 
-// bridgeClient reads a running bridge's /status and /metrics.
-type bridgeClient struct {
+// BridgeClient reads a running bridge's HTTP endpoints (/status, /readyz,
+// /metrics). Every request is bounded by its context and by a 5s timeout.
+// Safe for concurrent use.
+type BridgeClient struct {
 	base string
 	hc   *http.Client
 }
 
-func newBridgeClient(base string) *bridgeClient {
+// NewBridgeClient reads the bridge at base: http(s)://host:port, or
+// host:port.
+func NewBridgeClient(base string) *BridgeClient {
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
 	}
-	return &bridgeClient{base: strings.TrimRight(base, "/"), hc: &http.Client{Timeout: 5 * time.Second}}
+	return &BridgeClient{base: strings.TrimRight(base, "/"), hc: &http.Client{Timeout: 5 * time.Second}}
 }
 
-func (b *bridgeClient) get(ctx context.Context, path string) ([]byte, error) {
+// Get GETs path ("/healthz") and returns the status code and the body.
+func (b *BridgeClient) Get(ctx context.Context, path string) (int, []byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.base+path, nil)
 	if err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	resp, err := b.hc.Do(req)
 	if err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, body, err
+}
+
+func (b *BridgeClient) get(ctx context.Context, path string) ([]byte, error) {
+	code, body, err := b.Get(ctx, path)
 	if err != nil {
 		return nil, err
 	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+	if code != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %d %s: %s", path, code, http.StatusText(code), strings.TrimSpace(string(body)))
 	}
 	return body, nil
 }
 
+// Ready asks /readyz: true on 200, false on 503 with the body's reasons;
+// an error when the bridge does not answer, or answers anything else.
+func (b *BridgeClient) Ready(ctx context.Context) (bool, string, error) {
+	code, body, err := b.Get(ctx, "/readyz")
+	if err != nil {
+		return false, "", err
+	}
+	switch code {
+	case http.StatusOK:
+		return true, strings.TrimSpace(string(body)), nil
+	case http.StatusServiceUnavailable:
+		return false, strings.TrimSpace(string(body)), nil
+	}
+	return false, "", fmt.Errorf("GET /readyz: %d %s: %s", code, http.StatusText(code), strings.TrimSpace(string(body)))
+}
+
 // Status fetches /status.
-func (b *bridgeClient) Status(ctx context.Context) (bridge.Status, error) {
+func (b *BridgeClient) Status(ctx context.Context) (bridge.Status, error) {
 	var st bridge.Status
 	body, err := b.get(ctx, "/status")
 	if err != nil {
@@ -203,7 +206,7 @@ func (b *bridgeClient) Status(ctx context.Context) (bridge.Status, error) {
 
 // Metric returns the sum of every sample of the named metric in /metrics
 // whose labels include want (nil: all samples).
-func (b *bridgeClient) Metric(ctx context.Context, name string, want map[string]string) (float64, error) {
+func (b *BridgeClient) Metric(ctx context.Context, name string, want map[string]string) (float64, error) {
 	body, err := b.get(ctx, "/metrics")
 	if err != nil {
 		return 0, err

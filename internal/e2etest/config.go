@@ -1,0 +1,56 @@
+package e2etest
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Config is what a test chooses of a bridge configuration; WriteConfig
+// writes it as `cellbridge run` reads it. One NATS broker, named "nats", as
+// the example rules expect.
+type Config struct {
+	// Rules is the rules directory.
+	Rules string
+	// URLs are the NATS servers (a cluster's URLs()).
+	URLs []string
+	// Dedupe is the dedupe: section as a YAML flow mapping, e.g.
+	// "{store: jetstream, bucket: dedupe, replicas: 3}"; "" is the memory
+	// store.
+	Dedupe string
+	// Pipeline is the pipeline: section as a YAML flow mapping; "" keeps
+	// every default.
+	Pipeline string
+	// Extra is appended as more top-level YAML.
+	Extra string
+}
+
+// WriteConfig writes c as config.yaml in dir (default t.TempDir()) and
+// returns its path. The log is JSON at level info.
+func WriteConfig(t testing.TB, dir string, c Config) string {
+	t.Helper()
+	if dir == "" {
+		dir = t.TempDir()
+	}
+	if c.Dedupe == "" {
+		c.Dedupe = "{store: memory}"
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "rules: %q\n", c.Rules)
+	fmt.Fprintf(&b, "brokers:\n  nats: {type: nats, url: %q}\n", strings.Join(c.URLs, ","))
+	fmt.Fprintf(&b, "dedupe: %s\n", c.Dedupe)
+	if c.Pipeline != "" {
+		fmt.Fprintf(&b, "pipeline: %s\n", c.Pipeline)
+	}
+	b.WriteString("log: {level: info, format: json}\n")
+	if c.Extra != "" {
+		b.WriteString(c.Extra + "\n")
+	}
+	path := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
