@@ -159,7 +159,7 @@ func (b *leaseBucket) retry(ctx context.Context, attempts int, f func(context.Co
 			return err
 		}
 		if i+1 < attempts {
-			if !leaseSleep(ctx, retryPause(b.beat)) {
+			if !sleepCtx(ctx, retryPause(b.beat)) {
 				return err
 			}
 		}
@@ -167,27 +167,16 @@ func (b *leaseBucket) retry(ctx context.Context, attempts int, f func(context.Co
 	return err
 }
 
-// kvTransient reports whether a KV request may succeed when repeated.
+// kvTransient reports whether a KV request may succeed when repeated: a
+// transient API failure, or the connection down (also as found before
+// sending), or a key released between two steps of a Create.
 func kvTransient(err error) bool {
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, errDisconnected) || errors.Is(err, errFreed) ||
-		errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) ||
-		errors.Is(err, jetstream.ErrNoHeartbeat) || errors.Is(err, nats.ErrConnectionReconnecting) ||
-		errors.Is(err, nats.ErrDisconnected)
+	return transient(err) || errors.Is(err, errDisconnected) || errors.Is(err, errFreed) ||
+		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected)
 }
 
 // retryPause is the wait between two attempts of a failed request.
 func retryPause(beat time.Duration) time.Duration { return min(beat/4, 250*time.Millisecond) }
-
-func leaseSleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
 
 // errHeld is returned by create when another replica holds the key.
 var errHeld = errors.New("natsjs: held by another replica")
@@ -351,7 +340,7 @@ func (k *keeper) run(renewed time.Time) {
 			if ctx.Err() != nil {
 				return
 			}
-			if !leaseSleep(ctx, retryPause(b.beat)) {
+			if !sleepCtx(ctx, retryPause(b.beat)) {
 				return
 			}
 		}

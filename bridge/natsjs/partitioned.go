@@ -96,7 +96,15 @@ type PartitionedConfig struct {
 	// replica waits for its deliveries to settle before the lease is
 	// released anyway. Default 10s.
 	DrainTimeout time.Duration
-	// NewPartition makes each partition's consumer. Required.
+	// Consumer is the base configuration of every partition's ordered
+	// Source (AckWait, MaxAckPending, FetchBatch, PinnedTTL, Group, ...);
+	// Rule, Broker, Stream, Durable, Subject, StripTokens and Ordering are
+	// set per partition. Its Backlog, when set, receives the sum of the
+	// pending counts of the partitions this replica holds; its OnState
+	// receives each partition's state changes.
+	Consumer SourceConfig
+	// NewPartition makes each partition's consumer. Default
+	// OrderedPartitions over Consumer; tests may give their own.
 	NewPartition PartitionFactory
 	// Failing, when set, is told why this replica cannot take part in the
 	// rule's partitions (it cannot announce itself in, or watch, the lease
@@ -110,8 +118,6 @@ func (c *PartitionedConfig) defaults() error {
 	switch {
 	case c.Rule == "" || c.Stream == "" || c.Subject == "" || c.Group == "":
 		return errors.New("natsjs: partitioned source: rule, stream, subject and group are required")
-	case c.NewPartition == nil:
-		return fmt.Errorf("natsjs: partitioned source %s: no partition factory", c.Rule)
 	}
 	if c.ReplicaID == "" {
 		c.ReplicaID = defaultReplicaID()
@@ -206,6 +212,24 @@ func NewPartitionedSource(ctx context.Context, js jetstream.JetStream, cfg Parti
 	b, err := openLeaseBucket(ctx, js, cfg.Leases, log)
 	if err != nil {
 		return nil, err
+	}
+	backlog := &backlogSum{report: cfg.Consumer.Backlog, parts: map[int]uint64{}}
+	if cfg.NewPartition == nil {
+		base := cfg.Consumer
+		if base.Backlog != nil {
+			base.Backlog = nil // per partition, through backlog.of
+		}
+		cfg.NewPartition = func(ctx context.Context, spec PartitionSpec) (Partition, error) {
+			c := base
+			if cfg.Consumer.Backlog != nil {
+				c.Backlog = backlog.of(spec.Partition)
+			}
+			p, err := OrderedPartitions(js, c, log)(ctx, spec)
+			if err != nil {
+				return nil, err
+			}
+			return forgetBacklog{Partition: p, forget: func() { backlog.forget(spec.Partition) }}, nil
+		}
 	}
 	prefix := cfg.Group + ".n" + strconv.Itoa(cfg.Partitions) + "."
 	s := &PartitionedSource{
@@ -472,3 +496,73 @@ func (s *PartitionedSource) dropOwnerState(p int) {
 }
 
 func (s *PartitionedSource) leaseKey(p int) string { return s.prefix + "p." + strconv.Itoa(p) }
+
+// OrderedPartitions is the PartitionFactory of ordered Sources: partition
+// p's consumer is an ordered Source (a pinned priority group, taken over
+// from the ack floor; see Source) configured as base with the spec's rule,
+// broker, stream, durable, filter and StripTokens.
+func OrderedPartitions(js jetstream.JetStream, base SourceConfig, log *slog.Logger) PartitionFactory {
+	return func(ctx context.Context, spec PartitionSpec) (Partition, error) {
+		cfg := base
+		cfg.Rule, cfg.Broker, cfg.Stream = spec.Rule, spec.Broker, spec.Stream
+		cfg.Durable, cfg.Subject, cfg.StripTokens, cfg.Ordering = spec.Durable, spec.Filter, spec.StripTokens, Ordered
+		src, err := NewSource(ctx, js, cfg, log)
+		if err != nil {
+			return nil, err
+		}
+		return orderedPartition{src: src}, nil
+	}
+}
+
+// orderedPartition is an ordered Source as a Partition.
+type orderedPartition struct{ src *Source }
+
+func (p orderedPartition) Run(ctx context.Context, h bridge.Handler) error { return p.src.Run(ctx, h) }
+func (p orderedPartition) Release(ctx context.Context) error               { return p.src.Release(ctx) }
+func (p orderedPartition) State() string                                   { return string(p.src.State().State) }
+
+// backlogSum adds up the pending counts of the partitions this replica
+// holds, for the rule's Backlog, which it calls one at a time (under mu).
+type backlogSum struct {
+	report func(uint64)
+	mu     sync.Mutex
+	parts  map[int]uint64
+}
+
+func (b *backlogSum) of(p int) func(uint64) {
+	return func(n uint64) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.parts[p] = n
+		b.reportLocked()
+	}
+}
+
+func (b *backlogSum) forget(p int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.parts[p]; ok {
+		delete(b.parts, p)
+		b.reportLocked()
+	}
+}
+
+func (b *backlogSum) reportLocked() {
+	var sum uint64
+	for _, v := range b.parts {
+		sum += v
+	}
+	b.report(sum)
+}
+
+// forgetBacklog drops its partition's pending count from the sum once the
+// partition is given up.
+type forgetBacklog struct {
+	Partition
+	forget func()
+}
+
+func (f forgetBacklog) Release(ctx context.Context) error {
+	defer f.forget()
+	return f.Partition.Release(ctx)
+}

@@ -91,7 +91,7 @@ func (s slowSink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done fun
 }
 
 // releases records the outcome of every graceful Release of the
-// floorPartitions made by a replica.
+// partitions of a replica.
 type releases struct {
 	mu   sync.Mutex
 	n    int
@@ -107,11 +107,26 @@ func (r *releases) add(err error) {
 	}
 }
 
-// runTracker checks that no two replicas consume a partition at once:
-// each floorPartition reports when its Run starts and stops consuming. A
-// replica that was killed is exempt: its Run ends when its lease keeper
-// gives up, a moment before the lease expires, which is a matter of timing
-// (the pin covers it in production).
+// recordRelease tells rec the result of every graceful Release (not those
+// with a ctx already done: a lost lease).
+type recordRelease struct {
+	Partition
+	rec func(error)
+}
+
+func (r recordRelease) Release(ctx context.Context) error {
+	graceful := ctx.Err() == nil
+	err := r.Partition.Release(ctx)
+	if graceful {
+		r.rec(err)
+	}
+	return err
+}
+
+// runTracker checks that no two replicas consume a partition at once,
+// from the states of the partitions' ordered sources (Active: consuming).
+// A replica that was killed is exempt: its sources stay Active until their
+// fence, while the pin covers the partition.
 type runTracker struct {
 	t      *testing.T
 	mu     sync.Mutex
@@ -124,17 +139,9 @@ func newRunTracker(t *testing.T) *runTracker {
 	return &runTracker{t: t, by: map[int]string{}, exempt: map[string]bool{}}
 }
 
-func (rt *runTracker) hook(id string) func(*PartitionedConfig) {
-	return func(c *PartitionedConfig) {
-		made := c.NewPartition
-		c.NewPartition = func(ctx context.Context, spec PartitionSpec) (Partition, error) {
-			part, err := made(ctx, spec)
-			if fp, ok := part.(*floorPartition); ok {
-				fp.running = func(active bool) { rt.run(spec.Partition, id, active) }
-			}
-			return part, err
-		}
-	}
+// onState is a partOpts.onState for replica id.
+func (rt *runTracker) onState(id string) func(int, SourceState) {
+	return func(p int, st SourceState) { rt.run(p, id, st.State == StateActive) }
 }
 
 func (rt *runTracker) run(p int, id string, active bool) {
@@ -159,17 +166,30 @@ func (rt *runTracker) exemptReplica(id string) {
 	rt.mu.Unlock()
 }
 
-// startPartReplica starts a replica; with forward, messages go through a real
-// pipeline to the cell streams (each publish delayed by slow), else they
-// are acked at once.
-func startPartReplica(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, slow ...time.Duration) *partReplica {
-	t.Helper()
-	return startPartTuned(t, srv, table, id, forward, nil, slow...)
+// partOpts tunes a replica of the partition tests.
+type partOpts struct {
+	// forward: messages go through a real pipeline to the cell streams,
+	// else they are acked at once.
+	forward bool
+	// slow delays every publish of the pipeline's sink.
+	slow time.Duration
+	// tune edits the source's configuration.
+	tune func(*PartitionedConfig)
+	// onState receives each partition source's state changes.
+	onState func(p int, st SourceState)
 }
 
-// startPartTuned is startPartReplica with tune applied to the source's
-// configuration.
-func startPartTuned(t *testing.T, srv *natstest.Server, table *router.Table, id string, forward bool, tune func(*PartitionedConfig), slow ...time.Duration) *partReplica {
+// testConsumer is every partition's ordered source in these tests: an
+// AckWait far beyond the takeover times, so that a message that came back
+// only through AckWait (no reset at takeover) would arrive late and out of
+// order, which the checks see.
+func testConsumer() SourceConfig {
+	return SourceConfig{AckWait: 45 * time.Second, FetchBatch: 64, MaxAckPending: 2000, BacklogInterval: 500 * time.Millisecond}
+}
+
+// startPartReplica starts a replica with its own connection and partitioned
+// source whose partitions are ordered sources (OrderedPartitions).
+func startPartReplica(t *testing.T, srv *natstest.Server, table *router.Table, id string, o partOpts) *partReplica {
 	t.Helper()
 	nc, err := nats.Connect(srv.URL)
 	if err != nil {
@@ -181,24 +201,36 @@ func startPartTuned(t *testing.T, srv *natstest.Server, table *router.Table, id 
 	}
 	r := &partReplica{t: t, id: id, nc: nc, runErr: make(chan error, 1)}
 	cfg := partConfig(table, id)
-	cfg.NewPartition = floorPartitions(js, func(p *floorPartition) { p.released = r.releases.add })
-	if tune != nil {
-		tune(&cfg)
+	cfg.Consumer = testConsumer()
+	if o.tune != nil {
+		o.tune(&cfg)
+	}
+	base := cfg.Consumer
+	cfg.NewPartition = func(ctx context.Context, spec PartitionSpec) (Partition, error) {
+		c := base
+		if o.onState != nil {
+			c.OnState = func(st SourceState) { o.onState(spec.Partition, st) }
+		}
+		p, err := OrderedPartitions(js, c, quiet)(ctx, spec)
+		if err != nil {
+			return nil, err
+		}
+		return recordRelease{Partition: p, rec: r.releases.add}, nil
 	}
 	r.src, err = NewPartitionedSource(testCtx(t), js, cfg, quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
 	h := bridge.Handler(func(ctx context.Context, _ *bridge.Message, ack bridge.Ack) error { return ack(ctx, nil) })
-	if forward {
+	if o.forward {
 		r.sink, err = NewSink(map[string]jetstream.JetStream{"nats": js}, SinkConfig{}, quiet)
 		if err != nil {
 			t.Fatal(err)
 		}
 		r.store = dedupe.NewMemory(dedupe.MemoryConfig{})
 		var sink bridge.Sink = r.sink
-		if len(slow) > 0 {
-			sink = slowSink{Sink: r.sink, delay: slow[0]}
+		if o.slow > 0 {
+			sink = slowSink{Sink: r.sink, delay: o.slow}
 		}
 		r.pipe, err = bridge.New(bridge.Config{MaxInFlight: 256}, bridge.Deps{
 			Rules: router.NewHolder(table), Dedupe: r.store, Log: quiet,
@@ -272,9 +304,10 @@ func (r *partReplica) release(ctx context.Context) {
 }
 
 // waitBalanced waits until the live replicas hold every partition exactly
-// once between them, all active, with owned counts differing by at most
-// one, and returns how long that took.
-func waitBalanced(t *testing.T, within time.Duration, what string, n int, live ...*partReplica) time.Duration {
+// once between them, all active (and, with consuming, every partition's
+// consumer holding its pin and forwarding), with owned counts differing by
+// at most one, and returns how long that took.
+func waitBalanced(t *testing.T, within time.Duration, what string, n int, consuming bool, live ...*partReplica) time.Duration {
 	t.Helper()
 	start := time.Now()
 	var last string
@@ -285,7 +318,7 @@ func waitBalanced(t *testing.T, within time.Duration, what string, n int, live .
 		for _, r := range live {
 			st := r.src.Status()
 			for _, o := range st.Owned {
-				if o.State != "active" {
+				if o.State != "active" || consuming && o.Consumer != string(StateActive) {
 					return false
 				}
 				seen[o.Partition]++
@@ -306,6 +339,34 @@ func waitBalanced(t *testing.T, within time.Duration, what string, n int, live .
 	return took
 }
 
+// produce publishes about perSecond events to ev.<key> over 100 keys until
+// the returned stop is called.
+func produce(t *testing.T, srv *natstest.Server, perSecond int) (stop func()) {
+	_, js := srv.Connect(t)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		tick := time.NewTicker(time.Second / time.Duration(perSecond))
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_, err := js.Publish(ctx, fmt.Sprintf("ev.k%03d", i%100), []byte("x"))
+			cancel()
+			if err != nil {
+				t.Errorf("publish: %v", err)
+				return
+			}
+		}
+	})
+	var once sync.Once
+	return func() { once.Do(func() { close(done); wg.Wait() }) }
+}
+
 // TestPartitionsBalance: with the default lease timings, replicas share
 // 12 partitions evenly within 15s of each membership change: three start
 // (contending for every lease), a fourth joins, one vanishes (its
@@ -316,13 +377,19 @@ func TestPartitionsBalance(t *testing.T) {
 	_, js := srv.Connect(t)
 	table := partTable(t, js)
 	const within = 15 * time.Second
+	// Events keep flowing to every partition: an ordered consumer is
+	// pinned (and active) only when there is something to deliver.
+	stopProducing := produce(t, srv, 200)
+	defer stopProducing()
 	rt := newRunTracker(t)
-	start := func(id string) *partReplica { return startPartTuned(t, srv, table, id, false, rt.hook(id)) }
+	start := func(id string) *partReplica {
+		return startPartReplica(t, srv, table, id, partOpts{onState: rt.onState(id)})
+	}
 	a, b, c := start("a"), start("b"), start("c")
-	waitBalanced(t, within, "three replicas start", 12, a, b, c)
+	waitBalanced(t, within, "three replicas start", 12, true, a, b, c)
 
 	d := start("d")
-	waitBalanced(t, within, "a fourth joins", 12, a, b, c, d)
+	waitBalanced(t, within, "a fourth joins", 12, true, a, b, c, d)
 	if st := a.src.Status(); !slices.Equal(st.Members, []string{"a", "b", "c", "d"}) || st.Partitions != 12 || st.Replica != "a" {
 		t.Errorf("status of a = %+v", st)
 	}
@@ -331,7 +398,7 @@ func TestPartitionsBalance(t *testing.T) {
 	held := b.src.Owned()
 	rt.exemptReplica("b")
 	b.kill()
-	waitBalanced(t, within, "b vanishes", 12, a, c, d)
+	waitBalanced(t, within, "b vanishes", 12, true, a, c, d)
 	if got := a.src.Takeovers() + c.src.Takeovers() + d.src.Takeovers() - before; got < uint64(held) {
 		t.Errorf("%d takeovers after b vanished, want at least the %d partitions it held", got, held)
 	}
@@ -346,10 +413,11 @@ func TestPartitionsBalance(t *testing.T) {
 	}
 
 	c.stop()
-	waitBalanced(t, within, "c stops", 12, a, d)
+	waitBalanced(t, within, "c stops", 12, true, a, d)
 	if got := a.src.Owned() + d.src.Owned(); got != 12 || a.src.Partitions() != 12 {
 		t.Errorf("a and d own %d of %d partitions", got, a.src.Partitions())
 	}
+	stopProducing()
 	a.stop()
 	d.stop()
 	rt.mu.Lock()
@@ -369,9 +437,9 @@ func TestPartitionsOrderAcrossHandovers(t *testing.T) {
 	_, js := srv.Connect(t)
 	table := partTable(t, js)
 	const keys, perKey = 200, 30
-	a := startPartReplica(t, srv, table, "a", true, 300*time.Millisecond)
-	b := startPartReplica(t, srv, table, "b", true, 300*time.Millisecond)
-	c := startPartReplica(t, srv, table, "c", true)
+	a := startPartReplica(t, srv, table, "a", partOpts{forward: true, slow: 300 * time.Millisecond})
+	b := startPartReplica(t, srv, table, "b", partOpts{forward: true, slow: 300 * time.Millisecond})
+	c := startPartReplica(t, srv, table, "c", partOpts{forward: true})
 
 	_, pjs := srv.Connect(t)
 	var produced sync.WaitGroup
@@ -394,7 +462,7 @@ func TestPartitionsOrderAcrossHandovers(t *testing.T) {
 		}
 	})
 	time.Sleep(3 * time.Second)
-	d := startPartReplica(t, srv, table, "d", true) // partitions drain and move under load
+	d := startPartReplica(t, srv, table, "d", partOpts{forward: true}) // partitions drain and move under load
 	time.Sleep(3 * time.Second)
 	a.stop() // graceful: drain, release
 	time.Sleep(3 * time.Second)
@@ -477,15 +545,15 @@ func TestPartitionedReportsFailing(t *testing.T) {
 	table := partTable(t, js)
 	var mu sync.Mutex
 	var reports []error
-	a := startPartTuned(t, srv, table, "a", false, func(c *PartitionedConfig) {
+	a := startPartReplica(t, srv, table, "a", partOpts{tune: func(c *PartitionedConfig) {
 		c.Leases = LeaseConfig{Bucket: "leases-f", TTL: 3 * time.Second}
 		c.Failing = func(err error) {
 			mu.Lock()
 			reports = append(reports, err)
 			mu.Unlock()
 		}
-	})
-	waitBalanced(t, 15*time.Second, "a alone", 12, a)
+	}})
+	waitBalanced(t, 15*time.Second, "a alone", 12, false, a)
 	ctx := testCtx(t)
 	if err := js.DeleteKeyValue(ctx, "leases-f"); err != nil {
 		t.Fatal(err)
@@ -507,7 +575,7 @@ func TestPartitionedReportsFailing(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, 15*time.Second, "a reports that it is back", func() bool { err, _ := last(); return err == nil })
-	waitBalanced(t, 15*time.Second, "a takes its partitions again", 12, a)
+	waitBalanced(t, 15*time.Second, "a takes its partitions again", 12, false, a)
 	a.stop()
 }
 
@@ -522,7 +590,6 @@ func TestPartitionedRefusesMismatch(t *testing.T) {
 	}
 	createStream(t, js, "EV", "ev.*")
 	cfg := partConfig(table, "a")
-	cfg.NewPartition = floorPartitions(js, nil)
 	_, err = NewPartitionedSource(testCtx(t), js, cfg, quiet)
 	if !errors.Is(err, ErrTransformMismatch) || !strings.Contains(err.Error(),
 		`natsjs: partitioned source ev: natsjs: stream subject transform mismatch: stream EV has subject transform none, but needs "ev.*" → "n12.{{partition(12,1)}}.ev.{{wildcard(1)}}"; apply it with`) {
@@ -532,13 +599,11 @@ func TestPartitionedRefusesMismatch(t *testing.T) {
 		edit func(*PartitionedConfig)
 		want string
 	}{
-		{func(c *PartitionedConfig) { c.NewPartition = nil }, "no partition factory"},
 		{func(c *PartitionedConfig) { c.ReplicaID = "a.b" }, `replica id "a.b": letters, digits, '_' and '-' only`},
 		{func(c *PartitionedConfig) { c.Group = "" }, "rule, stream, subject and group are required"},
 		{func(c *PartitionedConfig) { c.Leases.TTL = time.Second }, "ttl 1s is below 2s"},
 	} {
 		bad := partConfig(table, "a")
-		bad.NewPartition = cfg.NewPartition
 		c.edit(&bad)
 		if _, err := NewPartitionedSource(testCtx(t), js, bad, quiet); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("config error = %v, want %q", err, c.want)
@@ -554,7 +619,7 @@ func TestPartitionedRunAgain(t *testing.T) {
 	_, js := srv.Connect(t)
 	table := partTable(t, js)
 	cfg := partConfig(table, "a")
-	cfg.NewPartition = floorPartitions(js, nil)
+	cfg.Consumer = testConsumer()
 	src, err := NewPartitionedSource(testCtx(t), js, cfg, quiet)
 	if err != nil {
 		t.Fatal(err)
