@@ -215,7 +215,7 @@
 // rule's subject, w the key token's ordinal among the subject's '*'
 // wildcards), which CheckTransform verifies and ApplyStreamTransform sets. A
 // PartitionedSource runs, for each partition this replica holds a lease
-// for, a Partition: the ordered consumer of the durable
+// for, a Partition: an ordered Source (OrderedPartitions) on the durable
 // PartitionDurable(group, N, p), filtered on PartitionFilter(N, p), with the
 // two prefix tokens stripped before routing. Leases and memberships are
 // keys of a JetStream KV bucket with a TTL and expiry markers: Create to
