@@ -178,6 +178,7 @@ func (s *PartitionedSource) own(o *owner) {
 			return
 		case err := <-runDone:
 			runDone = nil
+			runStop()
 			if s.js.Conn().IsClosed() {
 				s.setFatal()
 			}
@@ -297,6 +298,7 @@ type manager struct {
 	owners    map[int]*owner
 	notBefore map[int]time.Time
 	settled   bool   // the start-up pause is over
+	closing   bool   // Close was called: leave, give everything up, take nothing
 	failing   string // the problem last reported to Failing ("" none)
 	memberErr error  // why the last announcement failed
 	watchErr  error  // why the last watch failed
@@ -308,6 +310,11 @@ func (s *PartitionedSource) manage() {
 	defer close(s.mgrDone)
 	m := &manager{s: s, view: newLeaseView(s.prefix, s.cfg.Partitions), owners: map[int]*owner{}, notBefore: map[int]time.Time{}}
 	defer m.stopWatch()
+	defer func() {
+		if m.member != nil { // Close gave up waiting: the membership expires
+			m.member.Stop()
+		}
+	}()
 	tick := time.NewTicker(s.b.beat)
 	defer tick.Stop()
 	// Replicas started together see each other before taking anything,
@@ -317,7 +324,6 @@ func (s *PartitionedSource) manage() {
 	m.ensureMember()
 	m.ensureWatch()
 	stop, abort := s.stop, s.life.Done()
-	closing := false
 	for {
 		_, changed := s.session()
 		var lost <-chan struct{}
@@ -329,10 +335,14 @@ func (s *PartitionedSource) manage() {
 		case <-settle.C:
 			m.settled = true
 		case <-stop:
-			stop, closing = nil, true
+			stop, m.closing = nil, true
 			m.leave()
 		case <-abort:
-			abort, closing = nil, true
+			abort, m.closing = nil, true
+			if stop != nil { // Close's stop not seen yet: leave first
+				stop = nil
+				m.leave()
+			}
 		case e, ok := <-m.updates:
 			m.applyWatch(e, ok)
 		case ev := <-s.events:
@@ -342,10 +352,12 @@ func (s *PartitionedSource) manage() {
 		case <-lost:
 			m.member.Stop()
 			m.member = nil
-			s.log.Warn("membership lost (heartbeats failed); announcing again")
-			m.ensureMember()
+			if !m.closing {
+				s.log.Warn("membership lost (heartbeats failed); announcing again")
+				m.ensureMember()
+			}
 		}
-		if closing {
+		if m.closing {
 			for _, o := range m.owners {
 				o.release()
 			}
@@ -480,7 +492,9 @@ func (m *manager) tick() {
 		s.setFatal()
 		return
 	}
-	m.ensureMember()
+	if !m.closing {
+		m.ensureMember()
+	}
 	if m.watch != nil && m.member != nil && time.Since(m.heard) > s.b.ttl {
 		// This replica's own renewals alone reach the watch every
 		// heartbeat: a silent watch is stuck (its stream was deleted and

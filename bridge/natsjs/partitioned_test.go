@@ -667,3 +667,68 @@ func TestPartitionedRunAgain(t *testing.T) {
 		t.Errorf("Run after Close = %v, want nil at once", err)
 	}
 }
+
+// TestPartitionedCloseGivesUp: when the pipeline does not settle its
+// deliveries before Close's deadline, Close stops waiting, leaves the
+// remaining leases to expire and says so; nothing keeps running.
+func TestPartitionedCloseGivesUp(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	table := partTable(t, js)
+	stopProducing := produce(t, srv, 200)
+	defer stopProducing()
+	cfg := partConfig(table, "a")
+	cfg.Consumer = testConsumer()
+	src, err := NewPartitionedSource(testCtx(t), js, cfg, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held sync.Map
+	hold := func(_ context.Context, m *bridge.Message, ack bridge.Ack) error {
+		held.Store(m.SourceID, ack) // never settled
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, hold) }()
+	eventually(t, 15*time.Second, "every partition consuming", func() bool {
+		st := src.Status()
+		if len(st.Owned) != 12 {
+			return false
+		}
+		for _, o := range st.Owned {
+			if o.Consumer != string(StateActive) {
+				return false
+			}
+		}
+		return true
+	})
+	stopProducing()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	cctx, ccancel := context.WithTimeout(context.Background(), time.Second)
+	defer ccancel()
+	start := time.Now()
+	err = src.Close(cctx)
+	if err == nil || !strings.Contains(err.Error(), "leases left to expire") {
+		t.Fatalf("Close with unsettled deliveries = %v, want it to give up", err)
+	}
+	took := time.Since(start)
+	if took > 10*time.Second {
+		t.Errorf("Close took %s after its 1s deadline", took)
+	}
+	t.Logf("Close gave up after %s", took.Round(time.Millisecond))
+	kv, err := js.KeyValue(testCtx(t), DefaultLeaseBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := kv.Keys(testCtx(t))
+	if err != nil || !slices.ContainsFunc(keys, func(k string) bool { return strings.HasPrefix(k, "cb-ev.n12.p.") }) {
+		t.Errorf("lease keys after Close gave up: %v, %v; want them left to expire", keys, err)
+	}
+	if slices.Contains(keys, "cb-ev.n12.m.a") {
+		t.Error("the membership is still announced after Close")
+	}
+}
