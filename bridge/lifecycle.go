@@ -82,7 +82,11 @@ type RuleStatus struct {
 	HeldShards              []ShardHeld `json:"heldShards,omitempty"`
 	HeldRanges              []RangeHeld `json:"heldRanges,omitempty"`
 	LastProgress            time.Time   `json:"lastProgress"`
-	_                       struct{}    `json:"-"`
+	// Source is this replica's share of the rule, as its source reports
+	// it (absent for a source that does not): whether it forwards, its
+	// partitions, its takeovers.
+	Source *SourceStatus `json:"source,omitempty"`
+	_      struct{}      `json:"-"`
 }
 
 // ShardHeld counts parked messages of one shard.
@@ -286,7 +290,7 @@ func (p *Pipeline) Status() Status {
 		}
 		st.Rules = append(st.Rules, r)
 	}
-	sort.Slice(st.Rules, func(i, j int) bool { return st.Rules[i].Rule < st.Rules[j].Rule })
+	st.Rules = withSources(st.Rules, p.met.sourceStatuses())
 	return st
 }
 

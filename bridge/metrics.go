@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"runtime"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -68,6 +69,10 @@ const (
 	MetricTargetFailing     = "cellbridge_target_failing"
 	MetricSourceFailing     = "cellbridge_source_failing"
 	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
+	MetricPartitions        = "cellbridge_partitions"
+	MetricPartitionsOwned   = "cellbridge_partitions_owned"
+	MetricTakeovers         = "cellbridge_takeovers_total"
+	MetricSourcePinned      = "cellbridge_source_pinned"
 	MetricRulesVersion      = "cellbridge_rules_version"
 	MetricRulesLastReload   = "cellbridge_rules_last_reload_timestamp_seconds"
 	MetricRulesReloadFails  = "cellbridge_rules_reload_failures_total"
@@ -95,6 +100,10 @@ var MetricList = []MetricDesc{
 	{MetricTargetFailing, "gauge", []string{"broker", "target"}, "1 while publishes to a target (a subject or topic of a broker) keep failing; 0 once one was confirmed and none failed for a second."},
 	{MetricSourceFailing, "gauge", []string{"rule"}, "1 while the source of a topic rule cannot deliver (its server stopped answering, its consumer cannot be reached)."},
 	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, commit, release)."},
+	{MetricPartitions, "gauge", []string{"rule"}, "Partition count of a partitioned topic rule (source.partitions), as this replica runs it."},
+	{MetricPartitionsOwned, "gauge", []string{"rule"}, "Partitions of a partitioned topic rule whose lease this replica holds; summed over the replicas it equals cellbridge_partitions once every partition has an owner."},
+	{MetricTakeovers, "counter", []string{"rule"}, "Times this replica started forwarding an ordered topic rule (won its consumer's pin) or one of a partitioned rule's partitions."},
+	{MetricSourcePinned, "gauge", []string{"rule"}, "1 while this replica holds the pin of an ordered topic rule's consumer (it forwards the rule, or resets the consumer to do so), 0 while it is a standby; partitioned rules report cellbridge_partitions_owned instead."},
 	{MetricRulesVersion, "gauge", nil, "Version of the rules table in use."},
 	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
 	{MetricRulesReloadFails, "counter", nil, "Rule reloads refused (invalid files or a lower version)."},
@@ -137,6 +146,8 @@ type Metrics struct {
 	BuildInfo         *prometheus.GaugeVec
 
 	rules cowMap[string, *ruleMetrics]
+	// sources reads the sources' statuses (SetSources).
+	sources atomic.Pointer[func() []SourceStatus]
 }
 
 // NewMetrics creates and registers every metric of MetricList. version is
@@ -183,6 +194,7 @@ func NewMetrics(version string) *Metrics {
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
 		m.TargetFailing, m.SourceFailing, m.DedupeErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
+		newSourceCollector(m, byName),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if version == "" {
 		version = "dev"

@@ -64,7 +64,7 @@ func (s *PartitionedSource) own(o *owner) {
 		s.send(ev)
 	}()
 	log := s.log.With("partition", o.p)
-	s.setOwnerState(o.p, "acquiring", nil)
+	s.setOwnerState(o.p, ownerAcquiring, nil)
 	key := s.leaseKey(o.p)
 	sent := time.Now()
 	rev, err := s.b.create(s.life, key, s.val)

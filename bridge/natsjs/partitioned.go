@@ -406,7 +406,15 @@ type OwnedPartition struct {
 	// exists).
 	Consumer string    `json:"consumer,omitempty"`
 	Since    time.Time `json:"since"`
+	// PinID and EpochStart are the consumer's pin and the start of its
+	// current (or last) epoch, when the consumer is an ordered Source.
+	PinID      string    `json:"pinId,omitempty"`
+	EpochStart time.Time `json:"epochStart,omitzero"`
 }
+
+// ownerAcquiring is the state of a partition whose lease this replica is
+// taking but does not hold yet.
+const ownerAcquiring = "acquiring"
 
 // PartitionedStatus is what /status shows for a partitioned rule on this
 // replica.
@@ -444,6 +452,7 @@ func (s *PartitionedSource) Status() PartitionedStatus {
 	for i := range st.Owned {
 		if parts[i] != nil {
 			st.Owned[i].Consumer = parts[i].State()
+			consumerDetail(&st.Owned[i], parts[i])
 		}
 	}
 	slices.SortFunc(st.Owned, func(a, b OwnedPartition) int { return a.Partition - b.Partition })
@@ -451,11 +460,18 @@ func (s *PartitionedSource) Status() PartitionedStatus {
 }
 
 // Owned is the number of partitions this replica holds a lease for (the
-// cellbridge_partitions_owned gauge).
+// cellbridge_partitions_owned gauge); a partition whose lease it is still
+// taking does not count.
 func (s *PartitionedSource) Owned() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.owned)
+	n := 0
+	for _, o := range s.owned {
+		if o.state != ownerAcquiring {
+			n++
+		}
+	}
+	return n
 }
 
 // Partitions is the rule's partition count (the cellbridge_partitions

@@ -140,9 +140,15 @@ func TestConfigDedupeDefaults(t *testing.T) {
 	for _, tc := range []struct {
 		name, brokers, store, broker string
 	}{
-		{"embedded", "", config.DedupeJetStream, "nats"},
-		{"broker named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", config.DedupeJetStream, "nats"},
-		{"only nats broker", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "a"},
+		// Every target a JetStream stream: its duplicate window covers the
+		// replicas (docs/guarantees.md, section 8).
+		{"embedded", "", config.DedupeMemory, ""},
+		{"nats only", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", config.DedupeMemory, ""},
+		{"nats only, broker written", "brokers: {nats: {type: nats, url: nats://b:1}}\ndedupe: {store: jetstream}", config.DedupeJetStream, "nats"},
+		// A RocketMQ broker may be a target, which has no duplicate window.
+		{"rocketmq and nats", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "a"},
+		{"rocketmq and nats named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "nats"},
+		{"rocketmq and two nats", "brokers: {a: {type: nats, url: nats://a:1}, b: {type: nats, url: nats://b:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeMemory, ""},
 		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeMemory, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

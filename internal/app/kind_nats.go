@@ -157,19 +157,48 @@ func (c *natsClient) sink(names []string, _ dedupe.Store) (bridge.Sink, error) {
 }
 
 func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source, error) {
-	pl := c.env.cfg.Pipeline
+	cfg := c.env.cfg
 	rule := r.Name
-	src, err := natsjs.NewSource(ctx, c.js[r.Source.Broker], natsjs.SourceConfig{
+	health := c.env.health
+	log := c.env.log.With("component", "source")
+	base := natsjs.SourceConfig{
 		Rule:          rule,
 		Broker:        r.Source.Broker,
 		Stream:        r.Source.Stream,
 		Subject:       r.Source.Subject,
 		Durable:       r.Source.Group,
-		MaxAckPending: c.env.cfg.SourceMaxAckPending(),
-		AckWait:       pl.AckWait.D(),
-		FetchBatch:    pl.FetchBatch,
-		Backlog:       func(n uint64) { c.env.health.Backlog(rule, int64(n)) },
-	}, c.env.log.With("component", "source"))
+		Ordering:      natsjs.Ordering(r.Source.Ordering),
+		PinnedTTL:     cfg.Ordering.PinnedTTL.D(),
+		MaxAckPending: cfg.SourceMaxAckPending(),
+		AckWait:       cfg.Pipeline.AckWait.D(),
+		FetchBatch:    cfg.Pipeline.FetchBatch,
+		Backlog:       func(n uint64) { health.Backlog(rule, int64(n)) },
+	}
+	if r.Source.Partitions > 0 {
+		p := cfg.Partitions
+		src, err := natsjs.NewPartitionedSource(ctx, c.js[r.Source.Broker], natsjs.PartitionedConfig{
+			Rule:       rule,
+			Broker:     r.Source.Broker,
+			Stream:     r.Source.Stream,
+			Subject:    r.Source.Subject,
+			Group:      r.Source.Group,
+			KeyToken:   r.Key.SubjectToken,
+			Partitions: r.Source.Partitions,
+			ReplicaID:  p.ReplicaID,
+			Leases: natsjs.LeaseConfig{Bucket: p.Bucket, TTL: p.LeaseTTL.D(), Heartbeat: p.Heartbeat.D(),
+				Replicas: p.Replicas},
+			DrainTimeout: p.DrainTimeout.D(),
+			Consumer:     base,
+			Failing:      func(err error) { health.SourceFailing(rule, err) },
+		}, log)
+		if err != nil {
+			return nil, fmt.Errorf("rule %s: %w", rule, err)
+		}
+		log.Info("partitioned source ready", "rule", rule, "partitions", r.Source.Partitions,
+			"replica", src.ReplicaID(), "bucket", p.Bucket)
+		return src, nil
+	}
+	src, err := natsjs.NewSource(ctx, c.js[r.Source.Broker], base, log)
 	if err != nil {
 		return nil, fmt.Errorf("rule %s: %w", rule, err)
 	}

@@ -2,10 +2,12 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 
 	"go.uber.org/fx"
@@ -72,9 +74,12 @@ type sources struct {
 	list  []bridge.Source
 }
 
-// newSources builds one source per topic rule, from its broker's kind.
-func newSources(ctx startCtx, lc fx.Lifecycle, res *resources, t *router.Table, b *brokers) (*sources, error) {
+// newSources builds one source per topic rule, from its broker's kind, and
+// lets the metrics and /status read what each one reports of its share of
+// its rule (bridge.StatusReporter).
+func newSources(ctx startCtx, lc fx.Lifecycle, res *resources, t *router.Table, b *brokers, m *bridge.Metrics) (*sources, error) {
 	s := &sources{}
+	res.add(lc, s.close)
 	for _, r := range t.Rules() {
 		c, err := b.client(r.Source.Broker)
 		if err != nil {
@@ -84,11 +89,41 @@ func newSources(ctx startCtx, lc fx.Lifecycle, res *resources, t *router.Table, 
 		if err != nil {
 			return nil, err
 		}
-		res.add(lc, src.Close)
 		s.rules = append(s.rules, r.Name)
 		s.list = append(s.list, src)
 	}
+	m.SetSources(s.statuses)
 	return s, nil
+}
+
+// statuses collects the sources' reports (bridge.Metrics.SetSources).
+func (s *sources) statuses() []bridge.SourceStatus {
+	var out []bridge.SourceStatus
+	for _, src := range s.list {
+		if r, ok := src.(bridge.StatusReporter); ok {
+			out = append(out, r.SourceStatus())
+		}
+	}
+	return out
+}
+
+// close closes every source at once, after the pipeline drained: an
+// ordered source then gives its pin up and a partitioned one its leases, so
+// that a standby replica takes each rule over within milliseconds instead of
+// after the pin's or the lease's TTL; closing them one after the other would
+// add up those hand-overs.
+func (s *sources) close(ctx context.Context) error {
+	errs := make([]error, len(s.list))
+	var wg sync.WaitGroup
+	for i, src := range s.list {
+		wg.Go(func() {
+			if err := src.Close(ctx); err != nil {
+				errs[i] = fmt.Errorf("closing the source of rule %s: %w", s.rules[i], err)
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // pipelineIn is what the pipeline is built from (bridge.Deps).
@@ -206,17 +241,57 @@ func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline,
 
 // checkReloaded warns about what a reloaded table asks for that the running
 // bridge cannot do without a restart: new topic rules (no source consumes
-// them) and brokers the configuration does not define.
+// them), a rule's source changed (its stream, subject, group, ordering mode
+// or partition count: the running source keeps consuming as it started),
+// and brokers the configuration does not define.
+//
+// Such a reload is accepted, not refused: routing does not depend on how the
+// source consumes, and refusing would also hold back every later reload of
+// this replica until a restart, such as the blocked shards of a cell switch.
+// The running sources stay as they are, which is safe: replicas started
+// with the new mode wait until those of the old one are gone
+// (natsjs.StateWaiting), and other partition counts use other consumers and
+// leases (docs/partitions.md).
 func checkReloaded(o *Options, t *router.Table, log *slog.Logger) {
 	if t == nil {
 		return
 	}
 	for _, r := range t.Rules() {
-		if o.Rules.Rule(r.Name) == nil {
+		old := o.Rules.Rule(r.Name)
+		if old == nil {
 			log.Warn("reloaded rules add a topic rule; restart the bridge to consume it", "rule", r.Name)
+			continue
+		}
+		if what := sourceChange(old, r); what != "" {
+			log.Warn("reloaded rules change how a rule is consumed; the running source keeps consuming as it started until the bridge restarts",
+				"rule", r.Name, "change", what)
 		}
 	}
 	if err := o.Config.CheckRules(t); err != nil {
 		log.Error("reloaded rules name brokers the configuration lacks; their messages cannot be published", "problems", err.Error())
 	}
+}
+
+// sourceChange describes what changed in how rule r is consumed ("" when
+// nothing did): its source, or the key token its partitions hash.
+func sourceChange(old, r *router.Rule) string {
+	var out []string
+	diff := func(field string, a, b any) {
+		if a != b {
+			out = append(out, fmt.Sprintf("%s %v → %v", field, a, b))
+		}
+	}
+	o, n := old.Source, r.Source
+	diff("source.broker", o.Broker, n.Broker)
+	diff("source.stream", o.Stream, n.Stream)
+	diff("source.subject", o.Subject, n.Subject)
+	diff("source.topic", o.Topic, n.Topic)
+	diff("source.tags", o.Tags, n.Tags)
+	diff("source.group", o.Group, n.Group)
+	diff("source.ordering", o.Ordering, n.Ordering)
+	diff("source.partitions", o.Partitions, n.Partitions)
+	if o.Partitions > 0 && n.Partitions > 0 {
+		diff("key.subjectToken", old.Key.SubjectToken, r.Key.SubjectToken)
+	}
+	return strings.Join(out, ", ")
 }

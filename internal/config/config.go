@@ -23,7 +23,11 @@ type Config struct {
 	Dedupe   DedupeConfig       `yaml:"dedupe"`
 	HTTP     HTTPConfig         `yaml:"http"`
 	Pipeline PipelineConfig     `yaml:"pipeline"`
-	Log      LogConfig          `yaml:"log"`
+	// Ordering and Partitions time the ordered and partitioned NATS
+	// sources (the rules' source.ordering and source.partitions).
+	Ordering   OrderingConfig   `yaml:"ordering"`
+	Partitions PartitionsConfig `yaml:"partitions"`
+	Log        LogConfig        `yaml:"log"`
 
 	// File is the config file's path ("(built-in)" for the built-in
 	// configuration).
@@ -128,6 +132,39 @@ func (c *Config) SourceMaxAckPending() int {
 // SinkMaxPending bounds unconfirmed publishes per sink: the pipeline never
 // has more than maxInFlight messages between publish and confirm.
 func (c *Config) SinkMaxPending() int { return c.Pipeline.MaxInFlight }
+
+// OrderingConfig times the ordered NATS sources (source.ordering: ordered,
+// the default): one replica forwards a rule (or a partition) at a time.
+type OrderingConfig struct {
+	// PinnedTTL is how long the server keeps the pin of a replica that
+	// stopped pulling (killed, cut off, paused): a standby takes over about
+	// this long after the forwarding replica died (natsjs
+	// SourceConfig.PinnedTTL).
+	PinnedTTL Duration `yaml:"pinnedTTL"`
+}
+
+// PartitionsConfig configures the leases with which the replicas of a
+// partitioned rule (source.partitions) share its partitions: a JetStream KV
+// bucket on the rule's source broker (natsjs PartitionedConfig and
+// LeaseConfig).
+type PartitionsConfig struct {
+	Bucket string `yaml:"bucket"`
+	// LeaseTTL is how long a lease outlives its last renewal: the
+	// partitions of a vanished replica move this long after its last
+	// heartbeat.
+	LeaseTTL Duration `yaml:"leaseTTL"`
+	// Heartbeat is how often leases and memberships are renewed (default
+	// LeaseTTL/3, at most that).
+	Heartbeat Duration `yaml:"heartbeat"`
+	// Replicas is the bucket's replica count when the bridge creates it.
+	Replicas int `yaml:"replicas"`
+	// ReplicaID names this replica among the rule's replicas; "" is the
+	// host name with a random suffix, new on every start.
+	ReplicaID string `yaml:"replicaID"`
+	// DrainTimeout bounds how long a partition moving to another replica
+	// waits for its messages to settle before it is handed over anyway.
+	DrainTimeout Duration `yaml:"drainTimeout"`
+}
 
 // LogConfig configures log/slog.
 type LogConfig struct {

@@ -40,8 +40,8 @@ func TestConfigDefaults(t *testing.T) {
 		got, want any
 	}{
 		{"http.listen", c.HTTP.Listen, ":9090"},
-		{"dedupe.store", c.Dedupe.Store, DedupeJetStream},
-		{"dedupe.broker", c.Dedupe.Broker, "nats"},
+		{"dedupe.store", c.Dedupe.Store, DedupeMemory},
+		{"dedupe.broker", c.Dedupe.Broker, ""},
 		{"dedupe.bucket", c.Dedupe.Bucket, "cellbridge-dedupe"},
 		{"dedupe.ttl", c.Dedupe.TTL.D(), 10 * time.Minute},
 		{"dedupe.reserveTTL", c.Dedupe.ReserveTTL.D(), 30 * time.Second},
@@ -61,6 +61,13 @@ func TestConfigDefaults(t *testing.T) {
 		{"stallTimeout", pl.StallTimeout.D(), 3 * time.Second},
 		{"ackWait", pl.AckWait.D(), 30 * time.Second},
 		{"maxHeld", pl.MaxHeld, 10000},
+		{"ordering.pinnedTTL", c.Ordering.PinnedTTL.D(), 5 * time.Second},
+		{"partitions.bucket", c.Partitions.Bucket, "cellbridge-leases"},
+		{"partitions.leaseTTL", c.Partitions.LeaseTTL.D(), 6 * time.Second},
+		{"partitions.heartbeat", c.Partitions.Heartbeat.D(), 2 * time.Second},
+		{"partitions.replicas", c.Partitions.Replicas, 1},
+		{"partitions.replicaID", c.Partitions.ReplicaID, ""},
+		{"partitions.drainTimeout", c.Partitions.DrainTimeout.D(), 10 * time.Second},
 		{"log.level", c.Log.Level, "info"},
 		{"log.format", c.Log.Format, "auto"},
 	}
@@ -129,9 +136,10 @@ func TestConfigErrors(t *testing.T) {
 		{"rules missing dir", "rules: ./nope\n", []string{"config.yaml:1: rules: rule directory: "}},
 		{"dedupe store", "dedupe: {store: redis}\n", []string{"config.yaml:1: dedupe.store: unknown store \"redis\""}},
 		{"dedupe embedded broker", "dedupe: {store: jetstream, broker: x}\n", []string{"dedupe.broker: the embedded default has only"}},
-		{"dedupe bucket", "dedupe: {bucket: \"a.b\"}\n", []string{"dedupe.bucket: invalid KV bucket name"}},
-		{"dedupe replicas", "dedupe: {replicas: 7}\n", []string{"dedupe.replicas: must be 1..5"}},
-		{"dedupe size on jetstream", "dedupe: {size: 10}\n", []string{"dedupe.size: only valid for store memory"}},
+		{"dedupe bucket", "dedupe: {store: jetstream, bucket: \"a.b\"}\n", []string{"dedupe.bucket: invalid KV bucket name"}},
+		{"dedupe replicas", "dedupe: {store: jetstream, replicas: 7}\n", []string{"dedupe.replicas: must be 1..5"}},
+		{"dedupe size on jetstream", "dedupe: {store: jetstream, size: 10}\n", []string{"dedupe.size: only valid for store memory"}},
+		{"dedupe bucket on the default store", "dedupe:\n  bucket: b\n", []string{"config.yaml:2: dedupe.bucket: only valid for store jetstream (the store is memory by default when every broker is NATS; write store: jetstream"}},
 		{"dedupe bucket on memory", "dedupe: {store: memory, bucket: b}\n", []string{"dedupe.bucket: only valid for store jetstream"}},
 		{"dedupe memory size", "dedupe: {store: memory, size: -1}\n", []string{"dedupe.size: must be positive"}},
 		{"dedupe ttl", "dedupe: {ttl: 10ms}\n", []string{"dedupe.ttl: must be at least 1s"}},
@@ -153,6 +161,15 @@ func TestConfigErrors(t *testing.T) {
 		{"progress", "pipeline: {progressTimeout: 500us}\n", []string{"pipeline.progressTimeout: must be at least 1ms"}},
 		{"ackWait", "pipeline: {ackWait: 3ms}\n", []string{"pipeline.ackWait: must be at least 4ms"}},
 		{"max bytes", "pipeline: {maxMessageBytes: 1GiB}\n", []string{"pipeline.maxMessageBytes: must be between"}},
+		{"pinnedTTL", "ordering:\n  pinnedTTL: 1s\n", []string{"config.yaml:2: ordering.pinnedTTL: must be at least 2s"}},
+		{"ordering unknown", "ordering: {pinTTL: 5s}\n", []string{"config.yaml:1: ordering.pinTTL: unknown field"}},
+		{"lease bucket", "partitions: {bucket: \"a.b\"}\n", []string{"partitions.bucket: invalid KV bucket name"}},
+		{"lease ttl", "partitions:\n  leaseTTL: 1s\n", []string{"config.yaml:2: partitions.leaseTTL: must be at least 2s"}},
+		{"lease heartbeat", "partitions:\n  leaseTTL: 6s\n  heartbeat: 3s\n", []string{"config.yaml:3: partitions.heartbeat: must be at most leaseTTL/3 (2s)"}},
+		{"lease heartbeat short", "partitions: {heartbeat: 10ms}\n", []string{"partitions.heartbeat: must be at least 100ms"}},
+		{"lease replicas", "partitions: {replicas: 0}\n", []string{"partitions.replicas: must be 1..5"}},
+		{"replica id", "partitions: {replicaID: \"pod.1\"}\n", []string{"partitions.replicaID: invalid replica id \"pod.1\""}},
+		{"partition drain", "partitions: {drainTimeout: 1ms}\n", []string{"partitions.drainTimeout: must be at least 100ms"}},
 		{"log level", "log: {level: loud}\n", []string{"config.yaml:1: log.level: unknown level"}},
 		{"log format", "log: {format: xml}\n", []string{"log.format: unknown format"}},
 	} {
@@ -230,6 +247,26 @@ func TestPipelineConfigCoversBridge(t *testing.T) {
 	for i := range b.NumField() {
 		if name := bt.Field(i).Name; b.Field(i).IsZero() && name != "Workers" && name != "Lanes" {
 			t.Errorf("PipelineConfig.Bridge leaves %s at zero", name)
+		}
+	}
+}
+
+// The lease heartbeat follows a lease TTL written in the file (a third of
+// it), unless the file writes the heartbeat too.
+func TestPartitionsHeartbeatFollowsLeaseTTL(t *testing.T) {
+	for body, want := range map[string]time.Duration{
+		"partitions: {leaseTTL: 9s}\n":                 3 * time.Second,
+		"partitions: {leaseTTL: 9s, heartbeat: 1s}\n":  time.Second,
+		"partitions: {replicaID: pod-7}\n":             2 * time.Second,
+		"ordering: {pinnedTTL: 2s}\n":                  2 * time.Second,
+		"partitions: {leaseTTL: 3s, drainTimeout: 1s}": time.Second,
+	} {
+		c, err := Load(writeConfig(t, t.TempDir(), body))
+		if err != nil {
+			t.Fatalf("%q: %v", body, err)
+		}
+		if got := c.Partitions.Heartbeat.D(); got != want {
+			t.Errorf("%q: heartbeat %s, want %s", body, got, want)
 		}
 	}
 }

@@ -24,7 +24,7 @@ type defaultRow struct {
 var defaults = []defaultRow{
 	{"rules", "", "rule directory; required with brokers; built-in: the example rules (deploy/rules)"},
 	{"brokers", "", "none: the embedded default (in-process nats-server with JetStream, broker name `nats`)"},
-	{"dedupe.store", "", "`jetstream` when a NATS broker exists (and for the embedded default), else `memory`"},
+	{"dedupe.store", "", "`memory` when every broker is NATS (and for the embedded default): each target stream's duplicate window drops repeats across replicas (docs/guarantees.md, section 8, says when to choose `jetstream` anyway); `jetstream` when a RocketMQ broker is configured and a NATS broker exists (RocketMQ targets have no duplicate window); else `memory`"},
 	{"dedupe.broker", "", "the broker named `nats`, else the only NATS broker"},
 	{"dedupe.bucket", "cellbridge-dedupe", "JetStream KV bucket, shared by all replicas"},
 	{"dedupe.replicas", "1", "KV bucket replicas"},
@@ -47,6 +47,13 @@ var defaults = []defaultRow{
 	{"pipeline.ackWait", "30s", "source redelivery timeout (longer than the worst processing time)"},
 	{"pipeline.maxHeld", "10000", "held messages parked in memory (in order per key); beyond it they are redelivered after holdDelay"},
 	{"pipeline.heldRecheck", "1s", "how often parked messages are re-resolved without a rules change"},
+	{"ordering.pinnedTTL", "5s", "ordered NATS rules (`source.ordering: ordered`, the default): how long the server keeps the pin of a replica that stopped pulling; a standby takes over this long after the forwarding replica died (at least 2s; a graceful stop hands over at once)"},
+	{"partitions.bucket", "cellbridge-leases", "partitioned rules (`source.partitions`): the JetStream KV bucket on the rule's source broker in which replicas announce themselves and lease partitions; created when missing"},
+	{"partitions.leaseTTL", "6s", "the partitions of a replica that vanished move this long after its last renewal (at least 2s)"},
+	{"partitions.heartbeat", "", "how often leases and memberships are renewed: leaseTTL/3 (at most leaseTTL/3)"},
+	{"partitions.replicas", "1", "lease bucket replicas when the bridge creates it (3 on a 3-node cluster)"},
+	{"partitions.replicaID", "", "this replica among a rule's replicas: the host (pod) name and a random suffix, new on every start (letters, digits, `_`, `-`)"},
+	{"partitions.drainTimeout", "10s", "a partition moving to another replica waits this long for its messages to settle before it is handed over anyway"},
 	{"log.level", "info", "debug | info | warn | error"},
 	{"log.format", "auto", "auto (JSON when stderr is not a terminal) | json | text"},
 }
@@ -82,10 +89,19 @@ func (c *Config) applyDefaults() {
 			panic(fmt.Sprintf("config default %s=%q: %v", e.Field, e.Value, errs)) // a bug in the table
 		}
 	}
+	if p := &c.Partitions; p.Heartbeat == 0 && !c.set("partitions.heartbeat") {
+		p.Heartbeat = p.LeaseTTL / 3
+	}
 	d := &c.Dedupe
 	if d.Store == "" {
+		// Every target is a JetStream stream when every broker is NATS: the
+		// stream's duplicate window drops a repeat from any replica, and with
+		// one forwarding replica per key (ordered sources) a takeover's
+		// re-reads fall inside it (docs/guarantees.md, section 8). A RocketMQ
+		// target has no such window (and its transactions check back through
+		// the store), so it keeps the store every replica shares.
 		d.Store = DedupeMemory
-		if c.Embedded() || c.natsBrokerDefault() != "" {
+		if c.hasNonNATSBroker() && c.natsBrokerDefault() != "" {
 			d.Store = DedupeJetStream
 		}
 	}
@@ -96,6 +112,17 @@ func (c *Config) applyDefaults() {
 			d.Broker = c.natsBrokerDefault()
 		}
 	}
+}
+
+// hasNonNATSBroker reports whether a broker of another type than nats is
+// configured.
+func (c *Config) hasNonNATSBroker() bool {
+	for _, b := range c.Brokers {
+		if b != nil && b.Type != NATSType {
+			return true
+		}
+	}
+	return false
 }
 
 // natsBrokerDefault is the broker named nats, else the only NATS broker.

@@ -40,6 +40,7 @@ func (c *Config) Validate() error {
 
 	c.validateBrokers(bad)
 	c.validateDedupe(bad)
+	c.validateOrdering(bad)
 
 	if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
 		bad("http.listen", "want host:port or :port, got %q", c.HTTP.Listen)
@@ -100,9 +101,13 @@ func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
 			bad("dedupe.replicas", "must be 1..5, got %d", d.Replicas)
 		}
 	case DedupeMemory:
+		hint := ""
+		if !c.set("dedupe.store") {
+			hint = " (the store is memory by default when every broker is NATS; write store: jetstream to use a KV bucket)"
+		}
 		for _, f := range []string{"broker", "bucket", "replicas"} {
 			if c.set("dedupe." + f) {
-				bad("dedupe."+f, "only valid for store jetstream")
+				bad("dedupe."+f, "only valid for store jetstream%s", hint)
 			}
 		}
 		if d.Size < 1 {
@@ -120,5 +125,40 @@ func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
 	// The KV store's per-message TTL counts whole seconds: compare rounded up.
 	if rounded := (d.ReserveTTL.D() + time.Second - 1).Truncate(time.Second); rounded >= d.TTL.D() {
 		bad("dedupe.reserveTTL", "must be less than dedupe.ttl (%s) after rounding up to whole seconds, got %s", d.TTL, d.ReserveTTL)
+	}
+}
+
+// replicaIDRE is what a replica id may hold: it is a token of the lease
+// bucket's keys.
+var replicaIDRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
+
+// validateOrdering checks the timing of ordered and partitioned sources
+// (the bounds of natsjs SourceConfig.PinnedTTL and LeaseConfig).
+func (c *Config) validateOrdering(bad func(field, format string, args ...any)) {
+	if d := c.Ordering.PinnedTTL.D(); d < 2*time.Second {
+		bad("ordering.pinnedTTL", "must be at least 2s (the pulls that keep the pin come every second or more), got %s", c.Ordering.PinnedTTL)
+	}
+	p := c.Partitions
+	if !bucketRE.MatchString(p.Bucket) {
+		bad("partitions.bucket", "invalid KV bucket name %q (letters, digits, '_' and '-')", p.Bucket)
+	}
+	if p.LeaseTTL.D() < 2*time.Second {
+		bad("partitions.leaseTTL", "must be at least 2s, got %s", p.LeaseTTL)
+	}
+	switch hb := p.Heartbeat.D(); {
+	case hb < 100*time.Millisecond:
+		bad("partitions.heartbeat", "must be at least 100ms, got %s", p.Heartbeat)
+	case hb > p.LeaseTTL.D()/3:
+		bad("partitions.heartbeat", "must be at most leaseTTL/3 (%s), so that two renewals in a row can fail before a lease expires; got %s",
+			Duration(p.LeaseTTL.D()/3), p.Heartbeat)
+	}
+	if p.Replicas < 1 || p.Replicas > 5 {
+		bad("partitions.replicas", "must be 1..5, got %d", p.Replicas)
+	}
+	if p.ReplicaID != "" && !replicaIDRE.MatchString(p.ReplicaID) {
+		bad("partitions.replicaID", "invalid replica id %q (letters, digits, '_' and '-', at most 128)", p.ReplicaID)
+	}
+	if p.DrainTimeout.D() < 100*time.Millisecond {
+		bad("partitions.drainTimeout", "must be at least 100ms, got %s", p.DrainTimeout)
 	}
 }
