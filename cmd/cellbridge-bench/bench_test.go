@@ -59,7 +59,7 @@ func TestVariantsSmoke(t *testing.T) {
 		t.Skip("starts servers")
 	}
 	rules, _ := filepath.Abs("../../bench/rules")
-	for _, v := range []string{"A", "A-kv1", "A-kv2", "B", "D", "B-fault"} {
+	for _, v := range []string{"A", "A-kv1", "A-kv2", "B", "D", "B-fault", "O", "P"} {
 		t.Run(v, func(t *testing.T) {
 			res, err := runChild(childSpec{Variant: v, N: 3000, Seed: 3, Rules: rules, Fault: v == "B-fault"})
 			if err != nil {

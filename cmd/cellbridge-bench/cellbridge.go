@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/internal/app"
@@ -32,48 +33,144 @@ func (s *faultSink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done f
 	s.Sink.PublishAsync(ctx, m, done)
 }
 
-// runCellbridge is variants B (memory dedupe store) and C (JetStream KV
-// dedupe store): the bridge of `cellbridge run` (package internal/app) in
-// this process, with a configuration naming the bench's server as broker
-// nats and the rules in bench/rules, so that it is built exactly as in
-// production (natsjs connection, JetStream context and sink sized by
-// maxInFlight, consumer MaxAckPending = maxInFlight+maxHeld+fetchBatch, live
-// metrics registry and health, HTTP server, rules watcher). Tuning (-tune
-// B:... or C:...): inflight=N, fetch=N, workers=N, lanes=N.
+// runCellbridge is variants B and C (memory or JetStream KV dedupe store,
+// the shared durable of `ordering: none`: every replica pulls, no per-key
+// order across replicas), O (ordered, the default: one replica forwards,
+// a second waits as a hot standby) and P (ordered and partitioned: two
+// replicas share the partitions of a rule keyed by the subject's user id
+// token): the bridge of `cellbridge run` (package internal/app) in this
+// process, with a configuration naming the bench's server as broker nats and
+// the rules of bench/rules, so that it is built exactly as in production
+// (natsjs connection, JetStream context and sink sized by maxInFlight,
+// consumer MaxAckPending = maxInFlight+maxHeld+fetchBatch, live metrics
+// registry and health, HTTP server, rules watcher). O and P run their two
+// replicas in this one process, on the same two cores. Tuning (-tune B:...
+// or C:..., O:..., P:...): inflight=N, fetch=N, workers=N, lanes=N; P also
+// parts=N (partitions, default 12).
 func runCellbridge(ctx context.Context, e *env) error {
 	store, storeDesc := bridgeconfig.DedupeMemory, "memory (size 1000000, ttl 10m, reserveTTL 30s)"
 	if e.spec.Variant == "C" || e.spec.Variant == "C-fault" {
 		store, storeDesc = bridgeconfig.DedupeJetStream, "jetstream KV (bucket cellbridge-dedupe, ttl 10m, reserveTTL 30s, file storage)"
 	}
-	a, err := startBridge(ctx, e, fmt.Sprintf("brokers:\n  nats: {type: nats, url: %q}\ndedupe: {store: %s}\n", e.url, store))
+	rules, mode, err := variantRules(e)
 	if err != nil {
 		return err
 	}
-	eff := a.Pipeline.Config()
-	e.settings = fmt.Sprintf("maxInFlight=%d workers=%d fetchBatch=%d lanes=%d dedupe=%s; metrics registry live (scraped at the end)",
-		eff.MaxInFlight, eff.Workers, eff.FetchBatch, eff.Lanes, storeDesc)
-	err = runUntilDone(ctx, a)
-	oc := a.Outcomes()
-	for _, outcome := range slices.Sorted(maps.Keys(oc)) {
-		e.settings += fmt.Sprintf(" %s=%.0f", outcome, oc[outcome])
+	brokers := fmt.Sprintf("brokers:\n  nats: {type: nats, url: %q}\ndedupe: {store: %s}\n", e.url, store)
+	replicas := 1
+	if e.spec.Variant == "O" || e.spec.Variant == "P" {
+		replicas = 2
+	}
+	// The replicas start together, as a rollout's pods do (a partitioned
+	// replica waits one heartbeat for the others before it takes
+	// partitions).
+	apps := make([]*app.App, replicas)
+	errs := make([]error, replicas)
+	var wg sync.WaitGroup
+	for i := range apps {
+		wg.Go(func() { apps[i], errs[i] = startBridge(ctx, e, rules, brokers) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		for _, a := range apps {
+			if a != nil {
+				_ = a.Shutdown()
+			}
+		}
+		return err
+	}
+	eff := apps[0].Pipeline.Config()
+	e.settings = fmt.Sprintf("%s; %d replica(s); maxInFlight=%d workers=%d fetchBatch=%d lanes=%d dedupe=%s; metrics registry live (scraped at the end)",
+		mode, replicas, eff.MaxInFlight, eff.Workers, eff.FetchBatch, eff.Lanes, storeDesc)
+	err = runUntilDone(ctx, apps)
+	for i, a := range apps {
+		oc := a.Outcomes()
+		e.settings += fmt.Sprintf(" [replica %d:", i+1)
+		for _, outcome := range slices.Sorted(maps.Keys(oc)) {
+			e.settings += fmt.Sprintf(" %s=%.0f", outcome, oc[outcome])
+		}
+		e.settings += "]"
 	}
 	return err
 }
 
-// startBridge starts the bridge of `cellbridge run` on the variant's rules
-// with brokers (the configuration's brokers and dedupe sections), the
-// variant's tuning and, in the fault variants, the fault-injecting sink.
-// BENCH_LOG=1 sends its log to stderr.
-func startBridge(ctx context.Context, e *env, brokers string) (*app.App, error) {
+// partitions is the partition count of the variant's rule (P; 0 for the
+// others).
+func (e *env) partitions() int {
+	if strings.TrimSuffix(e.spec.Variant, "-fault") != "P" {
+		return 0
+	}
+	return e.tuneInt("parts", 12)
+}
+
+// variantRules writes the rules of bench/rules with the variant's source
+// into a directory of the run and returns it, with a description: B and C
+// consume the shared durable (ordering: none, as every replica did before
+// the ordered mode), O in the ordered default, P in partitions keyed by the
+// subject's user id token.
+func variantRules(e *env) (dir, mode string, err error) {
+	src, err := filepath.Abs(e.spec.Rules)
+	if err != nil {
+		return "", "", err
+	}
+	const source = `source: {broker: nats, stream: ORDERS, subject: "orders.>", group: cellbridge-orders}`
+	var repl []string
+	switch v := strings.TrimSuffix(e.spec.Variant, "-fault"); v {
+	case "B", "C":
+		mode = "ordering: none (shared durable)"
+		repl = []string{source, strings.TrimSuffix(source, "}") + ", ordering: none}"}
+	case "O":
+		mode = "ordering: ordered (one active replica, one standby)"
+	case "P":
+		n := e.partitions()
+		mode = fmt.Sprintf("ordering: ordered, partitions: %d", n)
+		repl = []string{
+			source, fmt.Sprintf(`source: {broker: nats, stream: ORDERS, subject: %q, group: cellbridge-orders, partitions: %d}`, partitionedSubject, n),
+			"key: {json: user.id}", "key: {subjectToken: 2}",
+		}
+	default:
+		return "", "", fmt.Errorf("variant %s is not a cellbridge variant", v)
+	}
+	dir, err = os.MkdirTemp("", "cellbridge-bench-rules-")
+	if err != nil {
+		return "", "", err
+	}
+	files, err := filepath.Glob(filepath.Join(src, "*.yaml"))
+	if err != nil {
+		return "", "", err
+	}
+	r := strings.NewReplacer(repl...)
+	found := make([]bool, len(repl)/2)
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return "", "", err
+		}
+		for i := 0; i < len(repl); i += 2 {
+			found[i/2] = found[i/2] || strings.Contains(string(b), repl[i])
+		}
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(f)), []byte(r.Replace(string(b))), 0o644); err != nil {
+			return "", "", err
+		}
+	}
+	for i, ok := range found {
+		if !ok {
+			return "", "", fmt.Errorf("%s: no line %q to rewrite for variant %s", src, repl[2*i], e.spec.Variant)
+		}
+	}
+	return dir, mode, nil
+}
+
+// startBridge starts the bridge of `cellbridge run` on rules with brokers
+// (the configuration's brokers and dedupe sections), the variant's tuning
+// and, in the fault variants, the fault-injecting sink. BENCH_LOG=1 sends
+// its log to stderr.
+func startBridge(ctx context.Context, e *env, rules, brokers string) (*app.App, error) {
 	var pipeline []string
 	for _, t := range []struct{ tune, field string }{{"inflight", "maxInFlight"}, {"fetch", "fetchBatch"}, {"workers", "workers"}, {"lanes", "lanes"}} {
 		if n := e.tuneInt(t.tune, 0); n != 0 {
 			pipeline = append(pipeline, fmt.Sprintf("%s: %d", t.field, n))
 		}
-	}
-	rules, err := filepath.Abs(e.spec.Rules)
-	if err != nil {
-		return nil, err
 	}
 	data := fmt.Sprintf("rules: %q\n%shttp: {listen: \"127.0.0.1:0\"}\npipeline: {%s}\n", rules, brokers, strings.Join(pipeline, ", "))
 	cfg, err := bridgeconfig.Parse("bench.yaml", []byte(data))
@@ -101,16 +198,29 @@ func startBridge(ctx context.Context, e *env, brokers string) (*app.App, error) 
 	return app.Start(ctx, o)
 }
 
-// runUntilDone runs the bridge until the variant ends (ctx) and then stops
-// it as `cellbridge run` does on SIGTERM: stop fetching, drain, close.
-func runUntilDone(ctx context.Context, a *app.App) error {
-	var failed error
+// runUntilDone runs the bridges until the variant ends (ctx) and then stops
+// them as `cellbridge run` does on SIGTERM: stop fetching, drain, close.
+func runUntilDone(ctx context.Context, apps []*app.App) error {
+	failed := make(chan struct{}, len(apps))
+	for _, a := range apps {
+		go func() {
+			select {
+			case <-a.Failed():
+				failed <- struct{}{}
+			case <-ctx.Done():
+			}
+		}()
+	}
+	var errs []error
 	select {
 	case <-ctx.Done():
-	case <-a.Failed():
-		failed = errors.New("the bridge stopped: a source failed")
+	case <-failed:
+		errs = append(errs, errors.New("a bridge stopped: a source failed"))
 	}
-	return errors.Join(failed, a.Shutdown())
+	for _, a := range apps {
+		errs = append(errs, a.Shutdown())
+	}
+	return errors.Join(errs...)
 }
 
 // checkRulesAgainstRouter cross-checks the harness's inline shard → cell table

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/embedded"
 )
 
@@ -87,7 +88,7 @@ func variantByName(name string) (variantFunc, error) {
 		return runPipe, nil
 	case "D":
 		return runWatermill, nil
-	case "B", "C":
+	case "B", "C", "O", "P":
 		return runCellbridge, nil
 	}
 	return nil, fmt.Errorf("unknown variant %q", name)
@@ -156,12 +157,12 @@ func runChild(spec childSpec) (*childResult, error) {
 		return nil, err
 	}
 	ctx := context.Background()
-	if err := createStreams(ctx, js, table, 0); err != nil {
+	if err := createStreams(ctx, js, table, 0, e.partitions()); err != nil {
 		return nil, err
 	}
 	e.events = genEvents(spec.N, spec.Seed)
 	if spec.Rate <= 0 {
-		if err := prePublish(ctx, js, e.events); err != nil {
+		if err := prePublish(ctx, js, e.events, e.partitions() > 0); err != nil {
 			return nil, err
 		}
 	}
@@ -206,19 +207,27 @@ func runChild(spec childSpec) (*childResult, error) {
 		time.Sleep(200 * time.Millisecond)
 		t0 = time.Now()
 		prodErr = make(chan error, 1)
-		go func() { prodErr <- pacedPublish(vctx, e.url, e.events, spec.Rate) }()
+		go func() { prodErr <- pacedPublish(vctx, e.url, e.events, spec.Rate, e.partitions() > 0) }()
 	}
 	// Done when the cell streams hold N, or, when a variant loses messages
 	// (which is what the fault runs look for), when its source consumer has
 	// nothing pending or unacknowledged for a while.
 	deadline := time.Now().Add(time.Duration(spec.N/2000+60) * time.Second)
-	var count int
+	var count, before int
 	var t1 time.Time
+	// Pre-published runs are timed from the first copy stored in a cell
+	// stream: the variants' start-up (connecting, creating consumers, the
+	// partitioned source's pause of one heartbeat before it takes
+	// partitions, winning the pins) is not throughput.
+	started := spec.Rate > 0
 	idleSince := time.Time{}
 	trace := os.Getenv("BENCH_TRACE") != ""
 	lastTrace := t0
 	for {
 		count = cellCount(srv)
+		if !started && count > 0 {
+			started, t0, before = true, time.Now(), count
+		}
 		if trace && time.Since(lastTrace) >= 100*time.Millisecond {
 			lastTrace = time.Now()
 			fmt.Fprintf(os.Stderr, "trace %s %6.2fs %d\n", spec.Variant, time.Since(t0).Seconds(), count)
@@ -282,7 +291,7 @@ func runChild(spec childSpec) (*childResult, error) {
 		Settings:  e.settings,
 		CPUus:     float64(cpu1-cpu0) / 1e3 / float64(max(count, 1)),
 	}
-	res.MsgsPerS = float64(count) / res.Seconds
+	res.MsgsPerS = float64(count-before) / res.Seconds
 	if e.faults != nil {
 		res.Extra = map[string]any{"injected_faults": e.faults.injected()}
 	}
@@ -302,10 +311,20 @@ var pollEvery = func() time.Duration {
 }()
 
 // createStreams makes the source stream ORDERS, one stream per cell and the
-// DLQ, all with file storage. maxMsgs > 0 bounds them (soak).
-func createStreams(ctx context.Context, js jetstream.JetStream, t *cellTable, maxMsgs int64) error {
+// DLQ, all with file storage. maxMsgs > 0 bounds them (soak). partitions > 0
+// gives ORDERS the subject transform of a rule with that many partitions
+// keyed by the user id token of "orders.<user>.created".
+func createStreams(ctx context.Context, js jetstream.JetStream, t *cellTable, maxMsgs int64, partitions int) error {
+	orders := jetstream.StreamConfig{Name: "ORDERS", Subjects: []string{"orders.>"}}
+	if partitions > 0 {
+		tr, err := natsjs.PartitionTransform(partitionedSubject, 2, partitions)
+		if err != nil {
+			return err
+		}
+		orders.Subjects, orders.SubjectTransform = []string{partitionedSubject}, &tr
+	}
 	cfgs := []jetstream.StreamConfig{
-		{Name: "ORDERS", Subjects: []string{"orders.>"}},
+		orders,
 		{Name: "DLQ", Subjects: []string{"dlq.>"}},
 	}
 	for _, c := range append(append([]string{}, t.cells...), t.global) {
@@ -326,9 +345,22 @@ func createStreams(ctx context.Context, js jetstream.JetStream, t *cellTable, ma
 	return nil
 }
 
+// partitionedSubject is the source subject of the partitioned variant: the
+// user id is the second token, the key the stream partitions on.
+const partitionedSubject = "orders.*.>"
+
+// subjectOf is the subject an event is published on: the user id in it when
+// the stream is partitioned on it.
+func subjectOf(ev *event, keyed bool) string {
+	if keyed {
+		return "orders." + ev.user + ".created"
+	}
+	return "orders.created"
+}
+
 // prePublish stores all events in ORDERS before timing starts, with the
-// producer's Nats-Msg-Id on each.
-func prePublish(ctx context.Context, js jetstream.JetStream, evs []event) error {
+// producer's Nats-Msg-Id on each (keyed: the user id in the subject).
+func prePublish(ctx context.Context, js jetstream.JetStream, evs []event, keyed bool) error {
 	const window = 4096
 	futs := make([]jetstream.PubAckFuture, 0, window)
 	flush := func() error {
@@ -345,7 +377,7 @@ func prePublish(ctx context.Context, js jetstream.JetStream, evs []event) error 
 		return nil
 	}
 	for i := range evs {
-		m := &nats.Msg{Subject: "orders.created", Data: evs[i].body, Header: nats.Header{nats.MsgIdHdr: []string{evs[i].id}}}
+		m := &nats.Msg{Subject: subjectOf(&evs[i], keyed), Data: evs[i].body, Header: nats.Header{nats.MsgIdHdr: []string{evs[i].id}}}
 		f, err := js.PublishMsgAsync(m, jetstream.WithStallWait(30*time.Second))
 		if err != nil {
 			return fmt.Errorf("pre-publish: %w", err)
@@ -365,7 +397,7 @@ const pubTimeHdr = "Bench-Pub-Ns"
 
 // pacedPublish feeds the source stream at a fixed rate: every millisecond it
 // publishes the messages that are due, stamping each with its publish time.
-func pacedPublish(ctx context.Context, url string, evs []event, rate float64) error {
+func pacedPublish(ctx context.Context, url string, evs []event, rate float64, keyed bool) error {
 	nc, err := nats.Connect(url)
 	if err != nil {
 		return err
@@ -390,7 +422,7 @@ func pacedPublish(ctx context.Context, url string, evs []event, rate float64) er
 			due = len(evs)
 		}
 		for ; sent < due; sent++ {
-			m := &nats.Msg{Subject: "orders.created", Data: evs[sent].body, Header: nats.Header{
+			m := &nats.Msg{Subject: subjectOf(&evs[sent], keyed), Data: evs[sent].body, Header: nats.Header{
 				nats.MsgIdHdr: []string{evs[sent].id},
 				pubTimeHdr:    []string{strconv.FormatInt(time.Now().UnixNano(), 10)},
 			}}

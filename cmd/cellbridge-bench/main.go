@@ -55,7 +55,7 @@ func main() {
 	flag.IntVar(&cfg.n, "n", 200000, "events per run")
 	flag.IntVar(&cfg.rounds, "rounds", 3, "alternating rounds of the main variants (medians are reported)")
 	flag.StringVar(&cfg.out, "out", "", "write results JSON here (e.g. bench/results.json)")
-	flag.StringVar(&cfg.variants, "variants", "A,B,C,D", "main variants in run order: A pipe, B cellbridge, C cellbridge+KV, D watermill")
+	flag.StringVar(&cfg.variants, "variants", "A,B,C,D,O,P", "main variants in run order: A pipe, B cellbridge (shared durable), C cellbridge+KV, D watermill, O cellbridge ordered (one active replica, one standby), P cellbridge partitioned (two replicas)")
 	flag.DurationVar(&cfg.soak, "soak", 0, "soak mode: run B at half load for this long, report RSS and goroutines every minute")
 	flag.Float64Var(&cfg.soakRate, "soak-rate", 0, "soak offered load in msg/s (default: 30% of pipe_msgs_per_s from bench/results.json, else 30000)")
 	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the timed phase of each variant's first run (and of each reference run) to PREFIX-<variant>.pprof")
@@ -216,8 +216,10 @@ func median(v []float64) float64 {
 
 var variantNames = map[string]string{
 	"A":       "A  bare pipe (nats.go jetstream)",
-	"B":       "B  cellbridge, memory dedupe",
+	"B":       "B  cellbridge, memory dedupe, shared durable",
 	"C":       "C  cellbridge, JetStream KV dedupe",
+	"O":       "O  cellbridge ordered: 1 active + 1 standby",
+	"P":       "P  cellbridge partitioned: 12 over 2 replicas",
 	"D":       "D  watermill + watermill-nats",
 	"B-fault": "B-fault  cellbridge, 1st attempt of every 1000th fails",
 	"D-fault": "D-fault  watermill, 1st attempt of every 1000th fails",
@@ -239,7 +241,7 @@ func benchMain(cfg config) error {
 	for _, v := range variants {
 		v = strings.TrimSpace(v)
 		if _, err := variantByName(v); err != nil {
-			return fmt.Errorf("-variants: %w (want A, B, C or D)", err)
+			return fmt.Errorf("-variants: %w (want A, B, C, D, O or P)", err)
 		}
 		main = append(main, v)
 	}
@@ -411,7 +413,7 @@ func ratio(a, b float64) float64 {
 }
 
 func buildResults(cfg config, main []string, runs map[string][]*runResult, med func(string) float64, notes []string, took time.Duration) map[string]any {
-	pipe, br, kv, wm := med("A"), med("B"), med("C"), med("D")
+	pipe, br, kv, wm, ord, part := med("A"), med("B"), med("C"), med("D"), med("O"), med("P")
 	res := map[string]any{
 		"n":                         cfg.n,
 		"rounds":                    cfg.rounds,
@@ -423,6 +425,12 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 		"ratio_bridge_vs_pipe":      ratio(br, pipe),
 		"ratio_bridge_kv_vs_pipe":   ratio(kv, pipe),
 		"ratio_bridge_vs_watermill": ratio(br, wm),
+		// The ordered modes against B, the shared durable of the same
+		// bridge (target: at least 0.95).
+		"ordered_msgs_per_s":          round0(ord),
+		"partitioned_msgs_per_s":      round0(part),
+		"ratio_ordered_vs_bridge":     ratio(ord, br),
+		"ratio_partitioned_vs_bridge": ratio(part, br),
 		"machine": map[string]any{
 			"cores":      runtime.NumCPU(),
 			"gomaxprocs": runtime.GOMAXPROCS(0),
@@ -465,6 +473,12 @@ func buildResults(cfg config, main []string, runs map[string][]*runResult, med f
 	}
 	if cpu["C"] > 0 {
 		res["cpu_ratio_bridge_kv_vs_pipe"] = ratio(cpu["A"], cpu["C"])
+	}
+	if cpu["B"] > 0 && cpu["O"] > 0 {
+		res["cpu_ratio_ordered_vs_bridge"] = ratio(cpu["B"], cpu["O"])
+	}
+	if cpu["B"] > 0 && cpu["P"] > 0 {
+		res["cpu_ratio_partitioned_vs_bridge"] = ratio(cpu["B"], cpu["P"])
 	}
 	if cpu["A-hdrs"] > 0 && cpu["B"] > 0 {
 		res["cpu_ratio_bridge_vs_pipe_with_cell_headers"] = ratio(cpu["A-hdrs"], cpu["B"])
@@ -561,7 +575,9 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 	fmt.Fprintf(w, "cellbridge-bench  N=%d  rounds=%d (alternating %s)  cores=%d GOMAXPROCS=%d %s\n",
 		cfg.n, cfg.rounds, strings.Join(main, " "), runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version())
 	fmt.Fprintln(w, "each run: child process with a fresh embedded nats-server (JetStream, file storage) in the same process as the variant;")
-	fmt.Fprintln(w, "timing: start of consumption until the cell streams hold N (events pre-published to ORDERS before timing)")
+	fmt.Fprintln(w, "timing: first copy in a cell stream until the cell streams hold N (events pre-published to ORDERS before timing;")
+	fmt.Fprintln(w, "  start-up, the winning of pins and the partitioned replicas' first heartbeat are not timed); O and P run their two")
+	fmt.Fprintln(w, "  replicas in the one child process; P publishes the user id in the subject (orders.<user>.created)")
 	fmt.Fprintln(w, "references (one run each, after the rounds; \"vs pipe\" against A's median): A-hdrs = A + cellbridge's six Cell-* headers;")
 	fmt.Fprintln(w, "  A-kv1 = A + per message one atomic KV create (expected last subject seq 0, TTL 30s) awaited before the cell publish;")
 	fmt.Fprintln(w, "  A-kv2 = A-kv1 + a KV overwrite \"c\" after the cell PubAck, awaited before the source ack (C's protocol, minimal loop)")
@@ -607,7 +623,7 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "p99_latency_ms_30pct_load", "pipe_p99_latency_ms_30pct_load", "p99_added_latency_ms_30pct_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "ratio_pipe_kv1_vs_pipe", "cpu_ratio_pipe_kv1_vs_pipe", "ratio_pipe_kv2_vs_pipe", "cpu_ratio_pipe_kv2_vs_pipe", "ratio_bridge_kv_vs_pipe_kv2", "cpu_ratio_bridge_kv_vs_pipe_kv2", "rmq_n", "rmq_ratio_bridge_vs_pipe", "allocs_per_msg", "peak_rss_mb"} {
+	for _, k := range []string{"ratio_bridge_vs_pipe", "ratio_bridge_kv_vs_pipe", "ratio_bridge_vs_watermill", "ratio_ordered_vs_bridge", "cpu_ratio_ordered_vs_bridge", "ratio_partitioned_vs_bridge", "cpu_ratio_partitioned_vs_bridge", "p99_latency_ms_half_load", "p50_latency_ms_half_load", "pipe_p99_latency_ms_half_load", "p99_added_latency_ms_half_load", "p99_latency_ms_30pct_load", "pipe_p99_latency_ms_30pct_load", "p99_added_latency_ms_30pct_load", "cpu_ratio_bridge_vs_pipe", "cpu_ratio_bridge_vs_pipe_with_cell_headers", "cpu_ratio_bridge_kv_vs_pipe", "cpu_ratio_bridge_vs_watermill", "ratio_pipe_kv1_vs_pipe", "cpu_ratio_pipe_kv1_vs_pipe", "ratio_pipe_kv2_vs_pipe", "cpu_ratio_pipe_kv2_vs_pipe", "ratio_bridge_kv_vs_pipe_kv2", "cpu_ratio_bridge_kv_vs_pipe_kv2", "rmq_n", "rmq_ratio_bridge_vs_pipe", "allocs_per_msg", "peak_rss_mb"} {
 		if v, ok := res[k]; ok {
 			fmt.Fprintf(w, "%-28s %v\n", k, v)
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -17,6 +18,7 @@ import (
 	"github.com/tidwall/gjson"
 
 	"github.com/cellbridge/cellbridge/bridge/rmq"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/rmqtest"
 )
 
@@ -248,12 +250,16 @@ func runRMQPipe(ctx context.Context, e *env, ns string) error {
 // memory dedupe store: the bridge of `cellbridge run` (package internal/app)
 // with a configuration naming the in-process broker as broker rmq.
 func runRMQBridge(ctx context.Context, e *env, ns string) error {
-	a, err := startBridge(ctx, e, fmt.Sprintf("brokers:\n  rmq: {type: rocketmq, nameservers: [%q], instancePrefix: bench}\ndedupe: {store: memory}\n", ns))
+	rules, err := filepath.Abs(e.spec.Rules)
+	if err != nil {
+		return err
+	}
+	a, err := startBridge(ctx, e, rules, fmt.Sprintf("brokers:\n  rmq: {type: rocketmq, nameservers: [%q], instancePrefix: bench}\ndedupe: {store: memory}\n", ns))
 	if err != nil {
 		return err
 	}
 	eff := a.Pipeline.Config()
 	e.settings = fmt.Sprintf("rmq source (client's pull batch), rmq sink (64 send workers), maxInFlight=%d workers=%d, memory dedupe",
 		eff.MaxInFlight, eff.Workers)
-	return runUntilDone(ctx, a)
+	return runUntilDone(ctx, []*app.App{a})
 }

@@ -106,7 +106,7 @@ func runSoak(spec childSpec) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	// Bounded streams: the soak is about the bridge's memory, not the disk.
-	if err := createStreams(ctx, js, table, 100_000); err != nil {
+	if err := createStreams(ctx, js, table, 100_000, 0); err != nil {
 		return err
 	}
 	e := &env{url: srv.ClientURL(), srv: srv, table: table, spec: spec, tune: parseTune(spec.Tune)}

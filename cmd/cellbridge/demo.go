@@ -40,7 +40,8 @@ func init() {
 		usage: `Usage: cellbridge demo [-n N] [-rate R] [-keep=false] [-data DIR] [-http ADDR] [-config FILE]
 
 Starts the embedded default bridge in this process (in-process NATS server
-with JetStream under -data, the example rules, the KV dedupe store), publishes
+with JetStream under -data, the example rules, the in-memory dedupe store),
+publishes
 N sample events to the example topics (orders: user id in the JSON body;
 payments: user id in the X-User-Id header; one in fifty of the pinned user;
 every 500th a poison event: no key, a non-digit key, or broken JSON), and
@@ -53,7 +54,7 @@ event with 'cellbridge route', and keeps the bridge running for curl
 (/metrics, /readyz, /route, /status) until Ctrl-C; -keep=false exits instead.
 The bridge's log goes to DIR/cellbridge.log. -config may tune the embedded
 bridge (pipeline, dedupe, http, log) but must not name brokers; for example
-'dedupe: {store: memory}' shows the bridge without the KV store round trips.`,
+'dedupe: {store: jetstream}' shows the bridge with the KV store's round trips.`,
 		flags: demoCommand,
 	})
 }

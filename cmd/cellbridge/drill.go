@@ -42,7 +42,7 @@ func init() {
 		usage: `Usage: cellbridge drill [-rate N] [-move RANGE -to CELL] [-down CELL] [-data DIR]
 
 Starts the embedded default bridge in this process (in-process NATS server
-with JetStream, the example rules, the KV dedupe store) with its rules in a
+with JetStream, the example rules, the in-memory dedupe store) with its rules in a
 directory laid out like a Kubernetes ConfigMap volume, puts continuous load
 on one topic rule (keyed events carrying a per-key sequence number), and
 changes the rules on disk the way an operator does:

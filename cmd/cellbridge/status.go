@@ -20,7 +20,7 @@ import (
 func init() {
 	register(&command{
 		name:    "status",
-		summary: "show a running bridge's rules version, in-flight, held (per shard range) and backlog",
+		summary: "show a running bridge's rules version, in-flight, held (per shard range), backlog and its share of each rule",
 		usage: `Usage: cellbridge status [-addr http://127.0.0.1:9090] [-json]
 
 Reads /status of a running bridge and prints: readiness (and why not), the
@@ -29,6 +29,9 @@ messages held because their shard is blocked (per shard range, with the age
 of the oldest), the age of the oldest unacknowledged message and the backlog
 at the source. During a cell switch this is step 2's view: the held ranges
 should be exactly the blocked ones, and they drain after the unblocking rules.
+Last, per rule, this replica's share: for an ordered rule whether it holds
+the consumer's pin (active) or waits as a standby, for a partitioned rule the
+partitions it owns, and the last takeover.
 
 Each replica answers for itself: in Kubernetes, port-forward one pod at a time
 (kubectl -n cellbridge port-forward pod/POD 9090:9090).
@@ -165,6 +168,86 @@ func writeStatus(w io.Writer, base string, st bridge.Status, now time.Time) {
 	_ = tw.Flush()
 	if !found {
 		fmt.Fprintln(w, "  none")
+	}
+	writeSources(w, st, now)
+}
+
+// writeSources prints this replica's share of each rule: for an ordered
+// rule whether it holds the consumer's pin, for a partitioned rule the
+// partitions it owns, and the last takeover.
+func writeSources(w io.Writer, st bridge.Status, now time.Time) {
+	fmt.Fprintln(w, "\nthis replica's share of each rule (ordered: one replica forwards; partitioned: one per partition):")
+	found := false
+	tw := tabwriter.NewWriter(w, 2, 0, 2, ' ', 0)
+	ago := func(t time.Time) string { return age(now.Sub(t).Seconds()) + " ago" }
+	for _, r := range st.Rules {
+		src := r.Source
+		if src == nil {
+			continue
+		}
+		found = true
+		mode := src.Ordering
+		if mode == "" {
+			mode = "-"
+		}
+		var what []string
+		switch {
+		case src.Partitions > 0:
+			mode = "partitioned"
+			var active []string
+			for _, o := range src.Owned {
+				state := o.State
+				if o.Consumer != "" && o.Consumer != o.State {
+					state += "/" + o.Consumer
+				}
+				active = append(active, fmt.Sprintf("%d %s", o.Partition, state))
+			}
+			what = append(what, fmt.Sprintf("owns %d of %d", src.OwnedCount, src.Partitions))
+			if len(active) > 0 {
+				what[0] += " (" + strings.Join(active, ", ") + ")"
+			}
+			what = append(what, fmt.Sprintf("replica %s, %d members", src.Replica, len(src.Members)))
+		default:
+			state := src.State
+			if !src.Since.IsZero() {
+				state += " since " + ago(src.Since)
+			}
+			what = append(what, state)
+			if src.PinID != "" {
+				what = append(what, "pin "+src.PinID)
+			}
+			if !src.EpochStart.IsZero() && src.State == "active" {
+				what = append(what, "forwarding since "+ago(src.EpochStart))
+			}
+		}
+		if src.Partitions > 0 || src.Ordering == "ordered" {
+			t := fmt.Sprintf("takeovers %d", src.Takeovers)
+			if lt := src.LastTakeover; lt != nil {
+				t += " (last " + ago(lt.At)
+				if lt.Partition != nil {
+					t += fmt.Sprintf(", partition %d", *lt.Partition)
+				}
+				if lt.From != "" {
+					t += " from " + lt.From
+				}
+				if lt.How != "" {
+					t += ", " + lt.How
+				}
+				if lt.UnownedSeconds > 0 {
+					t += ", unowned " + age(lt.UnownedSeconds)
+				}
+				t += ")"
+			}
+			what = append(what, t)
+		}
+		if src.Fences > 0 {
+			what = append(what, fmt.Sprintf("fences %d (last %s: %s)", src.Fences, ago(src.LastFenceAt), src.LastFence))
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", r.Rule, mode, strings.Join(what, "; "))
+	}
+	_ = tw.Flush()
+	if !found {
+		fmt.Fprintln(w, "  no source reports one")
 	}
 }
 

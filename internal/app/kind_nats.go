@@ -175,6 +175,8 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 		Backlog:       func(n uint64) { health.Backlog(rule, int64(n)) },
 	}
 	if r.Source.Partitions > 0 {
+		base.MaxAckPending = cfg.PartitionMaxAckPending(r.Source.Partitions)
+		base.FetchBatch = cfg.PartitionFetchBatch(r.Source.Partitions)
 		p := cfg.Partitions
 		src, err := natsjs.NewPartitionedSource(ctx, c.js[r.Source.Broker], natsjs.PartitionedConfig{
 			Rule:       rule,

@@ -129,6 +129,29 @@ func (c *Config) SourceMaxAckPending() int {
 	return p.MaxInFlight + p.MaxHeld + p.FetchBatch
 }
 
+// PartitionMaxAckPending is the MaxAckPending of each partition's consumer
+// of a rule with n partitions, and PartitionFetchBatch its pull batch: a
+// replica holding every partition may then hold as many unacknowledged
+// messages as one consumer of an unpartitioned rule (SourceMaxAckPending).
+// An ordered consumer takes deliveries up to its MaxAckPending whether or not
+// the pipeline can take them yet (its pulls keep its pin), so the rule's
+// budget is split rather than given to each partition whole, which would let
+// a replica buffer n times as many messages. Held messages of blocked shards
+// spread over the partitions by key like every other message.
+func (c *Config) PartitionMaxAckPending(n int) int {
+	p := c.Pipeline
+	return ceilDiv(p.MaxInFlight+p.MaxHeld, max(n, 1)) + c.PartitionFetchBatch(n)
+}
+
+// PartitionFetchBatch is the pull batch of each partition's consumer of a
+// rule with n partitions (see PartitionMaxAckPending): the pipeline's
+// fetchBatch split over the partitions, at least 16.
+func (c *Config) PartitionFetchBatch(n int) int {
+	return max(ceilDiv(c.Pipeline.FetchBatch, max(n, 1)), 16)
+}
+
+func ceilDiv(a, b int) int { return (a + b - 1) / b }
+
 // SinkMaxPending bounds unconfirmed publishes per sink: the pipeline never
 // has more than maxInFlight messages between publish and confirm.
 func (c *Config) SinkMaxPending() int { return c.Pipeline.MaxInFlight }

@@ -270,3 +270,25 @@ func TestPartitionsHeartbeatFollowsLeaseTTL(t *testing.T) {
 		}
 	}
 }
+
+// A replica holding every partition of a rule may hold as many unacknowledged
+// messages as the consumer of an unpartitioned rule, not n times as many.
+func TestPartitionMaxAckPending(t *testing.T) {
+	c := Default()
+	if got, want := c.PartitionMaxAckPending(12), 1175+86; got != want {
+		t.Errorf("12 partitions: MaxAckPending %d, want %d", got, want)
+	}
+	if got := c.PartitionFetchBatch(12); got != 86 {
+		t.Errorf("12 partitions: fetch batch %d, want 86", got)
+	}
+	if got := c.PartitionFetchBatch(1024); got != 16 {
+		t.Errorf("1024 partitions: fetch batch %d, want at least 16", got)
+	}
+	for _, n := range []int{1, 2, 3, 7, 12, 1024} {
+		total := n * c.PartitionMaxAckPending(n)
+		if p := c.Pipeline; total < p.MaxInFlight+p.MaxHeld || c.PartitionMaxAckPending(n) > c.SourceMaxAckPending() {
+			t.Errorf("%d partitions: %d each, %d in all; want at least maxInFlight+maxHeld and each at most %d", n,
+				c.PartitionMaxAckPending(n), total, c.SourceMaxAckPending())
+		}
+	}
+}

@@ -32,7 +32,7 @@ var defaults = []defaultRow{
 	{"dedupe.ttl", "10m", "how long a committed key suppresses a repeat"},
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this"},
 	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
-	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (the NATS consumer's MaxAckPending is maxInFlight+maxHeld+fetchBatch)"},
+	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (the NATS consumer's MaxAckPending is maxInFlight+maxHeld+fetchBatch; with `source.partitions: N` each partition's consumer gets (maxInFlight+maxHeld)/N plus fetchBatch/N)"},
 	{"pipeline.lanes", "", "ordering lanes: maxInFlight/4, at least 1 (one key always uses one lane; one message per key between publish and confirm; keys sharing a lane do not wait for each other)"},
 	{"pipeline.workers", "", "goroutines that reserve/commit/ack: GOMAXPROCS with the memory store, 256 with jetstream (each KV round trip holds one)"},
 	{"pipeline.fetchBatch", "1024", "messages requested ahead from the source (pull batch)"},
