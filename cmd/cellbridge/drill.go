@@ -63,7 +63,10 @@ lost or duplicated (by Cell-Msg-Id and payload id); per-key order held across
 both moves; the other shards kept flowing while the range was blocked;
 nothing reached the down cell after the failover; the lower version was
 refused. It prints events per cell by rules version, the held counts, the
-time from unblock to drained, and the violations.
+time from unblock to drained, the per-key reorderings it found (with the
+source's ordering mode as the bridge reports it; a rule keyed by a subject
+token gets the key in the subject, so -rules may name a partitioned rule),
+and the violations.
 
 Exit status 0 when there is no violation, 1 when there is any (or the drill
 could not run). The bridge's log goes to DIR/cellbridge.log.`,

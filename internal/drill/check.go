@@ -104,6 +104,8 @@ func checkArrivals(in checkInput, rep *Report) {
 		reordered[r.Key] = true
 		violate(KindOrder, "key %s: stream %s holds seq %d (%s) after seq %d (%s)", r.Key, r.Stream, r.Seq, r.ID, r.After, r.AfterID)
 	}
+	rep.Reorderings = len(res.Reordered)
+	defer func() { rep.ReorderedKeys = len(reordered) }()
 
 	byKey := map[string][]Arrival{}
 	for _, a := range in.arrivals {
@@ -175,6 +177,8 @@ func checkArrivals(in checkInput, rep *Report) {
 			cells[a.Cell] = true
 			if ok && i > 0 && a.Seq <= as[i-1].Seq {
 				ok = false
+				reordered[k] = true
+				rep.Reorderings++
 				violate(KindOrder, "key %s: seq %d (%s in %s) was stored after seq %d (%s in %s)",
 					k, a.Seq, a.ID, a.Cell, as[i-1].Seq, as[i-1].ID, as[i-1].Cell)
 			}

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -157,11 +158,13 @@ func (d *drill) runAll(ctx context.Context) (*Report, error) {
 	}
 
 	// The bridge must run the rules we start from.
-	if _, err := d.waitStatus(ctx, "the bridge to run rules version "+fmt.Sprint(v0), func(st bridge.Status) bool {
+	st, err := d.waitStatus(ctx, "the bridge to run rules version "+fmt.Sprint(v0), func(st bridge.Status) bool {
 		return st.RulesLoaded && st.RulesVersion == v0
-	}); err != nil {
+	})
+	if err != nil {
 		return nil, err
 	}
+	d.rep.Ordering = orderingOf(st, d.rule.Name)
 
 	keys, err := pickKeys(t0, d.rule.Name, cfg.KeysPerShard)
 	if err != nil {
@@ -220,6 +223,21 @@ func (d *drill) runAll(ctx context.Context) (*Report, error) {
 	}
 	d.analyze()
 	return d.rep, nil
+}
+
+// orderingOf describes how the bridge's source consumes rule, from its
+// /status ("" when the source does not report it).
+func orderingOf(st bridge.Status, rule string) string {
+	for _, r := range st.Rules {
+		if r.Rule != rule || r.Source == nil {
+			continue
+		}
+		if r.Source.Partitions > 0 {
+			return fmt.Sprintf("%s, %d partitions", r.Source.Ordering, r.Source.Partitions)
+		}
+		return r.Source.Ordering
+	}
+	return ""
 }
 
 func sourceName(r *router.Rule) string {
@@ -313,7 +331,6 @@ func (d *drill) load(ctx context.Context, pub Publisher, keys []string, t0 *rout
 	for _, k := range keys {
 		shard[k] = t0.Resolve(d.rule.Name, k).Shard
 	}
-	subject := sourceSubject(d.rule)
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	start := time.Now()
@@ -328,7 +345,7 @@ func (d *drill) load(ctx context.Context, pub Publisher, keys []string, t0 *rout
 		for ; n < due; n++ {
 			k := keys[n%len(keys)]
 			seq[k]++
-			e := &Event{ID: fmt.Sprintf("%s-%07d", d.run, n+1), Key: k, Seq: seq[k], Shard: shard[k], Subject: subject, Published: time.Now()}
+			e := &Event{ID: fmt.Sprintf("%s-%07d", d.run, n+1), Key: k, Seq: seq[k], Shard: shard[k], Subject: tally.Subject(d.rule, k, "drill"), Published: time.Now()}
 			if err := buildEvent(d.rule, d.run, e); err != nil {
 				return err
 			}
@@ -366,21 +383,6 @@ func (d *drill) load(ctx context.Context, pub Publisher, keys []string, t0 *rout
 			}
 		}
 	}
-}
-
-// sourceSubject is a concrete subject for a NATS source filter
-// ("orders.>" → "orders.drill"), or the RocketMQ topic.
-func sourceSubject(r *router.Rule) string {
-	if !r.Source.IsNATS() {
-		return r.Source.Topic
-	}
-	toks := strings.Split(r.Source.Subject, ".")
-	for i, t := range toks {
-		if t == "*" || t == ">" {
-			toks[i] = "drill"
-		}
-	}
-	return strings.Join(toks, ".")
 }
 
 // snapshotEvents returns the events published so far.

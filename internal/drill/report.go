@@ -123,7 +123,16 @@ type Report struct {
 	Failover  FailoverReport `json:"failover"`
 	// KeysMoved counts keys whose events arrived in more than one cell
 	// (they crossed the switch or the failover) with their order kept.
-	KeysMoved  int         `json:"keysMoved"`
+	KeysMoved int `json:"keysMoved"`
+	// Reorderings counts copies stored after a copy of a later event of
+	// their key (within a cell stream, or across cells by store time), in
+	// ReorderedKeys keys; each is also an order violation.
+	Reorderings   int `json:"reorderings"`
+	ReorderedKeys int `json:"reorderedKeys"`
+	// Ordering is how the bridge's source consumes the rule, as its
+	// /status says: "ordered" (one replica forwards at a time), "ordered,
+	// N partitions", "none" (a shared consumer), or "" when it does not say.
+	Ordering   string      `json:"ordering,omitempty"`
 	Violations []Violation `json:"violations"`
 }
 
@@ -210,6 +219,11 @@ func (r *Report) WriteText(w io.Writer) error {
 	}
 	ew.printf("  arrived in %s after the failover was running: %d (decided before it)\n", fo.Down, fo.InDownAfter)
 	ew.printf("\nkeys that moved cell with their order kept: %d\n", r.KeysMoved)
+	ordering := r.Ordering
+	if ordering == "" {
+		ordering = "not reported"
+	}
+	ew.printf("per-key reorderings: %d in %d keys (source ordering: %s)\n", r.Reorderings, r.ReorderedKeys, ordering)
 
 	if len(r.Violations) == 0 {
 		ew.printf("\nviolations: none\n")

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"strings"
 	"sync"
 	"time"
 
@@ -24,10 +23,11 @@ type LoadConfig struct {
 	// know every server of the cluster.
 	JetStream jetstream.JetStream
 	// Rule is the topic rule whose NATS source the load feeds; the key goes
-	// where it reads it (tally.Encode).
+	// where it reads it (tally.Encode; a subject token: tally.Subject).
 	Rule *router.Rule
-	// Subject to publish on; default the rule's source subject with its
-	// wildcards replaced by "load".
+	// Subject to publish on; default per event the rule's source subject
+	// with its wildcards replaced by "load" and, for a rule keyed by a
+	// subject token (a partitioned rule), the event's key at that token.
 	Subject string
 	// Keys are used round robin: event n has key Keys[n % len(Keys)].
 	Keys []string
@@ -106,7 +106,6 @@ func StartLoad(cfg LoadConfig) (*Load, error) {
 	if len(cfg.Keys) == 0 || cfg.Rate <= 0 || cfg.Events <= 0 {
 		return nil, fmt.Errorf("e2etest: a load of %d events over %d keys at %d/s", cfg.Events, len(cfg.Keys), cfg.Rate)
 	}
-	cfg.Subject = cmp.Or(cfg.Subject, concreteSubject(cfg.Rule.Source.Subject))
 	cfg.Run = cmp.Or(cfg.Run, fmt.Sprintf("load%d", time.Now().UnixNano()%1e9))
 	cfg.Lanes = cmp.Or(max(cfg.Lanes, 0), 64)
 	cfg.AttemptTimeout = cmp.Or(max(cfg.AttemptTimeout, 0), 2*time.Second)
@@ -126,18 +125,6 @@ func StartLoad(cfg LoadConfig) (*Load, error) {
 	l.wg.Add(1)
 	go l.schedule(ctx)
 	return l, nil
-}
-
-// concreteSubject turns a source filter into a subject ("orders.>" →
-// "orders.load").
-func concreteSubject(filter string) string {
-	toks := strings.Split(filter, ".")
-	for i, t := range toks {
-		if t == "*" || t == ">" {
-			toks[i] = "load"
-		}
-	}
-	return strings.Join(toks, ".")
 }
 
 func (l *Load) laneOf(key string) chan *Event {
@@ -206,7 +193,7 @@ func (l *Load) publish(ctx context.Context, e *Event) bool {
 		l.fail(err)
 		return false
 	}
-	m := &nats.Msg{Subject: l.cfg.Subject, Header: nats.Header(header), Data: body}
+	m := &nats.Msg{Subject: cmp.Or(l.cfg.Subject, tally.Subject(l.cfg.Rule, e.Key, "load")), Header: nats.Header(header), Data: body}
 	m.Header.Set(jetstream.MsgIDHeader, e.ID)
 	for attempt := 1; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, l.cfg.AttemptTimeout)

@@ -179,6 +179,40 @@ func TestEncodeDecode(t *testing.T) {
 	}
 }
 
+// TestSubject puts the key where a subject-token rule reads it, fills the
+// filter's other wildcards, and leaves rules keyed elsewhere alone.
+func TestSubject(t *testing.T) {
+	rule := func(subject string, token int) *router.Rule {
+		return &router.Rule{Name: "r", Source: router.Source{Stream: "S", Subject: subject}, Key: router.KeySource{SubjectToken: token}}
+	}
+	for _, c := range []struct {
+		r    *router.Rule
+		want string
+	}{
+		{rule("orders.*.>", 2), "orders.k1.x"},
+		{rule("orders.>", 2), "orders.k1"},
+		{rule("orders.>", 3), "orders.x.k1"},
+		{rule("orders.*.*", -1), "orders.x.k1"},
+		{rule("orders.>", 0), "orders.x"},
+		{&router.Rule{Source: router.Source{Topic: "T"}}, "T"},
+	} {
+		got := Subject(c.r, "k1", "x")
+		if got != c.want {
+			t.Errorf("%s token %d: %q, want %q", c.r.Source.Subject, c.r.Key.SubjectToken, got, c.want)
+		}
+		if c.r.Key.SubjectToken == 0 {
+			continue
+		}
+		h, body, err := Encode(c.r, Payload{ID: "r-1", Key: "k1", Seq: 1, Run: "r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if key, cause, why := c.r.Extract(&router.Message{Subject: got, Header: h, Body: body}); key != "k1" {
+			t.Errorf("%s: the rule reads %q (%s %s)", got, key, cause, why)
+		}
+	}
+}
+
 // TestReadStream reads a stream back in order, copies of test events
 // included, and a missing stream as empty.
 func TestReadStream(t *testing.T) {

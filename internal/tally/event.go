@@ -22,9 +22,9 @@ type Payload struct {
 // Encode returns the headers and the JSON body of p for a message of rule,
 // with p.Key where rule reads the key: nested under the JSON path (a
 // number when it is all digits, as producers of user ids send them) or in
-// the header. For a RocketMQ keys rule the publisher sets the message keys.
-// Rules that read a subject token are refused: the key would belong in the
-// subject, which the caller chooses.
+// the header. For a RocketMQ keys rule the publisher sets the message keys;
+// for a rule that reads a subject token, the publisher sends the message on
+// Subject(rule, p.Key, ...).
 func Encode(rule *router.Rule, p Payload) (header map[string][]string, body []byte, err error) {
 	b, err := json.Marshal(p)
 	if err != nil {
@@ -54,12 +54,42 @@ func Encode(rule *router.Rule, p Payload) (header map[string][]string, body []by
 		}
 	case k.Header != "":
 		header[k.Header] = []string{p.Key}
-	case k.RocketMQKeys:
+	case k.RocketMQKeys, k.SubjectToken != 0:
 	default:
-		return nil, nil, fmt.Errorf("tally: topic rule %s reads its key from the %s; test events support json, header and RocketMQ keys", rule.Name, k)
+		return nil, nil, fmt.Errorf("tally: topic rule %s reads its key from the %s; test events support json, header, subject token and RocketMQ keys", rule.Name, k)
 	}
 	body, err = json.Marshal(m)
 	return header, body, err
+}
+
+// Subject returns a subject that rule's NATS source filter matches, for an
+// event with key: every wildcard of the filter becomes filler, and for a rule
+// that reads its key from a subject token, that token is the key ("orders.*.>"
+// with subjectToken 2 and key 42 → "orders.42.<filler>"). For a RocketMQ
+// source it returns the topic.
+func Subject(rule *router.Rule, key, filler string) string {
+	if !rule.Source.IsNATS() {
+		return rule.Source.Topic
+	}
+	toks := strings.Split(rule.Source.Subject, ".")
+	for i, t := range toks {
+		if t == "*" || t == ">" {
+			toks[i] = filler
+		}
+	}
+	if n := rule.Key.SubjectToken; n != 0 {
+		i := n - 1
+		if n < 0 {
+			i = len(toks) + n
+		}
+		for i >= len(toks) {
+			toks = append(toks, filler)
+		}
+		if i >= 0 {
+			toks[i] = key
+		}
+	}
+	return strings.Join(toks, ".")
 }
 
 // Decode reads a body written by Encode; an error for anything else.
