@@ -287,7 +287,8 @@ func TestConfigPassesBridgeCheck(t *testing.T) {
 }
 
 // TestRulesConfigMapIsValid: the rules ConfigMap, written out as the kubelet writes it, loads with the
-// router and passes `cellbridge validate`, and holds exactly the example rules.
+// router and passes `cellbridge validate`, and holds exactly the example rules plus the overlay's own
+// rule files (its rules/ directory, merged into the ConfigMap by its kustomization).
 func TestRulesConfigMapIsValid(t *testing.T) {
 	src, err := router.Load(rulesSrcDir)
 	if err != nil {
@@ -311,17 +312,32 @@ func TestRulesConfigMapIsValid(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		srcOf := map[string]string{}
+		for _, n := range names {
+			srcOf[n] = filepath.Join(rulesSrcDir, n)
+		}
+		own := filepath.Join(r.dir, "rules")
+		if extra, err := ruleFiles(own); err == nil {
+			for _, n := range extra {
+				if srcOf[n] != "" {
+					t.Errorf("%s/%s would replace deploy/rules/%s", own, n, n)
+				}
+				srcOf[n] = filepath.Join(own, n)
+				names = append(names, n)
+			}
+			sort.Strings(names)
+		}
 		var keys []string
 		for k := range cm.Data {
 			keys = append(keys, k)
-			want, _ := os.ReadFile(filepath.Join(rulesSrcDir, k))
-			if string(want) != cm.Data[k] {
-				t.Errorf("ConfigMap key %s differs from deploy/rules/%s", k, k)
+			want, _ := os.ReadFile(srcOf[k])
+			if srcOf[k] == "" || string(want) != cm.Data[k] {
+				t.Errorf("ConfigMap key %s differs from %s", k, srcOf[k])
 			}
 		}
 		sort.Strings(keys)
 		if strings.Join(keys, ",") != strings.Join(names, ",") {
-			t.Errorf("ConfigMap keys %v, deploy/rules has %v", keys, names)
+			t.Errorf("ConfigMap keys %v, want %v (deploy/rules and the overlay's rules/)", keys, names)
 		}
 		if code, out := runCellbridge(t, os.Environ(), "validate", dir); code != 0 {
 			t.Errorf("cellbridge validate: exit %d\n%s", code, out)

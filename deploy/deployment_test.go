@@ -17,6 +17,7 @@ import (
 
 	_ "github.com/cellbridge/cellbridge/internal/app" // the broker kinds the configuration names
 	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/router"
 )
 
 // configOf returns the config file the Deployment's container reads: the -config argument, resolved
@@ -413,6 +414,39 @@ func TestAvailability(t *testing.T) {
 		default:
 			t.Error("PDB sets neither maxUnavailable nor minAvailable")
 		}
+	})
+}
+
+// TestReplicasFitPartitions: replicas beyond the largest partition count of the rules own nothing (an
+// ordered rule with one consumer is forwarded by one replica whatever the count), so an autoscaler may
+// add replicas only up to that count; a fixed replica count beyond it only adds standbys, which is fine
+// for availability. A partitioned rule's count should be a multiple of the autoscaler's minimum, so that
+// the first replicas share it evenly.
+func TestReplicasFitPartitions(t *testing.T) {
+	forEachOverlay(t, func(t *testing.T, r *rendering) {
+		dir := t.TempDir()
+		writeConfigMap(t, dir, r.configMaps[rulesCMName])
+		table, err := router.Load(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		largest := 0
+		for _, rule := range table.Rules() {
+			largest = max(largest, rule.Source.Partitions)
+		}
+		if r.hpa == nil {
+			return
+		}
+		lo, hi := *r.hpa.Spec.MinReplicas, r.hpa.Spec.MaxReplicas
+		switch {
+		case largest == 0 && hi > lo:
+			t.Errorf("HPA scales %d → %d replicas, but no rule is partitioned: every replica beyond the first of each rule is a standby", lo, hi)
+		case largest > 0 && int(hi) > max(largest, int(lo)):
+			t.Errorf("HPA maxReplicas %d exceeds the largest partition count %d: the replicas beyond it own nothing", hi, largest)
+		case largest > 0 && largest%int(lo) != 0:
+			t.Errorf("HPA minReplicas %d does not divide the partition count %d: the first replicas get unequal shares", lo, largest)
+		}
+		t.Logf("HPA %d → %d replicas; largest partition count %d", lo, hi, largest)
 	})
 }
 

@@ -26,8 +26,9 @@ import (
 // rules ConfigMap laid out at their mount paths. The NATS server expects exactly what the manifests
 // promise: the config's user with the password the Deployment passes from its Secret, and TLS with a
 // certificate signed by the CA the config names, where the config asks for TLS. Only the broker's
-// address is changed (to the test server). Events must then be routed, the dedupe bucket the config
-// names must be used, and SIGTERM must end the process within the grace period.
+// address is changed (to the test server), and the lease bucket's replicas (to one, the server's
+// count). Events must then be routed, the dedupe bucket the config names (if any) must be used, and
+// SIGTERM must end the process within the grace period.
 func TestRenderedConfigRuns(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts the bridge; not in -short")
@@ -68,6 +69,10 @@ func TestRenderedConfigRuns(t *testing.T) {
 		}
 		u.Host = su.Host
 		setYAML(t, config, []string{"brokers", name, "url"}, u.String())
+		// One test server holds the lease bucket of the partitioned rules with one replica.
+		if cfg.Partitions.Replicas > 1 {
+			setYAML(t, config, []string{"partitions", "replicas"}, "1")
+		}
 
 		// The streams are owned by the producers and the cells in production; create them here.
 		opts := []nats.Option{nats.UserInfo(b.User, password)}
