@@ -144,6 +144,11 @@ type Metrics struct {
 	ConnectionUp      *prometheus.GaugeVec
 	Ready             prometheus.Gauge
 	BuildInfo         *prometheus.GaugeVec
+	// Sources exports the ownership metrics (cellbridge_partitions,
+	// cellbridge_partitions_owned, cellbridge_takeovers_total,
+	// cellbridge_source_pinned) from the sources' statuses at every scrape
+	// (SetSources).
+	Sources prometheus.Collector
 
 	rules cowMap[string, *ruleMetrics]
 	// sources reads the sources' statuses (SetSources).
@@ -190,11 +195,12 @@ func NewMetrics(version string) *Metrics {
 	m.ConnectionUp = gauge(MetricConnectionUp)
 	m.Ready = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricReady, Help: byName[MetricReady].Help})
 	m.BuildInfo = gauge(MetricBuildInfo)
+	m.Sources = newSourceCollector(m, byName)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
 		m.TargetFailing, m.SourceFailing, m.DedupeErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
-		newSourceCollector(m, byName),
+		m.Sources,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if version == "" {
 		version = "dev"
