@@ -165,8 +165,11 @@
 // in Standby: the figure behind cellbridge_takeovers_total), the last
 // takeover's time, its cost (from the winning probe to the epoch start) and
 // the time the consumer was without an owner before it (from the UNPINNED
-// advisory), and the number and last reason of fences. SourceConfig.OnState
-// reports each change; each change is logged once (rule, stream, consumer,
+// advisory), and the number and last reason of fences; SourceStatus gives
+// the same as a bridge.SourceStatus (for /status and the metrics
+// cellbridge_source_pinned and cellbridge_takeovers_total), and
+// PartitionedSource.SourceStatus the partitions of a partitioned rule with
+// each one's pin and epoch. SourceConfig.OnState reports each change; each change is logged once (rule, stream, consumer,
 // state, previous state and time spent in it, pin, reason).
 //
 // # Sink
