@@ -18,7 +18,7 @@ test:
 	$(GO) vet $(PKGS)
 	$(GO) test -race -timeout 30m $(PKGS)
 
-## bench: throughput side by side (bare pipe, cellbridge, cellbridge+KV, watermill); writes bench/results.json
+## bench: throughput side by side (bare pipe, cellbridge shared, +KV, watermill, ordered, partitioned); writes bench/results.json
 bench:
 	$(GO) run ./cmd/cellbridge-bench -out bench/results.json
 
