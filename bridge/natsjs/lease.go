@@ -218,16 +218,34 @@ func (b *leaseBucket) create(ctx context.Context, key string, val []byte) (uint6
 }
 
 // release deletes key if its last revision is rev (so that it never
-// deletes a later holder's lease), retrying transient failures. When it
-// fails, the key expires after the TTL.
-func (b *leaseBucket) release(ctx context.Context, key string, rev uint64) error {
-	return b.retry(ctx, 3, func(ctx context.Context) error {
-		err := b.kv.Delete(ctx, key, jetstream.LastRevision(rev))
-		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) || isWrongLastSeq(err) {
-			return nil // not ours any more: nothing to give up
+// deletes a later holder's lease). A key at another revision that still
+// holds val is this holder's own: a renewal that the keeper's Stop cut off
+// reached the server anyway, or its answer was lost; it is deleted at that
+// revision. A key holding another value, or none, is not ours any more:
+// nothing to give up.
+func (b *leaseBucket) release(ctx context.Context, key string, val []byte, rev uint64) error {
+	for range 3 {
+		moved := false
+		err := b.retry(ctx, 3, func(ctx context.Context) error {
+			err := b.kv.Delete(ctx, key, jetstream.LastRevision(rev))
+			if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !isWrongLastSeq(err) {
+				return err
+			}
+			e, gerr := b.kv.Get(ctx, key)
+			switch {
+			case gerr == nil && e.Operation() == jetstream.KeyValuePut && bytes.Equal(e.Value(), val):
+				rev, moved = e.Revision(), true
+				return nil
+			case gerr == nil, errors.Is(gerr, jetstream.ErrKeyNotFound), errors.Is(gerr, jetstream.ErrKeyDeleted):
+				return nil
+			}
+			return gerr
+		})
+		if err != nil || !moved {
+			return err
 		}
-		return err
-	})
+	}
+	return fmt.Errorf("natsjs: lease %s: still moving after three releases; it expires after the TTL", key)
 }
 
 // isWrongLastSeq recognises a compare-and-set conflict of a publish.

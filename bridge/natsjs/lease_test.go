@@ -70,7 +70,7 @@ func TestLeaseExclusive(t *testing.T) {
 				}
 				rev = k.Stop()
 				holders.Add(-1) // before the release: nobody can take it until then
-				if err := b.release(ctx, "rule.n4.p.0", rev); err != nil {
+				if err := b.release(ctx, "rule.n4.p.0", val, rev); err != nil {
 					t.Errorf("replica %d: release: %v", r, err)
 				}
 			}
@@ -179,11 +179,34 @@ func TestLeaseLostOnConflict(t *testing.T) {
 		t.Fatal("the keeper did not notice another holder's write")
 	}
 	// Releasing with the stale revision leaves b's lease alone.
-	if err := a.release(ctx, "k", k.Stop()); err != nil {
+	if err := a.release(ctx, "k", []byte("a"), k.Stop()); err != nil {
 		t.Fatal(err)
 	}
 	if e, err := a.kv.Get(ctx, "k"); err != nil || string(e.Value()) != "b" {
 		t.Fatalf("after a stale release: %v, %v; want b's lease intact", e, err)
+	}
+}
+
+// TestLeaseReleaseOwnLaterRevision: a renewal that reached the server after
+// the keeper stopped (or whose answer was lost) moved the key to a later
+// revision that still holds this replica's value: the release deletes it
+// all the same, so that the next holder need not wait for the TTL.
+func TestLeaseReleaseOwnLaterRevision(t *testing.T) {
+	srv := natstest.Start(t)
+	a, _ := leaseClient(t, srv, LeaseConfig{Bucket: "leases-r", TTL: 3 * time.Second})
+	ctx := testCtx(t)
+	r1, err := a.create(ctx, "k", []byte("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.kv.Update(ctx, "k", []byte("a"), r1); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.release(ctx, "k", []byte("a"), r1); err != nil {
+		t.Fatal(err)
+	}
+	if e, err := a.kv.Get(ctx, "k"); !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) {
+		t.Fatalf("after the release: %v, %v; want the key gone", e, err)
 	}
 }
 
@@ -203,7 +226,7 @@ func TestLeaseCreateAdopts(t *testing.T) {
 	if _, err := a.create(ctx, "k", []byte("b")); !errors.Is(err, errHeld) {
 		t.Errorf("create by another = %v, want errHeld", err)
 	}
-	if err := a.release(ctx, "k", r1); err != nil {
+	if err := a.release(ctx, "k", []byte("a"), r1); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := a.create(ctx, "k", []byte("b")); err != nil {

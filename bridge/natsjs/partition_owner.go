@@ -77,7 +77,7 @@ func (s *PartitionedSource) own(o *owner) {
 	}
 	k := s.b.keep(key, s.val, rev, sent)
 	release := func() {
-		if err := s.b.release(s.life, key, k.Stop()); err != nil {
+		if err := s.b.release(s.life, key, s.val, k.Stop()); err != nil {
 			log.Warn("partition lease not released; it expires after the TTL", "err", err)
 		}
 	}
@@ -419,7 +419,7 @@ func (m *manager) leave() {
 		return
 	}
 	s := m.s
-	if err := s.b.release(s.life, s.memberKey, m.member.Stop()); err != nil {
+	if err := s.b.release(s.life, s.memberKey, s.val, m.member.Stop()); err != nil {
 		s.log.Warn("membership not removed; it expires after the TTL", "err", err)
 	}
 	m.member = nil
