@@ -233,6 +233,24 @@ func (b *Bridge) Ready(ctx context.Context) (bool, string, error) { return b.cli
 // Status fetches /status.
 func (b *Bridge) Status(ctx context.Context) (bridge.Status, error) { return b.client.Status(ctx) }
 
+// Source returns this replica's share of rule as its /status reports it
+// (bridge.SourceStatus: for an ordered rule its state, pin and epoch start,
+// for a partitioned rule the partitions it owns, each with its state, since
+// when and its consumer's epoch start; the last takeover), or nil when the
+// rule's source reports none.
+func (b *Bridge) Source(ctx context.Context, rule string) (*bridge.SourceStatus, error) {
+	st, err := b.client.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range st.Rules {
+		if r.Rule == rule {
+			return r.Source, nil
+		}
+	}
+	return nil, nil
+}
+
 // Metric sums the samples of a metric in /metrics whose labels include
 // labels (nil: all).
 func (b *Bridge) Metric(ctx context.Context, name string, labels map[string]string) (float64, error) {

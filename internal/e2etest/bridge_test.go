@@ -22,13 +22,18 @@ func TestBridgeProcess(t *testing.T) {
 	if err := natsjs.EnsureStreams(testCtx(t, 30*time.Second), js, table, natsjs.StreamOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: []string{srv.URL}})
+	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: []string{srv.URL}, Ordering: "{pinnedTTL: 2s}", Partitions: "{leaseTTL: 3s}"})
 	b := StartBridge(t, BridgeOptions{Name: "replica", Config: cfg})
 	b.WaitReady()
 	ctx := testCtx(t, 30*time.Second)
 	st, err := b.Status(ctx)
 	if err != nil || !st.Ready || st.RulesVersion != table.Version() {
 		t.Fatalf("/status: %+v, %v", st, err)
+	}
+	// The example rules are ordered: the one replica is a standby until a
+	// message makes its probe win the pin.
+	if src, err := b.Source(ctx, "orders"); err != nil || src == nil || src.Ordering != "ordered" || src.Pinned == nil {
+		t.Fatalf("/status source of orders: %+v, %v", src, err)
 	}
 	if ok, why, err := b.Ready(ctx); !ok || err != nil {
 		t.Fatalf("/readyz: %v %q %v", ok, why, err)

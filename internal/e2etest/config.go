@@ -23,6 +23,11 @@ type Config struct {
 	// Pipeline is the pipeline: section as a YAML flow mapping; "" keeps
 	// every default.
 	Pipeline string
+	// Ordering and Partitions are the ordering: and partitions: sections
+	// (the timing of ordered and partitioned sources) as YAML flow
+	// mappings, e.g. "{pinnedTTL: 2s}" and "{leaseTTL: 2s, replicas: 3}";
+	// "" keeps every default.
+	Ordering, Partitions string
 	// Extra is appended as more top-level YAML.
 	Extra string
 }
@@ -41,8 +46,10 @@ func WriteConfig(t testing.TB, dir string, c Config) string {
 	fmt.Fprintf(&b, "rules: %q\n", c.Rules)
 	fmt.Fprintf(&b, "brokers:\n  nats: {type: nats, url: %q}\n", strings.Join(c.URLs, ","))
 	fmt.Fprintf(&b, "dedupe: %s\n", c.Dedupe)
-	if c.Pipeline != "" {
-		fmt.Fprintf(&b, "pipeline: %s\n", c.Pipeline)
+	for _, sec := range []struct{ name, body string }{{"pipeline", c.Pipeline}, {"ordering", c.Ordering}, {"partitions", c.Partitions}} {
+		if sec.body != "" {
+			fmt.Fprintf(&b, "%s: %s\n", sec.name, sec.body)
+		}
 	}
 	b.WriteString("log: {level: info, format: json}\n")
 	if c.Extra != "" {
