@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cellbridge/cellbridge/dedupe"
@@ -67,6 +68,17 @@ type taskData struct {
 	hdrSaved bool
 	lentHdr  bool // m.Header is t.hdr
 
+	// Broadcast copies (parent set): one task per selected cell of a
+	// broadcast message, with its own lane key (key and cell), retry and
+	// budget slot; the parent is the source message, in no lane.
+	parent  *task
+	cs      *cellState // the copy's (rule, cell)
+	copyKey string     // idempotency key of the copy: idKey@cell
+	// lagging: the copy holds a lagging slot instead of an in-flight one.
+	// Set under its lane's lock; read by others under it (lane.state),
+	// cleared by the copy's owner when it settles.
+	lagging atomic.Bool
+
 	prev, next *task  // ruleState arrival list, guarded by rs.mu
 	inPark     bool   // parked (held); guarded by rs.mu, for the stall age
 	qnext      *task  // lane queue or park queue, guarded by lane.mu
@@ -80,6 +92,7 @@ type taskExtra struct {
 	dlqTarget router.Target
 	orig      [6][]string // original values of forwardHeaders
 	origHad   uint8
+	bc        join // of a broadcast message: its copies
 }
 
 func (t *task) extra() *taskExtra {
@@ -179,6 +192,22 @@ func (l *lane) busy(key string) bool {
 		}
 	}
 	return false
+}
+
+// state reports whether a message of key is active or queued, and whether
+// one of them is a lagging broadcast copy.
+func (l *lane) state(key string) (busy, lagging bool) {
+	for _, a := range l.active {
+		if a.laneKey == key {
+			busy, lagging = true, a.lagging.Load()
+		}
+	}
+	for q := l.qhead; q != nil; q = q.qnext {
+		if q.laneKey == key {
+			busy, lagging = true, lagging || q.lagging.Load()
+		}
+	}
+	return busy, lagging
 }
 
 func (l *lane) removeActive(t *task) {
