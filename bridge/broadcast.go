@@ -200,13 +200,7 @@ func (p *Pipeline) enterLane(c *task) {
 		l.mu.Unlock()
 		return
 	}
-	l.active = append(l.active, c)
-	l.mu.Unlock()
-	if p.inline {
-		p.run(c)
-	} else {
-		p.enqueue(c, phaseDispatch)
-	}
+	p.activate(l, c)
 }
 
 // lagLocked moves copy c from the in-flight budget to the lagging set when

@@ -326,6 +326,14 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		l.mu.Unlock()
 		return nil
 	}
+	p.activate(l, t)
+	return nil
+}
+
+// activate makes t its lane's active message, unlocks the lane (locked by
+// the caller) and dispatches t: right here with a local store, else on a
+// worker.
+func (p *Pipeline) activate(l *lane, t *task) {
 	l.active = append(l.active, t)
 	l.mu.Unlock()
 	if p.inline {
@@ -333,7 +341,6 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	} else {
 		p.enqueue(t, phaseDispatch)
 	}
-	return nil
 }
 
 func (p *Pipeline) worker() {

@@ -23,13 +23,13 @@ type Reason uint8
 
 // Reasons. The zero value is not a valid reason.
 const (
-	ReasonOwner    Reason = iota + 1 // the shard's owning cell
-	ReasonPin                        // the key is pinned to a cell
-	ReasonFailover                   // the owner (or pinned cell) is down; its failover cell
-	ReasonHeld                       // the shard is blocked: hold the event, forward nothing
-	ReasonGlobal                     // no usable key; the global cell (onMissingKey: global)
-	ReasonDLQ                        // no usable key, or no rule; the dead-letter target
-	ReasonBroadcast                  // a broadcast rule: one copy per selected cell (Decision.Cells)
+	ReasonOwner     Reason = iota + 1 // the shard's owning cell
+	ReasonPin                         // the key is pinned to a cell
+	ReasonFailover                    // the owner (or pinned cell) is down; its failover cell
+	ReasonHeld                        // the shard is blocked: hold the event, forward nothing
+	ReasonGlobal                      // no usable key; the global cell (onMissingKey: global)
+	ReasonDLQ                         // no usable key, or no rule; the dead-letter target
+	ReasonBroadcast                   // a broadcast rule: one copy per selected cell (Decision.Cells)
 )
 
 var reasonNames = [...]string{"unknown", "owner", "pin", "failover", "held", "global", "dlq", "broadcast"}

@@ -2,20 +2,15 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/cellbridge/cellbridge/internal/embedded"
 )
 
 // The broadcast comparison: every event goes to the four cells of
@@ -24,8 +19,9 @@ import (
 // <id>@<cell>, the source acked once all four are confirmed); B-bc is
 // cellbridge with the same rules except that the topic rule broadcasts
 // (target.cells: [rz00, rz01, rz10, rz11]) and the memory dedupe store.
-// Same method as the other NATS variants: events pre-published, timing
-// until the cell streams hold four copies of each, every copy verified.
+// Same method and child code as the other NATS variants (runChild): events
+// pre-published, timing until the cell streams hold four copies of each,
+// every copy verified.
 
 // bcSuffix marks the broadcast variants.
 const bcSuffix = "-bc"
@@ -62,123 +58,52 @@ dlq: {broker: nats, subject: "dlq.orders"}
 	return out, nil
 }
 
-// runBroadcastChild is the child of A-bc and B-bc.
-func runBroadcastChild(spec childSpec) (*childResult, error) {
-	table, err := loadCellTable(spec.Rules)
+// copiesPerEvent is how many copies of each event a variant stores: one per
+// cell of the table for the broadcast variants, else one.
+func copiesPerEvent(variant string, table *cellTable) int {
+	if strings.HasSuffix(variant, bcSuffix) {
+		return len(table.cells)
+	}
+	return 1
+}
+
+// runBridgeBroadcast is B-bc: runCellbridge on the broadcast rules.
+func runBridgeBroadcast(ctx context.Context, e *env) error {
+	dir, err := broadcastRules(e.spec.Rules, e.table.cells)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if spec.Variant == "B"+bcSuffix {
-		dir, err := broadcastRules(spec.Rules, table.cells)
-		if err != nil {
-			return nil, err
-		}
-		defer os.RemoveAll(dir)
-		spec.Rules = dir
-	}
-	store, err := os.MkdirTemp("", "cellbridge-bench-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(store)
-	srv, err := embedded.Start(embedded.Options{Port: -1, StoreDir: store})
-	if err != nil {
-		return nil, err
-	}
-	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
-	e := &env{url: srv.ClientURL(), srv: srv, table: table, spec: spec, tune: parseTune(spec.Tune)}
-	nc, err := nats.Connect(e.url)
-	if err != nil {
-		return nil, err
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, err
-	}
-	ctx := context.Background()
-	if err := createStreams(ctx, js, table, 0); err != nil {
-		return nil, err
-	}
-	e.events = genEvents(spec.N, spec.Seed)
-	if err := prePublish(ctx, js, e.events); err != nil {
-		return nil, err
-	}
-	runtime.GC()
-	resetPeakRSS()
-	copies := spec.N * len(table.cells)
-	var ms0, ms1 runtime.MemStats
-	runtime.ReadMemStats(&ms0)
-	cpu0 := cpuTime()
-	vctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	var verr error
-	wg.Add(1)
-	t0 := time.Now()
-	go func() {
-		defer wg.Done()
-		if spec.Variant == "A"+bcSuffix {
-			verr = runPipeBroadcast(vctx, e)
-		} else {
-			verr = runCellbridge(vctx, e)
-		}
-	}()
-	deadline := t0.Add(time.Duration(copies/2000+60) * time.Second)
-	n := 0
-	for n < copies && time.Now().Before(deadline) {
-		time.Sleep(pollEvery)
-		n = cellCount(srv)
-	}
-	t1, cpu1 := time.Now(), cpuTime()
-	runtime.ReadMemStats(&ms1)
-	peak := readPeakRSSMB()
-	time.Sleep(300 * time.Millisecond) // late duplicates would arrive now
-	cancel()
-	wg.Wait()
-	if verr != nil && !errors.Is(verr, context.Canceled) {
-		return nil, fmt.Errorf("variant %s: %w", spec.Variant, verr)
-	}
-	res := &childResult{Variant: spec.Variant, N: spec.N, Seconds: t1.Sub(t0).Seconds(), PeakRSSMB: peak,
-		Mallocs: ms1.Mallocs - ms0.Mallocs, HeapBytes: ms1.TotalAlloc - ms0.TotalAlloc, Settings: e.settings,
-		CPUus: float64(cpu1-cpu0) / 1e3 / float64(max(n, 1))}
-	// Events per second: every event is done when its last copy is stored.
-	res.MsgsPerS = float64(n) / float64(len(table.cells)) / res.Seconds
-	res.Extra = map[string]any{"copies": n, "copies_per_s": float64(n) / res.Seconds}
-	notes, err := verifyBroadcast(ctx, js, table, res)
-	if err != nil {
-		return nil, err
-	}
-	res.Verified = len(notes) == 0
-	res.VerifyNote = strings.Join(notes, "; ")
-	return res, nil
+	defer os.RemoveAll(dir)
+	e.spec.Rules = dir
+	return runCellbridge(ctx, e)
 }
 
 // verifyBroadcast reads every cell stream back: each must hold every event
-// exactly once.
-func verifyBroadcast(ctx context.Context, js jetstream.JetStream, table *cellTable, res *childResult) ([]string, error) {
+// exactly once, under the idempotency key <id>@<cell>. It also records the
+// copies and their rate.
+func verifyBroadcast(ctx context.Context, js jetstream.JetStream, e *env, res *childResult) error {
 	var notes []string
-	for _, c := range table.cells {
+	for _, c := range e.table.cells {
 		seen := make([]uint8, res.N)
 		held, dups, foreign := 0, 0, 0
 		s, err := js.Stream(ctx, streamOf(c))
 		if err != nil {
-			return nil, err
+			return err
 		}
 		oc, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
 		if err != nil {
-			return nil, err
+			return err
 		}
 		total := int(s.CachedInfo().State.Msgs)
 		it, err := oc.Messages(jetstream.PullMaxMessages(4096))
 		if err != nil {
-			return nil, err
+			return err
 		}
 		for range total {
 			m, err := it.Next()
 			if err != nil {
 				it.Stop()
-				return nil, fmt.Errorf("verify %s: %w", c, err)
+				return fmt.Errorf("verify %s: %w", c, err)
 			}
 			order, _, ok := parseEvent(m.Data())
 			if !ok || order < 0 || order >= res.N || m.Headers().Get(nats.MsgIdHdr) != fmt.Sprintf("o-%d@%s", order, c) {
@@ -197,11 +122,18 @@ func verifyBroadcast(ctx context.Context, js jetstream.JetStream, table *cellTab
 			notes = append(notes, fmt.Sprintf("cell %s holds %d of %d events, %d duplicates, %d other messages (or without the key <id>@%s)",
 				c, held, res.N, dups, foreign, c))
 		}
-		if c == table.cells[0] {
+		if c == e.table.cells[0] {
 			res.Unique = held
 		}
 	}
-	return notes, nil
+	if res.Extra == nil {
+		res.Extra = map[string]any{}
+	}
+	res.Extra["copies"] = res.Delivered
+	res.Extra["copies_per_s"] = res.MsgsPerS * float64(len(e.table.cells))
+	res.Verified = len(notes) == 0
+	res.VerifyNote = strings.Join(notes, "; ")
+	return nil
 }
 
 // runPipeBroadcast is A-bc: the pipe's consume loop publishing each event to

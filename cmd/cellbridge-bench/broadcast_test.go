@@ -14,7 +14,7 @@ func TestBroadcastSmoke(t *testing.T) {
 	rules, _ := filepath.Abs("../../bench/rules")
 	for _, v := range []string{"A-bc", "B-bc"} {
 		t.Run(v, func(t *testing.T) {
-			res, err := runBroadcastChild(childSpec{Variant: v, N: 2000, Seed: 5, Rules: rules})
+			res, err := runChild(childSpec{Variant: v, N: 2000, Seed: 5, Rules: rules})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -127,8 +127,6 @@ func childMain(specJSON, out string) int {
 	}
 	if strings.HasPrefix(spec.Variant, "R-") {
 		res, err = runRMQChild(spec)
-	} else if strings.HasSuffix(spec.Variant, bcSuffix) {
-		res, err = runBroadcastChild(spec)
 	} else {
 		res, err = runChild(spec)
 	}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -111,20 +112,24 @@ func runReplay(ctx context.Context, f *replayFlags, args []string, stdout, stder
 		fmt.Fprintf(stderr, "cellbridge replay: %v\n", err)
 		return exitError
 	}
-	if f.jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(res)
-	} else {
-		fmt.Fprintf(stdout, "replayed rule %s into cell %s: %d messages read (stream sequences %d-%d, range end %d); "+
-			"copies published %.0f, already in the dedupe store %.0f, from the cell itself %.0f; not settled %d\n",
-			f.rule, f.cell, res.Delivered, res.First, res.Last, res.End,
-			res.Outcomes["forwarded"], res.Outcomes["duplicate"], res.Outcomes["skipped"], res.Failed)
-	}
+	writeReplay(stdout, f, res)
 	if res.Failed > 0 || res.Acked != res.Delivered {
 		return exitError
 	}
 	return exitOK
+}
+
+// writeReplay prints what a replay did: one line, or its JSON.
+func writeReplay(w io.Writer, f *replayFlags, res app.ReplayResult) {
+	if !f.jsonOut {
+		fmt.Fprintf(w, "replayed rule %s into cell %s: %d messages read (stream sequences %d-%d, range end %d); "+
+			"copies published %.0f, already in the dedupe store %.0f, from the cell itself %.0f; not settled %d\n",
+			f.rule, f.cell, res.Delivered, res.First, res.Last, res.End,
+			res.Outcomes[bridge.OutcomeForwarded], res.Outcomes[bridge.OutcomeDuplicate], res.Outcomes[bridge.OutcomeSkipped], res.Failed)
+		return
+	}
+	b, _ := json.MarshalIndent(res, "", "  ")
+	fmt.Fprintf(w, "%s\n", b)
 }
 
 // replayRuleProblem says why rule cannot be replayed.

@@ -11,7 +11,6 @@ import (
 
 	"go.uber.org/dig"
 	"go.uber.org/fx"
-	"go.uber.org/fx/fxevent"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
@@ -67,16 +66,11 @@ func Replay(ctx context.Context, o Options, spec ReplaySpec) (ReplayResult, erro
 	)
 	fa := fx.New(
 		fx.Supply(&o, o.Config, o.Rules, o.Log, res, &embeddedNATS{}, startCtx{sctx}, spec),
-		fx.WithLogger(func(log *slog.Logger) fxevent.Logger {
-			l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
-			l.UseLogLevel(slog.LevelDebug)
-			l.UseErrorLevel(slog.LevelError)
-			return l
-		}),
+		fx.WithLogger(fxLogger),
 		fx.Provide(
-			func(o *Options) *bridge.Metrics { return bridge.NewMetrics(o.Version) },
-			func(m *bridge.Metrics, log *slog.Logger) *bridge.Health { return bridge.NewHealth(m, log, nil) },
-			func(t *router.Table) *router.Holder { return router.NewHolder(t) },
+			newMetrics,
+			newHealth,
+			router.NewHolder,
 			newBrokers,
 			newDedupe,
 			newSinks,

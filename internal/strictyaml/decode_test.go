@@ -344,15 +344,8 @@ type cellSet struct {
 
 func (c *cellSet) UnionTarget(k yaml.Kind) any {
 	c.kind = k
-	switch k {
-	case yaml.ScalarNode:
-		return &c.word
-	case yaml.SequenceNode:
-		return &c.names
-	case yaml.MappingNode:
-		return &c.sel
-	}
-	return nil
+	targets := map[yaml.Kind]any{yaml.ScalarNode: &c.word, yaml.SequenceNode: &c.names, yaml.MappingNode: &c.sel}
+	return targets[k]
 }
 
 func (c *cellSet) UnionWant() string { return "all, a list or {city: X}" }
