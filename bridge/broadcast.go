@@ -118,11 +118,13 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 			n++
 		}
 	}
-	if n > 0 {
-		// More copies than the whole budget cannot wait for that many
-		// free slots: take what exists and over-commit the rest.
-		k := min(int64(n), p.budget.max)
-		if err := p.budget.acquire(ctx, p.closeCh, k); err != nil {
+	// One slot per copy, taken one at a time: each wait ends with the
+	// slot it waited for. More copies than the whole budget cannot all
+	// wait: take what exists and over-commit the rest.
+	k := min(n, int(p.budget.max))
+	for i := range k {
+		if err := p.budget.acquire(ctx, p.closeCh); err != nil {
+			p.budget.release(i)
 			t.ack(context.Background(), err)
 			p.recycle(t)
 			if errors.Is(err, errDraining) {
@@ -130,8 +132,8 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 			}
 			return err
 		}
-		p.budget.force(n - int(k))
 	}
+	p.budget.force(n - k)
 	rs := t.rs
 	rs.track(t)
 	for i := range t.d.Cells {

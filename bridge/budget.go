@@ -19,14 +19,14 @@ type budget struct {
 	wait    chan struct{} // closed when slots were returned; nil when nobody waits
 }
 
-// acquire takes k slots (1 ≤ k ≤ max), waiting while fewer are free. It
-// returns ctx's error, or errDraining when stop is closed first.
-func (b *budget) acquire(ctx context.Context, stop <-chan struct{}, k int64) error {
+// acquire takes one slot, waiting while the budget is exhausted. It returns
+// ctx's error, or errDraining when stop is closed first.
+func (b *budget) acquire(ctx context.Context, stop <-chan struct{}) error {
 	for {
-		if b.n.Add(k) <= b.max {
+		if b.n.Add(1) <= b.max {
 			return nil
 		}
-		b.n.Add(-k)
+		b.n.Add(-1)
 		b.mu.Lock()
 		b.waiters.Add(1)
 		if b.wait == nil {
@@ -35,7 +35,7 @@ func (b *budget) acquire(ctx context.Context, stop <-chan struct{}, k int64) err
 		w := b.wait
 		// Check again after announcing the wait: a release either saw the
 		// waiter count or freed the slot before this load.
-		free := b.n.Load() <= b.max-k
+		free := b.n.Load() < b.max
 		b.mu.Unlock()
 		if !free {
 			select {

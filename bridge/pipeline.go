@@ -298,7 +298,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	t.lane = l
 	held := t.poison == "" && t.d.Reason == router.ReasonHeld
 	if !held {
-		if err := p.budget.acquire(ctx, p.closeCh, 1); err != nil {
+		if err := p.budget.acquire(ctx, p.closeCh); err != nil {
 			ack(context.Background(), err)
 			p.recycle(t)
 			if errors.Is(err, errDraining) {
