@@ -47,7 +47,9 @@ type cellState struct {
 
 	mu     sync.Mutex
 	missed MissedCopies
-	open   bool // the latest miss streak goes on: no copy went to the cell since
+	// open: the latest streak of misses goes on (no copy went to the cell
+	// since). Written under mu; read without it on the copies' path.
+	open atomic.Bool
 }
 
 // MissedCopies is what a cell missed while it was down, as /status shows it:
@@ -66,7 +68,7 @@ type MissedCopies struct {
 	Ongoing       bool      `json:"ongoing"`
 }
 
-// cell returns the state of (rs's rule, cell), creating it once.
+// cellState returns the state of (rs's rule, cell), creating it once.
 func (p *Pipeline) cellState(rs *ruleState, cell string) *cellState {
 	return rs.cells.get(cell, func() *cellState {
 		m := p.met
@@ -87,8 +89,8 @@ func (cs *cellState) skip(reason string, m *Message) {
 		cs.skipDown.Inc()
 		at := m.Time
 		cs.mu.Lock()
-		if !cs.open {
-			cs.open = true
+		if !cs.open.Load() {
+			cs.open.Store(true)
 			cs.missed.First, cs.missed.FirstSourceID = at, m.SourceID
 		}
 		cs.missed.Count++
@@ -103,15 +105,24 @@ func (cs *cellState) skip(reason string, m *Message) {
 
 // sent ends a streak of misses: the cell gets copies again.
 func (cs *cellState) sent() {
-	cs.mu.Lock()
-	cs.open = false
-	cs.mu.Unlock()
+	if cs.open.Load() {
+		cs.mu.Lock()
+		cs.open.Store(false)
+		cs.mu.Unlock()
+	}
 }
 
 // broadcast takes the broadcast message t from Handle: it counts the cells
 // that get no copy, takes one in-flight slot per copy (waiting like any
 // message), and hands each copy to its lane.
 func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
+	if t.idKey == "" {
+		// Every copy key would be "@<cell>": never guess an identity.
+		p.log.Error("message without idempotency key; the source adapter must set SourceID; holding it", "rule", t.m.Rule)
+		t.ack(context.Background(), Hold(p.cfg.HoldDelay))
+		p.recycle(t)
+		return nil
+	}
 	n := 0
 	for i := range t.d.Cells {
 		if c := &t.d.Cells[i]; c.Skip == "" && c.Cell != t.d.Origin {

@@ -539,3 +539,18 @@ func TestBroadcastNoSinkForCell(t *testing.T) {
 		}
 	}
 }
+
+// A message without an identity is held back, never broadcast under a
+// made-up key.
+func TestBroadcastWithoutSourceID(t *testing.T) {
+	e := newEnv(t, Config{HoldDelay: 2 * time.Second}, bcastDoc(1, "all"), nil, nil)
+	m, a := msg("b", "k", "v")
+	m.SourceID = ""
+	handleMsg(t, e, m, a)
+	if d, ok := HoldDelay(a.result(t)); !ok || d != 2*time.Second {
+		t.Fatal("not held back")
+	}
+	if n := len(e.sink.published()); n != 0 {
+		t.Fatalf("%d copies published", n)
+	}
+}

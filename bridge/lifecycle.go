@@ -309,7 +309,7 @@ func (p *Pipeline) Status() Status {
 		for _, cs := range rs.cells.load() {
 			cs.mu.Lock()
 			missed := cs.missed
-			missed.Ongoing = cs.open
+			missed.Ongoing = cs.open.Load()
 			cs.mu.Unlock()
 			r.Broadcast = append(r.Broadcast, CellCopies{Cell: cs.cell, Pending: cs.pending.Load(), Lagging: cs.lagging.Load(), Missed: missed})
 		}
