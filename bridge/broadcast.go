@@ -21,6 +21,13 @@ import (
 // (<idKey>@<cell>), publish, retry and in-flight slot. The parent is acked
 // when its last copy settled, with the first error any copy settled with.
 
+// Budget slots of a copy (task.slot).
+const (
+	slotNone     int32 = iota // settled, or not a copy
+	slotInFlight              // one of MaxInFlight
+	slotLagging               // one of MaxLagging
+)
+
 // join is a broadcast message's account of its copies.
 type join struct {
 	// pending counts the copies not settled yet, plus one that Handle holds
@@ -186,9 +193,10 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 		c.d = router.Decision{Topic: t.d.Topic, Key: t.d.Key, Shard: -1, Cell: bc.Cell, Target: bc.Target,
 			Version: t.d.Version, Reason: router.ReasonBroadcast}
 		c.laneKey = key + "\x00" + bc.Cell
-		c.counted = true
+		c.slot.Store(slotInFlight)
 		c.cs = p.cellState(rs, bc.Cell)
 		c.cs.pending.Add(1)
+		p.copies.Add(1)
 		c.cs.sent()
 		p.enterLane(c)
 	}
@@ -218,9 +226,10 @@ func (p *Pipeline) enterLane(c *task) {
 
 // lagLocked moves copy c from the in-flight budget to the lagging set when
 // that has room (MaxLagging); otherwise c keeps its slot. The caller holds
-// c's lane lock, or owns c as its lane's active copy.
+// c's lane lock (c is queued there or active: its owner may settle it
+// meanwhile, which the compare-and-swap on its slot decides).
 func (p *Pipeline) lagLocked(c *task) {
-	if !c.counted || c.lagging.Load() {
+	if c.slot.Load() != slotInFlight {
 		return
 	}
 	for {
@@ -232,10 +241,40 @@ func (p *Pipeline) lagLocked(c *task) {
 			break
 		}
 	}
-	c.counted = false
-	c.lagging.Store(true)
+	if !c.slot.CompareAndSwap(slotInFlight, slotLagging) {
+		p.lagN.Add(-1) // settled meanwhile
+		return
+	}
 	c.cs.lagging.Add(1)
 	p.budget.release(1)
+}
+
+// lagOld makes lag every copy whose message arrived more than StallTimeout
+// ago and that is still not confirmed: its cell is slow, or its target
+// hangs (a publish without an answer fails only at the sink's ack timeout),
+// and its copies must not hold the in-flight slots the other cells need
+// meanwhile. The sweeper calls it; it walks the lanes only while copies
+// exist.
+func (p *Pipeline) lagOld(now int64) {
+	if p.copies.Load() == 0 {
+		return
+	}
+	limit := now - int64(p.cfg.StallTimeout)
+	for i := range p.lanes {
+		l := &p.lanes[i]
+		l.mu.Lock()
+		for _, a := range l.active {
+			if a.parent != nil && a.arrived < limit {
+				p.lagLocked(a)
+			}
+		}
+		for q := l.qhead; q != nil; q = q.qnext {
+			if q.parent != nil && q.arrived < limit {
+				p.lagLocked(q)
+			}
+		}
+		l.mu.Unlock()
+	}
 }
 
 // lag is called when an attempt of the active copy c failed: c and every
@@ -336,10 +375,14 @@ func (c *task) ownHeader() map[string][]string {
 
 // copySettled accounts for copy c's final result in its message.
 func (p *Pipeline) copySettled(c *task, result error) {
-	if c.lagging.Swap(false) {
+	switch c.slot.Swap(slotNone) {
+	case slotInFlight:
+		p.budget.release(1)
+	case slotLagging:
 		p.lagN.Add(-1)
 		c.cs.lagging.Add(-1)
 	}
+	p.copies.Add(-1)
 	c.cs.pending.Add(-1)
 	p.copyDone(c.parent, result)
 }

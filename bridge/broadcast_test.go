@@ -554,3 +554,37 @@ func TestBroadcastWithoutSourceID(t *testing.T) {
 		t.Fatalf("%d copies published", n)
 	}
 }
+
+// A cell whose publishes hang (no answer, no error) is not failing yet, but
+// its copies lag once their message is older than stallTimeout: with 8
+// in-flight slots, 60 messages reach the other cells while it hangs, and
+// follow into it in per-key order once it answers.
+func TestBroadcastHangingCellLags(t *testing.T) {
+	s := newTestSink()
+	s.block, s.blockTo = make(chan struct{}), "cell.cd.b"
+	e := newEnv(t, Config{MaxInFlight: 8, Lanes: 4, StallTimeout: 50 * time.Millisecond}, bcastDoc(1, "all"), s, nil)
+	const keys, per = 3, 20
+	var acks []*ackRec
+	for i := range keys * per {
+		m, a := msg("b", "k"+strconv.Itoa(i%keys), strconv.Itoa(i/keys))
+		handleMsg(t, e, m, a)
+		acks = append(acks, a)
+	}
+	eventually(t, "the other cells holding every message", func() bool {
+		c := byCell(s.published())
+		return len(c["cell.ca.b"]) == keys*per && len(c["cell.cb.b"]) == keys*per && len(c["cell.cc.b"]) == keys*per
+	})
+	if st := e.p.Status(); st.Lagging == 0 || len(byCell(s.published())["cell.cd.b"]) != 0 {
+		t.Fatalf("lagging %d, copies to the hanging cell %d", st.Lagging, len(byCell(s.published())["cell.cd.b"]))
+	}
+	close(s.block)
+	for _, a := range acks {
+		if err := a.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkPerKeyOrder(t, s.published(), 4, keys, per)
+	if st := e.p.Status(); st.Lagging != 0 || st.InFlight != 0 {
+		t.Fatalf("left over: %+v", st)
+	}
+}

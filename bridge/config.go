@@ -18,10 +18,10 @@ type Config struct {
 	// message takes one slot per copy. Default 4096.
 	MaxInFlight int
 	// MaxLagging bounds the broadcast copies kept in memory, outside
-	// MaxInFlight, because their cell's target keeps failing (a copy whose
-	// publish failed, and the later copies of its key for that cell), so
-	// that one failing cell does not hold the in-flight slots the other
-	// cells need. Beyond it such copies keep their in-flight slots: once
+	// MaxInFlight, because their cell is failing or slow (a copy whose
+	// publish failed or that is not confirmed StallTimeout after its
+	// message arrived, and the later copies of its key for that cell), so
+	// that one cell does not hold the in-flight slots the other cells need. Beyond it such copies keep their in-flight slots: once
 	// MaxInFlight of them wait, intake stops for every rule (back-pressure;
 	// nothing is lost or reordered). Sources must allow MaxInFlight +
 	// MaxHeld + MaxLagging unacknowledged messages. Default 10000.

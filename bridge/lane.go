@@ -74,10 +74,11 @@ type taskData struct {
 	parent  *task
 	cs      *cellState // the copy's (rule, cell)
 	copyKey string     // idempotency key of the copy: idKey@cell
-	// lagging: the copy holds a lagging slot instead of an in-flight one.
-	// Set under its lane's lock; read by others under it (lane.state),
-	// cleared by the copy's owner when it settles.
-	lagging atomic.Bool
+	// slot is which budget a copy holds (copies leave counted false): an
+	// in-flight slot (slotInFlight), a lagging one (slotLagging), or none
+	// once settled. It changes by compare-and-swap, because the copy's
+	// owner settles it while its lane, or the sweeper, may make it lag.
+	slot atomic.Int32
 
 	prev, next *task  // ruleState arrival list, guarded by rs.mu
 	inPark     bool   // parked (held); guarded by rs.mu, for the stall age
@@ -199,12 +200,12 @@ func (l *lane) busy(key string) bool {
 func (l *lane) state(key string) (busy, lagging bool) {
 	for _, a := range l.active {
 		if a.laneKey == key {
-			busy, lagging = true, a.lagging.Load()
+			busy, lagging = true, a.slot.Load() == slotLagging
 		}
 	}
 	for q := l.qhead; q != nil; q = q.qnext {
 		if q.laneKey == key {
-			busy, lagging = true, lagging || q.lagging.Load()
+			busy, lagging = true, lagging || q.slot.Load() == slotLagging
 		}
 	}
 	return busy, lagging

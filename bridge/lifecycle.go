@@ -37,6 +37,7 @@ func (p *Pipeline) sweeper() {
 				lastBeat = now
 			}
 			if now.Sub(lastGauge) >= 500*time.Millisecond {
+				p.lagOld(p.clock.Now().UnixNano())
 				p.updateGauges()
 				p.health.Ready()
 				lastGauge = now

@@ -77,6 +77,7 @@ type Pipeline struct {
 
 	heldN       atomic.Int64
 	lagN        atomic.Int64 // broadcast copies holding a lagging slot
+	copies      atomic.Int64 // broadcast copies not settled
 	parkMu      sync.Mutex
 	rangeMu     sync.Mutex             // guards rangeSeen (updateGauges may run from the sweeper and from tests)
 	rangeSeen   map[[2]string]struct{} // (rule, blocked range) series of the held range gauges
