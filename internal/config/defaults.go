@@ -47,7 +47,7 @@ var defaults = []defaultRow{
 	{"pipeline.ackWait", "30s", "source redelivery timeout (longer than the worst processing time)"},
 	{"pipeline.maxHeld", "10000", "held messages parked in memory (in order per key); beyond it they are redelivered after holdDelay"},
 	{"pipeline.heldRecheck", "1s", "how often parked messages are re-resolved without a rules change"},
-	{"pipeline.maxLagging", "10000", "broadcast copies kept outside maxInFlight while their cell's target keeps failing, so that the other cells go on; beyond it they hold in-flight slots (back-pressure)"},
+	{"pipeline.maxLagging", "10000", "broadcast copies kept outside maxInFlight while their cell fails or is slow (not confirmed within stallTimeout), so that the other cells go on; beyond it they hold in-flight slots (back-pressure)"},
 	{"log.level", "info", "debug | info | warn | error"},
 	{"log.format", "auto", "auto (JSON when stderr is not a terminal) | json | text"},
 }
