@@ -2,9 +2,12 @@ package bridge
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
@@ -586,5 +589,29 @@ func TestBroadcastHangingCellLags(t *testing.T) {
 	checkPerKeyOrder(t, s.published(), 4, keys, per)
 	if st := e.p.Status(); st.Lagging != 0 || st.InFlight != 0 {
 		t.Fatalf("left over: %+v", st)
+	}
+}
+
+// /route explains a broadcast like `cellbridge route`: the cells, the
+// down one and the origin skipped.
+func TestBroadcastRouteEndpoint(t *testing.T) {
+	e := newEnv(t, Config{}, bcastDoc(1, "all", "cd"), nil, nil)
+	srv := httptest.NewServer(NewHTTP(e.p))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/route?topic=b&key=k1&origin=ca")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var d router.Decision
+	if err := json.NewDecoder(resp.Body).Decode(&d); err != nil {
+		t.Fatal(err)
+	}
+	var skips []string
+	for _, c := range d.Cells {
+		skips = append(skips, c.Cell+":"+c.Skip)
+	}
+	if d.Reason != router.ReasonBroadcast || d.Origin != "ca" || strings.Join(skips, " ") != "ca:origin cb: cc: cd:down" {
+		t.Fatalf("decision %+v", d)
 	}
 }
