@@ -56,6 +56,7 @@ func runCellbridge(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
+	defer os.RemoveAll(rules)
 	brokers := fmt.Sprintf("brokers:\n  nats: {type: nats, url: %q}\ndedupe: {store: %s}\n", e.url, store)
 	replicas := 1
 	if e.spec.Variant == "O" || e.spec.Variant == "P" {
@@ -107,7 +108,7 @@ func (e *env) partitions() int {
 // into a directory of the run and returns it, with a description: B and C
 // consume the shared durable (ordering: none, as every replica did before
 // the ordered mode), O in the ordered default, P in partitions keyed by the
-// subject's user id token.
+// subject's user id token; B-bc's broadcast rules are taken as written.
 func variantRules(e *env) (dir, mode string, err error) {
 	src, err := filepath.Abs(e.spec.Rules)
 	if err != nil {
@@ -121,6 +122,8 @@ func variantRules(e *env) (dir, mode string, err error) {
 		repl = []string{source, strings.TrimSuffix(source, "}") + ", ordering: none}"}
 	case "O":
 		mode = "ordering: ordered (one active replica, one standby)"
+	case "B" + bcSuffix:
+		mode = "the broadcast rule's source as written (ordered, the default)"
 	case "P":
 		n := e.partitions()
 		mode = fmt.Sprintf("ordering: ordered, partitions: %d", n)

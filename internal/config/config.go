@@ -91,6 +91,7 @@ type PipelineConfig struct {
 	AckWait         Duration    `yaml:"ackWait"`
 	MaxHeld         int         `yaml:"maxHeld"`
 	HeldRecheck     Duration    `yaml:"heldRecheck"`
+	MaxLagging      int         `yaml:"maxLagging"`
 	Lanes           int         `yaml:"lanes"`
 }
 
@@ -109,6 +110,7 @@ func (p PipelineConfig) Bridge() bridge.Config {
 		HoldDelay:       p.HoldDelay.D(),
 		MaxHeld:         p.MaxHeld,
 		HeldRecheck:     p.HeldRecheck.D(),
+		MaxLagging:      p.MaxLagging,
 		Retry:           bridge.RetryConfig{Initial: p.Retry.Initial.D(), Max: p.Retry.Max.D()},
 		MaxMessageBytes: int64(p.MaxMessageBytes),
 		MaxHops:         p.MaxHops,
@@ -122,11 +124,12 @@ func (p PipelineConfig) Bridge() bridge.Config {
 
 // SourceMaxAckPending is the number of unacknowledged messages a source must
 // allow (a JetStream consumer's MaxAckPending): held messages stay
-// unacknowledged while parked, so there must be room for them, for the
-// messages in flight and for one fetch on top.
+// unacknowledged while parked, and broadcast messages while a copy lags, so
+// there must be room for them, for the messages in flight and for one fetch
+// on top.
 func (c *Config) SourceMaxAckPending() int {
 	p := c.Pipeline
-	return p.MaxInFlight + p.MaxHeld + p.FetchBatch
+	return p.MaxInFlight + p.MaxHeld + p.MaxLagging + p.FetchBatch
 }
 
 // PartitionMaxAckPending is the MaxAckPending of each partition's consumer
@@ -140,7 +143,7 @@ func (c *Config) SourceMaxAckPending() int {
 // spread over the partitions by key like every other message.
 func (c *Config) PartitionMaxAckPending(n int) int {
 	p := c.Pipeline
-	return ceilDiv(p.MaxInFlight+p.MaxHeld, max(n, 1)) + c.PartitionFetchBatch(n)
+	return ceilDiv(p.MaxInFlight+p.MaxHeld+p.MaxLagging, max(n, 1)) + c.PartitionFetchBatch(n)
 }
 
 // PartitionFetchBatch is the pull batch of each partition's consumer of a
@@ -153,8 +156,9 @@ func (c *Config) PartitionFetchBatch(n int) int {
 func ceilDiv(a, b int) int { return (a + b - 1) / b }
 
 // SinkMaxPending bounds unconfirmed publishes per sink: the pipeline never
-// has more than maxInFlight messages between publish and confirm.
-func (c *Config) SinkMaxPending() int { return c.Pipeline.MaxInFlight }
+// has more than maxInFlight messages (or broadcast copies) between publish
+// and confirm, plus lagging copies retrying.
+func (c *Config) SinkMaxPending() int { return c.Pipeline.MaxInFlight + c.Pipeline.MaxLagging }
 
 // OrderingConfig times the ordered NATS sources (source.ordering: ordered,
 // the default): one replica forwards a rule (or a partition) at a time.

@@ -275,7 +275,7 @@ func TestPartitionsHeartbeatFollowsLeaseTTL(t *testing.T) {
 // messages as the consumer of an unpartitioned rule, not n times as many.
 func TestPartitionMaxAckPending(t *testing.T) {
 	c := Default()
-	if got, want := c.PartitionMaxAckPending(12), 1175+86; got != want {
+	if got, want := c.PartitionMaxAckPending(12), 2008+86; got != want {
 		t.Errorf("12 partitions: MaxAckPending %d, want %d", got, want)
 	}
 	if got := c.PartitionFetchBatch(12); got != 86 {
@@ -286,8 +286,8 @@ func TestPartitionMaxAckPending(t *testing.T) {
 	}
 	for _, n := range []int{1, 2, 3, 7, 12, 1024} {
 		total := n * c.PartitionMaxAckPending(n)
-		if p := c.Pipeline; total < p.MaxInFlight+p.MaxHeld || c.PartitionMaxAckPending(n) > c.SourceMaxAckPending() {
-			t.Errorf("%d partitions: %d each, %d in all; want at least maxInFlight+maxHeld and each at most %d", n,
+		if p := c.Pipeline; total < p.MaxInFlight+p.MaxHeld+p.MaxLagging || c.PartitionMaxAckPending(n) > c.SourceMaxAckPending() {
+			t.Errorf("%d partitions: %d each, %d in all; want at least maxInFlight+maxHeld+maxLagging and each at most %d", n,
 				c.PartitionMaxAckPending(n), total, c.SourceMaxAckPending())
 		}
 	}
