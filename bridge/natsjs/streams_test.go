@@ -53,13 +53,16 @@ func testTable(t testing.TB) *router.Table {
 
 func TestPlanStreams(t *testing.T) {
 	got := PlanStreams(testTable(t), StreamOptions{})
+	cell := func(c string) []string {
+		return []string{"targets of rule orders in cell " + c, "targets of rule payments in cell " + c}
+	}
 	want := []StreamPlan{
-		{Name: "CELL_GZ00", Subjects: []string{"cell.gz00.*.*", "cell.gz00.orders"}},
-		{Name: "CELL_RZ00", Subjects: []string{"cell.rz00.*.*", "cell.rz00.orders"}},
-		{Name: "CELL_RZ01", Subjects: []string{"cell.rz01.*.*", "cell.rz01.orders"}},
-		{Name: "DLQ", Subjects: []string{"dlq.>"}},
-		{Name: "ORDERS", Subjects: []string{"orders.>"}},
-		{Name: "PAYMENTS", Subjects: []string{"payments.>"}},
+		{Name: "CELL_GZ00", Subjects: []string{"cell.gz00.*.*", "cell.gz00.orders"}, Uses: cell("gz00")},
+		{Name: "CELL_RZ00", Subjects: []string{"cell.rz00.*.*", "cell.rz00.orders"}, Uses: cell("rz00")},
+		{Name: "CELL_RZ01", Subjects: []string{"cell.rz01.*.*", "cell.rz01.orders"}, Uses: cell("rz01")},
+		{Name: "DLQ", Subjects: []string{"dlq.>"}, Uses: []string{"dead letters of rule orders", "dead letters of rule payments"}},
+		{Name: "ORDERS", Subjects: []string{"orders.>"}, Source: true, Uses: []string{"source of rule orders"}},
+		{Name: "PAYMENTS", Subjects: []string{"payments.>"}, Source: true, Uses: []string{"source of rule payments"}},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("PlanStreams =\n%v\nwant\n%v", got, want)
@@ -105,7 +108,8 @@ func TestEnsureStreamsCreatesAndUpdates(t *testing.T) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	ctx := testCtx(t)
-	// An existing cell stream with an extra subject keeps it.
+	// An existing cell stream with an extra subject keeps it, and its
+	// longer duplicate window (2m).
 	createStream(t, js, "CELL_RZ00", "legacy.rz00")
 	table := testTable(t)
 	if err := EnsureStreams(ctx, js, table, StreamOptions{Duplicates: time.Minute}); err != nil {
@@ -120,7 +124,11 @@ func TestEnsureStreamsCreatesAndUpdates(t *testing.T) {
 			t.Fatalf("stream %s: %v", p.Name, err)
 		}
 		cfg := st.CachedInfo().Config
-		if cfg.Duplicates != time.Minute || cfg.Storage != jetstream.FileStorage {
+		window := time.Minute
+		if p.Name == "CELL_RZ00" {
+			window = 2 * time.Minute
+		}
+		if cfg.Duplicates != window || cfg.Storage != jetstream.FileStorage {
 			t.Errorf("stream %s: duplicates %s storage %s", p.Name, cfg.Duplicates, cfg.Storage)
 		}
 		if p.Name == "CELL_RZ00" {
