@@ -454,7 +454,7 @@ func newStreamConfig(p StreamPlan, opts ProvisionOptions) jetstream.StreamConfig
 
 func describeNew(c jetstream.StreamConfig) []string {
 	out := []string{fmt.Sprintf("subjects %s; duplicate window %s; replicas %d; %s storage",
-		strings.Join(c.Subjects, ", "), fmtDur(c.Duplicates), c.Replicas, c.Storage)}
+		strings.Join(c.Subjects, ", "), fmtDur(c.Duplicates), c.Replicas, strings.ToLower(c.Storage.String()))}
 	if t := c.SubjectTransform; t != nil {
 		out = append(out, fmt.Sprintf("subject transform %q → %q", t.Source, t.Destination))
 	}
@@ -469,7 +469,11 @@ func appendNew(list []string, s string) []string {
 }
 
 // fmtDur renders 2m0s as 2m and 1h0m0s as 1h.
-func fmtDur(d time.Duration) string {
+func fmtDur(d time.Duration) string { return FormatDuration(d) }
+
+// FormatDuration renders a duration for plans and messages: 2m0s as 2m,
+// 1h0m0s as 1h.
+func FormatDuration(d time.Duration) string {
 	s := d.String()
 	if strings.HasSuffix(s, "m0s") {
 		s = s[:len(s)-2]
@@ -478,4 +482,14 @@ func fmtDur(d time.Duration) string {
 		s = s[:len(s)-2]
 	}
 	return s
+}
+
+// RedactURL returns a broker URL, or a comma-separated list of them, with
+// every password replaced by "xxxxx", for messages and plans.
+func RedactURL(s string) string {
+	parts := strings.Split(s, ",")
+	for i, p := range parts {
+		parts[i] = redactURL(strings.TrimSpace(p))
+	}
+	return strings.Join(parts, ",")
 }

@@ -24,6 +24,9 @@ type Config struct {
 	HTTP     HTTPConfig         `yaml:"http"`
 	Pipeline PipelineConfig     `yaml:"pipeline"`
 	Log      LogConfig          `yaml:"log"`
+	// Deployment names the deployment the replica belongs to
+	// (deployment.go).
+	Deployment DeploymentConfig `yaml:"deployment"`
 
 	// File is the config file's path ("(built-in)" for the built-in
 	// configuration).

@@ -49,6 +49,7 @@ var defaults = []defaultRow{
 	{"pipeline.heldRecheck", "1s", "how often parked messages are re-resolved without a rules change"},
 	{"log.level", "info", "debug | info | warn | error"},
 	{"log.format", "auto", "auto (JSON when stderr is not a terminal) | json | text"},
+	{"deployment.name", "", "the dedupe bucket with the jetstream store, else `cellbridge`: replicas of one name publish the rules version they run (KV bucket `cellbridge-leases`), and a replica refuses to start on a version lower than the highest its deployment has run"},
 }
 
 // WriteDefaults writes the defaults table as Markdown: the README's table
@@ -82,6 +83,7 @@ func (c *Config) applyDefaults() {
 			panic(fmt.Sprintf("config default %s=%q: %v", e.Field, e.Value, errs)) // a bug in the table
 		}
 	}
+	defer c.defaultDeployment()
 	d := &c.Dedupe
 	if d.Store == "" {
 		d.Store = DedupeMemory
