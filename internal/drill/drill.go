@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/rulesdir"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -97,7 +98,7 @@ type drill struct {
 	run   string
 	start time.Time
 	bc    *BridgeClient
-	rd    *RulesDir
+	rd    *rulesdir.RulesDir
 	rule  *router.Rule
 	col   *collector
 
@@ -131,10 +132,10 @@ func (d *drill) logf(format string, a ...any) {
 func (d *drill) runAll(ctx context.Context) (*Report, error) {
 	cfg := d.cfg
 	var err error
-	if d.rd, err = OpenRulesDir(cfg.RulesDir); err != nil {
+	if d.rd, err = rulesdir.OpenRulesDir(cfg.RulesDir); err != nil {
 		return nil, err
 	}
-	files0, err := ReadRuleFiles(cfg.RulesDir)
+	files0, err := rulesdir.ReadRuleFiles(cfg.RulesDir)
 	if err != nil {
 		return nil, err
 	}
@@ -151,7 +152,7 @@ func (d *drill) runAll(ctx context.Context) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.rep = &Report{Run: d.run, Topic: d.rule.Name, Rate: cfg.Rate, Mode: map[bool]string{true: "ConfigMap ..data symlink swap", false: "atomic rename per file"}[d.rd.configMap]}
+	d.rep = &Report{Run: d.run, Topic: d.rule.Name, Rate: cfg.Rate, Mode: map[bool]string{true: "ConfigMap ..data symlink swap", false: "atomic rename per file"}[d.rd.ConfigMap()]}
 	for _, c := range t0.Cells() {
 		d.rep.Cells = append(d.rep.Cells, c.Name)
 	}
@@ -419,7 +420,7 @@ func (d *drill) waitStatus(ctx context.Context, what string, ok func(bridge.Stat
 // apply writes files and records the phase; it returns when the bridge runs
 // version v.
 func (d *drill) apply(ctx context.Context, name string, v int64, files map[string][]byte) (*Phase, error) {
-	t, err := LoadFiles(d.cfg.TempDir, files)
+	t, err := rulesdir.LoadFiles(d.cfg.TempDir, files)
 	if err != nil {
 		return nil, fmt.Errorf("drill: rules for %s do not validate:\n%w", name, err)
 	}
@@ -500,15 +501,15 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 func (d *drill) switchRange(ctx context.Context, files0 map[string][]byte, t0 *router.Table, p switchPlan) (map[string][]byte, *router.Table, error) {
 	v0 := t0.Version()
 	// The target mapping first, so that router.Diff says what to block.
-	owners := Owners(t0)
+	owners := rulesdir.Owners(t0)
 	for s := p.move.From; s <= p.move.To; s++ {
 		owners[s] = p.to
 	}
-	targetFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
+	targetFiles, err := rulesdir.EditCellMap(files0, rulesdir.CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
 	if err != nil {
 		return nil, nil, err
 	}
-	target, err := LoadFiles(d.cfg.TempDir, targetFiles)
+	target, err := rulesdir.LoadFiles(d.cfg.TempDir, targetFiles)
 	if err != nil {
 		return nil, nil, fmt.Errorf("drill: the switched rules do not validate:\n%w", err)
 	}
@@ -520,7 +521,7 @@ func (d *drill) switchRange(ctx context.Context, files0 map[string][]byte, t0 *r
 	sw.Range, sw.From, sw.To, sw.Blocked = p.move.String(), p.from, p.to, diff.Block
 
 	// Step 1: the current owners and the block list.
-	blockFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 1, Blocked: diff.Block})
+	blockFiles, err := rulesdir.EditCellMap(files0, rulesdir.CellMapEdit{Version: v0 + 1, Blocked: diff.Block})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -640,7 +641,7 @@ func (d *drill) unblock(ctx context.Context, diff router.DiffReport, v int64, ta
 func (d *drill) refuseLower(ctx context.Context, running map[string][]byte, target *router.Table, down string, lower int64) error {
 	rf := &d.rep.Refused
 	rf.Version, rf.Running = lower, target.Version()
-	lowFiles, err := EditCellMap(running, CellMapEdit{Version: lower, State: map[string]string{down: router.StateDown},
+	lowFiles, err := rulesdir.EditCellMap(running, rulesdir.CellMapEdit{Version: lower, State: map[string]string{down: router.StateDown},
 		Failover: failoverFixes(target, down)})
 	if err != nil {
 		return err
@@ -692,11 +693,11 @@ func (d *drill) failover(ctx context.Context, running map[string][]byte, target 
 		}
 	}
 	v := target.Version() + 1
-	failFiles, err := EditCellMap(running, CellMapEdit{Version: v, State: map[string]string{down: router.StateDown}, Failover: fixes})
+	failFiles, err := rulesdir.EditCellMap(running, rulesdir.CellMapEdit{Version: v, State: map[string]string{down: router.StateDown}, Failover: fixes})
 	if err != nil {
 		return err
 	}
-	failT, err := LoadFiles(d.cfg.TempDir, failFiles)
+	failT, err := rulesdir.LoadFiles(d.cfg.TempDir, failFiles)
 	if err != nil {
 		return fmt.Errorf("drill: the failover rules do not validate:\n%w", err)
 	}
