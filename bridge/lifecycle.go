@@ -140,8 +140,10 @@ type Status struct {
 	// version, no copy decided under an older table can still land: a
 	// cell switch waits for that on every replica before the blocked rules
 	// count as in force.
-	PublishingVersion int64        `json:"publishingVersion,omitempty"`
-	Rules             []RuleStatus `json:"rules"`
+	PublishingVersion int64 `json:"publishingVersion,omitempty"`
+	// Blocked lists the blocked shard ranges of the running rules ("22-32").
+	Blocked []string     `json:"blocked,omitempty"`
+	Rules   []RuleStatus `json:"rules"`
 }
 
 type heldStats struct {
@@ -274,6 +276,9 @@ func (p *Pipeline) Status() Status {
 	// under it or a later one.
 	if t := p.rules.Load(); t != nil {
 		st.RulesVersion, st.RulesLoaded = t.Version(), true
+		for _, r := range t.Blocked() {
+			st.Blocked = append(st.Blocked, r.String())
+		}
 	}
 	st.PublishingVersion = p.pubs.oldest()
 	st.Ready, st.NotReady = p.health.Ready()

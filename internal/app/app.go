@@ -216,6 +216,7 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 			newHTTPServer,
 			newEmbeddedNATS,
 			newBrokers,
+			newRegistry,
 			newDedupe,
 			newSinks,
 			newSources,
@@ -223,7 +224,7 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 			newWatcher,
 			newInfo,
 		),
-		fx.Invoke(func(*httpServer, *embeddedNATS, *brokers, dedupe.Store, bridge.SinkLookup, *sources, *bridge.Pipeline, *router.Watcher) {
+		fx.Invoke(func(*httpServer, *embeddedNATS, *brokers, *registry, dedupe.Store, bridge.SinkLookup, *sources, *bridge.Pipeline, *router.Watcher) {
 		}),
 		fx.Invoke(runPipeline),
 	)

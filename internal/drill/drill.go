@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/deployment"
 	"github.com/cellbridge/cellbridge/internal/rulesdir"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -97,7 +98,7 @@ type drill struct {
 	cfg   Config
 	run   string
 	start time.Time
-	bc    *BridgeClient
+	bc    *deployment.BridgeClient
 	rd    *rulesdir.RulesDir
 	rule  *router.Rule
 	col   *collector
@@ -120,7 +121,7 @@ type drill struct {
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	cfg.defaults()
 	d := &drill{cfg: cfg, run: fmt.Sprintf("drill%d", time.Now().UnixNano()%1e9), start: time.Now(),
-		bc: NewBridgeClient(cfg.BridgeURL), tables: map[int64]*router.Table{},
+		bc: deployment.NewBridgeClient(cfg.BridgeURL), tables: map[int64]*router.Table{},
 		ids: map[string]*Event{}, msgIDs: map[string]string{}}
 	return d.runAll(ctx)
 }

@@ -78,4 +78,3 @@ func TestConfigMapDir(t *testing.T) {
 		t.Fatalf("plain dir: %v", err)
 	}
 }
-
