@@ -112,7 +112,7 @@ func OpenRegistry(ctx context.Context, js jetstream.JetStream, cfg RegistryConfi
 	}
 	p := registryPrefix(cfg.Deployment)
 	return &Registry{b: b, depl: cfg.Deployment, js: js, bucket: cfg.Leases.Bucket, id: cfg.ReplicaID, key: p + "r." + cfg.ReplicaID, maxKey: p + "max",
-		log: log.With("component", "registry", "deployment", cfg.Deployment, "replica", cfg.ReplicaID),
+		log:  log.With("component", "registry", "deployment", cfg.Deployment, "replica", cfg.ReplicaID),
 		kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}, nil
 }
 
