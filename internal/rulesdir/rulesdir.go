@@ -96,12 +96,24 @@ func ReadRuleFiles(dir string) (map[string][]byte, error) {
 	return out, nil
 }
 
-// Apply replaces the directory's rule files with files.
+// Apply replaces the directory's rule files with files: rule files not in
+// files are removed.
 func (d *RulesDir) Apply(files map[string][]byte) error {
 	if !d.configMap {
 		for _, name := range sortedNames(files) {
 			if err := writeAtomic(d.Dir, name, files[name]); err != nil {
 				return err
+			}
+		}
+		old, err := ReadRuleFiles(d.Dir)
+		if err != nil {
+			return err
+		}
+		for name := range old {
+			if files[name] == nil {
+				if err := os.Remove(filepath.Join(d.Dir, name)); err != nil {
+					return fmt.Errorf("rules dir: %w", err)
+				}
 			}
 		}
 		return nil
