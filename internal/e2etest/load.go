@@ -89,8 +89,8 @@ type Load struct {
 	cfg      LoadConfig
 	cancel   context.CancelFunc
 	endSched context.CancelFunc // Finish: no more events scheduled
-	wg     sync.WaitGroup
-	lanes  []chan *Event
+	wg       sync.WaitGroup
+	lanes    []chan *Event
 
 	mu     sync.Mutex
 	events []*Event
