@@ -216,6 +216,7 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 			newHTTPServer,
 			newEmbeddedNATS,
 			newBrokers,
+			newPreflight,
 			newRegistry,
 			newDedupe,
 			newSinks,
@@ -224,7 +225,7 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 			newWatcher,
 			newInfo,
 		),
-		fx.Invoke(func(*httpServer, *embeddedNATS, *brokers, *registry, dedupe.Store, bridge.SinkLookup, *sources, *bridge.Pipeline, *router.Watcher) {
+		fx.Invoke(func(*httpServer, *embeddedNATS, *brokers, preflightDone, *registry, dedupe.Store, bridge.SinkLookup, *sources, *bridge.Pipeline, *router.Watcher) {
 		}),
 		fx.Invoke(runPipeline),
 	)

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
@@ -385,4 +387,95 @@ func fingerprint(dir string) string {
 		b.Write(files[name])
 	}
 	return b.String()
+}
+
+// Before it consumes anything the bridge lists every missing stream and
+// every duplicate window too short, naming the rule and the subject;
+// `run -check` does the same without starting. Once running, a publish
+// that finds no stream says so in the log and on /readyz.
+func TestPreflightListsEveryProblem(t *testing.T) {
+	if testing.Short() {
+		t.Skip("subprocess test: skipped with -short")
+	}
+	c := natstest.StartCluster(t, 1)
+	rules, table := exampleTable(t)
+	_, js := c.Connect(t)
+	ctx := testCtx(t, 2*time.Minute)
+	// One cell stream, with a window shorter than the default
+	// configuration needs (30s + 30s + 5s).
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "CELL_RZ00", Subjects: []string{"cell.rz00.>"}, Duplicates: 30 * time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: c.URLs(), Dedupe: "{store: jetstream}"})
+	want := []string{
+		"rule orders: source on broker nats: stream ORDERS does not exist",
+		"rule payments: source on broker nats: stream PAYMENTS does not exist",
+		"rule orders: dead-letter target subject dlq.orders on broker nats: no stream captures it",
+		"rule payments: dead-letter target subject dlq.payments on broker nats: no stream captures it",
+		"rule orders: target subject cell.rz00.orders (cell rz00) on broker nats: stream CELL_RZ00 drops repeats only within 30s, less than the 1m5s the configuration needs",
+		"rule payments: target subject cell.rz00.payments (cell rz00) on broker nats: stream CELL_RZ00 drops repeats only within 30s",
+	}
+	for _, r := range []string{"orders", "payments"} {
+		for _, cell := range []string{"rz01", "rz10", "gz00"} {
+			want = append(want, "rule "+r+": target subject cell."+cell+"."+r+" (cell "+cell+") on broker nats: no stream captures it")
+		}
+	}
+	check := func(what, out string) {
+		t.Helper()
+		if !strings.Contains(out, "12 problems with the streams the rules need") {
+			t.Errorf("%s: no count of 12 problems:\n%s", what, out)
+		}
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: missing %q", what, w)
+			}
+		}
+	}
+	out, errOut, code := cli(t, 30*time.Second, "run", "-check", "-config", cfg)
+	if code != 1 {
+		t.Fatalf("run -check: exit %d, want 1\n%s%s", code, out, errOut)
+	}
+	check("run -check", errOut)
+	t.Logf("run -check:\n%s", errOut)
+	out, errOut, code = cli(t, time.Minute, "run", "-config", cfg, "-http", "127.0.0.1:0")
+	if code != 1 {
+		t.Fatalf("run: exit %d, want 1\n%s%s", code, out, errOut)
+	}
+	check("run", errOut)
+	if _, err := js.Stream(ctx, "KV_cellbridge-dedupe"); err == nil {
+		t.Errorf("the bridge opened its dedupe store although the preflight failed")
+	}
+
+	// Everything in place, then a cell stream goes away under the running
+	// bridge.
+	if out, errOut, code := cli(t, 30*time.Second, "streams", "-apply", "-config", cfg); code != 0 {
+		t.Fatalf("streams -apply: exit %d\n%s%s", code, out, errOut)
+	}
+	b := StartBridge(t, BridgeOptions{Name: "replica", Config: cfg})
+	b.WaitReady()
+	if err := js.DeleteStream(ctx, "CELL_RZ01"); err != nil {
+		t.Fatal(err)
+	}
+	load, err := StartLoad(LoadConfig{JetStream: js, Rule: table.Rule("orders"), Keys: Keys(100), Rate: 200, Events: 200})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer load.Stop()
+	var why string
+	poll.Eventually(t, 30*time.Second, "/readyz naming the missing stream", func() bool {
+		ok, body, err := b.Ready(ctx)
+		why = body
+		return err == nil && !ok && strings.Contains(body, "no stream captures the subject")
+	})
+	t.Logf("/readyz: %s", why)
+	if !strings.Contains(why, `subject "cell.rz01.orders"`) || !strings.Contains(b.LogTail(200), "no stream captures the subject") {
+		t.Errorf("the subject or the log line is missing:\n%s", b.LogTail(20))
+	}
+	if out, errOut, code := cli(t, 30*time.Second, "streams", "-apply", "-config", cfg); code != 0 || !strings.Contains(out, "create  stream CELL_RZ01") {
+		t.Fatalf("streams -apply: exit %d\n%s%s", code, out, errOut)
+	}
+	if err := load.Finish(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b.WaitReady()
 }
