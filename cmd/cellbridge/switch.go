@@ -19,7 +19,7 @@ func init() {
 	register(&command{
 		name:    "switch",
 		summary: "move shards between cells across every replica: block, wait, catch up, switch, drain",
-		usage: `Usage: cellbridge switch [-config FILE | -addr URL ...] [-wait-cmd CMD] [-print] [-dry-run] OLD_DIR NEW_DIR
+		usage: `Usage: cellbridge switch [-config FILE | -addr URL ...] [-apply-cmd CMD] [-wait-cmd CMD] [-print] [-dry-run] OLD_DIR NEW_DIR
 
 Carries out the planned switch of docs/runbook.md ("Switch shards between
 cells") for the whole deployment. OLD_DIR is the rules directory the
@@ -36,6 +36,10 @@ NEW_DIR the rules with the new owners:
   3. writes NEW_DIR's rules into OLD_DIR, under a version above the blocking
      one, and waits until every replica runs them and holds nothing of the
      moving shards; then reports what moved.
+
+OLD_DIR may be the directory the replicas read, or the source of their
+ConfigMap: -apply-cmd then takes each write to them (a kubectl apply), and
+the switch waits until the replicas run it.
 
 The replicas are found in the deployment's registry (each replica publishes
 its rules version, held messages and readiness in the KV bucket
@@ -65,12 +69,14 @@ func switchCommand(fs *flag.FlagSet) runFunc {
 		cfgFile       string
 		addrs         stringList
 		waitCmd       string
+		applyCmd      string
 		waitInterval  time.Duration
 		timeout       time.Duration
 		print, dryRun bool
 	)
 	fs.StringVar(&cfgFile, "config", "", "bridge configuration `FILE`: the deployment's registry is on its broker (default: the embedded default's)")
 	fs.Var(&addrs, "addr", "a replica's HTTP `URL` (repeatable): read the replicas over HTTP instead of the registry")
+	fs.StringVar(&applyCmd, "apply-cmd", "", "a shell `CMD` run after each write of OLD_DIR to take it to the replicas (e.g. kubectl apply -k ...)")
 	fs.StringVar(&waitCmd, "wait-cmd", "", "catch-up check: a shell `CMD` that exits 0 once the new cells have caught up (run until it does)")
 	fs.DurationVar(&waitInterval, "wait-interval", 5*time.Second, "pause between two runs of -wait-cmd")
 	fs.DurationVar(&timeout, "timeout", 10*time.Minute, "give up waiting for the replicas after this long (per step)")
@@ -90,7 +96,7 @@ func switchCommand(fs *flag.FlagSet) runFunc {
 		}
 		defer closeSrc()
 		_, err = switchover.Run(ctx, switchover.Config{
-			Old: args[0], New: args[1], Print: print, DryRun: dryRun, Deployment: src,
+			Old: args[0], New: args[1], Print: print, DryRun: dryRun, Deployment: src, ApplyCmd: applyCmd,
 			WaitCmd: waitCmd, CatchUpInterval: waitInterval, Timeout: timeout, Out: stdout,
 		})
 		if err != nil {

@@ -32,6 +32,10 @@ type Config struct {
 	Print bool
 	// DryRun prints the plan and changes nothing.
 	DryRun bool
+	// ApplyCmd, when set, runs with sh -c after each write of Old, to take
+	// the files to the replicas (a ConfigMap update); a failure stops the
+	// switch (run it again to resume).
+	ApplyCmd string
 	// Deployment lists the live replicas.
 	Deployment deployment.Source
 	// WaitCmd, when set, is step 2's catch-up check: it runs with sh -c
@@ -466,6 +470,13 @@ func (s *switchRun) write(n int, what string, from, files map[string][]byte, v i
 		return fmt.Errorf("switch: writing %s: %w", s.cfg.Old, err)
 	}
 	s.printf("step %d: wrote %s as version %d (%s)", n, s.cfg.Old, v, what)
+	if s.cfg.ApplyCmd != "" {
+		out, err := exec.Command("sh", "-c", s.cfg.ApplyCmd).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("switch: step %d: the apply command failed (%v)%s\n(fix it and run the switch again to resume)", n, err, indentOut(out))
+		}
+		s.printf("step %d: applied (%s)", n, s.cfg.ApplyCmd)
+	}
 	return nil
 }
 
