@@ -19,7 +19,7 @@ type defaultRow struct {
 }
 
 // defaults is the single table of defaults: applyDefaults reads it,
-// `cellbridge run -defaults` prints it (WriteDefaults), and the README copies
+// `cellbridge run -defaults` prints it (WriteDefaults), and docs/configuration.md copies
 // it (a test compares them).
 var defaults = []defaultRow{
 	{"rules", "", "rule directory; required with brokers; built-in: the example rules (deploy/rules)"},
@@ -52,7 +52,7 @@ var defaults = []defaultRow{
 	{"deployment.name", "", "the dedupe bucket with the jetstream store, else `cellbridge`: replicas of one name publish the rules version they run (KV bucket `cellbridge-leases`), and a replica refuses to start on a version lower than the highest its deployment has run"},
 }
 
-// WriteDefaults writes the defaults table as Markdown: the README's table
+// WriteDefaults writes the defaults table as Markdown: the table of docs/configuration.md
 // and the output of `cellbridge run -defaults`.
 func WriteDefaults(w io.Writer) {
 	fmt.Fprintln(w, "| field | default | meaning |")
