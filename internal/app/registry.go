@@ -36,9 +36,9 @@ type registry struct {
 func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *brokers, log *slog.Logger) (*registry, error) {
 	reg := &registry{started: time.Now().UTC()}
 	cfg := o.Config
-	broker := cfg.RegistryBroker()
+	broker := registryBroker(cfg, o.Rules)
 	if broker == "" {
-		log.Info("no NATS broker for the deployment's registry: the rules version is not checked against the deployment's, nor published")
+		log.Info("no NATS broker the bridge connects for the deployment's registry: the rules version is not checked against the deployment's, nor published")
 		return reg, nil
 	}
 	js, err := b.jetStream(broker)
@@ -60,6 +60,15 @@ func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *b
 	reg.r = r
 	log.Info("rules version checked against the deployment", "deployment", cfg.Deployment.Name, "version", o.Rules.Version(), "replica", r.ReplicaID())
 	return reg, nil
+}
+
+// registryBroker is the configuration's RegistryBroker when the bridge
+// connects to it (the rules or the dedupe store use it), else "".
+func registryBroker(cfg *config.Config, t *router.Table) string {
+	if b := cfg.RegistryBroker(); brokerRoles(cfg, t)[b] != nil {
+		return b
+	}
+	return ""
 }
 
 // start publishes the record from then on; it is the registry's part of

@@ -68,11 +68,7 @@ func copyRules(t *testing.T, e rulesdir.CellMapEdit) (string, *router.Table) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	table, err := router.Load(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return dir, table
+	return dir, loadTable(t, dir)
 }
 
 // The documented path from nothing: a separate nats-server without any

@@ -13,23 +13,17 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-const exampleRules = "../../deploy/rules"
-
-func loadExample(t *testing.T) (map[string][]byte, *router.Table) {
-	t.Helper()
-	files, err := ReadRuleFiles(exampleRules)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tbl, err := router.Load(exampleRules)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return files, tbl
-}
-
+// A ConfigMap-style directory takes updates by a ..data swap; a plain one
+// by renames; both load as the router reads them.
 func TestConfigMapDir(t *testing.T) {
-	files, t0 := loadExample(t)
+	files, err := ReadRuleFiles("../../deploy/rules")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0, err := LoadFiles(t.TempDir(), files)
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir := filepath.Join(t.TempDir(), "rules")
 	rd, err := NewConfigMapDir(dir, files)
 	if err != nil {

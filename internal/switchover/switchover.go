@@ -1,6 +1,7 @@
 package switchover
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -116,21 +117,11 @@ func (c *Config) defaults() error {
 	if c.Deployment == nil {
 		return errors.New("switch: no deployment to wait for")
 	}
-	if c.Poll <= 0 {
-		c.Poll = 200 * time.Millisecond
-	}
-	if c.Timeout <= 0 {
-		c.Timeout = 10 * time.Minute
-	}
-	if c.CatchUpInterval <= 0 {
-		c.CatchUpInterval = 5 * time.Second
-	}
-	if c.Out == nil {
-		c.Out = io.Discard
-	}
-	if c.TempDir == "" {
-		c.TempDir = os.TempDir()
-	}
+	c.Poll = cmp.Or(max(c.Poll, 0), 200*time.Millisecond)
+	c.Timeout = cmp.Or(max(c.Timeout, 0), 10*time.Minute)
+	c.CatchUpInterval = cmp.Or(max(c.CatchUpInterval, 0), 5*time.Second)
+	c.Out = cmp.Or[io.Writer](c.Out, io.Discard)
+	c.TempDir = cmp.Or(c.TempDir, os.TempDir())
 	return nil
 }
 
@@ -330,17 +321,19 @@ func (s *switchRun) deploymentBlocks(ctx context.Context, block []router.Range) 
 }
 
 func covers(blocked []string, block []router.Range) bool {
-	var have []router.Range
+	have := map[int]bool{}
 	for _, b := range blocked {
 		r, err := router.ParseRange(b)
 		if err != nil {
 			return false
 		}
-		have = append(have, r)
+		for sh := r.From; sh <= r.To; sh++ {
+			have[sh] = true
+		}
 	}
 	for _, r := range block {
 		for sh := r.From; sh <= r.To; sh++ {
-			if !inRanges(sh, have) {
+			if !have[sh] {
 				return false
 			}
 		}
@@ -357,15 +350,6 @@ func allBlocked(t *router.Table, block []router.Range) bool {
 		}
 	}
 	return true
-}
-
-func inRanges(s int, rs []router.Range) bool {
-	for _, r := range rs {
-		if s >= r.From && s <= r.To {
-			return true
-		}
-	}
-	return false
 }
 
 // union merges two lists of ranges into sorted runs.
