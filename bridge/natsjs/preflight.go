@@ -85,16 +85,13 @@ func (pf *preflight) rule(ctx context.Context, table *router.Table, r *router.Ru
 	}
 	if r.Target.Subject != "" {
 		seen := map[string]bool{}
-		for _, c := range table.Cells() {
-			if c.State == router.StateDown {
-				continue
-			}
-			t := r.Render(c.Name, 0)
+		for _, ct := range liveTargets(table, r) {
+			t := ct.Target
 			if !pf.on(t.Broker) || seen[t.Broker+" "+t.Subject] {
 				continue
 			}
 			seen[t.Broker+" "+t.Subject] = true
-			if err := pf.target(ctx, r, "target", t.Broker, t.Subject, c.Name); err != nil {
+			if err := pf.target(ctx, r, "target", t.Broker, t.Subject, ct.Cell); err != nil {
 				return err
 			}
 		}
@@ -175,4 +172,25 @@ func (pf *preflight) target(ctx context.Context, r *router.Rule, role, broker, s
 			cfg.Name, FormatDuration(cfg.Duplicates), FormatDuration(pf.opts.MinWindow), pf.opts.Why)
 	}
 	return nil
+}
+
+// liveTargets are the targets a rule publishes to under table: per cell
+// that is not down, the rule's target rendered for shard 0 (a routed rule),
+// or the cells a broadcast rule sends copies to.
+func liveTargets(table *router.Table, r *router.Rule) []router.BroadcastCell {
+	var out []router.BroadcastCell
+	if r.Broadcast != nil {
+		for _, c := range r.BroadcastCells() {
+			if c.Skip != router.SkipDown {
+				out = append(out, router.BroadcastCell{Cell: c.Cell, Target: c.Target})
+			}
+		}
+		return out
+	}
+	for _, c := range table.Cells() {
+		if c.State != router.StateDown {
+			out = append(out, router.BroadcastCell{Cell: c.Name, Target: r.Render(c.Name, 0)})
+		}
+	}
+	return out
 }

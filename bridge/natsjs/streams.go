@@ -86,7 +86,7 @@ func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 		}
 		if r.Target.Subject != "" {
 			for _, c := range table.Cells() {
-				if on(r.Render(c.Name, -1).Broker) {
+				if on(r.Render(c.Name, -1).Broker) && (r.Broadcast == nil || broadcastsTo(r, c.Name)) {
 					add(CellStream(c.Name), subjectFilter(r.Target.Subject, c.Name), "targets of rule "+r.Name+" in cell "+c.Name)
 				}
 			}
@@ -137,6 +137,17 @@ func EnsureStreams(ctx context.Context, js jetstream.JetStream, table *router.Ta
 		err = p.Apply(ctx)
 	}
 	return err
+}
+
+// broadcastsTo reports whether broadcast rule r selects cell (down or not:
+// a down cell's copies are replayed into its stream later).
+func broadcastsTo(r *router.Rule, cell string) bool {
+	for _, c := range r.BroadcastCells() {
+		if c.Cell == cell {
+			return true
+		}
+	}
+	return false
 }
 
 // subjectFilter renders a subject template into the filter that captures
