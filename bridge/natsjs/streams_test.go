@@ -3,6 +3,8 @@ package natsjs
 import (
 	"errors"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -149,5 +151,38 @@ func TestEnsureStreamsCreatesAndUpdates(t *testing.T) {
 		if err := bridge.Publish(ctx, sink, m); !errors.Is(err, bridge.ErrDuplicate) {
 			t.Fatalf("republish %s: err = %v, want duplicate", subj, err)
 		}
+	}
+}
+
+// A broadcast rule's subject goes only to the streams of the cells it
+// selects, and the preflight checks only those.
+func TestPlanStreamsBroadcast(t *testing.T) {
+	rules := testRules + `---
+kind: TopicRule
+name: prices
+source: {broker: nats, stream: PRICES, subject: "prices.>"}
+key: {json: sku}
+target: {broker: nats, subject: "cell.{cell}.prices", cells: [rz01]}
+dlq: {broker: nats, subject: dlq.prices}
+`
+	table, err := router.Parse("rules.yaml", []byte(rules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range PlanStreams(table, StreamOptions{}) {
+		has := slices.Contains(p.Subjects, "cell."+strings.ToLower(strings.TrimPrefix(p.Name, "CELL_"))+".prices")
+		if strings.HasPrefix(p.Name, "CELL_") && has != (p.Name == "CELL_RZ01") {
+			t.Errorf("stream %s subjects %v", p.Name, p.Subjects)
+		}
+	}
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	ctx := testCtx(t)
+	if err := EnsureStreams(ctx, js, table, StreamOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	probs, err := Preflight(ctx, js, table, PreflightOptions{MinWindow: time.Minute})
+	if err != nil || len(probs) != 0 {
+		t.Fatalf("preflight after EnsureStreams: %v %v", probs, err)
 	}
 }
