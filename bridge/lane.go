@@ -61,6 +61,7 @@ type taskData struct {
 	phase    uint8
 	err      error
 	ss       *targetState
+	pub      *pubGen      // counts this forward's publish until its result (publishing)
 	failedOn *targetState // target whose publish of this message failed last (targetState.waiting)
 
 	out      Outgoing

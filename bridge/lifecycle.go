@@ -146,17 +146,26 @@ func heldRanges(shards []ShardHeld) []RangeHeld {
 
 // Status is a snapshot of the pipeline for /status.
 type Status struct {
-	RulesVersion int64        `json:"rulesVersion"`
-	RulesLoaded  bool         `json:"rulesLoaded"`
-	Ready        bool         `json:"ready"`
-	NotReady     string       `json:"notReady,omitempty"`
-	InFlight     int          `json:"inFlight"`
-	MaxInFlight  int          `json:"maxInFlight"`
-	Held         int64        `json:"held"`
-	MaxHeld      int          `json:"maxHeld"`
-	Lagging      int64        `json:"lagging"`
-	MaxLagging   int          `json:"maxLagging"`
-	Rules        []RuleStatus `json:"rules"`
+	RulesVersion int64  `json:"rulesVersion"`
+	RulesLoaded  bool   `json:"rulesLoaded"`
+	Ready        bool   `json:"ready"`
+	NotReady     string `json:"notReady,omitempty"`
+	InFlight     int    `json:"inFlight"`
+	MaxInFlight  int    `json:"maxInFlight"`
+	Held         int64  `json:"held"`
+	MaxHeld      int    `json:"maxHeld"`
+	Lagging      int64  `json:"lagging"`
+	MaxLagging   int    `json:"maxLagging"`
+	// PublishingVersion is the lowest rules version under which a copy is
+	// being published right now (sent to its target, result not yet
+	// handled); 0 when none is. Once it is 0 or at least the running
+	// version, no copy decided under an older table can still land: a
+	// cell switch waits for that on every replica before the blocked rules
+	// count as in force.
+	PublishingVersion int64 `json:"publishingVersion,omitempty"`
+	// Blocked lists the blocked shard ranges of the running rules ("22-32").
+	Blocked []string     `json:"blocked,omitempty"`
+	Rules   []RuleStatus `json:"rules"`
 }
 
 type heldStats struct {
@@ -290,9 +299,15 @@ func (p *Pipeline) Status() Status {
 	now := p.clock.Now().UnixNano()
 	st := Status{MaxInFlight: p.cfg.MaxInFlight, MaxHeld: p.cfg.MaxHeld, Held: p.heldN.Load(), InFlight: p.budget.used(),
 		Lagging: p.lagN.Load(), MaxLagging: p.cfg.MaxLagging}
+	// The version first: a publish counted after this look is decided
+	// under it or a later one.
 	if t := p.rules.Load(); t != nil {
 		st.RulesVersion, st.RulesLoaded = t.Version(), true
+		for _, r := range t.Blocked() {
+			st.Blocked = append(st.Blocked, r.String())
+		}
 	}
+	st.PublishingVersion = p.pubs.oldest()
 	st.Ready, st.NotReady = p.health.Ready()
 	if st.Ready {
 		st.NotReady = ""

@@ -9,7 +9,7 @@ import (
 )
 
 // MetricDesc describes one exported metric. MetricList is the single source
-// of truth for names, types and labels: the README table and the deploy
+// of truth for names, types and labels: the table in docs/metrics.md and the deploy
 // tests read it.
 type MetricDesc struct {
 	Name   string   `json:"name"`
@@ -95,7 +95,7 @@ const (
 	MetricBroadcastLagging  = "cellbridge_broadcast_lagging_copies"
 )
 
-// MetricList is every cellbridge_ metric, in README order. Labels never hold
+// MetricList is every cellbridge_ metric, in the order of docs/metrics.md. Labels never hold
 // a key or a message id.
 var MetricList = []MetricDesc{
 	{MetricMessages, "counter", []string{"rule", "outcome"}, "Messages by topic rule and outcome (forwarded, duplicate, held, dlq, retried, revoked, skipped). A broadcast message counts once, when every copy is settled; retried counts each failed attempt of a copy."},

@@ -78,6 +78,7 @@ type Pipeline struct {
 	heldN       atomic.Int64
 	lagN        atomic.Int64 // broadcast copies holding a lagging slot
 	copies      atomic.Int64 // broadcast copies not settled
+	pubs        publishing   // forwards being published, by rules version (Status.PublishingVersion)
 	parkMu      sync.Mutex
 	rangeMu     sync.Mutex             // guards rangeSeen (updateGauges may run from the sweeper and from tests)
 	rangeSeen   map[[2]string]struct{} // (rule, blocked range) series of the held range gauges
@@ -479,24 +480,31 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 			return p.retry(t)
 		}
 		t.reserved = true
-		// A remote store's round trip is long enough for a rules reload
-		// to land in between: a message decided under the old table must
-		// not be published after the new one (a shard that was just
-		// blocked, or moved). Give the reservation back and decide again.
-		if !t.dlq && t.poison == "" {
-			if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
+	}
+	// A remote store's round trip is long enough for a rules reload to
+	// land in between: a message decided under the old table must not be
+	// published after the new one (a shard that was just blocked, or
+	// moved). Give the reservation back and decide again. The publish is
+	// counted under its version first, so that a reload this look misses
+	// finds it counted (Status.PublishingVersion).
+	if !t.dlq && t.poison == "" {
+		t.pub = p.pubs.begin(t.d.Version)
+		if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
+			t.endPublish()
+			if t.reserved {
 				t.reserved = false
 				if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
 					// The reservation expires by itself after ReserveTTL.
 					p.met.DedupeErrors.WithLabelValues("release").Inc()
 				}
-				return p.dispatch(t)
 			}
+			return p.dispatch(t)
 		}
 	}
 	if t.m.Epoch.Revoked() {
 		// Revoked during a remote store's round trip: the new owner
 		// forwards the message; keep the key free for it.
+		t.endPublish()
 		if t.reserved {
 			t.reserved = false
 			if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
@@ -539,6 +547,7 @@ func (t *task) published(err error) {
 
 // complete handles a publish result on a worker goroutine.
 func (p *Pipeline) complete(t *task) *task {
+	t.endPublish()
 	err := t.err
 	t.err = nil
 	ss := t.ss

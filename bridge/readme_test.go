@@ -6,11 +6,11 @@ import (
 	"testing"
 )
 
-// The README lists every metric with its type, labels and help; alerts,
+// docs/metrics.md lists every metric with its type, labels and help; alerts,
 // dashboards and users read that table, so it must not drift from
-// MetricList: the README holds the table rendered from it, verbatim.
-func TestREADMEListsEveryMetric(t *testing.T) {
-	b, err := os.ReadFile("../README.md")
+// MetricList: the page holds the table rendered from it, verbatim.
+func TestMetricsDocListsEveryMetric(t *testing.T) {
+	b, err := os.ReadFile("../docs/metrics.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -24,6 +24,6 @@ func TestREADMEListsEveryMetric(t *testing.T) {
 		table.WriteString("| " + d.Name + " | " + d.Type + " | " + labels + " | " + d.Help + " |\n")
 	}
 	if !strings.Contains(string(b), table.String()) {
-		t.Errorf("README.md's metrics table differs from MetricList; replace it with:\n%s", table.String())
+		t.Errorf("docs/metrics.md's metrics table differs from MetricList; replace it with:\n%s", table.String())
 	}
 }

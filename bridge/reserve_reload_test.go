@@ -52,3 +52,29 @@ func TestReloadDuringReserveDecidesAgain(t *testing.T) {
 		t.Fatalf("published %+v, want one copy to cell.rz01.t stamped version 3", got)
 	}
 }
+
+// Status.PublishingVersion names the version of a copy still being
+// published after a reload, and clears once its result is in: what a cell
+// switch waits for before the blocked rules count as in force.
+func TestPublishingVersion(t *testing.T) {
+	sink := newTestSink()
+	sink.block = make(chan struct{})
+	e := newEnv(t, Config{}, rulesDoc(1, "", 0), sink, nil)
+	if v := e.p.Status().PublishingVersion; v != 0 {
+		t.Fatalf("idle: publishing version %d, want 0", v)
+	}
+	m, a := msg("t", keyFor(20, 1), "{}")
+	if err := e.p.Handle(context.Background(), m, a.ack); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the publish under version 1 counted", func() bool { return e.p.Status().PublishingVersion == 1 })
+	e.hold.Store(table(t, rulesDoc(2, `"20-20"`, 0)))
+	if st := e.p.Status(); st.RulesVersion != 2 || st.PublishingVersion != 1 {
+		t.Fatalf("after the reload: running %d, publishing %d; want 2 and 1", st.RulesVersion, st.PublishingVersion)
+	}
+	close(sink.block)
+	if err := a.result(t); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "nothing publishing", func() bool { return e.p.Status().PublishingVersion == 0 })
+}

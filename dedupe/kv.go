@@ -97,25 +97,9 @@ var committedVal = []byte("c")
 // left alone. The connection must support headers. Errors name the bucket.
 // The store must be closed with Close.
 func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, error) {
-	if !bucketName.MatchString(cfg.Bucket) {
-		return nil, fmt.Errorf("dedupe: bucket %q: invalid name, want [A-Za-z0-9_-]+", cfg.Bucket)
-	}
-	if cfg.TTL <= 0 {
-		cfg.TTL = DefaultTTL
-	}
-	if cfg.ReserveTTL <= 0 {
-		cfg.ReserveTTL = DefaultReserveTTL
-	}
-	// The server's per-message TTL counts whole seconds.
-	cfg.ReserveTTL = (cfg.ReserveTTL + time.Second - 1).Truncate(time.Second)
-	if cfg.TTL <= cfg.ReserveTTL {
-		return nil, fmt.Errorf("dedupe: bucket %q: ttl %v must exceed reserveTTL %v", cfg.Bucket, cfg.TTL, cfg.ReserveTTL)
-	}
-	if cfg.Replicas <= 0 {
-		cfg.Replicas = 1
-	}
-	if cfg.Timeout <= 0 {
-		cfg.Timeout = 5 * time.Second
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
 	}
 	nc := js.Conn()
 	if !nc.HeadersSupported() {
@@ -150,28 +134,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 // expiry, and writing one per expired key would double the server's writes.
 func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) error {
 	name := "KV_" + cfg.Bucket
-	dup := 2 * time.Minute
-	if cfg.TTL < dup {
-		dup = cfg.TTL
-	}
-	scfg := jetstream.StreamConfig{
-		Name:              name,
-		Subjects:          []string{"$KV." + cfg.Bucket + ".>"},
-		MaxMsgsPerSubject: 1,
-		MaxBytes:          -1,
-		MaxMsgs:           -1,
-		MaxMsgSize:        -1,
-		MaxAge:            cfg.TTL,
-		Storage:           cfg.Storage,
-		Replicas:          cfg.Replicas,
-		AllowRollup:       true,
-		DenyDelete:        true,
-		Duplicates:        dup,
-		MaxConsumers:      -1,
-		AllowDirect:       true,
-		Discard:           jetstream.DiscardNew,
-		AllowMsgTTL:       true,
-	}
+	scfg := bucketStream(cfg)
 	_, err := js.CreateStream(ctx, scfg)
 	if err == nil {
 		return nil

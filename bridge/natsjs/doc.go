@@ -1,9 +1,11 @@
 // Package natsjs connects the bridge to NATS JetStream: connections
 // (Connect), a durable pull-consumer Source (ordered, one active replica at
 // a time, or unordered), a PartitionedSource for partitioned rules (leases
-// in a KV bucket), an asynchronous publishing Sink
-// and stream provisioning for the embedded default and tests
-// (EnsureStreams).
+// in a KV bucket), an asynchronous publishing Sink, stream and bucket
+// provisioning (PlanStreams, PlanProvision; EnsureStreams for the embedded
+// default and tests), the check of the streams before consuming
+// (Preflight), and the deployment's registry of rules versions in the
+// lease bucket (Registry).
 //
 // # Source
 //

@@ -92,16 +92,7 @@ func openLeaseBucket(ctx context.Context, js jetstream.JetStream, cfg LeaseConfi
 		var err error
 		kv, err = js.KeyValue(ctx, cfg.Bucket)
 		if errors.Is(err, jetstream.ErrBucketNotFound) {
-			kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
-				Bucket:      cfg.Bucket,
-				Description: "cellbridge partition leases and replica memberships",
-				History:     1,
-				TTL:         cfg.TTL,
-				// Markers live as long as a lease, so that a watcher whose
-				// consumer was recreated after a reconnect still sees them.
-				LimitMarkerTTL: max(time.Second, cfg.TTL),
-				Replicas:       cfg.Replicas,
-			})
+			kv, err = js.CreateKeyValue(ctx, leaseKVConfig(cfg))
 			if errors.Is(err, jetstream.ErrBucketExists) {
 				kv, err = js.KeyValue(ctx, cfg.Bucket)
 			}
@@ -115,15 +106,8 @@ func openLeaseBucket(ctx context.Context, js jetstream.JetStream, cfg LeaseConfi
 	if err := b.retry(ctx, 3, func(ctx context.Context) (err error) { st, err = kv.Status(ctx); return err }); err != nil {
 		return nil, fmt.Errorf("natsjs: lease bucket %s: %w", cfg.Bucket, err)
 	}
-	switch {
-	case st.TTL() <= 0:
-		return nil, fmt.Errorf("natsjs: lease bucket %s has no TTL: leases of a vanished replica would never expire; recreate it with a TTL (e.g. `nats kv add %s --ttl %s --marker-ttl %s --history 1`) or let cellbridge create it",
-			cfg.Bucket, cfg.Bucket, cfg.TTL, max(time.Second, cfg.TTL))
-	case st.LimitMarkerTTL() <= 0:
-		return nil, fmt.Errorf("natsjs: lease bucket %s writes no markers when keys expire (limit marker TTL 0): replicas would not notice a vanished one; recreate it with a marker TTL (e.g. `nats kv add %s --ttl %s --marker-ttl %s --history 1`) or let cellbridge create it",
-			cfg.Bucket, cfg.Bucket, st.TTL(), max(time.Second, st.TTL()))
-	case st.TTL() < 2*time.Second:
-		return nil, fmt.Errorf("natsjs: lease bucket %s has TTL %s, below 2s", cfg.Bucket, st.TTL())
+	if why := leaseBucketProblem(cfg, st.TTL(), st.LimitMarkerTTL()); why != "" {
+		return nil, fmt.Errorf("natsjs: lease bucket %s %s", cfg.Bucket, why)
 	}
 	if st.TTL() != cfg.TTL {
 		log.Warn("lease bucket has another TTL than configured; using the bucket's", "bucket", cfg.Bucket, "bucket_ttl", st.TTL(), "configured_ttl", cfg.TTL)
@@ -133,6 +117,64 @@ func openLeaseBucket(ctx context.Context, js jetstream.JetStream, cfg LeaseConfi
 	}
 	b.kv = kv
 	return b, nil
+}
+
+// leaseKVConfig is the lease bucket as cellbridge creates it.
+func leaseKVConfig(cfg LeaseConfig) jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{
+		Bucket:      cfg.Bucket,
+		Description: "cellbridge partition leases, replica memberships and rules versions",
+		History:     1,
+		TTL:         cfg.TTL,
+		// Markers live as long as a lease, so that a watcher whose
+		// consumer was recreated after a reconnect still sees them.
+		LimitMarkerTTL: max(time.Second, cfg.TTL),
+		Replicas:       cfg.Replicas,
+	}
+}
+
+// leaseBucketProblem says what makes an existing lease bucket with these
+// TTLs unusable, and how to fix it; "" when it serves.
+func leaseBucketProblem(cfg LeaseConfig, ttl, markerTTL time.Duration) string {
+	switch {
+	case ttl <= 0:
+		return fmt.Sprintf("has no TTL: leases of a vanished replica would never expire; recreate it with a TTL (e.g. `nats kv add %s --ttl %s --marker-ttl %s --history 1`) or let cellbridge create it",
+			cfg.Bucket, cfg.TTL, max(time.Second, cfg.TTL))
+	case markerTTL <= 0:
+		return fmt.Sprintf("writes no markers when keys expire (limit marker TTL 0): replicas would not notice a vanished one; recreate it with a marker TTL (e.g. `nats kv add %s --ttl %s --marker-ttl %s --history 1`) or let cellbridge create it",
+			cfg.Bucket, ttl, max(time.Second, ttl))
+	case ttl < 2*time.Second:
+		return fmt.Sprintf("has TTL %s, below 2s", ttl)
+	}
+	return ""
+}
+
+// LeaseBucketPlan is the lease bucket of cfg as provisioning plans it:
+// created as a partitioned source or the rules-version registry would
+// create it; an existing one without a TTL or expiry markers is refused
+// (it must be recreated), one with another TTL is kept and noted.
+func LeaseBucketPlan(cfg LeaseConfig, uses []string) (BucketPlan, error) {
+	if err := cfg.defaults(); err != nil {
+		return BucketPlan{}, err
+	}
+	kc := leaseKVConfig(cfg)
+	return BucketPlan{
+		Bucket: cfg.Bucket, Uses: uses,
+		Settings: fmt.Sprintf("ttl %s, expiry markers %s, history 1, replicas %d", fmtDur(kc.TTL), fmtDur(kc.LimitMarkerTTL), kc.Replicas),
+		Create: func(ctx context.Context, js jetstream.JetStream) error {
+			_, err := js.CreateKeyValue(ctx, kc)
+			if errors.Is(err, jetstream.ErrBucketExists) {
+				return nil
+			}
+			return err
+		},
+		Check: func(have jetstream.StreamConfig) (*jetstream.StreamConfig, []string, string) {
+			if why := leaseBucketProblem(cfg, have.MaxAge, have.SubjectDeleteMarkerTTL); why != "" {
+				return nil, nil, "the bucket " + why
+			}
+			return nil, nil, ""
+		},
+	}, nil
 }
 
 // errDisconnected fails a KV request at once while the connection is down:

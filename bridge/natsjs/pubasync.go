@@ -72,5 +72,8 @@ func (p *publisher) describe(subject string, err error) error {
 	if also != nil {
 		return fmt.Errorf("natsjs: publish to broker %q subject %q: %w (%w)", p.name, subject, err, also)
 	}
+	if errors.Is(err, jspub.ErrNoStream) {
+		return fmt.Errorf("natsjs: publish to broker %q subject %q: no stream captures the subject, or its stream has no leader (create it: cellbridge streams -apply): %w", p.name, subject, err)
+	}
 	return fmt.Errorf("natsjs: publish to broker %q subject %q: %w", p.name, subject, err)
 }

@@ -2,8 +2,6 @@ package natsjs
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"slices"
 	"strings"
 	"time"
@@ -34,13 +32,20 @@ const DLQStream = "DLQ"
 // CellStream names the target stream of a cell: CELL_<CELL>.
 func CellStream(cell string) string { return "CELL_" + strings.ToUpper(cell) }
 
-// StreamPlan is one stream EnsureStreams provisions.
+// StreamPlan is one stream the rules need (PlanStreams).
 type StreamPlan struct {
 	Name     string
 	Subjects []string
 	// Transform is the subject transform of a partitioned rule's source
 	// stream (RuleTransform); nil for every other stream.
 	Transform *jetstream.SubjectTransformConfig
+	// Source is true for a rule's source stream, which must exist under
+	// this name; the subjects of the others (targets, DLQs) may be
+	// captured by any stream.
+	Source bool
+	// Uses says what needs the stream, one line per rule and role
+	// ("source of rule orders", "targets of rule orders in cell rz00").
+	Uses []string
 }
 
 // PlanStreams lists the streams the table needs on opts.Broker: each rule's
@@ -54,34 +59,43 @@ type StreamPlan struct {
 // since the server refuses overlaps. The result is sorted by name.
 func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 	want := map[string][]string{}
+	uses := map[string][]string{}
+	sources := map[string]bool{}
 	transforms := map[string]*jetstream.SubjectTransformConfig{}
-	add := func(stream, subj string) {
+	add := func(stream, subj, use string) {
 		if stream != "" && subj != "" && !slices.Contains(want[stream], subj) {
 			want[stream] = append(want[stream], subj)
 		}
+		if stream != "" && use != "" && !slices.Contains(uses[stream], use) {
+			uses[stream] = append(uses[stream], use)
+		}
 	}
 	on := func(broker string) bool { return opts.Broker == "" || broker == opts.Broker }
-	var dlq []string
+	var dlq, dlqUses []string
 	for _, r := range table.Rules() {
 		if r.Source.IsNATS() && on(r.Source.Broker) {
 			subj := r.Source.Subject
 			if subj == "" {
 				subj = r.Source.Stream + ".>"
 			}
-			add(r.Source.Stream, subj)
+			add(r.Source.Stream, subj, "source of rule "+r.Name)
+			sources[r.Source.Stream] = true
 			if tr, err := RuleTransform(r); err == nil {
 				transforms[r.Source.Stream] = &tr
 			}
 		}
 		if r.Target.Subject != "" {
 			for _, c := range table.Cells() {
-				if on(r.Render(c.Name, -1).Broker) {
-					add(CellStream(c.Name), subjectFilter(r.Target.Subject, c.Name))
+				if on(r.Render(c.Name, -1).Broker) && (r.Broadcast == nil || broadcastsTo(r, c.Name)) {
+					add(CellStream(c.Name), subjectFilter(r.Target.Subject, c.Name), "targets of rule "+r.Name+" in cell "+c.Name)
 				}
 			}
 		}
-		if r.DLQ != nil && r.DLQ.Subject != "" && on(r.DLQ.Broker) && !slices.Contains(dlq, r.DLQ.Subject) {
-			dlq = append(dlq, r.DLQ.Subject)
+		if r.DLQ != nil && r.DLQ.Subject != "" && on(r.DLQ.Broker) {
+			if !slices.Contains(dlq, r.DLQ.Subject) {
+				dlq = append(dlq, r.DLQ.Subject)
+			}
+			dlqUses = append(dlqUses, "dead letters of rule "+r.Name)
 		}
 	}
 	for _, subj := range dlq {
@@ -92,64 +106,48 @@ func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 		if overlapsAny(wide, want) {
 			wide = subj
 		}
-		add(DLQStream, wide)
+		add(DLQStream, wide, "")
+	}
+	if len(dlq) > 0 {
+		uses[DLQStream] = dlqUses
 	}
 	plans := make([]StreamPlan, 0, len(want))
 	for name, subjects := range want {
-		plans = append(plans, StreamPlan{Name: name, Subjects: minimalSubjects(subjects), Transform: transforms[name]})
+		plans = append(plans, StreamPlan{Name: name, Subjects: minimalSubjects(subjects), Transform: transforms[name],
+			Source: sources[name], Uses: uses[name]})
 	}
 	slices.SortFunc(plans, func(a, b StreamPlan) int { return strings.Compare(a.Name, b.Name) })
 	return plans
 }
 
-// EnsureStreams creates the streams PlanStreams lists, or updates existing
-// ones: their subjects become the union of the existing and the planned
-// ones, the duplicate window is set, and a planned subject transform
-// replaces the stream's (see docs/partitions.md before changing the
-// partition count of a stream that holds events). File storage. It is meant for the
-// embedded default and tests; in production the streams are usually owned
-// by their producers and consumers. It stops at the first failure.
+// EnsureStreams provisions the streams PlanStreams lists (PlanProvision,
+// then Apply): it creates missing ones and updates existing ones, which
+// keep their subjects and gain the planned ones, get a duplicate window of
+// at least opts.Duplicates (a longer one is kept) and, for a partitioned
+// rule's source, the planned subject transform (see docs/partitions.md
+// before changing the partition count of a stream that holds events). A
+// target or DLQ subject that another stream captures is left to it. New
+// streams use file storage. It is what the embedded default and the tests
+// use; operators run `cellbridge streams -apply`, which plans the same way.
+// It changes nothing when the plan refuses a change (ErrRefused).
 func EnsureStreams(ctx context.Context, js jetstream.JetStream, table *router.Table, opts StreamOptions) error {
-	if opts.Duplicates <= 0 {
-		opts.Duplicates = 2 * time.Minute
+	p, err := PlanProvision(ctx, js, PlanStreams(table, opts), nil,
+		ProvisionOptions{Duplicates: opts.Duplicates, Replicas: opts.Replicas, RaiseReplicas: opts.Replicas > 1})
+	if err == nil {
+		err = p.Apply(ctx)
 	}
-	if opts.Replicas <= 0 {
-		opts.Replicas = 1
-	}
-	for _, p := range PlanStreams(table, opts) {
-		if err := ensureStream(ctx, js, p, opts); err != nil {
-			return err
-		}
-	}
-	return nil
+	return err
 }
 
-func ensureStream(ctx context.Context, js jetstream.JetStream, p StreamPlan, opts StreamOptions) error {
-	cfg := jetstream.StreamConfig{
-		Name:             p.Name,
-		Subjects:         p.Subjects,
-		Storage:          jetstream.FileStorage,
-		Replicas:         opts.Replicas,
-		Duplicates:       opts.Duplicates,
-		SubjectTransform: p.Transform,
-	}
-	st, err := js.Stream(ctx, p.Name)
-	switch {
-	case errors.Is(err, jetstream.ErrStreamNotFound):
-		_, err = js.CreateStream(ctx, cfg)
-	case err == nil:
-		old := st.CachedInfo().Config
-		old.Subjects = minimalSubjects(append(slices.Clone(old.Subjects), p.Subjects...))
-		old.Duplicates = opts.Duplicates
-		if p.Transform != nil {
-			old.SubjectTransform = p.Transform
+// broadcastsTo reports whether broadcast rule r selects cell (down or not:
+// a down cell's copies are replayed into its stream later).
+func broadcastsTo(r *router.Rule, cell string) bool {
+	for _, c := range r.BroadcastCells() {
+		if c.Cell == cell {
+			return true
 		}
-		_, err = js.UpdateStream(ctx, old)
 	}
-	if err != nil {
-		return fmt.Errorf("natsjs: stream %s %v: %w", p.Name, p.Subjects, err)
-	}
-	return nil
+	return false
 }
 
 // subjectFilter renders a subject template into the filter that captures

@@ -3,6 +3,8 @@ package natsjs
 import (
 	"errors"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -53,13 +55,16 @@ func testTable(t testing.TB) *router.Table {
 
 func TestPlanStreams(t *testing.T) {
 	got := PlanStreams(testTable(t), StreamOptions{})
+	cell := func(c string) []string {
+		return []string{"targets of rule orders in cell " + c, "targets of rule payments in cell " + c}
+	}
 	want := []StreamPlan{
-		{Name: "CELL_GZ00", Subjects: []string{"cell.gz00.*.*", "cell.gz00.orders"}},
-		{Name: "CELL_RZ00", Subjects: []string{"cell.rz00.*.*", "cell.rz00.orders"}},
-		{Name: "CELL_RZ01", Subjects: []string{"cell.rz01.*.*", "cell.rz01.orders"}},
-		{Name: "DLQ", Subjects: []string{"dlq.>"}},
-		{Name: "ORDERS", Subjects: []string{"orders.>"}},
-		{Name: "PAYMENTS", Subjects: []string{"payments.>"}},
+		{Name: "CELL_GZ00", Subjects: []string{"cell.gz00.*.*", "cell.gz00.orders"}, Uses: cell("gz00")},
+		{Name: "CELL_RZ00", Subjects: []string{"cell.rz00.*.*", "cell.rz00.orders"}, Uses: cell("rz00")},
+		{Name: "CELL_RZ01", Subjects: []string{"cell.rz01.*.*", "cell.rz01.orders"}, Uses: cell("rz01")},
+		{Name: "DLQ", Subjects: []string{"dlq.>"}, Uses: []string{"dead letters of rule orders", "dead letters of rule payments"}},
+		{Name: "ORDERS", Subjects: []string{"orders.>"}, Source: true, Uses: []string{"source of rule orders"}},
+		{Name: "PAYMENTS", Subjects: []string{"payments.>"}, Source: true, Uses: []string{"source of rule payments"}},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("PlanStreams =\n%v\nwant\n%v", got, want)
@@ -105,7 +110,8 @@ func TestEnsureStreamsCreatesAndUpdates(t *testing.T) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	ctx := testCtx(t)
-	// An existing cell stream with an extra subject keeps it.
+	// An existing cell stream with an extra subject keeps it, and its
+	// longer duplicate window (2m).
 	createStream(t, js, "CELL_RZ00", "legacy.rz00")
 	table := testTable(t)
 	if err := EnsureStreams(ctx, js, table, StreamOptions{Duplicates: time.Minute}); err != nil {
@@ -120,7 +126,11 @@ func TestEnsureStreamsCreatesAndUpdates(t *testing.T) {
 			t.Fatalf("stream %s: %v", p.Name, err)
 		}
 		cfg := st.CachedInfo().Config
-		if cfg.Duplicates != time.Minute || cfg.Storage != jetstream.FileStorage {
+		window := time.Minute
+		if p.Name == "CELL_RZ00" {
+			window = 2 * time.Minute
+		}
+		if cfg.Duplicates != window || cfg.Storage != jetstream.FileStorage {
 			t.Errorf("stream %s: duplicates %s storage %s", p.Name, cfg.Duplicates, cfg.Storage)
 		}
 		if p.Name == "CELL_RZ00" {
@@ -141,5 +151,38 @@ func TestEnsureStreamsCreatesAndUpdates(t *testing.T) {
 		if err := bridge.Publish(ctx, sink, m); !errors.Is(err, bridge.ErrDuplicate) {
 			t.Fatalf("republish %s: err = %v, want duplicate", subj, err)
 		}
+	}
+}
+
+// A broadcast rule's subject goes only to the streams of the cells it
+// selects, and the preflight checks only those.
+func TestPlanStreamsBroadcast(t *testing.T) {
+	rules := testRules + `---
+kind: TopicRule
+name: prices
+source: {broker: nats, stream: PRICES, subject: "prices.>"}
+key: {json: sku}
+target: {broker: nats, subject: "cell.{cell}.prices", cells: [rz01]}
+dlq: {broker: nats, subject: dlq.prices}
+`
+	table, err := router.Parse("rules.yaml", []byte(rules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range PlanStreams(table, StreamOptions{}) {
+		has := slices.Contains(p.Subjects, "cell."+strings.ToLower(strings.TrimPrefix(p.Name, "CELL_"))+".prices")
+		if strings.HasPrefix(p.Name, "CELL_") && has != (p.Name == "CELL_RZ01") {
+			t.Errorf("stream %s subjects %v", p.Name, p.Subjects)
+		}
+	}
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	ctx := testCtx(t)
+	if err := EnsureStreams(ctx, js, table, StreamOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	probs, err := Preflight(ctx, js, table, PreflightOptions{MinWindow: time.Minute})
+	if err != nil || len(probs) != 0 {
+		t.Fatalf("preflight after EnsureStreams: %v %v", probs, err)
 	}
 }

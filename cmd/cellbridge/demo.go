@@ -79,6 +79,7 @@ func demoCommand(fs *flag.FlagSet) runFunc {
 		if o == nil {
 			return code
 		}
+		defer takeForeground()()
 		if err := runDemo(ctx, o, f, stdout); err != nil {
 			fmt.Fprintf(stderr, "cellbridge demo: %v\n", err)
 			return exitError

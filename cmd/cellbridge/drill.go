@@ -18,6 +18,7 @@ import (
 	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/internal/drill"
+	"github.com/cellbridge/cellbridge/internal/rulesdir"
 )
 
 // drillFlags are the flags of `cellbridge drill`.
@@ -193,12 +194,12 @@ func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*app.Options, er
 		}
 		src = d
 	}
-	files, err := drill.ReadRuleFiles(src)
+	files, err := rulesdir.ReadRuleFiles(src)
 	if err != nil {
 		return nil, err
 	}
 	rulesDir := filepath.Join(data, "rules")
-	if _, err := drill.NewConfigMapDir(rulesDir, files); err != nil {
+	if _, err := rulesdir.NewConfigMapDir(rulesDir, files); err != nil {
 		return nil, err
 	}
 	run := *rf

@@ -194,6 +194,14 @@ http: {listen: "127.0.0.1:0"}
 		t.Errorf("status -json: exit %d, %+v\n%s", code, st, out)
 	}
 
+	// Without -addr: the deployment, from the replicas' records.
+	eventually(t, 20*time.Second, "the deployment listing with the held messages", func() bool {
+		code, out, errOut = runCLI(t, "status", "-config", cfg)
+		return code == 0 && strings.Contains(out, "deployment cellbridge (KV bucket cellbridge-leases): 1 live replica(s); highest rules version run: 1") &&
+			strings.Contains(out, "shards 34") && strings.Contains(out, "2 held")
+	})
+	t.Logf("cellbridge status -config:\n%s%s", out, errOut)
+
 	code, _, errOut = runCLI(t, "status", "-addr", fmt.Sprintf("127.0.0.1:%d", freePort(t)))
 	if code != exitError || !strings.Contains(errOut, "cannot reach the bridge") {
 		t.Errorf("unreachable: exit %d, %q", code, errOut)

@@ -22,7 +22,7 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/app"
-	"github.com/cellbridge/cellbridge/internal/drill"
+	"github.com/cellbridge/cellbridge/internal/deployment"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -120,7 +120,7 @@ func get(t testing.TB, url string) (int, string) {
 func metric(t testing.TB, base, name string, labels map[string]string) float64 {
 	t.Helper()
 	_, body := get(t, base+"/metrics")
-	for _, s := range drill.MetricSamples(body, name) {
+	for _, s := range deployment.MetricSamples(body, name) {
 		if maps.Equal(s.Labels, labels) {
 			return s.Value
 		}

@@ -6,7 +6,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/config"
@@ -47,6 +50,11 @@ the JetStream KV dedupe store.
 
 The configuration and the rules are checked before anything connects: every
 problem is printed as file:line: field: message and the exit code is 1.
+Once connected, and before consuming anything, it checks that every source
+stream exists and every target and dead-letter subject is captured by a
+stream with a long enough duplicate window, and lists every problem at once
+(cellbridge streams -apply creates what is missing). -check runs the same
+checks without starting: the brokers' part when it can reach them.
 SIGINT/SIGTERM stop fetching, finish in-flight messages within
 pipeline.drainTimeout, then close connections (exit 0).`,
 		flags: runCommand,
@@ -75,9 +83,7 @@ func runCommand(fs *flag.FlagSet) runFunc {
 			return code
 		}
 		if check {
-			fmt.Fprintf(stdout, "ok: config %s, rules %s version %d (%d topics, %d cells)\n",
-				o.Config.File, o.Rules.Dir(), o.Rules.Version(), len(o.Rules.Rules()), len(o.Rules.Cells()))
-			return exitOK
+			return runCheck(ctx, o, stdout, stderr)
 		}
 		o.Stdout = stdout
 		if err := app.Run(ctx, *o); err != nil {
@@ -137,5 +143,28 @@ func prepareRun(f *runFlags, stderr io.Writer) (*app.Options, int) {
 	}
 	return &app.Options{Config: cfg, Rules: table, RulesDir: rules, DataDir: f.data, NATSPort: f.natsPort, Version: version}, exitOK
 }
+
+// runCheck is `run -check` after the offline checks passed: the streams
+// are checked on every NATS broker it can reach.
+func runCheck(ctx context.Context, o *app.Options, stdout, stderr io.Writer) int {
+	unreachable, err := app.CheckBrokers(ctx, o.Config, o.Rules, checkTimeout)
+	var pe *app.PreflightError
+	if errors.As(err, &pe) {
+		fmt.Fprintf(stderr, "cellbridge: %s\n", err)
+		return exitError
+	}
+	fmt.Fprintf(stdout, "ok: config %s, rules %s version %d (%d topics, %d cells)\n",
+		o.Config.File, o.Rules.Dir(), o.Rules.Version(), len(o.Rules.Rules()), len(o.Rules.Cells()))
+	if err != nil {
+		fmt.Fprintf(stdout, "streams not checked: %v\n", err)
+	}
+	for _, name := range slices.Sorted(maps.Keys(unreachable)) {
+		fmt.Fprintf(stdout, "streams not checked on broker %s: %v\n", name, unreachable[name])
+	}
+	return exitOK
+}
+
+// checkTimeout bounds `run -check`'s wait for each broker.
+const checkTimeout = 5 * time.Second
 
 func indent(s string) string { return "  " + strings.ReplaceAll(s, "\n", "\n  ") }

@@ -7,51 +7,67 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/deployment"
 )
 
 func init() {
 	register(&command{
 		name:    "status",
-		summary: "show a running bridge's rules version, in-flight, held (per shard range), broadcast copies per cell, backlog and its share of each rule",
-		usage: `Usage: cellbridge status [-addr http://127.0.0.1:9090] [-json]
+		summary: "show the deployment's replicas, or one bridge's rules version, in-flight, held (per shard range), broadcast copies per cell, backlog and its share of each rule",
+		usage: `Usage: cellbridge status [-config FILE] [-json]
+       cellbridge status -addr http://127.0.0.1:9090 [-json]
 
-Reads /status of a running bridge and prints: readiness (and why not), the
-rules version it routes with, and per topic rule the messages in flight, the
-messages held because their shard is blocked (per shard range, with the age
-of the oldest), the age of the oldest unacknowledged message and the backlog
-at the source. During a cell switch this is step 2's view: the held ranges
-should be exactly the blocked ones, and they drain after the unblocking rules.
-For broadcast rules it lists per cell the copies on their way, those lagging
-behind a failing cell, and what a down cell missed: the time of the first
-missed message is where 'cellbridge replay -from-time' starts.
-Last, per rule, this replica's share: for an ordered rule whether it holds
-the consumer's pin (active) or waits as a standby, for a partitioned rule the
-partitions it owns, and the last takeover.
+Without -addr it lists the whole deployment: every live replica of the
+deployment the configuration names (-config; without it the embedded
+default), as each publishes itself in the KV bucket cellbridge-leases: its
+rules version, readiness, in-flight and held messages, and the highest rules
+version the deployment has run. Replicas that run different versions are
+pointed out (during a cell switch no step may follow until they agree).
 
-Each replica answers for itself: in Kubernetes, port-forward one pod at a time
-(kubectl -n cellbridge port-forward pod/POD 9090:9090).
+With -addr it reads /status of one running bridge and prints: readiness (and
+why not), the rules version it routes with, and per topic rule the messages
+in flight, the messages held because their shard is blocked (per shard range,
+with the age of the oldest), the age of the oldest unacknowledged message and
+the backlog at the source. During a cell switch this is step 2's view: the
+held ranges should be exactly the blocked ones, and they drain after the
+unblocking rules. For broadcast rules it lists per cell the copies on their
+way, those lagging behind a failing cell, and what a down cell missed: the
+time of the first missed message is where 'cellbridge replay -from-time'
+starts. Last, per rule, this replica's share: for an ordered rule whether it
+holds the consumer's pin (active) or waits as a standby, for a partitioned
+rule the partitions it owns, and the last takeover. In Kubernetes, port-forward one pod at a time (kubectl -n cellbridge
+port-forward pod/POD 9090:9090), or run it in the pod.
 
-Exit status 0 when the bridge answered (ready or not), 1 when it cannot be
-reached or answers with an error.`,
+Exit status 0 when the bridge (or the deployment's registry) answered, ready
+or not, 1 when it cannot be reached or answers with an error.`,
 		flags: statusCommand,
 	})
 }
 
 func statusCommand(fs *flag.FlagSet) runFunc {
-	addr := fs.String("addr", "http://127.0.0.1:9090", "the bridge's HTTP `URL` (or host:port)")
-	jsonOut := fs.Bool("json", false, "print /status as the bridge sends it (JSON)")
+	addr := fs.String("addr", "", "one bridge's HTTP `URL` (or host:port), e.g. http://127.0.0.1:9090; without it, the whole deployment")
+	cfgFile := fs.String("config", "", "bridge configuration `FILE` naming the deployment and its broker (without -addr; default: the embedded default)")
+	jsonOut := fs.Bool("json", false, "print /status as the bridge sends it (JSON), or the deployment's records")
 	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if len(args) > 0 {
 			return usageError(stderr, "status", "unexpected arguments: %s", strings.Join(args, " "))
+		}
+		if *addr == "" {
+			return deploymentStatus(ctx, *cfgFile, *jsonOut, *timeout, stdout, stderr)
+		}
+		if *cfgFile != "" {
+			return usageError(stderr, "status", "-config and -addr exclude each other")
 		}
 		base, err := bridgeBaseURL(*addr)
 		if err != nil {
@@ -73,6 +89,91 @@ func statusCommand(fs *flag.FlagSet) runFunc {
 		}
 		writeStatus(stdout, base, st, time.Now())
 		return exitOK
+	}
+}
+
+// deploymentStatus lists every live replica of the configuration's
+// deployment from its registry.
+func deploymentStatus(ctx context.Context, cfgFile string, jsonOut bool, timeout time.Duration, stdout, stderr io.Writer) int {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	src, closeSrc, err := registrySource(ctx, cfgFile)
+	if err != nil {
+		fmt.Fprintf(stderr, "cellbridge status: %v\n(for one bridge, pass -addr)\n", err)
+		return exitError
+	}
+	defer closeSrc()
+	recs, err := src.Replicas(ctx)
+	var highest int64
+	if err == nil {
+		highest, err = src.Highest(ctx)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "cellbridge status: %s: %v\n", src.Describe(), err)
+		return exitError
+	}
+	if jsonOut {
+		b, _ := json.MarshalIndent(recs, "", "  ")
+		fmt.Fprintf(stdout, "%s\n", b)
+		return exitOK
+	}
+	writeDeployment(stdout, src.Describe(), recs, highest, time.Now())
+	return exitOK
+}
+
+// writeDeployment prints a deployment's replicas for an operator.
+func writeDeployment(w io.Writer, what string, recs []deployment.Record, highest int64, now time.Time) {
+	fmt.Fprintf(w, "%s: %d live replica(s); highest rules version run: %d\n", what, len(recs), highest)
+	if len(recs) == 0 {
+		fmt.Fprintln(w, "  none has published itself within the registry's TTL: none runs, or none reaches the broker")
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 2, 0, 2, ' ', 0)
+	fmt.Fprint(tw, "replica\thttp\tversion\tready\tin flight\theld\tblocked\tup\tupdated\n")
+	versions := map[int64][]string{}
+	for _, r := range recs {
+		ready := "yes"
+		if !r.Ready {
+			ready = "NO"
+		}
+		blocked := strings.Join(r.Blocked, ",")
+		if blocked == "" {
+			blocked = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s ago\n", r.Replica, r.HTTP, r.RulesVersion, ready, r.InFlight, r.Held,
+			blocked, age(now.Sub(r.Started).Seconds()), age(now.Sub(r.Updated).Seconds()))
+		versions[r.RulesVersion] = append(versions[r.RulesVersion], r.Replica)
+	}
+	_ = tw.Flush()
+	if len(versions) > 1 {
+		var parts []string
+		for _, v := range slices.Sorted(maps.Keys(versions)) {
+			parts = append(parts, fmt.Sprintf("version %d on %s", v, strings.Join(versions[v], ", ")))
+		}
+		fmt.Fprintf(w, "\nthe replicas run different rules versions: %s\n", strings.Join(parts, "; "))
+	}
+	for _, r := range recs {
+		if !r.Ready && r.NotReady != "" {
+			for _, l := range strings.Split(strings.TrimSpace(r.NotReady), "\n") {
+				fmt.Fprintf(w, "  %s not ready: %s\n", r.Replica, l)
+			}
+		}
+	}
+	fmt.Fprintln(w, "\nheld by shard range:")
+	found := false
+	tw = tabwriter.NewWriter(w, 2, 0, 2, ' ', 0)
+	for _, r := range recs {
+		for _, rs := range r.Rules {
+			for _, h := range rs.HeldRanges {
+				found = true
+				fmt.Fprintf(tw, "  %s\t%s\tshards %s\t%d held\toldest %s\n", r.Replica, rs.Rule, h.Shards, h.Held, age(h.OldestAgeSeconds))
+			}
+		}
+	}
+	_ = tw.Flush()
+	if !found {
+		fmt.Fprintln(w, "  none")
 	}
 }
 

@@ -209,6 +209,8 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 			newHTTPServer,
 			newEmbeddedNATS,
 			newBrokers,
+			newPreflight,
+			newRegistry,
 			newDedupe,
 			newSinks,
 			newSources,
@@ -216,7 +218,7 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 			newWatcher,
 			newInfo,
 		),
-		fx.Invoke(func(*httpServer, *embeddedNATS, *brokers, dedupe.Store, bridge.SinkLookup, *sources, *bridge.Pipeline, *router.Watcher) {
+		fx.Invoke(func(*httpServer, *embeddedNATS, *brokers, preflightDone, *registry, dedupe.Store, bridge.SinkLookup, *sources, *bridge.Pipeline, *router.Watcher) {
 		}),
 		fx.Invoke(runPipeline),
 	)

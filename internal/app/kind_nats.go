@@ -240,16 +240,3 @@ func (b *brokers) jetStream(name string) (jetstream.JetStream, error) {
 	}
 	return nc.js[name], nil
 }
-
-// ensureEmbeddedStreams creates the streams the rules name on the embedded
-// server.
-func ensureEmbeddedStreams(ctx context.Context, b *brokers, t *router.Table) error {
-	js, err := b.jetStream(config.EmbeddedBroker)
-	if err == nil {
-		err = natsjs.EnsureStreams(ctx, js, t, natsjs.StreamOptions{Broker: config.EmbeddedBroker})
-	}
-	if err != nil {
-		return fmt.Errorf("embedded default: creating streams: %w", err)
-	}
-	return nil
-}

@@ -159,7 +159,7 @@ func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *em
 		res.add(lc, c.close)
 	}
 	if cfg.Embedded() {
-		if err := ensureEmbeddedStreams(ctx, b, o.Rules); err != nil {
+		if err := ensureEmbeddedStreams(ctx, b, cfg, o.Rules); err != nil {
 			return nil, err
 		}
 	}

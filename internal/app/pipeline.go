@@ -159,7 +159,7 @@ func newPipeline(lc fx.Lifecycle, res *resources, cfg *config.Config, in pipelin
 // its OnStart serves the pipeline over HTTP and runs it over every source
 // (a source that fails for good fails the bridge); its OnStop, the first,
 // stops fetching.
-func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources, hs *httpServer, failed *failure, log *slog.Logger) {
+func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources, hs *httpServer, reg *registry, failed *failure, log *slog.Logger) {
 	var (
 		cancel context.CancelFunc
 		wg     sync.WaitGroup
@@ -178,6 +178,7 @@ func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources,
 					}
 				})
 			}
+			reg.start(p, hs)
 			log.Info("bridge running", "rules_version", o.Rules.Version(), "topics", srcs.rules, "dedupe", o.Config.Dedupe.Store)
 			return nil
 		},
@@ -203,11 +204,12 @@ func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources,
 // newWatcher watches the rule directory and reloads the rules on change;
 // the pipeline reports each outcome (metrics and one log line), so the
 // watcher's own lines about it are at debug level.
-func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline, holder *router.Holder, log *slog.Logger) (*router.Watcher, error) {
+func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline, holder *router.Holder, reg *registry, log *slog.Logger) (*router.Watcher, error) {
 	onReload := func(ev router.ReloadEvent) {
 		p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At)
 		if ev.Err == nil {
 			checkReloaded(o, holder.Load(), log)
+			reg.reloaded(holder.Load(), log)
 		}
 	}
 	w, err := router.NewWatcher(o.RulesDir, holder, onReload, log.With("component", "rules"), router.OutcomeLevel(slog.LevelDebug))

@@ -28,6 +28,9 @@ type Config struct {
 	Ordering   OrderingConfig   `yaml:"ordering"`
 	Partitions PartitionsConfig `yaml:"partitions"`
 	Log        LogConfig        `yaml:"log"`
+	// Deployment names the deployment the replica belongs to
+	// (deployment.go).
+	Deployment DeploymentConfig `yaml:"deployment"`
 
 	// File is the config file's path ("(built-in)" for the built-in
 	// configuration).

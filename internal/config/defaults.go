@@ -19,7 +19,7 @@ type defaultRow struct {
 }
 
 // defaults is the single table of defaults: applyDefaults reads it,
-// `cellbridge run -defaults` prints it (WriteDefaults), and the README copies
+// `cellbridge run -defaults` prints it (WriteDefaults), and docs/configuration.md copies
 // it (a test compares them).
 var defaults = []defaultRow{
 	{"rules", "", "rule directory; required with brokers; built-in: the example rules (deploy/rules)"},
@@ -57,9 +57,10 @@ var defaults = []defaultRow{
 	{"partitions.drainTimeout", "10s", "a partition moving to another replica waits this long for its messages to settle before it is handed over anyway"},
 	{"log.level", "info", "debug | info | warn | error"},
 	{"log.format", "auto", "auto (JSON when stderr is not a terminal) | json | text"},
+	{"deployment.name", "", "the dedupe bucket with the jetstream store, else `cellbridge`: replicas of one name publish the rules version they run (KV bucket `cellbridge-leases`), and a replica refuses to start on a version lower than the highest its deployment has run"},
 }
 
-// WriteDefaults writes the defaults table as Markdown: the README's table
+// WriteDefaults writes the defaults table as Markdown: the table of docs/configuration.md
 // and the output of `cellbridge run -defaults`.
 func WriteDefaults(w io.Writer) {
 	fmt.Fprintln(w, "| field | default | meaning |")
@@ -90,6 +91,7 @@ func (c *Config) applyDefaults() {
 			panic(fmt.Sprintf("config default %s=%q: %v", e.Field, e.Value, errs)) // a bug in the table
 		}
 	}
+	defer c.defaultDeployment()
 	if p := &c.Partitions; p.Heartbeat == 0 && !c.set("partitions.heartbeat") {
 		p.Heartbeat = p.LeaseTTL / 3
 	}

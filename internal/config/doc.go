@@ -8,7 +8,7 @@
 // secrets, applies the defaults table and validates; every problem comes
 // back at once in Errors, each as "file:line: field: message". Default is
 // the built-in configuration (the embedded default); WriteDefaults prints
-// the defaults table that the README copies.
+// the defaults table that docs/configuration.md copies.
 //
 // Each bound is written once. The pipeline's fields are bounded by
 // bridge.Config.Validate, whose field errors this package locates in the

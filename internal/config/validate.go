@@ -41,6 +41,7 @@ func (c *Config) Validate() error {
 	c.validateBrokers(bad)
 	c.validateDedupe(bad)
 	c.validateOrdering(bad)
+	c.validateDeployment(bad)
 
 	if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
 		bad("http.listen", "want host:port or :port, got %q", c.HTTP.Listen)

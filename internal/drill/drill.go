@@ -15,6 +15,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/deployment"
+	"github.com/cellbridge/cellbridge/internal/rulesdir"
+	"github.com/cellbridge/cellbridge/internal/switchover"
 	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -97,8 +100,8 @@ type drill struct {
 	cfg   Config
 	run   string
 	start time.Time
-	bc    *BridgeClient
-	rd    *RulesDir
+	bc    *deployment.BridgeClient
+	rd    *rulesdir.RulesDir
 	rule  *router.Rule
 	col   *collector
 
@@ -120,7 +123,7 @@ type drill struct {
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	cfg.defaults()
 	d := &drill{cfg: cfg, run: fmt.Sprintf("drill%d", time.Now().UnixNano()%1e9), start: time.Now(),
-		bc: NewBridgeClient(cfg.BridgeURL), tables: map[int64]*router.Table{},
+		bc: deployment.NewBridgeClient(cfg.BridgeURL), tables: map[int64]*router.Table{},
 		ids: map[string]*Event{}, msgIDs: map[string]string{}}
 	return d.runAll(ctx)
 }
@@ -132,10 +135,10 @@ func (d *drill) logf(format string, a ...any) {
 func (d *drill) runAll(ctx context.Context) (*Report, error) {
 	cfg := d.cfg
 	var err error
-	if d.rd, err = OpenRulesDir(cfg.RulesDir); err != nil {
+	if d.rd, err = rulesdir.OpenRulesDir(cfg.RulesDir); err != nil {
 		return nil, err
 	}
-	files0, err := ReadRuleFiles(cfg.RulesDir)
+	files0, err := rulesdir.ReadRuleFiles(cfg.RulesDir)
 	if err != nil {
 		return nil, err
 	}
@@ -152,7 +155,7 @@ func (d *drill) runAll(ctx context.Context) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.rep = &Report{Run: d.run, Topic: d.rule.Name, Rate: cfg.Rate, Mode: map[bool]string{true: "ConfigMap ..data symlink swap", false: "atomic rename per file"}[d.rd.configMap]}
+	d.rep = &Report{Run: d.run, Topic: d.rule.Name, Rate: cfg.Rate, Mode: map[bool]string{true: "ConfigMap ..data symlink swap", false: "atomic rename per file"}[d.rd.ConfigMap()]}
 	for _, c := range t0.Cells() {
 		d.rep.Cells = append(d.rep.Cells, c.Name)
 	}
@@ -421,7 +424,7 @@ func (d *drill) waitStatus(ctx context.Context, what string, ok func(bridge.Stat
 // apply writes files and records the phase; it returns when the bridge runs
 // version v.
 func (d *drill) apply(ctx context.Context, name string, v int64, files map[string][]byte) (*Phase, error) {
-	t, err := LoadFiles(d.cfg.TempDir, files)
+	t, err := rulesdir.LoadFiles(d.cfg.TempDir, files)
 	if err != nil {
 		return nil, fmt.Errorf("drill: rules for %s do not validate:\n%w", name, err)
 	}
@@ -497,20 +500,36 @@ func (d *drill) scenario(ctx context.Context, files0 map[string][]byte, t0 *rout
 	return sleepCtx(ctx, 2*d.cfg.After)
 }
 
-// switchRange moves p.move to p.to in the three steps and returns the
+// switchRange moves p.move to p.to in the three steps, with the switch
+// operators run (internal/switchover, `cellbridge switch`): the target
+// rules go to a scratch directory, and the switch writes the blocking and
+// then the target rules into the bridge's directory, waiting for the
+// bridge at each step; step 2's catch-up is watchBlocked. It returns the
 // switched rule files and table (version n+2).
 func (d *drill) switchRange(ctx context.Context, files0 map[string][]byte, t0 *router.Table, p switchPlan) (map[string][]byte, *router.Table, error) {
 	v0 := t0.Version()
 	// The target mapping first, so that router.Diff says what to block.
-	owners := Owners(t0)
+	owners := rulesdir.Owners(t0)
 	for s := p.move.From; s <= p.move.To; s++ {
 		owners[s] = p.to
 	}
-	targetFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
+	targetFiles, err := rulesdir.EditCellMap(files0, rulesdir.CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
 	if err != nil {
 		return nil, nil, err
 	}
-	target, err := LoadFiles(d.cfg.TempDir, targetFiles)
+	newDir, err := os.MkdirTemp(d.cfg.TempDir, "rules-target-")
+	if err != nil {
+		return nil, nil, fmt.Errorf("drill: %w", err)
+	}
+	defer os.RemoveAll(newDir)
+	nd, err := rulesdir.OpenRulesDir(newDir)
+	if err == nil {
+		err = nd.Apply(targetFiles)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	target, err := router.Load(newDir)
 	if err != nil {
 		return nil, nil, fmt.Errorf("drill: the switched rules do not validate:\n%w", err)
 	}
@@ -521,23 +540,43 @@ func (d *drill) switchRange(ctx context.Context, files0 map[string][]byte, t0 *r
 	sw := &d.rep.Switch
 	sw.Range, sw.From, sw.To, sw.Blocked = p.move.String(), p.from, p.to, diff.Block
 
-	// Step 1: the current owners and the block list.
-	blockFiles, err := EditCellMap(files0, CellMapEdit{Version: v0 + 1, Blocked: diff.Block})
+	block := &Phase{Name: "switch step 1: block " + diff.BlockedList(), Version: v0 + 1}
+	unblock := &Phase{Name: "switch step 3: new owners, unblock", Version: v0 + 2}
+	var heldIDs []string
+	onStep := func(st switchover.Step) {
+		now := time.Now()
+		switch st {
+		case switchover.StepBlockWritten:
+			block.Written = now
+		case switchover.StepBlockInForce:
+			block.Effective, sw.BlockEffective = now, now
+			d.rep.Phases = append(d.rep.Phases, block)
+			d.logf("%s: rules version %d written, in force after %s", block.Name, block.Version, now.Sub(block.Written).Round(time.Millisecond))
+		case switchover.StepUnblockWriting:
+			heldIDs = d.heldEvents(diff)
+		case switchover.StepUnblockWritten:
+			unblock.Written, sw.UnblockWritten = now, now
+		case switchover.StepDrained:
+			unblock.Effective, sw.UnblockEffective = now, now
+			d.rep.Phases = append(d.rep.Phases, unblock)
+			d.logf("%s: rules version %d written, running with nothing held after %s", unblock.Name, unblock.Version, now.Sub(unblock.Written).Round(time.Millisecond))
+		}
+	}
+	rep, err := switchover.Run(ctx, switchover.Config{
+		Old: d.rd.Dir, Writer: d.rd, New: newDir, TempDir: d.cfg.TempDir,
+		Deployment: &deployment.HTTP{URLs: []string{d.cfg.BridgeURL}},
+		CatchUp:    func(ctx context.Context) error { return d.watchBlocked(ctx, diff) },
+		Poll:       20 * time.Millisecond, Timeout: d.cfg.Settle, OnStep: onStep,
+	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("drill: %w", err)
 	}
-	ph, err := d.apply(ctx, "switch step 1: block "+diff.BlockedList(), v0+1, blockFiles)
-	if err != nil {
-		return nil, nil, err
+	if rep.BlockVersion != v0+1 || rep.FinalVersion != v0+2 {
+		return nil, nil, fmt.Errorf("drill: the switch used versions %d and %d, want %d and %d", rep.BlockVersion, rep.FinalVersion, v0+1, v0+2)
 	}
-	sw.BlockEffective = ph.Effective
-	if err := d.watchBlocked(ctx, diff); err != nil {
-		return nil, nil, err
-	}
-	if err := d.unblock(ctx, diff, v0+2, targetFiles); err != nil {
-		return nil, nil, err
-	}
-	return targetFiles, target, nil
+	d.tables[v0+1], d.tables[v0+2] = rep.BlockTable, rep.FinalTable
+	d.awaitHeld(ctx, diff, heldIDs)
+	return targetFiles, rep.FinalTable, nil
 }
 
 // watchBlocked is step 2: for Config.Blocked it samples /status, expecting
@@ -591,48 +630,41 @@ func (d *drill) watchBlocked(ctx context.Context, diff router.DiffReport) error 
 	return nil
 }
 
-// unblock is step 3: the new owners, nothing blocked. Drained is when
-// nothing is held and every held event has arrived: those of the blocked
-// shards that the source had stored and that had not arrived anywhere when
-// the rules were written.
-func (d *drill) unblock(ctx context.Context, diff router.DiffReport, v int64, targetFiles map[string][]byte) error {
-	sw := &d.rep.Switch
-	var heldIDs []string
+// heldEvents lists the events of the blocked shards that the source had
+// stored and that had not arrived anywhere: those the bridge holds when
+// the unblocking rules are written.
+func (d *drill) heldEvents(diff router.DiffReport) []string {
+	var ids []string
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	for _, e := range d.events {
 		if inRanges(e.Shard, diff.Block) && !e.Stored.IsZero() && d.col.countArrived([]string{e.ID}) == 0 {
-			heldIDs = append(heldIDs, e.ID)
+			ids = append(ids, e.ID)
 		}
 	}
-	d.mu.Unlock()
-	sw.HeldEvents = len(heldIDs)
-	ph, err := d.apply(ctx, "switch step 3: new owners, unblock", v, targetFiles)
-	if err != nil {
-		return err
-	}
-	sw.UnblockWritten, sw.UnblockEffective = ph.Written, ph.Effective
+	d.rep.Switch.HeldEvents = len(ids)
+	return ids
+}
+
+// awaitHeld is the end of step 3: drained is when every held event has
+// arrived (the switch already saw the bridge hold nothing).
+func (d *drill) awaitHeld(ctx context.Context, diff router.DiffReport, heldIDs []string) {
+	sw := &d.rep.Switch
 	deadline := time.Now().Add(d.cfg.Settle)
-	for {
-		st, err := d.bc.Status(ctx)
-		if err == nil {
-			if n, _, _ := heldIn(st, d.rule.Name, diff.Block); n == 0 && d.col.countArrived(heldIDs) == len(heldIDs) {
-				sw.Drained = time.Now()
-				break
-			}
-		}
+	for d.col.countArrived(heldIDs) < len(heldIDs) {
 		if time.Now().After(deadline) {
 			d.violate(KindNotDrained, "%d of %d events of the blocked shards arrived within %s of unblocking",
 				d.col.countArrived(heldIDs), len(heldIDs), d.cfg.Settle)
-			return nil
+			return
 		}
-		if err := sleepCtx(ctx, 10*time.Millisecond); err != nil {
-			return err
+		if sleepCtx(ctx, 10*time.Millisecond) != nil {
+			return
 		}
 	}
+	sw.Drained = time.Now()
 	d.logf("switch step 3: drained %d events of %s to %s %s after writing the rules (%s after the bridge ran them)",
 		len(heldIDs), diff.BlockedList(), sw.To, sw.Drained.Sub(sw.UnblockWritten).Round(time.Millisecond),
 		sw.Drained.Sub(sw.UnblockEffective).Round(time.Millisecond))
-	return nil
 }
 
 // refuseLower writes the failover rules with version lower (below the
@@ -642,7 +674,7 @@ func (d *drill) unblock(ctx context.Context, diff router.DiffReport, v int64, ta
 func (d *drill) refuseLower(ctx context.Context, running map[string][]byte, target *router.Table, down string, lower int64) error {
 	rf := &d.rep.Refused
 	rf.Version, rf.Running = lower, target.Version()
-	lowFiles, err := EditCellMap(running, CellMapEdit{Version: lower, State: map[string]string{down: router.StateDown},
+	lowFiles, err := rulesdir.EditCellMap(running, rulesdir.CellMapEdit{Version: lower, State: map[string]string{down: router.StateDown},
 		Failover: failoverFixes(target, down)})
 	if err != nil {
 		return err
@@ -694,11 +726,11 @@ func (d *drill) failover(ctx context.Context, running map[string][]byte, target 
 		}
 	}
 	v := target.Version() + 1
-	failFiles, err := EditCellMap(running, CellMapEdit{Version: v, State: map[string]string{down: router.StateDown}, Failover: fixes})
+	failFiles, err := rulesdir.EditCellMap(running, rulesdir.CellMapEdit{Version: v, State: map[string]string{down: router.StateDown}, Failover: fixes})
 	if err != nil {
 		return err
 	}
-	failT, err := LoadFiles(d.cfg.TempDir, failFiles)
+	failT, err := rulesdir.LoadFiles(d.cfg.TempDir, failFiles)
 	if err != nil {
 		return fmt.Errorf("drill: the failover rules do not validate:\n%w", err)
 	}

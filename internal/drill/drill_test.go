@@ -1,14 +1,13 @@
 package drill
 
 import (
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 
+	"github.com/cellbridge/cellbridge/internal/rulesdir"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -18,7 +17,7 @@ const exampleRules = "../../deploy/rules"
 
 func loadExample(t *testing.T) (map[string][]byte, *router.Table) {
 	t.Helper()
-	files, err := ReadRuleFiles(exampleRules)
+	files, err := rulesdir.ReadRuleFiles(exampleRules)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +30,7 @@ func loadExample(t *testing.T) (map[string][]byte, *router.Table) {
 
 func mustLoad(t *testing.T, files map[string][]byte) *router.Table {
 	t.Helper()
-	tbl, err := LoadFiles(t.TempDir(), files)
+	tbl, err := rulesdir.LoadFiles(t.TempDir(), files)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,11 +40,11 @@ func mustLoad(t *testing.T, files map[string][]byte) *router.Table {
 func TestEditCellMap(t *testing.T) {
 	files, t0 := loadExample(t)
 	v0 := t0.Version()
-	owners := Owners(t0)
+	owners := rulesdir.Owners(t0)
 	for s := 22; s <= 32; s++ {
 		owners[s] = "rz10"
 	}
-	moved, err := EditCellMap(files, CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
+	moved, err := rulesdir.EditCellMap(files, rulesdir.CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +56,7 @@ func TestEditCellMap(t *testing.T) {
 	if d.BlockedList() != `["22-32"]` {
 		t.Errorf("diff blocks %s", d.BlockedList())
 	}
-	blocked, err := EditCellMap(files, CellMapEdit{Version: v0 + 1, Blocked: d.Block})
+	blocked, err := rulesdir.EditCellMap(files, rulesdir.CellMapEdit{Version: v0 + 1, Blocked: d.Block})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,18 +77,18 @@ func TestEditCellMap(t *testing.T) {
 
 	// Down without fixing the failovers does not validate; with the fixes
 	// it does, and the cell's shards go to its failover.
-	down, err := EditCellMap(moved, CellMapEdit{Version: v0 + 3, State: map[string]string{"rz10": router.StateDown}})
+	down, err := rulesdir.EditCellMap(moved, rulesdir.CellMapEdit{Version: v0 + 3, State: map[string]string{"rz10": router.StateDown}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := LoadFiles(t.TempDir(), down); err == nil {
+	if _, err := rulesdir.LoadFiles(t.TempDir(), down); err == nil {
 		t.Error("a failover to a down cell validated")
 	}
 	fixes := failoverFixes(t2, "rz10")
 	if len(fixes) != 1 || fixes["gz00"] != "rz01" {
 		t.Errorf("fixes %v", fixes)
 	}
-	down, err = EditCellMap(moved, CellMapEdit{Version: v0 + 3, State: map[string]string{"rz10": router.StateDown}, Failover: fixes})
+	down, err = rulesdir.EditCellMap(moved, rulesdir.CellMapEdit{Version: v0 + 3, State: map[string]string{"rz10": router.StateDown}, Failover: fixes})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,59 +96,8 @@ func TestEditCellMap(t *testing.T) {
 	if t3.Serving(22) != "rz01" || t3.Serving(99) != "rz01" || t3.Serving(0) != "rz00" {
 		t.Errorf("serving after failover: 22→%s 99→%s 0→%s", t3.Serving(22), t3.Serving(99), t3.Serving(0))
 	}
-	if _, err := EditCellMap(files, CellMapEdit{State: map[string]string{"nope": "down"}}); err == nil {
+	if _, err := rulesdir.EditCellMap(files, rulesdir.CellMapEdit{State: map[string]string{"nope": "down"}}); err == nil {
 		t.Error("unknown cell accepted")
-	}
-}
-
-func TestConfigMapDir(t *testing.T) {
-	files, t0 := loadExample(t)
-	dir := filepath.Join(t.TempDir(), "rules")
-	rd, err := NewConfigMapDir(dir, files)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, err := router.Load(dir); err != nil || got.Fingerprint() != t0.Fingerprint() {
-		t.Fatalf("load after create: %v", err)
-	}
-	next, err := EditCellMap(files, CellMapEdit{Version: t0.Version() + 1, Blocked: []router.Range{{From: 5, To: 6}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rd.Apply(next); err != nil {
-		t.Fatal(err)
-	}
-	got, err := router.Load(dir)
-	if err != nil || got.Version() != t0.Version()+1 || !got.IsBlocked(5) {
-		t.Fatalf("load after apply: %v", err)
-	}
-	ents, _ := os.ReadDir(dir)
-	var hidden []string
-	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), "..") {
-			hidden = append(hidden, e.Name())
-		}
-	}
-	if len(hidden) != 2 { // ..data and the one timestamped directory
-		t.Errorf("hidden entries %v", hidden)
-	}
-	if _, err := NewConfigMapDir(dir, files); err == nil {
-		t.Error("a non-empty dir was accepted")
-	}
-	o, err := OpenRulesDir(dir)
-	if err != nil || !o.configMap {
-		t.Errorf("OpenRulesDir: %v, configMap %v", err, o.configMap)
-	}
-	plain := t.TempDir()
-	p, err := OpenRulesDir(plain)
-	if err != nil || p.configMap {
-		t.Fatal(err)
-	}
-	if err := p.Apply(next); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := router.Load(plain); err != nil || got.Version() != t0.Version()+1 {
-		t.Fatalf("plain dir: %v", err)
 	}
 }
 
@@ -166,14 +114,14 @@ type scenario struct {
 func newScenario(t *testing.T) *scenario {
 	files, t0 := loadExample(t)
 	v0 := t0.Version()
-	owners := Owners(t0)
+	owners := rulesdir.Owners(t0)
 	for s := 22; s <= 32; s++ {
 		owners[s] = "rz10"
 	}
-	f1, _ := EditCellMap(files, CellMapEdit{Version: v0 + 1, Blocked: []router.Range{{From: 22, To: 32}}})
-	f2, _ := EditCellMap(files, CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
+	f1, _ := rulesdir.EditCellMap(files, rulesdir.CellMapEdit{Version: v0 + 1, Blocked: []router.Range{{From: 22, To: 32}}})
+	f2, _ := rulesdir.EditCellMap(files, rulesdir.CellMapEdit{Version: v0 + 2, Owner: owners, Blocked: []router.Range{}})
 	t2 := mustLoad(t, f2)
-	f3, _ := EditCellMap(f2, CellMapEdit{Version: v0 + 3, State: map[string]string{"rz10": router.StateDown}, Failover: failoverFixes(t2, "rz10")})
+	f3, _ := rulesdir.EditCellMap(f2, rulesdir.CellMapEdit{Version: v0 + 3, State: map[string]string{"rz10": router.StateDown}, Failover: failoverFixes(t2, "rz10")})
 	base := time.Now()
 	sec := func(n int) time.Time { return base.Add(time.Duration(n) * time.Second) }
 	s := &scenario{base: base, seq: map[string]int{}, rep: &Report{}}
@@ -298,20 +246,4 @@ func TestChecksCatchViolations(t *testing.T) {
 			t.Errorf("no %s violation; got %+v", KindOthersStalled, rep.Violations)
 		}
 	})
-}
-
-func TestSumMetric(t *testing.T) {
-	text := `# HELP x
-cellbridge_forwarded_total{cell="rz00",rule="orders"} 3
-cellbridge_forwarded_total{cell="rz01",rule="orders"} 4
-cellbridge_forwarded_total{cell="rz01",rule="payments"} 5
-cellbridge_forwarded_totalx 100
-cellbridge_rules_reload_failures_total 2
-`
-	if got := sumMetric(text, "cellbridge_forwarded_total", map[string]string{"rule": "orders"}); got != 7 {
-		t.Errorf("orders: %v", got)
-	}
-	if got := sumMetric(text, "cellbridge_rules_reload_failures_total", nil); got != 2 {
-		t.Errorf("failures: %v", got)
-	}
 }

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/cellbridge/cellbridge/bridge"
-	"github.com/cellbridge/cellbridge/internal/drill"
+	"github.com/cellbridge/cellbridge/internal/deployment"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 )
 
@@ -49,7 +49,7 @@ type Bridge struct {
 	// appended across restarts.
 	Log string
 
-	client *drill.BridgeClient
+	client *deployment.BridgeClient
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -75,7 +75,7 @@ func StartBridge(t testing.TB, opts BridgeOptions) *Bridge {
 		opts.Timeout = 30 * time.Second
 	}
 	b := &Bridge{t: t, opts: opts, URL: "http://" + opts.HTTP, Log: filepath.Join(opts.Dir, opts.Name+".log")}
-	b.client = drill.NewBridgeClient(b.URL)
+	b.client = deployment.NewBridgeClient(b.URL)
 	t.Cleanup(func() {
 		b.kill()
 		if t.Failed() {

@@ -89,10 +89,11 @@ type LoadStats struct {
 // Load publishes events until all are stored or it is stopped. Its methods
 // are safe for concurrent use.
 type Load struct {
-	cfg    LoadConfig
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	lanes  []chan *Event
+	cfg      LoadConfig
+	cancel   context.CancelFunc
+	endSched context.CancelFunc // Finish: no more events scheduled
+	wg       sync.WaitGroup
+	lanes    []chan *Event
 
 	mu     sync.Mutex
 	events []*Event
@@ -125,8 +126,10 @@ func StartLoad(cfg LoadConfig) (*Load, error) {
 		l.wg.Add(1)
 		go l.lane(ctx, ch)
 	}
+	sctx, endSched := context.WithCancel(ctx)
+	l.endSched = endSched
 	l.wg.Add(1)
-	go l.schedule(ctx)
+	go l.schedule(sctx)
 	return l, nil
 }
 
@@ -258,6 +261,24 @@ func (l *Load) Wait(ctx context.Context) error {
 func (l *Load) Stop() {
 	l.cancel()
 	l.wg.Wait()
+}
+
+// Finish schedules no more events, lets the publishers store those already
+// scheduled and waits for them, so that Sent holds every event a stream
+// may hold; when ctx ends first it stops them (Stop) and returns ctx's
+// error.
+func (l *Load) Finish(ctx context.Context) error {
+	l.endSched()
+	done := make(chan struct{})
+	go func() { l.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		l.Stop()
+		<-done
+		return ctx.Err()
+	}
 }
 
 // Stats returns the counts so far.

@@ -26,11 +26,17 @@ func exampleTable(t *testing.T) (string, *router.Table) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return dir, loadTable(t, dir)
+}
+
+// loadTable loads the rules of dir, failing the test when they do not.
+func loadTable(t *testing.T, dir string) *router.Table {
+	t.Helper()
 	table, err := router.Load(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return dir, table
+	return table
 }
 
 func testCtx(t *testing.T, d time.Duration) context.Context {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -21,6 +23,8 @@ type Verification struct {
 	PerCell map[string]int
 	// Foreign counts messages in those streams that are not test events.
 	Foreign int
+	// Arrivals are the copies of test events found.
+	Arrivals []tally.Arrival
 }
 
 // Verify reads the source stream of topic, every cell stream
@@ -31,6 +35,22 @@ type Verification struct {
 // its Nats-Msg-Id. Events later than late are listed. ctx bounds the reads;
 // each stream's read is tried up to three times.
 func Verify(ctx context.Context, js jetstream.JetStream, table *router.Table, topic string, sent []tally.Sent, late time.Duration) (*Verification, error) {
+	return verify(ctx, js, table, func(int64) *router.Table { return table }, topic, sent, late)
+}
+
+// VerifyVersions is Verify across rules changes: each copy belongs where
+// the table of the version stamped on it (Cell-Rules-Version) routes its
+// key; tables must hold every version the bridge ran, the streams read are
+// those of the lowest version's cells.
+func VerifyVersions(ctx context.Context, js jetstream.JetStream, tables map[int64]*router.Table, topic string, sent []tally.Sent, late time.Duration) (*Verification, error) {
+	versions := slices.Sorted(maps.Keys(tables))
+	if len(versions) == 0 {
+		return nil, errors.New("e2etest: verify: no tables")
+	}
+	return verify(ctx, js, tables[versions[0]], func(v int64) *router.Table { return tables[v] }, topic, sent, late)
+}
+
+func verify(ctx context.Context, js jetstream.JetStream, table *router.Table, tableOf func(int64) *router.Table, topic string, sent []tally.Sent, late time.Duration) (*Verification, error) {
 	rule := table.Rule(topic)
 	if rule == nil || !rule.Source.IsNATS() {
 		return nil, fmt.Errorf("e2etest: verify: no topic rule %q with a NATS source", topic)
@@ -65,8 +85,13 @@ func Verify(ctx context.Context, js jetstream.JetStream, table *router.Table, to
 	if err := read("", natsjs.DLQStream); err != nil {
 		return nil, err
 	}
+	v.Arrivals = arrivals
 	v.Result = tally.Check(sent, arrivals, tally.Options{Late: late, Owner: func(a *tally.Arrival) (string, bool) {
-		d := table.Resolve(topic, a.Key)
+		t := tableOf(a.Version)
+		if t == nil {
+			return "", false
+		}
+		d := t.Resolve(topic, a.Key)
 		switch d.Reason {
 		case router.ReasonHeld:
 			return "", false // held copies belong nowhere yet

@@ -1,4 +1,4 @@
-package drill
+package rulesdir
 
 import (
 	"bytes"
@@ -21,8 +21,8 @@ import (
 // exposes its current files.
 const dataLink = "..data"
 
-// RulesDir is a rules directory that the drill updates the way an operator's
-// tooling does: every update replaces all files at once, so the bridge's
+// RulesDir is a rules directory that cellbridge switch and the drill update
+// the way an operator's tooling does: every update replaces all files at once, so the bridge's
 // watcher never sees half a change. Not safe for concurrent use.
 type RulesDir struct {
 	// Dir is the directory the bridge watches.
@@ -39,17 +39,21 @@ type RulesDir struct {
 // ConfigMap volume layout and the given files (name → content).
 func NewConfigMapDir(dir string, files map[string][]byte) (*RulesDir, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("drill: rules dir: %w", err)
+		return nil, fmt.Errorf("rules dir: rules dir: %w", err)
 	}
 	if ents, err := os.ReadDir(dir); err != nil || len(ents) > 0 {
 		if err == nil {
 			err = errors.New("not empty")
 		}
-		return nil, fmt.Errorf("drill: rules dir %s: %w", dir, err)
+		return nil, fmt.Errorf("rules dir: rules dir %s: %w", dir, err)
 	}
 	d := &RulesDir{Dir: dir, configMap: true}
 	return d, d.Apply(files)
 }
+
+// ConfigMap reports whether updates swap a ConfigMap volume's `..data`
+// symlink (else each file is replaced by an atomic rename).
+func (d *RulesDir) ConfigMap() bool { return d.configMap }
 
 // OpenRulesDir uses an existing rules directory. With the ConfigMap layout
 // (a `..data` symlink) updates swap the symlink; otherwise each file is
@@ -57,10 +61,10 @@ func NewConfigMapDir(dir string, files map[string][]byte) (*RulesDir, error) {
 func OpenRulesDir(dir string) (*RulesDir, error) {
 	st, err := os.Stat(dir)
 	if err != nil {
-		return nil, fmt.Errorf("drill: rules dir: %w", err)
+		return nil, fmt.Errorf("rules dir: rules dir: %w", err)
 	}
 	if !st.IsDir() {
-		return nil, fmt.Errorf("drill: rules dir %s is not a directory", dir)
+		return nil, fmt.Errorf("rules dir: rules dir %s is not a directory", dir)
 	}
 	fi, err := os.Lstat(filepath.Join(dir, dataLink))
 	return &RulesDir{Dir: dir, configMap: err == nil && fi.Mode()&os.ModeSymlink != 0}, nil
@@ -71,7 +75,7 @@ func OpenRulesDir(dir string) (*RulesDir, error) {
 func ReadRuleFiles(dir string) (map[string][]byte, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("drill: %w", err)
+		return nil, fmt.Errorf("rules dir: %w", err)
 	}
 	out := map[string][]byte{}
 	for _, e := range ents {
@@ -82,22 +86,34 @@ func ReadRuleFiles(dir string) (map[string][]byte, error) {
 		}
 		b, err := os.ReadFile(filepath.Join(dir, name))
 		if err != nil {
-			return nil, fmt.Errorf("drill: %w", err)
+			return nil, fmt.Errorf("rules dir: %w", err)
 		}
 		out[name] = b
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("drill: no rule files in %s", dir)
+		return nil, fmt.Errorf("rules dir: no rule files in %s", dir)
 	}
 	return out, nil
 }
 
-// Apply replaces the directory's rule files with files.
+// Apply replaces the directory's rule files with files: rule files not in
+// files are removed.
 func (d *RulesDir) Apply(files map[string][]byte) error {
 	if !d.configMap {
 		for _, name := range sortedNames(files) {
 			if err := writeAtomic(d.Dir, name, files[name]); err != nil {
 				return err
+			}
+		}
+		old, err := ReadRuleFiles(d.Dir)
+		if err != nil {
+			return err
+		}
+		for name := range old {
+			if files[name] == nil {
+				if err := os.Remove(filepath.Join(d.Dir, name)); err != nil {
+					return fmt.Errorf("rules dir: %w", err)
+				}
 			}
 		}
 		return nil
@@ -107,26 +123,26 @@ func (d *RulesDir) Apply(files map[string][]byte) error {
 	ts := fmt.Sprintf("..%s.%04d", time.Now().UTC().Format("2006_01_02_15_04_05.000000000"), d.n)
 	tsDir := filepath.Join(d.Dir, ts)
 	if err := os.Mkdir(tsDir, 0o755); err != nil {
-		return fmt.Errorf("drill: %w", err)
+		return fmt.Errorf("rules dir: %w", err)
 	}
 	for name, b := range files {
 		if err := os.WriteFile(filepath.Join(tsDir, name), b, 0o644); err != nil {
-			return fmt.Errorf("drill: %w", err)
+			return fmt.Errorf("rules dir: %w", err)
 		}
 	}
 	old, _ := os.Readlink(filepath.Join(d.Dir, dataLink))
 	tmp := filepath.Join(d.Dir, dataLink+"_tmp")
 	_ = os.Remove(tmp)
 	if err := os.Symlink(ts, tmp); err != nil {
-		return fmt.Errorf("drill: %w", err)
+		return fmt.Errorf("rules dir: %w", err)
 	}
 	if err := os.Rename(tmp, filepath.Join(d.Dir, dataLink)); err != nil {
-		return fmt.Errorf("drill: swapping %s: %w", dataLink, err)
+		return fmt.Errorf("rules dir: swapping %s: %w", dataLink, err)
 	}
 	// Visible names link through ..data; add new ones, drop removed ones.
 	ents, err := os.ReadDir(d.Dir)
 	if err != nil {
-		return fmt.Errorf("drill: %w", err)
+		return fmt.Errorf("rules dir: %w", err)
 	}
 	for _, e := range ents {
 		if name := e.Name(); !strings.HasPrefix(name, ".") && files[name] == nil {
@@ -139,7 +155,7 @@ func (d *RulesDir) Apply(files map[string][]byte) error {
 			continue
 		}
 		if err := os.Symlink(filepath.Join(dataLink, name), link); err != nil {
-			return fmt.Errorf("drill: %w", err)
+			return fmt.Errorf("rules dir: %w", err)
 		}
 	}
 	if old != "" && old != ts {
@@ -149,12 +165,12 @@ func (d *RulesDir) Apply(files map[string][]byte) error {
 }
 
 func writeAtomic(dir, name string, b []byte) error {
-	tmp := filepath.Join(dir, "."+name+".drill-tmp")
+	tmp := filepath.Join(dir, "."+name+".cellbridge-tmp")
 	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return fmt.Errorf("drill: %w", err)
+		return fmt.Errorf("rules dir: %w", err)
 	}
 	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return fmt.Errorf("drill: %w", err)
+		return fmt.Errorf("rules dir: %w", err)
 	}
 	return nil
 }
@@ -191,7 +207,7 @@ func EditCellMap(files map[string][]byte, e CellMapEdit) (map[string][]byte, err
 		out[name] = b
 		docs, err := strictyaml.Parse(b)
 		if err != nil {
-			return nil, fmt.Errorf("drill: %s: %w", name, err)
+			return nil, fmt.Errorf("rules dir: %s: %w", name, err)
 		}
 		changed := false
 		for _, doc := range docs {
@@ -200,11 +216,11 @@ func EditCellMap(files map[string][]byte, e CellMapEdit) (map[string][]byte, err
 				continue
 			}
 			if found {
-				return nil, fmt.Errorf("drill: more than one %s document", router.KindCellMap)
+				return nil, fmt.Errorf("rules dir: more than one %s document", router.KindCellMap)
 			}
 			found, changed = true, true
 			if err := editCellMap(m, e); err != nil {
-				return nil, fmt.Errorf("drill: %s: %w", name, err)
+				return nil, fmt.Errorf("rules dir: %s: %w", name, err)
 			}
 		}
 		if !changed {
@@ -215,16 +231,16 @@ func EditCellMap(files map[string][]byte, e CellMapEdit) (map[string][]byte, err
 		enc.SetIndent(2)
 		for _, doc := range docs {
 			if err := enc.Encode(doc); err != nil {
-				return nil, fmt.Errorf("drill: %s: %w", name, err)
+				return nil, fmt.Errorf("rules dir: %s: %w", name, err)
 			}
 		}
 		if err := enc.Close(); err != nil {
-			return nil, fmt.Errorf("drill: %s: %w", name, err)
+			return nil, fmt.Errorf("rules dir: %s: %w", name, err)
 		}
 		out[name] = buf.Bytes()
 	}
 	if !found {
-		return nil, fmt.Errorf("drill: no %s document in the rule files", router.KindCellMap)
+		return nil, fmt.Errorf("rules dir: no %s document in the rule files", router.KindCellMap)
 	}
 	return out, nil
 }
@@ -355,12 +371,12 @@ func Owners(t *router.Table) []string {
 func LoadFiles(tmp string, files map[string][]byte) (*router.Table, error) {
 	dir, err := os.MkdirTemp(tmp, "rules-check-")
 	if err != nil {
-		return nil, fmt.Errorf("drill: %w", err)
+		return nil, fmt.Errorf("rules dir: %w", err)
 	}
 	defer os.RemoveAll(dir)
 	for name, b := range files {
 		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
-			return nil, fmt.Errorf("drill: %w", err)
+			return nil, fmt.Errorf("rules dir: %w", err)
 		}
 	}
 	return router.Load(dir)
