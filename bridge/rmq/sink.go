@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
+		"strings"
 	"sync"
 	"time"
 
@@ -80,7 +80,9 @@ func (c *SinkConfig) defaults() error {
 type target struct {
 	name     string
 	tx       bool
-	send     func(ctx context.Context, m *primitive.Message) error
+	groups   bool      // set the message group property (BrokerConfig.MessageGroups)
+	gates    *txGates  // transactional targets only
+	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
 }
 
@@ -133,6 +135,9 @@ func NewSink(cfg SinkConfig, log *slog.Logger) (*Sink, error) {
 		t, err := s.newTarget(bc)
 		if err != nil {
 			for _, t := range s.targets {
+				if t.gates != nil {
+					t.gates.close()
+				}
 				_ = t.shutdown()
 			}
 			return nil, err
@@ -161,6 +166,8 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		// new message instead, so that a transaction id never names two
 		// half messages.
 		producer.WithRetry(0),
+		// The queue follows the copy's order key (order.go).
+		producer.WithQueueSelector(orderSelector{}),
 	}
 	if bc.Namespace != "" {
 		opts = append(opts, producer.WithNamespace(bc.Namespace))
@@ -168,35 +175,24 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	if c, ok := bc.credentials(); ok {
 		opts = append(opts, producer.WithCredentials(c))
 	}
-	t := &target{name: bc.Name, tx: bc.Transactional}
+	t := &target{name: bc.Name, tx: bc.Transactional, groups: bc.MessageGroups}
 	if bc.Transactional {
-		l := &txListener{store: s.cfg.Dedupe, log: s.log.With("broker", bc.Name), timeout: s.cfg.SendTimeout}
+		log := s.log.With("broker", bc.Name)
+		// The gates exist before the producer: its check-backs report to them.
+		l := &txListener{store: s.cfg.Dedupe, log: log, timeout: s.cfg.SendTimeout}
+		l.gates = newTxGates(bc.checkBackWait(), l, log, s.requeue, s.finish)
 		p, err := producer.NewTransactionProducer(l, opts...)
-		if err != nil {
-			return nil, fmt.Errorf("rmq: broker %q: new transactional producer: %w", bc.Name, err)
+		if err == nil {
+			err = p.Start()
 		}
-		if err := p.Start(); err != nil {
+		if err != nil {
+			l.gates.close()
 			return nil, fmt.Errorf("rmq: broker %q: start transactional producer: %w", bc.Name, err)
 		}
+		t.gates = l.gates
 		t.shutdown = p.Shutdown
-		t.send = func(ctx context.Context, m *primitive.Message) error {
-			slot, err := l.claimSlot(ctx, storeKeyOf(m.GetProperty(primitive.PropertyKeys), m.GetProperties()))
-			if err != nil {
-				return err
-			}
-			m.WithProperty(HeaderTxSlot, strconv.Itoa(slot))
-			res, err := p.SendMessageInTransaction(ctx, m)
-			if err == nil && res.State != primitive.CommitMessageState {
-				err = fmt.Errorf("half message not committed (send status %d, local state %d)", res.Status, res.State)
-			}
-			if err != nil {
-				// Undecided: give the slot up (it stays used, so it is
-				// never taken again); a half message stored after all is
-				// rolled back by end-transaction or its check-back.
-				_ = l.store.Release(context.WithoutCancel(ctx), decidedKey(storeKeyOf(m.GetProperty(primitive.PropertyKeys), m.GetProperties()), slot))
-				return err
-			}
-			return nil
+		t.send = func(ctx context.Context, out *bridge.Outgoing) error {
+			return l.txSend(ctx, p, out, outgoingMessage(out, t.groups))
 		}
 		return t, nil
 	}
@@ -208,8 +204,8 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		return nil, fmt.Errorf("rmq: broker %q: start producer: %w", bc.Name, err)
 	}
 	t.shutdown = p.Shutdown
-	t.send = func(ctx context.Context, m *primitive.Message) error {
-		res, err := p.SendSync(ctx, m)
+	t.send = func(ctx context.Context, out *bridge.Outgoing) error {
+		res, err := p.SendSync(ctx, outgoingMessage(out, t.groups))
 		if err != nil {
 			return err
 		}
@@ -260,6 +256,17 @@ func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(e
 	}
 }
 
+// requeue hands a job that waited at an order gate back to the workers.
+// It fits: every accepted job holds one of MaxPending slots, and jobs has
+// room for as many.
+func (s *Sink) requeue(j *job) {
+	select {
+	case s.jobs <- j:
+	case <-s.quit:
+		s.finish(j, ErrClosed)
+	}
+}
+
 // finish resolves an accepted publish and frees its slot once done returned.
 func (s *Sink) finish(j *job, err error) {
 	j.done(err)
@@ -272,6 +279,9 @@ func (s *Sink) worker() {
 	for {
 		select {
 		case j := <-s.jobs:
+			if j.t.gates != nil && j.t.gates.enter(j) {
+				continue // parked until its order key is released
+			}
 			s.finish(j, s.publish(j))
 		case <-s.quit:
 			return
@@ -296,7 +306,7 @@ func (s *Sink) publish(j *job) error {
 		}
 		ctx, cancel := context.WithTimeout(j.ctx, s.cfg.SendTimeout)
 		stop := context.AfterFunc(s.sends, cancel)
-		err = j.t.send(ctx, outgoingMessage(j.m))
+		err = j.t.send(ctx, j.m)
 		stop()
 		cancel()
 		if err == nil || errors.Is(err, bridge.ErrDuplicate) {
@@ -311,9 +321,13 @@ func (s *Sink) publish(j *job) error {
 }
 
 // outgoingMessage builds a new client message (and so a new unique id):
-// Keys = the idempotency key, every header with a usable name and value as
-// a user property (first value only: properties hold one value).
-func outgoingMessage(m *bridge.Outgoing) *primitive.Message {
+// every header with a usable name and value as a user property (first
+// value only: properties hold one value), except the headers TAGS and KEYS,
+// which become the copy's tag and keys (a RocketMQ source passes its
+// message's tag and keys under these names), with the idempotency key
+// appended to the keys. With groups, the message group property is set to
+// the copy's order key (see orderKey).
+func outgoingMessage(m *bridge.Outgoing, groups bool) *primitive.Message {
 	msg := primitive.NewMessage(m.Target.Topic, m.Body)
 	for k, vs := range m.Header {
 		if len(vs) == 0 || k == "" || k == HeaderTxSlot || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
@@ -321,10 +335,39 @@ func outgoingMessage(m *bridge.Outgoing) *primitive.Message {
 		}
 		msg.WithProperty(k, vs[0])
 	}
-	if m.MsgID != "" {
-		msg.WithProperty(primitive.PropertyKeys, m.MsgID)
+	if vs := m.Header[primitive.PropertyTags]; len(vs) > 0 && vs[0] != "" && validProp(vs[0]) {
+		msg.WithTag(vs[0])
+	}
+	if keys := copyKeys(m.Header[primitive.PropertyKeys], m.MsgID); keys != "" {
+		msg.WithProperty(primitive.PropertyKeys, keys)
+	}
+	if groups {
+		if k, _ := orderKey(m.Header, m.MsgID); k != "" && validProp(k) {
+			msg.WithProperty(PropertyMessageGroup, k)
+		}
 	}
 	return msg
+}
+
+// copyKeys is the Keys of a copy: the source's keys (space separated) and
+// the idempotency key, added last unless it is one of them already.
+func copyKeys(src []string, msgID string) string {
+	var keys string
+	if len(src) > 0 && validProp(src[0]) {
+		keys = strings.TrimSpace(src[0])
+	}
+	if msgID == "" || !validProp(msgID) {
+		return keys
+	}
+	if keys == "" {
+		return msgID
+	}
+	for _, k := range strings.Fields(keys) {
+		if k == msgID {
+			return keys
+		}
+	}
+	return keys + primitive.PropertyKeySeparator + msgID
 }
 
 // Close stops accepting publishes, waits (within ctx) for the pending ones
@@ -336,6 +379,16 @@ func (s *Sink) Close(ctx context.Context) error {
 		s.mu.Lock()
 		s.closed = true
 		s.mu.Unlock()
+		// Sends waiting at an order gate have not started: they fail at
+		// once (the source delivers them again) instead of holding Close
+		// up for the rest of their wait.
+		for _, t := range s.targets {
+			if t.gates != nil {
+				for _, j := range t.gates.close() {
+					s.finish(j, ErrClosed)
+				}
+			}
+		}
 		idle := make(chan struct{})
 		go func() { s.pending.Wait(); close(idle) }()
 		var errs []error

@@ -3,7 +3,6 @@ package rmq
 import (
 	"context"
 	"errors"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -149,8 +148,16 @@ func TestSinkTransactionalCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "the committed message", func() bool { return len(b.Messages("txn")) == 1 })
-	if o, _ := store.Reserve(context.Background(), "k-1"); o != dedupe.Duplicate {
-		t.Fatalf("key after the local transaction: %v, want committed (Duplicate)", o)
+	// The local transaction decided slot 0; the message key is the
+	// pipeline's to commit, after the confirmation.
+	if o, _ := store.Reserve(context.Background(), decidedKey("k-1", 0)); o != dedupe.Duplicate {
+		t.Fatalf("decision of slot 0: %v, want committed (Duplicate)", o)
+	}
+	if o, _ := store.Reserve(context.Background(), "k-1"); o != dedupe.InFlight {
+		t.Fatalf("key after the local transaction: %v, want still reserved by the pipeline", o)
+	}
+	if m := b.Messages("txn")[0]; m.Properties[HeaderTxSlot] != "" || m.Properties[bridge.HeaderMsgID] != "k-1" {
+		t.Errorf("committed copy: properties %v", m.Properties)
 	}
 	if hm := b.HalfMessages(); len(hm) != 0 {
 		t.Fatalf("unresolved half messages: %d", len(hm))
@@ -159,8 +166,8 @@ func TestSinkTransactionalCommit(t *testing.T) {
 	if err := publish(t, s, outgoing("txn-dlq", "k-1", bridge.HeaderError, "bad_key: x")); err != nil {
 		t.Fatal(err)
 	}
-	if o, _ := store.Reserve(context.Background(), "k-1\x00dlq"); o != dedupe.Duplicate {
-		t.Fatalf("dlq key: %v", o)
+	if o, _ := store.Reserve(context.Background(), decidedKey("k-1\x00dlq", 0)); o != dedupe.Duplicate {
+		t.Fatalf("dlq key's decision: %v", o)
 	}
 }
 
@@ -193,12 +200,12 @@ func TestSinkTransactionalCheckBack(t *testing.T) {
 		if err := p.Start(); err != nil {
 			t.Fatal(err)
 		}
-		slot, err := l.claimSlot(ctx, key)
+		slot, _, err := l.claimSlot(ctx, key)
 		if err != nil {
 			t.Fatal(err)
 		}
-		m := outgoingMessage(outgoing(topic, key))
-		m.WithProperty(HeaderTxSlot, strconv.Itoa(slot))
+		m := outgoingMessage(outgoing(topic, key), false)
+		m.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID(key, slot))
 		if _, err := p.SendMessageInTransaction(ctx, m); err != nil {
 			t.Fatal(err)
 		}

@@ -40,7 +40,16 @@ type SourceConfig struct {
 	// Backlog, when set, receives the number of messages stored in the
 	// assigned queues beyond the last one pulled, after every pull.
 	Backlog func(n int64)
+	// PersistInterval is how often the consumer offsets are sent to the
+	// broker while messages are being acknowledged (the client itself
+	// sends them first 10 s after start, then every 5 s). After a crash,
+	// what was acknowledged since the last persist is read again. Default
+	// DefaultPersistInterval.
+	PersistInterval time.Duration
 }
+
+// DefaultPersistInterval is SourceConfig.PersistInterval's default.
+const DefaultPersistInterval = 200 * time.Millisecond
 
 func (c *SourceConfig) defaults() error {
 	if c.Rule == "" || c.Topic == "" || c.Group == "" {
@@ -55,6 +64,9 @@ func (c *SourceConfig) defaults() error {
 	}
 	if c.StartRetry <= 0 {
 		c.StartRetry = 2 * time.Second
+	}
+	if c.PersistInterval <= 0 {
+		c.PersistInterval = DefaultPersistInterval
 	}
 	if c.Tags == "" {
 		c.Tags = "*"
@@ -91,6 +103,8 @@ type Source struct {
 	started time.Time    // when pc started
 	runCtx  context.Context
 	handler bridge.Handler
+
+	acked atomic.Bool // a batch was acknowledged since the last persist
 
 	mu      sync.Mutex
 	stopped bool // Run returned: no more redeliveries
@@ -182,6 +196,9 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 	s.pc, s.runCtx, s.handler, s.started = pc, ctx, h, time.Now()
 	s.mu.Unlock()
 	defer s.stop()
+	persisted := make(chan struct{})
+	defer func() { <-persisted }()
+	go s.persistLoop(ctx, pc, persisted)
 	for ctx.Err() == nil {
 		cr, err := pc.Poll(ctx, time.Second)
 		if err != nil || cr == nil {
@@ -206,6 +223,27 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		}
 	}
 	return nil
+}
+
+// persistLoop sends the consumer offsets to the broker every
+// PersistInterval while batches are being acknowledged, until ctx ends.
+// The client's persist sends one oneway request per assigned queue.
+func (s *Source) persistLoop(ctx context.Context, pc pullConsumer, done chan<- struct{}) {
+	defer close(done)
+	t := time.NewTicker(s.cfg.PersistInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if s.acked.Swap(false) {
+			if err := pc.PersistOffset(ctx, s.cfg.Topic); err != nil {
+				s.log.Debug("rocketmq consumer offsets not persisted", "err", err)
+			}
+		}
+	}
 }
 
 // stop ends redeliveries: pending timers are cancelled and running ones
@@ -347,6 +385,7 @@ func (d *delivery) ack(_ context.Context, err error) error {
 				return ErrClosed
 			}
 			s.pc.ACK(context.Background(), d.b.cr, consumer.ConsumeSuccess)
+			s.acked.Store(true)
 		}
 		return nil
 	}

@@ -62,8 +62,16 @@ func TestSourceMessageFields(t *testing.T) {
 	if v := g.Header["Cell-Msg-Id"]; len(v) != 1 || v[0] != "upstream-1" {
 		t.Errorf("header Cell-Msg-Id = %v", v)
 	}
+	// The tag and keys travel as headers of their names (a RocketMQ sink
+	// gives them back to the copy); no other system property does.
+	if v := g.Header["TAGS"]; len(v) != 1 || v[0] != "A" {
+		t.Errorf("header TAGS = %v", v)
+	}
+	if v := g.Header["KEYS"]; len(v) != 1 || v[0] != "k1 k2" {
+		t.Errorf("header KEYS = %v", v)
+	}
 	for k := range g.Header {
-		if systemProps[k] {
+		if systemProps[k] && !passedProps[k] {
 			t.Errorf("system property %s passed on as a header", k)
 		}
 	}
