@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-		"strings"
+	"strings"
 	"sync"
 	"time"
 
@@ -80,8 +80,8 @@ func (c *SinkConfig) defaults() error {
 type target struct {
 	name     string
 	tx       bool
-	groups   bool      // set the message group property (BrokerConfig.MessageGroups)
-	gates    *txGates  // transactional targets only
+	groups   bool     // set the message group property (BrokerConfig.MessageGroups)
+	gates    *txGates // transactional targets only
 	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
 }
