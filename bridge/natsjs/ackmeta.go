@@ -11,6 +11,7 @@ type ackMeta struct {
 	stream    string
 	streamSeq string // decimal, as in the subject
 	seq       uint64
+	dseq      uint64 // the consumer's delivery sequence
 	delivered uint64
 	pending   uint64
 	timestamp int64 // UnixNano
@@ -39,6 +40,7 @@ func parseAck(subject string) (m ackMeta, ok bool) {
 	}
 	m.stream, m.streamSeq = t[0], t[3]
 	m.seq = parseNum(t[3])
+	m.dseq = parseNum(t[4])
 	m.delivered = parseNum(t[2])
 	m.timestamp = int64(parseNum(t[5]))
 	m.pending = parseNum(t[6])

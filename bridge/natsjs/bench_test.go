@@ -124,20 +124,27 @@ func BenchmarkSinkPublish(b *testing.B) {
 }
 
 // BenchmarkSourceConsume consumes and acks b.N stored messages through the
-// Source, per FetchBatch; "rawconsume" and "rawmessages" are the same loop on
-// the bare jetstream Consume callback and Messages iterator, the references
-// for the adapter's own cost (and the reason the Source uses Consume).
+// Source, per FetchBatch: "batch" unordered (the handler runs in the client
+// library's callback), "ordered" (standby probe, reset, then the callback
+// queues each delivery for the goroutine that runs the handler);
+// "rawconsume" and "rawmessages" are the same loop on the bare jetstream
+// Consume callback and Messages iterator, the references for the adapter's
+// own cost (and the reason the Source uses Consume).
 func BenchmarkSourceConsume(b *testing.B) {
 	for _, v := range []struct {
-		name  string
-		batch int
-		raw   string // "": the Source; "consume" or "messages": the bare API
+		name     string
+		batch    int
+		raw      string // "": the Source; "consume" or "messages": the bare API
+		ordering Ordering
 	}{
-		{"batch256", 256, ""},
-		{"batch1024", 1024, ""},
-		{"batch4096", 4096, ""},
-		{"rawconsume1024", 1024, "consume"},
-		{"rawmessages1024", 1024, "messages"},
+		{"batch256", 256, "", Unordered},
+		{"batch1024", 1024, "", Unordered},
+		{"batch4096", 4096, "", Unordered},
+		{"ordered256", 256, "", Ordered},
+		{"ordered1024", 1024, "", Ordered},
+		{"ordered4096", 4096, "", Ordered},
+		{"rawconsume1024", 1024, "consume", ""},
+		{"rawmessages1024", 1024, "messages", ""},
 	} {
 		b.Run(v.name, func(b *testing.B) {
 			nc, id := benchServer(b)
@@ -167,7 +174,7 @@ func BenchmarkSourceConsume(b *testing.B) {
 				}
 			}
 			cfg := SourceConfig{Rule: "orders", Broker: "nats", Stream: stream, Subject: subject, Durable: "bench",
-				FetchBatch: v.batch, MaxAckPending: 4 * (4096 + v.batch)}
+				FetchBatch: v.batch, MaxAckPending: 4 * (4096 + v.batch), Ordering: v.ordering}
 			b.ReportAllocs()
 			b.ResetTimer()
 			start, cpu := time.Now(), processCPU()

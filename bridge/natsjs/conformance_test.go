@@ -19,9 +19,20 @@ import (
 // that the suite's ErrInProgress check outlasts it quickly.
 const suiteAckWait = time.Second
 
+// TestSourceConformance runs the suite in both ordering modes. An ordered
+// source's next owner resets the consumer to its ack floor, so a message
+// acknowledged behind an unsettled one is read again (same SourceID, which
+// deduplication drops): what the suite calls OffsetCommit.
 func TestSourceConformance(t *testing.T) {
+	for _, o := range []Ordering{Ordered, Unordered} {
+		t.Run(string(o), func(t *testing.T) { sourceConformance(t, o) })
+	}
+}
+
+func sourceConformance(t *testing.T, o Ordering) {
 	bridgetest.TestSource(t, bridgetest.SourceHarness{
-		AckDeadline: suiteAckWait,
+		AckDeadline:  suiteAckWait,
+		OffsetCommit: o == Ordered,
 		Open: func(t *testing.T) bridgetest.SourceFixture {
 			srv := natstest.Start(t)
 			_, js := srv.Connect(t)
@@ -47,6 +58,7 @@ func TestSourceConformance(t *testing.T) {
 					t.Helper()
 					src, err := NewSource(testCtx(t), js, SourceConfig{
 						Rule: "suite", Broker: "nats", Stream: "SUITE", Subject: "suite.>", Durable: group, AckWait: suiteAckWait,
+						Ordering: o,
 					}, quiet)
 					if err != nil {
 						t.Fatalf("new source: %v", err)

@@ -1,5 +1,6 @@
 // Package natsjs connects the bridge to NATS JetStream: connections
-// (Connect), a durable pull-consumer Source, an asynchronous publishing Sink
+// (Connect), a durable pull-consumer Source (ordered, one active replica at
+// a time, or unordered), an asynchronous publishing Sink
 // and stream provisioning for the embedded default and tests
 // (EnsureStreams).
 //
@@ -14,30 +15,28 @@
 // message's fault). Poison messages do not rely on a delivery limit either:
 // the bridge sends them to the DLQ and acks them.
 //
-// Run consumes with Consume (PullMaxMessages = FetchBatch; a new pull goes
-// out when half the batch is used), so the client always has a batch
-// buffered and the server never waits for a request. The handler runs on the
-// subscription's goroutine, in stream order, and may block: that is the
-// bridge's back-pressure, and it also holds back new pulls. Pull requests
-// expire after 5s instead of the library's 30s: after the consumer sat at
-// MaxAckPending the client's idea of what it has requested can drift from
-// the server's, and an expiring request (or a missing heartbeat) is what
-// puts them back in step.
-//
 // Each message reaches the handler as a bridge.Message without copying:
 // Header is the message's header map (nil when it has none) and Body its
 // data. SourceID is the producer's Nats-Msg-Id if set, else
 // "<stream>:<stream sequence>"; both are stable across redeliveries, which is
-// what the idempotency key needs. Time, Deliveries and the sequence are read
+// what the idempotency key needs. Time, Deliveries and the sequences are read
 // from the ack subject by a parser that does not allocate (the client's
 // Metadata allocates per message and costs three times as much).
+// SourceConfig.StripTokens removes leading subject tokens first (a
+// partitioned stream's "n<N>.<p>." prefix).
 //
 // How each bridge.Ack outcome maps to JetStream:
 //
 //	nil                   Ack              done for good
 //	*bridge.HoldError     NakWithDelay(d)  redelivered after d (held shard)
 //	bridge.ErrInProgress  InProgress       AckWait restarts; not final, may repeat
+//	bridge.ErrRevoked     nothing          the next owner re-reads it
 //	any other error       Nak              redelivered at once
+//
+// For a delivery whose epoch was revoked (below) only Ack goes out: its copy
+// is stored, and the server applies the ack to the new owner's delivery of
+// the same stream sequence; Nak, NakWithDelay and InProgress are dropped,
+// because the new owner re-read the message and owns its redelivery.
 //
 // Acks are not confirmed (no AckSync): a lost ack only means the message is
 // redelivered after AckWait, and the redelivery is recognised by its
@@ -46,14 +45,128 @@
 //
 // AckWait must exceed the time the bridge may hold a message before
 // settling it; the bridge sends ErrInProgress for messages that take longer
-// (a sink being retried), which restarts AckWait on the server. A message
-// whose replica dies is redelivered after AckWait to another replica.
+// (a sink being retried), which restarts AckWait on the server.
 //
 // The consumer's NumPending is reported through SourceConfig.Backlog every
 // BacklogInterval from a consumer info request, which also tracks the ack
-// floor. An existing durable keeps its deliver policy (an operator may create
+// floor. A replica that another one serves reports 0 (an ordered standby
+// while another replica holds the pin, a replica waiting for the other
+// ordering mode), because readiness counts a backlog without progress
+// against the replica that reports it. An existing durable keeps its deliver policy (an operator may create
 // it with DeliverNew to skip history); one deleted while the bridge runs is
 // recreated starting after that ack floor rather than replaying the stream.
+// Every JetStream API request of the source has its own timeout
+// (RequestTimeout, 2s) and is retried on timeouts and missing responders
+// where the source has the time.
+//
+// # Unordered mode (ordering: none)
+//
+// Every replica pulls from the shared durable at once. Run consumes with
+// Consume (PullMaxMessages = FetchBatch; a new pull goes out when half the
+// batch is used), so the client always has a batch buffered and the server
+// never waits for a request. The handler runs on the subscription's
+// goroutine, in stream order, and may block: that is the bridge's
+// back-pressure, and it also holds back new pulls. Pull requests expire
+// after 5s instead of the library's 30s: after the consumer sat at
+// MaxAckPending the client's idea of what it has requested can drift from
+// the server's, and an expiring request (or a missing heartbeat) is what
+// puts them back in step. A message whose replica dies is redelivered after
+// AckWait to another replica, possibly behind newer messages of its key.
+//
+// # Ordered mode (the default)
+//
+// One replica at a time forwards the rule's messages, and every new owner
+// starts from the consumer's ack floor, so that per-key order survives
+// replicas, crashes, reconnects and scaling. The durable is a priority group
+// (SourceConfig.Group, "cellbridge") with PriorityPolicyPinned and
+// PinnedTTL (default 5s, at least 2s): the server gives each pull request of
+// the group to one client at a time, the one holding the current pin id,
+// and drops the pin when that client has not pulled for PinnedTTL. Each
+// replica runs a state machine (Source.State):
+//
+//   - Standby. The replica probes: Fetch of one message with the priority
+//     group, each probe waiting ProbeWait (1s) on the server, all on one
+//     long-lived Consumer object (the client library keeps the pin id on
+//     it). A probe is answered only when no pin is current and a message is
+//     ready; it then carries the new pin id. The replica also reads the
+//     consumer's UNPINNED advisory; when the pin is free, nothing is pending
+//     and messages are delivered but unacknowledged (their owner died on an
+//     idle stream), it kicks the consumer with a reset so that those
+//     messages become deliverable and some standby's probe wins the pin
+//     with them, at most once per PinnedTTL. Without permission to read
+//     advisories the consumer info polled every BacklogInterval shows the
+//     same, later.
+//   - Acquiring. The probed message is neither processed nor acked. The
+//     replica resets the consumer to its ack floor (ResetConsumer, server
+//     2.14+): pending and redelivery state are cleared and delivery starts
+//     again after the floor, numbered 1, 2, 3... Each attempt has
+//     RequestTimeout; attempts stop after PinnedTTL, after which the pin has
+//     lapsed anyway, and the replica goes back to Standby, backing off
+//     longer after each failure. It never processes without a successful
+//     reset.
+//   - Active. A new epoch (bridge.Epoch) starts, and Consume runs with the
+//     priority group, PullExpiry clamp(PinnedTTL/3, 1s, 5s) (the pulls that
+//     renew the pin) and PullHeartbeat half of that. The library's callback
+//     never blocks: it checks each delivery and puts it into a queue of
+//     2×MaxAckPending+FetchBatch slots; one goroutine takes deliveries out
+//     in order and calls the handler, which may block. A replica whose
+//     handler blocks keeps its pin: its pulls go on, and the server stops at
+//     MaxAckPending. (A handler blocking inside the callback would stop the
+//     pulls and lose the pin after PinnedTTL.) Every delivery carries the
+//     epoch in bridge.Message.Epoch.
+//   - Fence. The epoch ends, is revoked at that moment (the pipeline then
+//     publishes none of its messages that have not started publishing and
+//     settles them with bridge.ErrRevoked), consuming stops, and the queued
+//     deliveries are dropped, when: a delivery carries another pin id (the
+//     library pulls again without an id after a 423 and may be pinned
+//     anew) or none (the durable is no longer pinned); the server answers
+//     423 wrong pin id; the consumer leader changed (the new leader has no
+//     pin); heartbeats stopped; the connection is lost or was re-established;
+//     a delivery sequence skipped one (a delivery lost in transit or
+//     dropped by a slow subscription); the queue is full; or consumer info
+//     names another pin. Where the pin may still be this replica's
+//     (disconnect, heartbeats, gap, a new pin learned from a delivery) it
+//     goes straight to Acquiring, else to Standby. After a reconnect to
+//     another server the reset re-delivers what was in transit at once,
+//     instead of after AckWait.
+//   - Release. Release (and Close) stop fetching, wait until the pipeline
+//     settled every delivery of the epoch (within the ctx and PinnedTTL;
+//     what is still open then is revoked), and unpin the consumer
+//     (UnpinConsumer) if the server still names this replica's pin, so that
+//     a standby's probe wins it within milliseconds. When Run's ctx ends
+//     (the bridge's shutdown) fetching stops and the epoch is left as it is
+//     for Close, after the pipeline drained.
+//
+// Why order holds (docs/guarantees.md, section 8): within an epoch only
+// this replica receives, the reset delivers everything above the ack floor
+// in stream order, and the sequence check proves nothing was lost in
+// between; every message at or below the floor was acknowledged, which the
+// pipeline does only after its copy was stored. So the first copy of an
+// older message of a key is always stored before the first copy of a newer
+// one, however many replicas, current or stale, publish at the same time.
+// What a stale owner still publishes is a duplicate at worst, dropped by its
+// idempotency key. A blocked or crashed replica costs PinnedTTL, not
+// AckWait, and no reordering.
+//
+// Switching the mode. The durable is switched in place (CreateOrUpdate;
+// the server allows changing the priority settings). A replica that finds
+// the durable in the other mode while pull requests wait on it (replicas of
+// the other configuration, or of a version before the ordered mode, are
+// running) does not switch it: an older replica whose pulls were refused
+// would switch it back. It waits in StateWaiting, pulls nothing, warns once
+// a minute with the rule, stream, consumer and what to do, and switches the
+// durable once no pull request waits. A rolling upgrade therefore keeps the
+// old replicas forwarding until the last one is gone; then the new ones
+// take the durable over.
+//
+// For operators, Source.State returns the state, the pin id, the epoch's
+// start, the number of epochs and of takeovers (epochs after winning the pin
+// in Standby: the figure behind cellbridge_takeovers_total), the last
+// takeover's time, its cost (from the winning probe to the epoch start) and
+// the time the consumer was without an owner before it (from the UNPINNED
+// advisory), and the number and last reason of fences. SourceConfig.OnState
+// reports each change; each change is logged once (rule, stream, consumer,
+// state, previous state and time spent in it, pin, reason).
 //
 // # Sink
 //

@@ -1,11 +1,17 @@
 package natsjs
 
 import (
+	"os"
 	"testing"
 
 	"go.uber.org/goleak"
 )
 
 func TestMain(m *testing.M) {
+	// The takeover test runs replicas as processes of this binary, so
+	// that it can kill one with SIGKILL.
+	if url := os.Getenv(replicaEnv); url != "" {
+		os.Exit(runReplica(url))
+	}
 	goleak.VerifyTestMain(m)
 }

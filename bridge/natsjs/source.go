@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,6 +16,31 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/router"
+)
+
+// Ordering is a Source's ordering mode (SourceConfig.Ordering).
+type Ordering string
+
+const (
+	// Ordered (the default): one replica at a time forwards the rule's
+	// messages, and each new owner starts from the consumer's ack floor, so
+	// per-key order survives replicas, crashes and reconnects. The durable
+	// is a pinned priority group.
+	Ordered Ordering = "ordered"
+	// Unordered ("none" in the configuration): every replica pulls from the
+	// shared durable at once, for throughput without order.
+	Unordered Ordering = "none"
+)
+
+// Defaults and limits of the ordered mode.
+const (
+	// DefaultGroup is the priority group name of an ordered durable.
+	DefaultGroup = "cellbridge"
+	// DefaultPinnedTTL is how long the server keeps a silent replica's pin.
+	DefaultPinnedTTL = 5 * time.Second
+	// MinPinnedTTL is the shortest PinnedTTL accepted: the pull expiry that
+	// renews the pin is at least 1s and must fit in it with room to spare.
+	MinPinnedTTL = 2 * time.Second
 )
 
 // SourceConfig describes the durable pull consumer behind one topic rule.
@@ -27,12 +54,27 @@ type SourceConfig struct {
 	Stream  string
 	Subject string
 	// Durable is the consumer name, the rule's group: replicas sharing it
-	// share the work.
+	// share the work (Unordered) or take turns (Ordered).
 	Durable string
+	// Ordering is Ordered (also when empty) or Unordered. The durable is
+	// switched in place to the configured mode, unless other clients pull
+	// from it in the other mode: then the source waits (StateWaiting, a
+	// warning per minute) until they are gone, and never switches it under
+	// them, so that replicas of two configurations (or versions) do not
+	// take the durable from each other during a rolling change.
+	Ordering Ordering
+	// Group is the ordered durable's priority group. Default DefaultGroup.
+	Group string
+	// PinnedTTL is how long the server keeps the pin of a replica that
+	// stopped pulling (killed, cut off, paused) before another one may take
+	// over. Default 5s, at least 2s. Takeover after a crash takes about
+	// PinnedTTL.
+	PinnedTTL time.Duration
 	// MaxAckPending caps messages delivered but not yet acked. It must
 	// exceed the bridge's in-flight limit plus FetchBatch, and leave room
 	// for held messages, which stay pending while they wait to be
-	// redelivered. Default 20000.
+	// redelivered. Default 20000. In ordered mode it also bounds the
+	// intake queue between the client library and the handler.
 	MaxAckPending int
 	// AckWait is how long the server waits for an ack before redelivering.
 	// Default 30s.
@@ -41,13 +83,34 @@ type SourceConfig struct {
 	// buffered (PullMaxMessages); it asks for more when half are used.
 	// Default 1024.
 	FetchBatch int
+	// RequestTimeout bounds each attempt of a JetStream API request the
+	// source makes (consumer lookup and creation, reset, unpin, consumer
+	// info); a timed-out attempt is retried where the source has time for
+	// it. Default 2s.
+	RequestTimeout time.Duration
+	// ProbeWait is how long each standby probe (a pull for one message that
+	// wins the pin when it is free) waits on the server. Default 1s.
+	ProbeWait time.Duration
+	// StripTokens removes that many leading subject tokens before a message
+	// reaches the handler: a partitioned stream stores "n<N>.<p>.<subject>"
+	// and the rule routes on <subject>. A subject with no more tokens than
+	// that arrives as "" (the router then has no key to find and dead-
+	// letters it).
+	StripTokens int
 	// Backlog, when set, receives the consumer's pending count (messages
 	// not yet delivered) every BacklogInterval while Run runs (from a
 	// consumer info request; skipped when that fails). It is called from
-	// one goroutine and must not block.
+	// one goroutine and must not block. A replica that another one serves
+	// reports 0: an ordered standby while another replica holds the pin,
+	// and a replica waiting for the other ordering mode's clients; readiness
+	// counts a backlog without progress against the replica reporting it.
 	Backlog func(n uint64)
 	// BacklogInterval defaults to 2s.
 	BacklogInterval time.Duration
+	// OnState, when set, receives the source's state after every change
+	// (see Source.State), for metrics. It is called from the source's
+	// goroutines, one change at a time, and must not block.
+	OnState func(SourceState)
 }
 
 func (c *SourceConfig) defaults() error {
@@ -56,6 +119,22 @@ func (c *SourceConfig) defaults() error {
 		return errors.New("natsjs: source: stream is empty")
 	case c.Durable == "":
 		return fmt.Errorf("natsjs: source %s: durable (the rule's group) is empty", c.Stream)
+	case c.Ordering == "":
+		c.Ordering = Ordered
+	case c.Ordering != Ordered && c.Ordering != Unordered:
+		return fmt.Errorf("natsjs: source %s: ordering %q: want %q or %q", c.Stream, c.Ordering, Ordered, Unordered)
+	}
+	if c.PinnedTTL == 0 {
+		c.PinnedTTL = DefaultPinnedTTL
+	}
+	if c.Ordering == Ordered && c.PinnedTTL < MinPinnedTTL {
+		return fmt.Errorf("natsjs: source %s: pinnedTTL %s is below the minimum %s", c.Stream, c.PinnedTTL, MinPinnedTTL)
+	}
+	if c.StripTokens < 0 {
+		return fmt.Errorf("natsjs: source %s: stripTokens %d is negative", c.Stream, c.StripTokens)
+	}
+	if c.Group == "" {
+		c.Group = DefaultGroup
 	}
 	if c.MaxAckPending <= 0 {
 		c.MaxAckPending = 20000
@@ -66,6 +145,12 @@ func (c *SourceConfig) defaults() error {
 	if c.FetchBatch <= 0 {
 		c.FetchBatch = 1024
 	}
+	if c.RequestTimeout <= 0 {
+		c.RequestTimeout = 2 * time.Second
+	}
+	if c.ProbeWait <= 0 {
+		c.ProbeWait = time.Second
+	}
 	if c.BacklogInterval <= 0 {
 		c.BacklogInterval = 2 * time.Second
 	}
@@ -73,30 +158,50 @@ func (c *SourceConfig) defaults() error {
 }
 
 // Source consumes one stream through a durable pull consumer; it implements
-// bridge.Source. Run may be called once at a time; Close stops it.
+// bridge.Source. Run may be called once at a time; Release ends a run
+// gracefully and Close stops the source for good.
 type Source struct {
 	js     jetstream.JetStream
 	cfg    SourceConfig
 	log    *slog.Logger
 	source string // Message.Source
+	// expiry and heartbeat are the ordered mode's pull settings.
+	expiry, heartbeat time.Duration
 
 	mu   sync.Mutex
 	cons jetstream.Consumer
+	// conflict is set while the durable is in the other ordering mode and
+	// in use (StateWaiting).
+	conflict *ModeError
+	st       SourceState
+	// held is the epoch (and pin) left when an ordered Run returned;
+	// Release waits for its deliveries and gives the pin up.
+	held *epoch
 
-	stop    chan struct{} // closed by Close
-	stopped sync.Once
-	runDone chan struct{} // non-nil while Run runs; closed when it returns (guarded by mu)
+	stop      chan struct{} // closed by Close
+	stopped   sync.Once
+	runDone   chan struct{}      // non-nil while Run runs; closed when it returns (guarded by mu)
+	runCancel context.CancelFunc // ends the running Run (guarded by mu)
 
 	// ackFloor is the consumer's ack floor (stream sequence) as last seen
 	// by monitor; a consumer lost while running is recreated above it.
 	ackFloor atomic.Uint64
+	// active is the running epoch (ordered mode, Active) for monitor's pin
+	// check; unpinnedAt is the time (UnixNano) of the last UNPINNED
+	// advisory.
+	active     atomic.Pointer[epoch]
+	unpinnedAt atomic.Int64
 }
 
 var _ bridge.Source = (*Source)(nil)
 
 // NewSource creates the durable consumer, or updates it to cfg (explicit
-// acks, unlimited deliveries, filter, AckWait, MaxAckPending). It fails when
-// the stream does not exist or the server refuses the configuration.
+// acks, unlimited deliveries, filter, AckWait, MaxAckPending, and the
+// priority group of the ordering mode). It fails when the stream does not
+// exist, the server refuses the configuration, or the ordered mode's server
+// is older than 2.14 (no consumer reset). A durable in the other ordering
+// mode that other clients pull from is left alone: the Source is returned
+// and waits in Run (StateWaiting).
 func NewSource(ctx context.Context, js jetstream.JetStream, cfg SourceConfig, log *slog.Logger) (*Source, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
@@ -110,58 +215,77 @@ func NewSource(ctx context.Context, js jetstream.JetStream, cfg SourceConfig, lo
 		log:    log.With("rule", cfg.Rule, "stream", cfg.Stream, "consumer", cfg.Durable),
 		source: cfg.Broker + "/" + cfg.Stream,
 		stop:   make(chan struct{}),
+		st: SourceState{Rule: cfg.Rule, Stream: cfg.Stream, Consumer: cfg.Durable, Ordering: cfg.Ordering,
+			State: StateStopped, Since: time.Now()},
+	}
+	// The pull that renews the pin must come well inside PinnedTTL, or an
+	// idle owner loses its pin between two pulls (the library's minimum
+	// expiry is 1s, its heartbeat at most half the expiry).
+	s.expiry = min(max(cfg.PinnedTTL/3, time.Second), 5*time.Second)
+	s.heartbeat = s.expiry / 2
+	if cfg.Ordering == Ordered {
+		if err := checkServerVersion(js.Conn()); err != nil {
+			return nil, fmt.Errorf("natsjs: source %s: consumer %s (rule %s): ordering %q %w; upgrade the servers or set the rule's source.ordering to %q",
+				cfg.Stream, cfg.Durable, cfg.Rule, Ordered, err, Unordered)
+		}
 	}
 	if _, err := s.ensureConsumer(ctx, 0); err != nil {
-		return nil, err
+		var me *ModeError
+		if !errors.As(err, &me) {
+			return nil, err
+		}
+		s.log.Warn("nats consumer is in the other ordering mode and in use; waiting for its clients to stop", "err", err)
 	}
 	return s, nil
 }
 
-// ensureConsumer creates or updates the durable. Where it starts is kept
-// from an existing consumer (the server refuses to change it, and an
-// operator may have created the durable with DeliverNew to skip history);
-// a new one starts at the stream's first message, or after floor when the
-// consumer vanished while running, so that its history is not replayed.
-func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Consumer, error) {
-	cfg := jetstream.ConsumerConfig{
-		Durable:     s.cfg.Durable,
-		Description: "cellbridge rule " + s.cfg.Rule,
-		AckPolicy:   jetstream.AckExplicitPolicy,
-		// Held messages are negatively acknowledged again and again until
-		// their shard is unblocked, and sink outages are retried, so a
-		// delivery limit would eventually drop good messages.
-		MaxDeliver:    -1,
-		FilterSubject: s.cfg.Subject,
-		AckWait:       s.cfg.AckWait,
-		MaxAckPending: s.cfg.MaxAckPending,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
+// checkServerVersion refuses servers without the consumer reset API
+// (nats-server 2.14). A version it cannot parse passes: the first reset
+// then reports what is missing.
+func checkServerVersion(nc *nats.Conn) error {
+	v := nc.ConnectedServerVersion()
+	maj, rest, _ := strings.Cut(v, ".")
+	minor, _, _ := strings.Cut(rest, ".")
+	a, err1 := strconv.Atoi(maj)
+	b, err2 := strconv.Atoi(minor)
+	if err1 != nil || err2 != nil {
+		return nil
 	}
-	if old, err := s.js.Consumer(ctx, s.cfg.Stream, s.cfg.Durable); err == nil {
-		oc := old.CachedInfo().Config
-		cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
-	} else if floor > 0 {
-		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+	if a < 2 || (a == 2 && b < 14) {
+		return fmt.Errorf("needs nats-server 2.14 or later (consumer reset), connected to %s", v)
 	}
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("natsjs: source %s: consumer %s: %w", s.cfg.Stream, s.cfg.Durable, err)
-	}
-	s.mu.Lock()
-	s.cons = cons
-	s.mu.Unlock()
-	return cons, nil
+	return nil
 }
 
-// Run consumes until ctx is cancelled or Close is called and returns nil
-// then; it returns an error only when it cannot go on (Run already running,
-// the connection closed for good). Each message is passed to h on a single
-// goroutine, in stream order; h may block for back-pressure. When Run
-// returns it has stopped fetching; messages it fetched but h did not take
-// are not acked and come back after AckWait, and acks of messages h did take
-// keep working as long as the connection is open. If the consumer disappears
-// (deleted by an operator) Run creates it again, starting after the last ack
-// floor it saw (redelivering what was in flight, which deduplication drops),
-// and goes on.
+// consumer returns the current Consumer object. In ordered mode it is the
+// one that holds the pin id, so it is replaced only when the durable is
+// created anew.
+func (s *Source) consumer() jetstream.Consumer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cons
+}
+
+// Run consumes until ctx is cancelled, Release or Close is called, and
+// returns nil then; it returns an error only when it cannot go on (Run
+// already running, the connection closed for good).
+//
+// Unordered, each message is passed to h on a single goroutine, in stream
+// order, and h may block for back-pressure (which holds back pulling).
+//
+// Ordered, Run waits in Standby until this replica wins the consumer's pin,
+// resets the consumer to its ack floor, and only then passes deliveries to
+// h, each with the epoch that a fence revokes (see the package docs). The
+// client library's callback never blocks: deliveries go through a bounded
+// queue to one goroutine that calls h, which may block.
+//
+// When Run returns it has stopped fetching; messages it fetched but h did
+// not take are not acked and come back after AckWait (or at the next
+// owner's reset), and acks of messages h did take keep working as long as
+// the connection is open. If the consumer disappears (deleted by an
+// operator) Run creates it again, starting after the last ack floor it saw
+// (redelivering what was in flight, which deduplication drops), and goes
+// on.
 func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 	s.mu.Lock()
 	if s.runDone != nil {
@@ -174,33 +298,42 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		return nil
 	default:
 	}
+	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
-	s.runDone = done
-	cons := s.cons
+	s.runDone, s.runCancel = done, cancel
 	s.mu.Unlock()
 	defer func() {
+		cancel()
 		s.mu.Lock()
-		s.runDone = nil
+		s.runDone, s.runCancel = nil, nil
 		s.mu.Unlock()
+		s.setState(transition{to: StateStopped, reason: "Run returned"})
 		close(done)
 	}()
-	ctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	defer func() {
-		cancel()
-		wg.Wait()
-	}()
-	wg.Go(func() {
-		select {
-		case <-s.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	})
-	wg.Go(func() { s.monitor(ctx) })
+	if s.cfg.Ordering == Ordered {
+		return s.runOrdered(ctx, h)
+	}
+	return s.runShared(ctx, h)
+}
 
+// runShared is the unordered mode: Consume on the shared durable, the
+// callback passing each message to h.
+func (s *Source) runShared(ctx context.Context, h bridge.Handler) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { s.monitor(ctx, nil) })
+
+	var lastWarn time.Time
+	for ctx.Err() == nil && s.waiting() {
+		s.waitMode(ctx, &lastWarn)
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	cons := s.consumer()
 	delay := reconnectMin
 	for {
+		s.setState(transition{to: StateShared})
 		cc, err := cons.Consume(func(msg jetstream.Msg) { s.deliver(ctx, msg, h) },
 			jetstream.PullMaxMessages(s.cfg.FetchBatch),
 			jetstream.PullExpiry(pullExpiry),
@@ -217,43 +350,101 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 				return nil
 			case <-cc.Closed():
 				// The library stopped consuming on its own: consumer
-				// deleted or connection closed.
+				// deleted, its mode switched, or connection closed.
 			}
 		}
 		if s.js.Conn().IsClosed() {
 			return fmt.Errorf("natsjs: source %s: %w", s.cfg.Stream, nats.ErrConnectionClosed)
 		}
 		s.log.Warn("nats consume stopped, recreating consumer", "err", err, "retry_in", delay)
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, delay) {
 			return nil
-		case <-t.C:
 		}
 		delay = min(2*delay, reconnectMax)
-		if c, err := s.ensureConsumer(ctx, s.ackFloor.Load()); err == nil {
+		c, err := s.ensureConsumer(ctx, s.ackFloor.Load())
+		for err != nil && ctx.Err() == nil && s.waiting() {
+			if s.waitMode(ctx, &lastWarn) {
+				c, err = s.consumer(), nil
+			}
+		}
+		if err == nil {
 			cons, delay = c, reconnectMin
 		}
 	}
 }
 
-// pullExpiry bounds how long one pull request waits on the server. The
-// client's pull accounting can get out of step with the server's after the
-// consumer sat at MaxAckPending (the server holds no request while the
-// client believes it does); the client notices only when a request expires
-// or its heartbeats (every pullExpiry/2) stop, so the library's 30s default
-// would stall such a consumer for up to a minute. One request per 5s on an
-// idle consumer costs nothing.
+// pullExpiry bounds how long one pull request of the unordered mode waits
+// on the server. The client's pull accounting can get out of step with the
+// server's after the consumer sat at MaxAckPending (the server holds no
+// request while the client believes it does); the client notices only when
+// a request expires or its heartbeats (every pullExpiry/2) stop, so the
+// library's 30s default would stall such a consumer for up to a minute. One
+// request per 5s on an idle consumer costs nothing.
 const pullExpiry = 5 * time.Second
+
+// sleepCtx waits d and reports whether ctx is still live.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
 
 // delivery carries one message and its Ack so that both take one
 // allocation and the Ack closure captures a single pointer.
 type delivery struct {
 	m   bridge.Message
 	msg jetstream.Msg
+	ep  *epoch // nil in unordered mode
 }
 
+// pinHeader is the server's pin id on every delivery of a pinned consumer.
+const pinHeader = "Nats-Pin-Id"
+
+// newDelivery turns msg into a bridge.Message (no copies: the header map and
+// the data are the message's own). It removes the pin header, which belongs
+// to the delivery, not to the event.
+func (s *Source) newDelivery(msg jetstream.Msg, meta *ackMeta, hdr nats.Header) *delivery {
+	if _, ok := hdr[pinHeader]; ok {
+		delete(hdr, pinHeader)
+		if len(hdr) == 0 {
+			hdr = nil
+		}
+	}
+	subject := msg.Subject()
+	if s.cfg.StripTokens > 0 {
+		subject = stripTokens(subject, s.cfg.StripTokens)
+	}
+	d := &delivery{msg: msg}
+	d.m = bridge.Message{
+		Message:    router.Message{Subject: subject, Header: hdr, Body: msg.Data()},
+		Rule:       s.cfg.Rule,
+		SourceID:   sourceID(hdr, meta),
+		Source:     s.source,
+		Time:       time.Unix(0, meta.timestamp),
+		Deliveries: int(meta.delivered),
+	}
+	return d
+}
+
+// stripTokens drops the first n tokens of subject ("" when it has no more).
+func stripTokens(subject string, n int) string {
+	for range n {
+		i := strings.IndexByte(subject, '.')
+		if i < 0 {
+			return ""
+		}
+		subject = subject[i+1:]
+	}
+	return subject
+}
+
+// deliver is the unordered mode's callback: it passes the message to h and
+// blocks while h does.
 func (s *Source) deliver(ctx context.Context, msg jetstream.Msg, h bridge.Handler) {
 	meta, ok := parseAck(msg.Reply())
 	if !ok {
@@ -261,16 +452,7 @@ func (s *Source) deliver(ctx context.Context, msg jetstream.Msg, h bridge.Handle
 		s.log.Warn("nats message without JetStream metadata", "subject", msg.Subject(), "reply", msg.Reply())
 		return
 	}
-	d := &delivery{msg: msg}
-	hdr := msg.Headers()
-	d.m = bridge.Message{
-		Message:    router.Message{Subject: msg.Subject(), Header: hdr, Body: msg.Data()},
-		Rule:       s.cfg.Rule,
-		SourceID:   sourceID(hdr, &meta),
-		Source:     s.source,
-		Time:       time.Unix(0, meta.timestamp),
-		Deliveries: int(meta.delivered),
-	}
+	d := s.newDelivery(msg, &meta, msg.Headers())
 	// An error means ctx is done: the message stays unacked and is
 	// redelivered after AckWait (to this or another replica).
 	_ = h(ctx, &d.m, d.ack)
@@ -290,17 +472,36 @@ func sourceID(h nats.Header, meta *ackMeta) string {
 // (no AckSync): if one is lost the message comes back after AckWait and is
 // dropped as a duplicate by the dedupe store and the target's Nats-Msg-Id
 // window, so a round trip per message would buy nothing.
+//
+// For a revoked epoch only acks go out: the message's copy is stored, and
+// the server applies the ack to the new owner's delivery of it. A nack or
+// an in-progress signal is dropped: the new owner re-read the message from
+// the ack floor and owns its redelivery; a nack would only deliver it once
+// more.
 func (d *delivery) ack(_ context.Context, err error) error {
 	var aerr error
-	if err == nil {
+	switch {
+	case err == nil:
 		aerr = d.msg.Ack()
-	} else if errors.Is(err, bridge.ErrInProgress) {
-		aerr = d.msg.InProgress()
-	} else if delay, ok := bridge.HoldDelay(err); ok {
-		aerr = d.msg.NakWithDelay(delay)
-	} else {
-		aerr = d.msg.Nak()
+	case errors.Is(err, bridge.ErrInProgress):
+		if d.ep.Revoked() {
+			return nil
+		}
+		return wrapSettle(d, err, d.msg.InProgress())
+	case errors.Is(err, bridge.ErrRevoked):
+	case d.ep.Revoked():
+	default:
+		if delay, ok := bridge.HoldDelay(err); ok {
+			aerr = d.msg.NakWithDelay(delay)
+		} else {
+			aerr = d.msg.Nak()
+		}
 	}
+	d.ep.settled()
+	return wrapSettle(d, err, aerr)
+}
+
+func wrapSettle(d *delivery, err, aerr error) error {
 	if aerr != nil {
 		return fmt.Errorf("natsjs: settle %s (%v): %w", d.m.SourceID, err, aerr)
 	}
@@ -309,46 +510,115 @@ func (d *delivery) ack(_ context.Context, err error) error {
 
 // monitor asks the server for the consumer's state every BacklogInterval:
 // NumPending feeds Backlog, and the ack floor is remembered for recreating
-// a lost consumer. One request per interval is nothing next to the acks.
-func (s *Source) monitor(ctx context.Context) {
+// a lost consumer. In ordered mode it also checks that an Active epoch's pin
+// is still the server's, and kicks an idle consumer whose owner went away
+// (see kick); unpinned wakes it at once. One request per interval is
+// nothing next to the acks.
+func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 	t := time.NewTicker(s.cfg.BacklogInterval)
 	defer t.Stop()
+	var lastKick time.Time
 	for {
-		s.mu.Lock()
-		cons := s.cons
-		s.mu.Unlock()
-		ictx, cancel := context.WithTimeout(ctx, s.cfg.BacklogInterval)
+		cons := s.consumer()
+		asked := time.Now()
+		ictx, cancel := context.WithTimeout(ctx, min(s.cfg.BacklogInterval, s.cfg.RequestTimeout))
 		info, err := cons.Info(ictx)
 		cancel()
 		if err == nil {
 			s.ackFloor.Store(info.AckFloor.Stream)
 			if s.cfg.Backlog != nil {
-				s.cfg.Backlog(info.NumPending)
+				n := info.NumPending
+				if !s.ownsBacklog(info) {
+					n = 0
+				}
+				s.cfg.Backlog(n)
+			}
+			if s.cfg.Ordering == Ordered {
+				s.checkPin(info, asked)
+				if time.Since(lastKick) >= s.cfg.PinnedTTL && s.kick(ctx, info) {
+					lastKick = time.Now()
+				}
 			}
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-unpinned:
 		}
 	}
 }
 
-// Close stops a running Run and waits for it to return (within ctx). The
-// Source holds nothing else: the consumer stays on the server for the next
-// start, and the JetStream context is the caller's.
+// ownsBacklog tells whether this replica should report the consumer's
+// backlog as its own: readiness counts a backlog without progress against
+// the replica that reports it. A replica waiting for the other mode's
+// clients does not (they make the progress), nor does a standby while
+// another replica holds the pin (that one reports it); a standby reports it
+// while no replica holds the pin, when nobody serves the rule.
+func (s *Source) ownsBacklog(info *jetstream.ConsumerInfo) bool {
+	switch s.State().State {
+	case StateWaiting:
+		return false
+	case StateStandby, StateStopped:
+		return s.cfg.Ordering != Ordered || pinnedID(info, s.cfg.Group) == ""
+	}
+	return true
+}
+
+// Release ends the source's current ownership gracefully. A running Run
+// stops fetching and returns nil. In ordered mode Release then waits, within
+// ctx and at most PinnedTTL (after which the server hands the pin on
+// anyway), until the pipeline settled every delivery of the last epoch; if
+// some are still open it revokes the epoch (they are not published and the
+// next owner re-reads them). Then it gives up the pin (UnpinConsumer), if
+// the server still names this source's pin, so that a standby takes over
+// in milliseconds. It returns an error when Run did not return within ctx
+// or deliveries were still open. Run may be called again afterwards.
+func (s *Source) Release(ctx context.Context) error {
+	s.mu.Lock()
+	done, cancel := s.runDone, s.runCancel
+	s.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return fmt.Errorf("natsjs: source %s release: Run did not return: %w", s.cfg.Stream, ctx.Err())
+		}
+	}
+	s.mu.Lock()
+	ep := s.held
+	s.held = nil
+	s.mu.Unlock()
+	if ep == nil {
+		return nil
+	}
+	return s.releaseEpoch(ctx, ep)
+}
+
+// Close stops a running Run, waits for it to return and releases the pin
+// as Release does (within ctx). The consumer stays on the server for the
+// next start, and the JetStream context is the caller's. Deliveries still
+// open at the deadline are revoked and logged, which is not an error of
+// Close: the next owner re-reads them.
 func (s *Source) Close(ctx context.Context) error {
 	s.stopped.Do(func() { close(s.stop) })
-	s.mu.Lock()
-	done := s.runDone
-	s.mu.Unlock()
-	if done == nil {
+	err := s.Release(ctx)
+	var open *OpenDeliveriesError
+	if errors.As(err, &open) {
+		s.log.Warn("nats source closed with deliveries still open; revoked", "open", open.Open)
 		return nil
 	}
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("natsjs: source %s close: %w", s.cfg.Stream, ctx.Err())
-	}
+	return err
+}
+
+// OpenDeliveriesError is Release's report that the pipeline had not settled
+// Open deliveries of the released epoch in time; they were revoked.
+type OpenDeliveriesError struct {
+	Stream string
+	Open   int64
+}
+
+func (e *OpenDeliveriesError) Error() string {
+	return fmt.Sprintf("natsjs: source %s release: %d deliveries still open, revoked (the next owner re-reads them)", e.Stream, e.Open)
 }

@@ -61,6 +61,14 @@ func (c *collector) of(body string) []got {
 	return out
 }
 
+// bothOrderings runs test once per ordering mode: the single-source
+// behaviour is the same in both.
+func bothOrderings(t *testing.T, test func(t *testing.T, o Ordering)) {
+	for _, o := range []Ordering{Ordered, Unordered} {
+		t.Run(string(o), func(t *testing.T) { test(t, o) })
+	}
+}
+
 func newSource(t testing.TB, js jetstream.JetStream, cfg SourceConfig) *Source {
 	t.Helper()
 	if cfg.Stream == "" {
@@ -103,7 +111,9 @@ func publish(t testing.TB, js jetstream.JetStream, subject, body string, hdr nat
 	}
 }
 
-func TestSourceDeliversFields(t *testing.T) {
+func TestSourceDeliversFields(t *testing.T) { bothOrderings(t, sourceDeliversFields) }
+
+func sourceDeliversFields(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
@@ -117,7 +127,7 @@ func TestSourceDeliversFields(t *testing.T) {
 			t.Errorf("ack: %v", err)
 		}
 	}}
-	src := newSource(t, js, SourceConfig{})
+	src := newSource(t, js, SourceConfig{Ordering: o})
 	run(t, src, c.handle)
 	eventually(t, 10*time.Second, "two deliveries", func() bool { return len(c.all()) == 2 })
 
@@ -143,9 +153,16 @@ func TestSourceDeliversFields(t *testing.T) {
 	if cfg.MaxDeliver != -1 || cfg.AckPolicy != jetstream.AckExplicitPolicy || cfg.FilterSubject != "orders.>" {
 		t.Errorf("consumer config: %+v", cfg)
 	}
+	pinned := cfg.PriorityPolicy == jetstream.PriorityPolicyPinned && len(cfg.PriorityGroups) == 1 &&
+		cfg.PriorityGroups[0] == DefaultGroup && cfg.PinnedTTL == DefaultPinnedTTL
+	if plain := cfg.PriorityPolicy == jetstream.PriorityPolicyNone && len(cfg.PriorityGroups) == 0; (o == Ordered && !pinned) || (o == Unordered && !plain) {
+		t.Errorf("ordering %s: consumer priority policy %v groups %v ttl %s", o, cfg.PriorityPolicy, cfg.PriorityGroups, cfg.PinnedTTL)
+	}
 }
 
-func TestSourceAckOutcomes(t *testing.T) {
+func TestSourceAckOutcomes(t *testing.T) { bothOrderings(t, sourceAckOutcomes) }
+
+func sourceAckOutcomes(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
@@ -165,7 +182,7 @@ func TestSourceAckOutcomes(t *testing.T) {
 			t.Errorf("ack(%v): %v", err, aerr)
 		}
 	}
-	src := newSource(t, js, SourceConfig{AckWait: time.Minute})
+	src := newSource(t, js, SourceConfig{Ordering: o, AckWait: time.Minute})
 	run(t, src, c.handle)
 	for _, body := range []string{"ack", "nak", "hold"} {
 		publish(t, js, "orders."+body, body, nil)
@@ -201,6 +218,10 @@ func TestSourceAckOutcomes(t *testing.T) {
 }
 
 func TestSourceInProgressExtendsAckWait(t *testing.T) {
+	bothOrderings(t, sourceInProgressExtendsAckWait)
+}
+
+func sourceInProgressExtendsAckWait(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
@@ -223,7 +244,7 @@ func TestSourceInProgressExtendsAckWait(t *testing.T) {
 			}
 		})
 	}
-	src := newSource(t, js, SourceConfig{AckWait: ackWait})
+	src := newSource(t, js, SourceConfig{Ordering: o, AckWait: ackWait})
 	run(t, src, c.handle)
 	publish(t, js, "orders.slow", "slow", nil)
 	eventually(t, 10*time.Second, "redelivered after progress stopped", func() bool { return len(c.of("slow")) == 2 })
@@ -234,6 +255,10 @@ func TestSourceInProgressExtendsAckWait(t *testing.T) {
 }
 
 func TestSourceDurableResumesAfterRestart(t *testing.T) {
+	bothOrderings(t, sourceDurableResumesAfterRestart)
+}
+
+func sourceDurableResumesAfterRestart(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	nc, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
@@ -242,7 +267,7 @@ func TestSourceDurableResumesAfterRestart(t *testing.T) {
 	}
 	ackAll := func(g got) { _ = g.ack(context.Background(), nil) }
 	c1 := &collector{settle: ackAll}
-	stop := run(t, newSource(t, js, SourceConfig{}), c1.handle)
+	stop := run(t, newSource(t, js, SourceConfig{Ordering: o}), c1.handle)
 	eventually(t, 10*time.Second, "first five", func() bool { return len(c1.all()) == 5 })
 	stop()
 	// Acks are asynchronous: make sure they reached the server before it
@@ -268,7 +293,7 @@ func TestSourceDurableResumesAfterRestart(t *testing.T) {
 		publish(t, js2, "orders.x", fmt.Sprint(i), nil)
 	}
 	c2 := &collector{settle: ackAll}
-	run(t, newSource(t, js2, SourceConfig{}), c2.handle)
+	run(t, newSource(t, js2, SourceConfig{Ordering: o}), c2.handle)
 	eventually(t, 10*time.Second, "the rest", func() bool { return len(c2.all()) == 3 })
 	for i, g := range c2.all() {
 		if want := fmt.Sprint(i + 6); string(g.m.Body) != want || g.m.SourceID != "ORDERS:"+want || g.m.Deliveries != 1 {
@@ -277,7 +302,9 @@ func TestSourceDurableResumesAfterRestart(t *testing.T) {
 	}
 }
 
-func TestSourceReportsBacklog(t *testing.T) {
+func TestSourceReportsBacklog(t *testing.T) { bothOrderings(t, sourceReportsBacklog) }
+
+func sourceReportsBacklog(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
@@ -290,7 +317,7 @@ func TestSourceReportsBacklog(t *testing.T) {
 	reported := func() uint64 { mu.Lock(); defer mu.Unlock(); return last }
 	// Nothing is acked and at most 10 may be pending: 40 stay undelivered.
 	c := &collector{}
-	src := newSource(t, js, SourceConfig{MaxAckPending: 10, FetchBatch: 10, Backlog: backlog, BacklogInterval: 20 * time.Millisecond})
+	src := newSource(t, js, SourceConfig{Ordering: o, MaxAckPending: 10, FetchBatch: 10, Backlog: backlog, BacklogInterval: 20 * time.Millisecond})
 	run(t, src, c.handle)
 	eventually(t, 10*time.Second, "ten delivered", func() bool { return len(c.all()) == 10 })
 	eventually(t, 10*time.Second, "backlog 40", func() bool { return reported() == 40 })
@@ -305,11 +332,13 @@ func TestSourceReportsBacklog(t *testing.T) {
 	})
 }
 
-func TestSourceRunLifecycle(t *testing.T) {
+func TestSourceRunLifecycle(t *testing.T) { bothOrderings(t, sourceRunLifecycle) }
+
+func sourceRunLifecycle(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
-	src := newSource(t, js, SourceConfig{})
+	src := newSource(t, js, SourceConfig{Ordering: o})
 	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
 
 	errc := make(chan error, 1)
@@ -331,12 +360,16 @@ func TestSourceRunLifecycle(t *testing.T) {
 }
 
 func TestSourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T) {
+	bothOrderings(t, sourceRecreatesDeletedConsumerAfterAckFloor)
+}
+
+func sourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
 	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
 	var backlog atomic.Int64
-	run(t, newSource(t, js, SourceConfig{BacklogInterval: 20 * time.Millisecond, Backlog: func(n uint64) { backlog.Add(1) }}), c.handle)
+	run(t, newSource(t, js, SourceConfig{Ordering: o, BacklogInterval: 20 * time.Millisecond, Backlog: func(n uint64) { backlog.Add(1) }}), c.handle)
 	for _, b := range []string{"1", "2", "3"} {
 		publish(t, js, "orders.x", b, nil)
 	}
@@ -364,6 +397,10 @@ func TestSourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T) {
 }
 
 func TestSourceKeepsExistingDeliverPolicy(t *testing.T) {
+	bothOrderings(t, sourceKeepsExistingDeliverPolicy)
+}
+
+func sourceKeepsExistingDeliverPolicy(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
@@ -374,7 +411,7 @@ func TestSourceKeepsExistingDeliverPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
-	run(t, newSource(t, js, SourceConfig{}), c.handle)
+	run(t, newSource(t, js, SourceConfig{Ordering: o}), c.handle)
 	publish(t, js, "orders.x", "new", nil)
 	eventually(t, 10*time.Second, "new delivered", func() bool { return len(c.of("new")) == 1 })
 	if len(c.of("history")) != 0 {
@@ -396,8 +433,9 @@ func TestSourceConfigErrors(t *testing.T) {
 	}
 }
 
-// TestSourceReplicasShareDurable runs two Sources (two bridge replicas) on
-// one durable: together they see every message once, and both take part.
+// TestSourceReplicasShareDurable runs two unordered Sources (two bridge
+// replicas) on one durable: together they see every message once, and both
+// take part.
 func TestSourceReplicasShareDurable(t *testing.T) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
@@ -405,8 +443,8 @@ func TestSourceReplicasShareDurable(t *testing.T) {
 	createStream(t, js, "ORDERS", "orders.>")
 	ackAll := func(g got) { _ = g.ack(context.Background(), nil) }
 	a, b := &collector{settle: ackAll}, &collector{settle: ackAll}
-	run(t, newSource(t, js, SourceConfig{FetchBatch: 10}), a.handle)
-	run(t, newSource(t, js2, SourceConfig{FetchBatch: 10}), b.handle)
+	run(t, newSource(t, js, SourceConfig{Ordering: Unordered, FetchBatch: 10}), a.handle)
+	run(t, newSource(t, js2, SourceConfig{Ordering: Unordered, FetchBatch: 10}), b.handle)
 	const n = 400
 	for i := range n {
 		publish(t, js, "orders.x", fmt.Sprint(i), nil)

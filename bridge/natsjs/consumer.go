@@ -1,0 +1,188 @@
+package natsjs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// ModeError says that the durable is set up for another ordering mode than
+// the source's and that other clients pull from it, so the source does not
+// switch it (see SourceConfig.Ordering).
+type ModeError struct {
+	Rule, Stream, Consumer string
+	// Have describes the durable's priority settings, Want the source's
+	// mode.
+	Have string
+	Want Ordering
+	// Waiting is the number of pull requests waiting on the durable.
+	Waiting int
+}
+
+func (e *ModeError) Error() string {
+	return fmt.Sprintf("natsjs: rule %s: consumer %s on stream %s is %s, this replica is configured for ordering %q, "+
+		"and %d pull requests of other clients wait on it; not switching it under them: this replica waits until they stop. "+
+		"Give every replica of the rule the same source.ordering (or finish the rolling change); "+
+		"see docs for switching the mode", e.Rule, e.Consumer, e.Stream, e.Have, e.Want, e.Waiting)
+}
+
+// consumerConfig is the durable as the source wants it.
+func (s *Source) consumerConfig() jetstream.ConsumerConfig {
+	cfg := jetstream.ConsumerConfig{
+		Durable:     s.cfg.Durable,
+		Description: "cellbridge rule " + s.cfg.Rule,
+		AckPolicy:   jetstream.AckExplicitPolicy,
+		// Held messages are negatively acknowledged again and again until
+		// their shard is unblocked, and sink outages are retried, so a
+		// delivery limit would eventually drop good messages.
+		MaxDeliver:    -1,
+		FilterSubject: s.cfg.Subject,
+		AckWait:       s.cfg.AckWait,
+		MaxAckPending: s.cfg.MaxAckPending,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+	if s.cfg.Ordering == Ordered {
+		cfg.PriorityGroups = []string{s.cfg.Group}
+		cfg.PriorityPolicy = jetstream.PriorityPolicyPinned
+		cfg.PinnedTTL = s.cfg.PinnedTTL
+	}
+	return cfg
+}
+
+// modeOf describes a durable's priority settings: the source's own mode
+// when they match it, else what they are.
+func (s *Source) modeOf(c *jetstream.ConsumerConfig) (Ordering, string) {
+	switch {
+	case c.PriorityPolicy == jetstream.PriorityPolicyNone && len(c.PriorityGroups) == 0:
+		return Unordered, "unordered (no priority policy)"
+	case c.PriorityPolicy == jetstream.PriorityPolicyPinned && slices.Contains(c.PriorityGroups, s.cfg.Group):
+		return Ordered, "ordered (pinned priority group " + s.cfg.Group + ")"
+	}
+	policy, _ := c.PriorityPolicy.MarshalJSON()
+	return "", fmt.Sprintf("set up with priority policy %s and groups %v", policy, c.PriorityGroups)
+}
+
+// ensureConsumer creates or updates the durable. Where it starts is kept
+// from an existing consumer (the server refuses to change it, and an
+// operator may have created the durable with DeliverNew to skip history);
+// a new one starts at the stream's first message, or after floor when the
+// consumer vanished while running, so that its history is not replayed.
+//
+// An existing durable in another ordering mode is switched in place only
+// when no pull request waits on it: a pull request means a client of the
+// other mode (an older version, a replica not yet reconfigured) is running,
+// and switching the durable under it would make it switch the durable back.
+// Then ensureConsumer returns a *ModeError, keeps the existing Consumer for
+// monitoring and puts the source into StateWaiting. (A client between two
+// pulls can be missed; it then finds its pulls refused, and the next
+// ensureConsumer of either side sees its requests again.)
+func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Consumer, error) {
+	cfg := s.consumerConfig()
+	old, err := request(ctx, s.cfg.RequestTimeout, func(ctx context.Context) (jetstream.Consumer, error) {
+		return s.js.Consumer(ctx, s.cfg.Stream, s.cfg.Durable)
+	})
+	switch {
+	case err == nil:
+		info := old.CachedInfo()
+		oc := info.Config
+		if have, desc := s.modeOf(&oc); have != s.cfg.Ordering {
+			if info.NumWaiting > 0 {
+				me := &ModeError{Rule: s.cfg.Rule, Stream: s.cfg.Stream, Consumer: s.cfg.Durable, Have: desc,
+					Want: s.cfg.Ordering, Waiting: info.NumWaiting}
+				s.mu.Lock()
+				s.cons, s.conflict = old, me
+				s.mu.Unlock()
+				return nil, me
+			}
+			s.log.Warn("nats consumer switched to this replica's ordering mode", "from", desc, "ordering", s.cfg.Ordering)
+		}
+		cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
+	case errors.Is(err, jetstream.ErrConsumerNotFound):
+		if floor > 0 {
+			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+		}
+	default:
+		return nil, fmt.Errorf("natsjs: source %s: consumer %s: %w", s.cfg.Stream, s.cfg.Durable, err)
+	}
+	cons, err := request(ctx, s.cfg.RequestTimeout, func(ctx context.Context) (jetstream.Consumer, error) {
+		return s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("natsjs: source %s: consumer %s: %w", s.cfg.Stream, s.cfg.Durable, err)
+	}
+	s.mu.Lock()
+	s.cons, s.conflict = cons, nil
+	s.mu.Unlock()
+	return cons, nil
+}
+
+// waiting reports whether the durable was last found in the other mode and
+// in use.
+func (s *Source) waiting() bool {
+	s.mu.Lock()
+	me := s.conflict
+	s.mu.Unlock()
+	if me != nil {
+		s.setState(transition{to: StateWaiting, reason: me.Have})
+	}
+	return me != nil
+}
+
+// waitMode waits one BacklogInterval while the durable is in the other
+// ordering mode and in use, warning once a minute (lastWarn), and checks it
+// again; it reports true once the durable is (or was switched to) this
+// source's mode.
+func (s *Source) waitMode(ctx context.Context, lastWarn *time.Time) bool {
+	if time.Since(*lastWarn) >= time.Minute {
+		*lastWarn = time.Now()
+		s.mu.Lock()
+		me := s.conflict
+		s.mu.Unlock()
+		if me != nil {
+			s.log.Warn("nats source waiting: consumer in the other ordering mode", "err", me)
+		}
+	}
+	if !sleepCtx(ctx, s.cfg.BacklogInterval) {
+		return false
+	}
+	_, err := s.ensureConsumer(ctx, s.ackFloor.Load())
+	if err != nil && !s.waiting() {
+		s.log.Warn("nats consumer check failed while waiting", "err", err)
+	}
+	return err == nil
+}
+
+// request runs one JetStream API call with a timeout per attempt, retrying
+// attempts that timed out or found no responder (a leader election, a
+// server restarting) with backoff until ctx ends: one slow attempt never
+// uses up the caller's whole deadline.
+func request[T any](ctx context.Context, timeout time.Duration, call func(context.Context) (T, error)) (T, error) {
+	delay := reconnectMin
+	for {
+		actx, cancel := context.WithTimeout(ctx, timeout)
+		v, err := call(actx)
+		cancel()
+		if err == nil || !transient(err) || ctx.Err() != nil {
+			return v, err
+		}
+		if !sleepCtx(ctx, delay) {
+			return v, err
+		}
+		delay = min(2*delay, reconnectMax)
+	}
+}
+
+// transient tells API failures worth another attempt: no answer in time,
+// no responder, JetStream temporarily unavailable (503).
+func transient(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) {
+		return true
+	}
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.Code == 503
+}

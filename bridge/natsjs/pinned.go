@@ -1,0 +1,717 @@
+package natsjs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+)
+
+// epoch is one period in which this replica holds the consumer's pin and
+// forwards: it starts after a successful reset to the ack floor and ends
+// with a fence (revoked) or a graceful stop (not revoked, released later).
+type epoch struct {
+	bridge.Epoch
+	pin   string
+	start time.Time
+	// expect is the next delivery sequence (read and written only by the
+	// client library's callback once consuming started); reconnects is
+	// the connection's reconnect count when the epoch was acquired.
+	expect     uint64
+	reconnects uint64
+	// fence receives the first reason to end the epoch; trip revokes at
+	// the same moment.
+	fence chan fenceEvent
+	// closed is set when the intake stops taking deliveries of the epoch.
+	closed atomic.Bool
+	// open counts deliveries handed to the handler and not finally
+	// settled; draining is set once no more are handed over, and idle is
+	// closed when both hold and open is zero.
+	open     atomic.Int64
+	draining atomic.Bool
+	idleOnce sync.Once
+	idle     chan struct{}
+}
+
+func newEpoch(pin string) *epoch {
+	return &epoch{pin: pin, start: time.Now(), fence: make(chan fenceEvent, 1), idle: make(chan struct{})}
+}
+
+// Revoked reports whether the epoch was revoked; a nil epoch (unordered
+// mode) never is.
+func (e *epoch) Revoked() bool { return e != nil && e.Epoch.Revoked() }
+
+// settled records the final settlement of one delivery.
+func (e *epoch) settled() {
+	if e == nil {
+		return
+	}
+	if e.open.Add(-1) == 0 && e.draining.Load() {
+		e.idleOnce.Do(func() { close(e.idle) })
+	}
+}
+
+// drain marks that no more deliveries are handed over; idle closes once the
+// open ones are settled.
+func (e *epoch) drain() {
+	e.draining.Store(true)
+	if e.open.Load() == 0 {
+		e.idleOnce.Do(func() { close(e.idle) })
+	}
+}
+
+// trip ends the epoch for reason f: the epoch is revoked at once (the
+// pipeline publishes none of its messages that have not started
+// publishing), and the run loop stops consuming when it reads f.
+func (e *epoch) trip(f fenceEvent) {
+	e.Revoke()
+	select {
+	case e.fence <- f:
+	default: // an earlier reason is already on its way
+	}
+}
+
+// next is where the run loop goes after a fence.
+type next uint8
+
+const (
+	// toStandby: the pin is lost (another replica or nobody holds it).
+	toStandby next = iota
+	// toAcquire: the pin may still be this replica's (reconnect, missed
+	// heartbeats, a lost delivery) or a new one was learned: reset and
+	// consume again without probing.
+	toAcquire
+	// toRecreate: the durable is gone or no longer set up for this mode.
+	toRecreate
+	// toClosed: the connection is closed for good.
+	toClosed
+)
+
+type fenceEvent struct {
+	next   next
+	reason string
+	pin    string // toAcquire with a pin learned from a delivery
+}
+
+// pinRun is one ordered Run.
+type pinRun struct {
+	s      *Source
+	ctx    context.Context
+	h      bridge.Handler
+	nc     *nats.Conn
+	status chan nats.Status
+	// q is the intake queue: the client library's callback puts
+	// deliveries in without blocking, drainIntake hands them to h.
+	q chan *delivery
+	// pin is the pin this replica believes it holds, "" when none.
+	pin string
+	// pinnedAt is when the current pin was won in Standby, zero when it
+	// was not (a re-acquisition); reason is why the loop moves on.
+	pinnedAt time.Time
+	reason   string
+	// failures counts acquisitions that failed in a row (backoff).
+	failures int
+	// lastWarn rate-limits repeated warnings (waiting, probe errors).
+	lastWarn time.Time
+}
+
+// runOrdered runs the Standby → Acquiring → Active state machine until ctx
+// ends (see the package docs).
+func (s *Source) runOrdered(ctx context.Context, h bridge.Handler) error {
+	nc := s.js.Conn()
+	r := &pinRun{
+		s: s, ctx: ctx, h: h, nc: nc,
+		status: nc.StatusChanged(nats.DISCONNECTED, nats.RECONNECTING, nats.CONNECTED, nats.CLOSED),
+		// MaxAckPending bounds the deliveries of one epoch that are not
+		// settled; a foreign reset in mid-epoch can add as many again.
+		q: make(chan *delivery, 2*s.cfg.MaxAckPending+s.cfg.FetchBatch),
+	}
+	defer nc.RemoveStatusListener(r.status)
+
+	// The UNPINNED advisory tells a standby at once that the holder's pin
+	// timed out or was released (without the permission to read it, the
+	// monitor's consumer info polling sees the same, later).
+	unpinned := make(chan struct{}, 1)
+	adv, err := nc.Subscribe(advisoryUnpinned(s.cfg.Stream, s.cfg.Durable), func(*nats.Msg) {
+		s.unpinnedAt.Store(time.Now().UnixNano())
+		select {
+		case unpinned <- struct{}{}:
+		default:
+		}
+	})
+	if err == nil {
+		defer func() { _ = adv.Unsubscribe() }()
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(r.drainIntake)
+	wg.Go(func() { s.monitor(ctx, unpinned) })
+	return r.loop()
+}
+
+func advisoryUnpinned(stream, durable string) string {
+	return "$JS.EVENT.ADVISORY.CONSUMER.UNPINNED." + stream + "." + durable
+}
+
+// loop moves between the states until ctx ends.
+func (r *pinRun) loop() error {
+	s := r.s
+	state := StateStandby
+	if s.waiting() {
+		state = StateWaiting
+	}
+	r.reason = "run started"
+	for {
+		if r.ctx.Err() != nil {
+			return nil
+		}
+		if r.nc.IsClosed() {
+			return fmt.Errorf("natsjs: source %s: %w", s.cfg.Stream, nats.ErrConnectionClosed)
+		}
+		switch state {
+		case StateWaiting:
+			if r.waitMode() {
+				state = StateStandby
+			}
+		case StateStandby:
+			if s.waiting() {
+				state = StateWaiting
+				continue
+			}
+			if r.standby() {
+				state = StateAcquiring
+			}
+		case StateAcquiring:
+			ep := r.acquire()
+			if ep == nil {
+				state = StateStandby
+				continue
+			}
+			f := r.active(ep)
+			switch f.next {
+			case toClosed:
+				return fmt.Errorf("natsjs: source %s: %w", s.cfg.Stream, nats.ErrConnectionClosed)
+			case toAcquire:
+				if f.pin != "" {
+					r.pin = f.pin
+				}
+				r.pinnedAt = time.Time{}
+				state = StateAcquiring
+			case toRecreate:
+				r.pin = ""
+				r.recreate()
+				state = StateStandby
+			default:
+				r.pin = ""
+				state = StateStandby
+			}
+			r.reason = f.reason
+		}
+	}
+}
+
+// recreate creates the durable again (deleted) or finds it in the other
+// mode (then Standby moves on to StateWaiting). The next Standby starts
+// with a new Consumer object.
+func (r *pinRun) recreate() {
+	if _, err := r.s.ensureConsumer(r.ctx, r.s.ackFloor.Load()); err != nil && !r.s.waiting() {
+		r.s.log.Warn("nats consumer could not be created again; retrying", "err", err)
+		sleepCtx(r.ctx, r.s.cfg.PinnedTTL)
+	}
+}
+
+// waitMode re-checks the durable every BacklogInterval while it is in the
+// other ordering mode and in use (nothing is pulled meanwhile); it reports
+// true once the durable is (or was switched to) this source's mode.
+func (r *pinRun) waitMode() bool {
+	if r.s.waitMode(r.ctx, &r.lastWarn) {
+		r.reason = "consumer now in this replica's ordering mode"
+		return true
+	}
+	return false
+}
+
+// standby probes for the pin: one pull for one message at a time, with the
+// priority group and (held by the Consumer object) the last pin id this
+// replica had. The server hands the pin to such a request when none is
+// current and a message is ready. It reports true once pinned (r.pin set);
+// the probed message is not processed and not acked: the reset that
+// follows delivers it again in order.
+func (r *pinRun) standby() bool {
+	s := r.s
+	s.setState(transition{to: StateStandby, reason: r.reason})
+	if r.failures > 0 {
+		// A failed acquisition: let the pin lapse (no pulls) before trying
+		// again, longer after each failure in a row.
+		if !sleepCtx(r.ctx, min(reconnectMin<<min(r.failures, 10), s.cfg.PinnedTTL)) {
+			return false
+		}
+	}
+	delay := reconnectMin
+	for r.ctx.Err() == nil {
+		if !r.waitConnected() {
+			return false
+		}
+		asked := time.Now()
+		msg, err := r.probe()
+		if msg != nil {
+			pin := msg.Headers().Get(pinHeader)
+			if pin == "" {
+				// Delivered without a pin: the durable has no pinned
+				// priority group any more (switched by another client).
+				r.reason = "delivery without a pin: the consumer is no longer ordered"
+				r.recreate()
+				return false
+			}
+			if r.ctx.Err() != nil {
+				// Won the pin while stopping: give it back at once.
+				s.unpin(pin)
+				return false
+			}
+			r.pin, r.pinnedAt = pin, time.Now()
+			r.reason = "won the pin"
+			return true
+		}
+		switch {
+		case err == nil, errors.Is(err, context.DeadlineExceeded), errors.Is(err, jetstream.ErrPinIDMismatch),
+			errors.Is(err, jetstream.ErrConsumerLeadershipChanged), errors.Is(err, nats.ErrTimeout):
+			// Nothing for this replica; the library forgot a stale pin id.
+			// An answer that came at once (a 409, a 423) must not turn the
+			// probes into a busy loop.
+			if time.Since(asked) < s.cfg.ProbeWait/10 && !sleepCtx(r.ctx, reconnectMin) {
+				return false
+			}
+			delay = reconnectMin
+			continue
+		case errors.Is(err, jetstream.ErrConsumerDeleted), errors.Is(err, jetstream.ErrConsumerNotFound),
+			errors.Is(err, jetstream.ErrBadRequest):
+			r.reason = "probe: " + err.Error()
+			r.recreate()
+			return false
+		}
+		if time.Since(r.lastWarn) >= s.cfg.PinnedTTL {
+			r.lastWarn = time.Now()
+			s.log.Warn("nats standby probe failed", "err", err)
+		}
+		if !sleepCtx(r.ctx, delay) {
+			return false
+		}
+		delay = min(2*delay, s.cfg.PinnedTTL)
+	}
+	return false
+}
+
+// probe pulls for one message for at most ProbeWait. Its context is not
+// Run's: a pull abandoned by the client would stay on the server until it
+// expires and could win the pin for nobody, so a stopping Run lets the last
+// probe finish (at most ProbeWait) and gives back a pin it won.
+func (r *pinRun) probe() (jetstream.Msg, error) {
+	pctx, cancel := context.WithTimeout(context.Background(), r.s.cfg.ProbeWait)
+	defer cancel()
+	b, err := r.s.consumer().Fetch(1, jetstream.FetchPriorityGroup(r.s.cfg.Group), jetstream.FetchContext(pctx))
+	if err != nil {
+		return nil, err
+	}
+	var msg jetstream.Msg
+	for m := range b.Messages() {
+		msg = m
+	}
+	if msg != nil {
+		return msg, nil
+	}
+	return nil, b.Error()
+}
+
+// waitConnected returns true once the connection is up (false when ctx ends
+// or it is closed). Requests made while reconnecting would wait in the
+// client's buffer and reach the server late.
+func (r *pinRun) waitConnected() bool {
+	for !r.nc.IsConnected() {
+		if r.nc.IsClosed() {
+			return false
+		}
+		t := time.NewTimer(r.s.cfg.ProbeWait)
+		select {
+		case <-r.ctx.Done():
+			t.Stop()
+			return false
+		case <-r.status:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	return r.ctx.Err() == nil
+}
+
+// acquire resets the consumer to its ack floor while this replica holds
+// r.pin: everything not acknowledged is delivered again, in stream order,
+// before anything newer. Each attempt has RequestTimeout; the attempts stop
+// after PinnedTTL (by then the pin has lapsed anyway: nothing renewed it).
+// It returns the new epoch, or nil to go back to Standby: never process
+// without a successful reset.
+func (r *pinRun) acquire() *epoch {
+	s := r.s
+	s.setState(transition{to: StateAcquiring, pin: r.pin, reason: r.reason})
+	// A new epoch supersedes the last one: what it still holds is re-read.
+	s.mu.Lock()
+	if s.held != nil {
+		s.held.Revoke()
+		s.held = nil
+	}
+	s.mu.Unlock()
+	start := time.Now()
+	reconnects := r.nc.Stats().Reconnects
+	delay := reconnectMin
+	for attempt := 0; ; attempt++ {
+		if !r.waitConnected() {
+			r.hold(newEpoch(r.pin))
+			return nil
+		}
+		timeout := s.cfg.RequestTimeout
+		if attempt > 0 {
+			timeout = max(min(timeout, s.cfg.PinnedTTL-time.Since(start)), 10*time.Millisecond)
+		}
+		rctx, cancel := context.WithTimeout(r.ctx, timeout)
+		resp, err := s.js.ResetConsumer(rctx, s.cfg.Stream, s.cfg.Durable)
+		cancel()
+		if err == nil {
+			ep := newEpoch(r.pin)
+			ep.expect = resp.Delivered.Consumer + 1
+			ep.reconnects = reconnects
+			r.failures = 0
+			return ep
+		}
+		if r.ctx.Err() != nil {
+			r.hold(newEpoch(r.pin))
+			return nil
+		}
+		if errors.Is(err, jetstream.ErrConsumerNotFound) {
+			r.reason = "reset: consumer not found"
+			r.recreate()
+			return nil
+		}
+		if time.Since(start)+delay >= s.cfg.PinnedTTL {
+			r.failures++
+			r.reason = "consumer reset failed: " + err.Error()
+			s.log.Warn("nats consumer reset failed; letting the pin lapse", "pin", r.pin, "err", err,
+				"hint", "the reset needs nats-server 2.14+ and permission for $JS.API.CONSUMER.RESET")
+			return nil
+		}
+		if !sleepCtx(r.ctx, delay) {
+			r.hold(newEpoch(r.pin))
+			return nil
+		}
+		delay = min(2*delay, time.Second)
+	}
+}
+
+// hold leaves ep for Release or Close: the pin it may still hold is given
+// up there, after its deliveries are settled.
+func (r *pinRun) hold(ep *epoch) {
+	r.s.mu.Lock()
+	r.s.held = ep
+	r.s.mu.Unlock()
+}
+
+// active consumes in epoch ep until a fence or the end of Run and returns
+// what ended it. On a fence ep is revoked, consuming stops and the
+// deliveries still queued are dropped (the reset of the next epoch delivers
+// them again). When Run ends, consuming stops and ep is left, not revoked,
+// for Release.
+func (r *pinRun) active(ep *epoch) fenceEvent {
+	s := r.s
+	cons := s.consumer()
+	cc, err := cons.Consume(func(msg jetstream.Msg) { r.take(ep, msg) },
+		jetstream.PullPriorityGroup(s.cfg.Group),
+		jetstream.PullMaxMessages(s.cfg.FetchBatch),
+		jetstream.PullExpiry(s.expiry),
+		jetstream.PullHeartbeat(s.heartbeat),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) { r.consumeErr(ep, err) }))
+	if err != nil {
+		ep.Revoke()
+		f := fenceEvent{next: toRecreate, reason: "consume: " + err.Error()}
+		s.setState(transition{to: StateStandby, reason: f.reason})
+		return f
+	}
+	s.setState(transition{to: StateActive, pin: ep.pin, reason: r.reason, epoch: true, epochStart: ep.start,
+		takeover: !r.pinnedAt.IsZero(), pinnedAt: r.pinnedAt, unpinnedAt: r.unpinnedSince()})
+	s.active.Store(ep)
+	defer s.active.CompareAndSwap(ep, nil)
+	// Status events from before the reset are stale (the reconnect
+	// counter, read before it, covers a reconnect since).
+	for len(r.status) > 0 {
+		<-r.status
+	}
+	closed := cc.Closed()
+	tick := time.NewTicker(s.expiry)
+	defer tick.Stop()
+	for {
+		select {
+		case <-r.ctx.Done():
+			// Run ends: the epoch is left for Release, not revoked; its
+			// deliveries in the pipeline finish.
+			r.stopConsume(ep, cc)
+			r.hold(ep)
+			return fenceEvent{}
+		case f := <-ep.fence:
+			r.stopConsume(ep, cc)
+			r.purge()
+			tr := transition{to: StateStandby, reason: f.reason, fence: true}
+			if f.next == toClosed {
+				tr.to = StateStopped
+			}
+			if f.next == toAcquire {
+				tr.to, tr.pin = StateAcquiring, ep.pin
+				if f.pin != "" {
+					tr.pin = f.pin
+				}
+			}
+			s.setState(tr)
+			return f
+		case st := <-r.status:
+			switch st {
+			case nats.DISCONNECTED, nats.RECONNECTING:
+				ep.trip(fenceEvent{next: toAcquire, reason: "connection lost"})
+			case nats.CLOSED:
+				ep.trip(fenceEvent{next: toClosed, reason: "connection closed"})
+			}
+		case <-closed:
+			closed = nil
+			ep.trip(fenceEvent{next: toRecreate, reason: "consume stopped"})
+		case <-tick.C:
+			// A reconnect whose status events were missed (the listener's
+			// buffer is small) still shows in the counter.
+			if r.nc.Stats().Reconnects != ep.reconnects {
+				ep.trip(fenceEvent{next: toAcquire, reason: "reconnected"})
+			}
+		}
+	}
+}
+
+// unpinnedSince is the time of the UNPINNED advisory received during the
+// current standby, zero if none.
+func (r *pinRun) unpinnedSince() time.Time {
+	at := r.s.unpinnedAt.Load()
+	if at == 0 || r.pinnedAt.IsZero() {
+		return time.Time{}
+	}
+	t := time.Unix(0, at)
+	if t.After(r.pinnedAt) || r.pinnedAt.Sub(t) > r.s.cfg.PinnedTTL+r.s.cfg.AckWait {
+		// Not the release this takeover followed.
+		return time.Time{}
+	}
+	return t
+}
+
+// stopConsume stops taking deliveries of ep and waits (bounded) until the
+// client library stopped consuming.
+func (r *pinRun) stopConsume(ep *epoch, cc jetstream.ConsumeContext) {
+	ep.closed.Store(true)
+	cc.Stop()
+	t := time.NewTimer(r.s.cfg.RequestTimeout)
+	defer t.Stop()
+	select {
+	case <-cc.Closed():
+	case <-t.C:
+		// The callback checks ep.closed, so a late one is dropped.
+	}
+}
+
+// purge drops the queued deliveries after a fence: they all belong to the
+// fenced epoch (the next one has not started), and the next reset delivers
+// them again.
+func (r *pinRun) purge() {
+	for {
+		select {
+		case <-r.q:
+		default:
+			return
+		}
+	}
+}
+
+// take is the client library's callback for epoch ep. It never blocks: a
+// delivery that does not belong to the epoch fences it, every other one
+// goes into the intake queue.
+func (r *pinRun) take(ep *epoch, msg jetstream.Msg) {
+	if ep.closed.Load() || ep.Revoked() {
+		return
+	}
+	meta, ok := parseAck(msg.Reply())
+	if !ok {
+		r.s.log.Warn("nats message without JetStream metadata", "subject", msg.Subject(), "reply", msg.Reply())
+		return
+	}
+	hdr := msg.Headers()
+	var pin string
+	if v := hdr[pinHeader]; len(v) > 0 {
+		pin = v[0]
+	}
+	if pin != ep.pin {
+		// The library pulls again without a pin id after a 423 and may be
+		// pinned anew: the delivery is not this epoch's.
+		if pin == "" {
+			ep.trip(fenceEvent{next: toRecreate, reason: "delivery without a pin: the consumer is no longer ordered"})
+		} else {
+			ep.trip(fenceEvent{next: toAcquire, pin: pin, reason: "pin changed to " + pin})
+		}
+		return
+	}
+	// Within an epoch only this replica receives, and the server numbers
+	// deliveries 1, 2, 3... from the reset: a jump means one was lost on
+	// the way (in transit at a reconnect, dropped by a slow subscription).
+	// A 1 means another replica reset the consumer (a kick): its
+	// redeliveries only repeat messages, which queue behind the originals.
+	switch meta.dseq {
+	case ep.expect, 1:
+	default:
+		ep.trip(fenceEvent{next: toAcquire, pin: pin,
+			reason: fmt.Sprintf("delivery gap: consumer sequence %d, expected %d", meta.dseq, ep.expect)})
+		return
+	}
+	ep.expect = meta.dseq + 1
+	d := r.s.newDelivery(msg, &meta, hdr)
+	d.ep = ep
+	d.m.Epoch = &ep.Epoch
+	select {
+	case r.q <- d:
+	default:
+		ep.trip(fenceEvent{next: toAcquire, pin: pin, reason: "intake queue full"})
+	}
+}
+
+// consumeErr turns the client library's consume errors into fences.
+func (r *pinRun) consumeErr(ep *epoch, err error) {
+	switch {
+	case errors.Is(err, jetstream.ErrPinIDMismatch):
+		ep.trip(fenceEvent{next: toStandby, reason: "pin lost (423 wrong pin id)"})
+	case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
+		ep.trip(fenceEvent{next: toStandby, reason: "consumer leader changed (the pin is cleared)"})
+	case errors.Is(err, jetstream.ErrNoHeartbeat):
+		ep.trip(fenceEvent{next: toAcquire, reason: "missed heartbeats"})
+	case errors.Is(err, jetstream.ErrConsumerDeleted), errors.Is(err, jetstream.ErrBadRequest):
+		ep.trip(fenceEvent{next: toRecreate, reason: "consume: " + err.Error()})
+	case errors.Is(err, jetstream.ErrConnectionClosed), errors.Is(err, nats.ErrConnectionClosed):
+		ep.trip(fenceEvent{next: toClosed, reason: "connection closed"})
+	default:
+		if r.ctx.Err() == nil {
+			r.s.log.Warn("nats consume error", "err", err)
+		}
+	}
+}
+
+// drainIntake hands queued deliveries to the handler, one at a time, in
+// arrival order, until Run ends. Deliveries of a fenced or stopped epoch
+// are dropped: they stay unacknowledged, and the next owner's reset delivers
+// them again.
+func (r *pinRun) drainIntake() {
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case d := <-r.q:
+			ep := d.ep
+			if ep.Revoked() || ep.closed.Load() {
+				continue
+			}
+			ep.open.Add(1)
+			_ = r.h(r.ctx, &d.m, d.ack)
+		}
+	}
+}
+
+// checkPin fences the Active epoch when consumer info requested after the
+// epoch started names another pin or none: the pin timed out, was
+// unpinned by an operator, or a new consumer leader cleared it, and the
+// 423 that would say so may not come (a silent connection).
+func (s *Source) checkPin(info *jetstream.ConsumerInfo, asked time.Time) {
+	ep := s.active.Load()
+	if ep == nil || !asked.After(ep.start) {
+		return
+	}
+	if cur := pinnedID(info, s.cfg.Group); cur != ep.pin {
+		ep.trip(fenceEvent{next: toStandby, reason: fmt.Sprintf("consumer info shows pin %q", cur)})
+	}
+}
+
+func pinnedID(info *jetstream.ConsumerInfo, group string) string {
+	for _, g := range info.PriorityGroups {
+		if g.Group == group {
+			return g.PinnedClientID
+		}
+	}
+	return ""
+}
+
+// kick resets an idle consumer whose pin is free while messages are still
+// delivered and unacknowledged (their owner died or was cut off, and nothing
+// new arrives that a standby probe could win the pin with): the reset makes
+// them deliverable now instead of after AckWait, and some standby's probe
+// wins the pin with them. Only a Standby source kicks. It reports whether
+// it reset.
+func (s *Source) kick(ctx context.Context, info *jetstream.ConsumerInfo) bool {
+	if s.State().State != StateStandby || pinnedID(info, s.cfg.Group) != "" || info.NumPending != 0 || info.NumAckPending == 0 {
+		return false
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := s.js.ResetConsumer(rctx, s.cfg.Stream, s.cfg.Durable)
+	if err != nil {
+		s.log.Debug("nats consumer kick failed", "err", err)
+		return false
+	}
+	s.log.Info("nats consumer kicked: no owner, unacknowledged messages made deliverable again",
+		"unacked", info.NumAckPending, "reset_seq", resp.ResetSeq)
+	return true
+}
+
+// releaseEpoch waits until ep's deliveries are settled (within ctx and
+// PinnedTTL after the epoch stopped pulling), revokes what is still open,
+// and unpins.
+func (s *Source) releaseEpoch(ctx context.Context, ep *epoch) error {
+	start := time.Now()
+	ep.drain()
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.PinnedTTL)
+	defer cancel()
+	var err error
+	select {
+	case <-ep.idle:
+	case <-wctx.Done():
+		ep.Revoke()
+		err = &OpenDeliveriesError{Stream: s.cfg.Stream, Open: ep.open.Load()}
+	}
+	unpinned := s.unpin(ep.pin)
+	s.log.Info("nats source released", "pin", ep.pin, "unpinned", unpinned, "took", time.Since(start).Round(time.Millisecond))
+	return err
+}
+
+// unpin gives pin up if the server still names it (another replica's pin is
+// left alone), each request with RequestTimeout. It reports whether it
+// unpinned.
+func (s *Source) unpin(pin string) bool {
+	if pin == "" {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*s.cfg.RequestTimeout)
+	defer cancel()
+	info, err := s.consumer().Info(ctx)
+	if err != nil || pinnedID(info, s.cfg.Group) != pin {
+		return false
+	}
+	st, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err == nil {
+		err = st.UnpinConsumer(ctx, s.cfg.Durable, s.cfg.Group)
+	}
+	if err != nil {
+		s.log.Warn("nats unpin failed; the pin lapses after PinnedTTL", "pin", pin, "err", err)
+		return false
+	}
+	return true
+}
