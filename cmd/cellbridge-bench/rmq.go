@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"time"
@@ -73,6 +74,17 @@ func runRMQChild(spec childSpec) (*childResult, error) {
 		return n
 	}
 	e := &env{table: table, spec: spec, tune: parseTune(spec.Tune)}
+	stopProf := func() {}
+	if spec.CPUProfile != "" {
+		f, err := os.Create(spec.CPUProfile)
+		if err != nil {
+			return nil, err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return nil, err
+		}
+		stopProf = func() { pprof.StopCPUProfile(); f.Close() }
+	}
 	var ms0, ms1 runtime.MemStats
 	runtime.ReadMemStats(&ms0)
 	cpu0 := cpuTime()
@@ -102,6 +114,7 @@ func runRMQChild(spec childSpec) (*childResult, error) {
 	}
 	t1 := time.Now()
 	cpu1 := cpuTime()
+	stopProf()
 	runtime.ReadMemStats(&ms1)
 	peak := readPeakRSSMB()
 	time.Sleep(300 * time.Millisecond)
