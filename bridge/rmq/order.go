@@ -17,11 +17,11 @@ import (
 // broker as an ordinary property.
 const PropertyMessageGroup = "__SHARDINGKEY"
 
-// orderKey is what fixes the target queue of a copy: the decimal shard
-// (Cell-Shard) of a routed message, so that all messages of a shard key —
-// and so of one key — go to one queue; shard is -1 for a message without a
-// key (a global route) and for DLQ copies (Cell-Error set), which are
-// spread by their idempotency key instead and are never gated.
+// orderKey is what fixes the target queue of a copy (and its message
+// group): the decimal shard (Cell-Shard) of a routed message, so that all
+// messages of a shard key — and so of one key — go to one queue; shard is
+// -1 for a message without a key (a global route) and for DLQ copies
+// (Cell-Error set), which are spread by their idempotency key instead.
 //
 // The shard and not the shard key itself: a sink sees only what the
 // pipeline puts into bridge.Outgoing, and the key is not part of it. Every

@@ -81,7 +81,7 @@ type target struct {
 	name     string
 	tx       bool
 	groups   bool     // set the message group property (BrokerConfig.MessageGroups)
-	gates    *txGates // transactional targets only
+	waits    *txWaits // transactional targets only
 	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
 }
@@ -135,8 +135,8 @@ func NewSink(cfg SinkConfig, log *slog.Logger) (*Sink, error) {
 		t, err := s.newTarget(bc)
 		if err != nil {
 			for _, t := range s.targets {
-				if t.gates != nil {
-					t.gates.close()
+				if t.waits != nil {
+					t.waits.close()
 				}
 				_ = t.shutdown()
 			}
@@ -178,18 +178,18 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	t := &target{name: bc.Name, tx: bc.Transactional, groups: bc.MessageGroups}
 	if bc.Transactional {
 		log := s.log.With("broker", bc.Name)
-		// The gates exist before the producer: its check-backs report to them.
+		// The waits exist before the producer: its check-backs report to them.
 		l := &txListener{store: s.cfg.Dedupe, log: log, timeout: s.cfg.SendTimeout}
-		l.gates = newTxGates(bc.checkBackWait(), l, log, s.requeue, s.finish)
+		l.waits = newTxWaits(bc.checkBackWait(), l, log, s.finish)
 		p, err := producer.NewTransactionProducer(l, opts...)
 		if err == nil {
 			err = p.Start()
 		}
 		if err != nil {
-			l.gates.close()
+			l.waits.close()
 			return nil, fmt.Errorf("rmq: broker %q: start transactional producer: %w", bc.Name, err)
 		}
-		t.gates = l.gates
+		t.waits = l.waits
 		t.shutdown = p.Shutdown
 		t.send = func(ctx context.Context, out *bridge.Outgoing) error {
 			return l.txSend(ctx, p, out, outgoingMessage(out, t.groups))
@@ -256,17 +256,6 @@ func (s *Sink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done func(e
 	}
 }
 
-// requeue hands a job that waited at an order gate back to the workers.
-// It fits: every accepted job holds one of MaxPending slots, and jobs has
-// room for as many.
-func (s *Sink) requeue(j *job) {
-	select {
-	case s.jobs <- j:
-	case <-s.quit:
-		s.finish(j, ErrClosed)
-	}
-}
-
 // finish resolves an accepted publish and frees its slot once done returned.
 func (s *Sink) finish(j *job, err error) {
 	j.done(err)
@@ -279,10 +268,15 @@ func (s *Sink) worker() {
 	for {
 		select {
 		case j := <-s.jobs:
-			if j.t.gates != nil && j.t.gates.enter(j) {
-				continue // parked until its order key is released
+			err := s.publish(j)
+			var pe *errPending
+			if errors.As(err, &pe) {
+				if j.t.waits.park(pe.ref, j) {
+					continue // resolved when its earlier attempt is settled
+				}
+				err = fmt.Errorf("rmq: broker %q: %w", j.t.name, ErrClosed)
 			}
-			s.finish(j, s.publish(j))
+			s.finish(j, err)
 		case <-s.quit:
 			return
 		}
@@ -309,7 +303,8 @@ func (s *Sink) publish(j *job) error {
 		err = j.t.send(ctx, j.m)
 		stop()
 		cancel()
-		if err == nil || errors.Is(err, bridge.ErrDuplicate) {
+		var pe *errPending
+		if err == nil || errors.Is(err, bridge.ErrDuplicate) || errors.As(err, &pe) {
 			return err
 		}
 		if s.sends.Err() != nil {
@@ -379,12 +374,12 @@ func (s *Sink) Close(ctx context.Context) error {
 		s.mu.Lock()
 		s.closed = true
 		s.mu.Unlock()
-		// Sends waiting at an order gate have not started: they fail at
-		// once (the source delivers them again) instead of holding Close
-		// up for the rest of their wait.
+		// Sends waiting for an earlier attempt's check-back fail at once
+		// (the source delivers them again, and the next bridge waits)
+		// instead of holding Close up for the rest of their wait.
 		for _, t := range s.targets {
-			if t.gates != nil {
-				for _, j := range t.gates.close() {
+			if t.waits != nil {
+				for _, j := range t.waits.close() {
 					s.finish(j, ErrClosed)
 				}
 			}

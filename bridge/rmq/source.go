@@ -40,11 +40,12 @@ type SourceConfig struct {
 	// Backlog, when set, receives the number of messages stored in the
 	// assigned queues beyond the last one pulled, after every pull.
 	Backlog func(n int64)
-	// PersistInterval is how often the consumer offsets are sent to the
-	// broker while messages are being acknowledged (the client itself
-	// sends them first 10 s after start, then every 5 s). After a crash,
-	// what was acknowledged since the last persist is read again. Default
-	// DefaultPersistInterval.
+	// PersistInterval bounds how long an acknowledgement waits before the
+	// consumer offsets go to the broker: the source sends them at once
+	// after an acknowledgement, then at most every PersistInterval (the
+	// client alone sends them 10 s after start, then every 5 s). After a
+	// crash, what was acknowledged since the last persist is read again.
+	// Default DefaultPersistInterval.
 	PersistInterval time.Duration
 }
 
@@ -104,7 +105,7 @@ type Source struct {
 	runCtx  context.Context
 	handler bridge.Handler
 
-	acked atomic.Bool // a batch was acknowledged since the last persist
+	acked chan struct{} // a batch was acknowledged since the last persist (buffer 1)
 
 	mu      sync.Mutex
 	stopped bool // Run returned: no more redeliveries
@@ -133,6 +134,7 @@ func NewSource(bc BrokerConfig, cfg SourceConfig, log *slog.Logger) (*Source, er
 		bc: bc, cfg: cfg, source: bc.Name + "/" + cfg.Topic,
 		log:     log.With("rule", cfg.Rule, "topic", cfg.Topic, "group", cfg.Group),
 		timers:  map[*time.Timer]struct{}{},
+		acked:   make(chan struct{}, 1),
 		backlog: map[primitive.MessageQueue]int64{},
 		brokers: map[string]primitive.MessageQueue{},
 	}, nil
@@ -225,23 +227,29 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 	return nil
 }
 
-// persistLoop sends the consumer offsets to the broker every
-// PersistInterval while batches are being acknowledged, until ctx ends.
-// The client's persist sends one oneway request per assigned queue.
+// persistLoop sends the consumer offsets to the broker when batches were
+// acknowledged: at once after the first acknowledgement, then at most
+// every PersistInterval, so an acknowledgement reaches the broker within
+// PersistInterval (plus the send). The client's persist sends one oneway
+// request per assigned queue.
 func (s *Source) persistLoop(ctx context.Context, pc pullConsumer, done chan<- struct{}) {
 	defer close(done)
-	t := time.NewTicker(s.cfg.PersistInterval)
+	t := time.NewTimer(s.cfg.PersistInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-s.acked:
 		}
-		if s.acked.Swap(false) {
-			if err := pc.PersistOffset(ctx, s.cfg.Topic); err != nil {
-				s.log.Debug("rocketmq consumer offsets not persisted", "err", err)
-			}
+		if err := pc.PersistOffset(ctx, s.cfg.Topic); err != nil {
+			s.log.Debug("rocketmq consumer offsets not persisted", "err", err)
+		}
+		t.Reset(s.cfg.PersistInterval)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 		}
 	}
 }
@@ -385,7 +393,10 @@ func (d *delivery) ack(_ context.Context, err error) error {
 				return ErrClosed
 			}
 			s.pc.ACK(context.Background(), d.b.cr, consumer.ConsumeSuccess)
-			s.acked.Store(true)
+			select {
+			case s.acked <- struct{}{}:
+			default:
+			}
 		}
 		return nil
 	}

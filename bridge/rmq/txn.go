@@ -28,13 +28,13 @@ import (
 //     that decides "this half message is the one that counts". Check-backs
 //     commit exactly the half messages whose slot is decided;
 //   - resolved(slot): committed by whoever answered a check-back of the
-//     slot's half message, so that a replica waiting for that answer (an
-//     order gate, gate.go) learns it.
+//     slot's half message, so that a replica waiting for that answer
+//     (wait.go) learns it.
 //
 // A new attempt takes the first slot that is neither decided nor used; a
 // decided slot means the message is already in the target topic, or will
-// be once its check-back commits it (the attempt reports a duplicate and
-// gates the order key).
+// be once its check-back commits it (the attempt reports a duplicate, once
+// that is settled: wait.go).
 //
 // The slot travels in the half message's unique id (UNIQ_KEY, the message
 // id consumers see), not in a property of its own: a committed half
@@ -154,9 +154,9 @@ type txListener struct {
 	store   dedupe.Store
 	log     *slog.Logger
 	timeout time.Duration
-	// gates learns the answers to check-backs (nil in tests that play a
+	// waits learns the answers to check-backs (nil in tests that play a
 	// crashed sink).
-	gates *txGates
+	waits *txWaits
 }
 
 var _ primitive.TransactionListener = (*txListener)(nil)
@@ -220,7 +220,8 @@ func (l *txListener) wasResolved(ctx context.Context, ref slotRef) bool {
 // committing decided(slot) is the decision. When that write fails the
 // answer is unknown, not rollback: the write may have been applied all
 // the same, and only a check-back, which reads the store again, may
-// decide then (the sink gates the message's order key meanwhile).
+// decide then (the next attempt of the message waits for it, see
+// wait.go).
 func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
 	ref, ok := txRef(m.GetProperties())
 	if !ok {
@@ -270,12 +271,12 @@ func (l *txListener) check(m *primitive.MessageExt) primitive.LocalTransactionSt
 	default:
 		_ = l.store.Release(ctx, dk) // its attempt died before its local transaction
 	}
-	// The answer is final: tell replicas whose gates wait for it.
+	// The answer is final: tell replicas waiting for it.
 	if err := l.store.Commit(ctx, resolvedKey(ref.key, ref.slot)); err != nil {
 		l.log.Debug("transaction check-back: dedupe commit of the answer failed", "err", err)
 	}
-	if l.gates != nil {
-		l.gates.resolved(ref)
+	if l.waits != nil {
+		l.waits.resolved(ref)
 	}
 	return st
 }
@@ -297,19 +298,17 @@ type txProducer interface {
 }
 
 // txSend sends msg (built from out) as a half message under a new slot.
-// Before anything, a send whose order key is gated waits (the caller
-// parks it, see txGates.enter). A claim that finds an earlier attempt
-// decided gates the order key until that attempt's check-back was
-// answered (or the wait ran out), and so does a decision whose write
-// failed.
+// A claim that finds an earlier attempt decided returns *errPending (the
+// worker parks the send until that attempt's check-back was answered, see
+// wait.go) unless the store says it was answered already: then
+// bridge.ErrDuplicate.
 func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgoing, msg *primitive.Message) error {
 	key := storeKeyOf(out.MsgID, msg.GetProperties())
-	gate := gateKey(out)
 	slot, decided, err := l.claimSlot(ctx, key)
 	if decided >= 0 {
 		ref := slotRef{key, decided}
-		if gate != "" && l.gates != nil && !l.wasResolved(ctx, ref) {
-			l.gates.hold(gate, ref)
+		if l.waits != nil && !l.wasResolved(ctx, ref) {
+			return &errPending{ref}
 		}
 		return err
 	}
@@ -319,11 +318,8 @@ func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgo
 	msg.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID(key, slot))
 	res, err := p.SendMessageInTransaction(ctx, msg)
 	if err == nil && res.State != primitive.CommitMessageState {
-		if res.Status == primitive.SendOK && gate != "" && l.gates != nil {
-			// The local transaction ran and could not record its
-			// decision: the half message waits for its check-back.
-			l.gates.hold(gate, slotRef{key, slot})
-		}
+		// Not decided, or the local transaction could not record its
+		// decision (then the next attempt finds out which, at its claim).
 		err = fmt.Errorf("half message not committed (send status %d, local state %s)", res.Status, stateName(res.State))
 	}
 	if err != nil {

@@ -45,6 +45,9 @@ const (
 	// test broker scans for half messages every 500ms and checks those at
 	// least 1s old.
 	rmqCheckBackWait = 3 * time.Second
+	// killSlack is how long after a SIGKILL a send the process had written
+	// may still be stored.
+	killSlack = 250 * time.Millisecond
 )
 
 // orderEvent is one keyed event as sent.
@@ -95,10 +98,12 @@ func testRMQOrderCrash(t *testing.T, src, mode string) {
 	start = time.Now()
 	var kills []time.Time
 	for i := range rmqOrderKills {
-		e.runUntilKilled(i+1, rnd, 90*time.Second, progress, func() uint64 {
-			return nextKill(rnd, progress(), uint64(len(events)), rmqOrderKills-i)
-		})
+		p := e.start(fmt.Sprintf("run%d", i+1))
+		at := nextKill(rnd, progress(), uint64(len(events)), rmqOrderKills-i)
+		eventually(t, 90*time.Second, fmt.Sprintf("progress %d before kill %d", at, i+1), func() bool { return progress() >= at })
+		time.Sleep(time.Duration(rnd.IntN(20)) * time.Millisecond) // jitter, not synchronization
 		kills = append(kills, time.Now())
+		p.kill(t)
 		t.Logf("kill -9 #%d at %d of %d messages arrived, %d half messages open (%v)", i+1, progress(), len(events),
 			len(b.HalfMessages()), time.Since(start).Round(time.Millisecond))
 	}
@@ -252,6 +257,7 @@ func checkRMQOrder(t *testing.T, b *rmqtest.Broker, table *router.Table, events 
 	}
 	var arrivals []tally.Arrival
 	queuesOf := map[string]map[string]bool{}
+	uniq := map[string]string{} // event → its copy, for the failure report
 	for _, c := range table.Cells() {
 		topic := table.Rule(rmqTopicOrders).Render(c.Name, -1).Topic
 		for _, m := range b.Messages(topic) {
@@ -260,6 +266,7 @@ func checkRMQOrder(t *testing.T, b *rmqtest.Broker, table *router.Table, events 
 				t.Fatalf("%s q%d@%d: %v", topic, m.QueueID, m.QueueOffset, err)
 			}
 			where := fmt.Sprintf("%s/q%d", topic, m.QueueID)
+			uniq[p.ID] = fmt.Sprintf("uniq %s, Cell-Msg-Id %s, stored %s", m.MsgID, m.Properties[bridge.HeaderMsgID], m.StoreTimestamp.Format(time.StampMilli))
 			arrivals = append(arrivals, tally.Arrival{Cell: c.Name, Stream: where, Subject: topic, StreamSeq: uint64(m.QueueOffset),
 				Stored: m.StoreTimestamp, MsgID: m.Properties[bridge.HeaderMsgID], Run: p.Run, ID: p.ID, Key: p.Key, Seq: p.Seq})
 			if queuesOf[p.Key] == nil {
@@ -287,8 +294,8 @@ func checkRMQOrder(t *testing.T, b *rmqtest.Broker, table *router.Table, events 
 			problems = append(problems, fmt.Sprintf("... %d reorderings in all", len(r.Reordered)))
 			break
 		}
-		problems = append(problems, fmt.Sprintf("reordered: key %s in %s: seq %d (%s) at %d after seq %d (%s)",
-			ro.Key, ro.Stream, ro.Seq, ro.ID, ro.StreamSeq, ro.After, ro.AfterID))
+		problems = append(problems, fmt.Sprintf("reordered: key %s in %s: seq %d (%s: %s) at %d after seq %d (%s: %s)",
+			ro.Key, ro.Stream, ro.Seq, ro.ID, uniq[ro.ID], ro.StreamSeq, ro.After, ro.AfterID, uniq[ro.AfterID]))
 	}
 	if exactlyOnce {
 		if len(r.Duplicated) > 0 || len(r.DuplicatedMsgIDs) > 0 {
@@ -298,13 +305,18 @@ func checkRMQOrder(t *testing.T, b *rmqtest.Broker, table *router.Table, events 
 		problems = append(problems, checkReplays(arrivals, r.Duplicated, kills, t)...)
 	}
 	if len(problems) > 0 {
-		t.Fatalf("%d problems:\n%s", len(problems), strings.Join(problems, "\n"))
+		var ks []string
+		for _, k := range kills {
+			ks = append(ks, k.Format(time.StampMilli))
+		}
+		t.Fatalf("%d problems (kills at %s):\n%s", len(problems), strings.Join(ks, ", "), strings.Join(problems, "\n"))
 	}
 }
 
-// checkReplays requires every repeated copy to follow a kill that came at
-// most rmqReplayWindow after the event's first copy was stored, and logs
-// the replay per kill.
+// checkReplays requires every repeated copy of an event to follow a kill,
+// the first of which came at most rmqReplayWindow after the event's
+// previous copy was stored (a bridge started after a kill may die before
+// it re-forwards what it re-read), and logs the replay per kill.
 func checkReplays(arrivals []tally.Arrival, dups []tally.Duplicate, kills []time.Time, t *testing.T) []string {
 	byID := map[string][]tally.Arrival{}
 	for _, a := range arrivals {
@@ -316,32 +328,35 @@ func checkReplays(arrivals []tally.Arrival, dups []tally.Duplicate, kills []time
 	for _, d := range dups {
 		cs := byID[d.ID]
 		sort.Slice(cs, func(i, j int) bool { return cs[i].Stored.Before(cs[j].Stored) })
-		first := cs[0].Stored
-		for _, c := range cs[1:] {
+		for i, c := range cs[1:] {
+			prev := cs[i].Stored
+			// The first kill after the previous copy: from then on, no
+			// bridge had persisted an offset past the event. Sends a bridge
+			// wrote just before it was killed reach the broker a moment
+			// later (killSlack); store times have millisecond resolution.
 			k := -1
-			for i, at := range kills {
-				// Store times have millisecond resolution.
-				if !at.Before(first.Truncate(time.Millisecond)) && !at.After(c.Stored.Add(time.Millisecond)) {
-					k = i
+			for j, at := range kills {
+				if !at.Before(prev.Add(-killSlack)) && !at.After(c.Stored.Add(time.Millisecond)) {
+					k = j
 					break
 				}
 			}
 			if k < 0 {
-				problems = append(problems, fmt.Sprintf("event %s stored again at %s without a kill since its first copy at %s",
-					d.ID, c.Stored.Format(time.StampMilli), first.Format(time.StampMilli)))
+				problems = append(problems, fmt.Sprintf("event %s stored again at %s without a kill since its copy at %s",
+					d.ID, c.Stored.Format(time.StampMilli), prev.Format(time.StampMilli)))
 				continue
 			}
-			age := kills[k].Sub(first)
+			age := max(0, kills[k].Sub(prev))
 			perKill[k]++
 			oldest[k] = max(oldest[k], age)
 			if age > rmqReplayWindow {
-				problems = append(problems, fmt.Sprintf("event %s replayed after kill %d, first stored %v before it (over %v)",
+				problems = append(problems, fmt.Sprintf("event %s replayed after kill %d, stored %v before it (over %v)",
 					d.ID, k+1, age.Round(time.Millisecond), rmqReplayWindow))
 			}
 		}
 	}
 	for k := range kills {
-		t.Logf("kill %d: %d events stored again, the oldest first stored %v before the kill", k+1, perKill[k], oldest[k].Round(time.Millisecond))
+		t.Logf("kill %d: %d events stored again, the oldest stored %v before the kill", k+1, perKill[k], oldest[k].Round(time.Millisecond))
 	}
 	return problems
 }
