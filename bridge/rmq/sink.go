@@ -80,8 +80,9 @@ func (c *SinkConfig) defaults() error {
 type target struct {
 	name     string
 	tx       bool
-	groups   bool     // set the message group property (BrokerConfig.MessageGroups)
-	waits    *txWaits // transactional targets only
+	groups   bool       // set the message group property (BrokerConfig.MessageGroups)
+	waits    *txWaits   // transactional targets only
+	confirm  *confirmer // transactional targets only
 	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
 }
@@ -136,6 +137,7 @@ func NewSink(cfg SinkConfig, log *slog.Logger) (*Sink, error) {
 		if err != nil {
 			for _, t := range s.targets {
 				if t.waits != nil {
+					t.confirm.close()
 					t.waits.close()
 				}
 				_ = t.shutdown()
@@ -156,10 +158,11 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	if group == "" {
 		group = "cellbridge-" + sanitize(bc.Name)
 	}
+	instance := bc.instanceName("sink")
 	opts := []producer.Option{
 		producer.WithNsResolver(bc.resolver()),
 		producer.WithGroupName(group),
-		producer.WithInstanceName(bc.instanceName("sink")),
+		producer.WithInstanceName(instance),
 		producer.WithSendMsgTimeout(s.cfg.SendTimeout),
 		// The client's own retry re-sends the same message (same unique
 		// id) to another queue after a timeout; the sink retries with a
@@ -185,11 +188,21 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		if err == nil {
 			err = p.Start()
 		}
+		var barrier barrierClient
+		if err == nil {
+			// After the producer: the barrier client must find the
+			// producer's client instance, not create one of its own.
+			barrier, err = newBarrier(bc, group, instance)
+			if err != nil {
+				_ = p.Shutdown()
+			}
+		}
 		if err != nil {
 			l.waits.close()
 			return nil, fmt.Errorf("rmq: broker %q: start transactional producer: %w", bc.Name, err)
 		}
 		t.waits = l.waits
+		t.confirm = newConfirmer(barrier, l.waits, log, s.finish)
 		t.shutdown = p.Shutdown
 		t.send = func(ctx context.Context, out *bridge.Outgoing) error {
 			return l.txSend(ctx, p, out, outgoingMessage(out, t.groups))
@@ -270,6 +283,11 @@ func (s *Sink) worker() {
 		case j := <-s.jobs:
 			err := s.publish(j)
 			var pe *errPending
+			var ee *errEnded
+			if errors.As(err, &ee) {
+				j.t.confirm.add(j, ee)
+				continue // resolved by the barrier behind its end-transaction
+			}
 			if errors.As(err, &pe) {
 				if j.t.waits.park(pe.ref, j) {
 					continue // resolved when its earlier attempt is settled
@@ -304,7 +322,8 @@ func (s *Sink) publish(j *job) error {
 		stop()
 		cancel()
 		var pe *errPending
-		if err == nil || errors.Is(err, bridge.ErrDuplicate) || errors.As(err, &pe) {
+		var ee *errEnded
+		if err == nil || errors.Is(err, bridge.ErrDuplicate) || errors.As(err, &pe) || errors.As(err, &ee) {
 			return err
 		}
 		if s.sends.Err() != nil {
@@ -395,6 +414,11 @@ func (s *Sink) Close(ctx context.Context) error {
 		s.cancelSends()
 		close(s.quit)
 		s.workers.Wait()
+		for _, t := range s.targets {
+			if t.confirm != nil {
+				t.confirm.close()
+			}
+		}
 		for drained := false; !drained; {
 			select {
 			case j := <-s.jobs:

@@ -297,11 +297,12 @@ type txProducer interface {
 	SendMessageInTransaction(ctx context.Context, m *primitive.Message) (*primitive.TransactionSendResult, error)
 }
 
-// txSend sends msg (built from out) as a half message under a new slot.
-// A claim that finds an earlier attempt decided returns *errPending (the
-// worker parks the send until that attempt's check-back was answered, see
-// wait.go) unless the store says it was answered already: then
-// bridge.ErrDuplicate.
+// txSend sends msg (built from out) as a half message under a new slot;
+// once decided and ended it returns *errEnded (the worker hands the send to
+// the confirmer, confirm.go). A claim that finds an earlier attempt decided
+// returns *errPending (the worker parks the send until that attempt's
+// check-back was answered, see wait.go) unless the store says it was
+// answered already: then bridge.ErrDuplicate.
 func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgoing, msg *primitive.Message) error {
 	key := storeKeyOf(out.MsgID, msg.GetProperties())
 	slot, decided, err := l.claimSlot(ctx, key)
@@ -329,5 +330,11 @@ func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgo
 		_ = l.store.Release(context.WithoutCancel(ctx), decidedKey(key, slot))
 		return err
 	}
-	return nil
+	// Decided and ended; confirmed once the broker read the
+	// end-transaction (confirm.go).
+	e := &errEnded{ref: slotRef{key, slot}}
+	if res.MessageQueue != nil {
+		e.mq = *res.MessageQueue
+	}
+	return e
 }
