@@ -35,7 +35,7 @@ func TestConfirmer(t *testing.T) {
 	answers := map[string]error{
 		"broker-a": nil,
 		"broker-b": &strconv.NumError{Func: "ParseInt", Num: "", Err: strconv.ErrSyntax}, // an error code: no offset
-		"broker-c": context.DeadlineExceeded,                                              // no answer
+		"broker-c": context.DeadlineExceeded,                                             // no answer
 	}
 	c := newConfirmer(barrierFunc(func(mq *primitive.MessageQueue) error { return answers[mq.BrokerName] }), l.waits, testLog(t), done)
 	defer c.close()

@@ -100,6 +100,7 @@ brokers:
 dedupe: %s
 pipeline:
   ackWait: 2s
+  maxInFlight: 512
   drainTimeout: 10s
   retry: {initial: 50ms, max: 500ms}
 log: {level: info, format: json}

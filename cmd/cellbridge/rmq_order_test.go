@@ -36,10 +36,11 @@ const (
 	rmqOrderEvents = 10_000
 	rmqOrderKills  = 3
 	rmqOrderKeys   = 400
-	// rmqReplayWindow is the replay the README documents for a crash: what
-	// the bridge had forwarded within about a second before it died (a
-	// RocketMQ source persists its offsets every 200ms; what was in flight
-	// settles within milliseconds here).
+	// rmqReplayWindow bounds the replay the README documents for a crash:
+	// what the bridge had in flight (pipeline.maxInFlight, 512 here) and
+	// what it acknowledged in the last persist interval (200ms) for a
+	// RocketMQ source, or above the ack floor for a JetStream one; at the
+	// test's rates, well under a second of traffic.
 	rmqReplayWindow = time.Second
 	// rmqCheckBackWait is the sinks' order-gate wait in these tests: the
 	// test broker scans for half messages every 500ms and checks those at
