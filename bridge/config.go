@@ -1,63 +1,62 @@
 package bridge
 
 import (
-	"errors"
 	"fmt"
-	"math"
 	"runtime"
-	"strconv"
 	"strings"
 	"time"
 )
 
-// Config holds the pipeline limits (the `pipeline:` section of the bridge
-// configuration). Zero fields take the defaults listed on each field; call
-// WithDefaults then Validate (New does both).
+// Config holds the pipeline limits. Zero fields take the defaults listed on
+// each field; call WithDefaults then Validate (New does both). The bridge
+// configuration file's `pipeline:` section maps onto it field by field
+// (package internal/config), and Validate is the one place that bounds
+// every field, for that file and for New alike.
 type Config struct {
 	// MaxInFlight bounds messages accepted and not yet settled, excluding
 	// parked (held) messages. Default 4096.
-	MaxInFlight int `yaml:"maxInFlight"`
+	MaxInFlight int
 	// Workers is the number of pipeline goroutines that commit, acknowledge and
 	// dispatch messages. Default: GOMAXPROCS when the dedupe store is the
 	// in-memory store (its calls never wait on I/O, so dispatch runs inline on
 	// the caller's goroutine), otherwise 256 (each store round trip occupies
 	// one worker).
-	Workers int `yaml:"workers"`
+	Workers int
 	// FetchBatch is passed to sources (messages requested ahead). Default
 	// 1024: with 256 a JetStream Consume loop waits for refills and the
 	// pipeline idles (measured with cmd/cellbridge-bench).
-	FetchBatch int `yaml:"fetchBatch"`
+	FetchBatch int
 	// HoldDelay is the redelivery delay of a held message that could not be
 	// parked (MaxHeld reached) or that cannot be routed yet (no rules, no
 	// DLQ). Default 5s.
-	HoldDelay time.Duration `yaml:"holdDelay"`
+	HoldDelay time.Duration
 	// MaxHeld bounds parked (held) messages kept in memory. Default 10000.
 	// Sources must allow MaxInFlight+MaxHeld unacknowledged messages
 	// (JetStream MaxAckPending), or held messages starve other shards.
-	MaxHeld int `yaml:"maxHeld"`
+	MaxHeld int
 	// HeldRecheck is how often parked messages are re-resolved even without
 	// a rules change. Default 1s.
-	HeldRecheck time.Duration `yaml:"heldRecheck"`
+	HeldRecheck time.Duration
 	// Retry is the backoff for sink and dedupe failures.
-	Retry RetryConfig `yaml:"retry"`
+	Retry RetryConfig
 	// MaxMessageBytes: larger bodies go to the DLQ (too_large). Default 1MiB.
-	MaxMessageBytes ByteSize `yaml:"maxMessageBytes"`
+	MaxMessageBytes int64
 	// MaxHops: a message arriving with Cell-Hops >= MaxHops goes to the DLQ
 	// (too_many_hops). Default 4.
-	MaxHops int `yaml:"maxHops"`
+	MaxHops int
 	// DrainTimeout bounds Close when the caller's ctx has no deadline.
 	// Default 20s.
-	DrainTimeout time.Duration `yaml:"drainTimeout"`
+	DrainTimeout time.Duration
 	// ProgressTimeout: /readyz reports not ready when a rule has a backlog
 	// but nothing made progress for this long. Default 60s.
-	ProgressTimeout time.Duration `yaml:"progressTimeout"`
+	ProgressTimeout time.Duration
 	// StallTimeout: /readyz reports not ready while a rule's oldest message
 	// that is accepted, not parked and not settled is older than this (a
 	// target, the dedupe store or a retry holds it up). Default 3s.
-	StallTimeout time.Duration `yaml:"stallTimeout"`
+	StallTimeout time.Duration
 	// AckWait is the sources' ack deadline; the pipeline sends ErrInProgress
 	// for every message older than AckWait/2 (every AckWait/4). Default 30s.
-	AckWait time.Duration `yaml:"ackWait"`
+	AckWait time.Duration
 	// Lanes is the number of ordering lanes: messages of one key always use
 	// the same lane, and per key one message is between publish and confirm.
 	// Keys sharing a lane do not wait for each other; a collision costs a
@@ -66,38 +65,13 @@ type Config struct {
 	// small enough to stay in the CPU cache (4×MaxInFlight lanes cost ~6%
 	// more CPU per message in BenchmarkPipeline, in cache misses on the lane
 	// locks).
-	Lanes int `yaml:"lanes"`
+	Lanes int
 }
 
 // RetryConfig is a capped exponential backoff.
 type RetryConfig struct {
-	Initial time.Duration `yaml:"initial"` // default 100ms
-	Max     time.Duration `yaml:"max"`     // default 5s
-}
-
-// ByteSize is a size in bytes; in YAML it may be written as 1048576, "1MiB",
-// "512KiB", "1MB" or "64kB".
-type ByteSize int64
-
-// UnmarshalText parses a size with an optional unit suffix.
-func (b *ByteSize) UnmarshalText(text []byte) error {
-	s := strings.TrimSpace(string(text))
-	mult := int64(1)
-	for _, u := range []struct {
-		suffix string
-		n      int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"kB", 1000}, {"KB", 1000}, {"MB", 1000000}, {"GB", 1000000000}, {"B", 1}} {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSpace(strings.TrimSuffix(s, u.suffix)), u.n
-			break
-		}
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n < 0 || n > math.MaxInt64/mult {
-		return fmt.Errorf("bad size %q: want a non-negative integer with optional unit B, kB, KiB, MB, MiB, GB, GiB", string(text))
-	}
-	*b = ByteSize(n * mult)
-	return nil
+	Initial time.Duration // default 100ms
+	Max     time.Duration // default 5s
 }
 
 // WithDefaults returns c with zero fields set to their defaults.
@@ -155,57 +129,90 @@ func defaultWorkers(localStore bool) int {
 	return 256
 }
 
-// Validate reports every invalid field (after defaults), naming it as in the
-// configuration file ("pipeline.maxInFlight: ...").
-func (c Config) Validate() error {
-	var errs []error
-	bad := func(field, format string, a ...any) {
-		errs = append(errs, fmt.Errorf("pipeline.%s: %s", field, fmt.Sprintf(format, a...)))
-	}
-	if c.MaxInFlight < 1 {
-		bad("maxInFlight", "must be at least 1, got %d", c.MaxInFlight)
-	}
-	if c.Workers < 0 {
-		bad("workers", "must not be negative, got %d", c.Workers)
-	}
-	if c.FetchBatch < 1 {
-		bad("fetchBatch", "must be at least 1, got %d", c.FetchBatch)
-	}
-	if c.HoldDelay < 0 {
-		bad("holdDelay", "must not be negative, got %s", c.HoldDelay)
-	}
-	if c.MaxHeld < 0 {
-		bad("maxHeld", "must not be negative, got %d", c.MaxHeld)
-	}
-	if c.HeldRecheck <= 0 {
-		bad("heldRecheck", "must be positive, got %s", c.HeldRecheck)
-	}
-	if c.Retry.Initial <= 0 {
-		bad("retry.initial", "must be positive, got %s", c.Retry.Initial)
-	}
-	if c.Retry.Max < c.Retry.Initial {
-		bad("retry.max", "must be at least retry.initial (%s), got %s", c.Retry.Initial, c.Retry.Max)
-	}
-	if c.MaxMessageBytes < 1 {
-		bad("maxMessageBytes", "must be positive, got %d", c.MaxMessageBytes)
-	}
-	if c.MaxHops < 1 {
-		bad("maxHops", "must be at least 1, got %d", c.MaxHops)
-	}
-	if c.DrainTimeout <= 0 {
-		bad("drainTimeout", "must be positive, got %s", c.DrainTimeout)
-	}
-	if c.ProgressTimeout <= 0 {
-		bad("progressTimeout", "must be positive, got %s", c.ProgressTimeout)
-	}
-	if c.StallTimeout <= 0 {
-		bad("stallTimeout", "must be positive, got %s", c.StallTimeout)
-	}
-	if c.AckWait < 4*time.Millisecond {
-		bad("ackWait", "must be at least 4ms, got %s", c.AckWait)
-	}
-	if c.Lanes < 1 {
-		bad("lanes", "must be at least 1, got %d", c.Lanes)
-	}
-	return errors.Join(errs...)
+// FieldError is one invalid field of a Config. Field is named as in the
+// configuration file's pipeline section ("maxInFlight", "retry.initial"), so
+// that the configuration can locate it in the file.
+type FieldError struct {
+	Field string
+	Msg   string
 }
+
+// Error returns "pipeline.<field>: <message>".
+func (e FieldError) Error() string { return "pipeline." + e.Field + ": " + e.Msg }
+
+// ConfigErrors lists every invalid field of a Config, in field order.
+type ConfigErrors []FieldError
+
+// Error returns one field error per line.
+func (e ConfigErrors) Error() string {
+	s := make([]string, len(e))
+	for i, f := range e {
+		s[i] = f.Error()
+	}
+	return strings.Join(s, "\n")
+}
+
+// Validate reports every invalid field as ConfigErrors, or returns nil. It
+// checks the values as given: zero means "default" only for Workers and
+// Lanes (computed by New); call WithDefaults first to fill the others.
+//
+// The lower bounds of the durations are what the pipeline needs to work, not
+// what a deployment should use: the sweeper ticks every min(100ms,
+// AckWait/4, HeldRecheck), so AckWait/4 and HeldRecheck must be at least a
+// millisecond, and tests run the pipeline with short timeouts.
+func (c Config) Validate() error {
+	var errs ConfigErrors
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, FieldError{Field: field, Msg: fmt.Sprintf(format, a...)})
+	}
+	positive := func(field string, v int) {
+		if v < 1 {
+			bad(field, "must be positive, got %d", v)
+		}
+	}
+	automatic := func(field string, v int) {
+		if v < 0 {
+			bad(field, "must not be negative (0: automatic), got %d", v)
+		}
+	}
+	atLeast := func(field string, v, lo time.Duration) {
+		if v < lo {
+			bad(field, "must be at least %s, got %s", lo, v)
+		}
+	}
+	positive("maxInFlight", c.MaxInFlight)
+	if c.MaxInFlight > maxInFlightLimit {
+		bad("maxInFlight", "must be at most %d, got %d", maxInFlightLimit, c.MaxInFlight)
+	}
+	automatic("workers", c.Workers)
+	automatic("lanes", c.Lanes)
+	positive("fetchBatch", c.FetchBatch)
+	positive("maxHops", c.MaxHops)
+	positive("maxHeld", c.MaxHeld)
+	// A shorter hold delay turns a held message into a redelivery loop.
+	atLeast("holdDelay", c.HoldDelay, 10*time.Millisecond)
+	atLeast("retry.initial", c.Retry.Initial, time.Millisecond)
+	atLeast("retry.max", c.Retry.Max, time.Millisecond)
+	if c.Retry.Initial > c.Retry.Max {
+		bad("retry.initial", "must not exceed pipeline.retry.max (%s), got %s", c.Retry.Max, c.Retry.Initial)
+	}
+	atLeast("drainTimeout", c.DrainTimeout, time.Millisecond)
+	atLeast("heldRecheck", c.HeldRecheck, time.Millisecond)
+	atLeast("progressTimeout", c.ProgressTimeout, time.Millisecond)
+	atLeast("stallTimeout", c.StallTimeout, time.Millisecond)
+	atLeast("ackWait", c.AckWait, 4*time.Millisecond)
+	if c.MaxMessageBytes < 1 || c.MaxMessageBytes > maxMessageBytesLimit {
+		bad("maxMessageBytes", "must be between 1 byte and 64MiB, got %d", c.MaxMessageBytes)
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return errs
+}
+
+// Upper bounds of Config fields: beyond them memory use is unreasonable
+// (the budget, the job queue and the lane table grow with MaxInFlight).
+const (
+	maxInFlightLimit     = 1_000_000
+	maxMessageBytesLimit = 64 << 20
+)

@@ -250,13 +250,4 @@ func TestConfigValidateNamesFields(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "pipeline.maxInFlight") || !strings.Contains(err.Error(), "pipeline.retry.max") {
 		t.Fatalf("%v", err)
 	}
-	var b ByteSize
-	for in, want := range map[string]ByteSize{"1MiB": 1 << 20, "512KiB": 512 << 10, "1000": 1000, "2 MB": 2000000} {
-		if err := b.UnmarshalText([]byte(in)); err != nil || b != want {
-			t.Errorf("%q: %d %v", in, b, err)
-		}
-	}
-	if err := b.UnmarshalText([]byte("1XB")); err == nil {
-		t.Error("1XB accepted")
-	}
 }

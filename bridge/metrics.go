@@ -2,7 +2,6 @@ package bridge
 
 import (
 	"runtime"
-	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -257,20 +256,4 @@ func (r *ruleMetrics) dlqReason(reason string) prometheus.Counter {
 		}
 	}
 	return r.dlq[len(r.dlq)-1]
-}
-
-// MetricTable renders MetricList as the Markdown table the README shows
-// (name, type, labels, help), so that documentation can be checked against
-// the code.
-func MetricTable() string {
-	var b strings.Builder
-	b.WriteString("| name | type | labels | help |\n|---|---|---|---|\n")
-	for _, d := range MetricList {
-		labels := strings.Join(d.Labels, ", ")
-		if labels == "" {
-			labels = "—"
-		}
-		b.WriteString("| " + d.Name + " | " + d.Type + " | " + labels + " | " + d.Help + " |\n")
-	}
-	return b.String()
 }

@@ -10,51 +10,20 @@ import (
 	"testing"
 	"time"
 
-	"gopkg.in/yaml.v3"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+
+	_ "github.com/cellbridge/cellbridge/internal/app" // the broker kinds the configuration names
+	"github.com/cellbridge/cellbridge/internal/config"
 )
 
-// bridgeConfig is the part of the bridge configuration (cmd/cellbridge, `run -config`) that the
-// Deployment depends on. The bridge's own parser checks the whole file; this one reads what must agree
-// with the manifests.
-type bridgeConfig struct {
-	Rules   string `yaml:"rules"`
-	Brokers map[string]struct {
-		TLS *struct {
-			CA   string `yaml:"ca"`
-			Cert string `yaml:"cert"`
-			Key  string `yaml:"key"`
-		} `yaml:"tls"`
-		URL       string `yaml:"url"`
-		User      string `yaml:"user"`
-		Creds     string `yaml:"creds"`
-		Password  string `yaml:"password"`
-		Token     string `yaml:"token"`
-		AccessKey string `yaml:"accessKey"`
-		SecretKey string `yaml:"secretKey"`
-	} `yaml:"brokers"`
-	Dedupe struct {
-		Store  string `yaml:"store"`
-		Bucket string `yaml:"bucket"`
-	} `yaml:"dedupe"`
-	HTTP struct {
-		Listen string `yaml:"listen"`
-	} `yaml:"http"`
-	Pipeline struct {
-		DrainTimeout string `yaml:"drainTimeout"`
-	} `yaml:"pipeline"`
-}
-
-// defaultDrainTimeout is pipeline.drainTimeout when the config leaves it out (the config contract's
-// default).
-const defaultDrainTimeout = 20 * time.Second
-
 // configOf returns the config file the Deployment's container reads: the -config argument, resolved
-// through its volume mount to the ConfigMap key, and parsed.
-func configOf(t *testing.T, r *rendering) (raw string, cfg *bridgeConfig) {
+// through its volume mount to the ConfigMap key, and parsed by the bridge's own parser (package
+// internal/config, with the broker kinds of internal/app) without resolving ${VAR} references and
+// file: secrets, which exist only in the pod. Its defaults are applied.
+func configOf(t *testing.T, r *rendering) (raw string, cfg *config.Config) {
 	t.Helper()
 	c := container(t, r)
 	path := argValue(c.Args, "-config")
@@ -78,9 +47,9 @@ func configOf(t *testing.T, r *rendering) (raw string, cfg *bridgeConfig) {
 	if !ok {
 		t.Fatalf("ConfigMap %s has no key %s (for -config %s)", cm.Name, key, path)
 	}
-	cfg = &bridgeConfig{}
-	if err := yaml.Unmarshal([]byte(raw), cfg); err != nil {
-		t.Fatalf("ConfigMap %s key %s: %v", cm.Name, key, err)
+	cfg, err := config.ParseTemplate(path, []byte(raw))
+	if err != nil {
+		t.Fatalf("ConfigMap %s key %s:\n%v", cm.Name, key, err)
 	}
 	return raw, cfg
 }
@@ -91,9 +60,6 @@ func TestDeploymentProbes(t *testing.T) {
 		c := container(t, r)
 		_, cfg := configOf(t, r)
 		listen := cfg.HTTP.Listen
-		if listen == "" {
-			listen = ":9090" // the config contract's default
-		}
 		_, portStr, ok := strings.Cut(listen, ":")
 		port, err := strconv.Atoi(portStr)
 		if !ok || err != nil {
@@ -159,13 +125,7 @@ func TestGracefulShutdown(t *testing.T) {
 	forEachOverlay(t, func(t *testing.T, r *rendering) {
 		c := container(t, r)
 		_, cfg := configOf(t, r)
-		drain := defaultDrainTimeout
-		if cfg.Pipeline.DrainTimeout != "" {
-			var err error
-			if drain, err = time.ParseDuration(cfg.Pipeline.DrainTimeout); err != nil {
-				t.Fatalf("pipeline.drainTimeout: %v", err)
-			}
-		}
+		drain := cfg.Pipeline.DrainTimeout.D()
 		var pause time.Duration
 		if c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Sleep == nil {
 			t.Errorf("want a preStop sleep action (the image has no shell)")
@@ -319,20 +279,11 @@ func TestConfigAndSecrets(t *testing.T) {
 				t.Errorf("env %s: the Secret must not be optional (the bridge would start without credentials)", m[1])
 			}
 		}
+		for _, field := range cfg.InlineSecrets() {
+			t.Errorf("%s is written inline; use ${ENV} from a Secret or file:/path", field)
+		}
 		for name, b := range cfg.Brokers {
-			for field, v := range map[string]string{"password": b.Password, "token": b.Token, "accessKey": b.AccessKey, "secretKey": b.SecretKey} {
-				if v != "" && !envRef.MatchString(v) && !strings.HasPrefix(v, "file:") {
-					t.Errorf("brokers.%s.%s is written inline; use ${ENV} from a Secret or file:/path", name, field)
-				}
-			}
-			files := []string{b.Creds}
-			if b.TLS != nil {
-				files = append(files, b.TLS.CA, b.TLS.Cert, b.TLS.Key)
-			}
-			for _, f := range files {
-				if f == "" {
-					continue
-				}
+			for _, f := range b.Paths() {
 				if m := mountFor(c, f); m == nil || volume(r, m.Name) == nil || volume(r, m.Name).Secret == nil {
 					t.Errorf("brokers.%s names %s, which is on no Secret volume", name, f)
 				}
@@ -341,7 +292,7 @@ func TestConfigAndSecrets(t *testing.T) {
 
 		// The rules: a ConfigMap mounted as a directory (never subPath: a subPath mount does not see
 		// updates), with a stable name so that an update changes the mounted files, not the pod.
-		if !filepath.IsAbs(cfg.Rules) {
+		if !filepath.IsAbs(string(cfg.Rules)) {
 			t.Fatalf("rules %q: want an absolute path (the mount)", cfg.Rules)
 		}
 		var rulesMount *corev1.VolumeMount
@@ -349,7 +300,7 @@ func TestConfigAndSecrets(t *testing.T) {
 			if m.SubPath != "" || m.SubPathExpr != "" {
 				t.Errorf("mount %s uses subPath; ConfigMap updates would not reach the pod", m.Name)
 			}
-			if filepath.Clean(m.MountPath) == filepath.Clean(cfg.Rules) {
+			if filepath.Clean(m.MountPath) == filepath.Clean(string(cfg.Rules)) {
 				rulesMount = &c.VolumeMounts[i]
 			}
 		}

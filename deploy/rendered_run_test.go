@@ -16,6 +16,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -40,8 +41,11 @@ func TestRenderedConfigRuns(t *testing.T) {
 		var name string
 		for name = range cfg.Brokers {
 		}
-		b := cfg.Brokers[name]
-		password := os.Expand(b.Password, func(v string) string { return envValue(env, v) })
+		b, ok := cfg.Brokers[name].Settings.(*app.NATSBroker)
+		if !ok {
+			t.Fatalf("brokers.%s: this test knows NATS brokers, not %s", name, cfg.Brokers[name].Type)
+		}
+		password := os.Expand(b.Password.Value(), func(v string) string { return envValue(env, v) })
 		if password == "" || b.User == "" {
 			t.Fatalf("brokers.%s: want a user and a password from a Secret", name)
 		}
@@ -68,11 +72,11 @@ func TestRenderedConfigRuns(t *testing.T) {
 		// The streams are owned by the producers and the cells in production; create them here.
 		opts := []nats.Option{nats.UserInfo(b.User, password)}
 		if useTLS {
-			opts = append(opts, nats.RootCAs(filepath.Join(root, b.TLS.CA)))
+			opts = append(opts, nats.RootCAs(filepath.Join(root, string(b.TLS.CA))))
 		}
 		nc, js := srv.Connect(t, opts...)
 		defer nc.Close()
-		table, err := router.Load(filepath.Join(root, cfg.Rules))
+		table, err := router.Load(filepath.Join(root, string(cfg.Rules)))
 		if err != nil {
 			t.Fatal(err)
 		}

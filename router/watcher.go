@@ -43,8 +43,9 @@ const (
 // Kubernetes updates ConfigMap volumes. A change is loaded after a short
 // quiet period. The new table replaces the running one only when it is valid
 // and its version is higher; otherwise the running table stays and the
-// refusal is reported. Each outcome is logged and passed to onReload once per
-// distinct content of the directory (unchanged content is not reported).
+// refusal is reported. Each outcome is logged (see OutcomeLevel) and passed
+// to onReload once per distinct content of the directory (unchanged content
+// is not reported).
 //
 // Run must be called at most once; Close stops it. onReload runs on the
 // watcher's goroutine and must not block for long.
@@ -57,6 +58,8 @@ type Watcher struct {
 
 	debounce, maxDelay, resync time.Duration
 
+	outcomeLevel *slog.Level // nil: Info for a reload, Warn for a refusal
+
 	lastTried string // content key of the last attempt, so a refusal is reported once
 
 	mu      sync.Mutex
@@ -66,11 +69,22 @@ type Watcher struct {
 	once    sync.Once
 }
 
+// WatcherOption configures a Watcher.
+type WatcherOption func(*Watcher)
+
+// OutcomeLevel sets the level of the watcher's one log line per reload
+// outcome. By default a reload is logged at Info and a refusal at Warn; a
+// caller that reports each outcome itself (from onReload) passes
+// slog.LevelDebug, so that an operator reads every outcome once.
+func OutcomeLevel(l slog.Level) WatcherOption {
+	return func(w *Watcher) { w.outcomeLevel = &l }
+}
+
 // NewWatcher starts watching dir for changes; nothing is reloaded before
 // Run. h must hold the table loaded from dir (or nil to accept any valid
 // table). onReload may be nil; log nil discards logs. It fails when dir cannot
 // be watched.
-func NewWatcher(dir string, h *Holder, onReload func(ReloadEvent), log *slog.Logger) (*Watcher, error) {
+func NewWatcher(dir string, h *Holder, onReload func(ReloadEvent), log *slog.Logger, opts ...WatcherOption) (*Watcher, error) {
 	if h == nil {
 		return nil, errors.New("router: NewWatcher needs a Holder")
 	}
@@ -88,11 +102,15 @@ func NewWatcher(dir string, h *Holder, onReload func(ReloadEvent), log *slog.Log
 		_ = fsw.Close()
 		return nil, fmt.Errorf("router: watching %s: %w", dir, err)
 	}
-	return &Watcher{
+	w := &Watcher{
 		dir: dir, h: h, onReload: onReload, log: log, fsw: fsw,
 		debounce: reloadDebounce, maxDelay: reloadMaxDelay, resync: reloadResync,
 		stop: make(chan struct{}), done: make(chan struct{}),
-	}, nil
+	}
+	for _, o := range opts {
+		o(w)
+	}
+	return w, nil
 }
 
 // Run reloads on every change until ctx is done or Close is called, and then
@@ -219,9 +237,17 @@ func (w *Watcher) check() {
 	}
 	ev.At = time.Now()
 	if ev.Err != nil {
-		w.log.Warn("rules reload refused", "dir", w.dir, "version", ev.Version, "running", prev, "err", ev.Err)
+		w.log.Log(context.Background(), w.level(slog.LevelWarn), "rules reload refused", "dir", w.dir, "version", ev.Version, "running", prev, "err", ev.Err)
 	} else {
-		w.log.Info("rules reloaded", "dir", w.dir, "version", ev.Version, "previous", prev)
+		w.log.Log(context.Background(), w.level(slog.LevelInfo), "rules reloaded", "dir", w.dir, "version", ev.Version, "previous", prev)
 	}
 	w.onReload(ev)
+}
+
+// level is the level of an outcome's log line: def unless OutcomeLevel set one.
+func (w *Watcher) level(def slog.Level) slog.Level {
+	if w.outcomeLevel != nil {
+		return *w.outcomeLevel
+	}
+	return def
 }

@@ -1,8 +1,10 @@
 package router
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -215,5 +217,40 @@ func TestWatcherLifecycle(t *testing.T) {
 	}
 	if err := w.Close(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestWatcherOutcomeLevel: each outcome is one log line, at Info (reloaded)
+// and Warn (refused) by default, at the level OutcomeLevel sets otherwise.
+func TestWatcherOutcomeLevel(t *testing.T) {
+	for _, tc := range []struct {
+		name             string
+		opts             []WatcherOption
+		reloaded, refuse string
+	}{
+		{"default", nil, "INFO", "WARN"},
+		{"debug", []WatcherOption{OutcomeLevel(slog.LevelDebug)}, "DEBUG", "DEBUG"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			file := filepath.Join(dir, "rules.yaml")
+			writeFiles(t, dir, map[string]string{"rules.yaml": baseRules})
+			var buf bytes.Buffer
+			log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			w, err := NewWatcher(dir, NewHolder(nil), nil, log, tc.opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close(context.Background())
+			w.check() // the first valid table is taken
+			writeAtomic(t, file, variant(t, "version: 3", "version: 2"))
+			w.check() // a lower version is refused
+			lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+			if len(lines) != 2 ||
+				!strings.Contains(lines[0], "level="+tc.reloaded+` msg="rules reloaded"`) ||
+				!strings.Contains(lines[1], "level="+tc.refuse+` msg="rules reload refused"`) {
+				t.Fatalf("log:\n%s", buf.String())
+			}
+		})
 	}
 }

@@ -5,21 +5,17 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
-	"time"
-
-	"github.com/nats-io/nats.go/jetstream"
+	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/cellbridge/cellbridge/bridge"
-	"github.com/cellbridge/cellbridge/bridge/natsjs"
-	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/app"
+	bridgeconfig "github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
-
-// bridgeAvailable tells whether variants B and C can run in this build.
-const bridgeAvailable = true
-
-const bridgeMissing = "bridge packages not present"
 
 // faultSink fails the first attempt of every 1000th order: done gets an
 // error and nothing is published (the fault runs).
@@ -37,110 +33,84 @@ func (s *faultSink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done f
 }
 
 // runCellbridge is variants B (memory dedupe store) and C (JetStream KV
-// dedupe store): the pipeline built with the constructors and the parameter
-// derivations cmd/cellbridge uses (natsjs connection, JetStream context and
-// sink sized by maxInFlight, source consumer with MaxAckPending =
-// maxInFlight+maxHeld+fetchBatch, live metrics registry and health), on the
-// rules in bench/rules. Tuning (-tune B:... or C:...): inflight=N, fetch=N,
-// workers=N, lanes=N, acktimeout=-1 (no ack timeout on the JetStream context).
+// dedupe store): the bridge of `cellbridge run` (package internal/app) in
+// this process, with a configuration naming the bench's server as broker
+// nats and the rules in bench/rules, so that it is built exactly as in
+// production (natsjs connection, JetStream context and sink sized by
+// maxInFlight, consumer MaxAckPending = maxInFlight+maxHeld+fetchBatch, live
+// metrics registry and health, HTTP server, rules watcher). Tuning (-tune
+// B:... or C:...): inflight=N, fetch=N, workers=N, lanes=N.
 func runCellbridge(ctx context.Context, e *env) error {
-	kv := e.spec.Variant == "C" || e.spec.Variant == "C-fault"
+	store, storeDesc := bridgeconfig.DedupeMemory, "memory (size 1000000, ttl 10m, reserveTTL 30s)"
+	if e.spec.Variant == "C" || e.spec.Variant == "C-fault" {
+		store, storeDesc = bridgeconfig.DedupeJetStream, "jetstream KV (bucket cellbridge-dedupe, ttl 10m, reserveTTL 30s, file storage)"
+	}
+	a, err := startBridge(ctx, e, fmt.Sprintf("brokers:\n  nats: {type: nats, url: %q}\ndedupe: {store: %s}\n", e.url, store))
+	if err != nil {
+		return err
+	}
+	eff := a.Pipeline.Config()
+	e.settings = fmt.Sprintf("maxInFlight=%d workers=%d fetchBatch=%d lanes=%d dedupe=%s; metrics registry live (scraped at the end)",
+		eff.MaxInFlight, eff.Workers, eff.FetchBatch, eff.Lanes, storeDesc)
+	err = runUntilDone(ctx, a)
+	oc := a.Outcomes()
+	for _, outcome := range slices.Sorted(maps.Keys(oc)) {
+		e.settings += fmt.Sprintf(" %s=%.0f", outcome, oc[outcome])
+	}
+	return err
+}
+
+// startBridge starts the bridge of `cellbridge run` on the variant's rules
+// with brokers (the configuration's brokers and dedupe sections), the
+// variant's tuning and, in the fault variants, the fault-injecting sink.
+// BENCH_LOG=1 sends its log to stderr.
+func startBridge(ctx context.Context, e *env, brokers string) (*app.App, error) {
+	var pipeline []string
+	for _, t := range []struct{ tune, field string }{{"inflight", "maxInFlight"}, {"fetch", "fetchBatch"}, {"workers", "workers"}, {"lanes", "lanes"}} {
+		if n := e.tuneInt(t.tune, 0); n != 0 {
+			pipeline = append(pipeline, fmt.Sprintf("%s: %d", t.field, n))
+		}
+	}
+	rules, err := filepath.Abs(e.spec.Rules)
+	if err != nil {
+		return nil, err
+	}
+	data := fmt.Sprintf("rules: %q\n%shttp: {listen: \"127.0.0.1:0\"}\npipeline: {%s}\n", rules, brokers, strings.Join(pipeline, ", "))
+	cfg, err := bridgeconfig.Parse("bench.yaml", []byte(data))
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("bench configuration:\n%s\n%w", data, err)
+	}
+	table, err := router.Load(rules)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.CheckRules(table); err != nil {
+		return nil, err
+	}
 	log := slog.New(slog.DiscardHandler)
 	if os.Getenv("BENCH_LOG") != "" {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	table, err := router.Load(e.spec.Rules)
-	if err != nil {
-		return err
-	}
-	rule := table.Rule("orders")
-	if rule == nil {
-		return errors.New("bench rules: no topic rule \"orders\"")
-	}
-	cfg := bridge.Config{
-		MaxInFlight: e.tuneInt("inflight", 0),
-		FetchBatch:  e.tuneInt("fetch", 0),
-		Workers:     e.tuneInt("workers", 0),
-		Lanes:       e.tuneInt("lanes", 0),
-	}.WithDefaults()
-
-	nc, err := natsjs.Connect(ctx, natsjs.BrokerConfig{Name: "nats", URL: e.url}, log)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	jcfg := natsjs.JetStreamConfig{MaxPending: cfg.MaxInFlight}
-	if e.tuneInt("acktimeout", 0) < 0 {
-		jcfg.AckTimeout = -1 // experiment: no per-publish timer in nats.go
-	}
-	js, err := natsjs.NewJetStream(nc, jcfg)
-	if err != nil {
-		return err
-	}
-	var store dedupe.Store
-	storeDesc := "memory (size 1000000, ttl 10m, reserveTTL 30s)"
-	if kv {
-		store, err = dedupe.NewJetStream(ctx, js, dedupe.KVConfig{Bucket: "cellbridge-dedupe", TTL: 10 * time.Minute,
-			ReserveTTL: 30 * time.Second, Replicas: 1})
-		if err != nil {
-			return err
-		}
-		storeDesc = "jetstream KV (bucket cellbridge-dedupe, ttl 10m, reserveTTL 30s, file storage)"
-	} else {
-		store = dedupe.NewMemory(dedupe.MemoryConfig{Size: 1_000_000, TTL: 10 * time.Minute, ReserveTTL: 30 * time.Second})
-	}
-	nsink, err := natsjs.NewSink(map[string]jetstream.JetStream{"nats": js}, natsjs.SinkConfig{MaxPending: cfg.MaxInFlight}, log)
-	if err != nil {
-		return err
-	}
-	var sink bridge.Sink = nsink
+	o := app.Options{Config: cfg, Rules: table, RulesDir: rules, Log: log, Version: "bench"}
 	if e.faults != nil {
-		sink = &faultSink{Sink: nsink, f: e.faults}
+		o.WrapSink = func(_ string, s bridge.Sink) bridge.Sink { return &faultSink{Sink: s, f: e.faults} }
 	}
-	met := bridge.NewMetrics("bench")
-	health := bridge.NewHealth(met, log, nil)
-	p, err := bridge.New(cfg, bridge.Deps{Rules: router.NewHolder(table), Dedupe: store,
-		Sinks: bridge.StaticSinks(map[string]bridge.Sink{"nats": sink}), Metrics: met, Health: health, Log: log})
-	if err != nil {
-		return err
-	}
-	eff := p.Config()
-	src, err := natsjs.NewSource(ctx, js, natsjs.SourceConfig{
-		Rule:          rule.Name,
-		Broker:        rule.Source.Broker,
-		Stream:        rule.Source.Stream,
-		Subject:       rule.Source.Subject,
-		Durable:       rule.Source.Group,
-		MaxAckPending: eff.MaxInFlight + eff.MaxHeld + eff.FetchBatch,
-		AckWait:       eff.AckWait,
-		FetchBatch:    eff.FetchBatch,
-		Backlog:       func(n uint64) { health.Backlog(rule.Name, int64(n)) },
-	}, log)
-	if err != nil {
-		return err
-	}
-	e.settings = fmt.Sprintf("maxInFlight=%d workers=%d fetchBatch=%d lanes=%d dedupe=%s; metrics registry live (scraped at the end)",
-		eff.MaxInFlight, eff.Workers, eff.FetchBatch, eff.Lanes, storeDesc)
+	return app.Start(ctx, o)
+}
 
-	runErr := p.Run(ctx, src)
-	// Shut down as cmd/cellbridge does: stop fetching, drain, close.
-	dctx, cancel := context.WithTimeout(context.Background(), eff.DrainTimeout)
-	defer cancel()
-	errs := []error{runErr, src.Close(dctx), p.Close(dctx), nsink.Close(dctx), store.Close(dctx), nc.FlushWithContext(dctx)}
-	if mfs, err := met.Registry.Gather(); err == nil {
-		for _, mf := range mfs {
-			if mf.GetName() == "cellbridge_messages_total" {
-				for _, m := range mf.GetMetric() {
-					for _, l := range m.GetLabel() {
-						if l.GetName() == "outcome" {
-							e.settings += fmt.Sprintf(" %s=%.0f", l.GetValue(), m.GetCounter().GetValue())
-						}
-					}
-				}
-			}
-		}
+// runUntilDone runs the bridge until the variant ends (ctx) and then stops
+// it as `cellbridge run` does on SIGTERM: stop fetching, drain, close.
+func runUntilDone(ctx context.Context, a *app.App) error {
+	var failed error
+	select {
+	case <-ctx.Done():
+	case <-a.Failed():
+		failed = errors.New("the bridge stopped: a source failed")
 	}
-	return errors.Join(errs...)
+	return errors.Join(failed, a.Shutdown())
 }
 
 // checkRulesAgainstRouter cross-checks the harness's inline shard → cell table

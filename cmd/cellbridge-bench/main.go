@@ -234,14 +234,12 @@ var refVariants = []string{"A-hdrs", "A-kv1", "A-kv2"}
 func benchMain(cfg config) error {
 	start := time.Now()
 	variants := strings.Split(cfg.variants, ",")
-	avail := map[string]bool{"A": true, "D": true, "B": bridgeAvailable, "C": bridgeAvailable}
 	var notes []string
 	var main []string
 	for _, v := range variants {
 		v = strings.TrimSpace(v)
-		if !avail[v] {
-			notes = append(notes, fmt.Sprintf("variant %s skipped: %s", v, bridgeMissing))
-			continue
+		if _, err := variantByName(v); err != nil {
+			return fmt.Errorf("-variants: %w (want A, B, C or D)", err)
 		}
 		main = append(main, v)
 	}
@@ -287,7 +285,7 @@ func benchMain(cfg config) error {
 	}
 	// Reference: the pipe also sending cellbridge's six Cell-* headers, to
 	// separate the cost of bigger messages from the pipeline's own. One run.
-	if cfg.extra && avail["A"] {
+	if cfg.extra {
 		s := mkSpec("A-hdrs", 1)
 		s.Variant = "A"
 		s.Tune = strings.Trim(s.Tune+",cellhdrs=1", ",")
@@ -302,7 +300,7 @@ func benchMain(cfg config) error {
 	// per-key record in a JetStream KV bucket shared by replicas, without
 	// cellbridge's code. A-kv1: one create per message; A-kv2: create and
 	// overwrite, the two writes of C's protocol. One run each.
-	if cfg.refKV && avail["A"] {
+	if cfg.refKV {
 		for _, v := range []string{"A-kv1", "A-kv2"} {
 			r, err := spawn(mkSpec(v, 1), log)
 			if err != nil {
@@ -322,11 +320,6 @@ func benchMain(cfg config) error {
 			fn = cfg.n
 		}
 		for _, v := range []string{"B-fault", "D-fault"} {
-			base := strings.TrimSuffix(v, "-fault")
-			if !avail[base] {
-				notes = append(notes, fmt.Sprintf("%s skipped: %s", v, bridgeMissing))
-				continue
-			}
 			s := mkSpec(v, 0)
 			s.N, s.Fault = fn, true
 			r, err := spawn(s, log)
@@ -357,10 +350,6 @@ func benchMain(cfg config) error {
 			// Alternating pairs: a stall of the machine hits one run, not
 			// one variant, and the median of each variant's p99 discards it.
 			for _, v := range latencyOrder(lv.rounds) {
-				if !avail[v] {
-					notes = append(notes, "latency of "+v+" skipped: "+bridgeMissing)
-					continue
-				}
 				s := mkSpec(v+lv.suffix, 0)
 				s.Variant = v
 				s.Rate = lv.rate

@@ -17,11 +17,8 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/producer"
 	"github.com/tidwall/gjson"
 
-	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
-	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/internal/rmqtest"
-	"github.com/cellbridge/cellbridge/router"
 )
 
 // The RocketMQ comparison runs through the in-process broker of
@@ -260,44 +257,16 @@ func runRMQPipe(ctx context.Context, e *env, ns string) error {
 	return c.Shutdown()
 }
 
-// runRMQBridge is cellbridge with the RocketMQ source and sink of
-// bridge/rmq and the memory dedupe store, wired as cmd/cellbridge does.
+// runRMQBridge is cellbridge with the RocketMQ source and sink and the
+// memory dedupe store: the bridge of `cellbridge run` (package internal/app)
+// with a configuration naming the in-process broker as broker rmq.
 func runRMQBridge(ctx context.Context, e *env, ns string) error {
-	log := slog.New(slog.DiscardHandler)
-	table, err := router.Load(e.spec.Rules)
+	a, err := startBridge(ctx, e, fmt.Sprintf("brokers:\n  rmq: {type: rocketmq, nameservers: [%q], instancePrefix: bench}\ndedupe: {store: memory}\n", ns))
 	if err != nil {
 		return err
 	}
-	rule := table.Rule("orders")
-	if rule == nil {
-		return errors.New("bench rules-rmq: no topic rule \"orders\"")
-	}
-	cfg := bridge.Config{MaxInFlight: e.tuneInt("inflight", 0), FetchBatch: e.tuneInt("fetch", 0),
-		Workers: e.tuneInt("workers", 0)}.WithDefaults()
-	bc := rmq.BrokerConfig{Name: "rmq", NameServers: []string{ns}, InstancePrefix: "bench"}
-	store := dedupe.NewMemory(dedupe.MemoryConfig{Size: 1_000_000, TTL: 10 * time.Minute, ReserveTTL: 30 * time.Second})
-	sink, err := rmq.NewSink(rmq.SinkConfig{Brokers: []rmq.BrokerConfig{bc}, Dedupe: store, MaxPending: cfg.MaxInFlight}, log)
-	if err != nil {
-		return err
-	}
-	met := bridge.NewMetrics("bench")
-	health := bridge.NewHealth(met, log, nil)
-	p, err := bridge.New(cfg, bridge.Deps{Rules: router.NewHolder(table), Dedupe: store,
-		Sinks: bridge.StaticSinks(map[string]bridge.Sink{"rmq": sink}), Metrics: met, Health: health, Log: log})
-	if err != nil {
-		return err
-	}
-	eff := p.Config()
-	src, err := rmq.NewSource(bc, rmq.SourceConfig{Rule: rule.Name, Topic: rule.Source.Topic, Tags: rule.Source.Tags,
-		Group: rule.Source.Group, FetchBatch: eff.FetchBatch,
-		Backlog: func(n int64) { health.Backlog(rule.Name, n) }}, log)
-	if err != nil {
-		return err
-	}
-	e.settings = fmt.Sprintf("rmq source FetchBatch=%d, rmq sink (64 send workers), maxInFlight=%d workers=%d, memory dedupe",
-		min(eff.FetchBatch, 1024), eff.MaxInFlight, eff.Workers)
-	runErr := p.Run(ctx, src)
-	dctx, cancel := context.WithTimeout(context.Background(), eff.DrainTimeout)
-	defer cancel()
-	return errors.Join(runErr, p.Close(dctx), src.Close(dctx), sink.Close(dctx), store.Close(dctx))
+	eff := a.Pipeline.Config()
+	e.settings = fmt.Sprintf("rmq source (client's pull batch), rmq sink (64 send workers), maxInFlight=%d workers=%d, memory dedupe",
+		eff.MaxInFlight, eff.Workers)
+	return runUntilDone(ctx, a)
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 	"github.com/apache/rocketmq-client-go/v2/producer"
 
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/drill"
 	"github.com/cellbridge/cellbridge/internal/rmqtest"
 	"github.com/cellbridge/cellbridge/router"
@@ -142,7 +143,7 @@ http: {listen: "127.0.0.1:0"}
 	dc.Rate = 600 // the RocketMQ producer under the race detector is slower than JetStream's
 	dc.Move, dc.To, dc.Down = "22-32", "rz10", "rz10"
 	dc.JetStream = js
-	rep, err := drillApp(testCtx(t, 2*time.Minute), o, data, func(runInfo) (drill.Config, func(), error) {
+	rep, err := drillApp(testCtx(t, 2*time.Minute), o, data, func(app.Info) (drill.Config, func(), error) {
 		// Only now: the bridge has routed the client's process-wide
 		// logging (rmq.SetLogger) before this client starts.
 		dc.Publisher = newRMQPublisher(t, env.b.NameServerAddr())

@@ -18,11 +18,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"go.uber.org/fx"
-	"go.uber.org/fx/fxtest"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/drill"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -45,17 +44,18 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// inProcess is a bridge started in the test process with fxtest.
+// inProcess is a bridge started in the test process (package app).
 type inProcess struct {
-	info runInfo
-	app  *fxtest.App
-	logs *syncBuffer
-	base string // http://host:port
+	info     app.Info
+	a        *app.App
+	stopOnce sync.Once
+	logs     *syncBuffer
+	base     string // http://host:port
 }
 
-// startInProcess runs `cellbridge run -config cfgPath` inside the test with
-// fxtest; it stops when the test ends (or earlier, with stop).
-func startInProcess(t *testing.T, cfgPath string, tune func(*runOptions)) *inProcess {
+// startInProcess runs `cellbridge run -config cfgPath` inside the test; it
+// stops when the test ends (or earlier, with stop).
+func startInProcess(t *testing.T, cfgPath string, tune func(*app.Options)) *inProcess {
 	t.Helper()
 	var stderr bytes.Buffer
 	o, code := prepareRun(&runFlags{config: cfgPath, data: t.TempDir(), natsPort: -1}, &stderr)
@@ -63,21 +63,34 @@ func startInProcess(t *testing.T, cfgPath string, tune func(*runOptions)) *inPro
 		t.Fatalf("prepareRun: exit %d\n%s", code, stderr.String())
 	}
 	ip := &inProcess{logs: &syncBuffer{}}
-	o.log = slog.New(slog.NewJSONHandler(ip.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	o.started = func(ri runInfo) { ip.info = ri }
+	o.Log = slog.New(slog.NewJSONHandler(ip.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	if tune != nil {
 		tune(o)
 	}
-	ip.app = fxtest.New(t, appOptions(o), fx.StartTimeout(30*time.Second), fx.StopTimeout(30*time.Second))
-	ip.app.RequireStart()
+	a, err := app.Start(testCtx(t, 30*time.Second), *o)
+	if err != nil {
+		t.Fatalf("start: %v\nbridge log:\n%s", err, tail(ip.logs.String(), 6000))
+	}
+	ip.a, ip.info = a, a.Info
 	ip.base = "http://" + ip.info.HTTPAddr
 	t.Cleanup(func() {
-		ip.app.RequireStop()
+		ip.stop(t)
 		if t.Failed() {
 			t.Logf("bridge log:\n%s", tail(ip.logs.String(), 6000))
 		}
 	})
 	return ip
+}
+
+// stop stops the bridge (once) and fails the test if it does not stop
+// cleanly within 30s.
+func (ip *inProcess) stop(t testing.TB) {
+	t.Helper()
+	ip.stopOnce.Do(func() {
+		if err := ip.a.Stop(testCtx(t, 30*time.Second)); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
 }
 
 func tail(s string, n int) string {

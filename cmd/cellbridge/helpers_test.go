@@ -335,3 +335,37 @@ func publishOne(t testing.TB, js jetstream.JetStream, m *nats.Msg) string {
 	}
 	return fmt.Sprintf("%s:%d", ack.Stream, ack.Sequence)
 }
+
+// exampleRules copies deploy/rules into a temp dir, applying the given
+// old→new replacements to every file, and returns the dir.
+func exampleRules(t testing.TB, replace ...string) string {
+	t.Helper()
+	src := filepath.Join("..", "..", "deploy", "rules")
+	dst := t.TempDir()
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := strings.NewReplacer(replace...)
+	used := make([]bool, len(replace)/2)
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < len(replace); i += 2 {
+			used[i/2] = used[i/2] || strings.Contains(string(b), replace[i])
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), []byte(r.Replace(string(b))), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The example rules may be edited; a replacement that no longer
+	// matches would silently test the unmodified rules.
+	for i, ok := range used {
+		if !ok {
+			t.Fatalf("deploy/rules no longer contains %q; update the test", replace[2*i])
+		}
+	}
+	return dst
+}

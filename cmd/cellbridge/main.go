@@ -1,8 +1,8 @@
 // Command cellbridge routes message-queue events to the cell that owns them.
 //
-// main.go is only the dispatcher: each subcommand lives in its own cmd_*.go
-// file and registers itself in commands from an init function, so that
-// subcommands can be added without touching this file.
+// main.go only dispatches: each subcommand lives in its own file and
+// registers itself in commands from an init function; the bridge itself is
+// built by package internal/app.
 //
 // Exit codes (stable, scripts depend on them):
 //
@@ -35,25 +35,22 @@ const (
 	exitUsage = 2 // the command line itself is wrong
 )
 
-// command is one subcommand. Each cmd_*.go file registers its commands in
-// commands from init().
-//
-// The flag set is created once at registration; realMain resets every flag to
-// its default before parsing, so realMain may be called repeatedly (tests) but
-// not concurrently. A repeatable flag value implements flagResetter so that it
-// can be emptied.
+// runFunc executes a command with the positional arguments left after flag
+// parsing and returns an exit code (exitOK, exitError, exitUsage). ctx is
+// cancelled on SIGINT/SIGTERM.
+type runFunc func(ctx context.Context, args []string, stdout, stderr io.Writer) int
+
+// command is one subcommand.
 type command struct {
-	name    string        // as typed on the command line
-	summary string        // one line for `cellbridge -h`
-	usage   string        // full help text printed by `cellbridge NAME -h`, before the flag defaults
-	flags   *flag.FlagSet // may be nil when the command takes no flags
-	// run executes the command with the positional arguments left after flag
-	// parsing. It returns an exit code (exitOK, exitError, exitUsage). ctx is
-	// cancelled on SIGINT/SIGTERM.
-	run func(ctx context.Context, args []string, stdout, stderr io.Writer) int
+	name    string // as typed on the command line
+	summary string // one line for `cellbridge -h`
+	usage   string // full help text printed by `cellbridge NAME -h`, before the flag defaults
+	// flags registers the command's flags on fs, a new set for every call,
+	// and returns the function that runs the command with their values.
+	flags func(fs *flag.FlagSet) runFunc
 }
 
-// commands is the registry, filled by init functions of the cmd_*.go files.
+// commands is the registry, filled by the init functions of the command files.
 var commands = map[string]*command{}
 
 // register adds c to commands; a duplicate name is a programming error.
@@ -61,19 +58,8 @@ func register(c *command) {
 	if _, dup := commands[c.name]; dup {
 		panic("cellbridge: command registered twice: " + c.name)
 	}
-	if c.flags == nil {
-		c.flags = newFlagSet(c.name)
-	}
 	commands[c.name] = c
 }
-
-// newFlagSet returns an empty flag set for command name, configured the way
-// realMain expects (errors are returned, not fatal).
-func newFlagSet(name string) *flag.FlagSet { return flag.NewFlagSet(name, flag.ContinueOnError) }
-
-// flagResetter is implemented by repeatable flag values so that realMain can
-// clear them between invocations.
-type flagResetter interface{ Reset() }
 
 func main() {
 	os.Exit(realMain(os.Args[1:], os.Stdout, os.Stderr))
@@ -113,8 +99,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 
-	fs := c.flags
-	resetFlags(fs)
+	fs, run := c.flagSet()
 	fs.SetOutput(stderr)
 	fs.Usage = func() {} // usage is printed below, once, to the right stream
 	if err := fs.Parse(args[1:]); err != nil {
@@ -126,18 +111,14 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "run 'cellbridge %s -h' for usage\n", c.name)
 		return exitUsage
 	}
-	return c.run(ctx, fs.Args(), stdout, stderr)
+	return run(ctx, fs.Args(), stdout, stderr)
 }
 
-// resetFlags sets every flag back to its default value.
-func resetFlags(fs *flag.FlagSet) {
-	fs.VisitAll(func(f *flag.Flag) {
-		if r, ok := f.Value.(flagResetter); ok {
-			r.Reset()
-			return
-		}
-		_ = f.Value.Set(f.DefValue)
-	})
+// flagSet returns a new flag set with the command's flags, and the function
+// that runs the command with them.
+func (c *command) flagSet() (*flag.FlagSet, runFunc) {
+	fs := flag.NewFlagSet(c.name, flag.ContinueOnError)
+	return fs, c.flags(fs)
 }
 
 func printMainUsage(w io.Writer) {
@@ -160,12 +141,13 @@ func printMainUsage(w io.Writer) {
 
 func printCommandUsage(w io.Writer, c *command) {
 	fmt.Fprintln(w, strings.TrimRight(c.usage, "\n"))
+	fs, _ := c.flagSet()
 	hasFlags := false
-	c.flags.VisitAll(func(*flag.Flag) { hasFlags = true })
+	fs.VisitAll(func(*flag.Flag) { hasFlags = true })
 	if hasFlags {
 		fmt.Fprintln(w, "\nFlags:")
-		c.flags.SetOutput(w)
-		c.flags.PrintDefaults()
+		fs.SetOutput(w)
+		fs.PrintDefaults()
 	}
 }
 

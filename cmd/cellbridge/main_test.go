@@ -15,7 +15,7 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	e2etest.RemoveBinaries()
 	if code == 0 {
-		// Every in-process bridge (fxtest, demo) must have stopped all of
+		// Every in-process bridge (tests, demo) must have stopped all of
 		// its goroutines, the embedded servers' included.
 		// The RocketMQ client leaves goroutines behind by design (listed,
 		// with reasons, by rmqtesting).

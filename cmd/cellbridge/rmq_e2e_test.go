@@ -18,13 +18,14 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/rmqtest"
 	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 	"github.com/cellbridge/cellbridge/router"
 )
 
-// The RocketMQ pairs run `cellbridge run` in-process (fxtest) with one
+// The RocketMQ pairs run `cellbridge run` in-process (package app) with one
 // config each, against an rmqtest broker and a test nats-server, and walk
 // through forwarded, DLQ and held-then-released, as TestE2E does for
 // NATS → NATS.
@@ -363,17 +364,17 @@ log: {level: debug}
 
 // debugLog, with CELLBRIDGE_TEST_LOG=FILE, sends the in-process bridge's
 // log to FILE (the failure output shows only its tail).
-func debugLog(t *testing.T) func(*runOptions) {
+func debugLog(t *testing.T) func(*app.Options) {
 	path := os.Getenv("CELLBRIDGE_TEST_LOG")
 	if path == "" {
 		return nil
 	}
-	return func(o *runOptions) {
+	return func(o *app.Options) {
 		f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { f.Close() })
-		o.log = slog.New(slog.NewJSONHandler(f, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		o.Log = slog.New(slog.NewJSONHandler(f, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 }

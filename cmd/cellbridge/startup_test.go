@@ -16,6 +16,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -73,7 +74,7 @@ http: {listen: "127.0.0.1:0"}
 	if o == nil {
 		t.Fatal(stderr.String())
 	}
-	err = runBridge(testCtx(t, 30*time.Second), o)
+	err = app.Run(testCtx(t, 30*time.Second), *o)
 	if err == nil || !strings.Contains(err.Error(), `broker "nats"`) || !strings.Contains(err.Error(), "check the broker's creds") {
 		t.Fatalf("wrong password: err = %v", err)
 	}
@@ -98,7 +99,7 @@ func TestRunBadStartup(t *testing.T) {
 	}{
 		{"unknown field", good + "pipeline:\n  maxInflight: 10\n", []string{"config.yaml:6: pipeline.maxInflight: unknown field"}},
 		{"several problems", good + "pipeline:\n  workers: -1\n  holdDelay: soon\n", []string{
-			"config.yaml:6: pipeline.workers", "config.yaml:7: pipeline.holdDelay: want a duration"}},
+			"config.yaml:6: pipeline.workers", "config.yaml:7: pipeline.holdDelay: must be a duration"}},
 		{"secret from unset env", strings.Replace(good, "url: ", "token: \"${CB_BAD_UNSET}\", url: ", 1), []string{
 			"config.yaml:3: brokers.nats.token: environment variable CB_BAD_UNSET is not set"}},
 		{"bad rules", strings.Replace(good, env.rules, broken, 1), []string{
@@ -153,7 +154,7 @@ pipeline: {ackWait: 2s, drainTimeout: 10s}
 		c, d := arrived(t, env.js, env.table)
 		return c+d >= 500
 	})
-	first.app.RequireStop()
+	first.stop(t)
 	c, d := arrived(t, env.js, env.table)
 	t.Logf("stopped at %d of %d arrived", c+d, len(exp))
 	if !strings.Contains(first.logs.String(), `"msg":"bridge stopped"`) {
@@ -166,7 +167,7 @@ pipeline: {ackWait: 2s, drainTimeout: 10s}
 		c, d := arrived(t, env.js, env.table)
 		return c >= uint64(fwd) && d >= uint64(dlq) && consumersIdle(t, env.js, env.table)
 	})
-	second.app.RequireStop()
+	second.stop(t)
 	v := verifyExactlyOnce(t, env.js, env.table, exp)
 	if len(v.Problems) > 0 {
 		t.Fatalf("after a graceful restart:\n%s", strings.Join(v.Problems, "\n"))

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -15,14 +16,15 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"go.uber.org/fx"
 
-	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/app"
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
 
-var demoFlags struct {
+// demoFlags are the flags of `cellbridge demo`.
+type demoFlags struct {
 	runFlags
 	n        int
 	rate     int
@@ -32,15 +34,6 @@ var demoFlags struct {
 }
 
 func init() {
-	fs := newFlagSet("demo")
-	f := &demoFlags
-	f.runFlags.register(fs, false)
-	fs.StringVar(&f.config, "config", "", "configuration `FILE` without brokers (pipeline, dedupe, http, log settings for the embedded bridge)")
-	fs.IntVar(&f.n, "n", 20000, "events to publish")
-	fs.IntVar(&f.rate, "rate", 2000, "events per second (0: as fast as the server takes them)")
-	fs.DurationVar(&f.interval, "interval", time.Second, "how often the table refreshes")
-	fs.BoolVar(&f.keep, "keep", true, "keep the bridge running after the last event arrived, until Ctrl-C (false: exit)")
-	fs.Uint64Var(&f.seed, "seed", 0, "seed of the sample events (0: from the clock)")
 	register(&command{
 		name:    "demo",
 		summary: "run the embedded bridge and watch sample events being routed to their cells",
@@ -61,31 +54,43 @@ event with 'cellbridge route', and keeps the bridge running for curl
 The bridge's log goes to DIR/cellbridge.log. -config may tune the embedded
 bridge (pipeline, dedupe, http, log) but must not name brokers; for example
 'dedupe: {store: memory}' shows the bridge without the KV store round trips.`,
-		flags: fs,
-		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-			if len(args) > 0 {
-				return usageError(stderr, "demo", "unexpected arguments: %s", strings.Join(args, " "))
-			}
-			if f.n < 0 || f.rate < 0 || f.interval <= 0 {
-				return usageError(stderr, "demo", "-n and -rate must not be negative, -interval must be positive")
-			}
-			o, code := prepareRun(&f.runFlags, stderr)
-			if o == nil {
-				return code
-			}
-			if err := runDemo(ctx, o, stdout); err != nil {
-				fmt.Fprintf(stderr, "cellbridge demo: %v\n", err)
-				return exitError
-			}
-			return exitOK
-		},
+		flags: demoCommand,
 	})
+}
+
+func demoCommand(fs *flag.FlagSet) runFunc {
+	f := &demoFlags{}
+	f.runFlags.register(fs)
+	fs.StringVar(&f.config, "config", "", "configuration `FILE` without brokers (pipeline, dedupe, http, log settings for the embedded bridge)")
+	fs.IntVar(&f.n, "n", 20000, "events to publish")
+	fs.IntVar(&f.rate, "rate", 2000, "events per second (0: as fast as the server takes them)")
+	fs.DurationVar(&f.interval, "interval", time.Second, "how often the table refreshes")
+	fs.BoolVar(&f.keep, "keep", true, "keep the bridge running after the last event arrived, until Ctrl-C (false: exit)")
+	fs.Uint64Var(&f.seed, "seed", 0, "seed of the sample events (0: from the clock)")
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+		if len(args) > 0 {
+			return usageError(stderr, "demo", "unexpected arguments: %s", strings.Join(args, " "))
+		}
+		if f.n < 0 || f.rate < 0 || f.interval <= 0 {
+			return usageError(stderr, "demo", "-n and -rate must not be negative, -interval must be positive")
+		}
+		o, code := prepareRun(&f.runFlags, stderr)
+		if o == nil {
+			return code
+		}
+		if err := runDemo(ctx, o, f, stdout); err != nil {
+			fmt.Fprintf(stderr, "cellbridge demo: %v\n", err)
+			return exitError
+		}
+		return exitOK
+	}
 }
 
 // demo is one run of the demo: the publisher and the monitor.
 type demo struct {
-	o     *runOptions
-	info  runInfo
+	f     *demoFlags
+	o     *app.Options
+	info  app.Info
 	out   io.Writer
 	term  bool
 	js    jetstream.JetStream
@@ -104,47 +109,40 @@ type demo struct {
 
 const dlqRow = "DLQ"
 
-func runDemo(ctx context.Context, o *runOptions, stdout io.Writer) error {
-	if !o.cfg.Embedded() {
+func runDemo(ctx context.Context, o *app.Options, f *demoFlags, stdout io.Writer) error {
+	if !o.Config.Embedded() {
 		return errors.New("the demo runs the embedded default only")
 	}
-	if err := os.MkdirAll(o.dataDir, 0o755); err != nil {
+	if err := os.MkdirAll(o.DataDir, 0o755); err != nil {
 		return err
 	}
-	logPath := filepath.Join(o.dataDir, "cellbridge.log")
+	logPath := filepath.Join(o.DataDir, "cellbridge.log")
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
 	defer lf.Close()
-	o.log = newLogger(LogConfig{Level: o.cfg.Log.Level, Format: "text"}, lf)
-	o.stdout = stdout
-	d := &demo{o: o, out: stdout, term: isTerminal(stdout), expected: map[string]map[string]int{}}
-	o.started = func(ri runInfo) { d.info = ri }
-
-	app := fx.New(appOptions(o), fx.StartTimeout(startTimeout), fx.StopTimeout(stopTimeout(o.cfg)))
-	sctx, cancel := context.WithTimeout(ctx, startTimeout)
-	err = app.Start(sctx)
-	cancel()
+	o.Log = app.NewLogger(config.LogConfig{Level: o.Config.Log.Level, Format: "text"}, lf)
+	o.Stdout = stdout
+	a, err := app.Start(ctx, *o)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "bridge running (rules %s, version %d); its log: %s\n", o.rulesDir, o.table.Version(), logPath)
+	d := &demo{f: f, o: o, info: a.Info, out: stdout, term: app.IsTerminal(stdout), expected: map[string]map[string]int{}}
+	fmt.Fprintf(stdout, "bridge running (rules %s, version %d); its log: %s\n", o.RulesDir, o.Rules.Version(), logPath)
 	derr := d.run(ctx)
-	if derr == nil && demoFlags.keep {
+	if derr == nil && f.keep {
 		fmt.Fprintln(stdout, "\nThe bridge keeps running: press Ctrl-C to stop it.")
 		select {
 		case <-ctx.Done():
-		case <-app.Wait():
+		case <-a.Failed():
 		}
 	}
 	if ctx.Err() != nil {
-		forceOnSecondSignal(o.log)
+		app.ForceOnSecondSignal(o.Log)
 	}
 	fmt.Fprintln(stdout, "stopping: draining in-flight messages, closing connections (Ctrl-C again to force) ...")
-	stopCtx, cancel := context.WithTimeout(context.Background(), stopTimeout(o.cfg))
-	defer cancel()
-	if err := app.Stop(stopCtx); err != nil {
+	if err := a.Shutdown(); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	fmt.Fprintln(stdout, "stopped cleanly.")
@@ -166,13 +164,13 @@ func (d *demo) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, c := range d.o.table.Cells() {
+	for _, c := range d.o.Rules.Cells() {
 		d.cells = append(d.cells, c.Name)
 	}
 	if d.baseline, err = d.arrived(ctx); err != nil {
 		return err
 	}
-	n, rate := demoFlags.n, demoFlags.rate
+	n, rate := d.f.n, d.f.rate
 	fmt.Fprintf(d.out, "publishing %d sample events to ORDERS (orders.*) and PAYMENTS (payments.*) on %s at %s\n\n",
 		n, d.info.NATSURL, rateText(rate))
 	d.started = time.Now()
@@ -205,7 +203,7 @@ func (d *demo) run(ctx context.Context) error {
 			doneAt = time.Now()
 			break
 		}
-		if time.Since(lastDraw) >= demoFlags.interval {
+		if time.Since(lastDraw) >= d.f.interval {
 			lastDraw = time.Now()
 			d.draw(counts, false)
 		}
@@ -234,7 +232,7 @@ func rateText(rate int) string {
 // publish sends n events at rate per second (0: flat out), waiting for the
 // server's acks in windows.
 func (d *demo) publish(ctx context.Context, n, rate int) error {
-	gen := newEventGen(demoSeed(), 500)
+	gen := newEventGen(d.seed(), 500)
 	const window = 1000
 	var futs []jetstream.PubAckFuture
 	wait := func() error {
@@ -265,7 +263,7 @@ func (d *demo) publish(ctx context.Context, n, rate int) error {
 			}
 		}
 		ev := gen.next()
-		dec := d.o.table.Route(ev.Topic, &router.Message{Subject: ev.Subject, Header: ev.Header, Body: ev.Body})
+		dec := d.o.Rules.Route(ev.Topic, &router.Message{Subject: ev.Subject, Header: ev.Header, Body: ev.Body})
 		f, err := d.js.PublishMsgAsync(ev.Msg())
 		if err != nil {
 			return fmt.Errorf("publishing sample events: %w", err)
@@ -295,9 +293,9 @@ func (d *demo) publish(ctx context.Context, n, rate int) error {
 	return wait()
 }
 
-func demoSeed() uint64 {
-	if demoFlags.seed != 0 {
-		return demoFlags.seed
+func (d *demo) seed() uint64 {
+	if d.f.seed != 0 {
+		return d.f.seed
 	}
 	return uint64(time.Now().UnixNano())
 }
@@ -360,7 +358,7 @@ func (d *demo) draw(counts map[string]map[string]uint64, final bool) uint64 {
 	d.mu.Unlock()
 
 	topics := []string{}
-	for _, r := range d.o.table.Rules() {
+	for _, r := range d.o.Rules.Rules() {
 		topics = append(topics, r.Name)
 	}
 	sort.Strings(topics)
@@ -408,11 +406,11 @@ func (d *demo) draw(counts map[string]map[string]uint64, final bool) uint64 {
 	}
 	tw.Flush()
 
-	outcomes := d.outcomes()
+	outcomes := d.info.Outcomes()
 	elapsed := time.Since(d.started)
 	rate := float64(total) / max(elapsed.Seconds(), 0.001)
 	head := fmt.Sprintf("published %d/%d  arrived %d (cells %d, DLQ %d)  %.0f msgs/s  %s",
-		published, demoFlags.n, total, cellTotal, total-cellTotal, rate, elapsed.Truncate(100*time.Millisecond))
+		published, d.f.n, total, cellTotal, total-cellTotal, rate, elapsed.Truncate(100*time.Millisecond))
 	var oc []string
 	for _, k := range []string{"forwarded", "duplicate", "held", "dlq", "retried"} {
 		oc = append(oc, fmt.Sprintf("%s %.0f", k, outcomes[k]))
@@ -432,28 +430,6 @@ func (d *demo) draw(counts map[string]map[string]uint64, final bool) uint64 {
 	return total
 }
 
-// outcomes sums cellbridge_messages_total by outcome over all rules.
-func (d *demo) outcomes() map[string]float64 {
-	out := map[string]float64{}
-	mfs, err := d.info.Pipeline.Metrics().Registry.Gather()
-	if err != nil {
-		return out
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != bridge.MetricMessages {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "outcome" {
-					out[l.GetValue()] += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return out
-}
-
 // printHelp says how to check the numbers by hand.
 func (d *demo) printHelp() {
 	bin := "cellbridge"
@@ -467,7 +443,7 @@ func (d *demo) printHelp() {
 	d.mu.Lock()
 	ex, dec := d.example, d.exampleD
 	d.mu.Unlock()
-	rules := d.o.rulesDir
+	rules := d.o.RulesDir
 	if wd, err := os.Getwd(); err == nil {
 		if rel, err := filepath.Rel(wd, rules); err == nil && !strings.HasPrefix(rel, "..") {
 			rules = rel

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -26,7 +27,7 @@ standard error and exits 1.
 
 Example:
   cellbridge validate deploy/rules`,
-		run: runValidate,
+		flags: func(*flag.FlagSet) runFunc { return runValidate },
 	})
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -16,18 +17,7 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 )
 
-var statusFlags struct {
-	addr    string
-	jsonOut bool
-	timeout time.Duration
-}
-
 func init() {
-	fs := newFlagSet("status")
-	f := &statusFlags
-	fs.StringVar(&f.addr, "addr", "http://127.0.0.1:9090", "the bridge's HTTP `URL` (or host:port)")
-	fs.BoolVar(&f.jsonOut, "json", false, "print /status as the bridge sends it (JSON)")
-	fs.DurationVar(&f.timeout, "timeout", 5*time.Second, "give up after this long")
 	register(&command{
 		name:    "status",
 		summary: "show a running bridge's rules version, in-flight, held (per shard range) and backlog",
@@ -45,35 +35,39 @@ Each replica answers for itself: in Kubernetes, port-forward one pod at a time
 
 Exit status 0 when the bridge answered (ready or not), 1 when it cannot be
 reached or answers with an error.`,
-		flags: fs,
-		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-			if len(args) > 0 {
-				return usageError(stderr, "status", "unexpected arguments: %s", strings.Join(args, " "))
-			}
-			base, err := bridgeBaseURL(f.addr)
-			if err != nil {
-				return usageError(stderr, "status", "-addr: %v", err)
-			}
-			ctx, cancel := context.WithTimeout(ctx, f.timeout)
-			defer cancel()
-			body, err := fetchStatus(ctx, base)
-			if err != nil {
-				fmt.Fprintf(stderr, "cellbridge status: %v\n", err)
-				return exitError
-			}
-			if f.jsonOut {
-				_, _ = stdout.Write(body)
-				return exitOK
-			}
-			var st bridge.Status
-			if err := json.Unmarshal(body, &st); err != nil {
-				fmt.Fprintf(stderr, "cellbridge status: %s/status is not a bridge status: %v\n", base, err)
-				return exitError
-			}
-			writeStatus(stdout, base, st, time.Now())
-			return exitOK
-		},
+		flags: statusCommand,
 	})
+}
+
+func statusCommand(fs *flag.FlagSet) runFunc {
+	addr := fs.String("addr", "http://127.0.0.1:9090", "the bridge's HTTP `URL` (or host:port)")
+	jsonOut := fs.Bool("json", false, "print /status as the bridge sends it (JSON)")
+	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+		if len(args) > 0 {
+			return usageError(stderr, "status", "unexpected arguments: %s", strings.Join(args, " "))
+		}
+		base, err := bridgeBaseURL(*addr)
+		if err != nil {
+			return usageError(stderr, "status", "-addr: %v", err)
+		}
+		body, err := fetchStatus(ctx, base, *timeout)
+		if err != nil {
+			fmt.Fprintf(stderr, "cellbridge status: %v\n", err)
+			return exitError
+		}
+		if *jsonOut {
+			_, _ = stdout.Write(body)
+			return exitOK
+		}
+		var st bridge.Status
+		if err := json.Unmarshal(body, &st); err != nil {
+			fmt.Fprintf(stderr, "cellbridge status: %s/status is not a bridge status: %v\n", base, err)
+			return exitError
+		}
+		writeStatus(stdout, base, st, time.Now())
+		return exitOK
+	}
 }
 
 // bridgeBaseURL accepts http(s)://host:port[/prefix] or host:port.
@@ -91,9 +85,11 @@ func bridgeBaseURL(addr string) (string, error) {
 	return strings.TrimRight(u.String(), "/"), nil
 }
 
-// fetchStatus GETs base/status; its errors say what an operator should
-// check.
-func fetchStatus(ctx context.Context, base string) ([]byte, error) {
+// fetchStatus GETs base/status within timeout; its errors say what an
+// operator should check.
+func fetchStatus(ctx context.Context, base string, timeout time.Duration) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/status", nil)
 	if err != nil {
 		return nil, err
@@ -103,7 +99,7 @@ func fetchStatus(ctx context.Context, base string) ([]byte, error) {
 		var op *net.OpError
 		switch {
 		case errors.Is(err, context.DeadlineExceeded):
-			return nil, fmt.Errorf("no answer from the bridge at %s within %s", base, statusFlags.timeout)
+			return nil, fmt.Errorf("no answer from the bridge at %s within %s", base, timeout)
 		case errors.As(err, &op):
 			return nil, fmt.Errorf("cannot reach the bridge at %s: %v\n(is it running, and is this its HTTP address? pass -addr; in Kubernetes port-forward a pod first)", base, op.Err)
 		}

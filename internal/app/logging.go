@@ -1,27 +1,29 @@
-package main
+package app
 
 import (
 	"io"
 	"log/slog"
 	"os"
+
+	"github.com/cellbridge/cellbridge/internal/config"
 )
 
-// newLogger returns the process logger: JSON when format is json, or when it
+// NewLogger returns the process logger: JSON when format is json, or when it
 // is auto and w is not a terminal (log collectors parse it); text otherwise.
-func newLogger(cfg LogConfig, w io.Writer) *slog.Logger {
+func NewLogger(cfg config.LogConfig, w io.Writer) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.Level)) // validated; "" stays info
 	opts := &slog.HandlerOptions{Level: level}
-	json := cfg.Format == "json" || (cfg.Format != "text" && !isTerminal(w))
+	json := cfg.Format == "json" || (cfg.Format != "text" && !IsTerminal(w))
 	if json {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-// isTerminal reports whether w is a character device (a terminal), without
+// IsTerminal reports whether w is a character device (a terminal), without
 // a dependency on x/term.
-func isTerminal(w io.Writer) bool {
+func IsTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
 	if !ok {
 		return false

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -13,12 +14,14 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"go.uber.org/fx"
 
+	"github.com/cellbridge/cellbridge/internal/app"
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/internal/drill"
 )
 
-var drillFlags struct {
+// drillFlags are the flags of `cellbridge drill`.
+type drillFlags struct {
 	runFlags
 	topic          string
 	rate           int
@@ -33,25 +36,6 @@ var drillFlags struct {
 }
 
 func init() {
-	fs := newFlagSet("drill")
-	f := &drillFlags
-	fs.StringVar(&f.data, "data", "", "`DIR` for the embedded JetStream store, the rules copy and the bridge log (default: a temporary directory, removed afterwards)")
-	fs.StringVar(&f.http, "http", "127.0.0.1:0", "HTTP listen `ADDR` of the drill's bridge (/status, /metrics)")
-	fs.StringVar(&f.rules, "rules", "", "rule `DIR` to start from (copied; default: the example rules deploy/rules)")
-	fs.StringVar(&f.config, "config", "", "configuration `FILE` without brokers (pipeline, dedupe, log settings for the embedded bridge)")
-	fs.IntVar(&f.natsPort, "nats-port", -1, "embedded NATS client `PORT` (-1: a free one)")
-	fs.StringVar(&f.topic, "topic", "", "topic `RULE` to load (default: the first by name)")
-	fs.IntVar(&f.rate, "rate", 2000, "events per second")
-	fs.IntVar(&f.keysPerShard, "keys", 2, "keys per shard")
-	fs.StringVar(&f.move, "move", "", "shard `RANGE` of the planned switch, e.g. 22-32 (default: the upper third of the first cell's last range)")
-	fs.StringVar(&f.to, "to", "", "new owner `CELL` of the range (default: the last active cell)")
-	fs.StringVar(&f.down, "down", "", "`CELL` the failover marks down (default: the new owner)")
-	fs.DurationVar(&f.before, "before", 2*time.Second, "load before the switch")
-	fs.DurationVar(&f.blocked, "blocked", 3*time.Second, "how long the range stays blocked")
-	fs.DurationVar(&f.after, "after", 2*time.Second, "load after the switch (twice as long after the failover)")
-	fs.DurationVar(&f.settle, "settle", 30*time.Second, "longest wait for a reload, a drain or the last events")
-	fs.BoolVar(&f.jsonOut, "json", false, "print the report as JSON")
-	fs.BoolVar(&f.quiet, "q", false, "no progress lines, only the report")
 	register(&command{
 		name:    "drill",
 		summary: "rehearse a planned cell switch and a disaster failover under load, and check the guarantees",
@@ -83,39 +67,59 @@ time from unblock to drained, and the violations.
 
 Exit status 0 when there is no violation, 1 when there is any (or the drill
 could not run). The bridge's log goes to DIR/cellbridge.log.`,
-		flags: fs,
-		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-			if len(args) > 0 {
-				return usageError(stderr, "drill", "unexpected arguments: %s", strings.Join(args, " "))
-			}
-			if f.rate <= 0 || f.keysPerShard <= 0 || f.before <= 0 || f.blocked <= 0 || f.after <= 0 || f.settle <= 0 {
-				return usageError(stderr, "drill", "-rate, -keys and the durations must be positive")
-			}
-			rep, err := runDrillCommand(ctx, stdout, stderr)
-			if err != nil {
-				fmt.Fprintf(stderr, "cellbridge drill: %v\n", err)
-				return exitError
-			}
-			if f.jsonOut {
-				enc := json.NewEncoder(stdout)
-				enc.SetIndent("", "  ")
-				_ = enc.Encode(rep)
-			} else {
-				fmt.Fprintln(stdout)
-				_ = rep.WriteText(stdout)
-			}
-			if !rep.OK() {
-				return exitError
-			}
-			return exitOK
-		},
+		flags: drillCommand,
 	})
 }
 
+func drillCommand(fs *flag.FlagSet) runFunc {
+	f := &drillFlags{}
+	fs.StringVar(&f.data, "data", "", "`DIR` for the embedded JetStream store, the rules copy and the bridge log (default: a temporary directory, removed afterwards)")
+	fs.StringVar(&f.http, "http", "127.0.0.1:0", "HTTP listen `ADDR` of the drill's bridge (/status, /metrics)")
+	fs.StringVar(&f.rules, "rules", "", "rule `DIR` to start from (copied; default: the example rules deploy/rules)")
+	fs.StringVar(&f.config, "config", "", "configuration `FILE` without brokers (pipeline, dedupe, log settings for the embedded bridge)")
+	fs.IntVar(&f.natsPort, "nats-port", -1, "embedded NATS client `PORT` (-1: a free one)")
+	fs.StringVar(&f.topic, "topic", "", "topic `RULE` to load (default: the first by name)")
+	fs.IntVar(&f.rate, "rate", 2000, "events per second")
+	fs.IntVar(&f.keysPerShard, "keys", 2, "keys per shard")
+	fs.StringVar(&f.move, "move", "", "shard `RANGE` of the planned switch, e.g. 22-32 (default: the upper third of the first cell's last range)")
+	fs.StringVar(&f.to, "to", "", "new owner `CELL` of the range (default: the last active cell)")
+	fs.StringVar(&f.down, "down", "", "`CELL` the failover marks down (default: the new owner)")
+	fs.DurationVar(&f.before, "before", 2*time.Second, "load before the switch")
+	fs.DurationVar(&f.blocked, "blocked", 3*time.Second, "how long the range stays blocked")
+	fs.DurationVar(&f.after, "after", 2*time.Second, "load after the switch (twice as long after the failover)")
+	fs.DurationVar(&f.settle, "settle", 30*time.Second, "longest wait for a reload, a drain or the last events")
+	fs.BoolVar(&f.jsonOut, "json", false, "print the report as JSON")
+	fs.BoolVar(&f.quiet, "q", false, "no progress lines, only the report")
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+		if len(args) > 0 {
+			return usageError(stderr, "drill", "unexpected arguments: %s", strings.Join(args, " "))
+		}
+		if f.rate <= 0 || f.keysPerShard <= 0 || f.before <= 0 || f.blocked <= 0 || f.after <= 0 || f.settle <= 0 {
+			return usageError(stderr, "drill", "-rate, -keys and the durations must be positive")
+		}
+		rep, err := runDrillCommand(ctx, f, stdout, stderr)
+		if err != nil {
+			fmt.Fprintf(stderr, "cellbridge drill: %v\n", err)
+			return exitError
+		}
+		if f.jsonOut {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(rep)
+		} else {
+			fmt.Fprintln(stdout)
+			_ = rep.WriteText(stdout)
+		}
+		if !rep.OK() {
+			return exitError
+		}
+		return exitOK
+	}
+}
+
 // runDrillCommand prepares the embedded bridge of `cellbridge drill` from
-// drillFlags, runs the drill against it and stops it.
-func runDrillCommand(ctx context.Context, stdout, stderr io.Writer) (*drill.Report, error) {
-	f := &drillFlags
+// its flags, runs the drill against it and stops it.
+func runDrillCommand(ctx context.Context, f *drillFlags, stdout, stderr io.Writer) (*drill.Report, error) {
 	data := f.data
 	if data == "" {
 		tmp, err := os.MkdirTemp("", "cellbridge-drill-")
@@ -146,10 +150,10 @@ func runDrill(ctx context.Context, rf *runFlags, data string, dc drill.Config, s
 	if err != nil {
 		return nil, err
 	}
-	if !o.cfg.Embedded() {
+	if !o.Config.Embedded() {
 		return nil, errors.New("the drill runs the embedded default only: -config must not name brokers")
 	}
-	return drillApp(ctx, o, data, func(info runInfo) (drill.Config, func(), error) {
+	return drillApp(ctx, o, data, func(info app.Info) (drill.Config, func(), error) {
 		nc, err := nats.Connect(info.NATSURL, nats.Name("cellbridge-drill"))
 		if err != nil {
 			return dc, nil, err
@@ -168,19 +172,19 @@ func runDrill(ctx context.Context, rf *runFlags, data string, dc drill.Config, s
 // into a ConfigMap-style directory data/rules, which the bridge then
 // watches, and prepares the bridge as `cellbridge run` does (rf.config may
 // name brokers).
-func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*runOptions, error) {
+func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*app.Options, error) {
 	src := rf.rules
 	if src == "" {
 		cfgRules := ""
 		if rf.config != "" {
-			if c, err := LoadConfig(rf.config); err == nil {
-				cfgRules = c.Rules
+			if c, err := config.Load(rf.config); err == nil {
+				cfgRules = string(c.Rules)
 			}
 		}
 		src = cfgRules
 	}
 	if src == "" {
-		d, err := exampleRulesDir()
+		d, err := app.ExampleRulesDir()
 		if err != nil {
 			return nil, err
 		}
@@ -206,48 +210,39 @@ func prepareDrill(rf *runFlags, data string, stderr io.Writer) (*runOptions, err
 // drillApp starts the app of o (logging to data/cellbridge.log), lets
 // prepare fill in the drill's connections from the started bridge, runs the
 // drill, and stops the app. prepare's cleanup runs before the app stops.
-func drillApp(ctx context.Context, o *runOptions, data string, prepare func(runInfo) (drill.Config, func(), error)) (*drill.Report, error) {
+func drillApp(ctx context.Context, o *app.Options, data string, prepare func(app.Info) (drill.Config, func(), error)) (*drill.Report, error) {
 	logPath := filepath.Join(data, "cellbridge.log")
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	defer lf.Close()
-	if o.log == nil {
-		o.log = newLogger(LogConfig{Level: o.cfg.Log.Level, Format: "json"}, lf)
+	if o.Log == nil {
+		o.Log = app.NewLogger(config.LogConfig{Level: o.Config.Log.Level, Format: "json"}, lf)
 	}
-	var info runInfo
-	o.started = func(ri runInfo) { info = ri }
-	app := fx.New(appOptions(o), fx.StartTimeout(startTimeout), fx.StopTimeout(stopTimeout(o.cfg)))
-	sctx, cancel := context.WithTimeout(ctx, startTimeout)
-	err = app.Start(sctx)
-	cancel()
+	a, err := app.Start(ctx, *o)
 	if err != nil {
 		return nil, err
 	}
-	stopApp := func() error {
-		stopCtx, cancel := context.WithTimeout(context.Background(), stopTimeout(o.cfg))
-		defer cancel()
-		return app.Stop(stopCtx)
-	}
+	info := a.Info
 	dc, cleanup, err := prepare(info)
 	if err != nil {
-		_ = stopApp()
+		_ = a.Shutdown()
 		return nil, err
 	}
 	dc.BridgeURL = "http://" + info.HTTPAddr
-	dc.RulesDir = o.rulesDir
+	dc.RulesDir = o.RulesDir
 	pw := dc.Progress
 	if pw == nil {
 		pw = io.Discard
 	}
 	fmt.Fprintf(pw, "bridge running: HTTP %s (cellbridge status -addr %s), rules %s, log %s\n",
-		dc.BridgeURL, dc.BridgeURL, o.rulesDir, logPath)
+		dc.BridgeURL, dc.BridgeURL, o.RulesDir, logPath)
 	rep, derr := drill.Run(ctx, dc)
 	if cleanup != nil {
 		cleanup()
 	}
-	if err := stopApp(); err != nil && derr == nil {
+	if err := a.Shutdown(); err != nil && derr == nil {
 		derr = fmt.Errorf("stopping the bridge: %w", err)
 	}
 	return rep, derr

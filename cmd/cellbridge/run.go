@@ -8,37 +8,29 @@ import (
 	"io"
 	"strings"
 
+	"github.com/cellbridge/cellbridge/internal/app"
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
 
-// runFlags are the flags of `cellbridge run`; `demo` shares most of them.
+// runFlags are the flags that choose the bridge to run; `demo` and `drill`
+// share them.
 type runFlags struct {
 	config   string
 	data     string
 	http     string
 	rules    string
 	natsPort int
-	check    bool
-	defaults bool
 }
 
-func (f *runFlags) register(fs *flag.FlagSet, withConfig bool) {
-	if withConfig {
-		fs.StringVar(&f.config, "config", "", "bridge configuration `FILE` (YAML); without it, or without brokers in it, the embedded default runs")
-		fs.BoolVar(&f.check, "check", false, "validate the configuration and the rules against each other, then exit (0 valid, 1 invalid)")
-		fs.BoolVar(&f.defaults, "defaults", false, "print every configuration field's default as a Markdown table, then exit")
-	}
+func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.data, "data", "./data", "embedded default: `DIR` for the JetStream store")
 	fs.StringVar(&f.http, "http", "", "HTTP listen `ADDR` (overrides http.listen; default :9090)")
 	fs.StringVar(&f.rules, "rules", "", "rule `DIR` (overrides rules:; embedded default: the example rules deploy/rules)")
-	fs.IntVar(&f.natsPort, "nats-port", defaultNATSPort, "embedded default: preferred NATS client `PORT` (a free one is used when it is taken)")
+	fs.IntVar(&f.natsPort, "nats-port", app.DefaultNATSPort, "embedded default: preferred NATS client `PORT` (a free one is used when it is taken)")
 }
 
-var runCmd = &runFlags{}
-
 func init() {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	runCmd.register(fs, true)
 	register(&command{
 		name:    "run",
 		summary: "run the bridge (embedded NATS server and example rules when no brokers are configured)",
@@ -57,40 +49,51 @@ The configuration and the rules are checked before anything connects: every
 problem is printed as file:line: field: message and the exit code is 1.
 SIGINT/SIGTERM stop fetching, finish in-flight messages within
 pipeline.drainTimeout, then close connections (exit 0).`,
-		flags: fs,
-		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-			if len(args) > 0 {
-				return usageError(stderr, "run", "unexpected arguments: %s", strings.Join(args, " "))
-			}
-			if runCmd.defaults {
-				printDefaults(stdout)
-				return exitOK
-			}
-			o, code := prepareRun(runCmd, stderr)
-			if o == nil {
-				return code
-			}
-			if runCmd.check {
-				fmt.Fprintf(stdout, "ok: config %s, rules %s version %d (%d topics, %d cells)\n",
-					o.cfg.File, o.table.Dir(), o.table.Version(), len(o.table.Rules()), len(o.table.Cells()))
-				return exitOK
-			}
-			o.stdout = stdout
-			if err := runBridge(ctx, o); err != nil {
-				fmt.Fprintf(stderr, "cellbridge run: %v\n", err)
-				return exitError
-			}
-			return exitOK
-		},
+		flags: runCommand,
 	})
+}
+
+func runCommand(fs *flag.FlagSet) runFunc {
+	var (
+		f               runFlags
+		check, defaults bool
+	)
+	fs.StringVar(&f.config, "config", "", "bridge configuration `FILE` (YAML); without it, or without brokers in it, the embedded default runs")
+	fs.BoolVar(&check, "check", false, "validate the configuration and the rules against each other, then exit (0 valid, 1 invalid)")
+	fs.BoolVar(&defaults, "defaults", false, "print every configuration field's default as a Markdown table, then exit")
+	f.register(fs)
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+		if len(args) > 0 {
+			return usageError(stderr, "run", "unexpected arguments: %s", strings.Join(args, " "))
+		}
+		if defaults {
+			config.WriteDefaults(stdout)
+			return exitOK
+		}
+		o, code := prepareRun(&f, stderr)
+		if o == nil {
+			return code
+		}
+		if check {
+			fmt.Fprintf(stdout, "ok: config %s, rules %s version %d (%d topics, %d cells)\n",
+				o.Config.File, o.Rules.Dir(), o.Rules.Version(), len(o.Rules.Rules()), len(o.Rules.Cells()))
+			return exitOK
+		}
+		o.Stdout = stdout
+		if err := app.Run(ctx, *o); err != nil {
+			fmt.Fprintf(stderr, "cellbridge run: %v\n", err)
+			return exitError
+		}
+		return exitOK
+	}
 }
 
 // prepareRun loads and cross-checks the configuration and the rules, before
 // anything connects or consumes. On failure it prints every problem to stderr
 // and returns nil and the exit code.
-func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
-	fail := func(what string, err error) (*runOptions, int) {
-		var ce ConfigErrors
+func prepareRun(f *runFlags, stderr io.Writer) (*app.Options, int) {
+	fail := func(what string, err error) (*app.Options, int) {
+		var ce config.Errors
 		var re *router.Errors
 		switch {
 		case errors.As(err, &ce), errors.As(err, &re):
@@ -100,27 +103,26 @@ func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
 		}
 		return nil, exitError
 	}
-	cfg := DefaultConfig()
+	cfg := config.Default()
 	if f.config != "" {
-		c, err := LoadConfig(f.config)
+		c, err := config.Load(f.config)
 		if err != nil {
 			return fail("configuration", err)
 		}
 		cfg = c
 	}
 	if f.http != "" {
-		cfg.HTTP.Listen = f.http
-		cfg.pos["http.listen"] = 0 // explicitly chosen: no fallback port
+		cfg.OverrideHTTPListen(f.http) // explicitly chosen: no fallback port
 		if err := cfg.Validate(); err != nil {
 			return fail("-http", err)
 		}
 	}
-	rules := cfg.Rules
+	rules := string(cfg.Rules)
 	if f.rules != "" {
 		rules = f.rules
 	}
 	if rules == "" {
-		d, err := exampleRulesDir()
+		d, err := app.ExampleRulesDir()
 		if err != nil {
 			return fail("rules", err)
 		}
@@ -133,20 +135,7 @@ func prepareRun(f *runFlags, stderr io.Writer) (*runOptions, int) {
 	if err := cfg.CheckRules(table); err != nil {
 		return fail("configuration for these rules", err)
 	}
-	return &runOptions{cfg: cfg, table: table, rulesDir: rules, dataDir: f.data, natsPort: f.natsPort}, exitOK
+	return &app.Options{Config: cfg, Rules: table, RulesDir: rules, DataDir: f.data, NATSPort: f.natsPort, Version: version}, exitOK
 }
 
 func indent(s string) string { return "  " + strings.ReplaceAll(s, "\n", "\n  ") }
-
-// printDefaults writes the defaults table as Markdown (for the README).
-func printDefaults(w io.Writer) {
-	fmt.Fprintln(w, "| field | default | meaning |")
-	fmt.Fprintln(w, "|---|---|---|")
-	for _, e := range configDefaults {
-		v := "`" + e.Value + "`"
-		if e.Value == "" {
-			v = "(computed)"
-		}
-		fmt.Fprintf(w, "| `%s` | %s | %s |\n", e.Field, v, strings.ReplaceAll(e.Doc, "|", "\\|"))
-	}
-}

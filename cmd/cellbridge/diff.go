@@ -3,17 +3,14 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 
 	"github.com/cellbridge/cellbridge/router"
 )
 
-var diffFlags struct{ json bool }
-
 func init() {
-	fs := newFlagSet("diff")
-	fs.BoolVar(&diffFlags.json, "json", false, "print the report as JSON")
 	register(&command{
 		name:    "diff",
 		summary: "compare two rules directories: shards changing cell and the blocked list for a safe switch",
@@ -36,12 +33,18 @@ rule set is invalid.
 
 Example:
   cellbridge diff deploy/rules /tmp/rules-next`,
-		flags: fs,
-		run:   runDiff,
+		flags: diffCommand,
 	})
 }
 
-func runDiff(_ context.Context, args []string, stdout, stderr io.Writer) int {
+func diffCommand(fs *flag.FlagSet) runFunc {
+	jsonOut := fs.Bool("json", false, "print the report as JSON")
+	return func(_ context.Context, args []string, stdout, stderr io.Writer) int {
+		return runDiff(args, *jsonOut, stdout, stderr)
+	}
+}
+
+func runDiff(args []string, jsonOut bool, stdout, stderr io.Writer) int {
 	if len(args) != 2 {
 		return usageError(stderr, "diff", "want OLD_DIR and NEW_DIR, got %d arguments", len(args))
 	}
@@ -54,7 +57,7 @@ func runDiff(_ context.Context, args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	r := router.Diff(old, next)
-	if diffFlags.json {
+	if jsonOut {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(r); err != nil {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -20,7 +21,6 @@ type stringFlag struct {
 
 func (f *stringFlag) String() string     { return f.v }
 func (f *stringFlag) Set(s string) error { f.v, f.set = s, true; return nil }
-func (f *stringFlag) Reset()             { *f = stringFlag{} }
 
 // headerFlag collects repeated -header K=V flags.
 type headerFlag struct{ h map[string][]string }
@@ -37,9 +37,9 @@ func (f *headerFlag) Set(s string) error {
 	f.h[k] = append(f.h[k], v)
 	return nil
 }
-func (f *headerFlag) Reset() { f.h = nil }
 
-var routeFlags struct {
+// routeFlags are the flags of `cellbridge route`.
+type routeFlags struct {
 	rules, topic, body, subject, keys string
 	key                               stringFlag
 	header                            headerFlag
@@ -47,16 +47,6 @@ var routeFlags struct {
 }
 
 func init() {
-	fs := newFlagSet("route")
-	f := &routeFlags
-	fs.StringVar(&f.rules, "rules", "deploy/rules", "rules `DIR`")
-	fs.StringVar(&f.topic, "topic", "", "topic rule `NAME` (required)")
-	fs.Var(&f.key, "key", "the shard `KEY`, already extracted (\"\" = no key)")
-	fs.Var(&f.header, "header", "message header `NAME=VALUE` (repeatable); instead of -key")
-	fs.StringVar(&f.body, "body", "", "message body from `FILE`; instead of -key")
-	fs.StringVar(&f.subject, "subject", "", "message `SUBJECT` (NATS subject or RocketMQ topic); instead of -key")
-	fs.StringVar(&f.keys, "keys", "", "RocketMQ message `KEYS` (space separated); instead of -key")
-	fs.BoolVar(&f.pretty, "pretty", false, "indent the JSON")
 	register(&command{
 		name:    "route",
 		summary: "show where an event goes: the routing decision as JSON",
@@ -75,13 +65,26 @@ Examples:
   cellbridge route -topic payments -header X-User-Id=2088000000012345
   echo '{"user":{"id":2088000000012345}}' > /tmp/order.json
   cellbridge route -topic orders -body /tmp/order.json`,
-		flags: fs,
-		run:   runRoute,
+		flags: routeCommand,
 	})
 }
 
-func runRoute(_ context.Context, args []string, stdout, stderr io.Writer) int {
-	f := &routeFlags
+func routeCommand(fs *flag.FlagSet) runFunc {
+	f := &routeFlags{}
+	fs.StringVar(&f.rules, "rules", "deploy/rules", "rules `DIR`")
+	fs.StringVar(&f.topic, "topic", "", "topic rule `NAME` (required)")
+	fs.Var(&f.key, "key", "the shard `KEY`, already extracted (\"\" = no key)")
+	fs.Var(&f.header, "header", "message header `NAME=VALUE` (repeatable); instead of -key")
+	fs.StringVar(&f.body, "body", "", "message body from `FILE`; instead of -key")
+	fs.StringVar(&f.subject, "subject", "", "message `SUBJECT` (NATS subject or RocketMQ topic); instead of -key")
+	fs.StringVar(&f.keys, "keys", "", "RocketMQ message `KEYS` (space separated); instead of -key")
+	fs.BoolVar(&f.pretty, "pretty", false, "indent the JSON")
+	return func(_ context.Context, args []string, stdout, stderr io.Writer) int {
+		return runRoute(f, args, stdout, stderr)
+	}
+}
+
+func runRoute(f *routeFlags, args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 {
 		return usageError(stderr, "route", "unexpected arguments: %s", strings.Join(args, " "))
 	}

@@ -1,18 +1,39 @@
-package main
+package app
 
 import (
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
+
+// The configuration file as the broker kinds of this package define it.
+
+// natsOf returns the settings of NATS broker name.
+func natsOf(t *testing.T, c *config.Config, name string) *NATSBroker {
+	t.Helper()
+	s, ok := c.Brokers[name].Settings.(*NATSBroker)
+	if !ok {
+		t.Fatalf("broker %s: settings %T", name, c.Brokers[name].Settings)
+	}
+	return s
+}
+
+// rmqOf returns the settings of RocketMQ broker name.
+func rmqOf(t *testing.T, c *config.Config, name string) *RocketMQBroker {
+	t.Helper()
+	s, ok := c.Brokers[name].Settings.(*RocketMQBroker)
+	if !ok {
+		t.Fatalf("broker %s: settings %T", name, c.Brokers[name].Settings)
+	}
+	return s
+}
 
 // writeConfig writes body to dir/config.yaml with an existing rules dir next
 // to it, and returns the path.
@@ -26,67 +47,6 @@ func writeConfig(t *testing.T, dir, body string) string {
 		t.Fatal(err)
 	}
 	return p
-}
-
-func TestConfigDefaults(t *testing.T) {
-	c := DefaultConfig()
-	if err := c.Validate(); err != nil {
-		t.Fatalf("built-in config invalid: %v", err)
-	}
-	if !c.Embedded() {
-		t.Fatal("built-in config is not the embedded default")
-	}
-	pl := c.Pipeline
-	checks := []struct {
-		name      string
-		got, want any
-	}{
-		{"http.listen", c.HTTP.Listen, ":9090"},
-		{"dedupe.store", c.Dedupe.Store, DedupeJetStream},
-		{"dedupe.broker", c.Dedupe.Broker, "nats"},
-		{"dedupe.bucket", c.Dedupe.Bucket, "cellbridge-dedupe"},
-		{"dedupe.ttl", c.Dedupe.TTL.D(), 10 * time.Minute},
-		{"dedupe.reserveTTL", c.Dedupe.ReserveTTL.D(), 30 * time.Second},
-		{"dedupe.size", c.Dedupe.Size, 1000000},
-		{"maxInFlight", pl.MaxInFlight, 4096},
-		{"workers", pl.Workers, 0},
-		{"lanes", pl.Lanes, 0},
-		{"heldRecheck", pl.HeldRecheck.D(), time.Second},
-		{"fetchBatch", pl.FetchBatch, 1024},
-		{"holdDelay", pl.HoldDelay.D(), 5 * time.Second},
-		{"retry.initial", pl.Retry.Initial.D(), 100 * time.Millisecond},
-		{"retry.max", pl.Retry.Max.D(), 5 * time.Second},
-		{"maxMessageBytes", pl.MaxMessageBytes, ByteSize(1 << 20)},
-		{"maxHops", pl.MaxHops, 4},
-		{"drainTimeout", pl.DrainTimeout.D(), 20 * time.Second},
-		{"progressTimeout", pl.ProgressTimeout.D(), 60 * time.Second},
-		{"ackWait", pl.AckWait.D(), 30 * time.Second},
-		{"maxHeld", pl.MaxHeld, 10000},
-		{"log.level", c.Log.Level, "info"},
-		{"log.format", c.Log.Format, "auto"},
-	}
-	for _, ch := range checks {
-		if ch.got != ch.want {
-			t.Errorf("%s = %v, want %v", ch.name, ch.got, ch.want)
-		}
-	}
-	// Every row of the table names a real field.
-	for _, e := range configDefaults {
-		if e.Value != "" && !fieldByPath(reflectValue(c), e.Field).IsValid() {
-			t.Errorf("defaults table names unknown field %s", e.Field)
-		}
-	}
-}
-
-// TestConfigDefaultsMatchBridge keeps the documented defaults equal to the
-// pipeline's own (bridge.Config.WithDefaults), so that a config file that
-// sets nothing behaves like a pipeline built without one.
-func TestConfigDefaultsMatchBridge(t *testing.T) {
-	got := DefaultConfig().bridgeConfig().WithDefaults()
-	want := bridge.Config{}.WithDefaults()
-	if got != want {
-		t.Fatalf("defaults differ from the pipeline's:\n config: %+v\n bridge: %+v", got, want)
-	}
 }
 
 func TestConfigFull(t *testing.T) {
@@ -138,24 +98,24 @@ pipeline:
   maxHeld: 50
 log: {level: debug, format: json}
 `)
-	c, err := LoadConfig(p)
+	c, err := config.Load(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Rules != filepath.Join(dir, "rules") {
+	if string(c.Rules) != filepath.Join(dir, "rules") {
 		t.Errorf("rules = %q", c.Rules)
 	}
-	n := c.Brokers["nats"]
+	n := natsOf(t, c, "nats")
 	if n.Password.Value() != "pa$$word" || n.User != "bridge" {
 		t.Errorf("nats auth = %q/%q", n.User, n.Password.Value())
 	}
-	if n.TLS.CA != filepath.Join(dir, "ca.pem") {
+	if string(n.TLS.CA) != filepath.Join(dir, "ca.pem") {
 		t.Errorf("tls.ca = %q (want relative to the config file)", n.TLS.CA)
 	}
-	if c.Brokers["edge"].Creds != filepath.Join(dir, "user.creds") {
-		t.Errorf("creds = %q", c.Brokers["edge"].Creds)
+	if edge := natsOf(t, c, "edge"); string(edge.Creds) != filepath.Join(dir, "user.creds") {
+		t.Errorf("creds = %q", edge.Creds)
 	}
-	r := c.Brokers["rmq-hz"]
+	r := rmqOf(t, c, "rmq-hz")
 	if r.AccessKey.Value() != "ak-1" || r.SecretKey.Value() != "s3cret" || r.ExactlyOnce != "transactional" ||
 		len(r.Nameservers) != 2 || r.Namespace != "prod" || r.InstancePrefix != "cb" {
 		t.Errorf("rocketmq broker = %+v", r)
@@ -180,13 +140,13 @@ func TestConfigDedupeDefaults(t *testing.T) {
 	for _, tc := range []struct {
 		name, brokers, store, broker string
 	}{
-		{"embedded", "", DedupeJetStream, "nats"},
-		{"broker named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", DedupeJetStream, "nats"},
-		{"only nats broker", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", DedupeJetStream, "a"},
-		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", DedupeMemory, ""},
+		{"embedded", "", config.DedupeJetStream, "nats"},
+		{"broker named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", config.DedupeJetStream, "nats"},
+		{"only nats broker", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "a"},
+		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeMemory, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := ParseConfig("c.yaml", []byte(tc.brokers))
+			c, err := config.Parse("c.yaml", []byte(tc.brokers))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -197,52 +157,22 @@ func TestConfigDedupeDefaults(t *testing.T) {
 	}
 }
 
-func TestConfigEmptyFile(t *testing.T) {
-	for _, body := range []string{"", "# nothing\n", "---\n"} {
-		c, err := ParseConfig("c.yaml", []byte(body))
-		if err != nil {
-			t.Fatalf("%q: %v", body, err)
-		}
-		if !c.Embedded() || c.Validate() != nil {
-			t.Fatalf("%q: not a valid embedded config", body)
-		}
-	}
-}
-
-// TestConfigErrors checks that each mistake is reported as
-// "file:line: field: message" — parse errors by ParseConfig, the rest by
-// Validate.
-func TestConfigErrors(t *testing.T) {
-	t.Setenv("CB_SET", "x")
+// TestBrokerConfigErrors checks the configuration problems of broker
+// settings, kinds and the brokers the dedupe store names, each reported as
+// "file:line: field: message".
+func TestBrokerConfigErrors(t *testing.T) {
 	nats := "brokers:\n  nats: {type: nats, url: nats://127.0.0.1:4222}\n"
 	for _, tc := range []struct {
 		name string
 		body string
 		want []string // substrings, each of one problem line
 	}{
-		{"yaml syntax", "rules: [", []string{"config.yaml:1: "}},
-		{"unknown top field", "rule: x\n", []string{"config.yaml:1: rule: unknown field (known: rules, brokers"}},
-		{"unknown nested field", "pipeline:\n  maxInflight: 3\n", []string{"config.yaml:2: pipeline.maxInflight: unknown field"}},
 		{"unknown broker field", "brokers:\n  nats:\n    type: nats\n    url: nats://a:1\n    pass: x\n", []string{"config.yaml:5: brokers.nats.pass: unknown field"}},
-		{"duplicate key", "http: {listen: ':1'}\nhttp: {listen: ':2'}\n", []string{"config.yaml:2: http: duplicate key (first at line 1)"}},
 		{"duplicate broker", nats + "  nats: {type: nats, url: nats://b:1}\n", []string{"config.yaml:3: brokers.nats: duplicate key (first at line 2)"}},
-		{"int wanted", "pipeline: {maxInFlight: many}\n", []string{"config.yaml:1: pipeline.maxInFlight: want an integer"}},
-		{"quoted int", "pipeline: {workers: \"8\"}\n", []string{"pipeline.workers: want an integer, got a string"}},
-		{"float for int", "pipeline: {workers: 1.5}\n", []string{"pipeline.workers: want an integer"}},
-		{"duration wanted", "pipeline: {holdDelay: 5}\n", []string{"pipeline.holdDelay: want a duration"}},
-		{"negative duration", "pipeline: {holdDelay: -5s}\n", []string{"pipeline.holdDelay: must not be negative"}},
-		{"size wanted", "pipeline: {maxMessageBytes: big}\n", []string{"pipeline.maxMessageBytes: want a size"}},
-		{"mapping wanted", "pipeline: 3\n", []string{"config.yaml:1: pipeline: want a mapping, got an integer"}},
-		{"list wanted", "brokers:\n  r: {type: rocketmq, nameservers: \"a:1\"}\n", []string{"brokers.r.nameservers: want a list"}},
-		{"string wanted", "rules: {a: 1}\n", []string{"rules: want a string, got a mapping"}},
-		{"several at once", "pipeline:\n  workers: x\n  fetchBatch: y\n", []string{"config.yaml:2: pipeline.workers", "config.yaml:3: pipeline.fetchBatch"}},
-		{"decode and validation problems together", "pipeline:\n  workers: x\n  maxHops: 0\n", []string{"config.yaml:2: pipeline.workers: want an integer", "config.yaml:3: pipeline.maxHops: must be positive"}},
+		{"list wanted", "brokers:\n  r: {type: rocketmq, nameservers: \"a:1\"}\n", []string{`brokers.r.nameservers: must be a list, not the string "a:1"`}},
 		{"env unset", nats[:len(nats)-2] + ", user: u, password: \"${CB_UNSET_PW}\"}\n", []string{"config.yaml:2: brokers.nats.password: environment variable CB_UNSET_PW is not set"}},
-		{"env malformed", "http: {listen: \"${CB_SET\"}\n", []string{"http.listen: malformed ${...} reference"}},
 		{"secret file missing", nats[:len(nats)-2] + ", token: \"file:/nonexistent/tok\"}\n", []string{"brokers.nats.token: reading secret file: /nonexistent/tok: no such file"}},
-
 		{"rules required", nats, []string{"config.yaml: rules: required when brokers are configured"}},
-		{"rules missing dir", "rules: ./nope\n", []string{"config.yaml:1: rules: rule directory: "}},
 		{"broker type missing", "rules: rules\nbrokers:\n  a: {url: nats://a:1}\n", []string{"config.yaml:3: brokers.a.type: required"}},
 		{"broker type unknown", "rules: rules\nbrokers:\n  a: {type: kafka}\n", []string{"brokers.a.type: unknown broker type \"kafka\""}},
 		{"broker empty", "rules: rules\nbrokers:\n  a:\n", []string{"config.yaml:3: brokers.a: empty broker"}},
@@ -265,44 +195,16 @@ func TestConfigErrors(t *testing.T) {
 		{"rmq keys pair", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], accessKey: a}\n", []string{"brokers.r.secretKey: required with accessKey"}},
 		{"rmq exactlyOnce", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: always}\n", []string{"brokers.r.exactlyOnce: unknown mode"}},
 		{"nats field on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], url: nats://x:1}\n", []string{"brokers.r.url: only valid for type nats"}},
-		{"dedupe store", "dedupe: {store: redis}\n", []string{"config.yaml:1: dedupe.store: unknown store \"redis\""}},
 		{"dedupe unknown broker", "rules: rules\n" + nats + "dedupe: {store: jetstream, broker: other}\n", []string{"dedupe.broker: unknown broker \"other\""}},
 		{"dedupe rmq broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream, broker: r}\n", []string{"dedupe.broker: broker \"r\" is of type rocketmq"}},
 		{"dedupe no broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream}\n", []string{"dedupe.broker: required for store jetstream"}},
-		{"dedupe embedded broker", "dedupe: {store: jetstream, broker: x}\n", []string{"dedupe.broker: the embedded default has only"}},
-		{"dedupe bucket", "dedupe: {bucket: \"a.b\"}\n", []string{"dedupe.bucket: invalid KV bucket name"}},
-		{"dedupe replicas", "dedupe: {replicas: 7}\n", []string{"dedupe.replicas: must be 1..5"}},
-		{"dedupe size on jetstream", "dedupe: {size: 10}\n", []string{"dedupe.size: only valid for store memory"}},
-		{"dedupe bucket on memory", "dedupe: {store: memory, bucket: b}\n", []string{"dedupe.bucket: only valid for store jetstream"}},
-		{"dedupe memory size", "dedupe: {store: memory, size: -1}\n", []string{"dedupe.size: must be positive"}},
-		{"dedupe ttl", "dedupe: {ttl: 10ms}\n", []string{"dedupe.ttl: must be at least 1s"}},
-		{"dedupe reserveTTL", "dedupe: {ttl: 1m, reserveTTL: 2m}\n", []string{"dedupe.reserveTTL: must be less than dedupe.ttl"}},
-		{"dedupe reserveTTL rounds", "dedupe: {ttl: 2s, reserveTTL: 1500ms}\n", []string{"dedupe.reserveTTL: must be less than dedupe.ttl"}},
-		{"http listen", "http: {listen: localhost}\n", []string{"config.yaml:1: http.listen: want host:port"}},
-		{"http port", "http: {listen: \":99999\"}\n", []string{"http.listen: invalid port"}},
-		{"pipeline zero", "pipeline: {maxInFlight: 0}\n", []string{"pipeline.maxInFlight: must be positive"}},
-		{"pipeline workers", "pipeline: {workers: -1}\n", []string{"pipeline.workers: must not be negative"}},
-		{"pipeline lanes", "pipeline: {lanes: -1}\n", []string{"pipeline.lanes: must not be negative"}},
-		{"held recheck", "pipeline: {heldRecheck: 1ms}\n", []string{"pipeline.heldRecheck: must be at least 10ms"}},
-		{"drain", "pipeline: {drainTimeout: 0s}\n", []string{"pipeline.drainTimeout: must be at least 1ms"}},
-		{"pipeline hops", "pipeline: {maxHops: 0}\n", []string{"pipeline.maxHops: must be positive"}},
-		{"pipeline held", "pipeline: {maxHeld: 0}\n", []string{"pipeline.maxHeld: must be positive"}},
-		{"in-flight huge", "pipeline: {maxInFlight: 2000000}\n", []string{"pipeline.maxInFlight: must be at most"}},
-		{"hold delay", "pipeline: {holdDelay: 1ms}\n", []string{"pipeline.holdDelay: must be at least 10ms"}},
-		{"retry order", "pipeline: {retry: {initial: 2s, max: 1s}}\n", []string{"pipeline.retry.initial: must not exceed pipeline.retry.max"}},
-		{"retry zero", "pipeline:\n  retry:\n    max: 0s\n", []string{"config.yaml:3: pipeline.retry.max: must be at least 1ms"}},
-		{"progress", "pipeline: {progressTimeout: 10ms}\n", []string{"pipeline.progressTimeout: must be at least 1s"}},
-		{"ackWait", "pipeline: {ackWait: 10ms}\n", []string{"pipeline.ackWait: must be at least 1s"}},
-		{"max bytes", "pipeline: {maxMessageBytes: 1GiB}\n", []string{"pipeline.maxMessageBytes: must be between"}},
-		{"log level", "log: {level: loud}\n", []string{"config.yaml:1: log.level: unknown level"}},
-		{"log format", "log: {format: xml}\n", []string{"log.format: unknown format"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := writeConfig(t, t.TempDir(), tc.body)
-			_, err := LoadConfig(p)
-			var ce ConfigErrors
+			_, err := config.Load(p)
+			var ce config.Errors
 			if !errors.As(err, &ce) {
-				t.Fatalf("want ConfigErrors, got %v", err)
+				t.Fatalf("want config.Errors, got %v", err)
 			}
 			text := strings.ReplaceAll(err.Error(), p, "config.yaml")
 			lines := strings.Split(text, "\n")
@@ -346,57 +248,28 @@ func TestConfigSecrets(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := writeConfig(t, dir, fmt.Sprintf("rules: rules\nbrokers:\n  nats: {type: nats, url: \"${CB_URL}\", token: %q}\n", tc.value))
-			c, err := LoadConfig(p)
+			c, err := config.Load(p)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if inline := len(c.inlineSecrets) > 0; inline != (tc.name == "inline" || strings.HasPrefix(tc.name, "lone") || strings.HasPrefix(tc.name, "dollar")) {
-				t.Errorf("inline secrets %v", c.inlineSecrets)
+			if inline := len(c.InlineSecrets()) > 0; inline != (tc.name == "inline" || strings.HasPrefix(tc.name, "lone") || strings.HasPrefix(tc.name, "dollar")) {
+				t.Errorf("inline secrets %v", c.InlineSecrets())
 			}
-			if got := c.Brokers["nats"].Token.Value(); got != tc.want {
+			if got := natsOf(t, c, "nats").Token.Value(); got != tc.want {
 				t.Errorf("token = %q, want %q", got, tc.want)
 			}
-			if c.Brokers["nats"].URL != "nats://h:4222" {
-				t.Errorf("url = %q", c.Brokers["nats"].URL)
+			if u := natsOf(t, c, "nats").URL; u != "nats://h:4222" {
+				t.Errorf("url = %q", u)
 			}
 		})
 	}
 	// Numbers may come from the environment although YAML sees a string.
 	t.Setenv("CB_WORKERS", "12")
-	c, err := ParseConfig("c.yaml", []byte("pipeline: {workers: \"${CB_WORKERS}\"}\n"))
+	c, err := config.Parse("c.yaml", []byte("pipeline: {workers: \"${CB_WORKERS}\"}\n"))
 	if err != nil || c.Pipeline.Workers != 12 {
 		t.Fatalf("workers from env: %v %v", c, err)
 	}
 }
-
-func TestByteSize(t *testing.T) {
-	for in, want := range map[string]int64{"1": 1, "1B": 1, "2KiB": 2048, "1MiB": 1 << 20, "3 MB": 3e6, "1k": 1024, "4GiB": 4 << 30} {
-		var b ByteSize
-		if err := b.parseScalar(in); err != nil || int64(b) != want {
-			t.Errorf("%q = %d, %v; want %d", in, b, err, want)
-		}
-	}
-	for _, in := range []string{"", "MiB", "1XB", "-1", "1.5MiB", "99999999999999999999"} {
-		var b ByteSize
-		if err := b.parseScalar(in); err == nil {
-			t.Errorf("%q accepted as %d", in, b)
-		}
-	}
-}
-
-func FuzzParseConfig(f *testing.F) {
-	f.Add([]byte("rules: x\nbrokers: {a: {type: nats, url: nats://a:1}}\n"))
-	f.Add([]byte("pipeline: {maxMessageBytes: 1MiB, retry: {initial: 1s}}\n"))
-	f.Add([]byte("a: &x {b: 1}\nc: *x\n"))
-	f.Fuzz(func(t *testing.T, data []byte) {
-		c, err := ParseConfig("f.yaml", data)
-		if err == nil {
-			_ = c.Validate()
-		}
-	})
-}
-
-func reflectValue(c *Config) reflect.Value { return reflect.ValueOf(c).Elem() }
 
 // exampleRules copies deploy/rules into a temp dir, applying the given
 // old→new replacements to every file, and returns the dir.
@@ -465,7 +338,7 @@ func TestConfigCheckRules(t *testing.T) {
 				body += "brokers:\n" + tc.brokers
 			}
 			p := writeConfig(t, t.TempDir(), body)
-			c, err := LoadConfig(p)
+			c, err := config.Load(p)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -490,4 +363,141 @@ func TestConfigCheckRules(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestBrokerPaths: the files a broker's settings name, resolved against the
+// configuration file, for checks such as "every file is on a Secret volume".
+func TestBrokerPaths(t *testing.T) {
+	c, err := config.ParseTemplate("/etc/cellbridge/config.yaml", []byte(`rules: rules
+brokers:
+  a: {type: nats, url: "nats://a:1", creds: a.creds, tls: {ca: /tls/ca.pem}}
+  b: {type: nats, url: "nats://b:1", user: u, password: "${PW}"}
+  r: {type: rocketmq, nameservers: ["127.0.0.1:1"], secretKey: "file:sk", accessKey: ak}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]map[string]string{
+		"a": {"creds": "/etc/cellbridge/a.creds", "tls.ca": "/tls/ca.pem"},
+		"b": {},
+		"r": {},
+	} {
+		if got := c.Brokers[name].Paths(); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s: paths %v, want %v", name, got, want)
+		}
+	}
+	if string(c.Rules) != "/etc/cellbridge/rules" {
+		t.Errorf("rules = %q", c.Rules)
+	}
+	// A template keeps references as written and reads no file; only the
+	// access key is inline.
+	if got := fmt.Sprint(c.InlineSecrets()); got != "[brokers.r.accessKey]" {
+		t.Errorf("inline secrets %s", got)
+	}
+	if pw := natsOf(t, c, "b").Password.Value(); pw != "${PW}" {
+		t.Errorf("password = %q", pw)
+	}
+}
+
+// laughs is a "billion laughs" document: depth levels of aliases, each
+// naming the level below width times, under brokers.
+func laughs(depth, width int) []byte {
+	var b strings.Builder
+	b.WriteString("x0: &l0 {type: nats, url: \"nats://a:1\"}\n")
+	for i := 1; i <= depth; i++ {
+		fmt.Fprintf(&b, "x%d: &l%d [", i, i)
+		for j := range width {
+			if j > 0 {
+				b.WriteString(", ")
+			}
+			fmt.Fprintf(&b, "*l%d", i-1)
+		}
+		b.WriteString("]\n")
+	}
+	b.WriteString("brokers:\n")
+	for j := range width {
+		fmt.Fprintf(&b, "  b%d: *l%d\n", j, depth)
+	}
+	return []byte(b.String())
+}
+
+// TestConfigAliasBomb: small files that expand to billions of values stop
+// at the walker's budget with a clear problem, or are refused before they
+// expand (an alias where the schema wants another shape); brokers that alias
+// one mapping do not multiply the look-ahead for their types.
+func TestConfigAliasBomb(t *testing.T) {
+	// 1,000 brokers whose name servers alias one list of 100,000: 10^8
+	// values after expansion, from 300 kB.
+	var lists strings.Builder
+	lists.WriteString("x: &a [" + strings.Repeat("1, ", 100000) + "1]\nbrokers:\n")
+	for i := range 1000 {
+		fmt.Fprintf(&lists, "  b%d: {type: rocketmq, nameservers: *a}\n", i)
+	}
+	// 20,000 brokers aliasing one mapping.
+	var wide strings.Builder
+	wide.WriteString("x: &m {type: nats, url: \"nats://a:1\"}\nbrokers:\n")
+	for i := range 20000 {
+		fmt.Fprintf(&wide, "  b%d: *m\n", i)
+	}
+	for _, tc := range []struct {
+		name, want string
+		data       []byte
+	}{
+		{"aliased lists under brokers", "document too large", []byte(lists.String())},
+		{"many brokers", "brokers: more than 1000 brokers", []byte(wide.String())},
+		{"laughs under brokers", "brokers.b0: must be a mapping, not a list", laughs(9, 10)},
+		{"deep nesting", "pipeline.a: unknown field", []byte("pipeline: " + strings.Repeat("{a: ", 5000) + strings.Repeat("}", 5000) + "\n")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := config.Parse("bomb.yaml", tc.data)
+			var ce config.Errors
+			if !errors.As(err, &ce) {
+				t.Fatalf("want config.Errors, got %v", err)
+			}
+			if len(ce) > 1100 {
+				t.Fatalf("%d problems", len(ce))
+			}
+			found := false
+			for _, p := range ce {
+				if p.File != "bomb.yaml" || p.Line < 1 {
+					t.Fatalf("problem not located in the file: %+v", p)
+				}
+				found = found || strings.Contains(p.String(), tc.want)
+			}
+			if !found {
+				t.Fatalf("no problem with %q in:\n%v", tc.want, err)
+			}
+		})
+	}
+}
+
+// FuzzParseConfig feeds arbitrary files to the configuration's decoder with
+// the broker kinds of this package: it must not panic, and every problem
+// must be located in the file.
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte("rules: x\nbrokers: {a: {type: nats, url: nats://a:1}}\n"))
+	f.Add([]byte("brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], url: x}, n: {type: nats, namespace: y}}\n"))
+	f.Add([]byte("pipeline: {maxMessageBytes: 1MiB, retry: {initial: 1s}}\n"))
+	f.Add([]byte("a: &x {b: 1}\nc: *x\n"))
+	f.Add([]byte("x: &b {type: nats, url: \"nats://a:1\"}\nbrokers: {a: *b, b: *b, c: *b}\n"))
+	f.Add([]byte("brokers: {a: {type: ${CB_FUZZ_TYPE:-nats}, url: \"${CB_FUZZ_URL:-nats://a:1}\"}}\n"))
+	f.Add(laughs(4, 6))
+	f.Add([]byte("---\nrules: a\n---\nrules: b\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		lines := strings.Count(string(data), "\n") + 1
+		c, err := config.Parse("f.yaml", data)
+		if err == nil {
+			_ = c.Validate()
+			return
+		}
+		var ce config.Errors
+		if !errors.As(err, &ce) {
+			t.Fatalf("not config.Errors: %v", err)
+		}
+		for _, p := range ce {
+			if p.File != "f.yaml" || p.Line < 0 || p.Line > lines+1 || p.Msg == "" {
+				t.Fatalf("bad problem %+v (file has %d lines)", p, lines)
+			}
+		}
+	})
 }

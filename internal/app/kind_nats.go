@@ -1,0 +1,224 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// NATSBroker is the settings of a broker of type nats: a NATS server or
+// cluster with JetStream.
+type NATSBroker struct {
+	URL      string        `yaml:"url"` // one URL or a comma-separated list
+	TLS      *TLS          `yaml:"tls"`
+	Creds    config.Path   `yaml:"creds"` // a .creds file (JWT + nkey seed)
+	User     string        `yaml:"user"`
+	Password config.Secret `yaml:"password"`
+	Token    config.Secret `yaml:"token"`
+}
+
+// TLS holds PEM files. CA alone verifies the server; Cert+Key add a client
+// certificate.
+type TLS struct {
+	CA   config.Path `yaml:"ca"`
+	Cert config.Path `yaml:"cert"`
+	Key  config.Path `yaml:"key"`
+}
+
+var natsKind = &brokerKind{
+	BrokerKind: config.BrokerKind{
+		Type:         config.NATSType,
+		NewSettings:  func() config.BrokerSettings { return &NATSBroker{} },
+		ServesSource: func(s router.Source) bool { return s.Stream != "" },
+		ServesTarget: func(t router.Target) bool { return t.Subject != "" },
+	},
+	connect: connectNATS,
+}
+
+// Validate checks the URLs, the TLS files and that one authentication is
+// chosen.
+func (b *NATSBroker) Validate(c *config.BrokerCheck) {
+	if b.URL == "" {
+		c.Errorf("url", "required for type nats (nats://host:4222)")
+	}
+	for u := range strings.SplitSeq(b.URL, ",") {
+		u = strings.TrimSpace(u)
+		if u == "" && b.URL != "" {
+			c.Errorf("url", "empty URL in list %q", b.URL)
+			continue
+		}
+		if u == "" {
+			continue
+		}
+		pu, err := url.Parse(u)
+		if err != nil || pu.Host == "" {
+			c.Errorf("url", "invalid URL %q (want nats://host:port)", u)
+			continue
+		}
+		switch pu.Scheme {
+		case "nats", "tls", "ws", "wss":
+		default:
+			c.Errorf("url", "unsupported scheme %q in %q (want nats, tls, ws or wss)", pu.Scheme, u)
+		}
+	}
+	if t := b.TLS; t != nil {
+		if (t.Cert == "") != (t.Key == "") {
+			c.Errorf("tls", "cert and key go together (client certificate)")
+		}
+		if t.CA == "" && t.Cert == "" {
+			c.Errorf("tls", "empty: set ca and/or cert+key")
+		}
+		for f, v := range map[string]config.Path{"ca": t.CA, "cert": t.Cert, "key": t.Key} {
+			if v != "" {
+				c.Readable("tls."+f, string(v))
+			}
+		}
+	}
+	if b.Creds != "" {
+		c.Readable("creds", strings.TrimPrefix(string(b.Creds), "file:"))
+	}
+	if (b.User == "") != (b.Password == "") {
+		if b.User == "" {
+			c.Errorf("user", "required with password")
+		} else {
+			c.Errorf("password", "required with user")
+		}
+	}
+	n := 0
+	for _, set := range []bool{b.User != "" || b.Password != "", b.Token != "", b.Creds != ""} {
+		if set {
+			n++
+		}
+	}
+	if n > 1 {
+		c.Errorf("", "choose one authentication: user/password, token or creds")
+	}
+}
+
+// adapter maps the settings onto the adapter's connection config.
+func (b *NATSBroker) adapter(name string) natsjs.BrokerConfig {
+	bc := natsjs.BrokerConfig{Name: name, URL: b.URL, Creds: string(b.Creds), User: b.User,
+		Password: b.Password.Value(), Token: b.Token.Value()}
+	if b.TLS != nil {
+		bc.TLS = &natsjs.TLSConfig{CA: string(b.TLS.CA), Cert: string(b.TLS.Cert), Key: string(b.TLS.Key)}
+	}
+	return bc
+}
+
+// natsClient holds one connection and JetStream context per NATS broker.
+type natsClient struct {
+	env   kindEnv
+	conns map[string]*nats.Conn
+	js    map[string]jetstream.JetStream
+}
+
+func connectNATS(ctx context.Context, env kindEnv, used []usedBroker) (kindClient, error) {
+	c := &natsClient{env: env, conns: map[string]*nats.Conn{}, js: map[string]jetstream.JetStream{}}
+	for _, u := range used {
+		bc := u.settings.(*NATSBroker).adapter(u.name)
+		bc.OnStateChange = func(up bool) {
+			for _, r := range u.roles {
+				env.health.ConnectionChanged(u.name, r, up)
+			}
+		}
+		nc, err := natsjs.Connect(ctx, bc, env.log)
+		if err != nil {
+			c.closeNow()
+			return nil, err
+		}
+		c.conns[u.name] = nc
+		js, err := natsjs.NewJetStream(nc, natsjs.JetStreamConfig{MaxPending: env.cfg.SinkMaxPending()})
+		if err != nil {
+			c.closeNow()
+			return nil, err
+		}
+		c.js[u.name] = js
+	}
+	return c, nil
+}
+
+func (c *natsClient) sink(names []string, _ dedupe.Store) (bridge.Sink, error) {
+	js := map[string]jetstream.JetStream{}
+	for _, n := range names {
+		js[n] = c.js[n]
+	}
+	return natsjs.NewSink(js, natsjs.SinkConfig{MaxPending: c.env.cfg.SinkMaxPending()}, c.env.log.With("component", "sink"))
+}
+
+func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source, error) {
+	pl := c.env.cfg.Pipeline
+	rule := r.Name
+	src, err := natsjs.NewSource(ctx, c.js[r.Source.Broker], natsjs.SourceConfig{
+		Rule:          rule,
+		Broker:        r.Source.Broker,
+		Stream:        r.Source.Stream,
+		Subject:       r.Source.Subject,
+		Durable:       r.Source.Group,
+		MaxAckPending: c.env.cfg.SourceMaxAckPending(),
+		AckWait:       pl.AckWait.D(),
+		FetchBatch:    pl.FetchBatch,
+		Backlog:       func(n uint64) { c.env.health.Backlog(rule, int64(n)) },
+	}, c.env.log.With("component", "source"))
+	if err != nil {
+		return nil, fmt.Errorf("rule %s: %w", rule, err)
+	}
+	return src, nil
+}
+
+// close flushes and closes every connection: acks are sent without waiting
+// for replies, and what was settled must not be redelivered after a restart.
+func (c *natsClient) close(ctx context.Context) error {
+	var errs []error
+	for name, nc := range c.conns {
+		if err := nc.FlushWithContext(ctx); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			errs = append(errs, fmt.Errorf("broker %q: flush: %w", name, err))
+		}
+		nc.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// closeNow closes the connections opened so far (a failed connect).
+func (c *natsClient) closeNow() {
+	for _, nc := range c.conns {
+		nc.Close()
+	}
+}
+
+// jetStream returns the JetStream context of a connected NATS broker: the
+// jetstream dedupe store and the embedded default's streams use it.
+func (b *brokers) jetStream(name string) (jetstream.JetStream, error) {
+	c, err := b.client(name)
+	if err != nil {
+		return nil, err
+	}
+	nc, ok := c.(*natsClient)
+	if !ok {
+		return nil, fmt.Errorf("broker %q is of type %s, not %s", name, b.typeOf[name], config.NATSType)
+	}
+	return nc.js[name], nil
+}
+
+// ensureEmbeddedStreams creates the streams the rules name on the embedded
+// server.
+func ensureEmbeddedStreams(ctx context.Context, b *brokers, t *router.Table) error {
+	js, err := b.jetStream(config.EmbeddedBroker)
+	if err == nil {
+		err = natsjs.EnsureStreams(ctx, js, t, natsjs.StreamOptions{Broker: config.EmbeddedBroker})
+	}
+	if err != nil {
+		return fmt.Errorf("embedded default: creating streams: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,125 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/rmq"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// RocketMQBroker is the settings of a broker of type rocketmq: a RocketMQ
+// cluster reached through its name servers.
+type RocketMQBroker struct {
+	Nameservers    []string      `yaml:"nameservers"` // IP:port of each name server
+	AccessKey      config.Secret `yaml:"accessKey"`
+	SecretKey      config.Secret `yaml:"secretKey"`
+	Namespace      string        `yaml:"namespace"`
+	InstancePrefix string        `yaml:"instancePrefix"`
+	ExactlyOnce    string        `yaml:"exactlyOnce"` // none | transactional
+}
+
+var rocketmqKind = &brokerKind{
+	BrokerKind: config.BrokerKind{
+		Type:         "rocketmq",
+		NewSettings:  func() config.BrokerSettings { return &RocketMQBroker{} },
+		ServesSource: func(s router.Source) bool { return s.Topic != "" },
+		ServesTarget: func(t router.Target) bool { return t.Topic != "" },
+	},
+	connect: connectRocketMQ,
+}
+
+// Validate checks the name servers, the key pair and the exactly-once mode.
+func (b *RocketMQBroker) Validate(c *config.BrokerCheck) {
+	if len(b.Nameservers) == 0 {
+		c.Errorf("nameservers", "required for type rocketmq (a list of IP:port)")
+	}
+	for i, ns := range b.Nameservers {
+		host, port, err := net.SplitHostPort(ns)
+		n, perr := strconv.Atoi(port)
+		switch {
+		case err != nil || host == "" || perr != nil || n < 1 || n > 65535:
+			c.Errorf(fmt.Sprintf("nameservers[%d]", i), "want IP:port, got %q", ns)
+		case net.ParseIP(host) == nil:
+			// The RocketMQ client only accepts IP addresses here.
+			c.Errorf(fmt.Sprintf("nameservers[%d]", i), "want IP:port (the RocketMQ client refuses host names), got %q", ns)
+		}
+	}
+	if (b.AccessKey == "") != (b.SecretKey == "") {
+		if b.AccessKey == "" {
+			c.Errorf("accessKey", "required with secretKey")
+		} else {
+			c.Errorf("secretKey", "required with accessKey")
+		}
+	}
+	switch b.ExactlyOnce {
+	case "", "none", "transactional":
+	default:
+		c.Errorf("exactlyOnce", "unknown mode %q (want none or transactional)", b.ExactlyOnce)
+	}
+}
+
+// adapter maps the settings onto the adapter's broker config.
+func (b *RocketMQBroker) adapter(name string) rmq.BrokerConfig {
+	return rmq.BrokerConfig{Name: name, NameServers: b.Nameservers, AccessKey: b.AccessKey.Value(),
+		SecretKey: b.SecretKey.Value(), Namespace: b.Namespace, InstancePrefix: b.InstancePrefix,
+		Transactional: b.ExactlyOnce == "transactional"}
+}
+
+// rmqClient builds RocketMQ producers and consumers; the client library
+// connects per producer and consumer, so there is nothing to hold here.
+type rmqClient struct {
+	env     kindEnv
+	brokers map[string]*RocketMQBroker
+}
+
+func connectRocketMQ(_ context.Context, env kindEnv, used []usedBroker) (kindClient, error) {
+	rmq.SetLogger(env.log) // only when RocketMQ is used: the setting is process-wide
+	c := &rmqClient{env: env, brokers: map[string]*RocketMQBroker{}}
+	for _, u := range used {
+		c.brokers[u.name] = u.settings.(*RocketMQBroker)
+	}
+	return c, nil
+}
+
+// sink is one Sink with a producer per target broker; a transactional
+// broker's half messages commit through store.
+func (c *rmqClient) sink(names []string, store dedupe.Store) (bridge.Sink, error) {
+	var bcs []rmq.BrokerConfig
+	for _, n := range names {
+		bcs = append(bcs, c.brokers[n].adapter(n))
+	}
+	s, err := rmq.NewSink(rmq.SinkConfig{Brokers: bcs, Dedupe: store, MaxPending: c.env.cfg.SinkMaxPending()},
+		c.env.log.With("component", "sink"))
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range names {
+		c.env.health.ConnectionChanged(n, roleSink, true)
+	}
+	return s, nil
+}
+
+func (c *rmqClient) source(_ context.Context, r *router.Rule) (bridge.Source, error) {
+	name := r.Name
+	src, err := rmq.NewSource(c.brokers[r.Source.Broker].adapter(r.Source.Broker), rmq.SourceConfig{
+		Rule:      name,
+		Topic:     r.Source.Topic,
+		Tags:      r.Source.Tags,
+		Group:     r.Source.Group,
+		Redeliver: c.env.cfg.Pipeline.Retry.Initial.D(),
+		Backlog:   func(n int64) { c.env.health.Backlog(name, n) },
+	}, c.env.log.With("component", "source"))
+	if err != nil {
+		return nil, fmt.Errorf("rule %s: %w", name, err)
+	}
+	c.env.health.ConnectionChanged(r.Source.Broker, roleSource, true)
+	return src, nil
+}
+
+func (c *rmqClient) close(context.Context) error { return nil }

@@ -1,0 +1,222 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sync"
+
+	"go.uber.org/fx"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// newDedupe opens the dedupe store.
+func newDedupe(ctx startCtx, lc fx.Lifecycle, res *resources, cfg *config.Config, b *brokers, log *slog.Logger) (dedupe.Store, error) {
+	c := cfg.Dedupe
+	var store dedupe.Store
+	switch c.Store {
+	case config.DedupeMemory:
+		store = dedupe.NewMemory(c.Memory())
+	case config.DedupeJetStream:
+		js, err := b.jetStream(c.Broker)
+		if err == nil {
+			store, err = dedupe.NewJetStream(ctx, js, c.KV())
+		}
+		if err != nil {
+			return nil, fmt.Errorf("dedupe store (jetstream bucket %s on broker %s): %w", c.Bucket, c.Broker, err)
+		}
+	default:
+		return nil, fmt.Errorf("dedupe store %q is not supported by this build", c.Store)
+	}
+	res.add(lc, store.Close)
+	log.Info("dedupe store ready", "store", c.Store, "bucket", c.Bucket, "ttl", c.TTL.String())
+	return store, nil
+}
+
+// newSinks builds one sink per broker kind that the rules publish to, and
+// maps every target broker to its kind's sink.
+func newSinks(lc fx.Lifecycle, res *resources, o *Options, b *brokers, store dedupe.Store) (bridge.SinkLookup, error) {
+	byKind := map[string][]string{}
+	for name, roles := range b.roles {
+		if slices.Contains(roles, roleSink) && b.typeOf[name] != "" {
+			byKind[b.typeOf[name]] = append(byKind[b.typeOf[name]], name)
+		}
+	}
+	m := map[string]bridge.Sink{}
+	for _, typ := range slices.Sorted(maps.Keys(byKind)) {
+		names := slices.Sorted(slices.Values(byKind[typ]))
+		s, err := b.clients[typ].sink(names, store)
+		if err != nil {
+			return nil, err
+		}
+		res.add(lc, s.Close)
+		for _, n := range names {
+			m[n] = s
+			if o.WrapSink != nil {
+				m[n] = o.WrapSink(n, s)
+			}
+		}
+	}
+	return bridge.StaticSinks(m), nil
+}
+
+// sources are the consumers of the topic rules, in rule order.
+type sources struct {
+	rules []string
+	list  []bridge.Source
+}
+
+// newSources builds one source per topic rule, from its broker's kind.
+func newSources(ctx startCtx, lc fx.Lifecycle, res *resources, t *router.Table, b *brokers) (*sources, error) {
+	s := &sources{}
+	for _, r := range t.Rules() {
+		c, err := b.client(r.Source.Broker)
+		if err != nil {
+			return nil, fmt.Errorf("rule %s: %w", r.Name, err)
+		}
+		src, err := c.source(ctx, r)
+		if err != nil {
+			return nil, err
+		}
+		res.add(lc, src.Close)
+		s.rules = append(s.rules, r.Name)
+		s.list = append(s.list, src)
+	}
+	return s, nil
+}
+
+// pipelineIn is what the pipeline is built from (bridge.Deps).
+type pipelineIn struct {
+	fx.In
+	Holder  *router.Holder
+	Metrics *bridge.Metrics
+	Health  *bridge.Health
+	Store   dedupe.Store
+	Sinks   bridge.SinkLookup
+	Log     *slog.Logger
+}
+
+// newPipeline builds the pipeline; closing it is the drain, which runs
+// after the fetch loops stopped (runPipeline) and before the sources close.
+func newPipeline(lc fx.Lifecycle, res *resources, cfg *config.Config, in pipelineIn) (*bridge.Pipeline, error) {
+	p, err := bridge.New(cfg.Pipeline.Bridge(), bridge.Deps{Rules: in.Holder, Dedupe: in.Store, Sinks: in.Sinks,
+		Metrics: in.Metrics, Health: in.Health, Log: in.Log})
+	if err != nil {
+		return nil, err
+	}
+	res.add(lc, func(ctx context.Context) error {
+		dctx, cancel := context.WithTimeout(ctx, cfg.Pipeline.DrainTimeout.D())
+		defer cancel()
+		err := p.Close(dctx)
+		in.Log.Info("bridge stopped")
+		return err
+	})
+	return p, nil
+}
+
+// runPipeline registers the pipeline's loops, the last hook of the bridge:
+// its OnStart serves the pipeline over HTTP and runs it over every source
+// (a source that fails for good fails the bridge); its OnStop, the first,
+// stops fetching.
+func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources, hs *httpServer, failed *failure, log *slog.Logger) {
+	var (
+		cancel context.CancelFunc
+		wg     sync.WaitGroup
+	)
+	lc.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			hs.handler.set(bridge.NewHTTP(p))
+			var ctx context.Context
+			ctx, cancel = context.WithCancel(context.Background())
+			for i, src := range srcs.list {
+				rule := srcs.rules[i]
+				wg.Go(func() {
+					if err := p.Run(ctx, src); err != nil {
+						log.Error("source stopped; shutting down", "rule", rule, "err", err)
+						failed.set()
+					}
+				})
+			}
+			log.Info("bridge running", "rules_version", o.Rules.Version(), "topics", srcs.rules, "dedupe", o.Config.Dedupe.Store)
+			return nil
+		},
+		OnStop: func(ctx context.Context) error {
+			// Stop fetching first; the pipeline's close then finishes
+			// what is in flight. A Handle blocked on a full sink can hold
+			// a source's Run past the cancel; the wait is bounded by the
+			// stop deadline, and the close settles whatever is still in
+			// flight.
+			cancel()
+			ran := make(chan struct{})
+			go func() { wg.Wait(); close(ran) }()
+			select {
+			case <-ran:
+			case <-ctx.Done():
+				log.Warn("sources did not stop before the stop deadline; draining anyway")
+			}
+			return nil
+		},
+	})
+}
+
+// newWatcher watches the rule directory and reloads the rules on change;
+// the pipeline reports each outcome (metrics and one log line), so the
+// watcher's own lines about it are at debug level.
+func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline, holder *router.Holder, log *slog.Logger) (*router.Watcher, error) {
+	onReload := func(ev router.ReloadEvent) {
+		p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At)
+		if ev.Err == nil {
+			checkReloaded(o, holder.Load(), log)
+		}
+	}
+	w, err := router.NewWatcher(o.RulesDir, holder, onReload, log.With("component", "rules"), router.OutcomeLevel(slog.LevelDebug))
+	if err != nil {
+		return nil, fmt.Errorf("watching rules %s: %w", o.RulesDir, err)
+	}
+	res.add(lc, w.Close)
+	var (
+		cancel context.CancelFunc
+		wg     sync.WaitGroup
+	)
+	lc.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			var ctx context.Context
+			ctx, cancel = context.WithCancel(context.Background())
+			wg.Go(func() {
+				if err := w.Run(ctx); err != nil && ctx.Err() == nil {
+					log.Error("rules watcher stopped; reloads are off until restart", "err", err)
+				}
+			})
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			cancel()
+			wg.Wait()
+			return nil
+		},
+	})
+	return w, nil
+}
+
+// checkReloaded warns about what a reloaded table asks for that the running
+// bridge cannot do without a restart: new topic rules (no source consumes
+// them) and brokers the configuration does not define.
+func checkReloaded(o *Options, t *router.Table, log *slog.Logger) {
+	if t == nil {
+		return
+	}
+	for _, r := range t.Rules() {
+		if o.Rules.Rule(r.Name) == nil {
+			log.Warn("reloaded rules add a topic rule; restart the bridge to consume it", "rule", r.Name)
+		}
+	}
+	if err := o.Config.CheckRules(t); err != nil {
+		log.Error("reloaded rules name brokers the configuration lacks; their messages cannot be published", "problems", err.Error())
+	}
+}

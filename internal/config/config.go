@@ -1,0 +1,239 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/strictyaml"
+)
+
+// Config is the bridge configuration file of `cellbridge run -config FILE`.
+// It is built by Load or Parse (strict YAML, environment and file secrets
+// resolved, defaults applied) and is read-only afterwards.
+type Config struct {
+	// Rules is the rule directory; a relative path is relative to the
+	// directory of the config file.
+	Rules    Path               `yaml:"rules"`
+	Brokers  map[string]*Broker `yaml:"brokers"`
+	Dedupe   DedupeConfig       `yaml:"dedupe"`
+	HTTP     HTTPConfig         `yaml:"http"`
+	Pipeline PipelineConfig     `yaml:"pipeline"`
+	Log      LogConfig          `yaml:"log"`
+
+	// File is the config file's path ("(built-in)" for the built-in
+	// configuration).
+	File string `yaml:"-"`
+	// pos maps a dotted field path (brokers.nats.url) to its line in File,
+	// so that semantic errors found after decoding still name a line.
+	pos strictyaml.Positions
+	// inlineSecrets lists secret fields written in clear in the file (the
+	// bridge warns about them at start-up).
+	inlineSecrets []string
+}
+
+// DedupeConfig selects the dedupe store.
+type DedupeConfig struct {
+	Store string `yaml:"store"` // jetstream | memory
+	// jetstream
+	Broker   string `yaml:"broker"`
+	Bucket   string `yaml:"bucket"`
+	Replicas int    `yaml:"replicas"`
+	// memory
+	Size int `yaml:"size"`
+	// both
+	TTL        Duration `yaml:"ttl"`
+	ReserveTTL Duration `yaml:"reserveTTL"`
+}
+
+// Dedupe stores.
+const (
+	DedupeJetStream = "jetstream"
+	DedupeMemory    = "memory"
+)
+
+// Memory is the memory store's configuration.
+func (d DedupeConfig) Memory() dedupe.MemoryConfig {
+	return dedupe.MemoryConfig{Size: d.Size, TTL: d.TTL.D(), ReserveTTL: d.ReserveTTL.D()}
+}
+
+// KV is the JetStream KV store's configuration.
+func (d DedupeConfig) KV() dedupe.KVConfig {
+	return dedupe.KVConfig{Bucket: d.Bucket, TTL: d.TTL.D(), ReserveTTL: d.ReserveTTL.D(), Replicas: d.Replicas}
+}
+
+// HTTPConfig is the HTTP server of /metrics, /healthz, /readyz, /route, /status.
+type HTTPConfig struct {
+	Listen string `yaml:"listen"`
+}
+
+// PipelineConfig holds the pipeline limits; every field has a default. Its
+// fields are bridge.Config's (see there for their meaning and bounds).
+type PipelineConfig struct {
+	MaxInFlight     int         `yaml:"maxInFlight"`
+	Workers         int         `yaml:"workers"`
+	FetchBatch      int         `yaml:"fetchBatch"`
+	HoldDelay       Duration    `yaml:"holdDelay"`
+	Retry           RetryConfig `yaml:"retry"`
+	MaxMessageBytes ByteSize    `yaml:"maxMessageBytes"`
+	MaxHops         int         `yaml:"maxHops"`
+	DrainTimeout    Duration    `yaml:"drainTimeout"`
+	ProgressTimeout Duration    `yaml:"progressTimeout"`
+	StallTimeout    Duration    `yaml:"stallTimeout"`
+	AckWait         Duration    `yaml:"ackWait"`
+	MaxHeld         int         `yaml:"maxHeld"`
+	HeldRecheck     Duration    `yaml:"heldRecheck"`
+	Lanes           int         `yaml:"lanes"`
+}
+
+// RetryConfig is the capped exponential backoff of sink and dedupe retries.
+type RetryConfig struct {
+	Initial Duration `yaml:"initial"`
+	Max     Duration `yaml:"max"`
+}
+
+// Bridge maps the pipeline section onto bridge.Config, field by field.
+func (p PipelineConfig) Bridge() bridge.Config {
+	return bridge.Config{
+		MaxInFlight:     p.MaxInFlight,
+		Workers:         p.Workers,
+		FetchBatch:      p.FetchBatch,
+		HoldDelay:       p.HoldDelay.D(),
+		MaxHeld:         p.MaxHeld,
+		HeldRecheck:     p.HeldRecheck.D(),
+		Retry:           bridge.RetryConfig{Initial: p.Retry.Initial.D(), Max: p.Retry.Max.D()},
+		MaxMessageBytes: int64(p.MaxMessageBytes),
+		MaxHops:         p.MaxHops,
+		DrainTimeout:    p.DrainTimeout.D(),
+		ProgressTimeout: p.ProgressTimeout.D(),
+		StallTimeout:    p.StallTimeout.D(),
+		AckWait:         p.AckWait.D(),
+		Lanes:           p.Lanes,
+	}
+}
+
+// SourceMaxAckPending is the number of unacknowledged messages a source must
+// allow (a JetStream consumer's MaxAckPending): held messages stay
+// unacknowledged while parked, so there must be room for them, for the
+// messages in flight and for one fetch on top.
+func (c *Config) SourceMaxAckPending() int {
+	p := c.Pipeline
+	return p.MaxInFlight + p.MaxHeld + p.FetchBatch
+}
+
+// SinkMaxPending bounds unconfirmed publishes per sink: the pipeline never
+// has more than maxInFlight messages between publish and confirm.
+func (c *Config) SinkMaxPending() int { return c.Pipeline.MaxInFlight }
+
+// LogConfig configures log/slog.
+type LogConfig struct {
+	Level  string `yaml:"level"`  // debug | info | warn | error
+	Format string `yaml:"format"` // auto | json | text
+}
+
+// Load reads, parses, resolves and validates the config file at path.
+// The error is Errors (every problem) or an I/O error.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	c, perrs := parse(path, data, false)
+	if c == nil {
+		return nil, perrs // not even YAML
+	}
+	verr := c.Validate()
+	if len(perrs) == 0 {
+		if verr != nil {
+			return nil, verr
+		}
+		return c, nil
+	}
+	// Report the rest of the file's problems too, except those that only
+	// follow from a field that failed to decode (it stayed zero).
+	all := perrs
+	var ve Errors
+	if errors.As(verr, &ve) {
+		for _, p := range ve {
+			if !coveredBy(p.Field, perrs) {
+				all = append(all, p)
+			}
+		}
+	}
+	sort.SliceStable(all, func(i, j int) bool { return all[i].Line < all[j].Line })
+	return nil, all
+}
+
+// coveredBy reports whether field, or a parent or child of it, already has a
+// problem in errs.
+func coveredBy(field string, errs Errors) bool {
+	for _, p := range errs {
+		if p.Field == field || strings.HasPrefix(field, p.Field+".") || strings.HasPrefix(p.Field, field+".") ||
+			strings.HasPrefix(field, p.Field+"[") {
+			return true
+		}
+	}
+	return false
+}
+
+// Default is the built-in configuration (no file): the embedded default
+// with every default applied.
+func Default() *Config {
+	c := &Config{File: "(built-in)", pos: strictyaml.Positions{}}
+	c.applyDefaults()
+	return c
+}
+
+// Parse decodes data strictly (unknown fields, wrong types and duplicate
+// keys are errors), expands ${ENV} references, reads file: secrets and
+// applies defaults. It does not run Validate. file names the source in
+// errors and anchors relative paths.
+func Parse(file string, data []byte) (*Config, error) {
+	c, errs := parse(file, data, false)
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	return c, nil
+}
+
+// ParseTemplate decodes data like Parse but leaves ${NAME} references and
+// file: secrets as written, reading no environment variable and no file:
+// it checks a configuration that will run elsewhere (a Kubernetes manifest)
+// and shows what it refers to. Secrets written as a reference are not
+// inline (InlineSecrets).
+func ParseTemplate(file string, data []byte) (*Config, error) {
+	c, errs := parse(file, data, true)
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	return c, nil
+}
+
+// Embedded reports whether the configuration runs the embedded default (no
+// brokers configured).
+func (c *Config) Embedded() bool { return len(c.Brokers) == 0 }
+
+// line returns the line of path or of its closest written parent.
+func (c *Config) line(path string) int { return c.pos.Line(path) }
+
+// set reports whether the file set path.
+func (c *Config) set(path string) bool { return c.pos.Present(path) }
+
+// IsSet reports whether path (a dotted field path such as "http.listen")
+// was chosen explicitly: written in the file or overridden.
+func (c *Config) IsSet(path string) bool { return c.set(path) }
+
+// OverrideHTTPListen sets http.listen as if the file had set it (a
+// command-line flag wins over the file); call Validate afterwards.
+func (c *Config) OverrideHTTPListen(addr string) {
+	c.HTTP.Listen = addr
+	c.pos["http.listen"] = 0
+}
+
+// InlineSecrets lists the secret fields written in clear in the file, so
+// that the bridge can warn about them.
+func (c *Config) InlineSecrets() []string { return c.inlineSecrets }

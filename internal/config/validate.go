@@ -1,0 +1,124 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cellbridge/cellbridge/bridge"
+)
+
+var (
+	brokerNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+	bucketRE     = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+)
+
+// Validate checks every field and returns Errors listing every problem, or
+// nil. It reads nothing but the rule directory's entry and the files broker
+// settings name; rule cross-checks are in CheckRules.
+func (c *Config) Validate() error {
+	var errs Errors
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, Problem{File: c.File, Line: c.line(field), Field: field, Msg: fmt.Sprintf(format, args...)})
+	}
+
+	if c.Rules == "" && !c.Embedded() {
+		bad("rules", "required when brokers are configured (the rule directory)")
+	} else if c.Rules != "" {
+		if st, err := os.Stat(string(c.Rules)); err != nil {
+			bad("rules", "rule directory: %v", unwrapPathErr(err))
+		} else if !st.IsDir() {
+			bad("rules", "%s is not a directory", c.Rules)
+		}
+	}
+
+	c.validateBrokers(bad)
+	c.validateDedupe(bad)
+
+	if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
+		bad("http.listen", "want host:port or :port, got %q", c.HTTP.Listen)
+	} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		bad("http.listen", "invalid port %q", port)
+	}
+
+	// The pipeline's bounds are the pipeline's own (bridge.Config.Validate):
+	// written once, for this file and for every other caller of bridge.New.
+	var fe bridge.ConfigErrors
+	if errors.As(c.Pipeline.Bridge().Validate(), &fe) {
+		for _, f := range fe {
+			bad("pipeline."+f.Field, "%s", f.Msg)
+		}
+	}
+
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "unknown level %q (want debug, info, warn or error)", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "auto", "json", "text":
+	default:
+		bad("log.format", "unknown format %q (want auto, json or text)", c.Log.Format)
+	}
+
+	if len(errs) == 0 {
+		return nil
+	}
+	sort.SliceStable(errs, func(i, j int) bool { return errs[i].Line < errs[j].Line })
+	return errs
+}
+
+func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
+	d := c.Dedupe
+	switch d.Store {
+	case DedupeJetStream:
+		if c.set("dedupe.size") {
+			bad("dedupe.size", "only valid for store memory")
+		}
+		switch b := c.Brokers[d.Broker]; {
+		case c.Embedded():
+			if d.Broker != EmbeddedBroker {
+				bad("dedupe.broker", "the embedded default has only the broker %q, not %q", EmbeddedBroker, d.Broker)
+			}
+		case d.Broker == "":
+			bad("dedupe.broker", "required for store jetstream when there is no broker named \"nats\" or several NATS brokers")
+		case b == nil:
+			bad("dedupe.broker", "unknown broker %q (brokers: %s)", d.Broker, strings.Join(c.brokerNames(), ", "))
+		case b.Type != NATSType:
+			bad("dedupe.broker", "broker %q is of type %s; the jetstream store needs a %s broker", d.Broker, b.Type, NATSType)
+		}
+		if !bucketRE.MatchString(d.Bucket) {
+			bad("dedupe.bucket", "invalid KV bucket name %q (letters, digits, '_' and '-')", d.Bucket)
+		}
+		if d.Replicas < 1 || d.Replicas > 5 {
+			bad("dedupe.replicas", "must be 1..5, got %d", d.Replicas)
+		}
+	case DedupeMemory:
+		for _, f := range []string{"broker", "bucket", "replicas"} {
+			if c.set("dedupe." + f) {
+				bad("dedupe."+f, "only valid for store jetstream")
+			}
+		}
+		if d.Size < 1 {
+			bad("dedupe.size", "must be positive, got %d", d.Size)
+		}
+	default:
+		bad("dedupe.store", "unknown store %q (want jetstream or memory)", d.Store)
+	}
+	if d.TTL.D() < time.Second {
+		bad("dedupe.ttl", "must be at least 1s, got %s", d.TTL)
+	}
+	if d.ReserveTTL.D() < 100*time.Millisecond {
+		bad("dedupe.reserveTTL", "must be at least 100ms, got %s", d.ReserveTTL)
+	}
+	// The KV store's per-message TTL counts whole seconds: compare rounded up.
+	if rounded := (d.ReserveTTL.D() + time.Second - 1).Truncate(time.Second); rounded >= d.TTL.D() {
+		bad("dedupe.reserveTTL", "must be less than dedupe.ttl (%s) after rounding up to whole seconds, got %s", d.TTL, d.ReserveTTL)
+	}
+}
