@@ -80,9 +80,10 @@ func (c *SinkConfig) defaults() error {
 type target struct {
 	name     string
 	tx       bool
-	groups   bool       // set the message group property (BrokerConfig.MessageGroups)
-	waits    *txWaits   // transactional targets only
-	confirm  *confirmer // transactional targets only
+	groups   bool        // set the message group property (BrokerConfig.MessageGroups)
+	waits    *txWaits    // transactional targets only
+	confirm  *confirmer  // transactional targets only
+	listener *txListener // transactional targets only
 	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
 }
@@ -139,6 +140,7 @@ func NewSink(cfg SinkConfig, log *slog.Logger) (*Sink, error) {
 				if t.waits != nil {
 					t.confirm.close()
 					t.waits.close()
+					t.listener.close()
 				}
 				_ = t.shutdown()
 			}
@@ -198,10 +200,11 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 			}
 		}
 		if err != nil {
+			l.close()
 			l.waits.close()
 			return nil, fmt.Errorf("rmq: broker %q: start transactional producer: %w", bc.Name, err)
 		}
-		t.waits = l.waits
+		t.waits, t.listener = l.waits, l
 		t.confirm = newConfirmer(barrier, l.waits, log, s.finish)
 		t.shutdown = p.Shutdown
 		t.send = func(ctx context.Context, out *bridge.Outgoing) error {
@@ -417,6 +420,7 @@ func (s *Sink) Close(ctx context.Context) error {
 		for _, t := range s.targets {
 			if t.confirm != nil {
 				t.confirm.close()
+				t.listener.close()
 			}
 		}
 		for drained := false; !drained; {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
@@ -157,6 +158,10 @@ type txListener struct {
 	// waits learns the answers to check-backs (nil in tests that play a
 	// crashed sink).
 	waits *txWaits
+
+	mu     sync.Mutex
+	timers map[*time.Timer]struct{} // settleLater's, until they ran
+	closed bool
 }
 
 var _ primitive.TransactionListener = (*txListener)(nil)
@@ -264,21 +269,73 @@ func (l *txListener) check(m *primitive.MessageExt) primitive.LocalTransactionSt
 	case o == dedupe.InFlight:
 		return primitive.UnkonwnState // its attempt is alive (or its reservation not yet expired)
 	case o == dedupe.Duplicate:
-		// Decided; the bridge may have died before committing the message
-		// key: do it now, so that a redelivery is recognised.
-		_ = l.store.Commit(ctx, ref.key)
 		st = primitive.CommitMessageState
 	default:
 		_ = l.store.Release(ctx, dk) // its attempt died before its local transaction
 	}
-	// The answer is final: tell replicas waiting for it.
+	l.settleLater(ref, st == primitive.CommitMessageState)
+	return st
+}
+
+// checkBackSettle is how long after answering a check-back the answer is
+// made known (settle). The client writes the answer's end-transaction right
+// after CheckLocalTransaction returns, one way; a bridge killed within that
+// time leaves the answer unknown, so the half message is checked again and
+// nobody acts on an end-transaction that may be lost.
+const checkBackSettle = time.Second
+
+// settleLater runs settle checkBackSettle after a final check-back answer.
+func (l *txListener) settleLater(ref slotRef, committed bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return
+	}
+	if l.timers == nil {
+		l.timers = map[*time.Timer]struct{}{}
+	}
+	var t *time.Timer
+	t = time.AfterFunc(checkBackSettle, func() {
+		l.mu.Lock()
+		_, live := l.timers[t]
+		delete(l.timers, t)
+		l.mu.Unlock()
+		if live {
+			l.settle(ref, committed)
+		}
+	})
+	l.timers[t] = struct{}{}
+}
+
+// settle makes a check-back answer known: a committed half message's key
+// is committed (a redelivery of its message is a duplicate at once), and
+// resolved(slot) tells the replicas waiting for the answer (wait.go).
+func (l *txListener) settle(ref slotRef, committed bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
+	defer cancel()
+	if committed {
+		if err := l.store.Commit(ctx, ref.key); err != nil {
+			l.log.Debug("transaction check-back: dedupe commit of the message key failed", "err", err)
+		}
+	}
 	if err := l.store.Commit(ctx, resolvedKey(ref.key, ref.slot)); err != nil {
 		l.log.Debug("transaction check-back: dedupe commit of the answer failed", "err", err)
 	}
 	if l.waits != nil {
 		l.waits.resolved(ref)
 	}
-	return st
+}
+
+// close drops the answers not settled yet (the broker checks their half
+// messages again, and whoever answers then settles them).
+func (l *txListener) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	for t := range l.timers {
+		t.Stop()
+		delete(l.timers, t)
+	}
 }
 
 func stateName(s primitive.LocalTransactionState) string {

@@ -19,9 +19,9 @@ import (
 // dead bridge never acknowledged it). It does not report that message as
 // a duplicate at once, which would let the pipeline acknowledge it and
 // send the key's next message: it parks the send until the half message's
-// check-back was answered — here, or by another replica (the answer is
-// recorded in the dedupe store, polled every second) — plus
-// checkBackGrace for the answer's end-transaction to go out, or until
+// check-back was answered and settled (txn.go: a second after the answer,
+// so that the answer's end-transaction went out) — here, or by another
+// replica (recorded in the dedupe store, polled every second) — or until
 // BrokerConfig.CheckBackWait ran out (the end-transaction had arrived
 // after all, and no check-back will come). Meanwhile the message stays
 // unacknowledged, so a crash hands the same wait to the next bridge, and
@@ -29,12 +29,8 @@ import (
 // key between publish and confirm); other keys go on.
 
 const (
-	// checkBackGrace is how long a wait lasts after the check-back it
-	// waited for was answered: the client writes the end-transaction
-	// right after the answer.
-	checkBackGrace = 250 * time.Millisecond
-	waitTick       = 100 * time.Millisecond
-	waitPollEvery  = time.Second
+	waitTick      = 100 * time.Millisecond
+	waitPollEvery = time.Second
 )
 
 // errPending reports a claim that found ref decided and not known to be
@@ -92,10 +88,10 @@ func (w *txWaits) park(ref slotRef, j *job) bool {
 	return true
 }
 
-// resolved ends the wait for ref after checkBackGrace; a later park of ref
-// does not wait longer than that either.
+// resolved ends the wait for ref (at the next sweep); a later park of ref
+// finds the answer in the store.
 func (w *txWaits) resolved(ref slotRef) {
-	until := time.Now().Add(checkBackGrace)
+	until := time.Now()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if wt := w.waits[ref]; wt != nil && until.Before(wt.until) {
@@ -157,7 +153,7 @@ func (w *txWaits) unresolved(now time.Time) []slotRef {
 	defer w.mu.Unlock()
 	var out []slotRef
 	for ref, wt := range w.waits {
-		if wt.until.Sub(now) > checkBackGrace {
+		if wt.until.After(now) {
 			out = append(out, ref)
 		}
 	}

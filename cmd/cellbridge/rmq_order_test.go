@@ -71,13 +71,14 @@ func TestCrashKill9RocketMQOrder(t *testing.T) {
 func testRMQOrderCrash(t *testing.T, src, mode string) {
 	seed := crashSeed(t)
 	rnd := rand.New(rand.NewPCG(seed, 6))
-	store := "{store: memory}"
+	store, settings := "{store: memory}", "exactlyOnce: none"
 	if mode == "transactional" {
 		// Transactions need a store that outlives the bridge process.
 		store = "{store: jetstream, bucket: rmq-order, ttl: 5m, reserveTTL: 2s}"
+		settings = fmt.Sprintf("exactlyOnce: transactional, checkBackWait: %s", rmqCheckBackWait)
 	}
 	e, b := newRMQCrashEnv(t, rmqtest.Options{TransactionCheckDelay: time.Second, TransactionCheckInterval: 500 * time.Millisecond},
-		src, "rmq", store, fmt.Sprintf("exactlyOnce: %s, checkBackWait: %s", mode, rmqCheckBackWait))
+		src, "rmq", store, settings)
 	for _, topic := range rmqTargetTopics(e.table) {
 		if err := b.CreateTopic(topic, 4); err != nil {
 			t.Fatal(err)
