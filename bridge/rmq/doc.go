@@ -158,14 +158,15 @@
 //     acknowledges the source;
 //  6. a claim that found decided(K,m) (the source redelivered the message:
 //     its earlier attempt was never confirmed) reports the duplicate only
-//     once a check-back of slot m was answered (here, or by a replica:
-//     resolved(K,m)) or BrokerConfig.CheckBackWait passed (wait.go), and
-//     keeps the message unacknowledged meanwhile, so that the key's next
-//     message is never made visible before it.
+//     once a check-back answer for slot m was settled (here, or by a
+//     replica: resolved(K,m)) or BrokerConfig.CheckBackWait passed
+//     (wait.go), and keeps the message unacknowledged meanwhile, so that
+//     the key's next message is never made visible before it.
 //
-// A check-back answers from decided(K,n): committed → commit (and commit
-// K); still reserved → unknown (the attempt may be alive); neither →
-// rollback; then it commits resolved(K,n). Because a slot is never reused
+// A check-back answers from decided(K,n): committed → commit; still
+// reserved → unknown (the attempt may be alive); neither → rollback. A
+// final answer is settled a second later, once its one-way end-transaction
+// went out: the sink commits K (for a commit) and resolved(K,n). Because a slot is never reused
 // and only the local transaction decides a slot, at most one half message
 // per key is ever committed, whatever was killed when: a bridge killed
 // before step 4 leaves an undecided slot (rolled back once its reservation
