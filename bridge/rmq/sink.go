@@ -345,24 +345,27 @@ func (s *Sink) publish(j *job) error {
 // appended to the keys. With groups, the message group property is set to
 // the copy's order key (see orderKey).
 func outgoingMessage(m *bridge.Outgoing, groups bool) *primitive.Message {
-	msg := primitive.NewMessage(m.Target.Topic, m.Body)
+	// One map, set at once: WithProperty locks the message for every call.
+	props := make(map[string]string, len(m.Header)+2)
 	for k, vs := range m.Header {
-		if len(vs) == 0 || k == "" || k == HeaderTxSlot || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
+		if len(vs) == 0 || vs[0] == "" || k == "" || k == HeaderTxSlot || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
 			continue
 		}
-		msg.WithProperty(k, vs[0])
+		props[k] = vs[0]
 	}
 	if vs := m.Header[primitive.PropertyTags]; len(vs) > 0 && vs[0] != "" && validProp(vs[0]) {
-		msg.WithTag(vs[0])
+		props[primitive.PropertyTags] = vs[0]
 	}
 	if keys := copyKeys(m.Header[primitive.PropertyKeys], m.MsgID); keys != "" {
-		msg.WithProperty(primitive.PropertyKeys, keys)
+		props[primitive.PropertyKeys] = keys
 	}
 	if groups {
 		if k, _ := orderKey(m.Header, m.MsgID); k != "" && validProp(k) {
-			msg.WithProperty(PropertyMessageGroup, k)
+			props[PropertyMessageGroup] = k
 		}
 	}
+	msg := primitive.NewMessage(m.Target.Topic, m.Body)
+	msg.WithProperties(props)
 	return msg
 }
 

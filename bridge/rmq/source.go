@@ -27,8 +27,10 @@ type SourceConfig struct {
 	// Group is the consumer group: replicas sharing it share the queues
 	// (clustering mode). Required.
 	Group string
-	// FetchBatch is the number of messages per pull request. Default 32,
-	// at most 1024. The client buffers up to 36 pulled batches per queue.
+	// FetchBatch is the number of messages per pull request. Default 128,
+	// at most 1024. The client buffers up to 36 pulled batches per queue,
+	// and a batch is acknowledged whole (a crash re-reads what was settled
+	// of an unfinished batch).
 	FetchBatch int
 	// Redeliver is the delay before a message negatively acknowledged
 	// without a delay (not a bridge.Hold) is handed to the pipeline again.
@@ -57,7 +59,7 @@ func (c *SourceConfig) defaults() error {
 		return errors.New("rmq: SourceConfig needs Rule, Topic and Group")
 	}
 	if c.FetchBatch <= 0 {
-		c.FetchBatch = 32
+		c.FetchBatch = 128
 	}
 	c.FetchBatch = min(c.FetchBatch, 1024)
 	if c.Redeliver <= 0 {
