@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/rmq"
 	"github.com/cellbridge/cellbridge/internal/rmqtest"
 	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
@@ -268,6 +269,9 @@ func checkRMQOrder(t *testing.T, b *rmqtest.Broker, table *router.Table, events 
 				t.Fatalf("%s q%d@%d: %v", topic, m.QueueID, m.QueueOffset, err)
 			}
 			where := fmt.Sprintf("%s/q%d", topic, m.QueueID)
+			if _, ok := m.Properties[rmq.HeaderTxSlot]; ok {
+				t.Fatalf("%s q%d@%d: the copy carries the internal property %s", topic, m.QueueID, m.QueueOffset, rmq.HeaderTxSlot)
+			}
 			uniq[p.ID] = fmt.Sprintf("uniq %s, Cell-Msg-Id %s, stored %s", m.MsgID, m.Properties[bridge.HeaderMsgID], m.StoreTimestamp.Format(time.StampMilli))
 			arrivals = append(arrivals, tally.Arrival{Cell: c.Name, Stream: where, Subject: topic, StreamSeq: uint64(m.QueueOffset),
 				Stored: m.StoreTimestamp, MsgID: m.Properties[bridge.HeaderMsgID], Run: p.Run, ID: p.ID, Key: p.Key, Seq: p.Seq})
