@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -73,16 +72,9 @@ func runRMQChild(spec childSpec) (*childResult, error) {
 		return n
 	}
 	e := &env{table: table, spec: spec, tune: parseTune(spec.Tune)}
-	stopProf := func() {}
-	if spec.CPUProfile != "" {
-		f, err := os.Create(spec.CPUProfile)
-		if err != nil {
-			return nil, err
-		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return nil, err
-		}
-		stopProf = func() { pprof.StopCPUProfile(); f.Close() }
+	stopProf, err := startCPUProfile(spec.CPUProfile)
+	if err != nil {
+		return nil, err
 	}
 	var ms0, ms1 runtime.MemStats
 	runtime.ReadMemStats(&ms0)
