@@ -100,11 +100,11 @@ brokers:
 dedupe: %s
 pipeline:
   ackWait: 2s
-  maxInFlight: 512
+  maxInFlight: %d
   drainTimeout: 10s
   retry: {initial: 50ms, max: 500ms}
 log: {level: info, format: json}
-`, rules, srv.URL, b.NameServerAddr(), strings.TrimSuffix(", "+rmqSettings, ", "), dedupeYAML))
+`, rules, srv.URL, b.NameServerAddr(), strings.TrimSuffix(", "+rmqSettings, ", "), dedupeYAML, rmqMaxInFlight))
 	return &crashEnv{t: t, js: js, table: table, config: cfg, dir: dir}, b
 }
 
