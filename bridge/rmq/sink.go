@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
@@ -111,6 +112,7 @@ type Sink struct {
 	// when its ctx ends, so that sends in progress give up.
 	sends       context.Context
 	cancelSends context.CancelFunc
+	merged      atomic.Pointer[mergedCtx] // see sendCtx
 
 	mu      sync.RWMutex
 	closed  bool
@@ -284,24 +286,33 @@ func (s *Sink) worker() {
 	for {
 		select {
 		case j := <-s.jobs:
-			err := s.publish(j)
-			var pe *errPending
-			var ee *errEnded
-			if errors.As(err, &ee) {
-				j.t.confirm.add(j, ee)
-				continue // resolved by the barrier behind its end-transaction
+			if err := s.publish(j); err == nil || !s.handOver(j, err) {
+				s.finish(j, err)
 			}
-			if errors.As(err, &pe) {
-				if j.t.waits.park(pe.ref, j) {
-					continue // resolved when its earlier attempt is settled
-				}
-				err = fmt.Errorf("rmq: broker %q: %w", j.t.name, ErrClosed)
-			}
-			s.finish(j, err)
 		case <-s.quit:
 			return
 		}
 	}
+}
+
+// handOver gives a transactional job to the barrier (its end-transaction
+// was written) or to the wait for an earlier attempt's check-back, and
+// reports whether it did; the job is resolved there.
+func (s *Sink) handOver(j *job, err error) bool {
+	var pe *errPending
+	var ee *errEnded
+	switch {
+	case errors.As(err, &ee):
+		j.t.confirm.add(j, ee)
+		return true
+	case errors.As(err, &pe):
+		if j.t.waits.park(pe.ref, j) {
+			return true
+		}
+		s.finish(j, fmt.Errorf("rmq: broker %q: %w", j.t.name, ErrClosed))
+		return true
+	}
+	return false
 }
 
 func (s *Sink) publish(j *job) error {
@@ -319,14 +330,10 @@ func (s *Sink) publish(j *job) error {
 				return fmt.Errorf("rmq: broker %q: %w (after: %w)", j.t.name, ErrClosed, err)
 			}
 		}
-		ctx, cancel := context.WithTimeout(j.ctx, s.cfg.SendTimeout)
-		stop := context.AfterFunc(s.sends, cancel)
+		ctx, done := s.sendCtx(j)
 		err = j.t.send(ctx, j.m)
-		stop()
-		cancel()
-		var pe *errPending
-		var ee *errEnded
-		if err == nil || errors.Is(err, bridge.ErrDuplicate) || errors.As(err, &pe) || errors.As(err, &ee) {
+		done()
+		if err == nil || settled(err) {
 			return err
 		}
 		if s.sends.Err() != nil {
@@ -335,6 +342,51 @@ func (s *Sink) publish(j *job) error {
 		s.log.Debug("rocketmq send failed", "broker", j.t.name, "topic", j.m.Target.Topic, "attempt", attempt+1, "err", err)
 	}
 	return fmt.Errorf("rmq: broker %q: send to %s: %w", j.t.name, j.m.Target.Topic, err)
+}
+
+// settled reports whether a send's error ends the job's attempts: a
+// duplicate, or a transactional send handed to its wait or barrier.
+func settled(err error) bool {
+	var pe *errPending
+	var ee *errEnded
+	return errors.Is(err, bridge.ErrDuplicate) || errors.As(err, &pe) || errors.As(err, &ee)
+}
+
+// mergedCtx is a context ended by parent or by the sink's Close.
+type mergedCtx struct {
+	parent context.Context
+	ctx    context.Context
+}
+
+// sendCtx returns the context of one send attempt, ended by the job's ctx
+// or by Close, and what releases it. The pipeline passes the same ctx to
+// every publish: one merged context, made once, serves them all (the
+// client bounds each request by SendTimeout itself). A transactional send
+// also makes store calls, bounded by SendTimeout here.
+func (s *Sink) sendCtx(j *job) (context.Context, func()) {
+	ctx := context.Context(nil)
+	release := func() {}
+	if m := s.merged.Load(); m != nil && m.parent == j.ctx {
+		ctx = m.ctx
+	} else if m == nil && j.ctx.Err() == nil {
+		c, cancel := context.WithCancel(j.ctx)
+		context.AfterFunc(s.sends, cancel)
+		if s.merged.CompareAndSwap(nil, &mergedCtx{parent: j.ctx, ctx: c}) {
+			ctx = c
+		} else {
+			cancel()
+		}
+	}
+	if ctx == nil {
+		c, cancel := context.WithCancel(j.ctx)
+		stop := context.AfterFunc(s.sends, cancel)
+		ctx, release = c, func() { stop(); cancel() }
+	}
+	if !j.t.tx {
+		return ctx, release
+	}
+	c, cancel := context.WithTimeout(ctx, s.cfg.SendTimeout)
+	return c, func() { cancel(); release() }
 }
 
 // outgoingMessage builds a new client message (and so a new unique id):
