@@ -3,6 +3,7 @@ package rmq
 import (
 	"hash/fnv"
 	"strconv"
+	"sync"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 	"github.com/apache/rocketmq-client-go/v2/producer"
@@ -43,18 +44,45 @@ func orderKey(h map[string][]string, msgID string) (key string, shard int) {
 // with the topic's current write queues — every writable queue of every
 // broker that has a master, sorted by broker name then queue id — which it
 // re-reads from the name server every 30 s, so the choice follows route
-// changes.
-type orderSelector struct{}
+// changes. It remembers each topic's queue count, so that the sink can
+// group copies bound for one queue into a batch (batch.go); a batch,
+// which carries no properties of its own, goes to the queue its hint
+// names, or nowhere (the send fails and its messages go one by one) when
+// the queue count changed since the batch was made.
+type orderSelector struct {
+	counts sync.Map // topic → int: the queue count of the last send
+	hints  sync.Map // *primitive.MessageQueue (a batch's first message's Queue) → batchHint
+}
 
-var _ producer.QueueSelector = orderSelector{}
+var _ producer.QueueSelector = (*orderSelector)(nil)
 
 // Select implements producer.QueueSelector.
-func (orderSelector) Select(m *primitive.Message, mqs []*primitive.MessageQueue, _ string) *primitive.MessageQueue {
+func (o *orderSelector) Select(m *primitive.Message, mqs []*primitive.MessageQueue, _ string) *primitive.MessageQueue {
 	if len(mqs) == 0 {
 		return nil
 	}
+	if m.Batch {
+		if h, ok := o.hints.Load(m.Queue); ok {
+			if hint := h.(batchHint); hint.n == len(mqs) {
+				return mqs[hint.idx]
+			}
+		}
+		return nil
+	}
+	if c, ok := o.counts.Load(m.Topic); !ok || c.(int) != len(mqs) {
+		o.counts.Store(m.Topic, len(mqs))
+	}
 	return mqs[queueIndex(m.GetProperty(bridge.HeaderShard), m.GetProperty(bridge.HeaderError) != "",
 		m.GetProperty(bridge.HeaderMsgID), m.GetProperty(primitive.PropertyKeys), len(mqs))]
+}
+
+// queues returns the queue count of the topic's last send, if any.
+func (o *orderSelector) queues(topic string) (int, bool) {
+	c, ok := o.counts.Load(topic)
+	if !ok {
+		return 0, false
+	}
+	return c.(int), true
 }
 
 // queueIndex maps a copy onto one of n queues: shard s goes to queue s mod

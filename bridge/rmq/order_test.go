@@ -1,9 +1,11 @@
 package rmq
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 
@@ -23,7 +25,7 @@ func queues(n int) []*primitive.MessageQueue {
 // the client hands it at the time (the route it last read), and a copy
 // without a shard, or a DLQ copy, into the hash of its idempotency key.
 func TestOrderSelector(t *testing.T) {
-	sel := orderSelector{}
+	sel := &orderSelector{}
 	for _, n := range []int{1, 4, 8, 3} {
 		mqs := queues(n)
 		for s := range 40 {
@@ -127,5 +129,83 @@ func TestSinkTagsKeysAndGroup(t *testing.T) {
 		if g := got.Properties[PropertyMessageGroup]; g != tc.wantGroup {
 			t.Errorf("%s: message group %q, want %q", tc.id, g, tc.wantGroup)
 		}
+	}
+}
+
+// Publishes queued behind each other go out as batches, each to the queue
+// of its copies' shard, every copy with its own properties and unique id;
+// a batch that fails is sent again message by message.
+func TestSinkBatches(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	const topic = "batched"
+	if err := b.CreateTopic(topic, 4); err != nil {
+		t.Fatal(err)
+	}
+	// One worker: the publishes queue up behind the first.
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{brokerConfig(b)}, Workers: 1, MaxPending: 512, RetryBackoff: 10 * time.Millisecond})
+	if err := publish(t, s, outgoing(topic, "first", bridge.HeaderShard, "0")); err != nil { // the route: the topic's queue count
+		t.Fatal(err)
+	}
+	send := func(from, n int) {
+		t.Helper()
+		errs := make(chan error, n)
+		for i := from; i < from+n; i++ {
+			s.PublishAsync(context.Background(), outgoing(topic, fmt.Sprint("id-", i), bridge.HeaderShard, strconv.Itoa(i%10)),
+				func(err error) { errs <- err })
+		}
+		for range n {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	send(0, 300)
+	batches := b.Requests(rmqtest.CodeSendBatchMessage)
+	if batches == 0 {
+		t.Fatal("no batch request: every copy went on its own")
+	}
+	// A failing batch: its copies go one by one, each stored once.
+	b.FailSends(1, 14)
+	send(300, 300)
+	ms := b.Messages(topic)
+	if len(ms) != 601 {
+		t.Fatalf("stored %d copies, want 601", len(ms))
+	}
+	ids := map[string]bool{}
+	for _, m := range ms {
+		shard, _ := strconv.Atoi(m.Properties[bridge.HeaderShard])
+		if m.QueueID != shard%4 {
+			t.Errorf("%s (shard %d) in queue %d, want %d", m.Properties[bridge.HeaderMsgID], shard, m.QueueID, shard%4)
+		}
+		if m.MsgID == "" || ids[m.MsgID] {
+			t.Errorf("%s: unique id %q missing or repeated", m.Properties[bridge.HeaderMsgID], m.MsgID)
+		}
+		ids[m.MsgID] = true
+		if id := m.Properties[bridge.HeaderMsgID]; m.Keys != id || m.Properties[bridge.HeaderCell] != "rz01" {
+			t.Errorf("%s: keys %q, properties %v", id, m.Keys, m.Properties)
+		}
+	}
+	t.Logf("%d batch requests for 600 copies", b.Requests(rmqtest.CodeSendBatchMessage))
+}
+
+// A batch made for n queues is refused once the topic has another number
+// of queues: its copies go one by one to the queues of the new route.
+func TestOrderSelectorBatchHint(t *testing.T) {
+	sel := &orderSelector{}
+	mark := &primitive.MessageQueue{Topic: "t"}
+	sel.hints.Store(mark, batchHint{idx: 3, n: 4})
+	batch := &primitive.Message{Topic: "t", Batch: true, Queue: mark}
+	if q := sel.Select(batch, queues(4), ""); q == nil || q.QueueId != 3 {
+		t.Fatalf("batch for queue 3 of 4: %v", q)
+	}
+	if q := sel.Select(batch, queues(8), ""); q != nil {
+		t.Fatalf("batch for 4 queues sent to queue %d of 8", q.QueueId)
+	}
+	if q := sel.Select(&primitive.Message{Topic: "t", Batch: true, Queue: &primitive.MessageQueue{}}, queues(4), ""); q != nil {
+		t.Fatalf("batch without a hint sent to queue %d", q.QueueId)
+	}
+	sel.Select(outgoingMessage(outgoing("t", "x"), false), queues(8), "")
+	if n, ok := sel.queues("t"); !ok || n != 8 {
+		t.Fatalf("queue count after a send to 8 queues: %d %v", n, ok)
 	}
 }

@@ -43,6 +43,9 @@ type SinkConfig struct {
 	RetryBackoff time.Duration
 	// SendTimeout bounds one attempt. Default 3s.
 	SendTimeout time.Duration
+	// MaxBatch bounds the messages of one batch request (batch.go); 1
+	// sends every message on its own. Default 32.
+	MaxBatch int
 }
 
 func (c *SinkConfig) defaults() error {
@@ -74,6 +77,9 @@ func (c *SinkConfig) defaults() error {
 	if c.SendTimeout <= 0 {
 		c.SendTimeout = 3 * time.Second
 	}
+	if c.MaxBatch <= 0 {
+		c.MaxBatch = 32
+	}
 	return nil
 }
 
@@ -85,6 +91,9 @@ type target struct {
 	waits    *txWaits    // transactional targets only
 	confirm  *confirmer  // transactional targets only
 	listener *txListener // transactional targets only
+	sel      *orderSelector
+	// batch sends one batch (non-transactional targets only).
+	batch    func(ctx context.Context, msgs []*primitive.Message) error
 	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
 }
@@ -163,6 +172,7 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		group = "cellbridge-" + sanitize(bc.Name)
 	}
 	instance := bc.instanceName("sink")
+	sel := &orderSelector{}
 	opts := []producer.Option{
 		producer.WithNsResolver(bc.resolver()),
 		producer.WithGroupName(group),
@@ -174,7 +184,7 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		// half messages.
 		producer.WithRetry(0),
 		// The queue follows the copy's order key (order.go).
-		producer.WithQueueSelector(orderSelector{}),
+		producer.WithQueueSelector(sel),
 	}
 	if bc.Namespace != "" {
 		opts = append(opts, producer.WithNamespace(bc.Namespace))
@@ -182,7 +192,7 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	if c, ok := bc.credentials(); ok {
 		opts = append(opts, producer.WithCredentials(c))
 	}
-	t := &target{name: bc.Name, tx: bc.Transactional, groups: bc.MessageGroups}
+	t := &target{name: bc.Name, tx: bc.Transactional, groups: bc.MessageGroups, sel: sel}
 	if bc.Transactional {
 		log := s.log.With("broker", bc.Name)
 		// The waits exist before the producer: its check-backs report to them.
@@ -222,6 +232,7 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		return nil, fmt.Errorf("rmq: broker %q: start producer: %w", bc.Name, err)
 	}
 	t.shutdown = p.Shutdown
+	t.batch = sendBatchWith(p)
 	t.send = func(ctx context.Context, out *bridge.Outgoing) error {
 		res, err := p.SendSync(ctx, outgoingMessage(out, t.groups))
 		if err != nil {
@@ -286,9 +297,7 @@ func (s *Sink) worker() {
 	for {
 		select {
 		case j := <-s.jobs:
-			if err := s.publish(j); err == nil || !s.handOver(j, err) {
-				s.finish(j, err)
-			}
+			s.run(j)
 		case <-s.quit:
 			return
 		}

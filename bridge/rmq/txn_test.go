@@ -66,7 +66,7 @@ func deadSink(t *testing.T, bc BrokerConfig, l *txListener, topic, key, shard st
 		producer.WithNsResolver(bc.resolver()),
 		producer.WithGroupName("cellbridge-"+bc.Name),
 		producer.WithInstanceName(bc.instanceName("crashed")),
-		producer.WithQueueSelector(orderSelector{}),
+		producer.WithQueueSelector(&orderSelector{}),
 		producer.WithRetry(0))
 	if err != nil {
 		t.Fatal(err)
