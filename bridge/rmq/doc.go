@@ -67,7 +67,7 @@
 // fixed for the process).
 //
 // Buffering is bounded by the client: it keeps at most 32 pulled batches
-// per queue plus 4 handed to Poll, FetchBatch messages each, and stops
+// per queue plus 4 handed to Poll, FetchBatch (128) messages each, and stops
 // pulling a queue beyond that. A held message keeps its batch open but does
 // not stop other batches or queues.
 //
@@ -79,7 +79,13 @@
 // would otherwise fail). A fixed pool of Workers goroutines sends
 // synchronously; PublishAsync queues for them and blocks while MaxPending
 // publishes are queued or being sent, which is the bridge's back-pressure;
-// no goroutine is started per message. Close abandons the sends still in
+// no goroutine is started per message. A worker that takes a publish also
+// takes the publishes queued behind it, without waiting for more, and sends
+// those bound for one queue of a non-transactional target as one batch
+// request (at most SinkConfig.MaxBatch, 32, messages and 1 MiB of bodies;
+// each keeps its own properties, keys and unique id; a batch holds at most
+// one message per key, so no key's order changes; a failed batch is sent
+// again message by message). Close abandons the sends still in
 // progress when its ctx ends. Each send is a new message: every header
 // (Cell-Msg-Id, Cell-Name, Cell-Shard, Cell-Rules-Version, Cell-Source,
 // Cell-Hops, Cell-Error, and the source's own) as a user property, first
