@@ -14,8 +14,18 @@ import (
 // every field, for that file and for New alike.
 type Config struct {
 	// MaxInFlight bounds messages accepted and not yet settled, excluding
-	// parked (held) messages. Default 4096.
+	// parked (held) messages and lagging broadcast copies. A broadcast
+	// message takes one slot per copy. Default 4096.
 	MaxInFlight int
+	// MaxLagging bounds the broadcast copies kept in memory, outside
+	// MaxInFlight, because their cell is failing or slow (a copy whose
+	// publish failed or that is not confirmed StallTimeout after its
+	// message arrived, and the later copies of its key for that cell), so
+	// that one cell does not hold the in-flight slots the other cells need. Beyond it such copies keep their in-flight slots: once
+	// MaxInFlight of them wait, intake stops for every rule (back-pressure;
+	// nothing is lost or reordered). Sources must allow MaxInFlight +
+	// MaxHeld + MaxLagging unacknowledged messages. Default 10000.
+	MaxLagging int
 	// Workers is the number of pipeline goroutines that commit, acknowledge and
 	// dispatch messages. Default: GOMAXPROCS when the dedupe store is the
 	// in-memory store (its calls never wait on I/O, so dispatch runs inline on
@@ -87,6 +97,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.MaxHeld == 0 {
 		c.MaxHeld = 10000
+	}
+	if c.MaxLagging == 0 {
+		c.MaxLagging = 10000
 	}
 	if c.HeldRecheck == 0 {
 		c.HeldRecheck = time.Second
@@ -189,6 +202,7 @@ func (c Config) Validate() error {
 	positive("fetchBatch", c.FetchBatch)
 	positive("maxHops", c.MaxHops)
 	positive("maxHeld", c.MaxHeld)
+	positive("maxLagging", c.MaxLagging)
 	// A shorter hold delay turns a held message into a redelivery loop.
 	atLeast("holdDelay", c.HoldDelay, 10*time.Millisecond)
 	atLeast("retry.initial", c.Retry.Initial, time.Millisecond)

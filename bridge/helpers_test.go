@@ -83,6 +83,7 @@ type testSink struct {
 	fail    func(o *Outgoing, attempt int) error
 	block   chan struct{} // when non-nil, confirms wait for it to close
 	blockOf string        // when set, only messages with this X-User-Id wait for block
+	blockTo string        // when set, only messages to this subject wait for block
 	mu      sync.Mutex
 	got     []published
 	tries   map[string]int
@@ -126,7 +127,7 @@ func (s *testSink) PublishAsync(ctx context.Context, o *Outgoing, done func(erro
 		s.mu.Unlock()
 		done(err)
 	}
-	if s.block != nil && (s.blockOf == "" || s.blockOf == key) {
+	if s.block != nil && (s.blockOf == "" || s.blockOf == key) && (s.blockTo == "" || s.blockTo == o.Target.Subject) {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()

@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/cellbridge/cellbridge/router"
 )
 
 // NewHTTP returns the bridge's HTTP handler:
@@ -15,8 +17,10 @@ import (
 //   - /healthz: 200 "ok" while the process serves HTTP.
 //   - /readyz: 200 "ready", or 503 with one plain reason per line (no rules,
 //     a connection down, a sink failing, a backlog without progress).
-//   - /route?topic=RULE&key=KEY: the router's Decision as JSON; 400 with a
-//     plain message when topic is missing or unknown, 503 without rules.
+//   - /route?topic=RULE&key=KEY[&origin=CELL]: the router's Decision as
+//     JSON (origin: the event's Cell-Origin, for a broadcast rule with
+//     excludeOrigin); 400 with a plain message when topic is missing or
+//     unknown, 503 without rules.
 //   - /status: Status as JSON.
 //
 // The handler is safe for concurrent use and holds no goroutines.
@@ -56,7 +60,11 @@ func NewHTTP(p *Pipeline) http.Handler {
 			httpError(w, http.StatusBadRequest, "missing query parameter key (the shard key, e.g. a user id); use key= for an event without a key")
 			return
 		}
-		writeJSON(w, tbl.Resolve(topic, key))
+		d := tbl.Resolve(topic, key)
+		if tbl.Rule(topic).ExcludeOrigin && d.Reason == router.ReasonBroadcast {
+			d.Origin = r.URL.Query().Get("origin")
+		}
+		writeJSON(w, d)
 	})
 	mux.HandleFunc("/status", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, p.Status())

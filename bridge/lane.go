@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cellbridge/cellbridge/dedupe"
@@ -67,6 +68,18 @@ type taskData struct {
 	hdrSaved bool
 	lentHdr  bool // m.Header is t.hdr
 
+	// Broadcast copies (parent set): one task per selected cell of a
+	// broadcast message, with its own lane key (key and cell), retry and
+	// budget slot; the parent is the source message, in no lane.
+	parent  *task
+	cs      *cellState // the copy's (rule, cell)
+	copyKey string     // idempotency key of the copy: idKey@cell
+	// slot is which budget a copy holds (copies leave counted false): an
+	// in-flight slot (slotInFlight), a lagging one (slotLagging), or none
+	// once settled. It changes by compare-and-swap, because the copy's
+	// owner settles it while its lane, or the sweeper, may make it lag.
+	slot atomic.Int32
+
 	prev, next *task  // ruleState arrival list, guarded by rs.mu
 	inPark     bool   // parked (held); guarded by rs.mu, for the stall age
 	qnext      *task  // lane queue or park queue, guarded by lane.mu
@@ -80,6 +93,7 @@ type taskExtra struct {
 	dlqTarget router.Target
 	orig      [6][]string // original values of forwardHeaders
 	origHad   uint8
+	bc        join // of a broadcast message: its copies
 }
 
 func (t *task) extra() *taskExtra {
@@ -179,6 +193,22 @@ func (l *lane) busy(key string) bool {
 		}
 	}
 	return false
+}
+
+// state reports whether a message of key is active or queued, and whether
+// one of them is a lagging broadcast copy.
+func (l *lane) state(key string) (busy, lagging bool) {
+	for _, a := range l.active {
+		if a.laneKey == key {
+			busy, lagging = true, a.slot.Load() == slotLagging
+		}
+	}
+	for q := l.qhead; q != nil; q = q.qnext {
+		if q.laneKey == key {
+			busy, lagging = true, lagging || q.slot.Load() == slotLagging
+		}
+	}
+	return busy, lagging
 }
 
 func (l *lane) removeActive(t *task) {

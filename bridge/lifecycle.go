@@ -37,6 +37,7 @@ func (p *Pipeline) sweeper() {
 				lastBeat = now
 			}
 			if now.Sub(lastGauge) >= 500*time.Millisecond {
+				p.lagOld(p.clock.Now().UnixNano())
 				p.updateGauges()
 				p.health.Ready()
 				lastGauge = now
@@ -82,7 +83,22 @@ type RuleStatus struct {
 	HeldShards              []ShardHeld `json:"heldShards,omitempty"`
 	HeldRanges              []RangeHeld `json:"heldRanges,omitempty"`
 	LastProgress            time.Time   `json:"lastProgress"`
-	_                       struct{}    `json:"-"`
+	// Broadcast lists, for a broadcast rule, every cell that got or missed
+	// a copy since the bridge started, by name.
+	Broadcast []CellCopies `json:"broadcast,omitempty"`
+	_         struct{}     `json:"-"`
+}
+
+// CellCopies is one cell of a broadcast rule in Status.
+type CellCopies struct {
+	Cell string `json:"cell"`
+	// Pending counts copies accepted and not yet confirmed; Lagging those
+	// of them that wait for a failing cell outside maxInFlight.
+	Pending int64 `json:"pending"`
+	Lagging int64 `json:"lagging"`
+	// Missed is what the cell missed while it was down: replay it with
+	// `cellbridge replay -rule R -cell C -from-time <Missed.First>`.
+	Missed MissedCopies `json:"missed"`
 }
 
 // ShardHeld counts parked messages of one shard.
@@ -134,6 +150,8 @@ type Status struct {
 	MaxInFlight  int          `json:"maxInFlight"`
 	Held         int64        `json:"held"`
 	MaxHeld      int          `json:"maxHeld"`
+	Lagging      int64        `json:"lagging"`
+	MaxLagging   int          `json:"maxLagging"`
 	Rules        []RuleStatus `json:"rules"`
 }
 
@@ -203,6 +221,10 @@ func (p *Pipeline) updateGauges() {
 		rs.hl.stall.Store(stall)
 		rs.met.stall.Set(time.Duration(stall).Seconds())
 		rs.met.heldN.Set(float64(h))
+		for _, cs := range rs.cells.load() {
+			cs.pendingG.Set(float64(cs.pending.Load()))
+			cs.laggingG.Set(float64(cs.lagging.Load()))
+		}
 		if hs := held[name]; hs != nil {
 			rs.met.heldOldest.Set(time.Duration(now - hs.oldest).Seconds())
 		} else {
@@ -262,7 +284,8 @@ func (p *Pipeline) updateRangeGauges(held map[string]*heldStats) {
 // flight, parked (with their age, per shard) and the source backlog.
 func (p *Pipeline) Status() Status {
 	now := p.clock.Now().UnixNano()
-	st := Status{MaxInFlight: p.cfg.MaxInFlight, MaxHeld: p.cfg.MaxHeld, Held: p.heldN.Load(), InFlight: p.budget.used()}
+	st := Status{MaxInFlight: p.cfg.MaxInFlight, MaxHeld: p.cfg.MaxHeld, Held: p.heldN.Load(), InFlight: p.budget.used(),
+		Lagging: p.lagN.Load(), MaxLagging: p.cfg.MaxLagging}
 	if t := p.rules.Load(); t != nil {
 		st.RulesVersion, st.RulesLoaded = t.Version(), true
 	}
@@ -284,6 +307,14 @@ func (p *Pipeline) Status() Status {
 			sort.Slice(r.HeldShards, func(i, j int) bool { return r.HeldShards[i].Shard < r.HeldShards[j].Shard })
 			r.HeldRanges = heldRanges(r.HeldShards)
 		}
+		for _, cs := range rs.cells.load() {
+			cs.mu.Lock()
+			missed := cs.missed
+			missed.Ongoing = cs.open.Load()
+			cs.mu.Unlock()
+			r.Broadcast = append(r.Broadcast, CellCopies{Cell: cs.cell, Pending: cs.pending.Load(), Lagging: cs.lagging.Load(), Missed: missed})
+		}
+		sort.Slice(r.Broadcast, func(i, j int) bool { return r.Broadcast[i].Cell < r.Broadcast[j].Cell })
 		st.Rules = append(st.Rules, r)
 	}
 	sort.Slice(st.Rules, func(i, j int) bool { return st.Rules[i].Rule < st.Rules[j].Rule })

@@ -27,6 +27,17 @@ const (
 	// OutcomeRevoked counts messages dropped unpublished because their
 	// source's epoch was revoked (another replica took the source over).
 	OutcomeRevoked = "revoked"
+	// OutcomeSkipped counts broadcast messages acked without a copy: every
+	// selected cell was down, or the origin (excludeOrigin).
+	OutcomeSkipped = "skipped"
+)
+
+// Reasons of cellbridge_broadcast_skipped_total: router.SkipDown,
+// router.SkipOrigin, and SkipRemoved.
+const (
+	// SkipRemoved: a copy waiting to be published whose cell the rules no
+	// longer select (the cell was removed, or the rule's cells changed).
+	SkipRemoved = "removed"
 )
 
 // DLQ reason label values of cellbridge_dlq_total (also the first word of
@@ -74,13 +85,16 @@ const (
 	MetricConnectionUp      = "cellbridge_connection_up"
 	MetricReady             = "cellbridge_ready"
 	MetricBuildInfo         = "cellbridge_build_info"
+	MetricBroadcastSkipped  = "cellbridge_broadcast_skipped_total"
+	MetricBroadcastPending  = "cellbridge_broadcast_pending_copies"
+	MetricBroadcastLagging  = "cellbridge_broadcast_lagging_copies"
 )
 
 // MetricList is every cellbridge_ metric, in README order. Labels never hold
 // a key or a message id.
 var MetricList = []MetricDesc{
-	{MetricMessages, "counter", []string{"rule", "outcome"}, "Messages by topic rule and outcome (forwarded, duplicate, held, dlq, retried, revoked)."},
-	{MetricForwarded, "counter", []string{"rule", "cell"}, "Messages forwarded and confirmed, by topic rule and target cell."},
+	{MetricMessages, "counter", []string{"rule", "outcome"}, "Messages by topic rule and outcome (forwarded, duplicate, held, dlq, retried, revoked, skipped). A broadcast message counts once, when every copy is settled; retried counts each failed attempt of a copy."},
+	{MetricForwarded, "counter", []string{"rule", "cell"}, "Messages forwarded and confirmed, by topic rule and target cell (a broadcast message once per cell)."},
 	{MetricDLQ, "counter", []string{"rule", "reason"}, "Messages sent to the dead-letter target, by reason (missing_key, bad_key, bad_body, too_large, too_many_hops, no_route)."},
 	{MetricLatency, "histogram", []string{"rule", "cell"}, "Seconds from the source broker storing a message to the sink confirming its copy."},
 	{MetricInFlight, "gauge", []string{"rule"}, "Messages accepted and not yet settled, excluding parked (held) ones."},
@@ -101,6 +115,9 @@ var MetricList = []MetricDesc{
 	{MetricConnectionUp, "gauge", []string{"broker", "role"}, "1 while the connection to a broker is up, by role (source, sink, dedupe)."},
 	{MetricReady, "gauge", nil, "1 while /readyz answers 200."},
 	{MetricBuildInfo, "gauge", []string{"version", "goversion"}, "Always 1; labels carry the build version and Go version."},
+	{MetricBroadcastSkipped, "counter", []string{"rule", "cell", "reason"}, "Broadcast copies not sent, by topic rule, cell and reason: down (the cell is down in the rules: missed; cellbridge replay sends them later), origin (the event came from that cell; excludeOrigin), removed (the cell left the rule's cells while the copy waited)."},
+	{MetricBroadcastPending, "gauge", []string{"rule", "cell"}, "Broadcast copies accepted and not yet confirmed, by topic rule and cell (publishing, queued behind an earlier copy of their key, or lagging)."},
+	{MetricBroadcastLagging, "gauge", []string{"rule", "cell"}, "Broadcast copies waiting for a failing cell outside pipeline.maxInFlight (pipeline.maxLagging bounds them over all cells)."},
 }
 
 // LatencyBuckets are the cellbridge_latency_seconds buckets: 0.5ms to ~16s.
@@ -135,6 +152,9 @@ type Metrics struct {
 	ConnectionUp      *prometheus.GaugeVec
 	Ready             prometheus.Gauge
 	BuildInfo         *prometheus.GaugeVec
+	BroadcastSkipped  *prometheus.CounterVec
+	BroadcastPending  *prometheus.GaugeVec
+	BroadcastLagging  *prometheus.GaugeVec
 
 	rules cowMap[string, *ruleMetrics]
 }
@@ -179,10 +199,14 @@ func NewMetrics(version string) *Metrics {
 	m.ConnectionUp = gauge(MetricConnectionUp)
 	m.Ready = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricReady, Help: byName[MetricReady].Help})
 	m.BuildInfo = gauge(MetricBuildInfo)
+	m.BroadcastSkipped = counter(MetricBroadcastSkipped)
+	m.BroadcastPending = gauge(MetricBroadcastPending)
+	m.BroadcastLagging = gauge(MetricBroadcastLagging)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
 		m.TargetFailing, m.SourceFailing, m.DedupeErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
+		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if version == "" {
 		version = "dev"
@@ -198,6 +222,7 @@ func NewMetrics(version string) *Metrics {
 // never hashes label values.
 type ruleMetrics struct {
 	forwarded, duplicate, held, dlqOut, retried, revoked prometheus.Counter
+	skipped                                              prometheus.Counter
 	dlq                                                  [6]prometheus.Counter // by DLQReasons index
 	inFlight, oldest, stall, heldN, heldOldest           prometheus.Gauge
 	backlog                                              prometheus.Gauge
@@ -224,6 +249,7 @@ func (m *Metrics) rule(name string) *ruleMetrics {
 			dlqOut:     m.Messages.WithLabelValues(name, OutcomeDLQ),
 			retried:    m.Messages.WithLabelValues(name, OutcomeRetried),
 			revoked:    m.Messages.WithLabelValues(name, OutcomeRevoked),
+			skipped:    m.Messages.WithLabelValues(name, OutcomeSkipped),
 			inFlight:   m.InFlight.WithLabelValues(name),
 			oldest:     m.OldestUnackedAge.WithLabelValues(name),
 			stall:      m.StallAge.WithLabelValues(name),

@@ -76,6 +76,8 @@ type Pipeline struct {
 	jobs   chan *task // never closed; capacity > tasks alive, so sends never block
 
 	heldN       atomic.Int64
+	lagN        atomic.Int64 // broadcast copies holding a lagging slot
+	copies      atomic.Int64 // broadcast copies not settled
 	parkMu      sync.Mutex
 	rangeMu     sync.Mutex             // guards rangeSeen (updateGauges may run from the sweeper and from tests)
 	rangeSeen   map[[2]string]struct{} // (rule, blocked range) series of the held range gauges
@@ -132,6 +134,8 @@ type ruleState struct {
 	head, tail *task
 	n          int
 	held       atomic.Int64
+
+	cells cowMap[string, *cellState] // broadcast rules: per cell
 }
 
 // New validates cfg (after defaults) and starts the pipeline's goroutines
@@ -165,7 +169,7 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		log: d.Log, clock: d.Clock, inline: local,
 		seed:        maphash.MakeSeed(),
 		lanes:       make([]lane, cfg.Lanes),
-		jobs:        make(chan *task, cfg.MaxInFlight+cfg.MaxHeld+1024),
+		jobs:        make(chan *task, cfg.MaxInFlight+cfg.MaxHeld+cfg.MaxLagging+1024),
 		parkedLanes: map[*lane]struct{}{},
 		rangeSeen:   map[[2]string]struct{}{},
 		closeCh:     make(chan struct{}),
@@ -283,6 +287,9 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		t.d = router.Decision{Topic: m.Rule, Shard: -1, Version: tbl.Version(), Reason: router.ReasonDLQ}
 	}
 	t.idKey = idKeyOf(m)
+	if t.poison == "" && t.d.Reason == router.ReasonBroadcast {
+		return p.broadcast(ctx, t)
+	}
 	t.laneKey = t.d.Key
 	if t.laneKey == "" {
 		// No key, no order to keep: spread keyless messages over all lanes.
@@ -320,6 +327,14 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		l.mu.Unlock()
 		return nil
 	}
+	p.activate(l, t)
+	return nil
+}
+
+// activate makes t its lane's active message, unlocks the lane (locked by
+// the caller) and dispatches t: right here with a local store, else on a
+// worker.
+func (p *Pipeline) activate(l *lane, t *task) {
 	l.active = append(l.active, t)
 	l.mu.Unlock()
 	if p.inline {
@@ -327,7 +342,6 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	} else {
 		p.enqueue(t, phaseDispatch)
 	}
-	return nil
 }
 
 func (p *Pipeline) worker() {
@@ -369,12 +383,20 @@ func (p *Pipeline) dispatch(t *task) *task {
 	if t.m.Epoch.Revoked() {
 		return p.revoked(t)
 	}
+	if t.parent != nil && !t.dlq {
+		return p.dispatchCopy(t)
+	}
 	if t.poison == "" && !t.dlq {
 		if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
 			t.d = tbl.Route(t.m.Rule, &t.m.Message)
 		}
-		if t.d.Reason == router.ReasonHeld {
+		switch t.d.Reason {
+		case router.ReasonHeld:
 			return p.parkActive(t)
+		case router.ReasonBroadcast:
+			// The rule broadcasts now: the redelivery is broadcast from
+			// intake.
+			return p.finish(t, Hold(p.cfg.HoldDelay))
 		}
 	}
 	if t.dlq || t.poison != "" || t.d.Reason == router.ReasonDLQ {
@@ -411,7 +433,10 @@ func (p *Pipeline) toDLQ(t *task) *task {
 			}
 		}
 		t.storeKey = ""
-		if t.idKey != "" {
+		switch {
+		case t.parent != nil:
+			t.storeKey = t.copyKey + "\x00dlq"
+		case t.idKey != "":
 			t.storeKey = t.idKey + "\x00dlq"
 		}
 	}
@@ -443,7 +468,11 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		markRecovered(p.health, &p.storeFailing, "dedupe store")
 		switch o {
 		case dedupe.Duplicate:
-			t.rs.met.duplicate.Inc()
+			if t.parent != nil {
+				t.parent.x.bc.dups.Add(1)
+			} else {
+				t.rs.met.duplicate.Inc()
+			}
 			t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
 			return p.finish(t, nil)
 		case dedupe.InFlight:
@@ -480,9 +509,12 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		p.leaveSink(t)
 	}
 	t.ss = ss
-	if t.dlq {
+	switch {
+	case t.dlq:
 		p.prepareDLQ(t)
-	} else {
+	case t.parent != nil:
+		p.prepareCopy(t)
+	default:
 		p.prepareForward(t)
 	}
 	ss.sink.PublishAsync(p.ctx, &t.out, t.done)
@@ -535,7 +567,9 @@ func (p *Pipeline) complete(t *task) *task {
 			p.log.Warn("message dead-lettered", "rule", t.m.Rule, "reason", t.x.dlqReason, "explain", t.explain(),
 				"source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker, "dlq", t.x.dlqTarget.Subject+t.x.dlqTarget.Topic)
 		} else {
-			rm.forwarded.Inc()
+			if t.parent == nil {
+				rm.forwarded.Inc() // a broadcast message counts when its last copy settles
+			}
 			cm := rm.cell(t.d.Cell)
 			cm.forwarded.Inc()
 			from := t.m.Time
@@ -556,6 +590,9 @@ func (p *Pipeline) complete(t *task) *task {
 		t.failedOn = ss
 	}
 	markFailed(p.health, &ss.failing, ss.what, err)
+	if t.parent != nil {
+		p.lag(t)
+	}
 	if t.reserved {
 		t.reserved = false
 		if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
@@ -602,7 +639,9 @@ func (p *Pipeline) leaveSink(t *task) {
 // was published: another replica re-reads and forwards it.
 func (p *Pipeline) revoked(t *task) *task {
 	p.leaveSink(t)
-	t.rs.met.revoked.Inc()
+	if t.parent == nil {
+		t.rs.met.revoked.Inc() // a broadcast message counts when its last copy settles
+	}
 	return p.finish(t, ErrRevoked)
 }
 
@@ -659,16 +698,22 @@ func (p *Pipeline) settle(t *task, result error) {
 		t.timer.Stop()
 		t.timer = nil
 	}
-	if err := t.ack(context.Background(), result); err != nil {
-		p.log.Debug("source ack failed; the message will be redelivered and deduplicated", "rule", t.m.Rule, "err", err)
+	if t.parent == nil {
+		if err := t.ack(context.Background(), result); err != nil {
+			p.log.Debug("source ack failed; the message will be redelivered and deduplicated", "rule", t.m.Rule, "err", err)
+		}
 	}
 	t.ack = nil // drop the source's closure (and its message) before the task is pooled
 	t.mu.Unlock()
-	t.rs.untrack(t)
 	if t.counted {
 		t.counted = false
 		p.budget.release(1)
 	}
+	if t.parent != nil {
+		p.copySettled(t, result)
+		return
+	}
+	t.rs.untrack(t)
 }
 
 func (p *Pipeline) ruleState(name string) *ruleState {
@@ -797,17 +842,24 @@ func (p *Pipeline) prepareForward(t *task) {
 }
 
 func (p *Pipeline) prepareDLQ(t *task) {
-	t.saveHeaders()
-	h := t.m.Header
-	for i, name := range forwardHeaders {
-		if t.x.origHad&(1<<i) != 0 {
-			h[name] = t.x.orig[i]
-		} else {
-			delete(h, name)
+	var h map[string][]string
+	id := t.idKey
+	if t.parent != nil {
+		// A broadcast copy: the message's map is shared with the other
+		// copies; the copy's own holds the original headers.
+		h = t.ownHeader()
+	} else {
+		t.saveHeaders()
+		h = t.m.Header
+		for i, name := range forwardHeaders {
+			if t.x.origHad&(1<<i) != 0 {
+				h[name] = t.x.orig[i]
+			} else {
+				delete(h, name)
+			}
 		}
 	}
 	h[HeaderError] = []string{t.x.dlqReason + ": " + t.explain()}
-	id := t.idKey
 	if id == "" {
 		id = t.m.SourceID
 	}
@@ -816,7 +868,11 @@ func (p *Pipeline) prepareDLQ(t *task) {
 	if _, ok := h[HeaderMsgID]; !ok && id != "" {
 		h[HeaderMsgID] = []string{id}
 	}
-	t.out = Outgoing{Target: t.x.dlqTarget, MsgID: id, Header: h, Body: t.m.Body}
+	msgID := id
+	if t.parent != nil {
+		msgID = t.copyKey // one dead letter per cell's copy
+	}
+	t.out = Outgoing{Target: t.x.dlqTarget, MsgID: msgID, Header: h, Body: t.m.Body}
 }
 
 func (t *task) explain() string {
@@ -826,6 +882,9 @@ func (t *task) explain() string {
 	case DLQTooManyHops:
 		return fmt.Sprintf("%s is %d, at or over the limit of %d", HeaderHops, t.hops, t.p.cfg.MaxHops)
 	case DLQNoRoute:
+		if t.parent != nil {
+			return "no sink for target broker " + strconv.Quote(t.d.Target.Broker) + " of cell " + t.d.Cell + " (broadcast copy)"
+		}
 		if t.d.Explain == "" {
 			return "no sink for target broker " + strconv.Quote(t.d.Target.Broker)
 		}

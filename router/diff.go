@@ -197,6 +197,11 @@ func diffOther(prev, next *Table) []string {
 		case !sameRule(or, nr):
 			out = append(out, fmt.Sprintf("topic rule %s changed", or.Name))
 		}
+		if nr != nil && or.Broadcast != nil && nr.Broadcast != nil {
+			if o, n := copyCells(or), copyCells(nr); o != n {
+				out = append(out, fmt.Sprintf("topic rule %s broadcasts to [%s] → [%s]", or.Name, o, n))
+			}
+		}
 	}
 	for _, nr := range next.rules {
 		if prev.byName[nr.Name] == nil {
@@ -208,7 +213,20 @@ func diffOther(prev, next *Table) []string {
 
 func sameRule(a, b *Rule) bool {
 	return a.Source == b.Source && a.Key == b.Key && a.Shard == b.Shard && a.Target == b.Target &&
-		a.OnMissingKey == b.OnMissingKey && reflect.DeepEqual(a.DLQ, b.DLQ)
+		a.OnMissingKey == b.OnMissingKey && reflect.DeepEqual(a.DLQ, b.DLQ) &&
+		(a.Broadcast == nil) == (b.Broadcast == nil) && (a.Broadcast == nil || a.Broadcast.equal(*b.Broadcast)) &&
+		a.ExcludeOrigin == b.ExcludeOrigin
+}
+
+// copyCells lists the cells a broadcast rule sends copies to ("rz00, rz01").
+func copyCells(r *Rule) string {
+	var names []string
+	for _, c := range r.bcast {
+		if c.Skip == "" {
+			names = append(names, c.Cell)
+		}
+	}
+	return strings.Join(names, ", ")
 }
 
 func orNone(s string) string {

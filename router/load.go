@@ -82,6 +82,41 @@ type targetDoc struct {
 	Broker  string `yaml:"broker"`
 	Subject string `yaml:"subject"`
 	Topic   string `yaml:"topic"`
+	// Cells makes the rule a broadcast rule (target only).
+	Cells         *cellsDoc `yaml:"cells"`
+	ExcludeOrigin bool      `yaml:"excludeOrigin"`
+}
+
+// cellsDoc is target.cells: the word `all`, a list of cell names, or a
+// selector mapping such as {city: hz}.
+type cellsDoc struct {
+	kind     yaml.Kind
+	word     string
+	names    []string
+	selector selectorDoc
+}
+
+type selectorDoc struct {
+	City string `yaml:"city"`
+}
+
+// UnionTarget implements strictyaml.Union.
+func (c *cellsDoc) UnionTarget(k yaml.Kind) any {
+	c.kind = k
+	switch k {
+	case yaml.ScalarNode:
+		return &c.word
+	case yaml.SequenceNode:
+		return &c.names
+	case yaml.MappingNode:
+		return &c.selector
+	}
+	return nil
+}
+
+// UnionWant implements strictyaml.Union.
+func (c *cellsDoc) UnionWant() string {
+	return "all, a list of cells or a selector such as {city: hz}"
 }
 
 // Document kinds.

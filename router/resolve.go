@@ -30,7 +30,11 @@ func (t *Table) Route(topic string, m *Message) Decision {
 	if cause != "" {
 		return r.unusable(key, cause, why)
 	}
-	return r.resolve(key)
+	d := r.resolve(key)
+	if r.ExcludeOrigin && d.Reason == ReasonBroadcast {
+		d.Origin, _ = headerValue(m.Header, OriginHeader)
+	}
+	return d
 }
 
 func (t *Table) noRoute(topic, key string) Decision {
@@ -41,6 +45,9 @@ func (t *Table) noRoute(topic, key string) Decision {
 func (r *Rule) resolve(key string) Decision {
 	if key == "" {
 		return r.missing
+	}
+	if r.Broadcast != nil {
+		return r.broadcast(key)
 	}
 	shard, cause, why := r.shardOf(key)
 	if cause != "" {

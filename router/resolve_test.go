@@ -2,6 +2,7 @@ package router
 
 import (
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -169,7 +170,7 @@ func TestDecisionJSON(t *testing.T) {
 		t.Fatalf("got  %s\nwant %s", b, want)
 	}
 	var back Decision
-	if err := json.Unmarshal(b, &back); err != nil || back != d {
+	if err := json.Unmarshal(b, &back); err != nil || !reflect.DeepEqual(back, d) {
 		t.Fatalf("round trip: %v %+v", err, back)
 	}
 }

@@ -95,6 +95,13 @@ type Rule struct {
 	OnMissingKey string  // OnMissingKeyDLQ or OnMissingKeyGlobal
 	File         string  // where the rule was defined
 	Line         int
+	// Broadcast is the cell selection of a broadcast rule (target.cells):
+	// every event goes to every selected cell that is not down. nil for a
+	// rule routed by shard.
+	Broadcast *CellSelector
+	// ExcludeOrigin (broadcast rules only): no copy goes to the cell named
+	// by an event's Cell-Origin header.
+	ExcludeOrigin bool
 
 	t            *Table
 	cellTargets  []Target // per cell index: the rendered target (targets without {shard})
@@ -102,7 +109,9 @@ type Rule struct {
 	pinTargets   []Target // per pin of the table
 	pinned       []bool   // per shard, only when there are pins: a pinned key falls into it
 	globalTarget Target
-	missing      Decision // template for an empty key
+	missing      Decision        // template for an empty key
+	bcast        []BroadcastCell // broadcast rules: the selected cells in CellMap order
+	bcastExplain string
 }
 
 // Render returns the rule's target for cell and shard (shard < 0 renders
@@ -346,6 +355,16 @@ func compileRule(t *Table, pr parsedRule) *Rule {
 	r.cellTargets = make([]Target, len(t.cells))
 	for i, c := range t.cells {
 		r.cellTargets[i] = renderTarget(r.Target, c.Name, "", r.Name)
+	}
+	if d.Target.Cells != nil {
+		// Validated: a broadcast rule renders no {shard}, has no shard
+		// function, and pins and blocked shards do not apply to it.
+		r.Broadcast = selectorOf(d.Target.Cells)
+		r.ExcludeOrigin = d.Target.ExcludeOrigin
+		r.compileBroadcast(t)
+		r.missing = Decision{Topic: r.Name, Shard: -1, Version: t.version, Cause: CauseMissingKey, Reason: ReasonDLQ,
+			Target: *r.DLQ, Explain: fmt.Sprintf("no key: empty key from %s: dead-letter", r.Key)}
+		return r
 	}
 	if perShard {
 		r.byShard = make([]Target, t.shards)

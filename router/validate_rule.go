@@ -71,7 +71,16 @@ func (c *ruleChecker) check(d *doc, r *topicRuleDoc) {
 	sourceNATS := c.checkSource(d, r)
 	c.checkKey(d, r, sourceNATS)
 	c.checkOrdering(d, r, sourceNATS)
-	c.checkShard(d, r)
+	broadcast := d.present("target.cells")
+	selected := c.allCells()
+	if broadcast {
+		selected = c.checkBroadcast(d, r)
+	} else {
+		c.checkShard(d, r)
+		if d.present("target.excludeOrigin") {
+			d.errorf("target.excludeOrigin", "applies to broadcast targets only (with target.cells)")
+		}
+	}
 
 	onMissing := r.OnMissingKey
 	switch onMissing {
@@ -84,7 +93,9 @@ func (c *ruleChecker) check(d *doc, r *topicRuleDoc) {
 			}
 		}
 	case OnMissingKeyGlobal:
-		if c.t.globalIdx < 0 && c.t.cm != nil && !c.t.cm.present("global") {
+		if broadcast {
+			d.errorf("onMissingKey", "global does not apply to a broadcast rule (target.cells): events without a key go to the dlq")
+		} else if c.t.globalIdx < 0 && c.t.cm != nil && !c.t.cm.present("global") {
 			d.errorf("onMissingKey", "global needs a global cell, but the CellMap names none")
 		}
 	default:
@@ -94,21 +105,31 @@ func (c *ruleChecker) check(d *doc, r *topicRuleDoc) {
 	if !d.present("target") {
 		d.errorf("target", "missing: where events go, e.g. {broker: nats, subject: \"cell.{cell}.%s\"}", r.Name)
 	} else if t := c.checkTarget(d, "target", r.Target, true, r.Name); t != nil {
-		if onMissing == OnMissingKeyGlobal {
-			for _, f := range []struct {
-				path string
-				t    tmpl
-			}{{"target.broker", t.broker}, {"target.subject", t.subject}, {"target.topic", t.topic}} {
-				if f.t.has(phShard) {
-					d.errorf(f.path, "{shard} cannot be rendered for events without a key (onMissingKey: global)")
-				}
+		for _, f := range []struct {
+			path string
+			t    tmpl
+		}{{"target.broker", t.broker}, {"target.subject", t.subject}, {"target.topic", t.topic}} {
+			switch {
+			case !f.t.has(phShard):
+			case broadcast:
+				d.errorf(f.path, "{shard} cannot be rendered for a broadcast rule (target.cells): it computes no shard")
+			case onMissing == OnMissingKeyGlobal:
+				d.errorf(f.path, "{shard} cannot be rendered for events without a key (onMissingKey: global)")
 			}
 		}
+		if broadcast && !t.subject.has(phShard) && !t.topic.has(phShard) && !t.broker.has(phShard) {
+			c.checkDistinct(d, r, t, selected)
+		}
 		if sourceNATS && t.subject != nil && checkSubject(r.Source.Subject, true) == nil {
-			c.checkLoop(d, "target.subject", r, t)
+			c.checkLoop(d, "target.subject", r, t, selected)
 		}
 	}
 	if r.DLQ != nil {
+		for _, f := range []string{"dlq.cells", "dlq.excludeOrigin"} {
+			if d.present(f) {
+				d.errorf(f, "only a target broadcasts; a dead letter goes to one place")
+			}
+		}
 		if t := c.checkTarget(d, "dlq", *r.DLQ, false, r.Name); t != nil && sourceNATS && t.subject != nil &&
 			checkSubject(r.Source.Subject, true) == nil {
 			subj := t.subject.render("", "", r.Name)
@@ -438,9 +459,9 @@ func (c *ruleChecker) checkTarget(d *doc, path string, td targetDoc, full bool, 
 }
 
 // checkLoop reports a target subject that the rule's own source filter would
-// consume again.
-func (c *ruleChecker) checkLoop(d *doc, path string, r *topicRuleDoc, t *targetTmpl) {
-	for _, cl := range c.t.cells {
+// consume again, for any of the cells the rule publishes to.
+func (c *ruleChecker) checkLoop(d *doc, path string, r *topicRuleDoc, t *targetTmpl, cells []Cell) {
+	for _, cl := range cells {
 		if t.broker.render(cl.Name, "0", r.Name) != r.Source.Broker {
 			continue
 		}

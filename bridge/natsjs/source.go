@@ -415,20 +415,29 @@ func (s *Source) newDelivery(msg jetstream.Msg, meta *ackMeta, hdr nats.Header) 
 			hdr = nil
 		}
 	}
-	subject := msg.Subject()
-	if s.cfg.StripTokens > 0 {
-		subject = stripTokens(subject, s.cfg.StripTokens)
-	}
 	d := &delivery{msg: msg}
-	d.m = bridge.Message{
+	d.m = bridgeMessage(s.cfg.Rule, s.source, s.cfg.StripTokens, msg, meta, hdr)
+	return d
+}
+
+// bridgeMessage is the bridge.Message of a delivery of rule's stream
+// (source "<broker>/<stream>"): its subject without strip leading tokens,
+// its headers and data (not copied), and its identity. Live sources and
+// Replay build it alike, so that a replayed message gets the idempotency
+// key its first delivery got.
+func bridgeMessage(rule, source string, strip int, msg jetstream.Msg, meta *ackMeta, hdr nats.Header) bridge.Message {
+	subject := msg.Subject()
+	if strip > 0 {
+		subject = stripTokens(subject, strip)
+	}
+	return bridge.Message{
 		Message:    router.Message{Subject: subject, Header: hdr, Body: msg.Data()},
-		Rule:       s.cfg.Rule,
+		Rule:       rule,
 		SourceID:   sourceID(hdr, meta),
-		Source:     s.source,
+		Source:     source,
 		Time:       time.Unix(0, meta.timestamp),
 		Deliveries: int(meta.delivered),
 	}
-	return d
 }
 
 // stripTokens drops the first n tokens of subject ("" when it has no more).

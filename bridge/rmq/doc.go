@@ -179,7 +179,7 @@
 // expired, and the redelivered message takes the next slot); one killed
 // after step 4 leaves a decided slot (committed by the check-back, and the
 // redelivered message waits for that at step 6). A failed send gives its
-// slot's reservation up at once. docs/guarantees.md section 9 has the order
+// slot's reservation up at once. docs/guarantees.md section 10 has the order
 // argument and its crash rows.
 //
 // Check-back timing: a real broker checks half messages only at its

@@ -89,6 +89,10 @@ func variantByName(name string) (variantFunc, error) {
 		return runWatermill, nil
 	case "B", "C":
 		return runCellbridge, nil
+	case "A" + bcSuffix:
+		return runPipeBroadcast, nil
+	case "B" + bcSuffix:
+		return runBridgeBroadcast, nil
 	}
 	return nil, fmt.Errorf("unknown variant %q", name)
 }
@@ -204,7 +208,8 @@ func runChild(spec childSpec) (*childResult, error) {
 	// Done when the cell streams hold N, or, when a variant loses messages
 	// (which is what the fault runs look for), when its source consumer has
 	// nothing pending or unacknowledged for a while.
-	deadline := time.Now().Add(time.Duration(spec.N/2000+60) * time.Second)
+	want := spec.N * copiesPerEvent(spec.Variant, table)
+	deadline := time.Now().Add(time.Duration(want/2000+60) * time.Second)
 	var count int
 	var t1 time.Time
 	idleSince := time.Time{}
@@ -216,7 +221,7 @@ func runChild(spec childSpec) (*childResult, error) {
 			lastTrace = time.Now()
 			fmt.Fprintf(os.Stderr, "trace %s %6.2fs %d\n", spec.Variant, time.Since(t0).Seconds(), count)
 		}
-		if count >= spec.N {
+		if count >= want {
 			t1 = time.Now()
 			break
 		}
@@ -273,11 +278,16 @@ func runChild(spec childSpec) (*childResult, error) {
 		Settings:  e.settings,
 		CPUus:     float64(cpu1-cpu0) / 1e3 / float64(max(count, 1)),
 	}
-	res.MsgsPerS = float64(count) / res.Seconds
+	res.MsgsPerS = float64(count) / float64(want/spec.N) / res.Seconds
 	if e.faults != nil {
 		res.Extra = map[string]any{"injected_faults": e.faults.injected()}
 	}
-	if err := verify(ctx, js, e, res); err != nil {
+	if want > spec.N {
+		err = verifyBroadcast(ctx, js, e, res)
+	} else {
+		err = verify(ctx, js, e, res)
+	}
+	if err != nil {
 		return nil, err
 	}
 	return res, nil

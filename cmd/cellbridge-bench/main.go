@@ -43,6 +43,8 @@ type config struct {
 	rmqN        int
 	rmqRounds   int
 	rmqRules    string
+	bcN         int
+	bcRounds    int
 }
 
 func main() {
@@ -71,6 +73,8 @@ func main() {
 	flag.IntVar(&cfg.rmqN, "rmq-n", 20000, "events per RocketMQ run (the in-process broker and the client's synchronous sends are slower than JetStream)")
 	flag.IntVar(&cfg.rmqRounds, "rmq-rounds", 3, "alternating rounds of the RocketMQ comparison (0: skip)")
 	flag.StringVar(&cfg.rmqRules, "rmq-rules", "bench/rules-rmq", "rule directory of the RocketMQ comparison")
+	flag.IntVar(&cfg.bcN, "bc-n", 50000, "events per broadcast run (each to 4 cells)")
+	flag.IntVar(&cfg.bcRounds, "bc-rounds", 3, "alternating rounds of the broadcast comparison A-bc B-bc (0: skip)")
 	flag.BoolVar(&cfg.extra, "ref-headers", true, "one extra run of the pipe sending cellbridge's Cell-* headers too (reference A-hdrs)")
 	flag.BoolVar(&cfg.refKV, "ref-kv", true, "one run each of the pipe with per-message KV writes (references A-kv1: one atomic create in a bucket laid out as dedupe's, awaited before the cell publish; A-kv2: also an overwrite \"c\" after the cell PubAck, awaited before the source ack = the minimal loop of C's protocol); tune with -tune A-kv1:... / A-kv2:...")
 	flag.StringVar(&childSpec, "child", "", "internal: run one variant in this process (JSON spec)")
@@ -394,7 +398,12 @@ func benchMain(cfg config) error {
 		notes = append(notes, "RocketMQ comparison skipped (-rmq-rounds 0)")
 	}
 
+	if err := runBroadcastRounds(cfg, log, rules, runs); err != nil {
+		return err
+	}
+
 	res := buildResults(cfg, main, runs, med, notes, time.Since(start))
+	broadcastResults(res, runs)
 	printTable(os.Stdout, cfg, main, runs, med, res, notes)
 	if cfg.out != "" {
 		b, _ := json.MarshalIndent(res, "", "  ")
@@ -633,9 +642,10 @@ func printTable(w io.Writer, cfg config, main []string, runs map[string][]*runRe
 				rs[0].Variant, len(rs), latencyMedian(rs, "p50"), latencyMedian(rs, "p99"))
 		}
 	}
+	printBroadcast(w, runs, res)
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "settings:")
-	for _, v := range append(append(append([]string{}, main...), "B-fault", "D-fault", "R-A", "R-B"), refVariants...) {
+	for _, v := range append(append(append([]string{}, main...), "B-fault", "D-fault", "R-A", "R-B", "A-bc", "B-bc"), refVariants...) {
 		if rs, ok := runs[v]; ok && len(rs) > 0 && rs[0].Settings != "" {
 			fmt.Fprintf(w, "  %s: %s\n", v, rs[0].Settings)
 		}

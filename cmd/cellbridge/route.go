@@ -41,6 +41,7 @@ func (f *headerFlag) Set(s string) error {
 // routeFlags are the flags of `cellbridge route`.
 type routeFlags struct {
 	rules, topic, body, subject, keys string
+	origin                            string
 	key                               stringFlag
 	header                            headerFlag
 	pretty                            bool
@@ -55,16 +56,24 @@ func init() {
 
 Prints the router's decision for one event as one JSON object: topic, key,
 shard, cell, target (broker and subject or topic), rules version, reason
-(owner, pin, failover, held, global, dlq) and an explanation. With -key the
-key is taken as given; with the message flags it is extracted exactly as the
-bridge does (header, JSON body field, subject token or RocketMQ keys, as the
-topic rule says). A decision to dead-letter is still a decision: exit 0.
+(owner, pin, failover, held, global, dlq, broadcast) and an explanation. With
+-key the key is taken as given; with the message flags it is extracted
+exactly as the bridge does (header, JSON body field, subject token or
+RocketMQ keys, as the topic rule says). A decision to dead-letter is still a
+decision: exit 0.
+
+For a broadcast rule (target.cells) the decision lists every selected cell
+with its target ("cells"), and marks the cells that get no copy and why:
+"skip":"down" (the cell is down: missed, replay it when it is back) or
+"skip":"origin" (the event came from that cell: its Cell-Origin header, or
+-origin with -key, when the rule says excludeOrigin).
 
 Examples:
   cellbridge route -topic payments -key 2088000000012345
   cellbridge route -topic payments -header X-User-Id=2088000000012345
   echo '{"user":{"id":2088000000012345}}' > /tmp/order.json
-  cellbridge route -topic orders -body /tmp/order.json`,
+  cellbridge route -topic orders -body /tmp/order.json
+  cellbridge route -topic prices -key SKU-1 -origin rz01`,
 		flags: routeCommand,
 	})
 }
@@ -78,6 +87,7 @@ func routeCommand(fs *flag.FlagSet) runFunc {
 	fs.StringVar(&f.body, "body", "", "message body from `FILE`; instead of -key")
 	fs.StringVar(&f.subject, "subject", "", "message `SUBJECT` (NATS subject or RocketMQ topic); instead of -key")
 	fs.StringVar(&f.keys, "keys", "", "RocketMQ message `KEYS` (space separated); instead of -key")
+	fs.StringVar(&f.origin, "origin", "", "with -key: the `CELL` the event came from (its Cell-Origin header), for a broadcast rule with excludeOrigin")
 	fs.BoolVar(&f.pretty, "pretty", false, "indent the JSON")
 	return func(_ context.Context, args []string, stdout, stderr io.Writer) int {
 		return runRoute(f, args, stdout, stderr)
@@ -108,8 +118,14 @@ func runRoute(f *routeFlags, args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	var d router.Decision
+	if f.origin != "" && !f.key.set {
+		return usageError(stderr, "route", "-origin goes with -key; with the message flags give -header %s=CELL", router.OriginHeader)
+	}
 	if f.key.set {
 		d = t.Resolve(f.topic, f.key.v)
+		if r := t.Rule(f.topic); r.ExcludeOrigin && d.Reason == router.ReasonBroadcast {
+			d.Origin = f.origin
+		}
 	} else {
 		m := &router.Message{Subject: f.subject, Header: f.header.h, Keys: f.keys}
 		if f.body != "" {

@@ -20,7 +20,7 @@ import (
 func init() {
 	register(&command{
 		name:    "status",
-		summary: "show a running bridge's rules version, in-flight, held (per shard range) and backlog",
+		summary: "show a running bridge's rules version, in-flight, held (per shard range), broadcast copies per cell and backlog",
 		usage: `Usage: cellbridge status [-addr http://127.0.0.1:9090] [-json]
 
 Reads /status of a running bridge and prints: readiness (and why not), the
@@ -29,6 +29,9 @@ messages held because their shard is blocked (per shard range, with the age
 of the oldest), the age of the oldest unacknowledged message and the backlog
 at the source. During a cell switch this is step 2's view: the held ranges
 should be exactly the blocked ones, and they drain after the unblocking rules.
+For broadcast rules it lists per cell the copies on their way, those lagging
+behind a failing cell, and what a down cell missed: the time of the first
+missed message is where 'cellbridge replay -from-time' starts.
 
 Each replica answers for itself: in Kubernetes, port-forward one pod at a time
 (kubectl -n cellbridge port-forward pod/POD 9090:9090).
@@ -131,7 +134,7 @@ func writeStatus(w io.Writer, base string, st bridge.Status, now time.Time) {
 			fmt.Fprintf(w, "  not ready: %s\n", l)
 		}
 	}
-	fmt.Fprintf(w, "in flight %d of %d, held %d of %d\n", st.InFlight, st.MaxInFlight, st.Held, st.MaxHeld)
+	fmt.Fprintf(w, "in flight %d of %d, held %d of %d, lagging %d of %d\n", st.InFlight, st.MaxInFlight, st.Held, st.MaxHeld, st.Lagging, st.MaxLagging)
 	if len(st.Rules) == 0 {
 		fmt.Fprintln(w, "\nno topic rule has seen a message yet")
 		return
@@ -166,6 +169,34 @@ func writeStatus(w io.Writer, base string, st bridge.Status, now time.Time) {
 	if !found {
 		fmt.Fprintln(w, "  none")
 	}
+	writeBroadcast(w, st)
+}
+
+// writeBroadcast prints the cells of broadcast rules: copies pending and
+// lagging, and what each missed while down, with the replay to run.
+func writeBroadcast(w io.Writer, st bridge.Status) {
+	found := false
+	tw := tabwriter.NewWriter(w, 2, 0, 2, ' ', 0)
+	for _, r := range st.Rules {
+		for _, c := range r.Broadcast {
+			if !found {
+				fmt.Fprintln(w, "\nbroadcast copies per cell:")
+				found = true
+			}
+			missed := "none missed"
+			if c.Missed.Count > 0 {
+				state := "down, missing since"
+				if !c.Missed.Ongoing {
+					state = "back; the last streak missed from"
+				}
+				first := c.Missed.First.UTC().Format(time.RFC3339Nano)
+				missed = fmt.Sprintf("%d missed (%s %s to %s): cellbridge replay -rule %s -cell %s -from-time %s",
+					c.Missed.Count, state, first, c.Missed.Last.UTC().Format(time.RFC3339Nano), r.Rule, c.Cell, first)
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%d pending\t%d lagging\t%s\n", r.Rule, c.Cell, c.Pending, c.Lagging, missed)
+		}
+	}
+	_ = tw.Flush()
 }
 
 // age renders seconds as 0.4s, 12s, 3m05s or 2h10m.

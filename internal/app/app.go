@@ -201,18 +201,11 @@ type startCtx struct{ context.Context }
 func module(ctx context.Context, o *Options, res *resources, failed *failure) fx.Option {
 	return fx.Options(
 		fx.Supply(o, o.Config, o.Rules, o.Log, res, failed, startCtx{ctx}),
-		fx.WithLogger(func(log *slog.Logger) fxevent.Logger {
-			// fx's own events are debug-level noise for an operator;
-			// its errors are not.
-			l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
-			l.UseLogLevel(slog.LevelDebug)
-			l.UseErrorLevel(slog.LevelError)
-			return l
-		}),
+		fx.WithLogger(fxLogger),
 		fx.Provide(
-			func(o *Options) *bridge.Metrics { return bridge.NewMetrics(o.Version) },
-			func(m *bridge.Metrics, log *slog.Logger) *bridge.Health { return bridge.NewHealth(m, log, nil) },
-			func(t *router.Table) *router.Holder { return router.NewHolder(t) },
+			newMetrics,
+			newHealth,
+			router.NewHolder,
 			newHTTPServer,
 			newEmbeddedNATS,
 			newBrokers,
@@ -227,6 +220,21 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 		}),
 		fx.Invoke(runPipeline),
 	)
+}
+
+// fxLogger logs fx's own events at debug level (noise for an operator) and
+// its errors at error level.
+func fxLogger(log *slog.Logger) fxevent.Logger {
+	l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
+	l.UseLogLevel(slog.LevelDebug)
+	l.UseErrorLevel(slog.LevelError)
+	return l
+}
+
+func newMetrics(o *Options) *bridge.Metrics { return bridge.NewMetrics(o.Version) }
+
+func newHealth(m *bridge.Metrics, log *slog.Logger) *bridge.Health {
+	return bridge.NewHealth(m, log, nil)
 }
 
 func newInfo(h *httpServer, e *embeddedNATS, p *bridge.Pipeline, holder *router.Holder) Info {

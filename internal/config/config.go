@@ -87,6 +87,7 @@ type PipelineConfig struct {
 	AckWait         Duration    `yaml:"ackWait"`
 	MaxHeld         int         `yaml:"maxHeld"`
 	HeldRecheck     Duration    `yaml:"heldRecheck"`
+	MaxLagging      int         `yaml:"maxLagging"`
 	Lanes           int         `yaml:"lanes"`
 }
 
@@ -105,6 +106,7 @@ func (p PipelineConfig) Bridge() bridge.Config {
 		HoldDelay:       p.HoldDelay.D(),
 		MaxHeld:         p.MaxHeld,
 		HeldRecheck:     p.HeldRecheck.D(),
+		MaxLagging:      p.MaxLagging,
 		Retry:           bridge.RetryConfig{Initial: p.Retry.Initial.D(), Max: p.Retry.Max.D()},
 		MaxMessageBytes: int64(p.MaxMessageBytes),
 		MaxHops:         p.MaxHops,
@@ -118,16 +120,18 @@ func (p PipelineConfig) Bridge() bridge.Config {
 
 // SourceMaxAckPending is the number of unacknowledged messages a source must
 // allow (a JetStream consumer's MaxAckPending): held messages stay
-// unacknowledged while parked, so there must be room for them, for the
-// messages in flight and for one fetch on top.
+// unacknowledged while parked, and broadcast messages while a copy lags, so
+// there must be room for them, for the messages in flight and for one fetch
+// on top.
 func (c *Config) SourceMaxAckPending() int {
 	p := c.Pipeline
-	return p.MaxInFlight + p.MaxHeld + p.FetchBatch
+	return p.MaxInFlight + p.MaxHeld + p.MaxLagging + p.FetchBatch
 }
 
 // SinkMaxPending bounds unconfirmed publishes per sink: the pipeline never
-// has more than maxInFlight messages between publish and confirm.
-func (c *Config) SinkMaxPending() int { return c.Pipeline.MaxInFlight }
+// has more than maxInFlight messages (or broadcast copies) between publish
+// and confirm, plus lagging copies retrying.
+func (c *Config) SinkMaxPending() int { return c.Pipeline.MaxInFlight + c.Pipeline.MaxLagging }
 
 // LogConfig configures log/slog.
 type LogConfig struct {

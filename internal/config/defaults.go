@@ -32,7 +32,7 @@ var defaults = []defaultRow{
 	{"dedupe.ttl", "10m", "how long a committed key suppresses a repeat"},
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this"},
 	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
-	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (the NATS consumer's MaxAckPending is maxInFlight+maxHeld+fetchBatch)"},
+	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (a broadcast message takes one per copy; the NATS consumer's MaxAckPending is maxInFlight+maxHeld+maxLagging+fetchBatch)"},
 	{"pipeline.lanes", "", "ordering lanes: maxInFlight/4, at least 1 (one key always uses one lane; one message per key between publish and confirm; keys sharing a lane do not wait for each other)"},
 	{"pipeline.workers", "", "goroutines that reserve/commit/ack: GOMAXPROCS with the memory store, 256 with jetstream (each KV round trip holds one)"},
 	{"pipeline.fetchBatch", "1024", "messages requested ahead from the source (pull batch)"},
@@ -47,6 +47,7 @@ var defaults = []defaultRow{
 	{"pipeline.ackWait", "30s", "source redelivery timeout (longer than the worst processing time)"},
 	{"pipeline.maxHeld", "10000", "held messages parked in memory (in order per key); beyond it they are redelivered after holdDelay"},
 	{"pipeline.heldRecheck", "1s", "how often parked messages are re-resolved without a rules change"},
+	{"pipeline.maxLagging", "10000", "broadcast copies kept outside maxInFlight while their cell fails or is slow (not confirmed within stallTimeout), so that the other cells go on; beyond it they hold in-flight slots (back-pressure)"},
 	{"log.level", "info", "debug | info | warn | error"},
 	{"log.format", "auto", "auto (JSON when stderr is not a terminal) | json | text"},
 }

@@ -8,7 +8,8 @@
 // retrying through cluster faults without creating duplicates; and a check
 // (Verify) that reads every cell stream and the DLQ back and counts what
 // was lost, duplicated, misrouted and reordered, and how late each event
-// arrived (internal/tally).
+// arrived (internal/tally); VerifyCopies does the same per cell for the
+// copies of a broadcast rule.
 //
 // Packages that use BridgeBinary call RemoveBinaries from their TestMain.
 package e2etest

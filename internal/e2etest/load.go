@@ -43,6 +43,9 @@ type LoadConfig struct {
 	// AttemptTimeout bounds each publish attempt (default 2s); Backoff is
 	// the pause before retrying (default 100ms).
 	AttemptTimeout, Backoff time.Duration
+	// Header is set on every event (e.g. Cell-Origin, the cell a producer
+	// writes from).
+	Header map[string]string
 }
 
 // Keys returns n distinct 16-digit user ids whose 3rd- and 2nd-to-last
@@ -208,6 +211,9 @@ func (l *Load) publish(ctx context.Context, e *Event) bool {
 	}
 	m := &nats.Msg{Subject: l.cfg.Subject, Header: nats.Header(header), Data: body}
 	m.Header.Set(jetstream.MsgIDHeader, e.ID)
+	for k, v := range l.cfg.Header {
+		m.Header.Set(k, v)
+	}
 	for attempt := 1; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, l.cfg.AttemptTimeout)
 		ack, err := l.cfg.JetStream.PublishMsg(actx, m)

@@ -35,28 +35,10 @@ func Verify(ctx context.Context, js jetstream.JetStream, table *router.Table, to
 	if rule == nil || !rule.Source.IsNATS() {
 		return nil, fmt.Errorf("e2etest: verify: no topic rule %q with a NATS source", topic)
 	}
-	msgs, err := readStream(ctx, js, rule.Source.Stream)
+	sent, err := withStoreTimes(ctx, js, rule.Source.Stream, sent)
 	if err != nil {
 		return nil, err
 	}
-	stored := make(map[string]time.Time, len(msgs))
-	for _, m := range msgs {
-		id := m.Headers().Get(jetstream.MsgIDHeader)
-		md, err := m.Metadata()
-		if id == "" || err != nil {
-			continue
-		}
-		if _, seen := stored[id]; !seen {
-			stored[id] = md.Timestamp
-		}
-	}
-	sent = append([]tally.Sent(nil), sent...)
-	for i := range sent {
-		if t, ok := stored[sent[i].MsgID]; ok && sent[i].Stored.IsZero() {
-			sent[i].Stored = t
-		}
-	}
-
 	v := &Verification{PerCell: map[string]int{}}
 	var arrivals []tally.Arrival
 	read := func(cell, stream string) error {
@@ -94,6 +76,68 @@ func Verify(ctx context.Context, js jetstream.JetStream, table *router.Table, to
 		return d.Cell, true
 	}})
 	return v, nil
+}
+
+// withStoreTimes returns a copy of sent with each event's Stored time read
+// from the source stream, by its Nats-Msg-Id.
+func withStoreTimes(ctx context.Context, js jetstream.JetStream, stream string, sent []tally.Sent) ([]tally.Sent, error) {
+	msgs, err := readStream(ctx, js, stream)
+	if err != nil {
+		return nil, err
+	}
+	stored := make(map[string]time.Time, len(msgs))
+	for _, m := range msgs {
+		id := m.Headers().Get(jetstream.MsgIDHeader)
+		md, err := m.Metadata()
+		if id == "" || err != nil {
+			continue
+		}
+		if _, seen := stored[id]; !seen {
+			stored[id] = md.Timestamp
+		}
+	}
+	sent = append([]tally.Sent(nil), sent...)
+	for i := range sent {
+		if t, ok := stored[sent[i].MsgID]; ok && sent[i].Stored.IsZero() {
+			sent[i].Stored = t
+		}
+	}
+	return sent, nil
+}
+
+// VerifyCopies checks the copies of a broadcast rule whose source is
+// stream source: streams names, per cell, the stream that holds that
+// cell's copies; keep, when set, picks the copies among its messages (a
+// stream that also holds other traffic). Each cell's copies are checked
+// against sent with tally.Check, every copy belonging to its cell: each
+// event exactly once per cell, with its Cell-Msg-Id, per key in order
+// within the stream; an event's latency in a cell is its copy's store time
+// there minus its store time in source (both server clocks). ctx bounds the
+// reads.
+func VerifyCopies(ctx context.Context, js jetstream.JetStream, source string, streams map[string]string, sent []tally.Sent,
+	keep func(cell string, a *tally.Arrival) bool, late time.Duration) (map[string]*tally.Result, error) {
+	sent, err := withStoreTimes(ctx, js, source, sent)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]*tally.Result{}
+	for cell, stream := range streams {
+		msgs, err := readStream(ctx, js, stream)
+		if err != nil {
+			return nil, err
+		}
+		var arrivals []tally.Arrival
+		for _, m := range msgs {
+			a, err := tally.FromMsg(cell, stream, m)
+			if err != nil || (keep != nil && !keep(cell, &a)) {
+				continue
+			}
+			arrivals = append(arrivals, a)
+		}
+		out[cell] = tally.Check(sent, arrivals, tally.Options{Late: late,
+			Owner: func(*tally.Arrival) (string, bool) { return cell, true }})
+	}
+	return out, nil
 }
 
 // readStream is tally.ReadStream, tried three times: a read can fail

@@ -52,6 +52,19 @@ type ScalarParser interface {
 	ParseScalar(text string) error
 }
 
+// Union is implemented (on the pointer) by field types that take one of
+// several shapes, such as `cells: all`, `cells: [a, b]` and
+// `cells: {city: hz}`. UnionTarget returns where a value of the node's kind
+// (yaml.ScalarNode, yaml.SequenceNode or yaml.MappingNode) is decoded, a
+// non-nil pointer to a type Decode supports, or nil when the type takes no
+// value of that kind; the problem then reads "must be <UnionWant()>, not
+// <what was written>". The value is decoded at the field's own path, so its
+// problems and positions read as if the field had that type.
+type Union interface {
+	UnionTarget(kind yaml.Kind) any
+	UnionWant() string
+}
+
 // Scalar describes a scalar value about to be stored; see ScalarFunc.
 type Scalar struct {
 	Path string       // field path, e.g. "brokers.nats.password"
@@ -219,6 +232,15 @@ func (d *decoder) value(n *yaml.Node, v reflect.Value, path string, keyLine, dep
 	}
 	if p, ok := v.Addr().Interface().(ScalarParser); ok {
 		d.scalar(n, at, v, path, p)
+		return
+	}
+	if u, ok := v.Addr().Interface().(Union); ok {
+		target := u.UnionTarget(n.Kind)
+		if target == nil {
+			d.errorf(at, path, "must be %s, not %s", u.UnionWant(), Describe(n))
+			return
+		}
+		d.value(n, reflect.ValueOf(target).Elem(), path, keyLine, depth+1)
 		return
 	}
 	switch v.Kind() {

@@ -331,3 +331,58 @@ func TestDecodeUnsupported(t *testing.T) {
 		}()
 	}
 }
+
+// cellSet takes `all`, a list of names or a mapping {city: X}.
+type cellSet struct {
+	kind  yaml.Kind
+	word  string
+	names []string
+	sel   struct {
+		City string `yaml:"city"`
+	}
+}
+
+func (c *cellSet) UnionTarget(k yaml.Kind) any {
+	c.kind = k
+	targets := map[yaml.Kind]any{yaml.ScalarNode: &c.word, yaml.SequenceNode: &c.names, yaml.MappingNode: &c.sel}
+	return targets[k]
+}
+
+func (c *cellSet) UnionWant() string { return "all, a list or {city: X}" }
+
+// TestDecodeUnion decodes each shape of a union at the field's own path:
+// its problems and positions read as if the field had that shape's type.
+func TestDecodeUnion(t *testing.T) {
+	type doc struct {
+		Cells *cellSet `yaml:"cells"`
+	}
+	for _, tc := range []struct {
+		src   string
+		check func(c *cellSet) bool
+		want  []string
+		line  map[string]int
+	}{
+		{src: "cells: all\n", check: func(c *cellSet) bool { return c.kind == yaml.ScalarNode && c.word == "all" }},
+		{src: "cells:\n  - a\n  - b\n", check: func(c *cellSet) bool { return strings.Join(c.names, ",") == "a,b" },
+			line: map[string]int{"cells": 1, "cells[1]": 3}},
+		{src: "cells: {city: hz}\n", check: func(c *cellSet) bool { return c.sel.City == "hz" }},
+		{src: "cells: {town: hz}\n", want: []string{"f.yaml:1: cells.town: unknown field (known: city)"}},
+		{src: "cells: [a, [b]]\n", want: []string{"f.yaml:1: cells[1]: must be a string, not a list"}},
+		{src: "cells: &x all\nother: *x\n", want: []string{"f.yaml:2: other: unknown field (known: cells)"},
+			check: func(c *cellSet) bool { return c.word == "all" }},
+	} {
+		var v doc
+		pos, errs := Decode("f.yaml", root(t, tc.src), &v, Options{})
+		if got := problemLines(errs); strings.Join(got, "\n") != strings.Join(tc.want, "\n") {
+			t.Errorf("%q: problems %q, want %q", tc.src, got, tc.want)
+		}
+		if tc.check != nil && (v.Cells == nil || !tc.check(v.Cells)) {
+			t.Errorf("%q: decoded %+v", tc.src, v.Cells)
+		}
+		for path, line := range tc.line {
+			if pos.Line(path) != line {
+				t.Errorf("%q: %s at line %d, want %d", tc.src, path, pos.Line(path), line)
+			}
+		}
+	}
+}

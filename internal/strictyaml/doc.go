@@ -28,6 +28,8 @@
 //     and reads `file:` secrets there, and marks environment values as
 //     substituted, so that an integer field takes "12" from the environment
 //     while a quoted "12" in the file is refused.
+//   - Field types that take one of several shapes (a word, a list or a
+//     mapping) implement Union: the node's kind picks the value decoded.
 //   - Problem and Errors are the one problem type: router.Problem and
 //     router.Errors are aliases of them.
 //
