@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 	"github.com/apache/rocketmq-client-go/v2/rlog"
@@ -38,6 +39,28 @@ type BrokerConfig struct {
 	// Transactional makes the sink publish half messages committed through
 	// the dedupe store (exactlyOnce: transactional); sources ignore it.
 	Transactional bool
+	// CheckBackWait bounds how long a transactional sink holds the order
+	// key of a half message that only a check-back can still commit (see
+	// the package docs); set it to the broker's transactionCheckInterval
+	// plus transactionTimeout plus a margin. Default DefaultCheckBackWait
+	// (a 4.x broker's 60 s + 6 s + 4 s); a 5.x broker checks every 30 s.
+	CheckBackWait time.Duration
+	// MessageGroups sets each copy's RocketMQ 5.x message group (the
+	// __SHARDINGKEY property) to its order key. A 5.x proxy refuses a
+	// message with a group in a topic whose message type is not FIFO (or
+	// MIXED), and one without a group in a FIFO topic; a 4.x broker stores
+	// the property and ignores it. Sources ignore it.
+	MessageGroups bool
+}
+
+// DefaultCheckBackWait is BrokerConfig.CheckBackWait's default.
+const DefaultCheckBackWait = 70 * time.Second
+
+func (c BrokerConfig) checkBackWait() time.Duration {
+	if c.CheckBackWait > 0 {
+		return c.CheckBackWait
+	}
+	return DefaultCheckBackWait
 }
 
 // Validate reports the first problem of c, naming the field.

@@ -36,12 +36,16 @@ func validProp(s string) bool {
 	return !strings.ContainsAny(s, "\x01\x02")
 }
 
-// userHeader copies the user properties of a pulled message into a header
-// map (nil when there are none).
+// passedProps are the system properties a source passes on as headers of
+// the same name, and a sink turns back into the copy's tag and keys.
+var passedProps = map[string]bool{primitive.PropertyTags: true, primitive.PropertyKeys: true}
+
+// userHeader copies the user properties of a pulled message, and its TAGS
+// and KEYS, into a header map (nil when there are none).
 func userHeader(props map[string]string) map[string][]string {
 	var h map[string][]string
 	for k, v := range props {
-		if systemProps[k] {
+		if systemProps[k] && !passedProps[k] {
 			continue
 		}
 		if h == nil {

@@ -5,8 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
@@ -42,6 +43,9 @@ type SinkConfig struct {
 	RetryBackoff time.Duration
 	// SendTimeout bounds one attempt. Default 3s.
 	SendTimeout time.Duration
+	// MaxBatch bounds the messages of one batch request (batch.go); 1
+	// sends every message on its own. Default 32.
+	MaxBatch int
 }
 
 func (c *SinkConfig) defaults() error {
@@ -73,6 +77,9 @@ func (c *SinkConfig) defaults() error {
 	if c.SendTimeout <= 0 {
 		c.SendTimeout = 3 * time.Second
 	}
+	if c.MaxBatch <= 0 {
+		c.MaxBatch = 32
+	}
 	return nil
 }
 
@@ -80,7 +87,14 @@ func (c *SinkConfig) defaults() error {
 type target struct {
 	name     string
 	tx       bool
-	send     func(ctx context.Context, m *primitive.Message) error
+	groups   bool        // set the message group property (BrokerConfig.MessageGroups)
+	waits    *txWaits    // transactional targets only
+	confirm  *confirmer  // transactional targets only
+	listener *txListener // transactional targets only
+	sel      *orderSelector
+	// batch sends one batch (non-transactional targets only).
+	batch    func(ctx context.Context, msgs []*primitive.Message) error
+	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
 }
 
@@ -107,6 +121,7 @@ type Sink struct {
 	// when its ctx ends, so that sends in progress give up.
 	sends       context.Context
 	cancelSends context.CancelFunc
+	merged      atomic.Pointer[mergedCtx] // see sendCtx
 
 	mu      sync.RWMutex
 	closed  bool
@@ -133,6 +148,11 @@ func NewSink(cfg SinkConfig, log *slog.Logger) (*Sink, error) {
 		t, err := s.newTarget(bc)
 		if err != nil {
 			for _, t := range s.targets {
+				if t.waits != nil {
+					t.confirm.close()
+					t.waits.close()
+					t.listener.close()
+				}
 				_ = t.shutdown()
 			}
 			return nil, err
@@ -151,16 +171,20 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	if group == "" {
 		group = "cellbridge-" + sanitize(bc.Name)
 	}
+	instance := bc.instanceName("sink")
+	sel := &orderSelector{}
 	opts := []producer.Option{
 		producer.WithNsResolver(bc.resolver()),
 		producer.WithGroupName(group),
-		producer.WithInstanceName(bc.instanceName("sink")),
+		producer.WithInstanceName(instance),
 		producer.WithSendMsgTimeout(s.cfg.SendTimeout),
 		// The client's own retry re-sends the same message (same unique
 		// id) to another queue after a timeout; the sink retries with a
 		// new message instead, so that a transaction id never names two
 		// half messages.
 		producer.WithRetry(0),
+		// The queue follows the copy's order key (order.go).
+		producer.WithQueueSelector(sel),
 	}
 	if bc.Namespace != "" {
 		opts = append(opts, producer.WithNamespace(bc.Namespace))
@@ -168,35 +192,35 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	if c, ok := bc.credentials(); ok {
 		opts = append(opts, producer.WithCredentials(c))
 	}
-	t := &target{name: bc.Name, tx: bc.Transactional}
+	t := &target{name: bc.Name, tx: bc.Transactional, groups: bc.MessageGroups, sel: sel}
 	if bc.Transactional {
-		l := &txListener{store: s.cfg.Dedupe, log: s.log.With("broker", bc.Name), timeout: s.cfg.SendTimeout}
+		log := s.log.With("broker", bc.Name)
+		// The waits exist before the producer: its check-backs report to them.
+		l := &txListener{store: s.cfg.Dedupe, log: log, timeout: s.cfg.SendTimeout}
+		l.waits = newTxWaits(bc.checkBackWait(), l, log, s.finish)
 		p, err := producer.NewTransactionProducer(l, opts...)
-		if err != nil {
-			return nil, fmt.Errorf("rmq: broker %q: new transactional producer: %w", bc.Name, err)
+		if err == nil {
+			err = p.Start()
 		}
-		if err := p.Start(); err != nil {
+		var barrier barrierClient
+		if err == nil {
+			// After the producer: the barrier client must find the
+			// producer's client instance, not create one of its own.
+			barrier, err = newBarrier(bc, group, instance)
+			if err != nil {
+				_ = p.Shutdown()
+			}
+		}
+		if err != nil {
+			l.close()
+			l.waits.close()
 			return nil, fmt.Errorf("rmq: broker %q: start transactional producer: %w", bc.Name, err)
 		}
+		t.waits, t.listener = l.waits, l
+		t.confirm = newConfirmer(barrier, l.waits, log, s.finish)
 		t.shutdown = p.Shutdown
-		t.send = func(ctx context.Context, m *primitive.Message) error {
-			slot, err := l.claimSlot(ctx, storeKeyOf(m.GetProperty(primitive.PropertyKeys), m.GetProperties()))
-			if err != nil {
-				return err
-			}
-			m.WithProperty(HeaderTxSlot, strconv.Itoa(slot))
-			res, err := p.SendMessageInTransaction(ctx, m)
-			if err == nil && res.State != primitive.CommitMessageState {
-				err = fmt.Errorf("half message not committed (send status %d, local state %d)", res.Status, res.State)
-			}
-			if err != nil {
-				// Undecided: give the slot up (it stays used, so it is
-				// never taken again); a half message stored after all is
-				// rolled back by end-transaction or its check-back.
-				_ = l.store.Release(context.WithoutCancel(ctx), decidedKey(storeKeyOf(m.GetProperty(primitive.PropertyKeys), m.GetProperties()), slot))
-				return err
-			}
-			return nil
+		t.send = func(ctx context.Context, out *bridge.Outgoing) error {
+			return l.txSend(ctx, p, out, outgoingMessage(out, t.groups))
 		}
 		return t, nil
 	}
@@ -208,8 +232,9 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		return nil, fmt.Errorf("rmq: broker %q: start producer: %w", bc.Name, err)
 	}
 	t.shutdown = p.Shutdown
-	t.send = func(ctx context.Context, m *primitive.Message) error {
-		res, err := p.SendSync(ctx, m)
+	t.batch = sendBatchWith(p)
+	t.send = func(ctx context.Context, out *bridge.Outgoing) error {
+		res, err := p.SendSync(ctx, outgoingMessage(out, t.groups))
 		if err != nil {
 			return err
 		}
@@ -272,11 +297,31 @@ func (s *Sink) worker() {
 	for {
 		select {
 		case j := <-s.jobs:
-			s.finish(j, s.publish(j))
+			s.run(j)
 		case <-s.quit:
 			return
 		}
 	}
+}
+
+// handOver gives a transactional job to the barrier (its end-transaction
+// was written) or to the wait for an earlier attempt's check-back, and
+// reports whether it did; the job is resolved there.
+func (s *Sink) handOver(j *job, err error) bool {
+	var pe *errPending
+	var ee *errEnded
+	switch {
+	case errors.As(err, &ee):
+		j.t.confirm.add(j, ee)
+		return true
+	case errors.As(err, &pe):
+		if j.t.waits.park(pe.ref, j) {
+			return true
+		}
+		s.finish(j, fmt.Errorf("rmq: broker %q: %w", j.t.name, ErrClosed))
+		return true
+	}
+	return false
 }
 
 func (s *Sink) publish(j *job) error {
@@ -294,12 +339,10 @@ func (s *Sink) publish(j *job) error {
 				return fmt.Errorf("rmq: broker %q: %w (after: %w)", j.t.name, ErrClosed, err)
 			}
 		}
-		ctx, cancel := context.WithTimeout(j.ctx, s.cfg.SendTimeout)
-		stop := context.AfterFunc(s.sends, cancel)
-		err = j.t.send(ctx, outgoingMessage(j.m))
-		stop()
-		cancel()
-		if err == nil || errors.Is(err, bridge.ErrDuplicate) {
+		ctx, done := s.sendCtx(j)
+		err = j.t.send(ctx, j.m)
+		done()
+		if err == nil || settled(err) {
 			return err
 		}
 		if s.sends.Err() != nil {
@@ -310,21 +353,102 @@ func (s *Sink) publish(j *job) error {
 	return fmt.Errorf("rmq: broker %q: send to %s: %w", j.t.name, j.m.Target.Topic, err)
 }
 
+// settled reports whether a send's error ends the job's attempts: a
+// duplicate, or a transactional send handed to its wait or barrier.
+func settled(err error) bool {
+	var pe *errPending
+	var ee *errEnded
+	return errors.Is(err, bridge.ErrDuplicate) || errors.As(err, &pe) || errors.As(err, &ee)
+}
+
+// mergedCtx is a context ended by parent or by the sink's Close.
+type mergedCtx struct {
+	parent context.Context
+	ctx    context.Context
+}
+
+// sendCtx returns the context of one send attempt, ended by the job's ctx
+// or by Close, and what releases it. The pipeline passes the same ctx to
+// every publish: one merged context, made once, serves them all (the
+// client bounds each request by SendTimeout itself). A transactional send
+// also makes store calls, bounded by SendTimeout here.
+func (s *Sink) sendCtx(j *job) (context.Context, func()) {
+	ctx := context.Context(nil)
+	release := func() {}
+	if m := s.merged.Load(); m != nil && m.parent == j.ctx {
+		ctx = m.ctx
+	} else if m == nil && j.ctx.Err() == nil {
+		c, cancel := context.WithCancel(j.ctx)
+		context.AfterFunc(s.sends, cancel)
+		if s.merged.CompareAndSwap(nil, &mergedCtx{parent: j.ctx, ctx: c}) {
+			ctx = c
+		} else {
+			cancel()
+		}
+	}
+	if ctx == nil {
+		c, cancel := context.WithCancel(j.ctx)
+		stop := context.AfterFunc(s.sends, cancel)
+		ctx, release = c, func() { stop(); cancel() }
+	}
+	if !j.t.tx {
+		return ctx, release
+	}
+	c, cancel := context.WithTimeout(ctx, s.cfg.SendTimeout)
+	return c, func() { cancel(); release() }
+}
+
 // outgoingMessage builds a new client message (and so a new unique id):
-// Keys = the idempotency key, every header with a usable name and value as
-// a user property (first value only: properties hold one value).
-func outgoingMessage(m *bridge.Outgoing) *primitive.Message {
-	msg := primitive.NewMessage(m.Target.Topic, m.Body)
+// every header with a usable name and value as a user property (first
+// value only: properties hold one value), except the headers TAGS and KEYS,
+// which become the copy's tag and keys (a RocketMQ source passes its
+// message's tag and keys under these names), with the idempotency key
+// appended to the keys. With groups, the message group property is set to
+// the copy's order key (see orderKey).
+func outgoingMessage(m *bridge.Outgoing, groups bool) *primitive.Message {
+	// One map, set at once: WithProperty locks the message for every call.
+	props := make(map[string]string, len(m.Header)+2)
 	for k, vs := range m.Header {
-		if len(vs) == 0 || k == "" || k == HeaderTxSlot || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
+		if len(vs) == 0 || vs[0] == "" || k == "" || k == HeaderTxSlot || systemProps[k] || !validProp(k) || !validProp(vs[0]) {
 			continue
 		}
-		msg.WithProperty(k, vs[0])
+		props[k] = vs[0]
 	}
-	if m.MsgID != "" {
-		msg.WithProperty(primitive.PropertyKeys, m.MsgID)
+	if vs := m.Header[primitive.PropertyTags]; len(vs) > 0 && vs[0] != "" && validProp(vs[0]) {
+		props[primitive.PropertyTags] = vs[0]
 	}
+	if keys := copyKeys(m.Header[primitive.PropertyKeys], m.MsgID); keys != "" {
+		props[primitive.PropertyKeys] = keys
+	}
+	if groups {
+		if k, _ := orderKey(m.Header, m.MsgID); k != "" && validProp(k) {
+			props[PropertyMessageGroup] = k
+		}
+	}
+	msg := primitive.NewMessage(m.Target.Topic, m.Body)
+	msg.WithProperties(props)
 	return msg
+}
+
+// copyKeys is the Keys of a copy: the source's keys (space separated) and
+// the idempotency key, added last unless it is one of them already.
+func copyKeys(src []string, msgID string) string {
+	var keys string
+	if len(src) > 0 && validProp(src[0]) {
+		keys = strings.TrimSpace(src[0])
+	}
+	if msgID == "" || !validProp(msgID) {
+		return keys
+	}
+	if keys == "" {
+		return msgID
+	}
+	for _, k := range strings.Fields(keys) {
+		if k == msgID {
+			return keys
+		}
+	}
+	return keys + primitive.PropertyKeySeparator + msgID
 }
 
 // Close stops accepting publishes, waits (within ctx) for the pending ones
@@ -336,6 +460,16 @@ func (s *Sink) Close(ctx context.Context) error {
 		s.mu.Lock()
 		s.closed = true
 		s.mu.Unlock()
+		// Sends waiting for an earlier attempt's check-back fail at once
+		// (the source delivers them again, and the next bridge waits)
+		// instead of holding Close up for the rest of their wait.
+		for _, t := range s.targets {
+			if t.waits != nil {
+				for _, j := range t.waits.close() {
+					s.finish(j, ErrClosed)
+				}
+			}
+		}
 		idle := make(chan struct{})
 		go func() { s.pending.Wait(); close(idle) }()
 		var errs []error
@@ -347,6 +481,12 @@ func (s *Sink) Close(ctx context.Context) error {
 		s.cancelSends()
 		close(s.quit)
 		s.workers.Wait()
+		for _, t := range s.targets {
+			if t.confirm != nil {
+				t.confirm.close()
+				t.listener.close()
+			}
+		}
 		for drained := false; !drained; {
 			select {
 			case j := <-s.jobs:

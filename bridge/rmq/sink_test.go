@@ -3,7 +3,6 @@ package rmq
 import (
 	"context"
 	"errors"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -148,9 +147,23 @@ func TestSinkTransactionalCommit(t *testing.T) {
 	if err := publish(t, s, outgoing("txn", "k-1")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "the committed message", func() bool { return len(b.Messages("txn")) == 1 })
-	if o, _ := store.Reserve(context.Background(), "k-1"); o != dedupe.Duplicate {
-		t.Fatalf("key after the local transaction: %v, want committed (Duplicate)", o)
+	// The send is confirmed after a barrier behind its end-transaction on
+	// the producer's connection; this broker handles a connection's
+	// requests in order, so the commit is done by then.
+	if n := len(b.Messages("txn")); n != 1 {
+		const searchOffsetByTimestamp = 29 // the barrier's request code
+		t.Fatalf("committed copies when the publish was confirmed: %d, want 1 (barriers: %d)", n, b.Requests(searchOffsetByTimestamp))
+	}
+	// The local transaction decided slot 0; the message key is the
+	// pipeline's to commit, after the confirmation.
+	if o, _ := store.Reserve(context.Background(), decidedKey("k-1", 0)); o != dedupe.Duplicate {
+		t.Fatalf("decision of slot 0: %v, want committed (Duplicate)", o)
+	}
+	if o, _ := store.Reserve(context.Background(), "k-1"); o != dedupe.InFlight {
+		t.Fatalf("key after the local transaction: %v, want still reserved by the pipeline", o)
+	}
+	if m := b.Messages("txn")[0]; m.Properties[HeaderTxSlot] != "" || m.Properties[bridge.HeaderMsgID] != "k-1" {
+		t.Errorf("committed copy: properties %v", m.Properties)
 	}
 	if hm := b.HalfMessages(); len(hm) != 0 {
 		t.Fatalf("unresolved half messages: %d", len(hm))
@@ -159,8 +172,8 @@ func TestSinkTransactionalCommit(t *testing.T) {
 	if err := publish(t, s, outgoing("txn-dlq", "k-1", bridge.HeaderError, "bad_key: x")); err != nil {
 		t.Fatal(err)
 	}
-	if o, _ := store.Reserve(context.Background(), "k-1\x00dlq"); o != dedupe.Duplicate {
-		t.Fatalf("dlq key: %v", o)
+	if o, _ := store.Reserve(context.Background(), decidedKey("k-1\x00dlq", 0)); o != dedupe.Duplicate {
+		t.Fatalf("dlq key's decision: %v", o)
 	}
 }
 
@@ -193,12 +206,12 @@ func TestSinkTransactionalCheckBack(t *testing.T) {
 		if err := p.Start(); err != nil {
 			t.Fatal(err)
 		}
-		slot, err := l.claimSlot(ctx, key)
+		slot, _, err := l.claimSlot(ctx, key)
 		if err != nil {
 			t.Fatal(err)
 		}
-		m := outgoingMessage(outgoing(topic, key))
-		m.WithProperty(HeaderTxSlot, strconv.Itoa(slot))
+		m := outgoingMessage(outgoing(topic, key), false)
+		m.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID(key, slot))
 		if _, err := p.SendMessageInTransaction(ctx, m); err != nil {
 			t.Fatal(err)
 		}
@@ -234,9 +247,14 @@ func TestSinkTransactionalCheckBack(t *testing.T) {
 	if len(keys) != 2 || keys["done"] != 1 || keys["retried"] != 1 {
 		t.Fatalf("committed: %v, want done and retried once each", keys)
 	}
-	if o, _ := store.Reserve(ctx, "done"); o != dedupe.Duplicate {
-		t.Errorf("key of the committed half: %v, want committed by the check-back", o)
-	}
+	// The answer is settled (the key committed) a second after it.
+	waitFor(t, 5*time.Second, "the key of the committed half message committed by its check-back", func() bool {
+		o, _ := store.Reserve(ctx, "done")
+		if o == dedupe.Reserved {
+			_ = store.Release(ctx, "done")
+		}
+		return o == dedupe.Duplicate
+	})
 	if hm := b.HalfMessages(); hm[0].Keys != "alive" {
 		t.Fatalf("still unresolved: %q, want the one whose slot is reserved", hm[0].Keys)
 	}

@@ -2,10 +2,14 @@ package rmq
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
@@ -15,22 +19,33 @@ import (
 )
 
 // The transactional sink gives every half message of one idempotency key a
-// numbered attempt slot, and keeps two records per slot in the dedupe
-// store (see the package docs for the argument):
+// numbered attempt slot, and keeps records per slot in the dedupe store
+// (see the package docs for the argument):
 //
 //   - used(slot): committed before the slot's half message is sent; it is
 //     never reused, so a half message left behind by a dead bridge can
 //     never be confused with a later attempt;
 //   - decided(slot): committed by the local transaction, a single write
 //     that decides "this half message is the one that counts". Check-backs
-//     commit exactly the half messages whose slot is decided.
+//     commit exactly the half messages whose slot is decided;
+//   - resolved(slot): committed by whoever answered a check-back of the
+//     slot's half message, so that a replica waiting for that answer
+//     (wait.go) learns it.
 //
 // A new attempt takes the first slot that is neither decided nor used; a
-// decided slot means the message is already in the target topic (the
-// attempt reports a duplicate).
+// decided slot means the message is already in the target topic, or will
+// be once its check-back commits it (the attempt reports a duplicate, once
+// that is settled: wait.go).
+//
+// The slot travels in the half message's unique id (UNIQ_KEY, the message
+// id consumers see), not in a property of its own: a committed half
+// message keeps every property it was sent with, and the slot is the
+// bridge's business.
 
-// HeaderTxSlot is the user property carrying a transactional half
-// message's attempt slot.
+// HeaderTxSlot is the user property that carried a transactional half
+// message's attempt slot in earlier versions. The sink no longer sets it
+// and never sends a header of that name; a check-back still accepts it,
+// for half messages sent before an upgrade.
 const HeaderTxSlot = "Cell-Tx-Slot"
 
 // maxTxSlots bounds the attempts per idempotency key (within the store's
@@ -39,11 +54,11 @@ const maxTxSlots = 64
 
 var errSlotBusy = errors.New("an earlier attempt of this message is still being decided")
 
-func storeKeyOf(keys string, props map[string]string) string {
+func storeKeyOf(msgID string, props map[string]string) string {
 	if _, dlq := props[bridge.HeaderError]; dlq {
-		return keys + "\x00dlq"
+		return msgID + "\x00dlq"
 	}
-	return keys
+	return msgID
 }
 
 func decidedKey(storeKey string, slot int) string {
@@ -52,6 +67,87 @@ func decidedKey(storeKey string, slot int) string {
 func usedKey(storeKey string, slot int) string {
 	return storeKey + "\x00tx-used\x00" + strconv.Itoa(slot)
 }
+func resolvedKey(storeKey string, slot int) string {
+	return storeKey + "\x00tx-resolved\x00" + strconv.Itoa(slot)
+}
+
+// slotRef names one half message: its store key and attempt slot.
+type slotRef struct {
+	key  string
+	slot int
+}
+
+// The unique id of a half message is the client's usual 32 hex digits —
+// IP (8), process id (4), class loader id (8), time (8), counter (4) —
+// with the process and class loader digits replaced by slotTag: a 40-bit
+// hash of the store key and the slot, then the slot (2 digits). The time
+// and counter keep ids unique; the IP keeps what tools read from it.
+const (
+	uniqLen          = 32
+	uniqTagFrom      = 8
+	uniqTagTo        = 20
+	slotHashHexChars = 10
+)
+
+// slotTag is the 12 hex digits that identify (storeKey, slot) in a unique id.
+func slotTag(storeKey string, slot int) string {
+	sum := sha256.Sum256([]byte(storeKey + "\x00" + strconv.Itoa(slot)))
+	return strings.ToUpper(hex.EncodeToString(sum[:slotHashHexChars/2])) + fmt.Sprintf("%02X", slot)
+}
+
+// txUniqID returns a fresh unique id carrying (storeKey, slot).
+func txUniqID(storeKey string, slot int) string {
+	id := primitive.CreateUniqID()
+	if len(id) != uniqLen {
+		// Not the layout this version of the client produces: build one.
+		id = strings.Repeat("0", uniqLen-len(id)%uniqLen) + id
+		id = id[len(id)-uniqLen:]
+	}
+	return id[:uniqTagFrom] + slotTag(storeKey, slot) + id[uniqTagTo:]
+}
+
+// slotOfUniq reads the slot from a unique id made by txUniqID for storeKey.
+func slotOfUniq(storeKey, id string) (int, bool) {
+	if len(id) != uniqLen {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(id[uniqTagTo-2:uniqTagTo], 16, 8)
+	if err != nil || n >= maxTxSlots {
+		return 0, false
+	}
+	if !strings.EqualFold(id[uniqTagFrom:uniqTagTo], slotTag(storeKey, int(n))) {
+		return 0, false
+	}
+	return int(n), true
+}
+
+// txRef identifies a half message the bridge sent from its properties: the
+// store key from Cell-Msg-Id (or else the last of its Keys, where the sink
+// puts the idempotency key), the slot from its unique id (or an earlier
+// version's Cell-Tx-Slot property). ok is false for anything else, which
+// is rolled back.
+func txRef(props map[string]string) (slotRef, bool) {
+	uniq := props[primitive.PropertyUniqueClientMessageIdKeyIndex]
+	cands := []string{props[bridge.HeaderMsgID]}
+	if f := strings.Fields(props[primitive.PropertyKeys]); len(f) > 0 {
+		cands = append(cands, f[len(f)-1])
+	}
+	for _, id := range cands {
+		if id == "" {
+			continue
+		}
+		key := storeKeyOf(id, props)
+		if slot, ok := slotOfUniq(key, uniq); ok {
+			return slotRef{key, slot}, true
+		}
+		if v, ok := props[HeaderTxSlot]; ok {
+			if n, err := strconv.Atoi(v); err == nil && n >= 0 && n < maxTxSlots {
+				return slotRef{key, n}, true
+			}
+		}
+	}
+	return slotRef{}, false
+}
 
 // txListener commits decided(slot) inside the local transaction and answers
 // check-backs from it.
@@ -59,27 +155,35 @@ type txListener struct {
 	store   dedupe.Store
 	log     *slog.Logger
 	timeout time.Duration
+	// waits learns the answers to check-backs (nil in tests that play a
+	// crashed sink).
+	waits *txWaits
+
+	mu     sync.Mutex
+	timers map[*time.Timer]struct{} // settleLater's, until they ran
+	closed bool
 }
 
 var _ primitive.TransactionListener = (*txListener)(nil)
 
 // claimSlot picks the attempt slot for a new half message of storeKey and
 // marks it used. The caller holds the pipeline's reservation of storeKey.
-// It returns an error wrapping bridge.ErrDuplicate when an earlier attempt
-// was decided (the message is in the topic), errSlotBusy when an earlier
-// attempt is being decided right now.
-func (l *txListener) claimSlot(ctx context.Context, storeKey string) (int, error) {
+// When an earlier attempt was decided (the message is in the topic, or
+// will be once a check-back commits it), it returns an error wrapping
+// bridge.ErrDuplicate and that attempt's slot in decided (else -1); while
+// an earlier attempt is being decided right now, errSlotBusy.
+func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, decided int, err error) {
 	for slot := range maxTxSlots {
 		dk := decidedKey(storeKey, slot)
 		o, err := l.store.Reserve(ctx, dk)
 		if err != nil {
-			return 0, fmt.Errorf("dedupe reserve: %w", err)
+			return 0, -1, fmt.Errorf("dedupe reserve: %w", err)
 		}
 		switch o {
 		case dedupe.Duplicate:
-			return 0, fmt.Errorf("transactional attempt %d already committed: %w", slot, bridge.ErrDuplicate)
+			return 0, slot, fmt.Errorf("transactional attempt %d already committed: %w", slot, bridge.ErrDuplicate)
 		case dedupe.InFlight:
-			return 0, errSlotBusy
+			return 0, -1, errSlotBusy
 		}
 		// decided(slot) is ours until the local transaction commits it;
 		// was the slot used by an earlier, undecided attempt?
@@ -87,56 +191,56 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (int, error
 		o, err = l.store.Reserve(ctx, uk)
 		if err != nil {
 			_ = l.store.Release(ctx, dk)
-			return 0, fmt.Errorf("dedupe reserve: %w", err)
+			return 0, -1, fmt.Errorf("dedupe reserve: %w", err)
 		}
 		if o == dedupe.Reserved {
 			if err := l.store.Commit(ctx, uk); err != nil {
 				_ = l.store.Release(ctx, dk)
-				return 0, fmt.Errorf("dedupe commit: %w", err)
+				return 0, -1, fmt.Errorf("dedupe commit: %w", err)
 			}
-			return slot, nil
+			return slot, -1, nil
 		}
 		// Used and never decided: its half message is rolled back by its
 		// check-back; never reuse the slot.
 		_ = l.store.Release(ctx, dk)
 	}
-	return 0, fmt.Errorf("more than %d transactional attempts for one message", maxTxSlots)
+	return 0, -1, fmt.Errorf("more than %d transactional attempts for one message", maxTxSlots)
 }
 
-func slotOf(props map[string]string) (int, bool) {
-	n, err := strconv.Atoi(props[HeaderTxSlot])
-	return n, err == nil && n >= 0 && n < maxTxSlots
-}
-
-// txKeys reads a half message's store key and attempt slot from its
-// properties; ok is false for a message the bridge did not send (no Keys,
-// no valid slot), which is rolled back.
-func txKeys(props map[string]string) (key string, slot int, ok bool) {
-	keys := props[primitive.PropertyKeys]
-	slot, ok = slotOf(props)
-	if keys == "" || !ok {
-		return "", 0, false
+// wasResolved reports whether a check-back of ref's half message was
+// answered (by any replica) according to the store.
+func (l *txListener) wasResolved(ctx context.Context, ref slotRef) bool {
+	rk := resolvedKey(ref.key, ref.slot)
+	o, err := l.store.Reserve(ctx, rk)
+	switch {
+	case err != nil:
+		return false
+	case o == dedupe.Reserved:
+		_ = l.store.Release(ctx, rk)
 	}
-	return storeKeyOf(keys, props), slot, true
+	return o == dedupe.Duplicate
 }
 
 // ExecuteLocalTransaction runs right after the half message was stored:
-// committing decided(slot) is the decision.
+// committing decided(slot) is the decision. When that write fails the
+// answer is unknown, not rollback: the write may have been applied all
+// the same, and only a check-back, which reads the store again, may
+// decide then (the next attempt of the message waits for it, see
+// wait.go).
 func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
-	key, slot, ok := txKeys(m.GetProperties())
+	ref, ok := txRef(m.GetProperties())
 	if !ok {
 		return primitive.RollbackMessageState
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
 	defer cancel()
-	if err := l.store.Commit(ctx, decidedKey(key, slot)); err != nil {
-		l.log.Warn("transactional send: dedupe commit failed; rolling back", "err", err)
-		return primitive.RollbackMessageState
-	}
-	// The message key too, so that a redelivery is a duplicate at once
-	// (the pipeline commits it again after the send).
-	if err := l.store.Commit(ctx, key); err != nil {
-		l.log.Debug("transactional send: dedupe commit of the message key failed", "err", err)
+	dk := decidedKey(ref.key, ref.slot)
+	if err := l.store.Commit(ctx, dk); err != nil {
+		l.log.Warn("transactional send: dedupe commit of the decision failed; the broker's check-back decides", "err", err)
+		// Never removes a commit: if the write was applied after all, the
+		// check-back commits the half message, else it rolls it back.
+		_ = l.store.Release(context.WithoutCancel(ctx), dk)
+		return primitive.UnkonwnState
 	}
 	return primitive.CommitMessageState
 }
@@ -145,32 +249,93 @@ func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.Loc
 // whose end-transaction never arrived.
 func (l *txListener) CheckLocalTransaction(m *primitive.MessageExt) primitive.LocalTransactionState {
 	st := l.check(m)
-	l.log.Info("transaction check-back answered", "msg_id", m.MsgId, "slot", m.GetProperty(HeaderTxSlot), "state", stateName(st))
+	l.log.Info("transaction check-back answered", "msg_id", m.MsgId, "state", stateName(st))
 	return st
 }
 
 func (l *txListener) check(m *primitive.MessageExt) primitive.LocalTransactionState {
-	key, slot, ok := txKeys(m.GetProperties())
+	ref, ok := txRef(m.GetProperties())
 	if !ok {
 		return primitive.RollbackMessageState
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
 	defer cancel()
-	dk := decidedKey(key, slot)
+	dk := decidedKey(ref.key, ref.slot)
 	o, err := l.store.Reserve(ctx, dk)
+	st := primitive.RollbackMessageState
 	switch {
 	case err != nil:
 		return primitive.UnkonwnState
-	case o == dedupe.Duplicate:
-		// Decided; the bridge may have died before committing the message
-		// key: do it now, so that a redelivery is recognised.
-		_ = l.store.Commit(ctx, key)
-		return primitive.CommitMessageState
 	case o == dedupe.InFlight:
 		return primitive.UnkonwnState // its attempt is alive (or its reservation not yet expired)
+	case o == dedupe.Duplicate:
+		st = primitive.CommitMessageState
+	default:
+		_ = l.store.Release(ctx, dk) // its attempt died before its local transaction
 	}
-	_ = l.store.Release(ctx, dk)
-	return primitive.RollbackMessageState // its attempt died before its local transaction
+	l.settleLater(ref, st == primitive.CommitMessageState)
+	return st
+}
+
+// checkBackSettle is how long after answering a check-back the answer is
+// made known (settle). The client writes the answer's end-transaction right
+// after CheckLocalTransaction returns, one way; a bridge killed within that
+// time leaves the answer unknown, so the half message is checked again and
+// nobody acts on an end-transaction that may be lost.
+const checkBackSettle = time.Second
+
+// settleLater runs settle checkBackSettle after a final check-back answer.
+func (l *txListener) settleLater(ref slotRef, committed bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return
+	}
+	if l.timers == nil {
+		l.timers = map[*time.Timer]struct{}{}
+	}
+	var t *time.Timer
+	t = time.AfterFunc(checkBackSettle, func() {
+		l.mu.Lock()
+		_, live := l.timers[t]
+		delete(l.timers, t)
+		l.mu.Unlock()
+		if live {
+			l.settle(ref, committed)
+		}
+	})
+	l.timers[t] = struct{}{}
+}
+
+// settle makes a check-back answer known: a committed half message's key
+// is committed (a redelivery of its message is a duplicate at once), and
+// resolved(slot) tells the replicas waiting for the answer (wait.go).
+func (l *txListener) settle(ref slotRef, committed bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
+	defer cancel()
+	if committed {
+		if err := l.store.Commit(ctx, ref.key); err != nil {
+			l.log.Debug("transaction check-back: dedupe commit of the message key failed", "err", err)
+		}
+	}
+	if err := l.store.Commit(ctx, resolvedKey(ref.key, ref.slot)); err != nil {
+		l.log.Debug("transaction check-back: dedupe commit of the answer failed", "err", err)
+	}
+	if l.waits != nil {
+		l.waits.resolved(ref)
+	}
+}
+
+// close drops the answers not settled yet (the broker checks their half
+// messages again, and whoever answers then settles them).
+func (l *txListener) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	for t := range l.timers {
+		t.Stop()
+		delete(l.timers, t)
+	}
 }
 
 func stateName(s primitive.LocalTransactionState) string {
@@ -181,4 +346,52 @@ func stateName(s primitive.LocalTransactionState) string {
 		return "rollback"
 	}
 	return "unknown"
+}
+
+// txProducer is the part of the client's transaction producer the sink
+// uses.
+type txProducer interface {
+	SendMessageInTransaction(ctx context.Context, m *primitive.Message) (*primitive.TransactionSendResult, error)
+}
+
+// txSend sends msg (built from out) as a half message under a new slot;
+// once decided and ended it returns *errEnded (the worker hands the send to
+// the confirmer, confirm.go). A claim that finds an earlier attempt decided
+// returns *errPending (the worker parks the send until that attempt's
+// check-back was answered, see wait.go) unless the store says it was
+// answered already: then bridge.ErrDuplicate.
+func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgoing, msg *primitive.Message) error {
+	key := storeKeyOf(out.MsgID, msg.GetProperties())
+	slot, decided, err := l.claimSlot(ctx, key)
+	if decided >= 0 {
+		ref := slotRef{key, decided}
+		if l.waits != nil && !l.wasResolved(ctx, ref) {
+			return &errPending{ref}
+		}
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	msg.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID(key, slot))
+	res, err := p.SendMessageInTransaction(ctx, msg)
+	if err == nil && res.State != primitive.CommitMessageState {
+		// Not decided, or the local transaction could not record its
+		// decision (then the next attempt finds out which, at its claim).
+		err = fmt.Errorf("half message not committed (send status %d, local state %s)", res.Status, stateName(res.State))
+	}
+	if err != nil {
+		// Undecided: give the slot up (it stays used, so it is never
+		// taken again); a half message stored after all is rolled back by
+		// end-transaction or its check-back.
+		_ = l.store.Release(context.WithoutCancel(ctx), decidedKey(key, slot))
+		return err
+	}
+	// Decided and ended; confirmed once the broker read the
+	// end-transaction (confirm.go).
+	e := &errEnded{ref: slotRef{key, slot}}
+	if res.MessageQueue != nil {
+		e.mq = *res.MessageQueue
+	}
+	return e
 }

@@ -173,16 +173,9 @@ func runChild(spec childSpec) (*childResult, error) {
 	runtime.GC()
 	resetPeakRSS()
 
-	var stopProf func()
-	if spec.CPUProfile != "" {
-		f, err := os.Create(spec.CPUProfile)
-		if err != nil {
-			return nil, err
-		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return nil, err
-		}
-		stopProf = func() { pprof.StopCPUProfile(); f.Close() }
+	stopProf, err := startCPUProfile(spec.CPUProfile)
+	if err != nil {
+		return nil, err
 	}
 	if spec.MemProfile != "" {
 		runtime.MemProfileRate = 4096
@@ -268,9 +261,7 @@ func runChild(spec childSpec) (*childResult, error) {
 	}
 	cpu1 := cpuTime()
 	runtime.ReadMemStats(&ms1)
-	if stopProf != nil {
-		stopProf()
-	}
+	stopProf()
 	if spec.MemProfile != "" {
 		if f, err := os.Create(spec.MemProfile); err == nil {
 			_ = pprof.Lookup("allocs").WriteTo(f, 0)
@@ -644,4 +635,21 @@ func cpuTime() int64 {
 		return 0
 	}
 	return ru.Utime.Nano() + ru.Stime.Nano()
+}
+
+// startCPUProfile starts a CPU profile written to path, and returns what
+// stops it; with no path it does nothing.
+func startCPUProfile(path string) (stop func(), err error) {
+	if path == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }

@@ -383,6 +383,9 @@ func benchMain(cfg config) error {
 		for round := 1; round <= cfg.rmqRounds; round++ {
 			for _, v := range []string{"R-A", "R-B"} {
 				s := childSpec{Variant: v, N: cfg.rmqN, Seed: cfg.seed, Rules: rrules, Tune: cfg.tune[v]}
+				if cfg.cpuprofile != "" && round == 1 {
+					s.CPUProfile = cfg.cpuprofile + "-" + v + ".pprof"
+				}
 				r, err := spawn(s, log)
 				if err != nil {
 					return err

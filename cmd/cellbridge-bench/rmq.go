@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/producer"
 	"github.com/tidwall/gjson"
 
+	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
 	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/rmqtest"
@@ -72,6 +74,10 @@ func runRMQChild(spec childSpec) (*childResult, error) {
 		return n
 	}
 	e := &env{table: table, spec: spec, tune: parseTune(spec.Tune)}
+	stopProf, err := startCPUProfile(spec.CPUProfile)
+	if err != nil {
+		return nil, err
+	}
 	var ms0, ms1 runtime.MemStats
 	runtime.ReadMemStats(&ms0)
 	cpu0 := cpuTime()
@@ -101,6 +107,7 @@ func runRMQChild(spec childSpec) (*childResult, error) {
 	}
 	t1 := time.Now()
 	cpu1 := cpuTime()
+	stopProf()
 	runtime.ReadMemStats(&ms1)
 	peak := readPeakRSSMB()
 	time.Sleep(300 * time.Millisecond)
@@ -197,12 +204,20 @@ func sendRetrying(ctx context.Context, p interface {
 // after all sends of the batch succeeded. Tuning: goroutines=N
 // (ConsumeGoroutineNums, default 128), batch=N (ConsumeMessageBatchMaxSize,
 // default 4), pull=N (PullBatchSize, default 128); the defaults were the
-// best of 32/1/4 per batch and 64/128/256 goroutines tried.
+// best of 32/1/4 per batch and 64/128/256 goroutines tried. cellhdrs=1
+// sends what cellbridge's copy carries besides the body (an experiment
+// that separates the cost of the bigger message from cellbridge's own):
+// the six Cell-* properties and the source's keys plus the idempotency
+// key.
 func runRMQPipe(ctx context.Context, e *env, ns string) error {
 	gor := e.tuneInt("goroutines", 128)
 	batch := e.tuneInt("batch", 4)
 	pull := e.tuneInt("pull", 128)
+	cellHdrs := e.tuneInt("cellhdrs", 0) == 1
 	e.settings = fmt.Sprintf("push consumer ConsumeGoroutineNums=%d ConsumeMessageBatchMaxSize=%d PullBatchSize=%d; SendSync per message", gor, batch, pull)
+	if cellHdrs {
+		e.settings += " cellhdrs=1"
+	}
 	res := primitive.NewPassthroughResolver([]string{ns})
 	p, err := producer.NewDefaultProducer(producer.WithNsResolver(res), producer.WithGroupName("bench-pipe"),
 		producer.WithInstanceName(fmt.Sprintf("bench-pipe-p-%d", os.Getpid())))
@@ -228,8 +243,19 @@ func runRMQPipe(ctx context.Context, e *env, ns string) error {
 			if !ok {
 				continue // no usable key: dropped (the pipe has no DLQ)
 			}
-			out := primitive.NewMessage(rmqCellTopic(e.table.byShard[sh]), m.Body)
-			out.WithKeys([]string{m.MsgId})
+			cell := e.table.byShard[sh]
+			out := primitive.NewMessage(rmqCellTopic(cell), m.Body)
+			if cellHdrs {
+				out.WithKeys([]string{m.GetKeys(), m.MsgId})
+				out.WithProperty(bridge.HeaderMsgID, m.MsgId)
+				out.WithProperty(bridge.HeaderCell, cell)
+				out.WithProperty(bridge.HeaderShard, strconv.Itoa(sh))
+				out.WithProperty(bridge.HeaderRulesVersion, "1")
+				out.WithProperty(bridge.HeaderSource, "rmq/orders")
+				out.WithProperty(bridge.HeaderHops, "1")
+			} else {
+				out.WithKeys([]string{m.MsgId})
+			}
 			if _, err := p.SendSync(ctx, out); err != nil {
 				return consumer.ConsumeRetryLater, nil
 			}

@@ -111,15 +111,14 @@ type rmqMsg struct {
 	body   []byte
 }
 
-// findRMQ waits for a message with Keys id (the idempotency key; DLQ
-// copies keep the original headers, so only forwarded ones also carry
-// Cell-Msg-Id) in a RocketMQ topic.
+// findRMQ waits for a message whose last key is id (the idempotency key,
+// added to the source's keys) in a RocketMQ topic.
 func (e *rmqEnv) findRMQ(t *testing.T, topic, id string) rmqMsg {
 	t.Helper()
 	var out rmqMsg
 	eventually(t, 20*time.Second, topic+" holds "+id, func() bool {
 		for _, m := range e.b.Messages(topic) {
-			if m.Keys == id {
+			if keys := strings.Fields(m.Keys); len(keys) > 0 && keys[len(keys)-1] == id {
 				out = rmqMsg{where: topic, header: m.Properties, body: m.Body}
 				return true
 			}
@@ -294,6 +293,28 @@ log: {level: debug}
 		}
 		if n != 1 {
 			t.Errorf("producer-key-9 arrived %d times", n)
+		}
+	})
+
+	// A RocketMQ source's tag and keys travel as the headers TAGS and KEYS; a
+	// RocketMQ copy gets them back as its tag and keys (plus the
+	// idempotency key), a NATS copy keeps them as headers.
+	t.Run("tags and keys", func(t *testing.T) {
+		id := publish("2088000000012345", "tagged", "TAGS", "TagA", "KEYS", "order-7 user-2088")
+		m := find("rz01", id)
+		wantKeys := "order-7 user-2088"
+		if pc.sink == "rmq" {
+			wantKeys += " " + id
+		}
+		if m.header["TAGS"] != "TagA" || m.header["KEYS"] != wantKeys {
+			t.Errorf("copy's TAGS %q KEYS %q, want %q %q", m.header["TAGS"], m.header["KEYS"], "TagA", wantKeys)
+		}
+		if pc.sink == "rmq" {
+			for k := range m.header {
+				if k == rmq.HeaderTxSlot || k == "PGROUP" || k == "TRAN_MSG" {
+					t.Errorf("copy carries the internal property %s", k)
+				}
+			}
 		}
 	})
 

@@ -82,6 +82,9 @@ brokers:
     namespace: prod
     instancePrefix: cb
     exactlyOnce: transactional
+    checkBackWait: 36s
+    messageGroups: true
+    persistInterval: 100ms
 dedupe: {store: jetstream, broker: nats, bucket: dd, ttl: 15m, replicas: 3}
 http: {listen: "127.0.0.1:9191"}
 pipeline:
@@ -117,8 +120,12 @@ log: {level: debug, format: json}
 	}
 	r := rmqOf(t, c, "rmq-hz")
 	if r.AccessKey.Value() != "ak-1" || r.SecretKey.Value() != "s3cret" || r.ExactlyOnce != "transactional" ||
-		len(r.Nameservers) != 2 || r.Namespace != "prod" || r.InstancePrefix != "cb" {
+		len(r.Nameservers) != 2 || r.Namespace != "prod" || r.InstancePrefix != "cb" ||
+		r.CheckBackWait.D() != 36*time.Second || !r.MessageGroups || r.PersistInterval.D() != 100*time.Millisecond {
 		t.Errorf("rocketmq broker = %+v", r)
+	}
+	if a := r.adapter("rmq-hz"); !a.Transactional || a.CheckBackWait != 36*time.Second || !a.MessageGroups {
+		t.Errorf("rocketmq adapter config = %+v", a)
 	}
 	if got := fmt.Sprintf("%v %+v %#v", r.SecretKey, r.SecretKey, r.SecretKey); strings.Contains(got, "s3cret") {
 		t.Errorf("secret leaks through fmt: %s", got)
@@ -200,6 +207,9 @@ func TestBrokerConfigErrors(t *testing.T) {
 		{"rmq nameserver host name", "rules: rules\nbrokers:\n  r:\n    type: rocketmq\n    nameservers:\n      - namesrv.local:9876\n", []string{"config.yaml:6: brokers.r.nameservers[0]: want IP:port (the RocketMQ client refuses host names)"}},
 		{"rmq keys pair", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], accessKey: a}\n", []string{"brokers.r.secretKey: required with accessKey"}},
 		{"rmq exactlyOnce", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: always}\n", []string{"brokers.r.exactlyOnce: unknown mode"}},
+		{"rmq checkBackWait without transactions", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], checkBackWait: 30s}\n", []string{"brokers.r.checkBackWait: only applies with exactlyOnce: transactional"}},
+		{"rmq checkBackWait negative", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: transactional, checkBackWait: -1s}\n", []string{"brokers.r.checkBackWait: must not be negative"}},
+		{"rmq persistInterval tiny", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], persistInterval: 1ms}\n", []string{"brokers.r.persistInterval: want at least 10ms"}},
 		{"nats field on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], url: nats://x:1}\n", []string{"brokers.r.url: only valid for type nats"}},
 		{"dedupe unknown broker", "rules: rules\n" + nats + "dedupe: {store: jetstream, broker: other}\n", []string{"dedupe.broker: unknown broker \"other\""}},
 		{"dedupe rmq broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream, broker: r}\n", []string{"dedupe.broker: broker \"r\" is of type rocketmq"}},

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"time"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
@@ -22,7 +23,22 @@ type RocketMQBroker struct {
 	Namespace      string        `yaml:"namespace"`
 	InstancePrefix string        `yaml:"instancePrefix"`
 	ExactlyOnce    string        `yaml:"exactlyOnce"` // none | transactional
+	// CheckBackWait (transactional targets): how long a redelivered message
+	// whose earlier attempt was decided waits for that half message's
+	// check-back; the broker's check interval plus its transaction timeout
+	// plus a margin. Default 70s (a 4.x broker).
+	CheckBackWait config.Duration `yaml:"checkBackWait"`
+	// MessageGroups (targets): copies carry a RocketMQ 5.x message group,
+	// for FIFO target topics.
+	MessageGroups bool `yaml:"messageGroups"`
+	// PersistInterval (sources): consumer offsets go to the broker at once
+	// after an acknowledgement, then at most this often. Default 200ms.
+	PersistInterval config.Duration `yaml:"persistInterval"`
 }
+
+// minPersistInterval bounds persistInterval from below: every persist
+// sends one request per assigned queue.
+const minPersistInterval = 10 * time.Millisecond
 
 var rocketmqKind = &brokerKind{
 	BrokerKind: config.BrokerKind{
@@ -62,13 +78,23 @@ func (b *RocketMQBroker) Validate(c *config.BrokerCheck) {
 	default:
 		c.Errorf("exactlyOnce", "unknown mode %q (want none or transactional)", b.ExactlyOnce)
 	}
+	switch {
+	case b.CheckBackWait < 0:
+		c.Errorf("checkBackWait", "must not be negative, got %v", b.CheckBackWait)
+	case b.CheckBackWait > 0 && b.ExactlyOnce != "transactional":
+		c.Errorf("checkBackWait", "only applies with exactlyOnce: transactional")
+	}
+	if b.PersistInterval != 0 && b.PersistInterval.D() < minPersistInterval {
+		c.Errorf("persistInterval", "want at least %v (each persist sends a request per queue), got %v", minPersistInterval, b.PersistInterval)
+	}
 }
 
 // adapter maps the settings onto the adapter's broker config.
 func (b *RocketMQBroker) adapter(name string) rmq.BrokerConfig {
 	return rmq.BrokerConfig{Name: name, NameServers: b.Nameservers, AccessKey: b.AccessKey.Value(),
 		SecretKey: b.SecretKey.Value(), Namespace: b.Namespace, InstancePrefix: b.InstancePrefix,
-		Transactional: b.ExactlyOnce == "transactional"}
+		Transactional: b.ExactlyOnce == "transactional", CheckBackWait: b.CheckBackWait.D(),
+		MessageGroups: b.MessageGroups}
 }
 
 // rmqClient builds RocketMQ producers and consumers; the client library
@@ -114,6 +140,8 @@ func (c *rmqClient) source(_ context.Context, r *router.Rule) (bridge.Source, er
 		Group:     r.Source.Group,
 		Redeliver: c.env.cfg.Pipeline.Retry.Initial.D(),
 		Backlog:   func(n int64) { c.env.health.Backlog(name, n) },
+		// Zero: the adapter's default.
+		PersistInterval: c.brokers[r.Source.Broker].PersistInterval.D(),
 	}, c.env.log.With("component", "source"))
 	if err != nil {
 		return nil, fmt.Errorf("rule %s: %w", name, err)

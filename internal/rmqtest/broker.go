@@ -35,11 +35,14 @@ type Options struct {
 	// MaxSuspend caps how long a pull is held by long polling; 0 means as long as the client asks
 	// (the Go client asks for 20s).
 	MaxSuspend time.Duration
-	// TransactionCheckDelay is how long a half message waits before its first check-back; default 6s
-	// (the real broker's transactionTimeOut).
+	// TransactionCheckDelay is how old a half message must be before a scan checks it back; default
+	// 6s (the real broker's transactionTimeOut).
 	TransactionCheckDelay time.Duration
-	// TransactionCheckInterval is the time between check-backs of one half message; default
-	// TransactionCheckDelay.
+	// TransactionCheckInterval is the period of the check-back scan, as the real broker's
+	// transactionCheckInterval (60s on 4.x, 30s on 5.x): every scan checks each unresolved half
+	// message at least TransactionCheckDelay old, so a half message is first checked between
+	// TransactionCheckDelay and TransactionCheckDelay + TransactionCheckInterval after it was
+	// stored, and an "unknown" answer waits for the next scan. Default TransactionCheckDelay.
 	TransactionCheckInterval time.Duration
 	// TransactionCheckMax is how many check-backs a half message gets before it is discarded; default
 	// 15 (as the real broker).
@@ -147,6 +150,7 @@ type Broker struct {
 	half       map[int64]*halfMsg // by commit log offset
 	halfOffset int64
 	discarded  []*stored          // half messages dropped after TransactionCheckMax check-backs
+	nextScan   time.Time          // the next transaction check-back scan
 	schedule   [maxDelayLevel]int // delivered count per delay level queue of SCHEDULE_TOPIC_XXXX
 	groups     map[string]*group
 	producers  map[string]map[*conn]struct{}
@@ -181,10 +185,10 @@ type queue struct {
 }
 
 type halfMsg struct {
-	m         *stored
-	group     string
-	checks    int
-	nextCheck time.Time
+	m      *stored
+	group  string
+	checks int
+	stored time.Time
 }
 
 type lockKey struct {

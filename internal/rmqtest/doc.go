@@ -45,10 +45,10 @@
 //   - LOCK/UNLOCK_BATCH_MQ (41/42) with Options.LockExpiry.
 //   - Transactions: a prepared send (TRAN_MSG / sysFlag) is kept as a half message, invisible;
 //     END_TRANSACTION (37) commit stores it in its topic at a new offset without TRAN_MSG, rollback
-//     drops it, unknown keeps it. Unresolved half messages are checked back with
-//     CHECK_TRANSACTION_STATE (39) on a connection of their producer group after
-//     Options.TransactionCheckDelay, then every TransactionCheckInterval, up to TransactionCheckMax
-//     times.
+//     drops it, unknown keeps it. As on a real broker, a periodic scan (every
+//     Options.TransactionCheckInterval) checks back every unresolved half message at least
+//     TransactionCheckDelay old with CHECK_TRANSACTION_STATE (39) on a connection of its producer
+//     group, up to TransactionCheckMax times; an unknown answer waits for the next scan.
 //
 // Other codes answer 3 (not supported).
 //
@@ -59,7 +59,8 @@
 // held pulls and every request still arriving answer 14 (service not available) for a moment
 // before the connections close, because the client never fails a request whose connection closed.
 // A connection that sends with a producer group counts as a producer of that group for check-backs,
-// even before its heartbeat. The group's last subscription is remembered after its members left.
+// even before its heartbeat; a scan that finds no producer of a half message's group does not count
+// a check (a real broker does, and discards the message after TransactionCheckMax such scans). The group's last subscription is remembered after its members left.
 // Not implemented: SQL92 filters (pulls answer 1), timer messages (TIMER_DELIVER_MS is stored as a
 // plain property and delivered at once), message deletion and retention, broadcasting offsets,
 // client expiry without a closed connection, ACL.

@@ -339,3 +339,71 @@ func heartbeats(b *Broker, group, instance string) int {
 	}
 	return 0
 }
+
+// scanListener answers unknown to the first check-back of each message and
+// records when each check-back came.
+type scanListener struct {
+	mu    sync.Mutex
+	times map[string][]time.Time
+}
+
+func (l *scanListener) ExecuteLocalTransaction(*primitive.Message) primitive.LocalTransactionState {
+	return primitive.UnkonwnState
+}
+
+func (l *scanListener) CheckLocalTransaction(m *primitive.MessageExt) primitive.LocalTransactionState {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.times[string(m.Body)] = append(l.times[string(m.Body)], time.Now())
+	if len(l.times[string(m.Body)]) == 1 {
+		return primitive.UnkonwnState
+	}
+	return primitive.CommitMessageState
+}
+
+func (l *scanListener) checks(body string) []time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]time.Time(nil), l.times[body]...)
+}
+
+// Check-backs come from a periodic scan, as on a real broker: a half
+// message is first checked once it is TransactionCheckDelay old, and an
+// unknown answer waits for the next scan, TransactionCheckInterval later,
+// however old the message is.
+func TestTransactionCheckScan(t *testing.T) {
+	const delay, interval = 300 * time.Millisecond, time.Second
+	b := startBroker(t, Options{TransactionCheckDelay: delay, TransactionCheckInterval: interval})
+	if err := b.CreateTopic("scanned", 1); err != nil {
+		t.Fatal(err)
+	}
+	l := &scanListener{times: map[string][]time.Time{}}
+	tp, err := producer.NewTransactionProducer(l,
+		producer.WithNsResolver(primitive.NewPassthroughResolver([]string{b.NameServerAddr()})),
+		producer.WithGroupName("pg-scan"),
+		producer.WithInstanceName(instance(t)),
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tp.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tp.Shutdown() })
+	sent := time.Now()
+	if _, err := tp.SendMessageInTransaction(context.Background(), primitive.NewMessage("scanned", []byte("m"))); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "committed by its second check-back", func() bool { return len(b.Messages("scanned")) == 1 })
+	ts := l.checks("m")
+	if len(ts) != 2 {
+		t.Fatalf("%d check-backs, want 2", len(ts))
+	}
+	if d := ts[0].Sub(sent); d < delay {
+		t.Errorf("first check-back %v after the send, before TransactionCheckDelay %v", d, delay)
+	}
+	// Scans are interval apart; allow for the timer's and the network's jitter below.
+	if d := ts[1].Sub(ts[0]); d < interval*9/10 {
+		t.Errorf("second check-back %v after the first, before the next scan (%v)", d, interval)
+	}
+}

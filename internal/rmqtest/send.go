@@ -181,11 +181,10 @@ func (b *Broker) send(c *conn, req *command) *command {
 		b.halfOffset++
 		b.assignCommitLocked(m)
 		b.half[m.commitOffset] = &halfMsg{m: m, group: firstNonEmpty(m.props[propProducerGroup], h.group),
-			nextCheck: time.Now().Add(b.opts.TransactionCheckDelay)}
+			stored: time.Now()}
 		resp.ExtFields["queueOffset"] = fmtInt(m.queueOffset)
 		resp.ExtFields["msgId"] = offsetMsgID(b.storeHost, m.commitOffset)
 		resp.ExtFields["transactionId"] = m.props[propUniqKey]
-		b.poke()
 	default:
 		ids := make([]string, 0, len(msgs))
 		for i, m := range msgs {

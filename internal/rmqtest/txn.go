@@ -64,18 +64,25 @@ type checkTarget struct {
 	cmd *command
 }
 
-// checkTransactions sends CHECK_TRANSACTION_STATE for due half messages to a producer connection of
-// their group, and returns the next due time.
+// checkTransactions runs the check-back scan when it is due: CHECK_TRANSACTION_STATE for every
+// unresolved half message at least TransactionCheckDelay old, to a producer connection of its group.
+// It returns when the next scan is due.
 func (b *Broker) checkTransactions(now time.Time) time.Time {
-	next := now.Add(time.Hour)
 	var sends []checkTarget
 	b.mu.Lock()
+	if b.nextScan.IsZero() {
+		b.nextScan = now.Add(b.opts.TransactionCheckInterval)
+	}
+	if now.Before(b.nextScan) {
+		next := b.nextScan
+		b.mu.Unlock()
+		return next
+	}
+	b.nextScan = now.Add(b.opts.TransactionCheckInterval)
+	next := b.nextScan
 	for off, h := range b.half {
-		if now.Before(h.nextCheck) {
-			if h.nextCheck.Before(next) {
-				next = h.nextCheck
-			}
-			continue
+		if now.Sub(h.stored) < b.opts.TransactionCheckDelay {
+			continue // not old enough: a later scan
 		}
 		if h.checks >= b.opts.TransactionCheckMax {
 			delete(b.half, off)
@@ -83,16 +90,12 @@ func (b *Broker) checkTransactions(now time.Time) time.Time {
 			b.logf("half message %s discarded after %d check-backs", h.m.props[propUniqKey], h.checks)
 			continue
 		}
-		h.nextCheck = now.Add(b.opts.TransactionCheckInterval)
-		if h.nextCheck.Before(next) {
-			next = h.nextCheck
-		}
 		var conns []*conn
 		for c := range b.producers[h.group] {
 			conns = append(conns, c)
 		}
 		if len(conns) == 0 {
-			continue // nobody to ask; try again at the next interval without spending a check
+			continue // nobody to ask; try again at the next scan without spending a check
 		}
 		b.rr++
 		c := conns[b.rr%uint64(len(conns))]

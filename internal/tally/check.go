@@ -260,8 +260,10 @@ func Check(sent []Sent, arrivals []Arrival, opts Options) *Result {
 
 // reorderings walks each key's copies in each stream in stream order: a
 // copy whose sequence number is below one stored before it in that stream
-// is a reordering. (Equal numbers are the same event twice: a duplicate,
-// reported as such.)
+// is a reordering. A repeated copy of an event already seen in that stream
+// is a duplicate, reported as such, and not a reordering: what counts is
+// the order of first copies, which is what a consumer that drops repeats
+// by their key sees.
 func reorderings(arrivals []Arrival, sent map[string]*Sent) ([]Reorder, int) {
 	type streamKey struct{ stream, key string }
 	groups := map[streamKey][]*Arrival{}
@@ -288,7 +290,12 @@ func reorderings(arrivals []Arrival, sent map[string]*Sent) ([]Reorder, int) {
 		as := groups[k]
 		sort.Slice(as, func(i, j int) bool { return as[i].StreamSeq < as[j].StreamSeq })
 		top := as[0]
+		seen := map[string]bool{top.ID: true}
 		for _, a := range as[1:] {
+			if seen[a.ID] {
+				continue
+			}
+			seen[a.ID] = true
 			if a.Seq < top.Seq {
 				out = append(out, Reorder{Key: k.key, Stream: k.stream, Seq: a.Seq, ID: a.ID, StreamSeq: a.StreamSeq, After: top.Seq, AfterID: top.ID})
 				bad[k.key] = true

@@ -105,6 +105,15 @@ func TestCheckFindsEachViolation(t *testing.T) {
 		}, func(r *Result) bool {
 			return len(r.Reordered) == 1 && r.ReorderedKeys == 1 && r.Reordered[0].ID == "e1" && r.Reordered[0].After == 3 && r.Reordered[0].AfterID == "e7"
 		}},
+		{"replayed", func(s []Sent, a []Arrival) ([]Sent, []Arrival) {
+			// k1's seq 1 (e1) again after its seq 2 and 3, as a replay
+			// after a crash stores it: a duplicate, its first copy in order.
+			d := a[0]
+			d.StreamSeq = 100
+			return s, append(a, d)
+		}, func(r *Result) bool {
+			return len(r.Duplicated) == 1 && r.Duplicated[0].ID == "e1" && len(r.Reordered) == 0 && r.ReorderedKeys == 0
+		}},
 		{"late", func(s []Sent, a []Arrival) ([]Sent, []Arrival) {
 			a[3].Stored = a[3].Stored.Add(5 * time.Second)
 			return s, a

@@ -1,0 +1,248 @@
+package rmq
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apache/rocketmq-client-go/v2/primitive"
+	"github.com/apache/rocketmq-client-go/v2/producer"
+
+	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/dedupe"
+	"github.com/cellbridge/cellbridge/internal/rmqtest"
+)
+
+// A half message names its store key and slot through its unique id only;
+// the check-back reads them back from the id and Cell-Msg-Id (or the last
+// of the Keys), and still from an earlier version's Cell-Tx-Slot.
+func TestTxRef(t *testing.T) {
+	for _, slot := range []int{0, 1, 17, maxTxSlots - 1} {
+		for _, key := range []string{"ORDERS:1", "k with spaces", "k-dlq"} {
+			props := map[string]string{bridge.HeaderMsgID: key}
+			store := key
+			if key == "k-dlq" {
+				props[bridge.HeaderError] = "bad_key: x"
+				store = key + "\x00dlq"
+			}
+			id := txUniqID(store, slot)
+			if len(id) != 32 || id[:8] != primitive.CreateUniqID()[:8] {
+				t.Fatalf("unique id %q: want 32 hex digits starting with the client's IP", id)
+			}
+			props[primitive.PropertyUniqueClientMessageIdKeyIndex] = id
+			if ref, ok := txRef(props); !ok || ref != (slotRef{store, slot}) {
+				t.Errorf("%q slot %d: read back %+v %v", key, slot, ref, ok)
+			}
+			// Keys instead of Cell-Msg-Id: the idempotency key is the last.
+			delete(props, bridge.HeaderMsgID)
+			props[primitive.PropertyKeys] = "src-1 src-2 " + key
+			if !strings.Contains(key, " ") {
+				if ref, ok := txRef(props); !ok || ref != (slotRef{store, slot}) {
+					t.Errorf("%q slot %d from Keys: read back %+v %v", key, slot, ref, ok)
+				}
+			}
+		}
+	}
+	if _, ok := txRef(map[string]string{bridge.HeaderMsgID: "a", primitive.PropertyUniqueClientMessageIdKeyIndex: txUniqID("b", 3)}); ok {
+		t.Error("a unique id made for another key was accepted")
+	}
+	if _, ok := txRef(map[string]string{bridge.HeaderMsgID: "a", primitive.PropertyUniqueClientMessageIdKeyIndex: primitive.CreateUniqID()}); ok {
+		t.Error("a message the bridge did not send was accepted")
+	}
+	if ref, ok := txRef(map[string]string{bridge.HeaderMsgID: "a", HeaderTxSlot: "5",
+		primitive.PropertyUniqueClientMessageIdKeyIndex: primitive.CreateUniqID()}); !ok || ref != (slotRef{"a", 5}) {
+		t.Errorf("earlier version's half message: %+v %v", ref, ok)
+	}
+}
+
+// deadSink plays a bridge that sent a half message for key in shard, ran
+// its local transaction (decided) or not, and died before its
+// end-transaction reached the broker.
+func deadSink(t *testing.T, bc BrokerConfig, l *txListener, topic, key, shard string, decided bool) {
+	t.Helper()
+	p, err := producer.NewTransactionProducer(&crashingListener{real: l, executed: decided},
+		producer.WithNsResolver(bc.resolver()),
+		producer.WithGroupName("cellbridge-"+bc.Name),
+		producer.WithInstanceName(bc.instanceName("crashed")),
+		producer.WithQueueSelector(&orderSelector{}),
+		producer.WithRetry(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = p.Shutdown() }()
+	slot, _, err := l.claimSlot(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := outgoingMessage(outgoing(topic, key, bridge.HeaderShard, shard), false)
+	m.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID(key, slot))
+	if _, err := p.SendMessageInTransaction(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// publishAsync starts a publish and returns its result channel.
+func publishAsync(s *Sink, m *bridge.Outgoing) <-chan error {
+	done := make(chan error, 1)
+	s.PublishAsync(context.Background(), m, func(err error) { done <- err })
+	return done
+}
+
+func waitDone(t *testing.T, what string, done <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: no result within 30s", what)
+		return nil
+	}
+}
+
+// queueOrder lists the Cell-Msg-Ids of a topic's copies in one queue, in
+// queue order.
+func queueOrder(b *rmqtest.Broker, topic string, queue int) []string {
+	var out []string
+	for _, m := range b.Messages(topic) {
+		if m.QueueID == queue {
+			out = append(out, m.Properties[bridge.HeaderMsgID])
+		}
+	}
+	return out
+}
+
+// A bridge died after deciding k1's half message and before its
+// end-transaction: only the check-back can still make k1 visible. The next
+// bridge, to which the source redelivers k1, finds it decided; it must not
+// report the duplicate (after which the pipeline would send k2, the key's
+// next message) before k1 is visible. Other keys go on meanwhile. Two
+// replicas share the store; whichever answers the check-back, the replica
+// holding k1 learns it.
+func TestSinkTransactionalWaitsForCheckBack(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{TransactionCheckDelay: 2 * time.Second, TransactionCheckInterval: 200 * time.Millisecond})
+	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Minute, ReserveTTL: time.Minute})
+	defer store.Close(context.Background())
+	bc := brokerConfig(b)
+	bc.Transactional = true
+	const topic = "waited"
+	if err := b.CreateTopic(topic, 4); err != nil {
+		t.Fatal(err)
+	}
+	deadSink(t, bc, &txListener{store: store, log: testLog(t), timeout: time.Second}, topic, "k1", "5", true)
+
+	holding := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
+	other := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
+	if err := publish(t, other, outgoing(topic, "warm-up", bridge.HeaderShard, "3")); err != nil { // registers it as a producer of the group
+		t.Fatal(err)
+	}
+	// k1 again (the redelivery): decided by the dead bridge; held until
+	// its check-back committed it.
+	k1 := publishAsync(holding, outgoing(topic, "k1", bridge.HeaderShard, "5"))
+	// Another key, even of the same shard, is not held up: k3 is stored
+	// while k1 is still a half message (its first check-back comes 2s
+	// after it was sent).
+	if err := publish(t, holding, outgoing(topic, "k3", bridge.HeaderShard, "5")); err != nil {
+		t.Fatal(err)
+	}
+	k1open := false
+	for _, h := range b.HalfMessages() {
+		k1open = k1open || h.Properties[bridge.HeaderMsgID] == "k1"
+	}
+	select {
+	case err := <-k1:
+		t.Fatalf("k1 resolved (%v) while its half message was open: %v", err, k1open)
+	default:
+	}
+	if !k1open {
+		t.Fatal("k1's half message was resolved before k3 went out: the test's check delay is too short to tell")
+	}
+	if err := waitDone(t, "k1", k1); !errors.Is(err, bridge.ErrDuplicate) {
+		t.Fatalf("k1 again: %v, want ErrDuplicate once its check-back committed it", err)
+	}
+	// As the pipeline does: k1 settled, so the key's next message.
+	if err := publish(t, holding, outgoing(topic, "k2", bridge.HeaderShard, "5")); err != nil {
+		t.Fatal(err)
+	}
+	// End-transactions are one way: the broker may still be storing k2.
+	waitFor(t, 5*time.Second, "k2 stored", func() bool { return len(queueOrder(b, topic, 5%4)) == 3 })
+	if got := queueOrder(b, topic, 5%4); strings.Join(got, " ") != "k3 k1 k2" {
+		t.Fatalf("queue of shard 5 holds %v, want k3, then k1 (committed by its check-back), then k2", got)
+	}
+	waitFor(t, 5*time.Second, "no half message open", func() bool { return len(b.HalfMessages()) == 0 })
+}
+
+// A decided slot whose end-transaction did reach the broker leaves no
+// check-back to wait for: the duplicate is reported after CheckBackWait.
+func TestSinkTransactionalWaitRunsOut(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{TransactionCheckDelay: 200 * time.Millisecond, TransactionCheckInterval: 100 * time.Millisecond})
+	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Minute, ReserveTTL: time.Minute})
+	defer store.Close(context.Background())
+	bc := brokerConfig(b)
+	bc.Transactional = true
+	bc.CheckBackWait = 1500 * time.Millisecond
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
+	const topic = "ended"
+	if err := publish(t, s, outgoing(topic, "k4", bridge.HeaderShard, "8")); err != nil {
+		t.Fatal(err)
+	}
+	// The pipeline never committed k4 (it died right after the send), so
+	// its redelivery reaches the sink: decided, and no check-back will come.
+	start := time.Now()
+	if err := publish(t, s, outgoing(topic, "k4", bridge.HeaderShard, "8")); !errors.Is(err, bridge.ErrDuplicate) {
+		t.Fatalf("k4 again: %v, want ErrDuplicate", err)
+	}
+	if waited := time.Since(start); waited < bc.CheckBackWait {
+		t.Fatalf("k4's duplicate reported %v after the claim, before CheckBackWait %v", waited, bc.CheckBackWait)
+	}
+	if n := len(b.Messages(topic)); n != 1 {
+		t.Fatalf("stored %d copies of k4", n)
+	}
+}
+
+// A send waiting for a check-back fails at once when the sink closes (the
+// source delivers it again, and the next bridge waits).
+func TestSinkCloseFailsWaitingSends(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Minute, ReserveTTL: time.Minute})
+	defer store.Close(context.Background())
+	bc := brokerConfig(b)
+	bc.Transactional = true
+	s, err := NewSink(SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := publish(t, s, outgoing("closing", "k6", bridge.HeaderShard, "1")); err != nil {
+		t.Fatal(err)
+	}
+	k6 := publishAsync(s, outgoing("closing", "k6", bridge.HeaderShard, "1"))
+	w := s.targets[bc.Name].waits
+	waitFor(t, 5*time.Second, "k6 parked", func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for _, wt := range w.waits {
+			if len(wt.jobs) == 1 {
+				return true
+			}
+		}
+		return false
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Close would wait for the parked send until ctx ends, and fail.
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitDone(t, "k6", k6); !errors.Is(err, ErrClosed) {
+		t.Fatalf("waiting k6 at close: %v, want ErrClosed", err)
+	}
+	// The first send's end-transaction is one way: it may still be on its way.
+	waitFor(t, 5*time.Second, "k6 stored", func() bool { return len(b.Messages("closing")) >= 1 })
+	if n := len(b.Messages("closing")); n != 1 {
+		t.Fatalf("stored %d, want k6 once", n)
+	}
+}
