@@ -68,6 +68,7 @@ const (
 	MetricTargetFailing     = "cellbridge_target_failing"
 	MetricSourceFailing     = "cellbridge_source_failing"
 	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
+	MetricBrokerReqErrors   = "cellbridge_broker_request_errors_total"
 	MetricRulesVersion      = "cellbridge_rules_version"
 	MetricRulesLastReload   = "cellbridge_rules_last_reload_timestamp_seconds"
 	MetricRulesReloadFails  = "cellbridge_rules_reload_failures_total"
@@ -95,6 +96,7 @@ var MetricList = []MetricDesc{
 	{MetricTargetFailing, "gauge", []string{"broker", "target"}, "1 while publishes to a target (a subject or topic of a broker) keep failing; 0 once one was confirmed and none failed for a second."},
 	{MetricSourceFailing, "gauge", []string{"rule"}, "1 while the source of a topic rule cannot deliver (its server stopped answering, its consumer cannot be reached)."},
 	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, commit, release)."},
+	{MetricBrokerReqErrors, "counter", []string{"broker", "op"}, "Failed attempts of requests to a broker's control plane, by broker and request (connect, stream_info, stream_create, stream_update, consumer_info, consumer_create, consumer_reset, consumer_unpin, kv_bucket); each is logged and, where the caller has time, retried."},
 	{MetricRulesVersion, "gauge", nil, "Version of the rules table in use."},
 	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
 	{MetricRulesReloadFails, "counter", nil, "Rule reloads refused (invalid files or a lower version)."},
@@ -129,6 +131,7 @@ type Metrics struct {
 	TargetFailing     *prometheus.GaugeVec
 	SourceFailing     *prometheus.GaugeVec
 	DedupeErrors      *prometheus.CounterVec
+	BrokerReqErrors   *prometheus.CounterVec
 	RulesVersion      prometheus.Gauge
 	RulesLastReload   prometheus.Gauge
 	RulesReloadFails  prometheus.Counter
@@ -173,6 +176,7 @@ func NewMetrics(version string) *Metrics {
 	m.TargetFailing = gauge(MetricTargetFailing)
 	m.SourceFailing = gauge(MetricSourceFailing)
 	m.DedupeErrors = counter(MetricDedupeErrors)
+	m.BrokerReqErrors = counter(MetricBrokerReqErrors)
 	m.RulesVersion = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesVersion, Help: byName[MetricRulesVersion].Help})
 	m.RulesLastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesLastReload, Help: byName[MetricRulesLastReload].Help})
 	m.RulesReloadFails = prometheus.NewCounter(prometheus.CounterOpts{Name: MetricRulesReloadFails, Help: byName[MetricRulesReloadFails].Help})
@@ -181,7 +185,7 @@ func NewMetrics(version string) *Metrics {
 	m.BuildInfo = gauge(MetricBuildInfo)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
-		m.TargetFailing, m.SourceFailing, m.DedupeErrors,
+		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.BrokerReqErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if version == "" {

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/internal/retry"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -26,6 +28,15 @@ type StreamOptions struct {
 	Duplicates time.Duration
 	// Replicas defaults to 1 (a single embedded server).
 	Replicas int
+	// RequestTimeout bounds each attempt of the stream requests; failed
+	// attempts worth repeating are retried until ctx ends (internal/retry).
+	// Default 2s.
+	RequestTimeout time.Duration
+	// Log receives one line per failed attempt; nil: none.
+	Log *slog.Logger
+	// OnRequestError, when set, receives every failed attempt (see
+	// SourceConfig.OnRequestError).
+	OnRequestError func(error)
 }
 
 // DLQStream is the stream EnsureStreams creates for DLQ targets.
@@ -105,15 +116,17 @@ func EnsureStreams(ctx context.Context, js jetstream.JetStream, table *router.Ta
 	if opts.Replicas <= 0 {
 		opts.Replicas = 1
 	}
+	pol := &retry.Policy{Broker: opts.Broker, Conn: js.Conn(), Timeout: opts.RequestTimeout, Log: opts.Log,
+		Report: reportTo(opts.OnRequestError)}
 	for _, p := range PlanStreams(table, opts) {
-		if err := ensureStream(ctx, js, p, opts); err != nil {
+		if err := ensureStream(ctx, js, pol, p, opts); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func ensureStream(ctx context.Context, js jetstream.JetStream, p StreamPlan, opts StreamOptions) error {
+func ensureStream(ctx context.Context, js jetstream.JetStream, pol *retry.Policy, p StreamPlan, opts StreamOptions) error {
 	cfg := jetstream.StreamConfig{
 		Name:       p.Name,
 		Subjects:   p.Subjects,
@@ -121,15 +134,21 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, p StreamPlan, opt
 		Replicas:   opts.Replicas,
 		Duplicates: opts.Duplicates,
 	}
-	st, err := js.Stream(ctx, p.Name)
+	st, err := retry.Do(ctx, pol, retry.OpStreamInfo, p.Name, func(ctx context.Context) (jetstream.Stream, error) {
+		return js.Stream(ctx, p.Name)
+	})
 	switch {
 	case errors.Is(err, jetstream.ErrStreamNotFound):
-		_, err = js.CreateStream(ctx, cfg)
+		_, err = retry.Do(ctx, pol, retry.OpStreamCreate, p.Name, func(ctx context.Context) (jetstream.Stream, error) {
+			return js.CreateStream(ctx, cfg)
+		})
 	case err == nil:
 		old := st.CachedInfo().Config
 		old.Subjects = minimalSubjects(append(slices.Clone(old.Subjects), p.Subjects...))
 		old.Duplicates = opts.Duplicates
-		_, err = js.UpdateStream(ctx, old)
+		_, err = retry.Do(ctx, pol, retry.OpStreamUpdate, p.Name, func(ctx context.Context) (jetstream.Stream, error) {
+			return js.UpdateStream(ctx, old)
+		})
 	}
 	if err != nil {
 		return fmt.Errorf("natsjs: stream %s %v: %w", p.Name, p.Subjects, err)
