@@ -155,10 +155,7 @@ func Do[T any](ctx context.Context, p *Policy, op, on string, call func(ctx cont
 		ae := &AttemptError{Broker: p.Broker, URL: p.where(), Op: op, On: on, Attempt: attempt, Err: err}
 		if !retryable(err) || ctx.Err() != nil {
 			p.report(ae)
-			if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
-				return v, fmt.Errorf("%w (%d attempts; gave up: %w)", err, attempt, cerr)
-			}
-			return v, err
+			return v, gaveUp(ctx, err, attempt)
 		}
 		wait := delay + rand.N(delay/4+1)
 		ae.RetryIn = wait
@@ -175,10 +172,23 @@ func Do[T any](ctx context.Context, p *Policy, op, on string, call func(ctx cont
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return v, fmt.Errorf("%w (%d attempts; gave up: %w)", err, attempt, ctx.Err())
+			return v, gaveUp(ctx, err, attempt)
 		case <-t.C:
 		}
 		delay = min(2*delay, maxDelay)
+	}
+}
+
+// gaveUp is the error of the last attempt; once ctx ended it also says how
+// many attempts were made and wraps ctx's error.
+func gaveUp(ctx context.Context, err error, attempts int) error {
+	switch cerr := ctx.Err(); {
+	case cerr == nil:
+		return err
+	case errors.Is(err, cerr):
+		return fmt.Errorf("%w (%d attempts; gave up)", err, attempts)
+	default:
+		return fmt.Errorf("%w (%d attempts; gave up: %w)", err, attempts, cerr)
 	}
 }
 
