@@ -139,10 +139,14 @@ func Connect(ctx context.Context, cfg BrokerConfig, log *slog.Logger) (*nats.Con
 		Retryable: func(err error) bool { return !retry.Permanent(err) && !errors.Is(err, nats.ErrConnectionClosed) },
 		Report:    reportTo(cfg.OnRequestError)}
 	nc, err := retry.Do(ctx, pol, retry.OpConnect, "", func(context.Context) (*nats.Conn, error) {
-		return nats.Connect(cfg.URL, opts...)
+		nc, err := nats.Connect(cfg.URL, opts...)
+		if err != nil {
+			return nil, explain(err)
+		}
+		return nc, nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("natsjs: connect to broker %q at %s: %w", cfg.Name, redactURL(cfg.URL), explain(err))
+		return nil, fmt.Errorf("natsjs: connect to broker %q at %s: %w", cfg.Name, redactURL(cfg.URL), err)
 	}
 	log.Info("nats connected", "broker", cfg.Name, "url", nc.ConnectedUrlRedacted(), "server", nc.ConnectedServerName())
 	return nc, nil
@@ -165,6 +169,9 @@ func explain(err error) error {
 		return fmt.Errorf("%w (check the broker's creds, user/password or token)", err)
 	case errors.Is(err, nats.ErrSecureConnRequired):
 		return fmt.Errorf("%w (configure tls for this broker)", err)
+	case errors.Is(err, nats.ErrNoServers):
+		// The client reports a refused connection as no servers.
+		return fmt.Errorf("%w (no server at the URL accepted a connection: refused or unreachable)", err)
 	}
 	var certErr *tls.CertificateVerificationError
 	if errors.As(err, &certErr) {

@@ -5,6 +5,7 @@ package natsjs
 import (
 	"context"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -246,5 +247,52 @@ func TestUnorderedSourceFrozenServer(t *testing.T) {
 	_, recoverAfter, worst := frozenServerFault(t, cfg)
 	if recoverAfter > 10*time.Second || worst > cfg.AckWait+10*time.Second {
 		t.Errorf("recovered after %v, worst lateness %v: want within 10s, and AckWait (%v) plus 10s", recoverAfter, worst, cfg.AckWait)
+	}
+}
+
+// TestNewSourceDuringMetaElection creates a source while the cluster
+// elects a new meta leader (the old one was killed a moment before), as a
+// replica restarted at that moment does: the consumer lookup and creation
+// find no leader, each attempt is bounded, reported and retried, and the
+// source is made once the election is over, instead of one request eating
+// the caller's whole deadline.
+func TestNewSourceDuringMetaElection(t *testing.T) {
+	c := natstest.StartCluster(t, 3)
+	c.AddStream(jetstream.StreamConfig{Name: "ORDERS", Subjects: []string{"orders.>"}})
+	meta := c.MetaLeader()
+	var urls []string
+	for i, u := range c.URLs() {
+		if i != meta {
+			urls = append(urls, u)
+		}
+	}
+	nc, err := connect(t, BrokerConfig{Name: "nats", URL: strings.Join(urls, ",")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	js := mustJS(t, nc)
+	var mu sync.Mutex
+	var attempts []error
+	cfg := orderedConfig()
+	cfg.RequestTimeout = 500 * time.Millisecond
+	cfg.OnRequestError = func(err error) { mu.Lock(); attempts = append(attempts, err); mu.Unlock() }
+	c.Kill(meta)
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	src, err := NewSource(ctx, js, cfg, quiet)
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("NewSource during the election: %v (after %v)", err, took)
+	}
+	_ = src.Close(testCtx(t))
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("source made %v after the meta leader was killed, %d failed attempts first", took.Round(time.Millisecond), len(attempts))
+	for _, err := range attempts {
+		t.Logf("  %v", err)
+	}
+	if took > 20*time.Second {
+		t.Errorf("took %v", took)
 	}
 }

@@ -54,7 +54,10 @@ type Policy struct {
 	// Quiet logs failed attempts at debug level: for requests repeated on
 	// a timer whose failure the caller reports in another way.
 	Quiet bool
-	// Report, when set, receives every failed attempt, retried or not. It is
+	// Report, when set, receives every failed attempt that is retried, and
+	// the last one when the caller's context ended first. An error that
+	// Retryable refuses is the caller's answer (a consumer not found is
+	// how a lookup says "create it"), returned and not reported. Report is
 	// called on the requesting goroutine and must not block.
 	Report func(*AttemptError)
 }
@@ -153,7 +156,10 @@ func Do[T any](ctx context.Context, p *Policy, op, on string, call func(ctx cont
 			return v, nil
 		}
 		ae := &AttemptError{Broker: p.Broker, URL: p.where(), Op: op, On: on, Attempt: attempt, Err: err}
-		if !retryable(err) || ctx.Err() != nil {
+		if !retryable(err) {
+			return v, err
+		}
+		if ctx.Err() != nil {
 			p.report(ae)
 			return v, gaveUp(ctx, err, attempt)
 		}
@@ -165,8 +171,12 @@ func Do[T any](ctx context.Context, p *Policy, op, on string, call func(ctx cont
 			if p.Quiet {
 				level = slog.LevelDebug
 			}
-			p.Log.Log(ctx, level, "broker request failed; retrying", "broker", p.Broker, "url", ae.URL, "op", op,
-				"on", on, "err", err, "attempt", attempt, "retry_in", wait.Round(time.Millisecond))
+			args := []any{"broker", p.Broker, "url", ae.URL, "op", op}
+			if on != "" {
+				args = append(args, "on", on)
+			}
+			args = append(args, "err", err.Error(), "attempt", attempt, "retry_in", wait.Round(time.Millisecond).String())
+			p.Log.Log(ctx, level, "broker request failed; retrying", args...)
 		}
 		t := time.NewTimer(wait)
 		select {
