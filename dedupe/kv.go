@@ -285,7 +285,7 @@ func isWrongLastSeq(err error) bool {
 const maxReserveAttempts = 4
 
 // Reserve implements Store: one round trip for a new key, two or three for
-// a key that exists.
+// a key that exists (one or two after a lost reply of this store's).
 //
 // Each call writes its own value (the store's token and a counter). When
 // the reply to that write is lost (jspub.ErrNoReply: a timeout, a dropped
@@ -303,18 +303,24 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 	subj := kv.subject(key)
 	hdr := kv.reserveHdr
 	val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
+	// After a lost reply the key most likely holds that write: read first
+	// (one round trip) instead of a create that would be refused.
+	read := kv.lost.has(subj)
 	for range maxReserveAttempts {
-		_, err := kv.client.Publish(ctx, subj, hdr, val)
-		if err == nil {
-			return Reserved, nil
+		if !read {
+			_, err := kv.client.Publish(ctx, subj, hdr, val)
+			if err == nil {
+				return Reserved, nil
+			}
+			if errors.Is(err, jspub.ErrNoReply) {
+				kv.lost.remember(subj, val)
+				return 0, kv.opErr("reserve", err)
+			}
+			if !isWrongLastSeq(err) {
+				return 0, kv.opErr("reserve", err)
+			}
 		}
-		if errors.Is(err, jspub.ErrNoReply) {
-			kv.lost.remember(subj, val)
-			return 0, kv.opErr("reserve", err)
-		}
-		if !isWrongLastSeq(err) {
-			return 0, kv.opErr("reserve", err)
-		}
+		read = false
 		st, rev, cur, err := kv.lookup(ctx, subj)
 		if err != nil {
 			return 0, kv.opErr("reserve", err)
@@ -329,7 +335,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 			return InFlight, nil
 		case kvReserved:
 			return InFlight, nil
-		case kvAbsent: // expired between the create and the read
+		case kvAbsent: // expired between the create and the read, or never written
 			hdr = kv.reserveHdr
 		case kvMarker: // released or deleted: create on top of the marker
 			hdr = nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
@@ -378,6 +384,14 @@ func (l *lostWrites) remember(subj string, val []byte) {
 	}
 	w.vals = append(w.vals, val)
 	w.until = now.Add(l.ttl)
+}
+
+// has reports whether subj has remembered lost writes.
+func (l *lostWrites) has(subj string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := l.m[subj]
+	return w != nil && time.Now().Before(w.until)
 }
 
 // claim reports whether val is a remembered lost write of subj, and forgets

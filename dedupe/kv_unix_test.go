@@ -54,6 +54,9 @@ func TestKVReserveLostReply(t *testing.T) {
 	ctx := context.Background()
 
 	c.Stop(0)
+	// SIGSTOP takes effect a moment later: wait until a ping goes
+	// unanswered, so that both Reserves meet the frozen server.
+	poll.Eventually(t, 10*time.Second, "the server frozen", func() bool { return ncA.FlushTimeout(100*time.Millisecond) != nil })
 	for i := range 2 {
 		_, err := a.Reserve(ctx, "k")
 		if !errors.Is(err, jspub.ErrNoReply) {
@@ -62,11 +65,15 @@ func TestKVReserveLostReply(t *testing.T) {
 		}
 	}
 	c.Cont(0)
-	// The frozen server now stores the first write; wait until it shows.
-	poll.Eventually(t, 10*time.Second, "the lost reservation stored", func() bool {
-		out, err := b.Reserve(ctx, "k")
-		return err == nil && out == InFlight
-	})
+	// The continued server reads what waited on a's connection in order:
+	// the first write (stored), the second call's read. A ping behind them
+	// comes back once both are done; only then may the other replica touch
+	// the key (its requests come on another connection, which the server
+	// may read first).
+	if err := ncA.FlushTimeout(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	mustReserve(t, b, "k", InFlight)
 	start := time.Now()
 	mustReserve(t, a, "k", Reserved)
 	if took := time.Since(start); took > 2*time.Second {

@@ -256,7 +256,6 @@ func (r *pinRun) standby() bool {
 		}
 	}
 	delay := reconnectMin
-	unanswered := 0
 	for r.ctx.Err() == nil {
 		if !r.waitConnected() {
 			return false
@@ -265,8 +264,11 @@ func (r *pinRun) standby() bool {
 		msg, err := r.probe()
 		if msg != nil || err == nil || errors.Is(err, jetstream.ErrPinIDMismatch) || errors.Is(err, jetstream.ErrConsumerLeadershipChanged) {
 			// The server answered: this replica can take the consumer over
-			// when its turn comes.
-			unanswered = 0
+			// when its turn comes. (A probe without an answer is no sign of
+			// failure by itself: the server's "nothing for you" has only a
+			// tenth of ProbeWait to arrive; the monitor's consumer info,
+			// with RequestTimeout, tells a standby that cannot reach the
+			// consumer.)
 			s.failing.clear()
 		}
 		if msg != nil {
@@ -293,14 +295,6 @@ func (r *pinRun) standby() bool {
 			// Nothing for this replica; the library forgot a stale pin id.
 			// An answer that came at once (a 409, a 423) must not turn the
 			// probes into a busy loop.
-			if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
-				// Not even the server's "nothing for you" (408) came back;
-				// twice in a row is no longer a slow answer.
-				if unanswered++; unanswered >= 2 && r.ctx.Err() == nil {
-					s.failing.set(fmt.Errorf("the server does not answer the standby's pulls (two in a row unanswered within %s; connected to %s)",
-						s.cfg.ProbeWait, serverOf(r.nc)))
-				}
-			}
 			if time.Since(asked) < s.cfg.ProbeWait/10 && !sleepCtx(r.ctx, reconnectMin) {
 				return false
 			}

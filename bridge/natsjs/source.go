@@ -572,8 +572,10 @@ func wrapSettle(d *delivery, err, aerr error) error {
 // NumPending feeds Backlog, and the ack floor is remembered for recreating
 // a lost consumer. In ordered mode it also checks that an Active epoch's pin
 // is still the server's, and kicks an idle consumer whose owner went away
-// (see kick); unpinned wakes it at once. One request per interval is
-// nothing next to the acks.
+// (see kick); unpinned wakes it at once. Whether the request is answered
+// is how a standby reports that it could (not) take over, and a quiet
+// unordered source that its failure is over (OnFailing). One request per
+// interval is nothing next to the acks.
 func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 	t := time.NewTicker(s.cfg.BacklogInterval)
 	defer t.Stop()
@@ -585,6 +587,19 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 		info, err := retry.Do(ictx, s.quiet, retry.OpConsumerInfo, s.consumerName(),
 			func(ctx context.Context) (*jetstream.ConsumerInfo, error) { return cons.Info(ctx) })
 		cancel()
+		if st := s.State().State; st == StateStandby && ctx.Err() == nil {
+			// A standby learns only here whether it could take over: the
+			// consumer's leader answers or not.
+			switch {
+			case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrDisconnected):
+				s.failing.set(fmt.Errorf("standby: no answer to consumer info within %s (connected to %s)",
+					s.cfg.BacklogInterval, serverOf(s.js.Conn())))
+			case err != nil:
+				s.failing.set(fmt.Errorf("standby: consumer info: %w", err))
+			default:
+				s.failing.clear()
+			}
+		}
 		if err == nil {
 			if s.cfg.Ordering == Unordered && s.failing.failingNow() && s.js.Conn().IsConnected() &&
 				time.Since(time.Unix(0, s.lastConsumeErr.Load())) >= quietFor && s.State().State == StateShared {

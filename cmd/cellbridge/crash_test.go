@@ -82,6 +82,7 @@ type proc struct {
 
 func (e *crashEnv) start(name string) *proc {
 	b := e2etest.StartBridge(e.t, e2etest.BridgeOptions{Name: name, Config: e.config, Dir: e.dir})
+	e.t.Cleanup(func() { data, _ := os.ReadFile(b.Log); _ = os.WriteFile("/tmp/DBG-"+name+".log", data, 0o644) })
 	return &proc{Bridge: b, http: b.URL}
 }
 
@@ -190,7 +191,11 @@ func TestCrashTwoReplicas(t *testing.T) {
 	}
 	seed := crashSeed(t)
 	rnd := rand.New(rand.NewPCG(seed, 2))
-	e := newCrashEnv(t, seed, replicaEvents, "{store: jetstream, bucket: crash-dedupe, ttl: 5m, reserveTTL: 2s}")
+	// The test server runs in this (race-instrumented) process; with the
+	// short reserveTTL the KV request timeout would default to 1s, below
+	// its round trips under this load, and every timed-out Reserve is sent
+	// again. Give the requests what the reservation allows.
+	e := newCrashEnv(t, seed, replicaEvents, "{store: jetstream, bucket: crash-dedupe, ttl: 5m, reserveTTL: 2s, requestTimeout: 1900ms}")
 	start := time.Now()
 	a := e.start("replica-a")
 	b := e.start("replica-b")
