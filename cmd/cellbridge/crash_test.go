@@ -82,7 +82,6 @@ type proc struct {
 
 func (e *crashEnv) start(name string) *proc {
 	b := e2etest.StartBridge(e.t, e2etest.BridgeOptions{Name: name, Config: e.config, Dir: e.dir})
-	e.t.Cleanup(func() { data, _ := os.ReadFile(b.Log); _ = os.WriteFile("/tmp/DBG-"+name+".log", data, 0o644) })
 	return &proc{Bridge: b, http: b.URL}
 }
 
