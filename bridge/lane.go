@@ -247,35 +247,59 @@ func (p *Pipeline) nextOfKeyLocked(l *lane, key string) (*task, []*task) {
 	if l.activeKey(key) {
 		return nil, nil
 	}
-	var prev *task
-	for t := l.qhead; t != nil; {
-		nx := t.qnext
+	var next *task
+	unlinkWhile(&l.qhead, &l.qtail, func(t *task) (unlink, goOn bool) {
 		if t.laneKey != key {
-			prev, t = t, nx
-			continue
+			return false, true
 		}
-		if prev == nil {
-			l.qhead = nx
-		} else {
-			prev.qnext = nx
-		}
-		if l.qtail == t {
-			l.qtail = prev
-		}
-		t.qnext = nil
+		return true, false
+	}, func(t *task) bool {
 		if l.parked != nil && t.poison == "" && !t.dlq {
 			if q := l.parked[parkKey{t.m.Rule, t.laneKey}]; q != nil {
 				if !p.parkLocked(l, t) {
 					over = append(over, t)
 				}
-				t = nx
-				continue
+				return true
 			}
 		}
-		l.active = append(l.active, t)
-		return t, over
+		next = t
+		return false
+	})
+	if next != nil {
+		l.active = append(l.active, next)
 	}
-	return nil, over
+	return next, over
+}
+
+// unlinkWhile walks the singly linked list head..tail (linked by qnext).
+// match tells for each message whether to unlink it; each unlinked one is
+// passed to took, and the walk goes on while took returns true.
+func unlinkWhile(head, tail **task, match func(*task) (unlink, goOn bool), took func(*task) bool) {
+	var prev *task
+	for t := *head; t != nil; {
+		nx := t.qnext
+		unlink, goOn := match(t)
+		if !unlink {
+			if !goOn {
+				return
+			}
+			prev, t = t, nx
+			continue
+		}
+		if prev == nil {
+			*head = nx
+		} else {
+			prev.qnext = nx
+		}
+		if *tail == t {
+			*tail = prev
+		}
+		t.qnext = nil
+		if !took(t) {
+			return
+		}
+		t = nx
+	}
 }
 
 // parkLocked parks t behind the other parked messages of its key. It returns
@@ -359,13 +383,7 @@ func (p *Pipeline) recheckParked() {
 	if p.rules.Load() == nil {
 		return
 	}
-	p.parkMu.Lock()
-	lanes := make([]*lane, 0, len(p.parkedLanes))
-	for l := range p.parkedLanes {
-		lanes = append(lanes, l)
-	}
-	p.parkMu.Unlock()
-	for _, l := range lanes {
+	for _, l := range p.parkedLaneList() {
 		var start, over, revoked []*task
 		l.mu.Lock()
 		// Load the table under the lane lock: every message parked in this
@@ -424,33 +442,29 @@ func (p *Pipeline) recheckParked() {
 	}
 }
 
+// parkedLaneList returns the lanes that have park queues now.
+func (p *Pipeline) parkedLaneList() []*lane {
+	p.parkMu.Lock()
+	defer p.parkMu.Unlock()
+	lanes := make([]*lane, 0, len(p.parkedLanes))
+	for l := range p.parkedLanes {
+		lanes = append(lanes, l)
+	}
+	return lanes
+}
+
 // dropRevokedLocked unlinks the parked messages of q whose source epoch was
 // revoked (the new owner parks its own copies) and appends them to out, to
 // be settled outside the lane lock. They would otherwise hold MaxHeld room
 // until their shard is released.
 func (p *Pipeline) dropRevokedLocked(q *parkQ, out []*task) []*task {
-	var prev *task
-	for t := q.head; t != nil; {
-		nx := t.qnext
-		if !t.m.Epoch.Revoked() {
-			prev, t = t, nx
-			continue
-		}
-		if prev == nil {
-			q.head = nx
-		} else {
-			prev.qnext = nx
-		}
-		if q.tail == t {
-			q.tail = prev
-		}
-		t.qnext = nil
+	unlinkWhile(&q.head, &q.tail, func(t *task) (bool, bool) { return t.m.Epoch.Revoked(), true }, func(t *task) bool {
 		q.n--
 		p.heldN.Add(-1)
 		t.rs.held.Add(-1)
 		out = append(out, t)
-		t = nx
-	}
+		return true
+	})
 	return out
 }
 

@@ -146,13 +146,7 @@ type heldStats struct {
 // collectHeld walks the park queues (only lanes with parked messages).
 func (p *Pipeline) collectHeld(now int64, perShard bool) map[string]*heldStats {
 	out := map[string]*heldStats{}
-	p.parkMu.Lock()
-	lanes := make([]*lane, 0, len(p.parkedLanes))
-	for l := range p.parkedLanes {
-		lanes = append(lanes, l)
-	}
-	p.parkMu.Unlock()
-	for _, l := range lanes {
+	for _, l := range p.parkedLaneList() {
 		l.mu.Lock()
 		for _, q := range l.parked {
 			if q.n == 0 {

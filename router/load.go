@@ -55,12 +55,14 @@ type topicRuleDoc struct {
 }
 
 type sourceDoc struct {
-	Broker  string `yaml:"broker"`
-	Stream  string `yaml:"stream"`
-	Subject string `yaml:"subject"`
-	Group   string `yaml:"group"`
-	Topic   string `yaml:"topic"`
-	Tags    string `yaml:"tags"`
+	Broker     string `yaml:"broker"`
+	Stream     string `yaml:"stream"`
+	Subject    string `yaml:"subject"`
+	Group      string `yaml:"group"`
+	Topic      string `yaml:"topic"`
+	Tags       string `yaml:"tags"`
+	Partitions int    `yaml:"partitions"`
+	Ordering   string `yaml:"ordering"`
 }
 
 type keyDoc struct {

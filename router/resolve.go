@@ -142,12 +142,7 @@ func (r *Rule) shardOf(key string) (int, string, string) {
 		}
 		return int(v % uint64(n)), "", ""
 	default: // ShardFNV1a
-		h := uint32(2166136261)
-		for i := 0; i < len(key); i++ {
-			h ^= uint32(key[i])
-			h *= 16777619
-		}
-		return int(h % uint32(n)), "", ""
+		return int(fnv1a32(key) % uint32(n)), "", ""
 	}
 }
 

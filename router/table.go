@@ -29,6 +29,15 @@ type Source struct {
 	Group   string // durable consumer / consumer group name; defaults to "cellbridge-<rule>"
 	Topic   string // RocketMQ: topic
 	Tags    string // RocketMQ: tag expression; "" = all
+	// Partitions is the number of stream partitions (NATS only; 0 = not
+	// partitioned). A partitioned rule's key is a subject token whose
+	// source-subject token is a '*' (KeyWildcard), and the stream carries
+	// the subject transform that prefixes every subject with its partition.
+	Partitions int
+	// Ordering is OrderingOrdered (the default) or OrderingNone for NATS
+	// sources, "" for RocketMQ sources (a RocketMQ consumer group gives
+	// each queue to one consumer on its own).
+	Ordering string
 }
 
 // IsNATS reports whether the source is a NATS JetStream stream (else RocketMQ).
@@ -302,7 +311,8 @@ func compileRule(t *Table, pr parsedRule) *Rule {
 		Name:        d.Name,
 		Description: d.Description,
 		Source: Source{Broker: d.Source.Broker, Stream: d.Source.Stream, Subject: d.Source.Subject,
-			Group: d.Source.Group, Topic: d.Source.Topic, Tags: d.Source.Tags},
+			Group: d.Source.Group, Topic: d.Source.Topic, Tags: d.Source.Tags,
+			Partitions: d.Source.Partitions, Ordering: d.Source.Ordering},
 		Key:          KeySource{Header: d.Key.Header, JSON: d.Key.JSON, SubjectToken: d.Key.SubjectToken, RocketMQKeys: d.Key.RocketMQKeys},
 		Shard:        ShardFunc{Func: d.Shard.Func, From: d.Shard.From, To: d.Shard.To},
 		Target:       TargetTemplate{Broker: d.Target.Broker, Subject: d.Target.Subject, Topic: d.Target.Topic},
@@ -316,6 +326,9 @@ func compileRule(t *Table, pr parsedRule) *Rule {
 	}
 	if r.OnMissingKey == "" {
 		r.OnMissingKey = OnMissingKeyDLQ
+	}
+	if r.Source.Ordering == "" && r.Source.IsNATS() {
+		r.Source.Ordering = OrderingOrdered
 	}
 	if d.DLQ != nil {
 		dlq := renderTarget(TargetTemplate{Broker: d.DLQ.Broker, Subject: d.DLQ.Subject, Topic: d.DLQ.Topic}, "", "", r.Name)

@@ -22,6 +22,17 @@ const (
 	ShardDigits = "digits" // characters [from:to) of the key as a decimal number
 	ShardMod    = "mod"    // the whole key as an unsigned decimal integer
 	ShardFNV1a  = "fnv1a"  // 32-bit FNV-1a of the key bytes
+
+	// OrderingOrdered (the default for NATS sources): one replica forwards a
+	// key at a time, and a takeover re-reads from the ack floor.
+	OrderingOrdered = "ordered"
+	// OrderingNone: every replica shares one durable consumer; per-key
+	// order is not kept across replicas or redeliveries.
+	OrderingNone = "none"
+
+	// MaxPartitions bounds source.partitions: each partition is a durable
+	// consumer and a lease renewed every few seconds.
+	MaxPartitions = 1024
 )
 
 var (

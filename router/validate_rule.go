@@ -21,10 +21,22 @@ type ruleChecker struct {
 	t       *Table
 	names   map[string]string
 	brokers map[string]brokerUse
+	// streams records, per NATS broker and stream, the first rule reading
+	// it, to check that every rule of a partitioned stream agrees on the
+	// stream's one subject transform.
+	streams map[[2]string]streamUse
+}
+
+// streamUse is how the first rule of a NATS stream reads it.
+type streamUse struct {
+	rule, where string
+	subject     string
+	partitions  int
+	wildcard    int // KeyWildcard of the key token; 0 when not partitioned
 }
 
 func validateRules(t *Table, rules []parsedRule) {
-	c := &ruleChecker{t: t, names: map[string]string{}, brokers: map[string]brokerUse{}}
+	c := &ruleChecker{t: t, names: map[string]string{}, brokers: map[string]brokerUse{}, streams: map[[2]string]streamUse{}}
 	for i := range rules {
 		c.check(rules[i].doc, &rules[i].tr)
 	}
@@ -58,6 +70,7 @@ func (c *ruleChecker) check(d *doc, r *topicRuleDoc) {
 	}
 	sourceNATS := c.checkSource(d, r)
 	c.checkKey(d, r, sourceNATS)
+	c.checkOrdering(d, r, sourceNATS)
 	c.checkShard(d, r)
 
 	onMissing := r.OnMissingKey
@@ -202,6 +215,83 @@ func (c *ruleChecker) checkKey(d *doc, r *topicRuleDoc, sourceNATS bool) {
 			d.errorf("key.rocketmqKeys", "needs a RocketMQ source (NATS messages have no keys)")
 		}
 	}
+}
+
+// checkOrdering validates source.ordering and source.partitions, and that
+// the rules of one partitioned stream agree on its subject transform.
+func (c *ruleChecker) checkOrdering(d *doc, r *topicRuleDoc, sourceNATS bool) {
+	s := r.Source
+	switch {
+	case !d.present("source.ordering"):
+	case !sourceNATS && (s.Topic != "" || s.Tags != ""):
+		d.errorf("source.ordering", "applies to NATS sources only (a RocketMQ consumer group gives each queue to one consumer)")
+	case s.Ordering != OrderingOrdered && s.Ordering != OrderingNone:
+		d.errorf("source.ordering", "unknown value %q: must be %s or %s", s.Ordering, OrderingOrdered, OrderingNone)
+	}
+	if !d.present("source.partitions") || s.Partitions == 0 {
+		c.useStream(d, r, sourceNATS, 0)
+		return
+	}
+	switch {
+	case s.Partitions < 0 || s.Partitions > MaxPartitions:
+		d.errorf("source.partitions", "must be between 1 and %d, not %d (0 or absent: not partitioned)", MaxPartitions, s.Partitions)
+		return
+	case !sourceNATS:
+		if s.Topic != "" || s.Tags != "" {
+			d.errorf("source.partitions", "applies to NATS sources only (a RocketMQ topic is partitioned into queues by the broker)")
+		}
+		return
+	case s.Ordering == OrderingNone:
+		d.errorf("source.partitions", "cannot be combined with ordering: none (partitions exist to keep per-key order across replicas); remove one of them")
+		return
+	case !d.present("key.subjectToken") || d.present("key.header") || d.present("key.json") || d.present("key.rocketmqKeys"):
+		d.errorf("source.partitions", "needs key: {subjectToken: N}: the stream partitions events by a subject token, so the key must be that token")
+		return
+	case r.Key.SubjectToken == 0 || checkSubject(s.Subject, true) != nil:
+		return // reported at key.subjectToken or source.subject
+	}
+	w, err := KeyWildcard(s.Subject, r.Key.SubjectToken)
+	if err != nil {
+		d.errorf("key.subjectToken", "with source.partitions: %v", err)
+		return
+	}
+	c.useStream(d, r, true, w)
+}
+
+// useStream records how rule r reads its NATS stream and reports a rule
+// that reads a partitioned stream differently from the first rule that
+// read it: a stream holds one subject transform, which rewrites the
+// subjects every reader sees.
+func (c *ruleChecker) useStream(d *doc, r *topicRuleDoc, sourceNATS bool, wildcard int) {
+	s := r.Source
+	if !sourceNATS || s.Stream == "" || s.Broker == "" {
+		return
+	}
+	parts := s.Partitions
+	if wildcard == 0 {
+		parts = 0
+	}
+	key := [2]string{s.Broker, s.Stream}
+	u := streamUse{rule: r.Name, where: fmt.Sprintf("%s:%d", d.file, d.lineOf("source")), subject: s.Subject, partitions: parts, wildcard: wildcard}
+	first, ok := c.streams[key]
+	if !ok {
+		c.streams[key] = u
+		return
+	}
+	if first.partitions == 0 && parts == 0 {
+		return
+	}
+	if first.partitions != parts || first.wildcard != wildcard || first.subject != s.Subject {
+		d.errorf("source.stream", "stream %s is read by rule %s (%s) with %s, and here with %s: every rule of a partitioned stream must use the same subject, partitions and key token (the stream holds one subject transform, which rewrites the subjects every reader sees)",
+			s.Stream, first.rule, first.where, first.describe(), u.describe())
+	}
+}
+
+func (u streamUse) describe() string {
+	if u.partitions == 0 {
+		return fmt.Sprintf("subject %q, not partitioned", u.subject)
+	}
+	return fmt.Sprintf("subject %q, %d partitions on wildcard %d", u.subject, u.partitions, u.wildcard)
 }
 
 func (c *ruleChecker) checkShard(d *doc, r *topicRuleDoc) {

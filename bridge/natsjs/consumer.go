@@ -161,3 +161,8 @@ func (s *Source) waitMode(ctx context.Context, lastWarn *time.Time) bool {
 // consumerName is "<stream>/<durable>", as requests name the consumer in
 // logs.
 func (s *Source) consumerName() string { return s.cfg.Stream + "/" + s.cfg.Durable }
+
+// transient tells API failures worth another attempt (no answer, no
+// responders, an election, the link down): retry.Transient, the one
+// classification of every broker request.
+func transient(err error) bool { return retry.Transient(err) }

@@ -1,6 +1,7 @@
 // Package natsjs connects the bridge to NATS JetStream: connections
 // (Connect), a durable pull-consumer Source (ordered, one active replica at
-// a time, or unordered), an asynchronous publishing Sink
+// a time, or unordered), a PartitionedSource for partitioned rules (leases
+// in a KV bucket), an asynchronous publishing Sink
 // and stream provisioning for the embedded default and tests
 // (EnsureStreams).
 //
@@ -222,6 +223,28 @@
 //
 // Each target broker name maps to its own JetStream context, so a cell may
 // live on its own NATS cluster.
+//
+// # Partitioned rules
+//
+// A rule with source.partitions N and a subject-token key reads its stream
+// in N partitions (docs/partitions.md). The stream carries a subject
+// transform (PartitionTransform: "n<N>.{{partition(N,w)}}." before the
+// rule's subject, w the key token's ordinal among the subject's '*'
+// wildcards), which CheckTransform verifies and ApplyStreamTransform sets. A
+// PartitionedSource runs, for each partition this replica holds a lease
+// for, a Partition: an ordered Source (OrderedPartitions) on the durable
+// PartitionDurable(group, N, p), filtered on PartitionFilter(N, p), with the
+// two prefix tokens stripped before routing. Leases and memberships are
+// keys of a JetStream KV bucket with a TTL and expiry markers: Create to
+// take, compare-and-set Update to renew (every TTL/3), Delete with the last
+// revision to release; each request with its own timeout. Assign spreads the
+// partitions over the live members as a pure function of them (balanced to
+// within one, few moves per change). A replica gives a partition up by
+// stopping its pulling, waiting for the pipeline to settle, unpinning and
+// deleting the lease; the next owner starts after that or after the lease
+// expired, from the consumer's ack floor. A lease that cannot be renewed is
+// lost: its partition stops at once and its unpublished deliveries are
+// revoked.
 //
 // # Exactly once and the duplicate window
 //

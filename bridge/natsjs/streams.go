@@ -49,10 +49,15 @@ func CellStream(cell string) string { return "CELL_" + strings.ToUpper(cell) }
 type StreamPlan struct {
 	Name     string
 	Subjects []string
+	// Transform is the subject transform of a partitioned rule's source
+	// stream (RuleTransform); nil for every other stream.
+	Transform *jetstream.SubjectTransformConfig
 }
 
 // PlanStreams lists the streams the table needs on opts.Broker: each rule's
-// source stream with its subject; per cell a CELL_<CELL> stream capturing
+// source stream with its subject (and, for a partitioned rule, the subject
+// transform it needs; the router checks that every rule of such a stream
+// agrees on it); per cell a CELL_<CELL> stream capturing
 // every rule's target subject rendered for that cell ({shard} and {topic}
 // become the wildcard "*"); and one DLQ stream capturing the DLQ subjects,
 // widened to "<first token>.>" (e.g. "dlq.>") when that overlaps nothing
@@ -60,6 +65,7 @@ type StreamPlan struct {
 // since the server refuses overlaps. The result is sorted by name.
 func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 	want := map[string][]string{}
+	transforms := map[string]*jetstream.SubjectTransformConfig{}
 	add := func(stream, subj string) {
 		if stream != "" && subj != "" && !slices.Contains(want[stream], subj) {
 			want[stream] = append(want[stream], subj)
@@ -74,6 +80,9 @@ func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 				subj = r.Source.Stream + ".>"
 			}
 			add(r.Source.Stream, subj)
+			if tr, err := RuleTransform(r); err == nil {
+				transforms[r.Source.Stream] = &tr
+			}
 		}
 		if r.Target.Subject != "" {
 			for _, c := range table.Cells() {
@@ -98,7 +107,7 @@ func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 	}
 	plans := make([]StreamPlan, 0, len(want))
 	for name, subjects := range want {
-		plans = append(plans, StreamPlan{Name: name, Subjects: minimalSubjects(subjects)})
+		plans = append(plans, StreamPlan{Name: name, Subjects: minimalSubjects(subjects), Transform: transforms[name]})
 	}
 	slices.SortFunc(plans, func(a, b StreamPlan) int { return strings.Compare(a.Name, b.Name) })
 	return plans
@@ -106,7 +115,9 @@ func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 
 // EnsureStreams creates the streams PlanStreams lists, or updates existing
 // ones: their subjects become the union of the existing and the planned
-// ones, and the duplicate window is set. File storage. It is meant for the
+// ones, the duplicate window is set, and a planned subject transform
+// replaces the stream's (see docs/partitions.md before changing the
+// partition count of a stream that holds events). File storage. It is meant for the
 // embedded default and tests; in production the streams are usually owned
 // by their producers and consumers. It stops at the first failure.
 func EnsureStreams(ctx context.Context, js jetstream.JetStream, table *router.Table, opts StreamOptions) error {
@@ -128,11 +139,12 @@ func EnsureStreams(ctx context.Context, js jetstream.JetStream, table *router.Ta
 
 func ensureStream(ctx context.Context, js jetstream.JetStream, pol *retry.Policy, p StreamPlan, opts StreamOptions) error {
 	cfg := jetstream.StreamConfig{
-		Name:       p.Name,
-		Subjects:   p.Subjects,
-		Storage:    jetstream.FileStorage,
-		Replicas:   opts.Replicas,
-		Duplicates: opts.Duplicates,
+		Name:             p.Name,
+		Subjects:         p.Subjects,
+		Storage:          jetstream.FileStorage,
+		Replicas:         opts.Replicas,
+		Duplicates:       opts.Duplicates,
+		SubjectTransform: p.Transform,
 	}
 	st, err := retry.Do(ctx, pol, retry.OpStreamInfo, p.Name, func(ctx context.Context) (jetstream.Stream, error) {
 		return js.Stream(ctx, p.Name)
@@ -146,6 +158,9 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, pol *retry.Policy
 		old := st.CachedInfo().Config
 		old.Subjects = minimalSubjects(append(slices.Clone(old.Subjects), p.Subjects...))
 		old.Duplicates = opts.Duplicates
+		if p.Transform != nil {
+			old.SubjectTransform = p.Transform
+		}
 		_, err = retry.Do(ctx, pol, retry.OpStreamUpdate, p.Name, func(ctx context.Context) (jetstream.Stream, error) {
 			return js.UpdateStream(ctx, old)
 		})
