@@ -85,17 +85,16 @@ const (
 )
 
 func (c *BrokerConfig) defaults() {
-	if c.PingInterval <= 0 {
-		c.PingInterval = DefaultPingInterval
-	}
-	if c.MaxPingsOut <= 0 {
-		c.MaxPingsOut = DefaultMaxPingsOut
-	}
-	if c.DialTimeout <= 0 {
-		c.DialTimeout = DefaultDialTimeout
-	}
-	if c.ReconnectWait <= 0 {
-		c.ReconnectWait = DefaultReconnectWait
+	orDefault(&c.PingInterval, DefaultPingInterval)
+	orDefault(&c.MaxPingsOut, DefaultMaxPingsOut)
+	orDefault(&c.DialTimeout, DefaultDialTimeout)
+	orDefault(&c.ReconnectWait, DefaultReconnectWait)
+}
+
+// orDefault sets *v to d when it is zero or negative (not set).
+func orDefault[T int | time.Duration](v *T, d T) {
+	if *v <= 0 {
+		*v = d
 	}
 }
 
