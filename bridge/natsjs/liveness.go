@@ -36,6 +36,16 @@ func (f *failState) set(err error) {
 	f.report(err)
 }
 
+// setFirst reports err unless a failure is reported already: a fence
+// follows the failure that caused it (missed heartbeats, a failing
+// request), whose reason says more.
+func (f *failState) setFirst(err error) {
+	if f.report == nil || f.on.Load() {
+		return
+	}
+	f.set(err)
+}
+
 // clear reports that the source delivers again.
 func (f *failState) clear() {
 	if !f.on.Load() {

@@ -476,7 +476,7 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 			if r.ctx.Err() == nil {
 				// Cleared by the next epoch, or by a standby probe the
 				// server answers.
-				s.failing.set(fmt.Errorf("fenced: %s", f.reason))
+				s.failing.setFirst(fmt.Errorf("fenced: %s", f.reason))
 			}
 			tr := transition{to: StateStandby, reason: f.reason, fence: true}
 			if f.next == toClosed {

@@ -98,11 +98,11 @@ type SourceConfig struct {
 	OnRequestError func(error)
 	// OnFailing, when set, is told why the source cannot deliver now (err
 	// non-nil: missed heartbeats, a failing consumer reset, a fence, consume
-	// errors, probes the server does not answer) and, with nil, that it can
-	// again (a delivery, an answered pull, a new epoch, or no consume error
-	// for a few heartbeats). Calls are made one at a time, only on changes,
-	// and must not block; the bridge feeds them into /readyz and
-	// cellbridge_source_failing.
+	// errors, a standby's consumer info unanswered) and, with nil, that it
+	// can again (a delivery, an answered probe or consumer info, a new
+	// epoch, or no consume error for a few heartbeats). Calls are made one
+	// at a time, only on changes, and must not block; the bridge feeds them
+	// into /readyz and cellbridge_source_failing.
 	OnFailing func(err error)
 	// ProbeWait is how long each standby probe (a pull for one message that
 	// wins the pin when it is free) waits on the server. Default 1s.
