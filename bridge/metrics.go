@@ -84,6 +84,7 @@ const (
 	MetricPartitionsOwned   = "cellbridge_partitions_owned"
 	MetricTakeovers         = "cellbridge_takeovers_total"
 	MetricSourcePinned      = "cellbridge_source_pinned"
+	MetricBrokerReqErrors   = "cellbridge_broker_request_errors_total"
 	MetricRulesVersion      = "cellbridge_rules_version"
 	MetricRulesLastReload   = "cellbridge_rules_last_reload_timestamp_seconds"
 	MetricRulesReloadFails  = "cellbridge_rules_reload_failures_total"
@@ -118,6 +119,7 @@ var MetricList = []MetricDesc{
 	{MetricPartitionsOwned, "gauge", []string{"rule"}, "Partitions of a partitioned topic rule whose lease this replica holds; summed over the replicas it equals cellbridge_partitions once every partition has an owner."},
 	{MetricTakeovers, "counter", []string{"rule"}, "Times this replica started forwarding an ordered topic rule (won its consumer's pin) or one of a partitioned rule's partitions."},
 	{MetricSourcePinned, "gauge", []string{"rule"}, "1 while this replica holds the pin of an ordered topic rule's consumer (it forwards the rule, or resets the consumer to do so), 0 while it is a standby; partitioned rules report cellbridge_partitions_owned instead."},
+	{MetricBrokerReqErrors, "counter", []string{"broker", "op"}, "Failed attempts of requests to a broker's control plane, by broker and request (connect, stream_info, stream_create, stream_update, consumer_info, consumer_create, consumer_reset, consumer_unpin, kv_bucket); each is logged and, where the caller has time, retried."},
 	{MetricRulesVersion, "gauge", nil, "Version of the rules table in use."},
 	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
 	{MetricRulesReloadFails, "counter", nil, "Rule reloads refused (invalid files or a lower version)."},
@@ -155,6 +157,7 @@ type Metrics struct {
 	TargetFailing     *prometheus.GaugeVec
 	SourceFailing     *prometheus.GaugeVec
 	DedupeErrors      *prometheus.CounterVec
+	BrokerReqErrors   *prometheus.CounterVec
 	RulesVersion      prometheus.Gauge
 	RulesLastReload   prometheus.Gauge
 	RulesReloadFails  prometheus.Counter
@@ -209,6 +212,7 @@ func NewMetrics(version string) *Metrics {
 	m.TargetFailing = gauge(MetricTargetFailing)
 	m.SourceFailing = gauge(MetricSourceFailing)
 	m.DedupeErrors = counter(MetricDedupeErrors)
+	m.BrokerReqErrors = counter(MetricBrokerReqErrors)
 	m.RulesVersion = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesVersion, Help: byName[MetricRulesVersion].Help})
 	m.RulesLastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesLastReload, Help: byName[MetricRulesLastReload].Help})
 	m.RulesReloadFails = prometheus.NewCounter(prometheus.CounterOpts{Name: MetricRulesReloadFails, Help: byName[MetricRulesReloadFails].Help})
@@ -221,7 +225,7 @@ func NewMetrics(version string) *Metrics {
 	m.Sources = newSourceCollector(m, byName)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
-		m.TargetFailing, m.SourceFailing, m.DedupeErrors,
+		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.BrokerReqErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
 		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging,
 		m.Sources,

@@ -29,7 +29,10 @@ func (cfg KVConfig) withDefaults() (KVConfig, error) {
 		cfg.Replicas = 1
 	}
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 5 * time.Second
+		cfg.Timeout = min(DefaultKVTimeout, cfg.ReserveTTL/2)
+	}
+	if cfg.Timeout >= cfg.ReserveTTL {
+		return cfg, fmt.Errorf("dedupe: bucket %q: timeout %v must stay below reserveTTL %v", cfg.Bucket, cfg.Timeout, cfg.ReserveTTL)
 	}
 	return cfg, nil
 }
@@ -63,7 +66,7 @@ func bucketStream(cfg KVConfig) jetstream.StreamConfig {
 func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) error {
 	cfg, err := cfg.withDefaults()
 	if err == nil {
-		err = ensureBucket(ctx, js, cfg)
+		err = ensureBucket(ctx, js, cfg.policy(js.Conn()), cfg)
 	}
 	if err != nil {
 		return fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)

@@ -77,7 +77,8 @@
 //
 // The protocol and why it satisfies the contract:
 //
-//   - Reserve = publish "r<replica token>" with
+//   - Reserve = publish "r<store token>-<call number>" (a value no other
+//     Reserve call, of this store or another, ever writes) with
 //     Nats-Expected-Last-Subject-Sequence: 0 and Nats-TTL: ReserveTTL. The
 //     stream leader stores it only if the key has no message, so of any
 //     number of concurrent Reserves on any number of connections exactly one
@@ -87,6 +88,21 @@
 //     one read (direct get) tells committed ("c": Duplicate) from reserved
 //     ("r…": InFlight) from a delete/purge marker (the create is repeated
 //     expecting the marker's revision, again atomic).
+//   - A Reserve whose reply is lost (jspub.ErrNoReply: a timeout, the
+//     connection dropped) fails, but its write may have been stored: a
+//     reservation that no caller holds, which would block the key for
+//     ReserveTTL. The store remembers such values (in memory, for
+//     ReserveTTL). A later Reserve of the key that reads one of them there
+//     takes it over and returns Reserved at once. Exactly one holder still
+//     holds: the value belongs to one call, which failed, so nobody believes
+//     it holds that reservation; the take-over removes the value from
+//     memory under a lock, so at most one later call takes it; a call that
+//     got Reserved never has its value remembered (values are remembered
+//     only on failure, and every call writes its own). A reservation of
+//     another call of the same store (the same key reserved concurrently
+//     in this process) is InFlight, like another replica's. A lost write
+//     that reaches the stream only after the key was reserved again or
+//     committed is refused by its own condition (the key has a message).
 //   - Commit = publish "c" with no expectation and no per-message TTL: it
 //     replaces the reservation (one message per key) and lives for the
 //     bucket's max age, i.e. TTL from the commit. It is unconditional on
@@ -94,7 +110,7 @@
 //     stored downstream" is true even if the caller's reservation expired
 //     and another replica holds the key now; that replica's publish is then
 //     a duplicate the sink drops, and its Release cannot remove the commit.
-//   - Release = read the key; if it still holds this replica's token, write
+//   - Release = read the key; if it still holds this store's token, write
 //     a purge marker expecting that exact revision (and a 1s TTL so the
 //     marker does not linger). A commit or another replica's reservation
 //     has another revision, so the conditional write is refused: Release
@@ -115,15 +131,19 @@
 // bounds the rate; see BenchmarkKV.
 //
 // Failed requests. A request whose reply does not come within
-// KVConfig.Timeout fails (a sweep enforces it), and so do the requests in
-// flight when the connection drops; a request made while the connection is
-// down fails at once and is never handed to the client, so no write waits
-// in its reconnect buffer to land later. Each such failure is an error of
-// the call, which the caller handles as the protocol above says (Reserve:
-// negative-ack and retry; Commit: the reservation expires; Release: it
-// expires). None of them can break the argument: a write whose reply was
-// lost may still have been stored, and every write is either conditional
-// (Reserve, Release) or true whenever it lands (Commit).
+// KVConfig.Timeout (2s by default) fails (a sweep enforces it), and so do
+// the requests in flight when the connection drops; a request made while
+// the connection is down fails at once and is never handed to the client,
+// so no write waits in its reconnect buffer to land later. Each such failure
+// is an error of the call, which the caller handles as the protocol above
+// says (Reserve: retry, which takes over its own lost reservation; Commit:
+// the reservation expires; Release: it expires). None of them can break the
+// argument: a write whose reply was lost may still have been stored, and
+// every write is either conditional (Reserve, Release) or true whenever it
+// lands (Commit). The bucket's set-up in NewJetStream bounds each attempt
+// by the same timeout and retries attempts that failed for reasons that
+// pass (no answer, no responders, an election: internal/retry) until its
+// context ends.
 //
 // No subject delete markers are configured: nothing here needs them, and the
 // server would write one more message for every key that expires. A bucket

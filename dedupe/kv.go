@@ -7,9 +7,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/internal/jspub"
+	"github.com/cellbridge/cellbridge/internal/retry"
 )
 
 // KVConfig configures NewJetStream. Zero fields take the defaults.
@@ -39,8 +42,20 @@ type KVConfig struct {
 	// Timeout fails a request whose reply has not come this long after it
 	// was sent (a sweep enforces it: the failure comes between Timeout and
 	// Timeout plus three sweeps of at most 1s each); an earlier deadline of
-	// ctx ends the wait sooner. Default 5s.
+	// ctx ends the wait sooner. It also bounds each attempt of the bucket's
+	// set-up in NewJetStream. Default DefaultKVTimeout (2s; at most half of
+	// ReserveTTL); it must stay below ReserveTTL: a reservation must outlive
+	// the requests of the call that holds it.
 	Timeout time.Duration
+	// Broker names the broker in logs and in reports of failed attempts.
+	Broker string
+	// Log receives one line per failed attempt of the bucket's set-up (it
+	// is retried); nil: none.
+	Log *slog.Logger
+	// OnRequestError, when set, receives every failed attempt of the
+	// bucket's set-up (an error naming the broker, server, request, attempt
+	// and the wait before the next one). It must not block.
+	OnRequestError func(error)
 	// MaxPending caps the requests in flight on the connection at once;
 	// more wait for a free slot (back-pressure). Default
 	// jspub.DefaultMaxPending (4096), the bridge's default in-flight limit.
@@ -70,8 +85,14 @@ type KV struct {
 	client     *jspub.Client
 	reserveHdr nats.Header // shared, read only
 	reserveTTL string      // Nats-TTL value
-	reserveVal []byte      // "r" + token
-	closed     atomic.Bool
+	// ours starts every reservation value this store writes: "r" + the
+	// store's random token + "-"; a counter per Reserve call follows.
+	ours     []byte
+	attempts atomic.Uint64
+	// lost remembers the reservation values whose write may have been
+	// stored although its reply was lost (see Reserve), per subject.
+	lost   lostWrites
+	closed atomic.Bool
 }
 
 var _ Store = (*KV)(nil)
@@ -105,7 +126,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 	if !nc.HeadersSupported() {
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, nats.ErrHeadersNotSupported)
 	}
-	if err := ensureBucket(ctx, js, cfg); err != nil {
+	if err := ensureBucket(ctx, js, cfg.policy(nc), cfg); err != nil {
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
 	}
 	var token [8]byte
@@ -122,9 +143,22 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		client:     c,
 		reserveTTL: ttl,
 		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
-		reserveVal: []byte("r" + hex.EncodeToString(token[:])),
+		ours:       []byte("r" + hex.EncodeToString(token[:]) + "-"),
+		lost:       lostWrites{m: map[string]*lostWrite{}, ttl: cfg.ReserveTTL},
 	}, nil
 }
+
+// policy bounds, retries, logs and reports the bucket's stream requests.
+func (cfg KVConfig) policy(nc *nats.Conn) *retry.Policy {
+	pol := &retry.Policy{Broker: cfg.Broker, Conn: nc, Timeout: cfg.Timeout, Log: cfg.Log}
+	if f := cfg.OnRequestError; f != nil {
+		pol.Report = func(ae *retry.AttemptError) { f(ae) }
+	}
+	return pol
+}
+
+// DefaultKVTimeout is KVConfig.Timeout's default.
+const DefaultKVTimeout = 2 * time.Second
 
 // ensureBucket creates the bucket's stream or adapts an existing one.
 //
@@ -132,17 +166,21 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 // kv` and jetstream.KeyValue work on it) with per-message TTLs allowed but
 // without subject delete markers: nothing here reads markers left by
 // expiry, and writing one per expired key would double the server's writes.
-func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) error {
+func ensureBucket(ctx context.Context, js jetstream.JetStream, pol *retry.Policy, cfg KVConfig) error {
 	name := "KV_" + cfg.Bucket
 	scfg := bucketStream(cfg)
-	_, err := js.CreateStream(ctx, scfg)
+	_, err := retry.Do(ctx, pol, retry.OpKVBucket, "create "+name, func(ctx context.Context) (jetstream.Stream, error) {
+		return js.CreateStream(ctx, scfg)
+	})
 	if err == nil {
 		return nil
 	}
 	if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
 		return fmt.Errorf("create stream: %w", err)
 	}
-	s, err := js.Stream(ctx, name)
+	s, err := retry.Do(ctx, pol, retry.OpKVBucket, "open "+name, func(ctx context.Context) (jetstream.Stream, error) {
+		return js.Stream(ctx, name)
+	})
 	if err != nil {
 		return fmt.Errorf("open stream: %w", err)
 	}
@@ -159,7 +197,9 @@ func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) err
 	if have.Duplicates > cfg.TTL {
 		have.Duplicates = cfg.TTL
 	}
-	if _, err := js.UpdateStream(ctx, have); err != nil {
+	if _, err := retry.Do(ctx, pol, retry.OpKVBucket, "update "+name, func(ctx context.Context) (jetstream.Stream, error) {
+		return js.UpdateStream(ctx, have)
+	}); err != nil {
 		return fmt.Errorf("update stream: %w", err)
 	}
 	return nil
@@ -210,37 +250,137 @@ func isWrongLastSeq(err error) bool {
 const maxReserveAttempts = 4
 
 // Reserve implements Store: one round trip for a new key, two or three for
-// a key that exists.
+// a key that exists (one or two after a lost reply of this store's).
+//
+// Each call writes its own value (the store's token and a counter). When
+// the reply to that write is lost (jspub.ErrNoReply: a timeout, a dropped
+// connection) the write may still have been stored, and the call fails; the
+// value is remembered for ReserveTTL. A later Reserve of the key that finds
+// a remembered value of its own store there takes the reservation over and
+// returns Reserved at once, instead of waiting ReserveTTL for a reservation
+// nobody holds; only one call can take a remembered value over. Any other
+// reservation of this store (a concurrent call for the same key) is
+// InFlight, as another replica's is.
 func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 	if kv.closed.Load() {
 		return 0, kv.opErr("reserve", ErrClosed)
 	}
 	subj := kv.subject(key)
 	hdr := kv.reserveHdr
+	val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
+	// After a lost reply the key most likely holds that write: read first
+	// (one round trip) instead of a create that would be refused.
+	read := kv.lost.has(subj)
 	for range maxReserveAttempts {
-		_, err := kv.client.Publish(ctx, subj, hdr, kv.reserveVal)
-		if err == nil {
-			return Reserved, nil
+		if !read {
+			_, err := kv.client.Publish(ctx, subj, hdr, val)
+			if err == nil {
+				return Reserved, nil
+			}
+			if errors.Is(err, jspub.ErrNoReply) {
+				kv.lost.remember(subj, val)
+				return 0, kv.opErr("reserve", err)
+			}
+			if !isWrongLastSeq(err) {
+				return 0, kv.opErr("reserve", err)
+			}
 		}
-		if !isWrongLastSeq(err) {
-			return 0, kv.opErr("reserve", err)
-		}
-		st, rev, err := kv.lookup(ctx, subj)
+		read = false
+		st, rev, cur, err := kv.lookup(ctx, subj)
 		if err != nil {
 			return 0, kv.opErr("reserve", err)
 		}
 		switch st {
 		case kvCommitted:
 			return Duplicate, nil
-		case kvReserved, kvOurs:
+		case kvOurs:
+			if kv.lost.claim(subj, cur) {
+				return Reserved, nil
+			}
 			return InFlight, nil
-		case kvAbsent: // expired between the create and the read
+		case kvReserved:
+			return InFlight, nil
+		case kvAbsent: // expired between the create and the read, or never written
 			hdr = kv.reserveHdr
 		case kvMarker: // released or deleted: create on top of the marker
 			hdr = nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
 		}
 	}
 	return InFlight, nil
+}
+
+// lostWrites remembers, per key subject, the reservation values whose
+// write got no reply, for ReserveTTL after the last one (a value stored
+// then is gone by then: the server removes it after ReserveTTL). Entries
+// are made only on failures, so the map stays small; an insertion sweeps
+// expired entries once the map holds many.
+type lostWrites struct {
+	mu  sync.Mutex
+	m   map[string]*lostWrite
+	ttl time.Duration
+}
+
+type lostWrite struct {
+	vals  [][]byte
+	until time.Time
+}
+
+// maxLostPerKey bounds the values remembered per key (the oldest goes).
+const maxLostPerKey = 8
+
+func (l *lostWrites) remember(subj string, val []byte) {
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.m) >= 1024 {
+		for k, w := range l.m {
+			if now.After(w.until) {
+				delete(l.m, k)
+			}
+		}
+	}
+	w := l.m[subj]
+	if w == nil || now.After(w.until) {
+		w = &lostWrite{}
+		l.m[subj] = w
+	}
+	if len(w.vals) == maxLostPerKey {
+		w.vals = w.vals[1:]
+	}
+	w.vals = append(w.vals, val)
+	w.until = now.Add(l.ttl)
+}
+
+// has reports whether subj has remembered lost writes.
+func (l *lostWrites) has(subj string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := l.m[subj]
+	return w != nil && time.Now().Before(w.until)
+}
+
+// claim reports whether val is a remembered lost write of subj, and forgets
+// it if so: the caller holds that reservation now. The key's other lost
+// writes stay remembered: each is conditional on the key having no message,
+// so it can be stored only after this reservation is gone, and then nobody
+// holds it either.
+func (l *lostWrites) claim(subj string, val []byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := l.m[subj]
+	if w == nil || time.Now().After(w.until) {
+		return false
+	}
+	for i, v := range w.vals {
+		if bytes.Equal(v, val) {
+			w.vals = append(w.vals[:i], w.vals[i+1:]...)
+			if len(w.vals) == 0 {
+				delete(l.m, subj)
+			}
+			return true
+		}
+	}
+	return false
 }
 
 // Commit implements Store: one round trip, awaited.
@@ -262,7 +402,7 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 		return kv.opErr("release", ErrClosed)
 	}
 	subj := kv.subject(key)
-	st, rev, err := kv.lookup(ctx, subj)
+	st, rev, _, err := kv.lookup(ctx, subj)
 	if err != nil {
 		return kv.opErr("release", err)
 	}
@@ -301,43 +441,44 @@ const (
 	kvMarker
 	kvCommitted
 	kvReserved // by another replica
-	kvOurs     // reserved by this replica
+	kvOurs     // reserved by this store (any of its Reserve calls)
 )
 
 // lookup reads the latest message of a key with a direct get (through the
-// same pipe: one round trip, no per-request subscription or JSON).
-func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, error) {
+// same pipe: one round trip, no per-request subscription or JSON). For a
+// reservation of this store it also returns the value.
+func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
 	m, err := kv.client.Request(ctx, kv.getPrefix+subj, nil, nil)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, nil, err
 	}
 	if len(m.Data) == 0 {
 		switch status := m.Header.Get("Status"); status {
 		case "":
 		case "404":
-			return kvAbsent, 0, nil
+			return kvAbsent, 0, nil, nil
 		case "503":
-			return 0, 0, jspub.ErrNoStream // wraps nats.ErrNoResponders
+			return 0, 0, nil, jspub.ErrNoStream // wraps nats.ErrNoResponders
 		default:
-			return 0, 0, fmt.Errorf("direct get: status %s %s", status, m.Header.Get("Description"))
+			return 0, 0, nil, fmt.Errorf("direct get: status %s %s", status, m.Header.Get("Description"))
 		}
 	}
 	seq, err := strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
 	if err != nil {
-		return 0, 0, fmt.Errorf("direct get: bad %s header: %w", jetstream.SequenceHeader, err)
+		return 0, 0, nil, fmt.Errorf("direct get: bad %s header: %w", jetstream.SequenceHeader, err)
 	}
 	if m.Header.Get(hdrKVOperation) != "" || m.Header.Get(hdrMarkerReason) != "" {
-		return kvMarker, seq, nil
+		return kvMarker, seq, nil, nil
 	}
 	switch {
 	case bytes.Equal(m.Data, committedVal):
-		return kvCommitted, seq, nil
-	case bytes.Equal(m.Data, kv.reserveVal):
-		return kvOurs, seq, nil
+		return kvCommitted, seq, nil, nil
+	case bytes.HasPrefix(m.Data, kv.ours):
+		return kvOurs, seq, m.Data, nil
 	case len(m.Data) > 0 && m.Data[0] == 'r':
-		return kvReserved, seq, nil
+		return kvReserved, seq, nil, nil
 	}
 	// Not written by this package: refuse to guess. Calling it a duplicate
 	// could drop a message; an error keeps it unacknowledged and counted.
-	return 0, 0, fmt.Errorf("unexpected value at revision %d", seq)
+	return 0, 0, nil, fmt.Errorf("unexpected value at revision %d", seq)
 }

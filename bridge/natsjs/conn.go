@@ -16,6 +16,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/retry"
 )
 
 // TLSConfig names PEM files for a TLS connection. CA verifies the server;
@@ -49,21 +51,64 @@ type BrokerConfig struct {
 	// goroutine and must not block; the bridge feeds it into the
 	// cellbridge_connection_up gauge.
 	OnStateChange func(up bool)
+	// PingInterval and MaxPingsOut decide how soon a link that stopped
+	// answering (a frozen server, a dropped route) is noticed: the client
+	// pings every PingInterval and reconnects once more than MaxPingsOut
+	// pings are unanswered, i.e. after PingInterval×MaxPingsOut to
+	// PingInterval×(MaxPingsOut+1). Defaults DefaultPingInterval and
+	// DefaultMaxPingsOut (2s to 3s).
+	PingInterval time.Duration
+	MaxPingsOut  int
+	// DialTimeout bounds one connection attempt to one server (TCP, TLS and
+	// the server's greeting); a server that accepts connections but does
+	// not answer costs this much per reconnect. Default DefaultDialTimeout.
+	DialTimeout time.Duration
+	// ReconnectWait caps the wait between two rounds of reconnect attempts
+	// over the server list (it doubles from 100ms, with up to 25% jitter);
+	// a list with a live server reconnects without waiting. Default
+	// DefaultReconnectWait.
+	ReconnectWait time.Duration
+	// OnRequestError, when set, receives every failed attempt of Connect's
+	// first connection (an error describing the broker, the server, the
+	// attempt, the error and the wait before the next attempt). It is
+	// called on Connect's goroutine and must not block.
+	OnRequestError func(error)
 }
 
-// Reconnect and liveness settings. A bridge must outlive broker restarts and
-// network partitions, so it never gives up reconnecting; the backoff keeps a
-// fleet of replicas from hammering a recovering server, and the reconnect
-// buffer absorbs the source's acks issued while the link is down (the Sink
-// and the dedupe store do not hand the client a request while the link is
-// down: their request core, internal/jspub, fails it at once).
+// Defaults of BrokerConfig's liveness settings. The memo of issue 13
+// measured a stale link noticed 2s after a server froze with 1s×2.
+const (
+	DefaultPingInterval  = time.Second
+	DefaultMaxPingsOut   = 2
+	DefaultDialTimeout   = 2 * time.Second
+	DefaultReconnectWait = 2 * time.Second
+)
+
+func (c *BrokerConfig) defaults() {
+	orDefault(&c.PingInterval, DefaultPingInterval)
+	orDefault(&c.MaxPingsOut, DefaultMaxPingsOut)
+	orDefault(&c.DialTimeout, DefaultDialTimeout)
+	orDefault(&c.ReconnectWait, DefaultReconnectWait)
+}
+
+// orDefault sets *v to d when it is zero or negative (not set).
+func orDefault[T int | time.Duration](v *T, d T) {
+	if *v <= 0 {
+		*v = d
+	}
+}
+
+// Reconnect settings. A bridge must outlive broker restarts and network
+// partitions, so it never gives up reconnecting; the backoff keeps a fleet of
+// replicas from hammering a recovering server, and the reconnect buffer
+// absorbs the source's acks issued while the link is down (the Sink and the
+// dedupe store do not hand the client a request while the link is down:
+// their request core, internal/jspub, fails it at once). reconnectMax caps
+// the source's own waits between attempts (consume restarts, probes).
 const (
 	reconnectMin      = 100 * time.Millisecond
 	reconnectMax      = 5 * time.Second
 	reconnectBufBytes = 32 << 20
-	pingInterval      = 10 * time.Second
-	maxPingsOut       = 3
-	dialTimeout       = 5 * time.Second
 )
 
 // ErrConfig reports an unusable BrokerConfig (conflicting auth methods,
@@ -71,50 +116,47 @@ const (
 var ErrConfig = errors.New("natsjs: invalid broker config")
 
 // Connect opens a connection to one broker and returns it connected. It
-// retries refused or unreachable servers with backoff until ctx is done, but
-// fails at once on errors that retrying cannot fix: bad configuration
-// (ErrConfig), TLS failures and rejected credentials. The returned connection
-// reconnects forever on its own; each state change is logged once and
-// reported through cfg.OnStateChange. The caller owns the connection and
-// closes it (nc.Close) after every Source and Sink that uses it is closed.
+// retries servers that refuse, do not answer, cannot be reached or whose
+// names do not resolve yet, with backoff until ctx is done, logging each
+// failed attempt (broker, servers, error, attempt, next wait) and passing it
+// to cfg.OnRequestError; it fails at once on errors that retrying cannot
+// fix: bad configuration (ErrConfig), TLS failures and rejected credentials.
+// The returned connection reconnects forever on its own; each state change
+// is logged once and reported through cfg.OnStateChange. The caller owns the
+// connection and closes it (nc.Close) after every Source and Sink that uses
+// it is closed.
 func Connect(ctx context.Context, cfg BrokerConfig, log *slog.Logger) (*nats.Conn, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	log = log.With("broker", cfg.Name)
-	opts, err := connOptions(cfg, log)
+	cfg.defaults()
+	opts, err := connOptions(cfg, log.With("broker", cfg.Name))
 	if err != nil {
 		return nil, err
 	}
-	where := redactURL(cfg.URL)
-	delay := reconnectMin
-	for {
+	pol := &retry.Policy{Broker: cfg.Name, URL: cfg.URL, Initial: reconnectMin, Max: cfg.ReconnectWait, Log: log,
+		Retryable: func(err error) bool { return !retry.Permanent(err) && !errors.Is(err, nats.ErrConnectionClosed) },
+		Report:    reportTo(cfg.OnRequestError)}
+	nc, err := retry.Do(ctx, pol, retry.OpConnect, "", func(context.Context) (*nats.Conn, error) {
 		nc, err := nats.Connect(cfg.URL, opts...)
-		if err == nil {
-			log.Info("nats connected", "url", nc.ConnectedUrlRedacted(), "server", nc.ConnectedServerName())
-			return nc, nil
+		if err != nil {
+			return nil, explain(err)
 		}
-		err = fmt.Errorf("natsjs: connect to broker %q at %s: %w", cfg.Name, where, explain(err))
-		if !retryable(err) {
-			return nil, err
-		}
-		log.Warn("nats connect failed, retrying", "url", where, "err", err, "retry_in", delay)
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
-		case <-t.C:
-		}
-		delay = min(2*delay, reconnectMax)
+		return nc, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("natsjs: connect to broker %q at %s: %w", cfg.Name, redactURL(cfg.URL), err)
 	}
+	log.Info("nats connected", "broker", cfg.Name, "url", nc.ConnectedUrlRedacted(), "server", nc.ConnectedServerName())
+	return nc, nil
 }
 
-// retryable tells transient connect failures (nothing listening yet, a
-// timeout) from permanent ones; only the former are worth waiting for.
-func retryable(err error) bool {
-	return errors.Is(err, nats.ErrNoServers) || errors.Is(err, nats.ErrTimeout) ||
-		errors.Is(err, os.ErrDeadlineExceeded)
+// reportTo adapts an OnRequestError hook to a retry.Policy's Report.
+func reportTo(f func(error)) func(*retry.AttemptError) {
+	if f == nil {
+		return nil
+	}
+	return func(ae *retry.AttemptError) { f(ae) }
 }
 
 // explain adds what an operator should check to the errors that are
@@ -126,6 +168,9 @@ func explain(err error) error {
 		return fmt.Errorf("%w (check the broker's creds, user/password or token)", err)
 	case errors.Is(err, nats.ErrSecureConnRequired):
 		return fmt.Errorf("%w (configure tls for this broker)", err)
+	case errors.Is(err, nats.ErrNoServers):
+		// The client reports a refused connection as no servers.
+		return fmt.Errorf("%w (no server at the URL accepted a connection: refused or unreachable)", err)
 	}
 	var certErr *tls.CertificateVerificationError
 	if errors.As(err, &certErr) {
@@ -156,12 +201,12 @@ func connOptions(cfg BrokerConfig, log *slog.Logger) ([]nats.Option, error) {
 	st := &connState{log: log, report: cfg.OnStateChange}
 	opts := []nats.Option{
 		nats.Name("cellbridge/" + cfg.Name),
-		nats.Timeout(dialTimeout),
+		nats.Timeout(cfg.DialTimeout),
 		nats.MaxReconnects(-1),
-		nats.CustomReconnectDelay(reconnectDelay),
+		nats.CustomReconnectDelay(func(attempts int) time.Duration { return reconnectDelay(attempts, cfg.ReconnectWait) }),
 		nats.ReconnectBufSize(reconnectBufBytes),
-		nats.PingInterval(pingInterval),
-		nats.MaxPingsOutstanding(maxPingsOut),
+		nats.PingInterval(cfg.PingInterval),
+		nats.MaxPingsOutstanding(cfg.MaxPingsOut),
 		// Credentials may be rotated while the bridge runs; keep trying
 		// instead of closing the connection after two auth errors.
 		nats.IgnoreAuthErrorAbort(),
@@ -238,12 +283,12 @@ func tlsConfig(c *TLSConfig) (*tls.Config, error) {
 	return tc, nil
 }
 
-// reconnectDelay doubles from reconnectMin to reconnectMax with up to 25%
-// jitter, so that replicas restarted together spread their attempts.
-func reconnectDelay(attempts int) time.Duration {
-	d := reconnectMax
+// reconnectDelay doubles from reconnectMin to limit with up to 25% jitter,
+// so that replicas restarted together spread their attempts.
+func reconnectDelay(attempts int, limit time.Duration) time.Duration {
+	d := limit
 	if attempts < 16 {
-		d = min(reconnectMin<<max(attempts-1, 0), reconnectMax)
+		d = min(reconnectMin<<max(attempts-1, 0), limit)
 	}
 	return d + rand.N(d/4+1)
 }

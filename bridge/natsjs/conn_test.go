@@ -3,9 +3,11 @@ package natsjs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -192,6 +194,61 @@ func TestConnectRetriesUntilContextEnds(t *testing.T) {
 	_, err := Connect(ctx, BrokerConfig{Name: "down", URL: url}, quiet)
 	if !errors.Is(err, nats.ErrNoServers) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("err = %v, want no servers + deadline exceeded", err)
+	}
+}
+
+// TestConnectRetriesUnresolvableHost: a server name that does not resolve
+// (yet: its pod is starting) is retried like a refused connection, each
+// attempt reported, until the context ends.
+func TestConnectRetriesUnresolvableHost(t *testing.T) {
+	var mu sync.Mutex
+	var attempts []error
+	ctx, cancel := context.WithTimeout(context.Background(), 700*time.Millisecond)
+	defer cancel()
+	_, err := Connect(ctx, BrokerConfig{Name: "dns", URL: "nats://cellbridge-no-such-host.invalid:4222", ReconnectWait: 100 * time.Millisecond,
+		OnRequestError: func(err error) { mu.Lock(); attempts = append(attempts, err); mu.Unlock() }}, quiet)
+	var dnsErr *net.DNSError
+	if !errors.As(err, &dnsErr) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want the DNS error, retried until the deadline", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(attempts) < 2 {
+		t.Fatalf("%d attempts reported, want it retried", len(attempts))
+	}
+	if msg := attempts[0].Error(); !strings.HasPrefix(msg, "connecting to broker dns (nats://cellbridge-no-such-host.invalid:4222): attempt 1 failed: ") ||
+		!strings.Contains(msg, "; retrying in ") {
+		t.Errorf("first attempt reported as %q", msg)
+	}
+}
+
+// TestConnectWaitsForTheServer: nothing listens on the port at first; the
+// connect succeeds once a server starts there, without a new call.
+func TestConnectWaitsForTheServer(t *testing.T) {
+	port := natstest.FreePorts(t, 1)[0]
+	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	var reported atomic.Int32
+	type result struct {
+		nc  *nats.Conn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		nc, err := Connect(ctx, BrokerConfig{Name: "late", URL: url, OnRequestError: func(error) { reported.Add(1) }}, quiet)
+		done <- result{nc, err}
+	}()
+	eventually(t, 10*time.Second, "failed attempts reported", func() bool { return reported.Load() >= 2 })
+	natstest.Start(t, func(o *server.Options) { o.Port = port })
+	select {
+	case r := <-done:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		r.nc.Close()
+	case <-time.After(10 * time.Second):
+		t.Fatal("not connected within 10s of the server's start")
 	}
 }
 

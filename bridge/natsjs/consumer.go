@@ -7,8 +7,9 @@ import (
 	"slices"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/retry"
 )
 
 // ModeError says that the durable is set up for another ordering mode than
@@ -83,7 +84,7 @@ func (s *Source) modeOf(c *jetstream.ConsumerConfig) (Ordering, string) {
 // ensureConsumer of either side sees its requests again.)
 func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Consumer, error) {
 	cfg := s.consumerConfig()
-	old, err := request(ctx, s.cfg.RequestTimeout, func(ctx context.Context) (jetstream.Consumer, error) {
+	old, err := retry.Do(ctx, s.pol, retry.OpConsumerInfo, s.consumerName(), func(ctx context.Context) (jetstream.Consumer, error) {
 		return s.js.Consumer(ctx, s.cfg.Stream, s.cfg.Durable)
 	})
 	switch {
@@ -109,7 +110,7 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 	default:
 		return nil, fmt.Errorf("natsjs: source %s: consumer %s: %w", s.cfg.Stream, s.cfg.Durable, err)
 	}
-	cons, err := request(ctx, s.cfg.RequestTimeout, func(ctx context.Context) (jetstream.Consumer, error) {
+	cons, err := retry.Do(ctx, s.pol, retry.OpConsumerCreate, s.consumerName(), func(ctx context.Context) (jetstream.Consumer, error) {
 		return s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
 	})
 	if err != nil {
@@ -157,32 +158,11 @@ func (s *Source) waitMode(ctx context.Context, lastWarn *time.Time) bool {
 	return err == nil
 }
 
-// request runs one JetStream API call with a timeout per attempt, retrying
-// attempts that timed out or found no responder (a leader election, a
-// server restarting) with backoff until ctx ends: one slow attempt never
-// uses up the caller's whole deadline.
-func request[T any](ctx context.Context, timeout time.Duration, call func(context.Context) (T, error)) (T, error) {
-	delay := reconnectMin
-	for {
-		actx, cancel := context.WithTimeout(ctx, timeout)
-		v, err := call(actx)
-		cancel()
-		if err == nil || !transient(err) || ctx.Err() != nil {
-			return v, err
-		}
-		if !sleepCtx(ctx, delay) {
-			return v, err
-		}
-		delay = min(2*delay, reconnectMax)
-	}
-}
+// consumerName is "<stream>/<durable>", as requests name the consumer in
+// logs.
+func (s *Source) consumerName() string { return s.cfg.Stream + "/" + s.cfg.Durable }
 
-// transient tells API failures worth another attempt: no answer in time,
-// no responder, JetStream temporarily unavailable (503).
-func transient(err error) bool {
-	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) {
-		return true
-	}
-	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && apiErr.Code == 503
-}
+// transient tells API failures worth another attempt (no answer, no
+// responders, an election, the link down): retry.Transient, the one
+// classification of every broker request.
+func transient(err error) bool { return retry.Transient(err) }

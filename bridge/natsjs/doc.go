@@ -58,9 +58,21 @@
 // against the replica that reports it. An existing durable keeps its deliver policy (an operator may create
 // it with DeliverNew to skip history); one deleted while the bridge runs is
 // recreated starting after that ack floor rather than replaying the stream.
-// Every JetStream API request of the source has its own timeout
-// (RequestTimeout, 2s) and is retried on timeouts and missing responders
-// where the source has the time.
+// Every JetStream API request of the source, and of EnsureStreams, goes
+// through internal/retry: each attempt has its own timeout (RequestTimeout,
+// 2s), waits for the connection instead of going into the client's
+// reconnect buffer, and a failure worth repeating (no answer, no
+// responders, an election, JetStream temporarily unavailable) is logged,
+// reported through OnRequestError and retried with backoff where the
+// caller has the time (at start-up: until its context ends).
+//
+// The source reports through SourceConfig.OnFailing why it cannot deliver
+// (missed pull heartbeats, a fence, a failing reset, standby probes without
+// answer, consume errors) and when it can again. Missed heartbeats while
+// the connection claims to be up also ping the server: a frozen server
+// keeps its TCP connections open, so when the ping is not answered within
+// one heartbeat the connection is forced to another server at once, instead
+// of after the client's ping timeout.
 //
 // # Unordered mode (ordering: none)
 //
@@ -69,12 +81,16 @@
 // batch is used), so the client always has a batch buffered and the server
 // never waits for a request. The handler runs on the subscription's
 // goroutine, in stream order, and may block: that is the bridge's
-// back-pressure, and it also holds back new pulls. Pull requests expire
+// back-pressure, and it also holds back new pulls. The server sends a
+// heartbeat every second while a pull waits, so a silent server is noticed
+// after 2s. Pull requests expire
 // after 5s instead of the library's 30s: after the consumer sat at
 // MaxAckPending the client's idea of what it has requested can drift from
 // the server's, and an expiring request (or a missing heartbeat) is what
 // puts them back in step. A message whose replica dies is redelivered after
-// AckWait to another replica, possibly behind newer messages of its key.
+// AckWait to another replica, possibly behind newer messages of its key;
+// so is a delivery lost in transit when the replica's server fails (see
+// docs/guarantees.md, section 7).
 //
 // # Ordered mode (the default)
 //
@@ -195,7 +211,8 @@
 // stream, such as Nats-Expected-Stream) are removed, because the target
 // stream would act on them.
 //
-// A publish whose ack is lost fails after SinkConfig.AckTimeout instead of
+// A publish whose ack is lost fails after SinkConfig.AckTimeout (3s, per
+// broker with AckTimeouts) instead of
 // holding its slot forever: one sweep goroutine per broker checks the table
 // a few times per AckTimeout, so there is no timer per publish. The same
 // goroutine fails the outstanding publishes at once when the connection
@@ -252,13 +269,20 @@
 //
 // # Connections
 //
-// Connect never gives up reconnecting (backoff 100ms doubling to 5s, with
-// jitter), keeps a reconnect buffer for the source's acks issued while the
+// Connect waits for the first connection without giving up (until its
+// context ends) on servers that refuse, do not answer or whose names do not
+// resolve yet, one log line and one OnRequestError report per failed
+// attempt, and fails at once on rejected credentials and TLS errors. The
+// connection never gives up reconnecting (backoff 100ms doubling to
+// ReconnectWait, 2s, with jitter, between rounds over the server list),
+// keeps a reconnect buffer for the source's acks issued while the
 // link is down (the Sink and the dedupe store do not use it: a publish or a
 // store request made while the link is down fails at once and the bridge
 // retries it, so no stale copy is sent when the link returns, possibly after
-// the message was published again or its shard moved), pings every 10s so
-// that a dead link is noticed within about 30s, and logs one line per state
+// the message was published again or its shard moved), pings every
+// PingInterval (1s) so that a dead link is noticed after MaxPingsOut (2)
+// unanswered pings, 2–3s, gives each server DialTimeout (2s) to greet, and
+// logs one line per state
 // change while reporting it through BrokerConfig.OnStateChange. Publishes whose acks were outstanding when
 // the link dropped fail with a disconnect error and are retried by the
 // bridge; the duplicate window drops those that had been stored.

@@ -214,21 +214,32 @@ func NewPartitionedSource(ctx context.Context, js jetstream.JetStream, cfg Parti
 		return nil, err
 	}
 	backlog := &backlogSum{report: cfg.Consumer.Backlog, parts: map[int]uint64{}}
+	failing := &failingAny{report: cfg.Failing, parts: map[int]error{}}
+	if cfg.Failing != nil {
+		// The membership and every owned partition report on their own;
+		// the rule fails while any of them does.
+		cfg.Failing = failing.of(membershipPart)
+	}
 	if cfg.NewPartition == nil {
 		base := cfg.Consumer
-		if base.Backlog != nil {
-			base.Backlog = nil // per partition, through backlog.of
-		}
+		base.Backlog = nil   // per partition, through backlog.of
+		base.OnFailing = nil // per partition, through failing.of
 		cfg.NewPartition = func(ctx context.Context, spec PartitionSpec) (Partition, error) {
 			c := base
 			if cfg.Consumer.Backlog != nil {
 				c.Backlog = backlog.of(spec.Partition)
 			}
+			if failing.report != nil {
+				c.OnFailing = failing.of(spec.Partition)
+			}
 			p, err := OrderedPartitions(js, c, log)(ctx, spec)
 			if err != nil {
 				return nil, err
 			}
-			return forgetBacklog{Partition: p, forget: func() { backlog.forget(spec.Partition) }}, nil
+			return forgetBacklog{Partition: p, forget: func() {
+				backlog.forget(spec.Partition)
+				failing.forget(spec.Partition)
+			}}, nil
 		}
 	}
 	prefix := cfg.Group + ".n" + strconv.Itoa(cfg.Partitions) + "."
@@ -581,4 +592,51 @@ type forgetBacklog struct {
 func (f forgetBacklog) Release(ctx context.Context) error {
 	defer f.forget()
 	return f.Partition.Release(ctx)
+}
+
+// membershipPart is failingAny's key of the replica's membership.
+const membershipPart = -1
+
+// failingAny merges the failures of a partitioned source's parts (its
+// membership and each owned partition's consumer) into the rule's one
+// report: failing while any part fails, with the lowest part's error.
+type failingAny struct {
+	report func(error)
+	mu     sync.Mutex
+	parts  map[int]error
+	last   error
+}
+
+func (f *failingAny) of(p int) func(error) {
+	return func(err error) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if err == nil {
+			delete(f.parts, p)
+		} else {
+			f.parts[p] = err
+		}
+		f.reportLocked()
+	}
+}
+
+func (f *failingAny) forget(p int) {
+	if f.report != nil {
+		f.of(p)(nil)
+	}
+}
+
+func (f *failingAny) reportLocked() {
+	var err error
+	low := 0
+	for p, e := range f.parts {
+		if err == nil || p < low {
+			err, low = e, p
+		}
+	}
+	if err == f.last {
+		return
+	}
+	f.last = err
+	f.report(err)
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/retry"
 )
 
 // epoch is one period in which this replica holds the consumer's pin and
@@ -261,6 +262,15 @@ func (r *pinRun) standby() bool {
 		}
 		asked := time.Now()
 		msg, err := r.probe()
+		if msg != nil || err == nil || errors.Is(err, jetstream.ErrPinIDMismatch) || errors.Is(err, jetstream.ErrConsumerLeadershipChanged) {
+			// The server answered: this replica can take the consumer over
+			// when its turn comes. (A probe without an answer is no sign of
+			// failure by itself: the server's "nothing for you" has only a
+			// tenth of ProbeWait to arrive; the monitor's consumer info,
+			// with RequestTimeout, tells a standby that cannot reach the
+			// consumer.)
+			s.failing.clear()
+		}
 		if msg != nil {
 			pin := msg.Headers().Get(pinHeader)
 			if pin == "" {
@@ -296,6 +306,7 @@ func (r *pinRun) standby() bool {
 			r.recreate()
 			return false
 		}
+		s.failing.set(fmt.Errorf("standby probe: %w", err))
 		if time.Since(r.lastWarn) >= s.cfg.PinnedTTL {
 			r.lastWarn = time.Now()
 			s.log.Warn("nats standby probe failed", "err", err)
@@ -352,10 +363,11 @@ func (r *pinRun) waitConnected() bool {
 
 // acquire resets the consumer to its ack floor while this replica holds
 // r.pin: everything not acknowledged is delivered again, in stream order,
-// before anything newer. Each attempt has RequestTimeout; the attempts stop
-// after PinnedTTL (by then the pin has lapsed anyway: nothing renewed it).
-// It returns the new epoch, or nil to go back to Standby: never process
-// without a successful reset.
+// before anything newer. Each attempt has RequestTimeout and waits for the
+// connection; failed attempts are logged, counted and reported as the
+// source failing, and retried until PinnedTTL has passed (by then the pin
+// has lapsed anyway: nothing renewed it). It returns the new epoch, or nil
+// to go back to Standby: never process without a successful reset.
 func (r *pinRun) acquire() *epoch {
 	s := r.s
 	s.setState(transition{to: StateAcquiring, pin: r.pin, reason: r.reason})
@@ -366,50 +378,47 @@ func (r *pinRun) acquire() *epoch {
 		s.held = nil
 	}
 	s.mu.Unlock()
-	start := time.Now()
-	reconnects := r.nc.Stats().Reconnects
-	delay := reconnectMin
-	for attempt := 0; ; attempt++ {
-		if !r.waitConnected() {
-			r.hold(newEpoch(r.pin))
-			return nil
-		}
-		timeout := s.cfg.RequestTimeout
-		if attempt > 0 {
-			timeout = max(min(timeout, s.cfg.PinnedTTL-time.Since(start)), 10*time.Millisecond)
-		}
-		rctx, cancel := context.WithTimeout(r.ctx, timeout)
-		resp, err := s.js.ResetConsumer(rctx, s.cfg.Stream, s.cfg.Durable)
-		cancel()
-		if err == nil {
-			ep := newEpoch(r.pin)
-			ep.expect = resp.Delivered.Consumer + 1
-			ep.reconnects = reconnects
-			r.failures = 0
-			return ep
-		}
-		if r.ctx.Err() != nil {
-			r.hold(newEpoch(r.pin))
-			return nil
-		}
-		if errors.Is(err, jetstream.ErrConsumerNotFound) {
-			r.reason = "reset: consumer not found"
-			r.recreate()
-			return nil
-		}
-		if time.Since(start)+delay >= s.cfg.PinnedTTL {
-			r.failures++
-			r.reason = "consumer reset failed: " + err.Error()
-			s.log.Warn("nats consumer reset failed; letting the pin lapse", "pin", r.pin, "err", err,
-				"hint", "the reset needs nats-server 2.14+ and permission for $JS.API.CONSUMER.RESET")
-			return nil
-		}
-		if !sleepCtx(r.ctx, delay) {
-			r.hold(newEpoch(r.pin))
-			return nil
-		}
-		delay = min(2*delay, time.Second)
+	if !r.waitConnected() {
+		r.hold(newEpoch(r.pin))
+		return nil
 	}
+	reconnects := r.nc.Stats().Reconnects
+	pol := *s.pol
+	pol.Max = time.Second
+	report := s.pol.Report
+	pol.Report = func(ae *retry.AttemptError) {
+		if report != nil {
+			report(ae)
+		}
+		s.failing.set(fmt.Errorf("consumer reset failed (retrying): %w", ae.Err))
+	}
+	rctx, cancel := context.WithTimeout(r.ctx, s.cfg.PinnedTTL)
+	resp, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
+		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
+			return s.js.ResetConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
+		})
+	cancel()
+	switch {
+	case err == nil:
+		ep := newEpoch(r.pin)
+		ep.expect = resp.Delivered.Consumer + 1
+		ep.reconnects = reconnects
+		r.failures = 0
+		return ep
+	case r.ctx.Err() != nil, r.nc.IsClosed():
+		r.hold(newEpoch(r.pin))
+		return nil
+	case errors.Is(err, jetstream.ErrConsumerNotFound):
+		r.reason = "reset: consumer not found"
+		r.recreate()
+		return nil
+	}
+	r.failures++
+	r.reason = "consumer reset failed: " + err.Error()
+	s.failing.set(fmt.Errorf("consumer reset failed; letting the pin lapse: %w", err))
+	s.log.Warn("nats consumer reset failed; letting the pin lapse", "pin", r.pin, "err", err,
+		"hint", "the reset needs nats-server 2.14+ and permission for $JS.API.CONSUMER.RESET")
+	return nil
 }
 
 // hold leaves ep for Release or Close: the pin it may still hold is given
@@ -442,6 +451,7 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 	}
 	s.setState(transition{to: StateActive, pin: ep.pin, reason: r.reason, epoch: true, epochStart: ep.start,
 		takeover: !r.pinnedAt.IsZero(), pinnedAt: r.pinnedAt, unpinnedAt: r.unpinnedSince()})
+	s.failing.clear()
 	s.active.Store(ep)
 	defer s.active.CompareAndSwap(ep, nil)
 	// Status events from before the reset are stale (the reconnect
@@ -463,6 +473,11 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 		case f := <-ep.fence:
 			r.stopConsume(ep, cc)
 			r.purge()
+			if r.ctx.Err() == nil {
+				// Cleared by the next epoch, or by a standby probe the
+				// server answers.
+				s.failing.setFirst(fmt.Errorf("fenced: %s", f.reason))
+			}
 			tr := transition{to: StateStandby, reason: f.reason, fence: true}
 			if f.next == toClosed {
 				tr.to = StateStopped
@@ -577,6 +592,7 @@ func (r *pinRun) take(ep *epoch, msg jetstream.Msg) {
 		return
 	}
 	ep.expect = meta.dseq + 1
+	r.s.failing.clear()
 	d := r.s.newDelivery(msg, &meta, hdr)
 	d.ep = ep
 	d.m.Epoch = &ep.Epoch
@@ -596,12 +612,14 @@ func (r *pinRun) consumeErr(ep *epoch, err error) {
 		ep.trip(fenceEvent{next: toStandby, reason: "consumer leader changed (the pin is cleared)"})
 	case errors.Is(err, jetstream.ErrNoHeartbeat):
 		ep.trip(fenceEvent{next: toAcquire, reason: "missed heartbeats"})
+		r.s.missedHeartbeats(r.s.heartbeat)
 	case errors.Is(err, jetstream.ErrConsumerDeleted), errors.Is(err, jetstream.ErrBadRequest):
 		ep.trip(fenceEvent{next: toRecreate, reason: "consume: " + err.Error()})
 	case errors.Is(err, jetstream.ErrConnectionClosed), errors.Is(err, nats.ErrConnectionClosed):
 		ep.trip(fenceEvent{next: toClosed, reason: "connection closed"})
 	default:
 		if r.ctx.Err() == nil {
+			r.s.failing.set(fmt.Errorf("consume: %w", err))
 			r.s.log.Warn("nats consume error", "err", err)
 		}
 	}
@@ -662,7 +680,10 @@ func (s *Source) kick(ctx context.Context, info *jetstream.ConsumerInfo) bool {
 	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
-	resp, err := s.js.ResetConsumer(rctx, s.cfg.Stream, s.cfg.Durable)
+	resp, err := retry.Do(rctx, s.quiet, retry.OpConsumerReset, s.consumerName()+" (kick)",
+		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
+			return s.js.ResetConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
+		})
 	if err != nil {
 		s.log.Debug("nats consumer kick failed", "err", err)
 		return false
@@ -701,14 +722,20 @@ func (s *Source) unpin(pin string) bool {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*s.cfg.RequestTimeout)
 	defer cancel()
-	info, err := s.consumer().Info(ctx)
+	cons := s.consumer()
+	info, err := retry.Do(ctx, s.pol, retry.OpConsumerInfo, s.consumerName(),
+		func(ctx context.Context) (*jetstream.ConsumerInfo, error) { return cons.Info(ctx) })
 	if err != nil || pinnedID(info, s.cfg.Group) != pin {
 		return false
 	}
-	st, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err == nil {
-		err = st.UnpinConsumer(ctx, s.cfg.Durable, s.cfg.Group)
-	}
+	_, err = retry.Do(ctx, s.pol, retry.OpConsumerUnpin, s.consumerName(),
+		func(ctx context.Context) (struct{}, error) {
+			st, err := s.js.Stream(ctx, s.cfg.Stream)
+			if err == nil {
+				err = st.UnpinConsumer(ctx, s.cfg.Durable, s.cfg.Group)
+			}
+			return struct{}{}, err
+		})
 	if err != nil {
 		s.log.Warn("nats unpin failed; the pin lapses after PinnedTTL", "pin", pin, "err", err)
 		return false

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/retry"
 )
 
 // BucketPlan is a JetStream KV bucket the configuration needs: the dedupe
@@ -69,6 +71,7 @@ type Action struct {
 type Provisioning struct {
 	Actions []Action
 	js      jetstream.JetStream
+	retry   *retry.Policy
 }
 
 // ProvisionOptions tunes PlanProvision.
@@ -82,6 +85,10 @@ type ProvisionOptions struct {
 	// streams with fewer are raised to it; more are never lowered.
 	Replicas      int
 	RaiseReplicas bool
+	// Retry, when set, bounds, retries, logs and counts each stream
+	// request (internal/retry) until ctx ends; nil: one attempt of at most
+	// streamCallTimeout each, for a command that reports the failure.
+	Retry *retry.Policy
 }
 
 // Refused returns the actions that were refused.
@@ -135,7 +142,7 @@ func PlanProvision(ctx context.Context, js jetstream.JetStream, streams []Stream
 			return nil, err
 		}
 	}
-	out := &Provisioning{js: js}
+	out := &Provisioning{js: js, retry: opts.Retry}
 	for _, name := range pr.order {
 		out.Actions = append(out.Actions, pr.byName[name].action())
 	}
@@ -183,12 +190,21 @@ func call[T any](ctx context.Context, f func(context.Context) (T, error)) (T, er
 	return f(cctx)
 }
 
+// retried runs one stream request under pol (bounded, retried, logged and
+// counted; internal/retry), or as call does when pol is nil.
+func retried[T any](ctx context.Context, pol *retry.Policy, op, on string, f func(context.Context) (T, error)) (T, error) {
+	if pol == nil {
+		return call(ctx, f)
+	}
+	return retry.Do(ctx, pol, op, on, f)
+}
+
 // stream returns the state of a stream by name, reading it on first use.
 func (pr *provisioner) stream(ctx context.Context, name string) (*streamState, error) {
 	if s := pr.byName[name]; s != nil {
 		return s, nil
 	}
-	st, err := call(ctx, func(ctx context.Context) (jetstream.Stream, error) { return pr.js.Stream(ctx, name) })
+	st, err := retried(ctx, pr.opts.Retry, retry.OpStreamInfo, name, func(ctx context.Context) (jetstream.Stream, error) { return pr.js.Stream(ctx, name) })
 	s := &streamState{name: name}
 	switch {
 	case errors.Is(err, jetstream.ErrStreamNotFound):
@@ -208,17 +224,18 @@ func (pr *provisioner) stream(ctx context.Context, name string) (*streamState, e
 // capturing lists the existing streams other than self whose subjects
 // overlap subj.
 func (pr *provisioner) capturing(ctx context.Context, subj, self string) ([]*jetstream.StreamConfig, error) {
-	cctx, cancel := context.WithTimeout(ctx, streamCallTimeout)
-	defer cancel()
-	l := pr.js.ListStreams(cctx, jetstream.WithStreamListSubject(subj))
-	var out []*jetstream.StreamConfig
-	for info := range l.Info() {
-		if info.Config.Name != self {
-			cfg := info.Config
-			out = append(out, &cfg)
+	out, err := retried(ctx, pr.opts.Retry, retry.OpStreamInfo, "listening on "+subj, func(ctx context.Context) ([]*jetstream.StreamConfig, error) {
+		l := pr.js.ListStreams(ctx, jetstream.WithStreamListSubject(subj))
+		var out []*jetstream.StreamConfig
+		for info := range l.Info() {
+			if info.Config.Name != self {
+				cfg := info.Config
+				out = append(out, &cfg)
+			}
 		}
-	}
-	if err := l.Err(); err != nil {
+		return out, l.Err()
+	})
+	if err != nil {
 		return nil, fmt.Errorf("natsjs: streams listening on %s: %w", subj, err)
 	}
 	return out, nil
@@ -383,7 +400,7 @@ func (s *streamState) action() Action {
 
 func (pr *provisioner) bucket(ctx context.Context, b *BucketPlan) (Action, error) {
 	a := Action{Object: "kv " + b.Bucket, Uses: b.Uses, name: "KV_" + b.Bucket, bucket: b}
-	st, err := call(ctx, func(ctx context.Context) (jetstream.Stream, error) { return pr.js.Stream(ctx, "KV_"+b.Bucket) })
+	st, err := retried(ctx, pr.opts.Retry, retry.OpStreamInfo, "KV_"+b.Bucket, func(ctx context.Context) (jetstream.Stream, error) { return pr.js.Stream(ctx, "KV_"+b.Bucket) })
 	switch {
 	case errors.Is(err, jetstream.ErrStreamNotFound):
 		a.Op, a.Changes = OpCreate, []string{b.Settings}
@@ -425,10 +442,10 @@ func (p *Provisioning) Apply(ctx context.Context) error {
 		case a.Op == OpCreate && a.bucket != nil:
 			err = a.bucket.Create(ctx, p.js)
 		case a.Op == OpCreate:
-			_, err = call(ctx, func(ctx context.Context) (jetstream.Stream, error) { return p.js.CreateStream(ctx, *a.create) })
+			_, err = retried(ctx, p.retry, retry.OpStreamCreate, a.create.Name, func(ctx context.Context) (jetstream.Stream, error) { return p.js.CreateStream(ctx, *a.create) })
 		case a.Op == OpUpdate:
 			var st jetstream.Stream
-			st, err = call(ctx, func(ctx context.Context) (jetstream.Stream, error) { return p.js.UpdateStream(ctx, *a.update) })
+			st, err = retried(ctx, p.retry, retry.OpStreamUpdate, a.update.Name, func(ctx context.Context) (jetstream.Stream, error) { return p.js.UpdateStream(ctx, *a.update) })
 			if err == nil && a.boundary {
 				a.Notes = append(a.Notes, fmt.Sprintf("last sequence at the change: %d (every later event carries the new subjects)", st.CachedInfo().State.LastSeq))
 			}

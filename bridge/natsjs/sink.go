@@ -17,7 +17,10 @@ import (
 
 const (
 	defaultMaxPending = 4096
-	defaultAckTimeout = 30 * time.Second
+	// DefaultAckTimeout is SinkConfig.AckTimeout's default: long enough for
+	// a stream leader election to finish, short enough that a publish lost
+	// with its server holds its key for seconds, not half a minute.
+	DefaultAckTimeout = 3 * time.Second
 )
 
 var (
@@ -64,8 +67,13 @@ type SinkConfig struct {
 	// slot, forever. One goroutine per broker sweeps the slot table every
 	// AckTimeout/4 (within 100ms..1s, never more than AckTimeout), so the
 	// failure comes between AckTimeout and AckTimeout plus three sweeps, and no
-	// timer is armed per publish. Default 30s; negative turns it off.
+	// timer is armed per publish. Default DefaultAckTimeout (3s); negative
+	// turns it off. It must stay below the dedupe store's ReserveTTL (the
+	// reservation must outlive the publish it covers).
 	AckTimeout time.Duration
+	// AckTimeouts sets AckTimeout per broker name; brokers not in it use
+	// AckTimeout.
+	AckTimeouts map[string]time.Duration
 }
 
 // Sink publishes to JetStream streams on one or more brokers; it implements
@@ -106,7 +114,7 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 		return nil, fmt.Errorf("natsjs: sink: MaxPending %d over %d", cfg.MaxPending, jspub.MaxPendingLimit)
 	}
 	if cfg.AckTimeout == 0 {
-		cfg.AckTimeout = defaultAckTimeout
+		cfg.AckTimeout = DefaultAckTimeout
 	}
 	for name, js := range conns {
 		if js == nil || js.Conn() == nil {
@@ -115,7 +123,11 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 	}
 	s := &Sink{brokers: make(map[string]*publisher, len(conns))}
 	for name, js := range conns {
-		p, err := newPublisher(name, js.Conn(), cfg.MaxPending, cfg.AckTimeout)
+		ackTimeout := cfg.AckTimeout
+		if d, ok := cfg.AckTimeouts[name]; ok && d != 0 {
+			ackTimeout = d
+		}
+		p, err := newPublisher(name, js.Conn(), cfg.MaxPending, ackTimeout)
 		if err != nil {
 			for _, p := range s.brokers {
 				_ = p.pipe.Close(context.Background()) // nothing was sent: returns at once

@@ -326,6 +326,50 @@ func TestSinkAckTimeout(t *testing.T) {
 	}
 }
 
+// TestSinkAckTimeoutPerBroker: AckTimeouts sets the timeout per broker
+// name (the configuration's brokers.<name>.ackTimeout); the other brokers
+// keep AckTimeout.
+func TestSinkAckTimeoutPerBroker(t *testing.T) {
+	srv := natstest.Start(t)
+	nc, js := srv.Connect(t)
+	sub, err := nc.SubscribeSync("lost.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	sink, err := NewSink(map[string]jetstream.JetStream{"fast": js, "slow": js},
+		SinkConfig{AckTimeout: time.Minute, AckTimeouts: map[string]time.Duration{"fast": 200 * time.Millisecond}}, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fast, slow := make(chan error, 1), make(chan error, 1)
+	start := time.Now()
+	sink.PublishAsync(testCtx(t), out("fast", "lost.f", "F", "x"), func(err error) { fast <- err })
+	sink.PublishAsync(testCtx(t), out("slow", "lost.s", "S", "x"), func(err error) { slow <- err })
+	if err := recv(t, fast); !errors.Is(err, jetstream.ErrAsyncPublishTimeout) {
+		t.Fatalf("fast broker: err = %v, want its 200ms ack timeout", err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("fast broker's timeout came after %v", took)
+	}
+	select {
+	case err := <-slow:
+		t.Fatalf("slow broker's publish resolved (%v) long before its 1m ack timeout", err)
+	case <-time.After(time.Second):
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := sink.Close(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := recv(t, slow); !errors.Is(err, ErrClosed) {
+		t.Fatalf("slow broker after Close: %v", err)
+	}
+}
+
 // streamSink starts a server with stream CELL_RZ00 on cell.rz00.> and
 // returns a Sink publishing there as broker "nats" (closed when the test ends).
 func streamSink(t *testing.T, cfg SinkConfig) (*Sink, jetstream.Stream) {

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/retry"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -41,6 +42,8 @@ const (
 	// MinPinnedTTL is the shortest PinnedTTL accepted: the pull expiry that
 	// renews the pin is at least 1s and must fit in it with room to spare.
 	MinPinnedTTL = 2 * time.Second
+	// DefaultRequestTimeout is SourceConfig.RequestTimeout's default.
+	DefaultRequestTimeout = 2 * time.Second
 )
 
 // SourceConfig describes the durable pull consumer behind one topic rule.
@@ -85,9 +88,22 @@ type SourceConfig struct {
 	FetchBatch int
 	// RequestTimeout bounds each attempt of a JetStream API request the
 	// source makes (consumer lookup and creation, reset, unpin, consumer
-	// info); a timed-out attempt is retried where the source has time for
-	// it. Default 2s.
+	// info); a failed attempt that is worth repeating (internal/retry) is
+	// logged and retried with backoff where the source has time for it.
+	// Default 2s.
 	RequestTimeout time.Duration
+	// OnRequestError, when set, receives every failed attempt of those
+	// requests (an error naming the broker, server, request, attempt and the
+	// wait before the next one), for metrics. It must not block.
+	OnRequestError func(error)
+	// OnFailing, when set, is told why the source cannot deliver now (err
+	// non-nil: missed heartbeats, a failing consumer reset, a fence, consume
+	// errors, a standby's consumer info unanswered) and, with nil, that it
+	// can again (a delivery, an answered probe or consumer info, a new
+	// epoch, or no consume error for a few heartbeats). Calls are made one
+	// at a time, only on changes, and must not block; the bridge feeds them
+	// into /readyz and cellbridge_source_failing.
+	OnFailing func(err error)
 	// ProbeWait is how long each standby probe (a pull for one message that
 	// wins the pin when it is free) waits on the server. Default 1s.
 	ProbeWait time.Duration
@@ -146,7 +162,7 @@ func (c *SourceConfig) defaults() error {
 		c.FetchBatch = 1024
 	}
 	if c.RequestTimeout <= 0 {
-		c.RequestTimeout = 2 * time.Second
+		c.RequestTimeout = DefaultRequestTimeout
 	}
 	if c.ProbeWait <= 0 {
 		c.ProbeWait = time.Second
@@ -165,6 +181,17 @@ type Source struct {
 	cfg    SourceConfig
 	log    *slog.Logger
 	source string // Message.Source
+	// pol bounds, retries and reports the source's JetStream API requests;
+	// quiet is the same for those repeated on a timer (logged at debug).
+	pol, quiet *retry.Policy
+	// failing is what the source reports through OnFailing.
+	failing failState
+	// linkCheck is set while a check of the connection after missed
+	// heartbeats runs (checkLink).
+	linkCheck atomic.Bool
+	// lastConsumeErr is when (UnixNano) the unordered Consume last
+	// reported an error; a quiet period after it clears the failure.
+	lastConsumeErr atomic.Int64
 	// expiry and heartbeat are the ordered mode's pull settings.
 	expiry, heartbeat time.Duration
 
@@ -218,6 +245,12 @@ func NewSource(ctx context.Context, js jetstream.JetStream, cfg SourceConfig, lo
 		st: SourceState{Rule: cfg.Rule, Stream: cfg.Stream, Consumer: cfg.Durable, Ordering: cfg.Ordering,
 			State: StateStopped, Since: time.Now()},
 	}
+	s.failing.report = cfg.OnFailing
+	s.pol = &retry.Policy{Broker: cfg.Broker, Conn: js.Conn(), Timeout: cfg.RequestTimeout, Log: s.log,
+		Report: reportTo(cfg.OnRequestError)}
+	q := *s.pol
+	q.Quiet = true
+	s.quiet = &q
 	// The pull that renews the pin must come well inside PinnedTTL, or an
 	// idle owner loses its pin between two pulls (the library's minimum
 	// expiry is 1s, its heartbeat at most half the expiry).
@@ -337,11 +370,8 @@ func (s *Source) runShared(ctx context.Context, h bridge.Handler) error {
 		cc, err := cons.Consume(func(msg jetstream.Msg) { s.deliver(ctx, msg, h) },
 			jetstream.PullMaxMessages(s.cfg.FetchBatch),
 			jetstream.PullExpiry(pullExpiry),
-			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-				if ctx.Err() == nil {
-					s.log.Warn("nats consume error", "err", err)
-				}
-			}))
+			jetstream.PullHeartbeat(sharedHeartbeat),
+			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) { s.sharedConsumeErr(ctx, err) }))
 		if err == nil {
 			select {
 			case <-ctx.Done():
@@ -356,6 +386,10 @@ func (s *Source) runShared(ctx context.Context, h bridge.Handler) error {
 		if s.js.Conn().IsClosed() {
 			return fmt.Errorf("natsjs: source %s: %w", s.cfg.Stream, nats.ErrConnectionClosed)
 		}
+		if err == nil {
+			err = errors.New("consuming stopped")
+		}
+		s.failing.set(fmt.Errorf("consume: %w; recreating consumer %s", err, s.cfg.Durable))
 		s.log.Warn("nats consume stopped, recreating consumer", "err", err, "retry_in", delay)
 		if !sleepCtx(ctx, delay) {
 			return nil
@@ -369,9 +403,34 @@ func (s *Source) runShared(ctx context.Context, h bridge.Handler) error {
 		}
 		if err == nil {
 			cons, delay = c, reconnectMin
+		} else if ctx.Err() == nil {
+			s.failing.set(fmt.Errorf("consumer %s: %w", s.cfg.Durable, err))
 		}
 	}
 }
+
+// sharedConsumeErr handles the unordered Consume's errors: each is logged
+// and reported as the source failing (a delivery, or a few quiet
+// heartbeats, clear it: see monitor); missed heartbeats also check the
+// connection.
+func (s *Source) sharedConsumeErr(ctx context.Context, err error) {
+	if ctx.Err() != nil {
+		return
+	}
+	s.lastConsumeErr.Store(time.Now().UnixNano())
+	if errors.Is(err, jetstream.ErrNoHeartbeat) {
+		s.missedHeartbeats(sharedHeartbeat)
+	} else {
+		s.failing.set(fmt.Errorf("consume: %w", err))
+	}
+	s.log.Warn("nats consume error", "err", err)
+}
+
+// quietFor is how long the unordered Consume must go without an error,
+// while connected, before its failure is cleared without a delivery (an
+// idle stream): the library reports missed heartbeats every
+// 2×sharedHeartbeat, so this long without one means they arrive again.
+const quietFor = 3 * sharedHeartbeat
 
 // pullExpiry bounds how long one pull request of the unordered mode waits
 // on the server. The client's pull accounting can get out of step with the
@@ -461,6 +520,7 @@ func (s *Source) deliver(ctx context.Context, msg jetstream.Msg, h bridge.Handle
 		s.log.Warn("nats message without JetStream metadata", "subject", msg.Subject(), "reply", msg.Reply())
 		return
 	}
+	s.failing.clear()
 	d := s.newDelivery(msg, &meta, msg.Headers())
 	// An error means ctx is done: the message stays unacked and is
 	// redelivered after AckWait (to this or another replica).
@@ -521,8 +581,10 @@ func wrapSettle(d *delivery, err, aerr error) error {
 // NumPending feeds Backlog, and the ack floor is remembered for recreating
 // a lost consumer. In ordered mode it also checks that an Active epoch's pin
 // is still the server's, and kicks an idle consumer whose owner went away
-// (see kick); unpinned wakes it at once. One request per interval is
-// nothing next to the acks.
+// (see kick); unpinned wakes it at once. Whether the request is answered
+// is how a standby reports that it could (not) take over, and a quiet
+// unordered source that its failure is over (OnFailing). One request per
+// interval is nothing next to the acks.
 func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 	t := time.NewTicker(s.cfg.BacklogInterval)
 	defer t.Stop()
@@ -530,10 +592,28 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 	for {
 		cons := s.consumer()
 		asked := time.Now()
-		ictx, cancel := context.WithTimeout(ctx, min(s.cfg.BacklogInterval, s.cfg.RequestTimeout))
-		info, err := cons.Info(ictx)
+		ictx, cancel := context.WithTimeout(ctx, s.cfg.BacklogInterval)
+		info, err := retry.Do(ictx, s.quiet, retry.OpConsumerInfo, s.consumerName(),
+			func(ctx context.Context) (*jetstream.ConsumerInfo, error) { return cons.Info(ctx) })
 		cancel()
+		if st := s.State().State; st == StateStandby && ctx.Err() == nil {
+			// A standby learns only here whether it could take over: the
+			// consumer's leader answers or not.
+			switch {
+			case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrDisconnected):
+				s.failing.set(fmt.Errorf("standby: no answer to consumer info within %s (connected to %s)",
+					s.cfg.BacklogInterval, serverOf(s.js.Conn())))
+			case err != nil:
+				s.failing.set(fmt.Errorf("standby: consumer info: %w", err))
+			default:
+				s.failing.clear()
+			}
+		}
 		if err == nil {
+			if s.cfg.Ordering == Unordered && s.failing.failingNow() && s.js.Conn().IsConnected() &&
+				time.Since(time.Unix(0, s.lastConsumeErr.Load())) >= quietFor && s.State().State == StateShared {
+				s.failing.clear()
+			}
 			s.ackFloor.Store(info.AckFloor.Stream)
 			if s.cfg.Backlog != nil {
 				n := info.NumPending

@@ -2,12 +2,14 @@ package natsjs
 
 import (
 	"context"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/internal/retry"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -24,6 +26,15 @@ type StreamOptions struct {
 	Duplicates time.Duration
 	// Replicas defaults to 1 (a single embedded server).
 	Replicas int
+	// RequestTimeout bounds each attempt of the stream requests; failed
+	// attempts worth repeating are retried until ctx ends (internal/retry).
+	// Default 2s.
+	RequestTimeout time.Duration
+	// Log receives one line per failed attempt; nil: none.
+	Log *slog.Logger
+	// OnRequestError, when set, receives every failed attempt (see
+	// SourceConfig.OnRequestError).
+	OnRequestError func(error)
 }
 
 // DLQStream is the stream EnsureStreams creates for DLQ targets.
@@ -131,8 +142,10 @@ func PlanStreams(table *router.Table, opts StreamOptions) []StreamPlan {
 // use; operators run `cellbridge streams -apply`, which plans the same way.
 // It changes nothing when the plan refuses a change (ErrRefused).
 func EnsureStreams(ctx context.Context, js jetstream.JetStream, table *router.Table, opts StreamOptions) error {
+	pol := &retry.Policy{Broker: opts.Broker, Conn: js.Conn(), Timeout: opts.RequestTimeout, Log: opts.Log,
+		Report: reportTo(opts.OnRequestError)}
 	p, err := PlanProvision(ctx, js, PlanStreams(table, opts), nil,
-		ProvisionOptions{Duplicates: opts.Duplicates, Replicas: opts.Replicas, RaiseReplicas: opts.Replicas > 1})
+		ProvisionOptions{Duplicates: opts.Duplicates, Replicas: opts.Replicas, RaiseReplicas: opts.Replicas > 1, Retry: pol})
 	if err == nil {
 		err = p.Apply(ctx)
 	}

@@ -74,6 +74,25 @@ log: {level: info, format: json}
 	return &crashEnv{t: t, js: js, table: table, exp: exp, config: cfg, dir: dir}
 }
 
+// ackTimeout sets the NATS broker's publish ack timeout in the config: the
+// test server runs in the test process, under the race detector when the
+// tests do, and two replicas' publishes and KV round trips at full speed
+// can keep its acks longer than the 3s default; a publish that times out
+// is sent again, which adds to the load that delayed it.
+func (e *crashEnv) ackTimeout(d time.Duration) {
+	data, err := os.ReadFile(e.config)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	out := strings.Replace(string(data), "  nats: {type: nats, url: ", fmt.Sprintf("  nats: {type: nats, ackTimeout: %s, url: ", d), 1)
+	if out == string(data) {
+		e.t.Fatal("crash env config: no nats broker line")
+	}
+	if err := os.WriteFile(e.config, []byte(out), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
 // proc is one bridge subprocess.
 type proc struct {
 	*e2etest.Bridge
@@ -190,7 +209,12 @@ func TestCrashTwoReplicas(t *testing.T) {
 	}
 	seed := crashSeed(t)
 	rnd := rand.New(rand.NewPCG(seed, 2))
-	e := newCrashEnv(t, seed, replicaEvents, "{store: jetstream, bucket: crash-dedupe, ttl: 5m, reserveTTL: 2s}")
+	// The test server runs in this (race-instrumented) process; with the
+	// short reserveTTL the KV request timeout would default to 1s, below
+	// its round trips under this load, and every timed-out Reserve is sent
+	// again. Give the requests what the reservation allows.
+	e := newCrashEnv(t, seed, replicaEvents, "{store: jetstream, bucket: crash-dedupe, ttl: 5m, reserveTTL: 2s, requestTimeout: 1900ms}")
+	e.ackTimeout(10 * time.Second)
 	start := time.Now()
 	a := e.start("replica-a")
 	b := e.start("replica-b")

@@ -75,8 +75,11 @@ func (i Info) Outcomes() map[string]float64 {
 	return out
 }
 
-// StartTimeout bounds the start of the bridge: connecting, creating the
-// dedupe bucket and the consumers.
+// StartTimeout bounds the OnStart hooks of the bridge, which only start
+// loops. Building the bridge (connecting, creating the dedupe bucket and
+// the consumers) has no deadline of its own: it waits for unreachable or
+// electing brokers, each request attempt bounded and logged, until the
+// caller's ctx ends (a signal), and /readyz says what it waits for.
 const StartTimeout = 60 * time.Second
 
 // StopTimeout bounds the stop of the bridge: the drain plus closing
@@ -102,9 +105,14 @@ func (f *failure) set() { f.once.Do(func() { close(f.ch) }) }
 
 // Start builds the bridge of o and starts it. Building connects to the
 // brokers, opens the dedupe store, the sinks and the sources and creates the
-// pipeline, within StartTimeout (and ctx); starting only starts the loops
-// (the pipeline's sources, the rules watcher). On failure everything opened
-// is closed again and the error names what failed.
+// pipeline; it retries what fails for reasons that pass (a broker not
+// reachable yet, a leader election), logging each attempt, until ctx ends,
+// and serves /healthz (200) and /readyz (503 with the step and its last
+// failed attempt) meanwhile. Errors that retrying cannot fix (rejected
+// credentials, TLS, a missing stream) end it at once. Starting only starts
+// the loops (the pipeline's sources, the rules watcher), within
+// StartTimeout. On failure everything opened is closed again and the error
+// names what failed.
 func Start(ctx context.Context, o Options) (*App, error) {
 	if o.Log == nil {
 		o.Log = NewLogger(o.Config.Log, os.Stderr)
@@ -115,16 +123,16 @@ func Start(ctx context.Context, o Options) (*App, error) {
 	if o.Version == "" {
 		o.Version = "dev"
 	}
-	sctx, cancel := context.WithTimeout(ctx, StartTimeout)
-	defer cancel()
 	a := &App{res: &resources{}, failed: &failure{ch: make(chan struct{})}, cfg: o.Config}
-	a.fx = fx.New(module(sctx, &o, a.res, a.failed), fx.Populate(&a.Info),
+	a.fx = fx.New(module(ctx, &o, a.res, a.failed), fx.Populate(&a.Info),
 		fx.StartTimeout(StartTimeout), fx.StopTimeout(StopTimeout(o.Config)))
 	// A constructor's error reaches fx.Err wrapped in the graph's
 	// description; the constructor's own says what failed.
 	err := dig.RootCause(a.fx.Err())
 	if err == nil {
+		sctx, cancel := context.WithTimeout(ctx, StartTimeout)
 		err = a.fx.Start(sctx)
+		cancel()
 	}
 	if err != nil {
 		// fx runs no OnStop hook of a graph it could not build, and
@@ -157,8 +165,17 @@ func (a *App) Shutdown() error {
 // Run runs the bridge until ctx is cancelled (SIGINT/SIGTERM) or a
 // component fails for good, then stops it gracefully.
 func Run(ctx context.Context, o Options) error {
+	if o.Log == nil {
+		o.Log = NewLogger(o.Config.Log, os.Stderr)
+	}
 	a, err := Start(ctx, o)
 	if err != nil {
+		if ctx.Err() != nil {
+			// A signal while the bridge was still starting (waiting for a
+			// broker): nothing was consumed; a clean stop.
+			o.Log.Info("stopped while starting", "err", err)
+			return nil
+		}
 		return err
 	}
 	failed := false
@@ -187,8 +204,9 @@ func ForceOnSecondSignal(log *slog.Logger) {
 	}
 }
 
-// startCtx bounds the constructors' work (connecting, creating buckets and
-// consumers).
+// startCtx ends the constructors' work (connecting, creating buckets and
+// consumers, each retried until it succeeds): the caller's context of
+// Start, cancelled by a signal.
 type startCtx struct{ context.Context }
 
 // module is the fx graph of one bridge. Constructors build the components
@@ -205,6 +223,8 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 		fx.Provide(
 			newMetrics,
 			newHealth,
+			func() *startStatus { return &startStatus{} },
+			newRequests,
 			router.NewHolder,
 			newHTTPServer,
 			newEmbeddedNATS,
@@ -227,9 +247,13 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 // fxLogger logs fx's own events at debug level (noise for an operator) and
 // its errors at error level.
 func fxLogger(log *slog.Logger) fxevent.Logger {
+	// fx's own events are debug-level noise for an operator, and so are
+	// its errors ("OnStart hook failed", "start failed, rolling back"):
+	// Start returns the error that caused them, which the command prints
+	// once, naming what failed.
 	l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
 	l.UseLogLevel(slog.LevelDebug)
-	l.UseErrorLevel(slog.LevelError)
+	l.UseErrorLevel(slog.LevelDebug)
 	return l
 }
 

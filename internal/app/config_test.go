@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -170,6 +172,43 @@ func TestConfigDedupeDefaults(t *testing.T) {
 	}
 }
 
+// TestNATSBrokerDefaults checks that the defaults table's brokers.* rows
+// name fields of the NATS kind, that a broker that sets none of them gets
+// the adapter's own defaults, and that a field the file sets is kept.
+func TestNATSBrokerDefaults(t *testing.T) {
+	tags := map[string]bool{}
+	for _, k := range kinds {
+		st := reflect.TypeOf(k.NewSettings()).Elem()
+		for i := range st.NumField() {
+			tags[strings.Split(st.Field(i).Tag.Get("yaml"), ",")[0]] = true
+		}
+	}
+	for _, f := range config.BrokerDefaultFields() {
+		if !tags[f] {
+			t.Errorf("defaults table row brokers.*.%s names no field of any broker kind", f)
+		}
+	}
+	c, err := config.Parse("c.yaml", []byte("brokers:\n  a: {type: nats, url: nats://a:1}\n  b: {type: nats, url: nats://b:1, ackTimeout: 7s, maxPingsOut: 5}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := natsOf(t, c, "a"), natsOf(t, c, "b")
+	got := []any{a.PingInterval.D(), a.MaxPingsOut, a.DialTimeout.D(), a.ReconnectWait.D(), a.RequestTimeout.D(), a.AckTimeout.D()}
+	want := []any{natsjs.DefaultPingInterval, natsjs.DefaultMaxPingsOut, natsjs.DefaultDialTimeout, natsjs.DefaultReconnectWait,
+		natsjs.DefaultRequestTimeout, natsjs.DefaultAckTimeout}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("defaults of a NATS broker %v, want the adapter's %v", got, want)
+	}
+	if b.AckTimeout.D() != 7*time.Second || b.MaxPingsOut != 5 || b.PingInterval.D() != natsjs.DefaultPingInterval {
+		t.Errorf("broker b: %+v", b)
+	}
+	// The embedded default's broker sets nothing: the adapter's defaults
+	// apply, which are the same.
+	if bc := (&NATSBroker{URL: "nats://x:1"}).adapter("nats"); bc.PingInterval != 0 || bc.DialTimeout != 0 {
+		t.Errorf("embedded broker config %+v: want the adapter's defaults (zero)", bc)
+	}
+}
+
 // TestBrokerConfigErrors checks the configuration problems of broker
 // settings, kinds and the brokers the dedupe store names, each reported as
 // "file:line: field: message".
@@ -211,6 +250,13 @@ func TestBrokerConfigErrors(t *testing.T) {
 		{"rmq checkBackWait negative", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: transactional, checkBackWait: -1s}\n", []string{"brokers.r.checkBackWait: must not be negative"}},
 		{"rmq persistInterval tiny", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], persistInterval: 1ms}\n", []string{"brokers.r.persistInterval: want at least 10ms"}},
 		{"nats field on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], url: nats://x:1}\n", []string{"brokers.r.url: only valid for type nats"}},
+		{"nats timeouts", "rules: rules\nbrokers:\n  a:\n    type: nats\n    url: nats://a:1\n    pingInterval: 10ms\n    maxPingsOut: 0\n    dialTimeout: 0s\n    reconnectWait: 1ms\n    requestTimeout: 0s\n    ackTimeout: 1ms\n", []string{
+			"config.yaml:6: brokers.a.pingInterval: must be at least 100ms, got 10ms", "config.yaml:7: brokers.a.maxPingsOut: must be 1..100, got 0",
+			"config.yaml:8: brokers.a.dialTimeout: must be at least 100ms", "config.yaml:9: brokers.a.reconnectWait: must be at least 100ms",
+			"config.yaml:10: brokers.a.requestTimeout: must be at least 10ms", "config.yaml:11: brokers.a.ackTimeout: must be at least 10ms"}},
+		{"nats timeout on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], ackTimeout: 1s}\n", []string{"brokers.r.ackTimeout: only valid for type nats"}},
+		{"dedupe requestTimeout", "rules: rules\n" + nats + "dedupe: {store: jetstream, reserveTTL: 2s, requestTimeout: 2s}\n", []string{"config.yaml:4: dedupe.requestTimeout: must be less than dedupe.reserveTTL (2s)"}},
+		{"dedupe requestTimeout memory", "rules: rules\n" + nats + "dedupe: {store: memory, requestTimeout: 1s}\n", []string{"config.yaml:4: dedupe.requestTimeout: only valid for store jetstream"}},
 		{"dedupe unknown broker", "rules: rules\n" + nats + "dedupe: {store: jetstream, broker: other}\n", []string{"dedupe.broker: unknown broker \"other\""}},
 		{"dedupe rmq broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream, broker: r}\n", []string{"dedupe.broker: broker \"r\" is of type rocketmq"}},
 		{"dedupe no broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream}\n", []string{"dedupe.broker: required for store jetstream"}},

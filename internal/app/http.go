@@ -12,21 +12,28 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/fx"
+
+	"github.com/cellbridge/cellbridge/bridge"
 )
 
 // httpServer serves /metrics, /healthz, /readyz, /route and /status. It
 // serves from construction on, before anything connects, so that liveness
-// probes pass while the bridge connects, and stops last; until the pipeline
-// runs it answers /healthz only (everything else: 503 starting).
+// probes pass while the bridge connects (which waits for unreachable
+// brokers without end), and stops last. Until the pipeline runs it answers
+// /healthz (200), /readyz (503 with what the start waits for), /metrics,
+// and 503 "starting" for everything else.
 type httpServer struct {
 	addr    string
 	handler atomicHandler
 }
 
 type atomicHandler struct {
-	mu sync.RWMutex
-	h  http.Handler
+	mu      sync.RWMutex
+	h       http.Handler
+	status  *startStatus
+	metrics http.Handler
 }
 
 func (a *atomicHandler) set(h http.Handler) { a.mu.Lock(); a.h = h; a.mu.Unlock() }
@@ -39,14 +46,21 @@ func (a *atomicHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.ServeHTTP(w, r)
 		return
 	}
-	if r.URL.Path == "/healthz" {
+	switch r.URL.Path {
+	case "/healthz":
 		_, _ = io.WriteString(w, "ok\n")
-		return
+	case "/readyz":
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = io.WriteString(w, "not ready:\n"+a.status.String()+"\n")
+	case "/metrics":
+		a.metrics.ServeHTTP(w, r)
+	default:
+		http.Error(w, "starting", http.StatusServiceUnavailable)
 	}
-	http.Error(w, "starting", http.StatusServiceUnavailable)
 }
 
-func newHTTPServer(lc fx.Lifecycle, res *resources, o *Options, log *slog.Logger) (*httpServer, error) {
+func newHTTPServer(lc fx.Lifecycle, res *resources, o *Options, status *startStatus, m *bridge.Metrics, log *slog.Logger) (*httpServer, error) {
 	addr := o.Config.HTTP.Listen
 	l, err := net.Listen("tcp", addr)
 	if err != nil && !o.Config.IsSet("http.listen") && errors.Is(err, syscall.EADDRINUSE) {
@@ -61,6 +75,8 @@ func newHTTPServer(lc fx.Lifecycle, res *resources, o *Options, log *slog.Logger
 		return nil, fmt.Errorf("http.listen %s: %w", addr, err)
 	}
 	hs := &httpServer{addr: l.Addr().String()}
+	hs.handler.status = status
+	hs.handler.metrics = promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
 	srv := &http.Server{Handler: &hs.handler, ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	log.Info("http listening", "addr", hs.addr)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -14,6 +15,7 @@ import (
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/internal/retry"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -26,6 +28,16 @@ type NATSBroker struct {
 	User     string        `yaml:"user"`
 	Password config.Secret `yaml:"password"`
 	Token    config.Secret `yaml:"token"`
+	// Liveness and request bounds (defaults in the configuration's
+	// defaults table, equal to the adapter's own): see
+	// natsjs.BrokerConfig, natsjs.SourceConfig.RequestTimeout and
+	// natsjs.SinkConfig.AckTimeout.
+	PingInterval   config.Duration `yaml:"pingInterval"`
+	MaxPingsOut    int             `yaml:"maxPingsOut"`
+	DialTimeout    config.Duration `yaml:"dialTimeout"`
+	ReconnectWait  config.Duration `yaml:"reconnectWait"`
+	RequestTimeout config.Duration `yaml:"requestTimeout"`
+	AckTimeout     config.Duration `yaml:"ackTimeout"`
 }
 
 // TLS holds PEM files. CA alone verifies the server; Cert+Key add a client
@@ -104,12 +116,31 @@ func (b *NATSBroker) Validate(c *config.BrokerCheck) {
 	if n > 1 {
 		c.Errorf("", "choose one authentication: user/password, token or creds")
 	}
+	for _, d := range []struct {
+		field string
+		v     config.Duration
+		min   time.Duration
+	}{
+		{"pingInterval", b.PingInterval, 100 * time.Millisecond},
+		{"dialTimeout", b.DialTimeout, 100 * time.Millisecond},
+		{"reconnectWait", b.ReconnectWait, 100 * time.Millisecond},
+		{"requestTimeout", b.RequestTimeout, 10 * time.Millisecond},
+		{"ackTimeout", b.AckTimeout, 10 * time.Millisecond},
+	} {
+		if d.v.D() < d.min {
+			c.Errorf(d.field, "must be at least %s, got %s", d.min, d.v)
+		}
+	}
+	if b.MaxPingsOut < 1 || b.MaxPingsOut > 100 {
+		c.Errorf("maxPingsOut", "must be 1..100, got %d", b.MaxPingsOut)
+	}
 }
 
 // adapter maps the settings onto the adapter's connection config.
 func (b *NATSBroker) adapter(name string) natsjs.BrokerConfig {
 	bc := natsjs.BrokerConfig{Name: name, URL: b.URL, Creds: string(b.Creds), User: b.User,
-		Password: b.Password.Value(), Token: b.Token.Value()}
+		Password: b.Password.Value(), Token: b.Token.Value(), PingInterval: b.PingInterval.D(),
+		MaxPingsOut: b.MaxPingsOut, DialTimeout: b.DialTimeout.D(), ReconnectWait: b.ReconnectWait.D()}
 	if b.TLS != nil {
 		bc.TLS = &natsjs.TLSConfig{CA: string(b.TLS.CA), Cert: string(b.TLS.Cert), Key: string(b.TLS.Key)}
 	}
@@ -118,20 +149,26 @@ func (b *NATSBroker) adapter(name string) natsjs.BrokerConfig {
 
 // natsClient holds one connection and JetStream context per NATS broker.
 type natsClient struct {
-	env   kindEnv
-	conns map[string]*nats.Conn
-	js    map[string]jetstream.JetStream
+	env      kindEnv
+	conns    map[string]*nats.Conn
+	js       map[string]jetstream.JetStream
+	settings map[string]*NATSBroker
 }
 
 func connectNATS(ctx context.Context, env kindEnv, used []usedBroker) (kindClient, error) {
-	c := &natsClient{env: env, conns: map[string]*nats.Conn{}, js: map[string]jetstream.JetStream{}}
+	c := &natsClient{env: env, conns: map[string]*nats.Conn{}, js: map[string]jetstream.JetStream{},
+		settings: map[string]*NATSBroker{}}
 	for _, u := range used {
-		bc := u.settings.(*NATSBroker).adapter(u.name)
+		settings := u.settings.(*NATSBroker)
+		c.settings[u.name] = settings
+		bc := settings.adapter(u.name)
 		bc.OnStateChange = func(up bool) {
 			for _, r := range u.roles {
 				env.health.ConnectionChanged(u.name, r, up)
 			}
 		}
+		bc.OnRequestError = env.requests.report
+		env.status.begin(fmt.Sprintf("connecting to broker %s (%s)", u.name, retry.Redact(settings.URL)))
 		nc, err := natsjs.Connect(ctx, bc, env.log)
 		if err != nil {
 			c.closeNow()
@@ -150,10 +187,13 @@ func connectNATS(ctx context.Context, env kindEnv, used []usedBroker) (kindClien
 
 func (c *natsClient) sink(names []string, _ dedupe.Store) (bridge.Sink, error) {
 	js := map[string]jetstream.JetStream{}
+	ackTimeouts := map[string]time.Duration{}
 	for _, n := range names {
 		js[n] = c.js[n]
+		ackTimeouts[n] = c.settings[n].AckTimeout.D()
 	}
-	return natsjs.NewSink(js, natsjs.SinkConfig{MaxPending: c.env.cfg.SinkMaxPending()}, c.env.log.With("component", "sink"))
+	return natsjs.NewSink(js, natsjs.SinkConfig{MaxPending: c.env.cfg.SinkMaxPending(), AckTimeouts: ackTimeouts},
+		c.env.log.With("component", "sink"))
 }
 
 func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source, error) {
@@ -161,18 +201,22 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 	rule := r.Name
 	health := c.env.health
 	log := c.env.log.With("component", "source")
+	c.env.status.begin(fmt.Sprintf("creating the consumer %s/%s of rule %s on broker %s", r.Source.Stream, r.Source.Group, rule, r.Source.Broker))
 	base := natsjs.SourceConfig{
-		Rule:          rule,
-		Broker:        r.Source.Broker,
-		Stream:        r.Source.Stream,
-		Subject:       r.Source.Subject,
-		Durable:       r.Source.Group,
-		Ordering:      natsjs.Ordering(r.Source.Ordering),
-		PinnedTTL:     cfg.Ordering.PinnedTTL.D(),
-		MaxAckPending: cfg.SourceMaxAckPending(),
-		AckWait:       cfg.Pipeline.AckWait.D(),
-		FetchBatch:    cfg.Pipeline.FetchBatch,
-		Backlog:       func(n uint64) { health.Backlog(rule, int64(n)) },
+		Rule:           rule,
+		Broker:         r.Source.Broker,
+		Stream:         r.Source.Stream,
+		Subject:        r.Source.Subject,
+		Durable:        r.Source.Group,
+		Ordering:       natsjs.Ordering(r.Source.Ordering),
+		PinnedTTL:      cfg.Ordering.PinnedTTL.D(),
+		MaxAckPending:  cfg.SourceMaxAckPending(),
+		AckWait:        cfg.Pipeline.AckWait.D(),
+		FetchBatch:     cfg.Pipeline.FetchBatch,
+		Backlog:        func(n uint64) { health.Backlog(rule, int64(n)) },
+		RequestTimeout: c.settings[r.Source.Broker].RequestTimeout.D(),
+		OnRequestError: c.env.requests.report,
+		OnFailing:      func(err error) { health.SourceFailing(rule, err) },
 	}
 	if r.Source.Partitions > 0 {
 		base.MaxAckPending = cfg.PartitionMaxAckPending(r.Source.Partitions)

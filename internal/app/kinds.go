@@ -34,6 +34,10 @@ type kindEnv struct {
 	cfg    *config.Config
 	health *bridge.Health
 	log    *slog.Logger
+	// requests counts and shows failed request attempts (the adapters'
+	// OnRequestError); status is the start-up step for /readyz.
+	requests *requests
+	status   *startStatus
 }
 
 // usedBroker is a broker the rules or the dedupe store use, with the roles
@@ -125,7 +129,8 @@ func (b *brokers) client(name string) (kindClient, error) {
 // newBrokers connects to every broker the rules or the dedupe store use,
 // kind by kind. The embedded default has one NATS broker, the embedded
 // server; its streams are created here, as the example rules need them.
-func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *embeddedNATS, health *bridge.Health, log *slog.Logger) (*brokers, error) {
+func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *embeddedNATS, health *bridge.Health,
+	reqs *requests, status *startStatus, log *slog.Logger) (*brokers, error) {
 	cfg := o.Config
 	b := &brokers{roles: brokerRoles(cfg, o.Rules), typeOf: map[string]string{}, clients: map[string]kindClient{}}
 	for _, f := range cfg.InlineSecrets() {
@@ -145,7 +150,7 @@ func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *em
 		b.typeOf[name] = cb.Type
 		byKind[cb.Type] = append(byKind[cb.Type], usedBroker{name: name, settings: cb.Settings, roles: b.roles[name]})
 	}
-	env := kindEnv{cfg: cfg, health: health, log: log}
+	env := kindEnv{cfg: cfg, health: health, log: log, requests: reqs, status: status}
 	for _, typ := range slices.Sorted(maps.Keys(byKind)) {
 		k := kindOf(typ)
 		if k == nil {
@@ -159,6 +164,7 @@ func newBrokers(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, e *em
 		res.add(lc, c.close)
 	}
 	if cfg.Embedded() {
+		status.begin("creating the embedded default's streams")
 		if err := ensureEmbeddedStreams(ctx, b, cfg, o.Rules); err != nil {
 			return nil, err
 		}

@@ -19,16 +19,20 @@ import (
 )
 
 // newDedupe opens the dedupe store.
-func newDedupe(ctx startCtx, lc fx.Lifecycle, res *resources, cfg *config.Config, b *brokers, log *slog.Logger) (dedupe.Store, error) {
+func newDedupe(ctx startCtx, lc fx.Lifecycle, res *resources, cfg *config.Config, b *brokers, reqs *requests,
+	status *startStatus, log *slog.Logger) (dedupe.Store, error) {
 	c := cfg.Dedupe
 	var store dedupe.Store
 	switch c.Store {
 	case config.DedupeMemory:
 		store = dedupe.NewMemory(c.Memory())
 	case config.DedupeJetStream:
+		status.begin(fmt.Sprintf("opening the dedupe store (bucket %s on broker %s)", c.Bucket, c.Broker))
 		js, err := b.jetStream(c.Broker)
 		if err == nil {
-			store, err = dedupe.NewJetStream(ctx, js, c.KV())
+			kc := c.KV()
+			kc.Log, kc.OnRequestError = log, reqs.report
+			store, err = dedupe.NewJetStream(ctx, js, kc)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("dedupe store (jetstream bucket %s on broker %s): %w", c.Bucket, c.Broker, err)

@@ -55,6 +55,8 @@ type DedupeConfig struct {
 	// both
 	TTL        Duration `yaml:"ttl"`
 	ReserveTTL Duration `yaml:"reserveTTL"`
+	// jetstream: each request to the bucket
+	RequestTimeout Duration `yaml:"requestTimeout"`
 }
 
 // Dedupe stores.
@@ -70,7 +72,8 @@ func (d DedupeConfig) Memory() dedupe.MemoryConfig {
 
 // KV is the JetStream KV store's configuration.
 func (d DedupeConfig) KV() dedupe.KVConfig {
-	return dedupe.KVConfig{Bucket: d.Bucket, TTL: d.TTL.D(), ReserveTTL: d.ReserveTTL.D(), Replicas: d.Replicas}
+	return dedupe.KVConfig{Bucket: d.Bucket, TTL: d.TTL.D(), ReserveTTL: d.ReserveTTL.D(), Replicas: d.Replicas,
+		Timeout: d.RequestTimeout.D(), Broker: d.Broker}
 }
 
 // HTTPConfig is the HTTP server of /metrics, /healthz, /readyz, /route, /status.

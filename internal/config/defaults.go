@@ -8,6 +8,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/internal/strictyaml"
 )
 
@@ -24,6 +25,12 @@ type defaultRow struct {
 var defaults = []defaultRow{
 	{"rules", "", "rule directory; required with brokers; built-in: the example rules (deploy/rules)"},
 	{"brokers", "", "none: the embedded default (in-process nats-server with JetStream, broker name `nats`)"},
+	{"brokers.*.pingInterval", "1s", "type nats: the client pings the server this often and reconnects once more than maxPingsOut pings are unanswered (a frozen server is left after 2-3s with the defaults)"},
+	{"brokers.*.maxPingsOut", "2", "type nats: unanswered pings before the link counts as dead"},
+	{"brokers.*.dialTimeout", "2s", "type nats: one connection attempt to one server (TCP, TLS, the server's greeting)"},
+	{"brokers.*.reconnectWait", "2s", "type nats: longest wait between two rounds of reconnect attempts over the server list (doubles from 100ms, plus jitter)"},
+	{"brokers.*.requestTimeout", "2s", "type nats: each attempt of a JetStream API request (streams, consumers, consumer reset/unpin/info); failed attempts are logged, counted and retried with backoff"},
+	{"brokers.*.ackTimeout", "3s", "type nats: a publish to a target stream whose ack has not come this long fails and is retried (below dedupe.reserveTTL)"},
 	{"dedupe.store", "", "`memory` when every broker is NATS (and for the embedded default): each target stream's duplicate window drops repeats across replicas (docs/guarantees.md, section 8, says when to choose `jetstream` anyway); `jetstream` when a RocketMQ broker is configured and a NATS broker exists (RocketMQ targets have no duplicate window); else `memory`"},
 	{"dedupe.broker", "", "the broker named `nats`, else the only NATS broker"},
 	{"dedupe.bucket", "cellbridge-dedupe", "JetStream KV bucket, shared by all replicas"},
@@ -31,6 +38,7 @@ var defaults = []defaultRow{
 	{"dedupe.size", "1000000", "memory store: max keys (LRU beyond)"},
 	{"dedupe.ttl", "10m", "how long a committed key suppresses a repeat"},
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this"},
+	{"dedupe.requestTimeout", "", "jetstream store: each request to the KV bucket (reserve, commit, release, and each attempt of the bucket's set-up): 2s, or half of reserveTTL when that is less; must stay below reserveTTL"},
 	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
 	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (a broadcast message takes one per copy; the NATS consumer's MaxAckPending is maxInFlight+maxHeld+maxLagging+fetchBatch; with `source.partitions: N` each partition's consumer gets (maxInFlight+maxHeld+maxLagging)/N plus fetchBatch/N)"},
 	{"pipeline.lanes", "", "ordering lanes: maxInFlight/4, at least 1 (one key always uses one lane; one message per key between publish and confirm; keys sharing a lane do not wait for each other)"},
@@ -74,21 +82,29 @@ func WriteDefaults(w io.Writer) {
 	}
 }
 
+// brokerRow prefixes the rows of the defaults table that apply to the
+// settings of every broker whose kind has the field ("brokers.*.url").
+const brokerRow = "brokers.*."
+
 // applyDefaults fills every field the file did not set from the defaults
-// table and computes the dedupe store defaults.
+// table and computes the dedupe store defaults. A brokers.*.<field> row
+// applies to each broker whose settings have that field.
 func (c *Config) applyDefaults() {
 	root := reflect.ValueOf(c).Elem()
 	for _, e := range defaults {
-		if e.Value == "" || c.set(e.Field) {
+		if e.Value == "" {
 			continue
 		}
-		f := fieldByPath(root, e.Field)
-		if !f.IsValid() || !f.IsZero() {
+		if field, ok := strings.CutPrefix(e.Field, brokerRow); ok {
+			for name, b := range c.Brokers {
+				if b != nil && b.Settings != nil && !c.set("brokers."+name+"."+field) {
+					setDefault(fieldByPath(reflect.ValueOf(b.Settings), field), e)
+				}
+			}
 			continue
 		}
-		n := &yaml.Node{Kind: yaml.ScalarNode, Value: e.Value}
-		if _, errs := strictyaml.Decode("(defaults)", n, f.Addr().Interface(), strictyaml.Options{}); len(errs) > 0 {
-			panic(fmt.Sprintf("config default %s=%q: %v", e.Field, e.Value, errs)) // a bug in the table
+		if !c.set(e.Field) {
+			setDefault(fieldByPath(root, e.Field), e)
 		}
 	}
 	defer c.defaultDeployment()
@@ -96,6 +112,9 @@ func (c *Config) applyDefaults() {
 		p.Heartbeat = p.LeaseTTL / 3
 	}
 	d := &c.Dedupe
+	if !c.set("dedupe.requestTimeout") && d.RequestTimeout == 0 {
+		d.RequestTimeout = Duration(min(dedupe.DefaultKVTimeout, d.ReserveTTL.D()/2))
+	}
 	if d.Store == "" {
 		// Every target is a JetStream stream when every broker is NATS: the
 		// stream's duplicate window drops a repeat from any replica, and with
@@ -143,4 +162,27 @@ func (c *Config) natsBrokerDefault() string {
 		}
 	}
 	return only
+}
+
+// setDefault decodes row e's value into f when f is a field left zero.
+func setDefault(f reflect.Value, e defaultRow) {
+	if !f.IsValid() || !f.IsZero() {
+		return
+	}
+	n := &yaml.Node{Kind: yaml.ScalarNode, Value: e.Value}
+	if _, errs := strictyaml.Decode("(defaults)", n, f.Addr().Interface(), strictyaml.Options{}); len(errs) > 0 {
+		panic(fmt.Sprintf("config default %s=%q: %v", e.Field, e.Value, errs)) // a bug in the table
+	}
+}
+
+// BrokerDefaultFields lists the fields of the brokers.*.<field> rows of the
+// defaults table, for the tests of the kinds that own them.
+func BrokerDefaultFields() []string {
+	var out []string
+	for _, e := range defaults {
+		if f, ok := strings.CutPrefix(e.Field, brokerRow); ok {
+			out = append(out, f)
+		}
+	}
+	return out
 }

@@ -101,12 +101,17 @@ func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
 		if d.Replicas < 1 || d.Replicas > 5 {
 			bad("dedupe.replicas", "must be 1..5, got %d", d.Replicas)
 		}
+		if d.RequestTimeout.D() < 10*time.Millisecond {
+			bad("dedupe.requestTimeout", "must be at least 10ms, got %s", d.RequestTimeout)
+		} else if d.RequestTimeout.D() >= d.ReserveTTL.D() {
+			bad("dedupe.requestTimeout", "must be less than dedupe.reserveTTL (%s): a reservation must outlive the requests that hold it, got %s", d.ReserveTTL, d.RequestTimeout)
+		}
 	case DedupeMemory:
 		hint := ""
 		if !c.set("dedupe.store") {
 			hint = " (the store is memory by default when every broker is NATS; write store: jetstream to use a KV bucket)"
 		}
-		for _, f := range []string{"broker", "bucket", "replicas"} {
+		for _, f := range []string{"broker", "bucket", "replicas", "requestTimeout"} {
 			if c.set("dedupe." + f) {
 				bad("dedupe."+f, "only valid for store jetstream%s", hint)
 			}

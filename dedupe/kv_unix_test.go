@@ -1,0 +1,94 @@
+//go:build unix
+
+package dedupe
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/internal/jspub"
+	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/internal/poll"
+)
+
+// TestKVReserveLostReply injects lost replies with a real server: the
+// server process is frozen (SIGSTOP) while two Reserve calls of the key are
+// sent, so both fail with jspub.ErrNoReply after the request timeout, and
+// continued afterwards, when it stores the first of the two writes (the
+// second is refused: the key exists). The next Reserve of this store takes
+// its own reservation over at once instead of waiting ReserveTTL; another
+// store (a second replica) sees it as InFlight, and the reservation still
+// behaves as one: Commit makes it a Duplicate for both.
+func TestKVReserveLostReply(t *testing.T) {
+	c := natstest.StartCluster(t, 1)
+	url := c.Node(0).URL
+	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ncA.Close()
+	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ncB.Close()
+	jsA, err := jetstream.New(ncA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jsB, err := jetstream.New(ncB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bucket := newBucket()
+	// ReserveTTL an hour: a Reserved answer within the test can only be
+	// the take-over, never an expiry.
+	cfg := KVConfig{Bucket: bucket, TTL: 2 * time.Hour, ReserveTTL: time.Hour, Timeout: 300 * time.Millisecond}
+	a := openKV(t, jsA, cfg)
+	b := openKV(t, jsB, cfg)
+	ctx := context.Background()
+
+	c.Stop(0)
+	// SIGSTOP takes effect a moment later: wait until a ping goes
+	// unanswered, so that both Reserves meet the frozen server.
+	poll.Eventually(t, 10*time.Second, "the server frozen", func() bool { return ncA.FlushTimeout(100*time.Millisecond) != nil })
+	for i := range 2 {
+		_, err := a.Reserve(ctx, "k")
+		if !errors.Is(err, jspub.ErrNoReply) {
+			c.Cont(0)
+			t.Fatalf("Reserve %d against a frozen server: err = %v, want a lost reply", i, err)
+		}
+	}
+	c.Cont(0)
+	// The continued server reads what waited on a's connection in order:
+	// the first write (stored), the second call's read. A ping behind them
+	// comes back once both are done; only then may the other replica touch
+	// the key (its requests come on another connection, which the server
+	// may read first).
+	if err := ncA.FlushTimeout(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	mustReserve(t, b, "k", InFlight)
+	start := time.Now()
+	mustReserve(t, a, "k", Reserved)
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("the take-over took %v", took)
+	}
+	// Taken over once: a second Reserve of the same store is a concurrent
+	// attempt, InFlight like the other replica's.
+	mustReserve(t, a, "k", InFlight)
+	mustReserve(t, b, "k", InFlight)
+	must(t, a.Commit(ctx, "k"))
+	mustReserve(t, a, "k", Duplicate)
+	mustReserve(t, b, "k", Duplicate)
+
+	// A reservation of this store that was answered is never taken over:
+	// another call of the same store gets InFlight.
+	mustReserve(t, a, "k2", Reserved)
+	mustReserve(t, a, "k2", InFlight)
+}
