@@ -244,6 +244,10 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 			"replica", src.ReplicaID(), "bucket", p.Bucket)
 		return src, nil
 	}
+	// A replica that holds the pin but cannot publish hands the rule to
+	// another one (natsjs.SourceConfig.StallAge); a partition's lease, not
+	// its pin, decides who runs it, so only here.
+	base.StallAge = func() time.Duration { return health.StallAge(rule) }
 	src, err := natsjs.NewSource(ctx, c.js[r.Source.Broker], base, log)
 	if err != nil {
 		return nil, fmt.Errorf("rule %s: %w", rule, err)
