@@ -298,3 +298,32 @@ func TestLeaseBucketChecks(t *testing.T) {
 		}
 	}
 }
+
+// TestLeaseKeeperRenewsFromLastWrite: a keeper counts its renewals from
+// the last write of the key, not from when it started: a lease whose
+// creation took long (retries) is renewed at once instead of a heartbeat
+// later, when the server may already have expired it.
+func TestLeaseKeeperRenewsFromLastWrite(t *testing.T) {
+	srv := natstest.Start(t)
+	cfg := LeaseConfig{Bucket: "leases-k", TTL: 3 * time.Second}
+	a, _ := leaseClient(t, srv, cfg)
+	ctx := testCtx(t)
+	rev, _, err := a.create(ctx, "k", []byte("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As if the write had been sent almost a heartbeat and a half ago: a
+	// keeper that waits a heartbeat from now renews after the key's guard.
+	sent := time.Now().Add(-a.beat * 3 / 2)
+	k := a.keep("k", []byte("a"), rev, sent)
+	defer k.Stop()
+	eventually(t, a.beat/2, "the key renewed at once", func() bool {
+		e, err := a.kv.Get(ctx, "k")
+		return err == nil && e.Revision() > rev
+	})
+	select {
+	case <-k.Lost():
+		t.Fatal("the keeper lost a lease it could renew")
+	case <-time.After(2 * a.beat):
+	}
+}

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -540,5 +542,245 @@ func TestOrderedIntakeQueueHeartbeats(t *testing.T) {
 	if again > 0 || st.Fences > 0 {
 		t.Errorf("60 messages at 10/s: the handler was given %d repeated deliveries (redelivered while queued), the epoch was fenced %d times (last: %q)",
 			again, st.Fences, st.LastFence)
+	}
+}
+
+// failingSink fails every publish at once: a replica whose target is
+// unreachable from where it runs.
+type failingSink struct{}
+
+func (failingSink) PublishAsync(_ context.Context, _ *bridge.Outgoing, done func(error)) {
+	done(errors.New("target unreachable from this replica"))
+}
+func (failingSink) Close(context.Context) error { return nil }
+
+// stallReplica is a replica as the app builds it (pipelineReplica), whose
+// ordered source hands the consumer over when its pipeline's stall age for
+// the rule reaches limit (SourceConfig.StallAge from the pipeline's
+// Health); a sick one publishes into failingSink. Its source's state
+// changes are recorded.
+type stallReplica struct {
+	src *Source
+	mu  sync.Mutex
+	log []SourceState
+}
+
+func (r *stallReplica) states() []SourceState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.log)
+}
+
+// stallFences returns the epochs of r that ended with a stall fence, as
+// (epoch start, fence time) pairs.
+func (r *stallReplica) stallFences() [][2]time.Time {
+	var out [][2]time.Time
+	for _, st := range r.states() {
+		if st.LastFenceAt.Equal(st.Since) && strings.HasPrefix(st.LastFence, "stalled") {
+			out = append(out, [2]time.Time{st.EpochStart, st.LastFenceAt})
+		}
+	}
+	return out
+}
+
+func startStallReplica(t *testing.T, srv *natstest.Server, table *router.Table, sick bool, limit time.Duration) *stallReplica {
+	t.Helper()
+	nc, js := srv.Connect(t)
+	real, err := NewSink(map[string]jetstream.JetStream{"nats": js}, SinkConfig{AckTimeout: 2 * time.Second}, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sink bridge.Sink = real
+	if sick {
+		sink = failingSink{}
+	}
+	store := dedupe.NewMemory(dedupe.MemoryConfig{})
+	met := bridge.NewMetrics("test")
+	health := bridge.NewHealth(met, quiet, nil)
+	p, err := bridge.New(bridge.Config{AckWait: testAckWait, MaxInFlight: 64},
+		bridge.Deps{Rules: router.NewHolder(table), Dedupe: store, Sinks: bridge.StaticSinks(map[string]bridge.Sink{"nats": sink}),
+			Metrics: met, Health: health, Log: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eff := p.Config()
+	r := &stallReplica{}
+	cfg := orderedConfig()
+	cfg.MaxAckPending = eff.MaxInFlight + eff.MaxHeld + eff.FetchBatch
+	cfg.StallAge = func() time.Duration { return health.StallAge("orders") }
+	cfg.StallLimit = limit
+	cfg.OnState = func(st SourceState) {
+		r.mu.Lock()
+		r.log = append(r.log, st)
+		r.mu.Unlock()
+	}
+	r.src = newSource(t, js, cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- r.src.Run(ctx, p.Handle) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-errc; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+		dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer dcancel()
+		_ = p.Close(dctx)
+		if err := r.src.Close(dctx); err != nil {
+			t.Errorf("source Close: %v", err)
+		}
+		_ = real.Close(dctx)
+		_ = store.Close(dctx)
+		nc.Close()
+	})
+	return r
+}
+
+// TestOrderedStalledOwnerHandsOver: the replica holding the pin cannot
+// publish (every publish to its target fails from where it runs), while a
+// standby could. Once its pipeline has held the oldest message for the
+// stall limit, it fences its epoch, resets the consumer and unpins: the
+// standby takes over at once and forwards everything, in order; the sick
+// replica keeps out of its way.
+func TestOrderedStalledOwnerHandsOver(t *testing.T) {
+	table, err := router.Parse("rules.yaml", []byte(pipelineRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, js := takeoverSetup(t)
+	const limit = 1500 * time.Millisecond
+	fd := newFeed(40, 4)
+	a := startStallReplica(t, srv, table, true, limit)
+	fd.publish(t, js, 0)
+	eventually(t, 20*time.Second, "A active", func() bool { return a.src.State().State == StateActive })
+	b := startStallReplica(t, srv, table, false, limit)
+	eventually(t, 20*time.Second, "B in standby", func() bool { return b.src.State().State == StateStandby })
+	for i := 1; i < fd.n; i++ {
+		fd.publish(t, js, i)
+	}
+	checkOut(t, js, fd)
+	sa, sb := a.src.State(), b.src.State()
+	fences := a.stallFences()
+	if len(fences) != 1 || sb.State != StateActive || sb.Takeovers != 1 || sb.Fences != 0 {
+		t.Fatalf("A: %d stall fences (%+v), B: %+v; want A to hand over once and B to forward", len(fences), sa, sb)
+	}
+	ran := fences[0][1].Sub(fences[0][0])
+	t.Logf("A stalled and handed over after %s; B took over %s later (takeover %s)", ran.Round(time.Millisecond),
+		sb.LastTakeover.Sub(fences[0][1]).Round(time.Millisecond), sb.LastTakeoverDuration.Round(time.Millisecond))
+	if ran < limit {
+		t.Errorf("A handed over after %s, before the stall limit %s", ran, limit)
+	}
+	if gap := sb.LastTakeover.Sub(fences[0][1]); gap >= testPinnedTTL {
+		t.Errorf("B took over %s after A's fence: the pin was left to lapse instead of being given back", gap)
+	}
+}
+
+// TestOrderedStalledReplicasBackOff: no replica can publish (the target is
+// down for everyone). The consumer passes from one to the other at the
+// stall limit, but each replica's limit doubles with every stall fence in
+// a row, so that the hand-overs come less and less often instead of
+// ping-ponging at the limit.
+func TestOrderedStalledReplicasBackOff(t *testing.T) {
+	table, err := router.Parse("rules.yaml", []byte(pipelineRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, js := takeoverSetup(t)
+	const limit = time.Second
+	a := startStallReplica(t, srv, table, true, limit)
+	fd := newFeed(1, 1)
+	fd.publish(t, js, 0)
+	eventually(t, 20*time.Second, "A active", func() bool { return a.src.State().State == StateActive })
+	b := startStallReplica(t, srv, table, true, limit)
+	eventually(t, 30*time.Second, "A stall-fenced twice", func() bool { return len(a.stallFences()) >= 2 })
+	fa, fb := a.stallFences(), b.stallFences()
+	first, second := fa[0][1].Sub(fa[0][0]), fa[1][1].Sub(fa[1][0])
+	t.Logf("A's epochs before its stall fences: %s, %s; B's stall fences: %d", first.Round(time.Millisecond), second.Round(time.Millisecond), len(fb))
+	if len(fb) == 0 || !fb[0][1].Before(fa[1][0]) {
+		t.Errorf("A took the consumer back before B had it and stalled (B's stall fences %v)", fb)
+	}
+	if second < 2*limit {
+		t.Errorf("A's second epoch ended after %s: the stall limit did not double (limit %s)", second, limit)
+	}
+}
+
+// TestOrderedForeignResetFences: another client resets the consumer while
+// this replica forwards (a stray kick). The delivery numbering starts again
+// at 1, which the owner does not take as a continuation: it fences and
+// takes the consumer over again with its own reset; nothing is lost or
+// reordered.
+func TestOrderedForeignResetFences(t *testing.T) {
+	srv, js := takeoverSetup(t)
+	fd := newFeed(30, 3)
+	a := startReplica(t, srv, orderedConfig())
+	fd.first(t, js, a.f)
+	hold := make(chan struct{})
+	var once sync.Once
+	a.f.mu.Lock()
+	a.f.block = func(*bridge.Message) { once.Do(func() { <-hold }) }
+	a.f.mu.Unlock()
+	for i := 1; i < fd.n/2; i++ {
+		fd.publish(t, js, i)
+	}
+	eventually(t, 10*time.Second, "A holds deliveries unacked", func() bool {
+		info, err := a.src.consumer().Info(testCtx(t))
+		return err == nil && info.NumAckPending > 1
+	})
+	before := a.src.State()
+	if _, err := js.ResetConsumer(testCtx(t), "ORDERS", "cellbridge-orders"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "A fenced by the foreign reset", func() bool { return a.src.State().Fences > before.Fences })
+	close(hold)
+	for i := fd.n / 2; i < fd.n; i++ {
+		fd.publish(t, js, i)
+	}
+	checkOut(t, js, fd)
+	st := a.src.State()
+	if !strings.Contains(st.LastFence, "reset by another client") || st.Epochs != before.Epochs+1 || st.State != StateActive {
+		t.Errorf("A after a foreign reset: %+v; want one fence for it and a new epoch of its own", st)
+	}
+}
+
+// TestOrderedReleaseDrainsWithinCtx: Release waits for the epoch's open
+// deliveries as long as its ctx allows, also beyond PinnedTTL (a partition
+// that moves waits its drainTimeout: its lease keeps other replicas from
+// running the consumer meanwhile), and revokes nothing that settled in
+// time.
+func TestOrderedReleaseDrainsWithinCtx(t *testing.T) {
+	_, js := takeoverSetup(t)
+	s := newSource(t, js, orderedConfig())
+	settle := 3 * testPinnedTTL / 2
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait)
+	var first atomic.Pointer[bridge.Epoch]
+	h := func(_ context.Context, m *bridge.Message, ack bridge.Ack) error {
+		first.CompareAndSwap(nil, m.Epoch)
+		wg.Go(func() {
+			time.Sleep(settle) // a slow publish
+			_ = ack(context.Background(), nil)
+		})
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run(ctx, h) }()
+	publish(t, js, "orders.k1", "one", nil)
+	eventually(t, 20*time.Second, "the message handed over", func() bool { return first.Load() != nil })
+	cancel()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithTimeout(context.Background(), 2*settle)
+	defer rcancel()
+	start := time.Now()
+	if err := s.Release(rctx); err != nil {
+		t.Errorf("Release after %s: %v; want the delivery settled within the ctx", time.Since(start).Round(time.Millisecond), err)
+	}
+	if first.Load().Revoked() {
+		t.Error("the epoch was revoked although its delivery settled within Release's ctx")
+	}
+	if err := s.Close(testCtx(t)); err != nil {
+		t.Error(err)
 	}
 }

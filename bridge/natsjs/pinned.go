@@ -456,15 +456,18 @@ func (r *pinRun) acquire() *epoch {
 		s.failing.set(fmt.Errorf("consumer reset failed (retrying): %w", ae.Err))
 	}
 	rctx, cancel := context.WithTimeout(r.ctx, s.cfg.PinnedTTL)
-	resp, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
+	_, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
 		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
 			return s.js.ResetConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
 		})
 	cancel()
 	switch {
 	case err == nil:
+		// A reset numbers the next delivery 1 (the response's Delivered
+		// may already count one the server was attempting meanwhile, to a
+		// request that no longer waits): anything else first is a gap.
 		ep := newEpoch(r.pin)
-		ep.expect = resp.Delivered.Consumer + 1
+		ep.expect = 1
 		ep.reconnects = reconnects
 		ep.carry, r.carry = r.carry, nil
 		r.failures = 0
