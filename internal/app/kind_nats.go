@@ -38,6 +38,9 @@ type NATSBroker struct {
 	ReconnectWait  config.Duration `yaml:"reconnectWait"`
 	RequestTimeout config.Duration `yaml:"requestTimeout"`
 	AckTimeout     config.Duration `yaml:"ackTimeout"`
+	// ServerOrder is "random" (the client shuffles the URLs) or "listed"
+	// (it tries them in the order written).
+	ServerOrder string `yaml:"serverOrder"`
 }
 
 // TLS holds PEM files. CA alone verifies the server; Cert+Key add a client
@@ -134,13 +137,17 @@ func (b *NATSBroker) Validate(c *config.BrokerCheck) {
 	if b.MaxPingsOut < 1 || b.MaxPingsOut > 100 {
 		c.Errorf("maxPingsOut", "must be 1..100, got %d", b.MaxPingsOut)
 	}
+	if b.ServerOrder != "random" && b.ServerOrder != "listed" {
+		c.Errorf("serverOrder", "must be random or listed, got %q", b.ServerOrder)
+	}
 }
 
 // adapter maps the settings onto the adapter's connection config.
 func (b *NATSBroker) adapter(name string) natsjs.BrokerConfig {
 	bc := natsjs.BrokerConfig{Name: name, URL: b.URL, Creds: string(b.Creds), User: b.User,
 		Password: b.Password.Value(), Token: b.Token.Value(), PingInterval: b.PingInterval.D(),
-		MaxPingsOut: b.MaxPingsOut, DialTimeout: b.DialTimeout.D(), ReconnectWait: b.ReconnectWait.D()}
+		MaxPingsOut: b.MaxPingsOut, DialTimeout: b.DialTimeout.D(), ReconnectWait: b.ReconnectWait.D(),
+		ListedOrder: b.ServerOrder == "listed"}
 	if b.TLS != nil {
 		bc.TLS = &natsjs.TLSConfig{CA: string(b.TLS.CA), Cert: string(b.TLS.Cert), Key: string(b.TLS.Key)}
 	}

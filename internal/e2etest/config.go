@@ -30,6 +30,10 @@ type Config struct {
 	Ordering, Partitions string
 	// Extra is appended as more top-level YAML.
 	Extra string
+	// Broker holds more settings of the broker "nats" as entries of a YAML
+	// flow mapping, e.g. "serverOrder: listed, ackTimeout: 2s"; "" keeps
+	// every default.
+	Broker string
 }
 
 // WriteConfig writes c as config.yaml in dir (default t.TempDir()) and
@@ -44,7 +48,11 @@ func WriteConfig(t testing.TB, dir string, c Config) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "rules: %q\n", c.Rules)
-	fmt.Fprintf(&b, "brokers:\n  nats: {type: nats, url: %q}\n", strings.Join(c.URLs, ","))
+	broker := ""
+	if c.Broker != "" {
+		broker = ", " + c.Broker
+	}
+	fmt.Fprintf(&b, "brokers:\n  nats: {type: nats, url: %q%s}\n", strings.Join(c.URLs, ","), broker)
 	fmt.Fprintf(&b, "dedupe: %s\n", c.Dedupe)
 	for _, sec := range []struct{ name, body string }{{"pipeline", c.Pipeline}, {"ordering", c.Ordering}, {"partitions", c.Partitions}} {
 		if sec.body != "" {
