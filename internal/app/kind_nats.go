@@ -137,7 +137,7 @@ func (b *NATSBroker) Validate(c *config.BrokerCheck) {
 	if b.MaxPingsOut < 1 || b.MaxPingsOut > 100 {
 		c.Errorf("maxPingsOut", "must be 1..100, got %d", b.MaxPingsOut)
 	}
-	if b.ServerOrder != "random" && b.ServerOrder != "listed" {
+	if b.ServerOrder != "" && b.ServerOrder != "random" && b.ServerOrder != "listed" {
 		c.Errorf("serverOrder", "must be random or listed, got %q", b.ServerOrder)
 	}
 }
@@ -276,6 +276,28 @@ func (c *natsClient) closeNow() {
 	for _, nc := range c.conns {
 		nc.Close()
 	}
+}
+
+// requestPolicy is how the bridge's own requests to the connected NATS
+// broker name are made while it starts (the preflight's): each attempt
+// bounded by the broker's requestTimeout, retried with backoff, each
+// failure logged, counted and shown on /readyz. nil for a broker that is
+// not a connected NATS broker (one attempt then).
+func (b *brokers) requestPolicy(name string) *retry.Policy {
+	c, err := b.client(name)
+	if err != nil {
+		return nil
+	}
+	nc, ok := c.(*natsClient)
+	if !ok || nc.conns[name] == nil {
+		return nil
+	}
+	s := nc.settings[name]
+	if s == nil {
+		return nil
+	}
+	return &retry.Policy{Broker: name, Conn: nc.conns[name], URL: s.URL, Timeout: s.RequestTimeout.D(), Log: nc.env.log,
+		Report: func(ae *retry.AttemptError) { nc.env.requests.report(ae) }}
 }
 
 // jetStream returns the JetStream context of a connected NATS broker: the

@@ -30,6 +30,9 @@ type Config struct {
 	Ordering, Partitions string
 	// Extra is appended as more top-level YAML.
 	Extra string
+	// Log is the log: section as a YAML flow mapping; default
+	// "{level: info, format: json}".
+	Log string
 	// Broker holds more settings of the broker "nats" as entries of a YAML
 	// flow mapping, e.g. "serverOrder: listed, ackTimeout: 2s"; "" keeps
 	// every default.
@@ -37,7 +40,8 @@ type Config struct {
 }
 
 // WriteConfig writes c as config.yaml in dir (default t.TempDir()) and
-// returns its path. The log is JSON at level info.
+// returns its path. The log is JSON at level info unless c.Log says
+// otherwise.
 func WriteConfig(t testing.TB, dir string, c Config) string {
 	t.Helper()
 	if dir == "" {
@@ -59,7 +63,10 @@ func WriteConfig(t testing.TB, dir string, c Config) string {
 			fmt.Fprintf(&b, "%s: %s\n", sec.name, sec.body)
 		}
 	}
-	b.WriteString("log: {level: info, format: json}\n")
+	if c.Log == "" {
+		c.Log = "{level: info, format: json}"
+	}
+	fmt.Fprintf(&b, "log: %s\n", c.Log)
 	if c.Extra != "" {
 		b.WriteString(c.Extra + "\n")
 	}
