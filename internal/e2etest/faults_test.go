@@ -81,7 +81,7 @@ func startFaultRig(t *testing.T, order [2][]int) *faultRig {
 			urls = append(urls, c.Node(n).URL)
 		}
 		cfg := WriteConfig(t, t.TempDir(), Config{Rules: rules, URLs: urls, Broker: "serverOrder: listed",
-			Dedupe: "{store: jetstream, bucket: " + faultBucket + ", replicas: 3}"})
+			Partitions: "{replicas: 3}", Dedupe: "{store: jetstream, bucket: " + faultBucket + ", replicas: 3}"})
 		b := StartBridge(t, BridgeOptions{Name: names, Config: cfg, Dir: dir})
 		b.WaitReady()
 		r.bridges = append(r.bridges, b)
@@ -106,14 +106,14 @@ func startFaultRig(t *testing.T, order [2][]int) *faultRig {
 func names(i int) string { return [2]string{"replica-a", "replica-b"}[i] }
 
 // streams lists the source stream, every cell stream and the DLQ, and with
-// kv the dedupe bucket's stream.
+// kv the streams of the dedupe bucket and of the deployment's registry.
 func (r *faultRig) streams(kv bool) []string {
 	out := []string{r.rule.Source.Stream, natsjs.DLQStream}
 	for _, c := range r.table.Cells() {
 		out = append(out, natsjs.CellStream(c.Name))
 	}
 	if kv {
-		out = append(out, "KV_"+faultBucket)
+		out = append(out, "KV_"+faultBucket, "KV_cellbridge-leases")
 	}
 	return out
 }
