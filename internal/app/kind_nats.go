@@ -209,6 +209,9 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 	health := c.env.health
 	log := c.env.log.With("component", "source")
 	c.env.status.begin(fmt.Sprintf("creating the consumer %s/%s of rule %s on broker %s", r.Source.Stream, r.Source.Group, rule, r.Source.Broker))
+	// cellbridge_source_failing{rule} exists (0) from the start, for the
+	// alert that reads it.
+	health.SourceFailing(rule, nil)
 	base := natsjs.SourceConfig{
 		Rule:           rule,
 		Broker:         r.Source.Broker,

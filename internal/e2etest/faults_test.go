@@ -403,9 +403,17 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 	settle := time.Since(stored)
 	traces, maxStall := smp.halt()
 	pub1, ded1, req1 := r.counters()
-	v, err := Verify(r.ctx, r.js, r.table, faultTopic, sent, faultMaxLatency)
-	if err != nil {
-		t.Fatalf("%s: %v", fr.name, err)
+	// Reads can fail for a while after a fault (no responders until every
+	// stream has a leader again): retried, bounded.
+	var v *Verification
+	verr := errors.New("not read")
+	for end := time.Now().Add(30 * time.Second); verr != nil && time.Now().Before(end); {
+		if v, verr = Verify(r.ctx, r.js, r.table, faultTopic, sent, faultMaxLatency); verr != nil {
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+	if verr != nil {
+		t.Fatalf("%s: %v", fr.name, verr)
 	}
 	f := &faultFigures{fault: fr.name, events: len(sent), lost: len(v.Lost), dup: len(v.Duplicated) + len(v.DuplicatedMsgIDs),
 		mis: len(v.Misrouted), reordered: len(v.Reordered), max: v.Latency.Max, p99: v.Latency.P99, late: len(v.Latency.Late),
@@ -680,8 +688,11 @@ func (r *faultRig) checkStall(f *faultFigures, replicas []int, from, to time.Tim
 	}
 }
 
+// firstLine is the first reason of a /readyz body ("not ready:" comes
+// first on a line of its own).
 func firstLine(s string) string {
-	line, _, _ := strings.Cut(s, "\n")
+	s = strings.TrimPrefix(strings.TrimSpace(s), "not ready:")
+	line, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
 	return line
 }
 
