@@ -129,6 +129,17 @@ func (p *NATSPublisher) collect() {
 func (p *NATSPublisher) PublishAsync(ctx context.Context, e *Event, done func(string, error)) error {
 	m := &nats.Msg{Subject: e.Subject, Header: nats.Header(e.Header), Data: e.Body}
 	f, err := p.js.PublishMsgAsync(m)
+	for errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+		// The client's window of unanswered publishes is full (a slow
+		// server): nothing was sent; wait for answers and send again.
+		select {
+		case <-p.js.PublishAsyncComplete():
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("drill: publish: %w (%w)", err, ctx.Err())
+		}
+		f, err = p.js.PublishMsgAsync(m)
+	}
 	if err != nil {
 		return fmt.Errorf("drill: publish: %w", err)
 	}
