@@ -89,7 +89,7 @@ type NATSPublisher struct {
 	once    sync.Once
 	futs    chan natsPending
 	done    chan struct{}
-	wg      sync.WaitGroup
+	stopped chan struct{} // closed when collect returns
 	pending Pending
 }
 
@@ -103,15 +103,14 @@ var _ Publisher = (*NATSPublisher)(nil)
 // NewNATSPublisher publishes with js (whose connection the caller owns).
 // Close it after the last Flush.
 func NewNATSPublisher(js jetstream.JetStream) *NATSPublisher {
-	p := &NATSPublisher{js: js, futs: make(chan natsPending, 4096), done: make(chan struct{})}
-	p.wg.Add(1)
+	p := &NATSPublisher{js: js, futs: make(chan natsPending, 4096), done: make(chan struct{}), stopped: make(chan struct{})}
 	go p.collect()
 	return p
 }
 
 // collect waits for the acks in publish order, so that done runs in order.
 func (p *NATSPublisher) collect() {
-	defer p.wg.Done()
+	defer close(p.stopped)
 	for pf := range p.futs {
 		select {
 		case ack := <-pf.f.Ok():
@@ -183,10 +182,8 @@ func (p *NATSPublisher) Close(ctx context.Context) error {
 		close(p.done)
 		close(p.futs)
 	})
-	stopped := make(chan struct{})
-	go func() { p.wg.Wait(); close(stopped) }()
 	select {
-	case <-stopped:
+	case <-p.stopped:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
