@@ -490,27 +490,14 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 	if !t.dlq && t.poison == "" {
 		t.pub = p.pubs.begin(t.d.Version)
 		if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
-			t.endPublish()
-			if t.reserved {
-				t.reserved = false
-				if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
-					// The reservation expires by itself after ReserveTTL.
-					p.met.DedupeErrors.WithLabelValues("release").Inc()
-				}
-			}
+			p.unpublish(t)
 			return p.dispatch(t)
 		}
 	}
 	if t.m.Epoch.Revoked() {
 		// Revoked during a remote store's round trip: the new owner
 		// forwards the message; keep the key free for it.
-		t.endPublish()
-		if t.reserved {
-			t.reserved = false
-			if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
-				p.met.DedupeErrors.WithLabelValues("release").Inc()
-			}
-		}
+		p.unpublish(t)
 		return p.revoked(t)
 	}
 	if t.failedOn != nil && t.failedOn != ss {
@@ -916,4 +903,17 @@ func dlqReasonOf(d router.Decision) string {
 		return d.Cause
 	}
 	return DLQNoRoute
+}
+
+// unpublish undoes what a task did to start publishing when it stops short
+// of the sink: its publishing version is uncounted and its reservation
+// released (a failed release expires by itself after ReserveTTL).
+func (p *Pipeline) unpublish(t *task) {
+	t.endPublish()
+	if t.reserved {
+		t.reserved = false
+		if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
+			p.met.DedupeErrors.WithLabelValues("release").Inc()
+		}
+	}
 }
