@@ -178,24 +178,31 @@ func (e *crashEnv) progress() uint64 {
 }
 
 // waitDone waits until every event arrived and the source consumers hold
-// nothing unacknowledged.
+// nothing unacknowledged. It looks every 200ms: each look is a dozen
+// JetStream API requests to the test server, which runs in this process
+// and serves the bridge too; looking every few milliseconds would take a
+// good part of its time.
 func (e *crashEnv) waitDone(within time.Duration, p *proc) {
 	fwd, dlq := e.exp.counts()
-	var c, d uint64
-	eventually(e.t, within, fmt.Sprintf("every event forwarded and acknowledged (%d and %d expected)", fwd, dlq), func() bool {
+	deadline := time.Now().Add(within)
+	for {
 		if exited, err := p.Exited(); exited {
 			e.t.Fatalf("bridge exited: %v\n%s", err, p.LogTail(60))
 		}
-		c, d = arrived(e.t, e.js, e.table)
+		c, d := arrived(e.t, e.js, e.table)
 		if c >= uint64(fwd) && d >= uint64(dlq) && consumersIdle(e.t, e.js, e.table) {
-			return true
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("not within %v: every event forwarded and acknowledged: %d of %d forwarded, %d of %d dead-lettered",
+				within, c, fwd, d, dlq)
 		}
 		if time.Since(e.reported) > 10*time.Second {
 			e.reported = time.Now()
-			e.t.Logf("waiting: %d forwarded, %d dead-lettered so far", c, d)
+			e.t.Logf("waiting: %d of %d forwarded, %d of %d dead-lettered so far", c, fwd, d, dlq)
 		}
-		return false
-	})
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 func (e *crashEnv) verify() {
