@@ -537,6 +537,8 @@ func TestOrderedPartitionedMembership(t *testing.T) {
 			ordFigure(t, "%s: %d partition takeovers, the last partition %d at %s from %s (%s)", r.opts.Name, s.Takeovers,
 				*lt.Partition, lt.At.Format(time.StampMilli), lt.From, lt.How)
 		}
+	}
+	for _, r := range []*Bridge{r3, d} {
 		if err := r.Term(); err != nil {
 			t.Errorf("SIGTERM %s: exit %v", r.opts.Name, err)
 		}
