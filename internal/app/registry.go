@@ -45,7 +45,9 @@ func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *b
 	if err != nil {
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)
 	}
-	r, err := natsjs.OpenRegistry(ctx, js, natsjs.RegistryConfig{Deployment: cfg.Deployment.Name}, log)
+	// The registry lives in the lease bucket: created, when missing, as
+	// the partitions: section says (its replicas on a cluster, its TTL).
+	r, err := natsjs.OpenRegistry(ctx, js, natsjs.RegistryConfig{Deployment: cfg.Deployment.Name, Leases: leaseConfig(cfg.Partitions)}, log)
 	if err != nil {
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)
 	}
@@ -119,7 +121,8 @@ func advertisedURL(addr, host string) string {
 }
 
 // RegistrySource is the deployment.Source of cfg's deployment on a
-// connection to its registry broker (ConnectBroker).
+// connection to its registry broker (ConnectBroker), in the lease bucket
+// the partitions: section names.
 func RegistrySource(cfg *config.Config, js jetstream.JetStream) *deployment.Registry {
-	return &deployment.Registry{JetStream: js, Deployment: cfg.Deployment.Name}
+	return &deployment.Registry{JetStream: js, Bucket: cfg.Partitions.Bucket, Deployment: cfg.Deployment.Name}
 }

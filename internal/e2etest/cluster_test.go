@@ -57,14 +57,17 @@ func TestClusterKillCellStreamLeader(t *testing.T) {
 	if err := natsjs.EnsureStreams(ctx, js, table, natsjs.StreamOptions{Replicas: 3}); err != nil {
 		t.Fatal(err)
 	}
+	// Every bucket the bridge creates is R3 as well, the leases bucket
+	// (which also holds the replicas' rules versions) included: an R1
+	// stream's leader cannot be moved off the server the test kills.
 	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: c.URLs(),
-		Dedupe: "{store: jetstream, bucket: e2e-dedupe, replicas: 3}"})
+		Dedupe: "{store: jetstream, bucket: e2e-dedupe, replicas: 3}", Partitions: "{replicas: 3}"})
 	dir := t.TempDir()
 	a := StartBridge(t, BridgeOptions{Name: "replica-a", Config: cfg, Dir: dir})
 	a.WaitReady()
 	b := StartBridge(t, BridgeOptions{Name: "replica-b", Config: cfg, Dir: dir})
 	b.WaitReady()
-	for _, s := range []string{"ORDERS", natsjs.CellStream(clusterCell), natsjs.DLQStream, "KV_e2e-dedupe"} {
+	for _, s := range []string{"ORDERS", natsjs.CellStream(clusterCell), natsjs.DLQStream, "KV_e2e-dedupe", "KV_cellbridge-leases"} {
 		st, err := js.Stream(ctx, s)
 		if err != nil {
 			t.Fatalf("stream %s: %v", s, err)

@@ -187,6 +187,10 @@ func ordBehind(ctx context.Context, js jetstream.JetStream, table *router.Table,
 type singleActive struct {
 	js   jetstream.JetStream
 	urls []string
+	// partitions is the configuration's partitions: section ("" keeps
+	// the defaults): the replicas of the leases bucket, which also holds
+	// the replicas' rules versions.
+	partitions string
 	// events over keys at rate per second.
 	events, rate, keys int
 	// midRun, when set, runs once while events flow: after the first
@@ -203,7 +207,7 @@ const ordKills = 3
 func (s singleActive) run(t *testing.T) {
 	rules, table := exampleTable(t)
 	group := table.Rule(ordRule).Source.Group
-	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: s.urls})
+	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: s.urls, Partitions: s.partitions})
 	dir := t.TempDir()
 	reps := []*Bridge{
 		StartBridge(t, BridgeOptions{Name: "replica-a", Config: cfg, Dir: dir}),
@@ -349,7 +353,7 @@ func TestOrderedSingleActiveClusterKill9(t *testing.T) {
 	if err := natsjs.EnsureStreams(testCtx(t, time.Minute), js, table, natsjs.StreamOptions{Replicas: 3}); err != nil {
 		t.Fatal(err)
 	}
-	singleActive{js: js, urls: c.URLs(), events: 30_000, rate: 2_000, keys: 500,
+	singleActive{js: js, urls: c.URLs(), partitions: "{replicas: 3}", events: 30_000, rate: 2_000, keys: 500,
 		midRun: func(t *testing.T, loadStart time.Time) {
 			victim := c.StreamLeader("ORDERS")
 			consumer := c.ConsumerLeader("ORDERS", table.Rule(ordRule).Source.Group)
