@@ -18,6 +18,7 @@ import (
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
+	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -165,6 +166,25 @@ func ordSettled(ctx context.Context, js jetstream.JetStream, table *router.Table
 	return true
 }
 
+// ordDrain waits until the load is stored and then until the bridges have
+// settled every event (ordSettled over the source stream ORDERS and its
+// durables), and returns what the load sent.
+func ordDrain(t *testing.T, ctx context.Context, js jetstream.JetStream, table *router.Table, load *Load, loadStart time.Time, durables []string) []tally.Sent {
+	t.Helper()
+	if err := load.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ls := load.Stats()
+	t.Logf("load stored: %d events in %v (%d retries, schedule at worst %v behind; errors %v)",
+		ls.Stored, time.Since(loadStart).Round(time.Millisecond), ls.Retries, ls.Behind.Round(time.Millisecond), ls.Errors)
+	sent := load.Sent()
+	poll.Eventually(t, ordWait, "every event forwarded and the durables settled", func() bool {
+		return ordSettled(ctx, js, table, "ORDERS", durables, len(sent))
+	})
+	t.Logf("settled %v after the load started", time.Since(loadStart).Round(time.Millisecond))
+	return sent
+}
+
 // ordBehind is how many events the source stored that no cell stream holds
 // yet: what the replica killed at this moment was working on or had still
 // to read.
@@ -296,17 +316,7 @@ func (s singleActive) run(t *testing.T) {
 			s.midRun(t, loadStart)
 		}
 	}
-	if err := load.Wait(ctx); err != nil {
-		t.Fatal(err)
-	}
-	ls := load.Stats()
-	t.Logf("load stored: %d events in %v (%d retries, schedule at worst %v behind; errors %v)",
-		ls.Stored, time.Since(loadStart).Round(time.Millisecond), ls.Retries, ls.Behind.Round(time.Millisecond), ls.Errors)
-	sent := load.Sent()
-	poll.Eventually(t, ordWait, "every event forwarded and the durable settled", func() bool {
-		return ordSettled(ctx, s.js, table, "ORDERS", []string{group}, len(sent))
-	})
-	t.Logf("settled %v after the load started", time.Since(loadStart).Round(time.Millisecond))
+	sent := ordDrain(t, ctx, s.js, table, load, loadStart, []string{group})
 	for _, b := range reps {
 		if err := b.Term(); err != nil {
 			t.Errorf("SIGTERM %s: exit %v", b.opts.Name, err)
@@ -324,6 +334,19 @@ func (s singleActive) run(t *testing.T) {
 	ordRequire(t, v, len(sent))
 }
 
+// ordCluster starts n nats-server processes and creates the example rules'
+// streams with n replicas.
+func ordCluster(t *testing.T, n int) (*natstest.Cluster, jetstream.JetStream, *router.Table) {
+	t.Helper()
+	c := natstest.StartCluster(t, n)
+	_, js := c.Connect(t)
+	_, table := exampleTable(t)
+	if err := natsjs.EnsureStreams(testCtx(t, time.Minute), js, table, natsjs.StreamOptions{Replicas: n}); err != nil {
+		t.Fatal(err)
+	}
+	return c, js, table
+}
+
 // TestOrderedSingleActiveKill9: the single-active scenario on one
 // nats-server process: 30,000 events over 500 keys at 2,000/s, the active
 // replica killed with SIGKILL three times and restarted.
@@ -331,12 +354,7 @@ func TestOrderedSingleActiveKill9(t *testing.T) {
 	if testing.Short() {
 		t.Skip("subprocess test: skipped with -short")
 	}
-	c := natstest.StartCluster(t, 1)
-	_, js := c.Connect(t)
-	_, table := exampleTable(t)
-	if err := natsjs.EnsureStreams(testCtx(t, 30*time.Second), js, table, natsjs.StreamOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	c, js, _ := ordCluster(t, 1)
 	singleActive{js: js, urls: c.URLs(), events: 30_000, rate: 2_000, keys: 500}.run(t)
 }
 
@@ -347,12 +365,7 @@ func TestOrderedSingleActiveClusterKill9(t *testing.T) {
 	if testing.Short() {
 		t.Skip("cluster test: skipped with -short")
 	}
-	c := natstest.StartCluster(t, 3)
-	_, js := c.Connect(t)
-	_, table := exampleTable(t)
-	if err := natsjs.EnsureStreams(testCtx(t, time.Minute), js, table, natsjs.StreamOptions{Replicas: 3}); err != nil {
-		t.Fatal(err)
-	}
+	c, js, table := ordCluster(t, 3)
 	singleActive{js: js, urls: c.URLs(), partitions: "{replicas: 3}", events: 30_000, rate: 2_000, keys: 500,
 		midRun: func(t *testing.T, loadStart time.Time) {
 			victim := c.StreamLeader("ORDERS")
@@ -524,17 +537,7 @@ func TestOrderedPartitionedMembership(t *testing.T) {
 	ordWaitBalanced(t, "SIGTERM of replica-a", change, r3, d)
 	t.Logf("the last balance %v into the load, %d of %d events stored", time.Since(loadStart).Round(time.Millisecond), load.Stats().Stored, events)
 
-	if err := load.Wait(ctx); err != nil {
-		t.Fatal(err)
-	}
-	ls := load.Stats()
-	t.Logf("load stored: %d events in %v (%d retries, schedule at worst %v behind; errors %v)",
-		ls.Stored, time.Since(loadStart).Round(time.Millisecond), ls.Retries, ls.Behind.Round(time.Millisecond), ls.Errors)
-	sent := load.Sent()
-	poll.Eventually(t, ordWait, "every event forwarded and every partition's durable settled", func() bool {
-		return ordSettled(ctx, js, table, "ORDERS", durables, len(sent))
-	})
-	t.Logf("settled %v after the load started", time.Since(loadStart).Round(time.Millisecond))
+	sent := ordDrain(t, ctx, js, table, load, loadStart, durables)
 	for _, r := range []*Bridge{r3, d} {
 		if s := ordStatus(r, ordRule); s != nil && s.LastTakeover != nil && s.LastTakeover.Partition != nil {
 			lt := s.LastTakeover
