@@ -185,6 +185,28 @@ func ordDrain(t *testing.T, ctx context.Context, js jetstream.JetStream, table *
 	return sent
 }
 
+// ordExplain logs, for a takeover that does not come, what the server
+// says of the durable (pending, waiting pulls, the pin) and what each
+// replica says of its source.
+func ordExplain(t *testing.T, ctx context.Context, js jetstream.JetStream, stream, durable string, replicas ...*Bridge) {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if c, err := js.Consumer(cctx, stream, durable); err != nil {
+		t.Logf("consumer %s/%s: %v", stream, durable, err)
+	} else {
+		ci := c.CachedInfo()
+		t.Logf("consumer %s/%s: pending %d, ack pending %d, waiting pulls %d, delivered %d, ack floor %d, priority groups %+v, cluster %+v",
+			stream, durable, ci.NumPending, ci.NumAckPending, ci.NumWaiting, ci.Delivered.Stream, ci.AckFloor.Stream, ci.PriorityGroups, ci.Cluster)
+	}
+	for _, b := range replicas {
+		if st := ordStatus(b, ordRule); st != nil {
+			t.Logf("%s: state %s since %s, pin %q, epochs %d, fences %d (last %q at %s)", b.opts.Name, st.State,
+				st.Since.Format(time.StampMilli), st.PinID, st.Epochs, st.Fences, st.LastFence, st.LastFenceAt.Format(time.StampMilli))
+		}
+	}
+}
+
 // ordBehind is how many events the source stored that no cell stream holds
 // yet: what the replica killed at this moment was working on or had still
 // to read.
@@ -260,7 +282,9 @@ func (s singleActive) run(t *testing.T) {
 	var took []time.Duration
 	for i := 1; i <= ordKills; i++ {
 		poll.Eventually(t, ordWait, fmt.Sprintf("kill %d: %s", i, readyWhat), ready)
-		victim := active
+		// The owner as it is now: a fault of the cluster may have moved
+		// the consumer to the other replica since the last takeover.
+		victim := ordActive(t, ordRule, reps...)
 		base := map[*Bridge]float64{}
 		for _, b := range reps {
 			if b != victim {
@@ -281,6 +305,7 @@ func (s singleActive) run(t *testing.T) {
 		deadline := killedAt.Add(ordWait)
 		for epoch == 0 || first == 0 {
 			if time.Now().After(deadline) {
+				ordExplain(t, ctx, s.js, "ORDERS", group, reps...)
 				t.Fatalf("kill %d: no replica has taken over within %v of the kill of %s (epoch %v, first message %v)",
 					i, ordWait, victim.opts.Name, epoch, first)
 			}
@@ -309,12 +334,16 @@ func (s singleActive) run(t *testing.T) {
 		ordFigure(t, "takeover %d: kill -9 to the first settled message %v%s (pinnedTTL %v, default)", i,
 			first.Round(time.Millisecond), own, ordPinnedTTL)
 		victim.WaitReady()
-		active = owner
-		ready = func() bool { return ordMoved(owner, ordRule) >= moved+500 }
-		readyWhat = fmt.Sprintf("%s settled 500 messages of its epoch", owner.opts.Name)
 		if i == 1 && s.midRun != nil {
 			s.midRun(t, loadStart)
+			// The fault may have fenced the owner and let the other
+			// replica take over: the next kill waits for whichever owns
+			// the consumer now to settle 500 messages from here.
+			owner = ordActive(t, ordRule, reps...)
+			moved = ordMoved(owner, ordRule)
 		}
+		ready = func() bool { return ordMoved(owner, ordRule) >= moved+500 }
+		readyWhat = fmt.Sprintf("%s settled 500 messages of its epoch", owner.opts.Name)
 	}
 	sent := ordDrain(t, ctx, s.js, table, load, loadStart, []string{group})
 	for _, b := range reps {
