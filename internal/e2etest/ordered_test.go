@@ -185,6 +185,26 @@ func ordDrain(t *testing.T, ctx context.Context, js jetstream.JetStream, table *
 	return sent
 }
 
+// ordVerify reads the streams back and checks them (Verify), trying again
+// every half second for up to a minute while a read fails: after a server
+// of the cluster was killed and restarted, a request can find no
+// responder for a moment although the cluster reports itself ready.
+func ordVerify(t *testing.T, ctx context.Context, js jetstream.JetStream, table *router.Table, sent []tally.Sent) *Verification {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		v, err := Verify(ctx, js, table, ordRule, sent, 0)
+		if err == nil {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		t.Logf("reading the streams back: %v; again in 500ms", err)
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
 // ordExplain logs, for a takeover that does not come, what the server
 // says of the durable (pending, waiting pulls, the pin) and what each
 // replica says of its source.
@@ -354,10 +374,7 @@ func (s singleActive) run(t *testing.T) {
 	if s.settled != nil {
 		s.settled(t)
 	}
-	v, err := Verify(ctx, s.js, table, ordRule, sent, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := ordVerify(t, ctx, s.js, table, sent)
 	slices.Sort(took)
 	ordFigure(t, "takeovers (kill -9 to epoch start): %v, worst %v", took, took[len(took)-1])
 	ordRequire(t, v, len(sent))
@@ -579,9 +596,6 @@ func TestOrderedPartitionedMembership(t *testing.T) {
 			t.Errorf("SIGTERM %s: exit %v", r.opts.Name, err)
 		}
 	}
-	v, err := Verify(ctx, js, table, ordRule, sent, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := ordVerify(t, ctx, js, table, sent)
 	ordRequire(t, v, len(sent))
 }
