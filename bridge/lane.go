@@ -398,10 +398,10 @@ func (p *Pipeline) parkActive(t *task) *task {
 	n, over := p.nextOfKeyLocked(l, t.laneKey)
 	l.mu.Unlock()
 	if !ok {
-		p.refuse(t, Hold(p.cfg.HoldDelay))
+		p.refuse(t, p.overtakeHold())
 	}
 	for _, o := range over {
-		p.refuse(o, Hold(p.cfg.HoldDelay))
+		p.refuse(o, p.overtakeHold())
 	}
 	return n
 }
@@ -461,7 +461,7 @@ func (p *Pipeline) recheckParked() {
 		}
 		l.mu.Unlock()
 		for _, o := range over {
-			p.refuse(o, Hold(p.cfg.HoldDelay))
+			p.refuse(o, p.overtakeHold())
 		}
 		for _, r := range revoked {
 			r.rs.met.revoked.Inc()

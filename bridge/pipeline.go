@@ -319,7 +319,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		ok := p.parkLocked(l, t)
 		l.mu.Unlock()
 		if !ok {
-			p.refuse(t, Hold(p.cfg.HoldDelay))
+			p.refuse(t, p.overtakeHold())
 		}
 		return nil
 	}
@@ -411,7 +411,7 @@ func (p *Pipeline) dispatch(t *task) *task {
 	t.storeKey = t.idKey
 	if t.storeKey == "" {
 		p.log.Error("message without idempotency key; the source adapter must set SourceID; holding it", "rule", t.m.Rule)
-		return p.finish(t, Hold(p.cfg.HoldDelay))
+		return p.finish(t, p.overtakeHold())
 	}
 	return p.reserveAndPublish(t, ss)
 }
@@ -445,7 +445,7 @@ func (p *Pipeline) toDLQ(t *task) *task {
 	if ss == nil {
 		p.log.Error("poison message but no usable DLQ target; holding it",
 			"rule", t.m.Rule, "reason", t.x.dlqReason, "source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker)
-		return p.finish(t, Hold(p.cfg.HoldDelay))
+		return p.finish(t, p.overtakeHold())
 	}
 	return p.reserveAndPublish(t, ss)
 }
@@ -690,10 +690,15 @@ func (p *Pipeline) next(t *task) *task {
 	n, over := p.nextOfKeyLocked(l, t.laneKey)
 	l.mu.Unlock()
 	for _, o := range over {
-		p.refuse(o, Hold(p.cfg.HoldDelay))
+		p.refuse(o, p.overtakeHold())
 	}
 	return n
 }
+
+// overtakeHold is the Hold of a message that later messages of its key
+// may overtake (HoldError.Overtake): one that did not fit among the parked
+// messages, or one that is not bound for a cell.
+func (p *Pipeline) overtakeHold() error { return &HoldError{Delay: p.cfg.HoldDelay, Overtake: true} }
 
 // settle gives t its final result exactly once and releases what it holds.
 func (p *Pipeline) settle(t *task, result error) {

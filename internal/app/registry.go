@@ -45,8 +45,9 @@ func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *b
 	if err != nil {
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)
 	}
-	// The registry lives in the lease bucket: created, when missing, as
-	// the partitions: section says (its replicas on a cluster, its TTL).
+	// The registry shares the lease bucket of partitioned rules, and its
+	// settings: a bucket created here has partitions.replicas replicas
+	// and the partitions' TTL.
 	r, err := natsjs.OpenRegistry(ctx, js, natsjs.RegistryConfig{Deployment: cfg.Deployment.Name, Leases: leaseConfig(cfg.Partitions)}, log)
 	if err != nil {
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)

@@ -341,7 +341,9 @@ func TestBroadcastTwoWaySync(t *testing.T) {
 	for _, p := range [][2]string{{"a", "b"}, {"b", "a"}} {
 		from, to := p[0], p[1]
 		rules, table := writeRules(t, filepath.Join(t.TempDir(), "rules-"+from), syncRules(from, to))
-		cfg := WriteConfig(t, "", Config{Rules: rules, URLs: []string{srv.URL}, Pipeline: "{retry: {initial: 20ms, max: 300ms}}"})
+		// Two deployments (one per direction), each with its own rules.
+		cfg := WriteConfig(t, "", Config{Rules: rules, URLs: []string{srv.URL}, Pipeline: "{retry: {initial: 20ms, max: 300ms}}",
+			Extra: "deployment: {name: sync-" + from + "}\n"})
 		bridges[from] = StartBridge(t, BridgeOptions{Name: "bridge-" + from, Config: cfg})
 		bridges[from].WaitReady()
 		l, err := StartLoad(LoadConfig{JetStream: js, Rule: table.Rule("sync-" + from), Keys: Keys(50), Rate: 1500, Events: events,
