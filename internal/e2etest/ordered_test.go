@@ -271,12 +271,15 @@ func (s singleActive) run(t *testing.T) {
 	group := table.Rule(ordRule).Source.Group
 	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: s.urls, Partitions: s.partitions})
 	dir := t.TempDir()
-	reps := []*Bridge{
-		StartBridge(t, BridgeOptions{Name: "replica-a", Config: cfg, Dir: dir}),
-		StartBridge(t, BridgeOptions{Name: "replica-b", Config: cfg, Dir: dir}),
-	}
-	for _, b := range reps {
+	// One after the other: two replicas that both find the lease bucket
+	// missing on a cluster can fail to start (the one whose create loses
+	// does not find the replicated bucket yet), which is not what this
+	// scenario is about.
+	var reps []*Bridge
+	for _, name := range []string{"replica-a", "replica-b"} {
+		b := StartBridge(t, BridgeOptions{Name: name, Config: cfg, Dir: dir})
 		b.WaitReady()
+		reps = append(reps, b)
 	}
 	ctx := testCtx(t, 5*time.Minute)
 	load, err := StartLoad(LoadConfig{JetStream: s.js, Rule: table.Rule(ordRule), Keys: Keys(s.keys), Rate: s.rate, Events: s.events})
