@@ -254,10 +254,11 @@ type verification struct {
 	DLQ         int
 	DLQByReason map[string]int
 	Problems    []string
-	// Order is tally's check of the routable events' copies in the cell
-	// streams, each event's key being its topic and user and its number
-	// the one it carries (headerKeySeq): Order.Reordered lists the copies
-	// stored after a later event of their key in the same stream.
+	// Order is tally's check of the copies in the cell streams of the
+	// events published with a per-key sequence number (publishGen), each
+	// event's key being its topic and user and its number the one it
+	// carries (headerKeySeq): Order.Reordered lists the copies stored after
+	// a later event of their key in the same stream.
 	Order *tally.Result
 }
 
@@ -316,8 +317,8 @@ func verifyExactlyOnce(t testing.TB, js jetstream.JetStream, table *router.Table
 		if cell == "" && h.Get(bridge.HeaderError) == "" {
 			problem("%s: %s: DLQ message without %s", stream, id, bridge.HeaderError)
 		}
-		if cell == "" || e.Cell == "" {
-			return
+		if cell == "" || e.Seq == 0 {
+			return // dead-lettered, or published without a per-key sequence number
 		}
 		a := tally.Arrival{Cell: cell, Stream: stream, Subject: m.Subject(), MsgID: id, ID: eventID, Key: e.Topic + "/" + e.Key}
 		if md, err := m.Metadata(); err == nil {
@@ -348,7 +349,7 @@ func verifyExactlyOnce(t testing.TB, js jetstream.JetStream, table *router.Table
 	}
 	var sent []tally.Sent
 	for id, e := range exp {
-		if e.Cell != "" {
+		if e.Seq > 0 {
 			sent = append(sent, tally.Sent{ID: e.EventID, Key: e.Topic + "/" + e.Key, Seq: e.Seq, MsgID: id})
 		}
 	}
