@@ -47,6 +47,10 @@ type eventGen struct {
 	rnd         *rand.Rand
 	n           int
 	poisonEvery int
+	// users, when above 0, draws the user ids (other than the pinned
+	// user's) from that many users instead of from all of them, so that
+	// each user has many events (what a per-key order check needs).
+	users int
 }
 
 func newEventGen(seed uint64, poisonEvery int) *eventGen {
@@ -60,6 +64,11 @@ var paymentActions = []string{"authorized", "captured", "refunded"}
 func (g *eventGen) userID() string {
 	if g.rnd.IntN(50) == 0 {
 		return pinnedKey
+	}
+	if g.users > 0 {
+		// Spread over the id space (and so over the shards) by a prime
+		// stride.
+		return fmt.Sprintf("2088%012d", int64(g.rnd.IntN(g.users))*7_919_007_919%1_000_000_000_000)
 	}
 	return fmt.Sprintf("2088%012d", g.rnd.Int64N(1_000_000_000_000))
 }

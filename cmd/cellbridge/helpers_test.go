@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -43,7 +44,16 @@ type expectation struct {
 	Subject string // target subject (cell subject or DLQ subject)
 	Poison  string // dlq reason kind; "" for routable
 	Shard   int
+	// Key is the user id of a routable event and Seq its number among the
+	// events of its topic and user, from 1, in publishing (= stream) order;
+	// the event carries it in the headerKeySeq header.
+	Key string
+	Seq int
 }
+
+// headerKeySeq carries an event's per-key sequence number (expectation.Seq)
+// through the bridge into its copy.
+const headerKeySeq = "X-Key-Seq"
 
 // published maps Cell-Msg-Id (the bridge derives it from stream:sequence)
 // to its expectation.
@@ -87,12 +97,19 @@ func (p published) counts() (forwarded, dlq int) {
 }
 
 // publishEvents publishes n sample events (seeded) to the source streams and
-// returns where each must land according to the rules table. extra, when
-// set, may change each event before it is published.
+// returns where each must land according to the rules table.
 func publishEvents(t testing.TB, js jetstream.JetStream, table *router.Table, seed uint64, n, poisonEvery int) published {
 	t.Helper()
+	return publishGen(t, js, table, newEventGen(seed, poisonEvery), n)
+}
+
+// publishGen publishes n events of gen as publishEvents does. Each routable
+// event carries its number among its topic's events of its user
+// (headerKeySeq), so that the copies' order per key can be checked.
+func publishGen(t testing.TB, js jetstream.JetStream, table *router.Table, gen *eventGen, n int) published {
+	t.Helper()
 	ctx := testCtx(t, 2*time.Minute)
-	gen := newEventGen(seed, poisonEvery)
+	seq := map[string]int{}
 	exp := make(published, n)
 	type pend struct {
 		f jetstream.PubAckFuture
@@ -126,7 +143,15 @@ func publishEvents(t testing.TB, js jetstream.JetStream, table *router.Table, se
 		default:
 			e.Cell = d.Cell
 		}
-		f, err := js.PublishMsgAsync(ev.Msg())
+		m := ev.Msg()
+		if e.Cell != "" {
+			// One connection publishes in order, and each topic has its own
+			// stream: publishing order is stream order per topic and user.
+			seq[ev.Topic+"/"+ev.Key]++
+			e.Key, e.Seq = ev.Key, seq[ev.Topic+"/"+ev.Key]
+			m.Header.Set(headerKeySeq, strconv.Itoa(e.Seq))
+		}
+		f, err := js.PublishMsgAsync(m)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -229,6 +254,12 @@ type verification struct {
 	DLQ         int
 	DLQByReason map[string]int
 	Problems    []string
+	// Order is tally's check of the copies in the cell streams of the
+	// events published with a per-key sequence number (publishGen), each
+	// event's key being its topic and user and its number the one it
+	// carries (headerKeySeq): Order.Reordered lists the copies stored after
+	// a later event of their key in the same stream.
+	Order *tally.Result
 }
 
 // verifyExactlyOnce reads every cell stream and the DLQ and checks that each
@@ -240,6 +271,7 @@ func verifyExactlyOnce(t testing.TB, js jetstream.JetStream, table *router.Table
 	v := verification{PerCell: map[string]int{}, DLQByReason: map[string]int{}}
 	byMsgID := map[string]int{}
 	byEventID := map[string]int{}
+	var arrivals []tally.Arrival
 	problem := func(format string, a ...any) {
 		if len(v.Problems) < 20 {
 			v.Problems = append(v.Problems, fmt.Sprintf(format, a...))
@@ -285,6 +317,18 @@ func verifyExactlyOnce(t testing.TB, js jetstream.JetStream, table *router.Table
 		if cell == "" && h.Get(bridge.HeaderError) == "" {
 			problem("%s: %s: DLQ message without %s", stream, id, bridge.HeaderError)
 		}
+		if cell == "" || e.Seq == 0 {
+			return // dead-lettered, or published without a per-key sequence number
+		}
+		a := tally.Arrival{Cell: cell, Stream: stream, Subject: m.Subject(), MsgID: id, ID: eventID, Key: e.Topic + "/" + e.Key}
+		if md, err := m.Metadata(); err == nil {
+			a.StreamSeq, a.Stored = md.Sequence.Stream, md.Timestamp
+		}
+		var err error
+		if a.Seq, err = strconv.Atoi(h.Get(headerKeySeq)); err != nil || a.Seq != e.Seq {
+			problem("%s: %s (event %s) carries %s %q, want %d", stream, id, e.EventID, headerKeySeq, h.Get(headerKeySeq), e.Seq)
+		}
+		arrivals = append(arrivals, a)
 	}
 	for _, c := range table.Cells() {
 		for _, m := range readStream(t, js, natsjs.CellStream(c.Name)) {
@@ -303,6 +347,16 @@ func verifyExactlyOnce(t testing.TB, js jetstream.JetStream, table *router.Table
 	if dupID+dupEvent+missing > 0 {
 		problem("summary: %d duplicate msg ids, %d duplicate event ids, %d missing", dupID, dupEvent, missing)
 	}
+	var sent []tally.Sent
+	for id, e := range exp {
+		if e.Seq > 0 {
+			sent = append(sent, tally.Sent{ID: e.EventID, Key: e.Topic + "/" + e.Key, Seq: e.Seq, MsgID: id})
+		}
+	}
+	v.Order = tally.Check(sent, arrivals, tally.Options{Owner: func(a *tally.Arrival) (string, bool) {
+		e, ok := exp[a.MsgID]
+		return e.Cell, ok
+	}})
 	return v
 }
 

@@ -233,16 +233,15 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 		base.FetchBatch = cfg.PartitionFetchBatch(r.Source.Partitions)
 		p := cfg.Partitions
 		src, err := natsjs.NewPartitionedSource(ctx, c.js[r.Source.Broker], natsjs.PartitionedConfig{
-			Rule:       rule,
-			Broker:     r.Source.Broker,
-			Stream:     r.Source.Stream,
-			Subject:    r.Source.Subject,
-			Group:      r.Source.Group,
-			KeyToken:   r.Key.SubjectToken,
-			Partitions: r.Source.Partitions,
-			ReplicaID:  p.ReplicaID,
-			Leases: natsjs.LeaseConfig{Bucket: p.Bucket, TTL: p.LeaseTTL.D(), Heartbeat: p.Heartbeat.D(),
-				Replicas: p.Replicas},
+			Rule:         rule,
+			Broker:       r.Source.Broker,
+			Stream:       r.Source.Stream,
+			Subject:      r.Source.Subject,
+			Group:        r.Source.Group,
+			KeyToken:     r.Key.SubjectToken,
+			Partitions:   r.Source.Partitions,
+			ReplicaID:    p.ReplicaID,
+			Leases:       leaseConfig(p),
 			DrainTimeout: p.DrainTimeout.D(),
 			Consumer:     base,
 			Failing:      func(err error) { health.SourceFailing(rule, err) },
@@ -319,4 +318,10 @@ func (b *brokers) jetStream(name string) (jetstream.JetStream, error) {
 		return nil, fmt.Errorf("broker %q is of type %s, not %s", name, b.typeOf[name], config.NATSType)
 	}
 	return nc.js[name], nil
+}
+
+// leaseConfig is the lease bucket as the partitions: section configures it:
+// the partitioned sources' leases and the deployment's registry share it.
+func leaseConfig(p config.PartitionsConfig) natsjs.LeaseConfig {
+	return natsjs.LeaseConfig{Bucket: p.Bucket, TTL: p.LeaseTTL.D(), Heartbeat: p.Heartbeat.D(), Replicas: p.Replicas}
 }

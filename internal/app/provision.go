@@ -86,7 +86,11 @@ func Needs(cfg *config.Config, t *router.Table, replicas int) ([]*BrokerNeeds, e
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(leaseUses)) {
-		bp, err := natsjs.LeaseBucketPlan(natsjs.LeaseConfig{Replicas: max(1, replicas)}, leaseUses[name])
+		// The bucket the bridge uses (partitions: section), at the
+		// replicas of this provisioning.
+		lc := leaseConfig(cfg.Partitions)
+		lc.Replicas = max(1, replicas)
+		bp, err := natsjs.LeaseBucketPlan(lc, leaseUses[name])
 		if err != nil {
 			return nil, err
 		}

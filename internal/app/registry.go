@@ -46,10 +46,9 @@ func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *b
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)
 	}
 	// The registry shares the lease bucket of partitioned rules, and its
-	// settings: a bucket created here has partitions.replicas replicas.
-	p := cfg.Partitions
-	r, err := natsjs.OpenRegistry(ctx, js, natsjs.RegistryConfig{Deployment: cfg.Deployment.Name,
-		Leases: natsjs.LeaseConfig{Bucket: p.Bucket, TTL: p.LeaseTTL.D(), Heartbeat: p.Heartbeat.D(), Replicas: p.Replicas}}, log)
+	// settings: a bucket created here has partitions.replicas replicas
+	// and the partitions' TTL.
+	r, err := natsjs.OpenRegistry(ctx, js, natsjs.RegistryConfig{Deployment: cfg.Deployment.Name, Leases: leaseConfig(cfg.Partitions)}, log)
 	if err != nil {
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)
 	}
@@ -123,7 +122,8 @@ func advertisedURL(addr, host string) string {
 }
 
 // RegistrySource is the deployment.Source of cfg's deployment on a
-// connection to its registry broker (ConnectBroker).
+// connection to its registry broker (ConnectBroker), in the lease bucket
+// the partitions: section names.
 func RegistrySource(cfg *config.Config, js jetstream.JetStream) *deployment.Registry {
-	return &deployment.Registry{JetStream: js, Deployment: cfg.Deployment.Name}
+	return &deployment.Registry{JetStream: js, Bucket: cfg.Partitions.Bucket, Deployment: cfg.Deployment.Name}
 }
