@@ -90,13 +90,19 @@ type leaseBucket struct {
 func openLeaseBucket(ctx context.Context, js jetstream.JetStream, cfg LeaseConfig, log *slog.Logger) (*leaseBucket, error) {
 	b := &leaseBucket{nc: js.Conn(), ttl: cfg.TTL, beat: cfg.Heartbeat, call: cfg.CallTimeout}
 	var kv jetstream.KeyValue
-	err := b.retry(ctx, 3, func(ctx context.Context) error {
+	err := b.retry(ctx, 10, func(ctx context.Context) error {
 		var err error
 		kv, err = js.KeyValue(ctx, cfg.Bucket)
 		if errors.Is(err, jetstream.ErrBucketNotFound) {
 			kv, err = js.CreateKeyValue(ctx, leaseKVConfig(cfg))
 			if errors.Is(err, jetstream.ErrBucketExists) {
 				kv, err = js.KeyValue(ctx, cfg.Bucket)
+				if errors.Is(err, jetstream.ErrBucketNotFound) || errors.Is(err, jetstream.ErrStreamNotFound) {
+					// Another replica is creating it (replicas of a
+					// Deployment start together): its stream is not
+					// visible yet; look again.
+					err = fmt.Errorf("%w: %w", errBucketForming, err)
+				}
 			}
 		}
 		return err
@@ -215,12 +221,16 @@ func (b *leaseBucket) retry(ctx context.Context, attempts int, f func(context.Co
 // transient API failure, or the connection down (also as found before
 // sending), or a key released between two steps of a Create.
 func kvTransient(err error) bool {
-	return transient(err) || errors.Is(err, errDisconnected) || errors.Is(err, errFreed) ||
+	return transient(err) || errors.Is(err, errDisconnected) || errors.Is(err, errFreed) || errors.Is(err, errBucketForming) ||
 		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected)
 }
 
 // retryPause is the wait between two attempts of a failed request.
 func retryPause(beat time.Duration) time.Duration { return min(beat/4, 250*time.Millisecond) }
+
+// errBucketForming marks a lease bucket that exists but cannot be read
+// yet: another replica is creating it.
+var errBucketForming = errors.New("natsjs: lease bucket being created by another replica")
 
 // errHeld is returned by create when another replica holds the key.
 var errHeld = errors.New("natsjs: held by another replica")
