@@ -66,7 +66,7 @@ var defaults = []defaultRow{
 	{"partitions.drainTimeout", "10s", "a partition moving to another replica waits this long for its messages to settle before it is handed over anyway"},
 	{"log.level", "info", "debug | info | warn | error"},
 	{"log.format", "auto", "auto (JSON when stderr is not a terminal) | json | text"},
-	{"deployment.name", "", "the dedupe bucket with the jetstream store, else `cellbridge`: replicas of one name publish the rules version they run (KV bucket `cellbridge-leases`), and a replica refuses to start on a version lower than the highest its deployment has run"},
+	{"deployment.name", "", "the dedupe bucket with the jetstream store, else `cellbridge`: replicas of one name publish the rules version they run (in the lease bucket, `partitions.bucket`: `cellbridge-leases` unless set), and a replica refuses to start on a version lower than the highest its deployment has run"},
 }
 
 // WriteDefaults writes the defaults table as Markdown: the table of docs/configuration.md
