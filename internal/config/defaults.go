@@ -40,6 +40,7 @@ var defaults = []defaultRow{
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this"},
 	{"dedupe.requestTimeout", "", "jetstream store: each request to the KV bucket (reserve, commit, release, and each attempt of the bucket's set-up): 2s, or half of reserveTTL when that is less; must stay below reserveTTL"},
 	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
+	{"http.pprof", "false", "also serve /debug/pprof/ (Go's CPU, heap, goroutine, mutex, block profiles and execution trace) and /debug/timeline (sampled per-message stage timings, docs/metrics.md) on http.listen; off by default: a profile costs CPU while it runs and the endpoints show the process's internals"},
 	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (a broadcast message takes one per copy; the NATS consumer's MaxAckPending is maxInFlight+maxHeld+maxLagging+fetchBatch; with `source.partitions: N` each partition's consumer gets (maxInFlight+maxHeld+maxLagging)/N plus fetchBatch/N)"},
 	{"pipeline.lanes", "", "ordering lanes: maxInFlight/4, at least 1 (one key always uses one lane; one message per key between publish and confirm; keys sharing a lane do not wait for each other)"},
 	{"pipeline.workers", "", "goroutines that reserve/commit/ack: GOMAXPROCS with the memory store, 256 with jetstream (each KV round trip holds one)"},
