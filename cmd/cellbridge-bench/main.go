@@ -22,32 +22,33 @@ import (
 )
 
 type config struct {
-	n           int
-	slowN       int
-	rounds      int
-	out         string
-	variants    string
-	short       bool
-	soak        time.Duration
-	soakRate    float64
-	seed        uint64
-	rules       string
-	rmqRules    string
-	tune        map[string]string
-	latency     bool
-	latRates    string
-	latVariants string
-	latRounds   int
-	latSeconds  float64
-	rmqN        int
-	rmqRounds   int
-	bcN         int
-	bcRounds    int
-	refHeaders  bool
-	profile     string
-	profileSec  float64
-	timeline    string
-	tlEvery     int
+	n             int
+	slowN         int
+	rounds        int
+	out           string
+	variants      string
+	short         bool
+	soak          time.Duration
+	soakRate      float64
+	seed          uint64
+	rules         string
+	rmqRules      string
+	tune          map[string]string
+	latency       bool
+	latRates      string
+	latVariants   string
+	latRounds     int
+	latSeconds    float64
+	rmqN          int
+	rmqRounds     int
+	bcN           int
+	bcRounds      int
+	refHeaders    bool
+	profile       string
+	profileSec    float64
+	profileRounds int
+	timeline      string
+	tlEvery       int
 }
 
 func main() {
@@ -80,7 +81,8 @@ func main() {
 	flag.IntVar(&cfg.bcN, "bc-n", 50000, "events per broadcast run (each to 4 cells)")
 	flag.IntVar(&cfg.bcRounds, "bc-rounds", 3, "alternating rounds of the broadcast comparison A-bc B-bc (0: skip)")
 	flag.BoolVar(&cfg.refHeaders, "ref-headers", true, "one run of the pipe that also sends cellbridge's six Cell-* headers (A-hdrs): what the headers cost the server")
-	flag.StringVar(&cfg.profile, "profile", "", "file prefix: CPU profiles of the server and of each variant process in the first round of each throughput variant, PREFIX-<variant>-<process>.pprof")
+	flag.StringVar(&cfg.profile, "profile", "", "file prefix: CPU profiles of the server and of each variant process in the first round(s) of each throughput variant, PREFIX-<variant>-r<round>-<process>.pprof (a profile longer than the run covers all of it: samples / N = CPU per message)")
+	flag.IntVar(&cfg.profileRounds, "profile-rounds", 1, "with -profile: profile the first this many rounds (PREFIX-<variant>-r<round>-<process>.pprof)")
 	flag.Float64Var(&cfg.profileSec, "profile-seconds", 2, "length of each -profile profile (from the start of timing), and of -timeline recordings of throughput runs")
 	flag.StringVar(&cfg.timeline, "timeline", "", "file prefix: each bridge replica's /debug/timeline (sampled per-message stage times) of the latency runs and the first throughput round, PREFIX-<variant>[-<rate>]-<replica>.json; printed as a summary")
 	flag.IntVar(&cfg.tlEvery, "timeline-every", 20, "sample one in this many messages for -timeline")
@@ -199,8 +201,8 @@ func benchMain(cfg config) error {
 	var main []string
 	for _, v := range strings.Split(cfg.variants, ",") {
 		v = strings.TrimSpace(v)
-		if _, ok := variantNames[v]; !ok || strings.HasPrefix(v, "R-") {
-			return fmt.Errorf("-variants: unknown variant %q (want A, B, O, P, C, A-kv1, A-kv2, D, A-hdrs)", v)
+		if base, _, _ := strings.Cut(v, "~"); variantNames[base] == "" || strings.HasPrefix(v, "R-") {
+			return fmt.Errorf("-variants: unknown variant %q (want A, B, O, P, C, A-kv1, A-kv2, D, A-hdrs, or VARIANT~NAME for one tuned by -tune VARIANT~NAME:...)", v)
 		}
 		main = append(main, v)
 	}
@@ -215,19 +217,20 @@ func benchMain(cfg config) error {
 	runs := map[string][]*runResult{}
 	record := func(key string, r *runResult) { runs[key] = append(runs[key], r) }
 	printRun := func(what string, r *runResult) {
-		fmt.Fprintf(log, "  %-16s %9.0f msg/s %6.2fs  cpu bridge %5.1f server %5.1f us/msg  rss %4.0f MiB  load %s verified=%v %s\n",
-			what, r.MsgsPerS, r.Seconds, r.CPUus, num(r.Extra["server_cpu_us_per_msg"]), r.PeakRSSMB, r.LoadAvg, r.Verified, r.VerifyNote)
+		fmt.Fprintf(log, "  %-16s %9.0f msg/s %6.2fs  cpu variant %5.1f server %5.1f us/msg  syscalls r/w per msg variant %.2f/%.2f server %.2f/%.2f  rss %4.0f MiB  load %s verified=%v %s\n",
+			what, r.MsgsPerS, r.Seconds, r.CPUus, num(r.Extra["server_cpu_us_per_msg"]),
+			num(r.Extra["process_reads_per_msg"]), num(r.Extra["process_writes_per_msg"]), num(r.Extra["server_reads_per_msg"]), num(r.Extra["server_writes_per_msg"]),
+			r.PeakRSSMB, r.LoadAvg, r.Verified, r.VerifyNote)
 	}
 	for round := 1; round <= cfg.rounds; round++ {
 		for _, v := range main {
-			spec := runSpec{Variant: v, N: cfg.nOf(v), Round: round, Tune: cfg.tune[v], ProfileSeconds: cfg.profileSec, TimelineEvery: cfg.tlEvery}
-			if round == 1 {
-				if cfg.profile != "" {
-					spec.Profile = cfg.profile
-				}
-				if cfg.timeline != "" && isBridge(v) {
-					spec.Timeline = cfg.timeline
-				}
+			spec := newSpec(v, cfg.tune)
+			spec.N, spec.Round, spec.ProfileSeconds, spec.TimelineEvery = cfg.nOf(spec.Variant), round, cfg.profileSec, cfg.tlEvery
+			if round <= cfg.profileRounds {
+				spec.Profile = cfg.profile
+			}
+			if round == 1 && cfg.timeline != "" && isBridge(spec.Variant) {
+				spec.Timeline = cfg.timeline
 			}
 			r, err := h.runNATS(spec)
 			if err != nil {
@@ -274,9 +277,9 @@ func benchMain(cfg config) error {
 		for round := 1; round <= cfg.latRounds; round++ {
 			for _, lr := range rates {
 				for _, v := range lvs {
-					spec := runSpec{Variant: v, N: max(int(lr.rate*cfg.latSeconds), 100), Rate: lr.rate, Round: round, Tune: cfg.tune[v],
-						TimelineEvery: cfg.tlEvery}
-					if round == 1 && cfg.timeline != "" && isBridge(v) {
+					spec := newSpec(v, cfg.tune)
+					spec.N, spec.Rate, spec.Round, spec.TimelineEvery = max(int(lr.rate*cfg.latSeconds), 100), lr.rate, round, cfg.tlEvery
+					if round == 1 && cfg.timeline != "" && isBridge(spec.Variant) {
 						spec.Timeline = cfg.timeline
 					}
 					r, err := h.runNATS(spec)
@@ -549,6 +552,9 @@ func printTable(w io.Writer, cfg config, main []string, rates []latRate, runs ma
 			ref = medianRate(runs["R-A"])
 		}
 		name := variantNames[v]
+		if base, tuned, ok := strings.Cut(v, "~"); ok {
+			name = variantNames[base] + " (" + tuned + ": " + cfg.tune[v] + ")"
+		}
 		if name == "" {
 			name = v
 		}

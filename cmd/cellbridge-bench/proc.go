@@ -78,6 +78,37 @@ func procStatusMB(pid int, field string) float64 {
 	return 0
 }
 
+// procIO is a process's I/O system calls so far (all threads, exited ones
+// included): reads (syscr) and writes (syscw), sockets included. Per
+// message they show how well a process batches: every read or write wakes
+// the peer too.
+type procIO struct{ reads, writes int64 }
+
+// readProcIO reads /proc/PID/io (zero when it cannot).
+func readProcIO(pids ...int) procIO {
+	var t procIO
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			k, v, ok := strings.Cut(line, ": ")
+			if !ok {
+				continue
+			}
+			n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			switch k {
+			case "syscr":
+				t.reads += n
+			case "syscw":
+				t.writes += n
+			}
+		}
+	}
+	return t
+}
+
 // resetPeakRSSOf resets process pid's peak-RSS mark (VmHWM), so that a
 // later reading covers the timed phase only.
 func resetPeakRSSOf(pid int) {

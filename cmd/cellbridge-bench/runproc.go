@@ -24,7 +24,11 @@ import (
 
 // runSpec is one measured run in the production topology.
 type runSpec struct {
+	// Variant is the variant run; Label names the run in the output and
+	// results (Variant, or VARIANT~NAME for a differently tuned copy of
+	// it, e.g. B~fetch4096 with -tune B~fetch4096:fetch=4096).
 	Variant string
+	Label   string
 	N       int
 	Round   int
 	// Rate > 0: a latency run, the paced producer in this process offering
@@ -42,6 +46,21 @@ type runSpec struct {
 	// to PREFIX-<variant>[-<rate>]-<replica>.json.
 	Timeline      string
 	TimelineEvery int
+}
+
+// label is the run's name in the output and results.
+func (s runSpec) label() string {
+	if s.Label != "" {
+		return s.Label
+	}
+	return s.Variant
+}
+
+// newSpec is the spec of a run of v (a variant, or VARIANT~NAME) with v's
+// tuning.
+func newSpec(v string, tune map[string]string) runSpec {
+	base, _, _ := strings.Cut(v, "~")
+	return runSpec{Variant: base, Label: v, Tune: tune[v]}
 }
 
 // harness is what every run shares: the binaries, the rules, the stored
@@ -223,7 +242,7 @@ func cpuOf(pids ...int) time.Duration {
 // runNATS is one run of a NATS variant: fresh server, the variant's
 // processes, timing, CPU of each process, verification.
 func (h *harness) runNATS(spec runSpec) (*runResult, error) {
-	dir, err := os.MkdirTemp(h.root, "run-"+spec.Variant+"-")
+	dir, err := os.MkdirTemp(h.root, "run-"+strings.ReplaceAll(spec.label(), "~", "_")+"-")
 	if err != nil {
 		return nil, err
 	}
@@ -288,9 +307,11 @@ func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	var t0 time.Time
 	var before int
 	var cpuSrv0, cpuVar0, cpuSelf0 time.Duration
+	var ioSrv0, ioVar0 procIO
 	startTiming := func(count int) {
 		t0, before = time.Now(), count
 		cpuSrv0, cpuVar0, cpuSelf0 = cpuOf(srv.Pid()), cpuOf(pids...), cpuOf(os.Getpid())
+		ioSrv0, ioVar0 = readProcIO(srv.Pid()), readProcIO(pids...)
 		resetPeakRSSOf(srv.Pid())
 		for _, pid := range pids {
 			resetPeakRSSOf(pid)
@@ -371,6 +392,7 @@ func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	}
 	t1 := time.Now()
 	cpuSrv1, cpuVar1, cpuSelf1 := cpuOf(srv.Pid()), cpuOf(pids...), cpuOf(os.Getpid())
+	ioSrv1, ioVar1 := readProcIO(srv.Pid()), readProcIO(pids...)
 	var peakVar float64
 	for _, pid := range pids {
 		peakVar = max(peakVar, procStatusMB(pid, "VmHWM:"))
@@ -398,7 +420,7 @@ func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	}
 	n := max(count-before, 1)
 	res := &childResult{
-		Variant:   spec.Variant,
+		Variant:   spec.label(),
 		N:         spec.N,
 		Seconds:   t1.Sub(t0).Seconds(),
 		PeakRSSMB: peakVar,
@@ -410,6 +432,10 @@ func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	res.Extra["server_cpu_us_per_msg"] = float64(cpuSrv1-cpuSrv0) / 1e3 / float64(n)
 	res.Extra["bench_cpu_us_per_msg"] = float64(cpuSelf1-cpuSelf0) / 1e3 / float64(n)
 	res.Extra["server_peak_rss_mb"] = peakSrv
+	res.Extra["server_reads_per_msg"] = float64(ioSrv1.reads-ioSrv0.reads) / float64(n)
+	res.Extra["server_writes_per_msg"] = float64(ioSrv1.writes-ioSrv0.writes) / float64(n)
+	res.Extra["process_reads_per_msg"] = float64(ioVar1.reads-ioVar0.reads) / float64(n)
+	res.Extra["process_writes_per_msg"] = float64(ioVar1.writes-ioVar0.writes) / float64(n)
 	res.Extra["timed_msgs"] = count - before
 	e := &env{table: h.table, spec: childSpec{Variant: spec.Variant, N: spec.N, Rate: spec.Rate}}
 	if kvWritesOf(spec.Variant) > 0 {
@@ -638,7 +664,7 @@ func (h *harness) profile(spec runSpec, srv *natstest.Process, profPort int, pro
 			defer cancel()
 			b, err := httpGet(ctx, h.hc, fmt.Sprintf("%s/debug/pprof/profile?seconds=%g", t.url, sec))
 			if err == nil {
-				err = os.WriteFile(fmt.Sprintf("%s-%s-%s.pprof", spec.Profile, spec.Variant, t.name), b, 0o644)
+				err = os.WriteFile(fmt.Sprintf("%s-%s-r%d-%s.pprof", spec.Profile, spec.label(), spec.Round, t.name), b, 0o644)
 			}
 			if err != nil {
 				errs[i] = fmt.Errorf("profile of %s: %w", t.name, err)
@@ -669,7 +695,7 @@ func (h *harness) timeline(spec runSpec, procs []*proc, expect time.Duration) er
 			defer cancel()
 			b, err := httpGet(ctx, h.hc, fmt.Sprintf("%s/debug/timeline?seconds=%g&every=%d", p.http, sec, every))
 			if err == nil {
-				name := spec.Variant
+				name := spec.label()
 				if spec.Rate > 0 {
 					name = fmt.Sprintf("%s-%.0f", name, spec.Rate)
 				}
@@ -690,7 +716,7 @@ func (h *harness) timeline(spec runSpec, procs []*proc, expect time.Duration) er
 // rocketmq broker and the memory store; events pre-published, timing
 // until the cell topics hold N, every message verified.
 func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
-	dir, err := os.MkdirTemp(h.root, "run-"+spec.Variant+"-")
+	dir, err := os.MkdirTemp(h.root, "run-"+strings.ReplaceAll(spec.label(), "~", "_")+"-")
 	if err != nil {
 		return nil, err
 	}
@@ -796,7 +822,7 @@ func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
 		t0 = t1
 	}
 	timed := max(n-before, 1)
-	res := &childResult{Variant: spec.Variant, N: spec.N, Seconds: t1.Sub(t0).Seconds(), PeakRSSMB: peak,
+	res := &childResult{Variant: spec.label(), N: spec.N, Seconds: t1.Sub(t0).Seconds(), PeakRSSMB: peak,
 		Settings: settings + outcomes, CPUus: float64(cpuVar1-cpuVar0) / 1e3 / float64(timed),
 		Extra: map[string]any{"server_cpu_us_per_msg": float64(cpuSelf1-cpuSelf0) / 1e3 / float64(timed), "timed_msgs": n - before}}
 	res.MsgsPerS = float64(n-before) / max(res.Seconds, 1e-9)
