@@ -5,11 +5,11 @@ import (
 	"io"
 	"math"
 	"os"
-	"time"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
