@@ -44,7 +44,7 @@ var defaults = []defaultRow{
 	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (a broadcast message takes one per copy; the NATS consumer's MaxAckPending is maxInFlight+maxHeld+maxLagging+fetchBatch; with `source.partitions: N` each partition's consumer gets (maxInFlight+maxHeld+maxLagging)/N plus fetchBatch/N)"},
 	{"pipeline.lanes", "", "ordering lanes: maxInFlight/4, at least 1 (one key always uses one lane; one message per key between publish and confirm; keys sharing a lane do not wait for each other)"},
 	{"pipeline.workers", "", "goroutines that reserve/commit/ack: GOMAXPROCS with the memory store, 256 with jetstream (each KV round trip holds one)"},
-	{"pipeline.fetchBatch", "1024", "messages requested ahead from the source (pull batch)"},
+	{"pipeline.fetchBatch", "2048", "messages requested ahead from the source (pull batch; a NATS source asks for more when half are taken)"},
 	{"pipeline.holdDelay", "5s", "redelivery delay of held messages that could not be parked"},
 	{"pipeline.retry.initial", "100ms", "first sink/dedupe retry delay (doubles each time)"},
 	{"pipeline.retry.max", "5s", "retry delay cap"},
