@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -288,53 +289,30 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 		latDump, _ = os.Create(fmt.Sprintf("%s-%s-%.0f", p, e.spec.Variant, e.spec.Rate))
 		defer latDump.Close()
 	}
-	var lat []float64
+	// The cells are read at once (one ordered consumer each) and tallied
+	// in cell order afterwards.
 	cells := e.table.cells
-	for _, c := range cells {
-		s, err := js.Stream(ctx, streamOf(c))
-		if err != nil {
-			return err
-		}
-		info, err := s.Info(ctx)
-		if err != nil {
-			return err
-		}
-		total := int(info.State.Msgs)
-		if total == 0 {
-			continue
-		}
-		oc, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
-		if err != nil {
-			return err
-		}
-		it, err := oc.Messages(jetstream.PullMaxMessages(4096))
-		if err != nil {
-			return err
-		}
-		for i := 0; i < total; i++ {
-			m, err := it.Next()
-			if err != nil {
-				it.Stop()
-				return fmt.Errorf("verify %s: %w", c, err)
-			}
-			order, ok := tl.add(c, m.Data())
-			if !ok {
-				continue
-			}
-			if e.spec.Rate > 0 {
-				if v := m.Headers().Get(pubTimeHdr); v != "" {
-					if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
-						if md, err := m.Metadata(); err == nil {
-							lat = append(lat, float64(md.Timestamp.UnixNano()-ns)/1e6)
-							if latDump != nil {
-								fmt.Fprintf(latDump, "%d %.3f\n", order, lat[len(lat)-1])
-							}
-						}
-					}
+	read := make([][]cellCopy, len(cells))
+	errs := make([]error, len(cells))
+	var wg sync.WaitGroup
+	for i, c := range cells {
+		wg.Go(func() { read[i], errs[i] = readCell(ctx, js, c, e.spec.Rate > 0) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	var lat []float64
+	for i, c := range cells {
+		for _, cp := range read[i] {
+			order, ok := tl.add(c, cp.body)
+			if ok && cp.latencyMS >= 0 {
+				lat = append(lat, cp.latencyMS)
+				if latDump != nil {
+					fmt.Fprintf(latDump, "%d %.3f\n", order, cp.latencyMS)
 				}
 			}
 		}
-		it.Stop()
 	}
 	notes = append(notes, tl.notes("cell streams")...)
 	res.Verified = len(notes) == 0
@@ -343,6 +321,58 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 		res.LatencyMS = latencySummary(lat)
 	}
 	return nil
+}
+
+// cellCopy is one message read back from a cell stream: its body, and in
+// latency runs the time from its publish-time stamp to its store time in
+// the cell stream (-1 without a stamp).
+type cellCopy struct {
+	body      []byte
+	latencyMS float64
+}
+
+// readCell reads every message of cell's stream.
+func readCell(ctx context.Context, js jetstream.JetStream, cell string, latency bool) ([]cellCopy, error) {
+	s, err := js.Stream(ctx, streamOf(cell))
+	if err != nil {
+		return nil, err
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		return nil, err
+	}
+	total := int(info.State.Msgs)
+	if total == 0 {
+		return nil, nil
+	}
+	oc, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		return nil, err
+	}
+	it, err := oc.Messages(jetstream.PullMaxMessages(4096))
+	if err != nil {
+		return nil, err
+	}
+	defer it.Stop()
+	out := make([]cellCopy, 0, total)
+	for range total {
+		m, err := it.Next()
+		if err != nil {
+			return nil, fmt.Errorf("verify %s: %w", cell, err)
+		}
+		cp := cellCopy{body: m.Data(), latencyMS: -1}
+		if latency {
+			if v := m.Headers().Get(pubTimeHdr); v != "" {
+				if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
+					if md, err := m.Metadata(); err == nil {
+						cp.latencyMS = float64(md.Timestamp.UnixNano()-ns) / 1e6
+					}
+				}
+			}
+		}
+		out = append(out, cp)
+	}
+	return out, nil
 }
 
 // kvNote says what is wrong with a KV reference's bucket at the end of a run

@@ -75,7 +75,7 @@ func main() {
 	flag.StringVar(&cfg.latRates, "latency-rates", "2000,0.3,0.5", "offered loads of the latency runs: msg/s, or a fraction (≤ 1) of the pipe's median throughput")
 	flag.StringVar(&cfg.latVariants, "latency-variants", "A,B,O", "variants of the latency runs (A first: the reference for added latency)")
 	flag.IntVar(&cfg.latRounds, "latency-rounds", 3, "alternating rounds of the latency runs (medians of p50 and p99 are reported)")
-	flag.Float64Var(&cfg.latSeconds, "latency-seconds", 4, "seconds of offered load per latency run")
+	flag.Float64Var(&cfg.latSeconds, "latency-seconds", 3, "seconds of offered load per latency run")
 	flag.IntVar(&cfg.rmqN, "rmq-n", 20000, "events per RocketMQ run (the in-process broker and the client's synchronous sends are slower than JetStream)")
 	flag.IntVar(&cfg.rmqRounds, "rmq-rounds", 3, "alternating rounds of the RocketMQ comparison R-A R-B (0: skip)")
 	flag.IntVar(&cfg.bcN, "bc-n", 50000, "events per broadcast run (each to 4 cells)")
@@ -159,6 +159,9 @@ type runResult struct {
 	Round   int     `json:"round"`
 	LoadAvg string  `json:"load_avg_1m"`                  // machine load when the run ended (other work distorts msg/s)
 	Offered float64 `json:"offered_msgs_per_s,omitempty"` // latency runs
+	// WallSeconds is the whole run: server start, variant start, timed
+	// phase, stop, verification.
+	WallSeconds float64 `json:"wall_seconds"`
 }
 
 func median(v []float64) float64 {
@@ -217,8 +220,8 @@ func benchMain(cfg config) error {
 	runs := map[string][]*runResult{}
 	record := func(key string, r *runResult) { runs[key] = append(runs[key], r) }
 	printRun := func(what string, r *runResult) {
-		fmt.Fprintf(log, "  %-16s %9.0f msg/s %6.2fs  cpu variant %5.1f server %5.1f us/msg  syscalls r/w per msg variant %.2f/%.2f server %.2f/%.2f  rss %4.0f MiB  load %s verified=%v %s\n",
-			what, r.MsgsPerS, r.Seconds, r.CPUus, num(r.Extra["server_cpu_us_per_msg"]),
+		fmt.Fprintf(log, "  %4.0fs %-16s %9.0f msg/s %6.2fs  cpu variant %5.1f server %5.1f us/msg  syscalls r/w per msg variant %.2f/%.2f server %.2f/%.2f  rss %4.0f MiB  load %s verified=%v %s\n",
+			time.Since(start).Seconds(), what, r.MsgsPerS, r.Seconds, r.CPUus, num(r.Extra["server_cpu_us_per_msg"]),
 			num(r.Extra["process_reads_per_msg"]), num(r.Extra["process_writes_per_msg"]), num(r.Extra["server_reads_per_msg"]), num(r.Extra["server_writes_per_msg"]),
 			r.PeakRSSMB, r.LoadAvg, r.Verified, r.VerifyNote)
 	}
@@ -287,8 +290,8 @@ func benchMain(cfg config) error {
 						return fmt.Errorf("latency %s at %.0f msg/s: %w", v, lr.rate, err)
 					}
 					record(latKey(v, lr.name), r)
-					fmt.Fprintf(log, "  latency %s %-2s round %d at %6.0f msg/s: p50 %6.2f p90 %6.2f p99 %7.2f max %7.2f ms  cpu bridge %5.1f server %5.1f  load %s verified=%v %s\n",
-						lr.name, v, round, lr.rate, r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"],
+					fmt.Fprintf(log, "  %4.0fs latency %s %-2s round %d at %6.0f msg/s: p50 %6.2f p90 %6.2f p99 %7.2f max %7.2f ms  cpu bridge %5.1f server %5.1f  load %s verified=%v %s\n",
+						time.Since(start).Seconds(), lr.name, v, round, lr.rate, r.LatencyMS["p50"], r.LatencyMS["p90"], r.LatencyMS["p99"], r.LatencyMS["max"],
 						r.CPUus, num(r.Extra["server_cpu_us_per_msg"]), r.LoadAvg, r.Verified, r.VerifyNote)
 				}
 			}

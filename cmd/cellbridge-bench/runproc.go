@@ -242,6 +242,7 @@ func cpuOf(pids ...int) time.Duration {
 // runNATS is one run of a NATS variant: fresh server, the variant's
 // processes, timing, CPU of each process, verification.
 func (h *harness) runNATS(spec runSpec) (*runResult, error) {
+	began := time.Now()
 	dir, err := os.MkdirTemp(h.root, "run-"+strings.ReplaceAll(spec.label(), "~", "_")+"-")
 	if err != nil {
 		return nil, err
@@ -346,13 +347,13 @@ func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	defer cancel()
 	var prodErr chan error
 	if spec.Rate > 0 {
-		if err := h.waitConsuming(srv, spec, procs); err != nil {
+		if err := h.waitConsuming(srv, js, &events[0], parts > 0, spec, procs); err != nil {
 			return nil, err
 		}
-		startTiming(0)
+		startTiming(1)
 		startSide(time.Duration(float64(spec.N)/spec.Rate*float64(time.Second)) + time.Second)
 		prodErr = make(chan error, 1)
-		go func() { prodErr <- pacedPublish(vctx, srv.URL, events, spec.Rate, parts > 0) }()
+		go func() { prodErr <- pacedPublish(vctx, srv.URL, events[1:], spec.Rate, parts > 0) }()
 	}
 	deadline := time.Now().Add(time.Duration(want/1000+120) * time.Second)
 	var count, last int
@@ -458,7 +459,7 @@ func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	if err := errors.Join(sideErrs...); err != nil {
 		res.VerifyNote = strings.TrimPrefix(res.VerifyNote+"; "+err.Error(), "; ")
 	}
-	return &runResult{childResult: *res, Round: spec.Round, LoadAvg: loadAvg(), Offered: spec.Rate}, nil
+	return &runResult{childResult: *res, Round: spec.Round, LoadAvg: loadAvg(), Offered: spec.Rate, WallSeconds: time.Since(began).Seconds()}, nil
 }
 
 // readOutcome reads the settings a variant process wrote at exit.
@@ -572,33 +573,25 @@ func (h *harness) variantRules(dir string, spec runSpec) (string, string, error)
 }
 
 // waitConsuming waits before a latency run's load starts until the
-// variant consumes: each bridge replica's rule source is active (the
-// ordered replica that won the pin) or shared, or the loop's consumer
-// exists; then a moment for the first pull.
-func (h *harness) waitConsuming(srv *natstest.Process, spec runSpec, procs []*proc) error {
-	deadline := time.Now().Add(30 * time.Second)
+// variant forwards: it publishes the run's first event (without a
+// publish-time stamp, so it is not a latency sample) and waits until a cell
+// stream holds it. By then the bridge's sources run (an ordered replica has
+// won the pin, which it does with the first message) and every connection
+// is warm, so that start-up is not counted as latency.
+func (h *harness) waitConsuming(srv *natstest.Process, js jetstream.JetStream, first *event, keyed bool, spec runSpec, procs []*proc) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	m := &nats.Msg{Subject: subjectOf(first, keyed), Data: first.body, Header: nats.Header{nats.MsgIdHdr: []string{first.id}}}
+	if _, err := js.PublishMsg(ctx, m); err != nil {
+		return fmt.Errorf("warm-up event: %w", err)
+	}
 	for {
-		ok := false
-		if isBridge(spec.Variant) {
-			for _, p := range procs {
-				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				b, err := httpGet(ctx, h.hc, p.http+"/status")
-				cancel()
-				var st bridge.Status
-				if err == nil && json.Unmarshal(b, &st) == nil {
-					for _, r := range st.Rules {
-						if r.Source != nil && (r.Source.State == "active" || r.Source.State == "shared") {
-							ok = true
-						}
-					}
-				}
-			}
-		} else {
-			_, _, nc, err := h.serverState(srv, true)
-			ok = err == nil && nc > 0
+		cells, _, _, err := h.serverState(srv, false)
+		if err != nil {
+			return err
 		}
-		if ok {
-			time.Sleep(300 * time.Millisecond)
+		if cells > 0 {
+			time.Sleep(200 * time.Millisecond)
 			return nil
 		}
 		for _, p := range procs {
@@ -606,8 +599,8 @@ func (h *harness) waitConsuming(srv *natstest.Process, spec runSpec, procs []*pr
 				return fmt.Errorf("%s exited while starting (%v):\n%s", p.name, p.err, natstest.Tail(p.log, 30))
 			}
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s: not consuming within 30s", spec.Variant)
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: the warm-up event was not forwarded within 60s", spec.label())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -716,6 +709,7 @@ func (h *harness) timeline(spec runSpec, procs []*proc, expect time.Duration) er
 // rocketmq broker and the memory store; events pre-published, timing
 // until the cell topics hold N, every message verified.
 func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
+	began := time.Now()
 	dir, err := os.MkdirTemp(h.root, "run-"+strings.ReplaceAll(spec.label(), "~", "_")+"-")
 	if err != nil {
 		return nil, err
@@ -835,5 +829,5 @@ func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
 	notes := tl.notes("cell topics")
 	res.Verified = len(notes) == 0
 	res.VerifyNote = strings.Join(notes, "; ")
-	return &runResult{childResult: *res, Round: spec.Round, LoadAvg: loadAvg()}, nil
+	return &runResult{childResult: *res, Round: spec.Round, LoadAvg: loadAvg(), WallSeconds: time.Since(began).Seconds()}, nil
 }
