@@ -47,6 +47,8 @@ type config struct {
 	profile       string
 	profileSec    float64
 	profileRounds int
+	traceSec      float64
+	consumerTrace string
 	timeline      string
 	tlEvery       int
 }
@@ -83,6 +85,8 @@ func main() {
 	flag.BoolVar(&cfg.refHeaders, "ref-headers", true, "one run of the pipe that also sends cellbridge's six Cell-* headers (A-hdrs): what the headers cost the server")
 	flag.StringVar(&cfg.profile, "profile", "", "file prefix: CPU profiles of the server and of each variant process in the first round(s) of each throughput variant, PREFIX-<variant>-r<round>-<process>.pprof (a profile longer than the run covers all of it: samples / N = CPU per message)")
 	flag.IntVar(&cfg.profileRounds, "profile-rounds", 1, "with -profile: profile the first this many rounds (PREFIX-<variant>-r<round>-<process>.pprof)")
+	flag.StringVar(&cfg.consumerTrace, "consumer-trace", "", "file prefix: ORDERS' consumer state (delivered, ack floor, acks pending, waiting pulls, undelivered) at every 10ms poll of each run, PREFIX-<variant>-r<round>.tsv")
+	flag.Float64Var(&cfg.traceSec, "trace-seconds", 0, "with -profile: also an execution trace of each variant process over this many seconds from the start of timing (go tool trace; -pprof=sched|sync|net)")
 	flag.Float64Var(&cfg.profileSec, "profile-seconds", 2, "length of each -profile profile (from the start of timing), and of -timeline recordings of throughput runs")
 	flag.StringVar(&cfg.timeline, "timeline", "", "file prefix: each bridge replica's /debug/timeline (sampled per-message stage times) of the latency runs and the first throughput round, PREFIX-<variant>[-<rate>]-<replica>.json; printed as a summary")
 	flag.IntVar(&cfg.tlEvery, "timeline-every", 20, "sample one in this many messages for -timeline")
@@ -229,8 +233,9 @@ func benchMain(cfg config) error {
 		for _, v := range main {
 			spec := newSpec(v, cfg.tune)
 			spec.N, spec.Round, spec.ProfileSeconds, spec.TimelineEvery = cfg.nOf(spec.Variant), round, cfg.profileSec, cfg.tlEvery
+			spec.ConsumerTrace = cfg.consumerTrace
 			if round <= cfg.profileRounds {
-				spec.Profile = cfg.profile
+				spec.Profile, spec.TraceSeconds = cfg.profile, cfg.traceSec
 			}
 			if round == 1 && cfg.timeline != "" && isBridge(spec.Variant) {
 				spec.Timeline = cfg.timeline
@@ -282,6 +287,7 @@ func benchMain(cfg config) error {
 				for _, v := range lvs {
 					spec := newSpec(v, cfg.tune)
 					spec.N, spec.Rate, spec.Round, spec.TimelineEvery = max(int(lr.rate*cfg.latSeconds), 100), lr.rate, round, cfg.tlEvery
+					spec.ConsumerTrace = cfg.consumerTrace
 					if round == 1 && cfg.timeline != "" && isBridge(spec.Variant) {
 						spec.Timeline = cfg.timeline
 					}

@@ -140,11 +140,18 @@ type proc struct {
 
 // startProc starts bin with args, its output in logPath.
 func startProc(name, logPath, bin string, args ...string) (*proc, error) {
+	return startProcEnv(name, logPath, nil, bin, args...)
+}
+
+// startProcEnv is startProc with the environment env (nil: this
+// process's).
+func startProcEnv(name, logPath string, env []string, bin string, args ...string) (*proc, error) {
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.Command(bin, args...)
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = natstest.ChildSysProcAttr()
 	if err := cmd.Start(); err != nil {

@@ -41,6 +41,14 @@ type runSpec struct {
 	// timing go to PREFIX-<variant>-<process>.pprof.
 	Profile        string
 	ProfileSeconds float64
+	// ConsumerTrace, when set, is a file prefix: every poll of the timed
+	// phase also records ORDERS' consumers (delivered and ack floor
+	// sequences, acks pending, waiting pull requests, messages not yet
+	// delivered) in PREFIX-<variant>-r<round>.tsv.
+	ConsumerTrace string
+	// TraceSeconds > 0 (with Profile): also an execution trace of each
+	// variant process over that long, PREFIX-<variant>-r<round>-<process>.trace.
+	TraceSeconds float64
 	// Timeline, when set, is a file prefix: each bridge replica's
 	// /debug/timeline over the run (one in TimelineEvery messages) goes
 	// to PREFIX-<variant>[-<rate>]-<replica>.json.
@@ -188,11 +196,23 @@ type jsz struct {
 			State struct {
 				Msgs uint64 `json:"messages"`
 			} `json:"state"`
-			Consumers []struct {
-				Name string `json:"name"`
-			} `json:"consumer_detail"`
+			Consumers []consumerState `json:"consumer_detail"`
 		} `json:"stream_detail"`
 	} `json:"account_details"`
+}
+
+// consumerState is what /jsz says of one consumer of ORDERS.
+type consumerState struct {
+	Name      string `json:"name"`
+	Delivered struct {
+		Stream uint64 `json:"stream_seq"`
+	} `json:"delivered"`
+	AckFloor struct {
+		Stream uint64 `json:"stream_seq"`
+	} `json:"ack_floor"`
+	NumAckPending int    `json:"num_ack_pending"`
+	NumWaiting    int    `json:"num_waiting"`
+	NumPending    uint64 `json:"num_pending"`
 }
 
 // serverState reads the stream states of the run's server (one HTTP
@@ -200,6 +220,12 @@ type jsz struct {
 // API request per stream): the messages in the cell streams, in ORDERS,
 // and ORDERS' consumer count.
 func (h *harness) serverState(srv *natstest.Process, consumers bool) (cells, orders, nConsumers int, err error) {
+	cells, orders, cs, err := h.serverStateEx(srv, consumers)
+	return cells, orders, len(cs), err
+}
+
+// serverStateEx is serverState with ORDERS' consumers.
+func (h *harness) serverStateEx(srv *natstest.Process, consumers bool) (cells, orders int, cs []consumerState, err error) {
 	url := srv.MonitorURL + "/jsz?acc=$G&streams=true"
 	if consumers {
 		url += "&consumers=true"
@@ -208,11 +234,11 @@ func (h *harness) serverState(srv *natstest.Process, consumers bool) (cells, ord
 	defer cancel()
 	b, err := httpGet(ctx, h.hc, url)
 	if err != nil {
-		return 0, 0, 0, err
+		return 0, 0, nil, err
 	}
 	var z jsz
 	if err := json.Unmarshal(b, &z); err != nil {
-		return 0, 0, 0, fmt.Errorf("/jsz: %w", err)
+		return 0, 0, nil, fmt.Errorf("/jsz: %w", err)
 	}
 	for _, a := range z.Accounts {
 		for _, s := range a.Streams {
@@ -221,11 +247,11 @@ func (h *harness) serverState(srv *natstest.Process, consumers bool) (cells, ord
 				cells += int(s.State.Msgs)
 			case s.Name == "ORDERS":
 				orders = int(s.State.Msgs)
-				nConsumers = len(s.Consumers)
+				cs = s.Consumers
 			}
 		}
 	}
-	return cells, orders, nConsumers, nil
+	return cells, orders, cs, nil
 }
 
 // cpuOf sums the CPU time of processes.
@@ -358,12 +384,26 @@ func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	deadline := time.Now().Add(time.Duration(want/1000+120) * time.Second)
 	var count, last int
 	lastChange := time.Now()
+	var ctrace *os.File
+	if spec.ConsumerTrace != "" {
+		if ctrace, err = os.Create(fmt.Sprintf("%s-%s-r%d.tsv", spec.ConsumerTrace, spec.label(), spec.Round)); err != nil {
+			return nil, err
+		}
+		defer ctrace.Close()
+		fmt.Fprintln(ctrace, "ms\tcells\tconsumer\tdelivered_seq\tack_floor_seq\tack_pending\twaiting_pulls\tpending")
+	}
 	for {
-		c, _, _, err := h.serverState(srv, false)
+		c, _, cs, err := h.serverStateEx(srv, ctrace != nil)
 		if err != nil {
 			return nil, err
 		}
 		count = c
+		if ctrace != nil && !t0.IsZero() {
+			for _, x := range cs {
+				fmt.Fprintf(ctrace, "%.0f\t%d\t%s\t%d\t%d\t%d\t%d\t%d\n", float64(time.Since(t0).Microseconds())/1e3, c, x.Name,
+					x.Delivered.Stream, x.AckFloor.Stream, x.NumAckPending, x.NumWaiting, x.NumPending)
+			}
+		}
 		if t0.IsZero() && count > 0 {
 			startTiming(count)
 			startSide(0)
@@ -528,7 +568,7 @@ func (h *harness) startVariant(dir string, srv *natstest.Process, spec runSpec) 
 		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 			return procs, "", err
 		}
-		p, err := startProc(name, filepath.Join(dir, name+".log"), h.bridgeBin, "run", "-config", path)
+		p, err := startProcEnv(name, filepath.Join(dir, name+".log"), envOf(spec.Tune), h.bridgeBin, "run", "-config", path)
 		if err != nil {
 			return procs, "", err
 		}
@@ -545,6 +585,23 @@ func (h *harness) startVariant(dir string, srv *natstest.Process, spec runSpec) 
 		tune = " tune " + spec.Tune
 	}
 	return procs, fmt.Sprintf("cellbridge run (%d process(es)), %s, dedupe %s, configuration defaults%s", len(procs), mode, store, tune), nil
+}
+
+// envOf is the environment of a variant's processes: this process's, plus
+// NAME=VALUE for each tuning key env=NAME:VALUE (experiments with settings
+// that have no configuration field, such as GOGC or GOMAXPROCS).
+func envOf(tune string) []string {
+	var extra []string
+	for _, kv := range strings.Split(tune, ",") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(kv), "env="); ok {
+			name, val, _ := strings.Cut(v, ":")
+			extra = append(extra, name+"="+val)
+		}
+	}
+	if extra == nil {
+		return nil
+	}
+	return append(os.Environ(), extra...)
 }
 
 // bridgeConfig is the configuration file of one bridge replica: the
@@ -650,7 +707,7 @@ func (h *harness) profile(spec runSpec, srv *natstest.Process, profPort int, pro
 		}
 	}
 	var wg sync.WaitGroup
-	errs := make([]error, len(ts))
+	errs := make([]error, 2*len(ts))
 	for i, t := range ts {
 		wg.Go(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(sec+30)*time.Second)
@@ -663,6 +720,21 @@ func (h *harness) profile(spec runSpec, srv *natstest.Process, profPort int, pro
 				errs[i] = fmt.Errorf("profile of %s: %w", t.name, err)
 			}
 		})
+		// An execution trace of the variant's processes (goroutine
+		// scheduling, blocking, network waits) over the first second.
+		if t.name != "server" && spec.TraceSeconds > 0 {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(spec.TraceSeconds+30)*time.Second)
+				defer cancel()
+				b, err := httpGet(ctx, h.hc, fmt.Sprintf("%s/debug/pprof/trace?seconds=%g", t.url, spec.TraceSeconds))
+				if err == nil {
+					err = os.WriteFile(fmt.Sprintf("%s-%s-r%d-%s.trace", spec.Profile, spec.label(), spec.Round, t.name), b, 0o644)
+				}
+				if err != nil {
+					errs[len(ts)+i] = fmt.Errorf("trace of %s: %w", t.name, err)
+				}
+			})
+		}
 	}
 	wg.Wait()
 	return errors.Join(errs...)
