@@ -265,11 +265,17 @@ func cpuOf(pids ...int) time.Duration {
 	return t
 }
 
+// runDir makes the working directory of one run (configuration files,
+// logs, the server's store); the caller removes it.
+func (h *harness) runDir(spec runSpec) (string, error) {
+	return os.MkdirTemp(h.root, "run-"+strings.ReplaceAll(spec.label(), "~", "_")+"-")
+}
+
 // runNATS is one run of a NATS variant: fresh server, the variant's
 // processes, timing, CPU of each process, verification.
 func (h *harness) runNATS(spec runSpec) (*runResult, error) {
 	began := time.Now()
-	dir, err := os.MkdirTemp(h.root, "run-"+strings.ReplaceAll(spec.label(), "~", "_")+"-")
+	dir, err := h.runDir(spec)
 	if err != nil {
 		return nil, err
 	}
@@ -781,12 +787,12 @@ func (h *harness) timeline(spec runSpec, procs []*proc, expect time.Duration) er
 // rocketmq broker and the memory store; events pre-published, timing
 // until the cell topics hold N, every message verified.
 func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
-	began := time.Now()
-	dir, err := os.MkdirTemp(h.root, "run-"+strings.ReplaceAll(spec.label(), "~", "_")+"-")
+	dir, err := h.runDir(spec)
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
+	began := time.Now()
 	rules, err := filepath.Abs(h.cfg.rmqRules)
 	if err != nil {
 		return nil, err
