@@ -36,7 +36,7 @@ endif
 bench-short:
 	$(GO) run ./cmd/cellbridge-bench -short
 
-## soak: cellbridge at half load for SOAK (default 10m), RSS and goroutines every minute
+## soak: cellbridge at 30% of the pipe's rate (bench/results.json) for SOAK (default 10m), RSS and goroutines every minute
 SOAK ?= 10m
 soak:
 	$(GO) run ./cmd/cellbridge-bench -soak $(SOAK)

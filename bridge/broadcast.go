@@ -126,7 +126,7 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 	if t.idKey == "" {
 		// Every copy key would be "@<cell>": never guess an identity.
 		p.log.Error("message without idempotency key; the source adapter must set SourceID; holding it", "rule", t.m.Rule)
-		t.ack(context.Background(), Hold(p.cfg.HoldDelay))
+		t.ack(context.Background(), p.overtakeHold())
 		p.recycle(t)
 		return nil
 	}

@@ -135,6 +135,21 @@ func (h *Health) Backlog(rule string, pending int64) {
 	}
 }
 
+// StallAge returns rule's stall age as the pipeline last sampled it
+// (twice a second): how long the oldest message of rule that it accepted
+// and has not settled, parked (held) ones excluded, has waited; 0 when
+// there is none or the pipeline has not seen the rule. An ordered source
+// uses it to give its consumer up when this replica cannot publish.
+func (h *Health) StallAge(rule string) time.Duration {
+	h.mu.Lock()
+	r := h.rules[rule]
+	h.mu.Unlock()
+	if r == nil {
+		return 0
+	}
+	return time.Duration(r.stall.Load())
+}
+
 func (h *Health) rule(name string) *ruleHealth {
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -399,10 +399,10 @@ func (p *Pipeline) parkActive(t *task) *task {
 	n, over := p.nextOfKeyLocked(l, t.laneKey)
 	l.mu.Unlock()
 	if !ok {
-		p.refuse(t, Hold(p.cfg.HoldDelay))
+		p.refuse(t, p.overtakeHold())
 	}
 	for _, o := range over {
-		p.refuse(o, Hold(p.cfg.HoldDelay))
+		p.refuse(o, p.overtakeHold())
 	}
 	return n
 }
@@ -462,7 +462,7 @@ func (p *Pipeline) recheckParked() {
 		}
 		l.mu.Unlock()
 		for _, o := range over {
-			p.refuse(o, Hold(p.cfg.HoldDelay))
+			p.refuse(o, p.overtakeHold())
 		}
 		for _, r := range revoked {
 			r.rs.met.revoked.Inc()

@@ -330,7 +330,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		ok := p.parkLocked(l, t)
 		l.mu.Unlock()
 		if !ok {
-			p.refuse(t, Hold(p.cfg.HoldDelay))
+			p.refuse(t, p.overtakeHold())
 		}
 		return nil
 	}
@@ -422,7 +422,7 @@ func (p *Pipeline) dispatch(t *task) *task {
 	t.storeKey = t.idKey
 	if t.storeKey == "" {
 		p.log.Error("message without idempotency key; the source adapter must set SourceID; holding it", "rule", t.m.Rule)
-		return p.finish(t, Hold(p.cfg.HoldDelay))
+		return p.finish(t, p.overtakeHold())
 	}
 	return p.reserveAndPublish(t, ss)
 }
@@ -456,7 +456,7 @@ func (p *Pipeline) toDLQ(t *task) *task {
 	if ss == nil {
 		p.log.Error("poison message but no usable DLQ target; holding it",
 			"rule", t.m.Rule, "reason", t.x.dlqReason, "source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker)
-		return p.finish(t, Hold(p.cfg.HoldDelay))
+		return p.finish(t, p.overtakeHold())
 	}
 	return p.reserveAndPublish(t, ss)
 }
@@ -506,27 +506,14 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 	if !t.dlq && t.poison == "" {
 		t.pub = p.pubs.begin(t.d.Version)
 		if tbl := p.rules.Load(); tbl != nil && tbl.Version() != t.d.Version {
-			t.endPublish()
-			if t.reserved {
-				t.reserved = false
-				if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
-					// The reservation expires by itself after ReserveTTL.
-					p.met.DedupeErrors.WithLabelValues("release").Inc()
-				}
-			}
+			p.unpublish(t)
 			return p.dispatch(t)
 		}
 	}
 	if t.m.Epoch.Revoked() {
 		// Revoked during a remote store's round trip: the new owner
 		// forwards the message; keep the key free for it.
-		t.endPublish()
-		if t.reserved {
-			t.reserved = false
-			if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
-				p.met.DedupeErrors.WithLabelValues("release").Inc()
-			}
-		}
+		p.unpublish(t)
 		return p.revoked(t)
 	}
 	if t.failedOn != nil && t.failedOn != ss {
@@ -708,10 +695,15 @@ func (p *Pipeline) next(t *task) *task {
 	n, over := p.nextOfKeyLocked(l, t.laneKey)
 	l.mu.Unlock()
 	for _, o := range over {
-		p.refuse(o, Hold(p.cfg.HoldDelay))
+		p.refuse(o, p.overtakeHold())
 	}
 	return n
 }
+
+// overtakeHold is the Hold of a message that later messages of its key
+// may overtake (HoldError.Overtake): one that did not fit among the parked
+// messages, or one that is not bound for a cell.
+func (p *Pipeline) overtakeHold() error { return &HoldError{Delay: p.cfg.HoldDelay, Overtake: true} }
 
 // settle gives t its final result exactly once and releases what it holds.
 func (p *Pipeline) settle(t *task, result error) {
@@ -933,4 +925,17 @@ func dlqReasonOf(d router.Decision) string {
 		return d.Cause
 	}
 	return DLQNoRoute
+}
+
+// unpublish undoes what a task did to start publishing when it stops short
+// of the sink: its publishing version is uncounted and its reservation
+// released (a failed release expires by itself after ReserveTTL).
+func (p *Pipeline) unpublish(t *task) {
+	t.endPublish()
+	if t.reserved {
+		t.reserved = false
+		if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
+			p.met.DedupeErrors.WithLabelValues("release").Inc()
+		}
+	}
 }

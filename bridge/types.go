@@ -170,6 +170,15 @@ var ErrInProgress = errors.New("bridge: message in progress")
 // negative acknowledgement with delay). Make one with Hold.
 type HoldError struct {
 	Delay time.Duration
+	// Overtake is set when later messages of the message's key may be
+	// forwarded before its redelivery: it did not fit among the parked
+	// messages (MaxHeld; every later message of its key gets the same
+	// answer until its park queue is released), or it is not bound for a
+	// cell (a poison message without a usable DLQ target, a message
+	// without identity). Without it, a source that keeps per-key order
+	// across redeliveries must not hand over a later message of the key
+	// before the redelivery (the ordered JetStream source ends its epoch).
+	Overtake bool
 }
 
 func (e *HoldError) Error() string {
@@ -178,6 +187,13 @@ func (e *HoldError) Error() string {
 
 // Hold returns a *HoldError for an Ack: negative-ack, redeliver after d.
 func Hold(d time.Duration) error { return &HoldError{Delay: d} }
+
+// MayOvertake reports whether err is a HoldError whose Overtake is set:
+// later messages of the key may be forwarded before the redelivery.
+func MayOvertake(err error) bool {
+	var h *HoldError
+	return errors.As(err, &h) && h.Overtake
+}
 
 // HoldDelay reports whether err asks for a delayed redelivery and the delay.
 func HoldDelay(err error) (time.Duration, bool) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -82,6 +83,7 @@ type KV struct {
 	bucket     string
 	prefix     string // "$KV.<bucket>."
 	getPrefix  string // direct get of the last message of a subject: + subject
+	msgGet     string // the stream's leader's message get (consistent reads)
 	client     *jspub.Client
 	reserveHdr nats.Header // shared, read only
 	reserveTTL string      // Nats-TTL value
@@ -140,6 +142,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		bucket:     cfg.Bucket,
 		prefix:     "$KV." + cfg.Bucket + ".",
 		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
+		msgGet:     apiPrefix(js.Options()) + "STREAM.MSG.GET.KV_" + cfg.Bucket,
 		client:     c,
 		reserveTTL: ttl,
 		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
@@ -402,7 +405,12 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 		return kv.opErr("release", ErrClosed)
 	}
 	subj := kv.subject(key)
-	st, rev, _, err := kv.lookup(ctx, subj)
+	// Read from the stream's leader: a direct get may be answered by a
+	// replica that has not applied the reservation yet (right after a
+	// leader change, a server catching up), and a release that believed it
+	// would leave the reservation in place, blocking the key's next
+	// Reserve (InFlight) until it expires after ReserveTTL.
+	st, rev, err := kv.lookupLeader(ctx, subj)
 	if err != nil {
 		return kv.opErr("release", err)
 	}
@@ -432,6 +440,59 @@ func (kv *KV) Close(ctx context.Context) error {
 		return kv.opErr("close", err)
 	}
 	return nil
+}
+
+// lookupLeader is lookup answered by the stream's leader (the message get
+// API: a JSON request and answer), for a read that must see every write
+// the leader confirmed. It returns no value.
+func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, error) {
+	req, _ := json.Marshal(map[string]string{"last_by_subj": subj})
+	m, err := kv.client.Request(ctx, kv.msgGet, nil, req)
+	if err != nil {
+		return 0, 0, err
+	}
+	var resp struct {
+		Error *struct {
+			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+		Message *struct {
+			Seq  uint64 `json:"seq"`
+			Hdrs []byte `json:"hdrs"`
+			Data []byte `json:"data"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return 0, 0, fmt.Errorf("message get: %w", err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrCode == int(jetstream.JSErrCodeMessageNotFound):
+		return kvAbsent, 0, nil
+	case resp.Error != nil:
+		return 0, 0, fmt.Errorf("message get: %s (code %d, error code %d)", resp.Error.Description, resp.Error.Code, resp.Error.ErrCode)
+	case resp.Message == nil:
+		return 0, 0, errors.New("message get: no message in the answer")
+	}
+	msg := resp.Message
+	if len(msg.Hdrs) > 0 {
+		h, err := nats.DecodeHeadersMsg(msg.Hdrs)
+		if err != nil {
+			return 0, 0, fmt.Errorf("message get: headers: %w", err)
+		}
+		if h.Get(hdrKVOperation) != "" || h.Get(hdrMarkerReason) != "" {
+			return kvMarker, msg.Seq, nil
+		}
+	}
+	switch {
+	case bytes.Equal(msg.Data, committedVal):
+		return kvCommitted, msg.Seq, nil
+	case bytes.HasPrefix(msg.Data, kv.ours):
+		return kvOurs, msg.Seq, nil
+	case len(msg.Data) > 0 && msg.Data[0] == 'r':
+		return kvReserved, msg.Seq, nil
+	}
+	return 0, 0, fmt.Errorf("unexpected value at revision %d", msg.Seq)
 }
 
 type kvState uint8

@@ -163,6 +163,38 @@ func (m *Memory) shard(key string) *memShard {
 	return &m.shards[m.shardIndex(key)]
 }
 
+// lockShard locks and returns key's shard, with its index and key's
+// fingerprint in it; s is nil (and nothing is locked) once the store is
+// closed (see lockAt).
+func (m *Memory) lockShard(key string) (s *memShard, si int, fp uint32) {
+	si, fp = m.hash(key)
+	return m.lockAt(si), si, fp
+}
+
+// lockAt locks and returns shard si; nil (and nothing is locked) once the
+// store is closed, also when it was closed while lockAt waited for the
+// lock.
+func (m *Memory) lockAt(si int) *memShard {
+	if m.closed.Load() {
+		return nil
+	}
+	s := &m.shards[si]
+	s.mu.Lock()
+	if s.index.slots == nil {
+		s.mu.Unlock()
+		return nil
+	}
+	return s
+}
+
+// commitAt marks slot i of s committed until now+TTL; s is locked.
+func (m *Memory) commitAt(s *memShard, i int32, now int64) {
+	e := &s.slab[i]
+	e.state = stateCommitted
+	e.expires = now + m.ttl
+	s.moveToFront(i)
+}
+
 // Local reports true: a Memory store never waits on I/O.
 func (m *Memory) Local() bool { return true }
 
@@ -175,15 +207,9 @@ func (m *Memory) Reserve(ctx context.Context, key string) (Outcome, error) {
 // ReserveHandle implements HandleStore: Reserve, plus the slot of the key
 // for CommitHandle.
 func (m *Memory) ReserveHandle(_ context.Context, key string) (Outcome, Handle, error) {
-	if m.closed.Load() {
-		return 0, Handle{}, ErrClosed
-	}
 	now := m.now()
-	si, fp := m.hash(key)
-	s := &m.shards[si]
-	s.mu.Lock()
-	if s.index.slots == nil { // closed while we waited for the lock
-		s.mu.Unlock()
+	s, si, fp := m.lockShard(key)
+	if s == nil {
 		return 0, Handle{}, ErrClosed
 	}
 	i, p := s.index.find(fp, key, s.keys)
@@ -220,14 +246,9 @@ func (m *Memory) CommitHandle(ctx context.Context, key string, h Handle) error {
 	if h.gen == 0 || h.shard >= memShards {
 		return m.Commit(ctx, key)
 	}
-	if m.closed.Load() {
-		return ErrClosed
-	}
 	now := m.now()
-	s := &m.shards[h.shard]
-	s.mu.Lock()
-	if s.index.slots == nil {
-		s.mu.Unlock()
+	s := m.lockAt(int(h.shard))
+	if s == nil {
 		return ErrClosed
 	}
 	if int(h.idx) < len(s.slab) {
@@ -235,9 +256,7 @@ func (m *Memory) CommitHandle(ctx context.Context, key string, h Handle) error {
 		// generation has wrapped round to h's and key is "", which is
 		// what a free slot's key reads as.
 		if e := &s.slab[h.idx]; e.gen == h.gen && e.state != 0 && s.keys[h.idx] == key {
-			e.state = stateCommitted
-			e.expires = now + m.ttl
-			s.moveToFront(h.idx)
+			m.commitAt(s, h.idx, now)
 			s.mu.Unlock()
 			return nil
 		}
@@ -249,23 +268,14 @@ func (m *Memory) CommitHandle(ctx context.Context, key string, h Handle) error {
 // Commit implements Store. A key that is not present (evicted, expired, or
 // never reserved) is inserted as committed.
 func (m *Memory) Commit(_ context.Context, key string) error {
-	if m.closed.Load() {
-		return ErrClosed
-	}
 	now := m.now()
-	si, fp := m.hash(key)
-	s := &m.shards[si]
-	s.mu.Lock()
-	if s.index.slots == nil {
-		s.mu.Unlock()
+	s, _, fp := m.lockShard(key)
+	if s == nil {
 		return ErrClosed
 	}
 	i, p := s.index.find(fp, key, s.keys)
 	if i != nilIdx {
-		e := &s.slab[i]
-		e.state = stateCommitted
-		e.expires = now + m.ttl
-		s.moveToFront(i)
+		m.commitAt(s, i, now)
 		s.mu.Unlock()
 		return nil
 	}
@@ -281,14 +291,8 @@ func (m *Memory) Commit(_ context.Context, key string) error {
 // the caller that got Reserved is the one expected to Release (the bridge
 // handles a key on one lane at a time).
 func (m *Memory) Release(_ context.Context, key string) error {
-	if m.closed.Load() {
-		return ErrClosed
-	}
-	si, fp := m.hash(key)
-	s := &m.shards[si]
-	s.mu.Lock()
-	if s.index.slots == nil {
-		s.mu.Unlock()
+	s, _, fp := m.lockShard(key)
+	if s == nil {
 		return ErrClosed
 	}
 	if i, p := s.index.find(fp, key, s.keys); i != nilIdx && s.slab[i].state == stateReserved {

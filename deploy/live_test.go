@@ -475,6 +475,19 @@ func TestLiveBridge(t *testing.T) {
 		return fwd == want+1 && dlq == float64(poison), fmt.Sprintf("forwarded %v, dlq %v", fwd, dlq)
 	})
 
+	// One broadcast event (production's prices rule): a copy into every cell, and the per-cell
+	// broadcast series the alerts read.
+	if _, ok := rules["prices.yaml"]; ok {
+		pm := &nats.Msg{Subject: "prices.updated", Header: nats.Header{"X-Price-List": {"pl-1"}}, Data: []byte(`{"id":"pl-1"}`)}
+		if _, err := js.PublishMsg(ctx, pm); err != nil {
+			t.Fatal(err)
+		}
+		b.eventually(t, 30*time.Second, "the broadcast event copied into every cell", func() (bool, string) {
+			n := b.metric(t, "cellbridge_forwarded_total", map[string]string{"rule": "prices"})
+			return n == 4, fmt.Sprint("copies ", n) // rz00, rz01, rz10, gz00
+		})
+	}
+
 	checkLiveMetricNames(t, b.scrape(t))
 	checkReloadAlertFires(t, 0, b.metric(t, "cellbridge_rules_reload_failures_total", nil))
 

@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/cellbridge/cellbridge/internal/printer"
 )
 
 // Move is a set of shards whose serving cell (the owner, or its failover
@@ -240,17 +242,17 @@ func orNone(s string) string {
 // cell pair with their share of all shards, pin changes, other changes, and
 // the three-step switch plan with the blocked list to apply first.
 func (r DiffReport) WriteText(w io.Writer) error {
-	ew := &errWriter{w: w}
-	ew.printf("rules version %d → %d, %d shards\n", r.OldVersion, r.NewVersion, r.Shards)
+	pr := printer.New(w)
+	pr.Printf("rules version %d → %d, %d shards\n", r.OldVersion, r.NewVersion, r.Shards)
 	if !r.Changed() {
-		ew.printf("no changes: every shard, pin and topic rule routes the same way\n")
-		return ew.err
+		pr.Printf("no changes: every shard, pin and topic rule routes the same way\n")
+		return pr.Err()
 	}
 	if r.NewVersion <= r.OldVersion {
-		ew.printf("warning: the new version %d is not higher than %d: a running bridge refuses it\n", r.NewVersion, r.OldVersion)
+		pr.Printf("warning: the new version %d is not higher than %d: a running bridge refuses it\n", r.NewVersion, r.OldVersion)
 	}
 	if len(r.Moves) > 0 {
-		ew.printf("\nshards changing cell (old → new):\n")
+		pr.Printf("\nshards changing cell (old → new):\n")
 		for _, m := range r.Moves {
 			note := ""
 			switch {
@@ -259,58 +261,47 @@ func (r DiffReport) WriteText(w io.Writer) error {
 			case m.AlreadyBlocked:
 				note = "  (already blocked in the old rules)"
 			}
-			ew.printf("  %-6s → %-6s  %-20s %4d %s  %5.1f%%%s\n", m.From, m.To, rangesString(m.Ranges), m.Count,
+			pr.Printf("  %-6s → %-6s  %-20s %4d %s  %5.1f%%%s\n", m.From, m.To, rangesString(m.Ranges), m.Count,
 				shardWord(m.Count), 100*m.Share, note)
 		}
-		ew.printf("  total: %d of %d shards (%.1f%%) change cell\n", r.Moved, r.Shards, 100*float64(r.Moved)/float64(max(r.Shards, 1)))
+		pr.Printf("  total: %d of %d shards (%.1f%%) change cell\n", r.Moved, r.Shards, 100*float64(r.Moved)/float64(max(r.Shards, 1)))
 	} else if !r.Resharded {
-		ew.printf("\nno shard changes cell\n")
+		pr.Printf("\nno shard changes cell\n")
 	}
 	if len(r.Pins) > 0 {
-		ew.printf("\npins:\n")
+		pr.Printf("\npins:\n")
 		for _, p := range r.Pins {
 			switch {
 			case p.From == "":
-				ew.printf("  %s: added → %s\n", p.Key, p.To)
+				pr.Printf("  %s: added → %s\n", p.Key, p.To)
 			case p.To == "":
-				ew.printf("  %s: removed (was %s)\n", p.Key, p.From)
+				pr.Printf("  %s: removed (was %s)\n", p.Key, p.From)
 			default:
-				ew.printf("  %s: %s → %s\n", p.Key, p.From, p.To)
+				pr.Printf("  %s: %s → %s\n", p.Key, p.From, p.To)
 			}
 		}
 	}
 	if len(r.Other) > 0 {
-		ew.printf("\nother changes:\n")
+		pr.Printf("\nother changes:\n")
 		for _, o := range r.Other {
-			ew.printf("  %s\n", o)
+			pr.Printf("  %s\n", o)
 		}
 	}
-	ew.printf("\n")
+	pr.Printf("\n")
 	if len(r.Block) == 0 {
-		ew.printf("switch: nothing to block; apply the new rules directly (with a version above %d)\n", r.OldVersion)
-		return ew.err
+		pr.Printf("switch: nothing to block; apply the new rules directly (with a version above %d)\n", r.OldVersion)
+		return pr.Err()
 	}
-	ew.printf("switch plan:\n")
-	ew.printf("  1. apply the OLD rules with version %d and\n       blocked: %s\n", r.OldVersion+1, r.BlockedList())
-	ew.printf("  2. wait until the data of those shards has caught up in their new cells\n")
-	ew.printf("     (held messages stay in the bridge; cellbridge status shows them)\n")
-	ew.printf("  3. apply the NEW rules with version %d or higher, without those shards in blocked\n", r.OldVersion+2)
+	pr.Printf("switch plan:\n")
+	pr.Printf("  1. apply the OLD rules with version %d and\n       blocked: %s\n", r.OldVersion+1, r.BlockedList())
+	pr.Printf("  2. wait until the data of those shards has caught up in their new cells\n")
+	pr.Printf("     (held messages stay in the bridge; cellbridge status shows them)\n")
+	pr.Printf("  3. apply the NEW rules with version %d or higher, without those shards in blocked\n", r.OldVersion+2)
 	if r.NewVersion < r.OldVersion+2 {
-		ew.printf("     note: the new rules say version %d; raise it to at least %d\n", r.NewVersion, r.OldVersion+2)
+		pr.Printf("     note: the new rules say version %d; raise it to at least %d\n", r.NewVersion, r.OldVersion+2)
 	}
 	for _, p := range r.Pins {
-		ew.printf("  note: pinned key %s changes cell too; blocked holds whole shards, not single keys\n", p.Key)
+		pr.Printf("  note: pinned key %s changes cell too; blocked holds whole shards, not single keys\n", p.Key)
 	}
-	return ew.err
-}
-
-type errWriter struct {
-	w   io.Writer
-	err error
-}
-
-func (e *errWriter) printf(format string, a ...any) {
-	if e.err == nil {
-		_, e.err = fmt.Fprintf(e.w, format, a...)
-	}
+	return pr.Err()
 }

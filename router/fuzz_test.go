@@ -15,6 +15,7 @@ import (
 // report located problems, and never both.
 func FuzzParse(f *testing.F) {
 	f.Add([]byte(baseRules))
+	f.Add([]byte("\r\r0")) // lone carriage returns break lines too
 	for _, v := range [][]string{
 		{"version: 3", "version: 0"},
 		{`"5-9"`, `"3-7"`},
@@ -46,7 +47,9 @@ func FuzzParse(f *testing.F) {
 			if !errors.As(err, &pe) || len(*pe) == 0 {
 				t.Fatalf("error %T without problems: %v", err, err)
 			}
-			lines := strings.Count(string(data), "\n") + 1
+			// YAML breaks lines at \n, \r\n and a lone \r.
+			text := strings.ReplaceAll(string(data), "\r\n", "\n")
+			lines := strings.Count(text, "\n") + strings.Count(text, "\r") + 1
 			for _, p := range *pe {
 				if p.Msg == "" || p.Line < 0 || p.Line > lines+1 {
 					t.Fatalf("bad problem %+v (file has %d lines)", p, lines)

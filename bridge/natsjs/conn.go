@@ -68,6 +68,11 @@ type BrokerConfig struct {
 	// a list with a live server reconnects without waiting. Default
 	// DefaultReconnectWait.
 	ReconnectWait time.Duration
+	// ListedOrder makes the client try the servers of URL in the order
+	// written, on the first connection and on every reconnect, instead of
+	// in a random order (which spreads replicas over a cluster): for a
+	// replica that should prefer a server near it.
+	ListedOrder bool
 	// OnRequestError, when set, receives every failed attempt of Connect's
 	// first connection (an error describing the broker, the server, the
 	// attempt, the error and the wait before the next attempt). It is
@@ -231,6 +236,9 @@ func connOptions(cfg BrokerConfig, log *slog.Logger) ([]nats.Option, error) {
 			}
 			log.Warn("nats async error", "err", err)
 		}),
+	}
+	if cfg.ListedOrder {
+		opts = append(opts, nats.DontRandomize())
 	}
 	switch {
 	case cfg.Creds != "":

@@ -269,3 +269,30 @@ func mustJS(t testing.TB, nc *nats.Conn) jetstream.JetStream {
 	}
 	return js
 }
+
+// TestConnectListedOrder: with ListedOrder the client takes the servers in
+// the order of the URL list, on the first connection and on a reconnect,
+// so that a replica can prefer a server (and a test knows where a replica
+// is attached).
+func TestConnectListedOrder(t *testing.T) {
+	srvs := []*natstest.Server{natstest.Start(t), natstest.Start(t), natstest.Start(t)}
+	url := srvs[0].URL + "," + srvs[1].URL + "," + srvs[2].URL
+	for range 5 {
+		nc, err := connect(t, BrokerConfig{Name: "nats", URL: url, ListedOrder: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := nc.ConnectedUrl(); got != srvs[0].URL {
+			t.Fatalf("connected to %s, want the first listed %s", got, srvs[0].URL)
+		}
+		nc.Close()
+	}
+	nc, err := connect(t, BrokerConfig{Name: "nats", URL: url, ListedOrder: true, ReconnectWait: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvs[0].Shutdown()
+	eventually(t, 10*time.Second, "reconnected to the second listed server", func() bool {
+		return nc.IsConnected() && nc.ConnectedUrl() == srvs[1].URL
+	})
+}

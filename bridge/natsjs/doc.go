@@ -108,13 +108,15 @@
 //     long-lived Consumer object (the client library keeps the pin id on
 //     it). A probe is answered only when no pin is current and a message is
 //     ready; it then carries the new pin id. The replica also reads the
-//     consumer's UNPINNED advisory; when the pin is free, nothing is pending
-//     and messages are delivered but unacknowledged (their owner died on an
-//     idle stream), it kicks the consumer with a reset so that those
-//     messages become deliverable and some standby's probe wins the pin
-//     with them, at most once per PinnedTTL. Without permission to read
-//     advisories the consumer info polled every BacklogInterval shows the
-//     same, later.
+//     consumer's UNPINNED advisory; when the pin is free and messages are
+//     delivered but unacknowledged (their owner died, was cut off, or
+//     released with deliveries open), and no probe can win the pin with a
+//     message (nothing is pending, or the consumer sits at MaxAckPending,
+//     or the pin has been free for PinnedTTL anyway), it kicks the consumer
+//     with a reset so that those messages become deliverable and some
+//     standby's probe wins the pin with them, at most once per PinnedTTL.
+//     Without permission to read advisories the consumer info polled every
+//     BacklogInterval shows the same, later.
 //   - Acquiring. The probed message is neither processed nor acked. The
 //     replica resets the consumer to its ack floor (ResetConsumer, server
 //     2.14+): pending and redelivery state are cleared and delivery starts
@@ -128,11 +130,17 @@
 //     renew the pin) and PullHeartbeat half of that. The library's callback
 //     never blocks: it checks each delivery and puts it into a queue of
 //     2×MaxAckPending+FetchBatch slots; one goroutine takes deliveries out
-//     in order and calls the handler, which may block. A replica whose
-//     handler blocks keeps its pin: its pulls go on, and the server stops at
-//     MaxAckPending. (A handler blocking inside the callback would stop the
-//     pulls and lose the pin after PinnedTTL.) Every delivery carries the
-//     epoch in bridge.Message.Epoch.
+//     in order and calls the handler, which may block; nothing is handed
+//     over once Run's ctx ended. A replica whose handler blocks keeps its
+//     pin: its pulls go on, and the server stops at MaxAckPending. (A
+//     handler blocking inside the callback would stop the pulls and lose
+//     the pin after PinnedTTL.) Deliveries waiting in the queue get
+//     in-progress heartbeats (every AckWait/4 for those that waited
+//     AckWait/2, and one when handed over after AckWait/8), so that none is
+//     delivered twice while it waits. Every delivery carries the epoch in
+//     bridge.Message.Epoch. The epoch's first delivery must be number 1
+//     (the reset's), and each first delivery must come after the previous
+//     one in the stream.
 //   - Fence. The epoch ends, is revoked at that moment (the pipeline then
 //     publishes none of its messages that have not started publishing and
 //     settles them with bridge.ErrRevoked), consuming stops, and the queued
@@ -142,19 +150,30 @@
 //     423 wrong pin id; the consumer leader changed (the new leader has no
 //     pin); heartbeats stopped; the connection is lost or was re-established;
 //     a delivery sequence skipped one (a delivery lost in transit or
-//     dropped by a slow subscription); the queue is full; or consumer info
-//     names another pin. Where the pin may still be this replica's
-//     (disconnect, heartbeats, gap, a new pin learned from a delivery) it
-//     goes straight to Acquiring, else to Standby. After a reconnect to
-//     another server the reset re-delivers what was in transit at once,
-//     instead of after AckWait.
+//     dropped by a slow subscription) or started again (another client
+//     reset the consumer); the queue is full; consumer info names another
+//     pin; a delivery was negatively acknowledged (the redelivery would
+//     come after later messages of its key: the next epoch's reset delivers
+//     it first instead; a bridge.HoldError with Overtake is the exception,
+//     sent as NakWithDelay); or the replica's pipeline has not settled the
+//     rule's oldest message for StallLimit (SourceConfig.StallAge: it
+//     cannot publish, and hands the consumer to another replica with a
+//     reset and an unpin, backing off). Where the pin may still be this
+//     replica's (disconnect, heartbeats, gap, a new pin learned from a
+//     delivery, a nack) it goes straight to Acquiring, else to Standby.
+//     After a reconnect to another server the reset re-delivers what was in
+//     transit at once, instead of after AckWait.
 //   - Release. Release (and Close) stop fetching, wait until the pipeline
-//     settled every delivery of the epoch (within the ctx and PinnedTTL;
-//     what is still open then is revoked), and unpin the consumer
-//     (UnpinConsumer) if the server still names this replica's pin, so that
+//     settled every delivery of the epoch (within the ctx; what is still
+//     open then is revoked), and give the pin back while it cannot have
+//     lapsed (PinnedTTL after the last pull, less one and a half pull
+//     expiries): if the server still names this replica's pin, they reset
+//     the consumer when deliveries of the epoch stay unacknowledged and
+//     unpin (UnpinConsumer, which names no pin id, so never later), so that
 //     a standby's probe wins it within milliseconds. When Run's ctx ends
 //     (the bridge's shutdown) fetching stops and the epoch is left as it is
-//     for Close, after the pipeline drained.
+//     for Close, after the pipeline drained. A Release whose ctx is already
+//     done revokes the running epoch at once.
 //
 // Why order holds (docs/guarantees.md, section 8): within an epoch only
 // this replica receives, the reset delivers everything above the ack floor
@@ -242,14 +261,17 @@
 // two prefix tokens stripped before routing. Leases and memberships are
 // keys of a JetStream KV bucket with a TTL and expiry markers: Create to
 // take, compare-and-set Update to renew (every TTL/3), Delete with the last
-// revision to release; each request with its own timeout. Assign spreads the
+// revision to release; each request with its own timeout. Every value is
+// the replica id and a nonce of the instance, and only an exact match is
+// one's own: a second live replica with the same id is refused and reports
+// the duplicate. Assign spreads the
 // partitions over the live members as a pure function of them (balanced to
 // within one, few moves per change). A replica gives a partition up by
 // stopping its pulling, waiting for the pipeline to settle, unpinning and
 // deleting the lease; the next owner starts after that or after the lease
 // expired, from the consumer's ack floor. A lease that cannot be renewed is
-// lost: its partition stops at once and its unpublished deliveries are
-// revoked.
+// lost: its partition's unpublished deliveries are revoked at once, and
+// the partition stops.
 //
 // # Exactly once and the duplicate window
 //

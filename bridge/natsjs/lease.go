@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -68,12 +69,13 @@ func (c *LeaseConfig) defaults() error {
 }
 
 // leaseBucket is the KV bucket with the timings of its users. A lease (or
-// a membership) is a key whose value is the holder's replica id: Create
-// takes it (exclusive: it fails while the key exists), a compare-and-set
-// Update renews it, a Delete that names the last revision gives it up, and
-// the bucket's TTL removes it when its holder stops renewing; the server
-// then writes a marker (LimitMarkerTTL) that watchers see as a purge.
-// Per-key TTLs are not used: an Update would drop them.
+// a membership) is a key whose value names its holder (holderValue: the
+// replica id and a nonce of the holding instance): Create takes it
+// (exclusive: it fails while the key exists), a compare-and-set Update
+// renews it, a Delete that names the last revision gives it up, and the
+// bucket's TTL removes it when its holder stops renewing; the server then
+// writes a marker (LimitMarkerTTL) that watchers see as a purge. Per-key
+// TTLs are not used: an Update would drop them.
 type leaseBucket struct {
 	kv   jetstream.KeyValue
 	nc   *nats.Conn
@@ -223,17 +225,50 @@ func retryPause(beat time.Duration) time.Duration { return min(beat/4, 250*time.
 // errHeld is returned by create when another replica holds the key.
 var errHeld = errors.New("natsjs: held by another replica")
 
+// heldError is create's errHeld with what the key held: its value and
+// revision (a holder that renews moves the revision).
+type heldError struct {
+	value string
+	rev   uint64
+}
+
+func (e *heldError) Error() string { return fmt.Sprintf("%v (%s)", errHeld, e.value) }
+
+func (e *heldError) Is(target error) bool { return target == errHeld }
+
+// holderValue is the value of every key a holder writes: its replica id
+// and a nonce of the holding instance ("<id>@<nonce>"). Only a key that
+// holds exactly this value is the holder's own, so that two live instances
+// configured with one replica id never take each other's leases for their
+// own; holderID reads the id back.
+func holderValue(id, nonce string) []byte { return []byte(id + "@" + nonce) }
+
+// holderID is the replica id in a key's value (the whole value when it has
+// no nonce).
+func holderID(v string) string {
+	id, _, _ := strings.Cut(v, "@")
+	return id
+}
+
 // errFreed: the key was released between a failed Create and the look at
 // its holder; the Create is worth repeating at once.
 var errFreed = errors.New("natsjs: released meanwhile")
 
-// create takes key for val and returns its revision, errHeld when another
-// holder has it, or the last error after a few attempts. A key that
-// already holds val is ours (a Create whose answer was lost, or the
-// same replica id after a restart) and is adopted.
-func (b *leaseBucket) create(ctx context.Context, key string, val []byte) (uint64, error) {
-	var rev uint64
+// create takes key for val and returns its revision and when the write
+// that made it so was sent (the key lives at least the TTL from then), a
+// *heldError (errHeld) when another holder has it, or the last error after
+// a few attempts. A key that already holds exactly val is this holder's
+// own (a Create of this instance whose answer was lost) and is adopted: it
+// is renewed at once, because its last write may be nearly a TTL old.
+func (b *leaseBucket) create(ctx context.Context, key string, val []byte) (uint64, time.Time, error) {
+	var (
+		rev  uint64
+		sent time.Time
+		held *heldError
+	)
 	err := b.retry(ctx, 3, func(ctx context.Context) error {
+		held = nil
+		at := time.Now()
 		r, err := b.kv.Create(ctx, key, val)
 		if errors.Is(err, jetstream.ErrKeyExists) {
 			e, gerr := b.kv.Get(ctx, key)
@@ -244,27 +279,38 @@ func (b *leaseBucket) create(ctx context.Context, key string, val []byte) (uint6
 				return gerr
 			}
 			if e.Operation() != jetstream.KeyValuePut || !bytes.Equal(e.Value(), val) {
-				return errHeld
+				held = &heldError{value: string(e.Value()), rev: e.Revision()}
+				return held
 			}
-			r = e.Revision()
-		} else if err != nil {
+			at = time.Now()
+			r, err = b.kv.Update(ctx, key, val, e.Revision())
+			if errors.Is(err, jetstream.ErrKeyRevisionMismatch) || isWrongLastSeq(err) {
+				return errFreed // it moved meanwhile: look again
+			}
+		}
+		if err != nil {
 			return err
 		}
-		rev = r
+		rev, sent = r, at
 		return nil
 	})
 	if errors.Is(err, errFreed) {
-		err = errHeld // taken by another each time it was free
+		// Taken by another, or moving, each time it was looked at.
+		err = &heldError{value: "(changing)"}
+		if held != nil {
+			err = held
+		}
 	}
-	return rev, err
+	return rev, sent, err
 }
 
 // release deletes key if its last revision is rev (so that it never
 // deletes a later holder's lease). A key at another revision that still
-// holds val is this holder's own: a renewal that the keeper's Stop cut off
-// reached the server anyway, or its answer was lost; it is deleted at that
-// revision. A key holding another value, or none, is not ours any more:
-// nothing to give up.
+// holds exactly val (this instance's id and nonce) is this holder's own: a
+// renewal that the keeper's Stop cut off reached the server anyway, or its
+// answer was lost; it is deleted at that revision. A key holding another
+// value (another holder, or another instance with the same replica id), or
+// none, is not ours any more: nothing to give up.
 func (b *leaseBucket) release(ctx context.Context, key string, val []byte, rev uint64) error {
 	for range 3 {
 		moved := false
@@ -315,7 +361,9 @@ type keeper struct {
 }
 
 // keep starts renewing key, last written at revision rev by a request
-// sent at sent.
+// sent at sent. Renewals are due a heartbeat after the last successful one
+// was sent (the first a heartbeat after sent), not a heartbeat after the
+// keeper started: a slow Create must not eat into the lease.
 func (b *leaseBucket) keep(key string, val []byte, rev uint64, sent time.Time) *keeper {
 	k := &keeper{b: b, key: key, val: val, rev: rev, lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
 	go k.run(sent)
@@ -348,7 +396,7 @@ func (k *keeper) run(renewed time.Time) {
 		case <-k.done:
 		}
 	}()
-	t := time.NewTimer(b.beat)
+	t := time.NewTimer(time.Until(renewed.Add(b.beat)))
 	defer t.Stop()
 	for {
 		select {
@@ -404,6 +452,6 @@ func (k *keeper) run(renewed time.Time) {
 				return
 			}
 		}
-		t.Reset(b.beat)
+		t.Reset(time.Until(renewed.Add(b.beat)))
 	}
 }

@@ -1,6 +1,7 @@
 package natsjs
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -48,8 +49,7 @@ func TestLeaseExclusive(t *testing.T) {
 		wg.Go(func() {
 			ctx := context.Background()
 			for time.Now().Before(end) {
-				sent := time.Now()
-				rev, err := b.create(ctx, "rule.n4.p.0", val)
+				rev, sent, err := b.create(ctx, "rule.n4.p.0", val)
 				if errors.Is(err, errHeld) {
 					continue
 				}
@@ -98,7 +98,7 @@ func TestLeaseExpiry(t *testing.T) {
 	b, _ := leaseClient(t, srv, cfg)
 	ctx := testCtx(t)
 	key := "rule.n4.p.1"
-	rev, err := a.create(ctx, key, []byte("a"))
+	rev, _, err := a.create(ctx, key, []byte("a"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -119,7 +119,7 @@ func TestLeaseExpiry(t *testing.T) {
 		return e.Created()
 	}
 	time.Sleep(2 * cfg.TTL)
-	if _, err := b.create(ctx, key, []byte("b")); !errors.Is(err, errHeld) {
+	if _, _, err := b.create(ctx, key, []byte("b")); !errors.Is(err, errHeld) {
 		t.Fatalf("create while a renews = %v, want errHeld", err)
 	}
 	last := lastRenewal()
@@ -144,7 +144,7 @@ func TestLeaseExpiry(t *testing.T) {
 	case <-time.After(cfg.TTL):
 		t.Fatal("a's keeper did not report the lease lost")
 	}
-	got, err := b.create(ctx, key, []byte("b"))
+	got, _, err := b.create(ctx, key, []byte("b"))
 	if err != nil {
 		t.Fatalf("create after expiry: %v", err)
 	}
@@ -163,8 +163,7 @@ func TestLeaseLostOnConflict(t *testing.T) {
 	cfg := LeaseConfig{Bucket: "leases-c", TTL: 3 * time.Second}
 	a, _ := leaseClient(t, srv, cfg)
 	ctx := testCtx(t)
-	sent := time.Now()
-	rev, err := a.create(ctx, "k", []byte("a"))
+	rev, sent, err := a.create(ctx, "k", []byte("a"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +194,7 @@ func TestLeaseReleaseOwnLaterRevision(t *testing.T) {
 	srv := natstest.Start(t)
 	a, _ := leaseClient(t, srv, LeaseConfig{Bucket: "leases-r", TTL: 3 * time.Second})
 	ctx := testCtx(t)
-	r1, err := a.create(ctx, "k", []byte("a"))
+	r1, _, err := a.create(ctx, "k", []byte("a"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,26 +209,43 @@ func TestLeaseReleaseOwnLaterRevision(t *testing.T) {
 	}
 }
 
-// TestLeaseCreateAdopts: a key that already holds this replica's value is
-// its own (a Create whose answer was lost); another value is errHeld.
+// TestLeaseCreateAdopts: a key that already holds exactly this holder's
+// value is its own (a Create whose answer was lost) and is adopted with a
+// renewal, so that it counts as written when the adoption was sent, not
+// when it was first written; another value (another holder, or another
+// instance with the same replica id) is errHeld, with the revision it held.
 func TestLeaseCreateAdopts(t *testing.T) {
 	srv := natstest.Start(t)
 	a, _ := leaseClient(t, srv, LeaseConfig{Bucket: "leases-a", TTL: 3 * time.Second})
 	ctx := testCtx(t)
-	r1, err := a.create(ctx, "k", []byte("a"))
+	mine, other := holderValue("a", "n1"), holderValue("a", "n2")
+	r1, s1, err := a.create(ctx, "k", mine)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r2, err := a.create(ctx, "k", []byte("a")); err != nil || r2 != r1 {
-		t.Errorf("second create by the holder = %d, %v; want revision %d", r2, err, r1)
+	r2, s2, err := a.create(ctx, "k", mine)
+	if err != nil || r2 <= r1 || !s2.After(s1) {
+		t.Errorf("second create by the holder = revision %d sent %s, %v; want a renewal after revision %d sent %s", r2, s2, err, r1, s1)
 	}
-	if _, err := a.create(ctx, "k", []byte("b")); !errors.Is(err, errHeld) {
-		t.Errorf("create by another = %v, want errHeld", err)
+	if e, err := a.kv.Get(ctx, "k"); err != nil || e.Revision() != r2 {
+		t.Errorf("after the adoption: %v, %v; want revision %d", e, err, r2)
 	}
-	if err := a.release(ctx, "k", []byte("a"), r1); err != nil {
+	var held *heldError
+	if _, _, err := a.create(ctx, "k", other); !errors.As(err, &held) || !errors.Is(err, errHeld) || held.rev != r2 || holderID(held.value) != "a" {
+		t.Errorf("create by another instance with the same id = %v, want errHeld at revision %d", err, r2)
+	}
+	// Another instance with the same id, releasing with a revision of its
+	// own that is no longer current, leaves the key alone.
+	if err := a.release(ctx, "k", other, r1); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.create(ctx, "k", []byte("b")); err != nil {
+	if e, err := a.kv.Get(ctx, "k"); err != nil || !bytes.Equal(e.Value(), mine) {
+		t.Fatalf("after another instance's release: %v, %v; want the holder's key intact", e, err)
+	}
+	if err := a.release(ctx, "k", mine, r2); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := a.create(ctx, "k", other); err != nil {
 		t.Errorf("create after release: %v", err)
 	}
 }
@@ -280,5 +296,34 @@ func TestLeaseBucketChecks(t *testing.T) {
 		if err := c.cfg.defaults(); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%+v: %v, want %q", c.cfg, err, c.want)
 		}
+	}
+}
+
+// TestLeaseKeeperRenewsFromLastWrite: a keeper counts its renewals from
+// the last write of the key, not from when it started: a lease whose
+// creation took long (retries) is renewed at once instead of a heartbeat
+// later, when the server may already have expired it.
+func TestLeaseKeeperRenewsFromLastWrite(t *testing.T) {
+	srv := natstest.Start(t)
+	cfg := LeaseConfig{Bucket: "leases-k", TTL: 3 * time.Second}
+	a, _ := leaseClient(t, srv, cfg)
+	ctx := testCtx(t)
+	rev, _, err := a.create(ctx, "k", []byte("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As if the write had been sent almost a heartbeat and a half ago: a
+	// keeper that waits a heartbeat from now renews after the key's guard.
+	sent := time.Now().Add(-a.beat * 3 / 2)
+	k := a.keep("k", []byte("a"), rev, sent)
+	defer k.Stop()
+	eventually(t, a.beat/2, "the key renewed at once", func() bool {
+		e, err := a.kv.Get(ctx, "k")
+		return err == nil && e.Revision() > rev
+	})
+	select {
+	case <-k.Lost():
+		t.Fatal("the keeper lost a lease it could renew")
+	case <-time.After(2 * a.beat):
 	}
 }

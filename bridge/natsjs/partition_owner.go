@@ -66,8 +66,7 @@ func (s *PartitionedSource) own(o *owner) {
 	log := s.log.With("partition", o.p)
 	s.setOwnerState(o.p, ownerAcquiring, nil)
 	key := s.leaseKey(o.p)
-	sent := time.Now()
-	rev, err := s.b.create(s.life, key, s.val)
+	rev, sent, err := s.b.create(s.life, key, s.val)
 	if err != nil {
 		if !errors.Is(err, errHeld) {
 			log.Warn("cannot take partition lease", "err", err)
@@ -163,8 +162,10 @@ func (s *PartitionedSource) own(o *owner) {
 			log.Info("partition released")
 			return
 		case <-k.Lost():
-			// Another replica may take the partition from now on: stop,
-			// and publish nothing more of it.
+			// Another replica may take the partition from now on: publish
+			// nothing more of it (revoked at once, while the handler may
+			// still be blocked), then stop.
+			revoke(part)
 			stopping()
 			revoke(part)
 			k.Stop()
@@ -172,6 +173,7 @@ func (s *PartitionedSource) own(o *owner) {
 			ev.lost = true
 			return
 		case <-s.life.Done():
+			revoke(part)
 			stopping()
 			revoke(part)
 			k.Stop()
@@ -196,7 +198,8 @@ func (s *PartitionedSource) own(o *owner) {
 }
 
 // revoke ends part's epoch at once: Release with a ctx that is already
-// done waits for nothing.
+// done stops Run and revokes its running epoch without waiting for it, or,
+// once Run returned, revokes the epoch it left.
 func revoke(part Partition) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -205,7 +208,7 @@ func revoke(part Partition) {
 
 // viewEntry is one key of the lease bucket as this replica last saw it.
 type viewEntry struct {
-	holder string
+	holder string    // the key's value (holderValue)
 	seen   time.Time // when the watch delivered it (local clock)
 }
 
@@ -301,6 +304,8 @@ type manager struct {
 	closing   bool   // Close was called: leave, give everything up, take nothing
 	failing   string // the problem last reported to Failing ("" none)
 	memberErr error  // why the last announcement failed
+	heldRev   uint64 // the revision of this id's membership key held by another instance, at the last attempt
+	dupID     bool   // that key was renewed between two attempts: a live replica uses this id
 	watchErr  error  // why the last watch failed
 }
 
@@ -371,25 +376,52 @@ func (s *PartitionedSource) manage() {
 }
 
 // ensureMember announces this replica (a membership key it renews) when it
-// is not announced.
+// is not announced. The key's value carries this instance's nonce, so a
+// membership under this replica id written by another instance is refused
+// (create). If that key keeps being renewed (its revision moves between two
+// attempts), a live replica uses the same id: that is an error (logged,
+// and reported through Failing until it is gone), and this replica takes
+// no partition meanwhile. A key that stays put is an earlier instance's
+// that expires within the lease TTL (a restart with a fixed replica id).
 func (m *manager) ensureMember() {
 	s := m.s
 	if m.member != nil {
 		return
 	}
-	sent := time.Now()
-	rev, err := s.b.create(s.life, s.memberKey, s.val)
+	rev, sent, err := s.b.create(s.life, s.memberKey, s.val)
 	if err != nil {
-		if errors.Is(err, errHeld) {
-			err = fmt.Errorf("replica id %s is used by another replica: %w", s.cfg.ReplicaID, err)
-			s.log.Error("another replica uses this replica id; pick a unique one", "key", s.memberKey)
-		} else {
-			s.log.Warn("cannot announce membership; retrying", "err", err)
+		var held *heldError
+		if errors.As(err, &held) {
+			if m.heldRev != 0 && held.rev != 0 && held.rev != m.heldRev {
+				m.dupID = true
+			}
+			m.heldRev = held.rev
 		}
-		m.memberErr = fmt.Errorf("natsjs: rule %s: cannot announce this replica in lease bucket %s: %w", s.cfg.Rule, s.cfg.Leases.Bucket, err)
+		switch {
+		case m.dupID:
+			err = fmt.Errorf("replica id %s is used by another replica (another instance renews its membership %s): %w",
+				s.cfg.ReplicaID, s.memberKey, err)
+		case held != nil:
+			err = fmt.Errorf("replica id %s: membership %s held by another instance (an earlier one of this replica expires within %s): %w",
+				s.cfg.ReplicaID, s.memberKey, s.b.ttl, err)
+		}
+		err = fmt.Errorf("natsjs: rule %s: cannot announce this replica in lease bucket %s: %w", s.cfg.Rule, s.cfg.Leases.Bucket, err)
+		if m.memberErr == nil || m.memberErr.Error() != err.Error() {
+			switch {
+			case m.dupID:
+				s.log.Error("another live replica uses this replica id; give every replica a unique one (partitions.replicaID)",
+					"key", s.memberKey, "err", err)
+			case held != nil:
+				s.log.Info("membership of this replica id held by another instance; waiting for it to expire", "key", s.memberKey, "err", err)
+			default:
+				s.log.Warn("cannot announce membership; retrying", "err", err)
+			}
+		}
+		m.memberErr = err
 		m.report()
 		return
 	}
+	m.heldRev, m.dupID = 0, false
 	m.member, m.memberErr = s.b.keep(s.memberKey, s.val, rev, sent), nil
 	m.report()
 }
@@ -512,8 +544,8 @@ func (m *manager) event(ev ownerEvent) {
 	switch ev.kind {
 	case evStarted:
 		t := &Takeover{Partition: ev.p, At: time.Now()}
-		if g, ok := m.view.prev[ev.p]; ok && g.holder != s.cfg.ReplicaID {
-			t.From, t.How = g.holder, g.how
+		if g, ok := m.view.prev[ev.p]; ok && g.holder != string(s.val) {
+			t.From, t.How = holderID(g.holder), g.how
 		}
 		s.takeovers.Add(1)
 		s.mu.Lock()
@@ -556,7 +588,7 @@ func (m *manager) reconcile() {
 		if w != me || m.owners[p] != nil || now.Before(m.notBefore[p]) {
 			continue
 		}
-		if h, ok := m.view.holders[p]; ok && h.holder != me {
+		if h, ok := m.view.holders[p]; ok && h.holder != string(s.val) {
 			continue
 		}
 		o := &owner{p: p, giveUp: make(chan struct{})}

@@ -55,9 +55,11 @@ type Partition interface {
 	// of those still open when ctx ends (the pipeline publishes none of
 	// them that has not started publishing), then lets the next owner start
 	// at once (unpins, if the server still names this consumer's pin). With
-	// a ctx that is already done it revokes at once: the lease was lost.
-	// An error reports deliveries that were still open or a step that
-	// failed; the partition is handed over anyway.
+	// a ctx that is already done it revokes at once, also while Run still
+	// runs (Run is stopped, and its epoch revoked before Run returns): the
+	// lease was lost. An error reports deliveries that were still open, Run
+	// not returned, or a step that failed; the partition is handed over
+	// anyway.
 	Release(ctx context.Context) error
 	// State describes the consumer for operators, e.g. "standby" or
 	// "active".
@@ -88,7 +90,11 @@ type PartitionedConfig struct {
 	// ReplicaID names this replica among the rule's replicas; it must be
 	// unique among live replicas (letters, digits, '_' and '-', at most
 	// 128). Default: the host name and a random suffix, new on every
-	// start.
+	// start. Every key this source writes also carries a nonce of its own,
+	// so a second live instance with the same id is refused its membership
+	// and reported (Failing, and an error log line) instead of sharing the
+	// first one's leases; an instance restarted with a fixed id waits until
+	// its predecessor's keys expired (at most the lease TTL).
 	ReplicaID string
 	// Leases configures the lease bucket.
 	Leases LeaseConfig
@@ -164,7 +170,7 @@ type PartitionedSource struct {
 	b         *leaseBucket
 	prefix    string // "<group>.n<N>."
 	memberKey string
-	val       []byte // the replica id, the value of every key it holds
+	val       []byte // holderValue: the value of every key it holds
 
 	life   context.Context // ends when Close gives up waiting
 	abort  context.CancelFunc
@@ -247,7 +253,7 @@ func NewPartitionedSource(ctx context.Context, js jetstream.JetStream, cfg Parti
 		js: js, cfg: cfg, log: log, b: b,
 		prefix:    prefix,
 		memberKey: prefix + "m." + cfg.ReplicaID,
-		val:       []byte(cfg.ReplicaID),
+		val:       holderValue(cfg.ReplicaID, strconv.FormatUint(rand.Uint64(), 36)),
 		stop:      make(chan struct{}),
 		fatal:     make(chan struct{}),
 		events:    make(chan ownerEvent, 16),
@@ -527,12 +533,15 @@ func (s *PartitionedSource) leaseKey(p int) string { return s.prefix + "p." + st
 // OrderedPartitions is the PartitionFactory of ordered Sources: partition
 // p's consumer is an ordered Source (a pinned priority group, taken over
 // from the ack floor; see Source) configured as base with the spec's rule,
-// broker, stream, durable, filter and StripTokens.
+// broker, stream, durable, filter and StripTokens, and without StallAge.
 func OrderedPartitions(js jetstream.JetStream, base SourceConfig, log *slog.Logger) PartitionFactory {
 	return func(ctx context.Context, spec PartitionSpec) (Partition, error) {
 		cfg := base
 		cfg.Rule, cfg.Broker, cfg.Stream = spec.Rule, spec.Broker, spec.Stream
 		cfg.Durable, cfg.Subject, cfg.StripTokens, cfg.Ordering = spec.Durable, spec.Filter, spec.StripTokens, Ordered
+		// The lease decides who runs a partition: a stalled holder that
+		// gave the pin up would only win it back (see SourceConfig.StallAge).
+		cfg.StallAge = nil
 		src, err := NewSource(ctx, js, cfg, log)
 		if err != nil {
 			return nil, err

@@ -22,11 +22,27 @@ type epoch struct {
 	bridge.Epoch
 	pin   string
 	start time.Time
-	// expect is the next delivery sequence (read and written only by the
-	// client library's callback once consuming started); reconnects is
-	// the connection's reconnect count when the epoch was acquired.
+	// expect is the next delivery sequence and maxSeq the highest stream
+	// sequence of a first delivery (read and written only by the client
+	// library's callback once consuming started); reconnects is the
+	// connection's reconnect count when the epoch was acquired.
 	expect     uint64
+	maxSeq     uint64
 	reconnects uint64
+	// stopped is when the epoch stopped pulling (the last pull that renewed
+	// its pin left at most one pull expiry before), for the give-back;
+	// written before the epoch is held, read by Release after.
+	stopped time.Time
+	// carry maps the stream sequence of a message negatively acknowledged
+	// in the last epoch to its delivery count there: the reset counts its
+	// next delivery as a first one, the handler sees the count go on.
+	// Only the client library's callback uses it once consuming started.
+	carry map[uint64]uint64
+	// dropped is set when deliveries of the epoch stay unacknowledged
+	// without being handed over (queued when consuming stopped, or
+	// revoked while open): a give-back resets the consumer first, so that
+	// they are deliverable at once.
+	dropped atomic.Bool
 	// fence receives the first reason to end the epoch; trip revokes at
 	// the same moment.
 	fence chan fenceEvent
@@ -99,6 +115,14 @@ type fenceEvent struct {
 	next   next
 	reason string
 	pin    string // toAcquire with a pin learned from a delivery
+	// nack: a delivery was negatively acknowledged (acquiring again backs
+	// off while that repeats); stall: this replica could not publish for
+	// too long and gives the consumer to another replica.
+	nack, stall bool
+	// With nack: the stream sequence and delivery count of the nacked
+	// delivery, and the delay its Hold asked for (0: none).
+	seq, delivered uint64
+	delay          time.Duration
 }
 
 // pinRun is one ordered Run.
@@ -109,16 +133,30 @@ type pinRun struct {
 	nc     *nats.Conn
 	status chan nats.Status
 	// q is the intake queue: the client library's callback puts
-	// deliveries in without blocking, drainIntake hands them to h.
-	q chan *delivery
+	// deliveries in without blocking, drainIntake hands them to h, and
+	// beat keeps the waiting ones from being redelivered.
+	q *intake
 	// pin is the pin this replica believes it holds, "" when none.
 	pin string
 	// pinnedAt is when the current pin was won in Standby, zero when it
 	// was not (a re-acquisition); reason is why the loop moves on.
 	pinnedAt time.Time
 	reason   string
-	// failures counts acquisitions that failed in a row (backoff).
-	failures int
+	// failures counts acquisitions that failed in a row (backoff); nacks
+	// counts short epochs in a row ended by a negative acknowledgement
+	// (backoff); strikes counts stall fences in a row (each doubles the
+	// stall limit); pause is how long Standby waits before it probes again
+	// (after a stall fence, so that another replica takes over).
+	failures, nacks, strikes int
+	pause                    time.Duration
+	// lastPull is when this replica last pulled with r.pin: the probe that
+	// won it, or the end of the last epoch's consuming.
+	lastPull time.Time
+	// notBefore is when the next reset may come at the earliest: after a
+	// negative acknowledgement, its Hold's delay or the nack backoff.
+	notBefore time.Time
+	// carry is the next epoch's epoch.carry.
+	carry map[uint64]uint64
 	// lastWarn rate-limits repeated warnings (waiting, probe errors).
 	lastWarn time.Time
 }
@@ -131,10 +169,14 @@ func (s *Source) runOrdered(ctx context.Context, h bridge.Handler) error {
 		s: s, ctx: ctx, h: h, nc: nc,
 		status: nc.StatusChanged(nats.DISCONNECTED, nats.RECONNECTING, nats.CONNECTED, nats.CLOSED),
 		// MaxAckPending bounds the deliveries of one epoch that are not
-		// settled; a foreign reset in mid-epoch can add as many again.
-		q: make(chan *delivery, 2*s.cfg.MaxAckPending+s.cfg.FetchBatch),
+		// settled (the heartbeats keep queued ones from coming twice);
+		// the rest is slack.
+		q: newIntake(2*s.cfg.MaxAckPending + s.cfg.FetchBatch),
 	}
 	defer nc.RemoveStatusListener(r.status)
+	// What is still queued when Run ends stays unacknowledged: the next
+	// reset (this replica's give-back, or the next owner's) delivers it.
+	defer r.q.drop()
 
 	// The UNPINNED advisory tells a standby at once that the holder's pin
 	// timed out or was released (without the permission to read it, the
@@ -152,8 +194,13 @@ func (s *Source) runOrdered(ctx context.Context, h bridge.Handler) error {
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Go(r.drainIntake)
-	wg.Go(func() { s.monitor(ctx, unpinned) })
+	// The loop also returns when the connection closed for good: its
+	// helpers end with it, not only with the caller's ctx.
+	hctx, stop := context.WithCancel(ctx)
+	defer stop()
+	wg.Go(func() { r.drainIntake(hctx) })
+	wg.Go(func() { r.beat(hctx) })
+	wg.Go(func() { s.monitor(hctx, unpinned) })
 	return r.loop()
 }
 
@@ -196,6 +243,7 @@ func (r *pinRun) loop() error {
 				continue
 			}
 			f := r.active(ep)
+			r.after(ep, f)
 			switch f.next {
 			case toClosed:
 				return fmt.Errorf("natsjs: source %s: %w", s.cfg.Stream, nats.ErrConnectionClosed)
@@ -248,12 +296,15 @@ func (r *pinRun) waitMode() bool {
 func (r *pinRun) standby() bool {
 	s := r.s
 	s.setState(transition{to: StateStandby, reason: r.reason})
+	wait := r.pause
 	if r.failures > 0 {
 		// A failed acquisition: let the pin lapse (no pulls) before trying
 		// again, longer after each failure in a row.
-		if !sleepCtx(r.ctx, min(reconnectMin<<min(r.failures, 10), s.cfg.PinnedTTL)) {
-			return false
-		}
+		wait = max(wait, min(reconnectMin<<min(r.failures, 10), s.cfg.PinnedTTL))
+	}
+	r.pause = 0
+	if wait > 0 && !sleepCtx(r.ctx, wait) {
+		return false
 	}
 	delay := reconnectMin
 	for r.ctx.Err() == nil {
@@ -281,11 +332,16 @@ func (r *pinRun) standby() bool {
 				return false
 			}
 			if r.ctx.Err() != nil {
-				// Won the pin while stopping: give it back at once.
-				s.unpin(pin)
+				// Won the pin while stopping: Release gives it back (the
+				// probed message was delivered and is not acked: the
+				// give-back resets first).
+				ep := newEpoch(pin)
+				ep.stopped = asked
+				ep.dropped.Store(true)
+				r.hold(ep)
 				return false
 			}
-			r.pin, r.pinnedAt = pin, time.Now()
+			r.pin, r.pinnedAt, r.lastPull = pin, time.Now(), asked
 			r.reason = "won the pin"
 			return true
 		}
@@ -378,8 +434,15 @@ func (r *pinRun) acquire() *epoch {
 		s.held = nil
 	}
 	s.mu.Unlock()
-	if !r.waitConnected() {
-		r.hold(newEpoch(r.pin))
+	if wait := time.Until(r.notBefore); wait > 0 {
+		// A negative acknowledgement ended the last epoch: the reset that
+		// delivers the message again waits for its Hold's delay, or backs
+		// off while epochs keep ending that way, but never so long that
+		// the pin (not renewed meanwhile) may lapse.
+		sleepCtx(r.ctx, min(wait, time.Until(r.lastPull.Add(s.cfg.PinnedTTL-s.expiry-s.expiry/2))))
+	}
+	if r.ctx.Err() != nil || !r.waitConnected() {
+		r.holdPin()
 		return nil
 	}
 	reconnects := r.nc.Stats().Reconnects
@@ -393,20 +456,24 @@ func (r *pinRun) acquire() *epoch {
 		s.failing.set(fmt.Errorf("consumer reset failed (retrying): %w", ae.Err))
 	}
 	rctx, cancel := context.WithTimeout(r.ctx, s.cfg.PinnedTTL)
-	resp, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
+	_, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
 		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
 			return s.js.ResetConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
 		})
 	cancel()
 	switch {
 	case err == nil:
+		// A reset numbers the next delivery 1 (the response's Delivered
+		// may already count one the server was attempting meanwhile, to a
+		// request that no longer waits): anything else first is a gap.
 		ep := newEpoch(r.pin)
-		ep.expect = resp.Delivered.Consumer + 1
+		ep.expect = 1
 		ep.reconnects = reconnects
+		ep.carry, r.carry = r.carry, nil
 		r.failures = 0
 		return ep
 	case r.ctx.Err() != nil, r.nc.IsClosed():
-		r.hold(newEpoch(r.pin))
+		r.holdPin()
 		return nil
 	case errors.Is(err, jetstream.ErrConsumerNotFound):
 		r.reason = "reset: consumer not found"
@@ -427,6 +494,48 @@ func (r *pinRun) hold(ep *epoch) {
 	r.s.mu.Lock()
 	r.s.held = ep
 	r.s.mu.Unlock()
+}
+
+// holdPin leaves the pin this replica holds between epochs (Run ended
+// while acquiring) for Release: deliveries made to it are not acked, so
+// the give-back resets first.
+func (r *pinRun) holdPin() {
+	ep := newEpoch(r.pin)
+	ep.stopped = r.lastPull
+	ep.dropped.Store(true)
+	r.hold(ep)
+}
+
+// after takes stock when epoch ep ended with f: the backoffs, and a stall
+// fence's give-back of the pin.
+func (r *pinRun) after(ep *epoch, f fenceEvent) {
+	s := r.s
+	r.lastPull = ep.stopped
+	r.notBefore, r.carry = time.Time{}, nil
+	if f.nack && time.Since(ep.start) < s.cfg.PinnedTTL {
+		r.nacks++
+	} else {
+		r.nacks = 0
+	}
+	if f.nack {
+		// Epochs that keep ending this way (the pipeline refuses what it
+		// is given) must not reset the consumer in a tight loop.
+		wait := f.delay
+		if r.nacks > 0 {
+			wait = max(wait, reconnectMin<<min(r.nacks-1, 10))
+		}
+		r.notBefore = ep.stopped.Add(wait)
+		r.carry = map[uint64]uint64{f.seq: f.delivered}
+	}
+	if f.stall {
+		// Hand the consumer to another replica at once (reset, then
+		// unpin: a standby's waiting probe wins it), and keep out of its
+		// way for a while; if no other replica takes it, this one takes
+		// it back after the pause.
+		r.strikes++
+		r.pause = s.cfg.PinnedTTL
+		s.giveBack(ep.pin, ep.stopped, true)
+	}
 }
 
 // active consumes in epoch ep until a fence or the end of Run and returns
@@ -472,7 +581,7 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 			return fenceEvent{}
 		case f := <-ep.fence:
 			r.stopConsume(ep, cc)
-			r.purge()
+			r.q.drop()
 			if r.ctx.Err() == nil {
 				// Cleared by the next epoch, or by a standby probe the
 				// server answers.
@@ -506,7 +615,34 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 			if r.nc.Stats().Reconnects != ep.reconnects {
 				ep.trip(fenceEvent{next: toAcquire, reason: "reconnected"})
 			}
+			r.checkStall(ep)
 		}
+	}
+}
+
+// checkStall fences ep when this replica has held the consumer for the
+// stall limit and the oldest message its pipeline accepted for the rule has
+// waited that long without being settled (SourceConfig.StallAge): it
+// cannot publish (its target or dedupe store unreachable from here), and
+// while it keeps the pin no other replica can forward the rule. The limit
+// doubles with each stall fence in a row (at most eight times), so that
+// replicas that all cannot publish (the target is down for everyone) pass
+// the consumer around less and less often; it is back to StallLimit once an
+// epoch ran for StallLimit with a stall age under half of it.
+func (r *pinRun) checkStall(ep *epoch) {
+	s := r.s
+	if s.cfg.StallAge == nil {
+		return
+	}
+	ran, age := time.Since(ep.start), s.cfg.StallAge()
+	if ran >= s.cfg.StallLimit && age < s.cfg.StallLimit/2 {
+		r.strikes = 0
+	}
+	limit := s.cfg.StallLimit << min(r.strikes, 3)
+	if ran >= limit && age >= limit {
+		ep.trip(fenceEvent{next: toStandby, stall: true,
+			reason: fmt.Sprintf("stalled: the oldest message accepted %s ago is not settled (limit %s); handing the consumer to another replica",
+				age.Round(time.Millisecond), limit)})
 	}
 }
 
@@ -529,6 +665,7 @@ func (r *pinRun) unpinnedSince() time.Time {
 // client library stopped consuming.
 func (r *pinRun) stopConsume(ep *epoch, cc jetstream.ConsumeContext) {
 	ep.closed.Store(true)
+	ep.stopped = time.Now()
 	cc.Stop()
 	t := time.NewTimer(r.s.cfg.RequestTimeout)
 	defer t.Stop()
@@ -539,24 +676,12 @@ func (r *pinRun) stopConsume(ep *epoch, cc jetstream.ConsumeContext) {
 	}
 }
 
-// purge drops the queued deliveries after a fence: they all belong to the
-// fenced epoch (the next one has not started), and the next reset delivers
-// them again.
-func (r *pinRun) purge() {
-	for {
-		select {
-		case <-r.q:
-		default:
-			return
-		}
-	}
-}
-
 // take is the client library's callback for epoch ep. It never blocks: a
 // delivery that does not belong to the epoch fences it, every other one
 // goes into the intake queue.
 func (r *pinRun) take(ep *epoch, msg jetstream.Msg) {
 	if ep.closed.Load() || ep.Revoked() {
+		ep.dropped.Store(true)
 		return
 	}
 	meta, ok := parseAck(msg.Reply())
@@ -580,25 +705,42 @@ func (r *pinRun) take(ep *epoch, msg jetstream.Msg) {
 		return
 	}
 	// Within an epoch only this replica receives, and the server numbers
-	// deliveries 1, 2, 3... from the reset: a jump means one was lost on
-	// the way (in transit at a reconnect, dropped by a slow subscription).
-	// A 1 means another replica reset the consumer (a kick): its
-	// redeliveries only repeat messages, which queue behind the originals.
-	switch meta.dseq {
-	case ep.expect, 1:
-	default:
-		ep.trip(fenceEvent{next: toAcquire, pin: pin,
-			reason: fmt.Sprintf("delivery gap: consumer sequence %d, expected %d", meta.dseq, ep.expect)})
+	// deliveries 1, 2, 3... from this replica's reset, each first delivery
+	// of a message after every earlier one in stream order. Anything else
+	// fences: a jump means a delivery was lost on the way (in transit at a
+	// reconnect, dropped by a slow subscription); a 1 again, or a first
+	// delivery of a message at or below one already delivered, means
+	// another client reset the consumer (and, in the second case, that the
+	// first deliveries after that reset were lost). The next epoch starts
+	// with this replica's own reset: numbering from anyone else's reset is
+	// never taken as the start of an epoch.
+	var why string
+	switch {
+	case meta.dseq == 1 && ep.expect != 1:
+		why = fmt.Sprintf("consumer reset by another client (delivery sequence 1 again, expected %d)", ep.expect)
+	case meta.dseq != ep.expect:
+		why = fmt.Sprintf("delivery gap: consumer sequence %d, expected %d", meta.dseq, ep.expect)
+	case meta.delivered == 1 && meta.seq <= ep.maxSeq:
+		why = fmt.Sprintf("consumer reset by another client (first delivery of stream sequence %d after %d)", meta.seq, ep.maxSeq)
+	}
+	if why != "" {
+		ep.trip(fenceEvent{next: toAcquire, pin: pin, reason: why})
 		return
 	}
 	ep.expect = meta.dseq + 1
+	if meta.delivered == 1 {
+		ep.maxSeq = meta.seq
+		if n, ok := ep.carry[meta.seq]; ok {
+			meta.delivered = n + 1
+			delete(ep.carry, meta.seq)
+		}
+	}
 	r.s.failing.clear()
 	d := r.s.newDelivery(msg, &meta, hdr)
-	d.ep = ep
+	d.ep, d.seq = ep, meta.seq
 	d.m.Epoch = &ep.Epoch
-	select {
-	case r.q <- d:
-	default:
+	d.beat = time.Now().UnixNano()
+	if !r.q.push(d) {
 		ep.trip(fenceEvent{next: toAcquire, pin: pin, reason: "intake queue full"})
 	}
 }
@@ -626,21 +768,64 @@ func (r *pinRun) consumeErr(ep *epoch, err error) {
 }
 
 // drainIntake hands queued deliveries to the handler, one at a time, in
-// arrival order, until Run ends. Deliveries of a fenced or stopped epoch
-// are dropped: they stay unacknowledged, and the next owner's reset delivers
-// them again.
-func (r *pinRun) drainIntake() {
+// arrival order, until ctx (Run) ends. Deliveries of a fenced or stopped
+// epoch are dropped: they stay unacknowledged, and the next reset delivers
+// them again. Nothing is handed over once Run's ctx ended: a delivery the
+// handler refused because of that (a negative ack that revokes the epoch)
+// must not be followed by the next one of its key.
+func (r *pinRun) drainIntake(ctx context.Context) {
+	handover := int64(r.s.cfg.AckWait / 8)
+	for {
+		d := r.q.pop()
+		if d == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-r.q.wake:
+			}
+			continue
+		}
+		ep := d.ep
+		if ctx.Err() != nil || r.ctx.Err() != nil {
+			ep.dropped.Store(true)
+			return
+		}
+		if ep.Revoked() || ep.closed.Load() {
+			ep.dropped.Store(true)
+			continue
+		}
+		// The pipeline counts a message's wait from here: its first
+		// heartbeat comes up to three quarters of AckWait later. One that
+		// waited in the queue since its last heartbeat gets one now.
+		if time.Now().UnixNano()-d.beat >= handover {
+			_ = d.ack(ctx, bridge.ErrInProgress)
+		}
+		ep.open.Add(1)
+		_ = r.h(r.ctx, &d.m, d.ack)
+	}
+}
+
+// beat sends an in-progress heartbeat, every AckWait/4, for each queued
+// delivery that has waited AckWait/2 since it arrived or since its last
+// one (the pipeline does the same for what it holds), so that the server
+// does not redeliver a message whose first delivery is still queued: that
+// would hand the pipeline the message twice and could fill the queue. A
+// revoked epoch's deliveries get none (the ack does not send it).
+func (r *pinRun) beat(ctx context.Context) {
+	every := max(r.s.cfg.AckWait/4, 10*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var due []*delivery
 	for {
 		select {
-		case <-r.ctx.Done():
+		case <-ctx.Done():
 			return
-		case d := <-r.q:
-			ep := d.ep
-			if ep.Revoked() || ep.closed.Load() {
-				continue
+		case now := <-t.C:
+			due = r.q.due(now, r.s.cfg.AckWait/2, due[:0])
+			for _, d := range due {
+				_ = d.ack(ctx, bridge.ErrInProgress)
 			}
-			ep.open.Add(1)
-			_ = r.h(r.ctx, &d.m, d.ack)
+			clear(due)
 		}
 	}
 }
@@ -668,14 +853,21 @@ func pinnedID(info *jetstream.ConsumerInfo, group string) string {
 	return ""
 }
 
-// kick resets an idle consumer whose pin is free while messages are still
-// delivered and unacknowledged (their owner died or was cut off, and nothing
-// new arrives that a standby probe could win the pin with): the reset makes
-// them deliverable now instead of after AckWait, and some standby's probe
-// wins the pin with them. Only a Standby source kicks. It reports whether
-// it reset.
-func (s *Source) kick(ctx context.Context, info *jetstream.ConsumerInfo) bool {
-	if s.State().State != StateStandby || pinnedID(info, s.cfg.Group) != "" || info.NumPending != 0 || info.NumAckPending == 0 {
+// kick resets a consumer whose pin is free while messages are delivered
+// and unacknowledged (their owner died, was cut off or released it with
+// deliveries open) and no standby probe can win the pin with a message:
+// none is pending (an idle stream), or the consumer sits at its
+// MaxAckPending (the server delivers nothing until acks come), or the pin
+// has been free for PinnedTTL (unownedFor) with such messages anyway. The
+// reset makes them deliverable now instead of after AckWait, and some
+// standby's probe wins the pin with them. Only a Standby source kicks. It
+// reports whether it reset.
+func (s *Source) kick(ctx context.Context, info *jetstream.ConsumerInfo, unownedFor time.Duration) bool {
+	if s.State().State != StateStandby || pinnedID(info, s.cfg.Group) != "" || info.NumAckPending == 0 {
+		return false
+	}
+	full := info.Config.MaxAckPending > 0 && info.NumAckPending >= info.Config.MaxAckPending
+	if info.NumPending != 0 && !full && unownedFor < s.cfg.PinnedTTL {
 		return false
 	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
@@ -689,44 +881,72 @@ func (s *Source) kick(ctx context.Context, info *jetstream.ConsumerInfo) bool {
 		return false
 	}
 	s.log.Info("nats consumer kicked: no owner, unacknowledged messages made deliverable again",
-		"unacked", info.NumAckPending, "reset_seq", resp.ResetSeq)
+		"unacked", info.NumAckPending, "pending", info.NumPending, "reset_seq", resp.ResetSeq)
 	return true
 }
 
-// releaseEpoch waits until ep's deliveries are settled (within ctx and
-// PinnedTTL after the epoch stopped pulling), revokes what is still open,
-// and unpins.
+// releaseEpoch waits until ep's deliveries are settled (within ctx),
+// revokes what is still open, and gives the pin back (giveBack), resetting
+// the consumer first when deliveries of the epoch stay unacknowledged.
 func (s *Source) releaseEpoch(ctx context.Context, ep *epoch) error {
 	start := time.Now()
 	ep.drain()
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.PinnedTTL)
-	defer cancel()
-	var err error
 	select {
 	case <-ep.idle:
-	case <-wctx.Done():
+	default:
+		select {
+		case <-ep.idle:
+		case <-ctx.Done():
+		}
+	}
+	var err error
+	if !isClosed(ep.idle) {
 		ep.Revoke()
+		ep.dropped.Store(true)
 		err = &OpenDeliveriesError{Stream: s.cfg.Stream, Open: ep.open.Load()}
 	}
-	unpinned := s.unpin(ep.pin)
+	unpinned := s.giveBack(ep.pin, ep.stopped, ep.dropped.Load() || ep.Revoked())
 	s.log.Info("nats source released", "pin", ep.pin, "unpinned", unpinned, "took", time.Since(start).Round(time.Millisecond))
 	return err
 }
 
-// unpin gives pin up if the server still names it (another replica's pin is
-// left alone), each request with RequestTimeout. It reports whether it
-// unpinned.
-func (s *Source) unpin(pin string) bool {
-	if pin == "" {
+// giveBack lets the next owner start at once after this replica stopped
+// pulling with pin at stopped: if the server still names pin, it resets
+// the consumer to its ack floor when reset is set (deliveries that were
+// not acked become deliverable now, not after AckWait, even at
+// MaxAckPending), then unpins, so that a standby's waiting probe wins a new
+// pin. UnpinConsumer names no pin id: it clears whatever pin is current. So
+// the requests are made only while pin cannot have lapsed yet: it lapses
+// PinnedTTL after the last pull that carried it, which left at most one
+// pull expiry before stopped, and half an expiry is kept for the way to
+// the server. Later the pin may be gone, or another replica's, and is left
+// alone (it lapses, or has lapsed, by itself). Each request has
+// RequestTimeout within that window. It reports whether it unpinned.
+func (s *Source) giveBack(pin string, stopped time.Time, reset bool) bool {
+	if pin == "" || stopped.IsZero() {
 		return false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*s.cfg.RequestTimeout)
+	deadline := stopped.Add(s.cfg.PinnedTTL - s.expiry - s.expiry/2)
+	if time.Until(deadline) <= 0 {
+		s.log.Debug("nats pin not given back: it may have lapsed already", "pin", pin, "stopped", time.Since(stopped).Round(time.Millisecond))
+		return false
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	cons := s.consumer()
 	info, err := retry.Do(ctx, s.pol, retry.OpConsumerInfo, s.consumerName(),
 		func(ctx context.Context) (*jetstream.ConsumerInfo, error) { return cons.Info(ctx) })
 	if err != nil || pinnedID(info, s.cfg.Group) != pin {
 		return false
+	}
+	if reset && info.NumAckPending > 0 {
+		_, err := retry.Do(ctx, s.pol, retry.OpConsumerReset, s.consumerName()+" (give-back)",
+			func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
+				return s.js.ResetConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
+			})
+		if err != nil {
+			s.log.Warn("nats consumer reset before the unpin failed; a standby kicks it", "pin", pin, "err", err)
+		}
 	}
 	_, err = retry.Do(ctx, s.pol, retry.OpConsumerUnpin, s.consumerName(),
 		func(ctx context.Context) (struct{}, error) {

@@ -625,8 +625,11 @@ func TestOrderedReconnectResets(t *testing.T) {
 
 // TestRevokedDeliveryAck settles real deliveries of a plain consumer through
 // the source's ack: a revoked epoch's nack and heartbeat are not sent (the
-// message is not redelivered before AckWait), its ack is; the same nack in a
-// live epoch redelivers at once.
+// message is not redelivered before AckWait), its ack is. In a live epoch
+// a nack revokes the epoch at once (a later message of the key must not be
+// forwarded before the redelivery; the next epoch's reset delivers it
+// again) and is not sent either, while a Hold that lets later messages of
+// the key overtake is sent and redelivers after its delay.
 func TestRevokedDeliveryAck(t *testing.T) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
@@ -664,9 +667,32 @@ func TestRevokedDeliveryAck(t *testing.T) {
 	if err := d2.ack(context.Background(), errors.New("sink failed")); err != nil {
 		t.Fatal(err)
 	}
+	if !live.Revoked() {
+		t.Fatal("a live delivery's nack did not revoke its epoch")
+	}
+	select {
+	case f := <-live.fence:
+		if f.next != toAcquire || !f.nack || f.pin != "p" {
+			t.Errorf("fence after a nack: %+v, want acquiring pin p again", f)
+		}
+	default:
+		t.Error("a live delivery's nack did not fence its epoch")
+	}
+	if m := fetch(); m != nil {
+		t.Fatalf("the nack that revoked the epoch was sent: redelivered %s", m.Data())
+	}
+	other := newEpoch("p")
+	d3 := &delivery{msg: msg, ep: other}
+	other.open.Add(1)
+	if err := d3.ack(context.Background(), &bridge.HoldError{Delay: 100 * time.Millisecond, Overtake: true}); err != nil {
+		t.Fatal(err)
+	}
+	if other.Revoked() {
+		t.Error("a Hold that lets later messages overtake revoked the epoch")
+	}
 	again := fetch()
 	if again == nil {
-		t.Fatal("a live delivery's nack was not sent")
+		t.Fatal("a live delivery's overtaking Hold was not sent")
 	}
 	if err := (&delivery{msg: again, ep: revoked}).ack(context.Background(), nil); err != nil {
 		t.Fatal(err)
@@ -675,8 +701,8 @@ func TestRevokedDeliveryAck(t *testing.T) {
 		info, err := cons.Info(testCtx(t))
 		return err == nil && info.NumAckPending == 0 && info.AckFloor.Stream == 1
 	})
-	if n := live.open.Load(); n != 0 {
-		t.Errorf("live epoch counts %d open deliveries after the final nack", n)
+	if n, m := live.open.Load(), other.open.Load(); n != 0 || m != 0 {
+		t.Errorf("the epochs count %d and %d open deliveries after the final nacks", n, m)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/internal/retry"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -44,6 +45,11 @@ type PreflightOptions struct {
 	MinWindow time.Duration
 	// Why explains MinWindow in problems ("dedupe.reserveTTL + ...").
 	Why string
+	// Retry, when set, bounds, retries, logs and counts each request
+	// (internal/retry) until ctx ends, so that a start during a leader
+	// election waits for it instead of failing; nil makes one attempt of
+	// at most 5s per request (a check that reports).
+	Retry *retry.Policy
 }
 
 // Preflight checks, before anything is consumed, that the broker has what
@@ -52,7 +58,8 @@ type PreflightOptions struct {
 // every target subject (per live cell, rendered for shard 0) and DLQ
 // subject is captured by a stream whose duplicate window is at least
 // MinWindow. It returns every problem, in rule order; the error is for
-// requests that failed (each has its own timeout within ctx).
+// requests that failed (each attempt has its own timeout within ctx; see
+// PreflightOptions.Retry).
 func Preflight(ctx context.Context, js jetstream.JetStream, table *router.Table, opts PreflightOptions) ([]Problem, error) {
 	pf := &preflight{js: js, opts: opts, captured: map[string]*jetstream.StreamConfig{}, streams: map[string]*jetstream.StreamConfig{}}
 	for _, r := range table.Rules() {
@@ -107,7 +114,7 @@ func (pf *preflight) stream(ctx context.Context, name string) (*jetstream.Stream
 	if cfg, ok := pf.streams[name]; ok {
 		return cfg, nil
 	}
-	st, err := call(ctx, func(ctx context.Context) (jetstream.Stream, error) { return pf.js.Stream(ctx, name) })
+	st, err := retried(ctx, pf.opts.Retry, retry.OpStreamInfo, name, func(ctx context.Context) (jetstream.Stream, error) { return pf.js.Stream(ctx, name) })
 	switch {
 	case errors.Is(err, jetstream.ErrStreamNotFound):
 		pf.streams[name] = nil
@@ -149,16 +156,18 @@ func (pf *preflight) source(ctx context.Context, r *router.Rule) error {
 func (pf *preflight) target(ctx context.Context, r *router.Rule, role, broker, subj, cell string) error {
 	cfg, ok := pf.captured[broker+" "+subj]
 	if !ok {
-		cctx, cancel := context.WithTimeout(ctx, streamCallTimeout)
-		l := pf.js.ListStreams(cctx, jetstream.WithStreamListSubject(subj))
-		for info := range l.Info() {
-			if cfg == nil && capturedBy(info.Config.Subjects, subj) {
-				c := info.Config
-				cfg = &c
+		var err error
+		cfg, err = retried(ctx, pf.opts.Retry, retry.OpStreamInfo, "listening on "+subj, func(ctx context.Context) (*jetstream.StreamConfig, error) {
+			var cfg *jetstream.StreamConfig
+			l := pf.js.ListStreams(ctx, jetstream.WithStreamListSubject(subj))
+			for info := range l.Info() {
+				if cfg == nil && capturedBy(info.Config.Subjects, subj) {
+					c := info.Config
+					cfg = &c
+				}
 			}
-		}
-		err := l.Err()
-		cancel()
+			return cfg, l.Err()
+		})
 		if err != nil {
 			return fmt.Errorf("natsjs: preflight: streams listening on %s: %w", subj, err)
 		}

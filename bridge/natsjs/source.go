@@ -44,6 +44,11 @@ const (
 	MinPinnedTTL = 2 * time.Second
 	// DefaultRequestTimeout is SourceConfig.RequestTimeout's default.
 	DefaultRequestTimeout = 2 * time.Second
+	// DefaultStallLimit is SourceConfig.StallLimit's default: well above a
+	// target's leader election or a burst of retries, and well below the
+	// target's 2m duplicate window, which the messages re-read after the
+	// hand-over must fall into (docs/guarantees.md, section 8).
+	DefaultStallLimit = 30 * time.Second
 )
 
 // SourceConfig describes the durable pull consumer behind one topic rule.
@@ -127,6 +132,24 @@ type SourceConfig struct {
 	// (see Source.State), for metrics. It is called from the source's
 	// goroutines, one change at a time, and must not block.
 	OnState func(SourceState)
+	// StallAge, when set, returns how long the oldest message of the rule
+	// that this replica's pipeline accepted and has not settled (parked
+	// ones excluded) has waited: bridge.Health.StallAge. An ordered Source
+	// that has held the consumer for StallLimit while that age is at least
+	// StallLimit cannot publish (its target or dedupe store is unreachable
+	// from here) and keeps every other replica from forwarding the rule:
+	// it fences its epoch, hands the consumer over (reset, unpin) and
+	// waits PinnedTTL before it probes again. Each such fence in a row
+	// doubles the limit (at most eight times StallLimit) until an epoch
+	// runs StallLimit with an age under half of it, so replicas that all
+	// cannot publish pass the consumer on less and less often. Called from
+	// the run loop every pull expiry; it must be cheap and not block.
+	// Partitioned rules do not use it (a partition's lease, not its pin,
+	// decides who runs it).
+	StallAge func() time.Duration
+	// StallLimit is the stall age at which an ordered Source hands its
+	// consumer over (see StallAge). Default DefaultStallLimit.
+	StallLimit time.Duration
 }
 
 func (c *SourceConfig) defaults() error {
@@ -169,6 +192,9 @@ func (c *SourceConfig) defaults() error {
 	}
 	if c.BacklogInterval <= 0 {
 		c.BacklogInterval = 2 * time.Second
+	}
+	if c.StallLimit <= 0 {
+		c.StallLimit = DefaultStallLimit
 	}
 	return nil
 }
@@ -459,6 +485,11 @@ type delivery struct {
 	m   bridge.Message
 	msg jetstream.Msg
 	ep  *epoch // nil in unordered mode
+	// beat is when (UnixNano) an ordered delivery arrived or was last
+	// heartbeaten while it waited in the intake queue (guarded by the
+	// queue's lock while it waits there); seq is its stream sequence.
+	beat int64
+	seq  uint64
 }
 
 // pinHeader is the server's pin id on every delivery of a pinned consumer.
@@ -547,6 +578,17 @@ func sourceID(h nats.Header, meta *ackMeta) string {
 // an in-progress signal is dropped: the new owner re-read the message from
 // the ack floor and owns its redelivery; a nack would only deliver it once
 // more.
+//
+// In ordered mode a final nack ends the epoch (it is revoked at once, before
+// the pipeline can make the key's next message active): the redelivery
+// would come after later messages of the key that the epoch still
+// forwards. The next epoch's reset delivers the message again, in order,
+// so the nack itself is not sent; that reset waits for a Hold's delay (as
+// long as the pin can wait), and the message's delivery count goes on
+// from this delivery's. The exception is a Hold that lets later messages
+// of the key overtake (bridge.MayOvertake: a message that did not fit among
+// the parked ones, or one not bound for a cell), sent as NakWithDelay
+// within the live epoch.
 func (d *delivery) ack(_ context.Context, err error) error {
 	var aerr error
 	switch {
@@ -559,6 +601,10 @@ func (d *delivery) ack(_ context.Context, err error) error {
 		return wrapSettle(d, err, d.msg.InProgress())
 	case errors.Is(err, bridge.ErrRevoked):
 	case d.ep.Revoked():
+	case d.ep != nil && !bridge.MayOvertake(err):
+		delay, _ := bridge.HoldDelay(err)
+		d.ep.trip(fenceEvent{next: toAcquire, pin: d.ep.pin, nack: true, seq: d.seq, delivered: uint64(d.m.Deliveries), delay: delay,
+			reason: "a delivery was negatively acknowledged (" + err.Error() + "): taking the consumer over again from the ack floor"})
 	default:
 		if delay, ok := bridge.HoldDelay(err); ok {
 			aerr = d.msg.NakWithDelay(delay)
@@ -588,7 +634,10 @@ func wrapSettle(d *delivery, err, aerr error) error {
 func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 	t := time.NewTicker(s.cfg.BacklogInterval)
 	defer t.Stop()
-	var lastKick time.Time
+	// lastKick is when this source last kicked; unowned is when consumer
+	// info first showed no pin with unacknowledged messages (zero: not so
+	// at the last look).
+	var lastKick, unowned time.Time
 	for {
 		cons := s.consumer()
 		asked := time.Now()
@@ -624,8 +673,14 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 			}
 			if s.cfg.Ordering == Ordered {
 				s.checkPin(info, asked)
-				if time.Since(lastKick) >= s.cfg.PinnedTTL && s.kick(ctx, info) {
-					lastKick = time.Now()
+				switch {
+				case pinnedID(info, s.cfg.Group) != "" || info.NumAckPending == 0:
+					unowned = time.Time{}
+				case unowned.IsZero():
+					unowned = asked
+				}
+				if time.Since(lastKick) >= s.cfg.PinnedTTL && s.kick(ctx, info, asked.Sub(unowned)) {
+					lastKick, unowned = time.Now(), time.Time{}
 				}
 			}
 		}
@@ -656,19 +711,33 @@ func (s *Source) ownsBacklog(info *jetstream.ConsumerInfo) bool {
 
 // Release ends the source's current ownership gracefully. A running Run
 // stops fetching and returns nil. In ordered mode Release then waits, within
-// ctx and at most PinnedTTL (after which the server hands the pin on
-// anyway), until the pipeline settled every delivery of the last epoch; if
-// some are still open it revokes the epoch (they are not published and the
-// next owner re-reads them). Then it gives up the pin (UnpinConsumer), if
-// the server still names this source's pin, so that a standby takes over
-// in milliseconds. It returns an error when Run did not return within ctx
-// or deliveries were still open. Run may be called again afterwards.
+// ctx, until the pipeline settled every delivery of the last epoch; if some
+// are still open when ctx ends it revokes the epoch (they are not
+// published and the next owner re-reads them). Then, if the server still
+// names this source's pin and it cannot have lapsed yet (see giveBack), it
+// resets the consumer when deliveries of the epoch were not acked (queued
+// when fetching stopped, or revoked) and unpins, so that a standby takes
+// over in milliseconds. A drain longer than about PinnedTTL minus two pull
+// expiries leaves the pin to lapse instead: a standby may then take over
+// before the drain ended (what this replica still publishes is a duplicate
+// at most). With a ctx that is already done, Release revokes the running
+// epoch at once, before it waits for anything: ownership was lost, and
+// nothing more of the epoch may be published. It returns an error when
+// Run did not return within ctx or deliveries were still open. Run may be
+// called again afterwards.
 func (s *Source) Release(ctx context.Context) error {
 	s.mu.Lock()
 	done, cancel := s.runDone, s.runCancel
 	s.mu.Unlock()
 	if cancel != nil {
 		cancel()
+		if ctx.Err() != nil {
+			// Run's ctx is cancelled first, so no later epoch starts
+			// handing deliveries over.
+			if ep := s.active.Load(); ep != nil {
+				ep.Revoke()
+			}
+		}
 		select {
 		case <-done:
 		case <-ctx.Done():

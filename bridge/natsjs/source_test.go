@@ -162,6 +162,12 @@ func sourceDeliversFields(t *testing.T, o Ordering) {
 
 func TestSourceAckOutcomes(t *testing.T) { bothOrderings(t, sourceAckOutcomes) }
 
+// sourceAckOutcomes settles three messages with an ack, a nack and a Hold
+// that lets later messages of its key overtake (as the pipeline's MaxHeld
+// overflow does), and each again with an ack. The Hold comes back after its
+// delay as a redelivery in both modes; the nack at once, unordered as a
+// redelivery, ordered through the next epoch, because a nack ends the
+// epoch (its reset delivers the message again; the count goes on).
 func sourceAckOutcomes(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
@@ -171,12 +177,12 @@ func sourceAckOutcomes(t *testing.T, o Ordering) {
 	c.settle = func(g got) {
 		var err error
 		switch {
-		case g.m.Deliveries > 1 || string(g.m.Body) == "ack":
+		case len(c.of(string(g.m.Body))) > 1 || string(g.m.Body) == "ack":
 			err = nil
 		case string(g.m.Body) == "nak":
 			err = errors.New("sink failed")
 		case string(g.m.Body) == "hold":
-			err = bridge.Hold(hold)
+			err = &bridge.HoldError{Delay: hold, Overtake: true}
 		}
 		if aerr := g.ack(context.Background(), err); aerr != nil {
 			t.Errorf("ack(%v): %v", err, aerr)
@@ -198,6 +204,9 @@ func sourceAckOutcomes(t *testing.T, o Ordering) {
 	}
 	if n := c.of("nak"); n[1].m.Deliveries != 2 {
 		t.Errorf("nak'ed message redelivered with Deliveries %d", n[1].m.Deliveries)
+	}
+	if st := src.State(); o == Ordered && (st.Fences != 1 || !strings.Contains(st.LastFence, "negatively acknowledged") || st.Epochs != 2) {
+		t.Errorf("ordered source after a nack: %d fences (last %q), %d epochs; want the nack to end the first epoch", st.Fences, st.LastFence, st.Epochs)
 	}
 	// Everything is settled for good now; the acked message came once.
 	cons, err := js.Consumer(testCtx(t), "ORDERS", "cellbridge-orders")

@@ -1,6 +1,7 @@
 package rmq
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -60,26 +61,16 @@ func (c *SinkConfig) defaults() error {
 			return fmt.Errorf("rmq: broker %q: exactlyOnce transactional needs the dedupe store", b.Name)
 		}
 	}
-	if c.MaxPending <= 0 {
-		c.MaxPending = 4096
-	}
-	if c.Workers <= 0 {
-		c.Workers = 64
-	}
+	c.MaxPending = cmp.Or(max(c.MaxPending, 0), 4096)
+	c.Workers = cmp.Or(max(c.Workers, 0), 64)
 	if c.Retries < 0 {
 		c.Retries = 0
 	} else if c.Retries == 0 {
 		c.Retries = 2
 	}
-	if c.RetryBackoff <= 0 {
-		c.RetryBackoff = 100 * time.Millisecond
-	}
-	if c.SendTimeout <= 0 {
-		c.SendTimeout = 3 * time.Second
-	}
-	if c.MaxBatch <= 0 {
-		c.MaxBatch = 32
-	}
+	c.RetryBackoff = cmp.Or(max(c.RetryBackoff, 0), 100*time.Millisecond)
+	c.SendTimeout = cmp.Or(max(c.SendTimeout, 0), 3*time.Second)
+	c.MaxBatch = cmp.Or(max(c.MaxBatch, 0), 32)
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package rmq
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -58,22 +59,11 @@ func (c *SourceConfig) defaults() error {
 	if c.Rule == "" || c.Topic == "" || c.Group == "" {
 		return errors.New("rmq: SourceConfig needs Rule, Topic and Group")
 	}
-	if c.FetchBatch <= 0 {
-		c.FetchBatch = 128
-	}
-	c.FetchBatch = min(c.FetchBatch, 1024)
-	if c.Redeliver <= 0 {
-		c.Redeliver = time.Second
-	}
-	if c.StartRetry <= 0 {
-		c.StartRetry = 2 * time.Second
-	}
-	if c.PersistInterval <= 0 {
-		c.PersistInterval = DefaultPersistInterval
-	}
-	if c.Tags == "" {
-		c.Tags = "*"
-	}
+	c.FetchBatch = min(cmp.Or(max(c.FetchBatch, 0), 128), 1024)
+	c.Redeliver = cmp.Or(max(c.Redeliver, 0), time.Second)
+	c.StartRetry = cmp.Or(max(c.StartRetry, 0), 2*time.Second)
+	c.PersistInterval = cmp.Or(max(c.PersistInterval, 0), DefaultPersistInterval)
+	c.Tags = cmp.Or(c.Tags, "*")
 	return nil
 }
 

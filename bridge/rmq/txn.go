@@ -228,21 +228,30 @@ func (l *txListener) wasResolved(ctx context.Context, ref slotRef) bool {
 // decide then (the next attempt of the message waits for it, see
 // wait.go).
 func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
-	ref, ok := txRef(m.GetProperties())
+	return l.decide(m.GetProperties(), func(ctx context.Context, _ slotRef, dk string) primitive.LocalTransactionState {
+		if err := l.store.Commit(ctx, dk); err != nil {
+			l.log.Warn("transactional send: dedupe commit of the decision failed; the broker's check-back decides", "err", err)
+			// Never removes a commit: if the write was applied after all, the
+			// check-back commits the half message, else it rolls it back.
+			_ = l.store.Release(context.WithoutCancel(ctx), dk)
+			return primitive.UnkonwnState
+		}
+		return primitive.CommitMessageState
+	})
+}
+
+// decide answers for the half message whose properties are props: a
+// message without a transaction reference is rolled back; else answer
+// runs with the message's reference and its decided key, under a context
+// bounded by the listener's timeout.
+func (l *txListener) decide(props map[string]string, answer func(ctx context.Context, ref slotRef, dk string) primitive.LocalTransactionState) primitive.LocalTransactionState {
+	ref, ok := txRef(props)
 	if !ok {
 		return primitive.RollbackMessageState
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
 	defer cancel()
-	dk := decidedKey(ref.key, ref.slot)
-	if err := l.store.Commit(ctx, dk); err != nil {
-		l.log.Warn("transactional send: dedupe commit of the decision failed; the broker's check-back decides", "err", err)
-		// Never removes a commit: if the write was applied after all, the
-		// check-back commits the half message, else it rolls it back.
-		_ = l.store.Release(context.WithoutCancel(ctx), dk)
-		return primitive.UnkonwnState
-	}
-	return primitive.CommitMessageState
+	return answer(ctx, ref, decidedKey(ref.key, ref.slot))
 }
 
 // CheckLocalTransaction answers the broker's check-back of a half message
@@ -254,27 +263,22 @@ func (l *txListener) CheckLocalTransaction(m *primitive.MessageExt) primitive.Lo
 }
 
 func (l *txListener) check(m *primitive.MessageExt) primitive.LocalTransactionState {
-	ref, ok := txRef(m.GetProperties())
-	if !ok {
-		return primitive.RollbackMessageState
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
-	defer cancel()
-	dk := decidedKey(ref.key, ref.slot)
-	o, err := l.store.Reserve(ctx, dk)
-	st := primitive.RollbackMessageState
-	switch {
-	case err != nil:
-		return primitive.UnkonwnState
-	case o == dedupe.InFlight:
-		return primitive.UnkonwnState // its attempt is alive (or its reservation not yet expired)
-	case o == dedupe.Duplicate:
-		st = primitive.CommitMessageState
-	default:
-		_ = l.store.Release(ctx, dk) // its attempt died before its local transaction
-	}
-	l.settleLater(ref, st == primitive.CommitMessageState)
-	return st
+	return l.decide(m.GetProperties(), func(ctx context.Context, ref slotRef, dk string) primitive.LocalTransactionState {
+		o, err := l.store.Reserve(ctx, dk)
+		st := primitive.RollbackMessageState
+		switch {
+		case err != nil:
+			return primitive.UnkonwnState
+		case o == dedupe.InFlight:
+			return primitive.UnkonwnState // its attempt is alive (or its reservation not yet expired)
+		case o == dedupe.Duplicate:
+			st = primitive.CommitMessageState
+		default:
+			_ = l.store.Release(ctx, dk) // its attempt died before its local transaction
+		}
+		l.settleLater(ref, st == primitive.CommitMessageState)
+		return st
+	})
 }
 
 // checkBackSettle is how long after answering a check-back the answer is

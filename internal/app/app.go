@@ -220,21 +220,13 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 	return fx.Options(
 		fx.Supply(o, o.Config, o.Rules, o.Log, res, failed, startCtx{ctx}),
 		fx.WithLogger(fxLogger),
+		publishing,
 		fx.Provide(
-			newMetrics,
-			newHealth,
-			func() *startStatus { return &startStatus{} },
-			newRequests,
-			router.NewHolder,
 			newHTTPServer,
 			newEmbeddedNATS,
-			newBrokers,
 			newPreflight,
 			newRegistry,
-			newDedupe,
-			newSinks,
 			newSources,
-			newPipeline,
 			newWatcher,
 			newInfo,
 		),
@@ -243,6 +235,21 @@ func module(ctx context.Context, o *Options, res *resources, failed *failure) fx
 		fx.Invoke(runPipeline),
 	)
 }
+
+// publishing is the part of the graph that `run` and `replay` share:
+// metrics, health and start-up status, the rules holder, the brokers, the
+// dedupe store, the sinks and the pipeline.
+var publishing = fx.Provide(
+	newMetrics,
+	newHealth,
+	func() *startStatus { return &startStatus{} },
+	newRequests,
+	router.NewHolder,
+	newBrokers,
+	newDedupe,
+	newSinks,
+	newPipeline,
+)
 
 // fxLogger logs fx's own events at debug level (noise for an operator) and
 // its errors at error level.

@@ -254,6 +254,7 @@ func TestBrokerConfigErrors(t *testing.T) {
 			"config.yaml:6: brokers.a.pingInterval: must be at least 100ms, got 10ms", "config.yaml:7: brokers.a.maxPingsOut: must be 1..100, got 0",
 			"config.yaml:8: brokers.a.dialTimeout: must be at least 100ms", "config.yaml:9: brokers.a.reconnectWait: must be at least 100ms",
 			"config.yaml:10: brokers.a.requestTimeout: must be at least 10ms", "config.yaml:11: brokers.a.ackTimeout: must be at least 10ms"}},
+		{"nats serverOrder", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, serverOrder: sorted}\n", []string{"brokers.a.serverOrder: must be random or listed, got \"sorted\""}},
 		{"nats timeout on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], ackTimeout: 1s}\n", []string{"brokers.r.ackTimeout: only valid for type nats"}},
 		{"dedupe requestTimeout", "rules: rules\n" + nats + "dedupe: {store: jetstream, reserveTTL: 2s, requestTimeout: 2s}\n", []string{"config.yaml:4: dedupe.requestTimeout: must be less than dedupe.reserveTTL (2s)"}},
 		{"dedupe requestTimeout memory", "rules: rules\n" + nats + "dedupe: {store: memory, requestTimeout: 1s}\n", []string{"config.yaml:4: dedupe.requestTimeout: only valid for store jetstream"}},

@@ -38,6 +38,9 @@ type NATSBroker struct {
 	ReconnectWait  config.Duration `yaml:"reconnectWait"`
 	RequestTimeout config.Duration `yaml:"requestTimeout"`
 	AckTimeout     config.Duration `yaml:"ackTimeout"`
+	// ServerOrder is "random" (the client shuffles the URLs) or "listed"
+	// (it tries them in the order written).
+	ServerOrder string `yaml:"serverOrder"`
 }
 
 // TLS holds PEM files. CA alone verifies the server; Cert+Key add a client
@@ -134,13 +137,17 @@ func (b *NATSBroker) Validate(c *config.BrokerCheck) {
 	if b.MaxPingsOut < 1 || b.MaxPingsOut > 100 {
 		c.Errorf("maxPingsOut", "must be 1..100, got %d", b.MaxPingsOut)
 	}
+	if b.ServerOrder != "" && b.ServerOrder != "random" && b.ServerOrder != "listed" {
+		c.Errorf("serverOrder", "must be random or listed, got %q", b.ServerOrder)
+	}
 }
 
 // adapter maps the settings onto the adapter's connection config.
 func (b *NATSBroker) adapter(name string) natsjs.BrokerConfig {
 	bc := natsjs.BrokerConfig{Name: name, URL: b.URL, Creds: string(b.Creds), User: b.User,
 		Password: b.Password.Value(), Token: b.Token.Value(), PingInterval: b.PingInterval.D(),
-		MaxPingsOut: b.MaxPingsOut, DialTimeout: b.DialTimeout.D(), ReconnectWait: b.ReconnectWait.D()}
+		MaxPingsOut: b.MaxPingsOut, DialTimeout: b.DialTimeout.D(), ReconnectWait: b.ReconnectWait.D(),
+		ListedOrder: b.ServerOrder == "listed"}
 	if b.TLS != nil {
 		bc.TLS = &natsjs.TLSConfig{CA: string(b.TLS.CA), Cert: string(b.TLS.Cert), Key: string(b.TLS.Key)}
 	}
@@ -202,6 +209,9 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 	health := c.env.health
 	log := c.env.log.With("component", "source")
 	c.env.status.begin(fmt.Sprintf("creating the consumer %s/%s of rule %s on broker %s", r.Source.Stream, r.Source.Group, rule, r.Source.Broker))
+	// cellbridge_source_failing{rule} exists (0) from the start, for the
+	// alert that reads it.
+	health.SourceFailing(rule, nil)
 	base := natsjs.SourceConfig{
 		Rule:           rule,
 		Broker:         r.Source.Broker,
@@ -244,6 +254,10 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 			"replica", src.ReplicaID(), "bucket", p.Bucket)
 		return src, nil
 	}
+	// A replica that holds the pin but cannot publish hands the rule to
+	// another one (natsjs.SourceConfig.StallAge); a partition's lease, not
+	// its pin, decides who runs it, so only here.
+	base.StallAge = func() time.Duration { return health.StallAge(rule) }
 	src, err := natsjs.NewSource(ctx, c.js[r.Source.Broker], base, log)
 	if err != nil {
 		return nil, fmt.Errorf("rule %s: %w", rule, err)
@@ -269,6 +283,28 @@ func (c *natsClient) closeNow() {
 	for _, nc := range c.conns {
 		nc.Close()
 	}
+}
+
+// requestPolicy is how the bridge's own requests to the connected NATS
+// broker name are made while it starts (the preflight's): each attempt
+// bounded by the broker's requestTimeout, retried with backoff, each
+// failure logged, counted and shown on /readyz. nil for a broker that is
+// not a connected NATS broker (one attempt then).
+func (b *brokers) requestPolicy(name string) *retry.Policy {
+	c, err := b.client(name)
+	if err != nil {
+		return nil
+	}
+	nc, ok := c.(*natsClient)
+	if !ok || nc.conns[name] == nil {
+		return nil
+	}
+	s := nc.settings[name]
+	if s == nil {
+		return nil
+	}
+	return &retry.Policy{Broker: name, Conn: nc.conns[name], URL: s.URL, Timeout: s.RequestTimeout.D(), Log: nc.env.log,
+		Report: func(ae *retry.AttemptError) { nc.env.requests.report(ae) }}
 }
 
 // jetStream returns the JetStream context of a connected NATS broker: the

@@ -12,6 +12,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/internal/retry"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -56,18 +57,24 @@ func natsBrokers(cfg *config.Config, t *router.Table) []string {
 // (a *PreflightError), nil when there is none, or the error of a request
 // that failed. jsOf returns a broker's JetStream context.
 func Preflight(ctx context.Context, cfg *config.Config, t *router.Table, jsOf func(broker string) (jetstream.JetStream, error)) error {
-	return preflightOn(ctx, cfg, t, natsBrokers(cfg, t), jsOf)
+	return preflightOn(ctx, cfg, t, natsBrokers(cfg, t), jsOf, nil)
 }
 
-// preflightOn is Preflight on the named brokers.
-func preflightOn(ctx context.Context, cfg *config.Config, t *router.Table, brokers []string, jsOf func(broker string) (jetstream.JetStream, error)) error {
+// preflightOn is Preflight on the named brokers; policy, when set, gives
+// the retry policy of each broker's requests (natsjs.PreflightOptions.Retry).
+func preflightOn(ctx context.Context, cfg *config.Config, t *router.Table, brokers []string, jsOf func(broker string) (jetstream.JetStream, error),
+	policy func(broker string) *retry.Policy) error {
 	var all []natsjs.Problem
 	for _, name := range brokers {
 		js, err := jsOf(name)
 		if err != nil {
 			return err
 		}
-		p, err := natsjs.Preflight(ctx, js, t, natsjs.PreflightOptions{Broker: name, MinWindow: cfg.MinDuplicateWindow(),
+		var pol *retry.Policy
+		if policy != nil {
+			pol = policy(name)
+		}
+		p, err := natsjs.Preflight(ctx, js, t, natsjs.PreflightOptions{Broker: name, MinWindow: cfg.MinDuplicateWindow(), Retry: pol,
 			Why: fmt.Sprintf("dedupe.reserveTTL %s + pipeline.ackWait %s + pipeline.retry.max %s; docs/guarantees.md",
 				cfg.Dedupe.ReserveTTL, cfg.Pipeline.AckWait, cfg.Pipeline.Retry.Max)})
 		if err != nil {
@@ -87,8 +94,13 @@ func preflightOn(ctx context.Context, cfg *config.Config, t *router.Table, broke
 // the sources.
 type preflightDone struct{}
 
-func newPreflight(ctx startCtx, o *Options, b *brokers, log *slog.Logger) (preflightDone, error) {
-	if err := Preflight(ctx, o.Config, o.Rules, b.jetStream); err != nil {
+// Each request is bounded by the broker's requestTimeout and retried until
+// the start is cancelled: a start during a leader election waits for it
+// (not ready, saying so) instead of exiting.
+func newPreflight(ctx startCtx, o *Options, b *brokers, status *startStatus, log *slog.Logger) (preflightDone, error) {
+	names := natsBrokers(o.Config, o.Rules)
+	status.begin(fmt.Sprintf("checking the streams of broker(s) %s", strings.Join(names, ", ")))
+	if err := preflightOn(ctx, o.Config, o.Rules, names, b.jetStream, b.requestPolicy); err != nil {
 		return preflightDone{}, err
 	}
 	log.Info("preflight: every source stream exists, every target and dead-letter subject is captured with a long enough duplicate window",
@@ -122,5 +134,5 @@ func CheckBrokers(ctx context.Context, cfg *config.Config, t *router.Table, time
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	return unreachable, preflightOn(ctx, cfg, t, reached, func(name string) (jetstream.JetStream, error) { return js[name], nil })
+	return unreachable, preflightOn(ctx, cfg, t, reached, func(name string) (jetstream.JetStream, error) { return js[name], nil }, nil)
 }

@@ -45,7 +45,11 @@ func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *b
 	if err != nil {
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)
 	}
-	r, err := natsjs.OpenRegistry(ctx, js, natsjs.RegistryConfig{Deployment: cfg.Deployment.Name}, log)
+	// The registry shares the lease bucket of partitioned rules, and its
+	// settings: a bucket created here has partitions.replicas replicas.
+	p := cfg.Partitions
+	r, err := natsjs.OpenRegistry(ctx, js, natsjs.RegistryConfig{Deployment: cfg.Deployment.Name,
+		Leases: natsjs.LeaseConfig{Bucket: p.Bucket, TTL: p.LeaseTTL.D(), Heartbeat: p.Heartbeat.D(), Replicas: p.Replicas}}, log)
 	if err != nil {
 		return nil, fmt.Errorf("deployment %s registry on broker %s: %w", cfg.Deployment.Name, broker, err)
 	}

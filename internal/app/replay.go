@@ -67,16 +67,8 @@ func Replay(ctx context.Context, o Options, spec ReplaySpec) (ReplayResult, erro
 	fa := fx.New(
 		fx.Supply(&o, o.Config, o.Rules, o.Log, res, &embeddedNATS{}, startCtx{sctx}, spec),
 		fx.WithLogger(fxLogger),
-		fx.Provide(
-			newMetrics,
-			newHealth,
-			router.NewHolder,
-			newBrokers,
-			newDedupe,
-			newSinks,
-			newPipeline,
-			newReplaySource,
-		),
+		publishing,
+		fx.Provide(newReplaySource),
 		fx.Invoke(func(*brokers, dedupe.Store, bridge.SinkLookup) {}),
 		fx.Populate(&p, &src),
 		fx.StartTimeout(StartTimeout), fx.StopTimeout(StopTimeout(o.Config)),

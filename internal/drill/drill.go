@@ -1,6 +1,7 @@
 package drill
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -66,33 +67,15 @@ type Config struct {
 }
 
 func (c *Config) defaults() {
-	if c.Rate <= 0 {
-		c.Rate = 2000
-	}
-	if c.KeysPerShard <= 0 {
-		c.KeysPerShard = 2
-	}
-	if c.Before <= 0 {
-		c.Before = 2 * time.Second
-	}
-	if c.Blocked <= 0 {
-		c.Blocked = 3 * time.Second
-	}
-	if c.After <= 0 {
-		c.After = 2 * time.Second
-	}
-	if c.Settle <= 0 {
-		c.Settle = 30 * time.Second
-	}
-	if c.InFlightSlack <= 0 {
-		c.InFlightSlack = 2 * time.Second
-	}
-	if c.Progress == nil {
-		c.Progress = io.Discard
-	}
-	if c.TempDir == "" {
-		c.TempDir = os.TempDir()
-	}
+	c.Rate = cmp.Or(max(c.Rate, 0), 2000)
+	c.KeysPerShard = cmp.Or(max(c.KeysPerShard, 0), 2)
+	c.Before = cmp.Or(max(c.Before, 0), 2*time.Second)
+	c.Blocked = cmp.Or(max(c.Blocked, 0), 3*time.Second)
+	c.After = cmp.Or(max(c.After, 0), 2*time.Second)
+	c.Settle = cmp.Or(max(c.Settle, 0), 30*time.Second)
+	c.InFlightSlack = cmp.Or(max(c.InFlightSlack, 0), 2*time.Second)
+	c.Progress = cmp.Or[io.Writer](c.Progress, io.Discard)
+	c.TempDir = cmp.Or(c.TempDir, os.TempDir())
 }
 
 // drill is one run.

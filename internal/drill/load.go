@@ -89,7 +89,7 @@ type NATSPublisher struct {
 	once    sync.Once
 	futs    chan natsPending
 	done    chan struct{}
-	wg      sync.WaitGroup
+	stopped chan struct{} // closed when collect returns
 	pending Pending
 }
 
@@ -103,15 +103,14 @@ var _ Publisher = (*NATSPublisher)(nil)
 // NewNATSPublisher publishes with js (whose connection the caller owns).
 // Close it after the last Flush.
 func NewNATSPublisher(js jetstream.JetStream) *NATSPublisher {
-	p := &NATSPublisher{js: js, futs: make(chan natsPending, 4096), done: make(chan struct{})}
-	p.wg.Add(1)
+	p := &NATSPublisher{js: js, futs: make(chan natsPending, 4096), done: make(chan struct{}), stopped: make(chan struct{})}
 	go p.collect()
 	return p
 }
 
 // collect waits for the acks in publish order, so that done runs in order.
 func (p *NATSPublisher) collect() {
-	defer p.wg.Done()
+	defer close(p.stopped)
 	for pf := range p.futs {
 		select {
 		case ack := <-pf.f.Ok():
@@ -130,6 +129,17 @@ func (p *NATSPublisher) collect() {
 func (p *NATSPublisher) PublishAsync(ctx context.Context, e *Event, done func(string, error)) error {
 	m := &nats.Msg{Subject: e.Subject, Header: nats.Header(e.Header), Data: e.Body}
 	f, err := p.js.PublishMsgAsync(m)
+	for errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+		// The client's window of unanswered publishes is full (a slow
+		// server): nothing was sent; wait for answers and send again.
+		select {
+		case <-p.js.PublishAsyncComplete():
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("drill: publish: %w (%w)", err, ctx.Err())
+		}
+		f, err = p.js.PublishMsgAsync(m)
+	}
 	if err != nil {
 		return fmt.Errorf("drill: publish: %w", err)
 	}
@@ -172,10 +182,8 @@ func (p *NATSPublisher) Close(ctx context.Context) error {
 		close(p.done)
 		close(p.futs)
 	})
-	stopped := make(chan struct{})
-	go func() { p.wg.Wait(); close(stopped) }()
 	select {
-	case <-stopped:
+	case <-p.stopped:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()

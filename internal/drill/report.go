@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/printer"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -158,11 +159,11 @@ func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
 
 // WriteText prints the report for an operator.
 func (r *Report) WriteText(w io.Writer) error {
-	ew := &errWriter{w: w}
-	ew.printf("cellbridge drill %s: topic rule %s, %d events/s, rules written by %s\n", r.Run, r.Topic, r.Rate, r.Mode)
-	ew.printf("published %d events, %d arrived\n\n", r.Published, r.Arrived)
+	pr := printer.New(w)
+	pr.Printf("cellbridge drill %s: topic rule %s, %d events/s, rules written by %s\n", r.Run, r.Topic, r.Rate, r.Mode)
+	pr.Printf("published %d events, %d arrived\n\n", r.Published, r.Arrived)
 
-	ew.printf("events per cell by the rules version stamped on them (Cell-Rules-Version):\n")
+	pr.Printf("events per cell by the rules version stamped on them (Cell-Rules-Version):\n")
 	tw := tabwriter.NewWriter(w, 2, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprint(tw, "version\t")
 	for _, c := range r.Cells {
@@ -181,55 +182,55 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(tw, "%d\t \t%s\n", p.Tail, p.Name+lag)
 	}
 	_ = tw.Flush()
-	ew.printf("  (after next: arrived after the next version was running; their publish had started before)\n")
+	pr.Printf("  (after next: arrived after the next version was running; their publish had started before)\n")
 
 	s := r.Switch
-	ew.printf("\nplanned switch of shards %s: %s → %s\n", s.Range, s.From, s.To)
-	ew.printf("  blocked (router.Diff): %s\n", rangesText(s.Blocked))
-	ew.printf("  held while blocked (/status): %d → %d (max %d), oldest %.1fs", s.HeldFirst, s.HeldAtUnblock, s.HeldMax, s.HeldOldestSeconds)
+	pr.Printf("\nplanned switch of shards %s: %s → %s\n", s.Range, s.From, s.To)
+	pr.Printf("  blocked (router.Diff): %s\n", rangesText(s.Blocked))
+	pr.Printf("  held while blocked (/status): %d → %d (max %d), oldest %.1fs", s.HeldFirst, s.HeldAtUnblock, s.HeldMax, s.HeldOldestSeconds)
 	for _, h := range s.HeldRanges {
-		ew.printf("; range %s: %d", h.Shards, h.Held)
+		pr.Printf("; range %s: %d", h.Shards, h.Held)
 	}
-	ew.printf("\n")
-	ew.printf("  arrived after the block was running, decided before it (publish in flight): %d", s.TailAfterBlock)
+	pr.Printf("\n")
+	pr.Printf("  arrived after the block was running, decided before it (publish in flight): %d", s.TailAfterBlock)
 	if s.TailAfterBlock > 0 {
-		ew.printf(", the last %s after", ms(s.TailAfterBlockLast))
+		pr.Printf(", the last %s after", ms(s.TailAfterBlockLast))
 	}
-	ew.printf("\n")
-	ew.printf("  other shards while blocked: %d events arrived (%d stored at the source meanwhile); %s grew by %d\n",
+	pr.Printf("\n")
+	pr.Printf("  other shards while blocked: %d events arrived (%d stored at the source meanwhile); %s grew by %d\n",
 		s.OthersArrived, s.OthersOffered, bridge.MetricForwarded, s.ForwardedWhileBlocked)
 	if !s.Drained.IsZero() {
-		ew.printf("  unblock → drained: %s after writing the rules, %s after the bridge ran them (%d held events, all in %s)\n",
+		pr.Printf("  unblock → drained: %s after writing the rules, %s after the bridge ran them (%d held events, all in %s)\n",
 			ms(s.Drained.Sub(s.UnblockWritten)), ms(s.Drained.Sub(s.UnblockEffective)), s.HeldEvents, s.To)
 	} else {
-		ew.printf("  unblock → drained: NOT DRAINED\n")
+		pr.Printf("  unblock → drained: NOT DRAINED\n")
 	}
 
 	f := r.Refused
-	ew.printf("\nlower version: wrote version %d while %d ran: running %d afterwards, %s %.0f → %.0f\n",
+	pr.Printf("\nlower version: wrote version %d while %d ran: running %d afterwards, %s %.0f → %.0f\n",
 		f.Version, f.Running, f.RunningAfter, bridge.MetricRulesReloadFails, f.FailuresBefore, f.FailuresAfter)
 
 	fo := r.Failover
-	ew.printf("\nfailover: %s down → %s\n", fo.Down, fo.To)
+	pr.Printf("\nfailover: %s down → %s\n", fo.Down, fo.To)
 	for _, x := range fo.FailoverFixes {
-		ew.printf("  failover fixed so the rules validate: %s\n", x)
+		pr.Printf("  failover fixed so the rules validate: %s\n", x)
 	}
 	for _, m := range fo.Moves {
-		ew.printf("  %s → %s: shards %s (failover: %v)\n", m.From, m.To, rangesText(m.Ranges), m.Failover)
+		pr.Printf("  %s → %s: shards %s (failover: %v)\n", m.From, m.To, rangesText(m.Ranges), m.Failover)
 	}
-	ew.printf("  arrived in %s after the failover was running: %d (decided before it)\n", fo.Down, fo.InDownAfter)
-	ew.printf("\nkeys that moved cell with their order kept: %d\n", r.KeysMoved)
+	pr.Printf("  arrived in %s after the failover was running: %d (decided before it)\n", fo.Down, fo.InDownAfter)
+	pr.Printf("\nkeys that moved cell with their order kept: %d\n", r.KeysMoved)
 	ordering := r.Ordering
 	if ordering == "" {
 		ordering = "not reported"
 	}
-	ew.printf("per-key reorderings: %d in %d keys (source ordering: %s)\n", r.Reorderings, r.ReorderedKeys, ordering)
+	pr.Printf("per-key reorderings: %d in %d keys (source ordering: %s)\n", r.Reorderings, r.ReorderedKeys, ordering)
 
 	if len(r.Violations) == 0 {
-		ew.printf("\nviolations: none\n")
-		return ew.err
+		pr.Printf("\nviolations: none\n")
+		return pr.Err()
 	}
-	ew.printf("\nviolations: %d\n", len(r.Violations))
+	pr.Printf("\nviolations: %d\n", len(r.Violations))
 	kinds := map[string]int{}
 	for _, v := range r.Violations {
 		kinds[v.Kind]++
@@ -240,16 +241,16 @@ func (r *Report) WriteText(w io.Writer) error {
 	}
 	sort.Strings(names)
 	for _, k := range names {
-		ew.printf("  %s: %d\n", k, kinds[k])
+		pr.Printf("  %s: %d\n", k, kinds[k])
 	}
 	for i, v := range r.Violations {
 		if i == 30 {
-			ew.printf("  ... %d more\n", len(r.Violations)-i)
+			pr.Printf("  ... %d more\n", len(r.Violations)-i)
 			break
 		}
-		ew.printf("  - %s: %s\n", v.Kind, v.Detail)
+		pr.Printf("  - %s: %s\n", v.Kind, v.Detail)
 	}
-	return ew.err
+	return pr.Err()
 }
 
 func rangesText(rs []router.Range) string {
@@ -258,15 +259,4 @@ func rangesText(rs []router.Range) string {
 		s[i] = r.String()
 	}
 	return strings.Join(s, ", ")
-}
-
-type errWriter struct {
-	w   io.Writer
-	err error
-}
-
-func (e *errWriter) printf(format string, a ...any) {
-	if e.err == nil {
-		_, e.err = fmt.Fprintf(e.w, format, a...)
-	}
 }

@@ -30,10 +30,18 @@ type Config struct {
 	Ordering, Partitions string
 	// Extra is appended as more top-level YAML.
 	Extra string
+	// Log is the log: section as a YAML flow mapping; default
+	// "{level: info, format: json}".
+	Log string
+	// Broker holds more settings of the broker "nats" as entries of a YAML
+	// flow mapping, e.g. "serverOrder: listed, ackTimeout: 2s"; "" keeps
+	// every default.
+	Broker string
 }
 
 // WriteConfig writes c as config.yaml in dir (default t.TempDir()) and
-// returns its path. The log is JSON at level info.
+// returns its path. The log is JSON at level info unless c.Log says
+// otherwise.
 func WriteConfig(t testing.TB, dir string, c Config) string {
 	t.Helper()
 	if dir == "" {
@@ -44,14 +52,21 @@ func WriteConfig(t testing.TB, dir string, c Config) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "rules: %q\n", c.Rules)
-	fmt.Fprintf(&b, "brokers:\n  nats: {type: nats, url: %q}\n", strings.Join(c.URLs, ","))
+	broker := ""
+	if c.Broker != "" {
+		broker = ", " + c.Broker
+	}
+	fmt.Fprintf(&b, "brokers:\n  nats: {type: nats, url: %q%s}\n", strings.Join(c.URLs, ","), broker)
 	fmt.Fprintf(&b, "dedupe: %s\n", c.Dedupe)
 	for _, sec := range []struct{ name, body string }{{"pipeline", c.Pipeline}, {"ordering", c.Ordering}, {"partitions", c.Partitions}} {
 		if sec.body != "" {
 			fmt.Fprintf(&b, "%s: %s\n", sec.name, sec.body)
 		}
 	}
-	b.WriteString("log: {level: info, format: json}\n")
+	if c.Log == "" {
+		c.Log = "{level: info, format: json}"
+	}
+	fmt.Fprintf(&b, "log: %s\n", c.Log)
 	if c.Extra != "" {
 		b.WriteString(c.Extra + "\n")
 	}

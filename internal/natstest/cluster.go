@@ -359,9 +359,60 @@ func (c *Cluster) freeze(i int, stop bool) {
 		sig, from = syscall.SIGSTOP, Running
 	}
 	nd := c.signal(i, sig, from)
+	if stop {
+		// kill(2) returns before every thread of the process has
+		// stopped: a thread busy in the kernel can still answer a
+		// request. Wait until the kernel reports each thread stopped.
+		c.waitThreads(nd, 'T')
+	}
 	nd.mu.Lock()
 	nd.stopped = stop
 	nd.mu.Unlock()
+}
+
+// waitThreads waits until every thread of nd's process is in the given
+// /proc state (Linux; elsewhere it returns at once).
+func (c *Cluster) waitThreads(nd *Node, state byte) {
+	c.t.Helper()
+	tasks := fmt.Sprintf("/proc/%d/task", nd.cmd.Process.Pid)
+	if _, err := os.Stat(tasks); err != nil {
+		return // no procfs
+	}
+	deadline := time.Now().Add(c.cfg.timeout)
+	for {
+		all, err := threadsIn(tasks, state)
+		if err == nil && all {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("natstest: %s: not every thread stopped within %s (%v)", nd.Name, c.cfg.timeout, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// threadsIn reports whether every thread listed under tasks
+// (/proc/PID/task) is in state.
+func threadsIn(tasks string, state byte) (bool, error) {
+	ents, err := os.ReadDir(tasks)
+	if err != nil {
+		return false, err
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(tasks, e.Name(), "stat"))
+		if err != nil {
+			continue // the thread ended
+		}
+		// "TID (comm) S ...": the state follows the last ')'.
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 || i+2 >= len(b) {
+			return false, fmt.Errorf("unexpected %s/stat", e.Name())
+		}
+		if b[i+2] != state {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // Restart starts server i again, after Kill or Shutdown, with the same
@@ -515,6 +566,12 @@ func (c *Cluster) Ready() error {
 	js, err := c.jetStream()
 	if err != nil {
 		return err
+	}
+	if u := js.Conn().ConnectedUrl(); u != "" && !slices.ContainsFunc(running, func(nd *Node) bool { return nd.URL == u }) {
+		// The helper's own connection is attached to a stopped server
+		// (its pings would notice only after minutes): move it.
+		_ = js.Conn().ForceReconnect()
+		return fmt.Errorf("the cluster's connection was attached to %s, which does not run; reconnecting", u)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()

@@ -1,6 +1,7 @@
 package rmqtest
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -59,39 +60,17 @@ type Options struct {
 
 func (o *Options) withDefaults() Options {
 	out := *o
-	if out.Host == "" {
-		out.Host = "127.0.0.1"
-	}
-	if out.BrokerName == "" {
-		out.BrokerName = "broker-a"
-	}
-	if out.ClusterName == "" {
-		out.ClusterName = "DefaultCluster"
-	}
-	if out.DefaultQueues <= 0 {
-		out.DefaultQueues = 4
-	}
-	if out.RetryQueues <= 0 {
-		out.RetryQueues = 1
-	}
-	if out.DelayScale <= 0 {
-		out.DelayScale = 1
-	}
-	if out.TransactionCheckDelay <= 0 {
-		out.TransactionCheckDelay = 6 * time.Second
-	}
-	if out.TransactionCheckInterval <= 0 {
-		out.TransactionCheckInterval = out.TransactionCheckDelay
-	}
-	if out.TransactionCheckMax <= 0 {
-		out.TransactionCheckMax = 15
-	}
-	if out.LockExpiry <= 0 {
-		out.LockExpiry = 60 * time.Second
-	}
-	if out.RestartGrace <= 0 {
-		out.RestartGrace = 45 * time.Second
-	}
+	out.Host = cmp.Or(out.Host, "127.0.0.1")
+	out.BrokerName = cmp.Or(out.BrokerName, "broker-a")
+	out.ClusterName = cmp.Or(out.ClusterName, "DefaultCluster")
+	out.DefaultQueues = cmp.Or(max(out.DefaultQueues, 0), 4)
+	out.RetryQueues = cmp.Or(max(out.RetryQueues, 0), 1)
+	out.DelayScale = cmp.Or(max(out.DelayScale, 0), 1)
+	out.TransactionCheckDelay = cmp.Or(max(out.TransactionCheckDelay, 0), 6*time.Second)
+	out.TransactionCheckInterval = cmp.Or(max(out.TransactionCheckInterval, 0), out.TransactionCheckDelay)
+	out.TransactionCheckMax = cmp.Or(max(out.TransactionCheckMax, 0), 15)
+	out.LockExpiry = cmp.Or(max(out.LockExpiry, 0), 60*time.Second)
+	out.RestartGrace = cmp.Or(max(out.RestartGrace, 0), 45*time.Second)
 	return out
 }
 

@@ -12,17 +12,31 @@ import (
 // Half messages are not in their topic until committed (see HalfMessages); delayed and retried
 // messages are in SCHEDULE_TOPIC_XXXX until due. Unknown topics yield nil.
 func (b *Broker) Messages(topicName string) []Message {
+	return readQueues(b, topicName, func(qs []*queue) []Message {
+		var out []Message
+		for _, q := range qs {
+			out = appendExported(out, q.msgs)
+		}
+		return out
+	})
+}
+
+// readQueues returns read's result over the queues of a topic, computed
+// under the broker's lock; nil for unknown topics.
+func readQueues[T any](b *Broker, topicName string, read func(qs []*queue) []T) []T {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	t := b.topics[topicName]
 	if t == nil {
 		return nil
 	}
-	var out []Message
-	for _, q := range t.queues {
-		for _, m := range q.msgs {
-			out = append(out, m.export())
-		}
+	return read(t.queues)
+}
+
+// appendExported appends copies of ms to out.
+func appendExported(out []Message, ms []*stored) []Message {
+	for _, m := range ms {
+		out = append(out, m.export())
 	}
 	return out
 }
@@ -30,17 +44,13 @@ func (b *Broker) Messages(topicName string) []Message {
 // QueueOffsets returns the max offset (the number of stored messages) of every queue of a topic,
 // indexed by queue id; nil for unknown topics.
 func (b *Broker) QueueOffsets(topicName string) []int64 {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	t := b.topics[topicName]
-	if t == nil {
-		return nil
-	}
-	out := make([]int64, len(t.queues))
-	for i, q := range t.queues {
-		out[i] = int64(len(q.msgs))
-	}
-	return out
+	return readQueues(b, topicName, func(qs []*queue) []int64 {
+		out := make([]int64, len(qs))
+		for i, q := range qs {
+			out[i] = int64(len(q.msgs))
+		}
+		return out
+	})
 }
 
 // CommittedOffset returns the offset a consumer group committed for a queue (through
@@ -69,11 +79,7 @@ func (b *Broker) HalfMessages() []Message {
 func (b *Broker) DiscardedHalfMessages() []Message {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	out := make([]Message, 0, len(b.discarded))
-	for _, m := range b.discarded {
-		out = append(out, m.export())
-	}
-	return out
+	return appendExported(make([]Message, 0, len(b.discarded)), b.discarded)
 }
 
 // Consumers returns the client ids of a consumer group's members, sorted (what

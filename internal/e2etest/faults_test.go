@@ -1,0 +1,706 @@
+//go:build unix
+
+package e2etest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/internal/natstest"
+	"github.com/cellbridge/cellbridge/internal/poll"
+	"github.com/cellbridge/cellbridge/internal/tally"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// The fault matrix of docs/faults.md, as tests: a 3-node cluster of
+// nats-server processes, R3 source, cell and DLQ streams and an R3 dedupe
+// bucket (dedupe.store: jetstream), two bridge replicas on the three URLs,
+// keyed load at faultRate, one fault per run, every event checked. Each run
+// must end with nothing lost, duplicated or misrouted and every event in
+// its cell within faultMaxLatency of being stored in the source stream (no
+// fault here takes a quorum away from a stream for longer than an
+// election; the whole-source stall of TestFaultsReadyz does, and there the
+// latency is reported, not bounded). Each run logs one line that starts
+// with "FAULT " (grep it: go test -v -run 'TestFaults' ./internal/e2etest/
+// | grep 'FAULT ') with the figures docs/faults.md is filled from.
+const (
+	faultRate       = 1_000
+	faultKeys       = 500
+	faultTopic      = "orders"
+	faultCell       = "rz01"
+	faultBucket     = "faults-dedupe"
+	faultMaxLatency = 10 * time.Second
+	// faultReadyWithin bounds how long after a stall starts /readyz must
+	// say 503, and how long after it ends 200 again.
+	faultReadyWithin = 5 * time.Second
+	// faultSettle bounds the wait for every copy after the load.
+	faultSettle = 60 * time.Second
+)
+
+// faultRig is one cluster with its streams and two bridge replicas.
+type faultRig struct {
+	t       *testing.T
+	c       *natstest.Cluster
+	js      jetstream.JetStream
+	table   *router.Table
+	rule    *router.Rule
+	bridges []*Bridge
+	ctx     context.Context
+}
+
+// startFaultRig starts the cluster, creates the streams (R3) and starts
+// two replicas; order[i] lists the servers (indexes) replica i tries, in
+// that order (brokers.nats.serverOrder: listed), so that a test knows
+// which server each replica is attached to.
+func startFaultRig(t *testing.T, order [2][]int) *faultRig {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("cluster fault test: skipped with -short")
+	}
+	natstest.ServerBinary(t)
+	BridgeBinary(t)
+	c := natstest.StartCluster(t, 3)
+	rules, table := exampleTable(t)
+	_, js := c.Connect(t)
+	r := &faultRig{t: t, c: c, js: js, table: table, rule: table.Rule(faultTopic), ctx: testCtx(t, 5*time.Minute)}
+	if err := natsjs.EnsureStreams(r.ctx, js, table, natsjs.StreamOptions{Replicas: 3}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for i, names := range [2]string{"replica-a", "replica-b"} {
+		var urls []string
+		for _, n := range order[i] {
+			urls = append(urls, c.Node(n).URL)
+		}
+		cfg := WriteConfig(t, t.TempDir(), Config{Rules: rules, URLs: urls, Broker: "serverOrder: listed",
+			Partitions: "{replicas: 3}", Dedupe: "{store: jetstream, bucket: " + faultBucket + ", replicas: 3}"})
+		b := StartBridge(t, BridgeOptions{Name: names, Config: cfg, Dir: dir})
+		b.WaitReady()
+		r.bridges = append(r.bridges, b)
+	}
+	for _, s := range r.streams(true) {
+		st, err := js.Stream(r.ctx, s)
+		if err != nil {
+			t.Fatalf("stream %s: %v", s, err)
+		}
+		if n := st.CachedInfo().Config.Replicas; n != 3 {
+			t.Fatalf("stream %s has %d replicas, want 3", s, n)
+		}
+	}
+	for i, b := range r.bridges {
+		if on := r.attachedTo(b); on != order[i][0] {
+			t.Fatalf("%s is attached to n%d, want n%d (its first server)", names(i), on, order[i][0])
+		}
+	}
+	return r
+}
+
+func names(i int) string { return [2]string{"replica-a", "replica-b"}[i] }
+
+// streams lists the source stream, every cell stream and the DLQ, and with
+// kv the streams of the dedupe bucket and of the deployment's registry.
+func (r *faultRig) streams(kv bool) []string {
+	out := []string{r.rule.Source.Stream, natsjs.DLQStream}
+	for _, c := range r.table.Cells() {
+		out = append(out, natsjs.CellStream(c.Name))
+	}
+	if kv {
+		out = append(out, "KV_"+faultBucket, "KV_cellbridge-leases")
+	}
+	return out
+}
+
+// attachedTo returns the server replica b's connection is on, from the
+// last "nats connected" or "nats reconnected" line of its current run's
+// log (-1: none).
+func (r *faultRig) attachedTo(b *Bridge) int {
+	r.t.Helper()
+	log := logText(r.t, b)
+	if i := strings.LastIndex(log, "=== e2etest: "); i >= 0 {
+		log = log[i:]
+	}
+	url := ""
+	for line := range strings.SplitSeq(log, "\n") {
+		if !strings.Contains(line, `"msg":"nats connected"`) && !strings.Contains(line, `"msg":"nats reconnected"`) {
+			continue
+		}
+		if _, rest, ok := strings.Cut(line, `"url":"`); ok {
+			url, _, _ = strings.Cut(rest, `"`)
+		}
+	}
+	for i := range r.c.Len() {
+		if r.c.Node(i).URL == url {
+			return i
+		}
+	}
+	return -1
+}
+
+// active returns the replica that forwards the ordered rule (holds its
+// pin), waiting for one (bounded).
+func (r *faultRig) active() int {
+	r.t.Helper()
+	idx := -1
+	poll.Eventually(r.t, 20*time.Second, "a replica forwarding "+faultTopic, func() bool {
+		for i, b := range r.bridges {
+			ctx, cancel := context.WithTimeout(r.ctx, time.Second)
+			s, err := b.Source(ctx, faultTopic)
+			cancel()
+			if err == nil && s != nil && s.State == "active" {
+				idx = i
+				return true
+			}
+		}
+		return false
+	})
+	return idx
+}
+
+// moveLeadersOff moves the lead of every stream (the dedupe bucket's too)
+// and of the rules' consumers off server i, so that a fault to i hits only
+// the clients attached to it (and the meta group, when i leads it: the
+// test's account cannot move that).
+func (r *faultRig) moveLeadersOff(i int) {
+	r.t.Helper()
+	other := (i + 1) % r.c.Len()
+	for _, s := range r.streams(true) {
+		if r.c.StreamLeader(s) == i {
+			r.c.MoveStreamLeader(s, other)
+		}
+	}
+	for _, ru := range r.table.Rules() {
+		if r.c.ConsumerLeader(ru.Source.Stream, ru.Source.Group) == i {
+			r.c.MoveConsumerLeader(ru.Source.Stream, ru.Source.Group, other)
+		}
+	}
+}
+
+// faultFigures is what one run measured.
+type faultFigures struct {
+	fault                   string
+	events, lost, dup, mis  int
+	reordered               int
+	max, p99                time.Duration
+	late                    int
+	settle                  time.Duration
+	readyz                  [2]readyTrace
+	pubErrs, dedupeErrs     float64
+	reqErrs                 float64
+	maxStall                float64
+	loadRetries             int
+	quorumLost              bool
+	notes                   string
+	firstLate, lastLateSeen string
+}
+
+// line is the grep-able summary of a run.
+func (f *faultFigures) line() string {
+	return fmt.Sprintf("FAULT %-34q events=%d lost=%d dup=%d misrouted=%d reordered=%d max=%v p99=%v late(>%v)=%d settle=%v "+
+		"readyz[a]=%s readyz[b]=%s max_stall_age=%.1fs publish_errors=%.0f dedupe_errors=%.0f broker_request_errors=%.0f load_retries=%d%s",
+		f.fault, f.events, f.lost, f.dup, f.mis, f.reordered, f.max.Round(time.Millisecond), f.p99.Round(time.Millisecond),
+		faultMaxLatency, f.late, f.settle.Round(100*time.Millisecond), f.readyz[0], f.readyz[1], f.maxStall,
+		f.pubErrs, f.dedupeErrs, f.reqErrs, f.loadRetries, f.notes)
+}
+
+// readySample is one answer of /readyz.
+type readySample struct {
+	at  time.Time
+	ok  bool
+	err bool // no answer
+	why string
+}
+
+// readyTrace is a replica's /readyz over a run, sampled every 250ms.
+type readyTrace []readySample
+
+// transitions counts changes between 200 and 503 (unanswered samples
+// skipped).
+func (tr readyTrace) transitions() int {
+	n, last := 0, -1
+	for _, s := range tr {
+		if s.err {
+			continue
+		}
+		v := 0
+		if s.ok {
+			v = 1
+		}
+		if last >= 0 && v != last {
+			n++
+		}
+		last = v
+	}
+	return n
+}
+
+// notReady is the time the trace spent at 503.
+func (tr readyTrace) notReady() time.Duration {
+	var d time.Duration
+	for i := 1; i < len(tr); i++ {
+		if !tr[i-1].err && !tr[i-1].ok {
+			d += tr[i].at.Sub(tr[i-1].at)
+		}
+	}
+	return d
+}
+
+// first returns the first answered sample at or after from whose readiness
+// is ok.
+func (tr readyTrace) first(from time.Time, ok bool) (readySample, bool) {
+	for _, s := range tr {
+		if !s.err && !s.at.Before(from) && s.ok == ok {
+			return s, true
+		}
+	}
+	return readySample{}, false
+}
+
+// between counts the answered samples in [from, to) whose readiness is ok.
+func (tr readyTrace) between(from, to time.Time, ok bool) int {
+	n := 0
+	for _, s := range tr {
+		if !s.err && !s.at.Before(from) && s.at.Before(to) && s.ok == ok {
+			n++
+		}
+	}
+	return n
+}
+
+func (tr readyTrace) String() string {
+	if len(tr) == 0 {
+		return "none"
+	}
+	return fmt.Sprintf("%d-transitions/503-for-%v", tr.transitions(), tr.notReady().Round(250*time.Millisecond))
+}
+
+// sampler asks each replica's /readyz every 250ms and its stall age every
+// second until stopped.
+type sampler struct {
+	stop chan struct{}
+	wg   sync.WaitGroup
+
+	mu       sync.Mutex
+	traces   [2]readyTrace
+	maxStall float64
+}
+
+func (r *faultRig) sample() *sampler {
+	s := &sampler{stop: make(chan struct{})}
+	for i, b := range r.bridges {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			tick := time.NewTicker(250 * time.Millisecond)
+			defer tick.Stop()
+			for n := 0; ; n++ {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				ok, why, err := b.Ready(ctx)
+				smp := readySample{at: time.Now(), ok: ok, err: err != nil, why: why}
+				var stall float64
+				var serr error = errors.New("not sampled")
+				if n%4 == 0 {
+					stall, serr = b.Metric(ctx, "cellbridge_stall_age_seconds", map[string]string{"rule": faultTopic})
+				}
+				cancel()
+				s.mu.Lock()
+				s.traces[i] = append(s.traces[i], smp)
+				if serr == nil {
+					s.maxStall = max(s.maxStall, stall)
+				}
+				s.mu.Unlock()
+				select {
+				case <-s.stop:
+					return
+				case <-tick.C:
+				}
+			}
+		}()
+	}
+	return s
+}
+
+// halt stops sampling and returns the traces and the highest stall age.
+func (s *sampler) halt() ([2]readyTrace, float64) {
+	close(s.stop)
+	s.wg.Wait()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.traces, s.maxStall
+}
+
+// counters sums the error counters of both replicas.
+func (r *faultRig) counters() (pub, ded, req float64) {
+	for _, b := range r.bridges {
+		if exited, _ := b.Exited(); exited {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
+		p, _ := b.Metric(ctx, "cellbridge_sink_publish_errors_total", nil)
+		d, _ := b.Metric(ctx, "cellbridge_dedupe_errors_total", nil)
+		q, _ := b.Metric(ctx, "cellbridge_broker_request_errors_total", nil)
+		cancel()
+		pub, ded, req = pub+p, ded+d, req+q
+	}
+	return pub, ded, req
+}
+
+// faultRun describes one run: load for loadFor at faultRate; fault is
+// called once faultAfter of the load is stored, and returns when the
+// fault is over (the servers it touched are back); check, when set, looks
+// at the /readyz traces with the time fault was called.
+type faultRun struct {
+	name       string
+	loadFor    time.Duration
+	faultAfter time.Duration
+	fault      func()
+	// quorumLost: a stream loses its quorum during the fault; the latency
+	// is reported, not bounded.
+	quorumLost bool
+}
+
+// run performs one fault run and checks it; the figures are logged and
+// returned.
+func (r *faultRig) run(fr faultRun) *faultFigures {
+	t := r.t
+	t.Helper()
+	r.c.WaitReady()
+	for _, b := range r.bridges {
+		b.WaitReady()
+	}
+	pub0, ded0, req0 := r.counters()
+	smp := r.sample()
+	events := int(fr.loadFor.Seconds() * faultRate)
+	load, err := StartLoad(LoadConfig{JetStream: r.js, Rule: r.rule, Keys: Keys(faultKeys), Rate: faultRate, Events: events,
+		Run: fmt.Sprintf("f%d", time.Now().UnixNano()%1e9)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer load.Stop()
+	poll.Eventually(t, fr.faultAfter+30*time.Second, fr.name+": load under way", func() bool {
+		return load.Stats().Stored >= int(fr.faultAfter.Seconds()*faultRate)
+	})
+	t.Logf("%s: fault begins, %d events stored", fr.name, load.Stats().Stored)
+	fr.fault()
+	lctx, cancel := context.WithTimeout(r.ctx, fr.loadFor+60*time.Second)
+	defer cancel()
+	if err := load.Wait(lctx); err != nil {
+		t.Fatalf("%s: %v", fr.name, err)
+	}
+	sent := load.Sent()
+	stored := time.Now()
+	arrived := uint64(0)
+	if !pollFor(faultSettle, func() bool { return r.settled(sent, &arrived) }) {
+		t.Errorf("%s: not settled within %v of the load: %d of %d events arrived", fr.name, faultSettle, arrived, len(sent))
+	}
+	settle := time.Since(stored)
+	traces, maxStall := smp.halt()
+	pub1, ded1, req1 := r.counters()
+	// Reads can fail for a while after a fault (no responders until every
+	// stream has a leader again): retried, bounded.
+	var v *Verification
+	verr := errors.New("not read")
+	for end := time.Now().Add(30 * time.Second); verr != nil && time.Now().Before(end); {
+		if v, verr = Verify(r.ctx, r.js, r.table, faultTopic, sent, faultMaxLatency); verr != nil {
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+	if verr != nil {
+		t.Fatalf("%s: %v", fr.name, verr)
+	}
+	f := &faultFigures{fault: fr.name, events: len(sent), lost: len(v.Lost), dup: len(v.Duplicated) + len(v.DuplicatedMsgIDs),
+		mis: len(v.Misrouted), reordered: len(v.Reordered), max: v.Latency.Max, p99: v.Latency.P99, late: len(v.Latency.Late),
+		settle: settle, readyz: traces, pubErrs: pub1 - pub0, dedupeErrs: ded1 - ded0, reqErrs: req1 - req0, maxStall: maxStall,
+		loadRetries: load.Stats().Retries, quorumLost: fr.quorumLost}
+	if fr.quorumLost {
+		f.notes = " (a stream lost its quorum: latency not bounded)"
+	}
+	t.Log(f.line())
+	if !v.ExactlyOnce() || v.Arrived != len(sent) {
+		t.Errorf("%s: exactly-once violated (%d of %d arrived):\n%s", fr.name, v.Arrived, len(sent), strings.Join(v.Problems(10), "\n"))
+	}
+	if !fr.quorumLost && v.Latency.Max > faultMaxLatency {
+		keys := map[string]bool{}
+		for _, l := range v.Latency.Late {
+			keys[l.Key] = true
+		}
+		t.Errorf("%s: %d events of %d keys arrived later than %v after the source stored them, at worst %v (first: %s key %s seq %d after %v)",
+			fr.name, len(v.Latency.Late), len(keys), faultMaxLatency, v.Latency.Max, v.Latency.Late[0].ID, v.Latency.Late[0].Key,
+			v.Latency.Late[0].Seq, v.Latency.Late[0].Latency)
+	}
+	r.purge()
+	return f
+}
+
+// settled reports whether every event has a copy and the source consumer
+// has nothing left to deliver or settle (no copy can come later).
+func (r *faultRig) settled(sent []tally.Sent, arrived *uint64) bool {
+	n, err := Arrived(r.ctx, r.js, r.table)
+	*arrived = n
+	if err != nil || n < uint64(len(sent)) {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
+	defer cancel()
+	cons, err := r.js.Consumer(ctx, r.rule.Source.Stream, r.rule.Source.Group)
+	return err == nil && cons.CachedInfo().NumPending == 0 && cons.CachedInfo().NumAckPending == 0
+}
+
+// purge empties the source, cell and DLQ streams after a run, so that the
+// next run reads back only its own events.
+func (r *faultRig) purge() {
+	r.t.Helper()
+	for _, s := range r.streams(false) {
+		poll.Eventually(r.t, 20*time.Second, "purge "+s, func() bool {
+			ctx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
+			defer cancel()
+			st, err := r.js.Stream(ctx, s)
+			return err == nil && st.Purge(ctx) == nil
+		})
+	}
+}
+
+// TestFaultsKill: kill -9 the leader of a cell stream, of the dedupe
+// bucket, and the server the forwarding replica is attached to; restart a
+// replica while the meta group and the source consumer elect a leader;
+// restart every server, one after the other.
+func TestFaultsKill(t *testing.T) {
+	begin := time.Now()
+	r := startFaultRig(t, [2][]int{{0, 1, 2}, {1, 2, 0}})
+	c := r.c
+	var figs []*faultFigures
+	killLeader := func(stream string) func() {
+		return func() {
+			victim, also := isolate(t, c, r.js, r.table, stream)
+			at := time.Now()
+			c.Kill(victim)
+			nl := c.StreamLeader(stream)
+			t.Logf("kill -9 %s, leader of %s%s; %s leads it %v later", c.Node(victim).Name, stream, also, c.Node(nl).Name,
+				time.Since(at).Round(time.Millisecond))
+			c.Restart(victim)
+		}
+	}
+	figs = append(figs, r.run(faultRun{name: "kill -9 cell stream leader", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
+		fault: killLeader(natsjs.CellStream(faultCell))}))
+	figs = append(figs, r.run(faultRun{name: "kill -9 dedupe bucket leader", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
+		fault: killLeader("KV_" + faultBucket)}))
+
+	figs = append(figs, r.run(faultRun{name: "kill -9 the active replica's server", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
+		fault: func() {
+			act := r.active()
+			victim := r.attachedTo(r.bridges[act])
+			r.moveLeadersOff(victim)
+			meta := ""
+			if c.MetaLeader() == victim {
+				meta = " (and the meta leader)"
+			}
+			at := time.Now()
+			c.Kill(victim)
+			poll.Eventually(t, 15*time.Second, names(act)+" reconnected", func() bool {
+				on := r.attachedTo(r.bridges[act])
+				return on >= 0 && on != victim
+			})
+			t.Logf("kill -9 %s%s, server of %s (forwarding); it is on %s %v later", c.Node(victim).Name, meta, names(act),
+				c.Node(r.attachedTo(r.bridges[act])).Name, time.Since(at).Round(time.Millisecond))
+			c.Restart(victim)
+		}}))
+
+	var restartFig string
+	f := r.run(faultRun{name: "restart a replica during an election", loadFor: 12 * time.Second, faultAfter: 2 * time.Second,
+		fault: func() {
+			standby := 1 - r.active()
+			b := r.bridges[standby]
+			meta := c.MetaLeader()
+			src := r.rule.Source
+			c.MoveConsumerLeader(src.Stream, src.Group, meta)
+			pid := b.Pid()
+			at := time.Now()
+			c.Kill(meta)
+			if err := b.Term(); err != nil {
+				t.Errorf("%s: SIGTERM: exit %v", names(standby), err)
+			}
+			b.Restart()
+			restarted := time.Since(at)
+			nm := c.MetaLeader()
+			nc := c.ConsumerLeader(src.Stream, src.Group)
+			recovered := time.Now()
+			b.WaitReady()
+			ready := time.Since(recovered)
+			if exited, err := b.Exited(); exited || b.Pid() == pid {
+				t.Errorf("%s exited (%v) or was not restarted", names(standby), err)
+			}
+			restartFig = fmt.Sprintf(" ready_after_recovery=%v", ready.Round(time.Millisecond))
+			t.Logf("kill -9 %s (meta leader and leader of consumer %s) and restart %s (standby) %v later; meta leader %s, consumer leader %s "+
+				"%v after the kill; %s ready %v after that", c.Node(meta).Name, src.Group, names(standby), restarted.Round(time.Millisecond),
+				c.Node(nm).Name, c.Node(nc).Name, recovered.Sub(at).Round(time.Millisecond), names(standby), ready.Round(time.Millisecond))
+			if ready > faultMaxLatency {
+				t.Errorf("%s ready %v after the cluster recovered, want within %v", names(standby), ready, faultMaxLatency)
+			}
+			c.Restart(meta)
+		}})
+	f.notes += restartFig
+	t.Logf("%s (restart figure)", f.line())
+	figs = append(figs, f)
+
+	figs = append(figs, r.run(faultRun{name: "rolling restart of all servers", loadFor: 20 * time.Second, faultAfter: 2 * time.Second,
+		fault: func() {
+			at := time.Now()
+			c.RollingRestart()
+			t.Logf("rolling restart of 3 servers took %v", time.Since(at).Round(time.Millisecond))
+		}}))
+	logFigures(t, figs, begin)
+}
+
+// TestFaultsHung freezes (SIGSTOP) a server for 15s, first with both
+// replicas attached to it, then with only the forwarding one.
+func TestFaultsHung(t *testing.T) {
+	begin := time.Now()
+	r := startFaultRig(t, [2][]int{{0, 1, 2}, {0, 2, 1}})
+	c := r.c
+	freeze := func(victim int, why string) {
+		r.moveLeadersOff(victim)
+		meta := ""
+		if c.MetaLeader() == victim {
+			meta = " (and the meta leader)"
+		}
+		c.Stop(victim)
+		t.Logf("SIGSTOP %s%s, %s, for 15s", c.Node(victim).Name, meta, why)
+		time.Sleep(15 * time.Second)
+		c.Cont(victim)
+	}
+	var figs []*faultFigures
+	figs = append(figs, r.run(faultRun{name: "SIGSTOP 15s, both replicas attached", loadFor: 20 * time.Second, faultAfter: 2 * time.Second,
+		fault: func() { freeze(0, "server of both replicas") }}))
+	figs = append(figs, r.run(faultRun{name: "SIGSTOP 15s, one replica attached", loadFor: 20 * time.Second, faultAfter: 2 * time.Second,
+		fault: func() {
+			act := r.active()
+			victim := r.attachedTo(r.bridges[act])
+			if other := r.attachedTo(r.bridges[1-act]); other == victim || victim < 0 {
+				t.Fatalf("%s on n%d, %s on n%d: want them apart", names(act), victim, names(1-act), other)
+			}
+			freeze(victim, "server of "+names(act)+" (forwarding) only")
+		}}))
+	logFigures(t, figs, begin)
+}
+
+// TestFaultsReadyz samples /readyz every 250ms through a stall of one
+// target (its stream stops capturing its subject: publishes get no
+// responders) and of the whole source (two of three servers frozen: the
+// source stream and its consumer lose their quorum): 503 within 5s of the
+// stall, no 200 while it lasts, 200 within 5s of its end.
+func TestFaultsReadyz(t *testing.T) {
+	begin := time.Now()
+	// Both replicas on n2, the server that stays up.
+	r := startFaultRig(t, [2][]int{{2, 0, 1}, {2, 1, 0}})
+	c := r.c
+	const stallFor = 12 * time.Second
+	var from, to time.Time
+	var act int
+	cell := natsjs.CellStream(faultCell)
+	figs := []*faultFigures{r.run(faultRun{name: "one target stalled 12s", loadFor: 18 * time.Second, faultAfter: 2 * time.Second,
+		fault: func() {
+			act = r.active()
+			from = time.Now()
+			subjects := r.setSubjects(cell, []string{"stalled." + faultCell})
+			time.Sleep(stallFor)
+			to = time.Now()
+			r.setSubjects(cell, subjects)
+		}})}
+	r.checkStall(figs[0], []int{act}, from, to, "publishing to broker nats subject cell."+faultCell+".orders keeps failing")
+
+	src := r.rule.Source
+	figs = append(figs, r.run(faultRun{name: "whole source stalled 12s", loadFor: 18 * time.Second, faultAfter: 2 * time.Second, quorumLost: true,
+		fault: func() {
+			c.MoveStreamLeader(src.Stream, 0)
+			c.MoveConsumerLeader(src.Stream, src.Group, 0)
+			from = time.Now()
+			c.Stop(0)
+			c.Stop(1)
+			time.Sleep(stallFor)
+			to = time.Now()
+			c.Cont(0)
+			c.Cont(1)
+		}}))
+	r.checkStall(figs[1], []int{0, 1}, from, to, "source of rule "+faultTopic)
+	logFigures(t, figs, begin)
+}
+
+// setSubjects replaces the subjects of stream and returns the old ones.
+func (r *faultRig) setSubjects(stream string, subjects []string) []string {
+	r.t.Helper()
+	var old []string
+	poll.Eventually(r.t, 20*time.Second, "subjects of "+stream+" changed", func() bool {
+		ctx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
+		defer cancel()
+		st, err := r.js.Stream(ctx, stream)
+		if err != nil {
+			return false
+		}
+		cfg := st.CachedInfo().Config
+		old = cfg.Subjects
+		cfg.Subjects = subjects
+		_, err = r.js.UpdateStream(ctx, cfg)
+		return err == nil
+	})
+	return old
+}
+
+// checkStall checks the /readyz traces of the replicas that must see a
+// stall from from to to: 503 within faultReadyWithin of from, with a
+// reason that contains why; no 200 from then until to; 200 within
+// faultReadyWithin of to.
+func (r *faultRig) checkStall(f *faultFigures, replicas []int, from, to time.Time, why string) {
+	t := r.t
+	t.Helper()
+	for _, i := range replicas {
+		tr := f.readyz[i]
+		down, ok := tr.first(from, false)
+		switch {
+		case !ok:
+			t.Errorf("%s: %s never answered 503", f.fault, names(i))
+			continue
+		case down.at.Sub(from) > faultReadyWithin:
+			t.Errorf("%s: %s answered 503 %v after the stall began, want within %v", f.fault, names(i), down.at.Sub(from), faultReadyWithin)
+		}
+		if !strings.Contains(down.why, why) {
+			t.Errorf("%s: %s's first 503 says %q, want %q in it", f.fault, names(i), down.why, why)
+		}
+		if n := tr.between(down.at, to, true); n > 0 {
+			t.Errorf("%s: %s flapped: %d answers of 200 while the stall lasted", f.fault, names(i), n)
+		}
+		up, ok := tr.first(to, true)
+		switch {
+		case !ok:
+			t.Errorf("%s: %s not ready again after the stall", f.fault, names(i))
+		case up.at.Sub(to) > faultReadyWithin:
+			t.Errorf("%s: %s answered 200 %v after the stall ended, want within %v", f.fault, names(i), up.at.Sub(to), faultReadyWithin)
+		}
+		t.Logf("READYZ %-26q %s: 503 %v after the stall began (%q), 200 %v after it ended; %d answers of 200 in between; %s",
+			f.fault, names(i), down.at.Sub(from).Round(time.Millisecond), firstLine(down.why), up.at.Sub(to).Round(time.Millisecond),
+			tr.between(down.at, to, true), tr)
+	}
+}
+
+// firstLine is the first reason of a /readyz body ("not ready:" comes
+// first on a line of its own).
+func firstLine(s string) string {
+	s = strings.TrimPrefix(strings.TrimSpace(s), "not ready:")
+	line, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
+	return line
+}
+
+// logFigures logs the runs of a test again, together, as a table.
+func logFigures(t *testing.T, figs []*faultFigures, begin time.Time) {
+	var b strings.Builder
+	for _, f := range figs {
+		b.WriteString("\n" + f.line())
+	}
+	t.Logf("%s ran %v:%s", t.Name(), time.Since(begin).Round(time.Second), b.String())
+}
