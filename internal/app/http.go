@@ -19,12 +19,13 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 )
 
-// httpServer serves /metrics, /healthz, /readyz, /route and /status. It
-// serves from construction on, before anything connects, so that liveness
-// probes pass while the bridge connects (which waits for unreachable
-// brokers without end), and stops last. Until the pipeline runs it answers
-// /healthz (200), /readyz (503 with what the start waits for), /metrics,
-// and 503 "starting" for everything else.
+// httpServer serves /metrics, /healthz, /readyz, /route and /status, and
+// with http.pprof /debug/pprof/ and /debug/timeline. It serves from
+// construction on, before anything connects, so that liveness probes pass
+// while the bridge connects (which waits for unreachable brokers without
+// end), and stops last. Until the pipeline runs it answers /healthz (200),
+// /readyz (503 with what the start waits for), /metrics, /debug/pprof/
+// (when on), and 503 "starting" for everything else.
 type httpServer struct {
 	addr    string
 	handler atomicHandler
