@@ -5,7 +5,7 @@ BIN     ?= bin/cellbridge
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: run test bench soak build image fmt vet clean
+.PHONY: run test bench bench-short soak build image fmt vet clean
 
 ## run: start the bridge on an embedded NATS JetStream server with the example rules and a demo load
 run:
@@ -22,9 +22,19 @@ test:
 	  CELLBRIDGE_SKIP_LOG=$$skips $(GO) test -race -timeout 30m $(PKGS); rc=$$?; \
 	  cat $$skips; rm -f $$skips; exit $$rc
 
-## bench: throughput side by side (bare pipe, cellbridge shared, +KV, watermill, ordered, partitioned); writes bench/results.json
+## bench: cellbridge as deployed (nats-server, the cellbridge binary and the load generator as separate processes)
+## side by side with the bare pipe, watermill, the ordered, partitioned, KV, broadcast and RocketMQ variants, and
+## the latency it adds; writes bench/results.json (under 6 minutes on 2 cores). SHORT=1: the quick run of bench-short.
 bench:
+ifeq ($(SHORT),1)
+	$(GO) run ./cmd/cellbridge-bench -short
+else
 	$(GO) run ./cmd/cellbridge-bench -out bench/results.json
+endif
+
+## bench-short: one round of every variant on fewer events, latency at 30% only (under a minute); writes nothing
+bench-short:
+	$(GO) run ./cmd/cellbridge-bench -short
 
 ## soak: cellbridge at 30% of the pipe's rate (bench/results.json) for SOAK (default 10m), RSS and goroutines every minute
 SOAK ?= 10m

@@ -33,8 +33,12 @@ type Config struct {
 	// one worker).
 	Workers int
 	// FetchBatch is passed to sources (messages requested ahead). Default
-	// 1024: with 256 a JetStream Consume loop waits for refills and the
-	// pipeline idles (measured with cmd/cellbridge-bench).
+	// 2048: a JetStream source asks for more when half of it is taken, and
+	// with the server in another process a refill's round trip must fit in
+	// the time the other half lasts; with 1024 the source ran dry under
+	// load, forwarding fell behind the offered rate in bursts, and every
+	// message cost the server more (smaller delivery batches, more pull
+	// requests). Measured with cmd/cellbridge-bench, see bench/notes.md.
 	FetchBatch int
 	// HoldDelay is the redelivery delay of a held message that could not be
 	// parked (MaxHeld reached) or that cannot be routed yet (no rules, no
@@ -90,7 +94,7 @@ func (c Config) WithDefaults() Config {
 		c.MaxInFlight = 4096
 	}
 	if c.FetchBatch == 0 {
-		c.FetchBatch = 1024
+		c.FetchBatch = 2048
 	}
 	if c.HoldDelay == 0 {
 		c.HoldDelay = 5 * time.Second

@@ -63,6 +63,7 @@ type taskData struct {
 	ss       *targetState
 	pub      *pubGen      // counts this forward's publish until its result (publishing)
 	failedOn *targetState // target whose publish of this message failed last (targetState.waiting)
+	tl       *tlSample    // the message's Timeline record, nil unless sampled
 
 	out      Outgoing
 	hv       [6]string // backing store of the forward header values

@@ -87,6 +87,7 @@ type Pipeline struct {
 	ruleStates   cowMap[string, *ruleState]
 	targetStates cowMap[router.Target, *targetState]
 	ver          atomic.Pointer[verString]
+	tl           atomic.Pointer[timeline] // the running Timeline recording, nil when none
 	shardStr     []string
 
 	closing   atomic.Bool
@@ -274,6 +275,11 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 		return nil
 	}
 	t := p.newTask(m, ack, p.clock.Now().UnixNano())
+	tl := p.tl.Load()
+	var tlAt int64
+	if tl != nil {
+		tlAt = time.Now().UnixNano()
+	}
 	t.rs = p.ruleState(m.Rule)
 	t.hops = hopsOf(m.Header)
 	switch {
@@ -290,6 +296,10 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	t.idKey = idKeyOf(m)
 	if t.poison == "" && t.d.Reason == router.ReasonBroadcast {
 		return p.broadcast(ctx, t)
+	}
+	if tl != nil {
+		t.tl = tl.start(m.Time, tlAt)
+		t.tl.mark(stageRouted)
 	}
 	t.laneKey = t.d.Key
 	if t.laneKey == "" {
@@ -309,6 +319,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 			return err
 		}
 		t.counted = true
+		t.tl.mark(stageAdmitted)
 	}
 	t.rs.track(t)
 
@@ -451,6 +462,10 @@ func (p *Pipeline) toDLQ(t *task) *task {
 }
 
 func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
+	if t.tl != nil {
+		t.tl.mark(stageDispatched)
+		t.tl.attempts++
+	}
 	if t.storeKey != "" && !t.reserved {
 		var o dedupe.Outcome
 		var err error
@@ -481,6 +496,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		}
 		t.reserved = true
 	}
+	t.tl.mark(stageReserved)
 	// A remote store's round trip is long enough for a rules reload to
 	// land in between: a message decided under the old table must not be
 	// published after the new one (a shard that was just blocked, or
@@ -512,6 +528,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 	default:
 		p.prepareForward(t)
 	}
+	t.tl.mark(stagePublished)
 	ss.sink.PublishAsync(p.ctx, &t.out, t.done)
 	return nil
 }
@@ -522,6 +539,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 // and every failure go to the workers, because dispatching may block.
 func (t *task) published(err error) {
 	p := t.p
+	t.tl.mark(stageConfirmed)
 	if p.inline && err == nil {
 		if n := p.complete(t); n != nil {
 			p.enqueue(n, phaseDispatch)
@@ -706,6 +724,10 @@ func (p *Pipeline) settle(t *task, result error) {
 	}
 	t.ack = nil // drop the source's closure (and its message) before the task is pooled
 	t.mu.Unlock()
+	if t.tl != nil {
+		t.tl.end()
+		t.tl = nil
+	}
 	if t.counted {
 		t.counted = false
 		p.budget.release(1)

@@ -89,7 +89,7 @@ type SourceConfig struct {
 	AckWait time.Duration
 	// FetchBatch is how many messages the client keeps requested and
 	// buffered (PullMaxMessages); it asks for more when half are used.
-	// Default 1024.
+	// Default 2048 (bridge.Config.FetchBatch says why).
 	FetchBatch int
 	// RequestTimeout bounds each attempt of a JetStream API request the
 	// source makes (consumer lookup and creation, reset, unpin, consumer
@@ -182,7 +182,7 @@ func (c *SourceConfig) defaults() error {
 		c.AckWait = 30 * time.Second
 	}
 	if c.FetchBatch <= 0 {
-		c.FetchBatch = 1024
+		c.FetchBatch = 2048
 	}
 	if c.RequestTimeout <= 0 {
 		c.RequestTimeout = DefaultRequestTimeout

@@ -2,10 +2,14 @@ package main
 
 import (
 	"bytes"
+	"io"
+	"math"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -52,60 +56,103 @@ func TestEventsRoundTrip(t *testing.T) {
 	}
 }
 
-// TestVariantsSmoke runs each NATS variant once on a few events through the
-// same child code the harness uses (fresh embedded server, verification).
+// TestVariantsSmoke runs every variant once on a few events through the
+// harness: a nats-server process, the variant's own processes (the
+// cellbridge binary, or this package's loops), verification; and a
+// latency run of B.
 func TestVariantsSmoke(t *testing.T) {
 	if testing.Short() {
-		t.Skip("starts servers")
+		t.Skip("starts servers and builds binaries")
 	}
-	rules, _ := filepath.Abs("../../bench/rules")
-	for _, v := range []string{"A", "A-kv1", "A-kv2", "B", "D", "B-fault", "O", "P"} {
-		t.Run(v, func(t *testing.T) {
-			res, err := runChild(childSpec{Variant: v, N: 3000, Seed: 3, Rules: rules, Fault: v == "B-fault"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !res.Verified {
-				t.Fatalf("not verified: %s", res.VerifyNote)
-			}
-			// The KV references also checked their bucket: one key per event.
-			if kvWritesOf(v) > 0 && res.Extra["kv_subjects"] != uint64(3000) {
-				t.Fatalf("KV bucket keys = %v, want 3000", res.Extra["kv_subjects"])
-			}
-		})
-	}
-}
-
-// TestLatencySmoke runs a paced latency run of B: every event arrives and
-// gets a latency sample, and the percentiles are ordered.
-func TestLatencySmoke(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts servers")
-	}
-	rules, _ := filepath.Abs("../../bench/rules")
-	res, err := runChild(childSpec{Variant: "B", N: 2000, Seed: 4, Rules: rules, Rate: 4000})
+	h, err := newHarness(config{seed: 3, rules: "../../bench/rules", rmqRules: "../../bench/rules-rmq"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !res.Verified {
-		t.Fatalf("not verified: %s", res.VerifyNote)
+	t.Cleanup(h.close)
+	// The loops run as this test binary with -variant-proc: TestMain
+	// dispatches to variantProcMain.
+	for _, v := range []string{"A", "A-hdrs", "A-kv1", "B", "C", "D", "O", "P", "A-bc", "B-bc", "R-A", "R-B"} {
+		t.Run(v, func(t *testing.T) {
+			spec := runSpec{Variant: v, N: 2000, Round: 1}
+			var r *runResult
+			var err error
+			if strings.HasPrefix(v, "R-") {
+				spec.N = 500
+				r, err = h.runRMQ(spec)
+			} else {
+				r, err = h.runNATS(spec)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			// CPU time comes in ticks of 10ms: a run this short may read 0.
+			if !r.Verified || r.MsgsPerS <= 0 || r.CPUus < 0 {
+				t.Fatalf("verified %v (%s), %.0f msg/s, %.1f µs/msg", r.Verified, r.VerifyNote, r.MsgsPerS, r.CPUus)
+			}
+			if want := spec.N * copiesPerEvent(v, h.table); r.Delivered != want {
+				t.Fatalf("%d delivered, want %d", r.Delivered, want)
+			}
+			// The KV reference also checked its bucket: one key per event.
+			if kvWritesOf(v) > 0 && r.Extra["kv_subjects"] != uint64(spec.N) {
+				t.Fatalf("KV bucket keys = %v, want %d", r.Extra["kv_subjects"], spec.N)
+			}
+		})
 	}
-	l := res.LatencyMS
-	if l == nil || !(l["p50"] > 0 && l["p50"] <= l["p99"] && l["p99"] <= l["max"]) {
-		t.Fatalf("latency summary %v", l)
-	}
+	t.Run("latency", func(t *testing.T) {
+		r, err := h.runNATS(runSpec{Variant: "B", N: 1000, Rate: 2000, Round: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := r.LatencyMS
+		if !r.Verified || l == nil || !(l["p50"] > 0 && l["p50"] <= l["p99"] && l["p99"] <= l["max"]) {
+			t.Fatalf("verified %v (%s), latency %v", r.Verified, r.VerifyNote, l)
+		}
+	})
 }
 
-func TestLatencyMedianAndOrder(t *testing.T) {
-	if got := strings.Join(latencyOrder(3), ""); got != "ABABAB" {
-		t.Errorf("order %q", got)
-	}
+func TestLatencyMedianAndRates(t *testing.T) {
 	rs := []*runResult{{}, {}, {}}
 	for i, p99 := range []float64{30, 10, 20} {
 		rs[i].LatencyMS = map[string]float64{"p99": p99}
 	}
 	if m := latencyMedian(rs, "p99"); m != 20 {
 		t.Errorf("median %v, want 20", m)
+	}
+	lr, err := latencyRates("2000,0.3,0.5", 80000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []latRate{{"2000", 2000}, {"30pct", 24000}, {"half_load", 40000}}
+	if len(lr) != len(want) {
+		t.Fatalf("rates %v, want %v", lr, want)
+	}
+	for i := range want {
+		if lr[i].name != want[i].name || math.Abs(lr[i].rate-want[i].rate) > 1e-6 {
+			t.Errorf("rate %d: %v, want %v", i, lr[i], want[i])
+		}
+	}
+	if _, err := latencyRates("x", 1); err == nil {
+		t.Error("latencyRates accepts x")
+	}
+}
+
+// procCPU reads this process's CPU time, which grows while it works.
+func TestProcCPU(t *testing.T) {
+	a, err := procCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for end := time.Now().Add(100 * time.Millisecond); time.Now().Before(end); {
+	}
+	b, err := procCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b-a < 50*time.Millisecond {
+		t.Errorf("100ms of spinning: CPU time %v → %v", a, b)
+	}
+	if procStatusMB(os.Getpid(), "VmRSS:") <= 0 {
+		t.Error("no VmRSS")
 	}
 }
 

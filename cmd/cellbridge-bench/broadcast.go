@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,10 +30,11 @@ func init() {
 	variantNames["B-bc"] = "B-bc  cellbridge broadcast rule, each event to 4 cells, memory dedupe"
 }
 
-// broadcastRules writes a rules directory: the CellMap of dir and the
-// orders rule broadcast to cells.
-func broadcastRules(dir string, cells []string) (string, error) {
-	out, err := os.MkdirTemp("", "cellbridge-bench-bc-")
+// broadcastRules writes a rules directory under parent ("": the system's
+// temporary directory): the CellMap of dir and the orders rule broadcast to
+// cells.
+func broadcastRules(dir string, cells []string, parent string) (string, error) {
+	out, err := os.MkdirTemp(parent, "cellbridge-bench-bc-")
 	if err != nil {
 		return "", err
 	}
@@ -69,7 +69,7 @@ func copiesPerEvent(variant string, table *cellTable) int {
 
 // runBridgeBroadcast is B-bc: runCellbridge on the broadcast rules.
 func runBridgeBroadcast(ctx context.Context, e *env) error {
-	dir, err := broadcastRules(e.spec.Rules, e.table.cells)
+	dir, err := broadcastRules(e.spec.Rules, e.table.cells, "")
 	if err != nil {
 		return err
 	}
@@ -187,71 +187,4 @@ func runPipeBroadcast(ctx context.Context, e *env) error {
 	close(q)
 	<-done
 	return err
-}
-
-// runBroadcastRounds runs rounds of A-bc and B-bc, alternating, with n
-// events each, into runs.
-func runBroadcastRounds(cfg config, log io.Writer, rules string, runs map[string][]*runResult) error {
-	for round := 1; round <= cfg.bcRounds; round++ {
-		for _, v := range []string{"A" + bcSuffix, "B" + bcSuffix} {
-			r, err := spawn(childSpec{Variant: v, N: cfg.bcN, Seed: cfg.seed, Rules: rules, Tune: cfg.tune[v]}, log)
-			if err != nil {
-				return err
-			}
-			r.Round = round
-			runs[v] = append(runs[v], r)
-			fmt.Fprintf(log, "  broadcast round %d %-4s %8.0f events/s %9.0f copies/s  %6.2fs  cpu %5.1f us/copy  load %s verified=%v %s\n",
-				round, v, r.MsgsPerS, r.Extra["copies_per_s"], r.Seconds, r.CPUus, r.LoadAvg, r.Verified, r.VerifyNote)
-		}
-	}
-	return nil
-}
-
-// broadcastResults adds the broadcast figures to res: medians of events/s
-// and copies/s, and cellbridge against the pipe.
-func broadcastResults(res map[string]any, runs map[string][]*runResult) {
-	med := func(v, key string) float64 {
-		var xs []float64
-		for _, r := range runs[v] {
-			if key == "" {
-				xs = append(xs, r.MsgsPerS)
-			} else if f, ok := r.Extra[key].(float64); ok {
-				xs = append(xs, f)
-			}
-		}
-		return median(xs)
-	}
-	if len(runs["B"+bcSuffix]) == 0 {
-		return
-	}
-	pipe, br := med("A"+bcSuffix, ""), med("B"+bcSuffix, "")
-	res["broadcast_cells"] = 4
-	res["broadcast_pipe_events_per_s"] = round0(pipe)
-	res["broadcast_pipe_copies_per_s"] = round0(med("A"+bcSuffix, "copies_per_s"))
-	res["broadcast_bridge_events_per_s"] = round0(br)
-	res["broadcast_bridge_copies_per_s"] = round0(med("B"+bcSuffix, "copies_per_s"))
-	res["broadcast_ratio_bridge_vs_pipe"] = ratio(br, pipe)
-}
-
-// printBroadcast prints the broadcast line of each variant.
-func printBroadcast(w io.Writer, runs map[string][]*runResult, res map[string]any) {
-	for _, v := range []string{"A" + bcSuffix, "B" + bcSuffix} {
-		rs := runs[v]
-		if len(rs) == 0 {
-			continue
-		}
-		var ev, cp []string
-		ok := true
-		for _, r := range rs {
-			ev = append(ev, fmt.Sprintf("%.0f", r.MsgsPerS))
-			cp = append(cp, fmt.Sprintf("%.0f", r.Extra["copies_per_s"]))
-			ok = ok && r.Verified
-		}
-		fmt.Fprintf(w, "broadcast %-68s events/s %s (runs %s), copies/s %s (runs %s), verified=%v\n", variantNames[v],
-			fmt.Sprint(res["broadcast_"+map[string]string{"A": "pipe", "B": "bridge"}[v[:1]]+"_events_per_s"]), strings.Join(ev, " "),
-			fmt.Sprint(res["broadcast_"+map[string]string{"A": "pipe", "B": "bridge"}[v[:1]]+"_copies_per_s"]), strings.Join(cp, " "), ok)
-	}
-	if r, ok := res["broadcast_ratio_bridge_vs_pipe"]; ok {
-		fmt.Fprintf(w, "%-28s %v\n", "broadcast_ratio_bridge_vs_pipe", r)
-	}
 }

@@ -52,7 +52,7 @@ func runCellbridge(ctx context.Context, e *env) error {
 	if e.spec.Variant == "C" || e.spec.Variant == "C-fault" {
 		store, storeDesc = bridgeconfig.DedupeJetStream, "jetstream KV (bucket cellbridge-dedupe, ttl 10m, reserveTTL 30s, file storage)"
 	}
-	rules, mode, err := variantRules(e)
+	rules, mode, err := variantRules(e, "")
 	if err != nil {
 		return err
 	}
@@ -105,11 +105,12 @@ func (e *env) partitions() int {
 }
 
 // variantRules writes the rules of bench/rules with the variant's source
-// into a directory of the run and returns it, with a description: B and C
+// into a new directory under parent ("": the system's temporary directory)
+// and returns it, with a description: B and C
 // consume the shared durable (ordering: none, as every replica did before
 // the ordered mode), O in the ordered default, P in partitions keyed by the
 // subject's user id token; B-bc's broadcast rules are taken as written.
-func variantRules(e *env) (dir, mode string, err error) {
+func variantRules(e *env, parent string) (dir, mode string, err error) {
 	src, err := filepath.Abs(e.spec.Rules)
 	if err != nil {
 		return "", "", err
@@ -134,7 +135,7 @@ func variantRules(e *env) (dir, mode string, err error) {
 	default:
 		return "", "", fmt.Errorf("variant %s is not a cellbridge variant", v)
 	}
-	dir, err = os.MkdirTemp("", "cellbridge-bench-rules-")
+	dir, err = os.MkdirTemp(parent, "cellbridge-bench-rules-")
 	if err != nil {
 		return "", "", err
 	}

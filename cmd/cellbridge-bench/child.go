@@ -2,16 +2,12 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -19,7 +15,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
-	"github.com/cellbridge/cellbridge/internal/embedded"
 )
 
 // childSpec is what the parent asks one child process to do: one run of one
@@ -124,182 +119,6 @@ func (e *env) tuneStr(k, def string) string {
 		return v
 	}
 	return def
-}
-
-// runChild is the body of a child process: returns the result to report.
-func runChild(spec childSpec) (*childResult, error) {
-	fn, err := variantByName(spec.Variant)
-	if err != nil {
-		return nil, err
-	}
-	table, err := loadCellTable(spec.Rules)
-	if err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp("", "cellbridge-bench-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
-	srv, err := embedded.Start(embedded.Options{Port: -1, StoreDir: dir})
-	if err != nil {
-		return nil, err
-	}
-	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
-
-	e := &env{url: srv.ClientURL(), srv: srv, table: table, spec: spec, tune: parseTune(spec.Tune)}
-	if spec.Fault {
-		e.faults = &faultInjector{}
-	}
-	nc, err := nats.Connect(e.url)
-	if err != nil {
-		return nil, err
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, err
-	}
-	ctx := context.Background()
-	if err := createStreams(ctx, js, table, 0, e.partitions()); err != nil {
-		return nil, err
-	}
-	e.events = genEvents(spec.N, spec.Seed)
-	if spec.Rate <= 0 {
-		if err := prePublish(ctx, js, e.events, e.partitions() > 0); err != nil {
-			return nil, err
-		}
-	}
-	runtime.GC()
-	resetPeakRSS()
-
-	stopProf, err := startCPUProfile(spec.CPUProfile)
-	if err != nil {
-		return nil, err
-	}
-	if spec.MemProfile != "" {
-		runtime.MemProfileRate = 4096
-	}
-	var ms0, ms1 runtime.MemStats
-	runtime.ReadMemStats(&ms0)
-	cpu0 := cpuTime()
-
-	vctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	var verr error
-	wg.Add(1)
-	t0 := time.Now()
-	go func() {
-		defer wg.Done()
-		verr = fn(vctx, e)
-	}()
-	var prodErr chan error
-	if spec.Rate > 0 {
-		// Start the load once the variant consumes (its consumer exists and
-		// had a moment to issue its first pull), so that start-up does not
-		// count as latency.
-		for wait := time.Now().Add(10 * time.Second); !sourceHasConsumer(srv) && time.Now().Before(wait); {
-			time.Sleep(pollEvery)
-		}
-		time.Sleep(200 * time.Millisecond)
-		t0 = time.Now()
-		prodErr = make(chan error, 1)
-		go func() { prodErr <- pacedPublish(vctx, e.url, e.events, spec.Rate, e.partitions() > 0) }()
-	}
-	// Done when the cell streams hold N, or, when a variant loses messages
-	// (which is what the fault runs look for), when its source consumer has
-	// nothing pending or unacknowledged for a while.
-	want := spec.N * copiesPerEvent(spec.Variant, table)
-	deadline := time.Now().Add(time.Duration(want/2000+60) * time.Second)
-	var count, before int
-	var t1 time.Time
-	// Pre-published runs are timed from the first copy stored in a cell
-	// stream: the variants' start-up (connecting, creating consumers, the
-	// partitioned source's pause of one heartbeat before it takes
-	// partitions, winning the pins) is not throughput.
-	started := spec.Rate > 0
-	idleSince := time.Time{}
-	trace := os.Getenv("BENCH_TRACE") != ""
-	lastTrace := t0
-	for {
-		count = cellCount(srv)
-		if !started && count > 0 {
-			started, t0, before = true, time.Now(), count
-		}
-		if trace && time.Since(lastTrace) >= 100*time.Millisecond {
-			lastTrace = time.Now()
-			fmt.Fprintf(os.Stderr, "trace %s %6.2fs %d\n", spec.Variant, time.Since(t0).Seconds(), count)
-		}
-		if count >= want {
-			t1 = time.Now()
-			break
-		}
-		if sourceSettled(srv) && count > 0 {
-			if idleSince.IsZero() {
-				idleSince = time.Now()
-			} else if time.Since(idleSince) > 3*time.Second {
-				t1 = idleSince
-				break
-			}
-		} else {
-			idleSince = time.Time{}
-		}
-		if time.Now().After(deadline) {
-			t1 = time.Now()
-			break
-		}
-		select {
-		case err := <-prodErr:
-			if err != nil {
-				cancel()
-				return nil, fmt.Errorf("paced producer: %w", err)
-			}
-			prodErr = nil
-		default:
-		}
-		time.Sleep(pollEvery) // polling interval of the completion check
-	}
-	cpu1 := cpuTime()
-	runtime.ReadMemStats(&ms1)
-	stopProf()
-	if spec.MemProfile != "" {
-		if f, err := os.Create(spec.MemProfile); err == nil {
-			_ = pprof.Lookup("allocs").WriteTo(f, 0)
-			f.Close()
-		}
-	}
-	peak := readPeakRSSMB()
-	// Let stragglers (late duplicates) arrive before stopping and verifying.
-	time.Sleep(300 * time.Millisecond)
-	cancel()
-	wg.Wait()
-	if verr != nil && !errors.Is(verr, context.Canceled) {
-		return nil, fmt.Errorf("variant %s: %w", spec.Variant, verr)
-	}
-
-	res := &childResult{
-		Variant:   spec.Variant,
-		N:         spec.N,
-		Seconds:   t1.Sub(t0).Seconds(),
-		Mallocs:   ms1.Mallocs - ms0.Mallocs,
-		HeapBytes: ms1.TotalAlloc - ms0.TotalAlloc,
-		PeakRSSMB: peak,
-		Settings:  e.settings,
-		CPUus:     float64(cpu1-cpu0) / 1e3 / float64(max(count, 1)),
-	}
-	res.MsgsPerS = float64(count-before) / float64(want/spec.N) / res.Seconds
-	if e.faults != nil {
-		res.Extra = map[string]any{"injected_faults": e.faults.injected()}
-	}
-	if want > spec.N {
-		err = verifyBroadcast(ctx, js, e, res)
-	} else {
-		err = verify(ctx, js, e, res)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return res, nil
 }
 
 // pollEvery is the completion check's interval: short enough for a 2-4 s run
@@ -439,60 +258,6 @@ func pacedPublish(ctx context.Context, url string, evs []event, rate float64, ke
 	return nil
 }
 
-// cellCount sums the messages stored in the cell streams, read in-process from
-// the server (cheaper than API requests at a 2 ms polling interval).
-func cellCount(srv *server.Server) int {
-	d, err := srv.JszAccount(&server.JSzOptions{Account: server.DEFAULT_GLOBAL_ACCOUNT, Streams: true})
-	if err != nil {
-		return 0
-	}
-	n := 0
-	for _, s := range d.Streams {
-		if strings.HasPrefix(s.Name, "CELL_") {
-			n += int(s.State.Msgs)
-		}
-	}
-	return n
-}
-
-// sourceHasConsumer reports whether ORDERS has a consumer yet.
-func sourceHasConsumer(srv *server.Server) bool {
-	d, err := srv.JszAccount(&server.JSzOptions{Account: server.DEFAULT_GLOBAL_ACCOUNT, Streams: true, Consumer: true})
-	if err != nil {
-		return false
-	}
-	for _, s := range d.Streams {
-		if s.Name == "ORDERS" {
-			return len(s.Consumer) > 0
-		}
-	}
-	return false
-}
-
-// sourceSettled reports whether every consumer of ORDERS has nothing pending
-// and nothing unacknowledged.
-func sourceSettled(srv *server.Server) bool {
-	d, err := srv.JszAccount(&server.JSzOptions{Account: server.DEFAULT_GLOBAL_ACCOUNT, Streams: true, Consumer: true})
-	if err != nil {
-		return false
-	}
-	for _, s := range d.Streams {
-		if s.Name != "ORDERS" {
-			continue
-		}
-		if len(s.Consumer) == 0 {
-			return false
-		}
-		for _, c := range s.Consumer {
-			if c.NumPending > 0 || c.NumAckPending > 0 || c.NumRedelivered > 0 && c.NumAckPending > 0 {
-				return false
-			}
-		}
-		return true
-	}
-	return false
-}
-
 // verify reads every message of every cell stream: the total must be N, each
 // order exactly once, each in the cell the rule assigns to its user id. In
 // latency mode it also computes producer-publish → cell-store latency.
@@ -524,53 +289,30 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 		latDump, _ = os.Create(fmt.Sprintf("%s-%s-%.0f", p, e.spec.Variant, e.spec.Rate))
 		defer latDump.Close()
 	}
-	var lat []float64
+	// The cells are read at once (one ordered consumer each) and tallied
+	// in cell order afterwards.
 	cells := e.table.cells
-	for _, c := range cells {
-		s, err := js.Stream(ctx, streamOf(c))
-		if err != nil {
-			return err
-		}
-		info, err := s.Info(ctx)
-		if err != nil {
-			return err
-		}
-		total := int(info.State.Msgs)
-		if total == 0 {
-			continue
-		}
-		oc, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
-		if err != nil {
-			return err
-		}
-		it, err := oc.Messages(jetstream.PullMaxMessages(4096))
-		if err != nil {
-			return err
-		}
-		for i := 0; i < total; i++ {
-			m, err := it.Next()
-			if err != nil {
-				it.Stop()
-				return fmt.Errorf("verify %s: %w", c, err)
-			}
-			order, ok := tl.add(c, m.Data())
-			if !ok {
-				continue
-			}
-			if e.spec.Rate > 0 {
-				if v := m.Headers().Get(pubTimeHdr); v != "" {
-					if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
-						if md, err := m.Metadata(); err == nil {
-							lat = append(lat, float64(md.Timestamp.UnixNano()-ns)/1e6)
-							if latDump != nil {
-								fmt.Fprintf(latDump, "%d %.3f\n", order, lat[len(lat)-1])
-							}
-						}
-					}
+	read := make([][]cellCopy, len(cells))
+	errs := make([]error, len(cells))
+	var wg sync.WaitGroup
+	for i, c := range cells {
+		wg.Go(func() { read[i], errs[i] = readCell(ctx, js, c, e.spec.Rate > 0) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	var lat []float64
+	for i, c := range cells {
+		for _, cp := range read[i] {
+			order, ok := tl.add(c, cp.body)
+			if ok && cp.latencyMS >= 0 {
+				lat = append(lat, cp.latencyMS)
+				if latDump != nil {
+					fmt.Fprintf(latDump, "%d %.3f\n", order, cp.latencyMS)
 				}
 			}
 		}
-		it.Stop()
 	}
 	notes = append(notes, tl.notes("cell streams")...)
 	res.Verified = len(notes) == 0
@@ -579,6 +321,58 @@ func verify(ctx context.Context, js jetstream.JetStream, e *env, res *childResul
 		res.LatencyMS = latencySummary(lat)
 	}
 	return nil
+}
+
+// cellCopy is one message read back from a cell stream: its body, and in
+// latency runs the time from its publish-time stamp to its store time in
+// the cell stream (-1 without a stamp).
+type cellCopy struct {
+	body      []byte
+	latencyMS float64
+}
+
+// readCell reads every message of cell's stream.
+func readCell(ctx context.Context, js jetstream.JetStream, cell string, latency bool) ([]cellCopy, error) {
+	s, err := js.Stream(ctx, streamOf(cell))
+	if err != nil {
+		return nil, err
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		return nil, err
+	}
+	total := int(info.State.Msgs)
+	if total == 0 {
+		return nil, nil
+	}
+	oc, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		return nil, err
+	}
+	it, err := oc.Messages(jetstream.PullMaxMessages(4096))
+	if err != nil {
+		return nil, err
+	}
+	defer it.Stop()
+	out := make([]cellCopy, 0, total)
+	for range total {
+		m, err := it.Next()
+		if err != nil {
+			return nil, fmt.Errorf("verify %s: %w", cell, err)
+		}
+		cp := cellCopy{body: m.Data(), latencyMS: -1}
+		if latency {
+			if v := m.Headers().Get(pubTimeHdr); v != "" {
+				if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
+					if md, err := m.Metadata(); err == nil {
+						cp.latencyMS = float64(md.Timestamp.UnixNano()-ns) / 1e6
+					}
+				}
+			}
+		}
+		out = append(out, cp)
+	}
+	return out, nil
 }
 
 // kvNote says what is wrong with a KV reference's bucket at the end of a run
@@ -590,66 +384,5 @@ func kvNote(bucket string, st jetstream.StreamState, n int) string {
 	return fmt.Sprintf("KV bucket %s holds %d messages under %d keys, want %d", bucket, st.Msgs, st.NumSubjects, n)
 }
 
-// writeResult stores a child's result where the parent reads it.
-func writeResult(path string, r *childResult) error {
-	b, err := json.Marshal(r)
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(path, b, 0o644)
-}
-
-// resetPeakRSS resets the kernel's peak-RSS mark (VmHWM) so that the value read
-// later covers the run phase only, not event generation and pre-publishing.
-func resetPeakRSS() { _ = os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
-
-// readPeakRSSMB reads VmHWM from /proc/self/status, in MiB.
-func readPeakRSSMB() float64 { return procStatusMB("VmHWM:") }
-
-// readRSSMB reads the current VmRSS, in MiB.
-func readRSSMB() float64 { return procStatusMB("VmRSS:") }
-
-func procStatusMB(field string) float64 {
-	b, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, field) {
-			f := strings.Fields(line)
-			if len(f) >= 2 {
-				kb, _ := strconv.ParseFloat(f[1], 64)
-				return kb / 1024
-			}
-		}
-	}
-	return 0
-}
-
-// cpuTime is this process's user+system CPU time in nanoseconds. CPU per
-// message is reported next to throughput because it is much less sensitive
-// to other load on a shared machine.
-func cpuTime() int64 {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return ru.Utime.Nano() + ru.Stime.Nano()
-}
-
-// startCPUProfile starts a CPU profile written to path, and returns what
-// stops it; with no path it does nothing.
-func startCPUProfile(path string) (stop func(), err error) {
-	if path == "" {
-		return func() {}, nil
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, err
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() { pprof.StopCPUProfile(); f.Close() }, nil
-}
+// readRSSMB reads this process's current VmRSS, in MiB.
+func readRSSMB() float64 { return procStatusMB(0, "VmRSS:") }

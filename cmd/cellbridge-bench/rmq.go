@@ -2,14 +2,10 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
-	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -20,8 +16,6 @@ import (
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/rmq"
-	"github.com/cellbridge/cellbridge/internal/app"
-	"github.com/cellbridge/cellbridge/internal/rmqtest"
 )
 
 // The RocketMQ comparison runs through the in-process broker of
@@ -36,101 +30,6 @@ func rmqCellTopic(cell string) string { return "cell_" + cell + "_orders" }
 func init() {
 	// The client logs every rebalance and pull at info level.
 	rmq.SetLogger(slog.New(slog.DiscardHandler))
-}
-
-func runRMQChild(spec childSpec) (*childResult, error) {
-	table, err := loadCellTable(spec.Rules)
-	if err != nil {
-		return nil, err
-	}
-	ctx := context.Background()
-	b := rmqtest.New(rmqtest.Options{MaxSuspend: time.Second})
-	if err := b.Start(ctx); err != nil {
-		return nil, err
-	}
-	defer func() { _ = b.Close(context.Background()) }()
-	if err := b.CreateTopic("orders", 4); err != nil {
-		return nil, err
-	}
-	for _, c := range table.cells {
-		if err := b.CreateTopic(rmqCellTopic(c), 4); err != nil {
-			return nil, err
-		}
-	}
-	ns := b.NameServerAddr()
-	evs := genEvents(spec.N, spec.Seed)
-	if err := rmqPrePublish(ctx, ns, evs); err != nil {
-		return nil, err
-	}
-	runtime.GC()
-	resetPeakRSS()
-	count := func() int {
-		n := 0
-		for _, c := range table.cells {
-			for _, o := range b.QueueOffsets(rmqCellTopic(c)) {
-				n += int(o)
-			}
-		}
-		return n
-	}
-	e := &env{table: table, spec: spec, tune: parseTune(spec.Tune)}
-	stopProf, err := startCPUProfile(spec.CPUProfile)
-	if err != nil {
-		return nil, err
-	}
-	var ms0, ms1 runtime.MemStats
-	runtime.ReadMemStats(&ms0)
-	cpu0 := cpuTime()
-	vctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	var verr error
-	wg.Add(1)
-	t0 := time.Now()
-	go func() {
-		defer wg.Done()
-		switch spec.Variant {
-		case "R-A":
-			verr = runRMQPipe(vctx, e, ns)
-		default:
-			verr = runRMQBridge(vctx, e, ns)
-		}
-	}()
-	deadline := time.Now().Add(time.Duration(spec.N/500+60) * time.Second)
-	n := 0
-	for {
-		n = count()
-		if n >= spec.N || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(pollEvery)
-	}
-	t1 := time.Now()
-	cpu1 := cpuTime()
-	stopProf()
-	runtime.ReadMemStats(&ms1)
-	peak := readPeakRSSMB()
-	time.Sleep(300 * time.Millisecond)
-	cancel()
-	wg.Wait()
-	if verr != nil && !errors.Is(verr, context.Canceled) {
-		return nil, fmt.Errorf("variant %s: %w", spec.Variant, verr)
-	}
-	res := &childResult{Variant: spec.Variant, N: spec.N, Seconds: t1.Sub(t0).Seconds(), PeakRSSMB: peak,
-		Mallocs: ms1.Mallocs - ms0.Mallocs, HeapBytes: ms1.TotalAlloc - ms0.TotalAlloc, Settings: e.settings,
-		CPUus: float64(cpu1-cpu0) / 1e3 / float64(max(n, 1))}
-	res.MsgsPerS = float64(n) / res.Seconds
-	// Verify: every order exactly once, each in its cell's topic.
-	tl := newTally(table, res, spec.N)
-	for _, c := range table.cells {
-		for _, m := range b.Messages(rmqCellTopic(c)) {
-			tl.add(c, m.Body)
-		}
-	}
-	notes := tl.notes("cell topics")
-	res.Verified = len(notes) == 0
-	res.VerifyNote = strings.Join(notes, "; ")
-	return res, nil
 }
 
 // rmqPrePublish stores the events in topic "orders" from 32 concurrent
@@ -270,22 +169,4 @@ func runRMQPipe(ctx context.Context, e *env, ns string) error {
 	}
 	<-ctx.Done()
 	return c.Shutdown()
-}
-
-// runRMQBridge is cellbridge with the RocketMQ source and sink and the
-// memory dedupe store: the bridge of `cellbridge run` (package internal/app)
-// with a configuration naming the in-process broker as broker rmq.
-func runRMQBridge(ctx context.Context, e *env, ns string) error {
-	rules, err := filepath.Abs(e.spec.Rules)
-	if err != nil {
-		return err
-	}
-	a, err := startBridge(ctx, e, rules, fmt.Sprintf("brokers:\n  rmq: {type: rocketmq, nameservers: [%q], instancePrefix: bench}\ndedupe: {store: memory}\n", ns))
-	if err != nil {
-		return err
-	}
-	eff := a.Pipeline.Config()
-	e.settings = fmt.Sprintf("rmq source (client's pull batch), rmq sink (64 send workers), maxInFlight=%d workers=%d, memory dedupe",
-		eff.MaxInFlight, eff.Workers)
-	return runUntilDone(ctx, []*app.App{a})
 }

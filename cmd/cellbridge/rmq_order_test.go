@@ -45,7 +45,7 @@ const (
 	// flight (pipeline.maxInFlight, rmqMaxInFlight here) or pulled in
 	// batches it had not finished (a RocketMQ source acknowledges whole
 	// pulled batches: rmqSourceQueues × the adapter's 128; a JetStream
-	// source re-reads from its ack floor: the pipeline's fetchBatch, 1024),
+	// source re-reads from its ack floor: the pipeline's fetchBatch, 2048),
 	// plus what it forwarded in about the last second (rmqReplayWindow: a
 	// RocketMQ source persists its offsets at most 200ms after an
 	// acknowledgement).

@@ -41,7 +41,8 @@ func init() {
 
 Runs the bridge: consumes every topic rule's source, routes each event to the
 cell that owns it, republishes it there with an idempotency key, and serves
-/metrics, /healthz, /readyz, /route and /status over HTTP.
+/metrics, /healthz, /readyz, /route and /status over HTTP (with http.pprof:
+true also /debug/pprof/ and /debug/timeline).
 
 Without -config, or with a configuration that names no brokers, it runs the
 embedded default: an in-process nats-server with JetStream (store under -data,

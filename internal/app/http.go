@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"syscall"
 	"time"
@@ -18,12 +19,13 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 )
 
-// httpServer serves /metrics, /healthz, /readyz, /route and /status. It
-// serves from construction on, before anything connects, so that liveness
-// probes pass while the bridge connects (which waits for unreachable
-// brokers without end), and stops last. Until the pipeline runs it answers
-// /healthz (200), /readyz (503 with what the start waits for), /metrics,
-// and 503 "starting" for everything else.
+// httpServer serves /metrics, /healthz, /readyz, /route and /status, and
+// with http.pprof /debug/pprof/ and /debug/timeline. It serves from
+// construction on, before anything connects, so that liveness probes pass
+// while the bridge connects (which waits for unreachable brokers without
+// end), and stops last. Until the pipeline runs it answers /healthz (200),
+// /readyz (503 with what the start waits for), /metrics, /debug/pprof/
+// (when on), and 503 "starting" for everything else.
 type httpServer struct {
 	addr    string
 	handler atomicHandler
@@ -77,7 +79,12 @@ func newHTTPServer(lc fx.Lifecycle, res *resources, o *Options, status *startSta
 	hs := &httpServer{addr: l.Addr().String()}
 	hs.handler.status = status
 	hs.handler.metrics = promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
-	srv := &http.Server{Handler: &hs.handler, ReadHeaderTimeout: 10 * time.Second,
+	var handler http.Handler = &hs.handler
+	if o.Config.HTTP.Pprof {
+		handler = withPprof(handler)
+		log.Warn("http.pprof is on: /debug/pprof/ and /debug/timeline show the process's internals to whoever reaches " + hs.addr)
+	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	log.Info("http listening", "addr", hs.addr)
 	var wg sync.WaitGroup
@@ -92,4 +99,31 @@ func newHTTPServer(lc fx.Lifecycle, res *resources, o *Options, status *startSta
 		return err
 	})
 	return hs, nil
+}
+
+// withPprof serves Go's profiles under /debug/pprof/ (from start-up on, so
+// that a bridge stuck connecting can be looked into) and everything else
+// through next; /debug/timeline is next's (pipelineHandler).
+func withPprof(next http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.Handle("/", next)
+	return mux
+}
+
+// pipelineHandler is what the HTTP server serves once the pipeline runs:
+// bridge.NewHTTP, plus /debug/timeline when http.pprof is on.
+func pipelineHandler(o *Options, p *bridge.Pipeline) http.Handler {
+	h := bridge.NewHTTP(p)
+	if !o.Config.HTTP.Pprof {
+		return h
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/debug/timeline", bridge.TimelineHandler(p))
+	mux.Handle("/", h)
+	return mux
 }

@@ -170,7 +170,7 @@ func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources,
 	)
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
-			hs.handler.set(bridge.NewHTTP(p))
+			hs.handler.set(pipelineHandler(o, p))
 			var ctx context.Context
 			ctx, cancel = context.WithCancel(context.Background())
 			for i, src := range srcs.list {

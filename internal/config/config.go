@@ -79,6 +79,11 @@ func (d DedupeConfig) KV() dedupe.KVConfig {
 // HTTPConfig is the HTTP server of /metrics, /healthz, /readyz, /route, /status.
 type HTTPConfig struct {
 	Listen string `yaml:"listen"`
+	// Pprof also serves Go's profiles under /debug/pprof/ and the sampled
+	// per-message stage timings under /debug/timeline (bridge.Timeline).
+	// Off by default: a profile costs CPU while it runs, and both show the
+	// process's internals to whoever reaches the port.
+	Pprof bool `yaml:"pprof"`
 }
 
 // PipelineConfig holds the pipeline limits; every field has a default. Its

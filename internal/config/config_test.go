@@ -51,7 +51,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"workers", pl.Workers, 0},
 		{"lanes", pl.Lanes, 0},
 		{"heldRecheck", pl.HeldRecheck.D(), time.Second},
-		{"fetchBatch", pl.FetchBatch, 1024},
+		{"fetchBatch", pl.FetchBatch, 2048},
 		{"holdDelay", pl.HoldDelay.D(), 5 * time.Second},
 		{"retry.initial", pl.Retry.Initial.D(), 100 * time.Millisecond},
 		{"retry.max", pl.Retry.Max.D(), 5 * time.Second},
@@ -277,11 +277,12 @@ func TestPartitionsHeartbeatFollowsLeaseTTL(t *testing.T) {
 // messages as the consumer of an unpartitioned rule, not n times as many.
 func TestPartitionMaxAckPending(t *testing.T) {
 	c := Default()
-	if got, want := c.PartitionMaxAckPending(12), 2008+86; got != want {
+	// ceil(24096/12) + ceil(2048/12)
+	if got, want := c.PartitionMaxAckPending(12), 2008+171; got != want {
 		t.Errorf("12 partitions: MaxAckPending %d, want %d", got, want)
 	}
-	if got := c.PartitionFetchBatch(12); got != 86 {
-		t.Errorf("12 partitions: fetch batch %d, want 86", got)
+	if got := c.PartitionFetchBatch(12); got != 171 {
+		t.Errorf("12 partitions: fetch batch %d, want 171", got)
 	}
 	if got := c.PartitionFetchBatch(1024); got != 16 {
 		t.Errorf("1024 partitions: fetch batch %d, want at least 16", got)

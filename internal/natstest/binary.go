@@ -42,11 +42,19 @@ var serverBin struct {
 // when the binary cannot be built within five minutes.
 func ServerBinary(t testing.TB) string {
 	t.Helper()
-	serverBin.once.Do(func() { serverBin.path, serverBin.err = buildServer(5 * time.Minute) })
-	if serverBin.err != nil {
-		t.Fatal(serverBin.err)
+	path, err := BuildServer()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return serverBin.path
+	return path
+}
+
+// BuildServer is ServerBinary for programs that are not tests (the
+// benchmark harness): the same cached binary, or why it cannot be built
+// within five minutes.
+func BuildServer() (string, error) {
+	serverBin.once.Do(func() { serverBin.path, serverBin.err = buildServer(5 * time.Minute) })
+	return serverBin.path, serverBin.err
 }
 
 func buildServer(within time.Duration) (string, error) {

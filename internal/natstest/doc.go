@@ -3,5 +3,7 @@
 // nats-server processes (StartCluster) that a test can kill with SIGKILL,
 // freeze with SIGSTOP, restart and restart one by one, with helpers that
 // find the meta, stream and consumer leaders and create replicated streams
-// and buckets.
+// and buckets. Outside tests, StartProcess runs one nats-server process
+// (the benchmark harness's fresh server per run) and BuildServer provides
+// the binary.
 package natstest

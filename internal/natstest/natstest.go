@@ -1,6 +1,7 @@
 package natstest
 
 import (
+	"fmt"
 	"net"
 	"os"
 	"strings"
@@ -69,6 +70,14 @@ func (s *Server) Connect(t testing.TB, opts ...nats.Option) (*nats.Conn, jetstre
 // (all held open at once, so none is returned twice).
 func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
+	ports, err := freePorts(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ports
+}
+
+func freePorts(n int) ([]int, error) {
 	ports := make([]int, n)
 	var ls []net.Listener
 	defer func() {
@@ -79,12 +88,12 @@ func FreePorts(t testing.TB, n int) []int {
 	for i := range ports {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			t.Fatal(err)
+			return nil, fmt.Errorf("natstest: free port: %w", err)
 		}
 		ls = append(ls, l)
 		ports[i] = l.Addr().(*net.TCPAddr).Port
 	}
-	return ports
+	return ports, nil
 }
 
 // Tail returns the last n lines of a file (a log), or why it cannot.
