@@ -31,8 +31,9 @@
 //	                          downstream, and a redelivery would only be
 //	                          published again);
 //	              failed    → Release(key), negative-ack; a retry reserves
-//	                          again (if Release failed, once the
-//	                          reservation expired).
+//	                          again (if Release failed, once the store
+//	                          released it later or the reservation
+//	                          expired).
 //	  error     → negative-ack and retry; nothing was published.
 //
 // Why this forwards once:
@@ -53,8 +54,9 @@
 //     its duplicate window (RocketMQ sinks close the same gap with
 //     transactional messages). The store narrows the window of doubt to
 //     those crashes; the sink's window closes it.
-//   - A failed Commit (error) leaves the reservation, which expires; the
-//     same sink window covers a redelivery, which needs a lost source ack
+//   - A failed Commit (error) leaves the reservation until a store writes
+//     the commit later or it expires; the same sink window covers a
+//     redelivery published after the expiry, which needs a lost source ack
 //     on top of the lost commit.
 //   - After TTL a committed key is forgotten; redeliveries later than TTL
 //     are forwarded again. TTL must exceed the longest redelivery delay of
@@ -115,6 +117,18 @@
 //     marker does not linger). A commit or another replica's reservation
 //     has another revision, so the conditional write is refused: Release
 //     can never undo a commit or free someone else's reservation.
+//   - A Commit or Release that fails (the connection dropped, the bucket's
+//     leader is being elected) leaves the reservation in place, and every
+//     replica's Reserve of the key would meet it as InFlight until it
+//     expires after ReserveTTL (30s), holding the key's later messages
+//     back that long. The store remembers such a write (in memory, for
+//     ReserveTTL) and writes it again in the background, at once when the
+//     connection is back and then with backoff (50ms doubling to 1s), and
+//     once more when it is closed. Both writes stay correct whenever they
+//     land: the commit is true (the sink confirmed the message), the
+//     release is the same conditional purge. Until then its own Reserve of
+//     the key answers without the bucket: Duplicate for an owed commit
+//     (the message is stored downstream), InFlight for an owed release.
 //
 // Cost and throughput. A new key costs two round trips, each one stored
 // message: Reserve (create) and Commit (overwrite); Release and the
@@ -136,11 +150,11 @@
 // the connection is down fails at once and is never handed to the client,
 // so no write waits in its reconnect buffer to land later. Each such failure
 // is an error of the call, which the caller handles as the protocol above
-// says (Reserve: retry, which takes over its own lost reservation; Commit:
-// the reservation expires; Release: it expires). None of them can break the
-// argument: a write whose reply was lost may still have been stored, and
-// every write is either conditional (Reserve, Release) or true whenever it
-// lands (Commit). The bucket's set-up in NewJetStream bounds each attempt
+// says (Reserve: retry, which takes over its own lost reservation; Commit
+// and Release: written again in the background, see above). None of them
+// can break the argument: a write whose reply was lost may still have been
+// stored, and every write is either conditional (Reserve, Release) or true
+// whenever it lands (Commit). The bucket's set-up in NewJetStream bounds each attempt
 // by the same timeout and retries attempts that failed for reasons that
 // pass (no answer, no responders, an election: internal/retry) until its
 // context ends.

@@ -72,9 +72,11 @@ type KVConfig struct {
 // *jetstream.APIError the stream returned, and for failures of the request
 // itself jspub.ErrNotSent — nothing was written — or jspub.ErrNoReply — the
 // write may have happened). A request made while the connection is down
-// fails at once instead of waiting in the client's reconnect buffer. It owns
-// one subscription (for replies) and one goroutine (timeouts, connection
-// state), ended by Close; the connection stays the caller's. A
+// fails at once instead of waiting in the client's reconnect buffer; a
+// Commit or Release that fails is written again in the background (see
+// owedWrites). It owns one subscription (for replies) and two goroutines
+// (timeouts and connection state; the owed writes), ended by Close; the
+// connection stays the caller's. A
 // direct get may be served by a lagging replica of a clustered stream; a
 // stale read can only turn into InFlight (retry later) or into a refused
 // conditional write that is retried, because every decision that changes a
@@ -93,8 +95,14 @@ type KV struct {
 	attempts atomic.Uint64
 	// lost remembers the reservation values whose write may have been
 	// stored although its reply was lost (see Reserve), per subject.
-	lost   lostWrites
-	closed atomic.Bool
+	lost lostWrites
+	// owed are the commits and releases that failed, written again by
+	// repayLoop until stop is closed (repayDone closes after it).
+	owed      owedWrites
+	nc        *nats.Conn
+	stop      chan struct{}
+	repayDone chan struct{}
+	closed    atomic.Bool
 }
 
 var _ Store = (*KV)(nil)
@@ -138,7 +146,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
 	}
 	ttl := strconv.FormatInt(int64(cfg.ReserveTTL/time.Second), 10) + "s"
-	return &KV{
+	kv := &KV{
 		bucket:     cfg.Bucket,
 		prefix:     "$KV." + cfg.Bucket + ".",
 		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
@@ -148,7 +156,13 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
 		ours:       []byte("r" + hex.EncodeToString(token[:]) + "-"),
 		lost:       lostWrites{m: map[string]*lostWrite{}, ttl: cfg.ReserveTTL},
-	}, nil
+		owed:       newOwedWrites(cfg.ReserveTTL),
+		nc:         nc,
+		stop:       make(chan struct{}),
+		repayDone:  make(chan struct{}),
+	}
+	go kv.repayLoop()
+	return kv, nil
 }
 
 // policy bounds, retries, logs and reports the bucket's stream requests.
@@ -264,11 +278,22 @@ const maxReserveAttempts = 4
 // nobody holds; only one call can take a remembered value over. Any other
 // reservation of this store (a concurrent call for the same key) is
 // InFlight, as another replica's is.
+//
+// A key whose Commit by this store failed is a Duplicate without a round
+// trip (the message is stored downstream; the commit is written in the
+// background), and one whose Release failed is InFlight until the
+// background write removed the reservation (see owedWrites).
 func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 	if kv.closed.Load() {
 		return 0, kv.opErr("reserve", ErrClosed)
 	}
 	subj := kv.subject(key)
+	if owed, commit := kv.owed.owes(subj); owed {
+		if commit {
+			return Duplicate, nil
+		}
+		return InFlight, nil
+	}
 	hdr := kv.reserveHdr
 	val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
 	// After a lost reply the key most likely holds that write: read first
@@ -386,25 +411,50 @@ func (l *lostWrites) claim(subj string, val []byte) bool {
 	return false
 }
 
-// Commit implements Store: one round trip, awaited.
+// Commit implements Store: one round trip, awaited. When it fails (and ctx
+// has not ended: the caller did not give the write up) the store goes on
+// writing the commit in the background (see owedWrites) for up to
+// ReserveTTL, and the error is returned all the same.
 func (kv *KV) Commit(ctx context.Context, key string) error {
 	if kv.closed.Load() {
 		return kv.opErr("commit", ErrClosed)
 	}
-	if _, err := kv.client.Publish(ctx, kv.subject(key), nil, committedVal); err != nil {
+	subj := kv.subject(key)
+	if _, err := kv.client.Publish(ctx, subj, nil, committedVal); err != nil {
+		if ctx.Err() == nil {
+			kv.owed.owe(subj, true)
+		}
 		return kv.opErr("commit", err)
 	}
+	kv.owed.paid(subj, 0)
 	return nil
 }
 
 // Release implements Store: a read, then (if the reservation is still this
 // replica's) a purge marker conditional on its revision. The marker carries
-// a short TTL so that it does not outlive its use.
+// a short TTL so that it does not outlive its use. When it fails (and ctx
+// has not ended) the store goes on releasing in the background (see
+// owedWrites) for up to ReserveTTL, and the error is returned all the same.
 func (kv *KV) Release(ctx context.Context, key string) error {
 	if kv.closed.Load() {
 		return kv.opErr("release", ErrClosed)
 	}
 	subj := kv.subject(key)
+	if owed, commit := kv.owed.owes(subj); owed && commit {
+		return nil // a commit is on its way: nothing to release
+	}
+	if err := kv.release(ctx, subj); err != nil {
+		if ctx.Err() == nil {
+			kv.owed.owe(subj, false)
+		}
+		return kv.opErr("release", err)
+	}
+	kv.owed.paid(subj, 0)
+	return nil
+}
+
+// release is Release's read and conditional purge of subj.
+func (kv *KV) release(ctx context.Context, subj string) error {
 	// Read from the stream's leader: a direct get may be answered by a
 	// replica that has not applied the reservation yet (right after a
 	// leader change, a server catching up), and a release that believed it
@@ -412,7 +462,7 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 	// Reserve (InFlight) until it expires after ReserveTTL.
 	st, rev, err := kv.lookupLeader(ctx, subj)
 	if err != nil {
-		return kv.opErr("release", err)
+		return err
 	}
 	if st != kvOurs {
 		return nil
@@ -425,17 +475,25 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 	}
 	_, err = kv.client.Publish(ctx, subj, hdr, nil)
 	if err != nil && !isWrongLastSeq(err) { // changed meanwhile: no longer ours
-		return kv.opErr("release", err)
+		return err
 	}
 	return nil
 }
 
-// Close makes later calls return ErrClosed, waits for the requests in
-// flight until ctx ends (those still unanswered then return an error
-// wrapping ErrClosed), and ends the store's subscription and goroutine. The
-// connection is left open. Close is idempotent.
+// Close makes later calls return ErrClosed, makes one last attempt (within
+// ctx) at the commits and releases that failed and are still owed, waits
+// for the requests in flight until ctx ends (those still unanswered then
+// return an error wrapping ErrClosed), and ends the store's subscription and
+// goroutines. The connection is left open. Close is idempotent.
 func (kv *KV) Close(ctx context.Context) error {
-	kv.closed.Store(true)
+	if !kv.closed.Swap(true) {
+		close(kv.stop)
+		<-kv.repayDone
+		// One last attempt at the owed writes (within ctx): another
+		// replica meets a reservation left here as InFlight until it
+		// expires.
+		kv.repay(ctx)
+	}
 	if err := kv.client.Close(ctx); err != nil {
 		return kv.opErr("close", err)
 	}

@@ -92,3 +92,68 @@ func TestKVReserveLostReply(t *testing.T) {
 	mustReserve(t, a, "k2", Reserved)
 	mustReserve(t, a, "k2", InFlight)
 }
+
+// TestKVOwedWrites injects a failed Commit and a failed Release with a real
+// server (frozen with SIGSTOP while they are sent, so both time out): each
+// would leave a reservation that blocks the key for every replica until
+// ReserveTTL (an hour here). The store writes both again in the background
+// once the server answers: the other replica's Reserve sees the commit
+// (Duplicate) and the released key (Reserved) within seconds. Meanwhile the
+// failing store answers its own Reserve without the bucket: Duplicate for
+// the owed commit, InFlight for the owed release.
+func TestKVOwedWrites(t *testing.T) {
+	c := natstest.StartCluster(t, 1)
+	url := c.Node(0).URL
+	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ncA.Close()
+	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ncB.Close()
+	jsA, err := jetstream.New(ncA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jsB, err := jetstream.New(ncB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := KVConfig{Bucket: newBucket(), TTL: 2 * time.Hour, ReserveTTL: time.Hour, Timeout: 300 * time.Millisecond}
+	a := openKV(t, jsA, cfg)
+	b := openKV(t, jsB, cfg)
+	ctx := context.Background()
+
+	mustReserve(t, a, "published", Reserved)
+	mustReserve(t, a, "failed", Reserved)
+	c.Stop(0)
+	poll.Eventually(t, 10*time.Second, "the server frozen", func() bool { return ncA.FlushTimeout(100*time.Millisecond) != nil })
+	if err := a.Commit(ctx, "published"); !errors.Is(err, jspub.ErrNoReply) {
+		c.Cont(0)
+		t.Fatalf("Commit against a frozen server: err = %v, want a lost reply", err)
+	}
+	if err := a.Release(ctx, "failed"); err == nil {
+		c.Cont(0)
+		t.Fatal("Release against a frozen server succeeded")
+	}
+	// Answered without the bucket (it is still frozen).
+	mustReserve(t, a, "published", Duplicate)
+	mustReserve(t, a, "failed", InFlight)
+	c.Cont(0)
+
+	start := time.Now()
+	poll.Eventually(t, 10*time.Second, "the owed commit written", func() bool {
+		o, err := b.Reserve(ctx, "published")
+		return err == nil && o == Duplicate
+	})
+	poll.Eventually(t, 10*time.Second, "the owed release written", func() bool {
+		o, err := b.Reserve(ctx, "failed")
+		return err == nil && o == Reserved
+	})
+	t.Logf("owed commit and release written %v after the server answered again", time.Since(start).Round(time.Millisecond))
+	mustReserve(t, a, "failed", InFlight) // b's reservation now
+	mustReserve(t, a, "published", Duplicate)
+}
