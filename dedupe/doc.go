@@ -148,7 +148,10 @@
 // KVConfig.Timeout (2s by default) fails (a sweep enforces it), and so do
 // the requests in flight when the connection drops; a request made while
 // the connection is down fails at once and is never handed to the client,
-// so no write waits in its reconnect buffer to land later. Each such failure
+// so no write waits in its reconnect buffer to land later. A direct get
+// (the read of Reserve) that gets no answer within a quarter of the timeout
+// is asked again of the stream's leader: any replica may be handed a direct
+// get, and one on a frozen server never answers. Each such failure
 // is an error of the call, which the caller handles as the protocol above
 // says (Reserve: retry, which takes over its own lost reservation; Commit
 // and Release: written again in the background, see above). None of them

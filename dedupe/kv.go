@@ -82,9 +82,11 @@ type KVConfig struct {
 // conditional write that is retried, because every decision that changes a
 // key is a compare-and-set made by the stream leader.
 type KV struct {
-	bucket     string
-	prefix     string // "$KV.<bucket>."
-	getPrefix  string // direct get of the last message of a subject: + subject
+	bucket    string
+	prefix    string // "$KV.<bucket>."
+	getPrefix string // direct get of the last message of a subject: + subject
+	// directWait bounds a direct get before lookup asks the leader.
+	directWait time.Duration
 	msgGet     string // the stream's leader's message get (consistent reads)
 	client     *jspub.Client
 	reserveHdr nats.Header // shared, read only
@@ -150,6 +152,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		bucket:     cfg.Bucket,
 		prefix:     "$KV." + cfg.Bucket + ".",
 		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
+		directWait: max(cfg.Timeout/4, minDirectWait),
 		msgGet:     apiPrefix(js.Options()) + "STREAM.MSG.GET.KV_" + cfg.Bucket,
 		client:     c,
 		reserveTTL: ttl,
@@ -460,7 +463,7 @@ func (kv *KV) release(ctx context.Context, subj string) error {
 	// leader change, a server catching up), and a release that believed it
 	// would leave the reservation in place, blocking the key's next
 	// Reserve (InFlight) until it expires after ReserveTTL.
-	st, rev, err := kv.lookupLeader(ctx, subj)
+	st, rev, _, err := kv.lookupLeader(ctx, subj)
 	if err != nil {
 		return err
 	}
@@ -502,12 +505,18 @@ func (kv *KV) Close(ctx context.Context) error {
 
 // lookupLeader is lookup answered by the stream's leader (the message get
 // API: a JSON request and answer), for a read that must see every write
-// the leader confirmed. It returns no value.
-func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, error) {
+// the leader confirmed.
+func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
 	req, _ := json.Marshal(map[string]string{"last_by_subj": subj})
 	m, err := kv.client.Request(ctx, kv.msgGet, nil, req)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, nil, err
+	}
+	if len(m.Data) == 0 {
+		if m.Header.Get("Status") == "503" {
+			return 0, 0, nil, jspub.ErrNoStream // wraps nats.ErrNoResponders
+		}
+		return 0, 0, nil, fmt.Errorf("message get: empty answer (status %s %s)", m.Header.Get("Status"), m.Header.Get("Description"))
 	}
 	var resp struct {
 		Error *struct {
@@ -522,35 +531,35 @@ func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, e
 		} `json:"message"`
 	}
 	if err := json.Unmarshal(m.Data, &resp); err != nil {
-		return 0, 0, fmt.Errorf("message get: %w", err)
+		return 0, 0, nil, fmt.Errorf("message get: %w", err)
 	}
 	switch {
 	case resp.Error != nil && resp.Error.ErrCode == int(jetstream.JSErrCodeMessageNotFound):
-		return kvAbsent, 0, nil
+		return kvAbsent, 0, nil, nil
 	case resp.Error != nil:
-		return 0, 0, fmt.Errorf("message get: %s (code %d, error code %d)", resp.Error.Description, resp.Error.Code, resp.Error.ErrCode)
+		return 0, 0, nil, fmt.Errorf("message get: %s (code %d, error code %d)", resp.Error.Description, resp.Error.Code, resp.Error.ErrCode)
 	case resp.Message == nil:
-		return 0, 0, errors.New("message get: no message in the answer")
+		return 0, 0, nil, errors.New("message get: no message in the answer")
 	}
 	msg := resp.Message
 	if len(msg.Hdrs) > 0 {
 		h, err := nats.DecodeHeadersMsg(msg.Hdrs)
 		if err != nil {
-			return 0, 0, fmt.Errorf("message get: headers: %w", err)
+			return 0, 0, nil, fmt.Errorf("message get: headers: %w", err)
 		}
 		if h.Get(hdrKVOperation) != "" || h.Get(hdrMarkerReason) != "" {
-			return kvMarker, msg.Seq, nil
+			return kvMarker, msg.Seq, nil, nil
 		}
 	}
 	switch {
 	case bytes.Equal(msg.Data, committedVal):
-		return kvCommitted, msg.Seq, nil
+		return kvCommitted, msg.Seq, nil, nil
 	case bytes.HasPrefix(msg.Data, kv.ours):
-		return kvOurs, msg.Seq, nil
+		return kvOurs, msg.Seq, msg.Data, nil
 	case len(msg.Data) > 0 && msg.Data[0] == 'r':
-		return kvReserved, msg.Seq, nil
+		return kvReserved, msg.Seq, nil, nil
 	}
-	return 0, 0, fmt.Errorf("unexpected value at revision %d", msg.Seq)
+	return 0, 0, nil, fmt.Errorf("unexpected value at revision %d", msg.Seq)
 }
 
 type kvState uint8
@@ -563,10 +572,33 @@ const (
 	kvOurs     // reserved by this store (any of its Reserve calls)
 )
 
+// minDirectWait is the shortest wait for a direct get before the leader is
+// asked (KVConfig.Timeout/4 otherwise).
+const minDirectWait = 50 * time.Millisecond
+
 // lookup reads the latest message of a key with a direct get (through the
 // same pipe: one round trip, no per-request subscription or JSON). For a
 // reservation of this store it also returns the value.
+//
+// Any replica of the bucket's stream may answer a direct get. While a
+// server of the cluster is frozen (SIGSTOP, a stalled VM) its routes stay
+// open and its subscriptions known, and the fault tests measured about one
+// lookup in three left unanswered until the request timeout, key after key
+// (the stream's leader, which answers the writes, was not affected). A
+// direct get without an answer within Timeout/4 is therefore asked again of
+// the stream's leader (lookupLeader) with what is left of ctx.
 func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
+	dctx, cancel := context.WithTimeout(ctx, kv.directWait)
+	st, seq, val, err := kv.directGet(dctx, subj)
+	cancel()
+	if err != nil && ctx.Err() == nil && errors.Is(err, jspub.ErrNoReply) && errors.Is(err, context.DeadlineExceeded) {
+		return kv.lookupLeader(ctx, subj)
+	}
+	return st, seq, val, err
+}
+
+// directGet is lookup's direct get.
+func (kv *KV) directGet(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
 	m, err := kv.client.Request(ctx, kv.getPrefix+subj, nil, nil)
 	if err != nil {
 		return 0, 0, nil, err
