@@ -494,7 +494,9 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 			if t.reserved {
 				t.reserved = false
 				if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
-					// The reservation expires by itself after ReserveTTL.
+					// The store releases it later (the JetStream store
+					// writes a failed release again), else it expires
+					// after ReserveTTL.
 					p.met.DedupeErrors.WithLabelValues("release").Inc()
 				}
 			}
@@ -562,8 +564,10 @@ func (p *Pipeline) complete(t *task) *task {
 				cerr = p.store.Commit(p.settleCtx, t.storeKey)
 			}
 			if cerr != nil {
-				// The sink has the message; a redelivery would be published
-				// again and dropped by the sink's own dedupe window.
+				// The sink has the message. The JetStream store writes
+				// the commit again (its own Reserve of the key answers
+				// Duplicate meanwhile); a copy published again after the
+				// reservation expired is dropped by the sink's window.
 				p.met.DedupeErrors.WithLabelValues("commit").Inc()
 				p.log.Debug("dedupe commit failed", "rule", t.m.Rule, "err", cerr)
 			}
@@ -605,7 +609,8 @@ func (p *Pipeline) complete(t *task) *task {
 	if t.reserved {
 		t.reserved = false
 		if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
-			// The reservation expires by itself after the store's ReserveTTL.
+			// The store releases it later (the JetStream store writes a
+			// failed release again), else it expires after ReserveTTL.
 			p.met.DedupeErrors.WithLabelValues("release").Inc()
 		}
 	}
