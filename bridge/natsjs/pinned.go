@@ -382,7 +382,6 @@ func (r *pinRun) acquire() *epoch {
 		r.hold(newEpoch(r.pin))
 		return nil
 	}
-	reconnects := r.nc.Stats().Reconnects
 	pol := *s.pol
 	pol.Max = time.Second
 	report := s.pol.Report
@@ -393,9 +392,16 @@ func (r *pinRun) acquire() *epoch {
 		s.failing.set(fmt.Errorf("consumer reset failed (retrying): %w", ae.Err))
 	}
 	rctx, cancel := context.WithTimeout(r.ctx, s.cfg.PinnedTTL)
+	// The epoch belongs to the connection the successful reset went out
+	// on: the count is read before each attempt, so that a reconnect
+	// during an earlier attempt (sent to a server that stopped answering)
+	// does not fence the epoch that starts after it.
+	var reconnects uint64
+	drainStatus(r.status) // what happened before is what waitConnected saw
 	resp, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
 		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
-			return s.js.ResetConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
+			reconnects = r.nc.Stats().Reconnects
+			return r.resetOnLink(ctx)
 		})
 	cancel()
 	switch {
@@ -419,6 +425,48 @@ func (r *pinRun) acquire() *epoch {
 	s.log.Warn("nats consumer reset failed; letting the pin lapse", "pin", r.pin, "err", err,
 		"hint", "the reset needs nats-server 2.14+ and permission for $JS.API.CONSUMER.RESET")
 	return nil
+}
+
+// errLinkLost ends a consumer reset attempt whose connection dropped while
+// it waited for the answer; it wraps nats.ErrDisconnected, so the attempt
+// is retried (on the new connection, once it is up).
+var errLinkLost = fmt.Errorf("connection lost during the consumer reset: %w", nats.ErrDisconnected)
+
+// resetOnLink resets the consumer to its ack floor, giving the attempt up
+// as soon as the connection drops: a reset sent to a server that stopped
+// answering (frozen, cut off) would otherwise wait out its whole timeout
+// although the client has already moved to another server, where the next
+// attempt goes at once.
+func (r *pinRun) resetOnLink(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
+	lctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			select {
+			case <-done:
+				return
+			case st := <-r.status:
+				if st != nats.CONNECTED {
+					cancel(errLinkLost)
+					return
+				}
+			}
+		}
+	}()
+	resp, err := r.s.js.ResetConsumer(lctx, r.s.cfg.Stream, r.s.cfg.Durable)
+	if err != nil && errors.Is(context.Cause(lctx), errLinkLost) {
+		err = errLinkLost
+	}
+	return resp, err
+}
+
+// drainStatus drops the queued status events of ch.
+func drainStatus(ch chan nats.Status) {
+	for len(ch) > 0 {
+		<-ch
+	}
 }
 
 // hold leaves ep for Release or Close: the pin it may still hold is given
@@ -456,9 +504,7 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 	defer s.active.CompareAndSwap(ep, nil)
 	// Status events from before the reset are stale (the reconnect
 	// counter, read before it, covers a reconnect since).
-	for len(r.status) > 0 {
-		<-r.status
-	}
+	drainStatus(r.status)
 	closed := cc.Closed()
 	tick := time.NewTicker(s.expiry)
 	defer tick.Stop()
