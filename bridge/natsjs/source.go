@@ -592,11 +592,16 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 	for {
 		cons := s.consumer()
 		asked := time.Now()
+		reconnects := s.js.Conn().Stats().Reconnects
 		ictx, cancel := context.WithTimeout(ctx, s.cfg.BacklogInterval)
 		info, err := retry.Do(ictx, s.quiet, retry.OpConsumerInfo, s.consumerName(),
 			func(ctx context.Context) (*jetstream.ConsumerInfo, error) { return cons.Info(ctx) })
 		cancel()
-		if st := s.State().State; st == StateStandby && ctx.Err() == nil {
+		// A request that went unanswered while the connection moved to
+		// another server says nothing about the new one: not reported
+		// (the next one, BacklogInterval later, is).
+		moved := err != nil && s.js.Conn().Stats().Reconnects != reconnects
+		if st := s.State().State; st == StateStandby && ctx.Err() == nil && !moved {
 			// A standby learns only here whether it could take over: the
 			// consumer's leader answers or not.
 			switch {
