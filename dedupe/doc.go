@@ -105,6 +105,14 @@
 //     in this process) is InFlight, like another replica's. A lost write
 //     that reaches the stream only after the key was reserved again or
 //     committed is refused by its own condition (the key has a message).
+//     When no Reserve of the store took a lost value over within a tenth
+//     of ReserveTTL (at least the request timeout: the caller's own retry
+//     normally comes sooner), the store takes the value back from memory
+//     and purges the key if it still holds that value (conditional on its
+//     revision), so that another replica, which took the source over after
+//     a reconnect, is not kept waiting for ReserveTTL; a Reserve of this
+//     store that comes meanwhile finds no value to take over and sees
+//     InFlight until the purge.
 //   - Commit = publish "c" with no expectation and no per-message TTL: it
 //     replaces the reservation (one message per key) and lives for the
 //     bucket's max age, i.e. TTL from the commit. It is unconditional on

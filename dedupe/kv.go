@@ -87,6 +87,10 @@ type KV struct {
 	getPrefix string // direct get of the last message of a subject: + subject
 	// directWait bounds a direct get before lookup asks the leader.
 	directWait time.Duration
+	// lostGrace is how long a lost reservation is left to this store's
+	// own Reserve before it is released in the background (see
+	// owedWrites): ReserveTTL/10, at least Timeout.
+	lostGrace  time.Duration
 	msgGet     string // the stream's leader's message get (consistent reads)
 	client     *jspub.Client
 	reserveHdr nats.Header // shared, read only
@@ -153,6 +157,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		prefix:     "$KV." + cfg.Bucket + ".",
 		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
 		directWait: max(cfg.Timeout/4, minDirectWait),
+		lostGrace:  max(cfg.ReserveTTL/10, cfg.Timeout),
 		msgGet:     apiPrefix(js.Options()) + "STREAM.MSG.GET.KV_" + cfg.Bucket,
 		client:     c,
 		reserveTTL: ttl,
@@ -291,10 +296,10 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 		return 0, kv.opErr("reserve", ErrClosed)
 	}
 	subj := kv.subject(key)
-	if owed, commit := kv.owed.owes(subj); owed {
-		if commit {
-			return Duplicate, nil
-		}
+	switch kv.owed.owes(subj) {
+	case owedCommit:
+		return Duplicate, nil
+	case owedRelease:
 		return InFlight, nil
 	}
 	hdr := kv.reserveHdr
@@ -310,6 +315,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 			}
 			if errors.Is(err, jspub.ErrNoReply) {
 				kv.lost.remember(subj, val)
+				kv.owed.owe(subj, owedLost, kv.lostGrace)
 				return 0, kv.opErr("reserve", err)
 			}
 			if !isWrongLastSeq(err) {
@@ -382,6 +388,29 @@ func (l *lostWrites) remember(subj string, val []byte) {
 	w.until = now.Add(l.ttl)
 }
 
+// take returns subj's remembered lost writes and forgets them: the caller
+// releases them (or gives them back with restore).
+func (l *lostWrites) take(subj string) [][]byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := l.m[subj]
+	if w == nil {
+		return nil
+	}
+	delete(l.m, subj)
+	if time.Now().After(w.until) {
+		return nil
+	}
+	return w.vals
+}
+
+// restore gives back values take returned, when releasing them failed.
+func (l *lostWrites) restore(subj string, vals [][]byte) {
+	for _, v := range vals {
+		l.remember(subj, v)
+	}
+}
+
 // has reports whether subj has remembered lost writes.
 func (l *lostWrites) has(subj string) bool {
 	l.mu.Lock()
@@ -425,7 +454,7 @@ func (kv *KV) Commit(ctx context.Context, key string) error {
 	subj := kv.subject(key)
 	if _, err := kv.client.Publish(ctx, subj, nil, committedVal); err != nil {
 		if ctx.Err() == nil {
-			kv.owed.owe(subj, true)
+			kv.owed.owe(subj, owedCommit, 0)
 		}
 		return kv.opErr("commit", err)
 	}
@@ -443,12 +472,12 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 		return kv.opErr("release", ErrClosed)
 	}
 	subj := kv.subject(key)
-	if owed, commit := kv.owed.owes(subj); owed && commit {
+	if kv.owed.owes(subj) == owedCommit {
 		return nil // a commit is on its way: nothing to release
 	}
 	if err := kv.release(ctx, subj); err != nil {
 		if ctx.Err() == nil {
-			kv.owed.owe(subj, false)
+			kv.owed.owe(subj, owedRelease, 0)
 		}
 		return kv.opErr("release", err)
 	}
@@ -470,14 +499,21 @@ func (kv *KV) release(ctx context.Context, subj string) error {
 	if st != kvOurs {
 		return nil
 	}
+	return kv.purge(ctx, subj, rev)
+}
+
+// purge writes a purge marker on subj if its last message is still rev (a
+// 1s TTL, so that the marker does not linger); a refusal means the key
+// changed meanwhile and is no longer this store's: not an error.
+func (kv *KV) purge(ctx context.Context, subj string, rev uint64) error {
 	hdr := nats.Header{
 		hdrKVOperation:       {"PURGE"},
 		hdrRollup:            {"sub"},
 		hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)},
 		hdrTTL:               {"1s"},
 	}
-	_, err = kv.client.Publish(ctx, subj, hdr, nil)
-	if err != nil && !isWrongLastSeq(err) { // changed meanwhile: no longer ours
+	_, err := kv.client.Publish(ctx, subj, hdr, nil)
+	if err != nil && !isWrongLastSeq(err) {
 		return err
 	}
 	return nil

@@ -157,3 +157,55 @@ func TestKVOwedWrites(t *testing.T) {
 	mustReserve(t, a, "failed", InFlight) // b's reservation now
 	mustReserve(t, a, "published", Duplicate)
 }
+
+// TestKVLostReservationReleased: a Reserve whose reply is lost (the server
+// frozen while it is sent) leaves a reservation nobody holds. The store
+// that wrote it leaves it to its own Reserve for lostGrace (ReserveTTL/10,
+// 2s here; TestKVReserveLostReply takes it over within that time), then
+// releases it, so that another replica gets the key within seconds instead
+// of after ReserveTTL (20s here).
+func TestKVLostReservationReleased(t *testing.T) {
+	c := natstest.StartCluster(t, 1)
+	url := c.Node(0).URL
+	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ncA.Close()
+	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ncB.Close()
+	jsA, err := jetstream.New(ncA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jsB, err := jetstream.New(ncB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 20 * time.Second, Timeout: 300 * time.Millisecond}
+	a := openKV(t, jsA, cfg)
+	b := openKV(t, jsB, cfg)
+	ctx := context.Background()
+
+	c.Stop(0)
+	poll.Eventually(t, 10*time.Second, "the server frozen", func() bool { return ncA.FlushTimeout(100*time.Millisecond) != nil })
+	if _, err := a.Reserve(ctx, "k"); !errors.Is(err, jspub.ErrNoReply) {
+		c.Cont(0)
+		t.Fatalf("Reserve against a frozen server: err = %v, want a lost reply", err)
+	}
+	lost := time.Now()
+	c.Cont(0)
+	if err := ncA.FlushTimeout(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	mustReserve(t, b, "k", InFlight) // the lost write was stored
+	poll.Eventually(t, 10*time.Second, "the lost reservation released", func() bool {
+		o, err := b.Reserve(ctx, "k")
+		return err == nil && o == Reserved
+	})
+	t.Logf("the other store reserved the key %v after the lost reply", time.Since(lost).Round(time.Millisecond))
+	mustReserve(t, a, "k", InFlight) // b holds it now; a's lost value is gone
+}

@@ -1,24 +1,37 @@
 package dedupe
 
 import (
+	"bytes"
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// owedWrites are the writes a KV store still owes the bucket after a Commit
-// or a Release failed (not sent because the connection was down, or sent
-// and unanswered): per key subject, a commit (the message is stored
-// downstream, its reservation was not turned into a commit) or a release
-// (the caller gave its reservation up after a failed publish, the
-// reservation is still there). Either leaves a reservation in the bucket
-// that every replica's Reserve of the key meets as InFlight until it
-// expires after ReserveTTL; the store writes them in the background as soon
-// as the bucket answers again (KV.repayLoop), and meanwhile answers its own
-// Reserve of such a key without the bucket: Duplicate for an owed commit,
-// InFlight for an owed release (until it is written). A debt is given up
-// ReserveTTL after the failure: the reservation has expired by then.
+// owedWrites are the writes a KV store still owes the bucket after a call
+// failed (not sent because the connection was down, or sent and
+// unanswered), per key subject:
+//
+//   - a commit (owedCommit): the message is stored downstream, its
+//     reservation was not turned into a commit;
+//   - a release (owedRelease): the caller gave its reservation up after a
+//     failed publish, and the reservation is still there;
+//   - a lost reservation (owedLost): a Reserve whose reply was lost, whose
+//     write may be stored (lostWrites) although no caller holds it.
+//
+// Each leaves a reservation in the bucket that every replica's Reserve of
+// the key meets as InFlight until it expires after ReserveTTL: a replica
+// that takes the source over after a reconnect would wait that long for
+// keys whose writes the old owner lost. The store writes them in the
+// background as soon as the bucket answers again (KV.repayLoop), and
+// meanwhile answers its own Reserve of such a key without the bucket:
+// Duplicate for an owed commit, InFlight for an owed release (until it is
+// written). A lost reservation is left to the store's own Reserve of the
+// key for a while (lostGrace: the caller's retry takes it over, one round
+// trip, no purge) and released only then, if nobody took it. A debt is
+// given up ReserveTTL after the failure: the reservation has expired by
+// then.
 type owedWrites struct {
 	n    atomic.Int64 // len(m), read without the lock on every Reserve
 	mu   sync.Mutex
@@ -27,10 +40,22 @@ type owedWrites struct {
 	wake chan struct{} // a debt was added (buffered, one)
 }
 
+// owedKind is what a key subject is owed; a larger kind covers a smaller
+// one: a commit makes a release pointless, and a release removes any
+// reservation of the store, a lost one too.
+type owedKind uint8
+
+const (
+	owedLost owedKind = iota + 1
+	owedRelease
+	owedCommit
+)
+
 // debt is what one key subject is owed.
 type debt struct {
-	commit bool      // a commit is owed; else a release
-	until  time.Time // given up then
+	kind  owedKind
+	after time.Time // not written before then
+	until time.Time // given up then
 	// gen changes with every failure recorded for the subject, so that a
 	// write that began before it does not pay it off.
 	gen uint64
@@ -40,10 +65,10 @@ func newOwedWrites(ttl time.Duration) owedWrites {
 	return owedWrites{m: map[string]*debt{}, ttl: ttl, wake: make(chan struct{}, 1)}
 }
 
-// owe records that the write of subj failed: a commit (commit true) or a
-// release. A commit owed stays a commit: a release of a committed key does
-// nothing.
-func (o *owedWrites) owe(subj string, commit bool) {
+// owe records that a write of subj failed and what it leaves owed, to be
+// written no sooner than after.
+func (o *owedWrites) owe(subj string, kind owedKind, after time.Duration) {
+	now := time.Now()
 	o.mu.Lock()
 	d := o.m[subj]
 	if d == nil {
@@ -51,8 +76,11 @@ func (o *owedWrites) owe(subj string, commit bool) {
 		o.m[subj] = d
 		o.n.Store(int64(len(o.m)))
 	}
-	d.commit = d.commit || commit
-	d.until = time.Now().Add(o.ttl)
+	if kind > d.kind || d.after.IsZero() {
+		d.after = now.Add(after)
+	}
+	d.kind = max(d.kind, kind)
+	d.until = now.Add(o.ttl)
 	d.gen++
 	o.mu.Unlock()
 	select {
@@ -61,18 +89,18 @@ func (o *owedWrites) owe(subj string, commit bool) {
 	}
 }
 
-// owes reports what subj is owed: (true, commit) while a debt is live.
-func (o *owedWrites) owes(subj string) (owed, commit bool) {
+// owes reports what subj is owed (0: nothing).
+func (o *owedWrites) owes(subj string) owedKind {
 	if o.n.Load() == 0 {
-		return false, false
+		return 0
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	d := o.m[subj]
 	if d == nil || time.Now().After(d.until) {
-		return false, false
+		return 0
 	}
-	return true, d.commit
+	return d.kind
 }
 
 // paid forgets subj's debt if it is still the one of generation gen (0:
@@ -91,12 +119,13 @@ func (o *owedWrites) paid(subj string, gen uint64) {
 
 // owedWrite is one debt as due for a write.
 type owedWrite struct {
-	subj   string
-	commit bool
-	gen    uint64
+	subj string
+	kind owedKind
+	gen  uint64
 }
 
-// due returns the live debts and forgets the expired ones.
+// due returns the live debts whose time has come and forgets the expired
+// ones.
 func (o *owedWrites) due() []owedWrite {
 	if o.n.Load() == 0 {
 		return nil
@@ -110,7 +139,10 @@ func (o *owedWrites) due() []owedWrite {
 			delete(o.m, subj)
 			continue
 		}
-		out = append(out, owedWrite{subj: subj, commit: d.commit, gen: d.gen})
+		if now.Before(d.after) {
+			continue
+		}
+		out = append(out, owedWrite{subj: subj, kind: d.kind, gen: d.gen})
 	}
 	o.n.Store(int64(len(o.m)))
 	return out
@@ -164,7 +196,7 @@ func (kv *KV) repayLoop() {
 func (kv *KV) repay(ctx context.Context) bool {
 	due := kv.owed.due()
 	if len(due) == 0 {
-		return true
+		return kv.owed.n.Load() == 0
 	}
 	if !kv.nc.IsConnected() {
 		return false
@@ -187,11 +219,28 @@ func (kv *KV) repay(ctx context.Context) bool {
 // repayOne writes one owed commit or release. The commit is the
 // unconditional "c" Commit writes; the release is Release's conditional
 // purge marker, written only while the key still holds a reservation of
-// this store.
+// this store; a lost reservation is purged the same way, only while the key
+// holds one of its lost values, which it takes from lostWrites first so
+// that no Reserve takes the reservation over meanwhile (one that comes
+// then sees it as InFlight and tries again).
 func (kv *KV) repayOne(ctx context.Context, w owedWrite) error {
-	if w.commit {
+	switch w.kind {
+	case owedCommit:
 		_, err := kv.client.Publish(ctx, w.subj, nil, committedVal)
 		return err
+	case owedRelease:
+		return kv.release(ctx, w.subj)
 	}
-	return kv.release(ctx, w.subj)
+	vals := kv.lost.take(w.subj)
+	if len(vals) == 0 {
+		return nil // taken over by a Reserve of this store, or expired
+	}
+	st, rev, cur, err := kv.lookupLeader(ctx, w.subj)
+	if err == nil && st == kvOurs && slices.ContainsFunc(vals, func(v []byte) bool { return bytes.Equal(v, cur) }) {
+		err = kv.purge(ctx, w.subj, rev)
+	}
+	if err != nil {
+		kv.lost.restore(w.subj, vals)
+	}
+	return err
 }
