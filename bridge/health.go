@@ -52,10 +52,10 @@ type Health struct {
 	rulesLoaded     atomic.Pointer[func() (int64, bool)]
 
 	mu      sync.Mutex
-	conns   map[[2]string]bool    // {broker, role} → up
-	failing map[string]*failRec   // what ("publishing to broker B subject S", "dedupe store") → its failure streak
-	targets map[string][2]string  // what → {broker, target} of a publish target, for cellbridge_target_failing
-	sources map[string]*sourceRec // rule → why its source cannot deliver (stalled, not connected)
+	conns   map[[2]string]bool   // {broker, role} → up
+	failing map[string]*failRec  // what ("publishing to broker B subject S", "dedupe store") → its failure streak
+	targets map[string][2]string // what → {broker, target} of a publish target, for cellbridge_target_failing
+	sources map[string]string    // rule → why its source cannot deliver (stalled, not connected)
 	rules   map[string]*ruleHealth
 	ready   int // -1 unknown, 0, 1; for logging transitions
 	// wasReady is set once Ready first answered ready; after that, Ready
@@ -81,21 +81,8 @@ type failRec struct {
 }
 
 // recoverHold is how long a failing target or store must go without a
-// failure after a success, and a failing source without a new report after
-// it cleared, before readiness reports it recovered.
+// failure after a success before readiness reports it recovered.
 const recoverHold = time.Second
-
-// sourceRec is why a rule's source cannot deliver. A source's reports come
-// from several places that see a fault at different moments (the pull's
-// heartbeats, the consumer reset, a standby's probe and consumer info), so
-// that one clears what another reports again a moment later while the
-// fault lasts; cleared is when the last report cleared it, and readiness
-// counts the source failing until recoverHold has passed without a new
-// report.
-type sourceRec struct {
-	why     string
-	cleared time.Time // zero while failing
-}
 
 type ruleHealth struct {
 	backlog      atomic.Int64
@@ -113,7 +100,7 @@ func NewHealth(m *Metrics, log *slog.Logger, clock Clock) *Health {
 		clock = SystemClock
 	}
 	h := &Health{m: m, log: log, clock: clock, conns: map[[2]string]bool{}, failing: map[string]*failRec{},
-		targets: map[string][2]string{}, sources: map[string]*sourceRec{}, rules: map[string]*ruleHealth{}, ready: -1}
+		targets: map[string][2]string{}, sources: map[string]string{}, rules: map[string]*ruleHealth{}, ready: -1}
 	h.progressTimeout.Store(int64(60 * time.Second))
 	h.stallTimeout.Store(int64(3 * time.Second))
 	return h
@@ -216,21 +203,14 @@ func (h *Health) recovered(what string) {
 
 // SourceFailing records why the source of rule cannot deliver (its server
 // stopped answering, it is not connected, it cannot create its consumer);
-// err nil clears it (readiness follows recoverHold later, see sourceRec; the
-// metric at once). Adapters call it on changes; repeating is fine.
+// err nil clears it. Adapters call it on changes; repeating is fine.
 func (h *Health) SourceFailing(rule string, err error) {
 	h.mu.Lock()
-	rec := h.sources[rule]
-	was := rec != nil && rec.cleared.IsZero()
-	var old string
-	if rec != nil {
-		old = rec.why
-	}
-	switch {
-	case err != nil:
-		h.sources[rule] = &sourceRec{why: err.Error()}
-	case was:
-		rec.cleared = h.clock.Now()
+	old, was := h.sources[rule]
+	if err != nil {
+		h.sources[rule] = err.Error()
+	} else {
+		delete(h.sources, rule)
 	}
 	h.mu.Unlock()
 	if h.m != nil {
@@ -276,16 +256,8 @@ func (h *Health) Ready() (bool, string) {
 		}
 		reasons = append(reasons, what+" keeps failing: "+r.err+" (for "+now.Sub(r.since).Truncate(time.Second/10).String()+")")
 	}
-	for rule, r := range h.sources {
-		switch {
-		case r.cleared.IsZero():
-			reasons = append(reasons, "source of rule "+rule+": "+r.why)
-		case now.Sub(r.cleared) >= recoverHold:
-			delete(h.sources, rule)
-		default:
-			reasons = append(reasons, "source of rule "+rule+": "+r.why+" (delivering again "+
-				now.Sub(r.cleared).Truncate(time.Second/10).String()+" ago)")
-		}
+	for rule, why := range h.sources {
+		reasons = append(reasons, "source of rule "+rule+": "+why)
 	}
 	stallTimeout := time.Duration(h.stallTimeout.Load())
 	for name, r := range h.rules {
