@@ -61,6 +61,10 @@ type Pipeline struct {
 	inline bool // dispatch on the calling goroutine (local dedupe store)
 
 	storeFailing atomic.Bool
+	// storeWaiting counts the messages whose last Reserve failed and that
+	// have not reserved since nor left (task.storeWait); the last one to
+	// leave clears the store's failure, as for a target (leaveSink).
+	storeWaiting atomic.Int64
 
 	ctx    context.Context // Reserve and publishes; cancelled at the drain deadline
 	cancel context.CancelFunc
@@ -463,10 +467,16 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		}
 		if err != nil {
 			p.met.DedupeErrors.WithLabelValues("reserve").Inc()
+			if !t.storeWait {
+				// Count first, as for a target (markFailed).
+				t.storeWait = true
+				p.storeWaiting.Add(1)
+			}
 			markFailed(p.health, &p.storeFailing, "dedupe store", err)
 			return p.retry(t)
 		}
 		markRecovered(p.health, &p.storeFailing, "dedupe store")
+		p.leaveStore(t)
 		switch o {
 		case dedupe.Duplicate:
 			if t.parent != nil {
@@ -646,6 +656,22 @@ func (p *Pipeline) leaveSink(t *task) {
 	t.failedOn = nil
 	if ss.waiting.Add(-1) == 0 {
 		markRecovered(p.health, &ss.failing, ss.what)
+	}
+}
+
+// leaveStore records that t no longer waits for the dedupe store (it
+// reserved, or it leaves the pipeline: settled, revoked); the last message
+// to leave clears the store's failure. A replica whose source went to
+// another replica while the store failed has no message left to succeed
+// with, and would otherwise report the store failing until it forwards
+// again.
+func (p *Pipeline) leaveStore(t *task) {
+	if !t.storeWait {
+		return
+	}
+	t.storeWait = false
+	if p.storeWaiting.Add(-1) == 0 {
+		markRecovered(p.health, &p.storeFailing, "dedupe store")
 	}
 }
 
