@@ -269,6 +269,7 @@ func (r *pinRun) standby() bool {
 			// tenth of ProbeWait to arrive; the monitor's consumer info,
 			// with RequestTimeout, tells a standby that cannot reach the
 			// consumer.)
+			s.probeAnswered.Store(time.Now().UnixNano())
 			s.failing.clear()
 		}
 		if msg != nil {
