@@ -298,6 +298,24 @@ func (tr readyTrace) between(from, to time.Time, ok bool) int {
 	return n
 }
 
+// reasons lists the distinct first reasons of the 503 answers from from
+// until to (zero: the end), in order, each with the time after from it
+// first came.
+func (tr readyTrace) reasons(from, to time.Time) string {
+	var out []string
+	seen := map[string]bool{}
+	for _, s := range tr {
+		if s.err || s.ok || s.at.Before(from) || (!to.IsZero() && !s.at.Before(to)) {
+			continue
+		}
+		if why := firstLine(s.why); !seen[why] {
+			seen[why] = true
+			out = append(out, fmt.Sprintf("%q at +%v", why, s.at.Sub(from).Round(10*time.Millisecond)))
+		}
+	}
+	return strings.Join(out, "; ")
+}
+
 func (tr readyTrace) String() string {
 	if len(tr) == 0 {
 		return "none"
@@ -587,6 +605,11 @@ func TestFaultsKill(t *testing.T) {
 			b := r.bridges[standby]
 			meta := c.MetaLeader()
 			src := r.rule.Source
+			// Only the meta group and the source consumer elect: the
+			// streams' leaders (the dedupe bucket's among them) leave
+			// the server first, as in the other runs (their own kills
+			// are measured above).
+			r.moveLeadersOff(meta)
 			c.MoveConsumerLeader(src.Stream, src.Group, meta)
 			pid := b.Pid()
 			at := time.Now()
@@ -747,9 +770,10 @@ func (r *faultRig) checkStall(f *faultFigures, replicas []int, from, to time.Tim
 		up, ok := tr.first(to, true)
 		switch {
 		case !ok:
-			t.Errorf("%s: %s not ready again after the stall", f.fault, names(i))
+			t.Errorf("%s: %s not ready again after the stall; it said: %s", f.fault, names(i), tr.reasons(to, time.Time{}))
 		case up.at.Sub(to) > faultReadyWithin:
-			t.Errorf("%s: %s answered 200 %v after the stall ended, want within %v", f.fault, names(i), up.at.Sub(to), faultReadyWithin)
+			t.Errorf("%s: %s answered 200 %v after the stall ended, want within %v; before, it said: %s", f.fault, names(i),
+				up.at.Sub(to), faultReadyWithin, tr.reasons(to, up.at))
 		}
 		t.Logf("READYZ %-26q %s: 503 %v after the stall began (%q), 200 %v after it ended; %d answers of 200 in between; %s",
 			f.fault, names(i), down.at.Sub(from).Round(time.Millisecond), firstLine(down.why), up.at.Sub(to).Round(time.Millisecond),
