@@ -315,10 +315,16 @@ func (r *pinRun) standby() bool {
 		if !sleepCtx(r.ctx, delay) {
 			return false
 		}
-		delay = min(2*delay, s.cfg.PinnedTTL)
+		// At most a second: a probe is one pull request, and a consumer
+		// whose leader was being elected (no responders) is noticed
+		// within a second of the election's end, not up to PinnedTTL.
+		delay = min(2*delay, probeRetryMax)
 	}
 	return false
 }
+
+// probeRetryMax caps the wait between standby probes that failed.
+const probeRetryMax = time.Second
 
 // probe pulls for one message for at most ProbeWait. Its context is not
 // Run's: a pull abandoned by the client would stay on the server until it
