@@ -135,8 +135,17 @@
 //     once more when it is closed. Both writes stay correct whenever they
 //     land: the commit is true (the sink confirmed the message), the
 //     release is the same conditional purge. Until then its own Reserve of
-//     the key answers without the bucket: Duplicate for an owed commit
-//     (the message is stored downstream), InFlight for an owed release.
+//     the key answers Duplicate for an owed commit, without the bucket (the
+//     message is stored downstream), and takes over a reservation it owes
+//     the release of, as it takes over a lost one (nobody holds it). The
+//     background release and such a take-over both claim the debt first
+//     (in memory, under a lock), so only one of them acts; a Reserve that
+//     would write a new reservation while the release is owed settles the
+//     debt before, so that the background release never mistakes the new
+//     reservation for the old. The background release reads the key from
+//     the stream's leader (the message get API, which can stay unanswered
+//     for a while after a cluster lost its quorum); the store's own Reserve
+//     does not wait for it.
 //
 // Cost and throughput. A new key costs two round trips, each one stored
 // message: Reserve (create) and Commit (overwrite); Release and the

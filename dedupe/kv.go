@@ -289,26 +289,31 @@ const maxReserveAttempts = 4
 //
 // A key whose Commit by this store failed is a Duplicate without a round
 // trip (the message is stored downstream; the commit is written in the
-// background), and one whose Release failed is InFlight until the
-// background write removed the reservation (see owedWrites).
+// background); a reservation of this store whose Release failed is taken
+// over like a lost one, unless the background write is removing it (then
+// InFlight, see owedWrites).
 func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 	if kv.closed.Load() {
 		return 0, kv.opErr("reserve", ErrClosed)
 	}
 	subj := kv.subject(key)
-	switch kv.owed.owes(subj) {
-	case owedCommit:
+	if kv.owed.owes(subj) == owedCommit {
 		return Duplicate, nil
-	case owedRelease:
-		return InFlight, nil
 	}
 	hdr := kv.reserveHdr
 	val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
 	// After a lost reply the key most likely holds that write: read first
 	// (one round trip) instead of a create that would be refused.
-	read := kv.lost.has(subj)
+	read := kv.lost.has(subj) || kv.owed.owes(subj) == owedRelease
 	for range maxReserveAttempts {
 		if !read {
+			// A new reservation while a release is owed: the debt goes
+			// first, so that the background release cannot take the new
+			// reservation for the old one (it claims the debt before it
+			// purges; when it has, wait for it).
+			if kv.owed.owes(subj) == owedRelease && !kv.owed.takeRelease(subj) {
+				return InFlight, nil
+			}
 			_, err := kv.client.Publish(ctx, subj, hdr, val)
 			if err == nil {
 				return Reserved, nil
@@ -331,7 +336,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 		case kvCommitted:
 			return Duplicate, nil
 		case kvOurs:
-			if kv.lost.claim(subj, cur) {
+			if kv.lost.claim(subj, cur) || kv.owed.takeRelease(subj) {
 				return Reserved, nil
 			}
 			return InFlight, nil
@@ -386,29 +391,6 @@ func (l *lostWrites) remember(subj string, val []byte) {
 	}
 	w.vals = append(w.vals, val)
 	w.until = now.Add(l.ttl)
-}
-
-// take returns subj's remembered lost writes and forgets them: the caller
-// releases them (or gives them back with restore).
-func (l *lostWrites) take(subj string) [][]byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	w := l.m[subj]
-	if w == nil {
-		return nil
-	}
-	delete(l.m, subj)
-	if time.Now().After(w.until) {
-		return nil
-	}
-	return w.vals
-}
-
-// restore gives back values take returned, when releasing them failed.
-func (l *lostWrites) restore(subj string, vals [][]byte) {
-	for _, v := range vals {
-		l.remember(subj, v)
-	}
 }
 
 // has reports whether subj has remembered lost writes.

@@ -93,14 +93,15 @@ func TestKVReserveLostReply(t *testing.T) {
 	mustReserve(t, a, "k2", InFlight)
 }
 
-// TestKVOwedWrites injects a failed Commit and a failed Release with a real
-// server (frozen with SIGSTOP while they are sent, so both time out): each
-// would leave a reservation that blocks the key for every replica until
-// ReserveTTL (an hour here). The store writes both again in the background
+// TestKVOwedWrites injects failed Commits and Releases with a real server
+// (frozen with SIGSTOP while they are sent, so they time out): each would
+// leave a reservation that blocks the key for every replica until
+// ReserveTTL (an hour here). The store writes them again in the background
 // once the server answers: the other replica's Reserve sees the commit
 // (Duplicate) and the released key (Reserved) within seconds. Meanwhile the
-// failing store answers its own Reserve without the bucket: Duplicate for
-// the owed commit, InFlight for the owed release.
+// failing store answers its own Reserve of the committed key without the
+// bucket (Duplicate), and takes over a reservation it owes a release for
+// (Reserved), which the other replica then sees as InFlight.
 func TestKVOwedWrites(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
 	url := c.Node(0).URL
@@ -129,20 +130,31 @@ func TestKVOwedWrites(t *testing.T) {
 
 	mustReserve(t, a, "published", Reserved)
 	mustReserve(t, a, "failed", Reserved)
+	mustReserve(t, a, "retried", Reserved)
 	c.Stop(0)
 	poll.Eventually(t, 10*time.Second, "the server frozen", func() bool { return ncA.FlushTimeout(100*time.Millisecond) != nil })
 	if err := a.Commit(ctx, "published"); !errors.Is(err, jspub.ErrNoReply) {
 		c.Cont(0)
 		t.Fatalf("Commit against a frozen server: err = %v, want a lost reply", err)
 	}
-	if err := a.Release(ctx, "failed"); err == nil {
-		c.Cont(0)
-		t.Fatal("Release against a frozen server succeeded")
+	for _, k := range []string{"failed", "retried"} {
+		if err := a.Release(ctx, k); err == nil {
+			c.Cont(0)
+			t.Fatalf("Release of %s against a frozen server succeeded", k)
+		}
 	}
 	// Answered without the bucket (it is still frozen).
 	mustReserve(t, a, "published", Duplicate)
-	mustReserve(t, a, "failed", InFlight)
 	c.Cont(0)
+	// The caller's retry of "retried" takes its reservation over (or, when
+	// the background release is purging it at that moment, is InFlight
+	// once and reserves anew after it): Reserved within seconds, not after
+	// ReserveTTL.
+	poll.Eventually(t, 10*time.Second, "the released reservation reserved again by its store", func() bool {
+		o, err := a.Reserve(ctx, "retried")
+		return err == nil && o == Reserved
+	})
+	mustReserve(t, b, "retried", InFlight)
 
 	start := time.Now()
 	poll.Eventually(t, 10*time.Second, "the owed commit written", func() bool {
@@ -156,6 +168,7 @@ func TestKVOwedWrites(t *testing.T) {
 	t.Logf("owed commit and release written %v after the server answered again", time.Since(start).Round(time.Millisecond))
 	mustReserve(t, a, "failed", InFlight) // b's reservation now
 	mustReserve(t, a, "published", Duplicate)
+	mustReserve(t, b, "retried", InFlight) // still a's
 }
 
 // TestKVLostReservationReleased: a Reserve whose reply is lost (the server

@@ -1,9 +1,7 @@
 package dedupe
 
 import (
-	"bytes"
 	"context"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,13 +23,16 @@ import (
 // that takes the source over after a reconnect would wait that long for
 // keys whose writes the old owner lost. The store writes them in the
 // background as soon as the bucket answers again (KV.repayLoop), and
-// meanwhile answers its own Reserve of such a key without the bucket:
-// Duplicate for an owed commit, InFlight for an owed release (until it is
-// written). A lost reservation is left to the store's own Reserve of the
-// key for a while (lostGrace: the caller's retry takes it over, one round
-// trip, no purge) and released only then, if nobody took it. A debt is
-// given up ReserveTTL after the failure: the reservation has expired by
-// then.
+// meanwhile answers its own Reserve of such a key: Duplicate for an owed
+// commit, without the bucket; a reservation whose release it owes is taken
+// over by its Reserve (like a lost one), unless the background write claimed
+// it first and is purging it. A lost reservation is left to the store's own
+// Reserve of the key for a while (lostGrace: the caller's retry takes it
+// over, one round trip, no purge) and released only then, if nobody took
+// it. The background release reads the key from the stream's leader, which
+// may not answer for a while after an outage; the store's own Reserve does
+// not wait for it. A debt is given up ReserveTTL after the failure: the
+// reservation has expired by then.
 type owedWrites struct {
 	n    atomic.Int64 // len(m), read without the lock on every Reserve
 	mu   sync.Mutex
@@ -53,9 +54,10 @@ const (
 
 // debt is what one key subject is owed.
 type debt struct {
-	kind  owedKind
-	after time.Time // not written before then
-	until time.Time // given up then
+	kind    owedKind
+	claimed bool      // an owed release being written or taken over (claimRelease)
+	after   time.Time // not written before then
+	until   time.Time // given up then
 	// gen changes with every failure recorded for the subject, so that a
 	// write that began before it does not pay it off.
 	gen uint64
@@ -101,6 +103,40 @@ func (o *owedWrites) owes(subj string) owedKind {
 		return 0
 	}
 	return d.kind
+}
+
+// claimRelease marks subj's owed release as being written, once: true for
+// the background write about to purge the reservation, or for a Reserve
+// of this store about to take it over (takeRelease), never for both.
+func (o *owedWrites) claimRelease(subj string) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	d := o.m[subj]
+	if d == nil || d.kind != owedRelease || d.claimed || time.Now().After(d.until) {
+		return false
+	}
+	d.claimed = true
+	return true
+}
+
+// unclaimRelease undoes claimRelease after a purge that failed.
+func (o *owedWrites) unclaimRelease(subj string) {
+	o.mu.Lock()
+	if d := o.m[subj]; d != nil {
+		d.claimed = false
+	}
+	o.mu.Unlock()
+}
+
+// takeRelease reports whether a Reserve of this store may take over the
+// reservation whose release it owes (a reservation of this store that no
+// caller holds, like a lost one), and forgets the debt if so.
+func (o *owedWrites) takeRelease(subj string) bool {
+	if !o.claimRelease(subj) {
+		return false
+	}
+	o.paid(subj, 0)
+	return true
 }
 
 // paid forgets subj's debt if it is still the one of generation gen (0:
@@ -224,23 +260,33 @@ func (kv *KV) repay(ctx context.Context) bool {
 // that no Reserve takes the reservation over meanwhile (one that comes
 // then sees it as InFlight and tries again).
 func (kv *KV) repayOne(ctx context.Context, w owedWrite) error {
-	switch w.kind {
-	case owedCommit:
+	if w.kind == owedCommit {
 		_, err := kv.client.Publish(ctx, w.subj, nil, committedVal)
 		return err
-	case owedRelease:
-		return kv.release(ctx, w.subj)
 	}
-	vals := kv.lost.take(w.subj)
-	if len(vals) == 0 {
-		return nil // taken over by a Reserve of this store, or expired
-	}
+	// The read first, then the claim: while the read waits (the leader's
+	// message get may go unanswered for a while after an outage), a
+	// Reserve of this store can still take the reservation over.
 	st, rev, cur, err := kv.lookupLeader(ctx, w.subj)
-	if err == nil && st == kvOurs && slices.ContainsFunc(vals, func(v []byte) bool { return bytes.Equal(v, cur) }) {
-		err = kv.purge(ctx, w.subj, rev)
+	if err != nil || st != kvOurs {
+		return err // nothing of this store's left to release
 	}
-	if err != nil {
-		kv.lost.restore(w.subj, vals)
+	if w.kind == owedRelease {
+		if !kv.owed.claimRelease(w.subj) {
+			return nil // taken over by a Reserve meanwhile
+		}
+		if err := kv.purge(ctx, w.subj, rev); err != nil {
+			kv.owed.unclaimRelease(w.subj)
+			return err
+		}
+		return nil
 	}
-	return err
+	if !kv.lost.claim(w.subj, cur) {
+		return nil // not a lost value, or taken over meanwhile
+	}
+	if err := kv.purge(ctx, w.subj, rev); err != nil {
+		kv.lost.remember(w.subj, cur) // nobody holds it: claimable again
+		return err
+	}
+	return nil
 }
