@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -298,6 +299,11 @@ func (tr readyTrace) between(from, to time.Time, ok bool) int {
 	return n
 }
 
+// ageSuffix matches the ages a reason carries ("(for 1.2s)", "accepted
+// 3.4s ago", "cleared 0.5s ago"), which reasons leaves out when it tells
+// reasons apart.
+var ageSuffix = regexp.MustCompile(`\(for [0-9.a-zµ]+\)| [0-9.]+[a-zµ]+ ago`)
+
 // reasons lists the distinct first reasons of the 503 answers from from
 // until to (zero: the end), in order, each with the time after from it
 // first came.
@@ -308,7 +314,7 @@ func (tr readyTrace) reasons(from, to time.Time) string {
 		if s.err || s.ok || s.at.Before(from) || (!to.IsZero() && !s.at.Before(to)) {
 			continue
 		}
-		if why := firstLine(s.why); !seen[why] {
+		if why := ageSuffix.ReplaceAllString(firstLine(s.why), ""); !seen[why] {
 			seen[why] = true
 			out = append(out, fmt.Sprintf("%q at +%v", why, s.at.Sub(from).Round(10*time.Millisecond)))
 		}
