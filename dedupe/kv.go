@@ -297,50 +297,84 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 		return 0, kv.opErr("reserve", ErrClosed)
 	}
 	subj := kv.subject(key)
-	if kv.owed.owes(subj) == owedCommit {
+	owed := kv.owed.owes(subj)
+	if owed == owedCommit {
 		return Duplicate, nil
 	}
 	hdr := kv.reserveHdr
 	val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
-	// After a lost reply the key most likely holds that write: read first
-	// (one round trip) instead of a create that would be refused.
-	read := kv.lost.has(subj) || kv.owed.owes(subj) == owedRelease
+	// After a lost reply or a failed release the key most likely holds a
+	// reservation of this store: read first (one round trip) instead of a
+	// create that would be refused.
+	read := owed == owedRelease || kv.lost.has(subj)
+	// claimed: this call holds the owed release of subj (claimRelease), so
+	// that the background release leaves the key alone while it reserves;
+	// whatever the outcome, the claim is settled before returning.
+	claimed := false
+	settle := func(took bool) {
+		switch {
+		case !claimed:
+		case took:
+			kv.owed.paid(subj, 0)
+		default:
+			kv.owed.unclaimRelease(subj)
+		}
+	}
 	for range maxReserveAttempts {
 		if !read {
-			// A new reservation while a release is owed: the debt goes
+			// A new reservation while a release is owed: claim the debt
 			// first, so that the background release cannot take the new
-			// reservation for the old one (it claims the debt before it
-			// purges; when it has, wait for it).
-			if kv.owed.owes(subj) == owedRelease && !kv.owed.takeRelease(subj) {
-				return InFlight, nil
+			// reservation for the old one (when it claimed first, it is
+			// purging the old one: wait for it).
+			if !claimed && kv.owed.owes(subj) == owedRelease {
+				if !kv.owed.claimRelease(subj) {
+					return InFlight, nil
+				}
+				claimed = true
 			}
 			_, err := kv.client.Publish(ctx, subj, hdr, val)
 			if err == nil {
+				settle(true)
 				return Reserved, nil
 			}
 			if errors.Is(err, jspub.ErrNoReply) {
+				settle(false)
 				kv.lost.remember(subj, val)
 				kv.owed.owe(subj, owedLost, kv.lostGrace)
 				return 0, kv.opErr("reserve", err)
 			}
 			if !isWrongLastSeq(err) {
+				settle(false)
 				return 0, kv.opErr("reserve", err)
 			}
 		}
 		read = false
 		st, rev, cur, err := kv.lookup(ctx, subj)
 		if err != nil {
+			settle(false)
 			return 0, kv.opErr("reserve", err)
 		}
 		switch st {
 		case kvCommitted:
+			settle(true) // nothing to release any more
 			return Duplicate, nil
 		case kvOurs:
-			if kv.lost.claim(subj, cur) || kv.owed.takeRelease(subj) {
+			// A reservation of this store that no caller holds (its
+			// holder gave it up and the release failed, or its write's
+			// reply was lost) is taken over, by one call only.
+			if !claimed && kv.owed.owes(subj) == owedRelease {
+				if !kv.owed.claimRelease(subj) {
+					return InFlight, nil // the background release is purging it
+				}
+				claimed = true
+			}
+			if claimed || kv.lost.claim(subj, cur) {
+				settle(true)
 				return Reserved, nil
 			}
 			return InFlight, nil
 		case kvReserved:
+			settle(false)
 			return InFlight, nil
 		case kvAbsent: // expired between the create and the read, or never written
 			hdr = kv.reserveHdr
@@ -348,6 +382,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 			hdr = nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
 		}
 	}
+	settle(false)
 	return InFlight, nil
 }
 

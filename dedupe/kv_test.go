@@ -158,6 +158,29 @@ func TestKVDirectGetUnanswered(t *testing.T) {
 	}
 }
 
+// TestKVOwedReleaseAndNewReservation: a release is owed for a key (its
+// write failed) but the reservation is gone by the time the store reserves
+// the key again (it expired, or the write landed after all). The new
+// reservation settles the debt, so the background release, which purges a
+// reservation of this store, does not take the new one for the old.
+func TestKVOwedReleaseAndNewReservation(t *testing.T) {
+	srv := natstest.Start(t)
+	_, jsA := srv.Connect(t)
+	_, jsB := srv.Connect(t)
+	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
+	a := openKV(t, jsA, cfg)
+	b := openKV(t, jsB, cfg)
+	subj := a.subject("k")
+	a.owed.owe(subj, owedRelease, 0) // as after a Release that failed
+	mustReserve(t, a, "k", Reserved)
+	// Nothing left for the background writes to do.
+	if k := a.owed.owes(subj); k != 0 || a.owed.n.Load() != 0 {
+		t.Fatalf("still owed (%d, %d debts) after the new reservation", k, a.owed.n.Load())
+	}
+	mustReserve(t, b, "k", InFlight)
+	mustReserve(t, a, "k", InFlight) // a reservation of a's that a's caller holds
+}
+
 // TestKVServerRestart checks that the bucket's state survives a server
 // restart (file storage) and that a store keeps working across the
 // client's reconnect.

@@ -105,9 +105,10 @@ func (o *owedWrites) owes(subj string) owedKind {
 	return d.kind
 }
 
-// claimRelease marks subj's owed release as being written, once: true for
-// the background write about to purge the reservation, or for a Reserve
-// of this store about to take it over (takeRelease), never for both.
+// claimRelease marks subj's owed release as being settled, once: true for
+// the background write about to purge the reservation, or for a Reserve of
+// this store about to take it over or to write a new one, never for both
+// (the loser sees the key InFlight and tries again).
 func (o *owedWrites) claimRelease(subj string) bool {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -126,17 +127,6 @@ func (o *owedWrites) unclaimRelease(subj string) {
 		d.claimed = false
 	}
 	o.mu.Unlock()
-}
-
-// takeRelease reports whether a Reserve of this store may take over the
-// reservation whose release it owes (a reservation of this store that no
-// caller holds, like a lost one), and forgets the debt if so.
-func (o *owedWrites) takeRelease(subj string) bool {
-	if !o.claimRelease(subj) {
-		return false
-	}
-	o.paid(subj, 0)
-	return true
 }
 
 // paid forgets subj's debt if it is still the one of generation gen (0:
