@@ -85,7 +85,7 @@ type Config struct {
 // RetryConfig is a capped exponential backoff.
 type RetryConfig struct {
 	Initial time.Duration // default 100ms
-	Max     time.Duration // default 5s
+	Max     time.Duration // default 1s
 }
 
 // WithDefaults returns c with zero fields set to their defaults.
@@ -112,7 +112,7 @@ func (c Config) WithDefaults() Config {
 		c.Retry.Initial = 100 * time.Millisecond
 	}
 	if c.Retry.Max == 0 {
-		c.Retry.Max = 5 * time.Second
+		c.Retry.Max = time.Second
 	}
 	if c.MaxMessageBytes == 0 {
 		c.MaxMessageBytes = 1 << 20

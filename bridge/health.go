@@ -58,6 +58,15 @@ type Health struct {
 	sources map[string]string    // rule → why its source cannot deliver (stalled, not connected)
 	rules   map[string]*ruleHealth
 	ready   int // -1 unknown, 0, 1; for logging transitions
+	// wasReady is set once Ready first answered ready; after that, Ready
+	// answers ready again only recoverHold after the last answer that
+	// found a reason (lastBad, lastWhy): the parts one fault touches (a
+	// leader election: the source, the store, a target) fail and recover
+	// one after the other, and a moment between two of them is no
+	// recovery.
+	wasReady bool
+	lastBad  time.Time
+	lastWhy  string
 }
 
 // failRec is one failure streak of a publish target or of the dedupe store.
@@ -295,6 +304,15 @@ func (h *Health) Ready() (bool, string) {
 		}
 	}
 	sort.Strings(reasons)
+	h.mu.Lock()
+	switch {
+	case len(reasons) > 0:
+		h.lastBad, h.lastWhy = now, reasons[0]
+	case h.wasReady && !h.lastBad.IsZero() && now.Sub(h.lastBad) < recoverHold:
+		reasons = append(reasons, "recovering: "+h.lastWhy+" (cleared "+now.Sub(h.lastBad).Truncate(time.Second/10).String()+
+			" ago; ready "+recoverHold.String()+" after the last problem)")
+	}
+	h.mu.Unlock()
 	ok := len(reasons) == 0
 	v := 0
 	if ok {
@@ -303,6 +321,7 @@ func (h *Health) Ready() (bool, string) {
 	h.mu.Lock()
 	changed := h.ready != v
 	h.ready = v
+	h.wasReady = h.wasReady || ok
 	h.mu.Unlock()
 	if h.m != nil {
 		h.m.Ready.Set(float64(v))

@@ -64,6 +64,8 @@ type taskData struct {
 	pub      *pubGen      // counts this forward's publish until its result (publishing)
 	failedOn *targetState // target whose publish of this message failed last (targetState.waiting)
 	tl       *tlSample    // the message's Timeline record, nil unless sampled
+	// storeWait: the message's last Reserve failed (Pipeline.storeWaiting)
+	storeWait bool
 
 	out      Outgoing
 	hv       [6]string // backing store of the forward header values
@@ -137,6 +139,7 @@ func (p *Pipeline) newTask(m *Message, ack Ack, now int64) *task {
 // heartbeat reference reads only the fields under mu.
 func (p *Pipeline) recycle(t *task) {
 	p.leaveSink(t)
+	p.leaveStore(t)
 	if t.lentHdr {
 		clear(t.hdr)
 	}

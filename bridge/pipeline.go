@@ -61,6 +61,10 @@ type Pipeline struct {
 	inline bool // dispatch on the calling goroutine (local dedupe store)
 
 	storeFailing atomic.Bool
+	// storeWaiting counts the messages whose last Reserve failed and that
+	// have not reserved since nor left (task.storeWait); the last one to
+	// leave clears the store's failure, as for a target (leaveSink).
+	storeWaiting atomic.Int64
 
 	ctx    context.Context // Reserve and publishes; cancelled at the drain deadline
 	cancel context.CancelFunc
@@ -478,10 +482,16 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		}
 		if err != nil {
 			p.met.DedupeErrors.WithLabelValues("reserve").Inc()
+			if !t.storeWait {
+				// Count first, as for a target (markFailed).
+				t.storeWait = true
+				p.storeWaiting.Add(1)
+			}
 			markFailed(p.health, &p.storeFailing, "dedupe store", err)
 			return p.retry(t)
 		}
 		markRecovered(p.health, &p.storeFailing, "dedupe store")
+		p.leaveStore(t)
 		switch o {
 		case dedupe.Duplicate:
 			if t.parent != nil {
@@ -567,8 +577,10 @@ func (p *Pipeline) complete(t *task) *task {
 				cerr = p.store.Commit(p.settleCtx, t.storeKey)
 			}
 			if cerr != nil {
-				// The sink has the message; a redelivery would be published
-				// again and dropped by the sink's own dedupe window.
+				// The sink has the message. The JetStream store writes
+				// the commit again (its own Reserve of the key answers
+				// Duplicate meanwhile); a copy published again after the
+				// reservation expired is dropped by the sink's window.
 				p.met.DedupeErrors.WithLabelValues("commit").Inc()
 				p.log.Debug("dedupe commit failed", "rule", t.m.Rule, "err", cerr)
 			}
@@ -610,7 +622,8 @@ func (p *Pipeline) complete(t *task) *task {
 	if t.reserved {
 		t.reserved = false
 		if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
-			// The reservation expires by itself after the store's ReserveTTL.
+			// The store releases it later (the JetStream store writes a
+			// failed release again), else it expires after ReserveTTL.
 			p.met.DedupeErrors.WithLabelValues("release").Inc()
 		}
 	}
@@ -646,6 +659,22 @@ func (p *Pipeline) leaveSink(t *task) {
 	t.failedOn = nil
 	if ss.waiting.Add(-1) == 0 {
 		markRecovered(p.health, &ss.failing, ss.what)
+	}
+}
+
+// leaveStore records that t no longer waits for the dedupe store (it
+// reserved, or it leaves the pipeline: settled, revoked); the last message
+// to leave clears the store's failure. A replica whose source went to
+// another replica while the store failed has no message left to succeed
+// with, and would otherwise report the store failing until it forwards
+// again.
+func (p *Pipeline) leaveStore(t *task) {
+	if !t.storeWait {
+		return
+	}
+	t.storeWait = false
+	if p.storeWaiting.Add(-1) == 0 {
+		markRecovered(p.health, &p.storeFailing, "dedupe store")
 	}
 }
 
@@ -929,7 +958,8 @@ func dlqReasonOf(d router.Decision) string {
 
 // unpublish undoes what a task did to start publishing when it stops short
 // of the sink: its publishing version is uncounted and its reservation
-// released (a failed release expires by itself after ReserveTTL).
+// released (a failed release is written again by the JetStream store, else
+// it expires after ReserveTTL).
 func (p *Pipeline) unpublish(t *task) {
 	t.endPublish()
 	if t.reserved {

@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/cellbridge/cellbridge/dedupe"
 )
 
 // A target whose publishes fail and succeed by turns (a stream leader
@@ -104,4 +106,28 @@ func TestReadinessSourceFailing(t *testing.T) {
 	if ok, why := h.Ready(); !ok {
 		t.Fatalf("still unready: %s", why)
 	}
+}
+
+// A replica whose messages leave while the dedupe store fails (their epoch
+// revoked: the source went to another replica) has no Reserve left to
+// succeed with; the store's failure clears once none waits for it, as a
+// target's does, instead of keeping the bridge unready until it forwards
+// again.
+func TestReadinessStoreFailureClearsWhenNoMessageWaits(t *testing.T) {
+	st := &flakyStore{Store: dedupe.NewMemory(dedupe.MemoryConfig{})}
+	st.reserveErrs.Store(1 << 30) // fails for good
+	e := newEnv(t, Config{Retry: RetryConfig{Initial: time.Millisecond, Max: 20 * time.Millisecond}}, rulesDoc(1, "", 0), nil, st)
+	ep := &Epoch{}
+	m, a := msg("t", keyFor(20, 1), "{}")
+	m.Epoch = ep
+	_ = e.p.Handle(context.Background(), m, a.ack)
+	eventually(t, "the store reported failing", func() bool {
+		ok, why := e.p.Health().Ready()
+		return !ok && strings.Contains(why, "dedupe store keeps failing")
+	})
+	ep.Revoke()
+	if err := a.result(t); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("settled with %v, want ErrRevoked", err)
+	}
+	eventually(t, "ready once no message waits for the store", func() bool { ok, _ := e.p.Health().Ready(); return ok })
 }

@@ -31,8 +31,9 @@
 //	                          downstream, and a redelivery would only be
 //	                          published again);
 //	              failed    → Release(key), negative-ack; a retry reserves
-//	                          again (if Release failed, once the
-//	                          reservation expired).
+//	                          again (if Release failed, once the store
+//	                          released it later or the reservation
+//	                          expired).
 //	  error     → negative-ack and retry; nothing was published.
 //
 // Why this forwards once:
@@ -53,8 +54,9 @@
 //     its duplicate window (RocketMQ sinks close the same gap with
 //     transactional messages). The store narrows the window of doubt to
 //     those crashes; the sink's window closes it.
-//   - A failed Commit (error) leaves the reservation, which expires; the
-//     same sink window covers a redelivery, which needs a lost source ack
+//   - A failed Commit (error) leaves the reservation until a store writes
+//     the commit later or it expires; the same sink window covers a
+//     redelivery published after the expiry, which needs a lost source ack
 //     on top of the lost commit.
 //   - After TTL a committed key is forgotten; redeliveries later than TTL
 //     are forwarded again. TTL must exceed the longest redelivery delay of
@@ -103,6 +105,14 @@
 //     in this process) is InFlight, like another replica's. A lost write
 //     that reaches the stream only after the key was reserved again or
 //     committed is refused by its own condition (the key has a message).
+//     When no Reserve of the store took a lost value over within a tenth
+//     of ReserveTTL (at least the request timeout: the caller's own retry
+//     normally comes sooner), the store takes the value back from memory
+//     and purges the key if it still holds that value (conditional on its
+//     revision), so that another replica, which took the source over after
+//     a reconnect, is not kept waiting for ReserveTTL; a Reserve of this
+//     store that comes meanwhile finds no value to take over and sees
+//     InFlight until the purge.
 //   - Commit = publish "c" with no expectation and no per-message TTL: it
 //     replaces the reservation (one message per key) and lives for the
 //     bucket's max age, i.e. TTL from the commit. It is unconditional on
@@ -115,6 +125,27 @@
 //     marker does not linger). A commit or another replica's reservation
 //     has another revision, so the conditional write is refused: Release
 //     can never undo a commit or free someone else's reservation.
+//   - A Commit or Release that fails (the connection dropped, the bucket's
+//     leader is being elected) leaves the reservation in place, and every
+//     replica's Reserve of the key would meet it as InFlight until it
+//     expires after ReserveTTL (30s), holding the key's later messages
+//     back that long. The store remembers such a write (in memory, for
+//     ReserveTTL) and writes it again in the background, at once when the
+//     connection is back and then with backoff (50ms doubling to 1s), and
+//     once more when it is closed. Both writes stay correct whenever they
+//     land: the commit is true (the sink confirmed the message), the
+//     release is the same conditional purge. Until then its own Reserve of
+//     the key answers Duplicate for an owed commit, without the bucket (the
+//     message is stored downstream), and takes over a reservation it owes
+//     the release of, as it takes over a lost one (nobody holds it). The
+//     background release and such a take-over both claim the debt first
+//     (in memory, under a lock), so only one of them acts; a Reserve that
+//     would write a new reservation while the release is owed settles the
+//     debt before, so that the background release never mistakes the new
+//     reservation for the old. The background release reads the key from
+//     the stream's leader (the message get API, which can stay unanswered
+//     for a while after a cluster lost its quorum); the store's own Reserve
+//     does not wait for it.
 //
 // Cost and throughput. A new key costs two round trips, each one stored
 // message: Reserve (create) and Commit (overwrite); Release and the
@@ -134,13 +165,16 @@
 // KVConfig.Timeout (2s by default) fails (a sweep enforces it), and so do
 // the requests in flight when the connection drops; a request made while
 // the connection is down fails at once and is never handed to the client,
-// so no write waits in its reconnect buffer to land later. Each such failure
+// so no write waits in its reconnect buffer to land later. A direct get
+// (the read of Reserve) that gets no answer within a quarter of the timeout
+// is asked again of the stream's leader: any replica may be handed a direct
+// get, and one on a frozen server never answers. Each such failure
 // is an error of the call, which the caller handles as the protocol above
-// says (Reserve: retry, which takes over its own lost reservation; Commit:
-// the reservation expires; Release: it expires). None of them can break the
-// argument: a write whose reply was lost may still have been stored, and
-// every write is either conditional (Reserve, Release) or true whenever it
-// lands (Commit). The bucket's set-up in NewJetStream bounds each attempt
+// says (Reserve: retry, which takes over its own lost reservation; Commit
+// and Release: written again in the background, see above). None of them
+// can break the argument: a write whose reply was lost may still have been
+// stored, and every write is either conditional (Reserve, Release) or true
+// whenever it lands (Commit). The bucket's set-up in NewJetStream bounds each attempt
 // by the same timeout and retries attempts that failed for reasons that
 // pass (no answer, no responders, an election: internal/retry) until its
 // context ends.

@@ -72,17 +72,25 @@ type KVConfig struct {
 // *jetstream.APIError the stream returned, and for failures of the request
 // itself jspub.ErrNotSent — nothing was written — or jspub.ErrNoReply — the
 // write may have happened). A request made while the connection is down
-// fails at once instead of waiting in the client's reconnect buffer. It owns
-// one subscription (for replies) and one goroutine (timeouts, connection
-// state), ended by Close; the connection stays the caller's. A
+// fails at once instead of waiting in the client's reconnect buffer; a
+// Commit or Release that fails is written again in the background (see
+// owedWrites). It owns one subscription (for replies) and two goroutines
+// (timeouts and connection state; the owed writes), ended by Close; the
+// connection stays the caller's. A
 // direct get may be served by a lagging replica of a clustered stream; a
 // stale read can only turn into InFlight (retry later) or into a refused
 // conditional write that is retried, because every decision that changes a
 // key is a compare-and-set made by the stream leader.
 type KV struct {
-	bucket     string
-	prefix     string // "$KV.<bucket>."
-	getPrefix  string // direct get of the last message of a subject: + subject
+	bucket    string
+	prefix    string // "$KV.<bucket>."
+	getPrefix string // direct get of the last message of a subject: + subject
+	// directWait bounds a direct get before lookup asks the leader.
+	directWait time.Duration
+	// lostGrace is how long a lost reservation is left to this store's
+	// own Reserve before it is released in the background (see
+	// owedWrites): ReserveTTL/10, at least Timeout.
+	lostGrace  time.Duration
 	msgGet     string // the stream's leader's message get (consistent reads)
 	client     *jspub.Client
 	reserveHdr nats.Header // shared, read only
@@ -93,8 +101,14 @@ type KV struct {
 	attempts atomic.Uint64
 	// lost remembers the reservation values whose write may have been
 	// stored although its reply was lost (see Reserve), per subject.
-	lost   lostWrites
-	closed atomic.Bool
+	lost lostWrites
+	// owed are the commits and releases that failed, written again by
+	// repayLoop until stop is closed (repayDone closes after it).
+	owed      owedWrites
+	nc        *nats.Conn
+	stop      chan struct{}
+	repayDone chan struct{}
+	closed    atomic.Bool
 }
 
 var _ Store = (*KV)(nil)
@@ -138,17 +152,25 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
 	}
 	ttl := strconv.FormatInt(int64(cfg.ReserveTTL/time.Second), 10) + "s"
-	return &KV{
+	kv := &KV{
 		bucket:     cfg.Bucket,
 		prefix:     "$KV." + cfg.Bucket + ".",
 		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
+		directWait: max(cfg.Timeout/4, minDirectWait),
+		lostGrace:  max(cfg.ReserveTTL/10, cfg.Timeout),
 		msgGet:     apiPrefix(js.Options()) + "STREAM.MSG.GET.KV_" + cfg.Bucket,
 		client:     c,
 		reserveTTL: ttl,
 		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
 		ours:       []byte("r" + hex.EncodeToString(token[:]) + "-"),
 		lost:       lostWrites{m: map[string]*lostWrite{}, ttl: cfg.ReserveTTL},
-	}, nil
+		owed:       newOwedWrites(cfg.ReserveTTL),
+		nc:         nc,
+		stop:       make(chan struct{}),
+		repayDone:  make(chan struct{}),
+	}
+	go kv.repayLoop()
+	return kv, nil
 }
 
 // policy bounds, retries, logs and reports the bucket's stream requests.
@@ -264,44 +286,95 @@ const maxReserveAttempts = 4
 // nobody holds; only one call can take a remembered value over. Any other
 // reservation of this store (a concurrent call for the same key) is
 // InFlight, as another replica's is.
+//
+// A key whose Commit by this store failed is a Duplicate without a round
+// trip (the message is stored downstream; the commit is written in the
+// background); a reservation of this store whose Release failed is taken
+// over like a lost one, unless the background write is removing it (then
+// InFlight, see owedWrites).
 func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 	if kv.closed.Load() {
 		return 0, kv.opErr("reserve", ErrClosed)
 	}
 	subj := kv.subject(key)
+	owed := kv.owed.owes(subj)
+	if owed == owedCommit {
+		return Duplicate, nil
+	}
 	hdr := kv.reserveHdr
 	val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
-	// After a lost reply the key most likely holds that write: read first
-	// (one round trip) instead of a create that would be refused.
-	read := kv.lost.has(subj)
+	// After a lost reply or a failed release the key most likely holds a
+	// reservation of this store: read first (one round trip) instead of a
+	// create that would be refused.
+	read := owed == owedRelease || kv.lost.has(subj)
+	// claimed: this call holds the owed release of subj (claimRelease), so
+	// that the background release leaves the key alone while it reserves;
+	// whatever the outcome, the claim is settled before returning.
+	claimed := false
+	settle := func(took bool) {
+		switch {
+		case !claimed:
+		case took:
+			kv.owed.paid(subj, 0)
+		default:
+			kv.owed.unclaimRelease(subj)
+		}
+	}
 	for range maxReserveAttempts {
 		if !read {
+			// A new reservation while a release is owed: claim the debt
+			// first, so that the background release cannot take the new
+			// reservation for the old one (when it claimed first, it is
+			// purging the old one: wait for it).
+			if !claimed && kv.owed.owes(subj) == owedRelease {
+				if !kv.owed.claimRelease(subj) {
+					return InFlight, nil
+				}
+				claimed = true
+			}
 			_, err := kv.client.Publish(ctx, subj, hdr, val)
 			if err == nil {
+				settle(true)
 				return Reserved, nil
 			}
 			if errors.Is(err, jspub.ErrNoReply) {
+				settle(false)
 				kv.lost.remember(subj, val)
+				kv.owed.owe(subj, owedLost, kv.lostGrace)
 				return 0, kv.opErr("reserve", err)
 			}
 			if !isWrongLastSeq(err) {
+				settle(false)
 				return 0, kv.opErr("reserve", err)
 			}
 		}
 		read = false
 		st, rev, cur, err := kv.lookup(ctx, subj)
 		if err != nil {
+			settle(false)
 			return 0, kv.opErr("reserve", err)
 		}
 		switch st {
 		case kvCommitted:
+			settle(true) // nothing to release any more
 			return Duplicate, nil
 		case kvOurs:
-			if kv.lost.claim(subj, cur) {
+			// A reservation of this store that no caller holds (its
+			// holder gave it up and the release failed, or its write's
+			// reply was lost) is taken over, by one call only.
+			if !claimed && kv.owed.owes(subj) == owedRelease {
+				if !kv.owed.claimRelease(subj) {
+					return InFlight, nil // the background release is purging it
+				}
+				claimed = true
+			}
+			if claimed || kv.lost.claim(subj, cur) {
+				settle(true)
 				return Reserved, nil
 			}
 			return InFlight, nil
 		case kvReserved:
+			settle(false)
 			return InFlight, nil
 		case kvAbsent: // expired between the create and the read, or never written
 			hdr = kv.reserveHdr
@@ -309,6 +382,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 			hdr = nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
 		}
 	}
+	settle(false)
 	return InFlight, nil
 }
 
@@ -386,56 +460,96 @@ func (l *lostWrites) claim(subj string, val []byte) bool {
 	return false
 }
 
-// Commit implements Store: one round trip, awaited.
+// Commit implements Store: one round trip, awaited. When it fails (and ctx
+// has not ended: the caller did not give the write up) the store goes on
+// writing the commit in the background (see owedWrites) for up to
+// ReserveTTL, and the error is returned all the same.
 func (kv *KV) Commit(ctx context.Context, key string) error {
 	if kv.closed.Load() {
 		return kv.opErr("commit", ErrClosed)
 	}
-	if _, err := kv.client.Publish(ctx, kv.subject(key), nil, committedVal); err != nil {
+	subj := kv.subject(key)
+	if _, err := kv.client.Publish(ctx, subj, nil, committedVal); err != nil {
+		if ctx.Err() == nil {
+			kv.owed.owe(subj, owedCommit, 0)
+		}
 		return kv.opErr("commit", err)
 	}
+	kv.owed.paid(subj, 0)
 	return nil
 }
 
 // Release implements Store: a read, then (if the reservation is still this
 // replica's) a purge marker conditional on its revision. The marker carries
-// a short TTL so that it does not outlive its use.
+// a short TTL so that it does not outlive its use. When it fails (and ctx
+// has not ended) the store goes on releasing in the background (see
+// owedWrites) for up to ReserveTTL, and the error is returned all the same.
 func (kv *KV) Release(ctx context.Context, key string) error {
 	if kv.closed.Load() {
 		return kv.opErr("release", ErrClosed)
 	}
 	subj := kv.subject(key)
+	if kv.owed.owes(subj) == owedCommit {
+		return nil // a commit is on its way: nothing to release
+	}
+	if err := kv.release(ctx, subj); err != nil {
+		if ctx.Err() == nil {
+			kv.owed.owe(subj, owedRelease, 0)
+		}
+		return kv.opErr("release", err)
+	}
+	kv.owed.paid(subj, 0)
+	return nil
+}
+
+// release is Release's read and conditional purge of subj.
+func (kv *KV) release(ctx context.Context, subj string) error {
 	// Read from the stream's leader: a direct get may be answered by a
 	// replica that has not applied the reservation yet (right after a
 	// leader change, a server catching up), and a release that believed it
 	// would leave the reservation in place, blocking the key's next
 	// Reserve (InFlight) until it expires after ReserveTTL.
-	st, rev, err := kv.lookupLeader(ctx, subj)
+	st, rev, _, err := kv.lookupLeader(ctx, subj)
 	if err != nil {
-		return kv.opErr("release", err)
+		return err
 	}
 	if st != kvOurs {
 		return nil
 	}
+	return kv.purge(ctx, subj, rev)
+}
+
+// purge writes a purge marker on subj if its last message is still rev (a
+// 1s TTL, so that the marker does not linger); a refusal means the key
+// changed meanwhile and is no longer this store's: not an error.
+func (kv *KV) purge(ctx context.Context, subj string, rev uint64) error {
 	hdr := nats.Header{
 		hdrKVOperation:       {"PURGE"},
 		hdrRollup:            {"sub"},
 		hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)},
 		hdrTTL:               {"1s"},
 	}
-	_, err = kv.client.Publish(ctx, subj, hdr, nil)
-	if err != nil && !isWrongLastSeq(err) { // changed meanwhile: no longer ours
-		return kv.opErr("release", err)
+	_, err := kv.client.Publish(ctx, subj, hdr, nil)
+	if err != nil && !isWrongLastSeq(err) {
+		return err
 	}
 	return nil
 }
 
-// Close makes later calls return ErrClosed, waits for the requests in
-// flight until ctx ends (those still unanswered then return an error
-// wrapping ErrClosed), and ends the store's subscription and goroutine. The
-// connection is left open. Close is idempotent.
+// Close makes later calls return ErrClosed, makes one last attempt (within
+// ctx) at the commits and releases that failed and are still owed, waits
+// for the requests in flight until ctx ends (those still unanswered then
+// return an error wrapping ErrClosed), and ends the store's subscription and
+// goroutines. The connection is left open. Close is idempotent.
 func (kv *KV) Close(ctx context.Context) error {
-	kv.closed.Store(true)
+	if !kv.closed.Swap(true) {
+		close(kv.stop)
+		<-kv.repayDone
+		// One last attempt at the owed writes (within ctx): another
+		// replica meets a reservation left here as InFlight until it
+		// expires.
+		kv.repay(ctx)
+	}
 	if err := kv.client.Close(ctx); err != nil {
 		return kv.opErr("close", err)
 	}
@@ -444,12 +558,18 @@ func (kv *KV) Close(ctx context.Context) error {
 
 // lookupLeader is lookup answered by the stream's leader (the message get
 // API: a JSON request and answer), for a read that must see every write
-// the leader confirmed. It returns no value.
-func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, error) {
+// the leader confirmed.
+func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
 	req, _ := json.Marshal(map[string]string{"last_by_subj": subj})
 	m, err := kv.client.Request(ctx, kv.msgGet, nil, req)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, nil, err
+	}
+	if len(m.Data) == 0 {
+		if m.Header.Get("Status") == "503" {
+			return 0, 0, nil, jspub.ErrNoStream // wraps nats.ErrNoResponders
+		}
+		return 0, 0, nil, fmt.Errorf("message get: empty answer (status %s %s)", m.Header.Get("Status"), m.Header.Get("Description"))
 	}
 	var resp struct {
 		Error *struct {
@@ -464,35 +584,35 @@ func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, e
 		} `json:"message"`
 	}
 	if err := json.Unmarshal(m.Data, &resp); err != nil {
-		return 0, 0, fmt.Errorf("message get: %w", err)
+		return 0, 0, nil, fmt.Errorf("message get: %w", err)
 	}
 	switch {
 	case resp.Error != nil && resp.Error.ErrCode == int(jetstream.JSErrCodeMessageNotFound):
-		return kvAbsent, 0, nil
+		return kvAbsent, 0, nil, nil
 	case resp.Error != nil:
-		return 0, 0, fmt.Errorf("message get: %s (code %d, error code %d)", resp.Error.Description, resp.Error.Code, resp.Error.ErrCode)
+		return 0, 0, nil, fmt.Errorf("message get: %s (code %d, error code %d)", resp.Error.Description, resp.Error.Code, resp.Error.ErrCode)
 	case resp.Message == nil:
-		return 0, 0, errors.New("message get: no message in the answer")
+		return 0, 0, nil, errors.New("message get: no message in the answer")
 	}
 	msg := resp.Message
 	if len(msg.Hdrs) > 0 {
 		h, err := nats.DecodeHeadersMsg(msg.Hdrs)
 		if err != nil {
-			return 0, 0, fmt.Errorf("message get: headers: %w", err)
+			return 0, 0, nil, fmt.Errorf("message get: headers: %w", err)
 		}
 		if h.Get(hdrKVOperation) != "" || h.Get(hdrMarkerReason) != "" {
-			return kvMarker, msg.Seq, nil
+			return kvMarker, msg.Seq, nil, nil
 		}
 	}
 	switch {
 	case bytes.Equal(msg.Data, committedVal):
-		return kvCommitted, msg.Seq, nil
+		return kvCommitted, msg.Seq, nil, nil
 	case bytes.HasPrefix(msg.Data, kv.ours):
-		return kvOurs, msg.Seq, nil
+		return kvOurs, msg.Seq, msg.Data, nil
 	case len(msg.Data) > 0 && msg.Data[0] == 'r':
-		return kvReserved, msg.Seq, nil
+		return kvReserved, msg.Seq, nil, nil
 	}
-	return 0, 0, fmt.Errorf("unexpected value at revision %d", msg.Seq)
+	return 0, 0, nil, fmt.Errorf("unexpected value at revision %d", msg.Seq)
 }
 
 type kvState uint8
@@ -505,10 +625,33 @@ const (
 	kvOurs     // reserved by this store (any of its Reserve calls)
 )
 
+// minDirectWait is the shortest wait for a direct get before the leader is
+// asked (KVConfig.Timeout/4 otherwise).
+const minDirectWait = 50 * time.Millisecond
+
 // lookup reads the latest message of a key with a direct get (through the
 // same pipe: one round trip, no per-request subscription or JSON). For a
 // reservation of this store it also returns the value.
+//
+// Any replica of the bucket's stream may answer a direct get. While a
+// server of the cluster is frozen (SIGSTOP, a stalled VM) its routes stay
+// open and its subscriptions known, and the fault tests measured about one
+// lookup in three left unanswered until the request timeout, key after key
+// (the stream's leader, which answers the writes, was not affected). A
+// direct get without an answer within Timeout/4 is therefore asked again of
+// the stream's leader (lookupLeader) with what is left of ctx.
 func (kv *KV) lookup(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
+	dctx, cancel := context.WithTimeout(ctx, kv.directWait)
+	st, seq, val, err := kv.directGet(dctx, subj)
+	cancel()
+	if err != nil && ctx.Err() == nil && errors.Is(err, jspub.ErrNoReply) && errors.Is(err, context.DeadlineExceeded) {
+		return kv.lookupLeader(ctx, subj)
+	}
+	return st, seq, val, err
+}
+
+// directGet is lookup's direct get.
+func (kv *KV) directGet(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
 	m, err := kv.client.Request(ctx, kv.getPrefix+subj, nil, nil)
 	if err != nil {
 		return 0, 0, nil, err

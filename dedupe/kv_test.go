@@ -117,6 +117,70 @@ func TestKVTwoReplicas(t *testing.T) {
 	})
 }
 
+// TestKVDirectGetUnanswered makes every direct get of the bucket go
+// unanswered (the stream stops serving them and a subscriber that never
+// replies takes them, as a frozen replica would): a lookup must then ask the
+// stream's leader after Timeout/4 and answer as usual (Duplicate for a
+// commit, InFlight for another store's reservation, Reserved over a
+// release marker), instead of failing after the request timeout.
+func TestKVDirectGetUnanswered(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	bucket := newBucket()
+	nc, js := srv.Connect(t)
+	_, jsB := srv.Connect(t)
+	cfg := KVConfig{Bucket: bucket, TTL: time.Hour, ReserveTTL: 30 * time.Minute, Timeout: 2 * time.Second}
+	a := openKV(t, js, cfg)
+	b := openKV(t, jsB, cfg)
+	mustReserve(t, a, "committed", Reserved)
+	must(t, a.Commit(ctx, "committed"))
+	mustReserve(t, b, "held", Reserved)
+	mustReserve(t, a, "released", Reserved)
+	must(t, a.Release(ctx, "released"))
+
+	st, err := js.Stream(ctx, "KV_"+bucket)
+	must(t, err)
+	scfg := st.CachedInfo().Config
+	scfg.AllowDirect = false
+	_, err = js.UpdateStream(ctx, scfg)
+	must(t, err)
+	var swallowed atomic.Int32
+	sub, err := nc.Subscribe("$JS.API.DIRECT.GET.KV_"+bucket+".>", func(*nats.Msg) { swallowed.Add(1) })
+	must(t, err)
+	defer func() { _ = sub.Unsubscribe() }()
+	must(t, nc.Flush())
+
+	mustReserve(t, a, "committed", Duplicate)
+	mustReserve(t, a, "held", InFlight)
+	mustReserve(t, a, "released", Reserved)
+	if swallowed.Load() == 0 {
+		t.Fatal("no direct get was made: the test tests nothing")
+	}
+}
+
+// TestKVOwedReleaseAndNewReservation: a release is owed for a key (its
+// write failed) but the reservation is gone by the time the store reserves
+// the key again (it expired, or the write landed after all). The new
+// reservation settles the debt, so the background release, which purges a
+// reservation of this store, does not take the new one for the old.
+func TestKVOwedReleaseAndNewReservation(t *testing.T) {
+	srv := natstest.Start(t)
+	_, jsA := srv.Connect(t)
+	_, jsB := srv.Connect(t)
+	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
+	a := openKV(t, jsA, cfg)
+	b := openKV(t, jsB, cfg)
+	subj := a.subject("k")
+	a.owed.owe(subj, owedRelease, 0) // as after a Release that failed
+	mustReserve(t, a, "k", Reserved)
+	// Nothing left for the background writes to do.
+	if k := a.owed.owes(subj); k != 0 || a.owed.n.Load() != 0 {
+		t.Fatalf("still owed (%d, %d debts) after the new reservation", k, a.owed.n.Load())
+	}
+	mustReserve(t, b, "k", InFlight)
+	mustReserve(t, a, "k", InFlight) // a reservation of a's that a's caller holds
+}
+
 // TestKVServerRestart checks that the bucket's state survives a server
 // restart (file storage) and that a store keeps working across the
 // client's reconnect.

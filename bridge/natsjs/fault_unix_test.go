@@ -4,6 +4,7 @@ package natsjs
 
 import (
 	"context"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -178,6 +179,15 @@ func frozenServerFault(t *testing.T, cfg SourceConfig) (failAfter, recoverAfter,
 	js := mustJS(t, nc)
 	var fails failReports
 	cfg.OnFailing = fails.report
+	var fenceMu sync.Mutex
+	var fences []string // the reason of every fence, in order
+	cfg.OnState = func(st SourceState) {
+		fenceMu.Lock()
+		defer fenceMu.Unlock()
+		if int(st.Fences) > len(fences) {
+			fences = append(fences, st.LastFence)
+		}
+	}
 	src := newSource(t, js, cfg)
 	c.MoveStreamLeader("ORDERS", 1)
 	c.MoveConsumerLeader("ORDERS", cfg.Durable, 1)
@@ -226,13 +236,22 @@ func frozenServerFault(t *testing.T, cfg SourceConfig) (failAfter, recoverAfter,
 		worst = max(worst, first.Sub(at))
 	}
 	for i := 1; i < len(a.order); i++ {
-		if a.order[i] < a.order[i-1] && cfg.Ordering == Ordered {
+		if a.order[i] < a.order[i-1] && cfg.Ordering != Unordered {
 			t.Fatalf("first deliveries out of stream order: %d after %d", a.order[i], a.order[i-1])
 		}
 	}
-	t.Logf("%d messages; failing after %v, cleared after %v; worst lateness %v; %d deliveries; %d reconnects; now on %s",
+	fenceMu.Lock()
+	defer fenceMu.Unlock()
+	t.Logf("%d messages; failing after %v, cleared after %v; worst lateness %v; %d deliveries; %d reconnects; now on %s; fences: %q",
 		len(sent), failAfter.Round(time.Millisecond), recoverAfter.Round(time.Millisecond), worst.Round(time.Millisecond),
-		a.n, nc.Stats().Reconnects, nc.ConnectedUrl())
+		a.n, nc.Stats().Reconnects, nc.ConnectedUrl(), fences)
+	if cfg.Ordering != Unordered && slices.Contains(fences, "reconnected") {
+		// The missed heartbeats fence the epoch; the reconnect that
+		// follows comes during the consumer reset, whose successful
+		// attempt goes out on the new connection: the epoch it starts
+		// is not fenced again for that reconnect.
+		t.Errorf("an epoch started on the new connection was fenced for the reconnect: fences %q", fences)
+	}
 	return failAfter, recoverAfter, worst
 }
 

@@ -320,6 +320,7 @@ func (r *pinRun) standby() bool {
 			// tenth of ProbeWait to arrive; the monitor's consumer info,
 			// with RequestTimeout, tells a standby that cannot reach the
 			// consumer.)
+			s.probeAnswered.Store(time.Now().UnixNano())
 			s.failing.clear()
 		}
 		if msg != nil {
@@ -370,10 +371,16 @@ func (r *pinRun) standby() bool {
 		if !sleepCtx(r.ctx, delay) {
 			return false
 		}
-		delay = min(2*delay, s.cfg.PinnedTTL)
+		// At most a second: a probe is one pull request, and a consumer
+		// whose leader was being elected (no responders) is noticed
+		// within a second of the election's end, not up to PinnedTTL.
+		delay = min(2*delay, probeRetryMax)
 	}
 	return false
 }
+
+// probeRetryMax caps the wait between standby probes that failed.
+const probeRetryMax = time.Second
 
 // probe pulls for one message for at most ProbeWait. Its context is not
 // Run's: a pull abandoned by the client would stay on the server until it
@@ -445,7 +452,6 @@ func (r *pinRun) acquire() *epoch {
 		r.holdPin()
 		return nil
 	}
-	reconnects := r.nc.Stats().Reconnects
 	pol := *s.pol
 	pol.Max = time.Second
 	report := s.pol.Report
@@ -456,9 +462,16 @@ func (r *pinRun) acquire() *epoch {
 		s.failing.set(fmt.Errorf("consumer reset failed (retrying): %w", ae.Err))
 	}
 	rctx, cancel := context.WithTimeout(r.ctx, s.cfg.PinnedTTL)
+	// The epoch belongs to the connection the successful reset went out
+	// on: the count is read before each attempt, so that a reconnect
+	// during an earlier attempt (sent to a server that stopped answering)
+	// does not fence the epoch that starts after it.
+	var reconnects uint64
+	drainStatus(r.status) // what happened before is what waitConnected saw
 	_, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
 		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
-			return s.js.ResetConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
+			reconnects = r.nc.Stats().Reconnects
+			return r.resetOnLink(ctx)
 		})
 	cancel()
 	switch {
@@ -486,6 +499,48 @@ func (r *pinRun) acquire() *epoch {
 	s.log.Warn("nats consumer reset failed; letting the pin lapse", "pin", r.pin, "err", err,
 		"hint", "the reset needs nats-server 2.14+ and permission for $JS.API.CONSUMER.RESET")
 	return nil
+}
+
+// errLinkLost ends a consumer reset attempt whose connection dropped while
+// it waited for the answer; it wraps nats.ErrDisconnected, so the attempt
+// is retried (on the new connection, once it is up).
+var errLinkLost = fmt.Errorf("connection lost during the consumer reset: %w", nats.ErrDisconnected)
+
+// resetOnLink resets the consumer to its ack floor, giving the attempt up
+// as soon as the connection drops: a reset sent to a server that stopped
+// answering (frozen, cut off) would otherwise wait out its whole timeout
+// although the client has already moved to another server, where the next
+// attempt goes at once.
+func (r *pinRun) resetOnLink(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
+	lctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			select {
+			case <-done:
+				return
+			case st := <-r.status:
+				if st != nats.CONNECTED {
+					cancel(errLinkLost)
+					return
+				}
+			}
+		}
+	}()
+	resp, err := r.s.js.ResetConsumer(lctx, r.s.cfg.Stream, r.s.cfg.Durable)
+	if err != nil && errors.Is(context.Cause(lctx), errLinkLost) {
+		err = errLinkLost
+	}
+	return resp, err
+}
+
+// drainStatus drops the queued status events of ch.
+func drainStatus(ch chan nats.Status) {
+	for len(ch) > 0 {
+		<-ch
+	}
 }
 
 // hold leaves ep for Release or Close: the pin it may still hold is given
@@ -565,9 +620,7 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 	defer s.active.CompareAndSwap(ep, nil)
 	// Status events from before the reset are stale (the reconnect
 	// counter, read before it, covers a reconnect since).
-	for len(r.status) > 0 {
-		<-r.status
-	}
+	drainStatus(r.status)
 	closed := cc.Closed()
 	tick := time.NewTicker(s.expiry)
 	defer tick.Stop()

@@ -235,8 +235,11 @@ func (r *Registry) run() {
 }
 
 // Close stops the heartbeat and removes the record, so that the others
-// see at once that this replica left (a failed removal leaves it to the
-// TTL). It is idempotent.
+// see at once that this replica left. A removal that fails (the bucket's
+// leader is being elected, the cluster is unreachable) is logged and leaves
+// the record to the bucket's TTL; it is not an error of Close, so that a
+// replica stopped during an election still stops cleanly. It is idempotent
+// and returns nil.
 func (r *Registry) Close(ctx context.Context) error {
 	r.mu.Lock()
 	started := r.started
@@ -252,7 +255,10 @@ func (r *Registry) Close(ctx context.Context) error {
 		return nil
 	}
 	<-r.done
-	return r.b.retry(ctx, 2, func(ctx context.Context) error { return r.b.kv.Delete(ctx, r.key) })
+	if err := r.b.retry(ctx, 2, func(ctx context.Context) error { return r.b.kv.Delete(ctx, r.key) }); err != nil {
+		r.log.Warn("could not remove this replica's record; it expires by itself", "bucket", r.bucket, "err", err)
+	}
+	return nil
 }
 
 // ReplicaRecord is one live replica's record as ReadRegistry finds it.

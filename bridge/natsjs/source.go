@@ -244,6 +244,9 @@ type Source struct {
 	// advisory.
 	active     atomic.Pointer[epoch]
 	unpinnedAt atomic.Int64
+	// probeAnswered is when (UnixNano) a standby probe last got an answer
+	// from the server.
+	probeAnswered atomic.Int64
 }
 
 var _ bridge.Source = (*Source)(nil)
@@ -641,11 +644,18 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 	for {
 		cons := s.consumer()
 		asked := time.Now()
+		reconnects := s.js.Conn().Stats().Reconnects
 		ictx, cancel := context.WithTimeout(ctx, s.cfg.BacklogInterval)
 		info, err := retry.Do(ictx, s.quiet, retry.OpConsumerInfo, s.consumerName(),
 			func(ctx context.Context) (*jetstream.ConsumerInfo, error) { return cons.Info(ctx) })
 		cancel()
-		if st := s.State().State; st == StateStandby && ctx.Err() == nil {
+		// A request that went unanswered while the connection moved to
+		// another server says nothing about the new one, nor one sent
+		// before a probe of the standby was answered (sent while the
+		// cluster did not answer, it times out after the cluster is
+		// back): not reported (the next one, BacklogInterval later, is).
+		stale := err != nil && (s.js.Conn().Stats().Reconnects != reconnects || s.probeAnswered.Load() > asked.UnixNano())
+		if st := s.State().State; st == StateStandby && ctx.Err() == nil && !stale {
 			// A standby learns only here whether it could take over: the
 			// consumer's leader answers or not.
 			switch {

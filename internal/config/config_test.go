@@ -54,7 +54,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"fetchBatch", pl.FetchBatch, 2048},
 		{"holdDelay", pl.HoldDelay.D(), 5 * time.Second},
 		{"retry.initial", pl.Retry.Initial.D(), 100 * time.Millisecond},
-		{"retry.max", pl.Retry.Max.D(), 5 * time.Second},
+		{"retry.max", pl.Retry.Max.D(), time.Second},
 		{"maxMessageBytes", pl.MaxMessageBytes, ByteSize(1 << 20)},
 		{"maxHops", pl.MaxHops, 4},
 		{"drainTimeout", pl.DrainTimeout.D(), 20 * time.Second},

@@ -48,7 +48,7 @@ var defaults = []defaultRow{
 	{"pipeline.fetchBatch", "2048", "messages requested ahead from the source (pull batch; a NATS source asks for more when half are taken)"},
 	{"pipeline.holdDelay", "5s", "redelivery delay of held messages that could not be parked"},
 	{"pipeline.retry.initial", "100ms", "first sink/dedupe retry delay (doubles each time)"},
-	{"pipeline.retry.max", "5s", "retry delay cap"},
+	{"pipeline.retry.max", "1s", "retry delay cap: a key whose target or dedupe store fails retries at most this long after it answers again"},
 	{"pipeline.maxMessageBytes", "1MiB", "larger messages go to the DLQ (too_large)"},
 	{"pipeline.maxHops", "4", "messages with more Cell-Hops go to the DLQ (too_many_hops)"},
 	{"pipeline.drainTimeout", "20s", "on shutdown: time to finish in-flight messages"},

@@ -398,7 +398,7 @@ func TestPreflightListsEveryProblem(t *testing.T) {
 	_, js := c.Connect(t)
 	ctx := testCtx(t, 2*time.Minute)
 	// One cell stream, with a window shorter than the default
-	// configuration needs (30s + 30s + 5s).
+	// configuration needs (reserveTTL 30s + ackWait 30s + retry.max 1s).
 	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "CELL_RZ00", Subjects: []string{"cell.rz00.>"}, Duplicates: 30 * time.Second}); err != nil {
 		t.Fatal(err)
 	}
@@ -408,7 +408,7 @@ func TestPreflightListsEveryProblem(t *testing.T) {
 		"rule payments: source on broker nats: stream PAYMENTS does not exist",
 		"rule orders: dead-letter target subject dlq.orders on broker nats: no stream captures it",
 		"rule payments: dead-letter target subject dlq.payments on broker nats: no stream captures it",
-		"rule orders: target subject cell.rz00.orders (cell rz00) on broker nats: stream CELL_RZ00 drops repeats only within 30s, less than the 1m5s the configuration needs",
+		"rule orders: target subject cell.rz00.orders (cell rz00) on broker nats: stream CELL_RZ00 drops repeats only within 30s, less than the 1m1s the configuration needs",
 		"rule payments: target subject cell.rz00.payments (cell rz00) on broker nats: stream CELL_RZ00 drops repeats only within 30s",
 	}
 	for _, r := range []string{"orders", "payments"} {
