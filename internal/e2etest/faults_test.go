@@ -27,7 +27,9 @@ import (
 // nats-server processes, R3 source, cell and DLQ streams and an R3 dedupe
 // bucket (dedupe.store: jetstream), two bridge replicas on the three URLs,
 // keyed load at faultRate, one fault per run, every event checked. Each run
-// must end with nothing lost, duplicated or misrouted and every event in
+// must end with nothing lost, duplicated or misrouted; its times have goals
+// (asserted with CELLBRIDGE_TIMING_GOALS=strict, else logged when missed,
+// see goalMissed): every event in
 // its cell within faultMaxLatency of being stored in the source stream (no
 // fault here takes a quorum away from a stream for longer than an
 // election; the whole-source stall of TestFaultsReadyz does, and there the
@@ -524,7 +526,7 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 		if fr.outage != nil {
 			outside = " not counting the outage"
 		}
-		t.Errorf("%s: %d events of %d keys arrived later than %v after the source stored them%s, at worst %v (first: %s key %s seq %d after %v)",
+		goalMissed(t, "%s: %d events of %d keys arrived later than %v after the source stored them%s, at worst %v (first: %s key %s seq %d after %v)",
 			fr.name, len(late), len(keys), faultMaxLatency, outside, worst, late[0].ID, late[0].Key, late[0].Seq, late[0].Latency)
 	}
 	r.purge()
@@ -638,7 +640,7 @@ func TestFaultsKill(t *testing.T) {
 				"%v after the kill; %s ready %v after that", c.Node(meta).Name, src.Group, names(standby), restarted.Round(time.Millisecond),
 				c.Node(nm).Name, c.Node(nc).Name, recovered.Sub(at).Round(time.Millisecond), names(standby), ready.Round(time.Millisecond))
 			if ready > faultMaxLatency {
-				t.Errorf("%s ready %v after the cluster recovered, want within %v", names(standby), ready, faultMaxLatency)
+				goalMissed(t, "%s ready %v after the cluster recovered, want within %v", names(standby), ready, faultMaxLatency)
 			}
 			c.Restart(meta)
 		}})
@@ -765,7 +767,7 @@ func (r *faultRig) checkStall(f *faultFigures, replicas []int, from, to time.Tim
 			t.Errorf("%s: %s never answered 503", f.fault, names(i))
 			continue
 		case down.at.Sub(from) > faultReadyWithin:
-			t.Errorf("%s: %s answered 503 %v after the stall began, want within %v", f.fault, names(i), down.at.Sub(from), faultReadyWithin)
+			goalMissed(t, "%s: %s answered 503 %v after the stall began, want within %v", f.fault, names(i), down.at.Sub(from), faultReadyWithin)
 		}
 		if !strings.Contains(down.why, why) {
 			t.Errorf("%s: %s's first 503 says %q, want %q in it", f.fault, names(i), down.why, why)
@@ -778,7 +780,7 @@ func (r *faultRig) checkStall(f *faultFigures, replicas []int, from, to time.Tim
 		case !ok:
 			t.Errorf("%s: %s not ready again after the stall; it said: %s", f.fault, names(i), tr.reasons(to, time.Time{}))
 		case up.at.Sub(to) > faultReadyWithin:
-			t.Errorf("%s: %s answered 200 %v after the stall ended, want within %v; before, it said: %s", f.fault, names(i),
+			goalMissed(t, "%s: %s answered 200 %v after the stall ended, want within %v; before, it said: %s", f.fault, names(i),
 				up.at.Sub(to), faultReadyWithin, tr.reasons(to, up.at))
 		}
 		t.Logf("READYZ %-26q %s: 503 %v after the stall began (%q), 200 %v after it ended; %d answers of 200 in between; %s",

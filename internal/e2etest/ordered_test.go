@@ -69,11 +69,22 @@ func ordGoal(t *testing.T, what string, took, goal time.Duration) {
 	verdict := "goal met"
 	if took > goal {
 		verdict = "GOAL MISSED"
-		if os.Getenv("CELLBRIDGE_TIMING_GOALS") == "strict" {
-			t.Errorf("%s took %v, goal %v", what, took.Round(time.Millisecond), goal)
-		}
+		goalMissed(t, "%s took %v, goal %v", what, took.Round(time.Millisecond), goal)
 	}
 	ordFigure(t, "%s %v (goal %v: %s)", what, took.Round(time.Millisecond), goal, verdict)
+}
+
+// goalMissed reports a time that missed its goal: an error with
+// CELLBRIDGE_TIMING_GOALS=strict, else a log line starting "GOAL MISSED"
+// (times are figures: a loaded machine stretches them; what the tests
+// assert always is delivery, order and the states the bridge goes through).
+func goalMissed(t *testing.T, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("CELLBRIDGE_TIMING_GOALS") == "strict" {
+		t.Errorf(format, args...)
+		return
+	}
+	t.Logf("GOAL MISSED: "+format, args...)
 }
 
 // ordRequire fails the test unless the verification found every sent
