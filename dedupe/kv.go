@@ -469,14 +469,10 @@ func (kv *KV) Commit(ctx context.Context, key string) error {
 		return kv.opErr("commit", ErrClosed)
 	}
 	subj := kv.subject(key)
-	if _, err := kv.client.Publish(ctx, subj, nil, committedVal); err != nil {
-		if ctx.Err() == nil {
-			kv.owed.owe(subj, owedCommit, 0)
-		}
-		return kv.opErr("commit", err)
-	}
-	kv.owed.paid(subj, 0)
-	return nil
+	return kv.write(ctx, "commit", owedCommit, subj, func() error {
+		_, err := kv.client.Publish(ctx, subj, nil, committedVal)
+		return err
+	})
 }
 
 // Release implements Store: a read, then (if the reservation is still this
@@ -492,11 +488,18 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 	if kv.owed.owes(subj) == owedCommit {
 		return nil // a commit is on its way: nothing to release
 	}
-	if err := kv.release(ctx, subj); err != nil {
+	return kv.write(ctx, "release", owedRelease, subj, func() error { return kv.release(ctx, subj) })
+}
+
+// write runs Commit's or Release's request for subj: on success any debt
+// of the key is paid; on failure, unless ctx ended, the store owes the
+// write and repeats it in the background (owedWrites).
+func (kv *KV) write(ctx context.Context, op string, kind owedKind, subj string, req func() error) error {
+	if err := req(); err != nil {
 		if ctx.Err() == nil {
-			kv.owed.owe(subj, owedRelease, 0)
+			kv.owed.owe(subj, kind, 0)
 		}
-		return kv.opErr("release", err)
+		return kv.opErr(op, err)
 	}
 	kv.owed.paid(subj, 0)
 	return nil
