@@ -16,6 +16,22 @@ import (
 	"github.com/cellbridge/cellbridge/internal/poll"
 )
 
+// replicaConn connects to the cluster's first server as a bridge replica
+// does (its own connection, closed when the test ends).
+func replicaConn(t *testing.T, c *natstest.Cluster, name string) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(c.Node(0).URL, natstest.ClientOptions(name)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
+
 // TestKVReserveLostReply injects lost replies with a real server: the
 // server process is frozen (SIGSTOP) while two Reserve calls of the key are
 // sent, so both fail with jspub.ErrNoReply after the request timeout, and
@@ -26,25 +42,8 @@ import (
 // behaves as one: Commit makes it a Duplicate for both.
 func TestKVReserveLostReply(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	url := c.Node(0).URL
-	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncA.Close()
-	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncB.Close()
-	jsA, err := jetstream.New(ncA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jsB, err := jetstream.New(ncB)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ncA, jsA := replicaConn(t, c, "replica-a")
+	_, jsB := replicaConn(t, c, "replica-b")
 	bucket := newBucket()
 	// ReserveTTL an hour: a Reserved answer within the test can only be
 	// the take-over, never an expiry.
@@ -104,25 +103,8 @@ func TestKVReserveLostReply(t *testing.T) {
 // (Reserved), which the other replica then sees as InFlight.
 func TestKVOwedWrites(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	url := c.Node(0).URL
-	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncA.Close()
-	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncB.Close()
-	jsA, err := jetstream.New(ncA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jsB, err := jetstream.New(ncB)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ncA, jsA := replicaConn(t, c, "replica-a")
+	_, jsB := replicaConn(t, c, "replica-b")
 	cfg := KVConfig{Bucket: newBucket(), TTL: 2 * time.Hour, ReserveTTL: time.Hour, Timeout: 300 * time.Millisecond}
 	a := openKV(t, jsA, cfg)
 	b := openKV(t, jsB, cfg)
@@ -179,25 +161,8 @@ func TestKVOwedWrites(t *testing.T) {
 // of after ReserveTTL (20s here).
 func TestKVLostReservationReleased(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	url := c.Node(0).URL
-	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncA.Close()
-	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncB.Close()
-	jsA, err := jetstream.New(ncA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jsB, err := jetstream.New(ncB)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ncA, jsA := replicaConn(t, c, "replica-a")
+	_, jsB := replicaConn(t, c, "replica-b")
 	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 20 * time.Second, Timeout: 300 * time.Millisecond}
 	a := openKV(t, jsA, cfg)
 	b := openKV(t, jsB, cfg)
