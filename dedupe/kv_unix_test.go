@@ -9,28 +9,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/internal/jspub"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
 )
-
-// replicaConn connects to the cluster's first server as a bridge replica
-// does (its own connection, closed when the test ends).
-func replicaConn(t *testing.T, c *natstest.Cluster, name string) (*nats.Conn, jetstream.JetStream) {
-	t.Helper()
-	nc, err := nats.Connect(c.Node(0).URL, natstest.ClientOptions(name)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return nc, js
-}
 
 // TestKVReserveLostReply injects lost replies with a real server: the
 // server process is frozen (SIGSTOP) while two Reserve calls of the key are
@@ -42,8 +25,8 @@ func replicaConn(t *testing.T, c *natstest.Cluster, name string) (*nats.Conn, je
 // behaves as one: Commit makes it a Duplicate for both.
 func TestKVReserveLostReply(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	ncA, jsA := replicaConn(t, c, "replica-a")
-	_, jsB := replicaConn(t, c, "replica-b")
+	ncA, jsA := c.Connect(t, nats.Name("replica-a"))
+	_, jsB := c.Connect(t, nats.Name("replica-b"))
 	bucket := newBucket()
 	// ReserveTTL an hour: a Reserved answer within the test can only be
 	// the take-over, never an expiry.
@@ -103,8 +86,8 @@ func TestKVReserveLostReply(t *testing.T) {
 // (Reserved), which the other replica then sees as InFlight.
 func TestKVOwedWrites(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	ncA, jsA := replicaConn(t, c, "replica-a")
-	_, jsB := replicaConn(t, c, "replica-b")
+	ncA, jsA := c.Connect(t, nats.Name("replica-a"))
+	_, jsB := c.Connect(t, nats.Name("replica-b"))
 	cfg := KVConfig{Bucket: newBucket(), TTL: 2 * time.Hour, ReserveTTL: time.Hour, Timeout: 300 * time.Millisecond}
 	a := openKV(t, jsA, cfg)
 	b := openKV(t, jsB, cfg)
@@ -161,8 +144,8 @@ func TestKVOwedWrites(t *testing.T) {
 // of after ReserveTTL (20s here).
 func TestKVLostReservationReleased(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	ncA, jsA := replicaConn(t, c, "replica-a")
-	_, jsB := replicaConn(t, c, "replica-b")
+	ncA, jsA := c.Connect(t, nats.Name("replica-a"))
+	_, jsB := c.Connect(t, nats.Name("replica-b"))
 	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 20 * time.Second, Timeout: 300 * time.Millisecond}
 	a := openKV(t, jsA, cfg)
 	b := openKV(t, jsB, cfg)
