@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/internal/jspub"
 	"github.com/cellbridge/cellbridge/internal/natstest"
@@ -26,25 +25,8 @@ import (
 // behaves as one: Commit makes it a Duplicate for both.
 func TestKVReserveLostReply(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	url := c.Node(0).URL
-	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncA.Close()
-	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncB.Close()
-	jsA, err := jetstream.New(ncA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jsB, err := jetstream.New(ncB)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ncA, jsA := c.Connect(t, nats.Name("replica-a"))
+	_, jsB := c.Connect(t, nats.Name("replica-b"))
 	bucket := newBucket()
 	// ReserveTTL an hour: a Reserved answer within the test can only be
 	// the take-over, never an expiry.
@@ -104,25 +86,8 @@ func TestKVReserveLostReply(t *testing.T) {
 // (Reserved), which the other replica then sees as InFlight.
 func TestKVOwedWrites(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	url := c.Node(0).URL
-	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncA.Close()
-	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncB.Close()
-	jsA, err := jetstream.New(ncA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jsB, err := jetstream.New(ncB)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ncA, jsA := c.Connect(t, nats.Name("replica-a"))
+	_, jsB := c.Connect(t, nats.Name("replica-b"))
 	cfg := KVConfig{Bucket: newBucket(), TTL: 2 * time.Hour, ReserveTTL: time.Hour, Timeout: 300 * time.Millisecond}
 	a := openKV(t, jsA, cfg)
 	b := openKV(t, jsB, cfg)
@@ -179,25 +144,8 @@ func TestKVOwedWrites(t *testing.T) {
 // of after ReserveTTL (20s here).
 func TestKVLostReservationReleased(t *testing.T) {
 	c := natstest.StartCluster(t, 1)
-	url := c.Node(0).URL
-	ncA, err := nats.Connect(url, natstest.ClientOptions("replica-a")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncA.Close()
-	ncB, err := nats.Connect(url, natstest.ClientOptions("replica-b")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ncB.Close()
-	jsA, err := jetstream.New(ncA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jsB, err := jetstream.New(ncB)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ncA, jsA := c.Connect(t, nats.Name("replica-a"))
+	_, jsB := c.Connect(t, nats.Name("replica-b"))
 	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 20 * time.Second, Timeout: 300 * time.Millisecond}
 	a := openKV(t, jsA, cfg)
 	b := openKV(t, jsB, cfg)
