@@ -142,14 +142,19 @@ func TestProcCPU(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for end := time.Now().Add(100 * time.Millisecond); time.Now().Before(end); {
-	}
-	b, err := procCPU(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
+	// Spin until the reading grows by 50ms of CPU (on a loaded machine the
+	// process gets the CPU later, not less of it); the wall limit only
+	// catches a reading that never moves.
+	b := a
+	for end := time.Now().Add(30 * time.Second); b-a < 50*time.Millisecond && time.Now().Before(end); {
+		for spin := time.Now().Add(10 * time.Millisecond); time.Now().Before(spin); {
+		}
+		if b, err = procCPU(os.Getpid()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if b-a < 50*time.Millisecond {
-		t.Errorf("100ms of spinning: CPU time %v → %v", a, b)
+		t.Errorf("30s of spinning: CPU time %v → %v", a, b)
 	}
 	if procStatusMB(os.Getpid(), "VmRSS:") <= 0 {
 		t.Error("no VmRSS")
