@@ -23,26 +23,12 @@ import (
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/deployment"
+	"github.com/cellbridge/cellbridge/internal/syncbuf"
 	"github.com/cellbridge/cellbridge/router"
 )
 
-// syncBuffer is a log sink that tests can read while the bridge writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a log sink tests read while the code writes.
+type syncBuffer = syncbuf.Buffer
 
 // inProcess is a bridge started in the test process (package app).
 type inProcess struct {

@@ -23,6 +23,7 @@ import (
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
+	"github.com/cellbridge/cellbridge/internal/syncbuf"
 	"github.com/cellbridge/cellbridge/internal/tally"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -112,22 +113,8 @@ type replica struct {
 	once sync.Once
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
+// lockedBuffer is a log sink tests read while the code writes.
+type lockedBuffer = syncbuf.Buffer
 
 // start runs one replica of the env's configuration in this process; it
 // stops when the test ends.

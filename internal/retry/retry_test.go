@@ -1,7 +1,6 @@
 package retry
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
+	"github.com/cellbridge/cellbridge/internal/syncbuf"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -43,23 +43,8 @@ func (r *reports) list() []AttemptError {
 	return append([]AttemptError(nil), r.all...)
 }
 
-// syncBuffer is a log sink safe for the client's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a log sink tests read while the code writes.
+type syncBuffer = syncbuf.Buffer
 
 // TestDoBoundsEachAttempt sends a JetStream API request that is never
 // answered (a real server without JetStream, and a subscriber on the API
