@@ -1,6 +1,11 @@
 # cellbridge — see README.md.
 GO      ?= go
 PKGS    ?= ./...
+# The packages whose tests run longest go first (go test keeps the order given and runs two
+# packages at a time on two cores): the cluster and crash tests then overlap with each other
+# and with the short packages, instead of one of them running alone at the end.
+SLOWPKGS := ./internal/e2etest ./bridge/natsjs ./cmd/cellbridge
+TESTPKGS = $(if $(filter ./...,$(PKGS)),$(SLOWPKGS) $(PKGS),$(PKGS))
 BIN     ?= bin/cellbridge
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
@@ -16,10 +21,13 @@ test:
 	@bad=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$bad" ]; then echo "gofmt needed:"; echo "$$bad"; exit 1; fi
 	$(GO) vet $(PKGS)
+	@# Every benchmark runs once, so that a broken one fails here, not in a measurement.
+	@echo "$(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS)"; \
+	  out=$$($(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS) 2>&1) || { echo "$$out"; exit 1; }
 	@# Tests that need a missing tool (promtool) skip; go test shows a
 	@# passing package's skips only with -v, so they are listed here.
-	@echo "$(GO) test -race -timeout 30m $(PKGS)"; skips=$$(mktemp); \
-	  CELLBRIDGE_SKIP_LOG=$$skips $(GO) test -race -timeout 30m $(PKGS); rc=$$?; \
+	@echo "$(GO) test -race -timeout 30m $(TESTPKGS)"; skips=$$(mktemp); \
+	  CELLBRIDGE_SKIP_LOG=$$skips $(GO) test -race -timeout 30m $(TESTPKGS); rc=$$?; \
 	  cat $$skips; rm -f $$skips; exit $$rc
 
 ## bench: cellbridge as deployed (nats-server, the cellbridge binary and the load generator as separate processes)

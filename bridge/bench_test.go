@@ -212,3 +212,6 @@ func benchPipelineRules(b *testing.B, store dedupe.Store, rules string, pending 
 type bareStore struct{ dedupe.Store }
 
 func (bareStore) Close(context.Context) error { return nil }
+
+// Local: the bare pipe keeps nothing outside the process.
+func (bareStore) Local() bool { return true }

@@ -319,22 +319,29 @@ func TestBroadcastLaggingBound(t *testing.T) {
 	}()
 	// 6 copies to cd lag; the next ones keep their in-flight slots until
 	// fewer than the 4 a message needs are free, and intake waits.
-	eventually(t, "intake waiting with the lagging set and the budget full", func() bool {
+	// cd fails every copy, so its Pending counts the messages accepted.
+	cdPending := func() (pending int64, full bool) {
 		for _, r := range e.p.Status().Rules {
 			for _, c := range r.Broadcast {
-				// cd's copies settle only once it recovers: with 5 of
-				// them holding slots, 3 are free, and a message needs 4.
-				if c.Cell == "cd" && c.Lagging == 6 && c.Pending-c.Lagging >= 8-4+1 {
-					return true
+				if c.Cell == "cd" {
+					// cd's copies settle only once it recovers: with 5 of
+					// them holding slots, 3 are free, and a message needs 4.
+					return c.Pending, c.Lagging == 6 && c.Pending-c.Lagging >= 8-4+1
 				}
 			}
 		}
-		return false
+		return 0, false
+	}
+	// Full, and every accepted message's Handle has returned (the
+	// goroutine counts a message only after Handle returns).
+	eventually(t, "intake waiting with the lagging set and the budget full", func() bool {
+		p, full := cdPending()
+		return full && handled.Load() == p
 	})
-	h := handled.Load()
+	h, _ := cdPending()
 	time.Sleep(50 * time.Millisecond) // a wait that must not end: intake is stopped
-	if handled.Load() != h || h >= n {
-		t.Fatalf("intake went on (%d, then %d) beyond the bound", h, handled.Load())
+	if p, _ := cdPending(); handled.Load() != h || p != h || h >= n {
+		t.Fatalf("intake went on (%d accepted, then %d handled, %d accepted) beyond the bound", h, handled.Load(), p)
 	}
 	g.failing.Store(false)
 	<-done

@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"errors"
 	"log/slog"
 	"sort"
 	"strings"
@@ -33,9 +34,21 @@ type Reporter interface {
 	// Backlog records how many messages of rule are pending at the source.
 	Backlog(rule string, pending int64)
 	// SourceFailing records why the source of rule cannot deliver now
-	// (err nil: it can again).
+	// (err nil: it can again). An err that wraps ErrNothingPending says
+	// that nothing waits to be delivered: it is shown, but does not make
+	// the bridge unready.
 	SourceFailing(rule string, err error)
 }
+
+// ErrNothingPending is wrapped into a source failure (Reporter.SourceFailing)
+// when the source knows that nothing waits to be delivered: its consumer
+// showed nothing pending and nothing unacknowledged, nothing was delivered
+// since, and its stream stored no message for the rule since (or cannot be
+// asked, so it stores none either). Such a failure (an idle consumer
+// without a leader after an election) delays no message: readiness ignores
+// it; cellbridge_source_failing still shows it. The source reports the
+// failure again without it as soon as that is no longer known.
+var ErrNothingPending = errors.New("nothing waits to be delivered")
 
 var _ Reporter = (*Health)(nil)
 
@@ -55,7 +68,7 @@ type Health struct {
 	conns   map[[2]string]bool   // {broker, role} → up
 	failing map[string]*failRec  // what ("publishing to broker B subject S", "dedupe store") → its failure streak
 	targets map[string][2]string // what → {broker, target} of a publish target, for cellbridge_target_failing
-	sources map[string]string    // rule → why its source cannot deliver (stalled, not connected)
+	sources map[string]srcFail   // rule → why its source cannot deliver (stalled, not connected)
 	rules   map[string]*ruleHealth
 	ready   int // -1 unknown, 0, 1; for logging transitions
 	// wasReady is set once Ready first answered ready; after that, Ready
@@ -84,6 +97,14 @@ type failRec struct {
 // failure after a success before readiness reports it recovered.
 const recoverHold = time.Second
 
+// srcFail is a rule's source failure as last reported.
+type srcFail struct {
+	why string
+	// idle: the failure wraps ErrNothingPending and does not count
+	// against readiness.
+	idle bool
+}
+
 type ruleHealth struct {
 	backlog      atomic.Int64
 	lastProgress atomic.Int64 // unix ns
@@ -100,7 +121,7 @@ func NewHealth(m *Metrics, log *slog.Logger, clock Clock) *Health {
 		clock = SystemClock
 	}
 	h := &Health{m: m, log: log, clock: clock, conns: map[[2]string]bool{}, failing: map[string]*failRec{},
-		targets: map[string][2]string{}, sources: map[string]string{}, rules: map[string]*ruleHealth{}, ready: -1}
+		targets: map[string][2]string{}, sources: map[string]srcFail{}, rules: map[string]*ruleHealth{}, ready: -1}
 	h.progressTimeout.Store(int64(60 * time.Second))
 	h.stallTimeout.Store(int64(3 * time.Second))
 	return h
@@ -218,12 +239,14 @@ func (h *Health) recovered(what string) {
 
 // SourceFailing records why the source of rule cannot deliver (its server
 // stopped answering, it is not connected, it cannot create its consumer);
-// err nil clears it. Adapters call it on changes; repeating is fine.
+// err nil clears it. A failure that wraps ErrNothingPending is recorded
+// and logged but leaves readiness alone. Adapters call it on changes;
+// repeating is fine.
 func (h *Health) SourceFailing(rule string, err error) {
 	h.mu.Lock()
 	old, was := h.sources[rule]
 	if err != nil {
-		h.sources[rule] = err.Error()
+		h.sources[rule] = srcFail{why: err.Error(), idle: errors.Is(err, ErrNothingPending)}
 	} else {
 		delete(h.sources, rule)
 	}
@@ -236,8 +259,8 @@ func (h *Health) SourceFailing(rule string, err error) {
 		h.m.SourceFailing.WithLabelValues(rule).Set(v)
 	}
 	switch {
-	case err != nil && (!was || old != err.Error()):
-		h.log.Warn("source cannot deliver", "rule", rule, "err", err)
+	case err != nil && (!was || old.why != err.Error()):
+		h.log.Warn("source cannot deliver", "rule", rule, "err", err, "holds_readiness", !errors.Is(err, ErrNothingPending))
 	case err == nil && was:
 		h.log.Info("source delivering again", "rule", rule)
 	}
@@ -271,8 +294,10 @@ func (h *Health) Ready() (bool, string) {
 		}
 		reasons = append(reasons, what+" keeps failing: "+r.err+" (for "+now.Sub(r.since).Truncate(time.Second/10).String()+")")
 	}
-	for rule, why := range h.sources {
-		reasons = append(reasons, "source of rule "+rule+": "+why)
+	for rule, f := range h.sources {
+		if !f.idle {
+			reasons = append(reasons, "source of rule "+rule+": "+f.why)
+		}
 	}
 	stallTimeout := time.Duration(h.stallTimeout.Load())
 	for name, r := range h.rules {

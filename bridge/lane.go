@@ -24,6 +24,10 @@ type task struct {
 	taskData
 	p    *Pipeline
 	done func(error) // t.published, bound once per pooled task
+	// checkDone and commitDone are t.checkAnswered and t.committed, bound
+	// once per pooled task (dedupe.AsyncChecker callbacks).
+	checkDone  func(dedupe.Outcome, error)
+	commitDone func(error)
 	// hdr is a header map the task lends to messages that arrive without
 	// one; it is cleared and kept when the task is recycled (the source
 	// and the sink are done with the message by then).
@@ -56,6 +60,9 @@ type taskData struct {
 	hops     int
 	attempt  int
 	reserved bool
+	checked  bool          // reserved by dedupe.Checker.Check: nothing to release
+	onWorker bool          // dispatched on a worker, which may wait for a Reserve
+	checkSS  *targetState  // the target of a CheckAsync awaiting its answer
 	handle   dedupe.Handle // of the reservation, when the store is a dedupe.HandleStore
 	counted  bool          // holds an in-flight budget slot
 	phase    uint8
@@ -114,6 +121,8 @@ func init() {
 	taskPool.New = func() any {
 		t := &task{}
 		t.done = t.published
+		t.checkDone = t.checkAnswered
+		t.commitDone = t.committed
 		return t
 	}
 }

@@ -166,6 +166,12 @@ type Status struct {
 	// Blocked lists the blocked shard ranges of the running rules ("22-32").
 	Blocked []string     `json:"blocked,omitempty"`
 	Rules   []RuleStatus `json:"rules"`
+	// DedupeProtocols names, per target the bridge published to
+	// ("publishing to broker NAME subject SUBJECT"), the dedupe protocol
+	// in use and why: "check (duplicate window 2m0s)" (one write per
+	// message, the target drops a concurrent copy) or "reserve (...)";
+	// absent when the store has one protocol only.
+	DedupeProtocols map[string]string `json:"dedupeProtocols,omitempty"`
 }
 
 type heldStats struct {
@@ -308,6 +314,7 @@ func (p *Pipeline) Status() Status {
 		}
 	}
 	st.PublishingVersion = p.pubs.oldest()
+	st.DedupeProtocols = p.dedupeProtocols()
 	st.Ready, st.NotReady = p.health.Ready()
 	if st.Ready {
 		st.NotReady = ""

@@ -113,8 +113,8 @@ var MetricList = []MetricDesc{
 	{MetricSourceBacklog, "gauge", []string{"rule"}, "Messages pending at the source, not yet delivered to the bridge (e.g. consumer NumPending)."},
 	{MetricSinkPublishErrors, "counter", []string{"broker"}, "Failed publish attempts by target broker (each is retried)."},
 	{MetricTargetFailing, "gauge", []string{"broker", "target"}, "1 while publishes to a target (a subject or topic of a broker) keep failing; 0 once one was confirmed and none failed for a second."},
-	{MetricSourceFailing, "gauge", []string{"rule"}, "1 while the source of a topic rule cannot deliver (its server stopped answering, its consumer cannot be reached)."},
-	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, commit, release)."},
+	{MetricSourceFailing, "gauge", []string{"rule"}, "1 while the source of a topic rule cannot deliver (its server stopped answering, its consumer cannot be reached), also when nothing waits to be delivered (then /readyz stays 200)."},
+	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, check, commit, release)."},
 	{MetricPartitions, "gauge", []string{"rule"}, "Partition count of a partitioned topic rule (source.partitions), as this replica runs it."},
 	{MetricPartitionsOwned, "gauge", []string{"rule"}, "Partitions of a partitioned topic rule whose lease this replica holds; summed over the replicas it equals cellbridge_partitions once every partition has an owner."},
 	{MetricTakeovers, "counter", []string{"rule"}, "Times this replica started forwarding an ordered topic rule (won its consumer's pin) or one of a partitioned rule's partitions."},
@@ -234,7 +234,7 @@ func NewMetrics(version string) *Metrics {
 		version = "dev"
 	}
 	m.BuildInfo.WithLabelValues(version, runtime.Version()).Set(1)
-	for _, op := range []string{"reserve", "commit", "release"} {
+	for _, op := range []string{"reserve", "check", "commit", "release"} {
 		m.DedupeErrors.WithLabelValues(op) // export zeros so rate() works from the start
 	}
 	return m

@@ -32,13 +32,17 @@ func StaticSinks(m map[string]Sink) SinkLookup {
 // Deps are the pipeline's collaborators. Rules, Dedupe and Sinks are
 // required; the others default.
 type Deps struct {
-	Rules   *router.Holder // current rules table (nil table: nothing is forwarded, messages are held)
-	Dedupe  dedupe.Store   // idempotency-key store; the pipeline never closes it
-	Sinks   SinkLookup     // broker name → Sink; the pipeline never closes them
-	Metrics *Metrics       // nil: NewMetrics("")
-	Health  *Health        // nil: NewHealth(Metrics, Log, Clock)
-	Log     *slog.Logger   // nil: slog.Default()
-	Clock   Clock          // nil: SystemClock
+	Rules  *router.Holder // current rules table (nil table: nothing is forwarded, messages are held)
+	Dedupe dedupe.Store   // idempotency-key store; the pipeline never closes it
+	// DedupeCheck lets targets whose sink reports a long enough duplicate
+	// window use Dedupe's check-then-commit protocol (dedupe.Checker)
+	// instead of reservations; false: every target reserves.
+	DedupeCheck bool
+	Sinks       SinkLookup   // broker name → Sink; the pipeline never closes them
+	Metrics     *Metrics     // nil: NewMetrics("")
+	Health      *Health      // nil: NewHealth(Metrics, Log, Clock)
+	Log         *slog.Logger // nil: slog.Default()
+	Clock       Clock        // nil: SystemClock
 }
 
 var (
@@ -53,18 +57,29 @@ type Pipeline struct {
 	rules  *router.Holder
 	store  dedupe.Store
 	hstore dedupe.HandleStore // store's fast path, nil when it has none
-	sinks  SinkLookup
-	met    *Metrics
-	health *Health
-	log    *slog.Logger
-	clock  Clock
-	inline bool // dispatch on the calling goroutine (local dedupe store)
+	// checker is the store's check-then-commit protocol, nil when it has
+	// none; used for the targets whose sink reports a long enough
+	// duplicate window (targetState.useCheck).
+	checker dedupe.Checker
+	// achecker is checker when it also runs without a waiting goroutine:
+	// messages then start on the goroutine that delivers them, and only
+	// those that need a Reserve (a round trip that is waited for) move to
+	// a worker (task.onWorker).
+	achecker dedupe.AsyncChecker
+	sinks    SinkLookup
+	met      *Metrics
+	health   *Health
+	log      *slog.Logger
+	clock    Clock
+	inline   bool // dispatch on the calling goroutine (local dedupe store)
 
 	storeFailing atomic.Bool
 	// storeWaiting counts the messages whose last Reserve failed and that
 	// have not reserved since nor left (task.storeWait); the last one to
 	// leave clears the store's failure, as for a target (leaveSink).
 	storeWaiting atomic.Int64
+	// storeRetries wait for the store; its next success wakes them.
+	storeRetries retryWaiters
 
 	ctx    context.Context // Reserve and publishes; cancelled at the drain deadline
 	cancel context.CancelFunc
@@ -117,15 +132,20 @@ type verString struct {
 // failing.
 type targetState struct {
 	what    string // "publishing to broker NAME subject SUBJECT", for health
+	tg      router.Target
 	sink    Sink
 	failing atomic.Bool
 	errs    interface{ Inc() }
+	// proto is the dedupe protocol chosen for the target (dedupeproto.go).
+	proto targetProto
 	// waiting counts messages whose last attempt failed on this target
 	// and that have not moved on (confirmed here, routed elsewhere,
 	// settled). When it drops to zero nothing will publish here to prove
 	// the target works again (a failover moved its shards), so the failure
 	// is cleared instead of keeping /readyz at 503 for good.
 	waiting atomic.Int64
+	// retries wait for this target; its next success wakes them.
+	retries retryWaiters
 }
 
 // ruleState is per topic rule: metric children, health record and the
@@ -183,6 +203,10 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		quit:        make(chan struct{}),
 	}
 	p.hstore, _ = d.Dedupe.(dedupe.HandleStore)
+	if d.DedupeCheck {
+		p.checker, _ = d.Dedupe.(dedupe.Checker)
+		p.achecker, _ = d.Dedupe.(dedupe.AsyncChecker)
+	}
 	p.budget.max = int64(cfg.MaxInFlight)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.settleCtx, p.cancelSettle = context.WithCancel(context.Background())
@@ -348,13 +372,14 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 }
 
 // activate makes t its lane's active message, unlocks the lane (locked by
-// the caller) and dispatches t: right here with a local store, else on a
+// the caller) and dispatches t: right here with a local store or one that
+// checks without waiting (a Reserve moves t to a worker then), else on a
 // worker.
 func (p *Pipeline) activate(l *lane, t *task) {
 	l.active = append(l.active, t)
 	l.mu.Unlock()
-	if p.inline {
-		p.run(t)
+	if p.inline || p.achecker != nil {
+		p.run(t, false)
 	} else {
 		p.enqueue(t, phaseDispatch)
 	}
@@ -366,9 +391,10 @@ func (p *Pipeline) worker() {
 		select {
 		case t := <-p.jobs:
 			if t.phase == phaseComplete {
-				p.run(p.complete(t))
+				t.onWorker = true
+				p.run(p.complete(t), true)
 			} else {
-				p.run(t)
+				p.run(t, true)
 			}
 		case <-p.quit:
 			return
@@ -382,9 +408,11 @@ func (p *Pipeline) enqueue(t *task, phase uint8) {
 }
 
 // run dispatches t and, while dispatch finishes messages synchronously
-// (duplicates, parking, drain), the lane's following messages.
-func (p *Pipeline) run(t *task) {
+// (duplicates, parking, drain), the lane's following messages. onWorker
+// says whether this goroutine is a worker, which may wait for the store.
+func (p *Pipeline) run(t *task, onWorker bool) {
 	for t != nil {
+		t.onWorker = onWorker
 		t = p.dispatch(t)
 	}
 }
@@ -473,39 +501,100 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 	if t.storeKey != "" && !t.reserved {
 		var o dedupe.Outcome
 		var err error
-		if p.hstore != nil {
+		t.checked = false
+		if p.checker != nil {
+			var later bool
+			t.checked, later = p.useCheck(ss, p.achecker == nil || t.onWorker)
+			if later {
+				p.enqueue(t, phaseDispatch)
+				return nil
+			}
+		}
+		switch {
+		case t.checked && p.achecker != nil:
+			// The target drops a concurrent copy itself: read, no
+			// reservation (docs/guarantees.md); the answer continues
+			// the message on the store's goroutine (checkDone).
+			t.checkSS = ss
+			p.achecker.CheckAsync(p.ctx, t.storeKey, t.checkDone)
+			return nil
+		case t.checked:
+			o, err = p.checker.Check(p.ctx, t.storeKey)
+		case !p.inline && !t.onWorker:
+			// A Reserve is waited for: not on the goroutine that
+			// delivers messages or answers for the store.
+			p.enqueue(t, phaseDispatch)
+			return nil
+		case p.hstore != nil:
 			// The handle lets the commit skip a lookup of a key that
 			// thousands of others went through since (a cold map bucket).
 			o, t.handle, err = p.hstore.ReserveHandle(p.ctx, t.storeKey)
-		} else {
+		default:
 			o, err = p.store.Reserve(p.ctx, t.storeKey)
 		}
-		if err != nil {
-			p.met.DedupeErrors.WithLabelValues("reserve").Inc()
-			if !t.storeWait {
-				// Count first, as for a target (markFailed).
-				t.storeWait = true
-				p.storeWaiting.Add(1)
-			}
-			markFailed(p.health, &p.storeFailing, "dedupe store", err)
-			return p.retry(t)
+		if n, done := p.stored(t, o, err); done {
+			return n
 		}
-		markRecovered(p.health, &p.storeFailing, "dedupe store")
-		p.leaveStore(t)
-		switch o {
-		case dedupe.Duplicate:
-			if t.parent != nil {
-				t.parent.x.bc.dups.Add(1)
-			} else {
-				t.rs.met.duplicate.Inc()
-			}
-			t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
-			return p.finish(t, nil)
-		case dedupe.InFlight:
-			return p.retry(t)
-		}
-		t.reserved = true
 	}
+	return p.publish(t, ss)
+}
+
+// checkAnswered is CheckAsync's answer for the active message t (bound
+// once per pooled task as task.checkDone): it goes on as reserveAndPublish would
+// have, on the store's goroutine, which waits for nothing (a Reserve of a
+// later dispatch moves to a worker).
+func (t *task) checkAnswered(o dedupe.Outcome, err error) {
+	p := t.p
+	ss := t.checkSS
+	t.checkSS = nil
+	t.onWorker = false
+	n, done := p.stored(t, o, err)
+	if !done {
+		n = p.publish(t, ss)
+	}
+	p.run(n, false)
+}
+
+// stored handles the store's answer for the active message t: done with
+// the lane's next message (or nil) when t does not publish now (duplicate,
+// in flight, an error: retry), not done when t holds the key.
+func (p *Pipeline) stored(t *task, o dedupe.Outcome, err error) (*task, bool) {
+	if err != nil {
+		op := "reserve"
+		if t.checked {
+			op = "check" // the read of check-then-commit, not a reservation
+		}
+		p.met.DedupeErrors.WithLabelValues(op).Inc()
+		if !t.storeWait {
+			// Count first, as for a target (markFailed).
+			t.storeWait = true
+			p.storeWaiting.Add(1)
+		}
+		markFailed(p.health, &p.storeFailing, "dedupe store", err)
+		return p.retry(t), true
+	}
+	markRecovered(p.health, &p.storeFailing, "dedupe store")
+	p.storeRetries.wake()
+	p.leaveStore(t)
+	switch o {
+	case dedupe.Duplicate:
+		if t.parent != nil {
+			t.parent.x.bc.dups.Add(1)
+		} else {
+			t.rs.met.duplicate.Inc()
+		}
+		t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
+		return p.finish(t, nil), true
+	case dedupe.InFlight:
+		return p.retry(t), true
+	}
+	t.reserved = true
+	return nil, false
+}
+
+// publish publishes the active message t, which holds its key (or has
+// none), to ss.
+func (p *Pipeline) publish(t *task, ss *targetState) *task {
 	t.tl.mark(stageReserved)
 	// A remote store's round trip is long enough for a rules reload to
 	// land in between: a message decided under the old table must not be
@@ -550,7 +639,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 func (t *task) published(err error) {
 	p := t.p
 	t.tl.mark(stageConfirmed)
-	if p.inline && err == nil {
+	if (p.inline || t.checked && p.achecker != nil) && err == nil {
 		if n := p.complete(t); n != nil {
 			p.enqueue(n, phaseDispatch)
 		}
@@ -568,45 +657,79 @@ func (p *Pipeline) complete(t *task) *task {
 	ss := t.ss
 	if err == nil || errors.Is(err, ErrDuplicate) {
 		markRecovered(p.health, &ss.failing, ss.what)
+		ss.retries.wake()
 		if t.reserved {
 			t.reserved = false
 			var cerr error
-			if p.hstore != nil {
+			switch {
+			case t.checked && p.achecker != nil:
+				// Settled when the commit is (committed).
+				p.achecker.CommitAsync(p.settleCtx, t.storeKey, t.commitDone)
+				return nil
+			case p.hstore != nil:
 				cerr = p.hstore.CommitHandle(p.settleCtx, t.storeKey, t.handle)
-			} else {
+			default:
 				cerr = p.store.Commit(p.settleCtx, t.storeKey)
 			}
-			if cerr != nil {
-				// The sink has the message. The JetStream store writes
-				// the commit again (its own Reserve of the key answers
-				// Duplicate meanwhile); a copy published again after the
-				// reservation expired is dropped by the sink's window.
-				p.met.DedupeErrors.WithLabelValues("commit").Inc()
-				p.log.Debug("dedupe commit failed", "rule", t.m.Rule, "err", cerr)
-			}
+			p.commitFailed(t, cerr)
 		}
-		now := p.clock.Now()
-		rm := t.rs.met
-		if t.dlq {
-			rm.dlqOut.Inc()
-			rm.dlqReason(t.x.dlqReason).Inc()
-			p.log.Warn("message dead-lettered", "rule", t.m.Rule, "reason", t.x.dlqReason, "explain", t.explain(),
-				"source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker, "dlq", t.x.dlqTarget.Subject+t.x.dlqTarget.Topic)
-		} else {
-			if t.parent == nil {
-				rm.forwarded.Inc() // a broadcast message counts when its last copy settles
-			}
-			cm := rm.cell(t.d.Cell)
-			cm.forwarded.Inc()
-			from := t.m.Time
-			if from.IsZero() {
-				from = time.Unix(0, t.arrived)
-			}
-			cm.latency.Observe(now.Sub(from).Seconds())
-		}
-		t.rs.hl.lastProgress.Store(now.UnixNano())
-		return p.finish(t, nil)
+		return p.forwarded(t)
 	}
+	return p.publishFailed(t, ss, err)
+}
+
+// committed is CommitAsync's result for t (bound once per pooled task as
+// task.commitDone): t is forwarded; the lane's next message goes to the
+// workers, as after any confirmation completed off the workers.
+func (t *task) committed(err error) {
+	p := t.p
+	p.commitFailed(t, err)
+	if n := p.forwarded(t); n != nil {
+		p.enqueue(n, phaseDispatch)
+	}
+}
+
+// commitFailed counts and logs a failed commit (err nil: nothing to do).
+func (p *Pipeline) commitFailed(t *task, err error) {
+	if err != nil {
+		// The sink has the message. The JetStream store writes the
+		// commit again (its own Reserve and Check of the key answer
+		// Duplicate meanwhile); a copy published again after the
+		// reservation expired is dropped by the sink's window.
+		p.met.DedupeErrors.WithLabelValues("commit").Inc()
+		p.log.Debug("dedupe commit failed", "rule", t.m.Rule, "err", err)
+	}
+}
+
+// forwarded counts the confirmed (and committed) message t and settles it;
+// it returns the lane's next message.
+func (p *Pipeline) forwarded(t *task) *task {
+	now := p.clock.Now()
+	rm := t.rs.met
+	if t.dlq {
+		rm.dlqOut.Inc()
+		rm.dlqReason(t.x.dlqReason).Inc()
+		p.log.Warn("message dead-lettered", "rule", t.m.Rule, "reason", t.x.dlqReason, "explain", t.explain(),
+			"source_id", t.m.SourceID, "dlq_broker", t.x.dlqTarget.Broker, "dlq", t.x.dlqTarget.Subject+t.x.dlqTarget.Topic)
+	} else {
+		if t.parent == nil {
+			rm.forwarded.Inc() // a broadcast message counts when its last copy settles
+		}
+		cm := rm.cell(t.d.Cell)
+		cm.forwarded.Inc()
+		from := t.m.Time
+		if from.IsZero() {
+			from = time.Unix(0, t.arrived)
+		}
+		cm.latency.Observe(now.Sub(from).Seconds())
+	}
+	t.rs.hl.lastProgress.Store(now.UnixNano())
+	return p.finish(t, nil)
+}
+
+// publishFailed handles a failed publish of t to ss: the key is given
+// back and t retried.
+func (p *Pipeline) publishFailed(t *task, ss *targetState, err error) *task {
 	ss.errs.Inc()
 	if t.failedOn != ss {
 		p.leaveSink(t)
@@ -621,10 +744,13 @@ func (p *Pipeline) complete(t *task) *task {
 	}
 	if t.reserved {
 		t.reserved = false
-		if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
-			// The store releases it later (the JetStream store writes a
-			// failed release again), else it expires after ReserveTTL.
-			p.met.DedupeErrors.WithLabelValues("release").Inc()
+		// Check wrote nothing: nothing to release.
+		if !t.checked {
+			if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
+				// The store releases it later (the JetStream store writes a
+				// failed release again), else it expires after ReserveTTL.
+				p.met.DedupeErrors.WithLabelValues("release").Inc()
+			}
 		}
 	}
 	return p.retry(t)
@@ -699,12 +825,26 @@ func (p *Pipeline) retry(t *task) *task {
 	if d > p.cfg.Retry.Max || d <= 0 {
 		d = p.cfg.Retry.Max
 	}
+	d = spread(d)
 	t.attempt++
+	// Read before the timer starts: once it runs, t belongs to it.
+	var w *retryWaiters
+	switch {
+	case t.failedOn != nil:
+		w = &t.failedOn.retries
+	case t.storeWait:
+		w = &p.storeRetries
+	}
+	var tm *time.Timer
 	t.mu.Lock()
 	if !t.settled {
-		t.timer = time.AfterFunc(d, t.retryNow)
+		tm = time.AfterFunc(d, t.retryNow)
+		t.timer = tm
 	}
 	t.mu.Unlock()
+	if w != nil && tm != nil {
+		w.add(t, tm)
+	}
 	return nil
 }
 
@@ -791,7 +931,7 @@ func (p *Pipeline) target(tg router.Target) *targetState {
 			what = "publishing to broker " + tg.Broker + " topic " + tg.Topic
 		}
 		p.health.target(what, tg.Broker, tg.Subject+tg.Topic)
-		return &targetState{what: what, sink: s, errs: p.met.SinkPublishErrors.WithLabelValues(tg.Broker)}
+		return &targetState{what: what, tg: tg, sink: s, errs: p.met.SinkPublishErrors.WithLabelValues(tg.Broker)}
 	})
 }
 
@@ -964,6 +1104,9 @@ func (p *Pipeline) unpublish(t *task) {
 	t.endPublish()
 	if t.reserved {
 		t.reserved = false
+		if t.checked {
+			return // Check wrote nothing: nothing to release
+		}
 		if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
 			p.met.DedupeErrors.WithLabelValues("release").Inc()
 		}

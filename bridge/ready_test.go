@@ -3,6 +3,7 @@ package bridge
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -105,6 +106,28 @@ func TestReadinessSourceFailing(t *testing.T) {
 	h.SourceFailing("t", nil)
 	if ok, why := h.Ready(); !ok {
 		t.Fatalf("still unready: %s", why)
+	}
+}
+
+// A source failure that says nothing waits to be delivered (an idle
+// consumer without a leader) is shown in cellbridge_source_failing but
+// leaves the bridge ready; the same failure without it does not.
+func TestReadinessIgnoresSourceFailureWithNothingPending(t *testing.T) {
+	e := newEnv(t, Config{}, rulesDoc(1, "", 0), nil, nil)
+	h := e.p.Health()
+	if ok, why := h.Ready(); !ok {
+		t.Fatalf("not ready at the start: %s", why)
+	}
+	h.SourceFailing("t", fmt.Errorf("standby probe: no responders (%w)", ErrNothingPending))
+	if ok, why := h.Ready(); !ok {
+		t.Fatalf("an idle source's failure made the bridge unready: %s", why)
+	}
+	if v := value(e.p.met.SourceFailing.WithLabelValues("t")); v != 1 {
+		t.Fatalf("cellbridge_source_failing %v, want 1", v)
+	}
+	h.SourceFailing("t", errors.New("standby probe: no responders"))
+	if ok, why := h.Ready(); ok || !strings.Contains(why, "source of rule t: standby probe: no responders") {
+		t.Fatalf("a source with work that cannot deliver: ready=%v why=%q", ok, why)
 	}
 }
 

@@ -145,6 +145,22 @@ type Sink interface {
 	Close(ctx context.Context) error
 }
 
+// WindowSink is a Sink whose targets drop a message themselves when they
+// stored one with the same Outgoing.MsgID within a window (a JetStream
+// stream's duplicate window). The pipeline then may use the dedupe store's
+// check-then-commit protocol for the target (dedupe.Checker): one write per
+// message instead of a reservation and a commit, the target's window
+// dropping the copy of a concurrent second attempt (docs/guarantees.md).
+type WindowSink interface {
+	Sink
+	// DuplicateWindow returns the window of the stream that stores tg's
+	// messages, looked up from the broker (bounded by the sink's own
+	// request timeout and ctx): 0 when the target does not drop repeats
+	// (no window), an error when it cannot tell now. The pipeline caches
+	// the answer for a while and asks again.
+	DuplicateWindow(ctx context.Context, tg router.Target) (time.Duration, error)
+}
+
 // Publish publishes m through s and waits for the result (or ctx). It is a
 // convenience for tools and tests; the pipeline uses PublishAsync.
 func Publish(ctx context.Context, s Sink, m *Outgoing) error {

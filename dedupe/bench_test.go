@@ -2,7 +2,9 @@ package dedupe
 
 import (
 	"context"
+	"encoding/json"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -237,4 +239,119 @@ func processCPU(b *testing.B) time.Duration {
 		b.Fatal(err)
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkKVWrites compares what one new key costs the server in the
+// bucket's requests, each awaited, on fresh keys (file storage, 64 ×
+// GOMAXPROCS goroutines on the one pipelined connection): "create" is one
+// conditional create with a per-message TTL (the reservation), "create+put"
+// adds the overwrite with "c" (the commit: today's Reserve and Commit),
+// "get+put" is a direct get of the (absent) key and then the overwrite, "get"
+// and "put" are each alone.
+func BenchmarkKVWrites(b *testing.B) {
+	for _, name := range []string{"create", "create+put", "get+put", "get", "put", "check+put"} {
+		b.Run(name, func(b *testing.B) {
+			ctx := context.Background()
+			srv := natstest.Start(b)
+			_, js := srv.Connect(b)
+			kv, err := NewJetStream(ctx, js, KVConfig{Bucket: "bench"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer kv.Close(ctx)
+			prefix := kv.prefix + "k" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-"
+			var seq atomic.Uint64
+			b.ReportAllocs()
+			b.SetParallelism(64)
+			cpu := startCPU(b)
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					subj := prefix + strconv.FormatUint(seq.Add(1), 10)
+					if name == "check+put" {
+						key := subj[len(kv.prefix):]
+						if o, err := kv.Check(ctx, key); err != nil || o != Reserved {
+							b.Fatal(o, err)
+						}
+						if err := kv.Commit(ctx, key); err != nil {
+							b.Fatal(err)
+						}
+						continue
+					}
+					if name == "create" || name == "create+put" {
+						if _, err := kv.client.Publish(ctx, subj, kv.reserveHdr, kv.ours); err != nil {
+							b.Fatal(err)
+						}
+					}
+					if name == "get" || name == "get+put" {
+						if st, _, _, err := kv.directGet(ctx, subj); err != nil || st != kvAbsent {
+							b.Fatal(st, err)
+						}
+					}
+					if name != "create" && name != "get" {
+						if _, err := kv.client.Publish(ctx, subj, nil, committedVal); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+			})
+			cpu.stop()
+		})
+	}
+}
+
+// BenchmarkKVBatchGet is "get+put" with the gets batched: one direct get
+// of K absent keys (multi_last) per K keys, then each key's overwrite.
+func BenchmarkKVBatchGet(b *testing.B) {
+	for _, k := range []int{8, 32, 128} {
+		b.Run("k="+strconv.Itoa(k), func(b *testing.B) {
+			ctx := context.Background()
+			srv := natstest.Start(b)
+			nc, js := srv.Connect(b)
+			kv, err := NewJetStream(ctx, js, KVConfig{Bucket: "bench"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer kv.Close(ctx)
+			// Something in the bucket: an empty stream answers at once.
+			if err := kv.Commit(ctx, "x"); err != nil {
+				b.Fatal(err)
+			}
+			prefix := kv.prefix + "k" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-"
+			getSubj := "$JS.API.DIRECT.GET.KV_bench"
+			var seq atomic.Uint64
+			b.ReportAllocs()
+			b.SetParallelism(max(1, 64*64/k/2))
+			cpu := startCPU(b)
+			b.RunParallel(func(pb *testing.PB) {
+				subjs := make([]string, 0, k)
+				flush := func() {
+					req, _ := json.Marshal(map[string]any{"multi_last": subjs})
+					m, err := nc.Request(getSubj, req, 5*time.Second)
+					if err != nil || m.Header.Get("Status") != "404" {
+						b.Fatal(err, m.Header)
+					}
+					var wg sync.WaitGroup
+					for _, s := range subjs {
+						wg.Go(func() {
+							if _, err := kv.client.Publish(ctx, s, nil, committedVal); err != nil {
+								b.Error(err)
+							}
+						})
+					}
+					wg.Wait()
+					subjs = subjs[:0]
+				}
+				for pb.Next() {
+					subjs = append(subjs, prefix+strconv.FormatUint(seq.Add(1), 10))
+					if len(subjs) == k {
+						flush()
+					}
+				}
+				if len(subjs) > 0 {
+					flush()
+				}
+			})
+			cpu.stop()
+		})
+	}
 }

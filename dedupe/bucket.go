@@ -66,7 +66,7 @@ func bucketStream(cfg KVConfig) jetstream.StreamConfig {
 func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) error {
 	cfg, err := cfg.withDefaults()
 	if err == nil {
-		err = ensureBucket(ctx, js, cfg.policy(js.Conn()), cfg)
+		_, err = ensureBucket(ctx, js, cfg.policy(js.Conn()), cfg)
 	}
 	if err != nil {
 		return fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)

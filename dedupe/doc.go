@@ -62,6 +62,76 @@
 //     are forwarded again. TTL must exceed the longest redelivery delay of
 //     the source (ack wait × retries, plus hold delays).
 //
+// # Check then commit (targets that drop a copy themselves)
+//
+// A target that drops a message whose idempotency key it stored within a
+// window (a JetStream stream's duplicate window, the sink sending the key
+// as Nats-Msg-Id) needs no reservation: Checker.Check reads the key and
+// writes nothing, so that a forwarded message costs the store one write
+// (Commit) instead of two. The bridge uses it only when asked
+// (`dedupe.protocol: check`) and only on a bucket of one replica (see the
+// last point below). For such a target the bridge does:
+//
+//	Check(key)
+//	  Duplicate → ack the source message; do not publish.
+//	  InFlight  → a reservation (Reserve, used for other targets) holds
+//	              the key: retry later, as above.
+//	  Reserved  → publish; confirmed → Commit(key), then ack; failed →
+//	              negative-ack and retry (nothing to release).
+//	  error     → negative-ack and retry; nothing was published.
+//
+// Why this forwards once, given the target's window W ≥ CheckWindow (the
+// store's ReserveTTL; the bridge asks the sink for W and uses Reserve for a
+// target whose window is shorter or unknown):
+//
+//   - Nothing is lost: as above, a key is committed only after the sink
+//     confirmed its message, and Duplicate means committed.
+//   - Two attempts at one key (a redelivery while the first is in flight,
+//     two replicas, a producer's repeat) may both read the key before
+//     either commits, and both publish. The second copy reaches the target
+//     at most this long after the first was stored: the first attempt's
+//     confirmation and Commit (bounded by the sink's ack timeout and the
+//     store's request timeout), plus the second's own way from its read to
+//     its publish (in the process; no round trip). Both timeouts must stay
+//     below ReserveTTL (KVConfig.Timeout, the bridge's ack timeout), so
+//     the copy comes within W and the target drops it: the store no longer
+//     keeps the second attempt from publishing, the target's window keeps
+//     its copy from being stored. This is the one thing given up against
+//     Reserve: the second attempt publishes a copy the target drops instead
+//     of waiting.
+//   - A crash between the publish and Commit leaves nothing in the store
+//     (Reserve would leave a reservation that expires after ReserveTTL):
+//     the redelivery, after the source's ack wait, reads the key as free
+//     and publishes again with the same key, and the target's window drops
+//     the copy, exactly as the window covers the expired reservation's
+//     redelivery today. The deployment's requirement on W (it exceeds
+//     ReserveTTL, the source's ack wait and the retry backoff together)
+//     covers both.
+//   - A failed Commit is owed and written in the background (below); the
+//     store's own Check of the key answers Duplicate meanwhile.
+//   - A read must see every commit older than W. A bucket of one replica
+//     answers from the stream itself. A replica of a clustered bucket does
+//     not qualify: nats-server lets a follower answer direct gets once it
+//     is mostly (not fully) caught up and goes on answering when it falls
+//     behind later, and neither its answer nor "no results" says how
+//     stale it is, while a batched read (multi_last) exists only as a
+//     direct get. A follower back from minutes away could then answer
+//     "absent" for a key committed more than W ago, and a second attempt
+//     (a replay, a takeover from an old ack floor) would store a copy the
+//     target no longer drops. So Check is used with one replica only (the
+//     configuration refuses `protocol: check` with `replicas` above 1, and
+//     the bridge falls back to Reserve, with a warning, for a bucket made
+//     elsewhere with more); a freshness fence (a key each store writes
+//     every second and every batch also reads, its sequence bounding the
+//     answer's lag) would lift that, and is not built.
+//   - Reservations and commits of both protocols share a bucket: Check
+//     reads a reservation as InFlight (its holder may publish to a target
+//     without a window), Reserve reads a commit of either as Duplicate.
+//
+// RocketMQ targets (no window; transactional sends need the reservation)
+// keep Reserve. Check is read in batches (KV below), and AsyncChecker lets
+// the bridge run Check and Commit without a goroutine waiting for each.
+//
 // # Memory
 //
 // Memory keeps keys in the process: it deduplicates only what this replica
@@ -146,10 +216,28 @@
 //     the stream's leader (the message get API, which can stay unanswered
 //     for a while after a cluster lost its quorum); the store's own Reserve
 //     does not wait for it.
+//   - Check = a read of the key's last message, batched: one direct get
+//     request (multi_last, nats-server 2.11 or newer) names the keys of up
+//     to 256 Checks and the stream answers with the last message of each
+//     key that has one, then an end-of-batch status, or with one 404 when
+//     none has (the common case: new keys). At most four batches are in
+//     flight; Checks made meanwhile wait and leave together, so a batch
+//     grows with the load and a lone Check leaves at once. A batch not
+//     answered within a quarter of KVConfig.Timeout is asked again of the
+//     stream's leader, one message get per key (any replica may take a
+//     direct get, and one on a frozen server never answers; Reserve's
+//     read does the same); the first complete answer ends the batch. A
+//     batch without an answer within KVConfig.Timeout fails its Checks (an
+//     error: the caller retries; a read changes nothing). A commit this store owes
+//     answers Duplicate without a read. A single direct get costs the
+//     server about as much as a stored write (BenchmarkKVWrites: a get and
+//     an overwrite cost what a create and an overwrite do), which is why
+//     the reads are batched.
 //
 // Cost and throughput. A new key costs two round trips, each one stored
 // message: Reserve (create) and Commit (overwrite); Release and the
-// Duplicate/InFlight answers cost a read more. Both are JetStream publishes
+// Duplicate/InFlight answers cost a read more. With Check, a new key costs
+// one stored message (Commit) and a share of a batched read. Both are JetStream publishes
 // whose acknowledgements the caller awaits (Commit returns nil only once the
 // commit is stored: a commit that is fire-and-forget would silently hand
 // the guarantee to the sink's duplicate window whenever it is lost). The
@@ -158,8 +246,13 @@
 // JetStream sink (internal/jspub): one shared reply subscription, a fixed
 // table of request slots, acknowledgements and refusals read by one scanner,
 // so the client adds no per-request inbox, channel, timer or JSON decoding.
-// The server's work (two stored messages per forwarded message) is what
-// bounds the rate; see BenchmarkKV.
+// The server's work (two stored messages per forwarded message with
+// Reserve, one and a share of a batched read with Check) is what bounds the
+// rate; see BenchmarkKV and BenchmarkKVWrites. With Check, the bridge also
+// needs no goroutine per waiting call (AsyncChecker): a pool of workers
+// that each wait for a round trip made the client flush a few messages at a
+// time, which cost the bridge and the server more per message than the
+// writes themselves (bench/notes.md).
 //
 // Failed requests. A request whose reply does not come within
 // KVConfig.Timeout (2s by default) fails (a sweep enforces it), and so do

@@ -83,6 +83,7 @@ type KVConfig struct {
 // key is a compare-and-set made by the stream leader.
 type KV struct {
 	bucket    string
+	replicas  int    // of the bucket's stream, when the store was opened
 	prefix    string // "$KV.<bucket>."
 	getPrefix string // direct get of the last message of a subject: + subject
 	// directWait bounds a direct get before lookup asks the leader.
@@ -95,6 +96,7 @@ type KV struct {
 	client     *jspub.Client
 	reserveHdr nats.Header // shared, read only
 	reserveTTL string      // Nats-TTL value
+	reserveFor time.Duration
 	// ours starts every reservation value this store writes: "r" + the
 	// store's random token + "-"; a counter per Reserve call follows.
 	ours     []byte
@@ -109,6 +111,8 @@ type KV struct {
 	stop      chan struct{}
 	repayDone chan struct{}
 	closed    atomic.Bool
+	// check batches the reads of Check.
+	check *checker
 }
 
 var _ Store = (*KV)(nil)
@@ -142,7 +146,8 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 	if !nc.HeadersSupported() {
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, nats.ErrHeadersNotSupported)
 	}
-	if err := ensureBucket(ctx, js, cfg.policy(nc), cfg); err != nil {
+	replicas, err := ensureBucket(ctx, js, cfg.policy(nc), cfg)
+	if err != nil {
 		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
 	}
 	var token [8]byte
@@ -154,6 +159,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 	ttl := strconv.FormatInt(int64(cfg.ReserveTTL/time.Second), 10) + "s"
 	kv := &KV{
 		bucket:     cfg.Bucket,
+		replicas:   replicas,
 		prefix:     "$KV." + cfg.Bucket + ".",
 		getPrefix:  apiPrefix(js.Options()) + "DIRECT.GET.KV_" + cfg.Bucket + ".",
 		directWait: max(cfg.Timeout/4, minDirectWait),
@@ -161,6 +167,7 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		msgGet:     apiPrefix(js.Options()) + "STREAM.MSG.GET.KV_" + cfg.Bucket,
 		client:     c,
 		reserveTTL: ttl,
+		reserveFor: cfg.ReserveTTL,
 		reserveHdr: nats.Header{hdrExpectLastSubjSeq: {"0"}, hdrTTL: {ttl}},
 		ours:       []byte("r" + hex.EncodeToString(token[:]) + "-"),
 		lost:       lostWrites{m: map[string]*lostWrite{}, ttl: cfg.ReserveTTL},
@@ -168,6 +175,10 @@ func NewJetStream(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*K
 		nc:         nc,
 		stop:       make(chan struct{}),
 		repayDone:  make(chan struct{}),
+	}
+	if kv.check, err = newChecker(kv, nc, cfg.Timeout); err != nil {
+		_ = c.Close(ctx)
+		return nil, fmt.Errorf("dedupe: bucket %q: %w", cfg.Bucket, err)
 	}
 	go kv.repayLoop()
 	return kv, nil
@@ -185,36 +196,38 @@ func (cfg KVConfig) policy(nc *nats.Conn) *retry.Policy {
 // DefaultKVTimeout is KVConfig.Timeout's default.
 const DefaultKVTimeout = 2 * time.Second
 
-// ensureBucket creates the bucket's stream or adapts an existing one.
+// ensureBucket creates the bucket's stream or adapts an existing one, and
+// returns the stream's replica count.
 //
 // The stream is laid out exactly as nats.go lays out a KV bucket (so `nats
 // kv` and jetstream.KeyValue work on it) with per-message TTLs allowed but
 // without subject delete markers: nothing here reads markers left by
 // expiry, and writing one per expired key would double the server's writes.
-func ensureBucket(ctx context.Context, js jetstream.JetStream, pol *retry.Policy, cfg KVConfig) error {
+func ensureBucket(ctx context.Context, js jetstream.JetStream, pol *retry.Policy, cfg KVConfig) (int, error) {
 	name := "KV_" + cfg.Bucket
 	scfg := bucketStream(cfg)
 	_, err := retry.Do(ctx, pol, retry.OpKVBucket, "create "+name, func(ctx context.Context) (jetstream.Stream, error) {
 		return js.CreateStream(ctx, scfg)
 	})
 	if err == nil {
-		return nil
+		return max(scfg.Replicas, 1), nil
 	}
 	if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		return fmt.Errorf("create stream: %w", err)
+		return 0, fmt.Errorf("create stream: %w", err)
 	}
 	s, err := retry.Do(ctx, pol, retry.OpKVBucket, "open "+name, func(ctx context.Context) (jetstream.Stream, error) {
 		return js.Stream(ctx, name)
 	})
 	if err != nil {
-		return fmt.Errorf("open stream: %w", err)
+		return 0, fmt.Errorf("open stream: %w", err)
 	}
 	have := s.CachedInfo().Config
 	if len(have.Subjects) != 1 || have.Subjects[0] != scfg.Subjects[0] {
-		return fmt.Errorf("stream %s is not a key-value bucket (subjects %v)", name, have.Subjects)
+		return 0, fmt.Errorf("stream %s is not a key-value bucket (subjects %v)", name, have.Subjects)
 	}
+	replicas := max(have.Replicas, 1)
 	if have.AllowMsgTTL && have.AllowDirect && have.MaxAge == cfg.TTL && have.Duplicates <= cfg.TTL {
-		return nil
+		return replicas, nil
 	}
 	have.AllowMsgTTL = true
 	have.AllowDirect = true // lookups are direct gets
@@ -225,9 +238,9 @@ func ensureBucket(ctx context.Context, js jetstream.JetStream, pol *retry.Policy
 	if _, err := retry.Do(ctx, pol, retry.OpKVBucket, "update "+name, func(ctx context.Context) (jetstream.Stream, error) {
 		return js.UpdateStream(ctx, have)
 	}); err != nil {
-		return fmt.Errorf("update stream: %w", err)
+		return 0, fmt.Errorf("update stream: %w", err)
 	}
-	return nil
+	return replicas, nil
 }
 
 // apiPrefix is the JetStream API prefix js sends requests to, as nats.go
@@ -552,6 +565,7 @@ func (kv *KV) Close(ctx context.Context) error {
 		// replica meets a reservation left here as InFlight until it
 		// expires.
 		kv.repay(ctx)
+		kv.check.close()
 	}
 	if err := kv.client.Close(ctx); err != nil {
 		return kv.opErr("close", err)
@@ -563,11 +577,21 @@ func (kv *KV) Close(ctx context.Context) error {
 // API: a JSON request and answer), for a read that must see every write
 // the leader confirmed.
 func (kv *KV) lookupLeader(ctx context.Context, subj string) (kvState, uint64, []byte, error) {
-	req, _ := json.Marshal(map[string]string{"last_by_subj": subj})
-	m, err := kv.client.Request(ctx, kv.msgGet, nil, req)
+	m, err := kv.client.Request(ctx, kv.msgGet, nil, leaderGetReq(subj))
 	if err != nil {
 		return 0, 0, nil, err
 	}
+	return kv.leaderAnswer(m)
+}
+
+// leaderGetReq is the message get request for subj's last message.
+func leaderGetReq(subj string) []byte {
+	req, _ := json.Marshal(map[string]string{"last_by_subj": subj})
+	return req
+}
+
+// leaderAnswer reads the stream leader's answer to leaderGetReq.
+func (kv *KV) leaderAnswer(m *nats.Msg) (kvState, uint64, []byte, error) {
 	if len(m.Data) == 0 {
 		if m.Header.Get("Status") == "503" {
 			return 0, 0, nil, jspub.ErrNoStream // wraps nats.ErrNoResponders

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -124,6 +123,24 @@ func TestKVTwoReplicas(t *testing.T) {
 // commit, InFlight for another store's reservation, Reserved over a
 // release marker), instead of failing after the request timeout.
 func TestKVDirectGetUnanswered(t *testing.T) {
+	a, swallowed := frozenDirectGets(t, "$JS.API.DIRECT.GET.KV_%s.>")
+
+	mustReserve(t, a, "committed", Duplicate)
+	mustReserve(t, a, "held", InFlight)
+	mustReserve(t, a, "released", Reserved)
+	if swallowed.Load() == 0 {
+		t.Fatal("no direct get was made: the test tests nothing")
+	}
+}
+
+// frozenDirectGets opens a store on a bucket holding a commit ("committed"),
+// another store's reservation ("held") and a released key ("released"), then
+// makes the bucket's direct gets on subject (a format with the bucket's
+// name) go unanswered, as a frozen replica's would: the stream stops
+// serving them and a subscriber that never replies takes them. It returns
+// the store and the count of swallowed requests.
+func frozenDirectGets(t *testing.T, subject string) (*KV, *atomic.Int32) {
+	t.Helper()
 	ctx := context.Background()
 	srv := natstest.Start(t)
 	bucket := newBucket()
@@ -144,18 +161,12 @@ func TestKVDirectGetUnanswered(t *testing.T) {
 	scfg.AllowDirect = false
 	_, err = js.UpdateStream(ctx, scfg)
 	must(t, err)
-	var swallowed atomic.Int32
-	sub, err := nc.Subscribe("$JS.API.DIRECT.GET.KV_"+bucket+".>", func(*nats.Msg) { swallowed.Add(1) })
+	swallowed := new(atomic.Int32)
+	sub, err := nc.Subscribe(fmt.Sprintf(subject, bucket), func(*nats.Msg) { swallowed.Add(1) })
 	must(t, err)
-	defer func() { _ = sub.Unsubscribe() }()
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
 	must(t, nc.Flush())
-
-	mustReserve(t, a, "committed", Duplicate)
-	mustReserve(t, a, "held", InFlight)
-	mustReserve(t, a, "released", Reserved)
-	if swallowed.Load() == 0 {
-		t.Fatal("no direct get was made: the test tests nothing")
-	}
+	return a, swallowed
 }
 
 // TestKVOwedReleaseAndNewReservation: a release is owed for a key (its
@@ -188,7 +199,6 @@ func TestKVServerRestart(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	srv := natstest.StartDir(t, dir)
-	port := srv.Addr().(*net.TCPAddr).Port
 	_, js := srv.Connect(t, nats.ReconnectWait(50*time.Millisecond), nats.MaxReconnects(-1))
 	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
 	kv := openKV(t, js, cfg)
@@ -206,7 +216,7 @@ func TestKVServerRestart(t *testing.T) {
 	if !errors.Is(err, jspub.ErrNotSent) || !errors.Is(err, nats.ErrDisconnected) {
 		t.Fatalf("Reserve while disconnected: %v, want jspub.ErrNotSent and nats.ErrDisconnected", err)
 	}
-	srv2 := natstest.StartDir(t, dir, func(o *server.Options) { o.Port = port })
+	srv2 := srv.Restart(t)
 
 	h.eventually(t, "the store to work after the reconnect", func() bool {
 		o, err := kv.Reserve(ctx, "committed")

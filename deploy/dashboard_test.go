@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/cellbridge/cellbridge/bridge"
 )
 
 const dashboardFile = "grafana/cellbridge.json"
@@ -76,7 +78,8 @@ var grafanaVars = strings.NewReplacer(
 
 // TestDashboard: the dashboard parses, is templated on data source and job, uses only metrics the
 // bridge exports, shows what an operator needs (per-cell throughput, latency, freshness, DLQ, held,
-// duplicates), and every query is valid PromQL (promtool checks them as recording rules).
+// duplicates) and every metric of bridge.MetricList, and every query is valid PromQL (promtool
+// checks them as recording rules).
 func TestDashboard(t *testing.T) {
 	d := loadDashboard(t)
 	if d.UID == "" || d.Title == "" {
@@ -151,6 +154,19 @@ func TestDashboard(t *testing.T) {
 	} {
 		if !regexp.MustCompile(re).MatchString(all) {
 			t.Errorf("the dashboard shows no %s", what)
+		}
+	}
+
+	// Every metric the bridge exports is on the dashboard: a new one without a panel fails here.
+	read := map[string]bool{}
+	for _, e := range exprs {
+		for _, m := range promqlMetrics(e) {
+			read[strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(m, "_bucket"), "_sum"), "_count")] = true
+		}
+	}
+	for _, md := range bridge.MetricList {
+		if !read[md.Name] {
+			t.Errorf("no panel shows %s (every metric of bridge.MetricList needs one)", md.Name)
 		}
 	}
 

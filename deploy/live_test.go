@@ -529,10 +529,17 @@ func checkLiveMetricNames(t *testing.T, mf map[string]*dto.MetricFamily) {
 		}
 	}
 	for m, where := range used {
-		if !live[m] {
+		if !live[m] && onlyWhile[m] == "" {
 			t.Errorf("%s reads %s, which the running bridge does not serve", where, m)
 		}
 	}
+}
+
+// onlyWhile lists the metrics whose series exist only while a condition holds, which this run does
+// not bring about; bridge tests cover them (bridge/held_test.go), and TestDashboard checks their names.
+var onlyWhile = map[string]string{
+	"cellbridge_held_range_messages":           "a series per blocked: shard range with parked messages",
+	"cellbridge_held_range_oldest_age_seconds": "a series per blocked: shard range with parked messages",
 }
 
 // checkReloadAlertFires feeds the reload-failure counter values scraped before and after the refused

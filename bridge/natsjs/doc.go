@@ -107,7 +107,10 @@
 //     group, each probe waiting ProbeWait (1s) on the server, all on one
 //     long-lived Consumer object (the client library keeps the pin id on
 //     it). A probe is answered only when no pin is current and a message is
-//     ready; it then carries the new pin id. The replica also reads the
+//     ready; it then carries the new pin id. So a durable with nothing to
+//     deliver (none pending, none unacknowledged) has no owner once the
+//     last one is gone, however long: the next message's delivery wins a
+//     waiting probe the pin at once. The replica also reads the
 //     consumer's UNPINNED advisory; when the pin is free and messages are
 //     delivered but unacknowledged (their owner died, was cut off, or
 //     released with deliveries open), and no probe can win the pin with a

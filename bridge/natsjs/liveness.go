@@ -13,12 +13,16 @@ import (
 // failState is what a Source reports through SourceConfig.OnFailing: the
 // reason it cannot deliver, or none. Only changes are reported, one at a
 // time and in the order they happened; clear costs one atomic load while
-// nothing is failing, so the delivery path can call it per message.
+// nothing is failing, so the delivery path can call it per message. While
+// idle says that nothing waits to be delivered, the reason is reported
+// wrapped in bridge.ErrNothingPending.
 type failState struct {
 	report func(error)
+	idle   func() bool // nil: never idle
 	on     atomic.Bool
 	mu     sync.Mutex
-	why    string
+	err    error  // the reason set last
+	why    string // the text reported last
 }
 
 // set reports err as the reason the source cannot deliver.
@@ -28,6 +32,28 @@ func (f *failState) set(err error) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.err = err
+	f.reportLocked()
+}
+
+// recheck reports the current failure again when idle changed its
+// answer since it was reported.
+func (f *failState) recheck() {
+	if f.report == nil || !f.on.Load() {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.on.Load() {
+		f.reportLocked()
+	}
+}
+
+func (f *failState) reportLocked() {
+	err := f.err
+	if f.idle != nil && f.idle() {
+		err = &nothingPending{err: err}
+	}
 	if f.on.Load() && f.why == err.Error() {
 		return
 	}
@@ -57,7 +83,7 @@ func (f *failState) clear() {
 		return
 	}
 	f.on.Store(false)
-	f.why = ""
+	f.why, f.err = "", nil
 	f.report(nil)
 }
 

@@ -608,7 +608,9 @@ const membershipPart = -1
 
 // failingAny merges the failures of a partitioned source's parts (its
 // membership and each owned partition's consumer) into the rule's one
-// report: failing while any part fails, with the lowest part's error.
+// report: failing while any part fails, with the lowest part's error that
+// holds readiness (does not wrap bridge.ErrNothingPending), or the lowest
+// part's when none does.
 type failingAny struct {
 	report func(error)
 	mu     sync.Mutex
@@ -637,10 +639,11 @@ func (f *failingAny) forget(p int) {
 
 func (f *failingAny) reportLocked() {
 	var err error
-	low := 0
+	low, lowIdle := 0, false
 	for p, e := range f.parts {
-		if err == nil || p < low {
-			err, low = e, p
+		idle := errors.Is(e, bridge.ErrNothingPending)
+		if err == nil || (lowIdle && !idle) || (idle == lowIdle && p < low) {
+			err, low, lowIdle = e, p, idle
 		}
 	}
 	if err == f.last {

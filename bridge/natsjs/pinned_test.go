@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"strconv"
@@ -16,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -225,6 +223,13 @@ type replica struct {
 func startReplica(t *testing.T, srv *natstest.Server, cfg SourceConfig) *replica {
 	t.Helper()
 	nc, js := srv.Connect(t)
+	return startReplicaOn(t, nc, js, cfg)
+}
+
+// startReplicaOn starts a replica on the connection nc; Run and Close
+// happen when the test ends.
+func startReplicaOn(t *testing.T, nc *nats.Conn, js jetstream.JetStream, cfg SourceConfig) *replica {
+	t.Helper()
 	r := &replica{nc: nc, js: js, f: &forwarder{js: js}, errc: make(chan error, 1)}
 	r.src = newSource(t, js, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -552,7 +557,6 @@ func TestOrderedIdleTakeoverKick(t *testing.T) {
 // once instead of after AckWait.
 func TestOrderedReconnectResets(t *testing.T) {
 	srv := natstest.Start(t)
-	port := srv.Addr().(*net.TCPAddr).Port
 	nc, err := connect(t, BrokerConfig{Name: "nats", URL: srv.URL})
 	if err != nil {
 		t.Fatal(err)
@@ -574,7 +578,7 @@ func TestOrderedReconnectResets(t *testing.T) {
 
 	srv.Shutdown()
 	srv.WaitForShutdown()
-	natstest.StartDir(t, srv.StoreDir, func(o *server.Options) { o.Port = port })
+	srv.Restart(t)
 	eventually(t, 60*time.Second, "each delivered again, long before AckWait", func() bool {
 		for _, b := range bodies {
 			if len(c.of(b)) < 2 {

@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
@@ -21,7 +19,6 @@ import (
 // failed ones leaves each message stored exactly once.
 func TestSurvivesServerRestart(t *testing.T) {
 	srv := natstest.Start(t)
-	port := srv.Addr().(*net.TCPAddr).Port
 	nc, err := connect(t, BrokerConfig{Name: "nats", URL: srv.URL})
 	if err != nil {
 		t.Fatal(err)
@@ -54,7 +51,7 @@ func TestSurvivesServerRestart(t *testing.T) {
 	for i := n / 2; i < n; i++ {
 		sink.PublishAsync(testCtx(t), msgs[i], res.done(i))
 	}
-	srv2 := natstest.StartDir(t, srv.StoreDir, func(o *server.Options) { o.Port = port })
+	srv2 := srv.Restart(t)
 	eventually(t, 30*time.Second, "every publish resolved", func() bool { return res.count() == n })
 
 	failed := 0

@@ -87,6 +87,9 @@ type SinkConfig struct {
 // usually share them.
 type Sink struct {
 	brokers map[string]*publisher
+	// js and timeouts serve DuplicateWindow (window.go), per broker.
+	js       map[string]jetstream.JetStream
+	timeouts map[string]time.Duration
 	// closed is set first by Close: PublishAsync fails fast without
 	// touching a broker (each broker's pipe, stopped under its mutex, is
 	// what makes "not closed, take a slot" atomic with respect to Close).
@@ -121,12 +124,13 @@ func NewSink(conns map[string]jetstream.JetStream, cfg SinkConfig, log *slog.Log
 			return nil, fmt.Errorf("natsjs: sink: broker %q: nil JetStream", name)
 		}
 	}
-	s := &Sink{brokers: make(map[string]*publisher, len(conns))}
+	s := &Sink{brokers: make(map[string]*publisher, len(conns)), js: conns, timeouts: map[string]time.Duration{}}
 	for name, js := range conns {
 		ackTimeout := cfg.AckTimeout
 		if d, ok := cfg.AckTimeouts[name]; ok && d != 0 {
 			ackTimeout = d
 		}
+		s.timeouts[name] = ackTimeout
 		p, err := newPublisher(name, js.Conn(), cfg.MaxPending, ackTimeout)
 		if err != nil {
 			for _, p := range s.brokers {

@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -696,7 +694,6 @@ func TestSinkCloseExpiredContextNothingPending(t *testing.T) {
 // again after the reconnect.
 func TestSinkDoesNotBufferWhileDisconnected(t *testing.T) {
 	srv := natstest.Start(t)
-	port := srv.Addr().(*net.TCPAddr).Port
 	nc, js := srv.Connect(t, nats.MaxReconnects(-1), nats.ReconnectWait(20*time.Millisecond))
 	createStream(t, js, "CELL_RZ00", "cell.rz00.>")
 	sink := newSink(t, map[string]jetstream.JetStream{"nats": js}, SinkConfig{})
@@ -711,7 +708,7 @@ func TestSinkDoesNotBufferWhileDisconnected(t *testing.T) {
 	if !errors.Is(err, nats.ErrDisconnected) {
 		t.Fatalf("publish while down: err = %v, want nats.ErrDisconnected", err)
 	}
-	natstest.StartDir(t, srv.StoreDir, func(o *server.Options) { o.Port = port })
+	srv.Restart(t)
 	eventually(t, 10*time.Second, "reconnected", nc.IsConnected)
 	eventually(t, 10*time.Second, "publish after the reconnect", func() bool {
 		return bridge.Publish(testCtx(t), sink, out("nats", "cell.rz00.orders", "after", "x")) == nil

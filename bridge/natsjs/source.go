@@ -210,8 +210,10 @@ type Source struct {
 	// pol bounds, retries and reports the source's JetStream API requests;
 	// quiet is the same for those repeated on a timer (logged at debug).
 	pol, quiet *retry.Policy
-	// failing is what the source reports through OnFailing.
+	// failing is what the source reports through OnFailing; idle tells
+	// it whether nothing waits to be delivered.
 	failing failState
+	idle    idleness
 	// linkCheck is set while a check of the connection after missed
 	// heartbeats runs (checkLink).
 	linkCheck atomic.Bool
@@ -275,6 +277,8 @@ func NewSource(ctx context.Context, js jetstream.JetStream, cfg SourceConfig, lo
 			State: StateStopped, Since: time.Now()},
 	}
 	s.failing.report = cfg.OnFailing
+	s.idle.window = idleWindowAnswers * cfg.BacklogInterval
+	s.failing.idle = s.idle.idle
 	s.pol = &retry.Policy{Broker: cfg.Broker, Conn: js.Conn(), Timeout: cfg.RequestTimeout, Log: s.log,
 		Report: reportTo(cfg.OnRequestError)}
 	q := *s.pol
@@ -508,6 +512,7 @@ func (s *Source) newDelivery(msg jetstream.Msg, meta *ackMeta, hdr nats.Header) 
 			hdr = nil
 		}
 	}
+	s.idle.delivery()
 	d := &delivery{msg: msg}
 	d.m = bridgeMessage(s.cfg.Rule, s.source, s.cfg.StripTokens, msg, meta, hdr)
 	return d
@@ -667,6 +672,12 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 			default:
 				s.failing.clear()
 			}
+		}
+		if err == nil {
+			s.idle.answered(asked, info)
+			s.failing.recheck()
+		} else if !stale && ctx.Err() == nil && s.failing.failingNow() && s.idle.idle() {
+			s.checkStored(ctx)
 		}
 		if err == nil {
 			if s.cfg.Ordering == Unordered && s.failing.failingNow() && s.js.Conn().IsConnected() &&

@@ -288,7 +288,7 @@ func sourceDurableResumesAfterRestart(t *testing.T, o Ordering) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "acks stored", func() bool {
+	eventually(t, 15*time.Second, "acks stored", func() bool {
 		info, err := cons.Info(testCtx(t))
 		return err == nil && info.AckFloor.Stream == 5
 	})
@@ -388,12 +388,12 @@ func sourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T, o Ordering) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "acks stored", func() bool {
+	eventually(t, 15*time.Second, "acks stored", func() bool {
 		info, err := cons.Info(testCtx(t))
 		return err == nil && info.AckFloor.Stream == 3
 	})
 	seen := backlog.Load()
-	eventually(t, 5*time.Second, "two more backlog reports", func() bool { return backlog.Load() >= seen+2 })
+	eventually(t, 15*time.Second, "two more backlog reports", func() bool { return backlog.Load() >= seen+2 })
 
 	if err := js.DeleteConsumer(testCtx(t), "ORDERS", "cellbridge-orders"); err != nil {
 		t.Fatal(err)

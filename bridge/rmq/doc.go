@@ -43,7 +43,12 @@
 //
 // Redelivery is local, never through the broker's %RETRY% topic: sending a
 // message back would let the offset move past it and put it behind later
-// messages of its key. A message left unacknowledged at shutdown or when
+// messages of its key. A local redelivery still comes after the later
+// messages of its key that the pipeline already had: the pipeline holds
+// a message so only when a rules reload changed its rule between
+// broadcast and single-cell while it was in flight (a HoldError without
+// Overtake); the ordered JetStream source re-reads from its ack floor
+// instead, which this source does not do. A message left unacknowledged at shutdown or when
 // a rebalance moves its queue is read again by the queue's next owner from
 // the committed offset; so are, after a crash, the acknowledgements of the
 // last PersistInterval and the pulled batches not fully settled (a batch is

@@ -45,8 +45,8 @@ func (s *faultSink) PublishAsync(ctx context.Context, m *bridge.Outgoing, done f
 // consumer MaxAckPending = maxInFlight+maxHeld+fetchBatch, live metrics
 // registry and health, HTTP server, rules watcher). O and P run their two
 // replicas in this one process, on the same two cores. Tuning (-tune B:...
-// or C:..., O:..., P:...): inflight=N, fetch=N, workers=N, lanes=N; P also
-// parts=N (partitions, default 12).
+// or C:..., O:..., P:...): inflight=N, fetch=N, workers=N, lanes=N; P and
+// P2 also parts=N (partitions, default 12 and 2).
 func runCellbridge(ctx context.Context, e *env) error {
 	store, storeDesc := bridgeconfig.DedupeMemory, "memory (size 1000000, ttl 10m, reserveTTL 30s)"
 	if e.spec.Variant == "C" || e.spec.Variant == "C-fault" {
@@ -59,7 +59,7 @@ func runCellbridge(ctx context.Context, e *env) error {
 	defer os.RemoveAll(rules)
 	brokers := fmt.Sprintf("brokers:\n  nats: {type: nats, url: %q}\ndedupe: {store: %s}\n", e.url, store)
 	replicas := 1
-	if e.spec.Variant == "O" || e.spec.Variant == "P" {
+	if e.spec.Variant == "O" || e.partitions() > 0 {
 		replicas = 2
 	}
 	// The replicas start together, as a rollout's pods do (a partitioned
@@ -95,13 +95,19 @@ func runCellbridge(ctx context.Context, e *env) error {
 	return err
 }
 
-// partitions is the partition count of the variant's rule (P; 0 for the
-// others).
+// partitionedVariants are the partitioned variants and their partition
+// counts: P the production overlay's 12 (a multiple of every replica count
+// up to 6), P2 one partition per replica.
+var partitionedVariants = map[string]int{"P": 12, "P2": 2}
+
+// partitions is the partition count of the variant's rule (P, P2; 0 for
+// the others); tuning parts=N overrides it.
 func (e *env) partitions() int {
-	if strings.TrimSuffix(e.spec.Variant, "-fault") != "P" {
+	n, ok := partitionedVariants[strings.TrimSuffix(e.spec.Variant, "-fault")]
+	if !ok {
 		return 0
 	}
-	return e.tuneInt("parts", 12)
+	return e.tuneInt("parts", n)
 }
 
 // variantRules writes the rules of bench/rules with the variant's source
@@ -117,21 +123,21 @@ func variantRules(e *env, parent string) (dir, mode string, err error) {
 	}
 	const source = `source: {broker: nats, stream: ORDERS, subject: "orders.>", group: cellbridge-orders}`
 	var repl []string
-	switch v := strings.TrimSuffix(e.spec.Variant, "-fault"); v {
-	case "B", "C":
-		mode = "ordering: none (shared durable)"
-		repl = []string{source, strings.TrimSuffix(source, "}") + ", ordering: none}"}
-	case "O":
-		mode = "ordering: ordered (one active replica, one standby)"
-	case "B" + bcSuffix:
-		mode = "the broadcast rule's source as written (ordered, the default)"
-	case "P":
+	switch v := strings.TrimSuffix(e.spec.Variant, "-fault"); {
+	case e.partitions() > 0:
 		n := e.partitions()
 		mode = fmt.Sprintf("ordering: ordered, partitions: %d", n)
 		repl = []string{
 			source, fmt.Sprintf(`source: {broker: nats, stream: ORDERS, subject: %q, group: cellbridge-orders, partitions: %d}`, partitionedSubject, n),
 			"key: {json: user.id}", "key: {subjectToken: 2}",
 		}
+	case v == "B" || v == "C":
+		mode = "ordering: none (shared durable)"
+		repl = []string{source, strings.TrimSuffix(source, "}") + ", ordering: none}"}
+	case v == "O":
+		mode = "ordering: ordered (one active replica, one standby)"
+	case v == "B"+bcSuffix:
+		mode = "the broadcast rule's source as written (ordered, the default)"
 	default:
 		return "", "", fmt.Errorf("variant %s is not a cellbridge variant", v)
 	}

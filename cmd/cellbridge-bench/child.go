@@ -78,12 +78,16 @@ type env struct {
 type variantFunc func(ctx context.Context, e *env) error
 
 func variantByName(name string) (variantFunc, error) {
-	switch strings.TrimSuffix(name, "-fault") {
+	base := strings.TrimSuffix(name, "-fault")
+	if partitionedVariants[base] > 0 {
+		return runCellbridge, nil
+	}
+	switch base {
 	case "A", "A-kv1", "A-kv2":
 		return runPipe, nil
 	case "D":
 		return runWatermill, nil
-	case "B", "C", "O", "P":
+	case "B", "C", "O":
 		return runCellbridge, nil
 	case "A" + bcSuffix:
 		return runPipeBroadcast, nil

@@ -65,7 +65,7 @@ func main() {
 	flag.IntVar(&cfg.slowN, "slow-n", 0, "events per run of the slower variants C, A-kv1, A-kv2 and D (default n/2)")
 	flag.IntVar(&cfg.rounds, "rounds", 3, "alternating rounds of the throughput variants (medians are reported)")
 	flag.StringVar(&cfg.out, "out", "", "write results JSON here (e.g. bench/results.json)")
-	flag.StringVar(&cfg.variants, "variants", "A,B,O,P,C,A-kv1,D", "throughput variants in run order: A pipe, B cellbridge (ordering: none, memory store), O cellbridge ordered (default; one active and one standby replica), P cellbridge partitioned (two replicas), C cellbridge with the JetStream KV store, A-kv1 the pipe with one KV create per message, A-kv2 with create and overwrite, D watermill")
+	flag.StringVar(&cfg.variants, "variants", "A,B,O,P,P2,C,A-kv1,D", "throughput variants in run order: A pipe, B cellbridge (ordering: none, memory store), O cellbridge ordered (default; one active and one standby replica), P cellbridge partitioned (12 partitions over two replicas), P2 (2 partitions over two replicas), C cellbridge with the JetStream KV store, A-kv1 the pipe with one KV create per message, A-kv2 with create and overwrite, D watermill")
 	flag.BoolVar(&cfg.short, "short", false, "a quick run for development (under a minute): one round, 30,000 events, latency at 30% only, small broadcast and RocketMQ runs")
 	flag.DurationVar(&cfg.soak, "soak", 0, "soak mode: run B at a fixed load for this long, report RSS and goroutines every minute (in-process: embedded server)")
 	flag.Float64Var(&cfg.soakRate, "soak-rate", 0, "soak offered load in msg/s (default: 30% of pipe_msgs_per_s from bench/results.json, else 30000)")
@@ -185,7 +185,8 @@ var variantNames = map[string]string{
 	"B":      "B  cellbridge, ordering: none, memory store",
 	"O":      "O  cellbridge ordered (default): 1 active + 1 standby",
 	"P":      "P  cellbridge partitioned: 12 over 2 replicas",
-	"C":      "C  cellbridge, JetStream KV store",
+	"P2":     "P2  cellbridge partitioned: 2 over 2 replicas",
+	"C":      "C  cellbridge, JetStream KV store, protocol: check",
 	"D":      "D  watermill + watermill-nats",
 	"R-A":    "R-A  RocketMQ bare client loop",
 	"R-B":    "R-B  RocketMQ cellbridge, memory store",
@@ -466,6 +467,14 @@ func buildResults(cfg config, main []string, rates []latRate, runs map[string][]
 	}
 	if p := med("P"); p > 0 {
 		res["ratio_partitioned_vs_pipe"] = ratio(p, pipe)
+		res["ratio_partitioned_vs_bridge"] = ratio(p, br)
+	}
+	if p := med("P2"); p > 0 {
+		res["ratio_partitioned2_vs_pipe"] = ratio(p, pipe)
+		res["ratio_partitioned2_vs_bridge"] = ratio(p, br)
+	}
+	if ord > 0 {
+		res["ratio_ordered_vs_bridge"] = ratio(ord, br)
 	}
 	if a, b := med("R-A"), med("R-B"); a > 0 {
 		res["ratio_rmq_vs_client"] = ratio(b, a)
@@ -593,7 +602,8 @@ func printTable(w io.Writer, cfg config, main []string, rates []latRate, runs ma
 		}
 	}
 	fmt.Fprintln(w)
-	keys := []string{"ratio_bridge_vs_pipe", "ratio_ordered_vs_pipe", "ratio_partitioned_vs_pipe", "ratio_bridge_vs_watermill", "ratio_ordered_vs_watermill",
+	keys := []string{"ratio_bridge_vs_pipe", "ratio_ordered_vs_pipe", "ratio_ordered_vs_bridge", "ratio_partitioned_vs_pipe",
+		"ratio_partitioned_vs_bridge", "ratio_partitioned2_vs_bridge", "ratio_bridge_vs_watermill", "ratio_ordered_vs_watermill",
 		"bridge_round_spread", "ratio_kv_vs_kv1", "ratio_rmq_vs_client", "broadcast_ratio_bridge_vs_pipe",
 		"server_cpu_ratio_bridge_vs_pipe", "process_cpu_ratio_bridge_vs_pipe"}
 	for _, lr := range rates {

@@ -107,9 +107,11 @@ func runPipe(ctx context.Context, e *env) error {
 				_ = p.src.Ack()
 			}
 		case <-p.f.Err():
+			pc.events.pubErrs.Add(1)
 			_ = p.src.Nak()
 		}
 	}
+	defer func() { e.settings += pc.events.String() }()
 
 	switch mode {
 	case "fetch":
@@ -166,6 +168,46 @@ type pipeConn struct {
 	nc, pnc             *nats.Conn
 	pjs                 jetstream.JetStream
 	cons                jetstream.Consumer
+	events              connEvents
+}
+
+// pipeAckTimeout bounds the wait for each PubAck of the pipe loops: a reply
+// lost with a dropped connection fails its publish (the source message is
+// negatively acknowledged and comes again) instead of holding the window
+// for ever.
+const pipeAckTimeout = 5 * time.Second
+
+// connEvents counts what happened to a loop's connections, for the run's
+// settings line: a run that stalls says why.
+type connEvents struct {
+	disconnects, reconnects, asyncErrs, pubErrs atomic.Int64
+	lastErr                                     atomic.Value // string
+}
+
+func (c *connEvents) options() []nats.Option {
+	return []nats.Option{
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			c.disconnects.Add(1)
+			if err != nil {
+				c.lastErr.Store(err.Error())
+			}
+		}),
+		nats.ReconnectHandler(func(*nats.Conn) { c.reconnects.Add(1) }),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			c.asyncErrs.Add(1)
+			c.lastErr.Store(err.Error())
+		}),
+	}
+}
+
+// String is empty when nothing happened.
+func (c *connEvents) String() string {
+	d, r, a, p := c.disconnects.Load(), c.reconnects.Load(), c.asyncErrs.Load(), c.pubErrs.Load()
+	if d+r+a+p == 0 {
+		return ""
+	}
+	last, _ := c.lastErr.Load().(string)
+	return fmt.Sprintf(" disconnects=%d reconnects=%d async_errors=%d failed_publishes=%d last_error=%q", d, r, a, p, last)
 }
 
 // openPipe connects and creates the consumer, tuned by window, pull and
@@ -173,19 +215,19 @@ type pipeConn struct {
 func openPipe(ctx context.Context, e *env) (*pipeConn, error) {
 	pc := &pipeConn{window: e.tuneInt("window", 4000), pull: e.tuneInt("pull", 2000), conns: e.tuneInt("conns", 1)}
 	var err error
-	if pc.nc, err = nats.Connect(e.url); err != nil {
+	if pc.nc, err = nats.Connect(e.url, pc.events.options()...); err != nil {
 		return nil, err
 	}
 	pc.pnc = pc.nc
 	if pc.conns > 1 {
-		if pc.pnc, err = nats.Connect(e.url); err != nil {
+		if pc.pnc, err = nats.Connect(e.url, pc.events.options()...); err != nil {
 			pc.close()
 			return nil, err
 		}
 	}
 	js, err := jetstream.New(pc.nc)
 	if err == nil {
-		pc.pjs, err = jetstream.New(pc.pnc, jetstream.WithPublishAsyncMaxPending(pc.window))
+		pc.pjs, err = jetstream.New(pc.pnc, jetstream.WithPublishAsyncMaxPending(pc.window), jetstream.WithPublishAsyncTimeout(pipeAckTimeout))
 	}
 	if err == nil {
 		pc.cons, err = js.CreateOrUpdateConsumer(ctx, "ORDERS", jetstream.ConsumerConfig{

@@ -123,22 +123,21 @@ func (h *harness) close() { os.RemoveAll(h.root) }
 // isBridge tells the variants that run the real cellbridge binary.
 func isBridge(v string) bool {
 	switch v {
-	case "B", "C", "O", "P", "B" + bcSuffix, "R-B":
+	case "B", "C", "O", "B" + bcSuffix, "R-B":
 		return true
 	}
-	return false
+	return partitionedVariants[v] > 0
 }
 
 // replicasOf is the number of bridge processes of a variant.
 func replicasOf(v string) int {
-	switch v {
-	case "O", "P":
+	if v == "O" || partitionedVariants[v] > 0 {
 		return 2
 	}
 	return 1
 }
 
-// partitionsOf is the partition count of a variant's rule (P; 0 else).
+// partitionsOf is the partition count of a variant's rule (P, P2; 0 else).
 func partitionsOf(v, tune string) int {
 	e := &env{spec: childSpec{Variant: v}, tune: parseTune(tune)}
 	return e.partitions()
@@ -560,7 +559,14 @@ func (h *harness) startVariant(dir string, srv *natstest.Process, spec runSpec) 
 	}
 	store := "memory"
 	if spec.Variant == "C" {
-		store = "jetstream"
+		// The check-then-commit protocol (one KV write per message; opt-in,
+		// for a bucket of one replica as here); -tune C:protocol=reserve
+		// measures the default protocol.
+		proto := parseTune(spec.Tune)["protocol"]
+		if proto == "" {
+			proto = "check"
+		}
+		store = "jetstream, protocol: " + proto
 	}
 	var procs []*proc
 	for i := range replicasOf(spec.Variant) {
@@ -611,7 +617,8 @@ func envOf(tune string) []string {
 }
 
 // bridgeConfig is the configuration file of one bridge replica: the
-// brokers section's broker line, the dedupe store, HTTP on port (with
+// brokers section's broker line, the dedupe section's fields after
+// `store:` (the store, and for C its protocol), HTTP on port (with
 // pprof for profiled runs), the pipeline tuning (inflight, fetch,
 // workers, lanes), everything else the defaults.
 func bridgeConfig(rules, broker, store string, port int, pprof bool, tune map[string]string) string {

@@ -37,7 +37,7 @@ func init() {
 	register(&command{
 		name:    "run",
 		summary: "run the bridge (embedded NATS server and example rules when no brokers are configured)",
-		usage: `Usage: cellbridge run [-config FILE] [-data DIR] [-http ADDR] [-rules DIR]
+		usage: `Usage: cellbridge run [-config FILE] [-data DIR] [-http ADDR] [-rules DIR] [-nats-port PORT] [-check] [-defaults]
 
 Runs the bridge: consumes every topic rule's source, routes each event to the
 cell that owns it, republishes it there with an idempotency key, and serves
@@ -47,7 +47,7 @@ true also /debug/pprof/ and /debug/timeline).
 Without -config, or with a configuration that names no brokers, it runs the
 embedded default: an in-process nats-server with JetStream (store under -data,
 client port 4222 or a free one), the example rules, the streams they need, and
-the JetStream KV dedupe store.
+the memory dedupe store (each target stream's duplicate window drops repeats).
 
 The configuration and the rules are checked before anything connects: every
 problem is printed as file:line: field: message and the exit code is 1.

@@ -239,6 +239,9 @@ func writeStatus(w io.Writer, base string, st bridge.Status, now time.Time) {
 		}
 	}
 	fmt.Fprintf(w, "in flight %d of %d, held %d of %d, lagging %d of %d\n", st.InFlight, st.MaxInFlight, st.Held, st.MaxHeld, st.Lagging, st.MaxLagging)
+	for _, tg := range slices.Sorted(maps.Keys(st.DedupeProtocols)) {
+		fmt.Fprintf(w, "dedupe %s: %s\n", tg, st.DedupeProtocols[tg])
+	}
 	if len(st.Rules) == 0 {
 		fmt.Fprintln(w, "\nno topic rule has seen a message yet")
 		return

@@ -175,6 +175,7 @@ func connectNATS(ctx context.Context, env kindEnv, used []usedBroker) (kindClien
 			}
 		}
 		bc.OnRequestError = env.requests.report
+		env.requests.watch(u.name)
 		env.status.begin(fmt.Sprintf("connecting to broker %s (%s)", u.name, retry.Redact(settings.URL)))
 		nc, err := natsjs.Connect(ctx, bc, env.log)
 		if err != nil {
@@ -220,6 +221,7 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 		Durable:        r.Source.Group,
 		Ordering:       natsjs.Ordering(r.Source.Ordering),
 		PinnedTTL:      cfg.Ordering.PinnedTTL.D(),
+		StallLimit:     cfg.Ordering.StallLimit.D(),
 		MaxAckPending:  cfg.SourceMaxAckPending(),
 		AckWait:        cfg.Pipeline.AckWait.D(),
 		FetchBatch:     cfg.Pipeline.FetchBatch,

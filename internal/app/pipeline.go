@@ -41,7 +41,12 @@ func newDedupe(ctx startCtx, lc fx.Lifecycle, res *resources, cfg *config.Config
 		return nil, fmt.Errorf("dedupe store %q is not supported by this build", c.Store)
 	}
 	res.add(lc, store.Close)
-	log.Info("dedupe store ready", "store", c.Store, "bucket", c.Bucket, "ttl", c.TTL.String())
+	protocols := "reserve and commit"
+	if ck, ok := store.(dedupe.Checker); ok {
+		protocols = "check and commit for targets whose duplicate window is at least " + ck.CheckWindow().String() +
+			" (one write per message), reserve and commit for the others; per target in /status (dedupeProtocols)"
+	}
+	log.Info("dedupe store ready", "store", c.Store, "bucket", c.Bucket, "ttl", c.TTL.String(), "protocols", protocols)
 	return store, nil
 }
 
@@ -144,7 +149,7 @@ type pipelineIn struct {
 // newPipeline builds the pipeline; closing it is the drain, which runs
 // after the fetch loops stopped (runPipeline) and before the sources close.
 func newPipeline(lc fx.Lifecycle, res *resources, cfg *config.Config, in pipelineIn) (*bridge.Pipeline, error) {
-	p, err := bridge.New(cfg.Pipeline.Bridge(), bridge.Deps{Rules: in.Holder, Dedupe: in.Store, Sinks: in.Sinks,
+	p, err := bridge.New(cfg.Pipeline.Bridge(), bridge.Deps{DedupeCheck: useCheck(cfg, in.Store, in.Log), Rules: in.Holder, Dedupe: in.Store, Sinks: in.Sinks,
 		Metrics: in.Metrics, Health: in.Health, Log: in.Log})
 	if err != nil {
 		return nil, err
@@ -300,4 +305,24 @@ func sourceChange(old, r *router.Rule) string {
 		diff("key.subjectToken", old.Key.SubjectToken, r.Key.SubjectToken)
 	}
 	return strings.Join(out, ", ")
+}
+
+// useCheck reports whether the pipeline may use the KV store's
+// check-then-commit protocol: `dedupe.protocol: check` and a bucket of one
+// replica (validation refuses dedupe.replicas above 1 with check; a bucket
+// made elsewhere with more replicas is found here, and reserve is used).
+func useCheck(cfg *config.Config, store dedupe.Store, log *slog.Logger) bool {
+	if cfg.Dedupe.Store != config.DedupeJetStream || cfg.Dedupe.Protocol != config.ProtocolCheck {
+		return false
+	}
+	kv, ok := store.(*dedupe.KV)
+	if !ok {
+		return false
+	}
+	if n := kv.Replicas(); n != 1 {
+		log.Warn("dedupe.protocol check needs a bucket of one replica (a lagging replica could answer a read); every target reserves",
+			"bucket", cfg.Dedupe.Bucket, "replicas", n)
+		return false
+	}
+	return true
 }

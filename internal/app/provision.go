@@ -34,8 +34,8 @@ type BrokerNeeds struct {
 // configuration need. replicas > 0 is the replica count of new streams
 // and buckets, and existing ones with fewer are raised to it; 0 keeps
 // existing ones and creates new ones with 1 (the dedupe bucket with
-// dedupe.replicas). The duplicate window is the configuration's
-// StreamWindow. The embedded default's broker is the embedded server on
+// dedupe.replicas, the lease bucket with partitions.replicas). The
+// duplicate window is the configuration's StreamWindow. The embedded default's broker is the embedded server on
 // its default port.
 func Needs(cfg *config.Config, t *router.Table, replicas int) ([]*BrokerNeeds, error) {
 	names := map[string]*BrokerNeeds{}
@@ -86,10 +86,12 @@ func Needs(cfg *config.Config, t *router.Table, replicas int) ([]*BrokerNeeds, e
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(leaseUses)) {
-		// The bucket the bridge uses (partitions: section), at the
-		// replicas of this provisioning.
+		// The bucket the bridge uses (partitions: section), with
+		// partitions.replicas or this provisioning's replicas, whichever is
+		// more (as the dedupe bucket): a bucket made here is the one the
+		// replicas then use, and they do not raise its replicas.
 		lc := leaseConfig(cfg.Partitions)
-		lc.Replicas = max(1, replicas)
+		lc.Replicas = max(1, lc.Replicas, replicas)
 		bp, err := natsjs.LeaseBucketPlan(lc, leaseUses[name])
 		if err != nil {
 			return nil, err

@@ -61,6 +61,15 @@ func newRequests(m *bridge.Metrics, status *startStatus) *requests {
 	return r
 }
 
+// watch makes broker's series of cellbridge_broker_request_errors_total
+// exist (0) from the start, one per request kind, so that a rate over them
+// (the dashboard, an alert) sees the first failure.
+func (r *requests) watch(broker string) {
+	for _, op := range retry.Ops {
+		r.m.BrokerReqErrors.WithLabelValues(broker, op)
+	}
+}
+
 // report implements the adapters' OnRequestError.
 func (r *requests) report(err error) {
 	var ae *retry.AttemptError

@@ -57,7 +57,17 @@ type DedupeConfig struct {
 	ReserveTTL Duration `yaml:"reserveTTL"`
 	// jetstream: each request to the bucket
 	RequestTimeout Duration `yaml:"requestTimeout"`
+	// jetstream: reserve (every target reserves, publishes, commits) or
+	// check (targets whose duplicate window allows it read, publish and
+	// commit: one stored write per message; dedupe/doc.go).
+	Protocol string `yaml:"protocol"`
 }
+
+// Dedupe protocols of the jetstream store.
+const (
+	ProtocolReserve = "reserve"
+	ProtocolCheck   = "check"
+)
 
 // Dedupe stores.
 const (
@@ -179,6 +189,11 @@ type OrderingConfig struct {
 	// this long after the forwarding replica died (natsjs
 	// SourceConfig.PinnedTTL).
 	PinnedTTL Duration `yaml:"pinnedTTL"`
+	// StallLimit is how long the forwarding replica of an ordered rule may
+	// hold the consumer while its oldest unsettled message is at least this
+	// old (it cannot publish from where it is) before it hands the consumer
+	// to a standby (natsjs SourceConfig.StallLimit).
+	StallLimit Duration `yaml:"stallLimit"`
 }
 
 // PartitionsConfig configures the leases with which the replicas of a

@@ -101,6 +101,11 @@ func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
 		if d.Replicas < 1 || d.Replicas > 5 {
 			bad("dedupe.replicas", "must be 1..5, got %d", d.Replicas)
 		}
+		if d.Protocol != ProtocolReserve && d.Protocol != ProtocolCheck {
+			bad("dedupe.protocol", "unknown protocol %q (want reserve or check)", d.Protocol)
+		} else if d.Protocol == ProtocolCheck && d.Replicas != 1 {
+			bad("dedupe.protocol", "check needs dedupe.replicas: 1 (a lagging replica of the bucket could answer a read and miss a commit; use reserve with a replicated bucket), got replicas %d", d.Replicas)
+		}
 		if d.RequestTimeout.D() < 10*time.Millisecond {
 			bad("dedupe.requestTimeout", "must be at least 10ms, got %s", d.RequestTimeout)
 		} else if d.RequestTimeout.D() >= d.ReserveTTL.D() {
@@ -111,7 +116,7 @@ func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
 		if !c.set("dedupe.store") {
 			hint = " (the store is memory by default when every broker is NATS; write store: jetstream to use a KV bucket)"
 		}
-		for _, f := range []string{"broker", "bucket", "replicas", "requestTimeout"} {
+		for _, f := range []string{"broker", "bucket", "replicas", "requestTimeout", "protocol"} {
 			if c.set("dedupe." + f) {
 				bad("dedupe."+f, "only valid for store jetstream%s", hint)
 			}
@@ -143,6 +148,10 @@ var replicaIDRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
 func (c *Config) validateOrdering(bad func(field, format string, args ...any)) {
 	if d := c.Ordering.PinnedTTL.D(); d < 2*time.Second {
 		bad("ordering.pinnedTTL", "must be at least 2s (the pulls that keep the pin come every second or more), got %s", c.Ordering.PinnedTTL)
+	}
+	if d := c.Ordering.StallLimit.D(); d <= c.Pipeline.StallTimeout.D() || d < 2*c.Ordering.PinnedTTL.D() {
+		bad("ordering.stallLimit", "must be above pipeline.stallTimeout (%s) and at least 2×ordering.pinnedTTL (%s), so that a replica that is only slow, or one that just took over, does not hand over; got %s",
+			c.Pipeline.StallTimeout, Duration(2*c.Ordering.PinnedTTL.D()), c.Ordering.StallLimit)
 	}
 	p := c.Partitions
 	if !bucketRE.MatchString(p.Bucket) {

@@ -1,6 +1,7 @@
 package e2etest
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -460,9 +461,13 @@ func TestBroadcastReplay(t *testing.T) {
 		t.Helper()
 		cmd := exec.CommandContext(ctx, BridgeBinary(t), "replay", "-config", cfg, "-rule", "prices", "-cell", "c",
 			"-from-time", missed.First.Format(time.RFC3339Nano), "-to-time", missed.Last.Format(time.RFC3339Nano))
-		out, err := cmd.CombinedOutput()
+		// The summary is the last line on stdout; the log (stderr) may
+		// end with a line written while the connections close.
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
 		if err != nil {
-			t.Fatalf("cellbridge replay: %v\n%s", err, out)
+			t.Fatalf("cellbridge replay: %v\n%s%s", err, out, stderr.Bytes())
 		}
 		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 		t.Logf("cellbridge replay: %s", lines[len(lines)-1])

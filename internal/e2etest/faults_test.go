@@ -377,6 +377,21 @@ func (r *faultRig) sample() *sampler {
 	return s
 }
 
+// waitReady waits until every replica's trace has a 200 after from, or
+// until within has passed.
+func (s *sampler) waitReady(from time.Time, within time.Duration) {
+	pollFor(within, func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, tr := range s.traces {
+			if _, ok := tr.first(from, true); !ok {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 // halt stops sampling and returns the traces and the highest stall age.
 func (s *sampler) halt() ([2]readyTrace, float64) {
 	close(s.stop)
@@ -386,18 +401,40 @@ func (s *sampler) halt() ([2]readyTrace, float64) {
 	return s.traces, s.maxStall
 }
 
-// counters sums the error counters of both replicas.
-func (r *faultRig) counters() (pub, ded, req float64) {
-	for _, b := range r.bridges {
+// errCounters are one replica's error counters.
+type errCounters struct{ pub, ded, req float64 }
+
+// counters reads the error counters of each replica (zero for one that has
+// exited).
+func (r *faultRig) counters() []errCounters {
+	out := make([]errCounters, len(r.bridges))
+	for i, b := range r.bridges {
 		if exited, _ := b.Exited(); exited {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
-		p, _ := b.Metric(ctx, "cellbridge_sink_publish_errors_total", nil)
-		d, _ := b.Metric(ctx, "cellbridge_dedupe_errors_total", nil)
-		q, _ := b.Metric(ctx, "cellbridge_broker_request_errors_total", nil)
+		out[i].pub, _ = b.Metric(ctx, "cellbridge_sink_publish_errors_total", nil)
+		out[i].ded, _ = b.Metric(ctx, "cellbridge_dedupe_errors_total", nil)
+		out[i].req, _ = b.Metric(ctx, "cellbridge_broker_request_errors_total", nil)
 		cancel()
-		pub, ded, req = pub+p, ded+d, req+q
+	}
+	return out
+}
+
+// errorsSince sums, over the replicas, the errors counted between two
+// readings. A counter that went down belongs to a replica restarted in
+// between: all it counted since its start is new.
+func errorsSince(before, after []errCounters) (pub, ded, req float64) {
+	delta := func(b, a float64) float64 {
+		if a < b {
+			return a
+		}
+		return a - b
+	}
+	for i := range after {
+		pub += delta(before[i].pub, after[i].pub)
+		ded += delta(before[i].ded, after[i].ded)
+		req += delta(before[i].req, after[i].req)
 	}
 	return pub, ded, req
 }
@@ -420,6 +457,16 @@ type faultRun struct {
 	// waited outside that period: its latency less the part of the outage
 	// between its store and its arrival.
 	outage func() (from, to time.Time)
+	// recovered, when set, returns when the fault ended (set by fault):
+	// /readyz is sampled until every replica answered 200 after it (at
+	// most faultSettle), not only until the events settled, so that a
+	// recovery slower than the events' is measured, not cut off.
+	recovered func() time.Time
+	// elected, when set, returns when the test saw the new leader after
+	// the fault's leader kill (set by fault): the line then says how long
+	// after it the last event stored before it arrived (after_leader),
+	// the bridge's part of the recovery, the election left out.
+	elected func() time.Time
 }
 
 // outsideOutage is how long l waited outside the outage [from, to).
@@ -443,7 +490,7 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 	for _, b := range r.bridges {
 		b.WaitReady()
 	}
-	pub0, ded0, req0 := r.counters()
+	errs0 := r.counters()
 	smp := r.sample()
 	events := int(fr.loadFor.Seconds() * faultRate)
 	load, err := StartLoad(LoadConfig{JetStream: r.js, Rule: r.rule, Keys: Keys(faultKeys), Rate: faultRate, Events: events,
@@ -469,15 +516,18 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 		t.Errorf("%s: not settled within %v of the load: %d of %d events arrived", fr.name, faultSettle, arrived, len(sent))
 	}
 	settle := time.Since(stored)
+	if fr.recovered != nil {
+		smp.waitReady(fr.recovered(), faultSettle)
+	}
 	traces, maxStall := smp.halt()
-	pub1, ded1, req1 := r.counters()
+	pubErrs, dedupeErrs, reqErrs := errorsSince(errs0, r.counters())
 	// Reads can fail for a while after a fault (no responders until every
 	// stream has a leader again): retried, bounded.
 	var v *Verification
 	verr := errors.New("not read")
 	listLate := faultMaxLatency
-	if fr.outage != nil {
-		listLate = time.Nanosecond // every event: the bound applies to each one's wait outside the outage
+	if fr.outage != nil || fr.elected != nil {
+		listLate = time.Nanosecond // every event: the bound applies to each one's wait outside the outage; after_leader
 	}
 	for end := time.Now().Add(30 * time.Second); verr != nil && time.Now().Before(end); {
 		if v, verr = Verify(r.ctx, r.js, r.table, faultTopic, sent, listLate); verr != nil {
@@ -489,7 +539,7 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 	}
 	f := &faultFigures{fault: fr.name, events: len(sent), lost: len(v.Lost), dup: len(v.Duplicated) + len(v.DuplicatedMsgIDs),
 		mis: len(v.Misrouted), reordered: len(v.Reordered), max: v.Latency.Max, p99: v.Latency.P99,
-		settle: settle, readyz: traces, pubErrs: pub1 - pub0, dedupeErrs: ded1 - ded0, reqErrs: req1 - req0, maxStall: maxStall,
+		settle: settle, readyz: traces, pubErrs: pubErrs, dedupeErrs: dedupeErrs, reqErrs: reqErrs, maxStall: maxStall,
 		loadRetries: load.Stats().Retries, quorumLost: fr.quorumLost}
 	for _, l := range v.Latency.Late {
 		if l.Latency > faultMaxLatency {
@@ -500,6 +550,20 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 		f.notes = " (a stream lost its quorum: latency not bounded)"
 	}
 	worst, late := v.Latency.Max, v.Latency.Late
+	if fr.elected != nil {
+		elected := fr.elected()
+		var caughtUp time.Duration
+		late = nil
+		for _, l := range v.Latency.Late {
+			if l.Latency > faultMaxLatency {
+				late = append(late, l)
+			}
+			if l.Source.Before(elected) {
+				caughtUp = max(caughtUp, l.Source.Add(l.Latency).Sub(elected))
+			}
+		}
+		f.notes += fmt.Sprintf(" after_leader=%v", caughtUp.Round(10*time.Millisecond))
+	}
 	if fr.outage != nil {
 		from, to := fr.outage()
 		worst, late = 0, nil
@@ -570,21 +634,36 @@ func TestFaultsKill(t *testing.T) {
 	r := startFaultRig(t, [2][]int{{0, 1, 2}, {1, 2, 0}})
 	c := r.c
 	var figs []*faultFigures
-	killLeader := func(stream string) func() {
+	// killLeader kills stream's leader; *notes gets the election's length
+	// and when the stream stored its first message after it (firstStore),
+	// *elected when the test saw the new leader.
+	var elected time.Time
+	killLeader := func(stream string, notes *string) func() {
 		return func() {
 			victim, also := isolate(t, c, r.js, r.table, stream)
 			at := time.Now()
 			c.Kill(victim)
 			nl := c.StreamLeader(stream)
-			t.Logf("kill -9 %s, leader of %s%s; %s leads it %v later", c.Node(victim).Name, stream, also, c.Node(nl).Name,
-				time.Since(at).Round(time.Millisecond))
+			elected = time.Now()
+			after := r.firstStore(stream, elected)
+			t.Logf("kill -9 %s, leader of %s%s; %s leads it %v later; the stream stored a message %v after that", c.Node(victim).Name,
+				stream, also, c.Node(nl).Name, elected.Sub(at).Round(time.Millisecond), after)
+			*notes = fmt.Sprintf(" election=%v first_store=%v", elected.Sub(at).Round(100*time.Millisecond), after)
 			c.Restart(victim)
 		}
 	}
-	figs = append(figs, r.run(faultRun{name: "kill -9 cell stream leader", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
-		fault: killLeader(natsjs.CellStream(faultCell))}))
-	figs = append(figs, r.run(faultRun{name: "kill -9 dedupe bucket leader", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
-		fault: killLeader("KV_" + faultBucket)}))
+	var notes string
+	electedAt := func() time.Time { return elected }
+	f := r.run(faultRun{name: "kill -9 cell stream leader", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
+		fault: killLeader(natsjs.CellStream(faultCell), &notes), elected: electedAt})
+	f.notes += notes
+	t.Logf("%s (election figure)", f.line())
+	figs = append(figs, f)
+	f = r.run(faultRun{name: "kill -9 dedupe bucket leader", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
+		fault: killLeader("KV_"+faultBucket, &notes), elected: electedAt})
+	f.notes += notes
+	t.Logf("%s (election figure)", f.line())
+	figs = append(figs, f)
 
 	figs = append(figs, r.run(faultRun{name: "kill -9 the active replica's server", loadFor: 10 * time.Second, faultAfter: 2 * time.Second,
 		fault: func() {
@@ -607,7 +686,7 @@ func TestFaultsKill(t *testing.T) {
 		}}))
 
 	var restartFig string
-	f := r.run(faultRun{name: "restart a replica during an election", loadFor: 12 * time.Second, faultAfter: 2 * time.Second,
+	f = r.run(faultRun{name: "restart a replica during an election", loadFor: 12 * time.Second, faultAfter: 2 * time.Second,
 		fault: func() {
 			standby := 1 - r.active()
 			b := r.bridges[standby]
@@ -657,6 +736,28 @@ func TestFaultsKill(t *testing.T) {
 	logFigures(t, figs, begin)
 }
 
+// firstStore returns how long after elected (when the test saw the new
+// leader of stream in /jsz, polled every 50ms at most) the stream stored
+// its first message, or -1 if none within faultMaxLatency: the bridge's
+// part of a recovery from a leader kill, the election itself left out. It
+// reads the stream's last message time every 10ms; the figure is at most
+// that much too long, plus one stream info round trip.
+func (r *faultRig) firstStore(stream string, elected time.Time) time.Duration {
+	r.t.Helper()
+	for end := elected.Add(faultMaxLatency); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(r.ctx, 500*time.Millisecond)
+		st, err := r.js.Stream(ctx, stream)
+		cancel()
+		if err != nil {
+			continue
+		}
+		if last := st.CachedInfo().State.LastTime; !last.Before(elected) {
+			return last.Sub(elected).Round(10 * time.Millisecond)
+		}
+	}
+	return -1
+}
+
 // TestFaultsHung freezes (SIGSTOP) a server for 15s, first with both
 // replicas attached to it, then with only the forwarding one.
 func TestFaultsHung(t *testing.T) {
@@ -704,7 +805,8 @@ func TestFaultsReadyz(t *testing.T) {
 	var act int
 	cell := natsjs.CellStream(faultCell)
 	figs := []*faultFigures{r.run(faultRun{name: "one target stalled 12s", loadFor: 18 * time.Second, faultAfter: 2 * time.Second,
-		outage: func() (time.Time, time.Time) { return from, to },
+		outage:    func() (time.Time, time.Time) { return from, to },
+		recovered: func() time.Time { return to },
 		fault: func() {
 			act = r.active()
 			from = time.Now()
@@ -717,6 +819,7 @@ func TestFaultsReadyz(t *testing.T) {
 
 	src := r.rule.Source
 	figs = append(figs, r.run(faultRun{name: "whole source stalled 12s", loadFor: 18 * time.Second, faultAfter: 2 * time.Second, quorumLost: true,
+		recovered: func() time.Time { return to },
 		fault: func() {
 			c.MoveStreamLeader(src.Stream, 0)
 			c.MoveConsumerLeader(src.Stream, src.Group, 0)
@@ -783,8 +886,12 @@ func (r *faultRig) checkStall(f *faultFigures, replicas []int, from, to time.Tim
 			goalMissed(t, "%s: %s answered 200 %v after the stall ended, want within %v; before, it said: %s", f.fault, names(i),
 				up.at.Sub(to), faultReadyWithin, tr.reasons(to, up.at))
 		}
-		t.Logf("READYZ %-26q %s: 503 %v after the stall began (%q), 200 %v after it ended; %d answers of 200 in between; %s",
-			f.fault, names(i), down.at.Sub(from).Round(time.Millisecond), firstLine(down.why), up.at.Sub(to).Round(time.Millisecond),
+		upAfter := "never"
+		if ok {
+			upAfter = up.at.Sub(to).Round(time.Millisecond).String()
+		}
+		t.Logf("READYZ %-26q %s: 503 %v after the stall began (%q), 200 %s after it ended; %d answers of 200 in between; %s",
+			f.fault, names(i), down.at.Sub(from).Round(time.Millisecond), firstLine(down.why), upAfter,
 			tr.between(down.at, to, true), tr)
 	}
 }

@@ -26,6 +26,9 @@ type call struct {
 	ch    chan struct{} // one token: the outcome is in reply, err
 	reply *nats.Msg
 	err   error
+	// done, when set, is a RequestAsync's: the completion hands the
+	// outcome to it instead of waking a caller.
+	done func(*nats.Msg, error)
 }
 
 // call states.
@@ -49,6 +52,12 @@ func NewClient(nc *nats.Conn, cfg Config) (*Client, error) {
 }
 
 func (c *Client) complete(k *call, _ string, m *nats.Msg, err error) {
+	if done := k.done; done != nil {
+		k.done = nil
+		c.calls.Put(k)
+		done(m, err)
+		return
+	}
 	k.reply, k.err = m, err
 	if k.state.CompareAndSwap(callWaiting, callDone) {
 		k.ch <- struct{}{}
@@ -83,6 +92,22 @@ func (c *Client) Request(ctx context.Context, subject string, hdr nats.Header, d
 	k.reply, k.err = nil, nil
 	c.calls.Put(k)
 	return m, err
+}
+
+// RequestAsync is Request without the wait: it sends and returns, and
+// done receives the reply or the error Request would have returned (not
+// the ctx-ended-while-waiting one: nothing waits). done runs as a
+// Completion does (on the pipe's goroutines, or in RequestAsync itself for
+// a request not sent); it must not block, and must not make a request on
+// the same Client. RequestAsync blocks only while every slot is taken.
+func (c *Client) RequestAsync(ctx context.Context, subject string, hdr nats.Header, data []byte, done func(*nats.Msg, error)) {
+	if err := ctx.Err(); err != nil {
+		done(nil, notSent(err))
+		return
+	}
+	k := c.calls.Get().(*call)
+	k.done = done
+	c.pipe.Send(ctx, subject, hdr, data, k)
 }
 
 // Publish is Request for a JetStream publish: it returns the reply read by

@@ -4,12 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -230,7 +228,6 @@ func TestPipeTimeout(t *testing.T) {
 // reaches the server after the reconnect.
 func TestPipeConnectionDown(t *testing.T) {
 	srv := natstest.Start(t)
-	port := srv.Addr().(*net.TCPAddr).Port
 	nc, js := srv.Connect(t, nats.MaxReconnects(-1), nats.ReconnectWait(20*time.Millisecond))
 	if _, err := js.CreateStream(testCtx(t), jetstream.StreamConfig{Name: "S", Subjects: []string{"s.>"}, Storage: jetstream.FileStorage}); err != nil {
 		t.Fatal(err)
@@ -252,7 +249,7 @@ func TestPipeConnectionDown(t *testing.T) {
 		t.Fatalf("request while down: %v, want ErrNotSent and nats.ErrDisconnected", err)
 	}
 
-	natstest.StartDir(t, srv.StoreDir, func(o *server.Options) { o.Port = port })
+	srv.Restart(t)
 	poll.Eventually(t, 10*time.Second, "reconnected", nc.IsConnected)
 	tok := 3
 	poll.Eventually(t, 10*time.Second, "a publish after the reconnect", func() bool {

@@ -23,6 +23,8 @@ type Server struct {
 	// StoreDir is where JetStream keeps its files; a restarted server
 	// given the same dir finds its streams again.
 	StoreDir string
+	// Port is the client port (kept after a shutdown, for Restart).
+	Port int
 }
 
 // Start runs a JetStream-enabled server on a random loopback port with its
@@ -48,7 +50,16 @@ func StartDir(t testing.TB, dir string, tune ...func(*server.Options)) *Server {
 		s.Shutdown()
 		s.WaitForShutdown()
 	})
-	return &Server{Server: s, URL: s.ClientURL(), StoreDir: dir}
+	return &Server{Server: s, URL: s.ClientURL(), StoreDir: dir, Port: s.Addr().(*net.TCPAddr).Port}
+}
+
+// Restart starts a server again where s was, after the test shut s down:
+// the same client port (a client reconnects to it by itself) and the same
+// store directory (its streams are found again). tune applies as for
+// StartDir.
+func (s *Server) Restart(t testing.TB, tune ...func(*server.Options)) *Server {
+	t.Helper()
+	return StartDir(t, s.StoreDir, append([]func(*server.Options){func(o *server.Options) { o.Port = s.Port }}, tune...)...)
 }
 
 // Connect opens a client connection closed when the test ends.

@@ -126,7 +126,6 @@ func TestDoStopsOnPermanentError(t *testing.T) {
 // request goes out once the client reconnected to the restarted server.
 func TestDoWaitsForTheConnection(t *testing.T) {
 	srv := natstest.Start(t)
-	port := srv.Addr().(*net.TCPAddr).Port
 	nc, err := nats.Connect(srv.URL, natstest.ClientOptions("retry-test")...)
 	if err != nil {
 		t.Fatal(err)
@@ -162,7 +161,7 @@ func TestDoWaitsForTheConnection(t *testing.T) {
 			t.Errorf("attempt while down: %v, want not connected", ae.Err)
 		}
 	}
-	natstest.StartDir(t, srv.StoreDir, func(o *server.Options) { o.Port = port })
+	srv.Restart(t)
 	select {
 	case err := <-done:
 		if err != nil {

@@ -1,0 +1,53 @@
+package app
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/router"
+)
+
+// TestNeedsLeaseBucketReplicas: `cellbridge streams` plans the lease bucket
+// with partitions.replicas, or with its -replicas when that is more, as it
+// does the dedupe bucket: a bucket it makes is the one the replicas use.
+func TestNeedsLeaseBucketReplicas(t *testing.T) {
+	c, err := config.Parse("c.yaml", []byte("brokers:\n  nats: {type: nats, url: nats://a:1}\npartitions: {replicas: 3}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The production overlay's partitioned rule, with the example cell map.
+	var rules []byte
+	for _, f := range []string{"../../deploy/rules/cellmap.yaml", "../../deploy/overlays/production/rules/activity.yaml"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rules = append(append(rules, b...), "\n---\n"...)
+	}
+	table, err := router.Parse("rules.yaml", rules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		flag int
+		want string
+	}{{0, "replicas 3"}, {1, "replicas 3"}, {5, "replicas 5"}} {
+		needs, err := Needs(c, table, tc.flag)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var settings []string
+		for _, n := range needs {
+			for _, b := range n.Buckets {
+				if b.Bucket == c.Partitions.Bucket {
+					settings = append(settings, b.Settings)
+				}
+			}
+		}
+		if len(settings) != 1 || !strings.HasSuffix(settings[0], tc.want) {
+			t.Errorf("-replicas %d: lease bucket plans %q, want one with %s", tc.flag, settings, tc.want)
+		}
+	}
+}
