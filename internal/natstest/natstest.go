@@ -1,7 +1,6 @@
 package natstest
 
 import (
-	"fmt"
 	"net"
 	"os"
 	"strings"
@@ -75,36 +74,6 @@ func (s *Server) Connect(t testing.TB, opts ...nats.Option) (*nats.Conn, jetstre
 		t.Fatal(err)
 	}
 	return nc, js
-}
-
-// FreePorts returns n distinct loopback ports that were free a moment ago
-// (all held open at once, so none is returned twice).
-func FreePorts(t testing.TB, n int) []int {
-	t.Helper()
-	ports, err := freePorts(n)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ports
-}
-
-func freePorts(n int) ([]int, error) {
-	ports := make([]int, n)
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	for i := range ports {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("natstest: free port: %w", err)
-		}
-		ls = append(ls, l)
-		ports[i] = l.Addr().(*net.TCPAddr).Port
-	}
-	return ports, nil
 }
 
 // Tail returns the last n lines of a file (a log), or why it cannot.
