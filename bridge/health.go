@@ -109,6 +109,7 @@ type ruleHealth struct {
 	backlog      atomic.Int64
 	lastProgress atomic.Int64 // unix ns
 	stall        atomic.Int64 // ns; the stall age, sampled by the pipeline's sweeper
+	unacked      atomic.Int64 // ns; the oldest unacknowledged message's age, sampled likewise
 }
 
 // NewHealth returns a Health reporting into m (may be nil) and logging
@@ -178,6 +179,22 @@ func (h *Health) StallAge(rule string) time.Duration {
 		return 0
 	}
 	return time.Duration(r.stall.Load())
+}
+
+// UnackedAge returns the age of rule's oldest message that the pipeline
+// holds unacknowledged (parked ones included), from when the source stored
+// it or the pipeline accepted it, whichever is earlier, as last sampled
+// (twice a second; the gauge cellbridge_oldest_unacked_age_seconds); 0
+// when there is none. An ordered source uses it to bound how old the
+// copies a hand-over would re-forward are.
+func (h *Health) UnackedAge(rule string) time.Duration {
+	h.mu.Lock()
+	r := h.rules[rule]
+	h.mu.Unlock()
+	if r == nil {
+		return 0
+	}
+	return time.Duration(r.unacked.Load())
 }
 
 func (h *Health) rule(name string) *ruleHealth {

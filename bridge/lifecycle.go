@@ -236,6 +236,7 @@ func (p *Pipeline) updateGauges() {
 		h := int(rs.held.Load())
 		rs.met.inFlight.Set(float64(n - h))
 		rs.met.oldest.Set(oldest)
+		rs.hl.unacked.Store(int64(oldest * float64(time.Second)))
 		stall := rs.stallAge(now)
 		rs.hl.stall.Store(stall)
 		rs.met.stall.Set(time.Duration(stall).Seconds())

@@ -42,6 +42,11 @@ type SourceStatus struct {
 	Fences      uint64    `json:"fences,omitempty"`
 	LastFence   string    `json:"lastFence,omitempty"`
 	LastFenceAt time.Time `json:"lastFenceAt,omitzero"`
+	// LastWithheld is why this replica last kept the consumer although it
+	// could not publish (a hand-over would have re-read past the targets'
+	// duplicate window), LastWithheldAt when.
+	LastWithheld   string    `json:"lastWithheld,omitempty"`
+	LastWithheldAt time.Time `json:"lastWithheldAt,omitzero"`
 	// Takeovers counts the times this replica started forwarding the rule
 	// (ordered, one consumer: the consumer's pin was won from another
 	// replica or from nobody) or one of its partitions (partitioned): the

@@ -583,7 +583,7 @@ func (r *stallReplica) stallFences() [][2]time.Time {
 	return out
 }
 
-func startStallReplica(t *testing.T, srv *natstest.Server, table *router.Table, sick bool, limit time.Duration) *stallReplica {
+func startStallReplica(t *testing.T, srv *natstest.Server, table *router.Table, sick bool, limit time.Duration, opts ...func(*SourceConfig, *bridge.Health)) *stallReplica {
 	t.Helper()
 	nc, js := srv.Connect(t)
 	real, err := NewSink(map[string]jetstream.JetStream{"nats": js}, SinkConfig{AckTimeout: 2 * time.Second}, quiet)
@@ -613,6 +613,9 @@ func startStallReplica(t *testing.T, srv *natstest.Server, table *router.Table, 
 		r.mu.Lock()
 		r.log = append(r.log, st)
 		r.mu.Unlock()
+	}
+	for _, o := range opts {
+		o(&cfg, health)
 	}
 	r.src = newSource(t, js, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -701,6 +704,49 @@ func TestOrderedStalledReplicasBackOff(t *testing.T) {
 	}
 	if second < 2*limit {
 		t.Errorf("A's second epoch ended after %s: the stall limit did not double (limit %s)", second, limit)
+	}
+}
+
+// TestOrderedStallHandOverWithheldPastWindow: no replica can publish, and
+// the duplicate window the targets are guaranteed to have is short. The
+// first stall hand-over re-reads messages young enough and happens; the
+// second one would re-read messages whose first copies (had they been
+// forwarded) are older than the window allows, so the owner keeps the
+// consumer, says why once, and nobody takes it from it.
+func TestOrderedStallHandOverWithheldPastWindow(t *testing.T) {
+	table, err := router.Parse("rules.yaml", []byte(pipelineRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, js := takeoverSetup(t)
+	const (
+		limit  = 2 * time.Second
+		margin = time.Second
+		// The first fence comes at an unacked age of about limit (allowed
+		// below window - PinnedTTL - margin = 3.5s); the second owner's
+		// at about 2×limit or more.
+		window = 3500*time.Millisecond + testPinnedTTL + margin
+	)
+	guard := func(cfg *SourceConfig, h *bridge.Health) {
+		cfg.UnackedAge = func() time.Duration { return h.UnackedAge("orders") }
+		cfg.HandOverWindow, cfg.HandOverMargin = window, margin
+	}
+	a := startStallReplica(t, srv, table, true, limit, guard)
+	fd := newFeed(1, 1)
+	fd.publish(t, js, 0)
+	eventually(t, 20*time.Second, "A active", func() bool { return a.src.State().State == StateActive })
+	b := startStallReplica(t, srv, table, true, limit, guard)
+	eventually(t, 30*time.Second, "B withholds its stall hand-over", func() bool { return b.src.State().LastWithheld != "" })
+	// Long enough for two more stall limits of either replica.
+	time.Sleep(3 * limit)
+	sa, sb := a.src.State(), b.src.State()
+	fa, fb := a.stallFences(), b.stallFences()
+	t.Logf("A: %d stall fence(s), B: %d, B withheld: %s", len(fa), len(fb), sb.LastWithheld)
+	if len(fa) != 1 || len(fb) != 0 || sb.State != StateActive || sa.State == StateActive || sa.LastWithheld != "" {
+		t.Fatalf("A %+v (stall fences %v), B %+v (stall fences %v); want one hand-over from A to B, then B keeping the consumer", sa, fa, sb, fb)
+	}
+	if !strings.Contains(sb.LastWithheld, "duplicate window") {
+		t.Errorf("B's reason %q does not name the duplicate window", sb.LastWithheld)
 	}
 }
 

@@ -33,6 +33,9 @@ type epoch struct {
 	// its pin left at most one pull expiry before), for the give-back;
 	// written before the epoch is held, read by Release after.
 	stopped time.Time
+	// withheld is set once a stall hand-over of the epoch was withheld
+	// (logged once per epoch); the run loop's only.
+	withheld bool
 	// carry maps the stream sequence of a message negatively acknowledged
 	// in the last epoch to its delivery count there: the reset counts its
 	// next delivery as a first one, the handler sees the count go on.
@@ -692,11 +695,42 @@ func (r *pinRun) checkStall(ep *epoch) {
 		r.strikes = 0
 	}
 	limit := s.cfg.StallLimit << min(r.strikes, 3)
-	if ran >= limit && age >= limit {
-		ep.trip(fenceEvent{next: toStandby, stall: true,
-			reason: fmt.Sprintf("stalled: the oldest message accepted %s ago is not settled (limit %s); handing the consumer to another replica",
-				age.Round(time.Millisecond), limit)})
+	if ran < limit || age < limit {
+		return
 	}
+	if why := r.withholdHandOver(); why != "" {
+		if !ep.withheld {
+			ep.withheld = true
+			s.log.Warn("ordered source: stalled, but the consumer stays here: "+why,
+				"stream", s.cfg.Stream, "consumer", s.cfg.Durable, "stall_age", age.Round(time.Millisecond).String())
+			s.setWithheld(why)
+		}
+		return
+	}
+	ep.trip(fenceEvent{next: toStandby, stall: true,
+		reason: fmt.Sprintf("stalled: the oldest message accepted %s ago is not settled (limit %s); handing the consumer to another replica",
+			age.Round(time.Millisecond), limit)})
+}
+
+// withholdHandOver returns why a stall hand-over must not happen now, or
+// "": the new owner re-reads from the ack floor, and copies first stored
+// longer ago than the duplicate window the configuration guarantees
+// (SourceConfig.HandOverWindow) would be stored again. A target that is
+// down for every replica keeps the floor where it is while the other
+// targets' messages above it are forwarded and acknowledged, so without
+// this check a long outage of one cell would, at each stall hand-over,
+// re-forward the other cells' events past their window.
+func (r *pinRun) withholdHandOver() string {
+	s := r.s
+	if s.cfg.HandOverWindow <= 0 || s.cfg.UnackedAge == nil {
+		return ""
+	}
+	a := s.cfg.UnackedAge()
+	if a+s.cfg.PinnedTTL+s.cfg.HandOverMargin < s.cfg.HandOverWindow {
+		return ""
+	}
+	return fmt.Sprintf("a standby would re-forward messages first forwarded up to %s ago, and with the pin's TTL (%s) and a margin (%s) that reaches the duplicate window the targets are guaranteed to have (%s); it holds the rule until it can publish again",
+		a.Round(time.Millisecond), s.cfg.PinnedTTL, s.cfg.HandOverMargin, s.cfg.HandOverWindow)
 }
 
 // unpinnedSince is the time of the UNPINNED advisory received during the

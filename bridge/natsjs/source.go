@@ -150,7 +150,29 @@ type SourceConfig struct {
 	// StallLimit is the stall age at which an ordered Source hands its
 	// consumer over (see StallAge). Default DefaultStallLimit.
 	StallLimit time.Duration
+	// UnackedAge, when set with HandOverWindow, returns the age of the
+	// oldest message of the rule that this replica's pipeline holds
+	// unacknowledged, from when the source stored it or the pipeline
+	// accepted it, whichever is earlier (bridge.Health.UnackedAge). A new
+	// owner re-reads from the ack floor, so a hand-over re-forwards
+	// messages whose first copies are up to that old.
+	UnackedAge func() time.Duration
+	// HandOverWindow is the shortest time within which the rule's targets
+	// (or the dedupe store) are known to drop a repeated copy: the
+	// configuration's guaranteed duplicate window. A stall hand-over whose
+	// re-read would reach copies older than it, UnackedAge + PinnedTTL +
+	// HandOverMargin at or above HandOverWindow, is withheld: the replica
+	// keeps the consumer (its rule stalls, /readyz says so) rather than
+	// let a standby store old copies a second time. Zero: no such check.
+	HandOverWindow time.Duration
+	// HandOverMargin is the time HandOverWindow must leave for the
+	// re-read copies to reach their targets after the hand-over. Default
+	// DefaultHandOverMargin.
+	HandOverMargin time.Duration
 }
+
+// DefaultHandOverMargin is SourceConfig.HandOverMargin's default.
+const DefaultHandOverMargin = 5 * time.Second
 
 func (c *SourceConfig) defaults() error {
 	switch {
@@ -195,6 +217,9 @@ func (c *SourceConfig) defaults() error {
 	}
 	if c.StallLimit <= 0 {
 		c.StallLimit = DefaultStallLimit
+	}
+	if c.HandOverMargin <= 0 {
+		c.HandOverMargin = DefaultHandOverMargin
 	}
 	return nil
 }

@@ -76,6 +76,24 @@ type SourceState struct {
 	// LastFence is the last fence's reason and LastFenceAt its time.
 	LastFence   string    `json:"lastFence,omitempty"`
 	LastFenceAt time.Time `json:"lastFenceAt,omitzero"`
+	// LastWithheld is why the last stall hand-over was withheld (the
+	// re-read would reach past the duplicate window:
+	// SourceConfig.HandOverWindow), and LastWithheldAt when; at most once
+	// per epoch.
+	LastWithheld   string    `json:"lastWithheld,omitempty"`
+	LastWithheldAt time.Time `json:"lastWithheldAt,omitzero"`
+}
+
+// setWithheld records a withheld stall hand-over and reports the state
+// through SourceConfig.OnState.
+func (s *Source) setWithheld(why string) {
+	s.mu.Lock()
+	s.st.LastWithheld, s.st.LastWithheldAt = why, time.Now()
+	snap := s.st
+	s.mu.Unlock()
+	if s.cfg.OnState != nil {
+		s.cfg.OnState(snap)
+	}
 }
 
 // State returns a snapshot of the source's state. It is safe to call from

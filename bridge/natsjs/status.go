@@ -18,6 +18,7 @@ func (s *Source) SourceStatus() bridge.SourceStatus {
 		Rule: st.Rule, Ordering: string(st.Ordering), State: string(st.State), Since: st.Since,
 		PinID: st.PinID, EpochStart: st.EpochStart, Epochs: st.Epochs,
 		Fences: st.Fences, LastFence: st.LastFence, LastFenceAt: st.LastFenceAt,
+		LastWithheld: st.LastWithheld, LastWithheldAt: st.LastWithheldAt,
 		Takeovers: st.Takeovers,
 	}
 	if st.Ordering == Ordered {

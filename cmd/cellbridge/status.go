@@ -378,6 +378,9 @@ func writeSources(w io.Writer, st bridge.Status, now time.Time) {
 		if src.Fences > 0 {
 			what = append(what, fmt.Sprintf("fences %d (last %s: %s)", src.Fences, ago(src.LastFenceAt), src.LastFence))
 		}
+		if src.LastWithheld != "" {
+			what = append(what, fmt.Sprintf("hand-over withheld %s: %s", ago(src.LastWithheldAt), src.LastWithheld))
+		}
 		fmt.Fprintf(tw, "  %s\t%s\t%s\n", r.Rule, mode, strings.Join(what, "; "))
 	}
 	_ = tw.Flush()

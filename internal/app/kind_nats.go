@@ -259,6 +259,16 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 	// another one (natsjs.SourceConfig.StallAge); a partition's lease, not
 	// its pin, decides who runs it, so only here.
 	base.StallAge = func() time.Duration { return health.StallAge(rule) }
+	// ... unless the new owner's re-read would reach copies older than the
+	// duplicate window the configuration guarantees: then it keeps the
+	// rule (natsjs.SourceConfig.HandOverWindow).
+	base.UnackedAge = func() time.Duration { return health.UnackedAge(rule) }
+	base.HandOverWindow = cfg.HandOverWindow()
+	if reach := cfg.Ordering.StallLimit.D() + cfg.Ordering.PinnedTTL.D() + natsjs.DefaultHandOverMargin; reach >= base.HandOverWindow {
+		log.Warn("ordering.stallLimit: a stall hand-over re-reads messages at least this old; with ordering.pinnedTTL and a margin that reaches the duplicate window the configuration guarantees, so a replica that cannot publish keeps the rule (docs/guarantees.md)",
+			"rule", rule, "stallLimit", cfg.Ordering.StallLimit.String(), "pinnedTTL", cfg.Ordering.PinnedTTL.String(),
+			"window", base.HandOverWindow.String())
+	}
 	src, err := natsjs.NewSource(ctx, c.js[r.Source.Broker], base, log)
 	if err != nil {
 		return nil, fmt.Errorf("rule %s: %w", rule, err)

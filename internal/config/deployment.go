@@ -62,6 +62,19 @@ func (c *Config) MinDuplicateWindow() time.Duration {
 	return c.Dedupe.ReserveTTL.D() + c.Pipeline.AckWait.D() + c.Pipeline.Retry.Max.D()
 }
 
+// HandOverWindow is how far back an ordered rule's re-read after a stall
+// hand-over may reach without storing a copy twice (docs/guarantees.md,
+// "Duplicates and the window"): every NATS target stream drops repeats for
+// at least MinDuplicateWindow (the preflight refuses a shorter window), and
+// the JetStream store keeps committed keys for dedupe.ttl.
+func (c *Config) HandOverWindow() time.Duration {
+	w := c.MinDuplicateWindow()
+	if c.Dedupe.Store == DedupeJetStream {
+		w = max(w, c.Dedupe.TTL.D())
+	}
+	return w
+}
+
 // StreamWindow is the duplicate window `cellbridge streams` and the
 // embedded default give the streams they create: 2 minutes, or
 // MinDuplicateWindow when that is longer.
