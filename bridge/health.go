@@ -150,6 +150,19 @@ func (h *Health) ConnectionChanged(broker, role string, up bool) {
 	}
 }
 
+// ConnectionClosed records that the process closed its own connection to
+// broker (a stop): the gauge goes to 0 as for a connection that went down,
+// but the line is logged at info, since nothing failed.
+func (h *Health) ConnectionClosed(broker, role string) {
+	h.mu.Lock()
+	h.conns[[2]string{broker, role}] = false
+	h.mu.Unlock()
+	if h.m != nil {
+		h.m.ConnectionUp.WithLabelValues(broker, role).Set(0)
+	}
+	h.log.Info("connection closed", "broker", broker, "role", role)
+}
+
 // Backlog implements Reporter.
 func (h *Health) Backlog(rule string, pending int64) {
 	r := h.rule(rule)

@@ -225,7 +225,9 @@ func connOptions(cfg BrokerConfig, log *slog.Logger) ([]nats.Option, error) {
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			st.set(true, "nats reconnected", "url", nc.ConnectedUrlRedacted())
 		}),
-		nats.ClosedHandler(func(*nats.Conn) { st.set(false, "nats connection closed") }),
+		// Only Close closes the connection (reconnects never run out and
+		// authentication errors do not abort): a stop, not a fault.
+		nats.ClosedHandler(func(*nats.Conn) { st.setLevel(false, slog.LevelInfo, "nats connection closed") }),
 		nats.LameDuckModeHandler(func(nc *nats.Conn) {
 			log.Warn("nats server entering lame duck mode; will reconnect elsewhere", "url", nc.ConnectedUrlRedacted())
 		}),
@@ -322,6 +324,15 @@ type connState struct {
 }
 
 func (s *connState) set(up bool, msg string, args ...any) {
+	level := slog.LevelInfo
+	if !up {
+		level = slog.LevelWarn
+	}
+	s.setLevel(up, level, msg, args...)
+}
+
+// setLevel is set with the level of its log line given.
+func (s *connState) setLevel(up bool, level slog.Level, msg string, args ...any) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.known && s.up == up {
@@ -329,11 +340,7 @@ func (s *connState) set(up bool, msg string, args ...any) {
 	}
 	s.known, s.up = true, up
 	if msg != "" {
-		if up {
-			s.log.Info(msg, args...)
-		} else {
-			s.log.Warn(msg, args...)
-		}
+		s.log.Log(context.Background(), level, msg, args...)
 	}
 	if s.report != nil {
 		s.report(up)

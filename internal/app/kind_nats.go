@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -160,6 +161,9 @@ type natsClient struct {
 	conns    map[string]*nats.Conn
 	js       map[string]jetstream.JetStream
 	settings map[string]*NATSBroker
+	// closing is set before the connections are closed on purpose, so that
+	// their going down is not reported as a fault.
+	closing atomic.Bool
 }
 
 func connectNATS(ctx context.Context, env kindEnv, used []usedBroker) (kindClient, error) {
@@ -171,6 +175,11 @@ func connectNATS(ctx context.Context, env kindEnv, used []usedBroker) (kindClien
 		bc := settings.adapter(u.name)
 		bc.OnStateChange = func(up bool) {
 			for _, r := range u.roles {
+				if !up && c.closing.Load() {
+					// Our own close at the stop: not a fault.
+					env.health.ConnectionClosed(u.name, r)
+					continue
+				}
 				env.health.ConnectionChanged(u.name, r, up)
 			}
 		}
@@ -282,6 +291,7 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 // server does not answer) is logged, not an error of the stop: an ack lost
 // with it only means a redelivery, which deduplication drops.
 func (c *natsClient) close(ctx context.Context) error {
+	c.closing.Store(true)
 	for name, nc := range c.conns {
 		if err := nc.FlushWithContext(ctx); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 			c.env.log.Warn("nats connection not flushed before closing; messages settled just before may be redelivered (and dropped as duplicates)",
@@ -294,6 +304,7 @@ func (c *natsClient) close(ctx context.Context) error {
 
 // closeNow closes the connections opened so far (a failed connect).
 func (c *natsClient) closeNow() {
+	c.closing.Store(true)
 	for _, nc := range c.conns {
 		nc.Close()
 	}

@@ -484,3 +484,26 @@ func TestReloadChangingTheSourceIsLogged(t *testing.T) {
 		}
 	}
 }
+
+// A graceful stop closes the broker connections on purpose: nothing in it
+// is a fault, so it logs no warning or error (an operator paged at night
+// reads every one), and the connection is reported closed, not down.
+func TestGracefulStopLogsNoWarning(t *testing.T) {
+	e := newReplicaEnv(t, ruleSingle("ordering: ordered"), "")
+	r := e.start(t, "a")
+	poll.Eventually(t, 20*time.Second, "the replica ready", func() bool {
+		return strings.Contains(r.logs.String(), `"msg":"ready"`)
+	})
+	started := len(r.logs.String())
+	r.stop(t)
+	// The client library reports the close from its own goroutine.
+	poll.Eventually(t, 5*time.Second, "the connection reported closed", func() bool {
+		return strings.Contains(r.logs.String()[started:], `"msg":"connection closed"`)
+	})
+	out := r.logs.String()[started:]
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if strings.Contains(line, `"level":"WARN"`) || strings.Contains(line, `"level":"ERROR"`) {
+			t.Errorf("graceful stop logged: %s", line)
+		}
+	}
+}
