@@ -185,13 +185,10 @@ func (h *Health) Backlog(rule string, pending int64) {
 // there is none or the pipeline has not seen the rule. An ordered source
 // uses it to give its consumer up when this replica cannot publish.
 func (h *Health) StallAge(rule string) time.Duration {
-	h.mu.Lock()
-	r := h.rules[rule]
-	h.mu.Unlock()
-	if r == nil {
-		return 0
+	if r := h.known(rule); r != nil {
+		return time.Duration(r.stall.Load())
 	}
-	return time.Duration(r.stall.Load())
+	return 0
 }
 
 // UnackedAge returns the age of rule's oldest message that the pipeline
@@ -201,13 +198,18 @@ func (h *Health) StallAge(rule string) time.Duration {
 // when there is none. An ordered source uses it to bound how old the
 // copies a hand-over would re-forward are.
 func (h *Health) UnackedAge(rule string) time.Duration {
-	h.mu.Lock()
-	r := h.rules[rule]
-	h.mu.Unlock()
-	if r == nil {
-		return 0
+	if r := h.known(rule); r != nil {
+		return time.Duration(r.unacked.Load())
 	}
-	return time.Duration(r.unacked.Load())
+	return 0
+}
+
+// known returns rule's health record, nil if the pipeline has not seen
+// the rule.
+func (h *Health) known(rule string) *ruleHealth {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.rules[rule]
 }
 
 func (h *Health) rule(name string) *ruleHealth {
