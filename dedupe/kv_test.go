@@ -154,7 +154,17 @@ func frozenDirectGets(t *testing.T, subject string) (*KV, *atomic.Int32) {
 	mustReserve(t, b, "held", Reserved)
 	mustReserve(t, a, "released", Reserved)
 	must(t, a.Release(ctx, "released"))
+	swallowed, _ := swallowDirectGets(t, nc, js, bucket, subject)
+	return a, swallowed
+}
 
+// swallowDirectGets makes the direct gets of bucket on subject (a format
+// with the bucket's name) go unanswered: the stream stops serving them and
+// a subscriber on nc that never replies takes them. It returns the count of
+// swallowed requests and a function that serves them again.
+func swallowDirectGets(t *testing.T, nc *nats.Conn, js jetstream.JetStream, bucket, subject string) (*atomic.Int32, func()) {
+	t.Helper()
+	ctx := context.Background()
 	st, err := js.Stream(ctx, "KV_"+bucket)
 	must(t, err)
 	scfg := st.CachedInfo().Config
@@ -166,7 +176,12 @@ func frozenDirectGets(t *testing.T, subject string) (*KV, *atomic.Int32) {
 	must(t, err)
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
 	must(t, nc.Flush())
-	return a, swallowed
+	return swallowed, func() {
+		must(t, sub.Unsubscribe())
+		scfg.AllowDirect = true
+		_, err := js.UpdateStream(ctx, scfg)
+		must(t, err)
+	}
 }
 
 // TestKVOwedReleaseAndNewReservation: a release is owed for a key (its

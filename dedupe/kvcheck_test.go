@@ -173,16 +173,7 @@ func TestKVCheck(t *testing.T) {
 		a := openKV(t, js, KVConfig{Bucket: bucket, TTL: time.Hour, ReserveTTL: 30 * time.Minute, Timeout: time.Second})
 		a.directWait = a.check.timeout
 		must(t, a.Commit(ctx, "done"))
-		st, err := js.Stream(ctx, "KV_"+bucket)
-		must(t, err)
-		scfg := st.CachedInfo().Config
-		scfg.AllowDirect = false
-		_, err = js.UpdateStream(ctx, scfg)
-		must(t, err)
-		var swallowed atomic.Int32
-		sub, err := nc.Subscribe("$JS.API.DIRECT.GET.KV_"+bucket, func(*nats.Msg) { swallowed.Add(1) })
-		must(t, err)
-		must(t, nc.Flush())
+		swallowed, serve := swallowDirectGets(t, nc, js, bucket, "$JS.API.DIRECT.GET.KV_%s")
 		start := time.Now()
 		if _, err := a.Check(ctx, "done"); !errors.Is(err, jspub.ErrNoReply) {
 			t.Fatalf("Check without an answer: %v, want an error wrapping jspub.ErrNoReply", err)
@@ -193,10 +184,7 @@ func TestKVCheck(t *testing.T) {
 		if swallowed.Load() == 0 {
 			t.Fatal("no batch direct get was made: the test tests nothing")
 		}
-		must(t, sub.Unsubscribe())
-		scfg.AllowDirect = true
-		_, err = js.UpdateStream(ctx, scfg)
-		must(t, err)
+		serve()
 		h := harness{tick: func() { time.Sleep(50 * time.Millisecond) }, now: time.Now}
 		h.eventually(t, "Check to answer again", func() bool {
 			o, err := a.Check(ctx, "done")
