@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/internal/natstest"
@@ -115,13 +116,7 @@ func BenchmarkKV(b *testing.B) {
 		{"memory/p=64", jetstream.MemoryStorage, 64},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			srv := natstest.Start(b)
-			_, js := srv.Connect(b)
-			kv, err := NewJetStream(context.Background(), js, KVConfig{Bucket: "bench", Storage: bc.storage})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer kv.Close(context.Background())
+			kv, _ := benchKV(b, KVConfig{Bucket: "bench", Storage: bc.storage})
 			benchCycleP(b, kv, nil, bc.par)
 		})
 	}
@@ -184,13 +179,7 @@ func BenchmarkJetStreamPublish(b *testing.B) {
 // (a refused create, then a direct get).
 func BenchmarkKVDuplicate(b *testing.B) {
 	ctx := context.Background()
-	srv := natstest.Start(b)
-	_, js := srv.Connect(b)
-	kv, err := NewJetStream(ctx, js, KVConfig{Bucket: "bench"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer kv.Close(ctx)
+	kv, _ := benchKV(b, KVConfig{Bucket: "bench"})
 	keys := make([]string, 1024)
 	for i := range keys {
 		keys[i] = "ORDERS:" + strconv.Itoa(i)
@@ -252,13 +241,7 @@ func BenchmarkKVWrites(b *testing.B) {
 	for _, name := range []string{"create", "create+put", "get+put", "get", "put", "check+put"} {
 		b.Run(name, func(b *testing.B) {
 			ctx := context.Background()
-			srv := natstest.Start(b)
-			_, js := srv.Connect(b)
-			kv, err := NewJetStream(ctx, js, KVConfig{Bucket: "bench"})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer kv.Close(ctx)
+			kv, _ := benchKV(b, KVConfig{Bucket: "bench"})
 			prefix := kv.prefix + "k" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-"
 			var seq atomic.Uint64
 			b.ReportAllocs()
@@ -305,13 +288,7 @@ func BenchmarkKVBatchGet(b *testing.B) {
 	for _, k := range []int{8, 32, 128} {
 		b.Run("k="+strconv.Itoa(k), func(b *testing.B) {
 			ctx := context.Background()
-			srv := natstest.Start(b)
-			nc, js := srv.Connect(b)
-			kv, err := NewJetStream(ctx, js, KVConfig{Bucket: "bench"})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer kv.Close(ctx)
+			kv, nc := benchKV(b, KVConfig{Bucket: "bench"})
 			// Something in the bucket: an empty stream answers at once.
 			if err := kv.Commit(ctx, "x"); err != nil {
 				b.Fatal(err)
@@ -354,4 +331,18 @@ func BenchmarkKVBatchGet(b *testing.B) {
 			cpu.stop()
 		})
 	}
+}
+
+// benchKV starts an embedded server and opens a store on it with cfg; both
+// end with the benchmark. It returns the store and its connection.
+func benchKV(b *testing.B, cfg KVConfig) (*KV, *nats.Conn) {
+	b.Helper()
+	srv := natstest.Start(b)
+	nc, js := srv.Connect(b)
+	kv, err := NewJetStream(context.Background(), js, cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = kv.Close(context.Background()) })
+	return kv, nc
 }
