@@ -225,9 +225,18 @@ func connOptions(cfg BrokerConfig, log *slog.Logger) ([]nats.Option, error) {
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			st.set(true, "nats reconnected", "url", nc.ConnectedUrlRedacted())
 		}),
-		// Only Close closes the connection (reconnects never run out and
-		// authentication errors do not abort): a stop, not a fault.
-		nats.ClosedHandler(func(*nats.Conn) { st.setLevel(false, slog.LevelInfo, "nats connection closed") }),
+		// Reconnects never run out and authentication errors do not
+		// abort, so a close is our own Close (a stop, logged at info)
+		// unless the server sent an error the client closes on (a
+		// payload or control line over the server's limit): then the
+		// connection's last error says so, and it is a fault.
+		nats.ClosedHandler(func(nc *nats.Conn) {
+			if err := nc.LastError(); err != nil {
+				st.set(false, "nats connection closed", "err", err)
+				return
+			}
+			st.setLevel(false, slog.LevelInfo, "nats connection closed")
+		}),
 		nats.LameDuckModeHandler(func(nc *nats.Conn) {
 			log.Warn("nats server entering lame duck mode; will reconnect elsewhere", "url", nc.ConnectedUrlRedacted())
 		}),

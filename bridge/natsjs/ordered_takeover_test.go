@@ -720,12 +720,15 @@ func TestOrderedStallHandOverWithheldPastWindow(t *testing.T) {
 	}
 	srv, js := takeoverSetup(t)
 	const (
-		limit  = 2 * time.Second
+		limit  = 4 * time.Second
 		margin = time.Second
-		// The first fence comes at an unacked age of about limit (allowed
-		// below window - PinnedTTL - margin = 3.5s); the second owner's
-		// at about 2×limit or more.
-		window = 3500*time.Millisecond + testPinnedTTL + margin
+		// Withheld from an unacked age of 2×limit - 100ms = 7.9s on. A's
+		// fence comes at limit plus the time from the publish to A's epoch,
+		// up to one run-loop tick (1s) and the gauges' sampling lag
+		// (0.5s): about 5.6s, 2.3s to spare on a loaded machine. B's check
+		// comes after B's own limit on top of A's age: at least 2×limit,
+		// past it (both ages come from the same samples).
+		window = 2*limit - 100*time.Millisecond + testPinnedTTL + margin
 	)
 	guard := func(cfg *SourceConfig, h *bridge.Health) {
 		cfg.UnackedAge = func() time.Duration { return h.UnackedAge("orders") }
@@ -738,7 +741,7 @@ func TestOrderedStallHandOverWithheldPastWindow(t *testing.T) {
 	b := startStallReplica(t, srv, table, true, limit, guard)
 	eventually(t, 30*time.Second, "B withholds its stall hand-over", func() bool { return b.src.State().LastWithheld != "" })
 	// Long enough for two more stall limits of either replica.
-	time.Sleep(3 * limit)
+	time.Sleep(2*limit + time.Second)
 	sa, sb := a.src.State(), b.src.State()
 	fa, fb := a.stallFences(), b.stallFences()
 	t.Logf("A: %d stall fence(s), B: %d, B withheld: %s", len(fa), len(fb), sb.LastWithheld)
@@ -828,5 +831,29 @@ func TestOrderedReleaseDrainsWithinCtx(t *testing.T) {
 	}
 	if err := s.Close(testCtx(t)); err != nil {
 		t.Error(err)
+	}
+}
+
+// withholdHandOver's arithmetic: no check without a window, always withheld
+// with a negative one (no window protects a re-read), else withheld from
+// UnackedAge + PinnedTTL + HandOverMargin = HandOverWindow on.
+func TestWithholdHandOverBounds(t *testing.T) {
+	age := 30 * time.Second
+	run := func(window time.Duration) string {
+		cfg := SourceConfig{PinnedTTL: 5 * time.Second, HandOverMargin: 5 * time.Second, HandOverWindow: window,
+			UnackedAge: func() time.Duration { return age }}
+		return (&pinRun{s: &Source{cfg: cfg}}).withholdHandOver()
+	}
+	if why := run(0); why != "" {
+		t.Errorf("no window: withheld (%s)", why)
+	}
+	if why := run(-1); !strings.Contains(why, "no duplicate window") {
+		t.Errorf("negative window: %q, want it withheld for having no window", why)
+	}
+	if why := run(40*time.Second + time.Nanosecond); why != "" {
+		t.Errorf("30s + 5s + 5s below the window: withheld (%s)", why)
+	}
+	if why := run(40 * time.Second); !strings.Contains(why, "30s ago") {
+		t.Errorf("30s + 5s + 5s reaching the window: %q, want it withheld", why)
 	}
 }

@@ -722,7 +722,10 @@ func (r *pinRun) checkStall(ep *epoch) {
 // re-forward the other cells' events past their window.
 func (r *pinRun) withholdHandOver() string {
 	s := r.s
-	if s.cfg.HandOverWindow <= 0 || s.cfg.UnackedAge == nil {
+	if s.cfg.HandOverWindow < 0 {
+		return "no duplicate window protects the targets' copies (a target without one and no shared dedupe store), so a standby's re-read could store them twice; it holds the rule until it can publish again"
+	}
+	if s.cfg.HandOverWindow == 0 || s.cfg.UnackedAge == nil {
 		return ""
 	}
 	a := s.cfg.UnackedAge()

@@ -163,7 +163,9 @@ type SourceConfig struct {
 	// re-read would reach copies older than it, UnackedAge + PinnedTTL +
 	// HandOverMargin at or above HandOverWindow, is withheld: the replica
 	// keeps the consumer (its rule stalls, /readyz says so) rather than
-	// let a standby store old copies a second time. Zero: no such check.
+	// let a standby store old copies a second time. Zero: no such check;
+	// negative: no window protects a re-read, every stall hand-over is
+	// withheld.
 	HandOverWindow time.Duration
 	// HandOverMargin is the time HandOverWindow must leave for the
 	// re-read copies to reach their targets after the hand-over. Default

@@ -273,7 +273,8 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 	// rule (natsjs.SourceConfig.HandOverWindow).
 	base.UnackedAge = func() time.Duration { return health.UnackedAge(rule) }
 	base.HandOverWindow = cfg.HandOverWindow()
-	if reach := cfg.Ordering.StallLimit.D() + cfg.Ordering.PinnedTTL.D() + natsjs.DefaultHandOverMargin; reach >= base.HandOverWindow {
+	reach := cfg.Ordering.StallLimit.D() + cfg.Ordering.PinnedTTL.D() + natsjs.DefaultHandOverMargin
+	if base.Ordering == natsjs.Ordered && reach >= base.HandOverWindow {
 		log.Warn("ordering.stallLimit: a stall hand-over re-reads messages at least this old; with ordering.pinnedTTL and a margin that reaches the duplicate window the configuration guarantees, so a replica that cannot publish keeps the rule (docs/guarantees.md)",
 			"rule", rule, "stallLimit", cfg.Ordering.StallLimit.String(), "pinnedTTL", cfg.Ordering.PinnedTTL.String(),
 			"window", base.HandOverWindow.String())

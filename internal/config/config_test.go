@@ -301,3 +301,31 @@ func TestPartitionMaxAckPending(t *testing.T) {
 		}
 	}
 }
+
+// The window a stall hand-over's re-read must stay within: the NATS targets'
+// guaranteed duplicate window, the shared store's ttl where it protects
+// more, and only the store's ttl (or nothing) for a broker without windows.
+func TestHandOverWindow(t *testing.T) {
+	nats := &Broker{Type: NATSType}
+	rmq := &Broker{Type: "rocketmq"}
+	for _, c := range []struct {
+		name    string
+		brokers map[string]*Broker
+		store   string
+		ttl     time.Duration
+		want    time.Duration
+	}{
+		{"nats, memory", map[string]*Broker{"n": nats}, DedupeMemory, 10 * time.Minute, 61 * time.Second},
+		{"nats, jetstream", map[string]*Broker{"n": nats}, DedupeJetStream, 10 * time.Minute, 10 * time.Minute},
+		{"nats, jetstream, short ttl", map[string]*Broker{"n": nats}, DedupeJetStream, 40 * time.Second, 61 * time.Second},
+		{"rocketmq, jetstream", map[string]*Broker{"n": nats, "r": rmq}, DedupeJetStream, 10 * time.Minute, 10 * time.Minute},
+		{"rocketmq, jetstream, short ttl", map[string]*Broker{"n": nats, "r": rmq}, DedupeJetStream, 40 * time.Second, 40 * time.Second},
+		{"rocketmq, memory", map[string]*Broker{"n": nats, "r": rmq}, DedupeMemory, 10 * time.Minute, -1},
+	} {
+		cfg := Default()
+		cfg.Brokers, cfg.Dedupe.Store, cfg.Dedupe.TTL = c.brokers, c.store, Duration(c.ttl)
+		if got := cfg.HandOverWindow(); got != c.want {
+			t.Errorf("%s: %s, want %s", c.name, got, c.want)
+		}
+	}
+}

@@ -65,12 +65,23 @@ func (c *Config) MinDuplicateWindow() time.Duration {
 // HandOverWindow is how far back an ordered rule's re-read after a stall
 // hand-over may reach without storing a copy twice (docs/guarantees.md,
 // "Duplicates and the window"): every NATS target stream drops repeats for
-// at least MinDuplicateWindow (the preflight refuses a shorter window), and
-// the JetStream store keeps committed keys for dedupe.ttl.
+// at least MinDuplicateWindow (the preflight refuses a shorter window at
+// start), and the JetStream store keeps committed keys for dedupe.ttl. A
+// target on another kind of broker (RocketMQ) has no window of its own:
+// only the JetStream store protects it, for dedupe.ttl. Negative when a
+// configured broker's targets have no protection at all (such a broker
+// with the memory store): no re-read is safe.
 func (c *Config) HandOverWindow() time.Duration {
+	shared := c.Dedupe.Store == DedupeJetStream
 	w := c.MinDuplicateWindow()
-	if c.Dedupe.Store == DedupeJetStream {
+	if shared {
 		w = max(w, c.Dedupe.TTL.D())
+	}
+	if c.hasNonNATSBroker() {
+		if !shared {
+			return -1
+		}
+		w = min(w, c.Dedupe.TTL.D())
 	}
 	return w
 }
