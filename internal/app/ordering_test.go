@@ -507,3 +507,28 @@ func TestGracefulStopLogsNoWarning(t *testing.T) {
 		}
 	}
 }
+
+// A reload is accepted even when a stream it needs is missing (refusing it
+// would hold back every later reload), but the preflight runs on it at once
+// and says what is missing, before the first publish fails.
+func TestReloadChecksTheStreams(t *testing.T) {
+	e := newReplicaEnv(t, ruleSingle("ordering: ordered"), "")
+	r := e.start(t, "a")
+	rules := filepath.Join(e.dir, "rules")
+	moved := strings.Replace(ruleSingle("ordering: ordered"), `subject: "cell.{cell}.ev"`, `subject: "moved.{cell}.ev"`, 1)
+	if err := os.WriteFile(filepath.Join(rules, "ev.yaml"), []byte(moved), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(rules, "cellmap.yaml"), []byte(strings.Replace(cellMap, "version: 1", "version: 2", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	poll.Eventually(t, 20*time.Second, "the reloaded rules' missing stream reported", func() bool {
+		return strings.Contains(r.logs.String(), "reloaded rules need a stream that is missing") &&
+			strings.Contains(r.logs.String(), "moved.c1.ev")
+	})
+	for _, line := range strings.Split(r.logs.String(), "\n") {
+		if strings.Contains(line, "reloaded rules need a stream") {
+			t.Log(line)
+		}
+	}
+}

@@ -9,13 +9,16 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"go.uber.org/fx"
 
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/internal/config"
+	"github.com/cellbridge/cellbridge/internal/retry"
 	"github.com/cellbridge/cellbridge/router"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // newDedupe opens the dedupe store.
@@ -213,23 +216,29 @@ func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources,
 // newWatcher watches the rule directory and reloads the rules on change;
 // the pipeline reports each outcome (metrics and one log line), so the
 // watcher's own lines about it are at debug level.
-func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline, holder *router.Holder, reg *registry, log *slog.Logger) (*router.Watcher, error) {
-	onReload := func(ev router.ReloadEvent) {
-		p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At)
-		if ev.Err == nil {
-			checkReloaded(o, holder.Load(), log)
-			reg.reloaded(holder.Load(), log)
-		}
-	}
-	w, err := router.NewWatcher(o.RulesDir, holder, onReload, log.With("component", "rules"), router.OutcomeLevel(slog.LevelDebug))
-	if err != nil {
-		return nil, fmt.Errorf("watching rules %s: %w", o.RulesDir, err)
-	}
-	res.add(lc, w.Close)
+func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline, holder *router.Holder, reg *registry, b *brokers, log *slog.Logger) (*router.Watcher, error) {
 	var (
 		cancel context.CancelFunc
 		wg     sync.WaitGroup
 	)
+	checks, stopChecks := context.WithCancel(context.Background())
+	onReload := func(ev router.ReloadEvent) {
+		p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At)
+		if ev.Err == nil {
+			t := holder.Load()
+			checkReloaded(o, t, log)
+			reg.reloaded(t, log)
+			// Called from the watcher's Run, which wg counts: the Add
+			// cannot race the Wait of the stop.
+			wg.Go(func() { checkReloadedStreams(checks, o, t, b.jetStream, b.requestPolicy, log) })
+		}
+	}
+	w, err := router.NewWatcher(o.RulesDir, holder, onReload, log.With("component", "rules"), router.OutcomeLevel(slog.LevelDebug))
+	if err != nil {
+		stopChecks()
+		return nil, fmt.Errorf("watching rules %s: %w", o.RulesDir, err)
+	}
+	res.add(lc, w.Close)
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error {
 			var ctx context.Context
@@ -242,12 +251,45 @@ func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline,
 			return nil
 		},
 		OnStop: func(context.Context) error {
+			stopChecks()
 			cancel()
 			wg.Wait()
 			return nil
 		},
 	})
 	return w, nil
+}
+
+// reloadCheckTimeout bounds checkReloadedStreams.
+const reloadCheckTimeout = 30 * time.Second
+
+// checkReloadedStreams runs the start-up preflight on a reloaded table:
+// a reload that adds a cell, or moves a target to another subject, whose
+// stream does not exist or drops repeats within too short a window is
+// accepted (checkReloaded says why), but the operator hears of it at once,
+// before the first publish fails or a repeat is stored twice. Each request
+// is bounded and retried as at start (policy), the whole check gives up
+// after reloadCheckTimeout, and ctx ends it at the stop.
+func checkReloadedStreams(ctx context.Context, o *Options, t *router.Table, jsOf func(string) (jetstream.JetStream, error),
+	policy func(string) *retry.Policy, log *slog.Logger) {
+	if t == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, reloadCheckTimeout)
+	defer cancel()
+	err := preflightOn(ctx, o.Config, t, natsBrokers(o.Config, t), jsOf, policy)
+	var pe *PreflightError
+	switch {
+	case errors.As(err, &pe):
+		for _, p := range pe.Problems {
+			log.Error("reloaded rules need a stream that is missing or unfit; create or fix it (cellbridge streams -apply shows what it changes)",
+				"rules_version", t.Version(), "problem", p.String())
+		}
+	case err != nil && !errors.Is(err, context.Canceled):
+		log.Warn("reloaded rules: the streams they need could not be checked", "rules_version", t.Version(), "err", err)
+	case err == nil:
+		log.Debug("reloaded rules: every stream they need is fit", "rules_version", t.Version())
+	}
 }
 
 // checkReloaded warns about what a reloaded table asks for that the running
