@@ -130,6 +130,28 @@ func NewHealth(m *Metrics, log *slog.Logger, clock Clock) *Health {
 
 // ConnectionChanged implements Reporter; it logs each change of state.
 func (h *Health) ConnectionChanged(broker, role string, up bool) {
+	if !h.setConn(broker, role, up) {
+		return
+	}
+	if up {
+		h.log.Info("connection up", "broker", broker, "role", role)
+	} else {
+		h.log.Warn("connection down", "broker", broker, "role", role)
+	}
+}
+
+// ConnectionClosed records that the process closed its own connection to
+// broker (a stop): down, as for a connection that failed, but the change
+// is logged at info, since nothing failed.
+func (h *Health) ConnectionClosed(broker, role string) {
+	if h.setConn(broker, role, false) {
+		h.log.Info("connection closed", "broker", broker, "role", role)
+	}
+}
+
+// setConn records the connection's state and its gauge; it reports whether
+// the state changed (or was not known).
+func (h *Health) setConn(broker, role string, up bool) bool {
 	h.mu.Lock()
 	old, known := h.conns[[2]string{broker, role}]
 	h.conns[[2]string{broker, role}] = up
@@ -141,26 +163,7 @@ func (h *Health) ConnectionChanged(broker, role string, up bool) {
 		}
 		h.m.ConnectionUp.WithLabelValues(broker, role).Set(v)
 	}
-	if !known || old != up {
-		if up {
-			h.log.Info("connection up", "broker", broker, "role", role)
-		} else {
-			h.log.Warn("connection down", "broker", broker, "role", role)
-		}
-	}
-}
-
-// ConnectionClosed records that the process closed its own connection to
-// broker (a stop): the gauge goes to 0 as for a connection that went down,
-// but the line is logged at info, since nothing failed.
-func (h *Health) ConnectionClosed(broker, role string) {
-	h.mu.Lock()
-	h.conns[[2]string{broker, role}] = false
-	h.mu.Unlock()
-	if h.m != nil {
-		h.m.ConnectionUp.WithLabelValues(broker, role).Set(0)
-	}
-	h.log.Info("connection closed", "broker", broker, "role", role)
+	return !known || old != up
 }
 
 // Backlog implements Reporter.
