@@ -176,9 +176,9 @@ func (pf *preflight) target(ctx context.Context, r *router.Rule, role, broker, s
 	switch {
 	case cfg == nil:
 		pf.add(r, role, broker, subj, cell, "no stream captures it: every publish would fail with \"no responders\"")
-	case cfg.Duplicates < pf.opts.MinWindow:
+	case windowOf(*cfg) < pf.opts.MinWindow:
 		pf.add(r, role, broker, subj, cell, "stream %s drops repeats only within %s, less than the %s the configuration needs (%s)",
-			cfg.Name, FormatDuration(cfg.Duplicates), FormatDuration(pf.opts.MinWindow), pf.opts.Why)
+			cfg.Name, FormatDuration(windowOf(*cfg)), FormatDuration(pf.opts.MinWindow), pf.opts.Why)
 	}
 	return nil
 }
