@@ -159,10 +159,19 @@ func frozenDirectGets(t *testing.T, subject string) (*KV, *atomic.Int32) {
 }
 
 // swallowDirectGets makes the direct gets of bucket on subject (a format
-// with the bucket's name) go unanswered: the stream stops serving them and
-// a subscriber on nc that never replies takes them. It returns the count of
-// swallowed requests and a function that serves them again.
+// with the bucket's name) go unanswered (interceptDirectGets). It returns
+// the count of swallowed requests and a function that serves them again.
 func swallowDirectGets(t *testing.T, nc *nats.Conn, js jetstream.JetStream, bucket, subject string) (*atomic.Int32, func()) {
+	t.Helper()
+	swallowed := new(atomic.Int32)
+	serve := interceptDirectGets(t, nc, js, bucket, subject, func(*nats.Msg) { swallowed.Add(1) })
+	return swallowed, serve
+}
+
+// interceptDirectGets makes the bucket's stream stop serving direct gets
+// and has respond, subscribed on nc to subject (a format with the bucket's
+// name), take them instead. It returns a function that serves them again.
+func interceptDirectGets(t *testing.T, nc *nats.Conn, js jetstream.JetStream, bucket, subject string, respond nats.MsgHandler) func() {
 	t.Helper()
 	ctx := context.Background()
 	st, err := js.Stream(ctx, "KV_"+bucket)
@@ -171,12 +180,11 @@ func swallowDirectGets(t *testing.T, nc *nats.Conn, js jetstream.JetStream, buck
 	scfg.AllowDirect = false
 	_, err = js.UpdateStream(ctx, scfg)
 	must(t, err)
-	swallowed := new(atomic.Int32)
-	sub, err := nc.Subscribe(fmt.Sprintf(subject, bucket), func(*nats.Msg) { swallowed.Add(1) })
+	sub, err := nc.Subscribe(fmt.Sprintf(subject, bucket), respond)
 	must(t, err)
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
 	must(t, nc.Flush())
-	return swallowed, func() {
+	return func() {
 		must(t, sub.Unsubscribe())
 		scfg.AllowDirect = true
 		_, err := js.UpdateStream(ctx, scfg)

@@ -199,21 +199,12 @@ func TestKVCheck(t *testing.T) {
 		nc, js := srv.Connect(t)
 		bucket := newBucket()
 		a := openKV(t, js, suiteKVConfig(bucket))
-		st, err := js.Stream(ctx, "KV_"+bucket)
-		must(t, err)
-		scfg := st.CachedInfo().Config
-		scfg.AllowDirect = false
-		_, err = js.UpdateStream(ctx, scfg)
-		must(t, err)
-		sub, err := nc.Subscribe("$JS.API.DIRECT.GET.KV_"+bucket, func(m *nats.Msg) {
+		interceptDirectGets(t, nc, js, bucket, "$JS.API.DIRECT.GET.KV_%s", func(m *nats.Msg) {
 			r := nats.NewMsg(m.Reply)
 			r.Header.Set("Status", "408")
 			r.Header.Set("Description", "Bad Request")
 			_ = m.RespondMsg(r)
 		})
-		must(t, err)
-		defer func() { _ = sub.Unsubscribe() }()
-		must(t, nc.Flush())
 		if _, err := a.Check(ctx, "k"); !errors.Is(err, errBatchStatus) {
 			t.Fatalf("Check refused: %v, want errBatchStatus", err)
 		}
