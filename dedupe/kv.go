@@ -622,24 +622,42 @@ func (kv *KV) leaderAnswer(m *nats.Msg) (kvState, uint64, []byte, error) {
 		return 0, 0, nil, errors.New("message get: no message in the answer")
 	}
 	msg := resp.Message
+	var hdr nats.Header
 	if len(msg.Hdrs) > 0 {
 		h, err := nats.DecodeHeadersMsg(msg.Hdrs)
 		if err != nil {
 			return 0, 0, nil, fmt.Errorf("message get: headers: %w", err)
 		}
-		if h.Get(hdrKVOperation) != "" || h.Get(hdrMarkerReason) != "" {
-			return kvMarker, msg.Seq, nil, nil
-		}
+		hdr = h
+	}
+	st, val, err := kv.classify(hdr, msg.Data)
+	if err != nil {
+		return 0, 0, nil, fmt.Errorf("%w at revision %d", err, msg.Seq)
+	}
+	return st, msg.Seq, val, nil
+}
+
+// errUnexpectedValue is classify's answer for a value this package did not
+// write: it refuses to guess. Calling it a duplicate could drop a message;
+// an error keeps it unacknowledged and counted.
+var errUnexpectedValue = errors.New("unexpected value")
+
+// classify tells the state of a key from its last message (headers and
+// value); for a reservation of this store it returns the value. Direct
+// gets, batched ones and the leader's message get all answer through it.
+func (kv *KV) classify(h nats.Header, data []byte) (kvState, []byte, error) {
+	if h.Get(hdrKVOperation) != "" || h.Get(hdrMarkerReason) != "" {
+		return kvMarker, nil, nil
 	}
 	switch {
-	case bytes.Equal(msg.Data, committedVal):
-		return kvCommitted, msg.Seq, nil, nil
-	case bytes.HasPrefix(msg.Data, kv.ours):
-		return kvOurs, msg.Seq, msg.Data, nil
-	case len(msg.Data) > 0 && msg.Data[0] == 'r':
-		return kvReserved, msg.Seq, nil, nil
+	case bytes.Equal(data, committedVal):
+		return kvCommitted, nil, nil
+	case bytes.HasPrefix(data, kv.ours):
+		return kvOurs, data, nil
+	case len(data) > 0 && data[0] == 'r':
+		return kvReserved, nil, nil
 	}
-	return 0, 0, nil, fmt.Errorf("unexpected value at revision %d", msg.Seq)
+	return 0, nil, errUnexpectedValue
 }
 
 type kvState uint8
@@ -698,18 +716,9 @@ func (kv *KV) directGet(ctx context.Context, subj string) (kvState, uint64, []by
 	if err != nil {
 		return 0, 0, nil, fmt.Errorf("direct get: bad %s header: %w", jetstream.SequenceHeader, err)
 	}
-	if m.Header.Get(hdrKVOperation) != "" || m.Header.Get(hdrMarkerReason) != "" {
-		return kvMarker, seq, nil, nil
+	st, val, err := kv.classify(m.Header, m.Data)
+	if err != nil {
+		return 0, 0, nil, fmt.Errorf("%w at revision %d", err, seq)
 	}
-	switch {
-	case bytes.Equal(m.Data, committedVal):
-		return kvCommitted, seq, nil, nil
-	case bytes.HasPrefix(m.Data, kv.ours):
-		return kvOurs, seq, m.Data, nil
-	case len(m.Data) > 0 && m.Data[0] == 'r':
-		return kvReserved, seq, nil, nil
-	}
-	// Not written by this package: refuse to guess. Calling it a duplicate
-	// could drop a message; an error keeps it unacknowledged and counted.
-	return 0, 0, nil, fmt.Errorf("unexpected value at revision %d", seq)
+	return st, seq, val, nil
 }

@@ -1,7 +1,6 @@
 package dedupe
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -265,9 +264,13 @@ func (c *checker) onReply(m *nats.Msg) {
 		return
 	}
 	subj := m.Header.Get(jetstream.SubjectHeader)
-	st, err := c.kv.classify(m.Header, m.Data)
-	if err != nil || subj == "" {
-		c.end(id, fmt.Errorf("batch direct get: %s: %w", subj, errors.Join(err, errors.New("no subject"))))
+	if subj == "" {
+		c.end(id, errors.New("batch direct get: an answer without a subject"))
+		return
+	}
+	st, _, err := c.kv.classify(m.Header, m.Data)
+	if err != nil {
+		c.end(id, fmt.Errorf("batch direct get: %s: %w at revision %s", subj, err, m.Header.Get(jetstream.SequenceHeader)))
 		return
 	}
 	// Under the lock: a timeout may end the batch (and read found) now.
@@ -390,24 +393,6 @@ func (c *checker) close() {
 		c.end(id, jspub.ErrClosed)
 	}
 	_ = c.sub.Unsubscribe()
-}
-
-// classify tells the state of a key from its last message (headers and
-// value), as a direct get returns it.
-func (kv *KV) classify(h nats.Header, data []byte) (kvState, error) {
-	if h.Get(hdrKVOperation) != "" || h.Get(hdrMarkerReason) != "" {
-		return kvMarker, nil
-	}
-	switch {
-	case bytes.Equal(data, committedVal):
-		return kvCommitted, nil
-	case bytes.HasPrefix(data, kv.ours):
-		return kvOurs, nil
-	case len(data) > 0 && data[0] == 'r':
-		return kvReserved, nil
-	}
-	// Not written by this package: refuse to guess (see directGet).
-	return 0, fmt.Errorf("unexpected value at revision %s", h.Get(jetstream.SequenceHeader))
 }
 
 // CheckWindow implements Checker: ReserveTTL, the time within which the
