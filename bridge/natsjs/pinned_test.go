@@ -519,6 +519,59 @@ func TestOrderedBlockedHandlerKeepsPin(t *testing.T) {
 	}
 }
 
+// TestReleaseDoneRevokesLeftEpoch: Run's ctx ended while its handler is
+// blocked (a publish waiting for sink capacity), so the active loop left
+// its epoch for Release and Run waits for the handler. A Release with a
+// ctx that is already done (ownership lost) must revoke that epoch at once
+// too, not only an epoch that is still active: the handler, once
+// unblocked, would otherwise publish for an owner that is gone.
+func TestReleaseDoneRevokesLeftEpoch(t *testing.T) {
+	_, js := takeoverSetup(t)
+	src := newSource(t, js, orderedConfig())
+	blocked, unblock := make(chan *bridge.Epoch, 1), make(chan struct{})
+	h := func(ctx context.Context, m *bridge.Message, ack bridge.Ack) error {
+		blocked <- m.Epoch
+		<-unblock
+		return ack(context.Background(), nil)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, h) }()
+	var once sync.Once
+	unblockOnce := func() { once.Do(func() { close(unblock) }) }
+	defer func() {
+		unblockOnce()
+		cancel()
+		<-done
+		_ = src.Close(testCtx(t))
+	}()
+	newFeed(1, 1).publish(t, js, 0)
+	var ep *bridge.Epoch
+	select {
+	case ep = <-blocked:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no delivery")
+	}
+	cancel()
+	eventually(t, 10*time.Second, "the active loop left its epoch for Release", func() bool { return src.active.Load() == nil })
+	select {
+	case err := <-done:
+		t.Fatalf("Run returned (%v) while its handler was blocked", err)
+	default:
+	}
+	if ep.Revoked() {
+		t.Fatal("the epoch was revoked by Run's end alone (it is left for Release)")
+	}
+	lost, lcancel := context.WithCancel(context.Background())
+	lcancel()
+	if err := src.Release(lost); err == nil {
+		t.Error("Release with a done ctx returned nil while Run had not returned")
+	}
+	if !ep.Revoked() {
+		t.Fatal("Release with a done ctx left the epoch of the blocked handler unrevoked")
+	}
+}
+
 // TestOrderedIdleTakeoverKick: the active replica dies holding unacked
 // messages and nothing new is published, so no standby probe could win the
 // pin with a new message. A standby kicks the consumer (a reset) on the

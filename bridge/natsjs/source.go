@@ -782,9 +782,7 @@ func (s *Source) Release(ctx context.Context) error {
 		if ctx.Err() != nil {
 			// Run's ctx is cancelled first, so no later epoch starts
 			// handing deliveries over.
-			if ep := s.active.Load(); ep != nil {
-				ep.Revoke()
-			}
+			s.revokeRunning()
 		}
 		select {
 		case <-done:
@@ -800,6 +798,25 @@ func (s *Source) Release(ctx context.Context) error {
 		return nil
 	}
 	return s.releaseEpoch(ctx, ep)
+}
+
+// revokeRunning revokes the epoch of a Run that has not returned: the
+// active one, or, once Run's ctx ended, the one it left for Release (Run
+// returns only after its handler calls did, and a handler can block, e.g.
+// in a publish waiting for sink capacity). An epoch leaves active only
+// after it was left in held, so reading active first, then held, finds it
+// in one of the two.
+func (s *Source) revokeRunning() {
+	if ep := s.active.Load(); ep != nil {
+		ep.Revoke()
+		return
+	}
+	s.mu.Lock()
+	ep := s.held
+	s.mu.Unlock()
+	if ep != nil {
+		ep.Revoke()
+	}
 }
 
 // Close stops a running Run, waits for it to return and releases the pin
