@@ -305,7 +305,9 @@ func TestLeaseBucketChecks(t *testing.T) {
 // later, when the server may already have expired it.
 func TestLeaseKeeperRenewsFromLastWrite(t *testing.T) {
 	srv := natstest.Start(t)
-	cfg := LeaseConfig{Bucket: "leases-k", TTL: 3 * time.Second}
+	// A 6 s TTL: a 2 s heartbeat, so that "at once" (within half of it)
+	// and "a heartbeat later" stay apart on a loaded machine.
+	cfg := LeaseConfig{Bucket: "leases-k", TTL: 6 * time.Second}
 	a, _ := leaseClient(t, srv, cfg)
 	ctx := testCtx(t)
 	rev, _, err := a.create(ctx, "k", []byte("a"))
