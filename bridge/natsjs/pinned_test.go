@@ -556,6 +556,7 @@ func TestReleaseDoneRevokesLeftEpoch(t *testing.T) {
 	eventually(t, 10*time.Second, "the active loop left its epoch for Release", func() bool { return src.active.Load() == nil })
 	select {
 	case err := <-done:
+		done <- err // for the deferred clean-up
 		t.Fatalf("Run returned (%v) while its handler was blocked", err)
 	default:
 	}
