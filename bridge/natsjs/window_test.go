@@ -112,14 +112,23 @@ func TestPipelineDedupeProtocols(t *testing.T) {
 			publish(t, js, fmt.Sprint("orders.u", i), fmt.Sprint("event ", i), nats.Header{bridge.HeaderMsgID: {fmt.Sprint("e", i)}})
 		}
 	}
+	// Settled: the consumer's ack floor has reached the last message
+	// stored. Pending counts alone are not enough: the server tells a
+	// stream's consumers of a new message after it answered its publish,
+	// so for a moment after the last PubAck they may still count 0.
 	settled := func(what string) {
+		st, err := js.Stream(testCtx(t), "ORDERS")
+		if err != nil {
+			t.Fatal(err)
+		}
+		last := st.CachedInfo().State.LastSeq
 		eventually(t, 30*time.Second, what, func() bool {
 			c, err := js.Consumer(testCtx(t), "ORDERS", "cellbridge-orders")
 			if err != nil {
 				return false
 			}
 			info, err := c.Info(testCtx(t))
-			return err == nil && info.NumPending == 0 && info.NumAckPending == 0
+			return err == nil && info.AckFloor.Stream >= last && info.NumPending == 0 && info.NumAckPending == 0
 		})
 	}
 	writes := func() uint64 {
@@ -151,9 +160,16 @@ func TestPipelineDedupeProtocols(t *testing.T) {
 		}
 		return true
 	}
+	// The replicas share the durable, so which one a warm-up event reaches
+	// is the server's choice: rounds go on until both have seen both
+	// targets (on a loaded machine one replica can take many in a row).
+	warmUntil := time.Now().Add(20 * time.Second)
 	for round := 0; !known(); round++ {
-		if round == 20 {
-			t.Fatal("the dedupe protocols of both targets are still unknown after 20 warm-up rounds")
+		if time.Now().After(warmUntil) {
+			t.Fatalf("the dedupe protocols of both targets are still unknown after %d warm-up rounds", round)
+		}
+		if round > 0 {
+			time.Sleep(20 * time.Millisecond)
 		}
 		for c, s := range warm {
 			publish(t, js, s, "warm-up", nats.Header{bridge.HeaderMsgID: {fmt.Sprint("warm-", c, "-", round)}})
@@ -182,7 +198,26 @@ func TestPipelineDedupeProtocols(t *testing.T) {
 		}
 	}
 	if len(ids) != n || perCell[0]+perCell[1] != n {
-		t.Fatalf("cells hold %d messages under %d ids, want %d once each", perCell[0]+perCell[1], len(ids), n)
+		var missing []string
+		for i := range n {
+			if ids[fmt.Sprint("e", i)] == 0 {
+				missing = append(missing, fmt.Sprint("e", i))
+			}
+		}
+		var dlq []string
+		for _, m := range readAll(t, js, "DLQ") {
+			dlq = append(dlq, fmt.Sprintf("%s (%s)", m.Headers().Get(jetstream.MsgIDHeader), m.Headers().Get(bridge.HeaderError)))
+		}
+		for _, p := range pipes {
+			t.Logf("replica status: %+v", p.Status())
+		}
+		for _, name := range []string{"OUT0", "OUT1"} {
+			st, _ := js.Stream(testCtx(t), name)
+			info, err := st.Info(testCtx(t))
+			t.Logf("stream %s: %+v %v; read now: %d", name, info.State, err, len(readAll(t, js, name)))
+		}
+		t.Fatalf("cells hold %d messages under %d ids, want %d once each; missing %v; the DLQ holds %v",
+			perCell[0]+perCell[1], len(ids), n, missing, dlq)
 	}
 	if perCell[0] == 0 || perCell[1] == 0 {
 		t.Fatalf("messages per cell %v: the test needs both targets", perCell)
