@@ -700,13 +700,13 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 				s.failing.clear()
 			}
 		}
-		if err == nil {
+		if err != nil {
+			if !stale && ctx.Err() == nil && s.failing.failingNow() && s.idle.idle() {
+				s.checkStored(ctx)
+			}
+		} else {
 			s.idle.answered(asked, info)
 			s.failing.recheck()
-		} else if !stale && ctx.Err() == nil && s.failing.failingNow() && s.idle.idle() {
-			s.checkStored(ctx)
-		}
-		if err == nil {
 			if s.cfg.Ordering == Unordered && s.failing.failingNow() && s.js.Conn().IsConnected() &&
 				time.Since(time.Unix(0, s.lastConsumeErr.Load())) >= quietFor && s.State().State == StateShared {
 				s.failing.clear()
