@@ -119,7 +119,7 @@ var MetricList = []MetricDesc{
 	{MetricPartitionsOwned, "gauge", []string{"rule"}, "Partitions of a partitioned topic rule whose lease this replica holds; summed over the replicas it equals cellbridge_partitions once every partition has an owner."},
 	{MetricTakeovers, "counter", []string{"rule"}, "Times this replica started forwarding an ordered topic rule (won its consumer's pin) or one of a partitioned rule's partitions."},
 	{MetricSourcePinned, "gauge", []string{"rule"}, "1 while this replica holds the pin of an ordered topic rule's consumer (it forwards the rule, or resets the consumer to do so), 0 while it is a standby; partitioned rules report cellbridge_partitions_owned instead."},
-	{MetricBrokerReqErrors, "counter", []string{"broker", "op"}, "Failed attempts of requests to a broker's control plane, by broker and request (connect, stream_info, stream_create, stream_update, consumer_info, consumer_create, consumer_reset, consumer_unpin, kv_bucket); each is logged and, where the caller has time, retried."},
+	{MetricBrokerReqErrors, "counter", []string{"broker", "op"}, "Failed attempts of requests to a broker's control plane, by broker and request (connect, stream_info, stream_create, stream_update, consumer_info, consumer_create, consumer_reset, consumer_unpin, consumer_delete, kv_bucket); each is logged and, where the caller has time, retried."},
 	{MetricRulesVersion, "gauge", nil, "Version of the rules table in use."},
 	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
 	{MetricRulesReloadFails, "counter", nil, "Rule reloads refused (invalid files or a lower version)."},

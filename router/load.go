@@ -63,6 +63,7 @@ type sourceDoc struct {
 	Tags       string `yaml:"tags"`
 	Partitions int    `yaml:"partitions"`
 	Ordering   string `yaml:"ordering"`
+	Acks       string `yaml:"acks"`
 }
 
 type keyDoc struct {

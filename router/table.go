@@ -38,6 +38,9 @@ type Source struct {
 	// sources, "" for RocketMQ sources (a RocketMQ consumer group gives
 	// each queue to one consumer on its own).
 	Ordering string
+	// Acks is AcksEach (the default) or AcksCumulative for ordered NATS
+	// sources, "" for the others.
+	Acks string
 }
 
 // IsNATS reports whether the source is a NATS JetStream stream (else RocketMQ).
@@ -321,7 +324,7 @@ func compileRule(t *Table, pr parsedRule) *Rule {
 		Description: d.Description,
 		Source: Source{Broker: d.Source.Broker, Stream: d.Source.Stream, Subject: d.Source.Subject,
 			Group: d.Source.Group, Topic: d.Source.Topic, Tags: d.Source.Tags,
-			Partitions: d.Source.Partitions, Ordering: d.Source.Ordering},
+			Partitions: d.Source.Partitions, Ordering: d.Source.Ordering, Acks: d.Source.Acks},
 		Key:          KeySource{Header: d.Key.Header, JSON: d.Key.JSON, SubjectToken: d.Key.SubjectToken, RocketMQKeys: d.Key.RocketMQKeys},
 		Shard:        ShardFunc{Func: d.Shard.Func, From: d.Shard.From, To: d.Shard.To},
 		Target:       TargetTemplate{Broker: d.Target.Broker, Subject: d.Target.Subject, Topic: d.Target.Topic},
@@ -338,6 +341,9 @@ func compileRule(t *Table, pr parsedRule) *Rule {
 	}
 	if r.Source.Ordering == "" && r.Source.IsNATS() {
 		r.Source.Ordering = OrderingOrdered
+	}
+	if r.Source.Acks == "" && r.Source.Ordering == OrderingOrdered {
+		r.Source.Acks = AcksEach
 	}
 	if d.DLQ != nil {
 		dlq := renderTarget(TargetTemplate{Broker: d.DLQ.Broker, Subject: d.DLQ.Subject, Topic: d.DLQ.Topic}, "", "", r.Name)

@@ -30,6 +30,14 @@ const (
 	// order is not kept across replicas or redeliveries.
 	OrderingNone = "none"
 
+	// AcksEach: an ordered NATS source acknowledges every message (the
+	// default). AcksCumulative: one acknowledgement for the settled prefix
+	// of the stream at a time (JetStream AckPolicy all); less work for the
+	// server per message, but while a shard is blocked the ack floor stops
+	// at its first held message (docs/rules.md).
+	AcksEach       = "each"
+	AcksCumulative = "cumulative"
+
 	// MaxPartitions bounds source.partitions: each partition is a durable
 	// consumer and a lease renewed every few seconds.
 	MaxPartitions = 1024

@@ -249,6 +249,15 @@ func (c *ruleChecker) checkOrdering(d *doc, r *topicRuleDoc, sourceNATS bool) {
 	case s.Ordering != OrderingOrdered && s.Ordering != OrderingNone:
 		d.errorf("source.ordering", "unknown value %q: must be %s or %s", s.Ordering, OrderingOrdered, OrderingNone)
 	}
+	switch {
+	case !d.present("source.acks"):
+	case !sourceNATS && (s.Topic != "" || s.Tags != ""):
+		d.errorf("source.acks", "applies to NATS sources only (a RocketMQ consumer commits offsets per queue)")
+	case s.Acks != AcksEach && s.Acks != AcksCumulative:
+		d.errorf("source.acks", "unknown value %q: must be %s or %s", s.Acks, AcksEach, AcksCumulative)
+	case s.Acks == AcksCumulative && s.Ordering == OrderingNone:
+		d.errorf("source.acks", "cumulative needs ordering: ordered (replicas sharing a durable with ordering: none each acknowledge their own messages); remove one of them")
+	}
 	if !d.present("source.partitions") || s.Partitions == 0 {
 		c.useStream(d, r, sourceNATS, 0)
 		return

@@ -47,6 +47,9 @@ func (s *Source) consumerConfig() jetstream.ConsumerConfig {
 		MaxAckPending: s.cfg.MaxAckPending,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
 	}
+	if s.cfg.CumulativeAcks {
+		cfg.AckPolicy = jetstream.AckAllPolicy
+	}
 	if s.cfg.Ordering == Ordered {
 		cfg.PriorityGroups = []string{s.cfg.Group}
 		cfg.PriorityPolicy = jetstream.PriorityPolicyPinned
@@ -56,8 +59,13 @@ func (s *Source) consumerConfig() jetstream.ConsumerConfig {
 }
 
 // modeOf describes a durable's priority settings: the source's own mode
-// when they match it, else what they are.
+// when they match it, else what they are. A durable whose ack policy is not
+// the source's is in another mode too.
 func (s *Source) modeOf(c *jetstream.ConsumerConfig) (Ordering, string) {
+	if want := s.consumerConfig().AckPolicy; c.AckPolicy != want {
+		policy, _ := c.AckPolicy.MarshalJSON()
+		return "", fmt.Sprintf("set up with ack policy %s", policy)
+	}
 	switch {
 	case c.PriorityPolicy == jetstream.PriorityPolicyNone && len(c.PriorityGroups) == 0:
 		return Unordered, "unordered (no priority policy)"
@@ -100,9 +108,24 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 				s.mu.Unlock()
 				return nil, me
 			}
-			s.log.Warn("nats consumer switched to this replica's ordering mode", "from", desc, "ordering", s.cfg.Ordering)
+			s.log.Warn("nats consumer switched to this replica's ordering mode", "from", desc, "ordering", s.cfg.Ordering,
+				"cumulativeAcks", s.cfg.CumulativeAcks)
 		}
 		cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
+		if oc.AckPolicy != cfg.AckPolicy {
+			// The server does not change a consumer's ack policy: the
+			// durable is made again, starting after its ack floor
+			// (what it acknowledged above the floor one by one is
+			// forwarded again and dropped by its idempotency key).
+			floor := info.AckFloor.Stream
+			if err := s.deleteConsumer(ctx); err != nil {
+				return nil, err
+			}
+			if floor > 0 {
+				cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = jetstream.DeliverByStartSequencePolicy, floor+1, nil
+			}
+			s.log.Warn("nats consumer recreated for its new ack policy", "cumulativeAcks", s.cfg.CumulativeAcks, "startSeq", floor+1)
+		}
 	case errors.Is(err, jetstream.ErrConsumerNotFound):
 		if floor > 0 {
 			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
@@ -120,6 +143,21 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 	s.cons, s.conflict = cons, nil
 	s.mu.Unlock()
 	return cons, nil
+}
+
+// deleteConsumer deletes the durable (one that is already gone is fine).
+func (s *Source) deleteConsumer(ctx context.Context) error {
+	_, err := retry.Do(ctx, s.pol, retry.OpConsumerDelete, s.consumerName(), func(ctx context.Context) (struct{}, error) {
+		err := s.js.DeleteConsumer(ctx, s.cfg.Stream, s.cfg.Durable)
+		if errors.Is(err, jetstream.ErrConsumerNotFound) {
+			err = nil
+		}
+		return struct{}{}, err
+	})
+	if err != nil {
+		return fmt.Errorf("natsjs: source %s: delete consumer %s to change its ack policy: %w", s.cfg.Stream, s.cfg.Durable, err)
+	}
+	return nil
 }
 
 // waiting reports whether the durable was last found in the other mode and

@@ -36,6 +36,10 @@ type epoch struct {
 	// withheld is set once a stall hand-over of the epoch was withheld
 	// (logged once per epoch); the run loop's only.
 	withheld bool
+	// acks sends the epoch's cumulative acks (cumack.go); nil when the
+	// consumer acknowledges each message (AckPolicy explicit, a durable
+	// created so by an earlier version).
+	acks *cumAcks
 	// carry maps the stream sequence of a message negatively acknowledged
 	// in the last epoch to its delivery count there: the reset counts its
 	// next delivery as a first one, the handler sees the count go on.
@@ -471,7 +475,7 @@ func (r *pinRun) acquire() *epoch {
 	// does not fence the epoch that starts after it.
 	var reconnects uint64
 	drainStatus(r.status) // what happened before is what waitConnected saw
-	_, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
+	resp, err := retry.Do(rctx, &pol, retry.OpConsumerReset, s.consumerName(),
 		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
 			reconnects = r.nc.Stats().Reconnects
 			return r.resetOnLink(ctx)
@@ -486,6 +490,11 @@ func (r *pinRun) acquire() *epoch {
 		ep.expect = 1
 		ep.reconnects = reconnects
 		ep.carry, r.carry = r.carry, nil
+		// The reset's answer says how the consumer acknowledges: a
+		// consumer's ack policy changes only with the consumer (a new pin).
+		if resp.ConsumerInfo != nil && resp.Config.AckPolicy == jetstream.AckAllPolicy {
+			ep.acks = &cumAcks{}
+		}
 		r.failures = 0
 		return ep
 	case r.ctx.Err() != nil, r.nc.IsClosed():
@@ -818,7 +827,8 @@ func (r *pinRun) take(ep *epoch, msg jetstream.Msg) {
 		return
 	}
 	ep.expect = meta.dseq + 1
-	if meta.delivered == 1 {
+	first := meta.delivered == 1
+	if first {
 		ep.maxSeq = meta.seq
 		if n, ok := ep.carry[meta.seq]; ok {
 			meta.delivered = n + 1
@@ -830,6 +840,9 @@ func (r *pinRun) take(ep *epoch, msg jetstream.Msg) {
 	d.ep, d.seq = ep, meta.seq
 	d.m.Epoch = &ep.Epoch
 	d.beat = time.Now().UnixNano()
+	if first && ep.acks != nil {
+		ep.acks.add(d)
+	}
 	if !r.q.push(d) {
 		ep.trip(fenceEvent{next: toAcquire, pin: pin, reason: "intake queue full"})
 	}

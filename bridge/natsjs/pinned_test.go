@@ -274,64 +274,77 @@ func TestOrderedTakeover(t *testing.T) {
 	if pauseSignals[0] != nil {
 		faults = append(faults, "sigstop")
 	}
-	for _, how := range faults {
-		t.Run(how, func(t *testing.T) {
-			srv, js := takeoverSetup(t)
-			fd := newFeed(1500, 40)
-			var fault, after func()
-			if how == "close-connection" {
-				a := startReplica(t, srv, orderedConfig())
-				fd.first(t, js, a.f)
-				fault = func() { a.nc.Close() }
-			} else {
-				proc, active := startReplicaProcess(t, srv.URL)
-				fd.publish(t, js, 0)
-				select {
-				case <-active:
-				case <-time.After(30 * time.Second):
-					t.Fatal("replica process did not become active")
-				}
-				fault = func() { _ = proc.Kill() }
-				if how == "sigstop" {
-					fault = func() { _ = proc.Signal(pauseSignals[0]) }
-					after = func() { _ = proc.Signal(pauseSignals[1]) }
-				}
-			}
-			b := startReplica(t, srv, orderedConfig())
-			eventually(t, 20*time.Second, "B in standby", func() bool { return b.state() == StateStandby })
-
-			var faultAt time.Time
-			fd.run(t, js, 1, 2*time.Millisecond, func(i int) {
-				if i == fd.n/3 {
-					faultAt = time.Now()
-					fault()
-				}
-				if after != nil && b.state() == StateActive {
-					after()
-					after = nil
-				}
-			})
-			if after != nil {
-				t.Fatal("B did not take over from the paused replica while events flowed")
-			}
-			o := checkOut(t, js, fd)
-			first, n, dups, revoked, failed := b.f.stats()
-			st := b.src.State()
-			t.Logf("%s: takeover %s after the fault (B's first delivery), B: takeover %s, unowned %s by the advisories; "+
-				"%d deliveries, %d re-forwards dropped as duplicates, %d revoked, %d failed; max lateness %s (event %d)",
-				how, first.Sub(faultAt).Round(time.Millisecond), st.LastTakeoverDuration.Round(time.Millisecond),
-				st.LastTakeoverGap.Round(time.Millisecond), n, dups, revoked, failed, o.maxLate.Round(time.Millisecond), o.lateAt)
-			if st.State != StateActive || st.Takeovers != 1 || st.PinID == "" {
-				t.Errorf("B's state %+v, want active after one takeover", st)
-			}
-			if pin := serverPin(t, js); pin != st.PinID {
-				t.Errorf("server pin %q, B holds %q", pin, st.PinID)
-			}
-			if o.maxLate >= testAckWait {
-				t.Errorf("an event waited %s: the dead replica's deliveries came back only after AckWait", o.maxLate)
-			}
-		})
+	// With cumulative acks a paused owner's late acks are the case
+	// Source.checkAckFloor repairs.
+	for _, c := range []struct {
+		acks string
+		cfg  func() SourceConfig
+	}{{"each", orderedConfig}, {"cumulative", cumulativeConfig}} {
+		for _, how := range faults {
+			t.Run(c.acks+"/"+how, func(t *testing.T) { orderedTakeover(t, how, c.acks == "cumulative", c.cfg) })
+		}
 	}
+}
+
+func orderedTakeover(t *testing.T, how string, cumulative bool, config func() SourceConfig) {
+	srv, js := takeoverSetup(t)
+	fd := newFeed(1500, 40)
+	var fault, after func()
+	if how == "close-connection" {
+		a := startReplica(t, srv, config())
+		fd.first(t, js, a.f)
+		fault = func() { a.nc.Close() }
+	} else {
+		proc, active := startReplicaProcess(t, srv.URL, cumulative)
+		fd.publish(t, js, 0)
+		select {
+		case <-active:
+		case <-time.After(30 * time.Second):
+			t.Fatal("replica process did not become active")
+		}
+		fault = func() { _ = proc.Kill() }
+		if how == "sigstop" {
+			fault = func() { _ = proc.Signal(pauseSignals[0]) }
+			after = func() { _ = proc.Signal(pauseSignals[1]) }
+		}
+	}
+	b := startReplica(t, srv, config())
+	eventually(t, 20*time.Second, "B in standby", func() bool { return b.state() == StateStandby })
+
+	var faultAt time.Time
+	fd.run(t, js, 1, 2*time.Millisecond, func(i int) {
+		if i == fd.n/3 {
+			faultAt = time.Now()
+			fault()
+		}
+		if after != nil && b.state() == StateActive {
+			after()
+			after = nil
+		}
+	})
+	if after != nil {
+		t.Fatal("B did not take over from the paused replica while events flowed")
+	}
+	o := checkOut(t, js, fd)
+	first, n, dups, revoked, failed := b.f.stats()
+	st := b.src.State()
+	t.Logf("%s: takeover %s after the fault (B's first delivery), B: takeover %s, unowned %s by the advisories; "+
+		"%d deliveries, %d re-forwards dropped as duplicates, %d revoked, %d failed; max lateness %s (event %d)",
+		how, first.Sub(faultAt).Round(time.Millisecond), st.LastTakeoverDuration.Round(time.Millisecond),
+		st.LastTakeoverGap.Round(time.Millisecond), n, dups, revoked, failed, o.maxLate.Round(time.Millisecond), o.lateAt)
+	if st.State != StateActive || st.Takeovers != 1 || st.PinID == "" {
+		t.Errorf("B's state %+v, want active after one takeover", st)
+	}
+	if pin := serverPin(t, js); pin != st.PinID {
+		t.Errorf("server pin %q, B holds %q", pin, st.PinID)
+	}
+	if o.maxLate >= testAckWait {
+		t.Errorf("an event waited %s: the dead replica's deliveries came back only after AckWait", o.maxLate)
+	}
+	eventually(t, 10*time.Second, "every event acknowledged", func() bool {
+		info := durableInfo(t, js)
+		return info.NumAckPending == 0 && info.AckFloor.Stream == uint64(fd.n)
+	})
 }
 
 func serverPin(t *testing.T, js jetstream.JetStream) string {
@@ -347,10 +360,14 @@ func serverPin(t *testing.T, js jetstream.JetStream) string {
 // value is the server URL.
 const replicaEnv = "CELLBRIDGE_TEST_REPLICA_URL"
 
+// replicaAcksEnv set to "cumulative" gives the replica process cumulative
+// acks.
+const replicaAcksEnv = "CELLBRIDGE_TEST_REPLICA_ACKS"
+
 // startReplicaProcess starts this test binary as replica A (runReplica);
 // active closes when it reports StateActive. The process is killed when the
 // test ends.
-func startReplicaProcess(t *testing.T, url string) (proc *os.Process, active <-chan struct{}) {
+func startReplicaProcess(t *testing.T, url string, cumulative bool) (proc *os.Process, active <-chan struct{}) {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -358,6 +375,9 @@ func startReplicaProcess(t *testing.T, url string) (proc *os.Process, active <-c
 	}
 	cmd := exec.Command(exe, "-test.run=^$")
 	cmd.Env = append(os.Environ(), replicaEnv+"="+url)
+	if cumulative {
+		cmd.Env = append(cmd.Env, replicaAcksEnv+"=cumulative")
+	}
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -407,6 +427,7 @@ func runReplica(url string) int {
 		return 1
 	}
 	cfg := orderedConfig()
+	cfg.CumulativeAcks = os.Getenv(replicaAcksEnv) == "cumulative"
 	cfg.OnState = func(st SourceState) { fmt.Printf("STATE %s %s\n", st.State, st.PinID) }
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	src, err := NewSource(ctx, js, cfg, nil)

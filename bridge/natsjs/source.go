@@ -71,6 +71,12 @@ type SourceConfig struct {
 	// them, so that replicas of two configurations (or versions) do not
 	// take the durable from each other during a rolling change.
 	Ordering Ordering
+	// CumulativeAcks (Ordered only) creates the durable with AckPolicy all
+	// and acknowledges the settled prefix of each epoch's deliveries once
+	// per batch instead of every message (cumack.go). A durable whose ack
+	// policy differs is recreated at its ack floor when no other client
+	// pulls from it, as a mode switch is (ensureConsumer).
+	CumulativeAcks bool
 	// Group is the ordered durable's priority group. Default DefaultGroup.
 	Group string
 	// PinnedTTL is how long the server keeps the pin of a replica that
@@ -186,6 +192,9 @@ func (c *SourceConfig) defaults() error {
 		c.Ordering = Ordered
 	case c.Ordering != Ordered && c.Ordering != Unordered:
 		return fmt.Errorf("natsjs: source %s: ordering %q: want %q or %q", c.Stream, c.Ordering, Ordered, Unordered)
+	}
+	if c.CumulativeAcks && c.Ordering != Ordered {
+		return fmt.Errorf("natsjs: source %s: cumulative acks need ordering %q (replicas sharing an unordered durable each acknowledge their own messages)", c.Stream, Ordered)
 	}
 	if c.PinnedTTL == 0 {
 		c.PinnedTTL = DefaultPinnedTTL
@@ -524,6 +533,9 @@ type delivery struct {
 	// queue's lock while it waits there); seq is its stream sequence.
 	beat int64
 	seq  uint64
+	// done: settled with success, for the epoch's cumulative acks (guarded
+	// by their lock).
+	done bool
 }
 
 // pinHeader is the server's pin id on every delivery of a pinned consumer.
@@ -627,6 +639,12 @@ func sourceID(h nats.Header, meta *ackMeta) string {
 func (d *delivery) ack(_ context.Context, err error) error {
 	var aerr error
 	switch {
+	case err == nil && d.ep != nil && d.ep.acks != nil:
+		// One ack for the settled prefix (cumack.go); none from a
+		// revoked epoch.
+		if m := d.ep.acks.settled(d.ep, d.seq); m != nil && !d.ep.Revoked() {
+			aerr = m.Ack()
+		}
 	case err == nil:
 		aerr = d.msg.Ack()
 	case errors.Is(err, bridge.ErrInProgress):
@@ -721,6 +739,7 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 			}
 			if s.cfg.Ordering == Ordered {
 				s.checkPin(info, asked)
+				s.checkAckFloor(info, asked)
 				switch {
 				case pinnedID(info, s.cfg.Group) != "" || info.NumAckPending == 0:
 					unowned = time.Time{}

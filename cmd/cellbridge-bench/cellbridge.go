@@ -141,6 +141,14 @@ func variantRules(e *env, parent string) (dir, mode string, err error) {
 	default:
 		return "", "", fmt.Errorf("variant %s is not a cellbridge variant", v)
 	}
+	if acks := e.tuneStr("acks", ""); acks != "" {
+		// -tune O:acks=cumulative (ordered variants: O, P, P2, B-bc)
+		if len(repl) == 0 {
+			repl = []string{source, source}
+		}
+		repl[1] = strings.Replace(repl[1], "}", ", acks: "+acks+"}", 1)
+		mode += ", acks: " + acks
+	}
 	dir, err = os.MkdirTemp(parent, "cellbridge-bench-rules-")
 	if err != nil {
 		return "", "", err

@@ -138,10 +138,24 @@ func runPipe(ctx context.Context, e *env) error {
 	default:
 		q := make(chan pending, pc.window)
 		done := make(chan struct{})
+		ackEvery := e.tuneInt("ackevery", 0)
 		go func() {
 			defer close(done)
+			n := 0
 			for p := range q {
-				settle(p)
+				if ackEvery == 0 {
+					settle(p)
+					continue
+				}
+				select {
+				case <-p.f.Ok():
+				case <-p.f.Err():
+					pc.events.pubErrs.Add(1)
+				}
+				n++
+				if n%ackEvery == 0 || len(q) == 0 {
+					_ = p.src.Ack()
+				}
 			}
 		}()
 		// A message with no usable key (none in the bench's events) or a
@@ -232,7 +246,7 @@ func openPipe(ctx context.Context, e *env) (*pipeConn, error) {
 	if err == nil {
 		pc.cons, err = js.CreateOrUpdateConsumer(ctx, "ORDERS", jetstream.ConsumerConfig{
 			Durable:       "pipe",
-			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckPolicy:     ackPolicy(e),
 			MaxAckPending: 4 * (pc.window + pc.pull),
 			AckWait:       30 * time.Second,
 		})
@@ -310,4 +324,11 @@ func latencySummary(v []float64) map[string]float64 {
 		return v[i]
 	}
 	return map[string]float64{"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": v[len(v)-1], "samples": float64(len(v))}
+}
+
+func ackPolicy(e *env) jetstream.AckPolicy {
+	if e.tuneInt("ackevery", 0) > 0 {
+		return jetstream.AckAllPolicy
+	}
+	return jetstream.AckExplicitPolicy
 }

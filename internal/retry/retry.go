@@ -116,12 +116,13 @@ const (
 	OpConsumerCreate = "consumer_create"
 	OpConsumerReset  = "consumer_reset"
 	OpConsumerUnpin  = "consumer_unpin"
+	OpConsumerDelete = "consumer_delete"
 	OpKVBucket       = "kv_bucket"
 )
 
 // Ops lists every Op value.
 var Ops = []string{OpConnect, OpStreamInfo, OpStreamCreate, OpStreamUpdate, OpConsumerInfo, OpConsumerCreate,
-	OpConsumerReset, OpConsumerUnpin, OpKVBucket}
+	OpConsumerReset, OpConsumerUnpin, OpConsumerDelete, OpKVBucket}
 
 // Do runs call until it succeeds, fails with an error Retryable refuses, or
 // ctx ends. Each attempt gets a context bounded by p.Timeout (and ctx), and

@@ -1,0 +1,228 @@
+package natsjs
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/cellbridge/cellbridge/bridge"
+)
+
+func cumulativeConfig() SourceConfig {
+	cfg := orderedConfig()
+	cfg.CumulativeAcks = true
+	return cfg
+}
+
+func durableInfo(t *testing.T, js jetstream.JetStream) *jetstream.ConsumerInfo {
+	t.Helper()
+	cons, err := js.Consumer(testCtx(t), "ORDERS", "cellbridge-orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cons.CachedInfo()
+}
+
+// TestCumulativeAcksFloorStopsAtOpen: with cumulative acks the consumer is
+// created with AckPolicy all, and its ack floor never passes a delivery the
+// handler has not settled, however many later ones it settled (out of
+// order, as lanes do); once that one is settled the floor reaches the last
+// message, with nothing pending. Stopped while one is open, the next owner
+// gets it again, and every later one, from the floor.
+func TestCumulativeAcksFloorStopsAtOpen(t *testing.T) {
+	_, js := takeoverSetup(t)
+	const n = 300
+	var (
+		mu   sync.Mutex
+		open = map[int]bridge.Ack{}
+		seen = map[int]int{}
+	)
+	hold := 100 // the handler keeps the delivery of message hold open
+	c := &collector{settle: func(g got) {
+		var i int
+		fmt.Sscanf(string(g.m.Body), "m%d", &i)
+		mu.Lock()
+		seen[i]++
+		if i == hold {
+			open[i] = g.ack
+			mu.Unlock()
+			return
+		}
+		// Every second message settles only after the next one: out of
+		// order.
+		if i%2 == 0 {
+			open[i] = g.ack
+			mu.Unlock()
+			return
+		}
+		var prev bridge.Ack
+		if i-1 != hold {
+			prev = open[i-1]
+			delete(open, i-1)
+		}
+		mu.Unlock()
+		_ = g.ack(testCtx(t), nil)
+		if prev != nil {
+			_ = prev(testCtx(t), nil)
+		}
+	}}
+	src := newSource(t, js, cumulativeConfig())
+	stop := run(t, src, c.handle)
+	if p := durableInfo(t, js).Config.AckPolicy; p != jetstream.AckAllPolicy {
+		t.Fatalf("ack policy %v, want all", p)
+	}
+	for i := 1; i <= n; i++ {
+		publish(t, js, "orders.k", fmt.Sprintf("m%d", i), nil)
+	}
+	eventually(t, 20*time.Second, "all delivered", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == n })
+	// The floor settles one message below the held one (messages are
+	// stream sequences 1..n here).
+	eventually(t, 10*time.Second, "the floor just below the open delivery", func() bool {
+		return durableInfo(t, js).AckFloor.Stream == uint64(hold-1)
+	})
+	time.Sleep(300 * time.Millisecond) // a few ack delays: it must not move on
+	if f := durableInfo(t, js).AckFloor.Stream; f != uint64(hold-1) {
+		t.Fatalf("ack floor %d passed the open delivery %d", f, hold)
+	}
+
+	// The owner stops with message hold open: the next one re-reads from it.
+	mu.Lock()
+	heldAck := open[hold]
+	var rest []bridge.Ack // the last even message has no odd one after it
+	for i, a := range open {
+		if i != hold {
+			rest = append(rest, a)
+		}
+	}
+	mu.Unlock()
+	for _, a := range rest {
+		_ = a(testCtx(t), nil)
+	}
+	if f := durableInfo(t, js).AckFloor.Stream; f != uint64(hold-1) {
+		t.Fatalf("ack floor %d passed the open delivery %d", f, hold)
+	}
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		_ = heldAck(testCtx(t), bridge.ErrRevoked)
+	}()
+	stopAt := time.Now()
+	stop()
+	t.Logf("stopped in %s", time.Since(stopAt).Round(time.Millisecond))
+	c2 := &collector{settle: func(g got) { _ = g.ack(testCtx(t), nil) }}
+	src2 := newSource(t, js, cumulativeConfig())
+	run(t, src2, c2.handle)
+	eventually(t, 30*time.Second, "the next owner re-read from the open delivery and settled everything", func() bool {
+		info := durableInfo(t, js)
+		return info.AckFloor.Stream == n && info.NumAckPending == 0
+	})
+	t.Logf("next owner settled everything %s after the stop", time.Since(stopAt).Round(time.Millisecond))
+	got := c2.all()
+	if len(got) < n-hold+1 || string(got[0].m.Body) != fmt.Sprintf("m%d", hold) {
+		t.Fatalf("next owner got %d deliveries starting with %q, want %d from m%d", len(got), got[0].m.Body, n-hold+1, hold)
+	}
+	for k, g := range got[:n-hold+1] {
+		if want := fmt.Sprintf("m%d", hold+k); string(g.m.Body) != want {
+			t.Fatalf("next owner's delivery %d is %q, want %q (stream order from the floor)", k, g.m.Body, want)
+		}
+	}
+}
+
+// TestCumulativeAcksLateAckRepaired: a cumulative ack that arrives after a
+// reset with a delivery number above the new epoch's (what a late ack of an
+// earlier owner does) makes the server ignore the epoch's acks; the monitor
+// sees the ack floor above the deliveries and the owner resets again from
+// that floor, so that its acks count and nothing stays pending.
+func TestCumulativeAcksLateAckRepaired(t *testing.T) {
+	srv, js := takeoverSetup(t)
+	nc, _ := srv.Connect(t)
+	var mu sync.Mutex
+	var heldAck bridge.Ack
+	c := &collector{settle: func(g got) {
+		if string(g.m.Body) == "m5" {
+			mu.Lock()
+			heldAck = g.ack
+			mu.Unlock()
+			return
+		}
+		_ = g.ack(testCtx(t), nil)
+	}}
+	cfg := cumulativeConfig()
+	src := newSource(t, js, cfg)
+	run(t, src, c.handle)
+	for i := 1; i <= 5; i++ {
+		publish(t, js, "orders.k", fmt.Sprintf("m%d", i), nil)
+	}
+	eventually(t, 20*time.Second, "floor at 4, m5 open", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return heldAck != nil && durableInfo(t, js).AckFloor.Stream == 4
+	})
+	// A late cumulative ack of message 5 from an "earlier epoch" with a
+	// delivery number far above this epoch's.
+	replyOf := fmt.Sprintf("$JS.ACK.ORDERS.cellbridge-orders.1.5.1000000.%d.0", time.Now().UnixNano())
+	if err := nc.Publish(replyOf, []byte("+ACK")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the late ack applied", func() bool { return durableInfo(t, js).AckFloor.Consumer == 1000000 })
+	mu.Lock()
+	_ = heldAck(testCtx(t), nil)
+	mu.Unlock()
+	for i := 6; i <= 50; i++ {
+		publish(t, js, "orders.k", fmt.Sprintf("m%d", i), nil)
+	}
+	start := time.Now()
+	eventually(t, 15*time.Second, "everything acknowledged after the repair", func() bool {
+		info := durableInfo(t, js)
+		return info.AckFloor.Stream == 50 && info.NumAckPending == 0 && info.AckFloor.Consumer <= info.Delivered.Consumer
+	})
+	t.Logf("repaired and acknowledged %s after the late ack", time.Since(start).Round(time.Millisecond))
+	for i := 6; i <= 50; i++ {
+		if len(c.of(fmt.Sprintf("m%d", i))) == 0 {
+			t.Fatalf("m%d never delivered", i)
+		}
+	}
+	if st := src.State(); st.State != StateActive {
+		t.Fatalf("state %s after the repair, want active", st.State)
+	}
+}
+
+// TestCumulativeAcksPolicySwitch: a durable made with explicit acks (an
+// earlier version, or acks: each) is made again with AckPolicy all when a
+// replica with cumulative acks starts and no other client pulls from it,
+// starting after its ack floor; and back.
+func TestCumulativeAcksPolicySwitch(t *testing.T) {
+	_, js := takeoverSetup(t)
+	for round, cfg := range []SourceConfig{orderedConfig(), cumulativeConfig(), orderedConfig()} {
+		c := &collector{settle: func(g got) { _ = g.ack(testCtx(t), nil) }}
+		src := newSource(t, js, cfg)
+		want := jetstream.AckExplicitPolicy
+		if cfg.CumulativeAcks {
+			want = jetstream.AckAllPolicy
+		}
+		if p := durableInfo(t, js).Config.AckPolicy; p != want {
+			t.Fatalf("round %d: ack policy %v, want %v", round, p, want)
+		}
+		stop := run(t, src, c.handle)
+		for i := range 20 {
+			publish(t, js, "orders.k", fmt.Sprintf("r%d-%d", round, i), nil)
+		}
+		eventually(t, 20*time.Second, "round's messages settled", func() bool {
+			info := durableInfo(t, js)
+			return info.AckFloor.Stream == uint64(20*(round+1)) && info.NumAckPending == 0
+		})
+		stop()
+		for _, g := range c.all() {
+			var r, i int
+			fmt.Sscanf(string(g.m.Body), "r%d-%d", &r, &i)
+			if r != round {
+				t.Fatalf("round %d re-read %q: the recreated durable did not start after its ack floor", round, g.m.Body)
+			}
+		}
+		if n := len(c.all()); n != 20 {
+			t.Fatalf("round %d: %d deliveries, want 20", round, n)
+		}
+	}
+}
