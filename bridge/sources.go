@@ -22,6 +22,9 @@ type SourceStatus struct {
 	// consumer), or "" for a source without the choice (RocketMQ assigns
 	// each queue to one consumer of the group).
 	Ordering string `json:"ordering,omitempty"`
+	// Acks is how an ordered NATS source acknowledges: "each" or
+	// "cumulative" (the rule's source.acks); "" for the others.
+	Acks string `json:"acks,omitempty"`
 	// State is the consumer's state on this replica: "standby",
 	// "acquiring", "active", "shared", "waiting" or "stopped" for a rule
 	// with one consumer; "partitioned" for a partitioned rule, whose

@@ -63,6 +63,10 @@ func TestPartitionedRuleCompiles(t *testing.T) {
 	if got := orders.Partition("2088000000000042"); got != -1 {
 		t.Errorf("orders.Partition = %d, want -1 (not partitioned)", got)
 	}
+	cum := mustParse(t, variant(t, `subject: "pay.*"}`, `subject: "pay.*", acks: cumulative}`))
+	if got := cum.Rule("pay").Source.Acks; got != AcksCumulative {
+		t.Errorf("acks = %q, want cumulative", got)
+	}
 	none := mustParse(t, variant(t, `subject: "pay.*"}`, `subject: "pay.*", ordering: none}`))
 	if got := none.Rule("pay").Source.Ordering; got != OrderingNone {
 		t.Errorf("ordering = %q, want none", got)

@@ -46,6 +46,12 @@
 // idempotency key (dedupe store, then the target stream's duplicate
 // window). A round trip per message would cost throughput and buy nothing.
 //
+// With SourceConfig.CumulativeAcks (ordered only; rules' source.acks:
+// cumulative) the durable has AckPolicy all and an epoch acknowledges the
+// settled prefix of its deliveries, once per 128 messages or 2 ms, never
+// past a delivery that was not settled with success and never once revoked
+// (cumack.go says why, and how a late ack of an earlier epoch is repaired).
+//
 // AckWait must exceed the time the bridge may hold a message before
 // settling it; the bridge sends ErrInProgress for messages that take longer
 // (a sink being retried), which restarts AckWait on the server.

@@ -24,6 +24,7 @@ func (s *Source) SourceStatus() bridge.SourceStatus {
 	if st.Ordering == Ordered {
 		pinned := st.State == StateActive || st.State == StateAcquiring
 		out.Pinned = &pinned
+		out.Acks = acksName(s.cfg.CumulativeAcks)
 	}
 	if !st.LastTakeover.IsZero() {
 		out.LastTakeover = &bridge.SourceTakeover{At: st.LastTakeover,
@@ -40,6 +41,7 @@ func (s *PartitionedSource) SourceStatus() bridge.SourceStatus {
 	out := bridge.SourceStatus{
 		Rule: st.Rule, Ordering: string(Ordered), State: "partitioned", Replica: st.Replica,
 		Partitions: st.Partitions, Members: st.Members, Takeovers: st.Takeovers,
+		Acks: acksName(s.cfg.Consumer.CumulativeAcks),
 	}
 	for _, o := range st.Owned {
 		out.Owned = append(out.Owned, bridge.OwnedPartition{Partition: o.Partition, State: o.State, Since: o.Since,
@@ -82,4 +84,13 @@ func consumerDetail(o *OwnedPartition, part Partition) {
 	}
 	st := ps.SourceState()
 	o.PinID, o.EpochStart = st.PinID, st.EpochStart
+}
+
+// acksName is how /status names an ordered source's acknowledgements (the
+// rule's source.acks).
+func acksName(cumulative bool) string {
+	if cumulative {
+		return "cumulative"
+	}
+	return "each"
 }

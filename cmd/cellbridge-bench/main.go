@@ -65,7 +65,7 @@ func main() {
 	flag.IntVar(&cfg.slowN, "slow-n", 0, "events per run of the slower variants C, A-kv1, A-kv2 and D (default n/2)")
 	flag.IntVar(&cfg.rounds, "rounds", 3, "alternating rounds of the throughput variants (medians are reported)")
 	flag.StringVar(&cfg.out, "out", "", "write results JSON here (e.g. bench/results.json)")
-	flag.StringVar(&cfg.variants, "variants", "A,B,O,P,P2,C,A-kv1,D", "throughput variants in run order: A pipe, B cellbridge (ordering: none, memory store), O cellbridge ordered (default; one active and one standby replica), P cellbridge partitioned (12 partitions over two replicas), P2 (2 partitions over two replicas), C cellbridge with the JetStream KV store, A-kv1 the pipe with one KV create per message, A-kv2 with create and overwrite, D watermill")
+	flag.StringVar(&cfg.variants, "variants", "A,B,O,O~cum,P,P2,P2~cum,C,A-kv1,D", "throughput variants in run order: A pipe, B cellbridge (ordering: none, memory store), O cellbridge ordered (default; one active and one standby replica), O~cum and P2~cum: O and P2 with the rule's source.acks: cumulative, P cellbridge partitioned (12 partitions over two replicas), P2 (2 partitions over two replicas), C cellbridge with the JetStream KV store, A-kv1 the pipe with one KV create per message, A-kv2 with create and overwrite, D watermill")
 	flag.BoolVar(&cfg.short, "short", false, "a quick run for development (under a minute): one round, 30,000 events, latency at 30% only, small broadcast and RocketMQ runs")
 	flag.DurationVar(&cfg.soak, "soak", 0, "soak mode: run B at a fixed load for this long, report RSS and goroutines every minute (in-process: embedded server)")
 	flag.Float64Var(&cfg.soakRate, "soak-rate", 0, "soak offered load in msg/s (default: 30% of pipe_msgs_per_s from bench/results.json, else 30000)")
@@ -95,6 +95,14 @@ func main() {
 	flag.StringVar(&childOut, "child-out", "", "internal: result file of -variant-proc")
 	flag.Parse()
 	cfg.tune = tunes.m
+	if cfg.tune == nil {
+		cfg.tune = map[string]string{}
+	}
+	for v, t := range builtinTunes {
+		if _, ok := cfg.tune[v]; !ok {
+			cfg.tune[v] = t
+		}
+	}
 
 	switch {
 	case procSpec != "":
@@ -193,6 +201,13 @@ var variantNames = map[string]string{
 	"A-hdrs": "A-hdrs  pipe + the six Cell-* headers",
 	"A-kv1":  "A-kv1  pipe + 1 KV create/msg",
 	"A-kv2":  "A-kv2  pipe + KV create + overwrite/msg",
+}
+
+// builtinTunes are the tuned variants the default run measures (-tune
+// VARIANT~NAME:... given on the command line replaces one).
+var builtinTunes = map[string]string{
+	"O~cum":  "acks=cumulative",
+	"P2~cum": "acks=cumulative",
 }
 
 // nOf is the number of events of a throughput run of v.
@@ -475,6 +490,15 @@ func buildResults(cfg config, main []string, rates []latRate, runs map[string][]
 	}
 	if ord > 0 {
 		res["ratio_ordered_vs_bridge"] = ratio(ord, br)
+	}
+	if oc := med("O~cum"); oc > 0 {
+		res["ordered_cumulative_msgs_per_s"] = round0(oc)
+		res["ratio_ordered_cumulative_vs_pipe"] = ratio(oc, pipe)
+		res["ratio_ordered_cumulative_vs_bridge"] = ratio(oc, br)
+	}
+	if pc := med("P2~cum"); pc > 0 {
+		res["ratio_partitioned2_cumulative_vs_pipe"] = ratio(pc, pipe)
+		res["ratio_partitioned2_cumulative_vs_bridge"] = ratio(pc, br)
 	}
 	if a, b := med("R-A"), med("R-B"); a > 0 {
 		res["ratio_rmq_vs_client"] = ratio(b, a)

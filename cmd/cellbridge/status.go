@@ -355,6 +355,9 @@ func writeSources(w io.Writer, st bridge.Status, now time.Time) {
 				what = append(what, "forwarding since "+ago(src.EpochStart))
 			}
 		}
+		if src.Acks == "cumulative" {
+			what = append(what, "cumulative acks")
+		}
 		if src.Partitions > 0 || src.Ordering == "ordered" {
 			t := fmt.Sprintf("takeovers %d", src.Takeovers)
 			if lt := src.LastTakeover; lt != nil {

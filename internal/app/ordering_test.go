@@ -466,6 +466,7 @@ func TestReloadChangingTheSourceIsLogged(t *testing.T) {
 		want     string
 	}{
 		{ordered, none, "source.ordering ordered → none"},
+		{ordered, load(ruleSingle("acks: cumulative")), "source.acks each → cumulative"},
 		{ordered, parted, `source.subject ev.> → ev.*.>, source.partitions 0 → 4`},
 		{parted, load(strings.Replace(rulePartitioned, "partitions: 4", "partitions: 8", 1)), "source.partitions 4 → 8"},
 		{ordered, ordered, ""},

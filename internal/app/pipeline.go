@@ -342,7 +342,9 @@ func sourceChange(old, r *router.Rule) string {
 	diff("source.tags", o.Tags, n.Tags)
 	diff("source.group", o.Group, n.Group)
 	diff("source.ordering", o.Ordering, n.Ordering)
-	diff("source.acks", o.Acks, n.Acks)
+	if o.Acks != "" && n.Acks != "" { // both ordered (else ordering says it)
+		diff("source.acks", o.Acks, n.Acks)
+	}
 	diff("source.partitions", o.Partitions, n.Partitions)
 	if o.Partitions > 0 && n.Partitions > 0 {
 		diff("key.subjectToken", old.Key.SubjectToken, r.Key.SubjectToken)

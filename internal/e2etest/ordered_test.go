@@ -3,6 +3,7 @@
 package e2etest
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -285,6 +286,8 @@ type singleActive struct {
 	// settled, when set, runs after the bridges settled every event and
 	// before the streams are read (a cluster waits until it is whole).
 	settled func(t *testing.T)
+	// cumulative gives the orders rule `acks: cumulative`.
+	cumulative bool
 }
 
 // ordKills is the number of kill -9s of the single-active scenario.
@@ -296,6 +299,9 @@ const ordLoadCap = 4
 
 func (s singleActive) run(t *testing.T) {
 	rules, table := exampleTable(t)
+	if s.cumulative {
+		rules, table = cumulativeRules(t, rules)
+	}
 	group := table.Rule(ordRule).Source.Group
 	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: s.urls, Partitions: s.partitions})
 	dir := t.TempDir()
@@ -441,6 +447,56 @@ func TestOrderedSingleActiveKill9(t *testing.T) {
 	}
 	c, js, _ := ordCluster(t, 1)
 	singleActive{js: js, urls: c.URLs(), events: 30_000, rate: 2_000, keys: 500}.run(t)
+}
+
+// TestOrderedSingleActiveKill9Cumulative: the single-active scenario with
+// the orders rule's acks cumulative (one ack per settled prefix): a killed
+// owner's settled but unacknowledged messages are re-read by the next one
+// and dropped by their idempotency key, nothing is lost or reordered.
+func TestOrderedSingleActiveKill9Cumulative(t *testing.T) {
+	if testing.Short() {
+		t.Skip("subprocess test: skipped with -short")
+	}
+	c, js, _ := ordCluster(t, 1)
+	singleActive{js: js, urls: c.URLs(), events: 30_000, rate: 2_000, keys: 500, cumulative: true}.run(t)
+	cons, err := js.Consumer(testCtx(t, 10*time.Second), "ORDERS", "cellbridge-orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info := cons.CachedInfo(); info.Config.AckPolicy != jetstream.AckAllPolicy || info.NumAckPending != 0 {
+		t.Fatalf("orders durable: ack policy %v, %d acks pending; want all, 0", info.Config.AckPolicy, info.NumAckPending)
+	}
+}
+
+// cumulativeRules copies the rules of dir with `acks: cumulative` in the
+// orders rule's source.
+func cumulativeRules(t *testing.T, dir string) (string, *router.Table) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "rules")
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"cellmap.yaml", "orders.yaml", "payments.yaml"} {
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f == "orders.yaml" {
+			const group = "  group: cellbridge-orders"
+			if !bytes.Contains(b, []byte(group)) {
+				t.Fatalf("%s: no line %q to add acks after", f, group)
+			}
+			b = bytes.Replace(b, []byte(group), []byte("  acks: cumulative\n"+group), 1)
+		}
+		if err := os.WriteFile(filepath.Join(out, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	table := loadTable(t, out)
+	if got := table.Rule(ordRule).Source.Acks; got != router.AcksCumulative {
+		t.Fatalf("rewritten orders rule has acks %q", got)
+	}
+	return out, table
 }
 
 // TestOrderedSingleActiveClusterKill9: the single-active scenario on a
