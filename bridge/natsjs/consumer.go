@@ -17,19 +17,25 @@ import (
 // switch it (see SourceConfig.Ordering).
 type ModeError struct {
 	Rule, Stream, Consumer string
-	// Have describes the durable's priority settings, Want the source's
-	// mode.
-	Have string
-	Want Ordering
+	// Have describes the durable's priority settings (and ack policy when
+	// that is what differs), Want the source's mode and Cumulative its
+	// acks.
+	Have       string
+	Want       Ordering
+	Cumulative bool
 	// Waiting is the number of pull requests waiting on the durable.
 	Waiting int
 }
 
 func (e *ModeError) Error() string {
-	return fmt.Sprintf("natsjs: rule %s: consumer %s on stream %s is %s, this replica is configured for ordering %q, "+
+	acks := ""
+	if e.Cumulative {
+		acks = ", acks cumulative"
+	}
+	return fmt.Sprintf("natsjs: rule %s: consumer %s on stream %s is %s, this replica is configured for ordering %q%s, "+
 		"and %d pull requests of other clients wait on it; not switching it under them: this replica waits until they stop. "+
-		"Give every replica of the rule the same source.ordering (or finish the rolling change); "+
-		"see docs for switching the mode", e.Rule, e.Consumer, e.Stream, e.Have, e.Want, e.Waiting)
+		"Give every replica of the rule the same source.ordering and source.acks (or finish the rolling change); "+
+		"see docs for switching the mode", e.Rule, e.Consumer, e.Stream, e.Have, e.Want, acks, e.Waiting)
 }
 
 // consumerConfig is the durable as the source wants it.
@@ -64,7 +70,7 @@ func (s *Source) consumerConfig() jetstream.ConsumerConfig {
 func (s *Source) modeOf(c *jetstream.ConsumerConfig) (Ordering, string) {
 	if want := s.consumerConfig().AckPolicy; c.AckPolicy != want {
 		policy, _ := c.AckPolicy.MarshalJSON()
-		return "", fmt.Sprintf("set up with ack policy %s", policy)
+		return "", fmt.Sprintf("set up with ack policy %s (source.acks: cumulative is ack policy all, each is explicit)", policy)
 	}
 	switch {
 	case c.PriorityPolicy == jetstream.PriorityPolicyNone && len(c.PriorityGroups) == 0:
@@ -102,7 +108,7 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 		if have, desc := s.modeOf(&oc); have != s.cfg.Ordering {
 			if info.NumWaiting > 0 {
 				me := &ModeError{Rule: s.cfg.Rule, Stream: s.cfg.Stream, Consumer: s.cfg.Durable, Have: desc,
-					Want: s.cfg.Ordering, Waiting: info.NumWaiting}
+					Want: s.cfg.Ordering, Cumulative: s.cfg.CumulativeAcks, Waiting: info.NumWaiting}
 				s.mu.Lock()
 				s.cons, s.conflict = old, me
 				s.mu.Unlock()

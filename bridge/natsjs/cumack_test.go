@@ -226,3 +226,36 @@ func TestCumulativeAcksPolicySwitch(t *testing.T) {
 		}
 	}
 }
+
+// TestCumulativeAcksModeConflict: a replica configured for cumulative acks
+// does not recreate a durable that a replica with acks: each pulls from: it
+// waits (StateWaiting) and takes over the durable, recreated with AckPolicy
+// all, once the other one stopped.
+func TestCumulativeAcksModeConflict(t *testing.T) {
+	srv, js := takeoverSetup(t)
+	old := startReplica(t, srv, orderedConfig())
+	publish(t, js, "orders.k1", "k1:0", nil)
+	eventually(t, 20*time.Second, "forwarded by the running replica", func() bool { _, n, _, _, _ := old.f.stats(); return n == 1 })
+
+	nw := startReplica(t, srv, cumulativeConfig())
+	eventually(t, 20*time.Second, "the newcomer waits", func() bool { return nw.state() == StateWaiting })
+	publish(t, js, "orders.k1", "k1:1", nil)
+	eventually(t, 20*time.Second, "forwarded by the running replica", func() bool { _, n, _, _, _ := old.f.stats(); return n == 2 })
+	if p := durableInfo(t, js).Config.AckPolicy; p != jetstream.AckExplicitPolicy {
+		t.Fatalf("durable's ack policy changed to %v under the running replica", p)
+	}
+
+	old.stop()
+	eventually(t, 30*time.Second, "the newcomer recreated the durable", func() bool {
+		s := nw.state()
+		return s == StateStandby || s == StateActive
+	})
+	if p := durableInfo(t, js).Config.AckPolicy; p != jetstream.AckAllPolicy {
+		t.Fatalf("durable's ack policy %v after the switch, want all", p)
+	}
+	publish(t, js, "orders.k1", "k1:2", nil)
+	eventually(t, 20*time.Second, "forwarded by the newcomer", func() bool { _, n, _, _, _ := nw.f.stats(); return n >= 1 })
+	if _, n, _, _, _ := nw.f.stats(); n != 1 {
+		t.Fatalf("the newcomer forwarded %d messages, want 1 (the recreated durable starts after the floor)", n)
+	}
+}

@@ -67,6 +67,9 @@ type pending struct {
 //	ack=async|double   Ack() or DoubleAck() (AckSync) on the source
 //	conns=1|2  one connection, or separate consume and publish connections
 //	cellhdrs=1 also add cellbridge's six Cell-* headers (an experiment)
+//	ackevery=K the consumer with AckPolicy all, one ack per K confirmed
+//	           messages (and when nothing more is queued): what
+//	           cumulative acks save the server (an experiment)
 //	kv=1|2     the KV references A-kv1 and A-kv2 (runPipeKV); the default
 //	           follows the variant name
 func runPipe(ctx context.Context, e *env) error {
@@ -141,7 +144,7 @@ func runPipe(ctx context.Context, e *env) error {
 		ackEvery := e.tuneInt("ackevery", 0)
 		go func() {
 			defer close(done)
-			n := 0
+			n, failed := 0, false
 			for p := range q {
 				if ackEvery == 0 {
 					settle(p)
@@ -150,10 +153,13 @@ func runPipe(ctx context.Context, e *env) error {
 				select {
 				case <-p.f.Ok():
 				case <-p.f.Err():
+					// A cumulative ack would cover it: nothing is
+					// acked any more (it comes back after AckWait).
 					pc.events.pubErrs.Add(1)
+					failed = true
 				}
 				n++
-				if n%ackEvery == 0 || len(q) == 0 {
+				if !failed && (n%ackEvery == 0 || len(q) == 0) {
 					_ = p.src.Ack()
 				}
 			}
@@ -326,6 +332,7 @@ func latencySummary(v []float64) map[string]float64 {
 	return map[string]float64{"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": v[len(v)-1], "samples": float64(len(v))}
 }
 
+// ackPolicy is the pipe consumer's: all with ackevery, else explicit.
 func ackPolicy(e *env) jetstream.AckPolicy {
 	if e.tuneInt("ackevery", 0) > 0 {
 		return jetstream.AckAllPolicy
