@@ -2,6 +2,7 @@ package natsjs
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/router"
 )
 
 func cumulativeConfig() SourceConfig {
@@ -258,4 +260,62 @@ func TestCumulativeAcksModeConflict(t *testing.T) {
 	if _, n, _, _, _ := nw.f.stats(); n != 1 {
 		t.Fatalf("the newcomer forwarded %d messages, want 1 (the recreated durable starts after the floor)", n)
 	}
+}
+
+// TestCumulativeAcksBlockedShard: with cumulative acks the messages of a
+// blocked shard are parked and hold the ack floor; the other shards go on
+// until the consumer's MaxAckPending (64 here) and then wait, as the docs
+// say. Once the shard is unblocked everything arrives once and in order per
+// key, and the floor reaches the last message.
+func TestCumulativeAcksBlockedShard(t *testing.T) {
+	srv, js := takeoverSetup(t)
+	blocked, err := router.Parse("rules.yaml", []byte(strings.Replace(pipelineRules, "shards: 16\n", "shards: 16\nblocked: [\"0-7\"]\n", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	open, err := router.Parse("rules.yaml", []byte(pipelineRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const maxAckPending = 64
+	r := startPipelineReplica(t, srv, blocked, func(c *SourceConfig) {
+		c.CumulativeAcks = true
+		c.MaxAckPending = maxAckPending
+	})
+	fd := newFeed(400, 40)
+	heldKeys := 0
+	for k := range fd.keys {
+		if d := blocked.Resolve("orders", fmt.Sprintf("k%d", k)); d.Reason == router.ReasonHeld {
+			heldKeys++
+		}
+	}
+	if heldKeys == 0 || heldKeys == fd.keys {
+		t.Fatalf("%d of %d keys in blocked shards: the test needs some of each", heldKeys, fd.keys)
+	}
+	fd.run(t, js, 0, time.Millisecond, nil)
+	outCount := func() uint64 {
+		st, err := js.Stream(testCtx(t), "OUT")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.CachedInfo().State.Msgs
+	}
+	eventually(t, 20*time.Second, "the consumer at MaxAckPending", func() bool {
+		return durableInfo(t, js).NumAckPending == maxAckPending
+	})
+	time.Sleep(time.Second)
+	forwarded, info := outCount(), durableInfo(t, js)
+	free := uint64(fd.n - fd.n/fd.keys*heldKeys)
+	t.Logf("blocked: %d of %d keys held; %d of the other shards' %d events forwarded, ack floor %d, %d pending",
+		heldKeys, fd.keys, forwarded, free, info.AckFloor.Stream, info.NumAckPending)
+	if forwarded >= free {
+		t.Fatalf("all %d events of the open shards forwarded while the floor was held: MaxAckPending did not bind", forwarded)
+	}
+	r.rules.Store(open)
+	o := checkOut(t, js, fd)
+	eventually(t, 20*time.Second, "everything acknowledged after the unblock", func() bool {
+		info := durableInfo(t, js)
+		return info.AckFloor.Stream == uint64(fd.n) && info.NumAckPending == 0
+	})
+	t.Logf("after the unblock: %d stored, max lateness %s", o.stored, o.maxLate.Round(time.Millisecond))
 }

@@ -891,10 +891,13 @@ dlq: {broker: nats, subject: out.dlq}
 type pipelineReplica struct {
 	nc    *nats.Conn
 	src   *Source
-	first atomic.Int64 // UnixNano of the first delivery
+	rules *router.Holder // the pipeline's rules, for a test to change
+	first atomic.Int64   // UnixNano of the first delivery
 }
 
-func startPipelineReplica(t *testing.T, srv *natstest.Server, table *router.Table) *pipelineReplica {
+// startPipelineReplica starts a replica on table; opts change its source's
+// configuration.
+func startPipelineReplica(t *testing.T, srv *natstest.Server, table *router.Table, opts ...func(*SourceConfig)) *pipelineReplica {
 	t.Helper()
 	nc, js := srv.Connect(t)
 	sink, err := NewSink(map[string]jetstream.JetStream{"nats": js}, SinkConfig{AckTimeout: 2 * time.Second}, quiet)
@@ -903,8 +906,9 @@ func startPipelineReplica(t *testing.T, srv *natstest.Server, table *router.Tabl
 	}
 	store := dedupe.NewMemory(dedupe.MemoryConfig{})
 	met := bridge.NewMetrics("test")
+	rules := router.NewHolder(table)
 	p, err := bridge.New(bridge.Config{AckWait: testAckWait, MaxInFlight: 256},
-		bridge.Deps{Rules: router.NewHolder(table), Dedupe: store, Sinks: bridge.StaticSinks(map[string]bridge.Sink{"nats": sink}),
+		bridge.Deps{Rules: rules, Dedupe: store, Sinks: bridge.StaticSinks(map[string]bridge.Sink{"nats": sink}),
 			Metrics: met, Health: bridge.NewHealth(met, quiet, nil), Log: quiet})
 	if err != nil {
 		t.Fatal(err)
@@ -913,7 +917,10 @@ func startPipelineReplica(t *testing.T, srv *natstest.Server, table *router.Tabl
 	cfg := orderedConfig()
 	cfg.MaxAckPending = eff.MaxInFlight + eff.MaxHeld + eff.FetchBatch
 	cfg.FetchBatch = eff.FetchBatch
-	r := &pipelineReplica{nc: nc, src: newSource(t, js, cfg)}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	r := &pipelineReplica{nc: nc, src: newSource(t, js, cfg), rules: rules}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() {
