@@ -43,7 +43,7 @@ func (s *Source) consumerConfig() jetstream.ConsumerConfig {
 	cfg := jetstream.ConsumerConfig{
 		Durable:     s.cfg.Durable,
 		Description: "cellbridge rule " + s.cfg.Rule,
-		AckPolicy:   jetstream.AckExplicitPolicy,
+		AckPolicy:   s.ackPolicy(),
 		// Held messages are negatively acknowledged again and again until
 		// their shard is unblocked, and sink outages are retried, so a
 		// delivery limit would eventually drop good messages.
@@ -53,9 +53,6 @@ func (s *Source) consumerConfig() jetstream.ConsumerConfig {
 		MaxAckPending: s.cfg.MaxAckPending,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
 	}
-	if s.cfg.CumulativeAcks {
-		cfg.AckPolicy = jetstream.AckAllPolicy
-	}
 	if s.cfg.Ordering == Ordered {
 		cfg.PriorityGroups = []string{s.cfg.Group}
 		cfg.PriorityPolicy = jetstream.PriorityPolicyPinned
@@ -64,11 +61,19 @@ func (s *Source) consumerConfig() jetstream.ConsumerConfig {
 	return cfg
 }
 
+// ackPolicy is the durable's ack policy as the source wants it.
+func (s *Source) ackPolicy() jetstream.AckPolicy {
+	if s.cfg.CumulativeAcks {
+		return jetstream.AckAllPolicy
+	}
+	return jetstream.AckExplicitPolicy
+}
+
 // modeOf describes a durable's priority settings: the source's own mode
 // when they match it, else what they are. A durable whose ack policy is not
 // the source's is in another mode too.
 func (s *Source) modeOf(c *jetstream.ConsumerConfig) (Ordering, string) {
-	if want := s.consumerConfig().AckPolicy; c.AckPolicy != want {
+	if c.AckPolicy != s.ackPolicy() {
 		policy, _ := c.AckPolicy.MarshalJSON()
 		return "", fmt.Sprintf("set up with ack policy %s (source.acks: cumulative is ack policy all, each is explicit)", policy)
 	}

@@ -78,9 +78,15 @@ func (c *cumAcks) add(d *delivery) {
 
 // settled records that the pipeline settled the delivery of stream sequence
 // seq with success (the first delivery or a redelivery within the epoch) and
-// returns the message whose ack is to go out now, if any. A sequence below
-// the floor, or not first delivered in this epoch, changes nothing.
-func (c *cumAcks) settled(ep *epoch, seq uint64) jetstream.Msg {
+// sends the ack that is due now, if any. A sequence below the floor, or not
+// first delivered in this epoch, changes nothing.
+func (c *cumAcks) settled(ep *epoch, seq uint64) error {
+	return c.send(ep, c.mark(ep, seq))
+}
+
+// mark records seq as settled and returns the message whose ack is due now
+// (nil: none yet, or a timer sends it).
+func (c *cumAcks) mark(ep *epoch, seq uint64) jetstream.Msg {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	open := c.q[c.head:]
@@ -121,15 +127,21 @@ func (c *cumAcks) take() jetstream.Msg {
 	return m
 }
 
-// flush sends the pending ack, if any, unless the epoch was revoked.
+// flush sends the pending ack, if any (the timer's).
 func (c *cumAcks) flush(ep *epoch) {
 	c.mu.Lock()
 	c.armed = false
 	m := c.take()
 	c.mu.Unlock()
-	if m != nil && !ep.Revoked() {
-		_ = m.Ack()
+	_ = c.send(ep, m)
+}
+
+// send acknowledges m unless there is none or the epoch was revoked.
+func (c *cumAcks) send(ep *epoch, m jetstream.Msg) error {
+	if m == nil || ep.Revoked() {
+		return nil
 	}
+	return m.Ack()
 }
 
 // checkAckFloor fences the active epoch when the consumer's ack floor (as a

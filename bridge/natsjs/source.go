@@ -642,9 +642,7 @@ func (d *delivery) ack(_ context.Context, err error) error {
 	case err == nil && d.ep != nil && d.ep.acks != nil:
 		// One ack for the settled prefix (cumack.go); none from a
 		// revoked epoch.
-		if m := d.ep.acks.settled(d.ep, d.seq); m != nil && !d.ep.Revoked() {
-			aerr = m.Ack()
-		}
+		aerr = d.ep.acks.settled(d.ep, d.seq)
 	case err == nil:
 		aerr = d.msg.Ack()
 	case errors.Is(err, bridge.ErrInProgress):
