@@ -101,17 +101,24 @@ func runPipe(ctx context.Context, e *env) error {
 		}
 		return pc.pjs.PublishMsgAsync(out, jetstream.WithStallWait(time.Minute))
 	}
-	settle := func(p pending) {
+	// confirmed waits for p's PubAck; a failed publish is counted.
+	confirmed := func(p pending) bool {
 		select {
 		case <-p.f.Ok():
-			if ackMode == "double" {
-				_ = p.src.DoubleAck(ctx)
-			} else {
-				_ = p.src.Ack()
-			}
+			return true
 		case <-p.f.Err():
 			pc.events.pubErrs.Add(1)
+			return false
+		}
+	}
+	settle := func(p pending) {
+		switch {
+		case !confirmed(p):
 			_ = p.src.Nak()
+		case ackMode == "double":
+			_ = p.src.DoubleAck(ctx)
+		default:
+			_ = p.src.Ack()
 		}
 	}
 	defer func() { e.settings += pc.events.String() }()
@@ -142,24 +149,24 @@ func runPipe(ctx context.Context, e *env) error {
 		q := make(chan pending, pc.window)
 		done := make(chan struct{})
 		ackEvery := e.tuneInt("ackevery", 0)
+		// With ackevery a cumulative ack would cover a message that was
+		// not forwarded: after the first one nothing is acked any more
+		// (the run then shows it, and the messages come back after
+		// AckWait).
+		var refused atomic.Bool
 		go func() {
 			defer close(done)
-			n, failed := 0, false
+			n := 0
 			for p := range q {
 				if ackEvery == 0 {
 					settle(p)
 					continue
 				}
-				select {
-				case <-p.f.Ok():
-				case <-p.f.Err():
-					// A cumulative ack would cover it: nothing is
-					// acked any more (it comes back after AckWait).
-					pc.events.pubErrs.Add(1)
-					failed = true
+				if !confirmed(p) {
+					refused.Store(true)
 				}
 				n++
-				if !failed && (n%ackEvery == 0 || len(q) == 0) {
+				if !refused.Load() && (n%ackEvery == 0 || len(q) == 0) {
 					_ = p.src.Ack()
 				}
 			}
@@ -169,6 +176,7 @@ func runPipe(ctx context.Context, e *env) error {
 		err := pc.consume(ctx, func(m jetstream.Msg) {
 			f, err := forward(m)
 			if err != nil {
+				refused.Store(true)
 				_ = m.Nak()
 				return
 			}
