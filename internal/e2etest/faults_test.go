@@ -886,13 +886,16 @@ func (r *faultRig) checkStall(f *faultFigures, replicas []int, from, to time.Tim
 			goalMissed(t, "%s: %s answered 200 %v after the stall ended, want within %v; before, it said: %s", f.fault, names(i),
 				up.at.Sub(to), faultReadyWithin, tr.reasons(to, up.at))
 		}
-		upAfter := "never"
+		upAfter, held := "never", tr.reasons(to, time.Time{})
 		if ok {
-			upAfter = up.at.Sub(to).Round(time.Millisecond).String()
+			upAfter, held = up.at.Sub(to).Round(time.Millisecond).String(), tr.reasons(to, up.at)
 		}
-		t.Logf("READYZ %-26q %s: 503 %v after the stall began (%q), 200 %s after it ended; %d answers of 200 in between; %s",
+		if held == "" {
+			held = "nothing"
+		}
+		t.Logf("READYZ %-26q %s: 503 %v after the stall began (%q), 200 %s after it ended; %d answers of 200 in between; %s; held after the end by: %s",
 			f.fault, names(i), down.at.Sub(from).Round(time.Millisecond), firstLine(down.why), upAfter,
-			tr.between(down.at, to, true), tr)
+			tr.between(down.at, to, true), tr, held)
 	}
 }
 
