@@ -257,12 +257,24 @@ func newEnv(t testing.TB, cfg Config, doc string, sink *testSink, store dedupe.S
 // newEnvSinks is newEnv with one test sink per broker name.
 func newEnvSinks(t testing.TB, cfg Config, doc string, sinks map[string]*testSink, store dedupe.Store) *env {
 	t.Helper()
-	if store == nil {
-		store = dedupe.NewMemory(dedupe.MemoryConfig{})
-	}
 	m := make(map[string]Sink, len(sinks))
 	for name, s := range sinks {
 		m[name] = s
+	}
+	return newEnvWith(t, cfg, doc, m, store)
+}
+
+// newEnvSink is newEnv with a sink that wraps a test sink (the env's sink
+// field stays nil).
+func newEnvSink(t testing.TB, cfg Config, doc string, sink Sink, store dedupe.Store) *env {
+	t.Helper()
+	return newEnvWith(t, cfg, doc, map[string]Sink{"nats": sink}, store)
+}
+
+func newEnvWith(t testing.TB, cfg Config, doc string, m map[string]Sink, store dedupe.Store) *env {
+	t.Helper()
+	if store == nil {
+		store = dedupe.NewMemory(dedupe.MemoryConfig{})
 	}
 	h := router.NewHolder(table(t, doc))
 	p, err := New(cfg, Deps{
@@ -276,7 +288,7 @@ func newEnvSinks(t testing.TB, cfg Config, doc string, sinks map[string]*testSin
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		_ = p.Close(ctx)
-		for _, s := range sinks {
+		for _, s := range m {
 			_ = s.Close(ctx)
 		}
 		_ = store.Close(ctx)

@@ -80,6 +80,7 @@ const (
 	MetricTargetFailing     = "cellbridge_target_failing"
 	MetricSourceFailing     = "cellbridge_source_failing"
 	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
+	MetricDedupeTakeovers   = "cellbridge_dedupe_takeovers_total"
 	MetricPartitions        = "cellbridge_partitions"
 	MetricPartitionsOwned   = "cellbridge_partitions_owned"
 	MetricTakeovers         = "cellbridge_takeovers_total"
@@ -114,7 +115,8 @@ var MetricList = []MetricDesc{
 	{MetricSinkPublishErrors, "counter", []string{"broker"}, "Failed publish attempts by target broker (each is retried)."},
 	{MetricTargetFailing, "gauge", []string{"broker", "target"}, "1 while publishes to a target (a subject or topic of a broker) keep failing; 0 once one was confirmed and none failed for a second."},
 	{MetricSourceFailing, "gauge", []string{"rule"}, "1 while the source of a topic rule cannot deliver (its server stopped answering, its consumer cannot be reached), also when nothing waits to be delivered (then /readyz stays 200)."},
-	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, check, commit, release)."},
+	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, check, takeover, commit, release)."},
+	{MetricDedupeTakeovers, "counter", []string{"rule"}, "Reservations of another holder that an ordered rule's forwarding replica took over instead of waiting until they expire (dedupe.reserveTTL): a previous owner's, left by a crash or a cut-off (JetStream store, NATS targets)."},
 	{MetricPartitions, "gauge", []string{"rule"}, "Partition count of a partitioned topic rule (source.partitions), as this replica runs it."},
 	{MetricPartitionsOwned, "gauge", []string{"rule"}, "Partitions of a partitioned topic rule whose lease this replica holds; summed over the replicas it equals cellbridge_partitions once every partition has an owner."},
 	{MetricTakeovers, "counter", []string{"rule"}, "Times this replica started forwarding an ordered topic rule (won its consumer's pin) or one of a partitioned rule's partitions."},
@@ -157,6 +159,7 @@ type Metrics struct {
 	TargetFailing     *prometheus.GaugeVec
 	SourceFailing     *prometheus.GaugeVec
 	DedupeErrors      *prometheus.CounterVec
+	DedupeTakeovers   *prometheus.CounterVec
 	BrokerReqErrors   *prometheus.CounterVec
 	RulesVersion      prometheus.Gauge
 	RulesLastReload   prometheus.Gauge
@@ -212,6 +215,7 @@ func NewMetrics(version string) *Metrics {
 	m.TargetFailing = gauge(MetricTargetFailing)
 	m.SourceFailing = gauge(MetricSourceFailing)
 	m.DedupeErrors = counter(MetricDedupeErrors)
+	m.DedupeTakeovers = counter(MetricDedupeTakeovers)
 	m.BrokerReqErrors = counter(MetricBrokerReqErrors)
 	m.RulesVersion = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesVersion, Help: byName[MetricRulesVersion].Help})
 	m.RulesLastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesLastReload, Help: byName[MetricRulesLastReload].Help})
@@ -225,7 +229,7 @@ func NewMetrics(version string) *Metrics {
 	m.Sources = newSourceCollector(m, byName)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
-		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.BrokerReqErrors,
+		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.DedupeTakeovers, m.BrokerReqErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
 		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging,
 		m.Sources,
@@ -234,7 +238,7 @@ func NewMetrics(version string) *Metrics {
 		version = "dev"
 	}
 	m.BuildInfo.WithLabelValues(version, runtime.Version()).Set(1)
-	for _, op := range []string{"reserve", "check", "commit", "release"} {
+	for _, op := range []string{"reserve", "check", "takeover", "commit", "release"} {
 		m.DedupeErrors.WithLabelValues(op) // export zeros so rate() works from the start
 	}
 	return m

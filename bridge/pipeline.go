@@ -66,12 +66,16 @@ type Pipeline struct {
 	// those that need a Reserve (a round trip that is waited for) move to
 	// a worker (task.onWorker).
 	achecker dedupe.AsyncChecker
-	sinks    SinkLookup
-	met      *Metrics
-	health   *Health
-	log      *slog.Logger
-	clock    Clock
-	inline   bool // dispatch on the calling goroutine (local dedupe store)
+	// taker is the store's TakeOver, nil when it has none (docs/guarantees.md,
+	// section 8, T1): an ordered epoch takes a previous owner's
+	// reservation over instead of waiting until it expires.
+	taker  dedupe.Taker
+	sinks  SinkLookup
+	met    *Metrics
+	health *Health
+	log    *slog.Logger
+	clock  Clock
+	inline bool // dispatch on the calling goroutine (local dedupe store)
 
 	storeFailing atomic.Bool
 	// storeWaiting counts the messages whose last Reserve failed and that
@@ -203,6 +207,7 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		quit:        make(chan struct{}),
 	}
 	p.hstore, _ = d.Dedupe.(dedupe.HandleStore)
+	p.taker, _ = d.Dedupe.(dedupe.Taker)
 	if d.DedupeCheck {
 		p.checker, _ = d.Dedupe.(dedupe.Checker)
 		p.achecker, _ = d.Dedupe.(dedupe.AsyncChecker)
@@ -502,7 +507,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		var o dedupe.Outcome
 		var err error
 		t.checked = false
-		if p.checker != nil {
+		if p.checker != nil && !t.takeOver {
 			var later bool
 			t.checked, later = p.useCheck(ss, p.achecker == nil || t.onWorker)
 			if later {
@@ -511,6 +516,10 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 			}
 		}
 		switch {
+		case t.takeOver:
+			// On a worker (stored enqueued it): a round trip.
+			t.takeOver, t.checked, t.triedTakeOver = false, false, true
+			o, err = p.taker.TakeOver(p.ctx, t.storeKey)
 		case t.checked && p.achecker != nil:
 			// The target drops a concurrent copy itself: read, no
 			// reservation (docs/guarantees.md); the answer continues
@@ -532,7 +541,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		default:
 			o, err = p.store.Reserve(p.ctx, t.storeKey)
 		}
-		if n, done := p.stored(t, o, err); done {
+		if n, done := p.stored(t, ss, o, err); done {
 			return n
 		}
 	}
@@ -548,7 +557,7 @@ func (t *task) checkAnswered(o dedupe.Outcome, err error) {
 	ss := t.checkSS
 	t.checkSS = nil
 	t.onWorker = false
-	n, done := p.stored(t, o, err)
+	n, done := p.stored(t, ss, o, err)
 	if !done {
 		n = p.publish(t, ss)
 	}
@@ -558,11 +567,15 @@ func (t *task) checkAnswered(o dedupe.Outcome, err error) {
 // stored handles the store's answer for the active message t: done with
 // the lane's next message (or nil) when t does not publish now (duplicate,
 // in flight, an error: retry), not done when t holds the key.
-func (p *Pipeline) stored(t *task, o dedupe.Outcome, err error) (*task, bool) {
+func (p *Pipeline) stored(t *task, ss *targetState, o dedupe.Outcome, err error) (*task, bool) {
 	if err != nil {
 		op := "reserve"
-		if t.checked {
+		switch {
+		case t.checked:
 			op = "check" // the read of check-then-commit, not a reservation
+		case t.triedTakeOver:
+			op = "takeover"
+			t.triedTakeOver = false // the next InFlight may try again
 		}
 		p.met.DedupeErrors.WithLabelValues(op).Inc()
 		if !t.storeWait {
@@ -586,10 +599,42 @@ func (p *Pipeline) stored(t *task, o dedupe.Outcome, err error) (*task, bool) {
 		t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
 		return p.finish(t, nil), true
 	case dedupe.InFlight:
+		if p.mayTakeOver(t, ss) {
+			// A previous owner's reservation: take it over on a
+			// worker instead of waiting until it expires.
+			t.takeOver = true
+			p.enqueue(t, phaseDispatch)
+			return nil, true
+		}
 		return p.retry(t), true
+	}
+	if t.triedTakeOver {
+		t.triedTakeOver = false
+		if o == dedupe.Reserved {
+			p.met.DedupeTakeovers.WithLabelValues(t.m.Rule).Inc()
+		}
 	}
 	t.reserved = true
 	return nil, false
+}
+
+// mayTakeOver reports whether the active message t, which found its key
+// reserved by another holder (InFlight), takes that reservation over
+// (dedupe.Taker) instead of retrying until it is committed, released or
+// expired: t belongs to an ordered source's epoch that is still current
+// (this replica alone forwards its keys, so the holder is a previous
+// owner), its target drops repeats (a stream with a duplicate window: a
+// WindowSink; the preflight requires each NATS target's window to exceed
+// reserveTTL), and it has not tried already since its last error (a
+// TakeOver answered InFlight: this store's own reservation held by another
+// of its messages, which will settle it). docs/guarantees.md, section 8,
+// T1.
+func (p *Pipeline) mayTakeOver(t *task, ss *targetState) bool {
+	if p.taker == nil || t.triedTakeOver || t.m.Epoch == nil || t.m.Epoch.Revoked() || ss == nil {
+		return false
+	}
+	_, ok := ss.sink.(WindowSink)
+	return ok
 }
 
 // publish publishes the active message t, which holds its key (or has

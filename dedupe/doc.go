@@ -132,6 +132,45 @@
 // keep Reserve. Check is read in batches (KV below), and AsyncChecker lets
 // the bridge run Check and Commit without a goroutine waiting for each.
 //
+// # Taking a previous owner's reservation over (Taker)
+//
+// An ordered source forwards a rule's keys from one replica at a time, in
+// epochs; the next owner re-reads from the ack floor what the last one had
+// taken (docs/guarantees.md, section 8). A last owner that was killed,
+// frozen or cut off leaves the reservations of its messages in flight,
+// which nobody commits or releases: Reserve answers InFlight until they
+// expire, and the key, with every later message of it, waits ReserveTTL.
+// For a message of a current epoch whose target has a window W the bridge
+// calls TakeOver instead of retrying:
+//
+//	TakeOver(key)
+//	  another holder's reservation at revision n → write this store's
+//	              reservation conditional on n: Reserved (of two takers
+//	              one wins; the other reads again)
+//	  anything else → as Reserve
+//
+// Why this forwards once, given W > ReserveTTL (the preflight requires
+// MinDuplicateWindow of every NATS target):
+//
+//   - Nothing is lost or committed early: the taker publishes and commits
+//     as after Reserve; Duplicate still means committed.
+//   - The other holder's copy, if it stored one, was stored after its
+//     reservation was made; the reservation was younger than ReserveTTL
+//     when the taker read it (else it would have expired), and the taker
+//     publishes right after: its copy comes within W of the first and the
+//     target drops it. This is the re-read the memory store (no shared
+//     reservations) makes on every takeover, within the same window.
+//   - A holder that is alive after all (a frozen owner resuming) commits
+//     its confirmed copy (Commit is unconditional and records a true fact)
+//     or releases (conditional on its own value: a no-op now).
+//   - Order does not rest on reservations: one epoch publishes a key's
+//     messages one at a time, and each epoch starts at the ack floor.
+//
+// Not used for sources without epochs (replicas sharing a durable hold
+// each other's live reservations there) nor for targets without a window
+// (RocketMQ). TakeOver reads from the bucket's leader, so a lagging
+// follower cannot hide a commit from it.
+//
 // # Memory
 //
 // Memory keeps keys in the process: it deduplicates only what this replica

@@ -101,6 +101,8 @@ type KV struct {
 	// store's random token + "-"; a counter per Reserve call follows.
 	ours     []byte
 	attempts atomic.Uint64
+	// tookOver counts the other holders' reservations TakeOver replaced.
+	tookOver atomic.Uint64
 	// lost remembers the reservation values whose write may have been
 	// stored although its reply was lost (see Reserve), per subject.
 	lost lostWrites

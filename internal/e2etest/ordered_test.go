@@ -288,6 +288,16 @@ type singleActive struct {
 	settled func(t *testing.T)
 	// cumulative gives the orders rule `acks: cumulative`.
 	cumulative bool
+	// dedupe is the configuration's dedupe: section ("" keeps the
+	// default: the memory store for NATS targets).
+	dedupe string
+	// beforeKill, when set, runs just before each kill -9 with the
+	// victim; beforeTerm after every event settled, while the replicas
+	// still run (their metrics); verified after the streams were read and
+	// checked.
+	beforeKill func(t *testing.T, victim *Bridge)
+	beforeTerm func(t *testing.T, reps []*Bridge)
+	verified   func(t *testing.T, v *Verification)
 }
 
 // ordKills is the number of kill -9s of the single-active scenario.
@@ -303,7 +313,7 @@ func (s singleActive) run(t *testing.T) {
 		rules, table = cumulativeRules(t, rules)
 	}
 	group := table.Rule(ordRule).Source.Group
-	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: s.urls, Partitions: s.partitions})
+	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: s.urls, Partitions: s.partitions, Dedupe: s.dedupe})
 	dir := t.TempDir()
 	// One after the other: two replicas that both find the lease bucket
 	// missing on a cluster can fail to start (the one whose create loses
@@ -353,6 +363,9 @@ func (s singleActive) run(t *testing.T) {
 			}
 		}
 		behind, stored := ordBehind(ctx, s.js, table, load), load.Stats().Stored
+		if s.beforeKill != nil {
+			s.beforeKill(t, victim)
+		}
 		killedAt := time.Now()
 		victim.Kill9()
 		victim.Restart()
@@ -410,6 +423,9 @@ func (s singleActive) run(t *testing.T) {
 	poll.Eventually(t, time.Duration(s.events/s.rate)*time.Second+ordWait, fmt.Sprintf("%d events scheduled", s.events),
 		func() bool { return load.Stats().Scheduled >= s.events })
 	sent := ordDrain(t, ctx, s.js, table, load, loadStart, []string{group}, true)
+	if s.beforeTerm != nil {
+		s.beforeTerm(t, reps)
+	}
 	for _, b := range reps {
 		if err := b.Term(); err != nil {
 			t.Errorf("SIGTERM %s: exit %v", b.opts.Name, err)
@@ -422,6 +438,9 @@ func (s singleActive) run(t *testing.T) {
 	slices.Sort(took)
 	ordFigure(t, "takeovers (kill -9 to epoch start): %v, worst %v", took, took[len(took)-1])
 	ordRequire(t, v, len(sent))
+	if s.verified != nil {
+		s.verified(t, v)
+	}
 }
 
 // ordCluster starts n nats-server processes and creates the example rules'
@@ -466,6 +485,48 @@ func TestOrderedSingleActiveKill9Cumulative(t *testing.T) {
 	if info := cons.CachedInfo(); info.Config.AckPolicy != jetstream.AckAllPolicy || info.NumAckPending != 0 {
 		t.Fatalf("orders durable: ack policy %v, %d acks pending; want all, 0", info.Config.AckPolicy, info.NumAckPending)
 	}
+}
+
+// TestOrderedSingleActiveKill9KV: the single-active scenario with the
+// JetStream KV dedupe store (opt-in on NATS; reserveTTL 30s, the
+// default). Each killed owner leaves reservations of the keys it had in
+// flight that nobody will commit or release; the next owner takes them
+// over (cellbridge_dedupe_takeovers_total) instead of holding those keys,
+// and every later event of theirs, until the reservations expire.
+func TestOrderedSingleActiveKill9KV(t *testing.T) {
+	if testing.Short() {
+		t.Skip("subprocess test: skipped with -short")
+	}
+	c, js, _ := ordCluster(t, 1)
+	// Summed over every process: each killed owner's count just before
+	// its kill, the running ones' at the end.
+	var tookOver float64
+	count := func(t *testing.T, b *Bridge) {
+		n, err := b.Metric(testCtx(t, 5*time.Second), bridge.MetricDedupeTakeovers, map[string]string{"rule": ordRule})
+		if err != nil {
+			t.Errorf("%s: %s: %v", b.opts.Name, bridge.MetricDedupeTakeovers, err)
+		}
+		tookOver += n
+	}
+	singleActive{js: js, urls: c.URLs(), events: 30_000, rate: 2_000, keys: 500, dedupe: "{store: jetstream}",
+		beforeKill: count,
+		beforeTerm: func(t *testing.T, reps []*Bridge) {
+			for _, b := range reps {
+				count(t, b)
+			}
+			ordFigure(t, "reservations of killed owners taken over (%s over every process): %.0f", bridge.MetricDedupeTakeovers, tookOver)
+			if tookOver == 0 {
+				t.Errorf("no reservation was taken over: the kills left none, or the new owners waited them out")
+			}
+		},
+		verified: func(t *testing.T, v *Verification) {
+			// An event held by a dead reservation waits reserveTTL (30s)
+			// plus the takeover; the takeovers alone cost about 5s each.
+			if v.Latency.Max >= 30*time.Second {
+				goalMissed(t, "latency max %v: some event waited for a killed owner's reservation to expire (reserveTTL 30s)", v.Latency.Max)
+			}
+		},
+	}.run(t)
 }
 
 // cumulativeRules copies the rules of dir with `acks: cumulative` in the
