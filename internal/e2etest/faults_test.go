@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/natstest"
 	"github.com/cellbridge/cellbridge/internal/poll"
@@ -220,7 +221,7 @@ type faultFigures struct {
 	settle                  time.Duration
 	readyz                  [2]readyTrace
 	pubErrs, dedupeErrs     float64
-	reqErrs                 float64
+	reqErrs, takenOver      float64
 	maxStall                float64
 	loadRetries             int
 	quorumLost              bool
@@ -231,10 +232,10 @@ type faultFigures struct {
 // line is the grep-able summary of a run.
 func (f *faultFigures) line() string {
 	return fmt.Sprintf("FAULT %-34q events=%d lost=%d dup=%d misrouted=%d reordered=%d max=%v p99=%v late(>%v)=%d settle=%v "+
-		"readyz[a]=%s readyz[b]=%s max_stall_age=%.1fs publish_errors=%.0f dedupe_errors=%.0f broker_request_errors=%.0f load_retries=%d%s",
+		"readyz[a]=%s readyz[b]=%s max_stall_age=%.1fs publish_errors=%.0f dedupe_errors=%.0f dedupe_takeovers=%.0f broker_request_errors=%.0f load_retries=%d%s",
 		f.fault, f.events, f.lost, f.dup, f.mis, f.reordered, f.max.Round(time.Millisecond), f.p99.Round(time.Millisecond),
 		faultMaxLatency, f.late, f.settle.Round(100*time.Millisecond), f.readyz[0], f.readyz[1], f.maxStall,
-		f.pubErrs, f.dedupeErrs, f.reqErrs, f.loadRetries, f.notes)
+		f.pubErrs, f.dedupeErrs, f.takenOver, f.reqErrs, f.loadRetries, f.notes)
 }
 
 // readySample is one answer of /readyz.
@@ -401,8 +402,9 @@ func (s *sampler) halt() ([2]readyTrace, float64) {
 	return s.traces, s.maxStall
 }
 
-// errCounters are one replica's error counters.
-type errCounters struct{ pub, ded, req float64 }
+// errCounters are one replica's error counters, and its count of
+// reservations taken over (dedupe takeovers).
+type errCounters struct{ pub, ded, req, took float64 }
 
 // counters reads the error counters of each replica (zero for one that has
 // exited).
@@ -416,6 +418,7 @@ func (r *faultRig) counters() []errCounters {
 		out[i].pub, _ = b.Metric(ctx, "cellbridge_sink_publish_errors_total", nil)
 		out[i].ded, _ = b.Metric(ctx, "cellbridge_dedupe_errors_total", nil)
 		out[i].req, _ = b.Metric(ctx, "cellbridge_broker_request_errors_total", nil)
+		out[i].took, _ = b.Metric(ctx, bridge.MetricDedupeTakeovers, nil)
 		cancel()
 	}
 	return out
@@ -424,7 +427,7 @@ func (r *faultRig) counters() []errCounters {
 // errorsSince sums, over the replicas, the errors counted between two
 // readings. A counter that went down belongs to a replica restarted in
 // between: all it counted since its start is new.
-func errorsSince(before, after []errCounters) (pub, ded, req float64) {
+func errorsSince(before, after []errCounters) (pub, ded, req, took float64) {
 	delta := func(b, a float64) float64 {
 		if a < b {
 			return a
@@ -435,8 +438,9 @@ func errorsSince(before, after []errCounters) (pub, ded, req float64) {
 		pub += delta(before[i].pub, after[i].pub)
 		ded += delta(before[i].ded, after[i].ded)
 		req += delta(before[i].req, after[i].req)
+		took += delta(before[i].took, after[i].took)
 	}
-	return pub, ded, req
+	return pub, ded, req, took
 }
 
 // faultRun describes one run: load for loadFor at faultRate; fault is
@@ -520,7 +524,7 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 		smp.waitReady(fr.recovered(), faultSettle)
 	}
 	traces, maxStall := smp.halt()
-	pubErrs, dedupeErrs, reqErrs := errorsSince(errs0, r.counters())
+	pubErrs, dedupeErrs, reqErrs, takenOver := errorsSince(errs0, r.counters())
 	// Reads can fail for a while after a fault (no responders until every
 	// stream has a leader again): retried, bounded.
 	var v *Verification
@@ -539,7 +543,7 @@ func (r *faultRig) run(fr faultRun) *faultFigures {
 	}
 	f := &faultFigures{fault: fr.name, events: len(sent), lost: len(v.Lost), dup: len(v.Duplicated) + len(v.DuplicatedMsgIDs),
 		mis: len(v.Misrouted), reordered: len(v.Reordered), max: v.Latency.Max, p99: v.Latency.P99,
-		settle: settle, readyz: traces, pubErrs: pubErrs, dedupeErrs: dedupeErrs, reqErrs: reqErrs, maxStall: maxStall,
+		settle: settle, readyz: traces, pubErrs: pubErrs, dedupeErrs: dedupeErrs, reqErrs: reqErrs, takenOver: takenOver, maxStall: maxStall,
 		loadRetries: load.Stats().Retries, quorumLost: fr.quorumLost}
 	for _, l := range v.Latency.Late {
 		if l.Latency > faultMaxLatency {
