@@ -38,7 +38,7 @@ var defaults = []defaultRow{
 	{"dedupe.replicas", "1", "KV bucket replicas; 1..5"},
 	{"dedupe.size", "1000000", "memory store: max keys (LRU beyond)"},
 	{"dedupe.ttl", "10m", "how long a committed key suppresses a repeat; at least 1s"},
-	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this; with `dedupe.protocol: check`, a target stream whose duplicate window is at least this long is deduplicated with one KV write per message; at least 100ms, and below ttl after rounding up to whole seconds"},
+	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this (an ordered rule's next owner takes a dead owner's reservations over at once where the target is a NATS stream: docs/guarantees.md, section 8, T1); with `dedupe.protocol: check`, a target stream whose duplicate window is at least this long is deduplicated with one KV write per message; at least 100ms, and below ttl after rounding up to whole seconds"},
 	{"dedupe.protocol", "reserve", "jetstream store: `reserve` (every message reserves its key, is published, then commits: two stored writes) or `check` (a target whose stream's duplicate window is at least reserveTTL reads the key in batches, publishes and commits: one stored write; the others reserve; a second attempt at a key in flight publishes a copy the target drops instead of waiting: docs/guarantees.md, section 2; `check` needs `dedupe.replicas: 1`)"},
 	{"dedupe.requestTimeout", "", "jetstream store: each request to the KV bucket (reserve, commit, release, and each attempt of the bucket's set-up): 2s, or half of reserveTTL when that is less; must stay below reserveTTL"},
 	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
