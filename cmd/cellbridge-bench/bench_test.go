@@ -71,7 +71,7 @@ func TestVariantsSmoke(t *testing.T) {
 	t.Cleanup(h.close)
 	// The loops run as this test binary with -variant-proc: TestMain
 	// dispatches to variantProcMain.
-	for _, v := range []string{"A", "A-hdrs", "A-kv1", "B", "C", "D", "O", "P", "P2", "A-bc", "B-bc", "R-A", "R-B"} {
+	for _, v := range []string{"A", "A-hdrs", "A-kv1", "B", "C", "D", "O", "P", "P2", "A-bc", "B-bc", "R-A", "R-B", "R-C"} {
 		t.Run(v, func(t *testing.T) {
 			spec := runSpec{Variant: v, N: 2000, Round: 1}
 			var r *runResult

@@ -79,7 +79,7 @@ func main() {
 	flag.IntVar(&cfg.latRounds, "latency-rounds", 3, "alternating rounds of the latency runs (medians of p50 and p99 are reported)")
 	flag.Float64Var(&cfg.latSeconds, "latency-seconds", 3, "seconds of offered load per latency run")
 	flag.IntVar(&cfg.rmqN, "rmq-n", 20000, "events per RocketMQ run (the in-process broker and the client's synchronous sends are slower than JetStream)")
-	flag.IntVar(&cfg.rmqRounds, "rmq-rounds", 3, "alternating rounds of the RocketMQ comparison R-A R-B (0: skip)")
+	flag.IntVar(&cfg.rmqRounds, "rmq-rounds", 3, "alternating rounds of the RocketMQ comparison R-A R-B R-C (0: skip)")
 	flag.IntVar(&cfg.bcN, "bc-n", 50000, "events per broadcast run (each to 4 cells)")
 	flag.IntVar(&cfg.bcRounds, "bc-rounds", 3, "alternating rounds of the broadcast comparison A-bc B-bc (0: skip)")
 	flag.BoolVar(&cfg.refHeaders, "ref-headers", true, "one run of the pipe that also sends cellbridge's six Cell-* headers (A-hdrs): what the headers cost the server")
@@ -198,6 +198,7 @@ var variantNames = map[string]string{
 	"D":      "D  watermill + watermill-nats",
 	"R-A":    "R-A  RocketMQ bare client loop",
 	"R-B":    "R-B  RocketMQ cellbridge, memory store",
+	"R-C":    "R-C  RocketMQ cellbridge, transactional, KV store",
 	"A-hdrs": "A-hdrs  pipe + the six Cell-* headers",
 	"A-kv1":  "A-kv1  pipe + 1 KV create/msg",
 	"A-kv2":  "A-kv2  pipe + KV create + overwrite/msg",
@@ -283,8 +284,12 @@ func benchMain(cfg config) error {
 		}
 	}
 	for round := 1; round <= cfg.rmqRounds; round++ {
-		for _, v := range []string{"R-A", "R-B"} {
-			r, err := h.runRMQ(runSpec{Variant: v, N: cfg.rmqN, Round: round, Tune: cfg.tune[v]})
+		for _, v := range []string{"R-A", "R-B", "R-C"} {
+			n := cfg.rmqN
+			if v == "R-C" {
+				n = max(cfg.rmqN/2, 1) // a quarter of R-B's rate: half the events
+			}
+			r, err := h.runRMQ(runSpec{Variant: v, N: n, Round: round, Tune: cfg.tune[v]})
 			if err != nil {
 				return fmt.Errorf("%s round %d: %w", v, round, err)
 			}
@@ -503,6 +508,11 @@ func buildResults(cfg config, main []string, rates []latRate, runs map[string][]
 	if a, b := med("R-A"), med("R-B"); a > 0 {
 		res["ratio_rmq_vs_client"] = ratio(b, a)
 		res["rmq_n"] = cfg.rmqN
+		if c := med("R-C"); c > 0 {
+			res["rmq_transactional_kv_n"] = max(cfg.rmqN/2, 1)
+			res["ratio_rmq_transactional_kv_vs_client"] = ratio(c, a)
+			res["ratio_rmq_transactional_kv_vs_bridge"] = ratio(c, b)
+		}
 	}
 	if a, b := med("A"+bcSuffix), med("B"+bcSuffix); a > 0 {
 		res["broadcast_ratio_bridge_vs_pipe"] = ratio(b, a)
@@ -575,7 +585,7 @@ func printTable(w io.Writer, cfg config, main []string, rates []latRate, runs ma
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "%-56s %9s  %-26s %7s %7s %7s %6s %6s %s\n", "variant", "msg/s", "rounds", "vs A", "cpu", "server", "spread", "RSS", "verified / load per round")
 	pipe := medianRate(runs["A"])
-	order := append(append([]string{}, main...), "A-hdrs", "A-bc", "B-bc", "R-A", "R-B")
+	order := append(append([]string{}, main...), "A-hdrs", "A-bc", "B-bc", "R-A", "R-B", "R-C")
 	for _, v := range order {
 		rs := runs[v]
 		if len(rs) == 0 {
@@ -590,7 +600,7 @@ func printTable(w io.Writer, cfg config, main []string, rates []latRate, runs ma
 		switch v {
 		case "A-bc", "B-bc":
 			ref = medianRate(runs["A-bc"])
-		case "R-A", "R-B":
+		case "R-A", "R-B", "R-C":
 			ref = medianRate(runs["R-A"])
 		}
 		name := variantNames[v]
@@ -628,7 +638,8 @@ func printTable(w io.Writer, cfg config, main []string, rates []latRate, runs ma
 	fmt.Fprintln(w)
 	keys := []string{"ratio_bridge_vs_pipe", "ratio_ordered_vs_pipe", "ratio_ordered_vs_bridge", "ratio_partitioned_vs_pipe",
 		"ratio_partitioned_vs_bridge", "ratio_partitioned2_vs_bridge", "ratio_bridge_vs_watermill", "ratio_ordered_vs_watermill",
-		"bridge_round_spread", "ratio_kv_vs_kv1", "ratio_rmq_vs_client", "broadcast_ratio_bridge_vs_pipe",
+		"bridge_round_spread", "ratio_kv_vs_kv1", "ratio_rmq_vs_client", "ratio_rmq_transactional_kv_vs_client",
+		"ratio_rmq_transactional_kv_vs_bridge", "broadcast_ratio_bridge_vs_pipe",
 		"server_cpu_ratio_bridge_vs_pipe", "process_cpu_ratio_bridge_vs_pipe"}
 	for _, lr := range rates {
 		for _, p := range []string{"", "ordered_"} {

@@ -123,7 +123,7 @@ func (h *harness) close() { os.RemoveAll(h.root) }
 // isBridge tells the variants that run the real cellbridge binary.
 func isBridge(v string) bool {
 	switch v {
-	case "B", "C", "O", "B" + bcSuffix, "R-B":
+	case "B", "C", "O", "B" + bcSuffix, "R-B", "R-C":
 		return true
 	}
 	return partitionedVariants[v] > 0
@@ -791,8 +791,11 @@ func (h *harness) timeline(spec runSpec, procs []*proc, expect time.Duration) er
 // runRMQ is one run of the RocketMQ comparison: the in-process broker of
 // internal/rmqtest in this process (its CPU is this process's), R-A the
 // bare client loop as its own process, R-B the cellbridge binary with a
-// rocketmq broker and the memory store; events pre-published, timing
-// until the cell topics hold N, every message verified.
+// rocketmq broker and the memory store, R-C the same with transactional
+// sends (`exactlyOnce: transactional`) and the JetStream KV store on a
+// nats-server process of its own (the store RocketMQ targets need across
+// replicas; its CPU is counted with the broker's); events pre-published,
+// timing until the cell topics hold N, every message verified.
 func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
 	dir, err := h.runDir(spec)
 	if err != nil {
@@ -836,7 +839,25 @@ func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
 		return n
 	}
 	var p *proc
+	var kvSrv *natstest.Process
 	settings := ""
+	if spec.Variant == "R-C" {
+		kvDir := filepath.Join(dir, "kv-server")
+		if err := os.MkdirAll(kvDir, 0o755); err != nil {
+			return nil, err
+		}
+		if kvSrv, err = natstest.StartProcess(natstest.ProcessOptions{Dir: kvDir}); err != nil {
+			return nil, err
+		}
+		defer kvSrv.Kill()
+	}
+	serverCPU := func() time.Duration {
+		d := cpuOf(os.Getpid())
+		if kvSrv != nil {
+			d += cpuOf(kvSrv.Pid())
+		}
+		return d
+	}
 	if spec.Variant == "R-A" {
 		js, _ := json.Marshal(procSpec{Variant: "R-A", NS: ns, Rules: rules, Tune: spec.Tune})
 		p, err = startProc("R-A", filepath.Join(dir, "variant.log"), h.self, "-variant-proc", string(js), "-child-out", filepath.Join(dir, "outcome.json"))
@@ -845,15 +866,22 @@ func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
 		if perr != nil {
 			return nil, perr
 		}
-		cfg := bridgeConfig(rules, fmt.Sprintf("rmq: {type: rocketmq, nameservers: [%q], instancePrefix: bench}", ns), "memory", port, false, parseTune(spec.Tune))
-		path := filepath.Join(dir, "R-B-r1.yaml")
+		broker, store := fmt.Sprintf("rmq: {type: rocketmq, nameservers: [%q], instancePrefix: bench}", ns), "memory"
+		settings = "cellbridge run (1 process), rocketmq source and sink, dedupe memory, configuration defaults"
+		if kvSrv != nil {
+			broker = fmt.Sprintf("rmq: {type: rocketmq, nameservers: [%q], instancePrefix: bench, exactlyOnce: transactional}\n  nats: {type: nats, url: %q}", ns, kvSrv.URL)
+			store = "jetstream"
+			settings = "cellbridge run (1 process), rocketmq source and sink with exactlyOnce: transactional, dedupe jetstream (KV bucket on its own nats-server process, file storage), configuration defaults"
+		}
+		cfg := bridgeConfig(rules, broker, store, port, false, parseTune(spec.Tune))
+		name := spec.Variant + "-r1"
+		path := filepath.Join(dir, name+".yaml")
 		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 			return nil, err
 		}
-		p, err = startProc("R-B-r1", filepath.Join(dir, "R-B-r1.log"), h.bridgeBin, "run", "-config", path)
+		p, err = startProc(name, filepath.Join(dir, name+".log"), h.bridgeBin, "run", "-config", path)
 		if err == nil {
 			p.http = fmt.Sprintf("http://127.0.0.1:%d", port)
-			settings = "cellbridge run (1 process), rocketmq source and sink, dedupe memory, configuration defaults"
 		}
 	}
 	if err != nil {
@@ -870,7 +898,7 @@ func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
 		n = count()
 		if t0.IsZero() && n > 0 {
 			t0, before = time.Now(), n
-			cpuVar0, cpuSelf0 = cpuOf(p.pid()), cpuOf(os.Getpid())
+			cpuVar0, cpuSelf0 = cpuOf(p.pid()), serverCPU()
 			resetPeakRSSOf(p.pid())
 		}
 		if n >= spec.N {
@@ -887,7 +915,7 @@ func (h *harness) runRMQ(spec runSpec) (*runResult, error) {
 		time.Sleep(pollEvery)
 	}
 	t1 := time.Now()
-	cpuVar1, cpuSelf1 := cpuOf(p.pid()), cpuOf(os.Getpid())
+	cpuVar1, cpuSelf1 := cpuOf(p.pid()), serverCPU()
 	peak := procStatusMB(p.pid(), "VmHWM:")
 	time.Sleep(300 * time.Millisecond)
 	outcomes := h.outcomes([]*proc{p})
