@@ -16,7 +16,9 @@ import (
 // and again every protoRefresh, so that a stream whose window was
 // shortened goes back to reservations; a failed lookup keeps the
 // reservation protocol and is tried again after protoRetry. Each change is
-// logged and shown by Status.DedupeProtocols.
+// logged and shown by Status.DedupeProtocols. The same lookup, made also
+// without a checker, tells whether a target's window allows an ordered
+// epoch to take a previous owner's reservation over (mayTakeOver).
 const (
 	protoRefresh = time.Minute
 	protoRetry   = 10 * time.Second
@@ -68,6 +70,10 @@ func (p *Pipeline) lookupProto(ss *targetState, now int64) {
 	ws, ok := ss.sink.(WindowSink)
 	if !ok {
 		tp.next.Store(1 << 62) // never again: the sink cannot tell
+		if p.checker == nil {
+			tp.window.Store(-1)
+			return
+		}
 		p.setProto(ss, false, -1, "the sink reports no duplicate window")
 		return
 	}
@@ -76,6 +82,9 @@ func (p *Pipeline) lookupProto(ss *targetState, now int64) {
 	cancel()
 	if err != nil {
 		tp.next.Store(now + int64(protoRetry))
+		if p.checker == nil {
+			return // no protocol to choose; takeovers go by the last window looked up
+		}
 		if tp.state.Load() == nil || tp.check.Load() {
 			p.log.Warn("dedupe protocol: cannot look the target's duplicate window up; reservations until it can",
 				"target", ss.what, "err", err)
@@ -84,6 +93,10 @@ func (p *Pipeline) lookupProto(ss *targetState, now int64) {
 		return
 	}
 	tp.next.Store(now + int64(protoRefresh))
+	if p.checker == nil {
+		tp.window.Store(int64(w)) // for takeovers (mayTakeOver)
+		return
+	}
 	least := p.checker.CheckWindow()
 	if w < least {
 		p.setProto(ss, false, int64(w), "duplicate window "+w.String()+" shorter than "+least.String())

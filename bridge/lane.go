@@ -61,19 +61,20 @@ type taskData struct {
 	attempt  int
 	reserved bool
 	checked  bool // reserved by dedupe.Checker.Check: nothing to release
-	// takeOver: the next store call is dedupe.Taker.TakeOver (mayTakeOver);
-	// triedTakeOver: the last one was, and the key was not free since.
-	takeOver, triedTakeOver bool
-	onWorker                bool          // dispatched on a worker, which may wait for a Reserve
-	checkSS                 *targetState  // the target of a CheckAsync awaiting its answer
-	handle                  dedupe.Handle // of the reservation, when the store is a dedupe.HandleStore
-	counted                 bool          // holds an in-flight budget slot
-	phase                   uint8
-	err                     error
-	ss                      *targetState
-	pub                     *pubGen      // counts this forward's publish until its result (publishing)
-	failedOn                *targetState // target whose publish of this message failed last (targetState.waiting)
-	tl                      *tlSample    // the message's Timeline record, nil unless sampled
+	// takeOver: the next store call is dedupe.Taker.TakeOver if the
+	// message still may (mayTakeOver); tookOver: the answer being handled
+	// (stored) is TakeOver's.
+	takeOver, tookOver bool
+	onWorker           bool          // dispatched on a worker, which may wait for a Reserve
+	checkSS            *targetState  // the target of a CheckAsync awaiting its answer
+	handle             dedupe.Handle // of the reservation, when the store is a dedupe.HandleStore
+	counted            bool          // holds an in-flight budget slot
+	phase              uint8
+	err                error
+	ss                 *targetState
+	pub                *pubGen      // counts this forward's publish until its result (publishing)
+	failedOn           *targetState // target whose publish of this message failed last (targetState.waiting)
+	tl                 *tlSample    // the message's Timeline record, nil unless sampled
 	// storeWait: the message's last Reserve failed (Pipeline.storeWaiting)
 	storeWait bool
 

@@ -507,7 +507,20 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 		var o dedupe.Outcome
 		var err error
 		t.checked = false
-		if p.checker != nil && !t.takeOver {
+		// A takeover decided when the key was found reserved is decided
+		// again here: the message may have been routed elsewhere since
+		// (a rules reload, the DLQ), and it needs a worker (round trips).
+		take := t.takeOver
+		t.takeOver = false
+		if take {
+			if !t.onWorker {
+				t.takeOver = true
+				p.enqueue(t, phaseDispatch)
+				return nil
+			}
+			take = p.mayTakeOver(t, ss)
+		}
+		if p.checker != nil && !take {
 			var later bool
 			t.checked, later = p.useCheck(ss, p.achecker == nil || t.onWorker)
 			if later {
@@ -516,10 +529,13 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 			}
 		}
 		switch {
-		case t.takeOver:
-			// On a worker (stored enqueued it): a round trip.
-			t.takeOver, t.checked, t.triedTakeOver = false, false, true
-			o, err = p.taker.TakeOver(p.ctx, t.storeKey)
+		case take:
+			t.tookOver = true // for stored: this answer is TakeOver's
+			var replaced bool
+			o, replaced, err = p.taker.TakeOver(p.ctx, t.storeKey)
+			if replaced {
+				p.met.DedupeTakeovers.WithLabelValues(t.m.Rule).Inc()
+			}
 		case t.checked && p.achecker != nil:
 			// The target drops a concurrent copy itself: read, no
 			// reservation (docs/guarantees.md); the answer continues
@@ -568,14 +584,15 @@ func (t *task) checkAnswered(o dedupe.Outcome, err error) {
 // the lane's next message (or nil) when t does not publish now (duplicate,
 // in flight, an error: retry), not done when t holds the key.
 func (p *Pipeline) stored(t *task, ss *targetState, o dedupe.Outcome, err error) (*task, bool) {
+	tookOver := t.tookOver
+	t.tookOver = false
 	if err != nil {
 		op := "reserve"
 		switch {
 		case t.checked:
 			op = "check" // the read of check-then-commit, not a reservation
-		case t.triedTakeOver:
+		case tookOver:
 			op = "takeover"
-			t.triedTakeOver = false // the next InFlight may try again
 		}
 		p.met.DedupeErrors.WithLabelValues(op).Inc()
 		if !t.storeWait {
@@ -599,42 +616,51 @@ func (p *Pipeline) stored(t *task, ss *targetState, o dedupe.Outcome, err error)
 		t.rs.hl.lastProgress.Store(p.clock.Now().UnixNano())
 		return p.finish(t, nil), true
 	case dedupe.InFlight:
-		if p.mayTakeOver(t, ss) {
+		if !tookOver && p.mayTakeOver(t, ss) {
 			// A previous owner's reservation: take it over on a
-			// worker instead of waiting until it expires.
+			// worker instead of waiting until it expires. A TakeOver
+			// that answers InFlight itself (this replica's own
+			// reservation, held by another of its messages) waits a
+			// retry's backoff before the next Reserve.
 			t.takeOver = true
 			p.enqueue(t, phaseDispatch)
 			return nil, true
 		}
 		return p.retry(t), true
 	}
-	if t.triedTakeOver {
-		t.triedTakeOver = false
-		if o == dedupe.Reserved {
-			p.met.DedupeTakeovers.WithLabelValues(t.m.Rule).Inc()
-		}
-	}
 	t.reserved = true
 	return nil, false
 }
 
-// mayTakeOver reports whether the active message t, which found its key
-// reserved by another holder (InFlight), takes that reservation over
+// mayTakeOver reports whether the active message t, whose key is reserved
+// by another holder (InFlight), takes that reservation over
 // (dedupe.Taker) instead of retrying until it is committed, released or
 // expired: t belongs to an ordered source's epoch that is still current
 // (this replica alone forwards its keys, so the holder is a previous
-// owner), its target drops repeats (a stream with a duplicate window: a
-// WindowSink; the preflight requires each NATS target's window to exceed
-// reserveTTL), and it has not tried already since its last error (a
-// TakeOver answered InFlight: this store's own reservation held by another
-// of its messages, which will settle it). docs/guarantees.md, section 8,
-// T1.
+// owner), and its target drops repeats for at least the store's
+// TakeOverWindow (a WindowSink's window as last looked up: on a worker,
+// the lookup is made when due; elsewhere a due lookup answers yes and the
+// worker the message goes to decides). docs/guarantees.md, section 8, T1.
 func (p *Pipeline) mayTakeOver(t *task, ss *targetState) bool {
-	if p.taker == nil || t.triedTakeOver || t.m.Epoch == nil || t.m.Epoch.Revoked() || ss == nil {
+	if p.taker == nil || t.m.Epoch == nil || t.m.Epoch.Revoked() || ss == nil {
 		return false
 	}
-	_, ok := ss.sink.(WindowSink)
-	return ok
+	if _, ok := ss.sink.(WindowSink); !ok {
+		return false
+	}
+	tp := &ss.proto
+	if now := time.Now().UnixNano(); now >= tp.next.Load() {
+		if !t.onWorker {
+			return true
+		}
+		if tp.mu.TryLock() {
+			if now >= tp.next.Load() {
+				p.lookupProto(ss, now)
+			}
+			tp.mu.Unlock()
+		}
+	}
+	return tp.window.Load() >= int64(p.taker.TakeOverWindow())
 }
 
 // publish publishes the active message t, which holds its key (or has

@@ -140,36 +140,39 @@
 // frozen or cut off leaves the reservations of its messages in flight,
 // which nobody commits or releases: Reserve answers InFlight until they
 // expire, and the key, with every later message of it, waits ReserveTTL.
-// For a message of a current epoch whose target has a window W the bridge
-// calls TakeOver instead of retrying:
+// For a message of a current epoch whose target has a window W of at least
+// TakeOverWindow (2 × ReserveTTL) the bridge calls TakeOver instead of
+// retrying:
 //
 //	TakeOver(key)
 //	  another holder's reservation at revision n → write this store's
-//	              reservation conditional on n: Reserved (of two takers
-//	              one wins; the other reads again)
+//	              reservation conditional on n: Reserved (a write based on
+//	              a stale read is refused; read again)
 //	  anything else → as Reserve
 //
-// Why this forwards once, given W > ReserveTTL (the preflight requires
-// MinDuplicateWindow of every NATS target):
+// Why this forwards once:
 //
 //   - Nothing is lost or committed early: the taker publishes and commits
 //     as after Reserve; Duplicate still means committed.
 //   - The other holder's copy, if it stored one, was stored after its
 //     reservation was made; the reservation was younger than ReserveTTL
-//     when the taker read it (else it would have expired), and the taker
-//     publishes right after: its copy comes within W of the first and the
-//     target drops it. This is the re-read the memory store (no shared
+//     when the taker read it (else it would have expired), and the taker's
+//     write and publish are each bounded by a timeout below ReserveTTL:
+//     its copy comes within 2 × ReserveTTL ≤ W of the first and the target
+//     drops it. This is the re-read the memory store (no shared
 //     reservations) makes on every takeover, within the same window.
 //   - A holder that is alive after all (a frozen owner resuming) commits
 //     its confirmed copy (Commit is unconditional and records a true fact)
-//     or releases (conditional on its own value: a no-op now).
+//     or releases (conditional on its own value: a no-op now). Two stores
+//     may take a key from each other in turn; each copy is still dropped.
 //   - Order does not rest on reservations: one epoch publishes a key's
 //     messages one at a time, and each epoch starts at the ack floor.
 //
 // Not used for sources without epochs (replicas sharing a durable hold
 // each other's live reservations there) nor for targets without a window
-// (RocketMQ). TakeOver reads from the bucket's leader, so a lagging
-// follower cannot hide a commit from it.
+// of at least TakeOverWindow (RocketMQ). TakeOver reads from the bucket's
+// leader, so a lagging follower cannot hide a commit from it. What waiting
+// bought is in docs/guarantees.md, section 8, T1.
 //
 // # Memory
 //

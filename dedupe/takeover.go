@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -18,55 +19,68 @@ import (
 // from an ordered source's epoch (one replica forwards the rule's keys at a
 // time, so another holder's reservation is a previous owner's, left behind
 // by a takeover: a replica killed, frozen or cut off before it could
-// commit or release), and the target is a stream with a duplicate window
-// (a NATS target; the preflight requires MinDuplicateWindow, longer than
-// ReserveTTL, of each). If that previous owner's copy was stored, it was
-// stored after its reservation was made, and the reservation is younger
-// than ReserveTTL (else it would have expired): the new owner's copy
-// follows it within the window and the target drops it, as it would with
-// the memory store, which has no shared reservations at all. Waiting
+// commit or release), and the target is a stream whose duplicate window,
+// as looked up, is at least TakeOverWindow. If that previous owner's copy
+// was stored, it was stored after its reservation was made, and the
+// reservation is younger than ReserveTTL (else it would have expired): the
+// new owner's copy follows it within TakeOverWindow and the target drops
+// it, as it would with the memory store, which has no shared reservations
+// at all. Waiting
 // instead holds every later message of the key until the reservation
 // expires, ReserveTTL (30s by default) after a crash.
 type Taker interface {
 	Store
 	// TakeOver is Reserve, except that an unexpired reservation of another
-	// holder is replaced by the caller's (conditional on the key's
-	// revision: of two callers only one takes it) and Reserved returned.
-	// A committed key is Duplicate. InFlight remains possible: a
-	// reservation of this store held by another of its callers, or a key
-	// that kept changing under the attempts.
-	TakeOver(ctx context.Context, key string) (Outcome, error)
+	// holder is replaced by the caller's (a write conditional on the
+	// revision read, so a write based on a stale read is refused and the
+	// key read again) and Reserved returned with replaced true. A
+	// committed key is Duplicate. InFlight remains possible: a reservation
+	// of this store held by another of its callers, or a key that kept
+	// changing under the attempts (two stores taking it from each other).
+	TakeOver(ctx context.Context, key string) (o Outcome, replaced bool, err error)
+	// TakeOverWindow is the shortest duplicate window of a target for
+	// which TakeOver may be used: a copy published after a takeover comes
+	// at most this long after a copy the previous holder stored (the
+	// reservation was younger than ReserveTTL when read; the taker's write
+	// and publish are each bounded by a timeout below ReserveTTL).
+	TakeOverWindow() time.Duration
 }
 
 var _ Taker = (*KV)(nil)
+
+// TakeOverWindow implements Taker: twice ReserveTTL.
+func (kv *KV) TakeOverWindow() time.Duration { return 2 * kv.reserveFor }
 
 // TakeOver implements Taker: the key is read from the bucket's leader (a
 // follower may not have applied a reservation or commit yet), and another
 // holder's reservation is overwritten with a write conditional on its
 // revision. Every other state (absent, released, committed, this store's
-// own reservation, or a key this store owes a write for) is answered as
-// Reserve answers it.
-func (kv *KV) TakeOver(ctx context.Context, key string) (Outcome, error) {
+// own reservation, a key this store owes a commit or release for) is
+// answered as Reserve answers it.
+func (kv *KV) TakeOver(ctx context.Context, key string) (Outcome, bool, error) {
 	if kv.closed.Load() {
-		return 0, kv.opErr("takeover", ErrClosed)
+		return 0, false, kv.opErr("takeover", ErrClosed)
 	}
 	subj := kv.subject(key)
-	if kv.owed.owes(subj) != 0 || kv.lost.has(subj) {
-		// This store's own debts on the key (a commit on its way, a
-		// release or a lost reservation) are Reserve's to settle.
-		return kv.Reserve(ctx, key)
+	if owed := kv.owed.owes(subj); owed == owedCommit || owed == owedRelease {
+		// A commit on its way, or a release of this store's own
+		// reservation: Reserve settles those (a lost write only leaves
+		// a value of ours that the read below recognises).
+		o, err := kv.Reserve(ctx, key)
+		return o, false, err
 	}
 	for range maxReserveAttempts {
 		st, rev, _, err := kv.lookupLeader(ctx, subj)
 		if err != nil {
-			return 0, kv.opErr("takeover", err)
+			return 0, false, kv.opErr("takeover", err)
 		}
 		switch st {
 		case kvCommitted:
-			return Duplicate, nil
+			return Duplicate, false, nil
 		case kvReserved:
-		default:
-			return kv.Reserve(ctx, key)
+		default: // absent, a marker, or this store's own value
+			o, err := kv.Reserve(ctx, key)
+			return o, false, err
 		}
 		val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
 		hdr := nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
@@ -74,20 +88,20 @@ func (kv *KV) TakeOver(ctx context.Context, key string) (Outcome, error) {
 		switch {
 		case err == nil:
 			kv.tookOver.Add(1)
-			return Reserved, nil
+			return Reserved, true, nil
 		case errors.Is(err, jspub.ErrNoReply):
-			// As for Reserve: the write may be stored; a later Reserve
-			// of this store finds it and takes it over.
+			// As for Reserve: the write may be stored; this store's next
+			// Reserve or TakeOver of the key finds the value and claims it.
 			kv.lost.remember(subj, val)
 			kv.owed.owe(subj, owedLost, kv.lostGrace)
-			return 0, kv.opErr("takeover", err)
+			return 0, false, kv.opErr("takeover", err)
 		case !isWrongLastSeq(err):
-			return 0, kv.opErr("takeover", err)
+			return 0, false, kv.opErr("takeover", err)
 		}
 		// The key changed between the read and the write (committed,
 		// released, taken): read again.
 	}
-	return InFlight, nil
+	return InFlight, false, nil
 }
 
 // TakenOver is the number of reservations of other holders TakeOver

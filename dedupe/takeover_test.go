@@ -30,10 +30,10 @@ func TestKVTakeOver(t *testing.T) {
 		mustReserve(t, c, "k1", Reserved)
 		ncC.Close() // kill -9: neither Commit nor Release
 		mustReserve(t, a, "k1", InFlight)
-		o, err := a.TakeOver(ctx, "k1")
+		o, replaced, err := a.TakeOver(ctx, "k1")
 		must(t, err)
-		if o != Reserved {
-			t.Fatalf("TakeOver of a crashed holder's reservation: %v, want reserved", o)
+		if o != Reserved || !replaced {
+			t.Fatalf("TakeOver of a crashed holder's reservation: %v, replaced %v; want reserved, true", o, replaced)
 		}
 		if n := a.TakenOver(); n != 1 {
 			t.Fatalf("TakenOver = %d, want 1", n)
@@ -59,10 +59,10 @@ func TestKVTakeOver(t *testing.T) {
 		} {
 			key := "state-" + tc.name
 			tc.setup(key)
-			o, err := a.TakeOver(ctx, key)
+			o, replaced, err := a.TakeOver(ctx, key)
 			must(t, err)
-			if o != tc.want {
-				t.Errorf("%s: TakeOver = %v, want %v", tc.name, o, tc.want)
+			if o != tc.want || replaced {
+				t.Errorf("%s: TakeOver = %v, replaced %v; want %v, false", tc.name, o, replaced, tc.want)
 			}
 		}
 		if n := a.TakenOver(); n != 1 {
@@ -86,9 +86,12 @@ func TestKVTakeOver(t *testing.T) {
 		parallel(t, 8, func(w int) error {
 			for k := range keys {
 				i := (k + w) % keys
-				o, err := a.TakeOver(ctx, fmt.Sprint("race-", i))
+				o, replaced, err := a.TakeOver(ctx, fmt.Sprint("race-", i))
 				if err != nil {
 					return err
+				}
+				if o == Reserved != replaced {
+					return fmt.Errorf("race-%d: %v, replaced %v", i, o, replaced)
 				}
 				if o == Reserved {
 					won[i].Add(1)
@@ -104,10 +107,10 @@ func TestKVTakeOver(t *testing.T) {
 		// calls it only where a copy from both is dropped by the
 		// target): the holder's later Commit still records the key.
 		mustReserve(t, b, "live", Reserved)
-		o, err := a.TakeOver(ctx, "live")
+		o, replaced, err := a.TakeOver(ctx, "live")
 		must(t, err)
-		if o != Reserved {
-			t.Fatalf("TakeOver of b's reservation: %v, want reserved", o)
+		if o != Reserved || !replaced {
+			t.Fatalf("TakeOver of b's reservation: %v, replaced %v; want reserved, true", o, replaced)
 		}
 		must(t, b.Release(ctx, "live")) // not b's any more: a no-op
 		mustReserve(t, b, "live", InFlight)
@@ -115,11 +118,17 @@ func TestKVTakeOver(t *testing.T) {
 		mustReserve(t, a, "live", Duplicate)
 	})
 
+	t.Run("window", func(t *testing.T) {
+		if w := a.TakeOverWindow(); w != 2*cfg.ReserveTTL {
+			t.Fatalf("TakeOverWindow %v, want twice ReserveTTL %v", w, cfg.ReserveTTL)
+		}
+	})
+
 	t.Run("closed", func(t *testing.T) {
 		_, jsD := srv.Connect(t)
 		d := openKV(t, jsD, cfg)
 		must(t, d.Close(ctx))
-		if _, err := d.TakeOver(ctx, "k"); err == nil {
+		if _, _, err := d.TakeOver(ctx, "k"); err == nil {
 			t.Fatal("TakeOver after Close: no error")
 		}
 	})
