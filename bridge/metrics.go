@@ -248,7 +248,7 @@ func NewMetrics(version string) *Metrics {
 // never hashes label values.
 type ruleMetrics struct {
 	forwarded, duplicate, held, dlqOut, retried, revoked prometheus.Counter
-	skipped                                              prometheus.Counter
+	skipped, takeovers                                   prometheus.Counter
 	dlq                                                  [6]prometheus.Counter // by DLQReasons index
 	inFlight, oldest, stall, heldN, heldOldest           prometheus.Gauge
 	backlog                                              prometheus.Gauge
@@ -276,6 +276,7 @@ func (m *Metrics) rule(name string) *ruleMetrics {
 			retried:    m.Messages.WithLabelValues(name, OutcomeRetried),
 			revoked:    m.Messages.WithLabelValues(name, OutcomeRevoked),
 			skipped:    m.Messages.WithLabelValues(name, OutcomeSkipped),
+			takeovers:  m.DedupeTakeovers.WithLabelValues(name),
 			inFlight:   m.InFlight.WithLabelValues(name),
 			oldest:     m.OldestUnackedAge.WithLabelValues(name),
 			stall:      m.StallAge.WithLabelValues(name),

@@ -534,7 +534,7 @@ func (p *Pipeline) reserveAndPublish(t *task, ss *targetState) *task {
 			var replaced bool
 			o, replaced, err = p.taker.TakeOver(p.ctx, t.storeKey)
 			if replaced {
-				p.met.DedupeTakeovers.WithLabelValues(t.m.Rule).Inc()
+				t.rs.met.takeovers.Inc()
 			}
 		case t.checked && p.achecker != nil:
 			// The target drops a concurrent copy itself: read, no

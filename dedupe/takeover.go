@@ -25,9 +25,8 @@ import (
 // reservation is younger than ReserveTTL (else it would have expired): the
 // new owner's copy follows it within TakeOverWindow and the target drops
 // it, as it would with the memory store, which has no shared reservations
-// at all. Waiting
-// instead holds every later message of the key until the reservation
-// expires, ReserveTTL (30s by default) after a crash.
+// at all. Waiting instead holds every later message of the key until the
+// reservation expires, ReserveTTL (30s by default) after a crash.
 type Taker interface {
 	Store
 	// TakeOver is Reserve, except that an unexpired reservation of another
