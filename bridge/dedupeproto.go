@@ -48,10 +48,20 @@ type targetProto struct {
 // sink's answers, which carry the messages of every target) gets later
 // when it is due, and moves the message to a worker, which looks it up.
 func (p *Pipeline) useCheck(ss *targetState, mayWait bool) (check, later bool) {
+	if p.lookupDue(ss, mayWait) {
+		return false, true
+	}
+	return ss.proto.check.Load(), false
+}
+
+// lookupDue looks ss's window up when it is due (only one caller per
+// target; the others go on with the last answer) and reports whether it
+// is due but the caller may not wait for it (mayWait false).
+func (p *Pipeline) lookupDue(ss *targetState, mayWait bool) (later bool) {
 	tp := &ss.proto
 	if now := time.Now().UnixNano(); now >= tp.next.Load() {
 		if !mayWait {
-			return false, true
+			return true
 		}
 		if tp.mu.TryLock() {
 			if now >= tp.next.Load() {
@@ -60,20 +70,16 @@ func (p *Pipeline) useCheck(ss *targetState, mayWait bool) (check, later bool) {
 			tp.mu.Unlock()
 		}
 	}
-	return tp.check.Load(), false
+	return false
 }
 
 // lookupProto asks ss's sink for its window and sets the protocol (tp.mu
-// held).
+// held). Without a checker only the window is kept (mayTakeOver reads it).
 func (p *Pipeline) lookupProto(ss *targetState, now int64) {
 	tp := &ss.proto
 	ws, ok := ss.sink.(WindowSink)
 	if !ok {
 		tp.next.Store(1 << 62) // never again: the sink cannot tell
-		if p.checker == nil {
-			tp.window.Store(-1)
-			return
-		}
 		p.setProto(ss, false, -1, "the sink reports no duplicate window")
 		return
 	}
@@ -82,10 +88,7 @@ func (p *Pipeline) lookupProto(ss *targetState, now int64) {
 	cancel()
 	if err != nil {
 		tp.next.Store(now + int64(protoRetry))
-		if p.checker == nil {
-			return // no protocol to choose; takeovers go by the last window looked up
-		}
-		if tp.state.Load() == nil || tp.check.Load() {
+		if p.checker != nil && (tp.state.Load() == nil || tp.check.Load()) {
 			p.log.Warn("dedupe protocol: cannot look the target's duplicate window up; reservations until it can",
 				"target", ss.what, "err", err)
 		}
@@ -93,28 +96,29 @@ func (p *Pipeline) lookupProto(ss *targetState, now int64) {
 		return
 	}
 	tp.next.Store(now + int64(protoRefresh))
-	if p.checker == nil {
-		tp.window.Store(int64(w)) // for takeovers (mayTakeOver)
-		return
+	if p.checker != nil {
+		if least := p.checker.CheckWindow(); w < least {
+			p.setProto(ss, false, int64(w), "duplicate window "+w.String()+" shorter than "+least.String())
+			return
+		}
 	}
-	least := p.checker.CheckWindow()
-	if w < least {
-		p.setProto(ss, false, int64(w), "duplicate window "+w.String()+" shorter than "+least.String())
-		return
-	}
-	p.setProto(ss, true, int64(w), "duplicate window "+w.String())
+	p.setProto(ss, p.checker != nil, int64(w), "duplicate window "+w.String())
 }
 
-// setProto records ss's protocol; a change is logged.
+// setProto records ss's window and, with a checker, its protocol; a change
+// of protocol is logged.
 func (p *Pipeline) setProto(ss *targetState, check bool, window int64, why string) {
 	tp := &ss.proto
+	tp.window.Store(window)
+	if p.checker == nil {
+		return // no protocol to choose: every target reserves
+	}
 	name := ProtoReserve
 	if check {
 		name = ProtoCheck
 	}
 	desc := name + " (" + why + ")"
 	old := tp.state.Load()
-	tp.window.Store(window)
 	tp.check.Store(check)
 	tp.state.Store(&desc)
 	if old == nil || (*old)[:len(name)] != name {

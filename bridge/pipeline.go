@@ -648,19 +648,10 @@ func (p *Pipeline) mayTakeOver(t *task, ss *targetState) bool {
 	if _, ok := ss.sink.(WindowSink); !ok {
 		return false
 	}
-	tp := &ss.proto
-	if now := time.Now().UnixNano(); now >= tp.next.Load() {
-		if !t.onWorker {
-			return true
-		}
-		if tp.mu.TryLock() {
-			if now >= tp.next.Load() {
-				p.lookupProto(ss, now)
-			}
-			tp.mu.Unlock()
-		}
+	if p.lookupDue(ss, t.onWorker) {
+		return true
 	}
-	return tp.window.Load() >= int64(p.taker.TakeOverWindow())
+	return ss.proto.window.Load() >= int64(p.taker.TakeOverWindow())
 }
 
 // publish publishes the active message t, which holds its key (or has

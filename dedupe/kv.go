@@ -101,8 +101,6 @@ type KV struct {
 	// store's random token + "-"; a counter per Reserve call follows.
 	ours     []byte
 	attempts atomic.Uint64
-	// tookOver counts the other holders' reservations TakeOver replaced.
-	tookOver atomic.Uint64
 	// lost remembers the reservation values whose write may have been
 	// stored although its reply was lost (see Reserve), per subject.
 	lost lostWrites
@@ -317,7 +315,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 		return Duplicate, nil
 	}
 	hdr := kv.reserveHdr
-	val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
+	val := kv.newValue()
 	// After a lost reply or a failed release the key most likely holds a
 	// reservation of this store: read first (one round trip) instead of a
 	// create that would be refused.
@@ -354,8 +352,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 			}
 			if errors.Is(err, jspub.ErrNoReply) {
 				settle(false)
-				kv.lost.remember(subj, val)
-				kv.owed.owe(subj, owedLost, kv.lostGrace)
+				kv.lostReply(subj, val)
 				return 0, kv.opErr("reserve", err)
 			}
 			if !isWrongLastSeq(err) {
@@ -394,11 +391,31 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 		case kvAbsent: // expired between the create and the read, or never written
 			hdr = kv.reserveHdr
 		case kvMarker: // released or deleted: create on top of the marker
-			hdr = nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
+			hdr = kv.reserveOver(rev)
 		}
 	}
 	settle(false)
 	return InFlight, nil
+}
+
+// newValue is a reservation value of this store: its prefix and a counter.
+func (kv *KV) newValue() []byte {
+	return strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
+}
+
+// reserveOver is the header of a reservation written on top of the key's
+// message at revision rev (a release marker, another holder's
+// reservation): refused if the key changed since.
+func (kv *KV) reserveOver(rev uint64) nats.Header {
+	return nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
+}
+
+// lostReply records a reservation write of val on subj whose reply was
+// lost: it may be stored; this store's next Reserve of the key takes it
+// over, or the background release removes it (owedWrites).
+func (kv *KV) lostReply(subj string, val []byte) {
+	kv.lost.remember(subj, val)
+	kv.owed.owe(subj, owedLost, kv.lostGrace)
 }
 
 // lostWrites remembers, per key subject, the reservation values whose

@@ -3,10 +3,7 @@ package dedupe
 import (
 	"context"
 	"errors"
-	"strconv"
 	"time"
-
-	"github.com/nats-io/nats.go"
 
 	"github.com/cellbridge/cellbridge/internal/jspub"
 )
@@ -81,18 +78,15 @@ func (kv *KV) TakeOver(ctx context.Context, key string) (Outcome, bool, error) {
 			o, err := kv.Reserve(ctx, key)
 			return o, false, err
 		}
-		val := strconv.AppendUint(append(make([]byte, 0, len(kv.ours)+13), kv.ours...), kv.attempts.Add(1), 36)
-		hdr := nats.Header{hdrExpectLastSubjSeq: {strconv.FormatUint(rev, 10)}, hdrTTL: {kv.reserveTTL}}
-		_, err = kv.client.Publish(ctx, subj, hdr, val)
+		val := kv.newValue()
+		_, err = kv.client.Publish(ctx, subj, kv.reserveOver(rev), val)
 		switch {
 		case err == nil:
-			kv.tookOver.Add(1)
 			return Reserved, true, nil
 		case errors.Is(err, jspub.ErrNoReply):
-			// As for Reserve: the write may be stored; this store's next
-			// Reserve or TakeOver of the key finds the value and claims it.
-			kv.lost.remember(subj, val)
-			kv.owed.owe(subj, owedLost, kv.lostGrace)
+			// As for Reserve: this store's next Reserve or TakeOver of
+			// the key finds the value, if stored, and claims it.
+			kv.lostReply(subj, val)
 			return 0, false, kv.opErr("takeover", err)
 		case !isWrongLastSeq(err):
 			return 0, false, kv.opErr("takeover", err)
@@ -102,7 +96,3 @@ func (kv *KV) TakeOver(ctx context.Context, key string) (Outcome, bool, error) {
 	}
 	return InFlight, false, nil
 }
-
-// TakenOver is the number of reservations of other holders TakeOver
-// replaced since the store was opened.
-func (kv *KV) TakenOver() uint64 { return kv.tookOver.Load() }

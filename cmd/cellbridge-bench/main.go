@@ -287,7 +287,7 @@ func benchMain(cfg config) error {
 		for _, v := range []string{"R-A", "R-B", "R-C"} {
 			n := cfg.rmqN
 			if v == "R-C" {
-				n = max(cfg.rmqN/2, 1) // a quarter of R-B's rate: half the events
+				n = rmqKVN(cfg) // a quarter of R-B's rate: half the events
 			}
 			r, err := h.runRMQ(runSpec{Variant: v, N: n, Round: round, Tune: cfg.tune[v]})
 			if err != nil {
@@ -509,7 +509,7 @@ func buildResults(cfg config, main []string, rates []latRate, runs map[string][]
 		res["ratio_rmq_vs_client"] = ratio(b, a)
 		res["rmq_n"] = cfg.rmqN
 		if c := med("R-C"); c > 0 {
-			res["rmq_transactional_kv_n"] = max(cfg.rmqN/2, 1)
+			res["rmq_transactional_kv_n"] = rmqKVN(cfg)
 			res["ratio_rmq_transactional_kv_vs_client"] = ratio(c, a)
 			res["ratio_rmq_transactional_kv_vs_bridge"] = ratio(c, b)
 		}
@@ -688,3 +688,6 @@ func loadAvg() string {
 	}
 	return f[0]
 }
+
+// rmqKVN is the number of events of an R-C run: half of the RocketMQ runs'.
+func rmqKVN(cfg config) int { return max(cfg.rmqN/2, 1) }
