@@ -821,12 +821,19 @@ func TestFaultsReadyz(t *testing.T) {
 		}})}
 	r.checkStall(figs[0], []int{act}, from, to, "publishing to broker nats subject cell."+faultCell+".orders keeps failing")
 
-	src := r.rule.Source
+	// The source's leaders go to n0 (stopped with n1) before the run: a
+	// consumer leader's move clears the pin, and the hand-over it causes
+	// (a fence, then a second of "recovering" on the fenced replica) must
+	// be over before the stall, or the stall's first 503 is the fence's
+	// and the fenced replica's 200 between its end and the first
+	// unanswered consumer info looks like a flap.
+	r.leadersTo(0)
 	figs = append(figs, r.run(faultRun{name: "whole source stalled 12s", loadFor: 18 * time.Second, faultAfter: 2 * time.Second, quorumLost: true,
 		recovered: func() time.Time { return to },
 		fault: func() {
-			c.MoveStreamLeader(src.Stream, 0)
-			c.MoveConsumerLeader(src.Stream, src.Group, 0)
+			if l := c.ConsumerLeader(r.rule.Source.Stream, r.rule.Source.Group); l != 0 {
+				t.Fatalf("the source consumer's leader moved to n%d before the stall", l)
+			}
 			from = time.Now()
 			c.Stop(0)
 			c.Stop(1)
@@ -837,6 +844,51 @@ func TestFaultsReadyz(t *testing.T) {
 		}}))
 	r.checkStall(figs[1], []int{0, 1}, from, to, "source of rule "+faultTopic)
 	logFigures(t, figs, begin)
+}
+
+// leadersTo moves the lead of the ordered rule's source stream and
+// consumer to server i and, when the consumer's leader moved (which clears
+// its pin), waits (bounded) until the replica that forwarded was fenced
+// and a replica forwards in an epoch begun after the move.
+func (r *faultRig) leadersTo(i int) {
+	r.t.Helper()
+	src := r.rule.Source
+	r.c.MoveStreamLeader(src.Stream, i)
+	if r.c.ConsumerLeader(src.Stream, src.Group) == i {
+		return
+	}
+	act := r.active()
+	fences := r.source(act).Fences
+	moved := time.Now()
+	r.c.MoveConsumerLeader(src.Stream, src.Group, i)
+	poll.Eventually(r.t, 20*time.Second, "a new epoch after the consumer leader's move", func() bool {
+		if r.source(act).Fences == fences {
+			return false
+		}
+		for j := range r.bridges {
+			if s := r.source(j); s.State == "active" && s.EpochStart.After(moved) {
+				r.t.Logf("the source consumer's lead moved to n%d: %s fenced, %s forwards in a new epoch %v after the move",
+					i, names(act), names(j), s.EpochStart.Sub(moved).Round(time.Millisecond))
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// source returns the /status of the ordered rule's source on replica i
+// (bounded wait while /status does not answer).
+func (r *faultRig) source(i int) *bridge.SourceStatus {
+	r.t.Helper()
+	var s *bridge.SourceStatus
+	poll.Eventually(r.t, 10*time.Second, names(i)+" /status", func() bool {
+		ctx, cancel := context.WithTimeout(r.ctx, time.Second)
+		defer cancel()
+		var err error
+		s, err = r.bridges[i].Source(ctx, faultTopic)
+		return err == nil && s != nil
+	})
+	return s
 }
 
 // setSubjects replaces the subjects of stream and returns the old ones.
