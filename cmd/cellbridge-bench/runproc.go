@@ -541,7 +541,7 @@ func (h *harness) startVariant(dir string, srv *natstest.Process, spec runSpec) 
 			httpURL = "http://" + ps.Pprof
 		}
 		b, _ := json.Marshal(ps)
-		p, err := startProc(spec.Variant, filepath.Join(dir, "variant.log"), h.self, "-variant-proc", string(b), "-child-out", filepath.Join(dir, "outcome.json"))
+		p, err := startProcEnv(spec.Variant, filepath.Join(dir, "variant.log"), envOf(spec.Tune), h.self, "-variant-proc", string(b), "-child-out", filepath.Join(dir, "outcome.json"))
 		if err != nil {
 			return nil, "", err
 		}
@@ -599,7 +599,8 @@ func (h *harness) startVariant(dir string, srv *natstest.Process, spec runSpec) 
 	return procs, fmt.Sprintf("cellbridge run (%d process(es)), %s, dedupe %s, configuration defaults%s", len(procs), mode, store, tune), nil
 }
 
-// envOf is the environment of a variant's processes: this process's, plus
+// envOf is the environment of a variant's processes (bridges and the
+// variant child): this process's, plus
 // NAME=VALUE for each tuning key env=NAME:VALUE (experiments with settings
 // that have no configuration field, such as GOGC or GOMAXPROCS).
 func envOf(tune string) []string {

@@ -847,9 +847,12 @@ func TestFaultsReadyz(t *testing.T) {
 }
 
 // leadersTo moves the lead of the ordered rule's source stream and
-// consumer to server i and, when the consumer's leader moved (which clears
-// its pin), waits (bounded) until the replica that forwarded was fenced
-// and a replica forwards in an epoch begun after the move.
+// consumer to server i. A consumer leader's move clears the pin: it then
+// waits (bounded) until the replica that forwarded was fenced, so that the
+// hand-over is over when the next run waits for both replicas' readiness
+// (no load runs between runs: the pin goes to whichever replica takes the
+// next run's first message). Should the pin survive the move, its holder
+// forwarding in the same epoch 5s after it does as well.
 func (r *faultRig) leadersTo(i int) {
 	r.t.Helper()
 	src := r.rule.Source
@@ -858,22 +861,22 @@ func (r *faultRig) leadersTo(i int) {
 		return
 	}
 	act := r.active()
-	fences := r.source(act).Fences
+	before := r.source(act)
 	moved := time.Now()
 	r.c.MoveConsumerLeader(src.Stream, src.Group, i)
-	poll.Eventually(r.t, 20*time.Second, "a new epoch after the consumer leader's move", func() bool {
-		if r.source(act).Fences == fences {
-			return false
-		}
-		for j := range r.bridges {
-			if s := r.source(j); s.State == "active" && s.EpochStart.After(moved) {
-				r.t.Logf("the source consumer's lead moved to n%d: %s fenced, %s forwards in a new epoch %v after the move",
-					i, names(act), names(j), s.EpochStart.Sub(moved).Round(time.Millisecond))
-				return true
-			}
-		}
-		return false
+	var st *bridge.SourceStatus
+	ok := pollFor(20*time.Second, func() bool {
+		st = r.source(act)
+		return st.Fences != before.Fences ||
+			(time.Since(moved) > 5*time.Second && st.State == "active" && st.EpochStart.Equal(before.EpochStart))
 	})
+	if !ok {
+		r.t.Fatalf("the source consumer's lead moved to n%d at %s; 20s later %s is %s since %s, %d fences, the last %q at %s",
+			i, moved.Format(time.StampMilli), names(act), st.State, st.Since.Format(time.StampMilli), st.Fences,
+			st.LastFence, st.LastFenceAt.Format(time.StampMilli))
+	}
+	r.t.Logf("the source consumer's lead moved to n%d: %s, which forwarded, is %s (%d fences, the last %q %v after the move)",
+		i, names(act), st.State, st.Fences, st.LastFence, st.LastFenceAt.Sub(moved).Round(time.Millisecond))
 }
 
 // source returns the /status of the ordered rule's source on replica i
