@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -130,7 +131,10 @@ func isBridge(v string) bool {
 }
 
 // replicasOf is the number of bridge processes of a variant.
-func replicasOf(v string) int {
+func replicasOf(v, tune string) int {
+	if n, err := strconv.Atoi(parseTune(tune)["replicas"]); err == nil && n > 0 {
+		return n // an experiment: -tune O~r1:replicas=1 (no standby)
+	}
 	if v == "O" || partitionedVariants[v] > 0 {
 		return 2
 	}
@@ -569,7 +573,7 @@ func (h *harness) startVariant(dir string, srv *natstest.Process, spec runSpec) 
 		store = "jetstream, protocol: " + proto
 	}
 	var procs []*proc
-	for i := range replicasOf(spec.Variant) {
+	for i := range replicasOf(spec.Variant, spec.Tune) {
 		port, err := freePort()
 		if err != nil {
 			return procs, "", err
