@@ -257,7 +257,11 @@ func TestBroadcastFailingCellAndKill9(t *testing.T) {
 			window = append(window, a.Stored.Sub(src))
 			if a.Stored.After(failEnd) {
 				after = append(after, a.Stored.Sub(src))
-				if src.Before(failEnd.Add(-3 * time.Second)) {
+				// Stored in the failure's first half and in a healthy cell
+				// only after it ended: waited for d (half the failure is a
+				// margin no healthy copy needs; a copy that waited for d
+				// would wait the whole failure).
+				if src.Before(failEnd.Add(-bcFailFor / 2)) {
 					late++
 				}
 			}
