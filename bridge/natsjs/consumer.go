@@ -102,6 +102,88 @@ func (s *Source) modeOf(c *jetstream.ConsumerConfig) (Ordering, string) {
 // pulls can be missed; it then finds its pulls refused, and the next
 // ensureConsumer of either side sees its requests again.)
 func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Consumer, error) {
+	return s.ensureConsumerAfter(ctx, floor, false)
+}
+
+// recreateConsumer is ensureConsumer for a source whose durable was
+// deleted, or whose consuming stopped, while it ran: it starts after floor
+// if the durable is gone. The server tells a deleted durable's clients
+// before it is gone from the API, and removes its files after that: for a
+// moment the old durable is still found (and would be updated in place, or
+// taken as the existing one, whose "deliver all" start the new durable
+// would copy, replaying the stream), and a new one made too early can start
+// with a wrong ack floor or fail every later update. So nothing is made for
+// vanishSettle; then the durable this source last held, recognised by its
+// creation time, is waited for to go away (looked at every vanishPoll for
+// up to vanishWait; one that stays was not deleted and is kept), and a
+// create that fails (another replica made the durable first, with its own
+// start) is tried again within the same bound, finding the other's.
+func (s *Source) recreateConsumer(ctx context.Context, floor uint64) (jetstream.Consumer, error) {
+	return s.ensureConsumerAfter(ctx, floor, true)
+}
+
+const (
+	vanishWait = 2 * time.Second
+	vanishPoll = 50 * time.Millisecond
+	// vanishSettle is how long a durable that was deleted is left alone
+	// before one of the same name is made: the server removes the old
+	// one's files after it answered, and a new durable made meanwhile can
+	// start with a wrong ack floor or fail every later update ("meta.inf:
+	// no such file").
+	vanishSettle = 250 * time.Millisecond
+)
+
+// sameConsumer reports whether the durable have already is want, in every
+// field the source sets.
+func sameConsumer(want, have jetstream.ConsumerConfig) bool {
+	return want.Durable == have.Durable && want.Description == have.Description && want.AckPolicy == have.AckPolicy &&
+		want.MaxDeliver == have.MaxDeliver && want.FilterSubject == have.FilterSubject && len(have.FilterSubjects) == 0 &&
+		want.AckWait == have.AckWait && want.MaxAckPending == have.MaxAckPending &&
+		want.DeliverPolicy == have.DeliverPolicy && want.OptStartSeq == have.OptStartSeq &&
+		(want.OptStartTime == nil) == (have.OptStartTime == nil) && (want.OptStartTime == nil || want.OptStartTime.Equal(*have.OptStartTime)) &&
+		slices.Equal(want.PriorityGroups, have.PriorityGroups) && want.PriorityPolicy == have.PriorityPolicy &&
+		want.PinnedTTL == have.PinnedTTL
+}
+
+// errVanishing: the durable found is the one this source last held, and
+// it was reported deleted (recreateConsumer waits for it to go).
+var errVanishing = errors.New("the durable is being deleted")
+
+func (s *Source) ensureConsumerAfter(ctx context.Context, floor uint64, gone bool) (jetstream.Consumer, error) {
+	var held time.Time
+	if gone {
+		s.mu.Lock()
+		if s.cons != nil {
+			held = s.cons.CachedInfo().Created
+		}
+		s.mu.Unlock()
+	}
+	if gone && !sleepCtx(ctx, vanishSettle) {
+		return nil, ctx.Err()
+	}
+	deadline := time.Now().Add(vanishWait)
+	for {
+		wait := gone && time.Now().Before(deadline)
+		cons, err := s.ensureConsumerOnce(ctx, floor, held, wait)
+		var me *ModeError
+		if errors.Is(err, errVanishing) || (wait && err != nil && ctx.Err() == nil && !errors.As(err, &me)) {
+			// Still being deleted; or found gone, then created by
+			// another replica first (with its own start, which this
+			// create cannot change), or updated in place as it went:
+			// the next look finds out which.
+			s.log.Debug("nats consumer being deleted or created by another client; looking again", "err", err)
+			if !sleepCtx(ctx, vanishPoll) {
+				return nil, ctx.Err()
+			}
+			continue
+		}
+		return cons, err
+	}
+}
+
+// ensureConsumerOnce is one attempt of ensureConsumerAfter: with wait, a
+// durable created at held (the one this source held) is errVanishing.
+func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time.Time, wait bool) (jetstream.Consumer, error) {
 	cfg := s.consumerConfig()
 	old, err := retry.Do(ctx, s.pol, retry.OpConsumerInfo, s.consumerName(), func(ctx context.Context) (jetstream.Consumer, error) {
 		return s.js.Consumer(ctx, s.cfg.Stream, s.cfg.Durable)
@@ -109,6 +191,9 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 	switch {
 	case err == nil:
 		info := old.CachedInfo()
+		if wait && !held.IsZero() && info.Created.Equal(held) {
+			return nil, errVanishing
+		}
 		oc := info.Config
 		if have, desc := s.modeOf(&oc); have != s.cfg.Ordering {
 			if info.NumWaiting > 0 {
@@ -123,6 +208,14 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 				"cumulativeAcks", s.cfg.CumulativeAcks)
 		}
 		cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
+		if sameConsumer(cfg, oc) {
+			// Nothing to change: no update (each one rewrites the
+			// durable's metadata on the server).
+			s.mu.Lock()
+			s.cons, s.conflict = old, nil
+			s.mu.Unlock()
+			return old, nil
+		}
 		if oc.AckPolicy != cfg.AckPolicy {
 			// The server does not change a consumer's ack policy: the
 			// durable is made again, starting after its ack floor
@@ -131,6 +224,9 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 			floor := info.AckFloor.Stream
 			if err := s.deleteConsumer(ctx); err != nil {
 				return nil, err
+			}
+			if !sleepCtx(ctx, vanishSettle) {
+				return nil, ctx.Err()
 			}
 			if floor > 0 {
 				cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = jetstream.DeliverByStartSequencePolicy, floor+1, nil
@@ -150,10 +246,38 @@ func (s *Source) ensureConsumer(ctx context.Context, floor uint64) (jetstream.Co
 	if err != nil {
 		return nil, fmt.Errorf("natsjs: source %s: consumer %s: %w", s.cfg.Stream, s.cfg.Durable, err)
 	}
+	if err := s.checkStart(ctx, cons, cfg); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	s.cons, s.conflict = cons, nil
 	s.mu.Unlock()
 	return cons, nil
+}
+
+// checkStart makes a durable just created to start after a floor (cfg:
+// DeliverByStartSequence) acknowledged up to that floor. Created within
+// moments of the deletion of its predecessor, the server can report the
+// new durable's ack floor as 0 although it starts at OptStartSeq, and a
+// reset to the ack floor (every ordered takeover's first step) would then
+// deliver the stream from its first message again. A reset to OptStartSeq
+// sets the floor right.
+func (s *Source) checkStart(ctx context.Context, cons jetstream.Consumer, cfg jetstream.ConsumerConfig) error {
+	ci := cons.CachedInfo()
+	if cfg.DeliverPolicy != jetstream.DeliverByStartSequencePolicy || cfg.OptStartSeq == 0 || ci == nil ||
+		ci.Config.DeliverPolicy != jetstream.DeliverByStartSequencePolicy || ci.AckFloor.Stream+1 >= cfg.OptStartSeq {
+		return nil
+	}
+	s.log.Warn("nats consumer created with an ack floor below its start; resetting it to its start",
+		"ackFloorStreamSeq", ci.AckFloor.Stream, "startSeq", cfg.OptStartSeq)
+	_, err := retry.Do(ctx, s.pol, retry.OpConsumerReset, s.consumerName()+" (start)",
+		func(ctx context.Context) (*jetstream.ConsumerResetResponse, error) {
+			return s.js.ResetConsumerToSequence(ctx, s.cfg.Stream, s.cfg.Durable, cfg.OptStartSeq)
+		})
+	if err != nil {
+		return fmt.Errorf("natsjs: source %s: consumer %s: reset to its start %d: %w", s.cfg.Stream, s.cfg.Durable, cfg.OptStartSeq, err)
+	}
+	return nil
 }
 
 // deleteConsumer deletes the durable (one that is already gone is fine).

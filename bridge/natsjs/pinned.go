@@ -277,7 +277,7 @@ func (r *pinRun) loop() error {
 // mode (then Standby moves on to StateWaiting). The next Standby starts
 // with a new Consumer object.
 func (r *pinRun) recreate() {
-	if _, err := r.s.ensureConsumer(r.ctx, r.s.ackFloor.Load()); err != nil && !r.s.waiting() {
+	if _, err := r.s.recreateConsumer(r.ctx, r.s.ackFloor.Load()); err != nil && !r.s.waiting() {
 		r.s.log.Warn("nats consumer could not be created again; retrying", "err", err)
 		sleepCtx(r.ctx, r.s.cfg.PinnedTTL)
 	}
@@ -369,6 +369,13 @@ func (r *pinRun) standby() bool {
 			r.reason = "probe: " + err.Error()
 			r.recreate()
 			return false
+		case errors.Is(err, nats.ErrNoResponders) && r.consumerGone():
+			// A pull on a durable that does not exist has no responder
+			// (elections have none either: only a durable the server
+			// says is not found is made again).
+			r.reason = "probe: no responders, and the consumer is not found"
+			r.recreate()
+			return false
 		}
 		s.failing.set(fmt.Errorf("standby probe: %w", err))
 		if time.Since(r.lastWarn) >= s.cfg.PinnedTTL {
@@ -384,6 +391,15 @@ func (r *pinRun) standby() bool {
 		delay = min(2*delay, probeRetryMax)
 	}
 	return false
+}
+
+// consumerGone reports whether the server answers that the durable does
+// not exist (false for any other answer, or none within RequestTimeout).
+func (r *pinRun) consumerGone() bool {
+	ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.RequestTimeout)
+	defer cancel()
+	_, err := r.s.js.Consumer(ctx, r.s.cfg.Stream, r.s.cfg.Durable)
+	return errors.Is(err, jetstream.ErrConsumerNotFound)
 }
 
 // probeRetryMax caps the wait between standby probes that failed.

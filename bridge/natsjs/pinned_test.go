@@ -985,3 +985,41 @@ func TestOrderedTakeoverPipeline(t *testing.T) {
 		t.Errorf("an event waited %s: the dead replica's deliveries came back only after AckWait", o.maxLate)
 	}
 }
+
+// TestOrderedConsumerDeletedUnderTwoReplicas: the durable is deleted while
+// A forwards and B is a standby. Both are told (A's consume, B's probe) and
+// both make it again (one creates it, after its ack floor; the other finds
+// it), each waiting for the deleted durable to be gone first: nothing is
+// replayed from the stream's start, nothing is lost or reordered. Then A
+// releases the rule and B, whose probes now pull from the new durable,
+// takes over.
+func TestOrderedConsumerDeletedUnderTwoReplicas(t *testing.T) {
+	srv, js := takeoverSetup(t)
+	fd := newFeed(900, 30)
+	a := startReplica(t, srv, orderedConfig())
+	fd.first(t, js, a.f)
+	b := startReplica(t, srv, orderedConfig())
+	eventually(t, 20*time.Second, "B in standby", func() bool { return b.state() == StateStandby })
+	fd.run(t, js, 1, 2*time.Millisecond, func(i int) {
+		switch i {
+		case fd.n / 3:
+			if err := js.DeleteConsumer(testCtx(t), "ORDERS", "cellbridge-orders"); err != nil {
+				t.Errorf("delete the durable: %v", err)
+			}
+		case 2 * fd.n / 3:
+			if err := a.src.Release(testCtx(t)); err != nil {
+				t.Errorf("Release: %v", err)
+			}
+		}
+	})
+	o := checkOut(t, js, fd)
+	_, na, dupsA, _, _ := a.f.stats()
+	_, nb, dupsB, _, _ := b.f.stats()
+	t.Logf("A %d deliveries (%d duplicates dropped), B %d (%d); max lateness %s", na, dupsA, nb, dupsB, o.maxLate.Round(time.Millisecond))
+	// Re-reads after the deletion come from the ack floor, not from the
+	// stream's first message.
+	if dupsA+dupsB > fd.n/3 {
+		t.Errorf("%d copies re-forwarded: the durable was made again below its ack floor", dupsA+dupsB)
+	}
+	eventually(t, 20*time.Second, "B active after A's release", func() bool { return b.state() == StateActive })
+}

@@ -464,7 +464,7 @@ func (s *Source) runShared(ctx context.Context, h bridge.Handler) error {
 			return nil
 		}
 		delay = min(2*delay, reconnectMax)
-		c, err := s.ensureConsumer(ctx, s.ackFloor.Load())
+		c, err := s.recreateConsumer(ctx, s.ackFloor.Load())
 		for err != nil && ctx.Err() == nil && s.waiting() {
 			if s.waitMode(ctx, &lastWarn) {
 				c, err = s.consumer(), nil

@@ -346,7 +346,8 @@ func transientAPI(e *jetstream.APIError) bool {
 	case 10052, // invalid stream configuration
 		10074, // replicas > 1 not supported in non-clustered mode
 		10010, // clustering support required
-		10036: // not supported in clustered mode
+		10036, // not supported in clustered mode
+		10012: // consumer create error: a configuration the server refuses (a start that cannot be changed, ...)
 		return false
 	}
 	return e.Code == 408 || e.Code == 429 || e.Code >= 500
