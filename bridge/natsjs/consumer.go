@@ -134,7 +134,8 @@ const (
 )
 
 // sameConsumer reports whether the durable have already is want, in every
-// field the source sets.
+// field the source sets, with the fields it leaves alone at their
+// defaults (ensureConsumer then sends no update).
 func sameConsumer(want, have jetstream.ConsumerConfig) bool {
 	return want.Durable == have.Durable && want.Description == have.Description && want.AckPolicy == have.AckPolicy &&
 		want.MaxDeliver == have.MaxDeliver && want.FilterSubject == have.FilterSubject && len(have.FilterSubjects) == 0 &&
@@ -142,7 +143,11 @@ func sameConsumer(want, have jetstream.ConsumerConfig) bool {
 		want.DeliverPolicy == have.DeliverPolicy && want.OptStartSeq == have.OptStartSeq &&
 		(want.OptStartTime == nil) == (have.OptStartTime == nil) && (want.OptStartTime == nil || want.OptStartTime.Equal(*have.OptStartTime)) &&
 		slices.Equal(want.PriorityGroups, have.PriorityGroups) && want.PriorityPolicy == have.PriorityPolicy &&
-		want.PinnedTTL == have.PinnedTTL
+		want.PinnedTTL == have.PinnedTTL &&
+		// Fields the source leaves at their defaults, which an operator
+		// may have changed by hand: an update puts them back.
+		!have.HeadersOnly && have.InactiveThreshold == 0 && have.MaxRequestBatch == 0 && have.MaxRequestExpires == 0 &&
+		have.MaxRequestMaxBytes == 0 && len(have.BackOff) == 0 && have.SampleFrequency == "" && have.RateLimit == 0
 }
 
 // errVanishing: the durable found is the one this source last held, and
@@ -191,10 +196,15 @@ func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time
 	switch {
 	case err == nil:
 		info := old.CachedInfo()
-		if wait && !held.IsZero() && info.Created.Equal(held) {
-			return nil, errVanishing
-		}
 		oc := info.Config
+		if wait && !held.IsZero() && info.Created.Equal(held) {
+			// The durable this source held: being deleted, unless it
+			// was switched to the other mode in place (then it stays,
+			// and is handled below at once).
+			if have, _ := s.modeOf(&oc); have == s.cfg.Ordering {
+				return nil, errVanishing
+			}
+		}
 		if have, desc := s.modeOf(&oc); have != s.cfg.Ordering {
 			if info.NumWaiting > 0 {
 				me := &ModeError{Rule: s.cfg.Rule, Stream: s.cfg.Stream, Consumer: s.cfg.Durable, Have: desc,
@@ -246,8 +256,12 @@ func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time
 	if err != nil {
 		return nil, fmt.Errorf("natsjs: source %s: consumer %s: %w", s.cfg.Stream, s.cfg.Durable, err)
 	}
-	if err := s.checkStart(ctx, cons, cfg); err != nil {
-		return nil, err
+	if s.cfg.Ordering == Ordered {
+		// (An unordered source never resets, and may run where the reset
+		// API is missing or not permitted.)
+		if err := s.checkStart(ctx, cons, cfg); err != nil {
+			return nil, err
+		}
 	}
 	s.mu.Lock()
 	s.cons, s.conflict = cons, nil

@@ -139,6 +139,9 @@ type pinRun struct {
 	h      bridge.Handler
 	nc     *nats.Conn
 	status chan nats.Status
+	// goneChecked is when the standby last asked whether the durable
+	// exists (consumerGone).
+	goneChecked time.Time
 	// q is the intake queue: the client library's callback puts
 	// deliveries in without blocking, drainIntake hands them to h, and
 	// beat keeps the waiting ones from being redelivered.
@@ -369,7 +372,7 @@ func (r *pinRun) standby() bool {
 			r.reason = "probe: " + err.Error()
 			r.recreate()
 			return false
-		case errors.Is(err, nats.ErrNoResponders) && r.consumerGone():
+		case errors.Is(err, nats.ErrNoResponders) && time.Since(r.goneChecked) >= s.cfg.PinnedTTL && r.consumerGone():
 			// A pull on a durable that does not exist has no responder
 			// (elections have none either: only a durable the server
 			// says is not found is made again).
@@ -395,7 +398,10 @@ func (r *pinRun) standby() bool {
 
 // consumerGone reports whether the server answers that the durable does
 // not exist (false for any other answer, or none within RequestTimeout).
+// The standby asks at most once per PinnedTTL (goneChecked): during an
+// election every probe finds no responder.
 func (r *pinRun) consumerGone() bool {
+	r.goneChecked = time.Now()
 	ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.RequestTimeout)
 	defer cancel()
 	_, err := r.s.js.Consumer(ctx, r.s.cfg.Stream, r.s.cfg.Durable)
@@ -558,6 +564,17 @@ func (r *pinRun) resetOnLink(ctx context.Context) (*jetstream.ConsumerResetRespo
 		}
 	}()
 	resp, err := r.s.js.ResetConsumer(lctx, r.s.cfg.Stream, r.s.cfg.Durable)
+	if err == nil && resp.ConsumerInfo != nil && resp.Config.DeliverPolicy == jetstream.DeliverByStartSequencePolicy &&
+		resp.ResetSeq < resp.Config.OptStartSeq {
+		// The server does not check a reset to the ack floor against the
+		// durable's start, and a durable made again right after its
+		// deletion can report a floor below it (see checkStart): no pull
+		// waits yet, so a second reset puts it where it starts before
+		// anything is delivered.
+		r.s.log.Warn("nats consumer reset below its start; resetting it to its start",
+			"resetSeq", resp.ResetSeq, "startSeq", resp.Config.OptStartSeq)
+		resp, err = r.s.js.ResetConsumerToSequence(lctx, r.s.cfg.Stream, r.s.cfg.Durable, resp.Config.OptStartSeq)
+	}
 	if err != nil && errors.Is(context.Cause(lctx), errLinkLost) {
 		err = errLinkLost
 	}

@@ -346,9 +346,10 @@ func transientAPI(e *jetstream.APIError) bool {
 	case 10052, // invalid stream configuration
 		10074, // replicas > 1 not supported in non-clustered mode
 		10010, // clustering support required
-		10036, // not supported in clustered mode
-		10012: // consumer create error: a configuration the server refuses (a start that cannot be changed, ...)
+		10036: // not supported in clustered mode
 		return false
+	case 10012: // consumer create error: transient ("consumer closed" in an election), but not a refused change
+		return !strings.Contains(e.Description, "can not be updated")
 	}
 	return e.Code == 408 || e.Code == 429 || e.Code >= 500
 }

@@ -199,6 +199,7 @@ func TestTransient(t *testing.T) {
 		{&jetstream.APIError{Code: 400, ErrorCode: 10003, Description: "bad request"}, false},
 		{&jetstream.APIError{Code: 500, ErrorCode: 10074, Description: "replicas > 1 not supported in non-clustered mode"}, false},
 		{&jetstream.APIError{Code: 500, ErrorCode: 10012, Description: "start sequence can not be updated"}, false},
+		{&jetstream.APIError{Code: 500, ErrorCode: 10012, Description: "consumer closed"}, true},
 		{nats.ErrConnectionClosed, false},
 		{nats.ErrAuthorization, false},
 		{errors.New("remote error: tls: certificate required"), false},
