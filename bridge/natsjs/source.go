@@ -727,7 +727,12 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 				time.Since(time.Unix(0, s.lastConsumeErr.Load())) >= quietFor && s.State().State == StateShared {
 				s.failing.clear()
 			}
-			s.ackFloor.Store(info.AckFloor.Stream)
+			// A floor below the durable's start is the server's mistake
+			// after a quick re-creation (checkStart): not remembered, or
+			// the next re-creation would start below the start.
+			if c := info.Config; c.DeliverPolicy != jetstream.DeliverByStartSequencePolicy || info.AckFloor.Stream+1 >= c.OptStartSeq {
+				s.ackFloor.Store(info.AckFloor.Stream)
+			}
 			if s.cfg.Backlog != nil {
 				n := info.NumPending
 				if !s.ownsBacklog(info) {
