@@ -278,8 +278,7 @@ func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time
 // sets the floor right.
 func (s *Source) checkStart(ctx context.Context, cons jetstream.Consumer, cfg jetstream.ConsumerConfig) error {
 	ci := cons.CachedInfo()
-	if cfg.DeliverPolicy != jetstream.DeliverByStartSequencePolicy || cfg.OptStartSeq == 0 || ci == nil ||
-		ci.Config.DeliverPolicy != jetstream.DeliverByStartSequencePolicy || ci.AckFloor.Stream+1 >= cfg.OptStartSeq {
+	if ci == nil || !belowStart(&ci.Config, ci.AckFloor.Stream+1) {
 		return nil
 	}
 	s.log.Warn("nats consumer created with an ack floor below its start; resetting it to its start",
@@ -292,6 +291,14 @@ func (s *Source) checkStart(ctx context.Context, cons jetstream.Consumer, cfg je
 		return fmt.Errorf("natsjs: source %s: consumer %s: reset to its start %d: %w", s.cfg.Stream, s.cfg.Durable, cfg.OptStartSeq, err)
 	}
 	return nil
+}
+
+// belowStart reports whether next, the stream sequence a durable would
+// deliver from after its ack floor, is below where the durable c starts:
+// never so for a healthy durable, the server's mistake after a quick
+// re-creation (checkStart).
+func belowStart(c *jetstream.ConsumerConfig, next uint64) bool {
+	return c.DeliverPolicy == jetstream.DeliverByStartSequencePolicy && next < c.OptStartSeq
 }
 
 // deleteConsumer deletes the durable (one that is already gone is fine).

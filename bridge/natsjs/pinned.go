@@ -564,8 +564,7 @@ func (r *pinRun) resetOnLink(ctx context.Context) (*jetstream.ConsumerResetRespo
 		}
 	}()
 	resp, err := r.s.js.ResetConsumer(lctx, r.s.cfg.Stream, r.s.cfg.Durable)
-	if err == nil && resp.ConsumerInfo != nil && resp.Config.DeliverPolicy == jetstream.DeliverByStartSequencePolicy &&
-		resp.ResetSeq < resp.Config.OptStartSeq {
+	if err == nil && resp.ConsumerInfo != nil && belowStart(&resp.Config, resp.ResetSeq) {
 		// The server does not check a reset to the ack floor against the
 		// durable's start, and a durable made again right after its
 		// deletion can report a floor below it (see checkStart): no pull

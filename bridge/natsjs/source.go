@@ -727,10 +727,9 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 				time.Since(time.Unix(0, s.lastConsumeErr.Load())) >= quietFor && s.State().State == StateShared {
 				s.failing.clear()
 			}
-			// A floor below the durable's start is the server's mistake
-			// after a quick re-creation (checkStart): not remembered, or
-			// the next re-creation would start below the start.
-			if c := info.Config; c.DeliverPolicy != jetstream.DeliverByStartSequencePolicy || info.AckFloor.Stream+1 >= c.OptStartSeq {
+			// A floor below the durable's start is not remembered, or the
+			// next re-creation would start below the start.
+			if !belowStart(&info.Config, info.AckFloor.Stream+1) {
 				s.ackFloor.Store(info.AckFloor.Stream)
 			}
 			if s.cfg.Backlog != nil {
