@@ -136,12 +136,31 @@ func (c *cumAcks) flush(ep *epoch) {
 	_ = c.send(ep, m)
 }
 
-// send acknowledges m unless there is none or the epoch was revoked.
+// send acknowledges m unless there is none or the epoch was revoked. The
+// check and the ack are one step under c.mu, and epoch.Revoke waits for
+// c.mu after revoking (barrier): once Revoke returns, no ack of the epoch
+// can go out any more, and every one that passed the check is in the
+// connection's buffer already, ahead of whatever the caller sends next (the
+// reset of a fence or of the next epoch). Ack only buffers the message; it
+// does not wait for the server.
 func (c *cumAcks) send(ep *epoch, m jetstream.Msg) error {
-	if m == nil || ep.Revoked() {
+	if m == nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if ep.Revoked() {
 		return nil
 	}
 	return m.Ack()
+}
+
+// barrier returns once no send that passed its revocation check is still
+// running (see send).
+func (c *cumAcks) barrier() {
+	c.mu.Lock()
+	// Nothing to do inside: waiting for c.mu is the point.
+	c.mu.Unlock()
 }
 
 // checkAckFloor fences the active epoch when the consumer's ack floor (as a

@@ -72,6 +72,17 @@ func newEpoch(pin string) *epoch {
 // mode) never is.
 func (e *epoch) Revoked() bool { return e != nil && e.Epoch.Revoked() }
 
+// Revoke revokes the epoch: the pipeline publishes none of its messages
+// that have not started publishing, and no cumulative ack of it goes out
+// once Revoke returned (cumAcks.send), so the reset that follows a fence or
+// starts the next epoch is never overtaken by one.
+func (e *epoch) Revoke() {
+	e.Epoch.Revoke()
+	if e.acks != nil {
+		e.acks.barrier()
+	}
+}
+
 // settled records the final settlement of one delivery.
 func (e *epoch) settled() {
 	if e == nil {
@@ -1039,6 +1050,12 @@ func (s *Source) releaseEpoch(ctx context.Context, ep *epoch) error {
 		ep.Revoke()
 		ep.dropped.Store(true)
 		err = &OpenDeliveriesError{Stream: s.cfg.Stream, Open: ep.open.Load()}
+	} else if ep.acks != nil {
+		// The settled prefix's last ack goes out now, ahead of the
+		// give-back's reset and unpin, not on its timer after them (with
+		// deliveries dropped when consuming stopped, the prefix never
+		// reaches the end of the queue, which is what sends it inline).
+		ep.acks.flush(ep)
 	}
 	unpinned := s.giveBack(ep.pin, ep.stopped, ep.dropped.Load() || ep.Revoked())
 	s.log.Info("nats source released", "pin", ep.pin, "unpinned", unpinned, "took", time.Since(start).Round(time.Millisecond))

@@ -808,6 +808,9 @@ func (s *Source) Release(ctx context.Context) error {
 		select {
 		case <-done:
 		case <-ctx.Done():
+			// Ownership ends here whatever Run still does: nothing more
+			// of its epoch may be published or acknowledged.
+			s.revokeRunning()
 			return fmt.Errorf("natsjs: source %s release: Run did not return: %w", s.cfg.Stream, ctx.Err())
 		}
 	}
