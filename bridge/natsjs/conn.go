@@ -59,6 +59,13 @@ type BrokerConfig struct {
 	// DefaultMaxPingsOut (2s to 3s).
 	PingInterval time.Duration
 	MaxPingsOut  int
+	// WriteTimeout bounds each write to the server's socket. A server that
+	// stops reading (frozen, a hung VM) fills the socket's buffers within
+	// a second under load; the next write then blocks holding the client's
+	// lock, which also holds up the pings that would have found the link
+	// dead, and the client's own bound is a minute. After WriteTimeout the
+	// write fails and the client reconnects. Default DefaultWriteTimeout.
+	WriteTimeout time.Duration
 	// DialTimeout bounds one connection attempt to one server (TCP, TLS and
 	// the server's greeting); a server that accepts connections but does
 	// not answer costs this much per reconnect. Default DefaultDialTimeout.
@@ -87,6 +94,7 @@ const (
 	DefaultMaxPingsOut   = 2
 	DefaultDialTimeout   = 2 * time.Second
 	DefaultReconnectWait = 2 * time.Second
+	DefaultWriteTimeout  = 2 * time.Second
 )
 
 func (c *BrokerConfig) defaults() {
@@ -94,6 +102,7 @@ func (c *BrokerConfig) defaults() {
 	orDefault(&c.MaxPingsOut, DefaultMaxPingsOut)
 	orDefault(&c.DialTimeout, DefaultDialTimeout)
 	orDefault(&c.ReconnectWait, DefaultReconnectWait)
+	orDefault(&c.WriteTimeout, DefaultWriteTimeout)
 }
 
 // orDefault sets *v to d when it is zero or negative (not set).
@@ -212,6 +221,7 @@ func connOptions(cfg BrokerConfig, log *slog.Logger) ([]nats.Option, error) {
 		nats.ReconnectBufSize(reconnectBufBytes),
 		nats.PingInterval(cfg.PingInterval),
 		nats.MaxPingsOutstanding(cfg.MaxPingsOut),
+		nats.FlusherTimeout(cfg.WriteTimeout),
 		// Credentials may be rotated while the bridge runs; keep trying
 		// instead of closing the connection after two auth errors.
 		nats.IgnoreAuthErrorAbort(),

@@ -328,3 +328,63 @@ func TestNewSourceDuringMetaElection(t *testing.T) {
 		t.Errorf("took %v", took)
 	}
 }
+
+// TestWriteTimeoutFrozenServerUnderLoad: a server that stops reading while
+// the client publishes as fast as it can. The socket's buffers fill, the
+// next write blocks with the client's lock held, and the pings that would
+// find the link dead wait behind it; without a write timeout the client
+// stays "connected" for the client library's default minute. With
+// WriteTimeout the write fails, and the client reconnects to another
+// server of the list within seconds.
+func TestWriteTimeoutFrozenServerUnderLoad(t *testing.T) {
+	c := natstest.StartCluster(t, 3)
+	cfg := BrokerConfig{Name: "nats", URL: c.URL(), ListedOrder: true, WriteTimeout: 500 * time.Millisecond}
+	nc, err := connect(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nc.ConnectedUrl() != c.Node(0).URL {
+		t.Fatalf("connected to %s, want the first listed server %s", nc.ConnectedUrl(), c.Node(0).URL)
+	}
+	payload := make([]byte, 1024)
+	var mu sync.Mutex
+	var longest time.Duration
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			t0 := time.Now()
+			_ = nc.Publish("load.x", payload)
+			mu.Lock()
+			longest = max(longest, time.Since(t0))
+			mu.Unlock()
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	t0 := time.Now()
+	c.Stop(0)
+	t.Cleanup(func() { c.Cont(0) })
+	eventually(t, 20*time.Second, "the link to the frozen server given up", func() bool { return nc.Status() != nats.CONNECTED })
+	left := time.Since(t0)
+	eventually(t, 20*time.Second, "reconnected to another server", func() bool {
+		return nc.Status() == nats.CONNECTED && nc.ConnectedUrl() != c.Node(0).URL
+	})
+	back := time.Since(t0)
+	close(stop)
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("link given up %v after SIGSTOP (last error %v), reconnected to %s after %v; longest publish call %v",
+		left.Round(time.Millisecond), nc.LastError(), nc.ConnectedUrl(), back.Round(time.Millisecond), longest.Round(time.Millisecond))
+	// The pings (1s × 2) cannot act while a write blocks: only the write
+	// timeout ends it. Without it this takes a minute.
+	if left > 10*time.Second {
+		t.Errorf("the link was given up %v after the server froze, want within seconds (WriteTimeout %v)", left, cfg.WriteTimeout)
+	}
+}

@@ -193,8 +193,8 @@ func TestNATSBrokerDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	a, b := natsOf(t, c, "a"), natsOf(t, c, "b")
-	got := []any{a.PingInterval.D(), a.MaxPingsOut, a.DialTimeout.D(), a.ReconnectWait.D(), a.RequestTimeout.D(), a.AckTimeout.D()}
-	want := []any{natsjs.DefaultPingInterval, natsjs.DefaultMaxPingsOut, natsjs.DefaultDialTimeout, natsjs.DefaultReconnectWait,
+	got := []any{a.PingInterval.D(), a.MaxPingsOut, a.WriteTimeout.D(), a.DialTimeout.D(), a.ReconnectWait.D(), a.RequestTimeout.D(), a.AckTimeout.D()}
+	want := []any{natsjs.DefaultPingInterval, natsjs.DefaultMaxPingsOut, natsjs.DefaultWriteTimeout, natsjs.DefaultDialTimeout, natsjs.DefaultReconnectWait,
 		natsjs.DefaultRequestTimeout, natsjs.DefaultAckTimeout}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("defaults of a NATS broker %v, want the adapter's %v", got, want)

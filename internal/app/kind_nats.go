@@ -35,6 +35,7 @@ type NATSBroker struct {
 	// natsjs.SinkConfig.AckTimeout.
 	PingInterval   config.Duration `yaml:"pingInterval"`
 	MaxPingsOut    int             `yaml:"maxPingsOut"`
+	WriteTimeout   config.Duration `yaml:"writeTimeout"`
 	DialTimeout    config.Duration `yaml:"dialTimeout"`
 	ReconnectWait  config.Duration `yaml:"reconnectWait"`
 	RequestTimeout config.Duration `yaml:"requestTimeout"`
@@ -126,6 +127,7 @@ func (b *NATSBroker) Validate(c *config.BrokerCheck) {
 		min   time.Duration
 	}{
 		{"pingInterval", b.PingInterval, 100 * time.Millisecond},
+		{"writeTimeout", b.WriteTimeout, 100 * time.Millisecond},
 		{"dialTimeout", b.DialTimeout, 100 * time.Millisecond},
 		{"reconnectWait", b.ReconnectWait, 100 * time.Millisecond},
 		{"requestTimeout", b.RequestTimeout, 10 * time.Millisecond},
@@ -147,7 +149,7 @@ func (b *NATSBroker) Validate(c *config.BrokerCheck) {
 func (b *NATSBroker) adapter(name string) natsjs.BrokerConfig {
 	bc := natsjs.BrokerConfig{Name: name, URL: b.URL, Creds: string(b.Creds), User: b.User,
 		Password: b.Password.Value(), Token: b.Token.Value(), PingInterval: b.PingInterval.D(),
-		MaxPingsOut: b.MaxPingsOut, DialTimeout: b.DialTimeout.D(), ReconnectWait: b.ReconnectWait.D(),
+		MaxPingsOut: b.MaxPingsOut, WriteTimeout: b.WriteTimeout.D(), DialTimeout: b.DialTimeout.D(), ReconnectWait: b.ReconnectWait.D(),
 		ListedOrder: b.ServerOrder == "listed"}
 	if b.TLS != nil {
 		bc.TLS = &natsjs.TLSConfig{CA: string(b.TLS.CA), Cert: string(b.TLS.Cert), Key: string(b.TLS.Key)}

@@ -27,6 +27,7 @@ var defaults = []defaultRow{
 	{"brokers", "", "none: the embedded default (in-process nats-server with JetStream, broker name `nats`)"},
 	{"brokers.*.pingInterval", "1s", "type nats: the client pings the server this often and reconnects once more than maxPingsOut pings are unanswered (a frozen server is left after 2-3s with the defaults); at least 100ms"},
 	{"brokers.*.maxPingsOut", "2", "type nats: unanswered pings before the link counts as dead; 1..100"},
+	{"brokers.*.writeTimeout", "2s", "type nats: each write to the server's socket; a server that stops reading (frozen, a hung VM) blocks the client's writes once the socket's buffers are full, which also holds up the pings above: after this the write fails and the client reconnects; at least 100ms"},
 	{"brokers.*.dialTimeout", "2s", "type nats: one connection attempt to one server (TCP, TLS, the server's greeting); at least 100ms"},
 	{"brokers.*.reconnectWait", "2s", "type nats: longest wait between two rounds of reconnect attempts over the server list (doubles from 100ms, plus jitter); at least 100ms"},
 	{"brokers.*.requestTimeout", "2s", "type nats: each attempt of a JetStream API request (streams, consumers, consumer reset/unpin/info); failed attempts are logged, counted and retried with backoff; at least 10ms"},
