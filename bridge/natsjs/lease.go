@@ -449,6 +449,12 @@ func (k *keeper) run(renewed time.Time) {
 					k.mu.Lock()
 					k.rev = e.Revision()
 					k.mu.Unlock()
+					// The same revision again: the read came from a
+					// replica of the bucket that is behind; pause
+					// instead of asking again at once.
+					if e.Revision() == rev && !sleepCtx(ctx, retryPause(b.beat)) {
+						return
+					}
 					continue
 				case gerr == nil || errors.Is(gerr, jetstream.ErrKeyNotFound) || errors.Is(gerr, jetstream.ErrKeyDeleted):
 					close(k.lost)

@@ -149,14 +149,41 @@ func (s *PartitionedSource) own(o *owner) {
 		case <-o.giveUp:
 			// Stop pulling, let the pipeline settle what it was given,
 			// unpin, then delete the lease: the next owner can only start
-			// after that, or after the lease's expiry.
+			// after that, or after the lease's expiry. The drain ends at
+			// DrainTimeout, and at once when the lease is lost meanwhile
+			// (another replica may take the partition from then on: what
+			// is still open is revoked, as in the lost-lease case below).
 			s.setOwnerState(o.p, "draining", part)
-			stopping()
 			dctx, cancel := context.WithTimeout(s.life, s.cfg.DrainTimeout)
+			go func() {
+				select {
+				case <-k.Lost():
+					cancel()
+				case <-dctx.Done():
+				}
+			}()
+			if runDone != nil {
+				runStop()
+				select {
+				case <-runDone:
+				case <-dctx.Done():
+					revoke(part)
+					<-runDone
+				}
+				runDone = nil
+			}
 			if err := part.Release(dctx); err != nil {
 				log.Warn("partition handed over before its deliveries settled", "err", err)
 			}
 			cancel()
+			select {
+			case <-k.Lost():
+				k.Stop()
+				log.Warn("partition lease lost while draining; what was still open was revoked")
+				ev.lost = true
+				return
+			default:
+			}
 			s.setOwnerState(o.p, "releasing", part)
 			release()
 			log.Info("partition released")
@@ -483,12 +510,18 @@ func (m *manager) ensureWatch() {
 	m.report()
 }
 
+// stopWatch stops the watch. The view it fed no longer learns of renewals,
+// and expiring it would soon show every member gone (and make reconcile
+// give every partition up): until a new watch has delivered its initial
+// values, the view counts as not synced, and owners keep what they hold
+// (their leases guard it).
 func (m *manager) stopWatch() {
 	if m.watch != nil {
 		_ = m.watch.Stop()
 		m.wcancel()
 		m.watch, m.updates = nil, nil
 	}
+	m.synced = false
 }
 
 // applyWatch takes one watch delivery; nil marks the end of the initial

@@ -732,3 +732,62 @@ func TestPartitionedCloseGivesUp(t *testing.T) {
 		t.Error("the membership is still announced after Close")
 	}
 }
+
+// TestPartitionLeaseLostWhileDraining: a partition moving to a new replica
+// drains (its deliveries wait in a slow sink) when its lease is lost (the
+// key deleted by hand; a renewal that cannot reach the bucket's leader ends
+// the same way). From then on the new owner may take it, so the old one
+// stops at once, revoking what is still open, instead of draining on for
+// the slow sink's delay: no two replicas forward a partition for longer
+// than a heartbeat.
+func TestPartitionLeaseLostWhileDraining(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	table := partTable(t, js)
+	const slow = 6 * time.Second
+	a := startPartReplica(t, srv, table, "a", partOpts{forward: true, slow: slow,
+		tune: func(c *PartitionedConfig) { c.DrainTimeout = 30 * time.Second }})
+	waitBalanced(t, 20*time.Second, "a alone", 12, false, a)
+	stop := produce(t, srv, 200)
+	defer stop()
+	time.Sleep(time.Second) // a holds deliveries of every partition in its slow sink
+	b := startPartReplica(t, srv, table, "b", partOpts{forward: true})
+	var draining []int
+	eventually(t, 20*time.Second, "a draining partitions for b", func() bool {
+		draining = draining[:0]
+		for _, o := range a.src.Status().Owned {
+			if o.State == "draining" {
+				draining = append(draining, o.Partition)
+			}
+		}
+		return len(draining) > 0
+	})
+	kv, err := js.KeyValue(testCtx(t), DefaultLeaseBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	for _, p := range draining {
+		if err := kv.Delete(testCtx(t), a.src.leaseKey(p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, 20*time.Second, "a gave up the partitions whose leases it lost", func() bool {
+		for _, o := range a.src.Status().Owned {
+			if slices.Contains(draining, o.Partition) {
+				return false
+			}
+		}
+		return true
+	})
+	took := time.Since(t0)
+	t.Logf("partitions %v: lease deleted while draining, given up %v later (heartbeat %v, slow sink %v)",
+		draining, took.Round(time.Millisecond), a.src.b.beat, slow)
+	if took > slow/2 {
+		t.Errorf("a drained partitions %v for %v after their leases were lost, want about a heartbeat (%v)", draining, took, a.src.b.beat)
+	}
+	stop()
+	waitBalanced(t, 30*time.Second, "after the loss", 12, false, a, b)
+	a.stop()
+	b.stop()
+}
