@@ -52,10 +52,15 @@ gather:
 			break gather
 		}
 	}
+	// A group's queue index and the queue count it was computed with
+	// travel together: the count may change (another worker's send saw a
+	// new route) before the batch goes out, and the selector then refuses
+	// the hint instead of pairing the index with another count.
 	type key struct {
 		t     *target
 		topic string
 		idx   int
+		n     int
 	}
 	var order []key
 	groups := map[key][]built{}
@@ -70,7 +75,7 @@ gather:
 		}
 		msg := outgoingMessage(k.m, k.t.groups)
 		gk := key{k.t, k.m.Target.Topic, queueIndex(msg.GetProperty(bridge.HeaderShard), msg.GetProperty(bridge.HeaderError) != "",
-			msg.GetProperty(bridge.HeaderMsgID), msg.GetProperty(primitive.PropertyKeys), n)}
+			msg.GetProperty(bridge.HeaderMsgID), msg.GetProperty(primitive.PropertyKeys), n), n}
 		if _, seen := groups[gk]; !seen {
 			order = append(order, gk)
 		}
@@ -78,14 +83,13 @@ gather:
 	}
 	for _, gk := range order {
 		g := groups[gk]
-		n, _ := gk.t.sel.queues(gk.topic)
 		for len(g) > 0 {
 			size, end := 0, 0
 			for end < len(g) && (end == 0 || size+len(g[end].msg.Body) <= maxBatchBytes) {
 				size += len(g[end].msg.Body)
 				end++
 			}
-			s.sendBatch(gk.t, batchHint{idx: gk.idx, n: n}, g[:end])
+			s.sendBatch(gk.t, batchHint{idx: gk.idx, n: gk.n}, g[:end])
 			g = g[end:]
 		}
 	}

@@ -63,7 +63,7 @@ func (o *orderSelector) Select(m *primitive.Message, mqs []*primitive.MessageQue
 	}
 	if m.Batch {
 		if h, ok := o.hints.Load(m.Queue); ok {
-			if hint := h.(batchHint); hint.n == len(mqs) {
+			if hint := h.(batchHint); hint.n == len(mqs) && hint.idx < len(mqs) {
 				return mqs[hint.idx]
 			}
 		}

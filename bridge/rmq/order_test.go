@@ -201,6 +201,12 @@ func TestOrderSelectorBatchHint(t *testing.T) {
 	if q := sel.Select(batch, queues(8), ""); q != nil {
 		t.Fatalf("batch for 4 queues sent to queue %d of 8", q.QueueId)
 	}
+	// An index that does not fit the count it names is refused, not sent
+	// out of range (it would panic in the client's send).
+	sel.hints.Store(mark, batchHint{idx: 7, n: 4})
+	if q := sel.Select(batch, queues(4), ""); q != nil {
+		t.Fatalf("batch hint for queue 7 of 4 sent to queue %d", q.QueueId)
+	}
 	if q := sel.Select(&primitive.Message{Topic: "t", Batch: true, Queue: &primitive.MessageQueue{}}, queues(4), ""); q != nil {
 		t.Fatalf("batch without a hint sent to queue %d", q.QueueId)
 	}

@@ -260,6 +260,10 @@ func TestBrokerConfigErrors(t *testing.T) {
 		{"dedupe requestTimeout memory", "rules: rules\n" + nats + "dedupe: {store: memory, requestTimeout: 1s}\n", []string{"config.yaml:4: dedupe.requestTimeout: only valid for store jetstream"}},
 		{"dedupe unknown broker", "rules: rules\n" + nats + "dedupe: {store: jetstream, broker: other}\n", []string{"dedupe.broker: unknown broker \"other\""}},
 		{"dedupe rmq broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream, broker: r}\n", []string{"dedupe.broker: broker \"r\" is of type rocketmq"}},
+		{"rmq transactional with the memory store", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: transactional}\n  nats: {type: nats, url: nats://a:1}\ndedupe: {store: memory}\n",
+			[]string{"config.yaml:5: dedupe.store: broker \"r\" has exactlyOnce: transactional"}},
+		{"rmq transactional without a NATS broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], exactlyOnce: transactional}\n",
+			[]string{"dedupe.store: broker \"r\" has exactlyOnce: transactional"}},
 		{"dedupe no broker", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\ndedupe: {store: jetstream}\n", []string{"dedupe.broker: required for store jetstream"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

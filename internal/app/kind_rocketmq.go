@@ -89,6 +89,17 @@ func (b *RocketMQBroker) Validate(c *config.BrokerCheck) {
 	}
 }
 
+// SharedStoreNeed implements config.SharedStoreUser: a transactional
+// target's decided half messages are checked back on any replica of the
+// producer group, also after a restart, and answered from the dedupe
+// store (docs/guarantees.md, section 10).
+func (b *RocketMQBroker) SharedStoreNeed() string {
+	if b.ExactlyOnce == "transactional" {
+		return "has exactlyOnce: transactional: the broker's check-backs of its half messages go to any replica and are answered from the dedupe store, also after a restart"
+	}
+	return ""
+}
+
 // adapter maps the settings onto the adapter's broker config.
 func (b *RocketMQBroker) adapter(name string) rmq.BrokerConfig {
 	return rmq.BrokerConfig{Name: name, NameServers: b.Nameservers, AccessKey: b.AccessKey.Value(),

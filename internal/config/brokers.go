@@ -72,6 +72,14 @@ type BrokerSettings interface {
 	Validate(c *BrokerCheck)
 }
 
+// SharedStoreUser is implemented by broker settings that can need the
+// dedupe store every replica shares and that outlives the process
+// (`dedupe.store: jetstream`): SharedStoreNeed says why these settings need
+// it, or returns "" when they do not. The memory store is refused for them.
+type SharedStoreUser interface {
+	SharedStoreNeed() string
+}
+
 // BrokerKind is what the configuration knows of one kind of broker: the
 // value of `type:` that selects it, its settings, and which rule endpoints
 // it serves. Each kind registers itself (RegisterBrokerKind); nothing in this

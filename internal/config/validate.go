@@ -124,6 +124,17 @@ func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
 		if d.Size < 1 {
 			bad("dedupe.size", "must be positive, got %d", d.Size)
 		}
+		for _, name := range c.brokerNames() {
+			b := c.Brokers[name]
+			if b == nil {
+				continue // reported where brokers are checked
+			}
+			if u, ok := b.Settings.(SharedStoreUser); ok {
+				if why := u.SharedStoreNeed(); why != "" {
+					bad("dedupe.store", "broker %q %s, which the memory store (each process's own) cannot give; write store: jetstream with a NATS broker for the KV bucket%s", name, why, hint)
+				}
+			}
+		}
 	default:
 		bad("dedupe.store", "unknown store %q (want jetstream or memory)", d.Store)
 	}
