@@ -380,7 +380,10 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 				}
 				claimed = true
 			}
-			if claimed || kv.lost.claim(subj, cur) {
+			// The lost value is forgotten in either case: once this call
+			// holds the reservation, no later call may take it over.
+			took := kv.lost.claim(subj, cur)
+			if claimed || took {
 				settle(true)
 				return Reserved, nil
 			}

@@ -215,6 +215,27 @@ func TestKVOwedReleaseAndNewReservation(t *testing.T) {
 	mustReserve(t, a, "k", InFlight) // a reservation of a's that a's caller holds
 }
 
+// TestKVOwedReleaseTakesLostValue: a reservation of this store whose
+// write's reply was lost (no caller holds it) while a release of the key is
+// owed. The next Reserve takes it over through the owed release; the lost
+// value must be forgotten then, or a later Reserve would take the same
+// reservation over a second time, and two callers would publish.
+func TestKVOwedReleaseTakesLostValue(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	a := openKV(t, js, KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute})
+	subj := a.subject("k")
+	mustReserve(t, a, "k", Reserved)
+	st, _, cur, err := a.lookup(context.Background(), subj)
+	if err != nil || st != kvOurs {
+		t.Fatalf("lookup after Reserve: state %v, err %v", st, err)
+	}
+	a.lostReply(subj, cur)           // as if that write's reply had been lost
+	a.owed.owe(subj, owedRelease, 0) // and a release of the key failed before it
+	mustReserve(t, a, "k", Reserved) // taken over once, through the owed release
+	mustReserve(t, a, "k", InFlight) // and not a second time through the lost value
+}
+
 // TestKVServerRestart checks that the bucket's state survives a server
 // restart (file storage) and that a store keeps working across the
 // client's reconnect.
