@@ -51,10 +51,45 @@ type BrokerConfig struct {
 	// MIXED), and one without a group in a FIFO topic; a 4.x broker stores
 	// the property and ignores it. Sources ignore it.
 	MessageGroups bool
+	// DialTimeout bounds one connection attempt to a name server or broker
+	// (the client's own is 15 s). Default DefaultDialTimeout.
+	DialTimeout time.Duration
+	// WriteTimeout bounds each write to a connection that carries no
+	// deadline of its own: one-way requests such as end-transactions,
+	// check-back answers and consumer offset updates. The client's own is
+	// 120 s, and a write blocked on a broker that stopped reading holds the
+	// connection's lock, so every later request on it waits too, whatever
+	// its own timeout. Default DefaultWriteTimeout.
+	WriteTimeout time.Duration
 }
 
 // DefaultCheckBackWait is BrokerConfig.CheckBackWait's default.
 const DefaultCheckBackWait = 70 * time.Second
+
+// Defaults of BrokerConfig's connection bounds (those of the NATS brokers).
+const (
+	DefaultDialTimeout  = 2 * time.Second
+	DefaultWriteTimeout = 2 * time.Second
+	// remotingReadTimeout is the client's read deadline, renewed before
+	// each frame: an idle connection is closed after it. It stays the
+	// client's default, far above a pull's long poll.
+	remotingReadTimeout = 120 * time.Second
+)
+
+// remoting returns the client's connect, read and write timeouts
+// (producer.WithRemotingTimeout, consumer.WithRemotingTimeout). Every
+// client sharing an instance name shares one connection pool, so the
+// producer and its barrier client must be given the same values.
+func (c BrokerConfig) remoting() (connect, read, write time.Duration) {
+	connect, write = c.DialTimeout, c.WriteTimeout
+	if connect <= 0 {
+		connect = DefaultDialTimeout
+	}
+	if write <= 0 {
+		write = DefaultWriteTimeout
+	}
+	return connect, remotingReadTimeout, write
+}
 
 func (c BrokerConfig) checkBackWait() time.Duration {
 	if c.CheckBackWait > 0 {

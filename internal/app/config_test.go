@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cellbridge/cellbridge/bridge/natsjs"
+	"github.com/cellbridge/cellbridge/bridge/rmq"
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -201,6 +202,17 @@ func TestNATSBrokerDefaults(t *testing.T) {
 	}
 	if b.AckTimeout.D() != 7*time.Second || b.MaxPingsOut != 5 || b.PingInterval.D() != natsjs.DefaultPingInterval {
 		t.Errorf("broker b: %+v", b)
+	}
+	// The connection bounds shared with RocketMQ brokers: the same rows,
+	// equal to the RocketMQ adapter's own defaults.
+	rc, err := config.Parse("c.yaml", []byte("brokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\n  s: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], writeTimeout: 5s}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, rs := rmqOf(t, rc, "r"), rmqOf(t, rc, "s")
+	if r.DialTimeout.D() != rmq.DefaultDialTimeout || r.WriteTimeout.D() != rmq.DefaultWriteTimeout || rs.WriteTimeout.D() != 5*time.Second {
+		t.Errorf("rocketmq brokers' dialTimeout and writeTimeout %v %v and %v, want the adapter's %v %v and the 5s set",
+			r.DialTimeout, r.WriteTimeout, rs.WriteTimeout, rmq.DefaultDialTimeout, rmq.DefaultWriteTimeout)
 	}
 	// The embedded default's broker sets nothing: the adapter's defaults
 	// apply, which are the same.

@@ -34,6 +34,11 @@ type RocketMQBroker struct {
 	// PersistInterval (sources): consumer offsets go to the broker at once
 	// after an acknowledgement, then at most this often. Default 200ms.
 	PersistInterval config.Duration `yaml:"persistInterval"`
+	// DialTimeout and WriteTimeout bound connection attempts and writes
+	// (defaults in the configuration's defaults table, equal to the
+	// adapter's own): see rmq.BrokerConfig.
+	DialTimeout  config.Duration `yaml:"dialTimeout"`
+	WriteTimeout config.Duration `yaml:"writeTimeout"`
 }
 
 // minPersistInterval bounds persistInterval from below: every persist
@@ -84,6 +89,14 @@ func (b *RocketMQBroker) Validate(c *config.BrokerCheck) {
 	case b.CheckBackWait > 0 && b.ExactlyOnce != "transactional":
 		c.Errorf("checkBackWait", "only applies with exactlyOnce: transactional")
 	}
+	for _, d := range []struct {
+		field string
+		v     config.Duration
+	}{{"dialTimeout", b.DialTimeout}, {"writeTimeout", b.WriteTimeout}} {
+		if d.v.D() < 100*time.Millisecond {
+			c.Errorf(d.field, "must be at least 100ms, got %s", d.v)
+		}
+	}
 	if b.PersistInterval != 0 && b.PersistInterval.D() < minPersistInterval {
 		c.Errorf("persistInterval", "want at least %v (each persist sends a request per queue), got %v", minPersistInterval, b.PersistInterval)
 	}
@@ -105,7 +118,7 @@ func (b *RocketMQBroker) adapter(name string) rmq.BrokerConfig {
 	return rmq.BrokerConfig{Name: name, NameServers: b.Nameservers, AccessKey: b.AccessKey.Value(),
 		SecretKey: b.SecretKey.Value(), Namespace: b.Namespace, InstancePrefix: b.InstancePrefix,
 		Transactional: b.ExactlyOnce == "transactional", CheckBackWait: b.CheckBackWait.D(),
-		MessageGroups: b.MessageGroups}
+		MessageGroups: b.MessageGroups, DialTimeout: b.DialTimeout.D(), WriteTimeout: b.WriteTimeout.D()}
 }
 
 // rmqClient builds RocketMQ producers and consumers; the client library
