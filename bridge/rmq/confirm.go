@@ -178,8 +178,8 @@ func newBarrier(bc BrokerConfig, group, instance string) (barrierClient, error) 
 		consumer.WithNsResolver(bc.resolver()),
 		consumer.WithGroupName(group),
 		consumer.WithInstance(instance),
-		consumer.WithRemotingTimeout(bc.remoting()),
 	}
+	remotingDefaults()
 	if bc.Namespace != "" {
 		opts = append(opts, consumer.WithNamespace(bc.Namespace))
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/apache/rocketmq-client-go/v2/primitive"
+	"github.com/apache/rocketmq-client-go/v2/producer"
 	"github.com/apache/rocketmq-client-go/v2/rlog"
 )
 
@@ -51,22 +52,13 @@ type BrokerConfig struct {
 	// MIXED), and one without a group in a FIFO topic; a 4.x broker stores
 	// the property and ignores it. Sources ignore it.
 	MessageGroups bool
-	// DialTimeout bounds one connection attempt to a name server or broker
-	// (the client's own is 15 s). Default DefaultDialTimeout.
-	DialTimeout time.Duration
-	// WriteTimeout bounds each write to a connection that carries no
-	// deadline of its own: one-way requests such as end-transactions,
-	// check-back answers and consumer offset updates. The client's own is
-	// 120 s, and a write blocked on a broker that stopped reading holds the
-	// connection's lock, so every later request on it waits too, whatever
-	// its own timeout. Default DefaultWriteTimeout.
-	WriteTimeout time.Duration
 }
 
 // DefaultCheckBackWait is BrokerConfig.CheckBackWait's default.
 const DefaultCheckBackWait = 70 * time.Second
 
-// Defaults of BrokerConfig's connection bounds (those of the NATS brokers).
+// Defaults of the client's connection bounds (SetRemotingTimeouts; those
+// of the NATS brokers).
 const (
 	DefaultDialTimeout  = 2 * time.Second
 	DefaultWriteTimeout = 2 * time.Second
@@ -76,20 +68,47 @@ const (
 	remotingReadTimeout = 120 * time.Second
 )
 
-// remoting returns the client's connect, read and write timeouts
-// (producer.WithRemotingTimeout, consumer.WithRemotingTimeout). Every
-// client sharing an instance name shares one connection pool, so the
-// producer and its barrier client must be given the same values.
-func (c BrokerConfig) remoting() (connect, read, write time.Duration) {
-	connect, write = c.DialTimeout, c.WriteTimeout
-	if connect <= 0 {
-		connect = DefaultDialTimeout
-	}
-	if write <= 0 {
-		write = DefaultWriteTimeout
-	}
-	return connect, remotingReadTimeout, write
+// SetRemotingTimeouts bounds every connection attempt of the process's
+// RocketMQ clients to a name server or broker by dial (the client's own
+// default is 15 s) and every write that carries no deadline of its own by
+// write (one-way requests: end-transactions, check-back answers, consumer
+// offset updates; the client's own default is 120 s). A write blocked on a
+// broker that stopped reading holds its connection's lock, so every later
+// request on that connection waits too, whatever its own timeout: after
+// write the connection is closed and made again. Values of zero or less
+// mean the defaults above.
+//
+// The client keeps these in one structure for the whole process, which its
+// options write without synchronization. So they are set once, before the
+// first client is made: the first call wins, and a Source or Sink made
+// before any call sets the defaults.
+func SetRemotingTimeouts(dial, write time.Duration) {
+	remotingOnce.Do(func() {
+		if dial <= 0 {
+			dial = DefaultDialTimeout
+		}
+		if write <= 0 {
+			write = DefaultWriteTimeout
+		}
+		// The only way to reach the structure is a client's option; this
+		// producer is never started (it opens no connection and starts no
+		// goroutine) and is dropped.
+		_, err := producer.NewDefaultProducer(
+			producer.WithRemotingTimeout(dial, remotingReadTimeout, write),
+			producer.WithNsResolver(primitive.NewPassthroughResolver([]string{"127.0.0.1:9876"})),
+			producer.WithInstanceName("cellbridge-remoting-settings"),
+		)
+		if log := logTarget.Load(); err != nil && log != nil {
+			log.Warn("cannot set the client's connection timeouts; its defaults apply", "err", err)
+		}
+	})
 }
+
+var remotingOnce sync.Once
+
+// remotingDefaults applies the default connection bounds unless
+// SetRemotingTimeouts ran already; every client is made after it.
+func remotingDefaults() { SetRemotingTimeouts(0, 0) }
 
 func (c BrokerConfig) checkBackWait() time.Duration {
 	if c.CheckBackWait > 0 {

@@ -9,6 +9,8 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// Process-wide, before the tests' own clients (feeders, readers) exist.
+	SetRemotingTimeouts(0, 0)
 	goleak.VerifyTestMain(m, leakIgnores()...)
 }
 

@@ -176,8 +176,8 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 		producer.WithRetry(0),
 		// The queue follows the copy's order key (order.go).
 		producer.WithQueueSelector(sel),
-		producer.WithRemotingTimeout(bc.remoting()),
 	}
+	remotingDefaults()
 	if bc.Namespace != "" {
 		opts = append(opts, producer.WithNamespace(bc.Namespace))
 	}

@@ -146,8 +146,8 @@ func (s *Source) start(ctx context.Context) (pullConsumer, error) {
 			// starts after its producers must not skip their messages.
 			consumer.WithConsumeFromWhere(consumer.ConsumeFromFirstOffset),
 			consumer.WithPullBatchSize(int32(s.cfg.FetchBatch)),
-			consumer.WithRemotingTimeout(s.bc.remoting()),
 		}
+		remotingDefaults()
 		if s.bc.Namespace != "" {
 			opts = append(opts, consumer.WithNamespace(s.bc.Namespace))
 		}

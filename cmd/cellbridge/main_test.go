@@ -7,11 +7,15 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cellbridge/cellbridge/bridge/rmq"
 	"github.com/cellbridge/cellbridge/internal/e2etest"
 	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
 func TestMain(m *testing.M) {
+	// The RocketMQ client's connection bounds are process-wide: set before
+	// the tests' own clients exist (an in-process bridge sets them too).
+	rmq.SetRemotingTimeouts(0, 0)
 	code := m.Run()
 	e2etest.RemoveBinaries()
 	if code == 0 {

@@ -36,7 +36,9 @@ type RocketMQBroker struct {
 	PersistInterval config.Duration `yaml:"persistInterval"`
 	// DialTimeout and WriteTimeout bound connection attempts and writes
 	// (defaults in the configuration's defaults table, equal to the
-	// adapter's own): see rmq.BrokerConfig.
+	// adapter's own): see rmq.SetRemotingTimeouts. The client keeps one
+	// value for the process: with several rocketmq brokers the smallest
+	// applies.
 	DialTimeout  config.Duration `yaml:"dialTimeout"`
 	WriteTimeout config.Duration `yaml:"writeTimeout"`
 }
@@ -118,7 +120,15 @@ func (b *RocketMQBroker) adapter(name string) rmq.BrokerConfig {
 	return rmq.BrokerConfig{Name: name, NameServers: b.Nameservers, AccessKey: b.AccessKey.Value(),
 		SecretKey: b.SecretKey.Value(), Namespace: b.Namespace, InstancePrefix: b.InstancePrefix,
 		Transactional: b.ExactlyOnce == "transactional", CheckBackWait: b.CheckBackWait.D(),
-		MessageGroups: b.MessageGroups, DialTimeout: b.DialTimeout.D(), WriteTimeout: b.WriteTimeout.D()}
+		MessageGroups: b.MessageGroups}
+}
+
+// minSet is the smaller of a and b where a of zero is not set yet.
+func minSet(a, b time.Duration) time.Duration {
+	if a <= 0 {
+		return b
+	}
+	return min(a, b)
 }
 
 // rmqClient builds RocketMQ producers and consumers; the client library
@@ -131,9 +141,15 @@ type rmqClient struct {
 func connectRocketMQ(_ context.Context, env kindEnv, used []usedBroker) (kindClient, error) {
 	rmq.SetLogger(env.log) // only when RocketMQ is used: the setting is process-wide
 	c := &rmqClient{env: env, brokers: map[string]*RocketMQBroker{}}
+	var dial, write time.Duration
 	for _, u := range used {
-		c.brokers[u.name] = u.settings.(*RocketMQBroker)
+		b := u.settings.(*RocketMQBroker)
+		c.brokers[u.name] = b
+		dial = minSet(dial, b.DialTimeout.D())
+		write = minSet(write, b.WriteTimeout.D())
 	}
+	// Process-wide as well, and before the first client is made.
+	rmq.SetRemotingTimeouts(dial, write)
 	return c, nil
 }
 
