@@ -340,7 +340,7 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 			// reservation for the old one (when it claimed first, it is
 			// purging the old one: wait for it).
 			if !claimed && kv.owed.owes(subj) == owedRelease {
-				if !kv.owed.claimRelease(subj) {
+				if !kv.owed.claimRelease(subj, 0) {
 					return InFlight, nil
 				}
 				claimed = true
@@ -374,8 +374,8 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 			// A reservation of this store that no caller holds (its
 			// holder gave it up and the release failed, or its write's
 			// reply was lost) is taken over, by one call only.
-			if !claimed && kv.owed.owes(subj) == owedRelease {
-				if !kv.owed.claimRelease(subj) {
+			if !claimed && kv.owed.owes(subj) == owedRelease && kv.owed.releaseFor(subj, rev) {
+				if !kv.owed.claimRelease(subj, rev) {
 					return InFlight, nil // the background release is purging it
 				}
 				claimed = true
@@ -418,7 +418,7 @@ func (kv *KV) reserveOver(rev uint64) nats.Header {
 // over, or the background release removes it (owedWrites).
 func (kv *KV) lostReply(subj string, val []byte) {
 	kv.lost.remember(subj, val)
-	kv.owed.owe(subj, owedLost, kv.lostGrace)
+	kv.owed.owe(subj, owedLost, kv.lostGrace, 0)
 }
 
 // lostWrites remembers, per key subject, the reservation values whose
@@ -504,9 +504,9 @@ func (kv *KV) Commit(ctx context.Context, key string) error {
 		return kv.opErr("commit", ErrClosed)
 	}
 	subj := kv.subject(key)
-	return kv.write(ctx, "commit", owedCommit, subj, func() error {
+	return kv.write(ctx, "commit", owedCommit, subj, func() (uint64, error) {
 		_, err := kv.client.Publish(ctx, subj, nil, committedVal)
-		return err
+		return 0, err
 	})
 }
 
@@ -523,16 +523,16 @@ func (kv *KV) Release(ctx context.Context, key string) error {
 	if kv.owed.owes(subj) == owedCommit {
 		return nil // a commit is on its way: nothing to release
 	}
-	return kv.write(ctx, "release", owedRelease, subj, func() error { return kv.release(ctx, subj) })
+	return kv.write(ctx, "release", owedRelease, subj, func() (uint64, error) { return kv.release(ctx, subj) })
 }
 
 // write runs Commit's or Release's request for subj: on success any debt
 // of the key is paid; on failure, unless ctx ended, the store owes the
 // write and repeats it in the background (owedWrites).
-func (kv *KV) write(ctx context.Context, op string, kind owedKind, subj string, req func() error) error {
-	if err := req(); err != nil {
+func (kv *KV) write(ctx context.Context, op string, kind owedKind, subj string, req func() (uint64, error)) error {
+	if rev, err := req(); err != nil {
 		if ctx.Err() == nil {
-			kv.owed.owe(subj, kind, 0)
+			kv.owed.owe(subj, kind, 0, rev)
 		}
 		return kv.opErr(op, err)
 	}
@@ -540,8 +540,9 @@ func (kv *KV) write(ctx context.Context, op string, kind owedKind, subj string, 
 	return nil
 }
 
-// release is Release's read and conditional purge of subj.
-func (kv *KV) release(ctx context.Context, subj string) error {
+// release is Release's read and conditional purge of subj; on failure it
+// returns the revision it purged at (0: the read failed, nothing was sent).
+func (kv *KV) release(ctx context.Context, subj string) (uint64, error) {
 	// Read from the stream's leader: a direct get may be answered by a
 	// replica that has not applied the reservation yet (right after a
 	// leader change, a server catching up), and a release that believed it
@@ -549,12 +550,12 @@ func (kv *KV) release(ctx context.Context, subj string) error {
 	// Reserve (InFlight) until it expires after ReserveTTL.
 	st, rev, _, err := kv.lookupLeader(ctx, subj)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if st != kvOurs {
-		return nil
+		return 0, nil
 	}
-	return kv.purge(ctx, subj, rev)
+	return rev, kv.purge(ctx, subj, rev)
 }
 
 // purge writes a purge marker on subj if its last message is still rev (a

@@ -205,7 +205,7 @@ func TestKVOwedReleaseAndNewReservation(t *testing.T) {
 	a := openKV(t, jsA, cfg)
 	b := openKV(t, jsB, cfg)
 	subj := a.subject("k")
-	a.owed.owe(subj, owedRelease, 0) // as after a Release that failed
+	a.owed.owe(subj, owedRelease, 0, 0) // as after a Release that failed (its read: no revision)
 	mustReserve(t, a, "k", Reserved)
 	// Nothing left for the background writes to do.
 	if k := a.owed.owes(subj); k != 0 || a.owed.n.Load() != 0 {
@@ -230,10 +230,45 @@ func TestKVOwedReleaseTakesLostValue(t *testing.T) {
 	if err != nil || st != kvOurs {
 		t.Fatalf("lookup after Reserve: state %v, err %v", st, err)
 	}
-	a.lostReply(subj, cur)           // as if that write's reply had been lost
-	a.owed.owe(subj, owedRelease, 0) // and a release of the key failed before it
-	mustReserve(t, a, "k", Reserved) // taken over once, through the owed release
-	mustReserve(t, a, "k", InFlight) // and not a second time through the lost value
+	a.lostReply(subj, cur)                      // as if that write's reply had been lost
+	a.owed.owe(subj, owedRelease, time.Hour, 0) // and a release of the key failed before it (not repaid during the test)
+	mustReserve(t, a, "k", Reserved)            // taken over once, through the owed release
+	mustReserve(t, a, "k", InFlight)            // and not a second time through the lost value
+}
+
+// TestKVOwedReleaseOnlyForItsRevision: a Release's purge was stored but
+// its reply lost, and before the Release gave up, a Reserve of the key in
+// the same store made a new reservation over the marker. The release owed
+// then is for the old reservation's revision only: neither the store's
+// next Reserve nor the background write may take or remove the new one.
+func TestKVOwedReleaseOnlyForItsRevision(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	_, jsA := srv.Connect(t)
+	_, jsB := srv.Connect(t)
+	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
+	a := openKV(t, jsA, cfg)
+	b := openKV(t, jsB, cfg)
+	subj := a.subject("k")
+	mustReserve(t, a, "k", Reserved)
+	_, old, _, err := a.lookup(ctx, subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, a.purge(ctx, subj, old)) // the Release's purge, stored
+	mustReserve(t, a, "k", Reserved) // a new reservation over its marker
+	st, cur, _, err := a.lookup(ctx, subj)
+	if err != nil || st != kvOurs || cur == old {
+		t.Fatalf("after the new reservation: state %v, revision %d (old %d), err %v", st, cur, old, err)
+	}
+	a.owed.owe(subj, owedRelease, 0, old) // the Release then reports its purge unanswered
+	mustReserve(t, a, "k", InFlight)      // held by the new reservation's caller
+	h := harness{tick: func() { time.Sleep(20 * time.Millisecond) }}
+	h.eventually(t, "the owed release settled", func() bool { return a.owed.n.Load() == 0 })
+	if st, rev, _, err := a.lookupLeader(ctx, subj); err != nil || st != kvOurs || rev != cur {
+		t.Fatalf("after the background release: state %v, revision %d, err %v; want the new reservation at %d", st, rev, err, cur)
+	}
+	mustReserve(t, b, "k", InFlight)
 }
 
 // TestKVServerRestart checks that the bucket's state survives a server

@@ -467,7 +467,7 @@ func (kv *KV) CommitAsync(ctx context.Context, key string, done func(error)) {
 		}
 		if err != nil {
 			if ctx.Err() == nil {
-				kv.owed.owe(subj, owedCommit, 0)
+				kv.owed.owe(subj, owedCommit, 0, 0)
 			}
 			done(kv.opErr("commit", err))
 			return

@@ -214,7 +214,7 @@ func TestKVCheck(t *testing.T) {
 		// A commit that failed is owed and written in the background;
 		// meanwhile Check answers Duplicate without the bucket.
 		a := openKV(t, jsA, suiteKVConfig(newBucket()))
-		a.owed.owe(a.subject("k"), owedCommit, time.Hour)
+		a.owed.owe(a.subject("k"), owedCommit, time.Hour, 0)
 		mustCheck(t, a, "k", Duplicate)
 	})
 

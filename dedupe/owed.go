@@ -61,6 +61,12 @@ type debt struct {
 	// gen changes with every failure recorded for the subject, so that a
 	// write that began before it does not pay it off.
 	gen uint64
+	// rev is, for an owed release, the revision of the reservation the
+	// failed Release read and purged at (0: unknown, its read failed and no
+	// purge was sent). A purge whose reply was lost may have been stored,
+	// and a new reservation of the key written after it: the debt is only
+	// for the reservation at rev, never for a later one.
+	rev uint64
 }
 
 func newOwedWrites(ttl time.Duration) owedWrites {
@@ -68,8 +74,9 @@ func newOwedWrites(ttl time.Duration) owedWrites {
 }
 
 // owe records that a write of subj failed and what it leaves owed, to be
-// written no sooner than after.
-func (o *owedWrites) owe(subj string, kind owedKind, after time.Duration) {
+// written no sooner than after; rev is an owed release's revision (see
+// debt.rev), 0 for the other kinds.
+func (o *owedWrites) owe(subj string, kind owedKind, after time.Duration, rev uint64) {
 	now := time.Now()
 	o.mu.Lock()
 	d := o.m[subj]
@@ -80,6 +87,9 @@ func (o *owedWrites) owe(subj string, kind owedKind, after time.Duration) {
 	}
 	if kind > d.kind || d.after.IsZero() {
 		d.after = now.Add(after)
+	}
+	if kind == owedRelease {
+		d.rev = rev
 	}
 	d.kind = max(d.kind, kind)
 	d.until = now.Add(o.ttl)
@@ -108,16 +118,30 @@ func (o *owedWrites) owes(subj string) owedKind {
 // claimRelease marks subj's owed release as being settled, once: true for
 // the background write about to purge the reservation, or for a Reserve of
 // this store about to take it over or to write a new one, never for both
-// (the loser sees the key InFlight and tries again).
-func (o *owedWrites) claimRelease(subj string) bool {
+// (the loser sees the key InFlight and tries again). rev is the revision
+// the caller read (0: none read): a release owed for another revision is
+// not this reservation's, and is not claimed.
+func (o *owedWrites) claimRelease(subj string, rev uint64) bool {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	d := o.m[subj]
 	if d == nil || d.kind != owedRelease || d.claimed || time.Now().After(d.until) {
 		return false
 	}
+	if rev != 0 && d.rev != 0 && rev != d.rev {
+		return false
+	}
 	d.claimed = true
 	return true
+}
+
+// releaseFor reports whether subj's owed release is for the reservation at
+// rev (or for whichever the key holds: its revision is unknown).
+func (o *owedWrites) releaseFor(subj string, rev uint64) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	d := o.m[subj]
+	return d != nil && (d.rev == 0 || d.rev == rev)
 }
 
 // unclaimRelease undoes claimRelease after a purge that failed.
@@ -148,6 +172,7 @@ type owedWrite struct {
 	subj string
 	kind owedKind
 	gen  uint64
+	rev  uint64
 }
 
 // due returns the live debts whose time has come and forgets the expired
@@ -168,7 +193,7 @@ func (o *owedWrites) due() []owedWrite {
 		if now.Before(d.after) {
 			continue
 		}
-		out = append(out, owedWrite{subj: subj, kind: d.kind, gen: d.gen})
+		out = append(out, owedWrite{subj: subj, kind: d.kind, gen: d.gen, rev: d.rev})
 	}
 	o.n.Store(int64(len(o.m)))
 	return out
@@ -254,6 +279,19 @@ func (kv *KV) repayOne(ctx context.Context, w owedWrite) error {
 		_, err := kv.client.Publish(ctx, w.subj, nil, committedVal)
 		return err
 	}
+	if w.kind == owedRelease && w.rev != 0 {
+		// The purge the failed Release sent, again: conditional on the
+		// reservation it was for, so that it cannot remove a later one
+		// (written after that purge, whose reply was lost, was stored).
+		if !kv.owed.claimRelease(w.subj, w.rev) {
+			return nil // taken over by a Reserve meanwhile
+		}
+		if err := kv.purge(ctx, w.subj, w.rev); err != nil {
+			kv.owed.unclaimRelease(w.subj)
+			return err
+		}
+		return nil
+	}
 	// The read first, then the claim: while the read waits (the leader's
 	// message get may go unanswered for a while after an outage), a
 	// Reserve of this store can still take the reservation over.
@@ -262,7 +300,7 @@ func (kv *KV) repayOne(ctx context.Context, w owedWrite) error {
 		return err // nothing of this store's left to release
 	}
 	if w.kind == owedRelease {
-		if !kv.owed.claimRelease(w.subj) {
+		if !kv.owed.claimRelease(w.subj, rev) {
 			return nil // taken over by a Reserve meanwhile
 		}
 		if err := kv.purge(ctx, w.subj, rev); err != nil {
