@@ -380,6 +380,14 @@ func (kv *KV) Reserve(ctx context.Context, key string) (Outcome, error) {
 				}
 				claimed = true
 			}
+			// A release claimed before the read (the create path) whose
+			// reservation is not this one (a concurrent Reserve of this
+			// store wrote it over the released one's marker) is not a
+			// licence to take it over: given back.
+			if claimed && !kv.owed.releaseFor(subj, rev) {
+				settle(false)
+				claimed = false
+			}
 			// The lost value is forgotten in either case: once this call
 			// holds the reservation, no later call may take it over.
 			took := kv.lost.claim(subj, cur)

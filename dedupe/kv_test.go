@@ -271,6 +271,49 @@ func TestKVOwedReleaseOnlyForItsRevision(t *testing.T) {
 	mustReserve(t, b, "k", InFlight)
 }
 
+// TestKVOwedReleaseAndLostReservation: a release owed for one revision,
+// then a reservation this store wrote over the purge's marker and whose
+// reply was lost. The debt keeps the larger kind, a release; the
+// background write still releases the lost reservation, so that other
+// replicas need not wait ReserveTTL for the key.
+func TestKVOwedReleaseAndLostReservation(t *testing.T) {
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	_, jsA := srv.Connect(t)
+	_, jsB := srv.Connect(t)
+	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
+	a := openKV(t, jsA, cfg)
+	b := openKV(t, jsB, cfg)
+	subj := a.subject("k")
+	mustReserve(t, a, "k", Reserved)
+	_, old, _, err := a.lookup(ctx, subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, a.purge(ctx, subj, old)) // a Release's purge, stored
+	mustReserve(t, a, "k", Reserved) // a reservation over its marker...
+	_, _, cur, err := a.lookup(ctx, subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// ...whose reply was lost, after the Release had reported its purge
+	// unanswered: the state these calls leave when they overlap.
+	a.owed.owe(subj, owedRelease, time.Hour, old)
+	a.lostReply(subj, cur)
+	if k := a.owed.owes(subj); k != owedRelease {
+		t.Fatalf("owed %v, want a release", k)
+	}
+	a.owed.mu.Lock()
+	a.owed.m[subj].after = time.Now() // the background write may go now
+	a.owed.mu.Unlock()
+	a.owed.wake <- struct{}{}
+	h := harness{tick: func() { time.Sleep(20 * time.Millisecond) }}
+	h.eventually(t, "the lost reservation released in the background", func() bool {
+		o, err := b.Reserve(ctx, "k")
+		return err == nil && o == Reserved
+	})
+}
+
 // TestKVServerRestart checks that the bucket's state survives a server
 // restart (file storage) and that a store keeps working across the
 // client's reconnect.

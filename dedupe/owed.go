@@ -290,30 +290,50 @@ func (kv *KV) repayOne(ctx context.Context, w owedWrite) error {
 			kv.owed.unclaimRelease(w.subj)
 			return err
 		}
-		return nil
-	}
-	// The read first, then the claim: while the read waits (the leader's
-	// message get may go unanswered for a while after an outage), a
-	// Reserve of this store can still take the reservation over.
-	st, rev, cur, err := kv.lookupLeader(ctx, w.subj)
-	if err != nil || st != kvOurs {
-		return err // nothing of this store's left to release
-	}
-	if w.kind == owedRelease {
-		if !kv.owed.claimRelease(w.subj, rev) {
-			return nil // taken over by a Reserve meanwhile
+		if !kv.lost.has(w.subj) {
+			return nil
 		}
-		if err := kv.purge(ctx, w.subj, rev); err != nil {
+		// A lost reservation of the key is owed as well (a Reserve's
+		// write over the purge's marker whose reply was lost: the debt
+		// kept the larger kind, a release), and is released as one.
+		if err := kv.repayLost(ctx, w.subj); err != nil {
 			kv.owed.unclaimRelease(w.subj)
 			return err
 		}
 		return nil
 	}
-	if !kv.lost.claim(w.subj, cur) {
-		return nil // not a lost value, or taken over meanwhile
+	if w.kind == owedLost {
+		return kv.repayLost(ctx, w.subj)
+	}
+	// The read first, then the claim: while the read waits (the leader's
+	// message get may go unanswered for a while after an outage), a
+	// Reserve of this store can still take the reservation over.
+	st, rev, _, err := kv.lookupLeader(ctx, w.subj)
+	if err != nil || st != kvOurs {
+		return err // nothing of this store's left to release
+	}
+	if !kv.owed.claimRelease(w.subj, rev) {
+		return nil // taken over by a Reserve meanwhile
 	}
 	if err := kv.purge(ctx, w.subj, rev); err != nil {
-		kv.lost.remember(w.subj, cur) // nobody holds it: claimable again
+		kv.owed.unclaimRelease(w.subj)
+		return err
+	}
+	return nil
+}
+
+// repayLost purges subj's reservation if it holds one of this store's lost
+// values, taken from lostWrites first (see repayOne).
+func (kv *KV) repayLost(ctx context.Context, subj string) error {
+	st, rev, cur, err := kv.lookupLeader(ctx, subj)
+	if err != nil || st != kvOurs {
+		return err // nothing of this store's left to release
+	}
+	if !kv.lost.claim(subj, cur) {
+		return nil // not a lost value, or taken over meanwhile
+	}
+	if err := kv.purge(ctx, subj, rev); err != nil {
+		kv.lost.remember(subj, cur) // nobody holds it: claimable again
 		return err
 	}
 	return nil
