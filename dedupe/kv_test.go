@@ -236,6 +236,28 @@ func TestKVOwedReleaseTakesLostValue(t *testing.T) {
 	mustReserve(t, a, "k", InFlight)            // and not a second time through the lost value
 }
 
+// releasedAndReservedAgain opens two stores a and b on one bucket; a
+// reserves key "k", purges that reservation as a Release does (old is its
+// revision), and reserves the key again over the purge's marker.
+func releasedAndReservedAgain(t *testing.T) (a, b *KV, subj string, old uint64) {
+	t.Helper()
+	ctx := context.Background()
+	srv := natstest.Start(t)
+	_, jsA := srv.Connect(t)
+	_, jsB := srv.Connect(t)
+	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
+	a, b = openKV(t, jsA, cfg), openKV(t, jsB, cfg)
+	subj = a.subject("k")
+	mustReserve(t, a, "k", Reserved)
+	_, old, _, err := a.lookup(ctx, subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, a.purge(ctx, subj, old))
+	mustReserve(t, a, "k", Reserved)
+	return a, b, subj, old
+}
+
 // TestKVOwedReleaseOnlyForItsRevision: a Release's purge was stored but
 // its reply lost, and before the Release gave up, a Reserve of the key in
 // the same store made a new reservation over the marker. The release owed
@@ -243,20 +265,7 @@ func TestKVOwedReleaseTakesLostValue(t *testing.T) {
 // next Reserve nor the background write may take or remove the new one.
 func TestKVOwedReleaseOnlyForItsRevision(t *testing.T) {
 	ctx := context.Background()
-	srv := natstest.Start(t)
-	_, jsA := srv.Connect(t)
-	_, jsB := srv.Connect(t)
-	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
-	a := openKV(t, jsA, cfg)
-	b := openKV(t, jsB, cfg)
-	subj := a.subject("k")
-	mustReserve(t, a, "k", Reserved)
-	_, old, _, err := a.lookup(ctx, subj)
-	if err != nil {
-		t.Fatal(err)
-	}
-	must(t, a.purge(ctx, subj, old)) // the Release's purge, stored
-	mustReserve(t, a, "k", Reserved) // a new reservation over its marker
+	a, b, subj, old := releasedAndReservedAgain(t)
 	st, cur, _, err := a.lookup(ctx, subj)
 	if err != nil || st != kvOurs || cur == old {
 		t.Fatalf("after the new reservation: state %v, revision %d (old %d), err %v", st, cur, old, err)
@@ -278,20 +287,7 @@ func TestKVOwedReleaseOnlyForItsRevision(t *testing.T) {
 // replicas need not wait ReserveTTL for the key.
 func TestKVOwedReleaseAndLostReservation(t *testing.T) {
 	ctx := context.Background()
-	srv := natstest.Start(t)
-	_, jsA := srv.Connect(t)
-	_, jsB := srv.Connect(t)
-	cfg := KVConfig{Bucket: newBucket(), TTL: time.Hour, ReserveTTL: 30 * time.Minute}
-	a := openKV(t, jsA, cfg)
-	b := openKV(t, jsB, cfg)
-	subj := a.subject("k")
-	mustReserve(t, a, "k", Reserved)
-	_, old, _, err := a.lookup(ctx, subj)
-	if err != nil {
-		t.Fatal(err)
-	}
-	must(t, a.purge(ctx, subj, old)) // a Release's purge, stored
-	mustReserve(t, a, "k", Reserved) // a reservation over its marker...
+	a, b, subj, old := releasedAndReservedAgain(t) // a reservation over the purge's marker...
 	_, _, cur, err := a.lookup(ctx, subj)
 	if err != nil {
 		t.Fatal(err)
