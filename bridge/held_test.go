@@ -255,3 +255,38 @@ func seriesOf(t testing.TB, e *env, name string) int {
 	}
 	return 0
 }
+
+// A switch longer than StallTimeout: the messages released from the park
+// are not "stalled" at their release. Their stall age counts from the
+// release (time in the park is the operator's, not the bridge's), so
+// /readyz does not fail, and an ordered source does not hand over, because
+// a switch ended.
+func TestHeldReleasedStallAgeFromRelease(t *testing.T) {
+	s := newTestSink()
+	s.block = make(chan struct{}) // released messages wait in the sink
+	const stall = 300 * time.Millisecond
+	e := newEnv(t, Config{StallTimeout: stall, HeldRecheck: time.Hour}, rulesDoc(1, "", 0), s, nil)
+	a := keyFor(42, 1)
+	e.hold.Store(table(t, rulesDoc(2, `"40-44"`, 0))) // shard 42 blocked before anything arrives
+	a1 := handle(t, e, "t", a, "a1")
+	a2 := handle(t, e, "t", a, "a2")
+	if h := e.p.Status().Held; h != 2 {
+		t.Fatalf("held %d, want 2", h)
+	}
+	time.Sleep(3 * stall) // parked for three stall timeouts
+	if age := e.p.Health().StallAge("t"); age != 0 {
+		t.Fatalf("stall age %v while every message is parked, want 0", age)
+	}
+	released := time.Now()
+	e.hold.Store(table(t, rulesDoc(3, "", 40))) // unblocked: released, then held up in the sink
+	eventually(t, "the stall age sampled after the release", func() bool { return e.p.Health().StallAge("t") > 0 })
+	if age, since := e.p.Health().StallAge("t"), time.Since(released); age > since {
+		t.Fatalf("stall age %v, %v after the release: counted from before it (the messages were parked %v)", age, since, 3*stall)
+	}
+	close(s.block)
+	for _, x := range []*ackRec{a1, a2} {
+		if err := x.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -97,6 +97,7 @@ type taskData struct {
 
 	prev, next *task  // ruleState arrival list, guarded by rs.mu
 	inPark     bool   // parked (held); guarded by rs.mu, for the stall age
+	unparked   int64  // unix ns of its last release from the park, 0 if never parked; guarded by rs.mu
 	qnext      *task  // lane queue or park queue, guarded by lane.mu
 	seq        uint64 // arrival order in the lane; queues are sorted by it
 }
@@ -530,25 +531,39 @@ func (rs *ruleState) track(t *task) {
 	rs.mu.Unlock()
 }
 
-// setParked marks t as parked or not, for stallAge.
+// setParked marks t as parked or not, for stallAge; a release from the
+// park is timed.
 func (rs *ruleState) setParked(t *task, parked bool) {
 	rs.mu.Lock()
 	t.inPark = parked
+	if !parked {
+		t.unparked = time.Now().UnixNano()
+	}
 	rs.mu.Unlock()
 }
 
-// stallAge returns how long ago (ns before now) the oldest unsettled message
-// that is not parked arrived; 0 when there is none. Parked messages wait for
-// an operator's switch, not for the bridge, so they do not count.
+// stallAge returns how long (ns before now) the bridge has been holding the
+// oldest unsettled message that is not parked: since it arrived, or since
+// its last release from the park; 0 when there is none. Parked messages
+// wait for an operator's switch, not for the bridge, so neither their time
+// in the park nor the time before it counts: a switch's released messages
+// are not "stalled" the moment they are released.
 func (rs *ruleState) stallAge(now int64) int64 {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
+	since := int64(0)
 	for t := rs.head; t != nil; t = t.next {
-		if !t.inPark {
-			return max(0, now-t.arrived)
+		if since != 0 && t.arrived >= since {
+			break // arrival order: no later message is held longer
+		}
+		if !t.inPark && (since == 0 || max(t.arrived, t.unparked) < since) {
+			since = max(t.arrived, t.unparked)
 		}
 	}
-	return 0
+	if since == 0 {
+		return 0
+	}
+	return max(0, now-since)
 }
 
 func (rs *ruleState) untrack(t *task) {
