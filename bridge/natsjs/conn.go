@@ -114,15 +114,23 @@ func orDefault[T int | time.Duration](v *T, d T) {
 
 // Reconnect settings. A bridge must outlive broker restarts and network
 // partitions, so it never gives up reconnecting; the backoff keeps a fleet of
-// replicas from hammering a recovering server, and the reconnect buffer
-// absorbs the source's acks issued while the link is down (the Sink and the
-// dedupe store do not hand the client a request while the link is down:
-// their request core, internal/jspub, fails it at once). reconnectMax caps
-// the source's own waits between attempts (consume restarts, probes).
+// replicas from hammering a recovering server. reconnectMax caps the
+// source's own waits between attempts (consume restarts, probes).
+//
+// The client has no reconnect buffer (reconnectBufBytes): while the link is
+// down every publish fails at once, decided under the same lock that marks
+// the link down. With a buffer, a publish made in the moment between the
+// link dropping and the Sink or the dedupe store learning of it (their
+// request core, internal/jspub, refuses requests while the link is down)
+// was kept and written whenever the link came back, possibly after a
+// takeover had forwarded the key's later messages and after the target's
+// duplicate window. A source ack that fails this way is not lost work: the
+// message is delivered again (an ordered source resets to its ack floor
+// after a reconnect anyway) and dropped by its idempotency key.
 const (
 	reconnectMin      = 100 * time.Millisecond
 	reconnectMax      = 5 * time.Second
-	reconnectBufBytes = 32 << 20
+	reconnectBufBytes = -1
 )
 
 // ErrConfig reports an unusable BrokerConfig (conflicting auth methods,

@@ -306,11 +306,11 @@
 // attempt, and fails at once on rejected credentials and TLS errors. The
 // connection never gives up reconnecting (backoff 100ms doubling to
 // ReconnectWait, 2s, with jitter, between rounds over the server list),
-// keeps a reconnect buffer for the source's acks issued while the
-// link is down (the Sink and the dedupe store do not use it: a publish or a
-// store request made while the link is down fails at once and the bridge
-// retries it, so no stale copy is sent when the link returns, possibly after
-// the message was published again or its shard moved), pings every
+// keeps no reconnect buffer (a publish, a store request or a source ack
+// made while the link is down fails at once, decided under the client's
+// own lock, and the bridge retries it or the message is delivered again,
+// so no stale copy is sent when the link returns, possibly after the
+// message was published again or its shard moved), pings every
 // PingInterval (1s) so that a dead link is noticed after MaxPingsOut (2)
 // unanswered pings, 2–3s, gives each server DialTimeout (2s) to greet, and
 // logs one line per state
