@@ -136,13 +136,14 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 			n++
 		}
 	}
-	// One slot per copy, taken one at a time: each wait ends with the
-	// slot it waited for. More copies than the whole budget cannot all
-	// wait: take what exists and over-commit the rest.
-	k := min(n, int(p.budget.max))
-	for i := range k {
+	// One slot per copy. The message waits for its first slot like any
+	// message and takes the others at once (over-committing the budget by
+	// at most the cells less one): a broadcast that waited for its later
+	// slots one at a time while holding the earlier ones could wait for
+	// ever on other broadcasts doing the same, with no copy started that
+	// would give a slot back.
+	if n > 0 {
 		if err := p.budget.acquire(ctx, p.closeCh); err != nil {
-			p.budget.release(i)
 			t.ack(context.Background(), err)
 			p.recycle(t)
 			if errors.Is(err, errDraining) {
@@ -150,8 +151,8 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 			}
 			return err
 		}
+		p.budget.force(n - 1)
 	}
-	p.budget.force(n - k)
 	rs := t.rs
 	rs.track(t)
 	for i := range t.d.Cells {

@@ -622,3 +622,40 @@ func TestBroadcastRouteEndpoint(t *testing.T) {
 		t.Fatalf("decision %+v", d)
 	}
 }
+
+// Broadcasts from several goroutines (a partitioned rule's consumers) with
+// a budget smaller than two messages' copies: no broadcast waits for a slot
+// while it holds others, so they cannot wait on each other for ever.
+func TestBroadcastConcurrentSmallBudget(t *testing.T) {
+	s := newTestSink()
+	e := newEnv(t, Config{MaxInFlight: 4, Lanes: 4}, bcastDoc(1, "all"), s, nil)
+	const goroutines, per = 8, 40
+	var wg sync.WaitGroup
+	acks := make([][]*ackRec, goroutines)
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range per {
+				m, a := msg("b", fmt.Sprintf("g%d-%d", g, i), "x")
+				if err := e.p.Handle(context.Background(), m, a.ack); err != nil {
+					t.Error(err)
+					return
+				}
+				acks[g] = append(acks[g], a)
+			}
+		})
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("broadcasts still waiting for in-flight slots after 20s (in flight %d)", e.p.Status().InFlight)
+	}
+	for _, as := range acks {
+		for _, a := range as {
+			if err := a.result(t); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
