@@ -318,15 +318,16 @@ func TestBroadcastLaggingBound(t *testing.T) {
 		}
 	}()
 	// 6 copies to cd lag; the next ones keep their in-flight slots until
-	// fewer than the 4 a message needs are free, and intake waits.
+	// none is free (a message waits for its first slot and takes the
+	// others at once), and intake waits.
 	// cd fails every copy, so its Pending counts the messages accepted.
 	cdPending := func() (pending int64, full bool) {
 		for _, r := range e.p.Status().Rules {
 			for _, c := range r.Broadcast {
 				if c.Cell == "cd" {
-					// cd's copies settle only once it recovers: with 5 of
-					// them holding slots, 3 are free, and a message needs 4.
-					return c.Pending, c.Lagging == 6 && c.Pending-c.Lagging >= 8-4+1
+					// cd's copies settle only once it recovers: once 8 of
+					// them hold slots, none is free.
+					return c.Pending, c.Lagging == 6 && c.Pending-c.Lagging >= 8
 				}
 			}
 		}
