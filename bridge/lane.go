@@ -551,11 +551,10 @@ func (rs *ruleState) setParked(t *task, parked bool) {
 func (rs *ruleState) stallAge(now int64) int64 {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
+	// The whole list: tracking order is arrival order only per delivering
+	// goroutine (see Pipeline.heartbeat).
 	since := int64(0)
 	for t := rs.head; t != nil; t = t.next {
-		if since != 0 && t.arrived >= since {
-			break // arrival order: no later message is held longer
-		}
 		if !t.inPark && (since == 0 || max(t.arrived, t.unparked) < since) {
 			since = max(t.arrived, t.unparked)
 		}

@@ -54,9 +54,17 @@ func (p *Pipeline) heartbeat() {
 	limit := int64(p.cfg.AckWait / 2)
 	var due []*task
 	for _, rs := range p.ruleStates.load() {
+		// The whole list: it is in the order messages were tracked, which
+		// is their arrival order only per delivering goroutine. A message
+		// that waited for an in-flight slot is tracked after younger ones
+		// that did not wait (held ones, another partition's), so stopping
+		// at the first young entry could leave it without a heartbeat
+		// until the source redelivers it.
 		rs.mu.Lock()
-		for t := rs.head; t != nil && now-t.arrived >= limit; t = t.next {
-			due = append(due, t)
+		for t := rs.head; t != nil; t = t.next {
+			if now-t.arrived >= limit {
+				due = append(due, t)
+			}
 		}
 		rs.mu.Unlock()
 	}
