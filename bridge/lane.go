@@ -537,7 +537,7 @@ func (rs *ruleState) setParked(t *task, parked bool) {
 	rs.mu.Lock()
 	t.inPark = parked
 	if !parked {
-		t.unparked = time.Now().UnixNano()
+		t.unparked = t.p.clock.Now().UnixNano() // the clock of arrived
 	}
 	rs.mu.Unlock()
 }
