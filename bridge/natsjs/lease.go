@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"sync"
 	"time"
@@ -111,7 +112,7 @@ func openLeaseBucket(ctx context.Context, js jetstream.JetStream, cfg LeaseConfi
 		return nil, fmt.Errorf("natsjs: lease bucket %s: %w", cfg.Bucket, err)
 	}
 	var st jetstream.KeyValueStatus
-	if err := b.retry(ctx, 3, func(ctx context.Context) (err error) { st, err = kv.Status(ctx); return err }); err != nil {
+	if err := b.retryFor(ctx, startPatience, func(ctx context.Context) (err error) { st, err = kv.Status(ctx); return err }); err != nil {
 		return nil, fmt.Errorf("natsjs: lease bucket %s: %w", cfg.Bucket, err)
 	}
 	if why := leaseBucketProblem(cfg, st.TTL(), st.LimitMarkerTTL()); why != "" {
@@ -215,6 +216,21 @@ func (b *leaseBucket) retry(ctx context.Context, attempts int, f func(context.Co
 		}
 	}
 	return err
+}
+
+// startPatience bounds the retries of a start-up request of the bucket
+// (its status, the deployment registry's claim) while it fails
+// transiently. The bucket may just have been created, and on a cluster its
+// stream elects a leader first, the server answering "no responders"
+// meanwhile: on a busy node that took longer than three quick attempts
+// (half a second), and the process exited.
+const startPatience = 10 * time.Second
+
+// retryFor runs f like retry, for as long as d (or ctx) allows.
+func (b *leaseBucket) retryFor(ctx context.Context, d time.Duration, f func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	return b.retry(ctx, math.MaxInt, f)
 }
 
 // kvTransient reports whether a KV request may succeed when repeated: a

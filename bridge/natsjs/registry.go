@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"strconv"
 	"strings"
 	"sync"
@@ -137,7 +136,7 @@ func (r *Registry) Claim(ctx context.Context, version int64, fingerprint string)
 			return nil
 		}
 		val, _ := json.Marshal(HighWater{Version: version, Fingerprint: fingerprint, Replica: r.id, At: time.Now().UTC()})
-		err = r.retryTransient(ctx, func(ctx context.Context) error {
+		err = r.b.retryFor(ctx, startPatience, func(ctx context.Context) error {
 			m := nats.NewMsg("$KV." + r.bucket + "." + r.maxKey)
 			m.Data = val
 			// The highest version outlives the bucket's TTL: it is the
@@ -159,26 +158,11 @@ func (r *Registry) Claim(ctx context.Context, version int64, fingerprint string)
 	return fmt.Errorf("natsjs: registry: raising %s to %d: too many concurrent changes", r.maxKey, version)
 }
 
-// claimPatience bounds the retries of each of Claim's requests while they
-// fail transiently. At start-up the lease bucket may just have been
-// created, and on a cluster its stream elects a leader first, the server
-// answering "no responders" meanwhile: on a busy node that took longer than
-// three quick attempts (half a second), and the process exited.
-const claimPatience = 10 * time.Second
-
-// retryTransient runs f, with the bucket's timeout per attempt, until it
-// succeeds, fails permanently, or claimPatience (or ctx) has passed.
-func (r *Registry) retryTransient(ctx context.Context, f func(context.Context) error) error {
-	ctx, cancel := context.WithTimeout(ctx, claimPatience)
-	defer cancel()
-	return r.b.retry(ctx, math.MaxInt, f)
-}
-
 // highest reads the highest version and its revision (0: none yet).
 func (r *Registry) highest(ctx context.Context) (HighWater, uint64, error) {
 	var hw HighWater
 	var e jetstream.KeyValueEntry
-	err := r.retryTransient(ctx, func(ctx context.Context) (err error) { e, err = r.b.kv.Get(ctx, r.maxKey); return err })
+	err := r.b.retryFor(ctx, startPatience, func(ctx context.Context) (err error) { e, err = r.b.kv.Get(ctx, r.maxKey); return err })
 	switch {
 	case errors.Is(err, jetstream.ErrKeyNotFound):
 		return hw, 0, nil
