@@ -656,6 +656,11 @@ func (r *pinRun) after(ep *epoch, f fenceEvent) {
 func (r *pinRun) active(ep *epoch) fenceEvent {
 	s := r.s
 	cons := s.consumer()
+	// Active before the first delivery can be handed over: a Release
+	// (revokeRunning) finds the epoch in active or, once it left, in held,
+	// never in neither while its deliveries are in the pipeline.
+	s.active.Store(ep)
+	defer s.active.CompareAndSwap(ep, nil)
 	cc, err := cons.Consume(func(msg jetstream.Msg) { r.take(ep, msg) },
 		jetstream.PullPriorityGroup(s.cfg.Group),
 		jetstream.PullMaxMessages(s.cfg.FetchBatch),
@@ -671,8 +676,6 @@ func (r *pinRun) active(ep *epoch) fenceEvent {
 	s.setState(transition{to: StateActive, pin: ep.pin, reason: r.reason, epoch: true, epochStart: ep.start,
 		takeover: !r.pinnedAt.IsZero(), pinnedAt: r.pinnedAt, unpinnedAt: r.unpinnedSince()})
 	s.failing.clear()
-	s.active.Store(ep)
-	defer s.active.CompareAndSwap(ep, nil)
 	// Status events from before the reset are stale (the reconnect
 	// counter, read before it, covers a reconnect since).
 	drainStatus(r.status)
