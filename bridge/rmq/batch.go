@@ -123,13 +123,16 @@ func (s *Sink) sendBatch(t *target, hint batchHint, g []built) {
 	done()
 	t.sel.hints.Delete(mark)
 	if err == nil {
+		if t.retrying.Swap(false) {
+			s.log.Info("rocketmq sends succeed again", "broker", t.name, "topic", msgs[0].Topic)
+		}
 		for _, b := range g {
 			s.finish(b.j, nil)
 		}
 		return
 	}
-	s.log.Debug("rocketmq batch send failed; sending its messages one by one", "broker", t.name, "topic", msgs[0].Topic,
-		"messages", len(msgs), "err", err)
+	// Each message is tried again on its own: a failed attempt like any.
+	s.retried(t, msgs[0].Topic, 1, fmt.Errorf("batch of %d messages (sending them one by one): %w", len(msgs), err))
 	for _, b := range g {
 		s.single(b.j)
 	}

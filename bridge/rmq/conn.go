@@ -46,6 +46,10 @@ type BrokerConfig struct {
 	// plus transactionTimeout plus a margin. Default DefaultCheckBackWait
 	// (a 4.x broker's 60 s + 6 s + 4 s); a 5.x broker checks every 30 s.
 	CheckBackWait time.Duration
+	// SendTimeout bounds one send attempt to this broker (the client's
+	// send and, for a transactional target, the store calls of its
+	// attempt); 0 takes SinkConfig.SendTimeout. Sources ignore it.
+	SendTimeout time.Duration
 	// MessageGroups sets each copy's RocketMQ 5.x message group (the
 	// __SHARDINGKEY property) to its order key. A 5.x proxy refuses a
 	// message with a group in a topic whose message type is not FIFO (or
@@ -62,6 +66,9 @@ const DefaultCheckBackWait = 70 * time.Second
 const (
 	DefaultDialTimeout  = 2 * time.Second
 	DefaultWriteTimeout = 2 * time.Second
+	// DefaultSendTimeout bounds one send attempt (SinkConfig.SendTimeout,
+	// the ackTimeout of the NATS brokers).
+	DefaultSendTimeout = 3 * time.Second
 	// remotingReadTimeout is the client's read deadline, renewed before
 	// each frame: an idle connection is closed after it. It stays the
 	// client's default, far above a pull's long poll.

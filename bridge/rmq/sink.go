@@ -42,11 +42,17 @@ type SinkConfig struct {
 	Retries int
 	// RetryBackoff is the pause between attempts. Default 100ms.
 	RetryBackoff time.Duration
-	// SendTimeout bounds one attempt. Default 3s.
+	// SendTimeout bounds one attempt where the broker's
+	// BrokerConfig.SendTimeout is not set. Default 3s.
 	SendTimeout time.Duration
 	// MaxBatch bounds the messages of one batch request (batch.go); 1
 	// sends every message on its own. Default 32.
 	MaxBatch int
+	// OnRetry, if set, is called (on a sink goroutine; it must not block)
+	// for every failed send attempt that is tried again, with the broker's
+	// name: the pipeline sees only a job's last result, so the attempts
+	// before it are counted through this (cellbridge_sink_publish_errors_total).
+	OnRetry func(broker string, err error)
 }
 
 func (c *SinkConfig) defaults() error {
@@ -69,24 +75,28 @@ func (c *SinkConfig) defaults() error {
 		c.Retries = 2
 	}
 	c.RetryBackoff = cmp.Or(max(c.RetryBackoff, 0), 100*time.Millisecond)
-	c.SendTimeout = cmp.Or(max(c.SendTimeout, 0), 3*time.Second)
+	c.SendTimeout = cmp.Or(max(c.SendTimeout, 0), DefaultSendTimeout)
 	c.MaxBatch = cmp.Or(max(c.MaxBatch, 0), 32)
 	return nil
 }
 
 // target is one producer.
 type target struct {
-	name     string
-	tx       bool
-	groups   bool        // set the message group property (BrokerConfig.MessageGroups)
-	waits    *txWaits    // transactional targets only
-	confirm  *confirmer  // transactional targets only
-	listener *txListener // transactional targets only
-	sel      *orderSelector
+	name        string
+	tx          bool
+	sendTimeout time.Duration // one attempt (BrokerConfig.SendTimeout or the sink's)
+	groups      bool          // set the message group property (BrokerConfig.MessageGroups)
+	waits       *txWaits      // transactional targets only
+	confirm     *confirmer    // transactional targets only
+	listener    *txListener   // transactional targets only
+	sel         *orderSelector
 	// batch sends one batch (non-transactional targets only).
 	batch    func(ctx context.Context, msgs []*primitive.Message) error
 	send     func(ctx context.Context, out *bridge.Outgoing) error
 	shutdown func() error
+	// retrying is set by the first failed attempt of a streak (logged at
+	// warn) and cleared by the next successful send (logged at info).
+	retrying atomic.Bool
 }
 
 type job struct {
@@ -164,11 +174,12 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	}
 	instance := bc.instanceName("sink")
 	sel := &orderSelector{}
+	sendTimeout := cmp.Or(max(bc.SendTimeout, 0), s.cfg.SendTimeout)
 	opts := []producer.Option{
 		producer.WithNsResolver(bc.resolver()),
 		producer.WithGroupName(group),
 		producer.WithInstanceName(instance),
-		producer.WithSendMsgTimeout(s.cfg.SendTimeout),
+		producer.WithSendMsgTimeout(sendTimeout),
 		// The client's own retry re-sends the same message (same unique
 		// id) to another queue after a timeout; the sink retries with a
 		// new message instead, so that a transaction id never names two
@@ -184,11 +195,11 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	if c, ok := bc.credentials(); ok {
 		opts = append(opts, producer.WithCredentials(c))
 	}
-	t := &target{name: bc.Name, tx: bc.Transactional, groups: bc.MessageGroups, sel: sel}
+	t := &target{name: bc.Name, tx: bc.Transactional, groups: bc.MessageGroups, sel: sel, sendTimeout: sendTimeout}
 	if bc.Transactional {
 		log := s.log.With("broker", bc.Name)
 		// The waits exist before the producer: its check-backs report to them.
-		l := &txListener{store: s.cfg.Dedupe, log: log, timeout: s.cfg.SendTimeout}
+		l := &txListener{store: s.cfg.Dedupe, log: log, timeout: sendTimeout}
 		l.waits = newTxWaits(bc.checkBackWait(), l, log, s.finish)
 		p, err := producer.NewTransactionProducer(l, opts...)
 		if err == nil {
@@ -335,14 +346,34 @@ func (s *Sink) publish(j *job) error {
 		err = j.t.send(ctx, j.m)
 		done()
 		if err == nil || settled(err) {
+			if j.t.retrying.Swap(false) {
+				s.log.Info("rocketmq sends succeed again", "broker", j.t.name, "topic", j.m.Target.Topic)
+			}
 			return err
 		}
 		if s.sends.Err() != nil {
 			return fmt.Errorf("rmq: broker %q: %w before the broker answered (the message may be stored): %w", j.t.name, ErrClosed, err)
 		}
-		s.log.Debug("rocketmq send failed", "broker", j.t.name, "topic", j.m.Target.Topic, "attempt", attempt+1, "err", err)
+		if attempt < s.cfg.Retries {
+			s.retried(j.t, j.m.Target.Topic, attempt+1, err)
+		}
 	}
 	return fmt.Errorf("rmq: broker %q: send to %s: %w", j.t.name, j.m.Target.Topic, err)
+}
+
+// retried reports a failed attempt that is tried again: counted through
+// OnRetry, logged at warn for the first of a streak on t (a broker down
+// fails every send; the later ones go to debug) and at debug after it.
+func (s *Sink) retried(t *target, topic string, attempt int, err error) {
+	if s.cfg.OnRetry != nil {
+		s.cfg.OnRetry(t.name, err)
+	}
+	lvl := slog.LevelDebug
+	if !t.retrying.Swap(true) {
+		lvl = slog.LevelWarn
+	}
+	s.log.Log(context.Background(), lvl, "rocketmq send failed; retrying", "broker", t.name, "topic", topic,
+		"attempt", attempt, "retries", s.cfg.Retries, "backoff", s.cfg.RetryBackoff, "err", err)
 }
 
 // settled reports whether a send's error ends the job's attempts: a
@@ -386,7 +417,7 @@ func (s *Sink) sendCtx(j *job) (context.Context, func()) {
 	if !j.t.tx {
 		return ctx, release
 	}
-	c, cancel := context.WithTimeout(ctx, s.cfg.SendTimeout)
+	c, cancel := context.WithTimeout(ctx, j.t.sendTimeout)
 	return c, func() { cancel(); release() }
 }
 

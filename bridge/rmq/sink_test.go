@@ -3,8 +3,10 @@ package rmq
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/cellbridge/cellbridge/bridge"
 	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/internal/rmqtest"
+	"github.com/cellbridge/cellbridge/internal/syncbuf"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -90,7 +93,25 @@ func TestSinkRetriesFailedSends(t *testing.T) {
 	if err := b.CreateTopic("retried", 2); err != nil {
 		t.Fatal(err)
 	}
-	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{brokerConfig(b)}, Retries: 2, RetryBackoff: 10 * time.Millisecond})
+	var logs syncbuf.Buffer
+	var retried atomic.Int32
+	s, err := NewSink(SinkConfig{Brokers: []BrokerConfig{brokerConfig(b)}, Retries: 2, RetryBackoff: 10 * time.Millisecond,
+		OnRetry: func(broker string, err error) {
+			if broker != "rmq-test" {
+				t.Errorf("OnRetry broker %q", broker)
+			}
+			retried.Add(1)
+		}}, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := s.Close(ctx); err != nil {
+			t.Errorf("sink close: %v", err)
+		}
+	}()
 	b.FailSends(2, 14) // service not available, twice
 	if err := publish(t, s, outgoing("retried", "id-1")); err != nil {
 		t.Fatalf("publish after two failed attempts: %v", err)
@@ -99,12 +120,25 @@ func TestSinkRetriesFailedSends(t *testing.T) {
 		t.Fatalf("stored %d messages, want 1", n)
 	}
 	b.FailSends(3, 1)
-	err := publish(t, s, outgoing("retried", "id-2"))
+	err = publish(t, s, outgoing("retried", "id-2"))
 	if err == nil || !strings.Contains(err.Error(), "CODE: 1") {
 		t.Fatalf("publish after three failed attempts: %v, want the broker's error", err)
 	}
 	if n := len(b.Messages("retried")); n != 1 {
 		t.Fatalf("stored %d messages, want 1", n)
+	}
+	// Every failed attempt the sink tried again is reported (2 + 2); the
+	// last one of id-2 is the pipeline's to count. Each streak is logged
+	// once at warn (its later attempts at debug), its end at info.
+	if n := retried.Load(); n != 4 {
+		t.Errorf("OnRetry called %d times, want 4", n)
+	}
+	out := logs.String()
+	if n := strings.Count(out, "level=WARN msg=\"rocketmq send failed; retrying\""); n != 2 {
+		t.Errorf("%d warnings, want 2 (one per streak):\n%s", n, out)
+	}
+	if n := strings.Count(out, "rocketmq sends succeed again"); n != 1 {
+		t.Errorf("%d recoveries logged, want 1:\n%s", n, out)
 	}
 }
 

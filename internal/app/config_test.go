@@ -88,6 +88,7 @@ brokers:
     checkBackWait: 36s
     messageGroups: true
     persistInterval: 100ms
+    ackTimeout: 4s
 dedupe: {store: jetstream, broker: nats, bucket: dd, ttl: 15m, replicas: 3}
 http: {listen: "127.0.0.1:9191"}
 pipeline:
@@ -124,10 +125,11 @@ log: {level: debug, format: json}
 	r := rmqOf(t, c, "rmq-hz")
 	if r.AccessKey.Value() != "ak-1" || r.SecretKey.Value() != "s3cret" || r.ExactlyOnce != "transactional" ||
 		len(r.Nameservers) != 2 || r.Namespace != "prod" || r.InstancePrefix != "cb" ||
-		r.CheckBackWait.D() != 36*time.Second || !r.MessageGroups || r.PersistInterval.D() != 100*time.Millisecond {
+		r.CheckBackWait.D() != 36*time.Second || !r.MessageGroups || r.PersistInterval.D() != 100*time.Millisecond ||
+		r.AckTimeout.D() != 4*time.Second {
 		t.Errorf("rocketmq broker = %+v", r)
 	}
-	if a := r.adapter("rmq-hz"); !a.Transactional || a.CheckBackWait != 36*time.Second || !a.MessageGroups {
+	if a := r.adapter("rmq-hz"); !a.Transactional || a.CheckBackWait != 36*time.Second || !a.MessageGroups || a.SendTimeout != 4*time.Second {
 		t.Errorf("rocketmq adapter config = %+v", a)
 	}
 	if got := fmt.Sprintf("%v %+v %#v", r.SecretKey, r.SecretKey, r.SecretKey); strings.Contains(got, "s3cret") {
@@ -210,6 +212,9 @@ func TestNATSBrokerDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	r, rs := rmqOf(t, rc, "r"), rmqOf(t, rc, "s")
+	if r.AckTimeout.D() != rmq.DefaultSendTimeout {
+		t.Errorf("rocketmq broker's ackTimeout %v, want the adapter's %v", r.AckTimeout, rmq.DefaultSendTimeout)
+	}
 	if r.DialTimeout.D() != rmq.DefaultDialTimeout || r.WriteTimeout.D() != rmq.DefaultWriteTimeout || rs.WriteTimeout.D() != 5*time.Second {
 		t.Errorf("rocketmq brokers' dialTimeout and writeTimeout %v %v and %v, want the adapter's %v %v and the 5s set",
 			r.DialTimeout, r.WriteTimeout, rs.WriteTimeout, rmq.DefaultDialTimeout, rmq.DefaultWriteTimeout)
@@ -267,7 +272,8 @@ func TestBrokerConfigErrors(t *testing.T) {
 			"config.yaml:8: brokers.a.dialTimeout: must be at least 100ms", "config.yaml:9: brokers.a.reconnectWait: must be at least 100ms",
 			"config.yaml:10: brokers.a.requestTimeout: must be at least 10ms", "config.yaml:11: brokers.a.ackTimeout: must be at least 10ms"}},
 		{"nats serverOrder", "rules: rules\nbrokers:\n  a: {type: nats, url: nats://a:1, serverOrder: sorted}\n", []string{"brokers.a.serverOrder: must be random or listed, got \"sorted\""}},
-		{"nats timeout on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], ackTimeout: 1s}\n", []string{"brokers.r.ackTimeout: only valid for type nats"}},
+		{"nats timeout on rmq", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], requestTimeout: 1s}\n", []string{"brokers.r.requestTimeout: only valid for type nats"}},
+		{"rmq ackTimeout tiny", "rules: rules\nbrokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], ackTimeout: 1ms}\n", []string{"brokers.r.ackTimeout: must be at least 10ms"}},
 		{"dedupe requestTimeout", "rules: rules\n" + nats + "dedupe: {store: jetstream, reserveTTL: 2s, requestTimeout: 2s}\n", []string{"config.yaml:4: dedupe.requestTimeout: must be less than dedupe.reserveTTL (2s)"}},
 		{"dedupe requestTimeout memory", "rules: rules\n" + nats + "dedupe: {store: memory, requestTimeout: 1s}\n", []string{"config.yaml:4: dedupe.requestTimeout: only valid for store jetstream"}},
 		{"dedupe unknown broker", "rules: rules\n" + nats + "dedupe: {store: jetstream, broker: other}\n", []string{"dedupe.broker: unknown broker \"other\""}},

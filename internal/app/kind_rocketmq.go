@@ -41,6 +41,9 @@ type RocketMQBroker struct {
 	// applies.
 	DialTimeout  config.Duration `yaml:"dialTimeout"`
 	WriteTimeout config.Duration `yaml:"writeTimeout"`
+	// AckTimeout (targets) bounds one send attempt: the broker's answer
+	// (and a transactional attempt's store calls); rmq.BrokerConfig.SendTimeout.
+	AckTimeout config.Duration `yaml:"ackTimeout"`
 }
 
 // minPersistInterval bounds persistInterval from below: every persist
@@ -94,9 +97,14 @@ func (b *RocketMQBroker) Validate(c *config.BrokerCheck) {
 	for _, d := range []struct {
 		field string
 		v     config.Duration
-	}{{"dialTimeout", b.DialTimeout}, {"writeTimeout", b.WriteTimeout}} {
-		if d.v.D() < 100*time.Millisecond {
-			c.Errorf(d.field, "must be at least 100ms, got %s", d.v)
+		min   time.Duration
+	}{
+		{"dialTimeout", b.DialTimeout, 100 * time.Millisecond},
+		{"writeTimeout", b.WriteTimeout, 100 * time.Millisecond},
+		{"ackTimeout", b.AckTimeout, 10 * time.Millisecond},
+	} {
+		if d.v.D() < d.min {
+			c.Errorf(d.field, "must be at least %s, got %s", d.min, d.v)
 		}
 	}
 	if b.PersistInterval != 0 && b.PersistInterval.D() < minPersistInterval {
@@ -120,7 +128,7 @@ func (b *RocketMQBroker) adapter(name string) rmq.BrokerConfig {
 	return rmq.BrokerConfig{Name: name, NameServers: b.Nameservers, AccessKey: b.AccessKey.Value(),
 		SecretKey: b.SecretKey.Value(), Namespace: b.Namespace, InstancePrefix: b.InstancePrefix,
 		Transactional: b.ExactlyOnce == "transactional", CheckBackWait: b.CheckBackWait.D(),
-		MessageGroups: b.MessageGroups}
+		MessageGroups: b.MessageGroups, SendTimeout: b.AckTimeout.D()}
 }
 
 // minSet is the smaller of a and b where a of zero is not set yet.
@@ -160,7 +168,8 @@ func (c *rmqClient) sink(names []string, store dedupe.Store) (bridge.Sink, error
 	for _, n := range names {
 		bcs = append(bcs, c.brokers[n].adapter(n))
 	}
-	s, err := rmq.NewSink(rmq.SinkConfig{Brokers: bcs, Dedupe: store, MaxPending: c.env.cfg.SinkMaxPending()},
+	s, err := rmq.NewSink(rmq.SinkConfig{Brokers: bcs, Dedupe: store, MaxPending: c.env.cfg.SinkMaxPending(),
+		OnRetry: c.env.requests.publishRetried},
 		c.env.log.With("component", "sink"))
 	if err != nil {
 		return nil, err

@@ -79,3 +79,10 @@ func (r *requests) report(err error) {
 	r.m.BrokerReqErrors.WithLabelValues(ae.Broker, ae.Op).Inc()
 	r.status.failed(ae)
 }
+
+// publishRetried counts a failed publish attempt that a sink tries again
+// itself (the pipeline counts the attempts whose failure it sees) in
+// cellbridge_sink_publish_errors_total.
+func (r *requests) publishRetried(broker string, _ error) {
+	r.m.SinkPublishErrors.WithLabelValues(broker).Inc()
+}

@@ -32,7 +32,7 @@ var defaults = []defaultRow{
 	{"brokers.*.reconnectWait", "2s", "type nats: longest wait between two rounds of reconnect attempts over the server list (doubles from 100ms, plus jitter); at least 100ms"},
 	{"brokers.*.requestTimeout", "2s", "type nats: each attempt of a JetStream API request (streams, consumers, consumer reset/unpin/info); failed attempts are logged, counted and retried with backoff; at least 10ms"},
 	{"brokers.*.serverOrder", "random", "type nats: the order in which the client tries the servers of url when it connects and reconnects: `random` spreads the replicas over the cluster; `listed` tries them as written (a server in the replica's own zone first)"},
-	{"brokers.*.ackTimeout", "3s", "type nats: a publish to a target stream whose ack has not come this long fails and is retried (below dedupe.reserveTTL); at least 10ms"},
+	{"brokers.*.ackTimeout", "3s", "type nats and rocketmq: a publish to a target stream (nats) or topic (rocketmq: one send attempt; the sink tries twice more, then the pipeline retries) whose ack has not come this long fails and is retried (below dedupe.reserveTTL); at least 10ms"},
 	{"dedupe.store", "", "`memory` when every broker is NATS (and for the embedded default): each target stream's duplicate window drops repeats across replicas (docs/guarantees.md, section 8, says when to choose `jetstream` anyway); `jetstream` when a RocketMQ broker is configured and a NATS broker exists (RocketMQ targets have no duplicate window); else `memory`"},
 	{"dedupe.broker", "", "the broker named `nats`, else the only NATS broker"},
 	{"dedupe.bucket", "cellbridge-dedupe", "JetStream KV bucket, shared by all replicas"},
