@@ -54,9 +54,14 @@ type cellState struct {
 
 	mu     sync.Mutex
 	missed MissedCopies
-	// open: the latest streak of misses goes on (no copy went to the cell
-	// since). Written under mu; read without it on the copies' path.
+	// open: the latest streak of misses goes on (no copy decided under a
+	// newer rules version than its skips went to the cell since). Written
+	// under mu; read without it on the copies' path.
 	open atomic.Bool
+	// skipVer is the newest rules version a skip of the open streak was
+	// decided under; closeVer the version of the copy that ended the last
+	// streak (both under mu).
+	skipVer, closeVer int64
 }
 
 // MissedCopies is what a cell missed while it was down, as /status shows it:
@@ -89,19 +94,38 @@ func (p *Pipeline) cellState(rs *ruleState, cell string) *cellState {
 	})
 }
 
-// skip counts a copy of m that cell does not get, and records a miss.
-func (cs *cellState) skip(reason string, m *Message) {
+// skip counts a copy of m that cell does not get, decided under rules
+// version ver, and records a miss. The streak's range covers every miss:
+// copies decided again later (a lagging copy skipped once its cell is
+// marked down) can be older than the streak's first, so First only moves
+// back and Last only forward. A miss decided under an older version than
+// the copy that ended the last streak (a message that loaded its table
+// before the cell came back) belongs to that streak, which goes on.
+func (cs *cellState) skip(reason string, m *Message, ver int64) {
 	switch reason {
 	case router.SkipDown:
 		cs.skipDown.Inc()
 		at := m.Time
 		cs.mu.Lock()
-		if !cs.open.Load() {
+		mc := &cs.missed
+		switch {
+		case cs.open.Load():
+		case ver < cs.closeVer && mc.Count > 0:
 			cs.open.Store(true)
-			cs.missed.First, cs.missed.FirstSourceID = at, m.SourceID
+		default:
+			cs.open.Store(true)
+			mc.First, mc.FirstSourceID = at, m.SourceID
+			mc.Last, mc.LastSourceID = at, m.SourceID
+			cs.skipVer = ver
 		}
-		cs.missed.Count++
-		cs.missed.Last, cs.missed.LastSourceID = at, m.SourceID
+		if at.Before(mc.First) {
+			mc.First, mc.FirstSourceID = at, m.SourceID
+		}
+		if !at.Before(mc.Last) {
+			mc.Last, mc.LastSourceID = at, m.SourceID
+		}
+		cs.skipVer = max(cs.skipVer, ver)
+		mc.Count++
 		cs.mu.Unlock()
 	case router.SkipOrigin:
 		cs.skipOrigin.Inc()
@@ -110,13 +134,22 @@ func (cs *cellState) skip(reason string, m *Message) {
 	}
 }
 
-// sent ends a streak of misses: the cell gets copies again.
-func (cs *cellState) sent() {
-	if cs.open.Load() {
-		cs.mu.Lock()
-		cs.open.Store(false)
-		cs.mu.Unlock()
+// sent records a copy for the cell decided under rules version ver. It
+// ends the streak of misses only when ver is newer than every skip of it:
+// then the cell is not down in the running rules. A copy decided under an
+// older table (it waited for a slot, or in its lane, across the reload that
+// marked the cell down) says nothing about the cell now, and is decided
+// again before it is published (dispatchCopy).
+func (cs *cellState) sent(ver int64) {
+	if !cs.open.Load() {
+		return
 	}
+	cs.mu.Lock()
+	if cs.open.Load() && ver > cs.skipVer {
+		cs.open.Store(false)
+		cs.closeVer = ver
+	}
+	cs.mu.Unlock()
 }
 
 // broadcast takes the broadcast message t from Handle: it counts the cells
@@ -159,9 +192,9 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 		c := &t.d.Cells[i]
 		switch {
 		case c.Skip != "":
-			p.cellState(rs, c.Cell).skip(c.Skip, t.m)
+			p.cellState(rs, c.Cell).skip(c.Skip, t.m, t.d.Version)
 		case c.Cell == t.d.Origin:
-			p.cellState(rs, c.Cell).skip(router.SkipOrigin, t.m)
+			p.cellState(rs, c.Cell).skip(router.SkipOrigin, t.m, t.d.Version)
 		}
 	}
 	if n == 0 {
@@ -198,7 +231,7 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 		c.cs = p.cellState(rs, bc.Cell)
 		c.cs.pending.Add(1)
 		p.copies.Add(1)
-		c.cs.sent()
+		c.cs.sent(c.d.Version)
 		p.enterLane(c)
 	}
 	p.copyDone(t, nil)
@@ -300,13 +333,14 @@ func (p *Pipeline) dispatchCopy(c *task) *task {
 	if tbl := p.rules.Load(); tbl != nil && tbl.Version() != c.d.Version {
 		switch skip := p.rerouteCopy(c, tbl); skip {
 		case "":
+			c.cs.sent(c.d.Version)
 		case errHoldSkip:
 			// The rule no longer broadcasts this event (its kind or key
 			// changed): the redelivery is decided from scratch at intake.
 			// Copies already confirmed are duplicates then.
 			return p.finish(c, Hold(p.cfg.HoldDelay))
 		default:
-			c.cs.skip(skip, c.m)
+			c.cs.skip(skip, c.m, tbl.Version())
 			return p.finish(c, nil)
 		}
 	}

@@ -660,3 +660,74 @@ func TestBroadcastConcurrentSmallBudget(t *testing.T) {
 		}
 	}
 }
+
+// The range a down cell missed covers every missed copy, also copies that
+// waited (their cell failing) from before the reload that marked it down
+// and are skipped when they are decided again after newer messages were
+// skipped at intake: replaying from First must include them. A copy
+// decided under the older table ends no streak; one decided under a table
+// where the cell is back does.
+func TestBroadcastMissedRangeCoversWaitingCopies(t *testing.T) {
+	g := newCellGate("cell.cd.b")
+	g.failing.Store(true)
+	e := newEnv(t, Config{MaxInFlight: 64, Lanes: 4, Retry: RetryConfig{Initial: 20 * time.Millisecond, Max: 50 * time.Millisecond}},
+		bcastDoc(1, "all"), g.testSink, nil)
+	missed := func() MissedCopies {
+		for _, r := range e.p.Status().Rules {
+			for _, c := range r.Broadcast {
+				if r.Rule == "b" && c.Cell == "cd" {
+					return c.Missed
+				}
+			}
+		}
+		return MissedCopies{}
+	}
+	var acks []*ackRec
+	var oldest *Message
+	for i := range 5 {
+		m, a := msg("b", "k"+strconv.Itoa(i), "v")
+		m.Time = time.Unix(1000+int64(i), 0)
+		if oldest == nil {
+			oldest = m
+		}
+		handleMsg(t, e, m, a)
+		acks = append(acks, a)
+	}
+	eventually(t, "the copies to cd failing", func() bool { return g.tries.Load() >= 5 })
+
+	// cd is marked down; new messages skip it at once, before the waiting
+	// copies are decided again at their next attempt.
+	e.hold.Store(table(t, bcastDoc(2, "all", "cd")))
+	for i := range 3 {
+		m, a := msg("b", "n"+strconv.Itoa(i), "v")
+		m.Time = time.Unix(1010+int64(i), 0)
+		handleMsg(t, e, m, a)
+		acks = append(acks, a)
+	}
+	for _, a := range acks {
+		if err := a.result(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := missed()
+	if got.Count != 8 || !got.Ongoing || !got.First.Equal(oldest.Time) || got.FirstSourceID != oldest.SourceID ||
+		!got.Last.Equal(time.Unix(1012, 0)) {
+		t.Fatalf("missed %+v, want 8 copies from %v (%s) to %v, ongoing", got, oldest.Time, oldest.SourceID, time.Unix(1012, 0))
+	}
+	if n := len(byCell(g.published())["cell.cd.b"]); n != 0 {
+		t.Fatalf("%d copies reached cd", n)
+	}
+
+	// cd is back: the next copy to it ends the streak; its range stays.
+	g.failing.Store(false)
+	e.hold.Store(table(t, bcastDoc(3, "all")))
+	m, a := msg("b", "k0", "v")
+	m.Time = time.Unix(1020, 0)
+	handleMsg(t, e, m, a)
+	if err := a.result(t); err != nil {
+		t.Fatal(err)
+	}
+	if got := missed(); got.Ongoing || got.Count != 8 || !got.First.Equal(oldest.Time) {
+		t.Fatalf("after cd came back: %+v", got)
+	}
+}

@@ -484,6 +484,23 @@ func TestReloadChangingTheSourceIsLogged(t *testing.T) {
 			t.Errorf("%q: logged %v:\n%s", c.want, logged, logs.String())
 		}
 	}
+
+	// A reload that removes a topic rule is accepted too; its running
+	// source goes on consuming, and the warning names the rule. The rule
+	// it was renamed to is a new one, which needs a restart as well.
+	renamed := load(strings.Replace(strings.Replace(ruleSingle("ordering: ordered"), "name: ev", "name: ev2", 1), "EV,", "EV2,", 1))
+	var logs bytes.Buffer
+	cfg, err := config.Parse("c.yaml", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkReloaded(&Options{Config: cfg, Rules: ordered}, renamed, slog.New(slog.NewTextHandler(&logs, nil)))
+	for _, want := range []string{`msg="reloaded rules remove a topic rule; its source keeps consuming until the bridge restarts`, "rule=ev\n",
+		`msg="reloaded rules add a topic rule; restart the bridge to consume it" rule=ev2`} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("logs lack %q:\n%s", want, logs.String())
+		}
+	}
 }
 
 // A graceful stop closes the broker connections on purpose: nothing in it

@@ -294,7 +294,7 @@ func checkReloadedStreams(ctx context.Context, o *Options, t *router.Table, jsOf
 
 // checkReloaded warns about what a reloaded table asks for that the running
 // bridge cannot do without a restart: new topic rules (no source consumes
-// them), a rule's source changed (its stream, subject, group, ordering mode
+// them), removed ones (their source keeps consuming), a rule's source changed (its stream, subject, group, ordering mode
 // or partition count: the running source keeps consuming as it started),
 // and brokers the configuration does not define.
 //
@@ -318,6 +318,12 @@ func checkReloaded(o *Options, t *router.Table, log *slog.Logger) {
 		if what := sourceChange(old, r); what != "" {
 			log.Warn("reloaded rules change how a rule is consumed; the running source keeps consuming as it started until the bridge restarts",
 				"rule", r.Name, "change", what)
+		}
+	}
+	for _, r := range o.Rules.Rules() {
+		if t.Rule(r.Name) == nil {
+			log.Warn("reloaded rules remove a topic rule; its source keeps consuming until the bridge restarts, and its messages find no route and no DLQ: they are held (redelivered every pipeline.holdDelay), not lost",
+				"rule", r.Name)
 		}
 	}
 	if err := o.Config.CheckRules(t); err != nil {
