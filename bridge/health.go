@@ -253,13 +253,14 @@ func (h *Health) failed(what string, err error) {
 		h.failing[what] = r
 	}
 	r.err, r.last, r.ok = err.Error(), now, false
-	tg, isTarget := h.targets[what]
+	// The gauge follows the streaks under mu: Ready ends them and sets 0
+	// under it too, so a streak started between the two cannot be hidden.
+	if tg, isTarget := h.targets[what]; start && isTarget && h.m != nil {
+		h.m.TargetFailing.WithLabelValues(tg[0], tg[1]).Set(1)
+	}
 	h.mu.Unlock()
 	if start {
 		h.log.Warn(what+" failing; retrying", "err", err)
-		if isTarget && h.m != nil {
-			h.m.TargetFailing.WithLabelValues(tg[0], tg[1]).Set(1)
-		}
 	}
 }
 
@@ -348,20 +349,16 @@ func (h *Health) Ready() (bool, string) {
 			}
 		}
 	}
-	var endedTargets [][2]string
-	for _, what := range ended {
-		if tg, ok := h.targets[what]; ok {
-			endedTargets = append(endedTargets, tg)
+	if h.m != nil {
+		for _, what := range ended {
+			if tg, ok := h.targets[what]; ok {
+				h.m.TargetFailing.WithLabelValues(tg[0], tg[1]).Set(0)
+			}
 		}
 	}
 	h.mu.Unlock()
 	for _, what := range ended {
 		h.log.Info(what + " recovered")
-	}
-	if h.m != nil {
-		for _, tg := range endedTargets {
-			h.m.TargetFailing.WithLabelValues(tg[0], tg[1]).Set(0)
-		}
 	}
 	sort.Strings(reasons)
 	h.mu.Lock()

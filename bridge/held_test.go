@@ -290,3 +290,27 @@ func TestHeldReleasedStallAgeFromRelease(t *testing.T) {
 		}
 	}
 }
+
+// The rule's oldest unacknowledged message is found anywhere in its list:
+// tracking order is arrival order only per delivering goroutine, so the
+// head need not be the oldest (several RocketMQ queues, partitions).
+func TestSnapshotOldestAnywhereInTheList(t *testing.T) {
+	rs := &ruleState{name: "r"}
+	sec := int64(time.Second)
+	for _, arrived := range []int64{5 * sec, 2 * sec, 7 * sec} {
+		tk := &task{arrived: arrived}
+		tk.m = &Message{}
+		rs.track(tk)
+	}
+	n, oldest := rs.snapshot(10 * sec)
+	if n != 3 || oldest != 8 {
+		t.Fatalf("snapshot: %d messages, oldest %vs; want 3 and 8s (the second tracked)", n, oldest)
+	}
+	// A source store time earlier than the arrival counts from the store.
+	tk := &task{arrived: 9 * sec}
+	tk.m = &Message{Time: time.Unix(0, 1*sec)}
+	rs.track(tk)
+	if _, oldest := rs.snapshot(10 * sec); oldest != 9 {
+		t.Fatalf("oldest %vs, want 9s (a store time)", oldest)
+	}
+}

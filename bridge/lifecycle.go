@@ -225,11 +225,19 @@ func (p *Pipeline) collectHeld(now int64, perShard bool) map[string]*heldStats {
 func (rs *ruleState) snapshot(now int64) (n int, oldest float64) {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
-	if rs.head != nil {
-		from := rs.head.arrived
-		if !rs.head.m.Time.IsZero() {
-			from = min(from, rs.head.m.Time.UnixNano())
+	// The whole list, as stallAge: tracking order is arrival order only
+	// per delivering goroutine (RocketMQ queues, partitions).
+	from := int64(0)
+	for t := rs.head; t != nil; t = t.next {
+		at := t.arrived
+		if !t.m.Time.IsZero() {
+			at = min(at, t.m.Time.UnixNano())
 		}
+		if from == 0 || at < from {
+			from = at
+		}
+	}
+	if from != 0 {
 		oldest = time.Duration(now - from).Seconds()
 	}
 	return rs.n, oldest

@@ -21,8 +21,12 @@ type retryWaiters struct {
 	// m maps a task to the retry timer it waits on. A task is pooled: the
 	// timer tells whether the entry is still its current wait (a task
 	// that moved on, or was reused, has another timer or none). It holds
-	// at most one entry per task, so it is bounded by the pool.
-	m map[*task]*time.Timer
+	// at most one entry per task; entries no longer current are dropped
+	// when the map has doubled since the last sweep (a target that never
+	// succeeds again, its cell marked down, would otherwise keep every
+	// task that once retried on it).
+	m       map[*task]*time.Timer
+	sweepAt int
 }
 
 // add records that t waits on tm. Called without t.mu held.
@@ -32,6 +36,16 @@ func (w *retryWaiters) add(t *task, tm *time.Timer) {
 		w.m = map[*task]*time.Timer{}
 	}
 	w.m[t] = tm
+	if len(w.m) >= max(w.sweepAt, 1024) {
+		for o, otm := range w.m {
+			o.mu.Lock()
+			if o.timer != otm {
+				delete(w.m, o)
+			}
+			o.mu.Unlock()
+		}
+		w.sweepAt = 2 * len(w.m)
+	}
 	w.n.Store(int64(len(w.m)))
 	w.mu.Unlock()
 }

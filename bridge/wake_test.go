@@ -89,3 +89,29 @@ func TestSpreadDrawsBetweenHalfAndAll(t *testing.T) {
 		t.Fatalf("spread(1ns) = %v", got)
 	}
 }
+
+// Entries whose task no longer waits on their timer are dropped once the
+// map has grown: a target that never succeeds again (its cell marked down)
+// does not keep every task that once retried on it.
+func TestRetryWaitersDropStaleEntries(t *testing.T) {
+	var w retryWaiters
+	stop := time.NewTimer(time.Hour)
+	defer stop.Stop()
+	live := &task{}
+	live.timer = stop
+	w.add(live, stop)
+	for range 2000 {
+		tk := &task{} // retried, then settled: its timer is gone
+		w.add(tk, stop)
+	}
+	w.mu.Lock()
+	n := len(w.m)
+	_, kept := w.m[live]
+	w.mu.Unlock()
+	if n >= 1024 || !kept {
+		t.Fatalf("%d entries left (want fewer than 1024 after a sweep), the waiting task kept: %v", n, kept)
+	}
+	if got := w.n.Load(); got != int64(n) {
+		t.Fatalf("count %d, map %d", got, n)
+	}
+}

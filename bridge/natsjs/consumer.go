@@ -238,9 +238,11 @@ func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time
 			if !sleepCtx(ctx, vanishSettle) {
 				return nil, ctx.Err()
 			}
-			if floor > 0 {
-				cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = jetstream.DeliverByStartSequencePolicy, floor+1, nil
-			}
+			// Also at floor 0 (nothing acknowledged yet): a durable made
+			// with DeliverNew or DeliverLast on an empty stream starts
+			// there, and its own policy would skip what it delivered
+			// and no one acknowledged.
+			cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = jetstream.DeliverByStartSequencePolicy, floor+1, nil
 			s.log.Warn("nats consumer recreated for its new ack policy", "cumulativeAcks", s.cfg.CumulativeAcks, "startSeq", floor+1)
 		}
 	case errors.Is(err, jetstream.ErrConsumerNotFound):

@@ -229,6 +229,51 @@ func TestCumulativeAcksPolicySwitch(t *testing.T) {
 	}
 }
 
+// TestAckPolicySwitchAtFloorZero: a durable made with DeliverNew on an
+// empty stream has ack floor 0. When its ack policy changes (acks: each →
+// cumulative) it is made again from sequence 1, not with its DeliverNew:
+// what it had delivered and no one acknowledged is delivered again.
+func TestAckPolicySwitchAtFloorZero(t *testing.T) {
+	_, js := takeoverSetup(t)
+	ctx := testCtx(t)
+	first := newSource(t, js, orderedConfig())
+	_ = first.Close(ctx)
+	cc := durableInfo(t, js).Config
+	// Made again by hand with DeliverNew, as an operator may have.
+	if err := js.DeleteConsumer(ctx, "ORDERS", cc.Durable); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(vanishSettle)
+	cc.DeliverPolicy = jetstream.DeliverNewPolicy
+	cons, err := js.CreateConsumer(ctx, "ORDERS", cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		publish(t, js, "orders.k", fmt.Sprintf("m%d", i), nil)
+	}
+	batch, err := cons.Fetch(5, jetstream.FetchPriorityGroup(cc.PriorityGroups[0]), jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for range batch.Messages() {
+		n++ // delivered, never acknowledged
+	}
+	if info := durableInfo(t, js); n != 5 || info.AckFloor.Stream != 0 {
+		t.Fatalf("%d delivered, ack floor %d; want 5 and 0", n, info.AckFloor.Stream)
+	}
+
+	c := &collector{settle: func(g got) { _ = g.ack(testCtx(t), nil) }}
+	src := newSource(t, js, cumulativeConfig())
+	if info := durableInfo(t, js); info.Config.AckPolicy != jetstream.AckAllPolicy || info.Config.DeliverPolicy != jetstream.DeliverByStartSequencePolicy {
+		t.Fatalf("durable made again with %v from %v, want ack policy all from a start sequence", info.Config.AckPolicy, info.Config.DeliverPolicy)
+	}
+	stop := run(t, src, c.handle)
+	defer stop()
+	eventually(t, 20*time.Second, "the five delivered again", func() bool { return len(c.all()) == 5 })
+}
+
 // TestCumulativeAcksModeConflict: a replica configured for cumulative acks
 // does not recreate a durable that a replica with acks: each pulls from: it
 // waits (StateWaiting) and takes over the durable, recreated with AckPolicy
