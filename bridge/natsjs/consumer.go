@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -38,11 +39,15 @@ func (e *ModeError) Error() string {
 		"see docs for switching the mode", e.Rule, e.Consumer, e.Stream, e.Have, e.Want, acks, e.Waiting)
 }
 
+// rulePrefix starts the description of a rule's durable; the rule's name
+// follows.
+const rulePrefix = "cellbridge rule "
+
 // consumerConfig is the durable as the source wants it.
 func (s *Source) consumerConfig() jetstream.ConsumerConfig {
 	cfg := jetstream.ConsumerConfig{
 		Durable:     s.cfg.Durable,
-		Description: "cellbridge rule " + s.cfg.Rule,
+		Description: rulePrefix + s.cfg.Rule,
 		AckPolicy:   s.ackPolicy(),
 		// Held messages are negatively acknowledged again and again until
 		// their shard is unblocked, and sink outages are retried, so a
@@ -197,6 +202,15 @@ func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time
 	case err == nil:
 		info := old.CachedInfo()
 		oc := info.Config
+		if other, ok := strings.CutPrefix(oc.Description, rulePrefix); ok && other != s.cfg.Rule && oc.FilterSubject != cfg.FilterSubject {
+			// Another rule's durable (two rules with one source.group on
+			// this stream): updating its filter would take the other
+			// rule's messages from it, and what it had not delivered
+			// yet of its own subjects would never be.
+			return nil, fmt.Errorf("natsjs: rule %s: consumer %s on stream %s belongs to rule %s (filter %s, this rule's %s): "+
+				"two rules cannot share one source.group on a stream; give this rule its own group",
+				s.cfg.Rule, s.cfg.Durable, s.cfg.Stream, other, oc.FilterSubject, cfg.FilterSubject)
+		}
 		if wait && !held.IsZero() && info.Created.Equal(held) {
 			// The durable this source held: being deleted, unless it
 			// was switched to the other mode in place (then it stays,

@@ -256,6 +256,10 @@ type Source struct {
 	// lastConsumeErr is when (UnixNano) the unordered Consume last
 	// reported an error; a quiet period after it clears the failure.
 	lastConsumeErr atomic.Int64
+	// stopShared stops the unordered Consume running now (nil when none):
+	// monitor stops it when the durable is not found, which the library
+	// does not notice unless a pull was waiting when it was deleted.
+	stopShared atomic.Pointer[func()]
 	// expiry and heartbeat are the ordered mode's pull settings.
 	expiry, heartbeat time.Duration
 
@@ -442,14 +446,19 @@ func (s *Source) runShared(ctx context.Context, h bridge.Handler) error {
 			jetstream.PullHeartbeat(sharedHeartbeat),
 			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) { s.sharedConsumeErr(ctx, err) }))
 		if err == nil {
+			stop := cc.Stop
+			s.stopShared.Store(&stop)
 			select {
 			case <-ctx.Done():
+				s.stopShared.Store(nil)
 				cc.Stop()
 				<-cc.Closed()
 				return nil
 			case <-cc.Closed():
-				// The library stopped consuming on its own: consumer
-				// deleted, its mode switched, or connection closed.
+				// The library stopped consuming on its own (consumer
+				// deleted while a pull waited, its mode switched,
+				// connection closed), or monitor stopped it.
+				s.stopShared.Store(nil)
 			}
 		}
 		if s.js.Conn().IsClosed() {
@@ -717,6 +726,14 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 			}
 		}
 		if err != nil {
+			if stop := s.stopShared.Load(); stop != nil && !stale && ctx.Err() == nil && errors.Is(err, jetstream.ErrConsumerNotFound) {
+				// Deleted while no pull of this replica waited (it was
+				// disconnected, or busy): the library's pulls then find
+				// no responder and it goes on. Stopping makes runShared
+				// create it again after its ack floor.
+				s.log.Warn("nats consumer not found; making it again", "consumer", s.cfg.Durable, "stream", s.cfg.Stream)
+				(*stop)()
+			}
 			if !stale && ctx.Err() == nil && s.failing.failingNow() && s.idle.idle() {
 				s.checkStored(ctx)
 			}

@@ -405,6 +405,38 @@ func sourceRecreatesDeletedConsumerAfterAckFloor(t *testing.T, o Ordering) {
 	}
 }
 
+// TestSourceRecreatesConsumerDeletedWithoutWaitingPull: an unordered
+// source whose durable is deleted while none of its pulls waits on the
+// server (its one message is still in the handler) gets no word of it
+// from the server; its next pulls find no responder. The consumer info
+// it asks for every BacklogInterval finds the durable gone, and the
+// source makes it again and goes on.
+func TestSourceRecreatesConsumerDeletedWithoutWaitingPull(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	release := make(chan struct{})
+	c := &collector{settle: func(g got) {
+		if string(g.m.Body) == "1" && g.m.Deliveries == 1 {
+			<-release
+		}
+		_ = g.ack(context.Background(), nil)
+	}}
+	run(t, newSource(t, js, SourceConfig{Ordering: Unordered, FetchBatch: 1, BacklogInterval: 50 * time.Millisecond}), c.handle)
+	publish(t, js, "orders.x", "1", nil)
+	eventually(t, 10*time.Second, "1 in the handler", func() bool { return len(c.of("1")) == 1 })
+	eventually(t, 10*time.Second, "no pull waiting", func() bool {
+		info := durableInfo(t, js)
+		return info.NumWaiting == 0
+	})
+	if err := js.DeleteConsumer(testCtx(t), "ORDERS", "cellbridge-orders"); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	publish(t, js, "orders.x", "2", nil)
+	eventually(t, 20*time.Second, "2 delivered by the durable made again", func() bool { return len(c.of("2")) == 1 })
+}
+
 func TestSourceKeepsExistingDeliverPolicy(t *testing.T) {
 	bothOrderings(t, sourceKeepsExistingDeliverPolicy)
 }
@@ -426,6 +458,34 @@ func sourceKeepsExistingDeliverPolicy(t *testing.T, o Ordering) {
 	if len(c.of("history")) != 0 {
 		t.Fatal("history was delivered although the durable was created with DeliverNew")
 	}
+}
+
+// TestSourceRefusesAnotherRulesDurable: two rules with one source.group
+// on a stream name one durable. The second refuses to take it over (its
+// filter update would take the first rule's messages from it), with an
+// error naming both rules; a renamed rule (same filter) takes it over.
+func TestSourceRefusesAnotherRulesDurable(t *testing.T) { bothOrderings(t, sourceRefusesAnotherRulesDurable) }
+
+func sourceRefusesAnotherRulesDurable(t *testing.T, o Ordering) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	createStream(t, js, "ORDERS", "orders.>")
+	eu := SourceConfig{Rule: "orders-eu", Broker: "nats", Stream: "ORDERS", Subject: "orders.eu.>", Durable: "cellbridge-orders", Ordering: o}
+	a := newSource(t, js, eu)
+	defer a.Close(testCtx(t))
+	us := eu
+	us.Rule, us.Subject = "orders-us", "orders.us.>"
+	_, err := NewSource(testCtx(t), js, us, quiet)
+	if err == nil || !strings.Contains(err.Error(), "belongs to rule orders-eu") || !strings.Contains(err.Error(), "give this rule its own group") {
+		t.Fatalf("NewSource of a second rule on the durable: %v", err)
+	}
+	if f := durableInfo(t, js).Config.FilterSubject; f != "orders.eu.>" {
+		t.Fatalf("the first rule's durable filters %q now", f)
+	}
+	renamed := eu
+	renamed.Rule = "orders-all-eu"
+	b := newSource(t, js, renamed)
+	defer b.Close(testCtx(t))
 }
 
 func TestSourceConfigErrors(t *testing.T) {
