@@ -33,6 +33,15 @@ type PinChange struct {
 	Key  string `json:"key"`
 	From string `json:"from"`
 	To   string `json:"to"`
+	// Failover is true when From is down in the new table: nothing to hold
+	// the key for (as for a Move).
+	Failover bool `json:"failover"`
+	// Shards are the shards of the key under every topic rule routed by
+	// shard (old and new rules; ascending, without repeats): the switch
+	// blocks them, so that the key is held while its data moves (a
+	// superset: other keys of those shards are held too). None for a
+	// failover.
+	Shards []int `json:"shards,omitempty"`
 }
 
 // DiffReport is what changes between two rule tables and how to switch
@@ -43,7 +52,12 @@ type DiffReport struct {
 	Shards     int   `json:"shards"` // of the new table
 	// Resharded is true when the shard counts differ: shard numbers mean
 	// different keys, so every shard must be treated as moving.
-	Resharded bool        `json:"resharded"`
+	Resharded bool `json:"resharded"`
+	// Rekeyed lists the topic rules routed by shard whose key or shard
+	// function changes: most of their keys change shard, and so cell, at
+	// once. As for a reshard, every shard must be treated as moving (and
+	// is in Block).
+	Rekeyed   []string    `json:"rekeyed"`
 	OldShards int         `json:"oldShards"`
 	Moves     []Move      `json:"moves"`
 	Moved     int         `json:"moved"` // shards changing serving cell, in all
@@ -51,13 +65,15 @@ type DiffReport struct {
 	Other     []string    `json:"other"` // other changes, one human-readable line each
 	// Block is the blocked list to apply first (with the old owners) so that
 	// nothing of a moving shard is forwarded while its data catches up: the
-	// shards of every move that is not a failover, in the old shard space.
+	// shards of every move that is not a failover and of every pin change
+	// that is not one (PinChange.Shards), in the old shard space; every
+	// shard when Resharded or Rekeyed.
 	Block []Range `json:"block"`
 }
 
 // Changed reports whether routing differs in any way.
 func (r DiffReport) Changed() bool {
-	return r.Resharded || len(r.Moves) > 0 || len(r.Pins) > 0 || len(r.Other) > 0
+	return r.Resharded || len(r.Rekeyed) > 0 || len(r.Moves) > 0 || len(r.Pins) > 0 || len(r.Other) > 0
 }
 
 // BlockedList renders Block as the rule-file value, e.g. ["40-44", "60"].
@@ -72,6 +88,8 @@ func (r DiffReport) BlockedList() string {
 // Diff compares two valid tables. It does not modify them.
 func Diff(prev, next *Table) DiffReport {
 	r := DiffReport{OldVersion: prev.version, NewVersion: next.version, Shards: next.shards, OldShards: prev.shards}
+	r.Rekeyed = rekeyed(prev, next)
+	r.Pins = diffPins(prev, next)
 	if prev.shards != next.shards {
 		r.Resharded = true
 		r.Block = []Range{{0, prev.shards - 1}}
@@ -90,11 +108,61 @@ func Diff(prev, next *Table) DiffReport {
 				}
 			}
 		}
+		for _, p := range r.Pins {
+			for _, s := range p.Shards {
+				planned[s] = true
+			}
+		}
+		if len(r.Rekeyed) > 0 {
+			for s := range planned {
+				planned[s] = true
+			}
+		}
 		r.Block = runs(prev.shards, func(s int) bool { return planned[s] })
 	}
-	r.Pins = diffPins(prev, next)
+	for _, name := range r.Rekeyed {
+		r.Other = append(r.Other, fmt.Sprintf("topic rule %s: key or shard function changes: its keys may change shard and cell, so every shard is blocked", name))
+	}
 	r.Other = append(r.Other, diffOther(prev, next)...)
 	return r
+}
+
+// rekeyed lists the topic rules routed by shard in both tables whose key
+// or shard function differs, sorted by name.
+func rekeyed(prev, next *Table) []string {
+	var out []string
+	for _, or := range prev.rules {
+		nr := next.byName[or.Name]
+		if nr == nil || or.Broadcast != nil || nr.Broadcast != nil {
+			continue
+		}
+		if or.Key != nr.Key || or.Shard != nr.Shard {
+			out = append(out, or.Name)
+		}
+	}
+	return out
+}
+
+// pinShards returns the shards of key under every topic rule routed by
+// shard of prev and next, within the old shard space, ascending.
+func pinShards(prev, next *Table, key string) []int {
+	seen := map[int]bool{}
+	for _, t := range []*Table{prev, next} {
+		for _, r := range t.rules {
+			if r.Broadcast != nil {
+				continue
+			}
+			if s, err := r.ShardOf(key); err == nil && s < prev.shards {
+				seen[s] = true
+			}
+		}
+	}
+	out := make([]int, 0, len(seen))
+	for s := range seen {
+		out = append(out, s)
+	}
+	sort.Ints(out)
+	return out
 }
 
 func diffMoves(prev, next *Table) []Move {
@@ -160,6 +228,14 @@ func diffPins(prev, next *Table) []PinChange {
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	for i := range out {
+		p := &out[i]
+		if c, ok := next.Cell(p.From); ok && c.State == StateDown {
+			p.Failover = true
+			continue
+		}
+		p.Shards = pinShards(prev, next, p.Key)
+	}
 	return out
 }
 
@@ -265,19 +341,26 @@ func (r DiffReport) WriteText(w io.Writer) error {
 				shardWord(m.Count), 100*m.Share, note)
 		}
 		pr.Printf("  total: %d of %d shards (%.1f%%) change cell\n", r.Moved, r.Shards, 100*float64(r.Moved)/float64(max(r.Shards, 1)))
-	} else if !r.Resharded {
+	} else if !r.Resharded && len(r.Rekeyed) == 0 {
 		pr.Printf("\nno shard changes cell\n")
 	}
 	if len(r.Pins) > 0 {
 		pr.Printf("\npins:\n")
 		for _, p := range r.Pins {
+			note := ""
+			switch {
+			case p.Failover:
+				note = "  (failover: " + p.From + " is down; nothing to block)"
+			case len(p.Shards) > 0:
+				note = "  (" + shardWord(len(p.Shards)) + " " + intsString(p.Shards) + " blocked)"
+			}
 			switch {
 			case p.From == "":
-				pr.Printf("  %s: added → %s\n", p.Key, p.To)
+				pr.Printf("  %s: added → %s%s\n", p.Key, p.To, note)
 			case p.To == "":
-				pr.Printf("  %s: removed (was %s)\n", p.Key, p.From)
+				pr.Printf("  %s: removed (was %s)%s\n", p.Key, p.From, note)
 			default:
-				pr.Printf("  %s: %s → %s\n", p.Key, p.From, p.To)
+				pr.Printf("  %s: %s → %s%s\n", p.Key, p.From, p.To, note)
 			}
 		}
 	}
@@ -301,7 +384,30 @@ func (r DiffReport) WriteText(w io.Writer) error {
 		pr.Printf("     note: the new rules say version %d; raise it to at least %d\n", r.NewVersion, r.OldVersion+2)
 	}
 	for _, p := range r.Pins {
-		pr.Printf("  note: pinned key %s changes cell too; blocked holds whole shards, not single keys\n", p.Key)
+		if len(p.Shards) > 0 {
+			pr.Printf("  note: pinned key %s changes cell: blocked holds its %s %s too (whole shards, not single keys)\n",
+				p.Key, shardWord(len(p.Shards)), intsString(p.Shards))
+		}
+	}
+	if r.Resharded || len(r.Rekeyed) > 0 {
+		pr.Printf("  note: every shard is blocked (%s): every topic rule routed by shard holds all its events\n", r.everyShardWhy())
+		pr.Printf("     until step 3; size pipeline.maxHeld for their whole rate times the block's length\n")
 	}
 	return pr.Err()
+}
+
+// everyShardWhy says why every shard is blocked.
+func (r DiffReport) everyShardWhy() string {
+	if r.Resharded {
+		return fmt.Sprintf("shard count %d → %d", r.OldShards, r.Shards)
+	}
+	return "key or shard function of " + strings.Join(r.Rekeyed, ", ") + " changes"
+}
+
+func intsString(v []int) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = strconv.Itoa(x)
+	}
+	return strings.Join(s, ", ")
 }

@@ -3,6 +3,7 @@ package router
 import (
 	"bytes"
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -27,10 +28,11 @@ func TestDiff(t *testing.T) {
 			r.Moves[0].Share != 0.2 || r.Moves[0].Failover || r.Moved != 2 {
 			t.Fatalf("moves %+v", r.Moves)
 		}
-		if r.BlockedList() != `["3-4"]` {
+		// The pinned key 12345 is in shard 5 under both rules: held too.
+		if r.BlockedList() != `["3-5"]` {
 			t.Fatalf("block %s", r.BlockedList())
 		}
-		if len(r.Pins) != 1 || r.Pins[0] != (PinChange{Key: "12345", From: "a1", To: "a0"}) {
+		if len(r.Pins) != 1 || !reflect.DeepEqual(r.Pins[0], PinChange{Key: "12345", From: "a1", To: "a0", Shards: []int{5}}) {
 			t.Fatalf("pins %+v", r.Pins)
 		}
 		var b bytes.Buffer
@@ -40,8 +42,9 @@ func TestDiff(t *testing.T) {
 		for _, want := range []string{
 			"rules version 3 → 5, 10 shards",
 			"a0     → a1      3-4                     2 shards   20.0%",
-			"12345: a1 → a0",
-			"1. apply the OLD rules with version 4 and\n       blocked: [\"3-4\"]",
+			"12345: a1 → a0  (shard 5 blocked)",
+			"1. apply the OLD rules with version 4 and\n       blocked: [\"3-5\"]",
+			"note: pinned key 12345 changes cell: blocked holds its shard 5 too",
 			"3. apply the NEW rules with version 5 or higher",
 		} {
 			if !strings.Contains(b.String(), want) {
@@ -49,7 +52,7 @@ func TestDiff(t *testing.T) {
 			}
 		}
 		js, err := json.Marshal(r)
-		if err != nil || !strings.Contains(string(js), `"ranges":["3-4"]`) || !strings.Contains(string(js), `"block":["3-4"]`) {
+		if err != nil || !strings.Contains(string(js), `"ranges":["3-4"]`) || !strings.Contains(string(js), `"block":["3-5"]`) {
 			t.Fatalf("json %s %v", js, err)
 		}
 	})
@@ -86,9 +89,83 @@ func TestDiff(t *testing.T) {
 		}
 	})
 	t.Run("rules and global", func(t *testing.T) {
-		r := Diff(v3, mustParse(t, variant(t, "version: 3", "version: 4", "func: mod", "func: fnv1a")))
-		if !r.Changed() || len(r.Moves) != 0 || !strings.Contains(strings.Join(r.Other, "\n"), "topic rule pay changed") {
+		r := Diff(v3, mustParse(t, variant(t, "version: 3", "version: 4", "global: gz00", "global: a1",
+			`target: {broker: nats, subject: "cell.{cell}.pay"}`, `target: {broker: nats, subject: "cells.{cell}.pay"}`)))
+		other := strings.Join(r.Other, "\n")
+		if !r.Changed() || len(r.Moves) != 0 || len(r.Block) != 0 || len(r.Rekeyed) != 0 ||
+			!strings.Contains(other, "topic rule pay changed") || !strings.Contains(other, "global cell gz00 → a1") {
 			t.Fatalf("%+v", r)
 		}
 	})
+}
+
+// broadcastRule is a broadcast topic rule to append to baseRules.
+const broadcastRule = `---
+kind: TopicRule
+name: prices
+source: {broker: nats, stream: PRICES, subject: "prices.>"}
+key: {json: sku}
+target: {broker: nats, subject: "cell.{cell}.prices", cells: all}
+dlq: {broker: nats, subject: dlq.prices}
+`
+
+// TestDiffBlocksKeyMoves: a change that moves keys without moving a
+// shard's owner — a new key or shard function, a pin added, removed or
+// retargeted — blocks the shards those keys are in (every shard for a new
+// function), so that a switch holds them while their data moves.
+func TestDiffBlocksKeyMoves(t *testing.T) {
+	v3 := mustParse(t, baseRules+broadcastRule)
+	cases := []struct {
+		name    string
+		next    string
+		rekeyed []string
+		block   string
+		text    []string // substrings of WriteText
+	}{
+		{"shard function", variant(t, "version: 3", "version: 4", "func: mod", "func: fnv1a"), []string{"pay"}, `["0-9"]`,
+			[]string{"topic rule pay: key or shard function changes", `blocked: ["0-9"]`, "note: every shard is blocked (key or shard function of pay changes)"}},
+		{"digits position", variant(t, "version: 3", "version: 4", "from: -1}", "from: -2}"), []string{"orders"}, `["0-9"]`,
+			[]string{"topic rule orders: key or shard function changes", `blocked: ["0-9"]`}},
+		{"key", variant(t, "version: 3", "version: 4", "key: {json: user.id}", "key: {json: account.id}"), []string{"orders"}, `["0-9"]`,
+			[]string{`blocked: ["0-9"]`}},
+		{"key and a move", variant(t, "version: 3", "version: 4", "key: {header: X-User-Id}", "key: {header: X-Account}", `"0-4"`, `"0-2"`, `"5-9"`, `"3-9"`), []string{"pay"}, `["0-9"]`,
+			[]string{"a0     → a1      3-4", `blocked: ["0-9"]`}},
+		{"broadcast key", variant(t, "version: 3", "version: 4") + strings.Replace(broadcastRule, "{json: sku}", "{json: id}", 1), nil, `[]`,
+			[]string{"topic rule prices changed", "nothing to block"}},
+		{"pin added", variant(t, "version: 3", "version: 4", `  - {key: "12345", cell: a1}`, "  - {key: \"12345\", cell: a1}\n  - {key: \"777\", cell: a0}"), nil, `["7"]`,
+			[]string{"777: added → a0  (shard 7 blocked)", `blocked: ["7"]`}},
+		{"pin removed", variant(t, "version: 3", "version: 4", `  - {key: "12345", cell: a1}`, ""), nil, `["5"]`,
+			[]string{"12345: removed (was a1)  (shard 5 blocked)", `blocked: ["5"]`}},
+		{"pin retargeted", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "12345", cell: a0}`), nil, `["5"]`,
+			[]string{"12345: a1 → a0  (shard 5 blocked)", `blocked: ["5"]`}},
+		{"pin replaced", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "12", cell: a1}`), nil, `["2", "5"]`,
+			[]string{"12: added → a1  (shard 2 blocked)", "12345: removed (was a1)  (shard 5 blocked)"}},
+		{"pin no rule routes", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "abc", cell: a1}`), nil, `["5"]`,
+			[]string{"abc: added → a1\n", `blocked: ["5"]`}},
+		{"pin failover", variant(t, "version: 3", "version: 4", "{name: a1, state: active", "{name: a1, state: down", "failover: a1, shards", "failover: gz00, shards"), nil, `[]`,
+			[]string{"12345: a1 → a0  (failover: a1 is down; nothing to block)", "nothing to block"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := Diff(v3, mustParse(t, c.next))
+			if !reflect.DeepEqual(r.Rekeyed, c.rekeyed) || r.BlockedList() != c.block {
+				t.Fatalf("rekeyed %v block %s, want %v %s (%+v)", r.Rekeyed, r.BlockedList(), c.rekeyed, c.block, r)
+			}
+			var b bytes.Buffer
+			if err := r.WriteText(&b); err != nil {
+				t.Fatal(err)
+			}
+			for _, w := range c.text {
+				if !strings.Contains(b.String(), w) {
+					t.Errorf("missing %q in:\n%s", w, b.String())
+				}
+			}
+			if len(r.Block) > 0 && strings.Contains(b.String(), "nothing to block") {
+				t.Errorf("says nothing to block:\n%s", b.String())
+			}
+			if len(r.Rekeyed) > 0 && strings.Contains(b.String(), "no shard changes cell") {
+				t.Errorf("says no shard changes cell:\n%s", b.String())
+			}
+		})
+	}
 }

@@ -132,12 +132,55 @@ type ruleFile struct {
 	data []byte
 }
 
-// readDir reads every *.yaml and *.yml file of dir (not recursive). Hidden
+// readAttempts bounds how often readDir reads a directory that keeps
+// changing under it.
+const readAttempts = 5
+
+// readHook, when set (tests), is called after each rule file is read.
+var readHook func(path string)
+
+// readDir reads every *.yaml and *.yml file of dir (not recursive) as one
+// consistent set. The files are read one at a time, so a change between two
+// reads (a ConfigMap `..data` swap, another file renamed into place) could
+// mix old and new files: the directory is read again until two reads in a
+// row agree, at most readAttempts times.
+func readDir(dir string) ([]ruleFile, []Problem) {
+	files, probs := readDirOnce(dir)
+	for range readAttempts {
+		again, againProbs := readDirOnce(dir)
+		if sameRead(files, probs, again, againProbs) {
+			return again, againProbs
+		}
+		files, probs = again, againProbs
+	}
+	return nil, []Problem{{File: dir, Msg: fmt.Sprintf("the rule files changed every time they were read (%d times): not loaded; they are read again at the next change", readAttempts+1)}}
+}
+
+// sameRead reports whether two reads of a directory found the same files
+// with the same content and the same problems.
+func sameRead(a []ruleFile, ap []Problem, b []ruleFile, bp []Problem) bool {
+	if len(a) != len(b) || len(ap) != len(bp) {
+		return false
+	}
+	for i := range a {
+		if a[i].path != b[i].path || string(a[i].data) != string(b[i].data) {
+			return false
+		}
+	}
+	for i := range ap {
+		if ap[i] != bp[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// readDirOnce reads every *.yaml and *.yml file of dir once. Hidden
 // entries are skipped: Kubernetes ConfigMap volumes keep the real files in
 // `..<timestamp>` directories behind a `..data` symlink and expose each key
 // as `name.yaml -> ..data/name.yaml`, so following the visible symlinks reads
 // every file exactly once. Files are returned sorted by name.
-func readDir(dir string) ([]ruleFile, []Problem) {
+func readDirOnce(dir string) ([]ruleFile, []Problem) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, []Problem{{File: dir, Msg: fmt.Sprintf("cannot read rules directory: %v", errors.Unwrap(err))}}
@@ -168,6 +211,9 @@ func readDir(dir string) ([]ruleFile, []Problem) {
 			continue
 		}
 		files = append(files, ruleFile{path: p, data: data})
+		if readHook != nil {
+			readHook(p)
+		}
 	}
 	sort.Slice(files, func(i, j int) bool { return files[i].path < files[j].path })
 	if len(files) == 0 && len(probs) == 0 {

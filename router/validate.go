@@ -201,12 +201,15 @@ func validateCellMap(d *doc, cm *cellMapDoc) *Table {
 		}
 	}
 
-	if cm.Global != "" {
-		if gi, ok := t.cellIdx[cm.Global]; ok {
-			t.global, t.globalIdx = cm.Global, gi
-		} else {
-			d.errorf("global", "unknown cell %q", cm.Global)
+	switch gi, ok := t.cellIdx[cm.Global]; {
+	case cm.Global == "":
+		if d.present("global") {
+			d.errorf("global", "must name a cell (omit global for none)")
 		}
+	case ok:
+		t.global, t.globalIdx = cm.Global, gi
+	default:
+		d.errorf("global", "unknown cell %q", cm.Global)
 	}
 
 	t.validateCoverage(d, cm)

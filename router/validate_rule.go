@@ -95,8 +95,14 @@ func (c *ruleChecker) check(d *doc, r *topicRuleDoc) {
 	case OnMissingKeyGlobal:
 		if broadcast {
 			d.errorf("onMissingKey", "global does not apply to a broadcast rule (target.cells): events without a key go to the dlq")
-		} else if c.t.globalIdx < 0 && c.t.cm != nil && !c.t.cm.present("global") {
-			d.errorf("onMissingKey", "global needs a global cell, but the CellMap names none")
+		} else if c.t.globalIdx < 0 && c.t.cm != nil {
+			// Checked on the compiled global cell, not on the field: a
+			// global that is empty or names no cell gives none either.
+			if c.t.cm.present("global") {
+				d.errorf("onMissingKey", "global needs a global cell, but the CellMap's global (%s:%d) names none", c.t.cm.file, c.t.cm.lineOf("global"))
+			} else {
+				d.errorf("onMissingKey", "global needs a global cell, but the CellMap names none")
+			}
 		}
 	default:
 		d.errorf("onMissingKey", "unknown value %q: must be %s or %s", onMissing, OnMissingKeyDLQ, OnMissingKeyGlobal)

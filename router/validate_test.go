@@ -68,7 +68,14 @@ func TestValidation(t *testing.T) {
 		{"no cells", variant(t, "cells:\n  - {name: a0, state: active, failover: a1, shards: [\"0-4\"]}\n  - {name: a1, state: active, failover: a0, shards: [\"5-9\"]}\n  - {name: gz00}\n", "cells: []\n"), []string{"cells: at least one cell is required"}},
 
 		// Global, pins, blocked.
-		{"global unknown", variant(t, "global: gz00", "global: gz01"), []string{`t.yaml:4: global: unknown cell "gz01"`}},
+		{"global unknown", variant(t, "global: gz00", "global: gz01"), []string{`t.yaml:4: global: unknown cell "gz01"`,
+			"t.yaml:28: onMissingKey: global needs a global cell, but the CellMap's global (t.yaml:4) names none"}},
+		// An empty global names no cell: reported, and the rule that sends
+		// keyless events there is refused (it used to pass and panic).
+		{"global empty", variant(t, "global: gz00", `global: ""`), []string{"t.yaml:4: global: must name a cell",
+			"t.yaml:28: onMissingKey: global needs a global cell, but the CellMap's global (t.yaml:4) names none"}},
+		{"global null", variant(t, "global: gz00", "global: ~"), []string{"t.yaml:4: global: must name a cell",
+			"t.yaml:28: onMissingKey: global needs a global cell"}},
 		{"onMissingKey global without global", variant(t, "global: gz00\n", ""), []string{"t.yaml:27: onMissingKey: global needs a global cell, but the CellMap names none"}},
 		{"pin unknown cell", variant(t, "cell: a1}", "cell: a9}"), []string{`t.yaml:10: pins[0].cell: unknown cell "a9"`}},
 		{"pin missing key", variant(t, `{key: "12345", `, "{"), []string{"t.yaml:10: pins[0].key: missing"}},

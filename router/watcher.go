@@ -62,6 +62,10 @@ type Watcher struct {
 
 	lastTried string // content key of the last attempt, so a refusal is reported once
 
+	// load validates and compiles the files read (loadFiles; tests
+	// replace it).
+	load func(dir string, files []ruleFile) (*Table, error)
+
 	mu      sync.Mutex
 	started bool
 	stop    chan struct{}
@@ -104,7 +108,7 @@ func NewWatcher(dir string, h *Holder, onReload func(ReloadEvent), log *slog.Log
 	}
 	w := &Watcher{
 		dir: dir, h: h, onReload: onReload, log: log, fsw: fsw,
-		debounce: reloadDebounce, maxDelay: reloadMaxDelay, resync: reloadResync,
+		debounce: reloadDebounce, maxDelay: reloadMaxDelay, resync: reloadResync, load: loadFiles,
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	for _, o := range opts {
@@ -219,7 +223,7 @@ func (w *Watcher) check() {
 		e := Errors(probs)
 		err = &e
 	} else {
-		t, err = loadFiles(w.dir, files)
+		t, err = w.loadGuarded(files)
 	}
 	ev := ReloadEvent{Previous: prev}
 	switch {
@@ -242,6 +246,18 @@ func (w *Watcher) check() {
 		w.log.Log(context.Background(), w.level(slog.LevelInfo), "rules reloaded", "dir", w.dir, "version", ev.Version, "previous", prev)
 	}
 	w.onReload(ev)
+}
+
+// loadGuarded loads files and turns a panic while doing so into an error,
+// so that rules the validator let through by mistake are refused like
+// invalid ones instead of ending the process: the running table stays.
+func (w *Watcher) loadGuarded(files []ruleFile) (t *Table, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			t, err = nil, fmt.Errorf("loading the rules failed unexpectedly (a bug in the rules loader; please report it): %v", p)
+		}
+	}()
+	return w.load(w.dir, files)
 }
 
 // level is the level of an outcome's log line: def unless OutcomeLevel set one.

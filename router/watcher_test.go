@@ -254,3 +254,45 @@ func TestWatcherOutcomeLevel(t *testing.T) {
 		})
 	}
 }
+
+// TestWatcherRefusesWhatCannotLoad: rules that could crash the loader are
+// refused with an error and the running table stays: an empty global
+// with onMissingKey: global (refused by the validator), and, as a defence,
+// any panic while loading.
+func TestWatcherRefusesWhatCannotLoad(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		rules string
+		load  func(string, []ruleFile) (*Table, error)
+		want  string
+	}{
+		{"empty global", variant(t, "version: 3", "version: 4", "global: gz00", `global: ""`), nil,
+			"global: must name a cell"},
+		{"panic while loading", variant(t, "version: 3", "version: 4"),
+			func(string, []ruleFile) (*Table, error) { panic("boom") },
+			"loading the rules failed unexpectedly (a bug in the rules loader; please report it): boom"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			writeFiles(t, dir, map[string]string{"rules.yaml": baseRules})
+			h := NewHolder(mustParse(t, baseRules))
+			var got []ReloadEvent
+			w, err := NewWatcher(dir, h, func(ev ReloadEvent) { got = append(got, ev) }, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close(context.Background())
+			if tc.load != nil {
+				w.load = tc.load
+			}
+			writeAtomic(t, filepath.Join(dir, "rules.yaml"), tc.rules)
+			w.check()
+			if len(got) != 1 || got[0].Err == nil || !strings.Contains(got[0].Err.Error(), tc.want) || got[0].Previous != 3 {
+				t.Fatalf("events %+v, want one refusal with %q", got, tc.want)
+			}
+			if v := h.Load().Version(); v != 3 {
+				t.Fatalf("holder runs version %d, want 3", v)
+			}
+		})
+	}
+}

@@ -28,8 +28,10 @@ and the switch plan:
   3. apply the NEW rules with a higher version, without those shards blocked.
 
 Shards that move because their cell is down in the new rules need no
-blocking (the old cell is gone). Exit 0 also when nothing changes; 1 when a
-rule set is invalid.
+blocking (the old cell is gone). A pinned key that changes cell blocks its
+shard under every rule routed by shard; a rule whose key or shard function
+changes blocks every shard (docs/switching.md, "What is blocked"). Exit 0
+also when nothing changes; 1 when a rule set is invalid.
 
 Example:
   cellbridge diff deploy/rules /tmp/rules-next`,

@@ -44,13 +44,17 @@ the switch waits until the replicas run it.
 The replicas are found in the deployment's registry (each replica publishes
 its rules version, held messages and readiness in the KV bucket
 cellbridge-leases of the broker the configuration names: -config), or, with
--addr, read over HTTP (/status) one by one. A replica that sees the files
-later than the others (a kubelet syncing a ConfigMap) is waited for.
+-addr, read over HTTP (/status) one by one; a URL that does not answer
+counts as a replica not there yet and holds each step until it answers (or
+-timeout ends). A replica that sees the files later than the others (a
+kubelet syncing a ConfigMap) is waited for.
 
 With -print nothing is written: each step's files are printed for you to
 apply (GitOps), and the command waits for the deployment to run them.
 OLD_DIR is the state: a switch that was interrupted resumes where it stopped
-when run again with the same arguments. -dry-run prints the plan only.
+when run again with the same arguments (when OLD_DIR holds a step's rules
+that no replica runs yet, -apply-cmd runs again first). -dry-run prints the
+plan only.
 
 Exit status 0 when the switch is done, 1 when it failed or was interrupted
 (the output says where; run it again to resume), 2 for usage errors.`,

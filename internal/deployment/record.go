@@ -56,6 +56,8 @@ func (r Record) Settled(version int64) bool {
 // Source lists the live replicas of a deployment.
 type Source interface {
 	// Replicas returns every live replica's record, sorted by Replica.
+	// With a *NoAnswerError it returns the records of the replicas that
+	// answered and names those that did not (HTTP).
 	Replicas(ctx context.Context) ([]Record, error)
 	// Highest is the highest rules version the deployment has run (0
 	// when unknown).
@@ -106,33 +108,49 @@ func (g *Registry) Describe() string {
 }
 
 // HTTP is the Source of a fixed list of replicas read over HTTP (/status).
-// A replica that does not answer is not live; Highest is the highest
-// version any of them runs.
+// Every URL names a replica the operator expects: one that does not answer
+// is not taken for gone but reported (NoAnswerError), so that whoever waits
+// for every replica waits for it too. Highest is the highest version any of
+// them runs.
 type HTTP struct {
 	URLs []string
 }
 
-// Replicas implements Source; it fails only when no replica answers.
+// NoAnswerError is the error of HTTP.Replicas (and Highest) when a replica
+// it names does not answer; the records of those that answered come with
+// it.
+type NoAnswerError struct {
+	// Missing says, per replica that did not answer and in the order of
+	// the URLs, "URL: no answer: ERR".
+	Missing []string
+}
+
+func (e *NoAnswerError) Error() string { return strings.Join(e.Missing, "; ") }
+
+// Replicas implements Source: the records of the replicas that answered,
+// sorted by Replica (their URL), and a *NoAnswerError naming each one that
+// did not (nil when every one answered).
 func (h *HTTP) Replicas(ctx context.Context) ([]Record, error) {
 	var out []Record
-	var errs []string
+	var missing []string
 	for _, u := range h.URLs {
 		c := NewBridgeClient(u)
 		st, err := c.Status(ctx)
 		if err != nil {
-			errs = append(errs, fmt.Sprintf("%s: %v", u, err))
+			missing = append(missing, fmt.Sprintf("%s: no answer: %v", c.base, err))
 			continue
 		}
 		out = append(out, Record{Status: st, Replica: c.base, HTTP: c.base, Updated: time.Now()})
 	}
-	if len(out) == 0 && len(errs) > 0 {
-		return nil, fmt.Errorf("no replica answers: %s", strings.Join(errs, "; "))
-	}
 	slices.SortFunc(out, func(a, b Record) int { return strings.Compare(a.Replica, b.Replica) })
+	if len(missing) > 0 {
+		return out, &NoAnswerError{Missing: missing}
+	}
 	return out, nil
 }
 
-// Highest implements Source.
+// Highest implements Source: the highest version of the replicas that
+// answered, with Replicas' error.
 func (h *HTTP) Highest(ctx context.Context) (int64, error) {
 	recs, err := h.Replicas(ctx)
 	var v int64

@@ -35,7 +35,8 @@ type Config struct {
 	DryRun bool
 	// ApplyCmd, when set, runs with sh -c after each write of Old, to take
 	// the files to the replicas (a ConfigMap update); a failure stops the
-	// switch (run it again to resume).
+	// switch (run it again to resume: when Old holds the rules of a step
+	// already and no replica runs their version, it runs again first).
 	ApplyCmd string
 	// Deployment lists the live replicas.
 	Deployment deployment.Source
@@ -108,6 +109,9 @@ type switchRun struct {
 	rep *Report
 	out io.Writer
 	mu  sync.Mutex // guards rep.HeldMax while sampleHeld runs
+	// noted is set once a replica that does not answer was reported at
+	// the start.
+	noted bool
 }
 
 func (c *Config) defaults() error {
@@ -196,7 +200,7 @@ func (s *switchRun) run(ctx context.Context) error {
 	case len(d.Block) == 0 && !d.Changed():
 		ph = phaseFinal
 	case len(d.Block) == 0:
-		ph = phaseBlocked // nothing to block (failovers, pins): straight to step 3
+		ph = phaseBlocked // nothing to block (failovers, other changes): straight to step 3
 	case allBlocked(t0, d.Block):
 		ph = phaseBlocked
 	}
@@ -253,6 +257,9 @@ func (s *switchRun) run(ctx context.Context) error {
 	if cfg.DryRun {
 		return nil
 	}
+	if err := s.reapply(ctx, ph, d); err != nil {
+		return err
+	}
 	if ph == phaseStart {
 		if err := s.write(1, "the current owners, the moving shards blocked", oldFiles, blockFiles, blockV); err != nil {
 			return err
@@ -288,14 +295,62 @@ func (s *switchRun) run(ctx context.Context) error {
 	return nil
 }
 
+// reapply resumes a switch whose apply command failed (or was
+// interrupted) after the files were written: when Old already holds the
+// blocking or the new rules but no replica runs their version yet, nothing
+// would take them to the replicas, so the apply command runs again.
+func (s *switchRun) reapply(ctx context.Context, ph phase, d router.DiffReport) error {
+	if s.cfg.ApplyCmd == "" || s.cfg.Print || s.rep.Resumed != "" {
+		return nil
+	}
+	var n int
+	var v int64
+	switch {
+	case ph == phaseFinal:
+		n, v = 3, s.rep.FinalVersion
+	case ph == phaseBlocked && len(d.Block) > 0:
+		n, v = 1, s.rep.BlockVersion
+	default:
+		return nil // nothing written yet
+	}
+	recs, _ := s.cfg.Deployment.Replicas(ctx) // partial records count: one runs v or not
+	for _, r := range recs {
+		if r.RulesVersion >= v {
+			return nil
+		}
+	}
+	s.printf("resuming: %s holds version %d but no replica runs it yet: running the apply command again", s.cfg.Old, v)
+	return s.apply(n)
+}
+
+// replicas reads the replicas; the records of those that answered count
+// when some named replica did not (a *deployment.NoAnswerError), unless
+// none answered.
+func (s *switchRun) replicas(ctx context.Context) ([]deployment.Record, error) {
+	recs, err := s.cfg.Deployment.Replicas(ctx)
+	var na *deployment.NoAnswerError
+	if errors.As(err, &na) && len(recs) > 0 {
+		if !s.noted {
+			s.printf("  note: %s (the switch waits for it at every step)", na)
+			s.noted = true
+		}
+		return recs, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("switch: %s: %w", s.cfg.Deployment.Describe(), err)
+	}
+	return recs, nil
+}
+
 // highest is the highest version the deployment has run or runs.
 func (s *switchRun) highest(ctx context.Context) (int64, error) {
-	h, err := s.cfg.Deployment.Highest(ctx)
+	recs, err := s.replicas(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("switch: %s: %w", s.cfg.Deployment.Describe(), err)
+		return 0, err
 	}
-	recs, err := s.cfg.Deployment.Replicas(ctx)
-	if err != nil {
+	h, err := s.cfg.Deployment.Highest(ctx)
+	var na *deployment.NoAnswerError
+	if err != nil && !errors.As(err, &na) {
 		return 0, fmt.Errorf("switch: %s: %w", s.cfg.Deployment.Describe(), err)
 	}
 	for _, r := range recs {
@@ -304,10 +359,11 @@ func (s *switchRun) highest(ctx context.Context) (int64, error) {
 	return h, nil
 }
 
-// deploymentBlocks reports whether every live replica runs one version
-// that blocks every shard of block, and which.
+// deploymentBlocks reports whether every live replica (of those that
+// answer) runs one version that blocks every shard of block, and which.
+// A replica that does not answer is waited for at step 2.
 func (s *switchRun) deploymentBlocks(ctx context.Context, block []router.Range) (int64, bool, error) {
-	recs, err := s.cfg.Deployment.Replicas(ctx)
+	recs, err := s.replicas(ctx)
 	if err != nil || len(recs) == 0 {
 		return 0, false, err
 	}
@@ -393,6 +449,16 @@ func (s *switchRun) plan(ph phase, t0 *router.Table, d router.DiffReport) {
 		}
 		s.printf("  moves %s → %s: shards %s (%d)%s", m.From, m.To, strings.Join(rs, ", "), m.Count, note)
 	}
+	for _, p := range d.Pins {
+		note := " (failover: nothing to block)"
+		if !p.Failover {
+			note = " (blocks " + shardsText(p.Shards) + ")"
+		}
+		s.printf("  pin %s: %s → %s%s", p.Key, orNone(p.From), orNone(p.To), note)
+	}
+	for _, name := range d.Rekeyed {
+		s.printf("  topic rule %s: its key or shard function changes: its keys may change shard and cell, so every shard is blocked (every rule routed by shard holds its events until step 3)", name)
+	}
 	verb := "write"
 	if s.cfg.Print {
 		verb = "print (apply them yourself)"
@@ -454,14 +520,42 @@ func (s *switchRun) write(n int, what string, from, files map[string][]byte, v i
 		return fmt.Errorf("switch: writing %s: %w", s.cfg.Old, err)
 	}
 	s.printf("step %d: wrote %s as version %d (%s)", n, s.cfg.Old, v, what)
-	if s.cfg.ApplyCmd != "" {
-		out, err := exec.Command("sh", "-c", s.cfg.ApplyCmd).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("switch: step %d: the apply command failed (%v)%s\n(fix it and run the switch again to resume)", n, err, indentOut(out))
-		}
-		s.printf("step %d: applied (%s)", n, s.cfg.ApplyCmd)
+	return s.apply(n)
+}
+
+// apply runs the apply command, if any, after step n's write.
+func (s *switchRun) apply(n int) error {
+	if s.cfg.ApplyCmd == "" {
+		return nil
 	}
+	out, err := exec.Command("sh", "-c", s.cfg.ApplyCmd).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("switch: step %d: the apply command failed (%v)%s\n(fix it and run the switch again to resume)", n, err, indentOut(out))
+	}
+	s.printf("step %d: applied (%s)", n, s.cfg.ApplyCmd)
 	return nil
+}
+
+func orNone(c string) string {
+	if c == "" {
+		return "(none)"
+	}
+	return c
+}
+
+func shardsText(shards []int) string {
+	if len(shards) == 0 {
+		return "nothing: no rule routes the key"
+	}
+	s := make([]string, len(shards))
+	for i, sh := range shards {
+		s[i] = fmt.Sprint(sh)
+	}
+	word := "shards "
+	if len(shards) == 1 {
+		word = "shard "
+	}
+	return word + strings.Join(s, ", ")
 }
 
 // wait polls the replicas until ok holds for every live one (and there is
@@ -474,9 +568,15 @@ func (s *switchRun) wait(ctx context.Context, what string, limit int64, ok func(
 	for {
 		recs, err := s.cfg.Deployment.Replicas(ctx)
 		lag = lag[:0]
-		if err != nil {
+		var na *deployment.NoAnswerError
+		switch {
+		case errors.As(err, &na):
+			// A replica named but silent may still run older rules: it
+			// counts as not there yet.
+			lag = append(lag, na.Missing...)
+		case err != nil:
 			lag = append(lag, err.Error())
-		} else if len(recs) == 0 {
+		case len(recs) == 0:
 			lag = append(lag, "no live replica in "+s.cfg.Deployment.Describe())
 		}
 		for _, r := range recs {
@@ -576,7 +676,7 @@ func indentOut(b []byte) string {
 // sampleHeld records the most each replica held of the moving shards.
 func (s *switchRun) sampleHeld(ctx context.Context, block []router.Range) {
 	for {
-		if recs, err := s.cfg.Deployment.Replicas(ctx); err == nil {
+		if recs, _ := s.cfg.Deployment.Replicas(ctx); len(recs) > 0 {
 			s.mu.Lock()
 			for _, r := range recs {
 				n, _ := r.HeldIn(block)
