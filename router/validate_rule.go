@@ -25,6 +25,9 @@ type ruleChecker struct {
 	// it, to check that every rule of a partitioned stream agrees on the
 	// stream's one subject transform.
 	streams map[[2]string]streamUse
+	// groups records the first rule of each consumer group: per NATS
+	// broker and stream (a durable), per RocketMQ broker (a group).
+	groups map[[3]string]string
 }
 
 // streamUse is how the first rule of a NATS stream reads it.
@@ -36,7 +39,8 @@ type streamUse struct {
 }
 
 func validateRules(t *Table, rules []parsedRule) {
-	c := &ruleChecker{t: t, names: map[string]string{}, brokers: map[string]brokerUse{}, streams: map[[2]string]streamUse{}}
+	c := &ruleChecker{t: t, names: map[string]string{}, brokers: map[string]brokerUse{}, streams: map[[2]string]streamUse{},
+		groups: map[[3]string]string{}}
 	for i := range rules {
 		c.check(rules[i].doc, &rules[i].tr)
 	}
@@ -199,7 +203,36 @@ func (c *ruleChecker) checkSource(d *doc, r *topicRuleDoc) bool {
 			c.useBroker(d, "source.broker", s.Broker, kindRocketMQ)
 		}
 	}
+	c.checkGroup(d, r, isNATS)
 	return isNATS
+}
+
+// checkGroup refuses a consumer group that another rule already reads
+// with: on NATS one durable per stream and group, on RocketMQ one group
+// per broker whose members must all subscribe alike. Two rules on one
+// durable or group take each other's messages (and rewrite its filter).
+func (c *ruleChecker) checkGroup(d *doc, r *topicRuleDoc, isNATS bool) {
+	s := r.Source
+	group := s.Group
+	if group == "" {
+		group = "cellbridge-" + r.Name
+	}
+	key := [3]string{s.Broker, "", group}
+	on := "broker " + s.Broker
+	if isNATS {
+		key[1] = s.Stream
+		on = "stream " + s.Stream
+	}
+	where := fmt.Sprintf("rule %s (%s:%d)", r.Name, d.file, d.lineOf("source"))
+	if first, ok := c.groups[key]; ok {
+		field := "source.group"
+		if !d.present(field) {
+			field = "source"
+		}
+		d.errorf(field, "consumer group %q on %s is already used by %s: two rules cannot share a consumer group (each would take the other's messages); give each rule its own source.group", group, on, first)
+		return
+	}
+	c.groups[key] = where
 }
 
 func (c *ruleChecker) checkKey(d *doc, r *topicRuleDoc, sourceNATS bool) {

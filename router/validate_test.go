@@ -11,6 +11,10 @@ func TestBaseRulesValid(t *testing.T) {
 	if p := problemsOf(t, baseRules); p != nil {
 		t.Fatalf("base rules invalid:\n%s", strings.Join(p, "\n"))
 	}
+	// One group name on two streams is two durables.
+	if p := problemsOf(t, variant(t, `source: {broker: nats, stream: PAY, subject: "pay.*"}`, `source: {broker: nats, stream: PAY, subject: "pay.*", group: cellbridge-orders}`)); p != nil {
+		t.Fatalf("a group name on another stream refused:\n%s", strings.Join(p, "\n"))
+	}
 }
 
 // TestValidation has one case per validation rule; want lists substrings of
@@ -87,6 +91,14 @@ func TestValidation(t *testing.T) {
 		// Topic rules.
 		{"rule name missing", variant(t, "name: pay\n", ""), []string{"t.yaml:22: name: missing"}},
 		{"rule name duplicate", variant(t, "name: pay", "name: orders"), []string{`t.yaml:23: name: duplicate topic rule "orders" (first at t.yaml:14)`}},
+		// Two rules on one durable (stream and group) or one RocketMQ group
+		// of a broker would take each other's messages.
+		{"source group shared", variant(t, `source: {broker: nats, stream: PAY, subject: "pay.*"}`, `source: {broker: nats, stream: ORDERS, subject: "pay.*", group: cellbridge-orders}`),
+			[]string{`t.yaml:24: source.group: consumer group "cellbridge-orders" on stream ORDERS is already used by rule orders (t.yaml:15)`}},
+		{"source group shared rocketmq", variant(t,
+			`source: {broker: nats, stream: ORDERS, subject: "orders.>"}`, `source: {broker: rmq, topic: orders}`,
+			`source: {broker: nats, stream: PAY, subject: "pay.*"}`, `source: {broker: rmq, topic: pay, group: cellbridge-orders}`),
+			[]string{`t.yaml:24: source.group: consumer group "cellbridge-orders" on broker rmq is already used by rule orders (t.yaml:15)`}},
 		{"source missing", variant(t, "source: {broker: nats, stream: PAY, subject: \"pay.*\"}\n", ""), []string{"source: missing"}},
 		{"source broker missing", variant(t, "{broker: nats, stream: PAY", "{stream: PAY"), []string{"t.yaml:24: source.broker: missing"}},
 		{"source both shapes", variant(t, `stream: PAY, subject: "pay.*"`, `stream: PAY, subject: "pay.*", topic: pay`), []string{"t.yaml:24: source: has NATS fields (stream, subject) and RocketMQ fields (topic, tags)"}},
