@@ -340,8 +340,17 @@ func (pr *provisioner) captures(ctx context.Context, name, subj string, uses []s
 	return nil
 }
 
-// window raises an existing stream's duplicate window to the plan's.
+// window raises an existing stream's duplicate window to the plan's. The
+// server refuses a window longer than the stream's max age, and the stream
+// forgets a message's id with the message: that is refused here, before
+// anything is applied (cellbridge does not shorten or lengthen an
+// operator's retention).
 func (pr *provisioner) window(s *streamState) {
+	if s.want.MaxAge > 0 && s.want.MaxAge < pr.opts.Duplicates {
+		s.refused = appendNew(s.refused, fmt.Sprintf("stream %s keeps messages for %s (max age), less than the duplicate window %s the bridge needs (docs/guarantees.md): raise its max age to at least %s by hand",
+			s.name, fmtDur(s.want.MaxAge), fmtDur(pr.opts.Duplicates), fmtDur(pr.opts.Duplicates)))
+		return
+	}
 	if s.want.Duplicates < pr.opts.Duplicates {
 		s.changes = appendNew(s.changes, fmt.Sprintf("duplicate window %s → %s", fmtDur(s.want.Duplicates), fmtDur(pr.opts.Duplicates)))
 		s.want.Duplicates = pr.opts.Duplicates

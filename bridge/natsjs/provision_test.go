@@ -84,6 +84,9 @@ func TestProvisionRefusesDestructive(t *testing.T) {
 		{Name: "ALL_ORDERS", Subjects: []string{"orders.>"}},
 		// a transform cellbridge did not set
 		{Name: "PAYMENTS", Subjects: []string{"payments.>"}, SubjectTransform: &jetstream.SubjectTransformConfig{Source: "payments.>", Destination: "pay.>"}},
+		// keeps messages for less than the duplicate window (the server
+		// refuses a longer window than the max age)
+		{Name: "CELL_GZ00", Subjects: []string{"cell.gz00.*.*", "cell.gz00.orders"}, MaxAge: time.Minute},
 	} {
 		if _, err := js.CreateStream(ctx, cfg); err != nil {
 			t.Fatal(err)
@@ -97,13 +100,14 @@ func TestProvisionRefusesDestructive(t *testing.T) {
 		"stream CELL_RZ00": "overlaps the subjects [cell.rz00.payments.s01] of stream ONE_SHARD",
 		"stream ORDERS":    "captured by stream ALL_ORDERS, but the rules read it from stream ORDERS",
 		"stream PAYMENTS":  "which cellbridge did not set",
+		"stream CELL_GZ00": "keeps messages for 1m (max age), less than the duplicate window 2m",
 	} {
 		if a := actionOf(t, p, object); a.Op != OpRefuse || !strings.Contains(a.Refused, want) {
 			t.Errorf("%s: %s %q, want refused with %q", object, a.Op, a.Refused, want)
 		}
 	}
-	if n := len(p.Refused()); n != 3 {
-		t.Errorf("%d refused, want 3", n)
+	if n := len(p.Refused()); n != 4 {
+		t.Errorf("%d refused, want 4", n)
 	}
 	if err := p.Apply(ctx); !errors.Is(err, ErrRefused) {
 		t.Fatalf("Apply = %v, want ErrRefused", err)
