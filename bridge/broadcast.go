@@ -34,9 +34,11 @@ type join struct {
 	// while it creates them, so that copies finishing at once cannot settle
 	// the message before the last one exists.
 	pending atomic.Int32
-	// dups counts copies the dedupe store already knew (a redelivery).
-	dups   atomic.Int32
-	copies int32
+	// dups counts copies the dedupe store already knew (a redelivery);
+	// skips those skipped when decided again (their cell marked down or
+	// removed while they waited).
+	dups, skips atomic.Int32
+	copies      int32
 
 	mu  sync.Mutex
 	err error // first non-nil result of a copy
@@ -341,6 +343,7 @@ func (p *Pipeline) dispatchCopy(c *task) *task {
 			return p.finish(c, Hold(p.cfg.HoldDelay))
 		default:
 			c.cs.skip(skip, c.m, tbl.Version())
+			c.parent.x.bc.skips.Add(1)
 			return p.finish(c, nil)
 		}
 	}
@@ -442,9 +445,12 @@ func (p *Pipeline) copyDone(t *task, result error) {
 	err := bc.err
 	bc.mu.Unlock()
 	rm := t.rs.met
+	dups, skips := bc.dups.Load(), bc.skips.Load()
 	switch {
-	case err == nil && bc.dups.Load() == bc.copies:
-		rm.duplicate.Inc()
+	case err == nil && skips == bc.copies:
+		rm.skipped.Inc() // as when every cell is skipped at intake
+	case err == nil && dups+skips == bc.copies:
+		rm.duplicate.Inc() // nothing new was published
 	case err == nil:
 		rm.forwarded.Inc()
 	case errors.Is(err, ErrRevoked):

@@ -731,3 +731,23 @@ func TestBroadcastMissedRangeCoversWaitingCopies(t *testing.T) {
 		t.Fatalf("after cd came back: %+v", got)
 	}
 }
+
+// A broadcast message whose every copy is skipped when decided again (its
+// one cell marked down while the copy waited) counts as skipped, not as
+// forwarded: nothing was published.
+func TestBroadcastAllCopiesSkippedLaterIsSkipped(t *testing.T) {
+	g := newCellGate("cell.cd.b")
+	g.failing.Store(true)
+	e := newEnv(t, Config{Retry: RetryConfig{Initial: 20 * time.Millisecond, Max: 50 * time.Millisecond}},
+		bcastDoc(1, "[cd]"), g.testSink, nil)
+	m, a := msg("b", "k", "v")
+	handleMsg(t, e, m, a)
+	eventually(t, "the copy to cd failing", func() bool { return g.tries.Load() >= 1 })
+	e.hold.Store(table(t, bcastDoc(2, "[cd]", "cd")))
+	if err := a.result(t); err != nil {
+		t.Fatal(err)
+	}
+	if f, s := counter(t, e, "b", OutcomeForwarded), counter(t, e, "b", OutcomeSkipped); f != 0 || s != 1 {
+		t.Fatalf("forwarded %v, skipped %v; want 0 and 1", f, s)
+	}
+}

@@ -29,7 +29,8 @@ const (
 	// source's epoch was revoked (another replica took the source over).
 	OutcomeRevoked = "revoked"
 	// OutcomeSkipped counts broadcast messages acked without a copy: every
-	// selected cell was down, or the origin (excludeOrigin).
+	// selected cell was down (at intake, or when a waiting copy was
+	// decided again), or the origin (excludeOrigin).
 	OutcomeSkipped = "skipped"
 )
 
