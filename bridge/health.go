@@ -63,6 +63,12 @@ type Health struct {
 	progressTimeout atomic.Int64 // ns; set by the pipeline from its config
 	stallTimeout    atomic.Int64 // ns; likewise
 	rulesLoaded     atomic.Pointer[func() (int64, bool)]
+	// sinkNeeded reports whether the running rules publish to a broker
+	// (set by the pipeline; nil: every broker counts). A sink connection
+	// down to a broker only cells marked down use holds no readiness:
+	// in a data centre's loss every replica would answer 503 for as
+	// long as it lasts, with nothing waiting for that broker.
+	sinkNeeded atomic.Pointer[func(broker string) bool]
 
 	mu      sync.Mutex
 	conns   map[[2]string]bool   // {broker, role} → up
@@ -315,9 +321,13 @@ func (h *Health) Ready() (bool, string) {
 	}
 	now := h.clock.Now()
 	timeout := time.Duration(h.progressTimeout.Load())
+	needed := h.sinkNeeded.Load()
 	h.mu.Lock()
 	for k, up := range h.conns {
 		if !up {
+			if k[1] == RoleSink && needed != nil && !(*needed)(k[0]) {
+				continue // still logged and in cellbridge_connection_up
+			}
 			reasons = append(reasons, k[1]+" connection to broker "+k[0]+" is down")
 		}
 	}

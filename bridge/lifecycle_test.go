@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -252,5 +253,42 @@ func TestConfigValidateNamesFields(t *testing.T) {
 	err := Config{MaxInFlight: -1, Retry: RetryConfig{Initial: time.Second, Max: time.Millisecond}}.WithDefaults().Validate()
 	if err == nil || !strings.Contains(err.Error(), "pipeline.maxInFlight") || !strings.Contains(err.Error(), "pipeline.retry.max") {
 		t.Fatalf("%v", err)
+	}
+}
+
+// A sink connection down holds readiness only while the running rules
+// publish to its broker: a broker that only a cell marked down uses (its
+// data centre lost) leaves every replica ready; one that a DLQ or a cell
+// not down uses does not.
+func TestReadinessIgnoresSinkOfDownCells(t *testing.T) {
+	doc := func(version int, cbState string) string {
+		return fmt.Sprintf(`kind: CellMap
+version: %d
+shards: 4
+cells:
+  - {name: ca, state: active, failover: cc, shards: ["0-1"]}
+  - {name: cb, state: %s, failover: ca, shards: ["2-3"]}
+  - {name: cc}
+---
+kind: TopicRule
+name: t
+source: {broker: nats, stream: T, subject: "t.>"}
+key: {header: X-User-Id}
+shard: {func: mod}
+target: {broker: "nats-{cell}", subject: "cell.{cell}.t"}
+dlq: {broker: nats, subject: dlq.t}
+`, version, cbState)
+	}
+	e := newEnv(t, Config{}, doc(1, "active"), nil, nil)
+	h := e.p.Health()
+	h.ConnectionChanged("nats-cb", RoleSink, false)
+	if ok, why := h.Ready(); ok || !strings.Contains(why, "sink connection to broker nats-cb is down") {
+		t.Fatalf("cb active: ready=%v %q", ok, why)
+	}
+	e.hold.Store(table(t, doc(2, "down")))
+	eventually(t, "ready with cb marked down", func() bool { ok, _ := h.Ready(); return ok })
+	h.ConnectionChanged("nats", RoleSink, false) // the DLQ's broker
+	if ok, why := h.Ready(); ok || !strings.Contains(why, "sink connection to broker nats is down") {
+		t.Fatalf("DLQ broker down: ready=%v %q", ok, why)
 	}
 }

@@ -228,6 +228,20 @@ func New(cfg Config, d Deps) (*Pipeline, error) {
 		return 0, false
 	}
 	p.health.rulesLoaded.Store(&loaded)
+	var use atomic.Pointer[sinkUse]
+	needed := func(broker string) bool {
+		t := p.rules.Load()
+		if t == nil {
+			return true
+		}
+		u := use.Load()
+		if u == nil || u.t != t {
+			u = sinkUseOf(t)
+			use.Store(u)
+		}
+		return u.any || u.brokers[broker]
+	}
+	p.health.sinkNeeded.Store(&needed)
 	if t := p.rules.Load(); t != nil {
 		p.met.RulesVersion.Set(float64(t.Version()))
 		p.met.RulesLastReload.Set(float64(p.clock.Now().UnixNano()) / 1e9)
@@ -1173,4 +1187,33 @@ func (p *Pipeline) unpublish(t *task) {
 			p.met.DedupeErrors.WithLabelValues("release").Inc()
 		}
 	}
+}
+
+// sinkUse is the set of brokers a rules table publishes to.
+type sinkUse struct {
+	t       *router.Table
+	brokers map[string]bool
+	any     bool // a broker name depends on the shard: every broker counts
+}
+
+// sinkUseOf collects the brokers t publishes to: each rule's target in
+// every cell not marked down (a down cell's shards and pins go to its
+// failover cell, its broadcast copies are skipped), and each DLQ.
+func sinkUseOf(t *router.Table) *sinkUse {
+	u := &sinkUse{t: t, brokers: map[string]bool{}}
+	cells := t.Cells()
+	for _, r := range t.Rules() {
+		if r.DLQ != nil {
+			u.brokers[r.DLQ.Broker] = true
+		}
+		if strings.Contains(r.Target.Broker, "{shard}") {
+			u.any = true
+		}
+		for _, c := range cells {
+			if c.State != router.StateDown {
+				u.brokers[r.Render(c.Name, -1).Broker] = true
+			}
+		}
+	}
+	return u
 }
