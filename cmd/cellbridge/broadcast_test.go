@@ -122,3 +122,17 @@ func TestStatusBroadcast(t *testing.T) {
 		}
 	}
 }
+
+// status and switch read the deployment's registry where the replicas
+// write it: not on a broker the bridge never connects to (one named nats
+// that neither the rules nor the dedupe store use), where they would find
+// no replica and say so as if none ran.
+func TestCLIStatusRegistryBrokerUnused(t *testing.T) {
+	dir, rules := t.TempDir(), t.TempDir()
+	writeFile(t, rules, "rules.yaml", strings.ReplaceAll(cliBroadcastRules, "broker: nats", "broker: east"))
+	cfg := writeFile(t, dir, "config.yaml", "rules: "+rules+"\nbrokers:\n  nats: {type: nats, url: \"nats://127.0.0.1:1\"}\n  east: {type: nats, url: \"nats://127.0.0.1:1\"}\ndedupe: {store: memory}\n")
+	code, _, errOut := runCLI(t, "status", "-config", cfg)
+	if code != exitError || !strings.Contains(errOut, "publish no registry: neither its rules") || !strings.Contains(errOut, "use broker nats; name the replicas with -addr") {
+		t.Errorf("status: exit %d %q", code, errOut)
+	}
+}

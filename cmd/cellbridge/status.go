@@ -29,9 +29,9 @@ func init() {
 
 Without -addr it lists the whole deployment: every live replica of the
 deployment the configuration names (-config; without it the embedded
-default), as each publishes itself in the KV bucket cellbridge-leases: its
-rules version, readiness, in-flight and held messages, and the highest rules
-version the deployment has run. Replicas that run different versions are
+default), as each publishes itself in the KV bucket partitions.bucket
+(cellbridge-leases by default): its rules version, readiness, in-flight and
+held messages, and the highest rules version the deployment has run. Replicas that run different versions are
 pointed out (during a cell switch no step may follow until they agree).
 
 With -addr it reads /status of one running bridge and prints: readiness (and

@@ -13,6 +13,7 @@ import (
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/internal/deployment"
 	"github.com/cellbridge/cellbridge/internal/switchover"
+	"github.com/cellbridge/cellbridge/router"
 )
 
 func init() {
@@ -43,7 +44,8 @@ the switch waits until the replicas run it.
 
 The replicas are found in the deployment's registry (each replica publishes
 its rules version, held messages and readiness in the KV bucket
-cellbridge-leases of the broker the configuration names: -config), or, with
+partitions.bucket, cellbridge-leases by default, of the broker the
+configuration names: -config), or, with
 -addr, read over HTTP (/status) one by one; a URL that does not answer
 counts as a replica not there yet and holds each step until it answers (or
 -timeout ends). A replica that sees the files later than the others (a
@@ -134,6 +136,15 @@ func registrySource(ctx context.Context, cfgFile string) (deployment.Source, fun
 	broker := cfg.RegistryBroker()
 	if broker == "" {
 		return nil, nil, fmt.Errorf("%s names no NATS broker to hold the deployment's registry: name the replicas with -addr", cfg.File)
+	}
+	// The replicas publish only to a broker they connect to (one the rules
+	// or the dedupe store use): read the rules as they do, where they can
+	// be read here.
+	if cfg.Rules != "" {
+		if t, err := router.Load(string(cfg.Rules)); err == nil && app.RegistryBroker(cfg, t) == "" {
+			return nil, nil, fmt.Errorf("the replicas of %s publish no registry: neither its rules (%s) nor its dedupe store use broker %s; name the replicas with -addr",
+				cfg.File, cfg.Rules, broker)
+		}
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()

@@ -65,6 +65,12 @@ func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *b
 	return reg, nil
 }
 
+// RegistryBroker is the broker whose registry the bridge publishes to
+// with these rules: the configuration's RegistryBroker when the bridge
+// connects to it (the rules or the dedupe store use it), else "" (none).
+// `status` and `switch` read the registry where the replicas write it.
+func RegistryBroker(cfg *config.Config, t *router.Table) string { return registryBroker(cfg, t) }
+
 // registryBroker is the configuration's RegistryBroker when the bridge
 // connects to it (the rules or the dedupe store use it), else "".
 func registryBroker(cfg *config.Config, t *router.Table) string {
