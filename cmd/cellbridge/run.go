@@ -55,7 +55,10 @@ Once connected, and before consuming anything, it checks that every source
 stream exists and every target and dead-letter subject is captured by a
 stream with a long enough duplicate window, and lists every problem at once
 (cellbridge streams -apply creates what is missing). -check runs the same
-checks without starting: the brokers' part when it can reach them.
+checks without starting: the brokers' part when it can reach them. A broker
+that refuses the credentials or the TLS settings fails -check (exit 1), as it
+fails run; one it cannot reach in time (a timeout, a refused connection)
+is reported on stdout and -check still exits 0, since run waits for it.
 SIGINT/SIGTERM stop fetching, finish in-flight messages within
 pipeline.drainTimeout, then close connections (exit 0).`,
 		flags: runCommand,
@@ -68,7 +71,7 @@ func runCommand(fs *flag.FlagSet) runFunc {
 		check, defaults bool
 	)
 	fs.StringVar(&f.config, "config", "", "bridge configuration `FILE` (YAML); without it, or without brokers in it, the embedded default runs")
-	fs.BoolVar(&check, "check", false, "validate the configuration and the rules against each other, then exit (0 valid, 1 invalid)")
+	fs.BoolVar(&check, "check", false, "validate the configuration and the rules against each other and the streams on the brokers it reaches, then exit (0 valid, 1 invalid or a broker refused the credentials or TLS)")
 	fs.BoolVar(&defaults, "defaults", false, "print every configuration field's default as a Markdown table, then exit")
 	f.register(fs)
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -85,6 +88,14 @@ func runCommand(fs *flag.FlagSet) runFunc {
 		}
 		if check {
 			return runCheck(ctx, o, stdout, stderr)
+		}
+		if f.config != "" {
+			// A bridge run from a configuration file listens where its
+			// probes and scrapes point: http.listen, written or its
+			// default, counts as chosen, so that a port another process
+			// holds is an error rather than a silent move to a free
+			// port (which the built-in default, demo and drill keep).
+			o.Config.KeepHTTPListen()
 		}
 		o.Stdout = stdout
 		if err := app.Run(ctx, *o); err != nil {
@@ -110,24 +121,31 @@ func prepareRun(f *runFlags, stderr io.Writer) (*app.Options, int) {
 		}
 		return nil, exitError
 	}
+	// The flags replace the file's values before they are validated: a
+	// -rules DIR stands in for a rules: directory that exists only where
+	// the file is deployed.
+	flags := func(c *config.Config) {
+		if f.http != "" {
+			c.OverrideHTTPListen(f.http) // explicitly chosen: no fallback port
+		}
+		if f.rules != "" {
+			c.OverrideRules(f.rules)
+		}
+	}
 	cfg := config.Default()
 	if f.config != "" {
-		c, err := config.Load(f.config)
+		c, err := config.Load(f.config, flags)
 		if err != nil {
 			return fail("configuration", err)
 		}
 		cfg = c
-	}
-	if f.http != "" {
-		cfg.OverrideHTTPListen(f.http) // explicitly chosen: no fallback port
+	} else if f.http != "" || f.rules != "" {
+		flags(cfg)
 		if err := cfg.Validate(); err != nil {
-			return fail("-http", err)
+			return fail("flags", err)
 		}
 	}
 	rules := string(cfg.Rules)
-	if f.rules != "" {
-		rules = f.rules
-	}
 	if rules == "" {
 		d, err := app.ExampleRulesDir()
 		if err != nil {
@@ -146,11 +164,15 @@ func prepareRun(f *runFlags, stderr io.Writer) (*app.Options, int) {
 }
 
 // runCheck is `run -check` after the offline checks passed: the streams
-// are checked on every NATS broker it can reach.
+// are checked on every NATS broker it can reach. A broker that refuses the
+// connection for good (credentials, TLS) fails the check as it fails `run`;
+// one it cannot reach in time is only reported (exit 0): a bridge waits
+// for it.
 func runCheck(ctx context.Context, o *app.Options, stdout, stderr io.Writer) int {
 	unreachable, err := app.CheckBrokers(ctx, o.Config, o.Rules, checkTimeout)
 	var pe *app.PreflightError
-	if errors.As(err, &pe) {
+	var re *app.RefusedError
+	if errors.As(err, &pe) || errors.As(err, &re) {
 		fmt.Fprintf(stderr, "cellbridge: %s\n", err)
 		return exitError
 	}

@@ -149,19 +149,25 @@ log: {level: debug, format: json}
 }
 
 func TestConfigDedupeDefaults(t *testing.T) {
+	// brokerErr is the dedupe.broker problem Validate reports ("" none).
 	for _, tc := range []struct {
-		name, brokers, store, broker string
+		name, brokers, store, broker, brokerErr string
 	}{
 		// Every target a JetStream stream: its duplicate window covers the
 		// replicas (docs/guarantees.md, section 8).
-		{"embedded", "", config.DedupeMemory, ""},
-		{"nats only", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", config.DedupeMemory, ""},
-		{"nats only, broker written", "brokers: {nats: {type: nats, url: nats://b:1}}\ndedupe: {store: jetstream}", config.DedupeJetStream, "nats"},
+		{"embedded", "", config.DedupeMemory, "", ""},
+		{"nats only", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}}", config.DedupeMemory, "", ""},
+		{"nats only, broker written", "brokers: {nats: {type: nats, url: nats://b:1}}\ndedupe: {store: jetstream}", config.DedupeJetStream, "nats", ""},
 		// A RocketMQ broker may be a target, which has no duplicate window.
-		{"rocketmq and nats", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "a"},
-		{"rocketmq and nats named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "nats"},
-		{"rocketmq and two nats", "brokers: {a: {type: nats, url: nats://a:1}, b: {type: nats, url: nats://b:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeMemory, ""},
-		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeMemory, ""},
+		{"rocketmq and nats", "brokers: {a: {type: nats, url: nats://a:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "a", ""},
+		{"rocketmq and nats named nats", "brokers: {a: {type: nats, url: nats://a:1}, nats: {type: nats, url: nats://b:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "nats", ""},
+		// Several NATS brokers, none named nats: still the shared store,
+		// and the operator is asked which broker holds it.
+		{"rocketmq and two nats", "brokers: {a: {type: nats, url: nats://a:1}, b: {type: nats, url: nats://b:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeJetStream, "",
+			"c.yaml:1: dedupe.broker: required for store jetstream when there is no broker named \"nats\" or several NATS brokers: name one of a, b" +
+				" (the store is jetstream by default when a RocketMQ broker is configured: its targets have no duplicate window)"},
+		{"rocketmq and two nats, broker written", "brokers: {a: {type: nats, url: nats://a:1}, b: {type: nats, url: nats://b:1}, r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}\ndedupe: {broker: b}", config.DedupeJetStream, "b", ""},
+		{"rocketmq only", "brokers: {r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}}", config.DedupeMemory, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := config.Parse("c.yaml", []byte(tc.brokers))
@@ -170,6 +176,24 @@ func TestConfigDedupeDefaults(t *testing.T) {
 			}
 			if c.Dedupe.Store != tc.store || c.Dedupe.Broker != tc.broker {
 				t.Errorf("dedupe = %s/%s, want %s/%s", c.Dedupe.Store, c.Dedupe.Broker, tc.store, tc.broker)
+			}
+			// The files name no rules directory: Validate reports that
+			// too; only the dedupe.broker problem matters here.
+			var got []string
+			var errs config.Errors
+			if errors.As(c.Validate(), &errs) {
+				for _, p := range errs {
+					if p.Field == "dedupe.broker" {
+						got = append(got, p.String())
+					}
+				}
+			}
+			var want []string
+			if tc.brokerErr != "" {
+				want = []string{tc.brokerErr}
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("dedupe.broker problems %q, want %q", got, want)
 			}
 		})
 	}
@@ -205,6 +229,14 @@ func TestNATSBrokerDefaults(t *testing.T) {
 	if b.AckTimeout.D() != 7*time.Second || b.MaxPingsOut != 5 || b.PingInterval.D() != natsjs.DefaultPingInterval {
 		t.Errorf("broker b: %+v", b)
 	}
+	// A null keeps the default, as if not written.
+	nc, err := config.Parse("c.yaml", []byte("brokers:\n  a:\n    type: nats\n    url: nats://a:1\n    ackTimeout:\n    maxPingsOut: ~\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := natsOf(t, nc, "a"); n.AckTimeout.D() != natsjs.DefaultAckTimeout || n.MaxPingsOut != natsjs.DefaultMaxPingsOut {
+		t.Errorf("null ackTimeout and maxPingsOut: %v and %d, want the defaults %v and %d", n.AckTimeout, n.MaxPingsOut, natsjs.DefaultAckTimeout, natsjs.DefaultMaxPingsOut)
+	}
 	// The connection bounds shared with RocketMQ brokers: the same rows,
 	// equal to the RocketMQ adapter's own defaults.
 	rc, err := config.Parse("c.yaml", []byte("brokers:\n  r: {type: rocketmq, nameservers: [\"127.0.0.1:1\"]}\n  s: {type: rocketmq, nameservers: [\"127.0.0.1:1\"], writeTimeout: 5s}\n"))
@@ -223,6 +255,19 @@ func TestNATSBrokerDefaults(t *testing.T) {
 	// apply, which are the same.
 	if bc := (&NATSBroker{URL: "nats://x:1"}).adapter("nats"); bc.PingInterval != 0 || bc.DialTimeout != 0 {
 		t.Errorf("embedded broker config %+v: want the adapter's defaults (zero)", bc)
+	}
+}
+
+// TestAckTimeoutAboveReserveTTLIsAdvice: the defaults table advises an
+// ackTimeout below dedupe.reserveTTL, but it is not a check (crash tests
+// run ackTimeout 10s with reserveTTL 2s): such a file is valid.
+func TestAckTimeoutAboveReserveTTLIsAdvice(t *testing.T) {
+	for _, broker := range []string{"{type: nats, url: nats://a:1, ackTimeout: 10s}", "{type: rocketmq, nameservers: [\"127.0.0.1:1\"], ackTimeout: 10s}"} {
+		p := writeConfig(t, t.TempDir(), "rules: rules\nbrokers:\n  nats: {type: nats, url: nats://b:1}\n  x: "+broker+
+			"\ndedupe: {store: jetstream, ttl: 5m, reserveTTL: 2s}\n")
+		if _, err := config.Load(p); err != nil {
+			t.Errorf("broker %s with reserveTTL 2s: %v", broker, err)
+		}
 	}
 }
 
@@ -318,6 +363,7 @@ func TestConfigSecrets(t *testing.T) {
 	}
 	t.Setenv("CB_TOKEN_DIR", dir)
 	t.Setenv("CB_URL", "nats://h:4222")
+	t.Setenv("CB_EMPTY", "")
 	for _, tc := range []struct {
 		name, value, want string
 	}{
@@ -325,6 +371,11 @@ func TestConfigSecrets(t *testing.T) {
 		{"env", "${CB_TOKEN_DIR}", dir},
 		{"env default", "${CB_NOPE:-fallback}", "fallback"},
 		{"env set beats default", "${CB_TOKEN_DIR:-fallback}", dir},
+		// As in a shell: :- also replaces a variable set to "" (a
+		// Kubernetes env entry whose secret key is empty).
+		{"env empty takes default", "${CB_EMPTY:-fallback}", "fallback"},
+		{"env empty without default", "${CB_EMPTY}", ""},
+		{"env empty default", "${CB_NOPE:-}", ""},
 		{"file absolute", "file:" + tok, "tok-from-file"},
 		{"file relative to config", "file:token", "tok-from-file"},
 		{"file path from env", "file:${CB_TOKEN_DIR}/token", "tok-from-file"},

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/fx"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/internal/config"
 )
 
 // httpServer serves /metrics, /healthz, /readyz, /route and /status, and
@@ -66,14 +67,26 @@ func newHTTPServer(lc fx.Lifecycle, res *resources, o *Options, status *startSta
 	addr := o.Config.HTTP.Listen
 	l, err := net.Listen("tcp", addr)
 	if err != nil && !o.Config.IsSet("http.listen") && errors.Is(err, syscall.EADDRINUSE) {
-		// The default port is taken (another bridge, a dev tool): take
-		// any free port rather than failing the demo.
+		// The default port of a bridge run for a person (the built-in
+		// default, demo, drill) is taken (another bridge, a dev tool):
+		// take any free port rather than failing. An address that was
+		// chosen (written in the file, -http, or the default of
+		// `run -config`, which the command marks as chosen: probes and
+		// scrapes point at it) is never replaced.
 		l, err = net.Listen("tcp", "127.0.0.1:0")
 		if err == nil {
 			fmt.Fprintf(o.Stdout, "port %s is taken; HTTP listens on %s\n", addr, l.Addr())
 		}
 	}
 	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			choose := "-http"
+			if o.Config.File != config.BuiltIn {
+				choose = "http.listen in " + o.Config.File + " or -http"
+			}
+			return nil, fmt.Errorf("http.listen %s: address in use: another process listens there, and the probes and scrapes of this address would reach it instead of this bridge; stop it, or choose a free address (%s): %w",
+				addr, choose, err)
+		}
 		return nil, fmt.Errorf("http.listen %s: %w", addr, err)
 	}
 	hs := &httpServer{addr: l.Addr().String()}

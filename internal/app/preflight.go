@@ -2,8 +2,10 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -108,23 +110,56 @@ func newPreflight(ctx startCtx, o *Options, b *brokers, status *startStatus, log
 	return preflightDone{}, nil
 }
 
+// RefusedError lists the brokers that answered and refused the connection
+// for good (RefusedConnect): `run` exits on the first of them.
+type RefusedError struct {
+	Brokers map[string]error // broker name → why
+}
+
+func (e *RefusedError) Error() string {
+	var b strings.Builder
+	for i, name := range slices.Sorted(maps.Keys(e.Brokers)) {
+		if i > 0 {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "broker %s refused the connection (no retry helps; `cellbridge run` exits on it too): %v", name, e.Brokers[name])
+	}
+	return b.String()
+}
+
+// RefusedConnect reports whether a failed connect is one that waiting does
+// not fix: the broker refused the credentials or the TLS settings
+// (retry.Permanent), or its settings cannot make a connection at all
+// (natsjs.ErrConfig). Timeouts, refused connections and names that do not
+// resolve yet are not: a bridge waits for them.
+func RefusedConnect(err error) bool {
+	return err != nil && (retry.Permanent(err) || errors.Is(err, natsjs.ErrConfig))
+}
+
 // CheckBrokers is `run -check`'s check against the brokers: it connects
 // to every configured NATS broker the rules use (each within timeout) and
 // runs Preflight on those it reaches. It returns, per broker it could not
-// reach, why, and Preflight's error; the embedded default has no broker
-// to reach.
+// reach (timed out, connection refused), why; and the error: a
+// *RefusedError for the brokers that refused the connection for good
+// (RefusedConnect), Preflight's error, or both joined. The embedded default
+// has no broker to reach.
 func CheckBrokers(ctx context.Context, cfg *config.Config, t *router.Table, timeout time.Duration) (map[string]error, error) {
 	unreachable := map[string]error{}
 	if cfg.Embedded() {
 		return unreachable, nil
 	}
 	js := map[string]jetstream.JetStream{}
+	refused := map[string]error{}
 	var reached []string
 	for _, name := range natsBrokers(cfg, t) {
 		cctx, cancel := context.WithTimeout(ctx, timeout)
 		nc, j, err := ConnectBroker(cctx, cfg, name, slog.New(slog.DiscardHandler))
 		cancel()
-		if err != nil {
+		switch {
+		case RefusedConnect(err):
+			refused[name] = err
+			continue
+		case err != nil:
 			unreachable[name] = err
 			continue
 		}
@@ -134,5 +169,9 @@ func CheckBrokers(ctx context.Context, cfg *config.Config, t *router.Table, time
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	return unreachable, preflightOn(ctx, cfg, t, reached, func(name string) (jetstream.JetStream, error) { return js[name], nil }, nil)
+	err := preflightOn(ctx, cfg, t, reached, func(name string) (jetstream.JetStream, error) { return js[name], nil }, nil)
+	if len(refused) > 0 {
+		err = errors.Join(&RefusedError{Brokers: refused}, err)
+	}
+	return unreachable, err
 }

@@ -32,7 +32,7 @@ type Config struct {
 	// (deployment.go).
 	Deployment DeploymentConfig `yaml:"deployment"`
 
-	// File is the config file's path ("(built-in)" for the built-in
+	// File is the config file's path (BuiltIn for the built-in
 	// configuration).
 	File string `yaml:"-"`
 	// pos maps a dotted field path (brokers.nats.url) to its line in File,
@@ -41,6 +41,9 @@ type Config struct {
 	// inlineSecrets lists secret fields written in clear in the file (the
 	// bridge warns about them at start-up).
 	inlineSecrets []string
+	// flags maps a field a command-line flag overrode to the flag, which
+	// Validate names in that field's problems.
+	flags map[string]string
 }
 
 // DedupeConfig selects the dedupe store.
@@ -226,8 +229,11 @@ type LogConfig struct {
 }
 
 // Load reads, parses, resolves and validates the config file at path.
-// The error is Errors (every problem) or an I/O error.
-func Load(path string) (*Config, error) {
+// Each override (a command line's -rules, -http: OverrideRules,
+// OverrideHTTPListen) is applied after the defaults and before the
+// validation, so that a flag replaces the file's value before it is
+// checked. The error is Errors (every problem) or an I/O error.
+func Load(path string, overrides ...func(*Config)) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
@@ -235,6 +241,9 @@ func Load(path string) (*Config, error) {
 	c, perrs := parse(path, data, false)
 	if c == nil {
 		return nil, perrs // not even YAML
+	}
+	for _, o := range overrides {
+		o(c)
 	}
 	verr := c.Validate()
 	if len(perrs) == 0 {
@@ -270,10 +279,13 @@ func coveredBy(field string, errs Errors) bool {
 	return false
 }
 
+// BuiltIn is the File of the built-in configuration (Default).
+const BuiltIn = "(built-in)"
+
 // Default is the built-in configuration (no file): the embedded default
 // with every default applied.
 func Default() *Config {
-	c := &Config{File: "(built-in)", pos: strictyaml.Positions{}}
+	c := &Config{File: BuiltIn, pos: strictyaml.Positions{}}
 	c.applyDefaults()
 	return c
 }
@@ -314,14 +326,42 @@ func (c *Config) line(path string) int { return c.pos.Line(path) }
 func (c *Config) set(path string) bool { return c.pos.Present(path) }
 
 // IsSet reports whether path (a dotted field path such as "http.listen")
-// was chosen explicitly: written in the file or overridden.
+// was chosen explicitly: written in the file (a null is not), overridden,
+// or kept (KeepHTTPListen).
 func (c *Config) IsSet(path string) bool { return c.set(path) }
 
-// OverrideHTTPListen sets http.listen as if the file had set it (a
-// command-line flag wins over the file); call Validate afterwards.
+// OverrideHTTPListen sets http.listen as if the file had set it (the -http
+// flag wins over the file); pass it to Load, or call Validate afterwards.
 func (c *Config) OverrideHTTPListen(addr string) {
 	c.HTTP.Listen = addr
-	c.pos["http.listen"] = 0
+	c.override("http.listen", "-http")
+}
+
+// OverrideRules sets the rule directory as if the file had set it (the
+// -rules flag wins over rules:); a relative dir is relative to the working
+// directory. Pass it to Load, or call Validate afterwards.
+func (c *Config) OverrideRules(dir string) {
+	c.Rules = Path(dir)
+	c.override("rules", "-rules")
+}
+
+// KeepHTTPListen marks http.listen, written or its default, as chosen
+// (IsSet): the bridge of a configuration file listens there or fails,
+// since its probes and scrapes point there, instead of moving to a free
+// port when another process holds it.
+func (c *Config) KeepHTTPListen() {
+	if !c.set("http.listen") {
+		c.pos["http.listen"] = 0
+	}
+}
+
+// override marks path as set by flag.
+func (c *Config) override(path, flag string) {
+	c.pos[path] = 0
+	if c.flags == nil {
+		c.flags = map[string]string{}
+	}
+	c.flags[path] = flag
 }
 
 // InlineSecrets lists the secret fields written in clear in the file, so

@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -202,6 +203,84 @@ func TestConfigErrors(t *testing.T) {
 				if !strings.HasPrefix(l, "config.yaml") {
 					t.Errorf("problem does not start with the file name: %q", l)
 				}
+			}
+		})
+	}
+}
+
+// TestConfigNullKeepsDefault checks that a null value (`key:` alone, `~`,
+// `null`) keeps the field's default, as if it were not written, instead of
+// leaving it zero.
+func TestConfigNullKeepsDefault(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		body string
+		got  func(c *Config) any
+		want any
+	}{
+		{"empty duration", "dedupe:\n  ttl:\n", func(c *Config) any { return c.Dedupe.TTL.D() }, 10 * time.Minute},
+		{"tilde duration", "dedupe: {reserveTTL: ~}\n", func(c *Config) any { return c.Dedupe.ReserveTTL.D() }, 30 * time.Second},
+		{"null integer", "pipeline:\n  maxHops: null\n", func(c *Config) any { return c.Pipeline.MaxHops }, 4},
+		{"null size", "pipeline: {maxMessageBytes: ~}\n", func(c *Config) any { return c.Pipeline.MaxMessageBytes }, ByteSize(1 << 20)},
+		{"null string", "http:\n  listen:\n", func(c *Config) any { return c.HTTP.Listen }, ":9090"},
+		{"null section", "partitions:\n", func(c *Config) any { return c.Partitions.LeaseTTL.D() }, 6 * time.Second},
+		{"null computed", "partitions: {heartbeat: ~}\n", func(c *Config) any { return c.Partitions.Heartbeat.D() }, 2 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Load(writeConfig(t, t.TempDir(), tc.body))
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			if got := tc.got(c); got != tc.want {
+				t.Errorf("got %v, want the default %v", got, tc.want)
+			}
+		})
+	}
+	// A null field without a default is still missing, and the problem
+	// names its line.
+	p := writeConfig(t, t.TempDir(), "log: {level: warn}\nrules:\nbrokers:\n  nats: {type: nats, url: \"nats://a:1\"}\n")
+	if _, err := Load(p); !strings.Contains(fmt.Sprint(err), p+":2: rules: required when brokers are configured") {
+		t.Errorf("null rules: %v", err)
+	}
+}
+
+// TestLoadOverrides checks that a command line's -rules and -http replace
+// the file's values before they are validated: the file's rules directory
+// need not exist where -rules names another, and a problem of a flag's
+// value names the flag.
+func TestLoadOverrides(t *testing.T) {
+	local := t.TempDir()
+	missing := filepath.Join(local, "nope")
+	for _, tc := range []struct {
+		name      string
+		body      string
+		overrides []func(*Config)
+		want      string // the problem reported; "" valid
+		rules     string // the rule directory when valid
+	}{
+		{"file rules missing", "rules: ./prod-rules\n", nil, "config.yaml:1: rules: rule directory: ", ""},
+		{"-rules instead of a missing dir", "rules: ./prod-rules\n", []func(*Config){func(c *Config) { c.OverrideRules(local) }}, "", local},
+		{"-rules missing", "rules: ./rules\n", []func(*Config){func(c *Config) { c.OverrideRules(missing) }},
+			// The flag, not the file, holds the value: no line.
+			"config.yaml: rules: rule directory: " + missing + ": no such file or directory (set by -rules)", ""},
+		{"-http instead of a bad address", "http: {listen: localhost}\n", []func(*Config){func(c *Config) { c.OverrideHTTPListen("127.0.0.1:0") }}, "", ""},
+		{"-http bad", "", []func(*Config){func(c *Config) { c.OverrideHTTPListen("localhost") }},
+			`config.yaml: http.listen: want host:port or :port, got "localhost" (set by -http)`, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeConfig(t, t.TempDir(), tc.body)
+			c, err := Load(p, tc.overrides...)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("Load: %v", err)
+				}
+				if string(c.Rules) != tc.rules && tc.rules != "" {
+					t.Errorf("rules %q, want %q", c.Rules, tc.rules)
+				}
+				return
+			}
+			if text := strings.ReplaceAll(fmt.Sprint(err), p, "config.yaml"); !strings.HasPrefix(text, tc.want) {
+				t.Errorf("error %q, want %q", text, tc.want)
 			}
 		})
 	}

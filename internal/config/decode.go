@@ -407,8 +407,10 @@ func unwrapPathErr(err error) error {
 
 var envRE = regexp.MustCompile(`\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)
 
-// expandEnv replaces ${NAME} (error when NAME is unset) and ${NAME:-default};
-// $$ is a literal $. It reports whether any reference was expanded.
+// expandEnv replaces ${NAME} (error when NAME is unset; empty when it is
+// set to "") and ${NAME:-default} (default when NAME is unset or empty, as
+// in a shell); $$ is a literal $. It reports whether any reference was
+// expanded.
 func expandEnv(s string) (string, bool, error) {
 	if !strings.Contains(s, "$") {
 		return s, false, nil
@@ -421,11 +423,12 @@ func expandEnv(s string) (string, bool, error) {
 		}
 		expanded = true
 		sm := envRE.FindStringSubmatch(m)
-		if v, ok := os.LookupEnv(sm[1]); ok {
+		v, ok := os.LookupEnv(sm[1])
+		switch {
+		case sm[2] != "" && v == "":
+			return sm[3] // unset or empty: the default
+		case ok:
 			return v
-		}
-		if sm[2] != "" {
-			return sm[3]
 		}
 		if err == nil {
 			err = fmt.Errorf("environment variable %s is not set", sm[1])

@@ -32,8 +32,8 @@ var defaults = []defaultRow{
 	{"brokers.*.reconnectWait", "2s", "type nats: longest wait between two rounds of reconnect attempts over the server list (doubles from 100ms, plus jitter); at least 100ms"},
 	{"brokers.*.requestTimeout", "2s", "type nats: each attempt of a JetStream API request (streams, consumers, consumer reset/unpin/info); failed attempts are logged, counted and retried with backoff; at least 10ms"},
 	{"brokers.*.serverOrder", "random", "type nats: the order in which the client tries the servers of url when it connects and reconnects: `random` spreads the replicas over the cluster; `listed` tries them as written (a server in the replica's own zone first)"},
-	{"brokers.*.ackTimeout", "3s", "type nats and rocketmq: a publish to a target stream (nats) or topic (rocketmq: one send attempt; the sink tries twice more, then the pipeline retries) whose ack has not come this long fails and is retried (below dedupe.reserveTTL); at least 10ms"},
-	{"dedupe.store", "", "`memory` when every broker is NATS (and for the embedded default): each target stream's duplicate window drops repeats across replicas (docs/guarantees.md, section 8, says when to choose `jetstream` anyway); `jetstream` when a RocketMQ broker is configured and a NATS broker exists (RocketMQ targets have no duplicate window); else `memory`"},
+	{"brokers.*.ackTimeout", "3s", "type nats and rocketmq: a publish to a target stream (nats) or topic (rocketmq: one send attempt; the sink tries twice more, then the pipeline retries) whose ack has not come this long fails and is retried (keep it below dedupe.reserveTTL: a reservation that expires while its publish waits lets another attempt of the key in); at least 10ms"},
+	{"dedupe.store", "", "`memory` when every broker is NATS (and for the embedded default): each target stream's duplicate window drops repeats across replicas (docs/guarantees.md, section 8, says when to choose `jetstream` anyway); `jetstream` when a RocketMQ broker is configured and any NATS broker exists (RocketMQ targets have no duplicate window; with several NATS brokers and none named `nats`, dedupe.broker must name one); else `memory`"},
 	{"dedupe.broker", "", "the broker named `nats`, else the only NATS broker"},
 	{"dedupe.bucket", "cellbridge-dedupe", "JetStream KV bucket, shared by all replicas"},
 	{"dedupe.replicas", "1", "KV bucket replicas; 1..5"},
@@ -42,7 +42,7 @@ var defaults = []defaultRow{
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this (an ordered rule's next owner takes a dead owner's reservations over at once where the target is a NATS stream: docs/guarantees.md, section 8, T1); with `dedupe.protocol: check`, a target stream whose duplicate window is at least this long is deduplicated with one KV write per message; at least 100ms, and below ttl after rounding up to whole seconds"},
 	{"dedupe.protocol", "reserve", "jetstream store: `reserve` (every message reserves its key, is published, then commits: two stored writes) or `check` (a target whose stream's duplicate window is at least reserveTTL reads the key in batches, publishes and commits: one stored write; the others reserve; a second attempt at a key in flight publishes a copy the target drops instead of waiting: docs/guarantees.md, section 2; `check` needs `dedupe.replicas: 1`)"},
 	{"dedupe.requestTimeout", "", "jetstream store: each request to the KV bucket (reserve, commit, release, and each attempt of the bucket's set-up): 2s, or half of reserveTTL when that is less; at least 10ms and below reserveTTL"},
-	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status"},
+	{"http.listen", ":9090", "/metrics, /healthz, /readyz, /route, /status; a port another process holds ends `cellbridge run -config` (exit 1, naming http.listen and the address: the probes and scrapes point there); only the built-in default without -config, `demo` and `drill` move to a free loopback port then, and say so"},
 	{"http.pprof", "false", "also serve /debug/pprof/ (Go's CPU, heap, goroutine, mutex, block profiles and execution trace) and /debug/timeline (sampled per-message stage timings, docs/metrics.md) on http.listen; off by default: a profile costs CPU while it runs and the endpoints show the process's internals"},
 	{"pipeline.maxInFlight", "4096", "messages accepted and not yet settled, held ones excluded (a broadcast message takes one per copy; the NATS consumer's MaxAckPending is maxInFlight+maxHeld+maxLagging+fetchBatch; with `source.partitions: N` each partition's consumer gets (maxInFlight+maxHeld+maxLagging)/N plus fetchBatch/N, each rounded up, the pull batch at least 16); at most 1000000"},
 	{"pipeline.lanes", "", "ordering lanes: maxInFlight/4, at least 1 (one key always uses one lane; one message per key between publish and confirm; keys sharing a lane do not wait for each other)"},
@@ -52,7 +52,7 @@ var defaults = []defaultRow{
 	{"pipeline.retry.initial", "100ms", "first sink/dedupe retry delay (doubles each time; each delay is drawn between half of it and all of it, so that the keys one fault holds up do not retry in lockstep); at least 1ms and at most retry.max"},
 	{"pipeline.retry.max", "1s", "retry delay cap; the first success of a target or of the dedupe store after failures wakes every retry waiting for it, so a key retries at most this long after the target answers again only when its own attempt failed after that first success; at least 1ms"},
 	{"pipeline.maxMessageBytes", "1MiB", "larger messages go to the DLQ (too_large); 1 byte to 64MiB"},
-	{"pipeline.maxHops", "4", "messages with more Cell-Hops go to the DLQ (too_many_hops)"},
+	{"pipeline.maxHops", "4", "messages arriving with at least this many Cell-Hops go to the DLQ (too_many_hops)"},
 	{"pipeline.drainTimeout", "20s", "on shutdown: time to finish in-flight messages"},
 	{"pipeline.progressTimeout", "60s", "/readyz fails when a backlog exists and nothing was forwarded for this long"},
 	{"pipeline.stallTimeout", "3s", "/readyz fails while a rule's oldest accepted, unparked, unsettled message is older than this (a target, the dedupe store or a retry holds it up)"},
@@ -127,8 +127,12 @@ func (c *Config) applyDefaults() {
 		// re-reads fall inside it (docs/guarantees.md, section 8). A RocketMQ
 		// target has no such window (and its transactions check back through
 		// the store), so it keeps the store every replica shares.
+		// Which NATS broker holds the bucket is not part of that choice:
+		// with several and none named nats, dedupe.broker is left empty
+		// and Validate asks for it rather than falling back to a store
+		// each process keeps for itself.
 		d.Store = DedupeMemory
-		if c.hasNonNATSBroker() && c.natsBrokerDefault() != "" {
+		if c.hasNonNATSBroker() && c.hasNATSBroker() {
 			d.Store = DedupeJetStream
 		}
 	}
@@ -150,6 +154,27 @@ func (c *Config) hasNonNATSBroker() bool {
 		}
 	}
 	return false
+}
+
+// hasNATSBroker reports whether a broker of type nats is configured.
+func (c *Config) hasNATSBroker() bool {
+	for _, b := range c.Brokers {
+		if b != nil && b.Type == NATSType {
+			return true
+		}
+	}
+	return false
+}
+
+// natsBrokerNames lists the NATS brokers by name.
+func (c *Config) natsBrokerNames() []string {
+	var out []string
+	for _, name := range c.brokerNames() {
+		if b := c.Brokers[name]; b != nil && b.Type == NATSType {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // natsBrokerDefault is the broker named nats, else the only NATS broker.

@@ -22,5 +22,6 @@
 // know the kind of their broker, NATSType.
 //
 // A Config is read-only once built, except for the overrides a command line
-// makes (OverrideHTTPListen) before it is used.
+// makes (OverrideRules, OverrideHTTPListen: passed to Load, so that they are
+// validated in place of the file's values; KeepHTTPListen) before it is used.
 package config

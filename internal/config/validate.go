@@ -24,9 +24,14 @@ var (
 // settings name; rule cross-checks are in CheckRules.
 func (c *Config) Validate() error {
 	var errs Errors
-	bad := func(field, format string, args ...any) {
-		errs = append(errs, Problem{File: c.File, Line: c.line(field), Field: field, Msg: fmt.Sprintf(format, args...)})
+	badAt := func(line int, field, format string, args ...any) {
+		msg := fmt.Sprintf(format, args...)
+		if flag := c.flags[field]; flag != "" {
+			msg += " (set by " + flag + ")"
+		}
+		errs = append(errs, Problem{File: c.File, Line: line, Field: field, Msg: msg})
 	}
+	bad := func(field, format string, args ...any) { badAt(c.line(field), field, format, args...) }
 
 	if c.Rules == "" && !c.Embedded() {
 		bad("rules", "required when brokers are configured (the rule directory)")
@@ -39,7 +44,7 @@ func (c *Config) Validate() error {
 	}
 
 	c.validateBrokers(bad)
-	c.validateDedupe(bad)
+	c.validateDedupe(bad, badAt)
 	c.validateOrdering(bad)
 	c.validateDeployment(bad)
 
@@ -76,7 +81,7 @@ func (c *Config) Validate() error {
 	return errs
 }
 
-func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
+func (c *Config) validateDedupe(bad func(field, format string, args ...any), badAt func(line int, field, format string, args ...any)) {
 	d := c.Dedupe
 	switch d.Store {
 	case DedupeJetStream:
@@ -89,7 +94,17 @@ func (c *Config) validateDedupe(bad func(field, format string, args ...any)) {
 				bad("dedupe.broker", "the embedded default has only the broker %q, not %q", EmbeddedBroker, d.Broker)
 			}
 		case d.Broker == "":
-			bad("dedupe.broker", "required for store jetstream when there is no broker named \"nats\" or several NATS brokers")
+			// A store chosen by default was chosen for the brokers: name
+			// their line when the dedupe section does not say more.
+			line, why := c.line("dedupe.broker"), ""
+			if !c.set("dedupe.store") {
+				why = " (the store is jetstream by default when a RocketMQ broker is configured: its targets have no duplicate window)"
+				if line == 0 {
+					line = c.line("brokers")
+				}
+			}
+			badAt(line, "dedupe.broker", "required for store jetstream when there is no broker named \"nats\" or several NATS brokers: name one of %s%s",
+				strings.Join(c.natsBrokerNames(), ", "), why)
 		case b == nil:
 			bad("dedupe.broker", "unknown broker %q (brokers: %s)", d.Broker, strings.Join(c.brokerNames(), ", "))
 		case b.Type != NATSType:

@@ -33,9 +33,11 @@ type Options struct {
 	MaxProblems int // 0: DefaultMaxProblems
 
 	// NullIsZero makes a null value (`key:` or `key: ~`) leave any field as
-	// it is, so that a default can fill it later. Without it, null leaves
-	// pointers, slices and maps as they are and is refused for every other
-	// type.
+	// it is, so that a default can fill it later: such a field counts as
+	// not written (Positions.Present is false, Positions.Line still finds
+	// the null's line). Without it, null leaves pointers, slices and maps as
+	// they are and is refused for every other type. Either way a null
+	// pointer, slice or map is present: nil is its value.
 	NullIsZero bool
 
 	// Scalar, if set, is called for every scalar value before it is stored
@@ -86,18 +88,21 @@ type ScalarFunc func(s Scalar) (text string, substituted bool, err error)
 // line it was written on: the key's line for a field or map entry, the
 // element's line for a list element. A path is present even when its value
 // was null or had the wrong type, so that "written but wrong" and "not
-// written" stay distinguishable after decoding.
+// written" stay distinguishable after decoding; except a null that
+// Options.NullIsZero leaves to a default, which is kept with its line
+// negated: not present, but Line finds it. Read it with Present and Line.
 type Positions map[string]int
 
-// Present reports whether path was written in the document.
-func (p Positions) Present(path string) bool { _, ok := p[path]; return ok }
+// Present reports whether path was written in the document (a null left
+// to a default by Options.NullIsZero was not).
+func (p Positions) Present(path string) bool { l, ok := p[path]; return ok && l >= 0 }
 
 // Line returns the line of path or, if it was not written, of its nearest
 // parent that was; 0 when none was.
 func (p Positions) Line(path string) int {
 	for path != "" {
 		if l, ok := p[path]; ok {
-			return l
+			return max(l, -l)
 		}
 		i := strings.LastIndexAny(path, ".[")
 		if i < 0 {
@@ -221,6 +226,11 @@ func (d *decoder) value(n *yaml.Node, v reflect.Value, path string, keyLine, dep
 			return
 		}
 		if d.opts.NullIsZero {
+			// As if not written: a default fills the field (Present
+			// false), and a problem about it still finds its line.
+			if path != "" {
+				d.pos[path] = -keyLine
+			}
 			return
 		}
 	}

@@ -168,16 +168,31 @@ func TestDecodeNull(t *testing.T) {
 	start := schema{S: "default", I: 7, L: []string{"kept"}, P: &item{Name: "kept"}}
 
 	v := start
-	_, errs := Decode("f.yaml", root(t, src), &v, Options{NullIsZero: true})
+	pos, errs := Decode("f.yaml", root(t, src), &v, Options{NullIsZero: true})
 	if len(errs) > 0 {
 		t.Fatal(errs)
 	}
 	if !reflect.DeepEqual(v, start) {
 		t.Errorf("NullIsZero changed fields: %+v", v)
 	}
+	// A null left to a default counts as not written, so that a default
+	// applied after decoding fills it; its line is still known. A null
+	// list, map or pointer is present: nil is its value.
+	for path, want := range map[string]struct {
+		present bool
+		line    int
+	}{"s": {false, 1}, "i": {false, 2}, "b": {false, 3}, "in": {false, 7}, "size": {false, 8},
+		"l": {true, 4}, "m": {true, 5}, "p": {true, 6}} {
+		if got := pos.Present(path); got != want.present {
+			t.Errorf("NullIsZero: Present(%q) = %v, want %v", path, got, want.present)
+		}
+		if got := pos.Line(path); got != want.line {
+			t.Errorf("NullIsZero: Line(%q) = %d, want %d", path, got, want.line)
+		}
+	}
 
 	v = schema{}
-	pos, errs := Decode("f.yaml", root(t, "l:\nm:\np:\n"), &v, Options{})
+	pos, errs = Decode("f.yaml", root(t, "l:\nm:\np:\n"), &v, Options{})
 	if len(errs) > 0 || v.L != nil || v.M != nil || v.P != nil {
 		t.Errorf("null list, map, pointer: %+v %v", v, errs)
 	}

@@ -99,7 +99,7 @@ func ExampleOptions_scalar() {
 	fmt.Println(c.Pipeline.Workers, c.Pipeline.MaxHeld, pos.Present("pipeline.maxHeld"))
 	fmt.Println(errs)
 	// Output:
-	// 12 1000 true
+	// 12 1000 false
 	// bridge.yaml:3: pipeline.fetchSize: must be an integer, not the string "64"
 	// bridge.yaml:4: pipeline.holdDelay: must be a duration like 500ms or 10s, not "5"
 }
