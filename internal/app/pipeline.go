@@ -203,8 +203,21 @@ func runPipeline(lc fx.Lifecycle, o *Options, p *bridge.Pipeline, srcs *sources,
 			cancel()
 			ran := make(chan struct{})
 			go func() { wg.Wait(); close(ran) }()
+			// A quarter of the stop's time at most: the drain, the
+			// sources' hand-over (pin, leases) and the connections' last
+			// acks come after this hook and need the rest. A Run still
+			// blocked is released by the drain (Handle's waits end with
+			// the pipeline's close).
+			wait := 5 * time.Second
+			if dl, ok := ctx.Deadline(); ok {
+				wait = time.Until(dl) / 4
+			}
+			t := time.NewTimer(wait)
+			defer t.Stop()
 			select {
 			case <-ran:
+			case <-t.C:
+				log.Warn("sources did not stop within a quarter of the stop's time; draining anyway", "waited", wait)
 			case <-ctx.Done():
 				log.Warn("sources did not stop before the stop deadline; draining anyway")
 			}
