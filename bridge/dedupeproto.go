@@ -92,7 +92,10 @@ func (p *Pipeline) lookupProto(ss *targetState, now int64) {
 			p.log.Warn("dedupe protocol: cannot look the target's duplicate window up; reservations until it can",
 				"target", ss.what, "err", err)
 		}
-		p.setProto(ss, false, tp.window.Load(), "window unknown: "+err.Error())
+		// Unknown counts as none until a lookup answers: the window last
+		// seen may have been shortened (or the stream made again) since,
+		// and takeovers (mayTakeOver) rely on it.
+		p.setProto(ss, false, 0, "window unknown: "+err.Error())
 		return
 	}
 	tp.next.Store(now + int64(protoRefresh))

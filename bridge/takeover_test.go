@@ -129,3 +129,47 @@ func TestTakeOverPreviousOwnersReservation(t *testing.T) {
 		})
 	}
 }
+
+// flakyWindowSink is a windowSink whose lookups fail while failing is set.
+type flakyWindowSink struct {
+	windowSink
+	failing *atomic.Bool
+}
+
+func (w flakyWindowSink) DuplicateWindow(ctx context.Context, tg router.Target) (time.Duration, error) {
+	if w.failing.Load() {
+		return 0, errors.New("stream info: timeout")
+	}
+	return w.windowSink.DuplicateWindow(ctx, tg)
+}
+
+// TestWindowUnknownAfterFailedLookup: a window lookup that fails leaves
+// the target's window unknown, not at the last one seen (the stream may
+// have been shortened or made again since): takeovers, which rely on it,
+// wait until a lookup answers again.
+func TestWindowUnknownAfterFailedLookup(t *testing.T) {
+	var failing atomic.Bool
+	sink := flakyWindowSink{windowSink{newTestSink(), 2 * time.Minute}, &failing}
+	st := &takerStore{Store: dedupe.NewMemory(dedupe.MemoryConfig{})}
+	e := newEnvSink(t, Config{}, rulesDoc(1, "", 0), sink, st)
+	ss := e.p.target(router.Target{Broker: "nats", Subject: "cell.a.t"})
+	if ss == nil {
+		t.Fatal("no target state")
+	}
+	e.p.lookupProto(ss, time.Now().UnixNano())
+	if w := ss.proto.window.Load(); w != int64(2*time.Minute) {
+		t.Fatalf("window %v after a good lookup", time.Duration(w))
+	}
+	failing.Store(true)
+	e.p.lookupProto(ss, time.Now().UnixNano())
+	if w := ss.proto.window.Load(); w != 0 {
+		t.Fatalf("window %v after a failed lookup, want 0 (unknown)", time.Duration(w))
+	}
+	m, _ := msg("t", keyFor(20, 1), "{}")
+	m.Epoch = &Epoch{}
+	tk := &task{}
+	tk.m = m
+	if e.p.mayTakeOver(tk, ss) {
+		t.Fatal("takeover allowed on a window no longer known")
+	}
+}

@@ -464,7 +464,9 @@ func sourceKeepsExistingDeliverPolicy(t *testing.T, o Ordering) {
 // on a stream name one durable. The second refuses to take it over (its
 // filter update would take the first rule's messages from it), with an
 // error naming both rules; a renamed rule (same filter) takes it over.
-func TestSourceRefusesAnotherRulesDurable(t *testing.T) { bothOrderings(t, sourceRefusesAnotherRulesDurable) }
+func TestSourceRefusesAnotherRulesDurable(t *testing.T) {
+	bothOrderings(t, sourceRefusesAnotherRulesDurable)
+}
 
 func sourceRefusesAnotherRulesDurable(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
