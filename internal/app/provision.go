@@ -63,8 +63,15 @@ func Needs(cfg *config.Config, t *router.Table, replicas int) ([]*BrokerNeeds, e
 	}
 	if cfg.Dedupe.Store == config.DedupeJetStream {
 		kc := cfg.Dedupe.KV()
-		kc.Replicas = max(kc.Replicas, replicas)
 		raise := replicas > 0
+		if cfg.Dedupe.Protocol == config.ProtocolCheck {
+			// Check reads the bucket from any of its replicas, which
+			// a lagging one could answer with a key missing: the bucket
+			// stays at one replica (-replicas raises the others).
+			raise = false
+		} else {
+			kc.Replicas = max(kc.Replicas, replicas)
+		}
 		n := get(cfg.Dedupe.Broker)
 		n.Buckets = append(n.Buckets, natsjs.BucketPlan{
 			Bucket:   kc.Bucket,

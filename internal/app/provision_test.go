@@ -51,3 +51,45 @@ func TestNeedsLeaseBucketReplicas(t *testing.T) {
 		}
 	}
 }
+
+// TestNeedsDedupeBucketReplicas: -replicas raises the dedupe bucket with
+// protocol reserve, and leaves it at one replica with protocol check,
+// whose reads any replica of the bucket could answer.
+func TestNeedsDedupeBucketReplicas(t *testing.T) {
+	b, err := os.ReadFile("../../deploy/rules/cellmap.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, err := os.ReadFile("../../deploy/rules/orders.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	table, err := router.Parse("rules.yaml", append(append(b, "\n---\n"...), rules...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		protocol string
+		want     string
+	}{{"reserve", "replicas 3"}, {"check", "replicas 1"}} {
+		c, err := config.Parse("c.yaml", []byte("brokers:\n  nats: {type: nats, url: nats://a:1}\ndedupe: {store: jetstream, protocol: "+tc.protocol+"}\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		needs, err := Needs(c, table, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var settings []string
+		for _, n := range needs {
+			for _, b := range n.Buckets {
+				if b.Bucket == c.Dedupe.Bucket {
+					settings = append(settings, b.Settings)
+				}
+			}
+		}
+		if len(settings) != 1 || !strings.HasSuffix(settings[0], tc.want) {
+			t.Errorf("protocol %s, -replicas 3: dedupe bucket plans %q, want one with %s", tc.protocol, settings, tc.want)
+		}
+	}
+}
