@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/cellbridge/cellbridge/dedupe"
 	"github.com/cellbridge/cellbridge/router"
 )
 
@@ -290,5 +291,24 @@ dlq: {broker: nats, subject: dlq.t}
 	h.ConnectionChanged("nats", RoleSink, false) // the DLQ's broker
 	if ok, why := h.Ready(); ok || !strings.Contains(why, "sink connection to broker nats is down") {
 		t.Fatalf("DLQ broker down: ready=%v %q", ok, why)
+	}
+}
+
+// cellbridge_dedupe_evictions_total reads the memory store's count, 0
+// before one is set (the jetstream store).
+func TestDedupeEvictionsMetric(t *testing.T) {
+	m := NewMetrics("test")
+	if v := value(m.DedupeEvictions); v != 0 {
+		t.Fatalf("evictions %v without a memory store", v)
+	}
+	mem := dedupe.NewMemory(dedupe.MemoryConfig{Size: 64}) // one key per shard
+	m.SetDedupeEvictions(mem.Evictions)
+	for i := range 1000 {
+		if err := mem.Commit(context.Background(), fmt.Sprint("k", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if v, n := value(m.DedupeEvictions), mem.Evictions(); n == 0 || v != float64(n) {
+		t.Fatalf("metric %v, store's evictions %d (want equal, above 0)", v, n)
 	}
 }

@@ -82,6 +82,7 @@ const (
 	MetricSourceFailing     = "cellbridge_source_failing"
 	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
 	MetricDedupeTakeovers   = "cellbridge_dedupe_takeovers_total"
+	MetricDedupeEvictions   = "cellbridge_dedupe_evictions_total"
 	MetricPartitions        = "cellbridge_partitions"
 	MetricPartitionsOwned   = "cellbridge_partitions_owned"
 	MetricTakeovers         = "cellbridge_takeovers_total"
@@ -118,6 +119,7 @@ var MetricList = []MetricDesc{
 	{MetricSourceFailing, "gauge", []string{"rule"}, "1 while the source of a topic rule cannot deliver (its server stopped answering, its consumer cannot be reached), also when nothing waits to be delivered (then /readyz stays 200)."},
 	{MetricDedupeErrors, "counter", []string{"op"}, "Dedupe store errors by operation (reserve, check, takeover, commit, release)."},
 	{MetricDedupeTakeovers, "counter", []string{"rule"}, "Reservations of another holder that an ordered rule's forwarding replica took over instead of waiting until they expire (dedupe.reserveTTL): a previous owner's, left by a crash or a cut-off (JetStream store, NATS targets)."},
+	{MetricDedupeEvictions, "counter", nil, "Keys the memory dedupe store dropped before they expired, to stay within dedupe.size (least recently used first); a repeat of such a key is then caught only by its target's duplicate window. A growing count means dedupe.size is too small for the message rate times dedupe.ttl; always 0 with the jetstream store."},
 	{MetricPartitions, "gauge", []string{"rule"}, "Partition count of a partitioned topic rule (source.partitions), as this replica runs it."},
 	{MetricPartitionsOwned, "gauge", []string{"rule"}, "Partitions of a partitioned topic rule whose lease this replica holds; summed over the replicas it equals cellbridge_partitions once every partition has an owner."},
 	{MetricTakeovers, "counter", []string{"rule"}, "Times this replica started forwarding an ordered topic rule (won its consumer's pin) or one of a partitioned rule's partitions."},
@@ -143,6 +145,8 @@ var LatencyBuckets = prometheus.ExponentialBuckets(0.0005, 2, 16)
 // tracker and the HTTP handler.
 type Metrics struct {
 	Registry *prometheus.Registry
+	// evictions reads the memory dedupe store's count (SetDedupeEvictions).
+	evictions atomic.Pointer[func() uint64]
 
 	Messages          *prometheus.CounterVec
 	Forwarded         *prometheus.CounterVec
@@ -161,16 +165,19 @@ type Metrics struct {
 	SourceFailing     *prometheus.GaugeVec
 	DedupeErrors      *prometheus.CounterVec
 	DedupeTakeovers   *prometheus.CounterVec
-	BrokerReqErrors   *prometheus.CounterVec
-	RulesVersion      prometheus.Gauge
-	RulesLastReload   prometheus.Gauge
-	RulesReloadFails  prometheus.Counter
-	ConnectionUp      *prometheus.GaugeVec
-	Ready             prometheus.Gauge
-	BuildInfo         *prometheus.GaugeVec
-	BroadcastSkipped  *prometheus.CounterVec
-	BroadcastPending  *prometheus.GaugeVec
-	BroadcastLagging  *prometheus.GaugeVec
+	// DedupeEvictions reads the memory store's evictions; see
+	// SetDedupeEvictions.
+	DedupeEvictions  prometheus.CounterFunc
+	BrokerReqErrors  *prometheus.CounterVec
+	RulesVersion     prometheus.Gauge
+	RulesLastReload  prometheus.Gauge
+	RulesReloadFails prometheus.Counter
+	ConnectionUp     *prometheus.GaugeVec
+	Ready            prometheus.Gauge
+	BuildInfo        *prometheus.GaugeVec
+	BroadcastSkipped *prometheus.CounterVec
+	BroadcastPending *prometheus.GaugeVec
+	BroadcastLagging *prometheus.GaugeVec
 	// Sources exports the ownership metrics (cellbridge_partitions,
 	// cellbridge_partitions_owned, cellbridge_takeovers_total,
 	// cellbridge_source_pinned) from the sources' statuses at every scrape
@@ -227,12 +234,18 @@ func NewMetrics(version string) *Metrics {
 	m.BroadcastSkipped = counter(MetricBroadcastSkipped)
 	m.BroadcastPending = gauge(MetricBroadcastPending)
 	m.BroadcastLagging = gauge(MetricBroadcastLagging)
+	m.DedupeEvictions = prometheus.NewCounterFunc(prometheus.CounterOpts{Name: MetricDedupeEvictions, Help: byName[MetricDedupeEvictions].Help}, func() float64 {
+		if f := m.evictions.Load(); f != nil {
+			return float64((*f)())
+		}
+		return 0
+	})
 	m.Sources = newSourceCollector(m, byName)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
 		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.DedupeTakeovers, m.BrokerReqErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
-		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging,
+		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging, m.DedupeEvictions,
 		m.Sources,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if version == "" {
@@ -311,3 +324,7 @@ func (r *ruleMetrics) dlqReason(reason string) prometheus.Counter {
 	}
 	return r.dlq[len(r.dlq)-1]
 }
+
+// SetDedupeEvictions makes cellbridge_dedupe_evictions_total read f (the
+// memory store's Evictions).
+func (m *Metrics) SetDedupeEvictions(f func() uint64) { m.evictions.Store(&f) }

@@ -23,12 +23,14 @@ import (
 
 // newDedupe opens the dedupe store.
 func newDedupe(ctx startCtx, lc fx.Lifecycle, res *resources, cfg *config.Config, b *brokers, reqs *requests,
-	status *startStatus, log *slog.Logger) (dedupe.Store, error) {
+	status *startStatus, m *bridge.Metrics, log *slog.Logger) (dedupe.Store, error) {
 	c := cfg.Dedupe
 	var store dedupe.Store
 	switch c.Store {
 	case config.DedupeMemory:
-		store = dedupe.NewMemory(c.Memory())
+		mem := dedupe.NewMemory(c.Memory())
+		m.SetDedupeEvictions(mem.Evictions)
+		store = mem
 	case config.DedupeJetStream:
 		status.begin(fmt.Sprintf("opening the dedupe store (bucket %s on broker %s)", c.Bucket, c.Broker))
 		js, err := b.jetStream(c.Broker)
