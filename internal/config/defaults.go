@@ -37,7 +37,7 @@ var defaults = []defaultRow{
 	{"dedupe.broker", "", "the broker named `nats`, else the only NATS broker"},
 	{"dedupe.bucket", "cellbridge-dedupe", "JetStream KV bucket, shared by all replicas"},
 	{"dedupe.replicas", "1", "KV bucket replicas; 1..5"},
-	{"dedupe.size", "1000000", "memory store: max keys (LRU beyond); not allowed with the jetstream store"},
+	{"dedupe.size", "1000000", "memory store: max keys (LRU beyond: above size ÷ ttl messages per second, 1,700/s with the defaults, keys leave before ttl, counted in cellbridge_dedupe_evictions_total, and a repeat older than that is dropped by its target's duplicate window alone; a key of 30 characters costs roughly 100 bytes); not allowed with the jetstream store"},
 	{"dedupe.ttl", "10m", "how long a committed key suppresses a repeat; at least 1s"},
 	{"dedupe.reserveTTL", "30s", "a reservation of a crashed worker/replica frees itself after this (an ordered rule's next owner takes a dead owner's reservations over at once where the target is a NATS stream: docs/guarantees.md, section 8, T1); with `dedupe.protocol: check`, a target stream whose duplicate window is at least this long is deduplicated with one KV write per message; at least 100ms, and below ttl after rounding up to whole seconds"},
 	{"dedupe.protocol", "reserve", "jetstream store: `reserve` (every message reserves its key, is published, then commits: two stored writes) or `check` (a target whose stream's duplicate window is at least reserveTTL reads the key in batches, publishes and commits: one stored write; the others reserve; a second attempt at a key in flight publishes a copy the target drops instead of waiting: docs/guarantees.md, section 2; `check` needs `dedupe.replicas: 1`)"},
