@@ -165,8 +165,15 @@ func (rp *Replay) Run(ctx context.Context, h bridge.Handler) error {
 	}
 }
 
+// replayPatience is how many waits for the next message in a row (each
+// up to RequestTimeout) a replay makes while its consumer still reports
+// messages pending: the ordered consumer is made again after a fault (an
+// election, a reconnect), which can take longer than one wait.
+const replayPatience = 4
+
 // deliver hands the range's messages to h until the end of the range.
 func (rp *Replay) deliver(ctx context.Context, cons jetstream.Consumer, end uint64, h bridge.Handler) error {
+	waits := 0
 	for {
 		wctx, cancel := context.WithTimeout(ctx, rp.cfg.RequestTimeout)
 		msg, err := cons.Next(jetstream.FetchContext(wctx))
@@ -175,12 +182,33 @@ func (rp *Replay) deliver(ctx context.Context, cons jetstream.Consumer, end uint
 		case ctx.Err() != nil:
 			return ctx.Err()
 		case errors.Is(err, jetstream.ErrNoMessages) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
-			// Nothing more matches the filter before the end: the range
-			// holds no further message of the rule.
-			return nil
+			// No message within the wait: the range is done only when
+			// the consumer has nothing more pending. Otherwise it is
+			// being made again (a fault): wait again, a few times.
+			pending, ierr := rp.pending(ctx, cons)
+			if ierr == nil && pending == 0 {
+				return nil
+			}
+			waits++
+			rp.mu.Lock()
+			last := rp.rep.Last
+			rp.mu.Unlock()
+			why := fmt.Sprintf("%d messages pending", pending)
+			if ierr != nil {
+				why = "consumer info: " + ierr.Error()
+			}
+			if waits >= replayPatience {
+				return fmt.Errorf("natsjs: replay: stream %s: no message for %s after sequence %d (range end %d; %s): "+
+					"the replay is not finished; run it again from -from-seq %d",
+					rp.cfg.Rule.Source.Stream, time.Duration(waits)*rp.cfg.RequestTimeout, last, end, why, last+1)
+			}
+			rp.log.Warn("replay: no message within the wait; waiting again", "stream", rp.cfg.Rule.Source.Stream,
+				"after_seq", last, "range_end", end, "why", why, "wait", waits, "of", replayPatience)
+			continue
 		case err != nil:
 			return fmt.Errorf("natsjs: replay: stream %s: %w", rp.cfg.Rule.Source.Stream, err)
 		}
+		waits = 0
 		meta, ok := parseAck(msg.Reply())
 		if !ok {
 			return fmt.Errorf("natsjs: replay: a message without JetStream metadata (reply %q)", msg.Reply())
@@ -205,6 +233,18 @@ func (rp *Replay) deliver(ctx context.Context, cons jetstream.Consumer, end uint
 			return nil
 		}
 	}
+}
+
+// pending asks the replay's consumer how many messages of its filter it
+// has not delivered yet (up to the stream's end).
+func (rp *Replay) pending(ctx context.Context, cons jetstream.Consumer) (uint64, error) {
+	ictx, cancel := context.WithTimeout(ctx, rp.cfg.RequestTimeout)
+	defer cancel()
+	info, err := cons.Info(ictx)
+	if err != nil {
+		return 0, err
+	}
+	return info.NumPending, nil
 }
 
 // replayed is one delivered message and its settlement.

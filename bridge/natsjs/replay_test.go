@@ -146,3 +146,76 @@ func TestReplayConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// stallingConsumer is a consumer whose Next gives nothing (as while an
+// ordered consumer is made again after a fault) for stalls calls once
+// after messages have come; stalls < 0: from then on.
+type stallingConsumer struct {
+	jetstream.Consumer
+	after, stalls int
+	seen          int
+}
+
+func (c *stallingConsumer) Next(opts ...jetstream.FetchOpt) (jetstream.Msg, error) {
+	if c.seen == c.after && c.stalls != 0 {
+		c.stalls--
+		return nil, context.DeadlineExceeded
+	}
+	m, err := c.Consumer.Next(opts...)
+	if err == nil {
+		c.seen++
+	}
+	return m, err
+}
+
+// A replay whose consumer gives nothing for a while in the middle of the
+// range waits again while messages are pending, and finishes the range;
+// one whose consumer gives nothing for good ends with an error that says
+// where to go on from, never as if the range were done.
+func TestReplayWaitsThroughAStall(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.Connect(t)
+	ctx := testCtx(t)
+	createStream(t, js, "PRICES", "prices.>")
+	tbl, err := router.Parse("r.yaml", []byte(replayRules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 10; i++ {
+		m := nats.NewMsg(fmt.Sprintf("prices.p%d", i))
+		m.Header.Set("X-Sku", "s")
+		if _, err := js.PublishMsg(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		stalls    int
+		delivered int
+		err       string
+	}{
+		{stalls: 2, delivered: 10},
+		{stalls: -1, delivered: 4, err: "the replay is not finished; run it again from -from-seq 5"},
+	} {
+		rp, err := NewReplay(js, ReplayConfig{Rule: tbl.Rule("prices"), FromSeq: 1, RequestTimeout: 200 * time.Millisecond}, quiet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cons, err := js.OrderedConsumer(ctx, "PRICES", jetstream.OrderedConsumerConfig{FilterSubjects: []string{"prices.>"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := &stallingConsumer{Consumer: cons, after: 4, stalls: tc.stalls}
+		err = rp.deliver(ctx, sc, 10, func(_ context.Context, _ *bridge.Message, ack bridge.Ack) error {
+			return ack(context.Background(), nil)
+		})
+		rep := rp.Report()
+		switch {
+		case tc.err == "" && err != nil:
+			t.Fatalf("stalls %d: %v", tc.stalls, err)
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Fatalf("stalls %d: %v, want an error with %q", tc.stalls, err, tc.err)
+		case rep.Delivered != tc.delivered:
+			t.Fatalf("stalls %d: delivered %d, want %d", tc.stalls, rep.Delivered, tc.delivered)
+		}
+	}
+}
