@@ -26,9 +26,19 @@ type ModeError struct {
 	Cumulative bool
 	// Waiting is the number of pull requests waiting on the durable.
 	Waiting int
+	// OtherRule, when set, is the rule the durable's description names:
+	// the durable is that rule's, with another filter (Have says which),
+	// and its clients pull from it.
+	OtherRule string
 }
 
 func (e *ModeError) Error() string {
+	if e.OtherRule != "" {
+		return fmt.Sprintf("natsjs: rule %s: consumer %s on stream %s is %s, and %d pull requests of its clients wait on it; "+
+			"not changing its filter under them: this replica waits until they stop (a rule renamed or split keeping its "+
+			"source.group; or two deployments whose rules share a group on this stream: give each its own group)",
+			e.Rule, e.Consumer, e.Stream, e.Have, e.Waiting)
+	}
 	acks := ""
 	if e.Cumulative {
 		acks = ", acks cumulative"
@@ -203,13 +213,24 @@ func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time
 		info := old.CachedInfo()
 		oc := info.Config
 		if other, ok := strings.CutPrefix(oc.Description, rulePrefix); ok && other != s.cfg.Rule && oc.FilterSubject != cfg.FilterSubject {
-			// Another rule's durable (two rules with one source.group on
-			// this stream): updating its filter would take the other
-			// rule's messages from it, and what it had not delivered
-			// yet of its own subjects would never be.
-			return nil, fmt.Errorf("natsjs: rule %s: consumer %s on stream %s belongs to rule %s (filter %s, this rule's %s): "+
-				"two rules cannot share one source.group on a stream; give this rule its own group",
-				s.cfg.Rule, s.cfg.Durable, s.cfg.Stream, other, oc.FilterSubject, cfg.FilterSubject)
+			// Another rule's durable with another filter: a rule renamed
+			// or split that kept its group (a rolling change), or two
+			// deployments whose rules share a group on this stream. While
+			// its clients pull, updating the filter would take the other
+			// rule's messages from them: wait, as for a mode change. Once
+			// none pulls, take it over (a rule set itself cannot hold
+			// two rules on one group: the rules' validation refuses it).
+			if info.NumWaiting > 0 {
+				me := &ModeError{Rule: s.cfg.Rule, Stream: s.cfg.Stream, Consumer: s.cfg.Durable,
+					Have: fmt.Sprintf("rule %s's (filter %s)", other, oc.FilterSubject), Want: s.cfg.Ordering,
+					Cumulative: s.cfg.CumulativeAcks, Waiting: info.NumWaiting, OtherRule: other}
+				s.mu.Lock()
+				s.cons, s.conflict = old, me
+				s.mu.Unlock()
+				return nil, me
+			}
+			s.log.Warn("nats consumer of another rule taken over: its filter changes", "from_rule", other,
+				"from_filter", oc.FilterSubject, "filter", cfg.FilterSubject)
 		}
 		if wait && !held.IsZero() && info.Created.Equal(held) {
 			// The durable this source held: being deleted, unless it
@@ -255,9 +276,15 @@ func (s *Source) ensureConsumerOnce(ctx context.Context, floor uint64, held time
 			// Also at floor 0 (nothing acknowledged yet): a durable made
 			// with DeliverNew or DeliverLast on an empty stream starts
 			// there, and its own policy would skip what it delivered
-			// and no one acknowledged.
-			cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = jetstream.DeliverByStartSequencePolicy, floor+1, nil
-			s.log.Warn("nats consumer recreated for its new ack policy", "cumulativeAcks", s.cfg.CumulativeAcks, "startSeq", floor+1)
+			// and no one acknowledged. A durable that starts at a
+			// sequence (made again after a loss) may report a floor
+			// below its start: it starts there again, not earlier.
+			start := floor + 1
+			if belowStart(&oc, start) {
+				start = oc.OptStartSeq
+			}
+			cfg.DeliverPolicy, cfg.OptStartSeq, cfg.OptStartTime = jetstream.DeliverByStartSequencePolicy, start, nil
+			s.log.Warn("nats consumer recreated for its new ack policy", "cumulativeAcks", s.cfg.CumulativeAcks, "startSeq", cfg.OptStartSeq)
 		}
 	case errors.Is(err, jetstream.ErrConsumerNotFound):
 		if floor > 0 {
@@ -355,7 +382,7 @@ func (s *Source) waitMode(ctx context.Context, lastWarn *time.Time) bool {
 		me := s.conflict
 		s.mu.Unlock()
 		if me != nil {
-			s.log.Warn("nats source waiting: consumer in the other ordering mode", "err", me)
+			s.log.Warn("nats source waiting: consumer in use in another mode or by another rule", "err", me)
 		}
 	}
 	if !sleepCtx(ctx, s.cfg.BacklogInterval) {

@@ -274,6 +274,43 @@ func TestAckPolicySwitchAtFloorZero(t *testing.T) {
 	eventually(t, 20*time.Second, "the five delivered again", func() bool { return len(c.all()) == 5 })
 }
 
+// TestAckPolicySwitchKeepsAStartSequence: a durable that starts at a
+// sequence (as one made again after a loss does) and has acknowledged
+// nothing is made again for its new ack policy from that sequence, not
+// from the stream's start. (The server reports floor start−1 here; the
+// code also keeps the start when a server reports 0, which this test
+// cannot produce.)
+func TestAckPolicySwitchKeepsAStartSequence(t *testing.T) {
+	_, js := takeoverSetup(t)
+	ctx := testCtx(t)
+	for i := range 10 {
+		publish(t, js, "orders.k", fmt.Sprintf("m%d", i+1), nil)
+	}
+	first := newSource(t, js, orderedConfig())
+	_ = first.Close(ctx)
+	cc := durableInfo(t, js).Config
+	if err := js.DeleteConsumer(ctx, "ORDERS", cc.Durable); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(vanishSettle)
+	cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, 6
+	if _, err := js.CreateConsumer(ctx, "ORDERS", cc); err != nil {
+		t.Fatal(err)
+	}
+	c := &collector{settle: func(g got) { _ = g.ack(testCtx(t), nil) }}
+	src := newSource(t, js, cumulativeConfig())
+	if info := durableInfo(t, js); info.Config.AckPolicy != jetstream.AckAllPolicy || info.Config.OptStartSeq != 6 {
+		t.Fatalf("durable made again with %v from sequence %d, want ack policy all from 6", info.Config.AckPolicy, info.Config.OptStartSeq)
+	}
+	stop := run(t, src, c.handle)
+	defer stop()
+	eventually(t, 20*time.Second, "m6..m10 delivered", func() bool { return len(c.all()) == 5 })
+	time.Sleep(300 * time.Millisecond)
+	if n := len(c.all()); n != 5 || len(c.of("m1")) != 0 {
+		t.Fatalf("%d deliveries (m1 %d), want m6..m10 only", n, len(c.of("m1")))
+	}
+}
+
 // TestCumulativeAcksModeConflict: a replica configured for cumulative acks
 // does not recreate a durable that a replica with acks: each pulls from: it
 // waits (StateWaiting) and takes over the durable, recreated with AckPolicy

@@ -340,7 +340,7 @@ func NewSource(ctx context.Context, js jetstream.JetStream, cfg SourceConfig, lo
 		if !errors.As(err, &me) {
 			return nil, err
 		}
-		s.log.Warn("nats consumer is in the other ordering mode and in use; waiting for its clients to stop", "err", err)
+		s.log.Warn("nats consumer is in use in another mode or by another rule; waiting for its clients to stop", "err", err)
 	}
 	return s, nil
 }

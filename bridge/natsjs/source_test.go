@@ -460,34 +460,51 @@ func sourceKeepsExistingDeliverPolicy(t *testing.T, o Ordering) {
 	}
 }
 
-// TestSourceRefusesAnotherRulesDurable: two rules with one source.group
-// on a stream name one durable. The second refuses to take it over (its
-// filter update would take the first rule's messages from it), with an
-// error naming both rules; a renamed rule (same filter) takes it over.
-func TestSourceRefusesAnotherRulesDurable(t *testing.T) {
-	bothOrderings(t, sourceRefusesAnotherRulesDurable)
+// TestSourceWaitsForAnotherRulesDurable: a durable whose description
+// names another rule with another filter (a rule renamed or split keeping
+// its source.group during a rolling change, or two deployments sharing a
+// group) is not changed while that rule's clients pull from it: the new
+// rule's source waits (StateWaiting) and takes the durable over once
+// they stopped, filter and description.
+func TestSourceWaitsForAnotherRulesDurable(t *testing.T) {
+	bothOrderings(t, sourceWaitsForAnotherRulesDurable)
 }
 
-func sourceRefusesAnotherRulesDurable(t *testing.T, o Ordering) {
+func sourceWaitsForAnotherRulesDurable(t *testing.T, o Ordering) {
 	srv := natstest.Start(t)
 	_, js := srv.Connect(t)
 	createStream(t, js, "ORDERS", "orders.>")
-	eu := SourceConfig{Rule: "orders-eu", Broker: "nats", Stream: "ORDERS", Subject: "orders.eu.>", Durable: "cellbridge-orders", Ordering: o}
-	a := newSource(t, js, eu)
-	defer a.Close(testCtx(t))
+	eu := SourceConfig{Rule: "orders-eu", Broker: "nats", Stream: "ORDERS", Subject: "orders.eu.>", Durable: "cellbridge-orders",
+		Ordering: o, BacklogInterval: 100 * time.Millisecond}
+	c := &collector{settle: func(g got) { _ = g.ack(context.Background(), nil) }}
+	stopEU := run(t, newSource(t, js, eu), c.handle)
+	eventually(t, 10*time.Second, "orders-eu pulling", func() bool { return durableInfo(t, js).NumWaiting > 0 })
+
 	us := eu
 	us.Rule, us.Subject = "orders-us", "orders.us.>"
-	_, err := NewSource(testCtx(t), js, us, quiet)
-	if err == nil || !strings.Contains(err.Error(), "belongs to rule orders-eu") || !strings.Contains(err.Error(), "give this rule its own group") {
+	b, err := NewSource(testCtx(t), js, us, quiet)
+	if err != nil {
 		t.Fatalf("NewSource of a second rule on the durable: %v", err)
 	}
-	if f := durableInfo(t, js).Config.FilterSubject; f != "orders.eu.>" {
-		t.Fatalf("the first rule's durable filters %q now", f)
+	var me *ModeError
+	if _, err := b.ensureConsumer(testCtx(t), 0); !errors.As(err, &me) || me.OtherRule != "orders-eu" ||
+		!strings.Contains(err.Error(), "is rule orders-eu's (filter orders.eu.>)") {
+		t.Fatalf("second rule's consumer check: %v, want a wait for orders-eu's clients", err)
 	}
-	renamed := eu
-	renamed.Rule = "orders-all-eu"
-	b := newSource(t, js, renamed)
-	defer b.Close(testCtx(t))
+	stopUS := run(t, b, c.handle)
+	defer stopUS()
+	eventually(t, 10*time.Second, "orders-us waiting", func() bool { return b.State().State == StateWaiting })
+	time.Sleep(500 * time.Millisecond)
+	if f := durableInfo(t, js).Config.FilterSubject; f != "orders.eu.>" {
+		t.Fatalf("the durable's filter changed under orders-eu's clients: %q", f)
+	}
+	stopEU()
+	eventually(t, 20*time.Second, "orders-us took the durable over", func() bool {
+		cfg := durableInfo(t, js).Config
+		return cfg.FilterSubject == "orders.us.>" && cfg.Description == "cellbridge rule orders-us"
+	})
+	publish(t, js, "orders.us.1", "us", nil)
+	eventually(t, 20*time.Second, "orders-us delivering", func() bool { return len(c.of("us")) == 1 })
 }
 
 func TestSourceConfigErrors(t *testing.T) {
