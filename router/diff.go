@@ -36,11 +36,12 @@ type PinChange struct {
 	// Failover is true when From is down in the new table: nothing to hold
 	// the key for (as for a Move).
 	Failover bool `json:"failover"`
-	// Shards are the shards of the key under every topic rule routed by
-	// shard (old and new rules; ascending, without repeats): the switch
-	// blocks them, so that the key is held while its data moves (a
-	// superset: other keys of those shards are held too). None for a
-	// failover.
+	// Shards are the shards of the key under the topic rules routed by
+	// shard whose cell for the key changes (ascending, without repeats):
+	// the switch blocks them, so that the key is held while its data
+	// moves (a superset: other keys of those shards are held too). None
+	// for a failover, nor when the key's cell stays (a pin removed that
+	// pointed where its shard goes anyway).
 	Shards []int `json:"shards,omitempty"`
 }
 
@@ -143,16 +144,28 @@ func rekeyed(prev, next *Table) []string {
 	return out
 }
 
-// pinShards returns the shards of key under every topic rule routed by
-// shard of prev and next, within the old shard space, ascending.
+// pinShards returns the shards of key under the topic rules routed by
+// shard whose cell for the key differs between prev and next (its pin, or
+// its shard's serving cell): a pin removed where its shard goes to the
+// same cell anyway, or added to the cell the shard already goes to,
+// blocks nothing. A rule in one table only has no route to compare.
 func pinShards(prev, next *Table, key string) []int {
 	seen := map[int]bool{}
-	for _, t := range []*Table{prev, next} {
-		for _, r := range t.rules {
-			if r.Broadcast != nil {
-				continue
-			}
-			if s, err := r.ShardOf(key); err == nil && s < prev.shards {
+	for _, r := range next.rules {
+		if r.Broadcast != nil {
+			continue
+		}
+		o := prev.Rule(r.Name)
+		if o == nil || o.Broadcast != nil {
+			continue
+		}
+		oc, os, ok1 := keyCell(prev, o, key)
+		nc, ns, ok2 := keyCell(next, r, key)
+		if !ok1 || !ok2 || oc == nc {
+			continue
+		}
+		for _, s := range []int{os, ns} {
+			if s < prev.shards {
 				seen[s] = true
 			}
 		}
@@ -163,6 +176,19 @@ func pinShards(prev, next *Table, key string) []int {
 	}
 	sort.Ints(out)
 	return out
+}
+
+// keyCell is the cell t sends key of rule r to (its pin, else its shard's
+// serving cell) and its shard; false when the key has no shard.
+func keyCell(t *Table, r *Rule, key string) (string, int, bool) {
+	s, err := r.ShardOf(key)
+	if err != nil || s >= t.shards {
+		return "", 0, false
+	}
+	if pi, ok := t.pins[key]; ok && r.pinned != nil && r.pinned[s] {
+		return t.pinRoute[pi].cell, s, true
+	}
+	return t.route[s].cell, s, true
 }
 
 func diffMoves(prev, next *Table) []Move {
@@ -353,6 +379,8 @@ func (r DiffReport) WriteText(w io.Writer) error {
 				note = "  (failover: " + p.From + " is down; nothing to block)"
 			case len(p.Shards) > 0:
 				note = "  (" + shardWord(len(p.Shards)) + " " + intsString(p.Shards) + " blocked)"
+			default:
+				note = "  (the key's cell stays, or no rule routes it: blocks no shard)"
 			}
 			switch {
 			case p.From == "":

@@ -134,14 +134,18 @@ func TestDiffBlocksKeyMoves(t *testing.T) {
 			[]string{"topic rule prices changed", "nothing to block"}},
 		{"pin added", variant(t, "version: 3", "version: 4", `  - {key: "12345", cell: a1}`, "  - {key: \"12345\", cell: a1}\n  - {key: \"777\", cell: a0}"), nil, `["7"]`,
 			[]string{"777: added → a0  (shard 7 blocked)", `blocked: ["7"]`}},
-		{"pin removed", variant(t, "version: 3", "version: 4", `  - {key: "12345", cell: a1}`, ""), nil, `["5"]`,
-			[]string{"12345: removed (was a1)  (shard 5 blocked)", `blocked: ["5"]`}},
+		// 12345 is in shard 5, which a1 serves: its pin to a1 moves nothing,
+		// and neither does removing it.
+		{"pin removed", variant(t, "version: 3", "version: 4", `  - {key: "12345", cell: a1}`, ""), nil, `[]`,
+			[]string{"12345: removed (was a1)  (the key's cell stays, or no rule routes it: blocks no shard)", "nothing to block"}},
 		{"pin retargeted", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "12345", cell: a0}`), nil, `["5"]`,
 			[]string{"12345: a1 → a0  (shard 5 blocked)", `blocked: ["5"]`}},
-		{"pin replaced", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "12", cell: a1}`), nil, `["2", "5"]`,
-			[]string{"12: added → a1  (shard 2 blocked)", "12345: removed (was a1)  (shard 5 blocked)"}},
-		{"pin no rule routes", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "abc", cell: a1}`), nil, `["5"]`,
-			[]string{"abc: added → a1\n", `blocked: ["5"]`}},
+		{"pin replaced", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "12", cell: a1}`), nil, `["2"]`,
+			[]string{"12: added → a1  (shard 2 blocked)", "12345: removed (was a1)  (the key's cell stays"}},
+		{"pin no rule routes", variant(t, "version: 3", "version: 4", `{key: "12345", cell: a1}`, `{key: "abc", cell: a1}`), nil, `[]`,
+			[]string{"abc: added → a1  (the key's cell stays, or no rule routes it: blocks no shard)"}},
+		{"pin added where its shard goes", variant(t, "version: 3", "version: 4", `  - {key: "12345", cell: a1}`, "  - {key: \"12345\", cell: a1}\n  - {key: \"9\", cell: a1}"), nil, `[]`,
+			[]string{"9: added → a1  (the key's cell stays"}},
 		{"pin failover", variant(t, "version: 3", "version: 4", "{name: a1, state: active", "{name: a1, state: down", "failover: a1, shards", "failover: gz00, shards"), nil, `[]`,
 			[]string{"12345: a1 → a0  (failover: a1 is down; nothing to block)", "nothing to block"}},
 	}
@@ -167,5 +171,16 @@ func TestDiffBlocksKeyMoves(t *testing.T) {
 				t.Errorf("says no shard changes cell:\n%s", b.String())
 			}
 		})
+	}
+}
+
+// Removing a pin that sent its key elsewhere than its shard's cell moves
+// the key back: its shard is blocked.
+func TestDiffPinRemovedMovesKey(t *testing.T) {
+	prev := mustParse(t, variant(t, `{key: "12345", cell: a1}`, `{key: "12345", cell: a0}`))
+	next := mustParse(t, variant(t, "version: 3", "version: 4", `  - {key: "12345", cell: a1}`, ""))
+	r := Diff(prev, next)
+	if r.BlockedList() != `["5"]` || len(r.Pins) != 1 || !reflect.DeepEqual(r.Pins[0].Shards, []int{5}) {
+		t.Fatalf("block %s, pins %+v; want shard 5 blocked", r.BlockedList(), r.Pins)
 	}
 }

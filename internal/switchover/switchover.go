@@ -545,7 +545,7 @@ func orNone(c string) string {
 
 func shardsText(shards []int) string {
 	if len(shards) == 0 {
-		return "nothing: no rule routes the key"
+		return "nothing: the key's cell stays, or no rule routes it"
 	}
 	s := make([]string, len(shards))
 	for i, sh := range shards {

@@ -133,9 +133,16 @@ func TestSwitchBlocksKeyMoves(t *testing.T) {
 		{"pin added", func(t *testing.T) string {
 			return variant(t, `  - {key: "12345", cell: a1}`, "  - {key: \"12345\", cell: a1}\n  - {key: \"8\", cell: a0}")
 		}, `["8"]`, []string{"pin 8: (none) → a0 (blocks shard 8)"}},
+		// 12345's shard 5 goes to a1 before and after: its pin moves
+		// nothing, and removing it blocks nothing more than the move.
 		{"pin removed and a move", func(t *testing.T) string {
 			return variant(t, "pins:\n  - {key: \"12345\", cell: a1}\n", "", `"0-4"`, `"0-2"`, `"5-9"`, `"3-9"`)
-		}, `["3-5"]`, []string{"pin 12345: a1 → (none) (blocks shard 5)"}},
+		}, `["3-4"]`, []string{"pin 12345: a1 → (none) (blocks nothing: the key's cell stays, or no rule routes it)"}},
+		// 33's shard 3 moves a0 → a1; a pin added keeps 33 on a0, where
+		// it was: the pin blocks nothing, the move blocks 3-4.
+		{"pin that keeps its key while its shard moves", func(t *testing.T) string {
+			return variant(t, `{key: "12345", cell: a1}`, `{key: "33", cell: a0}`, `"0-4"`, `"0-2"`, `"5-9"`, `"3-9"`)
+		}, `["3-4"]`, []string{"moves a0 → a1: shards 3-4 (2)"}},
 		{"shard function", func(t *testing.T) string { return variant(t, "from: -1}", "from: -2}") }, `["0-9"]`,
 			[]string{"topic rule orders: its key or shard function changes"}},
 		{"key", func(t *testing.T) string { return variant(t, "key: {json: user.id}", "key: {header: X-User}") }, `["0-9"]`,
