@@ -198,9 +198,16 @@ func (rp *Replay) deliver(ctx context.Context, cons jetstream.Consumer, end uint
 				why = "consumer info: " + ierr.Error()
 			}
 			if waits >= replayPatience {
+				again := fmt.Sprintf("-from-seq %d", last+1)
+				if last == 0 { // nothing delivered yet: the same start
+					again = fmt.Sprintf("-from-seq %d", rp.cfg.FromSeq)
+					if rp.cfg.FromSeq == 0 {
+						again = "-from-time " + rp.cfg.FromTime.Format(time.RFC3339Nano)
+					}
+				}
 				return fmt.Errorf("natsjs: replay: stream %s: no message for %s after sequence %d (range end %d; %s): "+
-					"the replay is not finished; run it again from -from-seq %d",
-					rp.cfg.Rule.Source.Stream, time.Duration(waits)*rp.cfg.RequestTimeout, last, end, why, last+1)
+					"the replay is not finished; run it again from %s",
+					rp.cfg.Rule.Source.Stream, time.Duration(waits)*rp.cfg.RequestTimeout, last, end, why, again)
 			}
 			rp.log.Warn("replay: no message within the wait; waiting again", "stream", rp.cfg.Rule.Source.Stream,
 				"after_seq", last, "range_end", end, "why", why, "wait", waits, "of", replayPatience)

@@ -189,12 +189,14 @@ func TestReplayWaitsThroughAStall(t *testing.T) {
 		}
 	}
 	for _, tc := range []struct {
+		after     int // messages before the stall; -1: 0
 		stalls    int
 		delivered int
 		err       string
 	}{
 		{stalls: 2, delivered: 10},
 		{stalls: -1, delivered: 4, err: "the replay is not finished; run it again from -from-seq 5"},
+		{after: -1, stalls: -1, delivered: 0, err: "the replay is not finished; run it again from -from-seq 1"},
 	} {
 		rp, err := NewReplay(js, ReplayConfig{Rule: tbl.Rule("prices"), FromSeq: 1, RequestTimeout: 200 * time.Millisecond}, quiet)
 		if err != nil {
@@ -204,7 +206,11 @@ func TestReplayWaitsThroughAStall(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sc := &stallingConsumer{Consumer: cons, after: 4, stalls: tc.stalls}
+		after := 4
+		if tc.after < 0 {
+			after = 0
+		}
+		sc := &stallingConsumer{Consumer: cons, after: after, stalls: tc.stalls}
 		err = rp.deliver(ctx, sc, 10, func(_ context.Context, _ *bridge.Message, ack bridge.Ack) error {
 			return ack(context.Background(), nil)
 		})

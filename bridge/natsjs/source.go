@@ -726,7 +726,10 @@ func (s *Source) monitor(ctx context.Context, unpinned <-chan struct{}) {
 			}
 		}
 		if err != nil {
-			if stop := s.stopShared.Load(); stop != nil && !stale && ctx.Err() == nil && errors.Is(err, jetstream.ErrConsumerNotFound) {
+			// Only the consumer asked about: one made again meanwhile
+			// (by runShared, or another replica) is not stopped.
+			if stop := s.stopShared.Load(); stop != nil && !stale && ctx.Err() == nil && errors.Is(err, jetstream.ErrConsumerNotFound) &&
+				s.consumer() == cons {
 				// Deleted while no pull of this replica waited (it was
 				// disconnected, or busy): the library's pulls then find
 				// no responder and it goes on. Stopping makes runShared
