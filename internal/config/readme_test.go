@@ -37,7 +37,7 @@ func TestDefaultsRowsSayWhatTheCodeDoes(t *testing.T) {
 		says, not string
 	}{
 		{"pipeline.maxHops", "with at least this many Cell-Hops go to the DLQ", "more Cell-Hops"},
-		{"brokers.*.ackTimeout", "(keep it below dedupe.reserveTTL: a reservation that expires while its publish waits lets another attempt of the key in)", "(below dedupe.reserveTTL)"},
+		{"brokers.*.ackTimeout", "(keep it below dedupe.reserveTTL, for rocketmq three times it plus 0.2s: a reservation that expires while its publish waits lets another attempt of the key in)", "(below dedupe.reserveTTL)"},
 		{"dedupe.store", "`jetstream` when a RocketMQ broker is configured and any NATS broker exists", ""},
 	} {
 		doc, ok := rows[tc.field]
