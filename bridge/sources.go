@@ -69,19 +69,6 @@ type SourceStatus struct {
 	// but "acquiring"), the value of cellbridge_partitions_owned.
 	Owned      []OwnedPartition `json:"owned,omitempty"`
 	OwnedCount int              `json:"ownedCount,omitempty"`
-
-	// RocketMQ sources only: the queues of the rule's topic assigned to
-	// this replica's consumer now, with its offsets.
-	Queues []SourceQueue `json:"queues,omitempty"`
-}
-
-// SourceQueue is one RocketMQ queue assigned to a replica's consumer.
-type SourceQueue struct {
-	Broker string `json:"broker"` // the RocketMQ broker name
-	Queue  int    `json:"queue"`
-	// Offset is the consumer's offset in the queue (the next message it
-	// reads).
-	Offset int64 `json:"offset"`
 }
 
 // SourceTakeover is one takeover: when this replica started forwarding.

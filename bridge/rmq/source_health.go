@@ -462,18 +462,12 @@ func (s *Source) Queues() []QueueState {
 }
 
 // SourceStatus implements bridge.StatusReporter: the source's state
-// ("starting", "active", "failing", "stopped"), since when, and the queues
-// assigned to it at the last probe with the consumer's offsets.
+// ("starting", "active", "failing", "stopped") and since when. The assigned
+// queues are in Queues (and the log).
 func (s *Source) SourceStatus() bridge.SourceStatus {
 	s.stMu.Lock()
 	defer s.stMu.Unlock()
-	st := bridge.SourceStatus{Rule: s.cfg.Rule, State: s.state, Since: s.since}
-	for _, q := range s.queues {
-		if q.Assigned {
-			st.Queues = append(st.Queues, bridge.SourceQueue{Broker: q.Broker, Queue: q.Queue, Offset: q.Offset})
-		}
-	}
-	return st
+	return bridge.SourceStatus{Rule: s.cfg.Rule, State: s.state, Since: s.since}
 }
 
 var _ bridge.StatusReporter = (*Source)(nil)

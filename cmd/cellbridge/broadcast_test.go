@@ -136,20 +136,3 @@ func TestCLIStatusRegistryBrokerUnused(t *testing.T) {
 		t.Errorf("status: exit %d %q", code, errOut)
 	}
 }
-
-// A RocketMQ rule's share on this replica is the queues its consumer holds.
-func TestStatusRocketMQQueues(t *testing.T) {
-	since := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	st := bridge.Status{Rules: []bridge.RuleStatus{
-		{Rule: "orders", Source: &bridge.SourceStatus{Rule: "orders", State: "active", Since: since,
-			Queues: []bridge.SourceQueue{{Broker: "broker-a", Queue: 0, Offset: 7}, {Broker: "broker-a", Queue: 3}, {Broker: "broker-b", Queue: 1}}}},
-		{Rule: "idle", Source: &bridge.SourceStatus{Rule: "idle", State: "active", Since: since}},
-	}}
-	var b strings.Builder
-	writeSources(&b, st, since.Add(time.Minute))
-	for _, want := range []string{"queues broker-a 0 3, broker-b 1", "no queue assigned"} {
-		if !strings.Contains(b.String(), want) {
-			t.Errorf("missing %q in:\n%s", want, b.String())
-		}
-	}
-}

@@ -354,9 +354,6 @@ func writeSources(w io.Writer, st bridge.Status, now time.Time) {
 			if !src.EpochStart.IsZero() && src.State == "active" {
 				what = append(what, "forwarding since "+ago(src.EpochStart))
 			}
-			if src.Ordering == "" { // RocketMQ: the queues its consumer holds
-				what = append(what, queuesText(src.Queues))
-			}
 		}
 		if src.Acks == "cumulative" {
 			what = append(what, "cumulative acks")
@@ -408,23 +405,4 @@ func age(sec float64) string {
 	default:
 		return fmt.Sprintf("%dh%02dm", int(d.Hours()), int(d.Minutes())%60)
 	}
-}
-
-// queuesText lists a RocketMQ source's assigned queues by broker: "queues
-// broker-a 0 1 3, broker-b 2", or "no queue assigned" (the group's other
-// consumers hold them all).
-func queuesText(qs []bridge.SourceQueue) string {
-	if len(qs) == 0 {
-		return "no queue assigned"
-	}
-	var parts []string
-	last := ""
-	for _, q := range qs {
-		if q.Broker != last {
-			parts = append(parts, q.Broker)
-			last = q.Broker
-		}
-		parts[len(parts)-1] += fmt.Sprintf(" %d", q.Queue)
-	}
-	return "queues " + strings.Join(parts, ", ")
 }
