@@ -16,7 +16,6 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 
 	"github.com/cellbridge/cellbridge/bridge"
-	"github.com/cellbridge/cellbridge/internal/retry"
 )
 
 // SourceConfig configures the consumer of one topic rule.
@@ -41,42 +40,9 @@ type SourceConfig struct {
 	// StartRetry is how often Run retries starting the consumer while the
 	// topic does not exist yet. Default 2s.
 	StartRetry time.Duration
-	// Backlog, when set, receives after every probe (ProbeInterval) the
-	// number of messages stored in the queues assigned to this consumer
-	// now beyond the consumer's offsets (acknowledged messages and, with a
-	// tag filter, those the broker skipped). Queues a rebalance gave to
-	// another consumer of the group do not count. A queue whose broker
-	// does not answer counts with what was last seen of it.
+	// Backlog, when set, receives the number of messages stored in the
+	// assigned queues beyond the last one pulled, after every pull.
 	Backlog func(n int64)
-	// OnFailing, when set, is told why the source cannot deliver now (err
-	// non-nil: the consumer cannot start, or a probe of its queues failed
-	// or was not answered within ProbeTimeout) and, with nil, that it can
-	// again (a probe round answered for every queue). A failure while the
-	// probes of the last two ProbeIntervals showed nothing pending and
-	// nothing was delivered since wraps bridge.ErrNothingPending (as the
-	// NATS source's). Calls are made on changes only, one at a time, and
-	// must not block.
-	OnFailing func(err error)
-	// OnConnection, when set, is told whether the brokers of the
-	// consumer's queues answer the probe: false after a round in which one
-	// did not, true after one in which all did. Calls are made on changes
-	// only and must not block.
-	OnConnection func(up bool)
-	// OnRequestError, when set, receives every failed start attempt (a
-	// *retry.AttemptError with op consumer_create) and, per broker, every
-	// probe round that broker failed or did not answer (op consumer_info),
-	// for metrics. It must not block.
-	OnRequestError func(error)
-	// ProbeInterval is how often the source asks the brokers about its
-	// queues (one queue offset lookup per assigned queue; with none
-	// assigned, one per broker of the topic). Default
-	// DefaultProbeInterval.
-	ProbeInterval time.Duration
-	// ProbeTimeout bounds how long a probe waits for the answers; a queue
-	// not answered by then counts as failed. The client bounds each lookup
-	// by 3 s itself, and a queue gets no new lookup while one is out.
-	// Default DefaultProbeTimeout.
-	ProbeTimeout time.Duration
 	// PersistInterval bounds how long an acknowledgement waits before the
 	// consumer offsets go to the broker: the source sends them at once
 	// after an acknowledgement, then at most every PersistInterval (the
@@ -98,8 +64,6 @@ func (c *SourceConfig) defaults() error {
 	c.StartRetry = cmp.Or(max(c.StartRetry, 0), 2*time.Second)
 	c.PersistInterval = cmp.Or(max(c.PersistInterval, 0), DefaultPersistInterval)
 	c.Tags = cmp.Or(c.Tags, "*")
-	c.ProbeInterval = cmp.Or(max(c.ProbeInterval, 0), DefaultProbeInterval)
-	c.ProbeTimeout = cmp.Or(max(c.ProbeTimeout, 0), DefaultProbeTimeout)
 	return nil
 }
 
@@ -141,22 +105,8 @@ type Source struct {
 	wg      sync.WaitGroup // redelivery goroutines
 	closed  atomic.Bool
 
+	backlog map[primitive.MessageQueue]int64  // Run goroutine only
 	brokers map[string]primitive.MessageQueue // a queue per broker name seen (guarded by mu)
-
-	// Health (source_health.go): what OnFailing, OnConnection and
-	// SourceStatus report.
-	fail   failState
-	idle   idleness
-	connUp atomic.Int32   // 0 not reported yet, 1 up, 2 down
-	probes sync.WaitGroup // probe requests still out
-	// pulledEnd is each queue's end as the last pulled batch told it, for
-	// the next probe round (guarded by pulledMu).
-	pulledMu  sync.Mutex
-	pulledEnd map[primitive.MessageQueue]int64
-	stMu      sync.Mutex
-	state     string
-	since     time.Time
-	queues    []QueueState
 }
 
 var _ bridge.Source = (*Source)(nil)
@@ -172,27 +122,21 @@ func NewSource(bc BrokerConfig, cfg SourceConfig, log *slog.Logger) (*Source, er
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Source{
+	return &Source{
 		bc: bc, cfg: cfg, source: bc.Name + "/" + cfg.Topic,
-		log:       log.With("rule", cfg.Rule, "topic", cfg.Topic, "group", cfg.Group),
-		timers:    map[*time.Timer]struct{}{},
-		acked:     make(chan struct{}, 1),
-		brokers:   map[string]primitive.MessageQueue{},
-		pulledEnd: map[primitive.MessageQueue]int64{},
-		state:     stateStarting,
-		since:     time.Now(),
-	}
-	s.idle.window = idleWindowProbes * cfg.ProbeInterval
-	s.fail.report = cfg.OnFailing
-	s.fail.idle = s.idle.idle
-	return s, nil
+		log:     log.With("rule", cfg.Rule, "topic", cfg.Topic, "group", cfg.Group),
+		timers:  map[*time.Timer]struct{}{},
+		acked:   make(chan struct{}, 1),
+		backlog: map[primitive.MessageQueue]int64{},
+		brokers: map[string]primitive.MessageQueue{},
+	}, nil
 }
 
 // start creates and starts the pull consumer, retrying while the topic has
 // no route yet (it may be created after the bridge). It returns nil when
-// ctx ends first. Each failed attempt is reported as the source failing.
-func (s *Source) start(ctx context.Context) (pullConsumer, queueSet, error) {
-	for attempt := 1; ; attempt++ {
+// ctx ends first.
+func (s *Source) start(ctx context.Context) (pullConsumer, error) {
+	for {
 		opts := []consumer.Option{
 			consumer.WithNsResolver(s.bc.resolver()),
 			consumer.WithGroupName(s.cfg.Group),
@@ -212,56 +156,23 @@ func (s *Source) start(ctx context.Context) (pullConsumer, queueSet, error) {
 		}
 		pc, err := consumer.NewPullConsumer(opts...)
 		if err != nil {
-			err = fmt.Errorf("rmq: rule %s: new consumer: %w", s.cfg.Rule, err)
-			s.fail.set(err)
-			return nil, nil, err
+			return nil, fmt.Errorf("rmq: rule %s: new consumer: %w", s.cfg.Rule, err)
 		}
 		if err := pc.Subscribe(s.cfg.Topic, consumer.MessageSelector{Type: consumer.TAG, Expression: s.cfg.Tags}); err != nil {
 			_ = pc.Shutdown()
-			err = fmt.Errorf("rmq: rule %s: subscribe %s: %w", s.cfg.Rule, s.cfg.Topic, err)
-			s.fail.set(err)
-			return nil, nil, err
+			return nil, fmt.Errorf("rmq: rule %s: subscribe %s: %w", s.cfg.Rule, s.cfg.Topic, err)
 		}
 		err = pc.Start() // shuts itself down on failure
 		if err == nil {
 			s.log.Info("rocketmq consumer started", "broker", s.bc.Name)
-			// The client's running info (read from memory; what it
-			// answers a broker's "consumer running info" request with)
-			// lists the queues assigned to it now and its offsets.
-			topic := s.cfg.Topic
-			if s.bc.Namespace != "" && !strings.HasPrefix(topic, s.bc.Namespace+"%") {
-				topic = s.bc.Namespace + "%" + topic
-			}
-			qs := clientQueues{
-				assignedFn: func() map[primitive.MessageQueue]int64 {
-					out := map[primitive.MessageQueue]int64{}
-					for mq, pq := range pc.GetConsumerRunningInfo(false).MQTable {
-						if mq.Topic == topic && !pq.Dropped {
-							out[mq] = pq.CommitOffset
-						}
-					}
-					return out
-				},
-				routeFn: func() []*primitive.MessageQueue {
-					mqs, _ := pc.GetTopicRouteInfo(s.cfg.Topic)
-					return mqs
-				},
-			}
-			return pc, qs, nil
+			return pc, nil
 		}
 		s.log.Warn("rocketmq consumer cannot start yet; retrying", "err", err, "retry_in", s.cfg.StartRetry)
-		if s.cfg.OnRequestError != nil {
-			s.cfg.OnRequestError(&retry.AttemptError{Broker: s.bc.Name, URL: strings.Join(s.bc.NameServers, ","),
-				Op: retry.OpConsumerCreate, On: s.cfg.Topic + "/" + s.cfg.Group, Attempt: attempt, Err: err, RetryIn: s.cfg.StartRetry})
-		}
-		// Not idle: nothing is known of its queues.
-		s.fail.set(fmt.Errorf("rocketmq consumer cannot start (topic %s, group %s; retrying every %s): %w",
-			s.cfg.Topic, s.cfg.Group, s.cfg.StartRetry, err))
 		t := time.NewTimer(s.cfg.StartRetry)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, nil, nil
+			return nil, nil
 		case <-t.C:
 		}
 	}
@@ -271,8 +182,7 @@ func (s *Source) start(ctx context.Context) (pullConsumer, queueSet, error) {
 // ctx is cancelled. It returns an error only when the consumer cannot be
 // created at all (bad options).
 func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
-	defer s.setState(stateStopped)
-	pc, qs, err := s.start(ctx)
+	pc, err := s.start(ctx)
 	if err != nil || pc == nil {
 		s.stop()
 		return err
@@ -284,19 +194,6 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 	persisted := make(chan struct{})
 	defer func() { <-persisted }()
 	go s.persistLoop(ctx, pc, persisted)
-	// A source that could not start keeps failing until its brokers
-	// answered a probe (the first one runs now).
-	if s.fail.reason() != "" {
-		s.fail.set(errors.New("rocketmq consumer started; waiting for its brokers to answer"))
-	}
-	probeCtx, stopProbes := context.WithCancel(ctx)
-	probed := make(chan struct{})
-	go func() {
-		defer close(probed)
-		s.probeLoop(probeCtx, &prober{s: s, pc: pc, qs: qs, known: map[primitive.MessageQueue]int64{},
-			reqFails: map[string]int{}, out: map[primitive.MessageQueue]*atomic.Bool{}})
-	}()
-	defer func() { stopProbes(); <-probed }()
 	for ctx.Err() == nil {
 		cr, err := pc.Poll(ctx, time.Second)
 		if err != nil || cr == nil {
@@ -305,7 +202,7 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		msgs := cr.GetMsgList()
 		b := &batch{cr: cr}
 		b.left.Store(int32(len(msgs)))
-		s.pulled(cr.GetMQ(), msgs)
+		s.trackBacklog(cr.GetMQ(), msgs)
 		if mq := cr.GetMQ(); mq != nil {
 			s.mu.Lock()
 			if _, ok := s.brokers[mq.BrokerName]; !ok {
@@ -377,9 +274,6 @@ func (s *Source) Close(ctx context.Context) error {
 	if pc == nil {
 		return nil
 	}
-	// Probe requests not answered when Run returned end within the
-	// client's own timeout (3 s); the client must not be shut under them.
-	s.probes.Wait()
 	// The client runs its first rebalance on a goroutine of its own after
 	// Start, and Shutdown races with a running rebalance (the client's
 	// closed flag is unsynchronized): give that rebalance time to finish.
@@ -409,6 +303,23 @@ func (s *Source) Close(ctx context.Context) error {
 		return fmt.Errorf("rmq: rule %s: close consumer: %w", s.cfg.Rule, err)
 	}
 	return nil
+}
+
+func (s *Source) trackBacklog(mq *primitive.MessageQueue, msgs []*primitive.MessageExt) {
+	if s.cfg.Backlog == nil || mq == nil || len(msgs) == 0 {
+		return
+	}
+	last := msgs[len(msgs)-1]
+	maxOff, err := strconv.ParseInt(last.GetProperty(primitive.PropertyMaxOffset), 10, 64)
+	if err != nil {
+		return
+	}
+	s.backlog[*mq] = max(0, maxOff-last.QueueOffset-1)
+	var n int64
+	for _, v := range s.backlog {
+		n += v
+	}
+	s.cfg.Backlog(n)
 }
 
 // batch is one pulled ConsumeRequest; the client acknowledges whole

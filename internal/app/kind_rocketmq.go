@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/cellbridge/cellbridge/bridge"
@@ -44,8 +43,6 @@ type RocketMQBroker struct {
 	WriteTimeout config.Duration `yaml:"writeTimeout"`
 	// AckTimeout (targets) bounds one send attempt: the broker's answer
 	// (and a transactional attempt's store calls); rmq.BrokerConfig.SendTimeout.
-	// Sources wait as long for the answers to their probe
-	// (rmq.SourceConfig.ProbeTimeout).
 	AckTimeout config.Duration `yaml:"ackTimeout"`
 }
 
@@ -143,23 +140,15 @@ func minSet(a, b time.Duration) time.Duration {
 }
 
 // rmqClient builds RocketMQ producers and consumers; the client library
-// connects per producer and consumer, so there is nothing to hold here
-// but the sources' view of their brokers.
+// connects per producer and consumer, so there is nothing to hold here.
 type rmqClient struct {
 	env     kindEnv
 	brokers map[string]*RocketMQBroker
-
-	// srcDown lists, per broker, the rules whose source finds it does not
-	// answer (rmq.SourceConfig.OnConnection): every rule has a consumer of
-	// its own, and cellbridge_connection_up{broker,role="source"} is down
-	// while any of them is.
-	mu      sync.Mutex
-	srcDown map[string]map[string]bool
 }
 
 func connectRocketMQ(_ context.Context, env kindEnv, used []usedBroker) (kindClient, error) {
 	rmq.SetLogger(env.log) // only when RocketMQ is used: the setting is process-wide
-	c := &rmqClient{env: env, brokers: map[string]*RocketMQBroker{}, srcDown: map[string]map[string]bool{}}
+	c := &rmqClient{env: env, brokers: map[string]*RocketMQBroker{}}
 	var dial, write time.Duration
 	for _, u := range used {
 		b := u.settings.(*RocketMQBroker)
@@ -192,54 +181,22 @@ func (c *rmqClient) sink(names []string, store dedupe.Store) (bridge.Sink, error
 }
 
 func (c *rmqClient) source(_ context.Context, r *router.Rule) (bridge.Source, error) {
-	name, broker := r.Name, r.Source.Broker
-	health := c.env.health
-	src, err := rmq.NewSource(c.brokers[broker].adapter(broker), rmq.SourceConfig{
+	name := r.Name
+	src, err := rmq.NewSource(c.brokers[r.Source.Broker].adapter(r.Source.Broker), rmq.SourceConfig{
 		Rule:      name,
 		Topic:     r.Source.Topic,
 		Tags:      r.Source.Tags,
 		Group:     r.Source.Group,
 		Redeliver: c.env.cfg.Pipeline.Retry.Initial.D(),
-		Backlog:   func(n int64) { health.Backlog(name, n) },
-		// The source cannot start, or its brokers do not answer its
-		// probe: /readyz, cellbridge_source_failing, the log.
-		OnFailing:      func(err error) { health.SourceFailing(name, err) },
-		OnConnection:   func(up bool) { c.sourceConnection(broker, name, up) },
-		OnRequestError: c.env.requests.report,
-		// The probe waits as long for the brokers' answers as a send
-		// does (ackTimeout, 3s); it asks every 2s.
-		ProbeTimeout: c.brokers[broker].AckTimeout.D(),
+		Backlog:   func(n int64) { c.env.health.Backlog(name, n) },
 		// Zero: the adapter's default.
-		PersistInterval: c.brokers[broker].PersistInterval.D(),
+		PersistInterval: c.brokers[r.Source.Broker].PersistInterval.D(),
 	}, c.env.log.With("component", "source"))
 	if err != nil {
 		return nil, fmt.Errorf("rule %s: %w", name, err)
 	}
-	// cellbridge_source_failing{rule} exists (0) from the start, for the
-	// alert that reads it; the connection counts as up until a probe
-	// finds otherwise.
-	health.SourceFailing(name, nil)
-	health.ConnectionChanged(broker, roleSource, true)
+	c.env.health.ConnectionChanged(r.Source.Broker, roleSource, true)
 	return src, nil
-}
-
-// sourceConnection records what rule's source found of broker and
-// reports the broker's source connection down while any rule's source
-// finds it down.
-func (c *rmqClient) sourceConnection(broker, rule string, up bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	down := c.srcDown[broker]
-	if down == nil {
-		down = map[string]bool{}
-		c.srcDown[broker] = down
-	}
-	if up {
-		delete(down, rule)
-	} else {
-		down[rule] = true
-	}
-	c.env.health.ConnectionChanged(broker, roleSource, len(down) == 0)
 }
 
 func (c *rmqClient) close(context.Context) error { return nil }

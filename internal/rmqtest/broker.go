@@ -327,11 +327,34 @@ func (b *Broker) Close(ctx context.Context) error {
 func (b *Broker) Restart(ctx context.Context) error {
 	b.lifeMu.Lock()
 	defer b.lifeMu.Unlock()
-	if err := b.down("Restart"); err != nil {
-		return err
+	b.mu.Lock()
+	switch b.state {
+	case 1:
+	case 3:
+		b.mu.Unlock()
+		return ErrClosed
+	default:
+		b.mu.Unlock()
+		return errors.New("rmqtest: Restart needs a started broker")
 	}
+	b.state = 2
+	nsPort := b.nsLn.Addr().(*net.TCPAddr).Port
+	brPort := b.brLn.Addr().(*net.TCPAddr).Port
+	b.mu.Unlock()
+	b.stopNetwork()
 	b.logf("restart: connections closed, listening again")
-	return b.up(ctx, "restart")
+	var err error
+	// The ports were ours a moment ago; a retry loop covers a slow kernel release.
+	for {
+		if err = b.listen(nsPort, brPort); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("rmqtest: restart: %w (last: %v)", ctx.Err(), err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // NameServerAddr returns the name server address "IP:port" (valid after Start; stable across
