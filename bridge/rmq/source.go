@@ -105,8 +105,9 @@ type Source struct {
 	wg      sync.WaitGroup // redelivery goroutines
 	closed  atomic.Bool
 
-	backlog map[primitive.MessageQueue]int64  // Run goroutine only
-	brokers map[string]primitive.MessageQueue // a queue per broker name seen (guarded by mu)
+	backlog map[primitive.MessageQueue]queueBacklog // Run goroutine only
+	sent    int64                                   // the backlog last reported (-1: none yet)
+	brokers map[string]primitive.MessageQueue       // a queue per broker name seen (guarded by mu)
 }
 
 var _ bridge.Source = (*Source)(nil)
@@ -127,7 +128,7 @@ func NewSource(bc BrokerConfig, cfg SourceConfig, log *slog.Logger) (*Source, er
 		log:     log.With("rule", cfg.Rule, "topic", cfg.Topic, "group", cfg.Group),
 		timers:  map[*time.Timer]struct{}{},
 		acked:   make(chan struct{}, 1),
-		backlog: map[primitive.MessageQueue]int64{},
+		backlog: map[primitive.MessageQueue]queueBacklog{}, sent: -1,
 		brokers: map[string]primitive.MessageQueue{},
 	}, nil
 }
@@ -197,12 +198,17 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 	for ctx.Err() == nil {
 		cr, err := pc.Poll(ctx, time.Second)
 		if err != nil || cr == nil {
-			continue // ErrNoNewMsg: nothing buffered within the timeout
+			s.reportBacklog() // a queue may have gone in a rebalance meanwhile
+			continue          // ErrNoNewMsg: nothing buffered within the timeout
 		}
 		msgs := cr.GetMsgList()
 		b := &batch{cr: cr}
 		b.left.Store(int32(len(msgs)))
-		s.trackBacklog(cr.GetMQ(), msgs)
+		var pq droppable
+		if p := cr.GetPQ(); p != nil {
+			pq = p
+		}
+		s.trackBacklog(cr.GetMQ(), pq, msgs)
 		if mq := cr.GetMQ(); mq != nil {
 			s.mu.Lock()
 			if _, ok := s.brokers[mq.BrokerName]; !ok {
@@ -305,7 +311,7 @@ func (s *Source) Close(ctx context.Context) error {
 	return nil
 }
 
-func (s *Source) trackBacklog(mq *primitive.MessageQueue, msgs []*primitive.MessageExt) {
+func (s *Source) trackBacklog(mq *primitive.MessageQueue, pq droppable, msgs []*primitive.MessageExt) {
 	if s.cfg.Backlog == nil || mq == nil || len(msgs) == 0 {
 		return
 	}
@@ -314,12 +320,39 @@ func (s *Source) trackBacklog(mq *primitive.MessageQueue, msgs []*primitive.Mess
 	if err != nil {
 		return
 	}
-	s.backlog[*mq] = max(0, maxOff-last.QueueOffset-1)
-	var n int64
-	for _, v := range s.backlog {
-		n += v
+	s.backlog[*mq] = queueBacklog{n: max(0, maxOff-last.QueueOffset-1), pq: pq}
+	s.reportBacklog()
+}
+
+// droppable is the client's process queue of a pulled batch: dropped once
+// a rebalance gave its queue to another consumer of the group.
+type droppable interface{ IsDroppd() bool }
+
+// queueBacklog is what one queue held beyond its last pulled batch.
+type queueBacklog struct {
+	n  int64
+	pq droppable // nil: unknown, kept
+}
+
+// reportBacklog reports the sum over the queues this consumer still holds
+// (Run goroutine, after every pull and every empty poll): a queue a
+// rebalance took away counts no more, instead of its last value for good.
+func (s *Source) reportBacklog() {
+	if s.cfg.Backlog == nil {
+		return
 	}
-	s.cfg.Backlog(n)
+	var n int64
+	for mq, q := range s.backlog {
+		if q.pq != nil && q.pq.IsDroppd() {
+			delete(s.backlog, mq)
+			continue
+		}
+		n += q.n
+	}
+	if n != s.sent {
+		s.sent = n
+		s.cfg.Backlog(n)
+	}
 }
 
 // batch is one pulled ConsumeRequest; the client acknowledges whole

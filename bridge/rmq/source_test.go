@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -261,4 +262,62 @@ func waitCommitted(t *testing.T, b *rmqtest.Broker, group, topic string, want in
 		}
 		return off == want
 	})
+}
+
+// A queue that a rebalance gives to another consumer of the group no longer
+// counts in this consumer's backlog (its last value stayed for good, and a
+// quiet rule then went not ready after progressTimeout).
+func TestSourceBacklogForgetsRebalancedQueue(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	const topic, group = "rebal", "cg-rebal"
+	if err := b.CreateTopic(topic, 1); err != nil {
+		t.Fatal(err)
+	}
+	var ms []*primitive.Message
+	for i := range 20 {
+		ms = append(ms, msg(topic, seqBody(i)))
+	}
+	send(t, b, ms...)
+	// Queues go to the group's consumers in the order of their client ids
+	// (IP@instance name): "aa-..." (second) sorts before "zz-..." (first),
+	// so the second takes the only queue from the first.
+	bcFirst, bcSecond := brokerConfig(b), brokerConfig(b)
+	bcFirst.InstancePrefix, bcSecond.InstancePrefix = "zz", "aa"
+	var backlogA, backlogB atomic.Int64
+	backlogA.Store(-1)
+	backlogB.Store(-1)
+	srcA, err := NewSource(bcFirst, SourceConfig{Rule: "r", Topic: topic, Group: group, FetchBatch: 1,
+		Backlog: func(n int64) { backlogA.Store(n) }}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	var once sync.Once
+	releaseA := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(releaseA)
+	msgsA := newRecorder(nil)
+	blocking := func(ctx context.Context, m *bridge.Message, ack bridge.Ack) error {
+		_ = msgsA.handle(ctx, m, ack)
+		select { // the first consumer is stuck on its first message
+		case <-release:
+			return ack(ctx, nil)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	runSource(t, b, srcA, blocking)
+	waitFor(t, 15*time.Second, "the first consumer's backlog", func() bool {
+		return len(msgsA.snapshot()) == 1 && backlogA.Load() > 0
+	})
+
+	srcB, err := NewSource(bcSecond, SourceConfig{Rule: "r", Topic: topic, Group: group,
+		Backlog: func(n int64) { backlogB.Store(n) }}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgsB := newRecorder(func(*bridge.Message) (error, bool) { return nil, true })
+	runSource(t, b, srcB, msgsB.handle)
+	waitFor(t, 20*time.Second, "the second consumer to read all 20", func() bool { return len(msgsB.snapshot()) >= 20 })
+	releaseA()
+	waitFor(t, 10*time.Second, "both backlogs 0", func() bool { return backlogA.Load() == 0 && backlogB.Load() == 0 })
 }
