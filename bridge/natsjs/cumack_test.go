@@ -235,20 +235,8 @@ func TestCumulativeAcksPolicySwitch(t *testing.T) {
 // what it had delivered and no one acknowledged is delivered again.
 func TestAckPolicySwitchAtFloorZero(t *testing.T) {
 	_, js := takeoverSetup(t)
-	ctx := testCtx(t)
-	first := newSource(t, js, orderedConfig())
-	_ = first.Close(ctx)
-	cc := durableInfo(t, js).Config
 	// Made again by hand with DeliverNew, as an operator may have.
-	if err := js.DeleteConsumer(ctx, "ORDERS", cc.Durable); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(vanishSettle)
-	cc.DeliverPolicy = jetstream.DeliverNewPolicy
-	cons, err := js.CreateConsumer(ctx, "ORDERS", cc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cons, cc := remakeDurable(t, js, func(cc *jetstream.ConsumerConfig) { cc.DeliverPolicy = jetstream.DeliverNewPolicy })
 	for i := range 5 {
 		publish(t, js, "orders.k", fmt.Sprintf("m%d", i), nil)
 	}
@@ -282,21 +270,12 @@ func TestAckPolicySwitchAtFloorZero(t *testing.T) {
 // cannot produce.)
 func TestAckPolicySwitchKeepsAStartSequence(t *testing.T) {
 	_, js := takeoverSetup(t)
-	ctx := testCtx(t)
 	for i := range 10 {
 		publish(t, js, "orders.k", fmt.Sprintf("m%d", i+1), nil)
 	}
-	first := newSource(t, js, orderedConfig())
-	_ = first.Close(ctx)
-	cc := durableInfo(t, js).Config
-	if err := js.DeleteConsumer(ctx, "ORDERS", cc.Durable); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(vanishSettle)
-	cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, 6
-	if _, err := js.CreateConsumer(ctx, "ORDERS", cc); err != nil {
-		t.Fatal(err)
-	}
+	remakeDurable(t, js, func(cc *jetstream.ConsumerConfig) {
+		cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, 6
+	})
 	c := &collector{settle: func(g got) { _ = g.ack(testCtx(t), nil) }}
 	src := newSource(t, js, cumulativeConfig())
 	if info := durableInfo(t, js); info.Config.AckPolicy != jetstream.AckAllPolicy || info.Config.OptStartSeq != 6 {
@@ -400,4 +379,25 @@ func TestCumulativeAcksBlockedShard(t *testing.T) {
 		return info.AckFloor.Stream == uint64(fd.n) && info.NumAckPending == 0
 	})
 	t.Logf("after the unblock: %d stored, max lateness %s", o.stored, o.maxLate.Round(time.Millisecond))
+}
+
+// remakeDurable creates the ordered rule's durable through a source, then
+// deletes it and makes it again by hand with its configuration changed by
+// edit, as an operator (or an earlier version) may have left it.
+func remakeDurable(t *testing.T, js jetstream.JetStream, edit func(*jetstream.ConsumerConfig)) (jetstream.Consumer, jetstream.ConsumerConfig) {
+	t.Helper()
+	ctx := testCtx(t)
+	first := newSource(t, js, orderedConfig())
+	_ = first.Close(ctx)
+	cc := durableInfo(t, js).Config
+	if err := js.DeleteConsumer(ctx, "ORDERS", cc.Durable); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(vanishSettle)
+	edit(&cc)
+	cons, err := js.CreateConsumer(ctx, "ORDERS", cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cons, cc
 }

@@ -81,16 +81,8 @@ func TestSourceMessageFields(t *testing.T) {
 // Offsets never pass a message the pipeline has not settled with nil: a
 // message left unsettled at shutdown is read again by the group.
 func TestSourceOffsetStopsAtUnsettled(t *testing.T) {
-	b := startBroker(t, rmqtest.Options{})
 	const topic, group = "offsets", "cg-offsets"
-	if err := b.CreateTopic(topic, 1); err != nil {
-		t.Fatal(err)
-	}
-	var ms []*primitive.Message
-	for i := range 10 {
-		ms = append(ms, msg(topic, seqBody(i)))
-	}
-	send(t, b, ms...)
+	b := startBrokerWith(t, topic, 10)
 
 	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: topic, Group: group, FetchBatch: 1}, testLog(t))
 	if err != nil {
@@ -129,16 +121,8 @@ func TestSourceOffsetStopsAtUnsettled(t *testing.T) {
 // few PersistInterval (the client alone sends them 10s after start, then
 // every 5s): a crash re-reads little. They never pass an unsettled message.
 func TestSourcePersistsOffsetsPromptly(t *testing.T) {
-	b := startBroker(t, rmqtest.Options{})
 	const topic, group = "persisted", "cg-persisted"
-	if err := b.CreateTopic(topic, 1); err != nil {
-		t.Fatal(err)
-	}
-	var ms []*primitive.Message
-	for i := range 20 {
-		ms = append(ms, msg(topic, seqBody(i)))
-	}
-	send(t, b, ms...)
+	b := startBrokerWith(t, topic, 20)
 	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: topic, Group: group, FetchBatch: 4,
 		PersistInterval: 100 * time.Millisecond}, testLog(t))
 	if err != nil {
@@ -268,16 +252,8 @@ func waitCommitted(t *testing.T, b *rmqtest.Broker, group, topic string, want in
 // counts in this consumer's backlog (its last value stayed for good, and a
 // quiet rule then went not ready after progressTimeout).
 func TestSourceBacklogForgetsRebalancedQueue(t *testing.T) {
-	b := startBroker(t, rmqtest.Options{})
 	const topic, group = "rebal", "cg-rebal"
-	if err := b.CreateTopic(topic, 1); err != nil {
-		t.Fatal(err)
-	}
-	var ms []*primitive.Message
-	for i := range 20 {
-		ms = append(ms, msg(topic, seqBody(i)))
-	}
-	send(t, b, ms...)
+	b := startBrokerWith(t, topic, 20)
 	// Queues go to the group's consumers in the order of their client ids
 	// (IP@instance name): "aa-..." (second) sorts before "zz-..." (first),
 	// so the second takes the only queue from the first.
@@ -320,4 +296,20 @@ func TestSourceBacklogForgetsRebalancedQueue(t *testing.T) {
 	waitFor(t, 20*time.Second, "the second consumer to read all 20", func() bool { return len(msgsB.snapshot()) >= 20 })
 	releaseA()
 	waitFor(t, 10*time.Second, "both backlogs 0", func() bool { return backlogA.Load() == 0 && backlogB.Load() == 0 })
+}
+
+// startBrokerWith starts a broker with topic, one queue, holding n
+// messages with the bodies seqBody(0..n-1).
+func startBrokerWith(t *testing.T, topic string, n int) *rmqtest.Broker {
+	t.Helper()
+	b := startBroker(t, rmqtest.Options{})
+	if err := b.CreateTopic(topic, 1); err != nil {
+		t.Fatal(err)
+	}
+	var ms []*primitive.Message
+	for i := range n {
+		ms = append(ms, msg(topic, seqBody(i)))
+	}
+	send(t, b, ms...)
+	return b
 }

@@ -34,18 +34,7 @@ func TestNeedsLeaseBucketReplicas(t *testing.T) {
 		flag int
 		want string
 	}{{0, "replicas 3"}, {1, "replicas 3"}, {5, "replicas 5"}} {
-		needs, err := Needs(c, table, tc.flag)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var settings []string
-		for _, n := range needs {
-			for _, b := range n.Buckets {
-				if b.Bucket == c.Partitions.Bucket {
-					settings = append(settings, b.Settings)
-				}
-			}
-		}
+		settings := bucketSettings(t, c, table, tc.flag, c.Partitions.Bucket)
 		if len(settings) != 1 || !strings.HasSuffix(settings[0], tc.want) {
 			t.Errorf("-replicas %d: lease bucket plans %q, want one with %s", tc.flag, settings, tc.want)
 		}
@@ -76,20 +65,28 @@ func TestNeedsDedupeBucketReplicas(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		needs, err := Needs(c, table, 3)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var settings []string
-		for _, n := range needs {
-			for _, b := range n.Buckets {
-				if b.Bucket == c.Dedupe.Bucket {
-					settings = append(settings, b.Settings)
-				}
-			}
-		}
+		settings := bucketSettings(t, c, table, 3, c.Dedupe.Bucket)
 		if len(settings) != 1 || !strings.HasSuffix(settings[0], tc.want) {
 			t.Errorf("protocol %s, -replicas 3: dedupe bucket plans %q, want one with %s", tc.protocol, settings, tc.want)
 		}
 	}
+}
+
+// bucketSettings returns the planned settings of bucket in the needs of c
+// and table with -replicas replicas.
+func bucketSettings(t *testing.T, c *config.Config, table *router.Table, replicas int, bucket string) []string {
+	t.Helper()
+	needs, err := Needs(c, table, replicas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var settings []string
+	for _, n := range needs {
+		for _, b := range n.Buckets {
+			if b.Bucket == bucket {
+				settings = append(settings, b.Settings)
+			}
+		}
+	}
+	return settings
 }
