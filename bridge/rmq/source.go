@@ -40,6 +40,12 @@ type SourceConfig struct {
 	// StartRetry is how often Run retries starting the consumer while the
 	// topic does not exist yet. Default 2s.
 	StartRetry time.Duration
+	// OnFailing, when set, is told why the consumer cannot start (err
+	// non-nil, on every failed attempt: the topic has no route, the name
+	// servers do not answer) and, with nil, that it started. It must not
+	// block. A started consumer's own pull failures are not reported: the
+	// client retries them itself and only logs them.
+	OnFailing func(err error)
 	// Backlog, when set, receives the number of messages stored in the
 	// assigned queues beyond the last one pulled, after every pull.
 	Backlog func(n int64)
@@ -166,9 +172,16 @@ func (s *Source) start(ctx context.Context) (pullConsumer, error) {
 		err = pc.Start() // shuts itself down on failure
 		if err == nil {
 			s.log.Info("rocketmq consumer started", "broker", s.bc.Name)
+			if s.cfg.OnFailing != nil {
+				s.cfg.OnFailing(nil)
+			}
 			return pc, nil
 		}
 		s.log.Warn("rocketmq consumer cannot start yet; retrying", "err", err, "retry_in", s.cfg.StartRetry)
+		if s.cfg.OnFailing != nil {
+			s.cfg.OnFailing(fmt.Errorf("rocketmq consumer cannot start (topic %s, group %s; retrying every %s): %w",
+				s.cfg.Topic, s.cfg.Group, s.cfg.StartRetry, err))
+		}
 		t := time.NewTimer(s.cfg.StartRetry)
 		select {
 		case <-ctx.Done():

@@ -197,15 +197,25 @@ func TestSourceHoldAndNack(t *testing.T) {
 
 func TestSourceWaitsForTopic(t *testing.T) {
 	b := startBroker(t, rmqtest.Options{})
-	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: "late", Group: "cg-late", StartRetry: 50 * time.Millisecond}, testLog(t))
+	var failing atomic.Pointer[error] // the last OnFailing (nil: none yet)
+	src, err := NewSource(brokerConfig(b), SourceConfig{Rule: "r", Topic: "late", Group: "cg-late", StartRetry: 50 * time.Millisecond,
+		OnFailing: func(err error) { failing.Store(&err) }}, testLog(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	rec := newRecorder(func(*bridge.Message) (error, bool) { return nil, true })
 	runSource(t, b, src, rec.handle)
-	time.Sleep(100 * time.Millisecond) // let a start attempt fail (not a synchronization)
+	// While it cannot start, the source says why (the pipeline's health:
+	// not ready, cellbridge_source_failing).
+	waitFor(t, 15*time.Second, "the source failing", func() bool {
+		f := failing.Load()
+		return f != nil && *f != nil && strings.Contains((*f).Error(), "rocketmq consumer cannot start (topic late, group cg-late")
+	})
 	send(t, b, msg("late", "x"))
 	waitFor(t, 15*time.Second, "the message of a topic created after start", func() bool { return len(rec.snapshot()) == 1 })
+	if f := failing.Load(); f == nil || *f != nil {
+		t.Fatalf("failing after the start: %v", f)
+	}
 }
 
 func TestBrokerConfigValidate(t *testing.T) {

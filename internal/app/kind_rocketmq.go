@@ -189,6 +189,10 @@ func (c *rmqClient) source(_ context.Context, r *router.Rule) (bridge.Source, er
 		Group:     r.Source.Group,
 		Redeliver: c.env.cfg.Pipeline.Retry.Initial.D(),
 		Backlog:   func(n int64) { c.env.health.Backlog(name, n) },
+		// Not ready while the consumer cannot start (a topic not
+		// created yet or misspelt, name servers down): nothing of the
+		// rule is forwarded.
+		OnFailing: func(err error) { c.env.health.SourceFailing(name, err) },
 		// Zero: the adapter's default.
 		PersistInterval: c.brokers[r.Source.Broker].PersistInterval.D(),
 	}, c.env.log.With("component", "source"))
