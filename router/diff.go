@@ -129,19 +129,38 @@ func Diff(prev, next *Table) DiffReport {
 }
 
 // rekeyed lists the topic rules routed by shard in both tables whose key
-// or shard function differs, sorted by name.
+// or shard function differs, sorted by name. A rule renamed (gone from
+// prev, new in next, reading the same source) counts by its new name: its
+// events are the same ones, routed by another key.
 func rekeyed(prev, next *Table) []string {
 	var out []string
 	for _, or := range prev.rules {
 		nr := next.byName[or.Name]
+		if nr == nil {
+			nr = renamedTo(or, prev, next)
+		}
 		if nr == nil || or.Broadcast != nil || nr.Broadcast != nil {
 			continue
 		}
 		if or.Key != nr.Key || or.Shard != nr.Shard {
-			out = append(out, or.Name)
+			out = append(out, nr.Name)
 		}
 	}
+	sort.Strings(out)
 	return out
+}
+
+// renamedTo is the rule of next that reads or's source under another name,
+// when or is gone from next and that rule is new in it; nil otherwise.
+func renamedTo(or *Rule, prev, next *Table) *Rule {
+	for _, nr := range next.rules {
+		a, b := nr.Source, or.Source
+		if prev.byName[nr.Name] == nil && a.Broker == b.Broker && a.Stream == b.Stream && a.Subject == b.Subject &&
+			a.Topic == b.Topic && a.Tags == b.Tags {
+			return nr
+		}
+	}
+	return nil
 }
 
 // pinShards returns the shards of key under the topic rules routed by

@@ -184,3 +184,19 @@ func TestDiffPinRemovedMovesKey(t *testing.T) {
 		t.Fatalf("block %s, pins %+v; want shard 5 blocked", r.BlockedList(), r.Pins)
 	}
 }
+
+// A rule renamed together with a new key reads the same events: its keys
+// change cell, so every shard is blocked, as for a key change in place.
+func TestDiffRenamedRuleWithNewKey(t *testing.T) {
+	prev := mustParse(t, baseRules)
+	next := mustParse(t, variant(t, "version: 3", "version: 4", "name: orders", "name: orders-v2", "key: {json: user.id}", "key: {json: account.id}"))
+	r := Diff(prev, next)
+	if !reflect.DeepEqual(r.Rekeyed, []string{"orders-v2"}) || r.BlockedList() != `["0-9"]` {
+		t.Fatalf("rekeyed %v, block %s; want orders-v2 and every shard", r.Rekeyed, r.BlockedList())
+	}
+	// Renamed with the same key and shard function: nothing moves.
+	same := Diff(prev, mustParse(t, variant(t, "version: 3", "version: 4", "name: orders", "name: orders-v2")))
+	if len(same.Rekeyed) != 0 || same.BlockedList() != "[]" {
+		t.Fatalf("plain rename: rekeyed %v, block %s", same.Rekeyed, same.BlockedList())
+	}
+}
