@@ -48,7 +48,8 @@ partitions.bucket, cellbridge-leases by default, of the broker the
 configuration names: -config), or, with
 -addr, read over HTTP (/status) one by one; a URL that does not answer
 counts as a replica not there yet and holds each step until it answers (or
--timeout ends). A replica that sees the files later than the others (a
+-timeout ends); a pod restarted under another address is not found under the
+old one: name the replicas again, or use the registry. A replica that sees the files later than the others (a
 kubelet syncing a ConfigMap) is waited for.
 
 With -print nothing is written: each step's files are printed for you to
