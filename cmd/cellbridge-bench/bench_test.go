@@ -184,3 +184,16 @@ func FuzzParseEvent(f *testing.F) {
 		_, _ = shardOf(user)
 	})
 }
+
+// Figures round half away from zero, negatives included (added latency is
+// often negative: truncation made −0.016 read −0.01).
+func TestRounding(t *testing.T) {
+	for _, c := range []struct{ got, want float64 }{
+		{round2(-0.016), -0.02}, {round2(-10.935), -10.94}, {round2(0.015), 0.02}, {round1(-3.35), -3.4},
+		{round0(-2.5), -3}, {ratio(-1, 3), -0.333}, {ratio(2, 3), 0.667},
+	} {
+		if math.Abs(c.got-c.want) > 1e-9 {
+			t.Errorf("got %v, want %v", c.got, c.want)
+		}
+	}
+}

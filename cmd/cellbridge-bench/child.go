@@ -216,7 +216,8 @@ func prePublish(ctx context.Context, js jetstream.JetStream, evs []event, keyed 
 	return flush()
 }
 
-// pubTimeHdr carries the producer's publish time (unix ns) in latency mode.
+// pubTimeHdr carries the time the producer was due to publish the event
+// (unix ns) in latency mode.
 const pubTimeHdr = "Bench-Pub-Ns"
 
 // pacedPublish feeds the source stream at a fixed rate: every millisecond it
@@ -246,9 +247,15 @@ func pacedPublish(ctx context.Context, url string, evs []event, rate float64, ke
 			due = len(evs)
 		}
 		for ; sent < due; sent++ {
+			// Stamped with the time it was due, not the time it went out:
+			// a producer that falls behind (descheduled on a busy machine,
+			// or stalled on its pending acks) delays the events it owes,
+			// and that delay is part of their latency (no coordinated
+			// omission).
+			at := start.Add(time.Duration(float64(sent) / rate * float64(time.Second)))
 			m := &nats.Msg{Subject: subjectOf(&evs[sent], keyed), Data: evs[sent].body, Header: nats.Header{
 				nats.MsgIdHdr: []string{evs[sent].id},
-				pubTimeHdr:    []string{strconv.FormatInt(time.Now().UnixNano(), 10)},
+				pubTimeHdr:    []string{strconv.FormatInt(at.UnixNano(), 10)},
 			}}
 			if _, err := js.PublishMsgAsync(m, jetstream.WithStallWait(30*time.Second)); err != nil {
 				return err

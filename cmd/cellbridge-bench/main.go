@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"runtime"
 	"slices"
@@ -409,12 +410,14 @@ func ratio(a, b float64) float64 {
 	if b == 0 {
 		return 0
 	}
-	return float64(int(a/b*1000+0.5)) / 1000
+	return math.Round(a/b*1000) / 1000
 }
 
-func round0(x float64) float64 { return float64(int64(x + 0.5)) }
-func round1(x float64) float64 { return float64(int64(x*10+0.5)) / 10 }
-func round2(x float64) float64 { return float64(int64(x*100+0.5)) / 100 }
+// Rounding half away from zero (int64(x+0.5) truncated negatives toward
+// zero: −0.016 became −0.01).
+func round0(x float64) float64 { return math.Round(x) }
+func round1(x float64) float64 { return math.Round(x*10) / 10 }
+func round2(x float64) float64 { return math.Round(x*100) / 100 }
 
 // variantFigures is the per-variant part of results.json.
 func variantFigures(rs []*runResult) map[string]any {
