@@ -178,8 +178,8 @@ func pinShards(prev, next *Table, key string) []int {
 		if o == nil || o.Broadcast != nil {
 			continue
 		}
-		oc, os, ok1 := keyCell(prev, o, key)
-		nc, ns, ok2 := keyCell(next, r, key)
+		oc, os, ok1 := keyCell(o, key)
+		nc, ns, ok2 := keyCell(r, key)
 		if !ok1 || !ok2 || oc == nc {
 			continue
 		}
@@ -197,17 +197,15 @@ func pinShards(prev, next *Table, key string) []int {
 	return out
 }
 
-// keyCell is the cell t sends key of rule r to (its pin, else its shard's
-// serving cell) and its shard; false when the key has no shard.
-func keyCell(t *Table, r *Rule, key string) (string, int, bool) {
-	s, err := r.ShardOf(key)
-	if err != nil || s >= t.shards {
+// keyCell is the cell r (of its table) sends key to, as Resolve decides
+// it (its pin, else its shard's serving cell; held shards keep their
+// cell), and its shard; false when the key has no shard.
+func keyCell(r *Rule, key string) (string, int, bool) {
+	d := r.resolve(key)
+	if d.Shard < 0 {
 		return "", 0, false
 	}
-	if pi, ok := t.pins[key]; ok && r.pinned != nil && r.pinned[s] {
-		return t.pinRoute[pi].cell, s, true
-	}
-	return t.route[s].cell, s, true
+	return d.Cell, d.Shard, true
 }
 
 func diffMoves(prev, next *Table) []Move {
