@@ -84,7 +84,7 @@ func Needs(cfg *config.Config, t *router.Table, replicas int) ([]*BrokerNeeds, e
 		})
 	}
 	leaseUses := map[string][]string{}
-	if b := registryBroker(cfg, t); b != "" {
+	if b := RegistryBroker(cfg, t); b != "" {
 		leaseUses[b] = append(leaseUses[b], "rules versions of the replicas of deployment "+cfg.Deployment.Name)
 	}
 	for _, r := range t.Rules() {

@@ -36,7 +36,7 @@ type registry struct {
 func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *brokers, log *slog.Logger) (*registry, error) {
 	reg := &registry{started: time.Now().UTC()}
 	cfg := o.Config
-	broker := registryBroker(cfg, o.Rules)
+	broker := RegistryBroker(cfg, o.Rules)
 	if broker == "" {
 		log.Info("no NATS broker the bridge connects for the deployment's registry: the rules version is not checked against the deployment's, nor published")
 		return reg, nil
@@ -69,11 +69,7 @@ func newRegistry(ctx startCtx, lc fx.Lifecycle, res *resources, o *Options, b *b
 // with these rules: the configuration's RegistryBroker when the bridge
 // connects to it (the rules or the dedupe store use it), else "" (none).
 // `status` and `switch` read the registry where the replicas write it.
-func RegistryBroker(cfg *config.Config, t *router.Table) string { return registryBroker(cfg, t) }
-
-// registryBroker is the configuration's RegistryBroker when the bridge
-// connects to it (the rules or the dedupe store use it), else "".
-func registryBroker(cfg *config.Config, t *router.Table) string {
+func RegistryBroker(cfg *config.Config, t *router.Table) string {
 	if b := cfg.RegistryBroker(); brokerRoles(cfg, t)[b] != nil {
 		return b
 	}
