@@ -7,11 +7,18 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 )
 
 // FreePorts returns n distinct loopback ports that were free a moment ago
-// (all held open at once, so none is returned twice).
+// and that no earlier call in this process returned.
+//
+// The second part matters for a test that keeps a port for a server it
+// starts later (a bridge started before its broker): the port is free
+// meanwhile, and without the record the next call (the bridge's own HTTP
+// port, say) could be given the same one, leaving the bridge to dial its
+// own HTTP listener as its broker.
 func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
 	ports, err := freePorts(n)
@@ -34,7 +41,12 @@ func FreePortsE(n int) ([]int, error) { return freePorts(n) }
 // below the range is only ever taken by an explicit bind, which here means
 // another test choosing the same random port in the same few milliseconds.
 func freePorts(n int) ([]int, error) {
+	handedMu.Lock()
+	defer handedMu.Unlock()
 	lo, hi := pickRange()
+	if len(handed) > (hi-lo)/2 {
+		clear(handed) // a process that used half the range: start over
+	}
 	ports := make([]int, 0, n)
 	var ls []net.Listener
 	defer func() {
@@ -52,13 +64,26 @@ func freePorts(n int) ([]int, error) {
 			continue // taken: draw again
 		}
 		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		port := l.Addr().(*net.TCPAddr).Port
+		if _, ok := handed[port]; ok {
+			continue // free now, but an earlier caller may still mean to bind it
+		}
+		ports = append(ports, port)
 	}
 	if len(ports) < n {
 		return nil, fmt.Errorf("natstest: found %d free loopback ports of %d", len(ports), n)
 	}
+	for _, p := range ports {
+		handed[p] = struct{}{}
+	}
 	return ports, nil
 }
+
+// handed holds every port freePorts returned in this process.
+var (
+	handedMu sync.Mutex
+	handed   = map[int]struct{}{}
+)
 
 // pickRange is the range random ports are drawn from: the 10,000 ports
 // below the ephemeral range (Linux's ip_local_port_range), or an empty
