@@ -822,7 +822,7 @@ func (p *Pipeline) publishFailed(t *task, ss *targetState, err error) *task {
 		t.reserved = false
 		// Check wrote nothing: nothing to release.
 		if !t.checked {
-			if rerr := p.store.Release(p.settleCtx, t.storeKey); rerr != nil {
+			if rerr := p.release(t); rerr != nil {
 				// The store releases it later (the JetStream store writes a
 				// failed release again), else it expires after ReserveTTL.
 				p.met.DedupeErrors.WithLabelValues("release").Inc()
@@ -1183,10 +1183,20 @@ func (p *Pipeline) unpublish(t *task) {
 		if t.checked {
 			return // Check wrote nothing: nothing to release
 		}
-		if err := p.store.Release(p.settleCtx, t.storeKey); err != nil {
+		if err := p.release(t); err != nil {
 			p.met.DedupeErrors.WithLabelValues("release").Inc()
 		}
 	}
+}
+
+// release drops t's reservation, through its handle where the store has
+// one: a reservation of the same key taken by another attempt after t's
+// expired is not t's to drop.
+func (p *Pipeline) release(t *task) error {
+	if p.hstore != nil {
+		return p.hstore.ReleaseHandle(p.settleCtx, t.storeKey, t.handle)
+	}
+	return p.store.Release(p.settleCtx, t.storeKey)
 }
 
 // sinkUse is the set of brokers a rules table publishes to.

@@ -99,6 +99,13 @@ type HandleStore interface {
 	// CommitHandle is Commit(ctx, key), using h (from ReserveHandle for the
 	// same key) to find the key's entry when h still names it.
 	CommitHandle(ctx context.Context, key string, h Handle) error
+	// ReleaseHandle is Release(ctx, key) for the reservation h names: it
+	// drops the key's reservation only if it is still the one h's
+	// ReserveHandle took. Once that one expired and another attempt
+	// reserved the key again, the later reservation stays (Release, which
+	// cannot tell the two apart, would free it, and a third attempt could
+	// then publish beside the second).
+	ReleaseHandle(ctx context.Context, key string, h Handle) error
 }
 
 // Local reports false: every call of the KV store is a round trip to the

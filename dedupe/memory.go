@@ -222,8 +222,11 @@ func (m *Memory) ReserveHandle(_ context.Context, key string) (Outcome, Handle, 
 				out = Duplicate
 			}
 		} else {
+			// A new reservation of the key: a Handle of the expired
+			// one no longer names it (ReleaseHandle).
 			e.state = stateReserved
 			e.expires = now + m.reserveTTL
+			e.gen++
 		}
 		h := Handle{shard: uint32(si), idx: i, gen: e.gen}
 		s.moveToFront(i)
@@ -287,23 +290,47 @@ func (m *Memory) Commit(_ context.Context, key string) error {
 }
 
 // Release implements Store. Only a reservation is removed; a committed key
-// stays committed. Within one process the store cannot tell callers apart:
-// the caller that got Reserved is the one expected to Release (the bridge
-// handles a key on one lane at a time).
+// stays committed. Release cannot tell one reservation of a key from a later
+// one taken after the first expired; ReleaseHandle can.
 func (m *Memory) Release(_ context.Context, key string) error {
 	s, _, fp := m.lockShard(key)
 	if s == nil {
 		return ErrClosed
 	}
 	if i, p := s.index.find(fp, key, s.keys); i != nilIdx && s.slab[i].state == stateReserved {
-		s.index.removeAt(p)
-		s.unlink(i)
-		s.slab[i] = memEntry{next: s.free, gen: s.slab[i].gen + 1}
-		s.keys[i] = "" // not kept alive by a free slot
-		s.free = i
+		s.free1(i, p)
 	}
 	s.mu.Unlock()
 	return nil
+}
+
+// ReleaseHandle implements HandleStore: the key's reservation is dropped
+// only while it is the one h names (same slot, generation and key). A zero
+// Handle falls back to Release.
+func (m *Memory) ReleaseHandle(ctx context.Context, key string, h Handle) error {
+	if h.gen == 0 {
+		return m.Release(ctx, key)
+	}
+	s, si, fp := m.lockShard(key)
+	if s == nil {
+		return ErrClosed
+	}
+	if i, p := s.index.find(fp, key, s.keys); i != nilIdx && uint32(si) == h.shard && i == h.idx &&
+		s.slab[i].gen == h.gen && s.slab[i].state == stateReserved {
+		s.free1(i, p)
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// free1 removes slot i (at index position p) and puts it on the free list;
+// its generation moves on. The caller holds s.mu.
+func (s *memShard) free1(i int32, p uint32) {
+	s.index.removeAt(p)
+	s.unlink(i)
+	s.slab[i] = memEntry{next: s.free, gen: s.slab[i].gen + 1}
+	s.keys[i] = "" // not kept alive by a free slot
+	s.free = i
 }
 
 // Close drops every key; later calls return ErrClosed. It never fails.

@@ -668,3 +668,47 @@ func TestMemoryFingerprintCollision(t *testing.T) {
 	}
 	checkInvariants(t, m)
 }
+
+// TestMemoryReleaseHandleKeepsALaterReservation: an attempt whose
+// reservation expired while it published, and that then failed, releases
+// only its own reservation. The key's later reservation (another attempt,
+// taken after the expiry) stays, so a third attempt sees InFlight and does
+// not publish beside the second. Release by key alone would free it.
+func TestMemoryReleaseHandleKeepsALaterReservation(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	m := NewMemory(MemoryConfig{ReserveTTL: time.Second, Now: clock.Now})
+	o, first, err := m.ReserveHandle(ctx, "k")
+	if err != nil || o != Reserved {
+		t.Fatalf("first reserve: %v %v", o, err)
+	}
+	clock.Advance(2 * time.Second) // the first attempt's reservation expires
+	o, second, err := m.ReserveHandle(ctx, "k")
+	if err != nil || o != Reserved {
+		t.Fatalf("second reserve: %v %v", o, err)
+	}
+	if err := m.ReleaseHandle(ctx, "k", first); err != nil {
+		t.Fatal(err)
+	}
+	if o, err := m.Reserve(ctx, "k"); err != nil || o != InFlight {
+		t.Fatalf("after the first attempt's release: %v %v, want InFlight (the second attempt's reservation)", o, err)
+	}
+	if err := m.ReleaseHandle(ctx, "k", second); err != nil {
+		t.Fatal(err)
+	}
+	if o, err := m.Reserve(ctx, "k"); err != nil || o != Reserved {
+		t.Fatalf("after the second attempt's release: %v %v, want Reserved", o, err)
+	}
+	// A committed key is not released by a stale handle either.
+	o, h, _ := m.ReserveHandle(ctx, "c")
+	if o != Reserved {
+		t.Fatalf("reserve c: %v", o)
+	}
+	if err := m.CommitHandle(ctx, "c", h); err != nil {
+		t.Fatal(err)
+	}
+	_ = m.ReleaseHandle(ctx, "c", h)
+	if o, _ := m.Reserve(ctx, "c"); o != Duplicate {
+		t.Fatalf("committed key after a release by handle: %v, want Duplicate", o)
+	}
+}
