@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // budget bounds the messages in flight. Taking and returning a slot is one
@@ -21,7 +22,28 @@ type budget struct {
 
 // acquire takes one slot, waiting while the budget is exhausted. It returns
 // ctx's error, or errDraining when stop is closed first.
-func (b *budget) acquire(ctx context.Context, stop <-chan struct{}) error {
+//
+// While it waits, t's message (not yet tracked, so the pipeline's heartbeat
+// does not see it) is sent ErrInProgress every beat, so that its source does
+// not redeliver it while it only waits for a slot (a target that fails for
+// longer than AckWait fills the budget). No beat for a revoked delivery, as
+// in Pipeline.heartbeat. beat <= 0 sends none.
+func (b *budget) acquire(ctx context.Context, stop <-chan struct{}, t *task, beat time.Duration) error {
+	if b.n.Add(1) <= b.max {
+		return nil
+	}
+	b.n.Add(-1)
+	return b.wait1(ctx, stop, t, beat)
+}
+
+// wait1 is acquire's slow path: the budget was exhausted a moment ago.
+func (b *budget) wait1(ctx context.Context, stop <-chan struct{}, t *task, beat time.Duration) error {
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
 	for {
 		if b.n.Add(1) <= b.max {
 			return nil
@@ -37,9 +59,22 @@ func (b *budget) acquire(ctx context.Context, stop <-chan struct{}) error {
 		// waiter count or freed the slot before this load.
 		free := b.n.Load() < b.max
 		b.mu.Unlock()
-		if !free {
+		if !free && timer == nil && beat > 0 {
+			timer = time.NewTimer(beat)
+		}
+		for !free {
+			var tick <-chan time.Time
+			if timer != nil {
+				tick = timer.C
+			}
 			select {
 			case <-w:
+				free = true
+			case <-tick:
+				if !t.epoch.Revoked() {
+					_ = t.ack(context.Background(), ErrInProgress)
+				}
+				timer.Reset(beat)
 			case <-ctx.Done():
 				b.waiters.Add(-1)
 				return ctx.Err()

@@ -69,7 +69,8 @@ type Config struct {
 	// target, the dedupe store or a retry holds it up). Default 3s.
 	StallTimeout time.Duration
 	// AckWait is the sources' ack deadline; the pipeline sends ErrInProgress
-	// for every message older than AckWait/2 (every AckWait/4). Default 30s.
+	// for every message older than AckWait/2 (every AckWait/4), and every
+	// AckWait/4 to one that waits for an in-flight slot. Default 30s.
 	AckWait time.Duration
 	// Lanes is the number of ordering lanes: messages of one key always use
 	// the same lane, and per key one message is between publish and confirm.

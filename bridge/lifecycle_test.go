@@ -96,6 +96,46 @@ func TestHandleBackPressureHonoursCtx(t *testing.T) {
 	}
 }
 
+// A message that waits in Handle for an in-flight slot is not tracked yet,
+// so the pipeline's heartbeat does not see it: the wait itself sends it
+// ErrInProgress every AckWait/4, so that its source does not redeliver it
+// while the budget is full (a target failing for longer than AckWait).
+func TestWaitingForASlotKeepsTheMessageAlive(t *testing.T) {
+	s := newTestSink()
+	s.block = make(chan struct{})
+	e := newEnv(t, Config{MaxInFlight: 1, AckWait: 40 * time.Millisecond}, rulesDoc(1, "", 0), s, nil)
+	handle(t, e, "t", keyFor(10, 1), "a1")
+	m, a := msg("t", keyFor(11, 2), "a2")
+	done := make(chan error, 1)
+	go func() { done <- e.p.Handle(context.Background(), m, a.ack) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		a.mu.Lock()
+		n := a.inProgress
+		a.mu.Unlock()
+		if n >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			close(s.block)
+			t.Fatalf("%d in-progress acks for a message waiting for a slot, want at least 3", n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Handle returned while the budget was full: %v", err)
+	default:
+	}
+	close(s.block)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if r := a.result(t); r != nil {
+		t.Fatalf("the waiting message settled with %v, want nil", r)
+	}
+}
+
 // chanSource is a Source over a channel, for Run.
 type chanSource struct{ ch chan *Message }
 

@@ -357,7 +357,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	t.lane = l
 	held := t.poison == "" && t.d.Reason == router.ReasonHeld
 	if !held {
-		if err := p.budget.acquire(ctx, p.closeCh); err != nil {
+		if err := p.budget.acquire(ctx, p.closeCh, t, p.cfg.AckWait/4); err != nil {
 			ack(context.Background(), err)
 			p.recycle(t)
 			if errors.Is(err, errDraining) {
