@@ -127,6 +127,9 @@ func TestDrillNATS(t *testing.T) {
 	if rep.Ordering != "ordered" {
 		t.Errorf("the source's ordering as /status reports it: %q, want ordered", rep.Ordering)
 	}
+	if !rep.SourceAcked {
+		t.Error("the drill did not see every delivery of the source acknowledged")
+	}
 	// Report JSON round-trips (the -json output).
 	b, err := json.Marshal(rep)
 	if err != nil || !bytes.Contains(b, []byte(`"violations":null`)) {
@@ -156,6 +159,9 @@ func TestDrillNATSPartitioned(t *testing.T) {
 	checkDrillReport(t, rep, 1)
 	if rep.Ordering != "ordered, 4 partitions" {
 		t.Errorf("the source's ordering as /status reports it: %q", rep.Ordering)
+	}
+	if !rep.SourceAcked {
+		t.Error("the drill did not see every delivery of the partitions acknowledged")
 	}
 }
 

@@ -780,7 +780,62 @@ func (d *drill) waitAllArrived(ctx context.Context) error {
 	// as lost by the checks.
 	_, _ = d.waitStatus(ctx, "nothing in flight", func(st bridge.Status) bool { return st.InFlight == 0 && st.Held == 0 })
 	d.logf("load stopped: %d events published, %d arrived", len(events), d.col.distinct())
+	if d.cfg.Publisher == nil {
+		// The source stream is on the drill's own JetStream: once its
+		// consumers have nothing unacknowledged, no redelivery (and so no
+		// late duplicate) can come.
+		if err := d.waitSourceAcked(ctx); err != nil {
+			d.logf("source: %v; duplicates are watched for 0.5s only", err)
+		} else {
+			d.rep.SourceAcked = true
+			d.logf("source: every delivery acknowledged")
+		}
+	}
 	return sleepCtx(ctx, 500*time.Millisecond)
+}
+
+// waitSourceAcked waits, up to Settle, until no consumer of the rule's
+// source stream has an unacknowledged delivery.
+func (d *drill) waitSourceAcked(ctx context.Context) error {
+	stream := d.rule.Source.Stream
+	deadline := time.Now().Add(d.cfg.Settle)
+	last := errors.New("not checked")
+	for {
+		pending, err := sourceAckPending(ctx, d.cfg.JetStream, stream)
+		switch {
+		case err != nil:
+			last = err
+		case pending == 0:
+			return nil
+		default:
+			last = fmt.Errorf("%d deliveries of stream %s unacknowledged after %s", pending, stream, d.cfg.Settle)
+		}
+		if time.Now().After(deadline) {
+			return last
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+// sourceAckPending sums NumAckPending over the consumers of stream.
+func sourceAckPending(ctx context.Context, js jetstream.JetStream, stream string) (int, error) {
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	s, err := js.Stream(rctx, stream)
+	if err != nil {
+		return 0, fmt.Errorf("stream %s: %w", stream, err)
+	}
+	n := 0
+	l := s.ListConsumers(rctx)
+	for ci := range l.Info() {
+		n += ci.NumAckPending
+	}
+	if err := l.Err(); err != nil {
+		return 0, fmt.Errorf("consumers of stream %s: %w", stream, err)
+	}
+	return n, nil
 }
 
 // analyze checks everything that arrived and completes the report.

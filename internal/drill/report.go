@@ -133,8 +133,15 @@ type Report struct {
 	// Ordering is how the bridge's source consumes the rule, as its
 	// /status says: "ordered" (one replica forwards at a time), "ordered,
 	// N partitions", "none" (a shared consumer), or "" when it does not say.
-	Ordering   string      `json:"ordering,omitempty"`
-	Violations []Violation `json:"violations"`
+	Ordering string `json:"ordering,omitempty"`
+	// SourceAcked reports that, before the checks, no consumer of the
+	// source stream held an unacknowledged delivery: no redelivery, and so
+	// no late duplicate, could arrive after the drill stopped watching.
+	// False when the drill does not publish to the source itself (a
+	// RocketMQ source) or the acks did not settle within Settle; then
+	// duplicates were watched for 0.5s after the last arrival.
+	SourceAcked bool        `json:"sourceAcked"`
+	Violations  []Violation `json:"violations"`
 }
 
 func (d *drill) violate(kind, format string, a ...any) {
@@ -225,6 +232,11 @@ func (r *Report) WriteText(w io.Writer) error {
 		ordering = "not reported"
 	}
 	pr.Printf("per-key reorderings: %d in %d keys (source ordering: %s)\n", r.Reorderings, r.ReorderedKeys, ordering)
+	if r.SourceAcked {
+		pr.Printf("source: every delivery acknowledged before the checks (no redelivery could follow)\n")
+	} else {
+		pr.Printf("source: acknowledgements not confirmed; duplicates watched for 0.5s after the last arrival\n")
+	}
 
 	if len(r.Violations) == 0 {
 		pr.Printf("\nviolations: none\n")
