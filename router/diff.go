@@ -150,6 +150,26 @@ func rekeyed(prev, next *Table) []string {
 	return out
 }
 
+// Rename is a topic rule of one table that reads, under a new name, the
+// source of a rule gone from the other.
+type Rename struct{ Old, New *Rule }
+
+// Renames lists the topic rules of prev that are gone from next while a rule
+// new in next reads the same source (broker, stream, subject, topic and
+// tags), in prev's rule order.
+func Renames(prev, next *Table) []Rename {
+	var out []Rename
+	for _, or := range prev.rules {
+		if next.byName[or.Name] != nil {
+			continue
+		}
+		if nr := renamedTo(or, prev, next); nr != nil {
+			out = append(out, Rename{Old: or, New: nr})
+		}
+	}
+	return out
+}
+
 // renamedTo is the rule of next that reads or's source under another name,
 // when or is gone from next and that rule is new in it; nil otherwise.
 func renamedTo(or *Rule, prev, next *Table) *Rule {

@@ -746,7 +746,10 @@ func TestPartitionLeaseLostWhileDraining(t *testing.T) {
 	table := partTable(t, js)
 	const slow = 6 * time.Second
 	a := startPartReplica(t, srv, table, "a", partOpts{forward: true, slow: slow,
-		tune: func(c *PartitionedConfig) { c.DrainTimeout = 30 * time.Second }})
+		// A short heartbeat: the loss is seen at the next renewal, and
+		// the bound below (half the slow sink's delay) then has several
+		// heartbeats of room on a loaded machine.
+		tune: func(c *PartitionedConfig) { c.DrainTimeout, c.Leases.Heartbeat = 30*time.Second, 500*time.Millisecond }})
 	waitBalanced(t, 20*time.Second, "a alone", 12, false, a)
 	stop := produce(t, srv, 200)
 	defer stop()

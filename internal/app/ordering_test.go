@@ -501,6 +501,29 @@ func TestReloadChangingTheSourceIsLogged(t *testing.T) {
 			t.Errorf("logs lack %q:\n%s", want, logs.String())
 		}
 	}
+	if strings.Contains(logs.String(), "rename a topic rule") {
+		t.Errorf("a rule reading another stream is not a rename:\n%s", logs.String())
+	}
+
+	// The same source under a new name: with the default group the new
+	// rule's consumer would start at the stream's first message after the
+	// restart, and the warning says how to keep the old position; with the
+	// old group kept there is nothing to warn about.
+	for _, c := range []struct {
+		rule string
+		warn bool
+	}{
+		{strings.Replace(ruleSingle("ordering: ordered"), "name: ev", "name: ev2", 1), true},
+		{strings.Replace(ruleSingle("group: cellbridge-ev"), "name: ev", "name: ev2", 1), false},
+	} {
+		var logs bytes.Buffer
+		checkReloaded(&Options{Config: cfg, Rules: ordered}, load(c.rule), slog.New(slog.NewTextHandler(&logs, nil)))
+		want := `msg="reloaded rules rename a topic rule and its consumer group: after the restart the new group starts at the source's first retained message`
+		if got := strings.Contains(logs.String(), want); got != c.warn ||
+			(c.warn && !strings.Contains(logs.String(), "rule=ev2 renamed_from=ev group=cellbridge-ev2 old_group=cellbridge-ev")) {
+			t.Errorf("rename warning %v, want %v:\n%s", got, c.warn, logs.String())
+		}
+	}
 }
 
 // A graceful stop closes the broker connections on purpose: nothing in it

@@ -335,6 +335,12 @@ func checkReloaded(o *Options, t *router.Table, log *slog.Logger) {
 				"rule", r.Name, "change", what)
 		}
 	}
+	for _, rn := range router.Renames(o.Rules, t) {
+		if og, ng := rn.Old.Source.Group, rn.New.Source.Group; og != ng {
+			log.Warn("reloaded rules rename a topic rule and its consumer group: after the restart the new group starts at the source's first retained message, and what the dedupe store and the targets' windows no longer cover is forwarded again; keep the old group (source.group) to keep its position",
+				"rule", rn.New.Name, "renamed_from", rn.Old.Name, "group", ng, "old_group", og)
+		}
+	}
 	for _, r := range o.Rules.Rules() {
 		if t.Rule(r.Name) == nil {
 			log.Warn("reloaded rules remove a topic rule; its source keeps consuming until the bridge restarts, and its messages find no route and no DLQ: they are held (redelivered every pipeline.holdDelay), not lost",

@@ -207,16 +207,23 @@ func isolate(t *testing.T, c *natstest.Cluster, js jetstream.JetStream, table *r
 	}
 	c.MoveStreamLeader(stream, victim)
 	other := (victim + 1) % c.Len()
+	// The names first, then the moves: the lister hands names over while
+	// its context lasts, and each move (a step-down and an election) can
+	// take seconds on a loaded machine.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	names := js.StreamNames(ctx)
-	for s := range names.Name() {
+	lister := js.StreamNames(ctx)
+	var streams []string
+	for s := range lister.Name() {
+		streams = append(streams, s)
+	}
+	if err := lister.Err(); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range streams {
 		if s != stream && c.StreamLeader(s) == victim {
 			c.MoveStreamLeader(s, other)
 		}
-	}
-	if err := names.Err(); err != nil {
-		t.Fatal(err)
 	}
 	for _, r := range table.Rules() {
 		if c.ConsumerLeader(r.Source.Stream, r.Source.Group) == victim {

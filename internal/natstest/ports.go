@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -40,9 +41,28 @@ func FreePortsE(n int) ([]int, error) { return freePorts(n) }
 // be given it, and the child fails with "address already in use". A port
 // below the range is only ever taken by an explicit bind, which here means
 // another test choosing the same random port in the same few milliseconds.
+//
+// Ports handed out are recorded twice: in this process (handed), and in a
+// file every test process on the machine shares (withSharedPorts; the
+// packages' test binaries run at once), where each stays reserved for
+// sharedPortTTL. A test that keeps a port unbound for seconds (a server it
+// restarts, a broker it starts after the bridge) is then safe from other
+// processes' draws as well.
 func freePorts(n int) ([]int, error) {
 	handedMu.Lock()
 	defer handedMu.Unlock()
+	var ports []int
+	var err error
+	withSharedPorts(func(shared map[int]bool) []int {
+		ports, err = drawPorts(n, shared)
+		return ports
+	})
+	return ports, err
+}
+
+// drawPorts draws n ports that are free now and in neither handed nor
+// shared, and records them in handed. The caller holds handedMu.
+func drawPorts(n int, shared map[int]bool) ([]int, error) {
 	lo, hi := pickRange()
 	if len(handed) > (hi-lo)/2 {
 		clear(handed) // a process that used half the range: start over
@@ -65,7 +85,7 @@ func freePorts(n int) ([]int, error) {
 		}
 		ls = append(ls, l)
 		port := l.Addr().(*net.TCPAddr).Port
-		if _, ok := handed[port]; ok {
+		if _, ok := handed[port]; ok || shared[port] {
 			continue // free now, but an earlier caller may still mean to bind it
 		}
 		ports = append(ports, port)
@@ -78,6 +98,9 @@ func freePorts(n int) ([]int, error) {
 	}
 	return ports, nil
 }
+
+// sharedPortsFile is the registry of ports handed out by test processes.
+func sharedPortsFile() string { return filepath.Join(os.TempDir(), "cellbridge-natstest-ports") }
 
 // handed holds every port freePorts returned in this process.
 var (
