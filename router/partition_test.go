@@ -63,7 +63,7 @@ func TestPartitionedRuleCompiles(t *testing.T) {
 	if got := orders.Partition("2088000000000042"); got != -1 {
 		t.Errorf("orders.Partition = %d, want -1 (not partitioned)", got)
 	}
-	cum := mustParse(t, variant(t, `subject: "pay.*"}`, `subject: "pay.*", acks: cumulative}`))
+	cum := mustParse(t, variant(t, `subject: "pay.*"}`, `subject: "pay.*", acks: cumulative}`, "onMissingKey: global\n", "onMissingKey: global\ndlq: {broker: nats, subject: dlq.pay}\n"))
 	if got := cum.Rule("pay").Source.Acks; got != AcksCumulative {
 		t.Errorf("acks = %q, want cumulative", got)
 	}

@@ -296,6 +296,8 @@ func (c *ruleChecker) checkOrdering(d *doc, r *topicRuleDoc, sourceNATS bool) {
 		d.errorf("source.acks", "unknown value %q: must be %s or %s", s.Acks, AcksEach, AcksCumulative)
 	case s.Acks == AcksCumulative && s.Ordering == OrderingNone:
 		d.errorf("source.acks", "cumulative needs ordering: ordered (replicas sharing a durable with ordering: none each acknowledge their own messages); remove one of them")
+	case s.Acks == AcksCumulative && r.DLQ == nil:
+		d.errorf("source.acks", "cumulative needs a dlq: a message that can go nowhere else (too large, too many hops) would be held for ever, the ack floor could not pass it, and the rule would stop after MaxAckPending more messages; add a dlq or use acks: each")
 	}
 	if !d.present("source.partitions") || s.Partitions == 0 {
 		c.useStream(d, r, sourceNATS, 0)
