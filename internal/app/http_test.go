@@ -76,7 +76,7 @@ func TestPprofAndTimeline(t *testing.T) {
 	done := make(chan result, 1)
 	go func() {
 		// get would call t.Fatal off the test goroutine.
-		resp, err := (&http.Client{Timeout: 20 * time.Second}).Get(base + "/debug/timeline?seconds=3&every=1")
+		resp, err := (&http.Client{Timeout: 30 * time.Second}).Get(base + "/debug/timeline?seconds=8&every=1")
 		if err != nil {
 			done <- result{0, err.Error()}
 			return
@@ -85,7 +85,9 @@ func TestPprofAndTimeline(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		done <- result{resp.StatusCode, string(b)}
 	}()
-	time.Sleep(300 * time.Millisecond) // the recording starts
+	// The recording starts once the request is served: a second of room
+	// on a loaded machine, and the 8 s window holds the events' settling.
+	time.Sleep(time.Second)
 	sent := e.publish(t, "r1", 0, 50, 10)
 	e.check(t, sent)
 	res := <-done

@@ -194,7 +194,12 @@ func TestBroadcastFailingCellAndKill9(t *testing.T) {
 		return err == nil && v == 1
 	})
 	time.Sleep(time.Until(failStart.Add(bcFailFor))) // the failure lasts bcFailFor: load shape, not synchronisation
-	lagging, _ := b.Metric(ctx, bridge.MetricBroadcastLagging, map[string]string{"cell": "d"})
+	var lagging float64
+	poll.Eventually(t, 10*time.Second, "copies for d lagging", func() bool {
+		v, err := b.Metric(ctx, bridge.MetricBroadcastLagging, map[string]string{"cell": "d"})
+		lagging = v
+		return err == nil && v > 0
+	})
 	sc.Subjects = subjects
 	// The failure ends when the server applies the update, before its
 	// answer reaches this test: retried copies can be stored meanwhile.

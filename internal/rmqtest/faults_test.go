@@ -93,7 +93,9 @@ func TestRestart(t *testing.T) {
 	rc := dialRaw(t, b.BrokerAddr())
 	rc.call(reqUpdateConsumerOffset, map[string]string{"consumerGroup": "cg-raw", "topic": topic, "queueId": "1", "commitOffset": "7"}, nil, serializeJSON)
 
-	if err := b.Restart(context.Background()); err != nil {
+	rctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := b.Restart(rctx); err != nil {
 		t.Fatal(err)
 	}
 	if b.NameServerAddr() != ns || b.BrokerAddr() != br {
