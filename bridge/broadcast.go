@@ -178,7 +178,7 @@ func (p *Pipeline) broadcast(ctx context.Context, t *task) error {
 	// ever on other broadcasts doing the same, with no copy started that
 	// would give a slot back.
 	if n > 0 {
-		if err := p.budget.acquire(ctx, p.closeCh, t, p.cfg.AckWait/4); err != nil {
+		if err := p.acquire(ctx, t); err != nil {
 			t.ack(context.Background(), err)
 			p.recycle(t)
 			if errors.Is(err, errDraining) {

@@ -20,24 +20,25 @@ type budget struct {
 	wait    chan struct{} // closed when slots were returned; nil when nobody waits
 }
 
-// acquire takes one slot, waiting while the budget is exhausted. It returns
-// ctx's error, or errDraining when stop is closed first.
+// try takes one slot if the budget has one.
+func (b *budget) try() bool {
+	if b.n.Add(1) <= b.max {
+		return true
+	}
+	b.n.Add(-1)
+	return false
+}
+
+// await takes one slot, waiting while the budget is exhausted (try failed a
+// moment ago). It returns ctx's error, or errDraining when stop is closed
+// first.
 //
 // While it waits, t's message (not yet tracked, so the pipeline's heartbeat
 // does not see it) is sent ErrInProgress every beat, so that its source does
 // not redeliver it while it only waits for a slot (a target that fails for
 // longer than AckWait fills the budget). No beat for a revoked delivery, as
 // in Pipeline.heartbeat. beat <= 0 sends none.
-func (b *budget) acquire(ctx context.Context, stop <-chan struct{}, t *task, beat time.Duration) error {
-	if b.n.Add(1) <= b.max {
-		return nil
-	}
-	b.n.Add(-1)
-	return b.wait1(ctx, stop, t, beat)
-}
-
-// wait1 is acquire's slow path: the budget was exhausted a moment ago.
-func (b *budget) wait1(ctx context.Context, stop <-chan struct{}, t *task, beat time.Duration) error {
+func (b *budget) await(ctx context.Context, stop <-chan struct{}, t *task, beat time.Duration) error {
 	var timer *time.Timer
 	defer func() {
 		if timer != nil {

@@ -559,6 +559,11 @@ func (rs *ruleState) stallAge(now int64) int64 {
 			since = max(t.arrived, t.unparked)
 		}
 	}
+	for t := range rs.waiting {
+		if since == 0 || t.arrived < since {
+			since = t.arrived
+		}
+	}
 	if since == 0 {
 		return 0
 	}

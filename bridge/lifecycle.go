@@ -228,7 +228,7 @@ func (rs *ruleState) snapshot(now int64) (n int, oldest float64) {
 	// The whole list, as stallAge: tracking order is arrival order only
 	// per delivering goroutine (RocketMQ queues, partitions).
 	from := int64(0)
-	for t := rs.head; t != nil; t = t.next {
+	oldest1 := func(t *task) {
 		at := t.arrived
 		if !t.m.Time.IsZero() {
 			at = min(at, t.m.Time.UnixNano())
@@ -236,6 +236,12 @@ func (rs *ruleState) snapshot(now int64) (n int, oldest float64) {
 		if from == 0 || at < from {
 			from = at
 		}
+	}
+	for t := rs.head; t != nil; t = t.next {
+		oldest1(t)
+	}
+	for t := range rs.waiting {
+		oldest1(t)
 	}
 	if from != 0 {
 		oldest = time.Duration(now - from).Seconds()

@@ -136,6 +136,58 @@ func TestWaitingForASlotKeepsTheMessageAlive(t *testing.T) {
 	}
 }
 
+// A rule whose messages only wait for in-flight slots, taken by another
+// rule's stuck target, is stalled too: its stall age and oldest
+// unacknowledged age grow with the wait (an ordered source then gives its
+// consumer to a replica with free slots), though none of its messages is
+// tracked yet.
+func TestSlotWaitCountsInTheStallAge(t *testing.T) {
+	s := newTestSink()
+	s.block = make(chan struct{})
+	s.blockTo = "cell.rz00.t"
+	e := newEnv(t, Config{MaxInFlight: 1}, rulesDoc(1, "", 0), s, nil)
+	handle(t, e, "t", keyFor(10, 1), "t1") // holds the only slot
+	m, a := msg("g", keyFor(11, 2), "g1")
+	done := make(chan error, 1)
+	go func() { done <- e.p.Handle(context.Background(), m, a.ack) }()
+	g := e.p.ruleState("g")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		g.mu.Lock()
+		n := len(g.waiting)
+		g.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			close(s.block)
+			t.Fatal("g's message is not seen waiting for a slot")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	now := SystemClock.Now().UnixNano() + int64(7*time.Second) // seven seconds on
+
+	if age := time.Duration(g.stallAge(now)); age < 7*time.Second {
+		t.Errorf("g's stall age %v while its message waited 7s for a slot", age)
+	}
+	if _, oldest := g.snapshot(now); oldest < 7 {
+		t.Errorf("g's oldest unacknowledged age %.1fs, want at least 7s", oldest)
+	}
+	close(s.block)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if r := a.result(t); r != nil {
+		t.Fatalf("g's message settled with %v", r)
+	}
+	g.mu.Lock()
+	left := len(g.waiting)
+	g.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d waiters left after the slot was taken", left)
+	}
+}
+
 // chanSource is a Source over a channel, for Run.
 type chanSource struct{ ch chan *Message }
 

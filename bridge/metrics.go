@@ -108,7 +108,7 @@ var MetricList = []MetricDesc{
 	{MetricLatency, "histogram", []string{"rule", "cell"}, "Seconds from the source broker storing a message to the sink confirming its copy."},
 	{MetricInFlight, "gauge", []string{"rule"}, "Messages accepted and not yet settled, excluding parked (held) ones."},
 	{MetricOldestUnackedAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message not yet acknowledged to the source (freshness)."},
-	{MetricStallAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message accepted and not yet settled, parked (held) messages excluded (a released one counts from its release): it grows while a target, the dedupe store or a retry holds messages up (/readyz fails beyond pipeline.stallTimeout)."},
+	{MetricStallAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message accepted and not yet settled (or waiting for an in-flight slot), parked (held) messages excluded (a released one counts from its release): it grows while a target, the dedupe store or a retry holds messages up (/readyz fails beyond pipeline.stallTimeout)."},
 	{MetricHeldMessages, "gauge", []string{"rule"}, "Messages parked because their shard is blocked (held)."},
 	{MetricHeldOldestAge, "gauge", []string{"rule"}, "Age in seconds of the oldest parked (held) message."},
 	{MetricHeldRange, "gauge", []string{"rule", "shards"}, "Messages parked per blocked shard range of the running rules (shards is a blocked: entry, e.g. 40-44)."},

@@ -164,6 +164,12 @@ type ruleState struct {
 	head, tail *task
 	n          int
 	held       atomic.Int64
+	// waiting holds the rule's messages that wait in Handle for an
+	// in-flight slot (not tracked yet): their wait counts in the stall age
+	// and the oldest unacknowledged age, so that a rule starved by another
+	// rule's failing target is seen, and an ordered source can give its
+	// consumer to a replica that has slots. Under mu; made on first use.
+	waiting map[*task]struct{}
 
 	cells cowMap[string, *cellState] // broadcast rules: per cell
 }
@@ -357,7 +363,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	t.lane = l
 	held := t.poison == "" && t.d.Reason == router.ReasonHeld
 	if !held {
-		if err := p.budget.acquire(ctx, p.closeCh, t, p.cfg.AckWait/4); err != nil {
+		if err := p.acquire(ctx, t); err != nil {
 			ack(context.Background(), err)
 			p.recycle(t)
 			if errors.Is(err, errDraining) {
@@ -388,6 +394,27 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 	}
 	p.activate(l, t)
 	return nil
+}
+
+// acquire takes an in-flight slot for t (whose rs is set), waiting while
+// the budget is exhausted; the wait is visible in t's rule (ruleState
+// waiting) and keeps t's message alive at its source (budget.wait).
+func (p *Pipeline) acquire(ctx context.Context, t *task) error {
+	if p.budget.try() {
+		return nil
+	}
+	rs := t.rs
+	rs.mu.Lock()
+	if rs.waiting == nil {
+		rs.waiting = map[*task]struct{}{}
+	}
+	rs.waiting[t] = struct{}{}
+	rs.mu.Unlock()
+	err := p.budget.await(ctx, p.closeCh, t, p.cfg.AckWait/4)
+	rs.mu.Lock()
+	delete(rs.waiting, t)
+	rs.mu.Unlock()
+	return err
 }
 
 // activate makes t its lane's active message, unlocks the lane (locked by
