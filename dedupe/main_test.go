@@ -3,9 +3,9 @@ package dedupe
 import (
 	"testing"
 
-	"go.uber.org/goleak"
+	"github.com/cellbridge/cellbridge/internal/leakcheck"
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	leakcheck.Main(m, nil)
 }

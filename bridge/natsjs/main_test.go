@@ -4,7 +4,7 @@ import (
 	"os"
 	"testing"
 
-	"go.uber.org/goleak"
+	"github.com/cellbridge/cellbridge/internal/leakcheck"
 )
 
 func TestMain(m *testing.M) {
@@ -13,5 +13,5 @@ func TestMain(m *testing.M) {
 	if url := os.Getenv(replicaEnv); url != "" {
 		os.Exit(runReplica(url))
 	}
-	goleak.VerifyTestMain(m)
+	leakcheck.Main(m, nil)
 }

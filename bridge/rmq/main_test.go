@@ -5,13 +5,14 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cellbridge/cellbridge/internal/leakcheck"
 	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
 func TestMain(m *testing.M) {
 	// Process-wide, before the tests' own clients (feeders, readers) exist.
 	SetRemotingTimeouts(0, 0)
-	goleak.VerifyTestMain(m, leakIgnores()...)
+	leakcheck.Main(m, nil, leakIgnores()...)
 }
 
 // leakIgnores lists the client's goroutines (rmqtesting keeps the list).

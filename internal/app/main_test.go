@@ -3,8 +3,7 @@ package app
 import (
 	"testing"
 
-	"go.uber.org/goleak"
-
+	"github.com/cellbridge/cellbridge/internal/leakcheck"
 	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
@@ -12,4 +11,4 @@ import (
 // watcher); every one must be gone when the tests end. The RocketMQ client
 // this package links leaves goroutines behind by design (listed, with
 // reasons, by rmqtesting).
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m, rmqtesting.IgnoreClientGoroutines()...) }
+func TestMain(m *testing.M) { leakcheck.Main(m, nil, rmqtesting.IgnoreClientGoroutines()...) }

@@ -1,21 +1,9 @@
 package e2etest
 
 import (
-	"fmt"
-	"os"
 	"testing"
 
-	"go.uber.org/goleak"
+	"github.com/cellbridge/cellbridge/internal/leakcheck"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	RemoveBinaries()
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { leakcheck.Main(m, RemoveBinaries) }

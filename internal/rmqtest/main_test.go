@@ -5,11 +5,10 @@ package rmqtest_test
 import (
 	"testing"
 
-	"go.uber.org/goleak"
-
+	"github.com/cellbridge/cellbridge/internal/leakcheck"
 	"github.com/cellbridge/cellbridge/internal/rmqtest/rmqtesting"
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m, rmqtesting.IgnoreClientGoroutines()...)
+	leakcheck.Main(m, nil, rmqtesting.IgnoreClientGoroutines()...)
 }
