@@ -115,6 +115,7 @@ type ruleHealth struct {
 	backlog      atomic.Int64
 	lastProgress atomic.Int64 // unix ns
 	stall        atomic.Int64 // ns; the stall age, sampled by the pipeline's sweeper
+	stallSlot    atomic.Bool  // the stall age's message waits for an in-flight slot
 	unacked      atomic.Int64 // ns; the oldest unacknowledged message's age, sampled likewise
 }
 
@@ -190,7 +191,8 @@ func (h *Health) Backlog(rule string, pending int64) {
 
 // StallAge returns rule's stall age as the pipeline last sampled it
 // (twice a second): how long the oldest message of rule that it accepted
-// and has not settled, parked (held) ones excluded, has waited; 0 when
+// and has not settled, parked (held) ones excluded, or that waits for an
+// in-flight slot, has waited; 0 when
 // there is none or the pipeline has not seen the rule. An ordered source
 // uses it to give its consumer up when this replica cannot publish.
 func (h *Health) StallAge(rule string) time.Duration {
@@ -347,7 +349,10 @@ func (h *Health) Ready() (bool, string) {
 	}
 	stallTimeout := time.Duration(h.stallTimeout.Load())
 	for name, r := range h.rules {
-		if s := time.Duration(r.stall.Load()); s > stallTimeout {
+		if s := time.Duration(r.stall.Load()); s > stallTimeout && r.stallSlot.Load() {
+			reasons = append(reasons, "rule "+name+": a message has waited "+s.Truncate(time.Second/10).String()+
+				" for an in-flight slot (pipeline.maxInFlight is taken, by this or another rule's messages; stallTimeout "+stallTimeout.String()+")")
+		} else if s > stallTimeout {
 			reasons = append(reasons, "rule "+name+": the oldest message accepted "+s.Truncate(time.Second/10).String()+
 				" ago is not settled yet (stallTimeout "+stallTimeout.String()+")")
 		}

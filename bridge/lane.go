@@ -548,7 +548,10 @@ func (rs *ruleState) setParked(t *task, parked bool) {
 // wait for an operator's switch, not for the bridge, so neither their time
 // in the park nor the time before it counts: a switch's released messages
 // are not "stalled" the moment they are released.
-func (rs *ruleState) stallAge(now int64) int64 {
+//
+// slot reports that the oldest such message waits in Handle for an
+// in-flight slot (ruleState.waiting), not in a lane.
+func (rs *ruleState) stallAge(now int64) (age int64, slot bool) {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	// The whole list: tracking order is arrival order only per delivering
@@ -561,13 +564,13 @@ func (rs *ruleState) stallAge(now int64) int64 {
 	}
 	for t := range rs.waiting {
 		if since == 0 || t.arrived < since {
-			since = t.arrived
+			since, slot = t.arrived, true
 		}
 	}
 	if since == 0 {
-		return 0
+		return 0, false
 	}
-	return max(0, now-since)
+	return max(0, now-since), slot
 }
 
 func (rs *ruleState) untrack(t *task) {

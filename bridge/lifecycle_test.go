@@ -145,7 +145,7 @@ func TestSlotWaitCountsInTheStallAge(t *testing.T) {
 	s := newTestSink()
 	s.block = make(chan struct{})
 	s.blockTo = "cell.rz00.t"
-	e := newEnv(t, Config{MaxInFlight: 1}, rulesDoc(1, "", 0), s, nil)
+	e := newEnv(t, Config{MaxInFlight: 1, StallTimeout: 100 * time.Millisecond}, rulesDoc(1, "", 0), s, nil)
 	handle(t, e, "t", keyFor(10, 1), "t1") // holds the only slot
 	m, a := msg("g", keyFor(11, 2), "g1")
 	done := make(chan error, 1)
@@ -167,11 +167,21 @@ func TestSlotWaitCountsInTheStallAge(t *testing.T) {
 	}
 	now := SystemClock.Now().UnixNano() + int64(7*time.Second) // seven seconds on
 
-	if age := time.Duration(g.stallAge(now)); age < 7*time.Second {
-		t.Errorf("g's stall age %v while its message waited 7s for a slot", age)
+	if age, slot := g.stallAge(now); time.Duration(age) < 7*time.Second || !slot {
+		t.Errorf("g's stall age %v (slot %v) while its message waited 7s for a slot", time.Duration(age), slot)
 	}
 	if _, oldest := g.snapshot(now); oldest < 7 {
 		t.Errorf("g's oldest unacknowledged age %.1fs, want at least 7s", oldest)
+	}
+	// /readyz says what g waits for, not that a message is unsettled.
+	var why string
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if _, why = e.p.Health().Ready(); strings.Contains(why, "rule g: a message has waited ") {
+			break
+		}
+	}
+	if !strings.Contains(why, "rule g: a message has waited ") || !strings.Contains(why, "for an in-flight slot (pipeline.maxInFlight is taken") {
+		t.Errorf("/readyz while g waits for a slot: %q", why)
 	}
 	close(s.block)
 	if err := <-done; err != nil {

@@ -410,11 +410,12 @@ func (p *Pipeline) acquire(ctx context.Context, t *task) error {
 	}
 	rs.waiting[t] = struct{}{}
 	rs.mu.Unlock()
-	err := p.budget.await(ctx, p.closeCh, t, p.cfg.AckWait/4)
-	rs.mu.Lock()
-	delete(rs.waiting, t)
-	rs.mu.Unlock()
-	return err
+	defer func() {
+		rs.mu.Lock()
+		delete(rs.waiting, t)
+		rs.mu.Unlock()
+	}()
+	return p.budget.await(ctx, p.closeCh, t, p.cfg.AckWait/4)
 }
 
 // activate makes t its lane's active message, unlocks the lane (locked by

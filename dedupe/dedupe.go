@@ -104,7 +104,8 @@ type HandleStore interface {
 	// ReserveHandle took. Once that one expired and another attempt
 	// reserved the key again, the later reservation stays (Release, which
 	// cannot tell the two apart, would free it, and a third attempt could
-	// then publish beside the second).
+	// then publish beside the second). The zero Handle names no
+	// reservation: with it, ReleaseHandle is Release.
 	ReleaseHandle(ctx context.Context, key string, h Handle) error
 }
 

@@ -226,7 +226,9 @@ func (m *Memory) ReserveHandle(_ context.Context, key string) (Outcome, Handle, 
 			// one no longer names it (ReleaseHandle).
 			e.state = stateReserved
 			e.expires = now + m.reserveTTL
-			e.gen++
+			if e.gen++; e.gen == 0 {
+				e.gen = 1 // 0 is the zero Handle's: it would match any reservation
+			}
 		}
 		h := Handle{shard: uint32(si), idx: i, gen: e.gen}
 		s.moveToFront(i)

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/cellbridge/cellbridge/bridge"
+	"github.com/cellbridge/cellbridge/bridge/natsjs"
 	"github.com/cellbridge/cellbridge/internal/deployment"
 	"github.com/cellbridge/cellbridge/internal/rulesdir"
 	"github.com/cellbridge/cellbridge/internal/switchover"
@@ -794,17 +796,22 @@ func (d *drill) waitAllArrived(ctx context.Context) error {
 	return sleepCtx(ctx, 500*time.Millisecond)
 }
 
-// waitSourceAcked waits, up to Settle, until no consumer of the rule's
-// source stream has an unacknowledged delivery.
+// waitSourceAcked waits, up to Settle, until none of the rule's consumers
+// of its source stream has an unacknowledged delivery.
 func (d *drill) waitSourceAcked(ctx context.Context) error {
 	stream := d.rule.Source.Stream
+	src := d.rule.Source
 	deadline := time.Now().Add(d.cfg.Settle)
 	last := errors.New("not checked")
 	for {
-		pending, err := sourceAckPending(ctx, d.cfg.JetStream, stream)
+		pending, found, err := sourceAckPending(ctx, d.cfg.JetStream, stream, func(name string) bool {
+			return name == src.Group || (src.Partitions > 0 && name == natsjs.PartitionDurable(src.Group, src.Partitions, partitionOf(name)))
+		})
 		switch {
 		case err != nil:
 			last = err
+		case found == 0:
+			last = fmt.Errorf("no consumer of group %s on stream %s", src.Group, stream)
 		case pending == 0:
 			return nil
 		default:
@@ -819,23 +826,42 @@ func (d *drill) waitSourceAcked(ctx context.Context) error {
 	}
 }
 
-// sourceAckPending sums NumAckPending over the consumers of stream.
-func sourceAckPending(ctx context.Context, js jetstream.JetStream, stream string) (int, error) {
+// partitionOf is the partition number a partition durable's name ends
+// with ("-p<i>"), or -1.
+func partitionOf(name string) int {
+	i := strings.LastIndex(name, "-p")
+	if i < 0 {
+		return -1
+	}
+	p, err := strconv.Atoi(name[i+2:])
+	if err != nil {
+		return -1
+	}
+	return p
+}
+
+// sourceAckPending sums NumAckPending over the consumers of stream that
+// ours accepts (the rule's own: other consumers, an operator's or a
+// former partition count's, are not the bridge's to settle).
+// found counts those consumers.
+func sourceAckPending(ctx context.Context, js jetstream.JetStream, stream string, ours func(string) bool) (pending, found int, err error) {
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	s, err := js.Stream(rctx, stream)
 	if err != nil {
-		return 0, fmt.Errorf("stream %s: %w", stream, err)
+		return 0, 0, fmt.Errorf("stream %s: %w", stream, err)
 	}
-	n := 0
 	l := s.ListConsumers(rctx)
 	for ci := range l.Info() {
-		n += ci.NumAckPending
+		if ours(ci.Name) {
+			pending += ci.NumAckPending
+			found++
+		}
 	}
 	if err := l.Err(); err != nil {
-		return 0, fmt.Errorf("consumers of stream %s: %w", stream, err)
+		return 0, 0, fmt.Errorf("consumers of stream %s: %w", stream, err)
 	}
-	return n, nil
+	return pending, found, nil
 }
 
 // analyze checks everything that arrived and completes the report.

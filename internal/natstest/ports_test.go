@@ -7,6 +7,7 @@ import "testing"
 // out again in the same process. 400 draws from the 10,000-port range
 // would repeat one with near certainty if each draw were independent.
 func TestFreePortsNeverRepeats(t *testing.T) {
+	privateRegistry(t) // 400 reservations would crowd the machine's registry
 	seen := map[int]int{}
 	for i := range 400 {
 		p := FreePorts(t, 1)[0]
@@ -25,6 +26,7 @@ func TestFreePortsSharedRegistry(t *testing.T) {
 	if !haveSharedPorts {
 		t.Skip("no shared registry on this platform")
 	}
+	privateRegistry(t)
 	ports := FreePorts(t, 3)
 	var seen map[int]bool
 	withSharedPorts(func(shared map[int]bool) []int {
@@ -36,4 +38,13 @@ func TestFreePortsSharedRegistry(t *testing.T) {
 			t.Errorf("port %d is not in the shared registry %s", p, sharedPortsFile())
 		}
 	}
+}
+
+// privateRegistry points the shared registry at a file of the test's own
+// for its duration.
+func privateRegistry(t *testing.T) {
+	dir := t.TempDir()
+	old := sharedPortsFile
+	sharedPortsFile = func() string { return dir + "/ports" }
+	t.Cleanup(func() { sharedPortsFile = old })
 }
