@@ -151,8 +151,8 @@
 // (UNIQ_KEY, the message id consumers see: the client's usual layout with
 // the process and class loader digits replaced by a hash of K and n, and
 // n), so that no property of the bridge's own reaches the cell; the
-// records per slot in the dedupe store are used(K,n), decided(K,n) and
-// resolved(K,n). For each message:
+// records per slot in the dedupe store are used(K,n), decided(K,n),
+// resolved(K,n) and rolledback(K,n). For each message:
 //
 //  1. the pipeline reserves K in the dedupe store;
 //  2. the sink claims the first slot n whose decided(K,n) it can reserve
@@ -175,7 +175,14 @@
 //     the key's next message is never made visible before it.
 //
 // A check-back answers from decided(K,n): committed → commit; still
-// reserved → unknown (the attempt may be alive); neither → rollback. A
+// reserved → unknown (the attempt may be alive); neither → rollback, after
+// committing rolledback(K,n) (a failed write answers unknown), and
+// rollback again whenever rolledback(K,n) is committed. A decision that
+// reaches the store after such a rollback (a write the store owed and
+// wrote back once its link healed, or a slow one) does not count: a claim
+// takes the next slot, a waiting attempt (step 6) sends the message again
+// instead of reporting a duplicate, and a local transaction that finds
+// rolledback(K,n) after its own decision answers rollback. A
 // final answer is settled a second later, once its one-way end-transaction
 // went out: the sink commits K (for a commit) and resolved(K,n). Because a slot is never reused
 // and only the local transaction decides a slot, at most one half message
@@ -195,11 +202,15 @@
 // Set CheckBackWait to the scan interval plus the timeout plus a margin.
 //
 // The records live for the dedupe store's TTL, and the store must be
-// shared by all replicas and outlive a process (JetStream KV). One caveat
-// remains: a bridge that stalls between steps 3 and 4 for longer than the
-// reservation TTL, while a check-back rolls its half message back, commits
-// a decision the broker no longer acts on, and that message is lost; keep
-// the reservation TTL well above the send timeout.
+// shared by all replicas and outlive a process (JetStream KV). A window
+// remains: a local transaction whose decision write outlives the slot's
+// reservation and lands between a check-back's read of decided(K,n) and its
+// write of rolledback(K,n), and whose read of rolledback(K,n) comes before
+// that write, answers commit while the check-back answers rollback; the
+// broker acts on whichever arrives first, and when it is the commit, a
+// later redelivery of the source message sends it again (a duplicate, not
+// a loss). It needs a decision write slower than the reservation TTL: keep
+// that TTL well above the send and store timeouts.
 //
 // What the broker must allow: on 5.x, where the proxy checks topic message
 // types (its default), transactional sends need target and DLQ topics of

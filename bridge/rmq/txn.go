@@ -30,7 +30,14 @@ import (
 //     commit exactly the half messages whose slot is decided;
 //   - resolved(slot): committed by whoever answered a check-back of the
 //     slot's half message, so that a replica waiting for that answer
-//     (wait.go) learns it.
+//     (wait.go) learns it;
+//   - rolledback(slot): committed by a check-back before it answers
+//     rollback (the slot was not decided when it looked). A decision
+//     written later — a commit the store owed and wrote back after the
+//     attempt's reservation expired — then does not count: claims take the
+//     next slot, later check-backs answer rollback again, a waiting attempt
+//     sends again instead of taking the message for delivered, and a local
+//     transaction that finds it after its own decision answers rollback.
 //
 // A new attempt takes the first slot that is neither decided nor used; a
 // decided slot means the message is already in the target topic, or will
@@ -70,6 +77,14 @@ func usedKey(storeKey string, slot int) string {
 func resolvedKey(storeKey string, slot int) string {
 	return storeKey + "\x00tx-resolved\x00" + strconv.Itoa(slot)
 }
+func rolledBackKey(storeKey string, slot int) string {
+	return storeKey + "\x00tx-rolledback\x00" + strconv.Itoa(slot)
+}
+
+// errRolledBack reports an attempt whose half message a check-back rolled
+// back although its decision reached the store later: the message is not
+// in the topic, and the pipeline sends it again (under the next slot).
+var errRolledBack = errors.New("the half message was rolled back by its check-back before its decision reached the dedupe store; sending again")
 
 // slotRef names one half message: its store key and attempt slot.
 type slotRef struct {
@@ -181,6 +196,13 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, deci
 		}
 		switch o {
 		case dedupe.Duplicate:
+			rb, err := l.committed(ctx, rolledBackKey(storeKey, slot))
+			if err != nil {
+				return 0, -1, fmt.Errorf("dedupe reserve: %w", err)
+			}
+			if rb {
+				continue // decided too late: its half message was rolled back; the slot stays used
+			}
 			return 0, slot, fmt.Errorf("transactional attempt %d already committed: %w", slot, bridge.ErrDuplicate)
 		case dedupe.InFlight:
 			return 0, -1, errSlotBusy
@@ -210,15 +232,21 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, deci
 // wasResolved reports whether a check-back of ref's half message was
 // answered (by any replica) according to the store.
 func (l *txListener) wasResolved(ctx context.Context, ref slotRef) bool {
-	rk := resolvedKey(ref.key, ref.slot)
-	o, err := l.store.Reserve(ctx, rk)
-	switch {
-	case err != nil:
-		return false
-	case o == dedupe.Reserved:
-		_ = l.store.Release(ctx, rk)
+	ok, err := l.committed(ctx, resolvedKey(ref.key, ref.slot))
+	return err == nil && ok
+}
+
+// committed reads whether key is committed in the store (a Reserve, and
+// the Release of a reservation it took).
+func (l *txListener) committed(ctx context.Context, key string) (bool, error) {
+	o, err := l.store.Reserve(ctx, key)
+	if err != nil {
+		return false, err
 	}
-	return o == dedupe.Duplicate
+	if o == dedupe.Reserved {
+		_ = l.store.Release(ctx, key)
+	}
+	return o == dedupe.Duplicate, nil
 }
 
 // ExecuteLocalTransaction runs right after the half message was stored:
@@ -228,13 +256,23 @@ func (l *txListener) wasResolved(ctx context.Context, ref slotRef) bool {
 // decide then (the next attempt of the message waits for it, see
 // wait.go).
 func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.LocalTransactionState {
-	return l.decide(m.GetProperties(), func(ctx context.Context, _ slotRef, dk string) primitive.LocalTransactionState {
+	return l.decide(m.GetProperties(), func(ctx context.Context, ref slotRef, dk string) primitive.LocalTransactionState {
 		if err := l.store.Commit(ctx, dk); err != nil {
 			l.log.Warn("transactional send: dedupe commit of the decision failed; the broker's check-back decides", "err", err)
 			// Never removes a commit: if the write was applied after all, the
 			// check-back commits the half message, else it rolls it back.
 			_ = l.store.Release(context.WithoutCancel(ctx), dk)
 			return primitive.UnkonwnState
+		}
+		// A decision that took longer than the reservation may come after
+		// a check-back that found none and rolled the half message back.
+		rb, err := l.committed(ctx, rolledBackKey(ref.key, ref.slot))
+		switch {
+		case err != nil:
+			return primitive.UnkonwnState // the check-back decides, from both records
+		case rb:
+			l.log.Warn("transactional send: a check-back rolled the half message back before its decision reached the dedupe store; sending again")
+			return primitive.RollbackMessageState
 		}
 		return primitive.CommitMessageState
 	})
@@ -264,6 +302,14 @@ func (l *txListener) CheckLocalTransaction(m *primitive.MessageExt) primitive.Lo
 
 func (l *txListener) check(m *primitive.MessageExt) primitive.LocalTransactionState {
 	return l.decide(m.GetProperties(), func(ctx context.Context, ref slotRef, dk string) primitive.LocalTransactionState {
+		rk := rolledBackKey(ref.key, ref.slot)
+		switch rb, err := l.committed(ctx, rk); {
+		case err != nil:
+			return primitive.UnkonwnState
+		case rb: // answered rollback before (that answer may have been lost)
+			l.settleLater(ref, false)
+			return primitive.RollbackMessageState
+		}
 		o, err := l.store.Reserve(ctx, dk)
 		st := primitive.RollbackMessageState
 		switch {
@@ -274,7 +320,15 @@ func (l *txListener) check(m *primitive.MessageExt) primitive.LocalTransactionSt
 		case o == dedupe.Duplicate:
 			st = primitive.CommitMessageState
 		default:
-			_ = l.store.Release(ctx, dk) // its attempt died before its local transaction
+			// Its attempt died before its local transaction, or lost its
+			// reservation while writing it: the rollback is recorded
+			// before it is answered, so that the decision, should it
+			// still reach the store, does not count.
+			err := l.store.Commit(ctx, rk)
+			_ = l.store.Release(ctx, dk)
+			if err != nil {
+				return primitive.UnkonwnState
+			}
 		}
 		l.settleLater(ref, st == primitive.CommitMessageState)
 		return st

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -244,5 +245,91 @@ func TestSinkCloseFailsWaitingSends(t *testing.T) {
 	waitFor(t, 5*time.Second, "k6 stored", func() bool { return len(b.Messages("closing")) >= 1 })
 	if n := len(b.Messages("closing")); n != 1 {
 		t.Fatalf("stored %d, want k6 once", n)
+	}
+}
+
+// lateClock is a clock the test moves by hand (the memory store's).
+type lateClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *lateClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *lateClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// TestTransactionalLateDecisionAfterRollback: an attempt cut off from the
+// dedupe store while writing its decision keeps the write owed, and its
+// reservation expires; a check-back (another replica) finds no decision and
+// rolls the half message back; then the owed decision reaches the store.
+// The decision must not count: the message is not in the topic. Before,
+// later claims took the slot for decided, a waiting attempt reported the
+// message delivered (the pipeline acknowledged its source: lost), and a
+// second check-back would have committed a half message already rolled
+// back.
+func TestTransactionalLateDecisionAfterRollback(t *testing.T) {
+	ctx := context.Background()
+	clock := &lateClock{t: time.Unix(1_700_000_000, 0)}
+	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Hour, ReserveTTL: time.Second, Now: clock.Now})
+	defer store.Close(ctx)
+	l := &txListener{store: store, log: testLog(t), timeout: time.Second}
+	defer l.close()
+
+	slot, _, err := l.claimSlot(ctx, "k") // A's attempt
+	if err != nil || slot != 0 {
+		t.Fatalf("claim: slot %d, %v", slot, err)
+	}
+	clock.Advance(2 * time.Second) // A's reservation of decided(k,0) expires
+	half := &primitive.MessageExt{}
+	half.WithProperty(bridge.HeaderMsgID, "k")
+	half.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID("k", 0))
+	if st := l.check(half); st != primitive.RollbackMessageState {
+		t.Fatalf("check-back with no decision: %s, want rollback", stateName(st))
+	}
+	if err := store.Commit(ctx, decidedKey("k", 0)); err != nil { // A's owed write lands
+		t.Fatal(err)
+	}
+	if st := l.check(half); st != primitive.RollbackMessageState {
+		t.Errorf("check-back after the late decision: %s, want rollback again", stateName(st))
+	}
+	slot, decided, err := l.claimSlot(ctx, "k") // the message's next attempt
+	if err != nil || slot != 1 || decided != -1 {
+		t.Errorf("claim after the rollback: slot %d, decided %d, %v; want slot 1 (the message is not in the topic)", slot, decided, err)
+	}
+	w := &txWaits{l: l}
+	if err := w.rolledBack(slotRef{"k", 0}); !errors.Is(err, errRolledBack) {
+		t.Errorf("a wait for the rolled-back attempt ends with %v, want errRolledBack (not a duplicate)", err)
+	}
+
+	// A decision that reaches the store before any check-back counts.
+	if _, _, err := l.claimSlot(ctx, "d"); err != nil {
+		t.Fatal(err)
+	}
+	okMsg := &primitive.Message{}
+	okMsg.WithProperty(bridge.HeaderMsgID, "d")
+	okMsg.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID("d", 0))
+	if st := l.ExecuteLocalTransaction(okMsg); st != primitive.CommitMessageState {
+		t.Fatalf("local transaction: %s", stateName(st))
+	}
+	if err := w.rolledBack(slotRef{"d", 0}); err != nil {
+		t.Errorf("a wait for a decided attempt: %v, want nil (a duplicate)", err)
+	}
+	// A decision written after a check-back rolled its half message back
+	// (a slow write that still succeeded) answers rollback itself.
+	if _, _, err := l.claimSlot(ctx, "s"); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(2 * time.Second)
+	slow := &primitive.MessageExt{}
+	slow.WithProperty(bridge.HeaderMsgID, "s")
+	slow.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID("s", 0))
+	if st := l.check(slow); st != primitive.RollbackMessageState {
+		t.Fatalf("check-back: %s", stateName(st))
+	}
+	if st := l.ExecuteLocalTransaction(&slow.Message); st != primitive.RollbackMessageState {
+		t.Errorf("local transaction after the rollback: %s, want rollback", stateName(st))
 	}
 }

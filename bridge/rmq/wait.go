@@ -160,12 +160,15 @@ func (w *txWaits) unresolved(now time.Time) []slotRef {
 	return out
 }
 
-// sweep resolves the jobs whose wait is over as duplicates, and those
-// whose context ended with its error.
+// sweep resolves the jobs whose wait is over as duplicates (unless the
+// half message was rolled back after all: then with errRolledBack, and the
+// pipeline sends the message again), and those whose context ended with
+// its error.
 func (w *txWaits) sweep(now time.Time) {
 	type result struct {
 		j   *job
 		err error
+		ref *slotRef // over: the half message whose wait ended
 	}
 	var out []result
 	w.mu.Lock()
@@ -175,9 +178,9 @@ func (w *txWaits) sweep(now time.Time) {
 		for _, j := range wt.jobs {
 			switch {
 			case over:
-				out = append(out, result{j, fmt.Errorf("transactional attempt %d decided and committed: %w", ref.slot, bridge.ErrDuplicate)})
+				out = append(out, result{j, fmt.Errorf("transactional attempt %d decided and committed: %w", ref.slot, bridge.ErrDuplicate), &ref})
 			case j.ctx.Err() != nil:
-				out = append(out, result{j, j.ctx.Err()})
+				out = append(out, result{j, j.ctx.Err(), nil})
 			default:
 				kept = append(kept, j)
 			}
@@ -189,7 +192,33 @@ func (w *txWaits) sweep(now time.Time) {
 		}
 	}
 	w.mu.Unlock()
+	rolledBack := map[slotRef]error{}
 	for _, r := range out {
+		if r.ref != nil {
+			err, seen := rolledBack[*r.ref]
+			if !seen {
+				err = w.rolledBack(*r.ref)
+				rolledBack[*r.ref] = err
+			}
+			if err != nil {
+				r.err = err
+			}
+		}
 		w.done(r.j, r.err)
 	}
+}
+
+// rolledBack returns errRolledBack when a check-back rolled ref's half
+// message back (its decision reached the store only after that), an error
+// when the store cannot say, and nil when the decision stands.
+func (w *txWaits) rolledBack(ref slotRef) error {
+	ctx, cancel := context.WithTimeout(context.Background(), w.l.timeout)
+	defer cancel()
+	switch rb, err := w.l.committed(ctx, rolledBackKey(ref.key, ref.slot)); {
+	case err != nil:
+		return fmt.Errorf("transactional attempt %d: whether its check-back rolled it back is unknown, sending again: %w", ref.slot, err)
+	case rb:
+		return fmt.Errorf("transactional attempt %d: %w", ref.slot, errRolledBack)
+	}
+	return nil
 }

@@ -293,11 +293,22 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 // for replies, and what was settled should not be redelivered after a
 // restart. A flush that fails (the connection is down or reconnecting, the
 // server does not answer) is logged, not an error of the stop: an ack lost
-// with it only means a redelivery, which deduplication drops.
+// with it only means a redelivery, which deduplication drops. A connection
+// that is not connected is not flushed (the flush would wait for a
+// reconnect until the stop's deadline, and the process would be killed),
+// and a flush waits at most closeFlushTimeout.
 func (c *natsClient) close(ctx context.Context) error {
 	c.closing.Store(true)
 	for name, nc := range c.conns {
-		if err := nc.FlushWithContext(ctx); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		var err error
+		if nc.IsConnected() {
+			fctx, cancel := context.WithTimeout(ctx, closeFlushTimeout)
+			err = nc.FlushWithContext(fctx)
+			cancel()
+		} else {
+			err = fmt.Errorf("not connected (%s)", nc.Status())
+		}
+		if err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 			c.env.log.Warn("nats connection not flushed before closing; messages settled just before may be redelivered (and dropped as duplicates)",
 				"broker", name, "err", err)
 		}
@@ -305,6 +316,10 @@ func (c *natsClient) close(ctx context.Context) error {
 	}
 	return nil
 }
+
+// closeFlushTimeout bounds the flush of each connection at the stop: a
+// connected server answers a flush within milliseconds.
+const closeFlushTimeout = 2 * time.Second
 
 // closeNow closes the connections opened so far (a failed connect).
 func (c *natsClient) closeNow() {
