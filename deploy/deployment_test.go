@@ -15,7 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
-	_ "github.com/cellbridge/cellbridge/internal/app" // the broker kinds the configuration names
+	"github.com/cellbridge/cellbridge/internal/app"
 	"github.com/cellbridge/cellbridge/internal/config"
 	"github.com/cellbridge/cellbridge/router"
 )
@@ -118,15 +118,16 @@ func containerPort(c *corev1.Container, port string) int32 {
 	return 0
 }
 
-// TestGracefulShutdown: the kubelet must not kill the bridge while it drains. After the preStop pause
-// the bridge gets SIGTERM, then has pipeline.drainTimeout to finish in-flight messages and a little
-// more to close its connections; terminationGracePeriodSeconds covers all of it.
+// TestGracefulShutdown: the kubelet must not kill the bridge while it stops. After the preStop pause
+// the bridge gets SIGTERM, then has pipeline.drainTimeout to finish in-flight messages and stops for
+// good within app.StopTimeout (the drain plus closing everything else); terminationGracePeriodSeconds
+// covers all of it, with a margin.
 func TestGracefulShutdown(t *testing.T) {
-	const closeMargin = 5 * time.Second
+	const margin = 5 * time.Second
 	forEachOverlay(t, func(t *testing.T, r *rendering) {
 		c := container(t, r)
 		_, cfg := configOf(t, r)
-		drain := cfg.Pipeline.DrainTimeout.D()
+		stop := app.StopTimeout(cfg)
 		var pause time.Duration
 		if c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Sleep == nil {
 			t.Errorf("want a preStop sleep action (the image has no shell)")
@@ -141,8 +142,8 @@ func TestGracefulShutdown(t *testing.T) {
 			t.Fatal("terminationGracePeriodSeconds is not set (the default 30s is not derived from the drain deadline)")
 		}
 		grace := time.Duration(*gp) * time.Second
-		if need := pause + drain + closeMargin; grace < need {
-			t.Errorf("terminationGracePeriodSeconds %v < preStop %v + drainTimeout %v + %v to close", grace, pause, drain, closeMargin)
+		if need := pause + stop + margin; grace < need {
+			t.Errorf("terminationGracePeriodSeconds %v < preStop %v + the bridge's stop bound %v (drainTimeout + 15s) + %v", grace, pause, stop, margin)
 		}
 		ru := r.deployment.Spec.Strategy.RollingUpdate
 		if ru == nil || ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "0" {

@@ -126,3 +126,46 @@ func logText(t *testing.T, b *Bridge) string {
 	}
 	return string(data)
 }
+
+// TestStopWhileTheBrokerIsDown: SIGTERM to a ready bridge whose only
+// server went away stops it with exit status 0, within seconds: nothing
+// waits for the broker to come back (a connection not connected is not
+// flushed; each request the stop makes is bounded by its timeout). Before,
+// the closing flush waited for a reconnect until the stop's deadline
+// (drainTimeout + 15 s), and the process exited 1 ("shutdown: context
+// deadline exceeded") or was killed at the end of its grace period.
+func TestStopWhileTheBrokerIsDown(t *testing.T) {
+	if testing.Short() {
+		t.Skip("subprocess test: skipped with -short")
+	}
+	rules, table := exampleTable(t)
+	store := t.TempDir()
+	port := natstest.FreePorts(t, 1)[0]
+	srv := natstest.StartDir(t, store, func(o *server.Options) { o.Port = port })
+	_, js := srv.Connect(t)
+	if err := natsjs.EnsureStreams(testCtx(t, 30*time.Second), js, table, natsjs.StreamOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := WriteConfig(t, "", Config{Rules: rules, URLs: []string{srv.URL}})
+	b := StartBridge(t, BridgeOptions{Name: "orphaned", Config: cfg})
+	b.WaitReady()
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	b.wait("/readyz 503 once the server is gone", func(ctx context.Context) bool {
+		ok, _, err := b.Ready(ctx)
+		return err == nil && !ok
+	})
+	start := time.Now()
+	err := b.Term()
+	took := time.Since(start)
+	t.Logf("stopped %v after SIGTERM with the server down", took.Round(time.Millisecond))
+	if err != nil {
+		t.Fatalf("SIGTERM with the server down: exit %v\n%s", err, b.LogTail(20))
+	}
+	if took > 15*time.Second {
+		t.Errorf("the stop took %v with the server down, want it bounded by request timeouts (seconds), not by the stop's deadline", took)
+	}
+	if log := logText(t, b); !strings.Contains(log, "nats connection not flushed before closing") {
+		t.Errorf("the log does not say the connection was not flushed:\n%s", b.LogTail(20))
+	}
+}
