@@ -169,8 +169,43 @@ func (h *Health) setConn(broker, role string, up bool) bool {
 			v = 1
 		}
 		h.m.ConnectionUp.WithLabelValues(broker, role).Set(v)
+		h.setNeeded(broker, role, h.sinkNeeded.Load())
 	}
 	return !known || old != up
+}
+
+// connNeeded reports whether the running rules need the connection (see
+// MetricConnectionNeeded); needed is the pipeline's sink check, nil before
+// it started (everything is needed then).
+func connNeeded(broker, role string, needed *func(string) bool) bool {
+	return role != RoleSink || needed == nil || (*needed)(broker)
+}
+
+func (h *Health) setNeeded(broker, role string, needed *func(string) bool) {
+	v := 0.0
+	if connNeeded(broker, role, needed) {
+		v = 1
+	}
+	h.m.ConnectionNeeded.WithLabelValues(broker, role).Set(v)
+}
+
+// updateNeeded sets cellbridge_connection_needed for every connection
+// seen, after the rules changed which brokers they publish to (the
+// pipeline's sweeper calls it with the gauges).
+func (h *Health) updateNeeded() {
+	if h.m == nil {
+		return
+	}
+	needed := h.sinkNeeded.Load()
+	h.mu.Lock()
+	keys := make([][2]string, 0, len(h.conns))
+	for k := range h.conns {
+		keys = append(keys, k)
+	}
+	h.mu.Unlock()
+	for _, k := range keys {
+		h.setNeeded(k[0], k[1], needed)
+	}
 }
 
 // Backlog implements Reporter.
@@ -327,8 +362,8 @@ func (h *Health) Ready() (bool, string) {
 	h.mu.Lock()
 	for k, up := range h.conns {
 		if !up {
-			if k[1] == RoleSink && needed != nil && !(*needed)(k[0]) {
-				continue // still logged and in cellbridge_connection_up
+			if !connNeeded(k[0], k[1], needed) {
+				continue // still logged and in cellbridge_connection_up (cellbridge_connection_needed 0)
 			}
 			reasons = append(reasons, k[1]+" connection to broker "+k[0]+" is down")
 		}

@@ -250,6 +250,7 @@ func (rs *ruleState) snapshot(now int64) (n int, oldest float64) {
 }
 
 func (p *Pipeline) updateGauges() {
+	p.health.updateNeeded()
 	now := p.clock.Now().UnixNano()
 	held := p.collectHeld(now, true)
 	p.updateRangeGauges(held)

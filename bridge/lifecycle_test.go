@@ -388,9 +388,20 @@ dlq: {broker: nats, subject: dlq.t}
 	if ok, why := h.Ready(); ok || !strings.Contains(why, "sink connection to broker nats-cb is down") {
 		t.Fatalf("cb active: ready=%v %q", ok, why)
 	}
+	needed := func(broker string) float64 {
+		return value(e.p.met.ConnectionNeeded.WithLabelValues(broker, RoleSink))
+	}
+	if v := needed("nats-cb"); v != 1 {
+		t.Errorf("cellbridge_connection_needed for cb's broker while cb is active: %v, want 1", v)
+	}
 	e.hold.Store(table(t, doc(2, "down")))
 	eventually(t, "ready with cb marked down", func() bool { ok, _ := h.Ready(); return ok })
+	// The alert on the lost connection follows: its broker is no longer needed.
+	eventually(t, "cb's broker not needed", func() bool { return needed("nats-cb") == 0 })
 	h.ConnectionChanged("nats", RoleSink, false) // the DLQ's broker
+	if v := needed("nats"); v != 1 {
+		t.Errorf("cellbridge_connection_needed for the DLQ's broker: %v, want 1", v)
+	}
 	if ok, why := h.Ready(); ok || !strings.Contains(why, "sink connection to broker nats is down") {
 		t.Fatalf("DLQ broker down: ready=%v %q", ok, why)
 	}

@@ -92,6 +92,7 @@ const (
 	MetricRulesLastReload   = "cellbridge_rules_last_reload_timestamp_seconds"
 	MetricRulesReloadFails  = "cellbridge_rules_reload_failures_total"
 	MetricConnectionUp      = "cellbridge_connection_up"
+	MetricConnectionNeeded  = "cellbridge_connection_needed"
 	MetricReady             = "cellbridge_ready"
 	MetricBuildInfo         = "cellbridge_build_info"
 	MetricBroadcastSkipped  = "cellbridge_broadcast_skipped_total"
@@ -129,6 +130,7 @@ var MetricList = []MetricDesc{
 	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
 	{MetricRulesReloadFails, "counter", nil, "Rule reloads refused (invalid files or a lower version)."},
 	{MetricConnectionUp, "gauge", []string{"broker", "role"}, "1 while the connection to a broker is up, by role (source, sink, dedupe)."},
+	{MetricConnectionNeeded, "gauge", []string{"broker", "role"}, "1 while the running rules need the connection to a broker (every source and dedupe connection; a sink connection while a rule publishes to that broker for a cell not marked down, or to a DLQ), 0 while only cells marked down would use it: its loss then holds neither readiness nor an alert."},
 	{MetricReady, "gauge", nil, "1 while /readyz answers 200."},
 	{MetricBuildInfo, "gauge", []string{"version", "goversion"}, "Always 1; labels carry the build version and Go version."},
 	{MetricBroadcastSkipped, "counter", []string{"rule", "cell", "reason"}, "Broadcast copies not sent, by topic rule, cell and reason: down (the cell is down in the rules: missed; cellbridge replay sends them later), origin (the event came from that cell; excludeOrigin), removed (the cell left the rule's cells while the copy waited)."},
@@ -173,6 +175,7 @@ type Metrics struct {
 	RulesLastReload  prometheus.Gauge
 	RulesReloadFails prometheus.Counter
 	ConnectionUp     *prometheus.GaugeVec
+	ConnectionNeeded *prometheus.GaugeVec
 	Ready            prometheus.Gauge
 	BuildInfo        *prometheus.GaugeVec
 	BroadcastSkipped *prometheus.CounterVec
@@ -229,6 +232,7 @@ func NewMetrics(version string) *Metrics {
 	m.RulesLastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesLastReload, Help: byName[MetricRulesLastReload].Help})
 	m.RulesReloadFails = prometheus.NewCounter(prometheus.CounterOpts{Name: MetricRulesReloadFails, Help: byName[MetricRulesReloadFails].Help})
 	m.ConnectionUp = gauge(MetricConnectionUp)
+	m.ConnectionNeeded = gauge(MetricConnectionNeeded)
 	m.Ready = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricReady, Help: byName[MetricReady].Help})
 	m.BuildInfo = gauge(MetricBuildInfo)
 	m.BroadcastSkipped = counter(MetricBroadcastSkipped)
@@ -244,7 +248,7 @@ func NewMetrics(version string) *Metrics {
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
 		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.DedupeTakeovers, m.BrokerReqErrors,
-		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.Ready, m.BuildInfo,
+		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.ConnectionNeeded, m.Ready, m.BuildInfo,
 		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging, m.DedupeEvictions,
 		m.Sources,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
