@@ -264,7 +264,17 @@ func fxLogger(log *slog.Logger) fxevent.Logger {
 	return l
 }
 
-func newMetrics(o *Options) *bridge.Metrics { return bridge.NewMetrics(o.Version) }
+// newMetrics makes the registry; cellbridge_rules_version shows the rules
+// loaded at start from the first scrape on, also while the bridge waits
+// for its brokers (0 there would read as another version than the
+// running replicas'; the pipeline keeps it current from then on).
+func newMetrics(o *Options) *bridge.Metrics {
+	m := bridge.NewMetrics(o.Version)
+	if o.Rules != nil {
+		m.RulesVersion.Set(float64(o.Rules.Version()))
+	}
+	return m
+}
 
 func newHealth(m *bridge.Metrics, log *slog.Logger) *bridge.Health {
 	return bridge.NewHealth(m, log, nil)

@@ -58,6 +58,11 @@ func TestStartBeforeTheBroker(t *testing.T) {
 		n, err := b.Metric(ctx, "cellbridge_broker_request_errors_total", map[string]string{"broker": "nats", "op": "connect"})
 		return err == nil && n >= 2 && strings.Count(logText(t, b), `"msg":"broker request failed; retrying"`) >= 2
 	})
+	// The rules version is the loaded rules' while the bridge waits (0
+	// would read as a replica on other rules).
+	if v, err := b.Metric(ctx, "cellbridge_rules_version", nil); err != nil || v != float64(table.Version()) {
+		t.Errorf("cellbridge_rules_version while waiting for the broker: %v, %v; want %d", v, err, table.Version())
+	}
 	log := logText(t, b)
 	for _, w := range []string{`"broker":"nats"`, `"url":"` + url + `"`, `"op":"connect"`, `"attempt":2`, `"retry_in":"`, "no server at the URL accepted a connection"} {
 		if !strings.Contains(log, w) {
