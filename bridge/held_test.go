@@ -161,7 +161,8 @@ func TestHeldOverflowFallsBackToHold(t *testing.T) {
 	}
 }
 
-// A refused reload is counted and changes nothing.
+// A refused reload is counted, shown until a reload succeeds, and changes
+// nothing.
 func TestReloadRefusedCounted(t *testing.T) {
 	e := newEnv(t, Config{}, rulesDoc(1, "", 0), nil, nil)
 	e.p.RulesReloaded(1, 2, errors.New("lower version"), time.Now())
@@ -170,6 +171,14 @@ func TestReloadRefusedCounted(t *testing.T) {
 	}
 	if v := value(e.p.met.RulesVersion); v != 1 {
 		t.Fatalf("rules version %v", v)
+	}
+	// The refusal stays visible until a reload succeeds.
+	if v := value(e.p.met.RulesFailing); v != 1 {
+		t.Fatalf("rules reload failing %v after a refusal, want 1", v)
+	}
+	e.p.RulesReloaded(3, 1, nil, time.Now())
+	if v := value(e.p.met.RulesFailing); v != 0 {
+		t.Fatalf("rules reload failing %v after a good reload, want 0", v)
 	}
 }
 

@@ -65,39 +65,40 @@ const (
 
 // Metric names.
 const (
-	MetricMessages          = "cellbridge_messages_total"
-	MetricForwarded         = "cellbridge_forwarded_total"
-	MetricDLQ               = "cellbridge_dlq_total"
-	MetricLatency           = "cellbridge_latency_seconds"
-	MetricInFlight          = "cellbridge_in_flight"
-	MetricOldestUnackedAge  = "cellbridge_oldest_unacked_age_seconds"
-	MetricStallAge          = "cellbridge_stall_age_seconds"
-	MetricHeldMessages      = "cellbridge_held_messages"
-	MetricHeldOldestAge     = "cellbridge_held_oldest_age_seconds"
-	MetricHeldRange         = "cellbridge_held_range_messages"
-	MetricHeldRangeOldest   = "cellbridge_held_range_oldest_age_seconds"
-	MetricSourceBacklog     = "cellbridge_source_backlog_messages"
-	MetricSinkPublishErrors = "cellbridge_sink_publish_errors_total"
-	MetricTargetFailing     = "cellbridge_target_failing"
-	MetricSourceFailing     = "cellbridge_source_failing"
-	MetricDedupeErrors      = "cellbridge_dedupe_errors_total"
-	MetricDedupeTakeovers   = "cellbridge_dedupe_takeovers_total"
-	MetricDedupeEvictions   = "cellbridge_dedupe_evictions_total"
-	MetricPartitions        = "cellbridge_partitions"
-	MetricPartitionsOwned   = "cellbridge_partitions_owned"
-	MetricTakeovers         = "cellbridge_takeovers_total"
-	MetricSourcePinned      = "cellbridge_source_pinned"
-	MetricBrokerReqErrors   = "cellbridge_broker_request_errors_total"
-	MetricRulesVersion      = "cellbridge_rules_version"
-	MetricRulesLastReload   = "cellbridge_rules_last_reload_timestamp_seconds"
-	MetricRulesReloadFails  = "cellbridge_rules_reload_failures_total"
-	MetricConnectionUp      = "cellbridge_connection_up"
-	MetricConnectionNeeded  = "cellbridge_connection_needed"
-	MetricReady             = "cellbridge_ready"
-	MetricBuildInfo         = "cellbridge_build_info"
-	MetricBroadcastSkipped  = "cellbridge_broadcast_skipped_total"
-	MetricBroadcastPending  = "cellbridge_broadcast_pending_copies"
-	MetricBroadcastLagging  = "cellbridge_broadcast_lagging_copies"
+	MetricMessages           = "cellbridge_messages_total"
+	MetricForwarded          = "cellbridge_forwarded_total"
+	MetricDLQ                = "cellbridge_dlq_total"
+	MetricLatency            = "cellbridge_latency_seconds"
+	MetricInFlight           = "cellbridge_in_flight"
+	MetricOldestUnackedAge   = "cellbridge_oldest_unacked_age_seconds"
+	MetricStallAge           = "cellbridge_stall_age_seconds"
+	MetricHeldMessages       = "cellbridge_held_messages"
+	MetricHeldOldestAge      = "cellbridge_held_oldest_age_seconds"
+	MetricHeldRange          = "cellbridge_held_range_messages"
+	MetricHeldRangeOldest    = "cellbridge_held_range_oldest_age_seconds"
+	MetricSourceBacklog      = "cellbridge_source_backlog_messages"
+	MetricSinkPublishErrors  = "cellbridge_sink_publish_errors_total"
+	MetricTargetFailing      = "cellbridge_target_failing"
+	MetricSourceFailing      = "cellbridge_source_failing"
+	MetricDedupeErrors       = "cellbridge_dedupe_errors_total"
+	MetricDedupeTakeovers    = "cellbridge_dedupe_takeovers_total"
+	MetricDedupeEvictions    = "cellbridge_dedupe_evictions_total"
+	MetricPartitions         = "cellbridge_partitions"
+	MetricPartitionsOwned    = "cellbridge_partitions_owned"
+	MetricTakeovers          = "cellbridge_takeovers_total"
+	MetricSourcePinned       = "cellbridge_source_pinned"
+	MetricBrokerReqErrors    = "cellbridge_broker_request_errors_total"
+	MetricRulesVersion       = "cellbridge_rules_version"
+	MetricRulesLastReload    = "cellbridge_rules_last_reload_timestamp_seconds"
+	MetricRulesReloadFails   = "cellbridge_rules_reload_failures_total"
+	MetricRulesReloadFailing = "cellbridge_rules_reload_failing"
+	MetricConnectionUp       = "cellbridge_connection_up"
+	MetricConnectionNeeded   = "cellbridge_connection_needed"
+	MetricReady              = "cellbridge_ready"
+	MetricBuildInfo          = "cellbridge_build_info"
+	MetricBroadcastSkipped   = "cellbridge_broadcast_skipped_total"
+	MetricBroadcastPending   = "cellbridge_broadcast_pending_copies"
+	MetricBroadcastLagging   = "cellbridge_broadcast_lagging_copies"
 )
 
 // MetricList is every cellbridge_ metric, in the order of docs/metrics.md. Labels never hold
@@ -129,6 +130,7 @@ var MetricList = []MetricDesc{
 	{MetricRulesVersion, "gauge", nil, "Version of the rules table in use."},
 	{MetricRulesLastReload, "gauge", nil, "Unix time of the last successful rules load."},
 	{MetricRulesReloadFails, "counter", nil, "Rule reloads refused (invalid files or a lower version)."},
+	{MetricRulesReloadFailing, "gauge", nil, "1 from a refused rules reload until one succeeds: the rules directory holds rules this replica does not run (and a replica started on them would not start)."},
 	{MetricConnectionUp, "gauge", []string{"broker", "role"}, "1 while the connection to a broker is up, by role (source, sink, dedupe)."},
 	{MetricConnectionNeeded, "gauge", []string{"broker", "role"}, "1 while the running rules need the connection to a broker (every source and dedupe connection; a sink connection while a rule publishes to that broker for a cell not marked down, or to a DLQ), 0 while only cells marked down would use it: its loss then holds neither readiness nor an alert."},
 	{MetricReady, "gauge", nil, "1 while /readyz answers 200."},
@@ -174,6 +176,7 @@ type Metrics struct {
 	RulesVersion     prometheus.Gauge
 	RulesLastReload  prometheus.Gauge
 	RulesReloadFails prometheus.Counter
+	RulesFailing     prometheus.Gauge
 	ConnectionUp     *prometheus.GaugeVec
 	ConnectionNeeded *prometheus.GaugeVec
 	Ready            prometheus.Gauge
@@ -231,6 +234,7 @@ func NewMetrics(version string) *Metrics {
 	m.RulesVersion = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesVersion, Help: byName[MetricRulesVersion].Help})
 	m.RulesLastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesLastReload, Help: byName[MetricRulesLastReload].Help})
 	m.RulesReloadFails = prometheus.NewCounter(prometheus.CounterOpts{Name: MetricRulesReloadFails, Help: byName[MetricRulesReloadFails].Help})
+	m.RulesFailing = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricRulesReloadFailing, Help: byName[MetricRulesReloadFailing].Help})
 	m.ConnectionUp = gauge(MetricConnectionUp)
 	m.ConnectionNeeded = gauge(MetricConnectionNeeded)
 	m.Ready = prometheus.NewGauge(prometheus.GaugeOpts{Name: MetricReady, Help: byName[MetricReady].Help})
@@ -248,7 +252,7 @@ func NewMetrics(version string) *Metrics {
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
 		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
 		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.DedupeTakeovers, m.BrokerReqErrors,
-		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.ConnectionUp, m.ConnectionNeeded, m.Ready, m.BuildInfo,
+		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.RulesFailing, m.ConnectionUp, m.ConnectionNeeded, m.Ready, m.BuildInfo,
 		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging, m.DedupeEvictions,
 		m.Sources,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -290,9 +290,11 @@ func (p *Pipeline) Run(ctx context.Context, src Source) error {
 func (p *Pipeline) RulesReloaded(version, previous int64, err error, at time.Time) {
 	if err != nil {
 		p.met.RulesReloadFails.Inc()
+		p.met.RulesFailing.Set(1)
 		p.log.Error("rules reload refused; keeping the running table", "version", version, "running", previous, "err", err)
 		return
 	}
+	p.met.RulesFailing.Set(0)
 	p.met.RulesVersion.Set(float64(version))
 	if at.IsZero() {
 		at = p.clock.Now()
