@@ -191,7 +191,11 @@
 // expired, and the redelivered message takes the next slot); one killed
 // after step 4 leaves a decided slot (committed by the check-back, and the
 // redelivered message waits for that at step 6). A failed send gives its
-// slot's reservation up at once. docs/guarantees.md section 10 has the order
+// slot's reservation up at once; one the broker certainly did not store
+// (an error code, no route, no connection made) leaves no half message,
+// and the key's next attempt in the same process takes that slot again,
+// so that a broker refusing sends for a while does not use up the key's
+// 64 slots (which would hold the key for the store's TTL). docs/guarantees.md section 10 has the order
 // argument and its crash rows.
 //
 // Check-back timing: a real broker checks half messages only at its

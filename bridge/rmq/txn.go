@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -177,6 +178,46 @@ type txListener struct {
 	mu     sync.Mutex
 	timers map[*time.Timer]struct{} // settleLater's, until they ran
 	closed bool
+	// refused holds, per store key, a slot whose half message the broker
+	// certainly did not store (sendNotStored): the key's next attempt in
+	// this process takes it again instead of burning one more of its
+	// maxTxSlots (a broker down for a minute would otherwise use them all
+	// and hold the key for the store's TTL).
+	refused map[string]int
+}
+
+// sendNotStored reports whether a failed half-message send certainly
+// stored nothing: the broker answered with an error code, no route to the
+// topic was known, or no connection could be made. A timeout or a
+// connection lost after the request was written is not certain.
+func sendNotStored(err error) bool {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return true
+	}
+	s := err.Error()
+	return strings.HasPrefix(s, "CODE: ") || strings.Contains(s, "route info not found")
+}
+
+// maxRefused bounds refused; beyond it the map starts over (the slots
+// are then burnt, as without it).
+const maxRefused = 100_000
+
+func (l *txListener) rememberRefused(key string, slot int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.refused == nil || len(l.refused) >= maxRefused {
+		l.refused = map[string]int{}
+	}
+	l.refused[key] = slot
+}
+
+func (l *txListener) takeRefused(key string) (int, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	slot, ok := l.refused[key]
+	delete(l.refused, key)
+	return slot, ok
 }
 
 var _ primitive.TransactionListener = (*txListener)(nil)
@@ -188,6 +229,18 @@ var _ primitive.TransactionListener = (*txListener)(nil)
 // bridge.ErrDuplicate and that attempt's slot in decided (else -1); while
 // an earlier attempt is being decided right now, errSlotBusy.
 func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, decided int, err error) {
+	if s, ok := l.takeRefused(storeKey); ok {
+		// Used, and no half message carries it: ours again if nobody
+		// holds its decision (the pipeline's reservation of the key
+		// keeps other attempts away).
+		o, err := l.store.Reserve(ctx, decidedKey(storeKey, s))
+		if err != nil {
+			return 0, -1, fmt.Errorf("dedupe reserve: %w", err)
+		}
+		if o == dedupe.Reserved {
+			return s, -1, nil
+		}
+	}
 	for slot := range maxTxSlots {
 		dk := decidedKey(storeKey, slot)
 		o, err := l.store.Reserve(ctx, dk)
@@ -441,8 +494,13 @@ func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgo
 	if err != nil {
 		// Undecided: give the slot up (it stays used, so it is never
 		// taken again); a half message stored after all is rolled back by
-		// end-transaction or its check-back.
+		// end-transaction or its check-back. A send that certainly stored
+		// nothing leaves no half message: the key's next attempt here
+		// takes the slot again.
 		_ = l.store.Release(context.WithoutCancel(ctx), decidedKey(key, slot))
+		if res == nil && sendNotStored(err) {
+			l.rememberRefused(key, slot)
+		}
 		return err
 	}
 	// Decided and ended; confirmed once the broker read the

@@ -3,6 +3,8 @@ package rmq
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -331,5 +333,58 @@ func TestTransactionalLateDecisionAfterRollback(t *testing.T) {
 	}
 	if st := l.ExecuteLocalTransaction(&slow.Message); st != primitive.RollbackMessageState {
 		t.Errorf("local transaction after the rollback: %s, want rollback", stateName(st))
+	}
+}
+
+// TestTransactionalRefusedSendsKeepTheirSlot: half messages the broker
+// refuses (an error code: nothing stored) do not use up the key's attempt
+// slots. Before, every refused attempt burnt one of maxTxSlots, and a
+// broker refusing sends for about twenty seconds left the key failing
+// with "more than 64 transactional attempts" for the dedupe store's TTL.
+func TestTransactionalRefusedSendsKeepTheirSlot(t *testing.T) {
+	b := startBroker(t, rmqtest.Options{})
+	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Hour, ReserveTTL: time.Minute})
+	defer store.Close(context.Background())
+	bc := brokerConfig(b)
+	bc.Transactional = true
+	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
+	const refusals = 2 * maxTxSlots
+	b.FailSends(refusals, 14) // service not available
+	var last error
+	attempts := 0
+	for ; attempts < 2*refusals; attempts++ {
+		if last = publish(t, s, outgoing("refused", "k1")); last == nil {
+			break
+		}
+		if strings.Contains(last.Error(), "transactional attempts") {
+			t.Fatalf("attempt %d: %v", attempts+1, last)
+		}
+	}
+	if last != nil {
+		t.Fatalf("still failing after %d attempts: %v", attempts, last)
+	}
+	if n := len(b.Messages("refused")); n != 1 {
+		t.Fatalf("stored %d messages, want 1", n)
+	}
+	t.Logf("published after %d refused sends (%d failed publishes)", refusals, attempts)
+}
+
+// sendNotStored: which failed sends certainly stored nothing.
+func TestSendNotStored(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{&net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connection refused")}, true},
+		{fmt.Errorf("send: %w", &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("i/o timeout")}), true},
+		{errors.New("CODE: 14, DESC: service not available"), true},
+		{errors.New("the topic=orders route info not found"), true},
+		{&net.OpError{Op: "write", Net: "tcp", Err: errors.New("broken pipe")}, false},
+		{context.DeadlineExceeded, false},
+		{errors.New("wait response timeout"), false},
+	} {
+		if got := sendNotStored(c.err); got != c.want {
+			t.Errorf("sendNotStored(%v) = %v, want %v", c.err, got, c.want)
+		}
 	}
 }
