@@ -385,6 +385,16 @@ type delivery struct {
 	final atomic.Bool
 }
 
+// queueDropped reports whether d's queue was taken from this consumer (a
+// rebalance gave it to another member of the group).
+func (d *delivery) queueDropped() bool {
+	if d.b == nil || d.b.cr == nil {
+		return false
+	}
+	pq := d.b.cr.GetPQ()
+	return pq != nil && pq.IsDroppd()
+}
+
 // message builds a fresh bridge.Message for each delivery: the pipeline
 // adds the Cell-* headers to the map it is given.
 func (d *delivery) message() *bridge.Message {
@@ -448,18 +458,25 @@ func (d *delivery) ack(_ context.Context, err error) error {
 }
 
 // redeliver hands d to the pipeline again after delay, unless the source
-// stopped: then d stays unacknowledged, the queue's offset stays before it,
-// and the group's next owner of the queue reads it again.
+// stopped or its queue was rebalanced to another consumer of the group:
+// then d stays unacknowledged, the queue's offset stays before it, and the
+// queue's owner reads it again (this replica handing it over too would
+// forward it twice at once).
 func (s *Source) redeliver(d *delivery, delay time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.stopped || s.runCtx.Err() != nil {
+	if s.stopped || s.runCtx.Err() != nil || d.queueDropped() {
 		return
 	}
 	var t *time.Timer
 	t = time.AfterFunc(delay, func() {
 		s.mu.Lock()
 		if s.stopped {
+			s.mu.Unlock()
+			return
+		}
+		if d.queueDropped() {
+			delete(s.timers, t)
 			s.mu.Unlock()
 			return
 		}
