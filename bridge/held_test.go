@@ -176,6 +176,11 @@ func TestReloadRefusedCounted(t *testing.T) {
 	if v := value(e.p.met.RulesFailing); v != 1 {
 		t.Fatalf("rules reload failing %v after a refusal, want 1", v)
 	}
+	e.p.RulesReloaded(1, 1, nil, time.Now()) // the directory holds the running rules again
+	if v, ver := value(e.p.met.RulesFailing), value(e.p.met.RulesVersion); v != 0 || ver != 1 {
+		t.Fatalf("after the refused rules were reverted: failing %v, version %v; want 0 and 1", v, ver)
+	}
+	e.p.RulesReloaded(1, 2, errors.New("lower version"), time.Now())
 	e.p.RulesReloaded(3, 1, nil, time.Now())
 	if v := value(e.p.met.RulesFailing); v != 0 {
 		t.Fatalf("rules reload failing %v after a good reload, want 0", v)

@@ -295,6 +295,9 @@ func (p *Pipeline) RulesReloaded(version, previous int64, err error, at time.Tim
 		return
 	}
 	p.met.RulesFailing.Set(0)
+	if version == previous {
+		return // the directory holds the running rules again (router.ReloadEvent.Reverted)
+	}
 	p.met.RulesVersion.Set(float64(version))
 	if at.IsZero() {
 		at = p.clock.Now()
@@ -400,7 +403,7 @@ func (p *Pipeline) Handle(ctx context.Context, m *Message, ack Ack) error {
 
 // acquire takes an in-flight slot for t (whose rs is set), waiting while
 // the budget is exhausted; the wait is visible in t's rule (ruleState
-// waiting) and keeps t's message alive at its source (budget.wait).
+// waiting) and keeps t's message alive at its source (budget.await).
 func (p *Pipeline) acquire(ctx context.Context, t *task) error {
 	if p.budget.try() {
 		return nil

@@ -24,6 +24,10 @@ type ReloadEvent struct {
 	Previous int64     // version running before the attempt (0 when none)
 	Err      error     // nil: the new table is running; otherwise it was refused (*Errors or ErrVersionNotNewer)
 	At       time.Time // when the attempt finished
+	// Reverted reports, with Err nil and Version == Previous, that the
+	// directory holds the running table's rules again after a refused
+	// content: nothing was loaded, and the refusal is over.
+	Reverted bool
 }
 
 // Timing of the watcher. Kubernetes updates a ConfigMap volume with several
@@ -206,7 +210,13 @@ func (w *Watcher) check() {
 	if len(probs) == 0 {
 		key = fingerprint(files)
 		if cur != nil && key == cur.Fingerprint() {
+			refused := w.lastTried != "" && w.lastTried != key
 			w.lastTried = key
+			if refused {
+				w.log.Log(context.Background(), w.level(slog.LevelInfo), "rules directory holds the running rules again; the refused rules are gone",
+					"dir", w.dir, "version", prev)
+				w.onReload(ReloadEvent{Version: prev, Previous: prev, At: time.Now(), Reverted: true})
+			}
 			return
 		}
 	} else {

@@ -111,6 +111,14 @@ func TestWatcherReloads(t *testing.T) {
 		t.Fatalf("event %+v", ev)
 	}
 
+	// Putting the running rules back ends the refusal: one event says so
+	// (the refused-rules gauge and alert clear), nothing is loaded.
+	writeAtomic(t, file, variant(t, "version: 3", "version: 4", `"0-4"`, `"0-3"`, `"5-9"`, `"4-9"`))
+	ev = f.next(t)
+	if ev.Err != nil || !ev.Reverted || ev.Version != 4 || ev.Previous != 4 {
+		t.Fatalf("event after reverting to the running rules: %+v", ev)
+	}
+
 	// A burst: a new file, then the version bump. Seen apart, the first half
 	// is refused (new content, same version) and the second applied.
 	writeFiles(t, dir, map[string]string{"extra.yml": "kind: TopicRule\nname: extra\nsource: {broker: nats, stream: X, subject: \"x.>\"}\nkey: {header: K}\nshard: {func: fnv1a}\ntarget: {broker: nats, subject: \"cell.{cell}.x\"}\nonMissingKey: global\n"})

@@ -206,15 +206,27 @@
 // Set CheckBackWait to the scan interval plus the timeout plus a margin.
 //
 // The records live for the dedupe store's TTL, and the store must be
-// shared by all replicas and outlive a process (JetStream KV). A window
-// remains: a local transaction whose decision write outlives the slot's
-// reservation and lands between a check-back's read of decided(K,n) and its
-// write of rolledback(K,n), and whose read of rolledback(K,n) comes before
-// that write, answers commit while the check-back answers rollback; the
-// broker acts on whichever arrives first, and when it is the commit, a
-// later redelivery of the source message sends it again (a duplicate, not
-// a loss). It needs a decision write slower than the reservation TTL: keep
-// that TTL well above the send and store timeouts.
+// shared by all replicas and outlive a process (JetStream KV). Windows
+// remain, each needing a store write slower than the reservation TTL (keep
+// that TTL well above the send and store timeouts), each a duplicate, not
+// a loss:
+//
+//   - a local transaction whose decision write outlives the slot's
+//     reservation and lands between a check-back's read of decided(K,n)
+//     and its write of rolledback(K,n), and whose read of rolledback(K,n)
+//     comes before that write, answers commit while the check-back answers
+//     rollback; the broker does not refuse an end-transaction for a half
+//     message already ended, so the commit makes the message visible, and
+//     later attempts, which find rolledback(K,n), send it again;
+//   - a check-back whose write of rolledback(K,n) fails answers unknown,
+//     but the JetStream store writes a failed commit again in the
+//     background: when that lands after another check-back committed the
+//     slot (the decision came meanwhile), later attempts send it again.
+//
+// A decision within half the reservation TTL of its claim cannot follow a
+// rollback (check-backs see the claim's reservation and answer unknown):
+// the local transaction reads rolledback(K,n) only after that
+// (SinkConfig.ReserveTTL).
 //
 // What the broker must allow: on 5.x, where the proxy checks topic message
 // types (its default), transactional sends need target and DLQ topics of

@@ -171,6 +171,9 @@ type txListener struct {
 	store   dedupe.Store
 	log     *slog.Logger
 	timeout time.Duration
+	// reserveTTL is the store's reservation TTL (0: unknown); see
+	// SinkConfig.ReserveTTL.
+	reserveTTL time.Duration
 	// waits learns the answers to check-backs (nil in tests that play a
 	// crashed sink).
 	waits *txWaits
@@ -178,25 +181,40 @@ type txListener struct {
 	mu     sync.Mutex
 	timers map[*time.Timer]struct{} // settleLater's, until they ran
 	closed bool
-	// refused holds, per store key, a slot whose half message the broker
-	// certainly did not store (sendNotStored): the key's next attempt in
-	// this process takes it again instead of burning one more of its
-	// maxTxSlots (a broker down for a minute would otherwise use them all
-	// and hold the key for the store's TTL).
-	refused map[string]int
+	// refused holds, per store key, a slot whose half message certainly
+	// was not stored (sendNotStored) and when: the key's next claim in
+	// this process may take it again (claimSlot) instead of using one
+	// more of its maxTxSlots (a broker down for a minute would otherwise
+	// use them all and hold the key for the store's TTL).
+	refused map[string]refusedSlot
+	// claimed holds when each slot of this process was claimed, until its
+	// local transaction ran (ExecuteLocalTransaction).
+	claimed map[slotRef]time.Time
 }
 
+type refusedSlot struct {
+	slot int
+	at   time.Time
+}
+
+// refusedFor is how long a refused slot may be taken again: far below any
+// dedupe TTL, so that used(K,n) cannot have expired and been claimed by
+// another attempt meanwhile.
+const refusedFor = time.Minute
+
 // sendNotStored reports whether a failed half-message send certainly
-// stored nothing: the broker answered with an error code, no route to the
-// topic was known, or no connection could be made. A timeout or a
-// connection lost after the request was written is not certain.
+// stored nothing: no route to the topic was known, or no connection could
+// be made (the client sends each half message once: the sink disables its
+// retries, and it dials before it writes). An error code is not certain: a
+// 5.x proxy answers SYSTEM_ERROR for a broker that timed out, which may
+// have stored the message. Nor is a timeout, or a connection lost after
+// the request was written.
 func sendNotStored(err error) bool {
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
 		return true
 	}
-	s := err.Error()
-	return strings.HasPrefix(s, "CODE: ") || strings.Contains(s, "route info not found")
+	return strings.Contains(err.Error(), "route info not found")
 }
 
 // maxRefused bounds refused; beyond it the map starts over (the slots
@@ -207,17 +225,37 @@ func (l *txListener) rememberRefused(key string, slot int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.refused == nil || len(l.refused) >= maxRefused {
-		l.refused = map[string]int{}
+		l.refused = map[string]refusedSlot{}
 	}
-	l.refused[key] = slot
+	l.refused[key] = refusedSlot{slot, time.Now()}
 }
 
+// takeRefused returns the key's refused slot, if one was recorded within
+// refusedFor, and forgets it.
 func (l *txListener) takeRefused(key string) (int, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	slot, ok := l.refused[key]
+	r, ok := l.refused[key]
 	delete(l.refused, key)
-	return slot, ok
+	return r.slot, ok && time.Since(r.at) < refusedFor
+}
+
+// noteClaim records when ref was claimed; claimedAt returns and forgets it.
+func (l *txListener) noteClaim(ref slotRef) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.claimed == nil || len(l.claimed) >= maxRefused {
+		l.claimed = map[slotRef]time.Time{}
+	}
+	l.claimed[ref] = time.Now()
+}
+
+func (l *txListener) claimedAt(ref slotRef) (time.Time, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	at, ok := l.claimed[ref]
+	delete(l.claimed, ref)
+	return at, ok
 }
 
 var _ primitive.TransactionListener = (*txListener)(nil)
@@ -229,18 +267,7 @@ var _ primitive.TransactionListener = (*txListener)(nil)
 // bridge.ErrDuplicate and that attempt's slot in decided (else -1); while
 // an earlier attempt is being decided right now, errSlotBusy.
 func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, decided int, err error) {
-	if s, ok := l.takeRefused(storeKey); ok {
-		// Used, and no half message carries it: ours again if nobody
-		// holds its decision (the pipeline's reservation of the key
-		// keeps other attempts away).
-		o, err := l.store.Reserve(ctx, decidedKey(storeKey, s))
-		if err != nil {
-			return 0, -1, fmt.Errorf("dedupe reserve: %w", err)
-		}
-		if o == dedupe.Reserved {
-			return s, -1, nil
-		}
-	}
+	reuse, canReuse := l.takeRefused(storeKey)
 	for slot := range maxTxSlots {
 		dk := decidedKey(storeKey, slot)
 		o, err := l.store.Reserve(ctx, dk)
@@ -273,10 +300,21 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, deci
 				_ = l.store.Release(ctx, dk)
 				return 0, -1, fmt.Errorf("dedupe commit: %w", err)
 			}
+			l.noteClaim(slotRef{storeKey, slot})
 			return slot, -1, nil
 		}
 		// Used and never decided: its half message is rolled back by its
-		// check-back; never reuse the slot.
+		// check-back; never reuse the slot. Unless it is this process's
+		// own last attempt, whose half message was certainly not stored,
+		// and no attempt came after it (the next slot was never used):
+		// then no half message carries the slot, and the key takes it
+		// again instead of using up its slots while the broker refuses.
+		if o == dedupe.Duplicate && canReuse && slot == reuse && slot+1 < maxTxSlots {
+			if next, err := l.committed(ctx, usedKey(storeKey, slot+1)); err == nil && !next {
+				l.noteClaim(slotRef{storeKey, slot})
+				return slot, -1, nil
+			}
+		}
 		_ = l.store.Release(ctx, dk)
 	}
 	return 0, -1, fmt.Errorf("more than %d transactional attempts for one message", maxTxSlots)
@@ -318,7 +356,12 @@ func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.Loc
 			return primitive.UnkonwnState
 		}
 		// A decision that took longer than the reservation may come after
-		// a check-back that found none and rolled the half message back.
+		// a check-back that found none and rolled the half message back;
+		// within half of it the claim's reservation kept check-backs at
+		// "unknown", and there is nothing to read.
+		if at, ok := l.claimedAt(ref); ok && l.reserveTTL > 0 && time.Since(at) < l.reserveTTL/2 {
+			return primitive.CommitMessageState
+		}
 		rb, err := l.committed(ctx, rolledBackKey(ref.key, ref.slot))
 		switch {
 		case err != nil:
@@ -478,6 +521,14 @@ func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgo
 		ref := slotRef{key, decided}
 		if l.waits != nil && !l.wasResolved(ctx, ref) {
 			return &errPending{ref}
+		}
+		// Answered: read the rollback record again, which the answer
+		// writes before it (the claim read it before the answer).
+		switch rb, rerr := l.committed(ctx, rolledBackKey(ref.key, ref.slot)); {
+		case rerr != nil:
+			return fmt.Errorf("transactional attempt %d: whether its check-back rolled it back is unknown: %w", ref.slot, rerr)
+		case rb:
+			return fmt.Errorf("transactional attempt %d: %w", ref.slot, errRolledBack)
 		}
 		return err
 	}

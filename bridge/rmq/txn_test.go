@@ -336,37 +336,84 @@ func TestTransactionalLateDecisionAfterRollback(t *testing.T) {
 	}
 }
 
-// TestTransactionalRefusedSendsKeepTheirSlot: half messages the broker
-// refuses (an error code: nothing stored) do not use up the key's attempt
-// slots. Before, every refused attempt burnt one of maxTxSlots, and a
-// broker refusing sends for about twenty seconds left the key failing
-// with "more than 64 transactional attempts" for the dedupe store's TTL.
+// refusingProducer fails its first sends with err, then stores each half
+// message and runs the local transaction, as the client does.
+type refusingProducer struct {
+	l     *txListener
+	fails int
+	err   error
+	sent  []int // the slot of every half message stored
+}
+
+func (p *refusingProducer) SendMessageInTransaction(_ context.Context, m *primitive.Message) (*primitive.TransactionSendResult, error) {
+	if p.fails > 0 {
+		p.fails--
+		return nil, p.err
+	}
+	ref, ok := txRef(m.GetProperties())
+	if !ok {
+		return nil, errors.New("no transaction reference")
+	}
+	p.sent = append(p.sent, ref.slot)
+	st := p.l.ExecuteLocalTransaction(m)
+	return &primitive.TransactionSendResult{SendResult: &primitive.SendResult{Status: primitive.SendOK}, State: st}, nil
+}
+
+// TestTransactionalRefusedSendsKeepTheirSlot: sends that certainly stored
+// nothing (no connection could be made: a broker that is down) do not use
+// up the key's attempt slots. Before, every one burnt one of maxTxSlots,
+// and a broker down for about twenty seconds left the key failing with
+// "more than 64 transactional attempts" for the dedupe store's TTL. A send
+// that may have stored its half message (a timeout) still uses its slot,
+// and a slot taken by a later attempt is never taken again.
 func TestTransactionalRefusedSendsKeepTheirSlot(t *testing.T) {
-	b := startBroker(t, rmqtest.Options{})
+	ctx := context.Background()
 	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Hour, ReserveTTL: time.Minute})
-	defer store.Close(context.Background())
-	bc := brokerConfig(b)
-	bc.Transactional = true
-	s := newSink(t, SinkConfig{Brokers: []BrokerConfig{bc}, Dedupe: store})
-	const refusals = 2 * maxTxSlots
-	b.FailSends(refusals, 14) // service not available
-	var last error
-	attempts := 0
-	for ; attempts < 2*refusals; attempts++ {
-		if last = publish(t, s, outgoing("refused", "k1")); last == nil {
+	defer store.Close(ctx)
+	l := &txListener{store: store, log: testLog(t), timeout: time.Second, reserveTTL: time.Minute}
+	defer l.close()
+	send := func(p *refusingProducer, key string) error {
+		out := outgoing("refused", key)
+		return l.txSend(ctx, p, out, outgoingMessage(out, false))
+	}
+
+	dial := &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connection refused")}
+	p := &refusingProducer{l: l, fails: 3 * maxTxSlots, err: dial}
+	var err error
+	for range 3*maxTxSlots + 1 {
+		if err = send(p, "k1"); err == nil || errors.As(err, new(*errEnded)) {
 			break
 		}
-		if strings.Contains(last.Error(), "transactional attempts") {
-			t.Fatalf("attempt %d: %v", attempts+1, last)
+		if strings.Contains(err.Error(), "transactional attempts") {
+			t.Fatalf("%d refusals left: %v", p.fails, err)
 		}
 	}
-	if last != nil {
-		t.Fatalf("still failing after %d attempts: %v", attempts, last)
+	if !errors.As(err, new(*errEnded)) || len(p.sent) != 1 || p.sent[0] != 0 {
+		t.Fatalf("after %d refused sends: %v, half messages in slots %v; want one, in slot 0", 3*maxTxSlots, err, p.sent)
 	}
-	if n := len(b.Messages("refused")); n != 1 {
-		t.Fatalf("stored %d messages, want 1", n)
+
+	// Timeouts may have stored their half messages: each uses its slot.
+	p = &refusingProducer{l: l, fails: 2, err: context.DeadlineExceeded}
+	for range 3 {
+		err = send(p, "k2")
 	}
-	t.Logf("published after %d refused sends (%d failed publishes)", refusals, attempts)
+	if !errors.As(err, new(*errEnded)) || len(p.sent) != 1 || p.sent[0] != 2 {
+		t.Fatalf("after two timeouts: %v, slots %v; want slot 2", err, p.sent)
+	}
+
+	// A refused slot is not taken again once a later attempt used the next
+	// one (another replica, say): its half message may exist.
+	p = &refusingProducer{l: l, fails: 1, err: dial}
+	if err := send(p, "k3"); err == nil { // slot 0 refused
+		t.Fatal("refused send succeeded")
+	}
+	if _, _, err := (&txListener{store: store, log: testLog(t), timeout: time.Second}).claimSlot(ctx, "k3"); err != nil { // slot 1, elsewhere
+		t.Fatal(err)
+	}
+	_ = store.Release(ctx, decidedKey("k3", 1)) // that attempt died undecided
+	if err := send(p, "k3"); !errors.As(err, new(*errEnded)) || len(p.sent) != 1 || p.sent[0] != 2 {
+		t.Fatalf("k3: %v, slots %v; want slot 2 (not the refused 0, not the used 1)", err, p.sent)
+	}
 }
 
 // sendNotStored: which failed sends certainly stored nothing.
@@ -377,7 +424,7 @@ func TestSendNotStored(t *testing.T) {
 	}{
 		{&net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connection refused")}, true},
 		{fmt.Errorf("send: %w", &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("i/o timeout")}), true},
-		{errors.New("CODE: 14, DESC: service not available"), true},
+		{errors.New("CODE: 14, DESC: service not available"), false}, // a proxy answers SYSTEM_ERROR for a broker timeout
 		{errors.New("the topic=orders route info not found"), true},
 		{&net.OpError{Op: "write", Net: "tcp", Err: errors.New("broken pipe")}, false},
 		{context.DeadlineExceeded, false},
