@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -295,25 +296,32 @@ func (c *natsClient) source(ctx context.Context, r *router.Rule) (bridge.Source,
 // server does not answer) is logged, not an error of the stop: an ack lost
 // with it only means a redelivery, which deduplication drops. A connection
 // that is not connected is not flushed (the flush would wait for a
-// reconnect until the stop's deadline, and the process would be killed),
-// and a flush waits at most closeFlushTimeout.
+// reconnect until the stop's deadline, and the process would be killed);
+// the connections are flushed at once, together for at most
+// closeFlushTimeout.
 func (c *natsClient) close(ctx context.Context) error {
 	c.closing.Store(true)
+	fctx, cancel := context.WithTimeout(ctx, closeFlushTimeout)
+	defer cancel()
+	var wg sync.WaitGroup
 	for name, nc := range c.conns {
-		var err error
-		if nc.IsConnected() {
-			fctx, cancel := context.WithTimeout(ctx, closeFlushTimeout)
-			err = nc.FlushWithContext(fctx)
-			cancel()
-		} else {
-			err = fmt.Errorf("not connected (%s)", nc.Status())
-		}
-		if err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
-			c.env.log.Warn("nats connection not flushed before closing; messages settled just before may be redelivered (and dropped as duplicates)",
-				"broker", name, "err", err)
-		}
-		nc.Close()
+		wg.Go(func() {
+			var err error
+			switch {
+			case nc.IsClosed():
+			case nc.IsConnected():
+				err = nc.FlushWithContext(fctx)
+			default:
+				err = fmt.Errorf("not connected (%s)", nc.Status())
+			}
+			if err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+				c.env.log.Warn("nats connection not flushed before closing; messages settled just before may be redelivered (and dropped as duplicates)",
+					"broker", name, "err", err)
+			}
+			nc.Close()
+		})
 	}
+	wg.Wait()
 	return nil
 }
 
