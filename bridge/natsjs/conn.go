@@ -162,7 +162,7 @@ func Connect(ctx context.Context, cfg BrokerConfig, log *slog.Logger) (*nats.Con
 	nc, err := retry.Do(ctx, pol, retry.OpConnect, "", func(context.Context) (*nats.Conn, error) {
 		nc, err := nats.Connect(cfg.URL, opts...)
 		if err != nil {
-			return nil, explain(err)
+			return nil, explain(cfg.Name, err)
 		}
 		return nc, nil
 	})
@@ -182,21 +182,22 @@ func reportTo(f func(error)) func(*retry.AttemptError) {
 }
 
 // explain adds what an operator should check to the errors that are
-// otherwise terse.
-func explain(err error) error {
+// otherwise terse, naming broker's fields of the configuration.
+func explain(broker string, err error) error {
+	field := "brokers." + broker
 	switch {
 	case errors.Is(err, nats.ErrAuthorization), errors.Is(err, nats.ErrAuthExpired),
 		errors.Is(err, nats.ErrAuthRevoked), errors.Is(err, nats.ErrAccountAuthExpired):
-		return fmt.Errorf("%w (check the broker's creds, user/password or token)", err)
+		return fmt.Errorf("%w (check the broker's creds: %s.user and .password, .token or .creds in the configuration, and the Secret or environment variable a ${NAME} in them comes from)", err, field)
 	case errors.Is(err, nats.ErrSecureConnRequired):
-		return fmt.Errorf("%w (configure tls for this broker)", err)
+		return fmt.Errorf("%w (configure %s.tls)", err, field)
 	case errors.Is(err, nats.ErrNoServers):
 		// The client reports a refused connection as no servers.
 		return fmt.Errorf("%w (no server at the URL accepted a connection: refused or unreachable)", err)
 	}
 	var certErr *tls.CertificateVerificationError
 	if errors.As(err, &certErr) {
-		return fmt.Errorf("%w (check tls.ca)", err)
+		return fmt.Errorf("%w (check %s.tls.ca)", err, field)
 	}
 	if strings.Contains(err.Error(), "tls: certificate required") {
 		return fmt.Errorf("%w (the server wants a client certificate: set tls.cert and tls.key)", err)

@@ -120,10 +120,10 @@ func TestRunCheckBrokers(t *testing.T) {
 		{"reached", fmt.Sprintf("{type: nats, url: %q, user: bridge, password: right}", auth.URL), exitOK,
 			[]string{"ok: config"}, nil},
 		{"wrong password", fmt.Sprintf("{type: nats, url: %q, user: bridge, password: wrong}", auth.URL), exitError,
-			nil, []string{"broker nats refused the connection", "Authorization Violation", "check the broker's creds"}},
+			nil, []string{"broker nats refused the connection", "Authorization Violation", "check the broker's creds: brokers.nats.user and .password"}},
 		// No tls.ca: the server's certificate does not verify.
 		{"tls unverified", fmt.Sprintf("{type: nats, url: %q}", tlsOnly.URL), exitError,
-			nil, []string{"broker nats refused the connection", "certificate signed by unknown authority", "check tls.ca"}},
+			nil, []string{"broker nats refused the connection", "certificate signed by unknown authority", "check brokers.nats.tls.ca"}},
 		{"unreachable", `{type: nats, url: "nats://127.0.0.1:1"}`, exitOK,
 			[]string{"ok: config", "streams not checked on broker nats: "}, nil},
 	} {
