@@ -144,6 +144,9 @@ func TestHeldOverflowFallsBackToHold(t *testing.T) {
 	if _, ok := HoldDelay(c1.result(t)); !ok {
 		t.Fatal("c1 not held back")
 	}
+	if v := value(e.p.met.HeldOverflow.WithLabelValues("t")); v != 2 {
+		t.Fatalf("cellbridge_held_overflow_total %v, want 2 (a3 and c1)", v)
+	}
 	e.hold.Store(table(t, rulesDoc(2, "", 0)))
 	e.p.RulesReloaded(2, 1, nil, time.Now())
 	for _, x := range []*ackRec{a1, a2} {

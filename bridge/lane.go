@@ -374,6 +374,7 @@ func (p *Pipeline) parkLocked(l *lane, t *task) bool {
 	t.rs.met.held.Inc()
 	if q.overflow || p.heldN.Load() >= int64(p.cfg.MaxHeld) {
 		q.overflow = true
+		t.rs.met.heldOverflow.Inc()
 		return false
 	}
 	// Keep the park queue in arrival order: an older message of the key

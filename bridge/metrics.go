@@ -73,6 +73,7 @@ const (
 	MetricOldestUnackedAge   = "cellbridge_oldest_unacked_age_seconds"
 	MetricStallAge           = "cellbridge_stall_age_seconds"
 	MetricHeldMessages       = "cellbridge_held_messages"
+	MetricHeldOverflow       = "cellbridge_held_overflow_total"
 	MetricHeldOldestAge      = "cellbridge_held_oldest_age_seconds"
 	MetricHeldRange          = "cellbridge_held_range_messages"
 	MetricHeldRangeOldest    = "cellbridge_held_range_oldest_age_seconds"
@@ -112,6 +113,7 @@ var MetricList = []MetricDesc{
 	{MetricOldestUnackedAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message not yet acknowledged to the source (freshness)."},
 	{MetricStallAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message accepted and not yet settled (or waiting for an in-flight slot), parked (held) messages excluded (a released one counts from its release): it grows while a target, the dedupe store or a retry holds messages up (/readyz fails beyond pipeline.stallTimeout)."},
 	{MetricHeldMessages, "gauge", []string{"rule"}, "Messages parked because their shard is blocked (held)."},
+	{MetricHeldOverflow, "counter", []string{"rule"}, "Messages of a blocked shard not parked because pipeline.maxHeld messages were parked already: each goes back to its source and comes again after pipeline.holdDelay, and its key's per-key order is no longer guaranteed (raise maxHeld, or shorten the block)."},
 	{MetricHeldOldestAge, "gauge", []string{"rule"}, "Age in seconds of the oldest parked (held) message."},
 	{MetricHeldRange, "gauge", []string{"rule", "shards"}, "Messages parked per blocked shard range of the running rules (shards is a blocked: entry, e.g. 40-44)."},
 	{MetricHeldRangeOldest, "gauge", []string{"rule", "shards"}, "Age in seconds of the oldest parked message per blocked shard range."},
@@ -160,6 +162,7 @@ type Metrics struct {
 	OldestUnackedAge  *prometheus.GaugeVec
 	StallAge          *prometheus.GaugeVec
 	HeldMessages      *prometheus.GaugeVec
+	HeldOverflow      *prometheus.CounterVec
 	HeldOldestAge     *prometheus.GaugeVec
 	HeldRange         *prometheus.GaugeVec
 	HeldRangeOldest   *prometheus.GaugeVec
@@ -221,6 +224,7 @@ func NewMetrics(version string) *Metrics {
 	m.OldestUnackedAge = gauge(MetricOldestUnackedAge)
 	m.StallAge = gauge(MetricStallAge)
 	m.HeldMessages = gauge(MetricHeldMessages)
+	m.HeldOverflow = counter(MetricHeldOverflow)
 	m.HeldOldestAge = gauge(MetricHeldOldestAge)
 	m.HeldRange = gauge(MetricHeldRange)
 	m.HeldRangeOldest = gauge(MetricHeldRangeOldest)
@@ -250,7 +254,7 @@ func NewMetrics(version string) *Metrics {
 	})
 	m.Sources = newSourceCollector(m, byName)
 	m.Registry.MustRegister(m.Messages, m.Forwarded, m.DLQ, m.Latency, m.InFlight, m.OldestUnackedAge, m.StallAge,
-		m.HeldMessages, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
+		m.HeldMessages, m.HeldOverflow, m.HeldOldestAge, m.HeldRange, m.HeldRangeOldest, m.SourceBacklog, m.SinkPublishErrors,
 		m.TargetFailing, m.SourceFailing, m.DedupeErrors, m.DedupeTakeovers, m.BrokerReqErrors,
 		m.RulesVersion, m.RulesLastReload, m.RulesReloadFails, m.RulesFailing, m.ConnectionUp, m.ConnectionNeeded, m.Ready, m.BuildInfo,
 		m.BroadcastSkipped, m.BroadcastPending, m.BroadcastLagging, m.DedupeEvictions,
@@ -272,6 +276,7 @@ type ruleMetrics struct {
 	forwarded, duplicate, held, dlqOut, retried, revoked prometheus.Counter
 	skipped, takeovers                                   prometheus.Counter
 	dlq                                                  [6]prometheus.Counter // by DLQReasons index
+	heldOverflow                                         prometheus.Counter
 	inFlight, oldest, stall, heldN, heldOldest           prometheus.Gauge
 	backlog                                              prometheus.Gauge
 
@@ -291,20 +296,21 @@ func (m *Metrics) rule(name string) *ruleMetrics {
 	return m.rules.get(name, func() *ruleMetrics {
 		r := &ruleMetrics{
 			m: m, name: name,
-			forwarded:  m.Messages.WithLabelValues(name, OutcomeForwarded),
-			duplicate:  m.Messages.WithLabelValues(name, OutcomeDuplicate),
-			held:       m.Messages.WithLabelValues(name, OutcomeHeld),
-			dlqOut:     m.Messages.WithLabelValues(name, OutcomeDLQ),
-			retried:    m.Messages.WithLabelValues(name, OutcomeRetried),
-			revoked:    m.Messages.WithLabelValues(name, OutcomeRevoked),
-			skipped:    m.Messages.WithLabelValues(name, OutcomeSkipped),
-			takeovers:  m.DedupeTakeovers.WithLabelValues(name),
-			inFlight:   m.InFlight.WithLabelValues(name),
-			oldest:     m.OldestUnackedAge.WithLabelValues(name),
-			stall:      m.StallAge.WithLabelValues(name),
-			heldN:      m.HeldMessages.WithLabelValues(name),
-			heldOldest: m.HeldOldestAge.WithLabelValues(name),
-			backlog:    m.SourceBacklog.WithLabelValues(name),
+			forwarded:    m.Messages.WithLabelValues(name, OutcomeForwarded),
+			duplicate:    m.Messages.WithLabelValues(name, OutcomeDuplicate),
+			held:         m.Messages.WithLabelValues(name, OutcomeHeld),
+			dlqOut:       m.Messages.WithLabelValues(name, OutcomeDLQ),
+			retried:      m.Messages.WithLabelValues(name, OutcomeRetried),
+			revoked:      m.Messages.WithLabelValues(name, OutcomeRevoked),
+			skipped:      m.Messages.WithLabelValues(name, OutcomeSkipped),
+			takeovers:    m.DedupeTakeovers.WithLabelValues(name),
+			inFlight:     m.InFlight.WithLabelValues(name),
+			oldest:       m.OldestUnackedAge.WithLabelValues(name),
+			stall:        m.StallAge.WithLabelValues(name),
+			heldN:        m.HeldMessages.WithLabelValues(name),
+			heldOverflow: m.HeldOverflow.WithLabelValues(name),
+			heldOldest:   m.HeldOldestAge.WithLabelValues(name),
+			backlog:      m.SourceBacklog.WithLabelValues(name),
 		}
 		for i, reason := range DLQReasons {
 			r.dlq[i] = m.DLQ.WithLabelValues(name, reason)
