@@ -113,7 +113,7 @@ var MetricList = []MetricDesc{
 	{MetricOldestUnackedAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message not yet acknowledged to the source (freshness)."},
 	{MetricStallAge, "gauge", []string{"rule"}, "Age in seconds of the oldest message accepted and not yet settled (or waiting for an in-flight slot), parked (held) messages excluded (a released one counts from its release): it grows while a target, the dedupe store or a retry holds messages up (/readyz fails beyond pipeline.stallTimeout)."},
 	{MetricHeldMessages, "gauge", []string{"rule"}, "Messages parked because their shard is blocked (held)."},
-	{MetricHeldOverflow, "counter", []string{"rule"}, "Messages of a blocked shard not parked because pipeline.maxHeld messages were parked already: each goes back to its source and comes again after pipeline.holdDelay, and its key's per-key order is no longer guaranteed (raise maxHeld, or shorten the block)."},
+	{MetricHeldOverflow, "counter", []string{"rule"}, "Deliveries of messages of a blocked shard not parked because pipeline.maxHeld messages were parked already (a message refused again at each redelivery counts each time): each goes back to its source and comes again after pipeline.holdDelay, and its key's per-key order is no longer guaranteed (raise maxHeld, or shorten the block)."},
 	{MetricHeldOldestAge, "gauge", []string{"rule"}, "Age in seconds of the oldest parked (held) message."},
 	{MetricHeldRange, "gauge", []string{"rule", "shards"}, "Messages parked per blocked shard range of the running rules (shards is a blocked: entry, e.g. 40-44)."},
 	{MetricHeldRangeOldest, "gauge", []string{"rule", "shards"}, "Age in seconds of the oldest parked message per blocked shard range."},

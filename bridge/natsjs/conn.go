@@ -200,7 +200,7 @@ func explain(broker string, err error) error {
 		return fmt.Errorf("%w (check %s.tls.ca)", err, field)
 	}
 	if strings.Contains(err.Error(), "tls: certificate required") {
-		return fmt.Errorf("%w (the server wants a client certificate: set tls.cert and tls.key)", err)
+		return fmt.Errorf("%w (the server wants a client certificate: set %s.tls.cert and .tls.key)", err, field)
 	}
 	return err
 }

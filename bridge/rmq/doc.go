@@ -191,11 +191,14 @@
 // expired, and the redelivered message takes the next slot); one killed
 // after step 4 leaves a decided slot (committed by the check-back, and the
 // redelivered message waits for that at step 6). A failed send gives its
-// slot's reservation up at once; one the broker certainly did not store
-// (an error code, no route, no connection made) leaves no half message,
-// and the key's next attempt in the same process takes that slot again,
-// so that a broker refusing sends for a while does not use up the key's
-// 64 slots (which would hold the key for the store's TTL). docs/guarantees.md section 10 has the order
+// slot's reservation up at once; one that certainly stored nothing (no
+// connection made, no route; not an error code, which a 5.x proxy also
+// answers for a broker that timed out) leaves no half message, and the
+// key's next attempt in the same process takes that slot again — if no
+// attempt used the next slot meanwhile, and within a minute (half the
+// store's TTL where that is shorter) of the slot's used record — so that a
+// broker that is down for a while does not use up the key's 64 slots
+// (which would hold the key for the store's TTL). docs/guarantees.md section 10 has the order
 // argument and its crash rows.
 //
 // Check-back timing: a real broker checks half messages only at its
@@ -222,11 +225,6 @@
 //     but the JetStream store writes a failed commit again in the
 //     background: when that lands after another check-back committed the
 //     slot (the decision came meanwhile), later attempts send it again.
-//
-// A decision within half the reservation TTL of its claim cannot follow a
-// rollback (check-backs see the claim's reservation and answer unknown):
-// the local transaction reads rolledback(K,n) only after that
-// (SinkConfig.ReserveTTL).
 //
 // What the broker must allow: on 5.x, where the proxy checks topic message
 // types (its default), transactional sends need target and DLQ topics of

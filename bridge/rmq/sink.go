@@ -27,12 +27,11 @@ type SinkConfig struct {
 	// is transactional (local transactions commit it, check-backs read it).
 	// The Sink never closes it.
 	Dedupe dedupe.Store
-	// ReserveTTL is Dedupe's reservation TTL. A local transaction whose
-	// decision was written within half of it after its slot was claimed
-	// cannot have been rolled back by a check-back meanwhile (the claim's
-	// reservation answers them "unknown") and skips reading the rollback
-	// record; 0 reads it after every decision.
-	ReserveTTL time.Duration
+	// DedupeTTL is how long Dedupe remembers a committed key. A slot whose
+	// half message was certainly not stored is taken again by the key's
+	// next attempt only within half of it (and a minute), before its used
+	// record could expire. 0: a minute.
+	DedupeTTL time.Duration
 	// Group is the producer group name; default "cellbridge-<broker>". The
 	// broker sends transaction check-backs to any producer of the group, so
 	// every replica (and every restart) of one bridge must use the same.
@@ -205,7 +204,7 @@ func (s *Sink) newTarget(bc BrokerConfig) (*target, error) {
 	if bc.Transactional {
 		log := s.log.With("broker", bc.Name)
 		// The waits exist before the producer: its check-backs report to them.
-		l := &txListener{store: s.cfg.Dedupe, log: log, timeout: sendTimeout, reserveTTL: s.cfg.ReserveTTL}
+		l := &txListener{store: s.cfg.Dedupe, log: log, timeout: sendTimeout, reuseFor: s.cfg.DedupeTTL / 2}
 		l.waits = newTxWaits(bc.checkBackWait(), l, log, s.finish)
 		p, err := producer.NewTransactionProducer(l, opts...)
 		if err == nil {

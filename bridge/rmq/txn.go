@@ -171,9 +171,9 @@ type txListener struct {
 	store   dedupe.Store
 	log     *slog.Logger
 	timeout time.Duration
-	// reserveTTL is the store's reservation TTL (0: unknown); see
-	// SinkConfig.ReserveTTL.
-	reserveTTL time.Duration
+	// reuseFor bounds how long after used(K,n) was committed a refused
+	// slot n may be taken again (see refused); 0 is refusedFor.
+	reuseFor time.Duration
 	// waits learns the answers to check-backs (nil in tests that play a
 	// crashed sink).
 	waits *txWaits
@@ -182,24 +182,25 @@ type txListener struct {
 	timers map[*time.Timer]struct{} // settleLater's, until they ran
 	closed bool
 	// refused holds, per store key, a slot whose half message certainly
-	// was not stored (sendNotStored) and when: the key's next claim in
-	// this process may take it again (claimSlot) instead of using one
-	// more of its maxTxSlots (a broker down for a minute would otherwise
-	// use them all and hold the key for the store's TTL).
+	// was not stored (sendNotStored), with when its used record was
+	// committed: the key's next claim in this process may take it again
+	// (claimSlot) instead of using one more of its maxTxSlots (a broker
+	// down for a minute would otherwise use them all and hold the key for
+	// the store's TTL).
 	refused map[string]refusedSlot
-	// claimed holds when each slot of this process was claimed, until its
-	// local transaction ran (ExecuteLocalTransaction).
-	claimed map[slotRef]time.Time
+	// usedAt holds, for each slot this process is sending under, when its
+	// used record was committed (taken again: when it was first).
+	usedAt map[slotRef]time.Time
 }
 
 type refusedSlot struct {
 	slot int
-	at   time.Time
+	used time.Time
 }
 
-// refusedFor is how long a refused slot may be taken again: far below any
-// dedupe TTL, so that used(K,n) cannot have expired and been claimed by
-// another attempt meanwhile.
+// refusedFor is the longest reuseFor: far below the dedupe TTL, so that
+// used(K,n) cannot have expired and been claimed by another attempt
+// meanwhile (the sink uses half the TTL where that is shorter).
 const refusedFor = time.Minute
 
 // sendNotStored reports whether a failed half-message send certainly
@@ -217,45 +218,49 @@ func sendNotStored(err error) bool {
 	return strings.Contains(err.Error(), "route info not found")
 }
 
-// maxRefused bounds refused; beyond it the map starts over (the slots
-// are then burnt, as without it).
+// maxRefused bounds refused and usedAt; beyond it a map starts over (the
+// slots are then burnt, as without it).
 const maxRefused = 100_000
 
-func (l *txListener) rememberRefused(key string, slot int) {
+// sending records that this process sends ref's half message, whose used
+// record was committed at used.
+func (l *txListener) sending(ref slotRef, used time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.usedAt == nil || len(l.usedAt) >= maxRefused {
+		l.usedAt = map[slotRef]time.Time{}
+	}
+	l.usedAt[ref] = used
+}
+
+// sent ends what sending began; a send that certainly stored nothing
+// leaves the slot to the key's next claim here.
+func (l *txListener) sent(ref slotRef, refused bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	used, ok := l.usedAt[ref]
+	delete(l.usedAt, ref)
+	if !refused || !ok {
+		return
+	}
 	if l.refused == nil || len(l.refused) >= maxRefused {
 		l.refused = map[string]refusedSlot{}
 	}
-	l.refused[key] = refusedSlot{slot, time.Now()}
+	l.refused[ref.key] = refusedSlot{ref.slot, used}
 }
 
-// takeRefused returns the key's refused slot, if one was recorded within
-// refusedFor, and forgets it.
-func (l *txListener) takeRefused(key string) (int, bool) {
+// takeRefused returns the key's refused slot and when its used record was
+// committed, if that is within reuseFor, and forgets it.
+func (l *txListener) takeRefused(key string) (refusedSlot, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	r, ok := l.refused[key]
 	delete(l.refused, key)
-	return r.slot, ok && time.Since(r.at) < refusedFor
-}
-
-// noteClaim records when ref was claimed; claimedAt returns and forgets it.
-func (l *txListener) noteClaim(ref slotRef) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.claimed == nil || len(l.claimed) >= maxRefused {
-		l.claimed = map[slotRef]time.Time{}
+	limit := refusedFor
+	if l.reuseFor > 0 {
+		limit = min(limit, l.reuseFor)
 	}
-	l.claimed[ref] = time.Now()
-}
-
-func (l *txListener) claimedAt(ref slotRef) (time.Time, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	at, ok := l.claimed[ref]
-	delete(l.claimed, ref)
-	return at, ok
+	return r, ok && time.Since(r.used) < limit
 }
 
 var _ primitive.TransactionListener = (*txListener)(nil)
@@ -290,6 +295,7 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, deci
 		// decided(slot) is ours until the local transaction commits it;
 		// was the slot used by an earlier, undecided attempt?
 		uk := usedKey(storeKey, slot)
+		before := time.Now() // no later than the used record's commit
 		o, err = l.store.Reserve(ctx, uk)
 		if err != nil {
 			_ = l.store.Release(ctx, dk)
@@ -300,7 +306,7 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, deci
 				_ = l.store.Release(ctx, dk)
 				return 0, -1, fmt.Errorf("dedupe commit: %w", err)
 			}
-			l.noteClaim(slotRef{storeKey, slot})
+			l.sending(slotRef{storeKey, slot}, before)
 			return slot, -1, nil
 		}
 		// Used and never decided: its half message is rolled back by its
@@ -309,9 +315,9 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, deci
 		// and no attempt came after it (the next slot was never used):
 		// then no half message carries the slot, and the key takes it
 		// again instead of using up its slots while the broker refuses.
-		if o == dedupe.Duplicate && canReuse && slot == reuse && slot+1 < maxTxSlots {
-			if next, err := l.committed(ctx, usedKey(storeKey, slot+1)); err == nil && !next {
-				l.noteClaim(slotRef{storeKey, slot})
+		if o == dedupe.Duplicate && canReuse && slot == reuse.slot && slot+1 < maxTxSlots {
+			if free, err := l.absent(ctx, usedKey(storeKey, slot+1)); err == nil && free {
+				l.sending(slotRef{storeKey, slot}, reuse.used)
 				return slot, -1, nil
 			}
 		}
@@ -325,6 +331,19 @@ func (l *txListener) claimSlot(ctx context.Context, storeKey string) (slot, deci
 func (l *txListener) wasResolved(ctx context.Context, ref slotRef) bool {
 	ok, err := l.committed(ctx, resolvedKey(ref.key, ref.slot))
 	return err == nil && ok
+}
+
+// absent reads whether key is neither committed nor reserved in the store
+// (a Reserve, and the Release of the reservation it took).
+func (l *txListener) absent(ctx context.Context, key string) (bool, error) {
+	o, err := l.store.Reserve(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	if o == dedupe.Reserved {
+		_ = l.store.Release(ctx, key)
+	}
+	return o == dedupe.Reserved, nil
 }
 
 // committed reads whether key is committed in the store (a Reserve, and
@@ -356,12 +375,7 @@ func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.Loc
 			return primitive.UnkonwnState
 		}
 		// A decision that took longer than the reservation may come after
-		// a check-back that found none and rolled the half message back;
-		// within half of it the claim's reservation kept check-backs at
-		// "unknown", and there is nothing to read.
-		if at, ok := l.claimedAt(ref); ok && l.reserveTTL > 0 && time.Since(at) < l.reserveTTL/2 {
-			return primitive.CommitMessageState
-		}
+		// a check-back that found none and rolled the half message back.
 		rb, err := l.committed(ctx, rolledBackKey(ref.key, ref.slot))
 		switch {
 		case err != nil:
@@ -537,6 +551,7 @@ func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgo
 	}
 	msg.WithProperty(primitive.PropertyUniqueClientMessageIdKeyIndex, txUniqID(key, slot))
 	res, err := p.SendMessageInTransaction(ctx, msg)
+	l.sent(slotRef{key, slot}, err != nil && res == nil && sendNotStored(err))
 	if err == nil && res.State != primitive.CommitMessageState {
 		// Not decided, or the local transaction could not record its
 		// decision (then the next attempt finds out which, at its claim).
@@ -549,9 +564,6 @@ func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgo
 		// nothing leaves no half message: the key's next attempt here
 		// takes the slot again.
 		_ = l.store.Release(context.WithoutCancel(ctx), decidedKey(key, slot))
-		if res == nil && sendNotStored(err) {
-			l.rememberRefused(key, slot)
-		}
 		return err
 	}
 	// Decided and ended; confirmed once the broker read the

@@ -370,7 +370,7 @@ func TestTransactionalRefusedSendsKeepTheirSlot(t *testing.T) {
 	ctx := context.Background()
 	store := dedupe.NewMemory(dedupe.MemoryConfig{TTL: time.Hour, ReserveTTL: time.Minute})
 	defer store.Close(ctx)
-	l := &txListener{store: store, log: testLog(t), timeout: time.Second, reserveTTL: time.Minute}
+	l := &txListener{store: store, log: testLog(t), timeout: time.Second, reuseFor: time.Minute}
 	defer l.close()
 	send := func(p *refusingProducer, key string) error {
 		out := outgoing("refused", key)

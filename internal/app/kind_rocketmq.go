@@ -168,7 +168,7 @@ func (c *rmqClient) sink(names []string, store dedupe.Store) (bridge.Sink, error
 	for _, n := range names {
 		bcs = append(bcs, c.brokers[n].adapter(n))
 	}
-	s, err := rmq.NewSink(rmq.SinkConfig{Brokers: bcs, Dedupe: store, ReserveTTL: c.env.cfg.Dedupe.ReserveTTL.D(), MaxPending: c.env.cfg.SinkMaxPending(),
+	s, err := rmq.NewSink(rmq.SinkConfig{Brokers: bcs, Dedupe: store, DedupeTTL: c.env.cfg.Dedupe.TTL.D(), MaxPending: c.env.cfg.SinkMaxPending(),
 		OnRetry: c.env.requests.publishRetried},
 		c.env.log.With("component", "sink"))
 	if err != nil {

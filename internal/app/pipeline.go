@@ -239,7 +239,7 @@ func newWatcher(lc fx.Lifecycle, res *resources, o *Options, p *bridge.Pipeline,
 	checks, stopChecks := context.WithCancel(context.Background())
 	onReload := func(ev router.ReloadEvent) {
 		p.RulesReloaded(ev.Version, ev.Previous, ev.Err, ev.At)
-		if ev.Err == nil {
+		if ev.Err == nil && !ev.Reverted { // Reverted: the running rules, nothing new
 			t := holder.Load()
 			checkReloaded(o, t, log)
 			reg.reloaded(t, log)
