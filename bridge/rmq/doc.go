@@ -218,9 +218,12 @@
 //     reservation and lands between a check-back's read of decided(K,n)
 //     and its write of rolledback(K,n), and whose read of rolledback(K,n)
 //     comes before that write, answers commit while the check-back answers
-//     rollback; the broker does not refuse an end-transaction for a half
-//     message already ended, so the commit makes the message visible, and
-//     later attempts, which find rolledback(K,n), send it again;
+//     rollback (the local transaction's read is a plain read, which a
+//     lagging replica of the store may answer, so the window also covers a
+//     rollback written just before it); the broker does not refuse an
+//     end-transaction for a half message already ended, so the commit makes
+//     the message visible, and later attempts, which find rolledback(K,n),
+//     send it again;
 //   - a check-back whose write of rolledback(K,n) fails answers unknown,
 //     but the JetStream store writes a failed commit again in the
 //     background: when that lands after another check-back committed the

@@ -333,6 +333,19 @@ func (l *txListener) wasResolved(ctx context.Context, ref slotRef) bool {
 	return err == nil && ok
 }
 
+// peekCommitted is committed, read without a write where the store is a
+// dedupe.Checker. Such a read may come from a replica of the store that has
+// not applied the latest write yet; it is used only where that can cost a
+// duplicate, never a loss (ExecuteLocalTransaction).
+func (l *txListener) peekCommitted(ctx context.Context, key string) (bool, error) {
+	c, ok := l.store.(dedupe.Checker)
+	if !ok {
+		return l.committed(ctx, key)
+	}
+	o, err := c.Check(ctx, key)
+	return err == nil && o == dedupe.Duplicate, err
+}
+
 // absent reads whether key is neither committed nor reserved in the store
 // (a Reserve, and the Release of the reservation it took).
 func (l *txListener) absent(ctx context.Context, key string) (bool, error) {
@@ -376,7 +389,9 @@ func (l *txListener) ExecuteLocalTransaction(m *primitive.Message) primitive.Loc
 		}
 		// A decision that took longer than the reservation may come after
 		// a check-back that found none and rolled the half message back.
-		rb, err := l.committed(ctx, rolledBackKey(ref.key, ref.slot))
+		// Read without writing where the store can (one read on every
+		// send instead of a create and a purge).
+		rb, err := l.peekCommitted(ctx, rolledBackKey(ref.key, ref.slot))
 		switch {
 		case err != nil:
 			return primitive.UnkonwnState // the check-back decides, from both records
