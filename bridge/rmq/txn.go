@@ -346,30 +346,26 @@ func (l *txListener) peekCommitted(ctx context.Context, key string) (bool, error
 	return err == nil && o == dedupe.Duplicate, err
 }
 
-// absent reads whether key is neither committed nor reserved in the store
-// (a Reserve, and the Release of the reservation it took).
+// absent reads whether key is neither committed nor reserved in the store.
 func (l *txListener) absent(ctx context.Context, key string) (bool, error) {
-	o, err := l.store.Reserve(ctx, key)
-	if err != nil {
-		return false, err
-	}
-	if o == dedupe.Reserved {
-		_ = l.store.Release(ctx, key)
-	}
-	return o == dedupe.Reserved, nil
+	o, err := l.read(ctx, key)
+	return err == nil && o == dedupe.Reserved, err
 }
 
-// committed reads whether key is committed in the store (a Reserve, and
-// the Release of a reservation it took).
+// committed reads whether key is committed in the store.
 func (l *txListener) committed(ctx context.Context, key string) (bool, error) {
+	o, err := l.read(ctx, key)
+	return err == nil && o == dedupe.Duplicate, err
+}
+
+// read is key's state as Reserve sees it, leaving nothing behind (a
+// reservation it took is released at once).
+func (l *txListener) read(ctx context.Context, key string) (dedupe.Outcome, error) {
 	o, err := l.store.Reserve(ctx, key)
-	if err != nil {
-		return false, err
-	}
-	if o == dedupe.Reserved {
+	if err == nil && o == dedupe.Reserved {
 		_ = l.store.Release(ctx, key)
 	}
-	return o == dedupe.Duplicate, nil
+	return o, err
 }
 
 // ExecuteLocalTransaction runs right after the half message was stored:
