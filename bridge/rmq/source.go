@@ -216,12 +216,11 @@ func (s *Source) Run(ctx context.Context, h bridge.Handler) error {
 		}
 		msgs := cr.GetMsgList()
 		b := &batch{cr: cr}
-		b.left.Store(int32(len(msgs)))
-		var pq droppable
 		if p := cr.GetPQ(); p != nil {
-			pq = p
+			b.pq = p
 		}
-		s.trackBacklog(cr.GetMQ(), pq, msgs)
+		b.left.Store(int32(len(msgs)))
+		s.trackBacklog(cr.GetMQ(), b.pq, msgs)
 		if mq := cr.GetMQ(); mq != nil {
 			s.mu.Lock()
 			if _, ok := s.brokers[mq.BrokerName]; !ok {
@@ -372,6 +371,7 @@ func (s *Source) reportBacklog() {
 // requests, so it is acknowledged when its last message settled.
 type batch struct {
 	cr   *consumer.ConsumeRequest
+	pq   droppable // cr's process queue; nil: unknown
 	left atomic.Int32
 }
 
@@ -388,11 +388,7 @@ type delivery struct {
 // queueDropped reports whether d's queue was taken from this consumer (a
 // rebalance gave it to another member of the group).
 func (d *delivery) queueDropped() bool {
-	if d.b == nil || d.b.cr == nil {
-		return false
-	}
-	pq := d.b.cr.GetPQ()
-	return pq != nil && pq.IsDroppd()
+	return d.b != nil && d.b.pq != nil && d.b.pq.IsDroppd()
 }
 
 // message builds a fresh bridge.Message for each delivery: the pipeline

@@ -346,6 +346,20 @@ func (l *txListener) peekCommitted(ctx context.Context, key string) (bool, error
 	return err == nil && o == dedupe.Duplicate, err
 }
 
+// rolledBack returns errRolledBack when a check-back rolled ref's half
+// message back (its decision reached the store only after that), an error
+// when the store cannot say (the message is sent again either way), and
+// nil when the decision stands.
+func (l *txListener) rolledBack(ctx context.Context, ref slotRef) error {
+	switch rb, err := l.committed(ctx, rolledBackKey(ref.key, ref.slot)); {
+	case err != nil:
+		return fmt.Errorf("transactional attempt %d: whether its check-back rolled it back is unknown, sending again: %w", ref.slot, err)
+	case rb:
+		return fmt.Errorf("transactional attempt %d: %w", ref.slot, errRolledBack)
+	}
+	return nil
+}
+
 // absent reads whether key is neither committed nor reserved in the store.
 func (l *txListener) absent(ctx context.Context, key string) (bool, error) {
 	o, err := l.read(ctx, key)
@@ -549,11 +563,8 @@ func (l *txListener) txSend(ctx context.Context, p txProducer, out *bridge.Outgo
 		}
 		// Answered: read the rollback record again, which the answer
 		// writes before it (the claim read it before the answer).
-		switch rb, rerr := l.committed(ctx, rolledBackKey(ref.key, ref.slot)); {
-		case rerr != nil:
-			return fmt.Errorf("transactional attempt %d: whether its check-back rolled it back is unknown: %w", ref.slot, rerr)
-		case rb:
-			return fmt.Errorf("transactional attempt %d: %w", ref.slot, errRolledBack)
+		if rerr := l.rolledBack(ctx, ref); rerr != nil {
+			return rerr
 		}
 		return err
 	}

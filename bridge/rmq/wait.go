@@ -208,17 +208,9 @@ func (w *txWaits) sweep(now time.Time) {
 	}
 }
 
-// rolledBack returns errRolledBack when a check-back rolled ref's half
-// message back (its decision reached the store only after that), an error
-// when the store cannot say, and nil when the decision stands.
+// rolledBack is txListener.rolledBack under the listener's timeout.
 func (w *txWaits) rolledBack(ref slotRef) error {
 	ctx, cancel := context.WithTimeout(context.Background(), w.l.timeout)
 	defer cancel()
-	switch rb, err := w.l.committed(ctx, rolledBackKey(ref.key, ref.slot)); {
-	case err != nil:
-		return fmt.Errorf("transactional attempt %d: whether its check-back rolled it back is unknown, sending again: %w", ref.slot, err)
-	case rb:
-		return fmt.Errorf("transactional attempt %d: %w", ref.slot, errRolledBack)
-	}
-	return nil
+	return w.l.rolledBack(ctx, ref)
 }

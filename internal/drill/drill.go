@@ -9,7 +9,6 @@ import (
 	"maps"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -801,12 +800,14 @@ func (d *drill) waitAllArrived(ctx context.Context) error {
 func (d *drill) waitSourceAcked(ctx context.Context) error {
 	stream := d.rule.Source.Stream
 	src := d.rule.Source
+	ours := map[string]bool{src.Group: true}
+	for p := range src.Partitions {
+		ours[natsjs.PartitionDurable(src.Group, src.Partitions, p)] = true
+	}
 	deadline := time.Now().Add(d.cfg.Settle)
 	last := errors.New("not checked")
 	for {
-		pending, found, err := sourceAckPending(ctx, d.cfg.JetStream, stream, func(name string) bool {
-			return name == src.Group || (src.Partitions > 0 && name == natsjs.PartitionDurable(src.Group, src.Partitions, partitionOf(name)))
-		})
+		pending, found, err := sourceAckPending(ctx, d.cfg.JetStream, stream, ours)
 		switch {
 		case err != nil:
 			last = err
@@ -826,25 +827,10 @@ func (d *drill) waitSourceAcked(ctx context.Context) error {
 	}
 }
 
-// partitionOf is the partition number a partition durable's name ends
-// with ("-p<i>"), or -1.
-func partitionOf(name string) int {
-	i := strings.LastIndex(name, "-p")
-	if i < 0 {
-		return -1
-	}
-	p, err := strconv.Atoi(name[i+2:])
-	if err != nil {
-		return -1
-	}
-	return p
-}
-
-// sourceAckPending sums NumAckPending over the consumers of stream that
-// ours accepts (the rule's own: other consumers, an operator's or a
-// former partition count's, are not the bridge's to settle).
-// found counts those consumers.
-func sourceAckPending(ctx context.Context, js jetstream.JetStream, stream string, ours func(string) bool) (pending, found int, err error) {
+// sourceAckPending sums NumAckPending over the consumers of stream named
+// in ours (the rule's own: other consumers, an operator's or a former
+// partition count's, are not the bridge's to settle); found counts them.
+func sourceAckPending(ctx context.Context, js jetstream.JetStream, stream string, ours map[string]bool) (pending, found int, err error) {
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	s, err := js.Stream(rctx, stream)
@@ -853,7 +839,7 @@ func sourceAckPending(ctx context.Context, js jetstream.JetStream, stream string
 	}
 	l := s.ListConsumers(rctx)
 	for ci := range l.Info() {
-		if ours(ci.Name) {
+		if ours[ci.Name] {
 			pending += ci.NumAckPending
 			found++
 		}
